@@ -1,0 +1,40 @@
+"""fedzmq: federated learning for PyTorch over ZeroMQ.
+
+    import fedzmq as fz
+    bob = await fz.connect("tcp://127.0.0.1:5555")      # or fz.VirtualWorker("bob")
+    x = await bob.send(torch.ones(3))                    # a TensorPointer
+    y = (x * 2).sum()                                    # pipelined, no round trip yet
+    print(await y.get())
+"""
+
+from .__about__ import __version__
+from .client.connection import ConnectionSettings
+from .client.optims import Optims, RemoteOptimizer
+from .client.pointers import ModulePointer, Pointer, TensorPointer
+from .client.worker import RemoteWorker, VirtualWorker, connect
+from .codec import Limits
+from .errors import (
+    BadRequest,
+    FedzmqError,
+    LimitExceeded,
+    ModelDescriptionError,
+    ObjectNotFound,
+    PermissionDenied,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    UnknownCommand,
+    WorkerClosedError,
+    WorkerDeadError,
+    WorkerError,
+    WrongWorkerError,
+)
+from .worker import Worker, WorkerConfig
+
+__all__ = [
+    "BadRequest", "ConnectionSettings", "FedzmqError", "LimitExceeded", "Limits",
+    "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",
+    "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteWorker", "RequestTimeout", "TensorPointer",
+    "UnknownCommand", "VirtualWorker", "Worker", "WorkerClosedError", "WorkerConfig", "WorkerDeadError",
+    "WorkerError", "WrongWorkerError", "__version__", "connect",
+]

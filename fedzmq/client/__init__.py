@@ -1,0 +1,1 @@
+"""The coordinator's side: connections to workers, and pointers to the objects they hold."""

@@ -1,0 +1,197 @@
+"""One client session with one worker: a DEALER socket, request ids, replies, heartbeats.
+
+Every request gets a fresh id; its reply carries the same id and resolves the matching future, so
+requests can be pipelined: ``submit`` sends at once and returns the future, and ZeroMQ keeps the
+order of sends, which the worker keeps when it runs them.
+
+Liveness and deadlines are separate (the ZeroMQ Guide's Paranoid Pirate): a heartbeat goes out every
+``heartbeat_interval`` seconds, and anything the worker sends counts as a sign of life. After
+``heartbeat_liveness`` intervals of silence the worker is declared dead and every waiting request fails
+with ``WorkerDeadError``; a long command on a live worker never times out unless its caller gave
+a deadline (``timeout=``), which raises ``RequestTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from ..codec import Limits, Reply, decode_reply, encode_request
+from ..errors import ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, remote_error
+
+log = logging.getLogger("fedzmq.client")
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    #: seconds between heartbeats sent to the worker
+    heartbeat_interval: float = 1.0
+    #: heartbeat intervals of silence after which the worker is declared dead
+    heartbeat_liveness: int = 10
+    #: how long ``connect`` waits for the first answer
+    connect_timeout: float = 10.0
+    limits: Limits = Limits()
+
+
+class Connection:
+    """A session with one worker. Not usable from several event loops."""
+
+    def __init__(self, address: str, settings: ConnectionSettings | None = None,
+                 context: zmq.asyncio.Context | None = None,
+                 encode_default: Callable[[Any], Any] | None = None) -> None:
+        self.address = address
+        self.settings = settings or ConnectionSettings()
+        self._context = context or zmq.asyncio.Context.instance()
+        self._encode_default = encode_default
+        self._socket: zmq.asyncio.Socket | None = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.setsockopt(zmq.ROUTING_ID, os.urandom(16))  # the session key: unguessable
+        self._socket.connect(address)
+        self._copy_frames = address.startswith("inproc://")
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_heard = time.monotonic()
+        self._dead: WorkerDeadError | None = None
+        self.unmatched_replies = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._socket is None:
+            raise WorkerClosedError(f"connection to {self.address} is closed")
+        if not self._tasks:
+            self._last_heard = time.monotonic()
+            self._tasks = [asyncio.create_task(self._receive_loop(), name=f"fedzmq-recv-{self.address}"),
+                           asyncio.create_task(self._heartbeat_loop(), name=f"fedzmq-heartbeat-{self.address}")]
+
+    @property
+    def closed(self) -> bool:
+        return self._socket is None
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    async def close(self, say_goodbye: bool = True) -> None:
+        """End the session: the worker frees its objects. Waits briefly for the worker's answer."""
+        if self._socket is None:
+            return
+        if say_goodbye and self._tasks and self._dead is None:
+            with contextlib.suppress(Exception):
+                await self.request("close", {}, timeout=2.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._fail_all(WorkerClosedError(f"connection to {self.address} was closed"))
+        self._socket.close(linger=0)
+        self._socket = None
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def submit(self, cmd: str, args: dict[str, Any]) -> asyncio.Future[Reply]:
+        """Send a request now and return the future of its reply (which may hold an error reply)."""
+        self._ensure_started()
+        if self._dead is not None:
+            raise WorkerDeadError(str(self._dead))
+        request_id = next(self._ids)
+        frames = encode_request(request_id, cmd, args, self._encode_default)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        assert self._socket is not None
+        sent = self._socket.send_multipart(frames, copy=self._copy_frames)
+        sent.add_done_callback(_ignore_result)
+        self.bytes_sent += sum(len(f) for f in frames)
+        return future
+
+    async def request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        """Send a request and wait for its result; raise the remote error if it failed."""
+        return await self.wait(self.submit(cmd, args), timeout)
+
+    async def wait(self, future: asyncio.Future[Reply], timeout: float | None = None) -> Any:
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(future), timeout) if timeout else await future
+        except TimeoutError:
+            raise RequestTimeout(f"no reply from {self.address} within {timeout}s") from None
+        return unwrap(reply)
+
+    # --- the loops -----------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            self._last_heard = time.monotonic()
+            self.bytes_received += sum(len(f.buffer) for f in frames)
+            if self._dead is not None:
+                log.info("worker at %s answers again", self.address)
+                self._dead = None
+            try:
+                reply = decode_reply(frames, self.settings.limits)
+            except ProtocolError as exc:
+                log.warning("undecodable reply from %s: %s", self.address, exc)
+                reply = Reply(exc.request_id, False, error={"type": "ProtocolError", "message": str(exc),
+                                                            "traceback": ""})
+            future = self._pending.pop(reply.id, None) if reply.id is not None else None
+            if future is None:
+                self.unmatched_replies += 1
+                if not reply.ok and reply.error:
+                    log.warning("worker %s reports: %s: %s", self.address, reply.error["type"], reply.error["message"])
+                continue
+            if not future.done():
+                future.set_result(reply)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self._last_heard
+            if silent > interval * self.settings.heartbeat_liveness and self._dead is None:
+                self._dead = WorkerDeadError(
+                    f"worker at {self.address} silent for {silent:.1f}s "
+                    f"({self.settings.heartbeat_liveness} heartbeats missed)")
+                log.warning("%s", self._dead)
+                self._fail_all(self._dead)
+            if silent >= interval:
+                self._send_heartbeat()
+
+    def _send_heartbeat(self) -> None:
+        assert self._socket is not None
+        request_id = next(self._ids)
+        answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        answered.add_done_callback(_ignore_result)
+        self._pending[request_id] = answered
+        sent = self._socket.send_multipart(encode_request(request_id, "heartbeat", {}))
+        sent.add_done_callback(_ignore_result)
+
+    def _fail_all(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(type(error)(str(error)))
+
+
+def unwrap(reply: Reply) -> Any:
+    if reply.ok:
+        return reply.result
+    assert reply.error is not None
+    raise remote_error(reply.error["type"], reply.error["message"], reply.error["traceback"])
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

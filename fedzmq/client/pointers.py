@@ -1,0 +1,141 @@
+"""Pointers: small local objects that stand for values held by a worker (like Ray's ``ObjectRef``).
+
+A pointer owns an id and a location, nothing else. Operations on pointers send a command naming the
+result's id and return the new pointer at once, without waiting (pipelining); ``await ptr`` waits until
+the value exists and raises the remote error if its command failed. A pointer that is garbage
+collected asks its worker to delete the value (batched with others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any, Generator
+
+import torch
+from torch import nn
+
+from ..ops import METHODS, OPERATORS
+
+if TYPE_CHECKING:
+    from .worker import RemoteWorker
+
+
+class Pointer:
+    """Base of all pointers: an object id in ``location``'s session, and the future of its creation."""
+
+    __slots__ = ("location", "id", "_ready", "_deleted", "__weakref__")
+
+    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any]) -> None:
+        self.location = location
+        self.id = obj_id
+        self._ready = ready
+        self._deleted = False
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        yield from self.location._wait(self._ready).__await__()
+        return self
+
+    async def delete(self) -> None:
+        """Delete the value on the worker now (otherwise it goes when the pointer is collected)."""
+        if not self._deleted:
+            self._deleted = True
+            await self.location._request("delete", {"objs": [self.id]})
+
+    def __del__(self) -> None:
+        if not self._deleted:
+            self.location._release(self.id)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._ready.done() else ("failed" if self._ready.exception() else "ready")
+        return f"<{type(self).__name__} {self.id} on {self.location.id!r} ({state})>"
+
+
+class TensorPointer(Pointer):
+    """A tensor on a worker. Supports the allowlisted operators and methods of ``fedzmq.ops``."""
+
+    __slots__ = ()
+
+    async def get(self, timeout: float | None = None) -> torch.Tensor:
+        """Copy the tensor here. The remote value stays (the seed's ``get`` moved it; we keep both)."""
+        return await self.location._get_tensor(self.id, timeout)
+
+    async def backward(self, gradient: "torch.Tensor | TensorPointer | None" = None) -> None:
+        args: dict[str, Any] = {"obj": self.id}
+        if gradient is not None:
+            args["grad"] = gradient
+        await self.location._request("backward", args)
+
+    def __getitem__(self, index: Any) -> "TensorPointer":
+        return self.location._op("getitem", [self, index], {})
+
+    def __bool__(self) -> bool:
+        raise TypeError("a TensorPointer has no truth value here; use `await ptr.get()` to bring the value back")
+
+    def __iter__(self) -> Any:
+        raise TypeError("a TensorPointer cannot be iterated; index it (ptr[i]) or get() it")
+
+    __hash__ = object.__hash__
+
+
+def _operator(op: str, swapped: bool) -> Any:
+    def method(self: TensorPointer, other: Any = None) -> Any:
+        if op in ("neg", "abs"):
+            return self.location._op(op, [self], {})
+        return self.location._op(op, [other, self] if swapped else [self, other], {})
+
+    method.__name__ = f"__{op}__"
+    return method
+
+
+def _method(op: str) -> Any:
+    def method(self: TensorPointer, *args: Any, **kwargs: Any) -> Any:
+        return self.location._op(op, [self, *args], kwargs)
+
+    method.__name__ = op
+    method.__doc__ = f"Remote ``{op}`` (see fedzmq.ops.OPS); returns a pointer at once."
+    return method
+
+
+for _dunder, (_op, _swapped) in OPERATORS.items():
+    setattr(TensorPointer, _dunder, _operator(_op, _swapped))
+for _name in METHODS:
+    if not hasattr(TensorPointer, _name):
+        setattr(TensorPointer, _name, _method(_name))
+
+
+class ModulePointer(Pointer):
+    """A model on a worker, bound to the local module it was sent from."""
+
+    __slots__ = ("_local",)
+
+    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any], local: nn.Module) -> None:
+        super().__init__(location, obj_id, ready)
+        self._local = weakref.ref(local)
+
+    @property
+    def local(self) -> nn.Module | None:
+        return self._local()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TensorPointer:
+        """Run forward on the worker; returns a pointer to the output at once."""
+        return self.location._module_call(self, list(args), kwargs)
+
+    forward = __call__
+
+    async def get(self, timeout: float | None = None) -> nn.Module:
+        """Copy the remote parameters and buffers into the local module, in place, and return it."""
+        state = await self.location._request("module_state", {"obj": self.id}, timeout)
+        module = self._local()
+        if module is None:
+            raise ReferenceError("the local module this pointer was sent from no longer exists")
+        with torch.no_grad():
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                tensor.copy_(state[name])
+        return module
+
+    async def train(self, mode: bool = True) -> None:
+        await self.location._request("module_mode", {"obj": self.id, "train": mode})
+
+    async def eval(self) -> None:
+        await self.train(False)

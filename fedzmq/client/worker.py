@@ -1,0 +1,301 @@
+"""``RemoteWorker``: the coordinator's handle on one worker daemon; ``VirtualWorker``: one in-process.
+
+Both speak the same protocol over ZeroMQ (tcp for daemons, inproc for virtual workers), so a test
+against a ``VirtualWorker`` runs the same daemon code as production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+import weakref
+from typing import Any, Generator
+
+import torch
+import zmq.asyncio
+from torch import nn
+
+from ..codec import DTYPE_NAMES, DTYPES, Ref, StreamInfo, tensor_buffer
+from ..errors import WrongWorkerError
+from ..modeldesc import ModelRegistry, describe
+from ..ops import output_count
+from ..worker import Worker, WorkerConfig
+from .connection import Connection, ConnectionSettings
+from .pointers import ModulePointer, Pointer, TensorPointer
+
+#: chunks of a streamed tensor in flight at once (flow control: the window of unacknowledged writes)
+STREAM_WINDOW = 4
+
+
+class RemoteWorker:
+    """A session with one worker. Make one with ``await fz.connect(address)``."""
+
+    def __init__(self, address: str, *, settings: ConnectionSettings | None = None,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.address = address
+        self.id: str | None = None
+        self.instance: str | None = None
+        self._connection = Connection(address, settings, context, encode_default=self._to_ref)
+        self._object_ids = itertools.count(1)
+        self._released: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._modules: weakref.WeakKeyDictionary[nn.Module, ModulePointer] = weakref.WeakKeyDictionary()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def connect(self) -> "RemoteWorker":
+        """Wait until the worker answers, and learn its id."""
+        info = await self._request("ping", {}, timeout=self._connection.settings.connect_timeout)
+        self.id, self.instance = info["id"], info["instance"]
+        return self
+
+    async def close(self) -> None:
+        """End the session: the worker frees everything this client made there."""
+        self._released.clear()
+        await self._connection.close()
+
+    async def __aenter__(self) -> "RemoteWorker":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker missed too many heartbeats (it turns True again if it answers)."""
+        return self._connection.alive
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._connection.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._connection.bytes_received
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id!r} at {self.address}>"
+
+    # --- public API ----------------------------------------------------------------------------
+
+    async def ping(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        return await self._request("ping", {}, timeout)
+
+    async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Id, version, sessions, objects and bytes held, uptime and counters of the worker."""
+        return await self._request("status", {}, timeout)
+
+    async def send(self, obj: torch.Tensor | nn.Module, timeout: float | None = None) -> Any:
+        """Send a tensor (-> ``TensorPointer``) or a model (-> ``ModulePointer``) to this worker.
+
+        Sending a model that was sent here before updates the remote copy in place, so remote
+        optimizers created over it stay bound to it."""
+        if isinstance(obj, torch.Tensor):
+            return await self._send_tensor(obj, timeout)
+        if isinstance(obj, nn.Module):
+            return await self._send_module(obj, timeout)
+        raise TypeError(f"can send a torch.Tensor or an nn.Module, not {type(obj).__name__}")
+
+    # --- internals used by pointers ------------------------------------------------------------
+
+    def _before_request(self) -> None:
+        """Hook for subclasses that must start something before the first request."""
+
+    def _submit(self, cmd: str, args: dict[str, Any]) -> asyncio.Future[Any]:
+        self._before_request()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._released:
+            self._flush_released()
+        return self._connection.submit(cmd, args)
+
+    async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        return await self._connection.wait(self._submit(cmd, args), timeout)
+
+    async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
+        return await self._connection.wait(future, timeout)
+
+    def _to_ref(self, value: Any) -> Any:
+        """Encoder hook: pointers become references, after checking they live here."""
+        if isinstance(value, Pointer):
+            if value.location is not self:
+                raise WrongWorkerError(
+                    f"{value!r} lives on {value.location.id!r}, but this operation runs on {self.id!r}; "
+                    f"move the value first (await ptr.get(), then send it)")
+            if value._deleted:
+                raise ValueError(f"{value!r} was deleted")
+            return Ref(value.id)
+        if isinstance(value, nn.Module):
+            raise TypeError("pass a ModulePointer (await worker.send(model)), not a local module")
+        return value
+
+    def _new_id(self) -> int:
+        return next(self._object_ids)
+
+    def _op(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
+        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out})
+        ready.add_done_callback(_retrieve)
+        pointers = tuple(TensorPointer(self, obj_id, ready) for obj_id in out)
+        return pointers if len(pointers) > 1 else pointers[0]
+
+    def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
+        out = self._new_id()
+        ready = self._submit("module_call", {"obj": module.id, "args": args, "kwargs": kwargs, "out": [out]})
+        ready.add_done_callback(_retrieve)
+        return TensorPointer(self, out, ready)
+
+    def _release(self, obj_id: int) -> None:
+        """Called from ``Pointer.__del__``: queue a remote delete, sent in one batch soon."""
+        if self._connection.closed or self._loop is None or self._loop.is_closed():
+            return
+        self._released.append(obj_id)
+        if len(self._released) == 1:
+            try:
+                self._loop.call_soon_threadsafe(self._flush_released)
+            except RuntimeError:  # loop closed while we were collected
+                pass
+
+    def _flush_released(self) -> None:
+        ids, self._released = self._released, []
+        if not ids or self._connection.closed or not self._connection.alive:
+            return
+        self._connection.submit("delete", {"objs": ids}).add_done_callback(_retrieve)
+
+    # --- tensors -------------------------------------------------------------------------------
+
+    async def _send_tensor(self, tensor: torch.Tensor, timeout: float | None) -> TensorPointer:
+        obj_id = self._new_id()
+        nbytes = tensor.numel() * tensor.element_size()
+        chunk = self._connection.settings.limits.chunk_bytes
+        if nbytes <= chunk:
+            ready = self._submit("store", {"out": obj_id, "value": tensor})
+            pointer = TensorPointer(self, obj_id, ready)
+            await self._wait(ready, timeout)
+            return pointer
+        # a stream: allocate, then write chunks with at most STREAM_WINDOW unacknowledged
+        if tensor.dtype not in DTYPE_NAMES:
+            raise TypeError(f"dtype {tensor.dtype} cannot be sent")
+        ready = self._submit("alloc", {"out": obj_id, "dtype": DTYPE_NAMES[tensor.dtype],
+                                       "shape": list(tensor.shape), "grad": tensor.requires_grad})
+        pointer = TensorPointer(self, obj_id, ready)
+        data = torch.frombuffer(tensor_buffer(tensor), dtype=torch.uint8)
+        window: list[asyncio.Future[Any]] = [ready]
+        for offset in range(0, nbytes, chunk):
+            window.append(self._submit("write", {"obj": obj_id, "offset": offset, "data": data[offset:offset + chunk]}))
+            if len(window) > STREAM_WINDOW:
+                await self._wait(window.pop(0), timeout)
+        for future in window:
+            await self._wait(future, timeout)
+        return pointer
+
+    async def _get_tensor(self, obj_id: int, timeout: float | None) -> torch.Tensor:
+        result = await self._request("get", {"obj": obj_id}, timeout)
+        if not isinstance(result, StreamInfo):
+            return result
+        out = torch.empty(result.shape, dtype=DTYPES[result.dtype])
+        target = out.view(-1).view(torch.uint8) if out.numel() else out
+        chunk = self._connection.settings.limits.chunk_bytes
+        window: list[tuple[int, asyncio.Future[Any]]] = []
+
+        async def land(offset: int, future: asyncio.Future[Any]) -> None:
+            data = await self._wait(future, timeout)
+            target[offset:offset + data.numel()].copy_(data)
+
+        for offset in range(0, result.nbytes, chunk):
+            length = min(chunk, result.nbytes - offset)
+            window.append((offset, self._submit("read", {"obj": obj_id, "offset": offset, "length": length})))
+            if len(window) >= STREAM_WINDOW:
+                await land(*window.pop(0))
+        for item in window:
+            await land(*item)
+        return out.requires_grad_(result.requires_grad)
+
+    # --- modules -------------------------------------------------------------------------------
+
+    async def _send_module(self, module: nn.Module, timeout: float | None) -> ModulePointer:
+        state = module.state_dict()
+        known = self._modules.get(module)
+        if known is not None and not known._deleted:
+            await self._request("module_load", {"obj": known.id, "state": state}, timeout)
+            return known
+        spec = describe(module)
+        obj_id = self._new_id()
+        ready = self._submit("module_put", {"out": obj_id, "spec": spec, "state": state})
+        pointer = ModulePointer(self, obj_id, ready, module)
+        await self._wait(ready, timeout)
+        if not module.training:
+            await pointer.train(False)
+        self._modules[module] = pointer
+        return pointer
+
+    def _module_pointer(self, module: nn.Module) -> ModulePointer | None:
+        return self._modules.get(module)
+
+    def _modules_sent(self) -> list[tuple[nn.Module, ModulePointer]]:
+        return list(self._modules.items())
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a pipelined future's error as seen: it is raised where the pointer is awaited."""
+    if not future.cancelled():
+        future.exception()
+
+
+class _Connecting:
+    """What ``connect`` returns: ``await`` it for a worker, or use it in ``async with``."""
+
+    def __init__(self, worker: RemoteWorker) -> None:
+        self._worker = worker
+
+    def __await__(self) -> Generator[Any, None, RemoteWorker]:
+        return self._connect().__await__()
+
+    async def _connect(self) -> RemoteWorker:
+        try:
+            return await self._worker.connect()
+        except BaseException:
+            await self._worker._connection.close(say_goodbye=False)
+            raise
+
+    async def __aenter__(self) -> RemoteWorker:
+        return await self._connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._worker.close()
+
+
+def connect(address: str, *, settings: ConnectionSettings | None = None,
+            context: zmq.asyncio.Context | None = None) -> _Connecting:
+    """Connect to a worker daemon: ``bob = await fz.connect(addr)`` or ``async with fz.connect(addr) as bob``."""
+    return _Connecting(RemoteWorker(address, settings=settings, context=context))
+
+
+class VirtualWorker(RemoteWorker):
+    """A worker in this process: the daemon's own code behind an ``inproc://`` socket.
+
+    ``bob = fz.VirtualWorker("bob")`` is usable at once from a coroutine; ``async with`` or
+    ``await bob.close()`` stops it."""
+
+    def __init__(self, worker_id: str, *, config: WorkerConfig | None = None, models: ModelRegistry | None = None,
+                 settings: ConnectionSettings | None = None, context: zmq.asyncio.Context | None = None) -> None:
+        context = context or zmq.asyncio.Context.instance()
+        self.server = Worker(worker_id, config=config, models=models, context=context)
+        address = self.server.bind(f"inproc://fedzmq-{worker_id}-{uuid.uuid4().hex}")
+        super().__init__(address, settings=settings, context=context)
+        self.id = worker_id
+        self.instance = self.server.instance
+
+    def _before_request(self) -> None:
+        self.server.start()
+
+    async def close(self) -> None:
+        await super().close()
+        await self.server.close()
+
+    def __await__(self) -> Generator[Any, None, "VirtualWorker"]:
+        async def ready() -> VirtualWorker:
+            await self.ping()
+            return self
+        return ready().__await__()

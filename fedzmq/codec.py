@@ -1,0 +1,392 @@
+"""The wire format: one msgpack header frame, then raw buffer frames (see docs/protocol.md).
+
+Like Dask's ``protocol/core.py``, the header is the table of contents: every tensor in it is a small
+tag ``{"$tensor": [dtype, shape, frame_index, requires_grad]}`` and its bytes travel as their own frame,
+sent without copying (``copy=False``) and rebuilt on receipt with ``torch.frombuffer`` over the received
+frame, so a received tensor costs no copy beyond the one ZeroMQ made from the socket.
+
+The decoder is the security boundary: it checks the version, command, argument types, dtype allowlist,
+shape × itemsize against each frame's length, header and message sizes, nesting depth, and that every
+frame is claimed exactly once, before any other code sees the message. Nothing is ever executed:
+only msgpack's plain types and the tags below are understood.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import msgpack
+import torch
+
+from .commands import COMMANDS, MAX_ID
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 32
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes the decoder accepts. Both sides use them; the daemon's are flags of ``fedzmq-worker``."""
+
+    max_header_bytes: int = 4 << 20
+    max_frame_bytes: int = 1 << 30
+    max_frames: int = 4096
+    max_depth: int = 32
+    #: tensors above this many bytes travel as a stream of chunks of this size (see ``alloc``/``write``/``read``)
+    chunk_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A reference to an object held by the worker, in the receiving session's namespace."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRef:
+    """In a model's forward program: the output of an earlier node, by position."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A reply saying "this tensor is too big for one message: read it in chunks"."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    requires_grad: bool
+
+
+@dataclass
+class Request:
+    id: int
+    cmd: str
+    args: dict[str, Any]
+
+
+@dataclass
+class Reply:
+    id: int | None
+    ok: bool
+    result: Any = None
+    error: dict[str, str] | None = None
+
+
+@dataclass
+class _Encoder:
+    """Turns a Python value into msgpack-able data plus buffer frames."""
+
+    default: Callable[[Any], Any] | None
+    frames: list[Any] = field(default_factory=list)
+
+    def encode(self, value: Any, depth: int = 0) -> Any:
+        if depth > 64:
+            raise ProtocolError("value nested too deeply to encode")
+        if value is None or type(value) in (bool, int, float, str, bytes):
+            return value
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value)
+        if isinstance(value, Ref):
+            return {"$ref": value.id}
+        if isinstance(value, NodeRef):
+            return {"$node": value.index}
+        if isinstance(value, list):
+            return [self.encode(v, depth + 1) for v in value]
+        if isinstance(value, tuple):
+            return {"$tuple": [self.encode(v, depth + 1) for v in value]}
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if type(k) is not str or k.startswith("$"):
+                    raise ProtocolError(f"map keys must be strings not starting with '$', got {k!r}")
+                out[k] = self.encode(v, depth + 1)
+            return out
+        if isinstance(value, slice):
+            return {"$slice": [self.encode(value.start), self.encode(value.stop), self.encode(value.step)]}
+        if value is Ellipsis:
+            return {"$ellipsis": True}
+        if isinstance(value, torch.dtype):
+            return {"$dtype": DTYPE_NAMES[value]}
+        if isinstance(value, StreamInfo):
+            return {"$stream": [value.dtype, list(value.shape), value.nbytes, value.requires_grad]}
+        if isinstance(value, (bool, int, float)):  # numpy scalars and int subclasses
+            return value.item() if hasattr(value, "item") else type(value).__mro__[-2](value)
+        if self.default is not None:
+            converted = self.default(value)
+            if converted is not value:
+                return self.encode(converted, depth + 1)
+        raise ProtocolError(f"cannot send a value of type {type(value).__name__}")
+
+    def tensor(self, tensor: torch.Tensor) -> dict[str, Any]:
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ProtocolError(f"dtype {tensor.dtype} is not supported on the wire")
+        if tensor.layout != torch.strided or tensor.device.type != "cpu":
+            raise ProtocolError("only dense CPU tensors can be sent")
+        self.frames.append(tensor_buffer(tensor))
+        return {
+            "$tensor": [
+                DTYPE_NAMES[tensor.dtype],
+                list(tensor.shape),
+                len(self.frames),  # frame 0 is the header
+                bool(tensor.requires_grad),
+            ]
+        }
+
+
+def tensor_buffer(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a buffer that ZeroMQ can send without copying."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def encode_request(
+    request_id: int, cmd: str, args: dict[str, Any], default: Callable[[Any], Any] | None = None
+) -> list[Any]:
+    """Header and frames of a request. The caller sends them with ``copy=False``."""
+    encoder = _Encoder(default)
+    body = encoder.encode(args)
+    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "args": body}), *encoder.frames]
+
+
+def encode_reply(request_id: int | None, result: Any) -> list[Any]:
+    encoder = _Encoder(None)
+    body = encoder.encode(result)
+    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": body}), *encoder.frames]
+
+
+def encode_error(request_id: int | None, payload: dict[str, str]) -> list[Any]:
+    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": payload})]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _frame_len(frame: Any) -> int:
+    return len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
+
+
+def _frame_buffer(frame: Any) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) - 1 > limits.max_frames:
+        raise ProtocolError(f"too many frames: {len(frames) - 1} > {limits.max_frames}")
+    raw = _frame_buffer(frames[0])
+    if len(raw) > limits.max_header_bytes:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}")
+    for frame in frames[1:]:
+        if _frame_len(frame) > limits.max_frame_bytes:
+            raise ProtocolError(f"frame of {_frame_len(frame)} bytes exceeds the limit of {limits.max_frame_bytes}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
+        raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    return header
+
+
+def _header_id(header: dict[str, Any]) -> int | None:
+    value = header.get("id")
+    return value if type(value) is int and 0 <= value <= MAX_ID else None
+
+
+def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
+    """Validate and decode a request. Raises ``ProtocolError`` (with the request id when readable)."""
+    header = _unpack_header(frames, limits)
+    request_id = _header_id(header)
+    if request_id is None:
+        raise ProtocolError("request id missing or not an integer in [0, 2**63)")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r} (this side speaks {PROTOCOL_VERSION})", request_id)
+    cmd = header.get("cmd")
+    if type(cmd) is not str or cmd not in COMMANDS:
+        raise ProtocolError(f"unknown command {cmd!r}", request_id)
+    extra = set(header) - {"v", "id", "cmd", "args"}
+    if extra:
+        raise ProtocolError(f"unknown header fields {sorted(extra)}", request_id)
+    args = header.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError("args must be a map", request_id)
+    try:
+        decoded = _Decoder(frames, limits).decode_all(args)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), request_id) from None
+    problem = COMMANDS[cmd].check_args(decoded)
+    if problem:
+        raise ProtocolError(problem, request_id)
+    return Request(request_id, cmd, decoded)
+
+
+def decode_reply(frames: Sequence[Any], limits: Limits) -> Reply:
+    header = _unpack_header(frames, limits)
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}", _header_id(header))
+    request_id = header.get("id")
+    if request_id is not None and _header_id(header) is None:
+        raise ProtocolError("reply id is not an integer")
+    ok = header.get("ok")
+    if ok is True:
+        result = _Decoder(frames, limits).decode_all(header.get("result"))
+        return Reply(request_id, True, result=result)
+    error = header.get("error")
+    if ok is not False or not isinstance(error, dict):
+        raise ProtocolError("reply has neither a result nor an error", request_id)
+    return Reply(
+        request_id,
+        False,
+        error={k: str(error.get(k, "")) for k in ("type", "message", "traceback")},
+    )
+
+
+class _Decoder:
+    def __init__(self, frames: Sequence[Any], limits: Limits) -> None:
+        self.frames = frames
+        self.limits = limits
+        self.claimed = [False] * len(frames)
+        self.claimed[0] = True  # the header
+
+    def decode_all(self, value: Any) -> Any:
+        decoded = self.decode(value, 0)
+        if not all(self.claimed):
+            raise ProtocolError("message has frames that no tensor claims")
+        return decoded
+
+    def decode(self, value: Any, depth: int) -> Any:
+        if depth > self.limits.max_depth:
+            raise ProtocolError(f"value nested deeper than {self.limits.max_depth}")
+        if value is None or type(value) in (bool, int, str):
+            return value
+        if type(value) is float:
+            return value
+        if isinstance(value, list):
+            return [self.decode(v, depth + 1) for v in value]
+        if isinstance(value, dict):
+            if len(value) == 1:
+                (key, body), = value.items()
+                if type(key) is str and key.startswith("$"):
+                    return self.tag(key, body, depth)
+            return {k: self.decode(v, depth + 1) for k, v in value.items() if self._key(k)}
+        raise ProtocolError(f"values of type {type(value).__name__} are not accepted")
+
+    @staticmethod
+    def _key(key: Any) -> bool:
+        if type(key) is not str or key.startswith("$"):
+            raise ProtocolError(f"bad map key {key!r}")
+        return True
+
+    def tag(self, key: str, body: Any, depth: int) -> Any:
+        if key == "$tensor":
+            return self.tensor(body)
+        if key == "$ref":
+            if type(body) is not int or not 0 <= body <= MAX_ID:
+                raise ProtocolError("bad object id in $ref")
+            return Ref(body)
+        if key == "$node":
+            if type(body) is not int or not 0 <= body <= MAX_ID:
+                raise ProtocolError("bad node index in $node")
+            return NodeRef(body)
+        if key == "$tuple":
+            if not isinstance(body, list):
+                raise ProtocolError("$tuple must hold a list")
+            return tuple(self.decode(v, depth + 1) for v in body)
+        if key == "$slice":
+            if not isinstance(body, list) or len(body) != 3 or not all(v is None or type(v) is int for v in body):
+                raise ProtocolError("$slice must hold [start, stop, step] of ints or nulls")
+            return slice(*body)
+        if key == "$ellipsis":
+            return Ellipsis
+        if key == "$dtype":
+            if body not in DTYPES:
+                raise ProtocolError(f"dtype {body!r} is not on the allowlist")
+            return DTYPES[body]
+        if key == "$stream":
+            if (
+                not isinstance(body, list)
+                or len(body) != 4
+                or body[0] not in DTYPES
+                or not _is_shape(body[1])
+                or type(body[2]) is not int
+                or type(body[3]) is not bool
+            ):
+                raise ProtocolError("bad $stream description")
+            return StreamInfo(body[0], tuple(body[1]), body[2], body[3])
+        raise ProtocolError(f"unknown tag {key!r}")
+
+    def tensor(self, body: Any) -> torch.Tensor:
+        if not isinstance(body, list) or len(body) != 4:
+            raise ProtocolError("$tensor must be [dtype, shape, frame, requires_grad]")
+        dtype_name, shape, index, requires_grad = body
+        dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
+        if dtype is None:
+            raise ProtocolError(f"dtype {dtype_name!r} is not on the allowlist")
+        if not _is_shape(shape):
+            raise ProtocolError("tensor shape must be a list of at most 32 non-negative ints")
+        if type(index) is not int or not 1 <= index < len(self.frames):
+            raise ProtocolError(f"tensor frame index {index!r} out of range")
+        if self.claimed[index]:
+            raise ProtocolError(f"frame {index} is claimed twice")
+        if type(requires_grad) is not bool:
+            raise ProtocolError("requires_grad must be a bool")
+        self.claimed[index] = True
+        numel = math.prod(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        frame = self.frames[index]
+        if numel * itemsize != _frame_len(frame):
+            raise ProtocolError(
+                f"tensor of shape {shape} and dtype {dtype_name} needs {numel * itemsize} bytes, frame has {_frame_len(frame)}"
+            )
+        tensor = tensor_from_buffer(_frame_buffer(frame), dtype, shape)
+        if requires_grad:
+            if not (dtype.is_floating_point or dtype.is_complex):
+                raise ProtocolError("only floating point tensors can require gradients")
+            tensor.requires_grad_(True)
+        return tensor
+
+
+def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor over ``buffer`` without copying it (a fresh empty tensor when there are no bytes)."""
+    if len(buffer) == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).view(tuple(shape))
+
+
+def _is_shape(shape: Any) -> bool:
+    return (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(type(d) is int and 0 <= d <= MAX_ID for d in shape)
+        and math.prod(shape) <= MAX_ID
+    )
+
+
+def dtype_itemsize(name: str) -> int:
+    return torch.empty((), dtype=DTYPES[name]).element_size()

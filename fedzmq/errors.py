@@ -1,0 +1,162 @@
+"""The exceptions fedzmq raises, and how a remote failure becomes a local exception.
+
+Catch at the level you care about:
+
+    FedzmqError
+    ├── ProtocolError          a message broke the wire protocol (raised by the codec, on either side)
+    ├── WorkerError            the daemon could not be used
+    │   ├── WorkerDeadError    it stopped answering heartbeats (dead, hung or unreachable)
+    │   └── RequestTimeout     it is alive but did not answer within the deadline you gave
+    ├── ModelDescriptionError  a model cannot be described as data for a worker
+    ├── WrongWorkerError       an operation mixes objects that live on different workers
+    └── RemoteError            the daemon ran the command and it failed there
+        ├── ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, ...
+        └── RemoteValueError(RemoteError, ValueError), ... for built-in exception types
+
+A ``RemoteError`` carries the remote type name, message and traceback text. Like Ray's
+``RayTaskError``, the error for a built-in remote type is also an instance of that type, so
+``except RuntimeError:`` works on both sides of the wire.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+from typing import Any
+
+
+class FedzmqError(Exception):
+    """Base class of every exception fedzmq raises on purpose."""
+
+
+class ProtocolError(FedzmqError):
+    """A message does not follow the protocol; ``request_id`` is set when it could be read."""
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class WorkerError(FedzmqError):
+    """The worker could not be reached, or did not answer in time."""
+
+
+class WorkerDeadError(WorkerError):
+    """The worker missed too many heartbeats: it is dead, stopped or unreachable."""
+
+
+class RequestTimeout(WorkerError, TimeoutError):
+    """The deadline given to a request passed before its reply arrived."""
+
+
+class WorkerClosedError(WorkerError):
+    """The client side of the connection was closed; no more requests can be made."""
+
+
+class ModelDescriptionError(FedzmqError):
+    """A module cannot be described as data (unknown layer, untraceable forward, ...)."""
+
+
+class WrongWorkerError(FedzmqError, ValueError):
+    """An operation mixes pointers of different workers, or a pointer with the wrong worker."""
+
+
+class RemoteError(FedzmqError):
+    """A command failed on the worker. ``remote_type``, ``remote_message`` and
+    ``remote_traceback`` are the worker's own words."""
+
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        text = f"{remote_type}: {remote_message}"
+        if remote_traceback:
+            text += "\n\nRemote traceback:\n" + remote_traceback.rstrip()
+        super().__init__(text)
+
+    @classmethod
+    def new(cls, message: str) -> "RemoteError":
+        """Raise-able on the worker itself: the type name sent back is the class name."""
+        return cls(cls.__name__ if cls is not RemoteError else "RemoteError", message)
+
+    def __reduce__(self):  # keep exceptions copyable (pytest, logging) despite the custom __init__
+        return (_rebuild, (type(self).__name__, self.remote_type, self.remote_message, self.remote_traceback))
+
+
+def _rebuild(_cls_name: str, remote_type: str, message: str, tb: str) -> RemoteError:
+    return remote_error(remote_type, message, tb)
+
+
+# Errors a worker raises on purpose. The same classes are raised locally when the remote type matches.
+class ObjectNotFound(RemoteError, KeyError):
+    """The object id is unknown in this session (never made, deleted, or another session's)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return RemoteError.__str__(self)
+
+
+class PermissionDenied(RemoteError, PermissionError):
+    """The worker's policy refuses this request."""
+
+
+class LimitExceeded(RemoteError):
+    """A size, count or rate limit of the worker would be exceeded."""
+
+
+class UnknownCommand(RemoteError):
+    """The worker does not know the command or operation (not on its allowlist)."""
+
+
+class BadRequest(RemoteError, ValueError):
+    """The request was well formed on the wire but its arguments make no sense."""
+
+
+class RemoteProtocolError(RemoteError):
+    """The worker could not decode our message."""
+
+
+_FEDZMQ_REMOTE_TYPES: dict[str, type[RemoteError]] = {
+    cls.__name__: cls
+    for cls in (ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, BadRequest)
+}
+_FEDZMQ_REMOTE_TYPES["ProtocolError"] = RemoteProtocolError
+
+
+@functools.cache
+def _builtin_remote_class(name: str) -> type[RemoteError]:
+    base = getattr(builtins, name)
+    return type(f"Remote{name}", (RemoteError, base), {"__module__": __name__, "__str__": RemoteError.__str__})
+
+
+def remote_error(remote_type: str, message: str, traceback_text: str = "") -> RemoteError:
+    """Build the local exception for a remote failure, of the most specific class we know."""
+    cls: type[RemoteError] = RemoteError
+    if remote_type in _FEDZMQ_REMOTE_TYPES:
+        cls = _FEDZMQ_REMOTE_TYPES[remote_type]
+    else:
+        candidate = getattr(builtins, remote_type, None)
+        if (
+            isinstance(candidate, type)
+            and issubclass(candidate, Exception)
+            and not issubclass(candidate, (KeyboardInterrupt, SystemExit))
+        ):
+            try:
+                cls = _builtin_remote_class(remote_type)
+            except TypeError:  # a built-in whose layout cannot be combined with ours
+                cls = RemoteError
+    error = cls.__new__(cls)
+    RemoteError.__init__(error, remote_type, message, traceback_text)
+    return error
+
+
+def error_payload(exc: BaseException, traceback_text: str) -> dict[str, Any]:
+    """What a worker sends back for an exception (the inverse of ``remote_error``)."""
+    if isinstance(exc, RemoteError):  # re-raised failure of an earlier command: keep its identity
+        return {
+            "type": exc.remote_type,
+            "message": exc.remote_message,
+            "traceback": exc.remote_traceback or traceback_text,
+        }
+    name = type(exc).__name__
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return {"type": name, "message": message, "traceback": traceback_text}

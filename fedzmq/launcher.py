@@ -1,0 +1,180 @@
+"""Start, watch and stop worker daemons as local subprocesses (the launcher script, demos, tests).
+
+A ``DaemonProcess`` is one ``fedzmq-worker`` process: it starts it, waits for its ``ready at`` line,
+knows its address (so ``restart()`` comes back at the same one), and stops it with SIGTERM, checking
+the exit code. Fault injection for tests is a method each: ``kill()``, ``pause()``/``resume()``.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+READY_MARK = " ready at "
+
+
+class DaemonError(RuntimeError):
+    """A daemon did not start, or did not stop cleanly."""
+
+
+class DaemonProcess:
+    def __init__(self, worker_id: str, bind: str = "tcp://127.0.0.1:0", extra_args: Sequence[str] = (),
+                 log_dir: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.id = worker_id
+        self.bind = bind
+        self.extra_args = list(extra_args)
+        self.address: str | None = None
+        self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="fedzmq-logs-")) / f"{worker_id}.log"
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def command(self) -> list[str]:
+        bind = self.address or self.bind  # after the first start, keep the port the system chose
+        return [sys.executable, "-m", "fedzmq.worker", "--id", self.id, "--bind", bind, *self.extra_args]
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start the daemon and wait until it is bound; returns its address."""
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (``wait_ready`` then waits)."""
+        if self.running:
+            raise DaemonError(f"daemon {self.id} is already running")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log, env=env)
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        self.address = self._wait_ready(timeout)
+        return self.address
+
+    def _wait_ready(self, timeout: float) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        buffered = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if selector.select(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
+                    chunk = os.read(self.process.stdout.fileno(), 4096)
+                    if not chunk:
+                        break
+                    buffered += chunk
+                    for line in buffered.decode(errors="replace").splitlines():
+                        if READY_MARK in line:
+                            return line.split(READY_MARK, 1)[1].strip()
+                elif self.process.poll() is not None:
+                    break
+        code = self.process.poll()
+        if code is None:
+            self.process.kill()
+            self.process.wait()
+        raise DaemonError(f"daemon {self.id} did not become ready within {timeout}s (exit code {code}); "
+                          f"log:\n{self.log_tail()}")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait, and return the exit code (SIGKILL if it does not stop in time)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused daemon cannot handle SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        if self.process.stdout:
+            self.process.stdout.close()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies at once, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the daemon hangs (answers nothing) until ``resume``."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = 30.0) -> str:
+        """Stop (or reap) the daemon and start it again with the same id and address."""
+        self.stop()
+        return self.start(timeout)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __repr__(self) -> str:
+        return f"<DaemonProcess {self.id} {self.address or self.bind} pid={self.pid}>"
+
+
+def start_daemons(ids: Sequence[str], extra_args: Sequence[str] = (), host: str = "127.0.0.1",
+                  ports: Sequence[int] | None = None, log_dir: str | None = None,
+                  per_daemon_args: dict[str, Sequence[str]] | None = None) -> list[DaemonProcess]:
+    """Start one daemon per id (in parallel) and wait until all are ready; on failure stop them all."""
+    log_dir = log_dir or tempfile.mkdtemp(prefix="fedzmq-logs-")
+    daemons = [
+        DaemonProcess(i, f"tcp://{host}:{ports[n] if ports else 0}",
+                      [*extra_args, *(per_daemon_args or {}).get(i, ())], log_dir)
+        for n, i in enumerate(ids)
+    ]
+    try:
+        for d in daemons:  # start all first, then wait: their imports of torch overlap
+            d.spawn()
+        for d in daemons:
+            d.wait_ready(60.0)
+    except BaseException:
+        stop_all(daemons)
+        raise
+    return daemons
+
+
+def stop_all(daemons: Sequence[DaemonProcess]) -> dict[str, int]:
+    for d in daemons:  # signal all first so they shut down in parallel
+        if d.running and d.process is not None:
+            d.process.send_signal(signal.SIGCONT)
+            d.process.terminate()
+    return {d.id: d.stop() for d in daemons}
+
+
+async def wait_answering(addresses: Sequence[str], timeout: float = 30.0) -> list[dict[str, object]]:
+    """Connect to each address and wait for its ``ping``; returns the answers."""
+    from .client.worker import connect  # the launcher itself needs no client
+
+    async def one(address: str) -> dict[str, object]:
+        async with connect(address) as worker:
+            return await worker.ping(timeout=timeout)
+
+    import asyncio
+    return list(await asyncio.gather(*(one(a) for a in addresses)))

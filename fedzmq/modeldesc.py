@@ -1,0 +1,371 @@
+"""Models as data: describe an ``nn.Module`` on the client, rebuild it on the worker, run no wire code.
+
+A description is a tree of plain values:
+
+- ``{"kind": "layer", "type": "Linear", "kwargs": {...}}`` for a standard layer from ``LAYERS``;
+- ``{"kind": "sequential", "children": [[name, spec], ...]}`` for ``nn.Sequential``;
+- ``{"kind": "registered", "name": ..., "kwargs": {...}}`` for a class the daemon installed and
+  registered by name (custom architectures, shipped to data owners like any other software);
+- ``{"kind": "graph", "children": ..., "params": ..., "buffers": ..., "program": [...]}`` for any other
+  module: its ``forward`` is traced with ``torch.fx`` on the client into a list of nodes, each calling
+  a submodule, an op from ``fedzmq.ops.OPS`` or an allowlisted tensor method. The worker interprets
+  that list (no code generation, no ``exec``); a forward that fx cannot trace (data-dependent control
+  flow) gets a ``ModelDescriptionError`` that says to register the class instead.
+
+Parameters and buffers are not part of the description: they travel as raw tensor frames and must
+match, name for name and shape for shape, the module the description builds (checked on the meta
+device first, so a hostile description cannot make the worker allocate more than it sent).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx
+from torch import nn
+
+from .codec import DTYPES, NodeRef
+from .errors import BadRequest, ModelDescriptionError
+from .ops import METHODS, OP_NAMES, OPS
+
+
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+         "bias")
+_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+_MAXPOOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
+_AVGPOOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+
+#: standard layers a worker builds: name -> (class, its constructor arguments, read off an instance by
+#: attribute of the same name; "bias" is read as "has a bias")
+LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
+    "Conv1d": (nn.Conv1d, _CONV),
+    "Conv2d": (nn.Conv2d, _CONV),
+    "BatchNorm1d": (nn.BatchNorm1d, _NORM),
+    "BatchNorm2d": (nn.BatchNorm2d, _NORM),
+    "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine", "bias")),
+    "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
+    "Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                                 "scale_grad_by_freq", "sparse")),
+    "Dropout": (nn.Dropout, ("p", "inplace")),
+    "Dropout1d": (nn.Dropout1d, ("p", "inplace")),
+    "Dropout2d": (nn.Dropout2d, ("p", "inplace")),
+    "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+    "Unflatten": (nn.Unflatten, ("dim", "unflattened_size")),
+    "MaxPool1d": (nn.MaxPool1d, _MAXPOOL),
+    "MaxPool2d": (nn.MaxPool2d, _MAXPOOL),
+    "AvgPool1d": (nn.AvgPool1d, _AVGPOOL),
+    "AvgPool2d": (nn.AvgPool2d, (*_AVGPOOL, "divisor_override")),
+    "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+    "ReLU": (nn.ReLU, ("inplace",)),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")),
+    "ELU": (nn.ELU, ("alpha", "inplace")),
+    "SiLU": (nn.SiLU, ("inplace",)),
+    "GELU": (nn.GELU, ("approximate",)),
+    "Tanh": (nn.Tanh, ()),
+    "Sigmoid": (nn.Sigmoid, ()),
+    "Identity": (nn.Identity, ()),
+    "Softmax": (nn.Softmax, ("dim",)),
+    "LogSoftmax": (nn.LogSoftmax, ("dim",)),
+}
+_LAYER_NAMES = {cls: name for name, (cls, _) in LAYERS.items()}
+
+
+def layer_kwargs(module: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(module, "bias", None) is not None if n == "bias" else getattr(module, n) for n in names}
+
+
+#: tensor methods a forward program may call besides the ops (they return sizes, not tensors)
+PROGRAM_METHODS: dict[str, Callable[..., Any]] = {"size": torch.Tensor.size, "dim": torch.Tensor.dim}
+
+ModelRegistry = Mapping[str, Callable[..., nn.Module]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Client side: describe
+
+
+def describe(module: nn.Module) -> dict[str, Any]:
+    """The description of ``module`` that a worker can rebuild, or ``ModelDescriptionError``."""
+    registered = getattr(type(module), "fedzmq_name", None)
+    if registered:
+        return {"kind": "registered", "name": registered, "kwargs": dict(getattr(module, "fedzmq_kwargs", {}))}
+    if type(module) in _LAYER_NAMES:
+        name = _LAYER_NAMES[type(module)]
+        return {"kind": "layer", "type": name, "kwargs": layer_kwargs(module, LAYERS[name][1])}
+    if type(module) is nn.Sequential:
+        return {"kind": "sequential", "children": [[n, describe(c)] for n, c in module.named_children()]}
+    return _describe_graph(module)
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) in _LAYER_NAMES or bool(getattr(type(m), "fedzmq_name", None))
+
+
+def _describe_container(module: nn.Module) -> dict[str, Any]:
+    children = []
+    for name, child in module.named_children():
+        if type(child) in _LAYER_NAMES or type(child) is nn.Sequential or getattr(type(child), "fedzmq_name", None):
+            children.append([name, describe(child)])
+        else:
+            children.append([name, _describe_container(child)])
+    return {
+        "kind": "container",
+        "children": children,
+        "params": [[n, list(p.shape), p.requires_grad] for n, p in module.named_parameters(recurse=False)],
+        "buffers": [[n, list(b.shape), str(b.dtype).removeprefix("torch.")]
+                    for n, b in module.named_buffers(recurse=False)],
+    }
+
+
+def _describe_graph(module: nn.Module) -> dict[str, Any]:
+    cls = type(module).__name__
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as exc:
+        raise ModelDescriptionError(
+            f"cannot describe {cls}: torch.fx could not trace its forward ({type(exc).__name__}: {exc}). "
+            f"Install the class on the worker and register it by name (set {cls}.fedzmq_name)."
+        ) from exc
+    index: dict[torch.fx.Node, int] = {}
+    program: list[list[Any]] = []
+
+    def arg(value: Any) -> Any:
+        if isinstance(value, torch.fx.Node):
+            return NodeRef(index[value])
+        if isinstance(value, (list, tuple)):
+            converted = [arg(v) for v in value]
+            return tuple(converted) if isinstance(value, tuple) else converted
+        if isinstance(value, dict):
+            return {k: arg(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            raise ModelDescriptionError(f"cannot describe {cls}: its forward uses a tensor constant; "
+                                        "register it as a buffer instead")
+        return value
+
+    for node in graph.nodes:
+        if node.op == "call_function":
+            target = OP_NAMES.get(node.target)
+            if target is None:
+                raise ModelDescriptionError(
+                    f"cannot describe {cls}: its forward calls {getattr(node.target, '__name__', node.target)}, "
+                    "which is not on fedzmq's op allowlist (fedzmq.ops.OPS)")
+        elif node.op == "call_method":
+            target = node.target
+            if target not in METHODS and target not in PROGRAM_METHODS:
+                raise ModelDescriptionError(
+                    f"cannot describe {cls}: its forward calls the tensor method .{target}(), "
+                    "which is not on fedzmq's allowlist")
+        else:
+            target = node.target
+        index[node] = len(program)
+        program.append([node.op, target, arg(node.args), arg(node.kwargs)])
+
+    spec = _describe_container(module)
+    spec["kind"] = "graph"
+    spec["program"] = program
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side: build
+
+
+class GraphModule(nn.Module):
+    """A module whose forward interprets a described program over its submodules."""
+
+    def __init__(self, program: list[list[Any]]) -> None:
+        super().__init__()
+        self._program = program
+
+    def forward(self, *inputs: Any) -> Any:
+        values: list[Any] = []
+        placeholders = iter(inputs)
+        for op, target, args, kwargs in self._program:
+            if op == "output":
+                return _resolve(args, values)[0]
+            if op == "placeholder":
+                value = next(placeholders, None)
+                if value is None:
+                    if not args:
+                        raise TypeError(f"forward() missing input {target!r}")
+                    value = args[0]
+                values.append(value)
+                continue
+            args, kwargs = _resolve(args, values), _resolve(kwargs, values)
+            if op == "call_module":
+                values.append(self.get_submodule(target)(*args, **kwargs))
+            elif op == "call_function":
+                values.append(OPS[target](*args, **kwargs))
+            elif op == "call_method":
+                fn = PROGRAM_METHODS.get(target) or OPS[target]
+                values.append(fn(*args, **kwargs))
+            elif op == "get_attr":
+                values.append(_get_attr(self, target))
+        raise BadRequest.new("forward program has no output node")
+
+
+def _get_attr(module: nn.Module, path: str) -> Any:
+    owner, _, name = path.rpartition(".")
+    holder = module.get_submodule(owner) if owner else module
+    if name in holder._parameters:
+        return holder._parameters[name]
+    if name in holder._buffers:
+        return holder._buffers[name]
+    raise BadRequest.new(f"get_attr of {path!r}: no such parameter or buffer")
+
+
+def _resolve(value: Any, values: list[Any]) -> Any:
+    if isinstance(value, NodeRef):
+        return values[value.index]
+    if isinstance(value, list):
+        return [_resolve(v, values) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, values) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve(v, values) for k, v in value.items()}
+    return value
+
+
+def build(spec: Any, registry: ModelRegistry) -> nn.Module:
+    """Build the module a description names (parameters uninitialized: call on the meta device)."""
+    if not isinstance(spec, dict):
+        raise BadRequest.new("a model description must be a map")
+    kind = spec.get("kind")
+    if kind == "layer":
+        name = spec.get("type")
+        if name not in LAYERS:
+            raise BadRequest.new(f"layer type {name!r} is not on the worker's allowlist")
+        cls, allowed = LAYERS[name]
+        kwargs = _plain_kwargs(spec.get("kwargs"))
+        unknown = set(kwargs) - set(allowed)
+        if unknown:
+            raise BadRequest.new(f"{name}: unknown arguments {sorted(unknown)}")
+        return cls(**kwargs)
+    if kind == "registered":
+        name = spec.get("name")
+        if not isinstance(name, str) or name not in registry:
+            raise BadRequest.new(f"model {name!r} is not registered on this worker "
+                                 f"(registered: {sorted(registry) or 'none'})")
+        return registry[name](**_plain_kwargs(spec.get("kwargs")))
+    if kind == "sequential":
+        return nn.Sequential(OrderedDict(_children(spec, registry)))
+    if kind in ("container", "graph"):
+        module = GraphModule(_checked_program(spec.get("program"))) if kind == "graph" else nn.Module()
+        for name, child in _children(spec, registry).items():
+            module.add_module(name, child)
+        for entry in spec.get("params") or []:
+            name, shape, requires_grad = _triple(entry)
+            module.register_parameter(name, nn.Parameter(torch.empty(shape), requires_grad=bool(requires_grad)))
+        for entry in spec.get("buffers") or []:
+            name, shape, dtype = _triple(entry)
+            if dtype not in DTYPES:
+                raise BadRequest.new(f"buffer dtype {dtype!r} is not on the allowlist")
+            module.register_buffer(name, torch.empty(shape, dtype=DTYPES[dtype]))
+        return module
+    raise BadRequest.new(f"unknown model description kind {kind!r}")
+
+
+def _plain_kwargs(kwargs: Any) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise BadRequest.new("model kwargs must be a map")
+    for key, value in kwargs.items():
+        if not _is_plain(value):
+            raise BadRequest.new(f"model argument {key!r} must be plain data (numbers, strings, lists)")
+    return kwargs
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return False
+
+
+def _children(spec: dict[str, Any], registry: ModelRegistry) -> dict[str, nn.Module]:
+    children = spec.get("children") or []
+    if not isinstance(children, list):
+        raise BadRequest.new("children must be a list")
+    out: dict[str, nn.Module] = {}
+    for entry in children:
+        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise BadRequest.new("each child must be [name, description]")
+        if not entry[0] or "." in entry[0] or entry[0] in out:
+            raise BadRequest.new(f"bad or repeated child name {entry[0]!r}")
+        out[entry[0]] = build(entry[1], registry)
+    return out
+
+
+def _triple(entry: Any) -> tuple[str, tuple[int, ...], Any]:
+    if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
+            or "." in entry[0] or not entry[0] or not isinstance(entry[1], list)
+            or not all(type(d) is int and d >= 0 for d in entry[1])):
+        raise BadRequest.new("parameter and buffer entries must be [name, shape, extra]")
+    return entry[0], tuple(entry[1]), entry[2]
+
+
+_PROGRAM_OPS = {"placeholder", "get_attr", "call_module", "call_function", "call_method", "output"}
+
+
+def _checked_program(program: Any) -> list[list[Any]]:
+    if not isinstance(program, list) or not program:
+        raise BadRequest.new("a graph model needs a non-empty program")
+    for position, node in enumerate(program):
+        if not isinstance(node, list) or len(node) != 4:
+            raise BadRequest.new(f"program node {position} must be [op, target, args, kwargs]")
+        op, target, args, kwargs = node
+        if op not in _PROGRAM_OPS or not isinstance(target, str):
+            raise BadRequest.new(f"program node {position}: unknown op {op!r}")
+        if op == "call_function" and target not in OPS:
+            raise BadRequest.new(f"program node {position}: function {target!r} is not on the allowlist")
+        if op == "call_method" and target not in METHODS and target not in PROGRAM_METHODS:
+            raise BadRequest.new(f"program node {position}: method {target!r} is not on the allowlist")
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            raise BadRequest.new(f"program node {position}: args must be a list and kwargs a map")
+        _check_refs(args, position)
+        _check_refs(kwargs, position)
+    return program
+
+
+def _check_refs(value: Any, position: int) -> None:
+    if isinstance(value, NodeRef) and value.index >= position:
+        raise BadRequest.new(f"program node {position} refers to a later node")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_refs(v, position)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_refs(v, position)
+
+
+def instantiate(spec: Any, state: Mapping[str, Any], registry: ModelRegistry) -> nn.Module:
+    """Build a module and load ``state`` into it, checking it against the description first."""
+    with torch.device("meta"):
+        skeleton = build(spec, registry)
+    expected = skeleton.state_dict()
+    check_state(expected, state)
+    # assign=True adopts the received tensors as the parameters: no copy of the weights is made
+    skeleton.load_state_dict(dict(state), strict=True, assign=True)
+    return skeleton
+
+
+def check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> None:
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise BadRequest.new(f"model state does not match its description: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise BadRequest.new(f"model state {name!r} is not a tensor")
+        ref = expected[name]
+        if tuple(tensor.shape) != tuple(ref.shape) or tensor.dtype != ref.dtype:
+            raise BadRequest.new(f"model state {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"the description needs {tuple(ref.shape)} {ref.dtype}")

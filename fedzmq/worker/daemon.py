@@ -1,0 +1,114 @@
+"""``fedzmq-worker``: run a worker daemon until SIGTERM or SIGINT.
+
+    fedzmq-worker --id bob --bind tcp://127.0.0.1:5555
+
+Settings come from flags or from a TOML file (``--config``, same names with underscores); flags win.
+Once bound, the daemon prints one line ``fedzmq-worker <id> ready at <address>`` to stdout, which
+launchers wait for (with port 0 the address shows the port the system chose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+import tomllib
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..codec import Limits
+from .config import WorkerConfig
+from .server import Worker
+
+log = logging.getLogger("fedzmq.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedzmq-worker", description="Run a fedzmq worker daemon.")
+    p.add_argument("--config", help="TOML file with any of the settings below")
+    p.add_argument("--id", help="the worker's id, e.g. bob")
+    p.add_argument("--bind", help="address to serve on, e.g. tcp://127.0.0.1:5555 (port 0 picks a free one)")
+    p.add_argument("--threads", type=int, help="threads for torch work (default 1)")
+    p.add_argument("--session-timeout", type=float, help="seconds of silence before a session is freed")
+    p.add_argument("--max-message-bytes", type=int, help="largest frame accepted")
+    p.add_argument("--max-header-bytes", type=int, help="largest msgpack header accepted")
+    p.add_argument("--chunk-bytes", type=int, help="tensors above this travel in chunks of this size")
+    p.add_argument("--model", action="append", default=None, metavar="NAME=module:Class",
+                   help="register a model class the data owner installed (repeatable)")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    return p
+
+
+def load_settings(argv: Sequence[str] | None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    settings: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            settings.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+    settings.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    for required in ("id", "bind"):
+        if not settings.get(required):
+            build_parser().error(f"--{required} is required (as a flag or in --config)")
+    return settings
+
+
+def model_registry(entries: Sequence[str]) -> dict[str, Callable[..., nn.Module]]:
+    """Import the model classes the data owner named. This runs the owner's installed code, not wire bytes."""
+    registry: dict[str, Callable[..., nn.Module]] = {}
+    for entry in entries:
+        name, _, target = entry.partition("=")
+        module_name, _, attr = target.partition(":")
+        if not name or not module_name or not attr:
+            raise SystemExit(f"--model takes NAME=module:Class, got {entry!r}")
+        registry[name] = getattr(importlib.import_module(module_name), attr)
+    return registry
+
+
+def config_from(settings: dict[str, Any]) -> WorkerConfig:
+    defaults = Limits()
+    limits = Limits(
+        max_header_bytes=settings.get("max_header_bytes", defaults.max_header_bytes),
+        max_frame_bytes=settings.get("max_message_bytes", defaults.max_frame_bytes),
+        chunk_bytes=settings.get("chunk_bytes", defaults.chunk_bytes),
+    )
+    base = WorkerConfig()
+    return WorkerConfig(limits=limits, session_timeout=settings.get("session_timeout", base.session_timeout),
+                        threads=settings.get("threads", base.threads))
+
+
+async def run(settings: dict[str, Any]) -> None:
+    config = config_from(settings)
+    torch.set_num_threads(max(1, config.threads))  # a daemon shares its machine with the others
+    worker = Worker(settings["id"], config=config, models=model_registry(settings.get("model", [])))
+    address = worker.bind(settings["bind"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker.start()
+    print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
+    log.info("worker %s serving on %s", worker.id, address)
+    await stop.wait()
+    log.info("worker %s stopping", worker.id)
+    await worker.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(level=getattr(logging, str(settings.get("log_level", "INFO")).upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        asyncio.run(run(settings))
+    except Exception as exc:  # a clear one-line reason instead of a traceback for bind errors and the like
+        print(f"fedzmq-worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""One handler per command of ``fedzmq.commands.COMMANDS``: what a worker does with a request.
+
+Handlers are plain functions of (session, args) that return the reply's result. They never see
+sockets, and they run either on the event loop or in the worker's thread pool (the command table
+says which), one at a time per session.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..codec import DTYPE_NAMES, DTYPES, Limits, Ref, StreamInfo, dtype_itemsize
+from ..commands import COMMANDS
+from ..errors import BadRequest, LimitExceeded, UnknownCommand
+from ..modeldesc import ModelRegistry, check_state, instantiate
+from ..ops import OPS
+from ..optimizers import OPTIMIZERS
+from .session import PartialTensor, RemoteOptimizer, Session
+
+def resolve(session: Session, value: Any) -> Any:
+    """Replace every ``Ref`` in an argument structure by the session's tensor."""
+    if isinstance(value, Ref):
+        return session.tensor(value.id)
+    if isinstance(value, list):
+        return [resolve(session, v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(resolve(session, v) for v in value)
+    if isinstance(value, dict):
+        return {k: resolve(session, v) for k, v in value.items()}
+    return value
+
+
+def referenced_numel(session: Session, value: Any) -> int:
+    """How many elements the tensors referenced by ``value`` hold (to decide where to run an op)."""
+    if isinstance(value, Ref):
+        obj = session.objects.get(value.id)
+        return obj.numel() if isinstance(obj, torch.Tensor) else 0
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (list, tuple)):
+        return sum(referenced_numel(session, v) for v in value)
+    if isinstance(value, dict):
+        return sum(referenced_numel(session, v) for v in value.values())
+    return 0
+
+
+def tensor_info(tensor: torch.Tensor) -> list[Any]:
+    return [DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape)]
+
+
+def _store_outputs(session: Session, out: list[int], result: Any, what: str) -> list[list[Any]]:
+    results = result if isinstance(result, tuple) else (result,)
+    if len(results) != len(out) or not all(isinstance(r, torch.Tensor) for r in results):
+        raise BadRequest.new(f"{what} returned {len(results)} value(s) of type "
+                             f"{[type(r).__name__ for r in results]}; the request expected {len(out)} tensor(s)")
+    for obj_id, tensor in zip(out, results):
+        session.put(obj_id, tensor)
+    return [tensor_info(t) for t in results]
+
+
+class Handlers:
+    """The commands of one worker. ``status`` is a callable so the handlers need no server reference."""
+
+    def __init__(self, worker_id: str, limits: Limits, models: ModelRegistry,
+                 status: Callable[[], dict[str, Any]], ping: Callable[[], dict[str, Any]]) -> None:
+        self.worker_id = worker_id
+        self.limits = limits
+        self.models = models
+        self._status = status
+        self._ping = ping
+        missing = [name for name in COMMANDS if not callable(getattr(self, f"cmd_{name}", None))]
+        if missing:
+            raise RuntimeError(f"no handler for commands {missing}")
+
+    def handler(self, cmd: str) -> Callable[[Session, dict[str, Any]], Any]:
+        return getattr(self, f"cmd_{cmd}")
+
+    # --- liveness ------------------------------------------------------------------------------
+
+    def cmd_ping(self, session: Session, args: dict[str, Any]) -> Any:
+        return self._ping()
+
+    def cmd_heartbeat(self, session: Session, args: dict[str, Any]) -> Any:
+        return {"running": session.running}
+
+    def cmd_status(self, session: Session, args: dict[str, Any]) -> Any:
+        return self._status()
+
+    def cmd_close(self, session: Session, args: dict[str, Any]) -> Any:
+        session.clear()
+        return None
+
+    # --- tensors -------------------------------------------------------------------------------
+
+    def cmd_store(self, session: Session, args: dict[str, Any]) -> Any:
+        value = args["value"]
+        if not isinstance(value, torch.Tensor):
+            raise BadRequest.new("store takes a tensor")
+        session.put(args["out"], value)
+        return None
+
+    def cmd_get(self, session: Session, args: dict[str, Any]) -> Any:
+        tensor = session.tensor(args["obj"]).detach()
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > self.limits.chunk_bytes:
+            return StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, tensor.requires_grad)
+        return tensor
+
+    def cmd_info(self, session: Session, args: dict[str, Any]) -> Any:
+        tensor = session.tensor(args["obj"])
+        return {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                "requires_grad": tensor.requires_grad, "nbytes": tensor.numel() * tensor.element_size()}
+
+    def cmd_delete(self, session: Session, args: dict[str, Any]) -> Any:
+        return session.delete(args["objs"])
+
+    def cmd_alloc(self, session: Session, args: dict[str, Any]) -> Any:
+        dtype, shape = args["dtype"], args["shape"]
+        if dtype not in DTYPES or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 32:
+            raise BadRequest.new("alloc needs an allowlisted dtype and a shape of non-negative ints")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if args.get("grad") and not DTYPES[dtype].is_floating_point:
+            raise BadRequest.new("only floating point tensors can require gradients")
+        if numel * dtype_itemsize(dtype) > 1 << 44:
+            raise LimitExceeded.new("tensor too large")
+        tensor = torch.empty(shape, dtype=DTYPES[dtype])
+        session.put(args["out"], PartialTensor(tensor, requires_grad=bool(args.get("grad"))))
+        return None
+
+    def cmd_write(self, session: Session, args: dict[str, Any]) -> Any:
+        partial = session.partial(args["obj"])
+        data = args["data"]
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            raise BadRequest.new("write takes a flat uint8 tensor of bytes")
+        target = partial.flat_bytes
+        if args["offset"] != partial.written or partial.written + data.numel() > target.numel():
+            raise BadRequest.new(f"chunk at offset {args['offset']} of {data.numel()} bytes does not continue "
+                                 f"the stream ({partial.written} of {target.numel()} bytes written)")
+        target[partial.written: partial.written + data.numel()].copy_(data)
+        partial.written += data.numel()
+        if partial.written == target.numel():
+            tensor = partial.tensor.requires_grad_(partial.requires_grad)
+            session.objects[args["obj"]] = tensor
+        return partial.written
+
+    def cmd_read(self, session: Session, args: dict[str, Any]) -> Any:
+        tensor = session.tensor(args["obj"]).detach()
+        flat = tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+        offset, length = args["offset"], args["length"]
+        if offset + length > flat.numel() or length > self.limits.chunk_bytes:
+            raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
+        return flat[offset: offset + length]
+
+    def cmd_op(self, session: Session, args: dict[str, Any]) -> Any:
+        name = args["op"]
+        fn = OPS.get(name)
+        if fn is None:
+            raise UnknownCommand.new(f"operation {name!r} is not on the worker's allowlist")
+        result = fn(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
+        return _store_outputs(session, args["out"], result, name)
+
+    def cmd_backward(self, session: Session, args: dict[str, Any]) -> Any:
+        tensor = session.tensor(args["obj"])
+        grad = resolve(session, args.get("grad"))
+        tensor.backward(grad)
+        return None
+
+    # --- modules -------------------------------------------------------------------------------
+
+    def cmd_module_put(self, session: Session, args: dict[str, Any]) -> Any:
+        module = instantiate(args["spec"], args["state"], self.models)
+        session.put(args["out"], module)
+        return None
+
+    def cmd_module_load(self, session: Session, args: dict[str, Any]) -> Any:
+        module = session.module(args["obj"])
+        current = module.state_dict()
+        check_state(current, args["state"])
+        with torch.no_grad():
+            for name, tensor in args["state"].items():
+                current[name].copy_(tensor)
+        return None
+
+    def cmd_module_call(self, session: Session, args: dict[str, Any]) -> Any:
+        module = session.module(args["obj"])
+        result = module(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
+        return _store_outputs(session, args["out"], result, "forward")
+
+    def cmd_module_state(self, session: Session, args: dict[str, Any]) -> Any:
+        # a snapshot: the reply is sent after this returns, and a later optimizer step must not
+        # change bytes that ZeroMQ is still sending
+        return {k: v.detach().clone() for k, v in session.module(args["obj"]).state_dict().items()}
+
+    def cmd_module_mode(self, session: Session, args: dict[str, Any]) -> Any:
+        session.module(args["obj"]).train(args["train"])
+        return None
+
+    # --- optimizers ----------------------------------------------------------------------------
+
+    def cmd_optim_create(self, session: Session, args: dict[str, Any]) -> Any:
+        name = args["cls"]
+        if name not in OPTIMIZERS:
+            raise UnknownCommand.new(f"optimizer {name!r} is not on the allowlist {sorted(OPTIMIZERS)}")
+        cls, allowed = OPTIMIZERS[name]
+        module = session.module(args["module"])
+        params = list(module.parameters())
+        groups = []
+        for group in args["groups"]:
+            if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+                raise BadRequest.new("each parameter group must be a map with a 'params' list")
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            unknown = set(hyper) - allowed
+            if unknown:
+                raise BadRequest.new(f"{name} does not take {sorted(unknown)} (allowed: {sorted(allowed)})")
+            for key, value in hyper.items():
+                if not _is_hyper(value):
+                    raise BadRequest.new(f"hyper-parameter {key!r} must be a number, bool or tuple of numbers")
+            indexes = group["params"]
+            if not all(type(i) is int and 0 <= i < len(params) for i in indexes):
+                raise BadRequest.new(f"parameter indexes must be in [0, {len(params)})")
+            groups.append({"params": [params[i] for i in indexes], **hyper})
+        session.put(args["out"], RemoteOptimizer(cls(groups), args["module"]))
+        return None
+
+    def cmd_optim_zero_grad(self, session: Session, args: dict[str, Any]) -> Any:
+        session.optimizer(args["obj"]).optimizer.zero_grad(set_to_none=args.get("set_to_none", True))
+        return None
+
+    def cmd_optim_step(self, session: Session, args: dict[str, Any]) -> Any:
+        session.optimizer(args["obj"]).optimizer.step()
+        return None
+
+
+def _is_hyper(value: Any) -> bool:
+    if type(value) in (int, float, bool):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) <= 4 and all(type(v) in (int, float) for v in value)
+
+
+__all__ = ["Handlers", "OPTIMIZERS"]

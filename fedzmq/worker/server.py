@@ -1,0 +1,216 @@
+"""The worker's transport: a ROUTER socket, one ordered queue per client session, and replies.
+
+    receive loop ──decode──► control command? ──yes──► answer at once (ping, heartbeat, status)
+                                   │ no
+                                   ▼
+                        session queue (FIFO) ──► session task ──► handler (loop or thread pool) ──► reply
+
+The receive loop never runs torch work, so pings and heartbeats are answered while a session is busy;
+each session has its own task, so one session's commands keep their order and other sessions do not
+wait on it. A message that fails decoding gets an error reply to its sender and is counted; nothing
+else is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..__about__ import __version__
+from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error, encode_reply
+from ..commands import COMMANDS, INLINE_NUMEL
+from ..errors import ProtocolError, error_payload
+from ..modeldesc import ModelRegistry
+from .config import WorkerConfig
+from .handlers import Handlers, referenced_numel
+from .session import Session, object_nbytes
+
+log = logging.getLogger("fedzmq.worker")
+
+
+class Worker:
+    """A worker daemon's engine. ``fedzmq-worker`` runs one over tcp; ``VirtualWorker`` over inproc."""
+
+    def __init__(self, worker_id: str, *, config: WorkerConfig | None = None,
+                 models: ModelRegistry | None = None, context: zmq.asyncio.Context | None = None) -> None:
+        self.id = worker_id
+        self.config = config or WorkerConfig()
+        self.instance = uuid.uuid4().hex
+        self._context = context or zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._copy_frames = False
+        self._sessions: dict[bytes, Session] = {}
+        self._pool = ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()
+        self.address: str | None = None
+        self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0}
+        self.handlers = Handlers(worker_id, self.config.limits, models or {}, self.status, self.ping_info)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def bind(self, address: str) -> str:
+        """Bind the ROUTER socket (synchronously, so a VirtualWorker is reachable at once)."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_frame_bytes + self.config.limits.max_header_bytes)
+        sock.bind(address)
+        self._socket = sock
+        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # over inproc a zero-copy frame would alias the sender's memory: copy on that transport only
+        self._copy_frames = self.address.startswith("inproc://")
+        return self.address
+
+    def start(self) -> None:
+        """Start serving on the running event loop (after ``bind``)."""
+        if self._socket is None:
+            raise RuntimeError("bind() before start()")
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._receive_loop(), name=f"fedzmq-{self.id}-receive"),
+                           asyncio.create_task(self._expire_loop(), name=f"fedzmq-{self.id}-expire")]
+
+    async def serve(self, address: str) -> None:
+        """Bind, serve until cancelled, then close everything."""
+        self.bind(address)
+        self.start()
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        tasks = self._tasks + [s.task for s in self._sessions.values() if s.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        for session in self._sessions.values():
+            session.clear()
+        self._sessions.clear()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> "Worker":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # --- introspection -------------------------------------------------------------------------
+
+    def ping_info(self) -> dict[str, Any]:
+        return {"id": self.id, "version": __version__, "protocol": PROTOCOL_VERSION, "instance": self.instance}
+
+    def status(self) -> dict[str, Any]:
+        objects = [o for s in list(self._sessions.values()) for o in list(s.objects.values())]
+        return {
+            **self.ping_info(),
+            "uptime": time.monotonic() - self._started,
+            "sessions": len(self._sessions),
+            "objects": len(objects),
+            "bytes": sum(object_nbytes(o) for o in objects),
+            **self.counters,
+        }
+
+    # --- the loops -----------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            key = frames[0].bytes
+            self.counters["requests"] += 1
+            try:
+                request = decode_request(frames[1:], self.config.limits)
+            except ProtocolError as exc:
+                self.counters["malformed"] += 1
+                log.debug("malformed message from %s: %s", key.hex(), exc)
+                self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
+                continue
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = Session(key)
+                session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
+            session.touch()
+            if COMMANDS[request.cmd].control:
+                self._send(key, encode_reply(request.id, self.handlers.handler(request.cmd)(session, request.args)))
+            else:
+                session.queue.put_nowait(request)
+
+    async def _session_loop(self, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            request = await session.queue.get()
+            if request is None:
+                return
+            session.running = request.id
+            try:
+                frames = await self._execute(loop, session, request)
+            finally:
+                session.running = None
+                session.touch()
+            self._send(session.key, frames)
+            if request.cmd == "close":
+                self._end_session(session, "sessions_closed")
+                return
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, session: Session, request: Request) -> list[Any]:
+        command = COMMANDS[request.cmd]
+        handler = self.handlers.handler(request.cmd)
+        try:
+            offload = command.offload == "always" or (
+                command.offload == "large" and referenced_numel(session, request.args) > INLINE_NUMEL)
+            if offload:
+                result = await loop.run_in_executor(self._pool, handler, session, request.args)
+            else:
+                result = handler(session, request.args)
+            return encode_reply(request.id, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters["errors"] += 1
+            payload = error_payload(exc, traceback.format_exc())
+            for name in command.outputs:
+                out = request.args.get(name)
+                for obj_id in out if isinstance(out, list) else [out]:
+                    session.fail(obj_id, payload)
+            return encode_error(request.id, payload)
+
+    async def _expire_loop(self) -> None:
+        timeout = self.config.session_timeout
+        while True:
+            await asyncio.sleep(max(0.05, timeout / 4))
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                if session.idle and now - session.last_seen > timeout:
+                    log.info("session %s idle for %.1fs: freeing %d objects", session.key.hex(),
+                             now - session.last_seen, len(session.objects))
+                    session.queue.put_nowait(None)
+                    self._end_session(session, "sessions_expired")
+
+    def _end_session(self, session: Session, counter: str) -> None:
+        session.clear()
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+        self.counters[counter] += 1
+
+    def _send(self, key: bytes, frames: list[Any]) -> None:
+        if self._socket is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self._socket.send_multipart([key, *frames], copy=self._copy_frames)
