@@ -49,8 +49,13 @@ class Limits:
     max_frame_bytes: int = 1 << 30
     max_frames: int = 4096
     max_depth: int = 32
-    #: tensors above this many bytes travel as a stream of chunks of this size (see ``alloc``/``write``/``read``)
+    #: tensors above this many bytes travel as a stream of chunks of this size (see ``alloc``/``write``/``read``);
+    #: never more than ``max_frame_bytes``
     chunk_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes > self.max_frame_bytes:
+            object.__setattr__(self, "chunk_bytes", self.max_frame_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +105,9 @@ class _Encoder:
     frames: list[Any] = field(default_factory=list)
 
     def encode(self, value: Any, depth: int = 0) -> Any:
-        if depth > 64:
-            raise ProtocolError("value nested too deeply to encode")
-        if value is None or type(value) in (bool, int, float, str, bytes):
+        if depth > Limits.max_depth:
+            raise ProtocolError(f"value nested deeper than {Limits.max_depth} levels")
+        if value is None or type(value) in (bool, int, float, str):
             return value
         if isinstance(value, torch.Tensor):
             return self.tensor(value)
@@ -129,8 +134,14 @@ class _Encoder:
             return {"$dtype": DTYPE_NAMES[value]}
         if isinstance(value, StreamInfo):
             return {"$stream": [value.dtype, list(value.shape), value.nbytes, value.requires_grad]}
-        if isinstance(value, (bool, int, float)):  # numpy scalars and int subclasses
-            return value.item() if hasattr(value, "item") else type(value).__mro__[-2](value)
+        if isinstance(value, bool):  # bool subclasses and numpy bools before ints: bool is an int
+            return bool(value)
+        if isinstance(value, int):  # IntEnum and other int subclasses
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
+        if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
+            return self.encode(value.item(), depth + 1)  # numpy scalars
         if self.default is not None:
             converted = self.default(value)
             if converted is not value:
@@ -195,22 +206,24 @@ def _frame_buffer(frame: Any) -> Any:
 
 
 def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
+    """Unpack and check the header, then the frames' count and sizes, naming the request id if known."""
     if not frames:
         raise ProtocolError("empty message")
-    if len(frames) - 1 > limits.max_frames:
-        raise ProtocolError(f"too many frames: {len(frames) - 1} > {limits.max_frames}")
     raw = _frame_buffer(frames[0])
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}")
-    for frame in frames[1:]:
-        if _frame_len(frame) > limits.max_frame_bytes:
-            raise ProtocolError(f"frame of {_frame_len(frame)} bytes exceeds the limit of {limits.max_frame_bytes}")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    if len(frames) - 1 > limits.max_frames:
+        raise ProtocolError(f"too many frames: {len(frames) - 1} > {limits.max_frames}", _header_id(header))
+    for frame in frames[1:]:
+        if _frame_len(frame) > limits.max_frame_bytes:
+            raise ProtocolError(f"frame of {_frame_len(frame)} bytes exceeds the limit of {limits.max_frame_bytes}",
+                                _header_id(header))
     return header
 
 
@@ -325,13 +338,14 @@ class _Decoder:
         if key == "$ellipsis":
             return Ellipsis
         if key == "$dtype":
-            if body not in DTYPES:
+            if type(body) is not str or body not in DTYPES:
                 raise ProtocolError(f"dtype {body!r} is not on the allowlist")
             return DTYPES[body]
         if key == "$stream":
             if (
                 not isinstance(body, list)
                 or len(body) != 4
+                or type(body[0]) is not str
                 or body[0] not in DTYPES
                 or not _is_shape(body[1])
                 or type(body[2]) is not int
@@ -364,12 +378,10 @@ class _Decoder:
             raise ProtocolError(
                 f"tensor of shape {shape} and dtype {dtype_name} needs {numel * itemsize} bytes, frame has {_frame_len(frame)}"
             )
+        if requires_grad and not dtype.is_floating_point:
+            raise ProtocolError("only floating point tensors can require gradients")
         tensor = tensor_from_buffer(_frame_buffer(frame), dtype, shape)
-        if requires_grad:
-            if not (dtype.is_floating_point or dtype.is_complex):
-                raise ProtocolError("only floating point tensors can require gradients")
-            tensor.requires_grad_(True)
-        return tensor
+        return tensor.requires_grad_(True) if requires_grad else tensor
 
 
 def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

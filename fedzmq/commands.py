@@ -108,6 +108,8 @@ COMMANDS: dict[str, Command] = _table(
     Command("heartbeat", control=True),
     Command("status", control=True),
     Command("close"),
+    # tests only: refused unless the daemon runs with --fault-injection
+    Command("debug_delay", {"seconds": NUMBER}, control=True),
     # tensors
     Command("store", {"out": ID, "value": VALUE}, outputs=("out",)),
     Command("get", {"obj": ID}),

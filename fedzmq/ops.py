@@ -53,14 +53,14 @@ OPS: dict[str, Callable[..., Any]] = {
     "argmax": torch.argmax,
     "argmin": torch.argmin,
     # shapes
-    "reshape": torch.reshape,
+    "reshape": torch.Tensor.reshape,
     "view": torch.Tensor.view,
-    "flatten": torch.flatten,
-    "transpose": torch.transpose,
-    "permute": torch.permute,
-    "squeeze": torch.squeeze,
-    "unsqueeze": torch.unsqueeze,
-    "t": torch.t,
+    "flatten": torch.Tensor.flatten,
+    "transpose": torch.Tensor.transpose,
+    "permute": torch.Tensor.permute,
+    "squeeze": torch.Tensor.squeeze,
+    "unsqueeze": torch.Tensor.unsqueeze,
+    "t": torch.Tensor.t,
     "getitem": operator.getitem,
     "cat": torch.cat,
     "stack": torch.stack,
@@ -112,6 +112,9 @@ def output_count(op: str, args: list[Any], kwargs: dict[str, Any]) -> int:
     return 1
 
 
+# Shape operations use the Tensor methods, which take sizes both as a tuple and as varargs
+# (``x.reshape(2, 6)`` and ``x.reshape((2, 6))``), a superset of the torch functions.
+
 #: the inverse table, used to describe forward programs: function object -> op name. Functions that
 #: torch spells twice (``torch.relu`` and ``F.relu``) with the same meaning map to the same name.
 OP_NAMES: dict[Any, str] = {
@@ -126,5 +129,10 @@ OP_NAMES: dict[Any, str] = {
     torch.mul: "mul",
     torch.matmul: "matmul",
     torch.neg: "neg",
-    torch.Tensor.reshape: "reshape",
+    torch.reshape: "reshape",
+    torch.flatten: "flatten",
+    torch.transpose: "transpose",
+    torch.permute: "permute",
+    torch.squeeze: "squeeze",
+    torch.unsqueeze: "unsqueeze",
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -26,7 +27,9 @@ import zmq
 import zmq.asyncio
 
 from ..codec import Limits, Reply, decode_reply, encode_request
-from ..errors import ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, remote_error
+from ..errors import (
+    LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, remote_error,
+)
 
 log = logging.getLogger("fedzmq.client")
 
@@ -64,6 +67,9 @@ class Connection:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_heard = time.monotonic()
         self._dead: WorkerDeadError | None = None
+        self._heartbeat_id: int | None = None
+        #: the limits in force: ours, lowered to the worker's once it told us (``adopt_worker_limits``)
+        self.limits = self.settings.limits
         self.unmatched_replies = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -110,6 +116,7 @@ class Connection:
             raise WorkerDeadError(str(self._dead))
         request_id = next(self._ids)
         frames = encode_request(request_id, cmd, args, self._encode_default)
+        self._check_size(cmd, frames)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         assert self._socket is not None
@@ -117,6 +124,23 @@ class Connection:
         sent.add_done_callback(_ignore_result)
         self.bytes_sent += sum(len(f) for f in frames)
         return future
+
+    def _check_size(self, cmd: str, frames: list[Any]) -> None:
+        """Refuse locally what the worker would refuse, instead of waiting for its error."""
+        limits = self.limits
+        too_big = [len(f) for f in frames[1:] if len(f) > limits.max_frame_bytes]
+        if len(frames[0]) > limits.max_header_bytes or too_big or len(frames) - 1 > limits.max_frames:
+            raise LimitExceeded.new(
+                f"{cmd}: message exceeds the worker's limits (header {len(frames[0])} bytes, "
+                f"{len(frames) - 1} frames, largest frame {max(too_big, default=0)} bytes; limits: "
+                f"{limits.max_header_bytes}, {limits.max_frames}, {limits.max_frame_bytes})")
+
+    def adopt_worker_limits(self, worker_limits: dict[str, Any]) -> None:
+        """Use the smaller of our limits and the worker's, so that both sides agree on chunk sizes."""
+        mine = self.settings.limits
+        self.limits = dataclasses.replace(mine, **{
+            name: min(getattr(mine, name), value) for name, value in worker_limits.items()
+            if hasattr(mine, name) and type(value) is int and value > 0})
 
     async def request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         """Send a request and wait for its result; raise the remote error if it failed."""
@@ -141,11 +165,13 @@ class Connection:
                 log.info("worker at %s answers again", self.address)
                 self._dead = None
             try:
-                reply = decode_reply(frames, self.settings.limits)
-            except ProtocolError as exc:
+                reply = decode_reply(frames, self.limits)
+            except ProtocolError as exc:  # the worker's reply broke the protocol: a local error
                 log.warning("undecodable reply from %s: %s", self.address, exc)
-                reply = Reply(exc.request_id, False, error={"type": "ProtocolError", "message": str(exc),
-                                                            "traceback": ""})
+                broken = self._pending.pop(exc.request_id, None) if exc.request_id is not None else None
+                if broken is not None and not broken.done():
+                    broken.set_exception(exc)
+                continue
             future = self._pending.pop(reply.id, None) if reply.id is not None else None
             if future is None:
                 self.unmatched_replies += 1
@@ -171,7 +197,9 @@ class Connection:
 
     def _send_heartbeat(self) -> None:
         assert self._socket is not None
-        request_id = next(self._ids)
+        if self._heartbeat_id is not None:  # one unanswered heartbeat at a time is enough
+            self._pending.pop(self._heartbeat_id, None)
+        request_id = self._heartbeat_id = next(self._ids)
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         answered.add_done_callback(_ignore_result)
         self._pending[request_id] = answered
@@ -183,6 +211,7 @@ class Connection:
         for future in pending.values():
             if not future.done():
                 future.set_exception(type(error)(str(error)))
+                future.add_done_callback(_ignore_result)  # raised to whoever awaits it; no warning otherwise
 
 
 def unwrap(reply: Reply) -> Any:

@@ -48,6 +48,7 @@ class RemoteWorker:
         """Wait until the worker answers, and learn its id."""
         info = await self._request("ping", {}, timeout=self._connection.settings.connect_timeout)
         self.id, self.instance = info["id"], info["instance"]
+        self._connection.adopt_worker_limits(info.get("limits") or {})
         return self
 
     async def close(self) -> None:
@@ -168,7 +169,7 @@ class RemoteWorker:
     async def _send_tensor(self, tensor: torch.Tensor, timeout: float | None) -> TensorPointer:
         obj_id = self._new_id()
         nbytes = tensor.numel() * tensor.element_size()
-        chunk = self._connection.settings.limits.chunk_bytes
+        chunk = self._connection.limits.chunk_bytes
         if nbytes <= chunk:
             ready = self._submit("store", {"out": obj_id, "value": tensor})
             pointer = TensorPointer(self, obj_id, ready)
@@ -184,7 +185,7 @@ class RemoteWorker:
         window: list[asyncio.Future[Any]] = [ready]
         for offset in range(0, nbytes, chunk):
             window.append(self._submit("write", {"obj": obj_id, "offset": offset, "data": data[offset:offset + chunk]}))
-            if len(window) > STREAM_WINDOW:
+            if len(window) >= STREAM_WINDOW:
                 await self._wait(window.pop(0), timeout)
         for future in window:
             await self._wait(future, timeout)
@@ -196,7 +197,7 @@ class RemoteWorker:
             return result
         out = torch.empty(result.shape, dtype=DTYPES[result.dtype])
         target = out.view(-1).view(torch.uint8) if out.numel() else out
-        chunk = self._connection.settings.limits.chunk_bytes
+        chunk = self._connection.limits.chunk_bytes
         window: list[tuple[int, asyncio.Future[Any]]] = []
 
         async def land(offset: int, future: asyncio.Future[Any]) -> None:
@@ -286,9 +287,19 @@ class VirtualWorker(RemoteWorker):
         super().__init__(address, settings=settings, context=context)
         self.id = worker_id
         self.instance = self.server.instance
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # made outside a coroutine: serving starts with the first request
+        else:
+            self.server.start()
 
     def _before_request(self) -> None:
         self.server.start()
+
+    async def __aenter__(self) -> "VirtualWorker":
+        self.server.start()
+        return self
 
     async def close(self) -> None:
         await super().close()

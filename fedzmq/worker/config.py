@@ -16,3 +16,5 @@ class WorkerConfig:
     session_timeout: float = 60.0
     #: threads that run torch work (forward, backward, steps), so the event loop keeps answering pings
     threads: int = 1
+    #: accept the test-only ``debug_delay`` command (``--fault-injection``); never in production
+    fault_injection: bool = False

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-bytes", type=int, help="tensors above this travel in chunks of this size")
     p.add_argument("--model", action="append", default=None, metavar="NAME=module:Class",
                    help="register a model class the data owner installed (repeatable)")
+    p.add_argument("--fault-injection", action="store_true", default=None,
+                   help="accept the test-only debug_delay command (for test suites; never in production)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     return p
 
@@ -78,7 +80,8 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
     )
     base = WorkerConfig()
     return WorkerConfig(limits=limits, session_timeout=settings.get("session_timeout", base.session_timeout),
-                        threads=settings.get("threads", base.threads))
+                        threads=settings.get("threads", base.threads),
+                        fault_injection=bool(settings.get("fault_injection", False)))
 
 
 async def run(settings: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ..codec import DTYPE_NAMES, DTYPES, Limits, Ref, StreamInfo, dtype_itemsize
 from ..commands import COMMANDS
-from ..errors import BadRequest, LimitExceeded, UnknownCommand
+from ..errors import BadRequest, LimitExceeded, PermissionDenied, UnknownCommand
 from ..modeldesc import ModelRegistry, check_state, instantiate
 from ..ops import OPS
 from ..optimizers import OPTIMIZERS
@@ -64,9 +64,13 @@ class Handlers:
     """The commands of one worker. ``status`` is a callable so the handlers need no server reference."""
 
     def __init__(self, worker_id: str, limits: Limits, models: ModelRegistry,
-                 status: Callable[[], dict[str, Any]], ping: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], ping: Callable[[], dict[str, Any]],
+                 fault_injection: bool = False) -> None:
         self.worker_id = worker_id
         self.limits = limits
+        self.fault_injection = fault_injection
+        #: seconds every queued command waits before it runs (fault injection: a slow worker)
+        self.delay = 0.0
         self.models = models
         self._status = status
         self._ping = ping
@@ -88,6 +92,14 @@ class Handlers:
     def cmd_status(self, session: Session, args: dict[str, Any]) -> Any:
         return self._status()
 
+    def cmd_debug_delay(self, session: Session, args: dict[str, Any]) -> Any:
+        if not self.fault_injection:
+            raise PermissionDenied.new("fault injection is off on this worker (start it with --fault-injection)")
+        if not 0 <= args["seconds"] <= 3600:
+            raise BadRequest.new("delay must be between 0 and 3600 seconds")
+        self.delay = float(args["seconds"])
+        return None
+
     def cmd_close(self, session: Session, args: dict[str, Any]) -> Any:
         session.clear()
         return None
@@ -102,11 +114,11 @@ class Handlers:
         return None
 
     def cmd_get(self, session: Session, args: dict[str, Any]) -> Any:
-        tensor = session.tensor(args["obj"]).detach()
+        tensor = session.tensor(args["obj"])
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > self.limits.chunk_bytes:
             return StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, tensor.requires_grad)
-        return tensor
+        return tensor.detach().requires_grad_(tensor.requires_grad)
 
     def cmd_info(self, session: Session, args: dict[str, Any]) -> Any:
         tensor = session.tensor(args["obj"])
@@ -160,6 +172,9 @@ class Handlers:
         fn = OPS.get(name)
         if fn is None:
             raise UnknownCommand.new(f"operation {name!r} is not on the worker's allowlist")
+        if "out" in args["kwargs"] or args["kwargs"].get("inplace"):
+            # stored tensors never change once made: replies send them without copying
+            raise BadRequest.new(f"{name}: in-place forms (out=, inplace=True) are not allowed")
         result = fn(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
         return _store_outputs(session, args["out"], result, name)
 

@@ -32,7 +32,7 @@ from ..errors import ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
 from .config import WorkerConfig
 from .handlers import Handlers, referenced_numel
-from .session import Session, object_nbytes
+from .session import DependencyError, Session, object_nbytes
 
 log = logging.getLogger("fedzmq.worker")
 
@@ -54,7 +54,8 @@ class Worker:
         self._started = time.monotonic()
         self.address: str | None = None
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0}
-        self.handlers = Handlers(worker_id, self.config.limits, models or {}, self.status, self.ping_info)
+        self.handlers = Handlers(worker_id, self.config.limits, models or {}, self.status, self.ping_info,
+                                 fault_injection=self.config.fault_injection)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -65,7 +66,10 @@ class Worker:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_frame_bytes + self.config.limits.max_header_bytes)
+        # a hard stop far above the codec's limit: frames between the two get a proper error reply,
+        # only absurd ones make ZeroMQ drop the connection
+        limits = self.config.limits
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * max(limits.max_frame_bytes, limits.max_header_bytes) + (1 << 20))
         sock.bind(address)
         self._socket = sock
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -114,7 +118,10 @@ class Worker:
     # --- introspection -------------------------------------------------------------------------
 
     def ping_info(self) -> dict[str, Any]:
-        return {"id": self.id, "version": __version__, "protocol": PROTOCOL_VERSION, "instance": self.instance}
+        limits = self.config.limits
+        return {"id": self.id, "version": __version__, "protocol": PROTOCOL_VERSION, "instance": self.instance,
+                "limits": {"max_header_bytes": limits.max_header_bytes, "max_frame_bytes": limits.max_frame_bytes,
+                           "max_frames": limits.max_frames, "chunk_bytes": limits.chunk_bytes}}
 
     def status(self) -> dict[str, Any]:
         objects = [o for s in list(self._sessions.values()) for o in list(s.objects.values())]
@@ -137,8 +144,11 @@ class Worker:
             self.counters["requests"] += 1
             try:
                 request = decode_request(frames[1:], self.config.limits)
-            except ProtocolError as exc:
+            except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
                 self.counters["malformed"] += 1
+                if not isinstance(exc, ProtocolError):
+                    log.exception("decoder failed on a message from %s", key.hex())
+                    exc = ProtocolError(f"undecodable message ({type(exc).__name__})")
                 log.debug("malformed message from %s: %s", key.hex(), exc)
                 self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
                 continue
@@ -148,7 +158,11 @@ class Worker:
                 session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
             session.touch()
             if COMMANDS[request.cmd].control:
-                self._send(key, encode_reply(request.id, self.handlers.handler(request.cmd)(session, request.args)))
+                try:
+                    frames_out = encode_reply(request.id, self.handlers.handler(request.cmd)(session, request.args))
+                except Exception as exc:
+                    frames_out = encode_error(request.id, error_payload(exc, traceback.format_exc()))
+                self._send(key, frames_out)
             else:
                 session.queue.put_nowait(request)
 
@@ -160,6 +174,8 @@ class Worker:
                 return
             session.running = request.id
             try:
+                if self.handlers.delay:
+                    await asyncio.sleep(self.handlers.delay)
                 frames = await self._execute(loop, session, request)
             finally:
                 session.running = None
@@ -167,6 +183,7 @@ class Worker:
             self._send(session.key, frames)
             if request.cmd == "close":
                 self._end_session(session, "sessions_closed")
+                self._refuse_queued(session, "the session was closed before this command ran")
                 return
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, session: Session, request: Request) -> list[Any]:
@@ -185,10 +202,11 @@ class Worker:
         except Exception as exc:
             self.counters["errors"] += 1
             payload = error_payload(exc, traceback.format_exc())
+            root = exc.root if isinstance(exc, DependencyError) else payload
             for name in command.outputs:
                 out = request.args.get(name)
                 for obj_id in out if isinstance(out, list) else [out]:
-                    session.fail(obj_id, payload)
+                    session.fail(obj_id, root)
             return encode_error(request.id, payload)
 
     async def _expire_loop(self) -> None:
@@ -202,6 +220,13 @@ class Worker:
                              now - session.last_seen, len(session.objects))
                     session.queue.put_nowait(None)
                     self._end_session(session, "sessions_expired")
+
+    def _refuse_queued(self, session: Session, why: str) -> None:
+        while not session.queue.empty():
+            request = session.queue.get_nowait()
+            if request is not None:
+                self._send(session.key, encode_error(request.id, {"type": "WorkerClosedError", "message": why,
+                                                                  "traceback": ""}))
 
     def _end_session(self, session: Session, counter: str) -> None:
         session.clear()

@@ -25,6 +25,16 @@ class FailedObject:
     error: dict[str, str]
 
 
+class DependencyError(RemoteError):
+    """A command used an object whose own command failed. Carries that first failure (``root``), which
+    is what this command's outputs are marked with, so errors do not nest along a chain of pointers."""
+
+    def __init__(self, obj_id: int, root: dict[str, str]) -> None:
+        super().__init__(root["type"], f"object {obj_id} was never made because its command failed: "
+                         f"{root['message']}", root.get("traceback", ""))
+        self.root = root
+
+
 @dataclass
 class PartialTensor:
     """A tensor being streamed in by chunks (``alloc`` then ``write``): unusable until complete."""
@@ -70,11 +80,7 @@ class Session:
             raise ObjectNotFound.new(f"object {obj_id} does not exist in this session") from None
         if isinstance(value, FailedObject):
             # report the first failure under its own type, so `except RuntimeError:` still works
-            raise RemoteError(
-                value.error["type"],
-                f"object {obj_id} was never made because its command failed: {value.error['message']}",
-                value.error.get("traceback", ""),
-            )
+            raise DependencyError(obj_id, value.error)
         if isinstance(value, PartialTensor):
             raise BadRequest.new(f"object {obj_id} is still being streamed in ({value.written} bytes so far)")
         return value
@@ -146,4 +152,4 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-__all__ = ["FailedObject", "PartialTensor", "RemoteOptimizer", "Session", "object_nbytes"]
+__all__ = ["DependencyError", "FailedObject", "PartialTensor", "RemoteOptimizer", "Session", "object_nbytes"]

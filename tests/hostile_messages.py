@@ -1,0 +1,50 @@
+"""Malformed and hostile messages, shared by the codec tests and the tests against real daemons."""
+
+import msgpack
+
+
+def tensor_message(dtype="float32", shape=(4,), frame=1, nbytes=16, grad=False):
+    head = msgpack.packb({"v": 1, "id": 3, "cmd": "store",
+                          "args": {"out": 1, "value": {"$tensor": [dtype, list(shape), frame, grad]}}})
+    return [head, bytes(nbytes)]
+
+
+def _nested(depth):
+    value = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_MESSAGES = {
+    "garbage bytes": [b"\xc1\xff\x00garbage"],
+    "truncated msgpack": [msgpack.packb({"v": 1, "id": 3, "cmd": "ping", "args": {}})[:-3]],
+    "non-map header": [msgpack.packb([1, 2, 3])],
+    "no id": [msgpack.packb({"v": 1, "cmd": "ping", "args": {}})],
+    "negative id": [msgpack.packb({"v": 1, "id": -1, "cmd": "ping", "args": {}})],
+    "float id": [msgpack.packb({"v": 1, "id": 1.5, "cmd": "ping", "args": {}})],
+    "wrong version": [msgpack.packb({"v": 99, "id": 3, "cmd": "ping", "args": {}})],
+    "unknown command": [msgpack.packb({"v": 1, "id": 3, "cmd": "rm_rf", "args": {}})],
+    "args not a map": [msgpack.packb({"v": 1, "id": 3, "cmd": "ping", "args": [1]})],
+    "unknown argument": [msgpack.packb({"v": 1, "id": 3, "cmd": "get", "args": {"obj": 1, "evil": 2}})],
+    "missing argument": [msgpack.packb({"v": 1, "id": 3, "cmd": "get", "args": {}})],
+    "wrong argument type": [msgpack.packb({"v": 1, "id": 3, "cmd": "get", "args": {"obj": "1"}})],
+    "dtype not allowed": tensor_message(dtype="object"),
+    "length mismatch": tensor_message(nbytes=15),
+    "huge declared shape": tensor_message(shape=(2**40, 2**40)),
+    "negative dim": tensor_message(shape=(-4,)),
+    "frame index out of range": tensor_message(frame=7),
+    "frame index is the header": tensor_message(frame=0),
+    "unclaimed frame": [msgpack.packb({"v": 1, "id": 3, "cmd": "ping", "args": {}}), b"extra"],
+    "grad on ints": tensor_message(dtype="int32", grad=True),
+    "unknown tag": [msgpack.packb({"v": 1, "id": 3, "cmd": "get", "args": {"obj": {"$pickle": "x"}}})],
+    "bad ref": [msgpack.packb({"v": 1, "id": 3, "cmd": "op",
+                               "args": {"op": "neg", "args": [{"$ref": -5}], "kwargs": {}, "out": [1]}})],
+    "deep nesting": [msgpack.packb({"v": 1, "id": 3, "cmd": "op",
+                                    "args": {"op": "neg", "args": _nested(40), "kwargs": {}, "out": [1]}})],
+    "empty message": [],
+    "binary in args": [msgpack.packb({"v": 1, "id": 3, "cmd": "get", "args": {"obj": b"\x00"}}, use_bin_type=True)],
+    "extra header field": [msgpack.packb({"v": 1, "id": 3, "cmd": "ping", "args": {}, "exec": "x"})],
+}
+
+

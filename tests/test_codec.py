@@ -1,0 +1,108 @@
+"""The codec alone: round trips, zero-copy decoding, and refusal of malformed messages."""
+
+import math
+
+import msgpack
+import pytest
+import torch
+
+from fedzmq.codec import (
+    DTYPES, Limits, NodeRef, Ref, StreamInfo, decode_reply, decode_request, encode_error, encode_reply,
+    encode_request,
+)
+from fedzmq.errors import ProtocolError
+from hostile_messages import BAD_MESSAGES, tensor_message
+
+LIMITS = Limits()
+
+
+def header(frames):
+    return msgpack.unpackb(frames[0])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()))
+def test_tensor_round_trips_every_allowed_dtype(dtype):
+    tensor = (torch.arange(12) % 3).to(dtype).reshape(3, 4)
+    frames = encode_request(1, "store", {"out": 5, "value": tensor})
+    request = decode_request(frames, LIMITS)
+    assert request.args["value"].dtype == dtype
+    assert torch.equal(request.args["value"], tensor)
+
+
+def test_tensor_bytes_travel_as_their_own_frame_not_in_the_header():
+    tensor = torch.arange(1000, dtype=torch.float32)
+    frames = encode_request(1, "store", {"out": 5, "value": tensor})
+    assert len(frames) == 2
+    assert len(frames[1]) == 4000
+    assert len(frames[0]) < 100
+    assert header(frames)["args"]["value"] == {"$tensor": ["float32", [1000], 1, False]}
+
+
+def test_decoded_tensor_shares_memory_with_the_received_frame():
+    buffer = bytearray(torch.arange(16, dtype=torch.float32).numpy().tobytes())
+    frames = [encode_request(1, "store", {"out": 1, "value": torch.zeros(16)})[0], buffer]
+    tensor = decode_request(frames, LIMITS).args["value"]
+    buffer[0:4] = torch.tensor([42.0]).numpy().tobytes()
+    assert tensor[0].item() == 42.0  # no copy was made
+
+
+def test_values_keep_their_python_shape():
+    args = {"op": "getitem", "args": [Ref(3), (0, slice(1, None, 2), ...)], "kwargs": {"dim": torch.float32},
+            "out": [4]}
+    request = decode_request(encode_request(9, "op", args), LIMITS)
+    assert request.args["args"] == [Ref(3), (0, slice(1, None, 2), Ellipsis)]
+    assert request.args["kwargs"] == {"dim": torch.float32}
+
+
+def test_non_contiguous_and_grad_tensors_are_sent_as_their_values():
+    base = torch.arange(6.0).reshape(2, 3).t()
+    leaf = torch.ones(2, requires_grad=True)
+    request = decode_request(encode_request(1, "op", {"op": "add", "args": [base, leaf], "kwargs": {}, "out": [1]}),
+                             LIMITS)
+    assert torch.equal(request.args["args"][0], base)
+    assert request.args["args"][1].requires_grad
+
+
+def test_reply_and_error_round_trip():
+    reply = decode_reply(encode_reply(7, {"x": torch.ones(2), "s": StreamInfo("float32", (2,), 8, False),
+                                         "n": NodeRef(1)}), LIMITS)
+    assert reply.ok and reply.id == 7 and torch.equal(reply.result["x"], torch.ones(2))
+    assert reply.result["s"] == StreamInfo("float32", (2,), 8, False)
+    error = decode_reply(encode_error(7, {"type": "ValueError", "message": "m", "traceback": "tb"}), LIMITS)
+    assert not error.ok and error.error == {"type": "ValueError", "message": "m", "traceback": "tb"}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_MESSAGES))
+def test_malformed_message_is_refused_with_a_protocol_error(name):
+    with pytest.raises(ProtocolError):
+        decode_request(BAD_MESSAGES[name], LIMITS)
+
+
+def test_protocol_error_keeps_the_request_id_when_it_can_be_read():
+    with pytest.raises(ProtocolError) as info:
+        decode_request(BAD_MESSAGES["unknown command"], LIMITS)
+    assert info.value.request_id == 3
+    with pytest.raises(ProtocolError) as info:
+        decode_request(BAD_MESSAGES["garbage bytes"], LIMITS)
+    assert info.value.request_id is None
+
+
+def test_header_and_frame_limits_are_enforced_before_decoding():
+    small = Limits(max_header_bytes=64, max_frame_bytes=8)
+    with pytest.raises(ProtocolError, match="header"):
+        decode_request([msgpack.packb({"v": 1, "id": 1, "cmd": "ping", "args": {"x": "y" * 100}})], small)
+    with pytest.raises(ProtocolError, match="frame"):
+        decode_request(tensor_message(), small)
+
+
+def test_encoder_refuses_values_it_cannot_describe():
+    with pytest.raises(ProtocolError):
+        encode_request(1, "op", {"op": "add", "args": [object()], "kwargs": {}, "out": [1]})
+    with pytest.raises(ProtocolError):
+        encode_request(1, "op", {"op": "add", "args": [{"$ref": 1}], "kwargs": {}, "out": [1]})
+
+
+def test_shape_product_limit_rejects_overflowing_shapes():
+    with pytest.raises(ProtocolError):
+        decode_request(tensor_message(shape=(2**62, 4)), LIMITS)
+    assert math.prod([2**31, 2]) == 2**32  # plain Python ints: no 32-bit lengths anywhere
