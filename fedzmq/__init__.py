@@ -29,9 +29,16 @@ from .errors import (
     WorkerError,
     WrongWorkerError,
 )
+from .federated import (
+    FedAdagrad, FedAdam, FedAvg, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi, FitConfig, RoundFailed,
+    RoundMetrics, Sequential, Strategy, make_strategy,
+)
+from .client.pointers import DatasetPointer
 from .worker import Worker, WorkerConfig
 
 __all__ = [
+    "DatasetPointer", "FedAdagrad", "FedAdam", "FedAvg", "Federation", "FedMedian", "FedProx", "FedTrimmedAvg",
+    "FedYogi", "FitConfig", "RoundFailed", "RoundMetrics", "Sequential", "Strategy", "make_strategy",
     "BadRequest", "ConnectionSettings", "FedzmqError", "LimitExceeded", "Limits",
     "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",
     "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteWorker", "RequestTimeout", "TensorPointer",

@@ -130,4 +130,10 @@ COMMANDS: dict[str, Command] = _table(
     Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, outputs=("out",)),
     Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}),
     Command("optim_step", {"obj": ID}, offload="always"),
+    # the data owner's datasets, and training on them
+    Command("datasets", {}, {"query": STR}),
+    Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
+            {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT},
+            offload="always"),
+    Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG}, offload="always"),
 )

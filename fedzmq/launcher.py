@@ -34,6 +34,7 @@ class DaemonProcess:
         self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="fedzmq-logs-")) / f"{worker_id}.log"
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
+        self._stop_sent = False
 
     @property
     def command(self) -> list[str]:
@@ -53,6 +54,7 @@ class DaemonProcess:
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log, env=env)
+        self._stop_sent = False
 
     def wait_ready(self, timeout: float = 30.0) -> str:
         self.address = self._wait_ready(timeout)
@@ -95,8 +97,7 @@ class DaemonProcess:
         if self.process is None:
             return 0
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a paused daemon cannot handle SIGTERM
-            self.process.terminate()
+            self.signal_stop()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -106,6 +107,13 @@ class DaemonProcess:
         if self.process.stdout:
             self.process.stdout.close()
         return code
+
+    def signal_stop(self) -> None:
+        """Ask the daemon to stop (SIGTERM, once), without waiting."""
+        if self.process is not None and self.process.poll() is None and not self._stop_sent:
+            self.process.send_signal(signal.SIGCONT)  # a paused daemon cannot handle SIGTERM
+            self.process.terminate()
+            self._stop_sent = True
 
     def kill(self) -> None:
         """SIGKILL: the daemon dies at once, as in a crash."""
@@ -162,9 +170,7 @@ def start_daemons(ids: Sequence[str], extra_args: Sequence[str] = (), host: str 
 
 def stop_all(daemons: Sequence[DaemonProcess]) -> dict[str, int]:
     for d in daemons:  # signal all first so they shut down in parallel
-        if d.running and d.process is not None:
-            d.process.send_signal(signal.SIGCONT)
-            d.process.terminate()
+        d.signal_stop()
     return {d.id: d.stop() for d in daemons}
 
 

@@ -134,8 +134,91 @@ class ModulePointer(Pointer):
                 tensor.copy_(state[name])
         return module
 
+    async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
+                  optimizer: "dict[str, Any] | Any" = None, epochs: int | None = None, steps: int | None = None,
+                  batch_size: int = 32, prox_mu: float = 0.0, seed: int = 0,
+                  timeout: float | None = None) -> dict[str, Any]:
+        """Train on the worker's dataset, entirely there: E epochs or S steps of minibatch training.
+
+        ``optimizer`` is ``{"cls": "SGD", "lr": 0.1, ...}`` (fresh for this call) or a
+        ``RemoteOptimizer`` of this worker (its state persists). ``prox_mu`` adds FedProx's proximal
+        term. Returns ``{"loss", "samples_seen", "num_examples", "steps", "seconds"}``."""
+        return await self.location._request("fit", self._fit_args(dataset, loss, optimizer, epochs, steps,
+                                                                  batch_size, prox_mu, seed), timeout)
+
+    def _fit_args(self, dataset: "DatasetPointer | str", loss: str, optimizer: Any, epochs: int | None,
+                  steps: int | None, batch_size: int, prox_mu: float, seed: int) -> dict[str, Any]:
+        args: dict[str, Any] = {"module": self.id, "dataset": _dataset_name(self.location, dataset), "loss": loss,
+                                "batch_size": batch_size, "seed": seed}
+        if epochs is None and steps is None:
+            epochs = 1
+        if epochs is not None:
+            args["epochs"] = epochs
+        if steps is not None:
+            args["steps"] = steps
+        if prox_mu:
+            args["prox_mu"] = float(prox_mu)
+        if optimizer is None:
+            optimizer = {"cls": "SGD", "lr": 0.01}
+        if isinstance(optimizer, dict):
+            args["optimizer"] = optimizer
+        else:  # a RemoteOptimizer: created (if needed) by the caller via its _ensure()
+            raise TypeError("pass optimizer={'cls': 'SGD', 'lr': ...}; remote optimizers: use fit_with()")
+        return args
+
+    async def evaluate(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
+                       batch_size: int = 1024, timeout: float | None = None) -> dict[str, Any]:
+        """Loss and accuracy on the worker's dataset: ``{"loss", "accuracy", "samples", "seconds"}``."""
+        return await self.location._request("evaluate", {"module": self.id, "loss": loss, "batch_size": batch_size,
+                                                         "dataset": _dataset_name(self.location, dataset)}, timeout)
+
     async def train(self, mode: bool = True) -> None:
         await self.location._request("module_mode", {"obj": self.id, "train": mode})
 
     async def eval(self) -> None:
         await self.train(False)
+
+
+class DatasetPointer:
+    """A dataset the worker's owner loaded at start-up: its name and shape, never its values."""
+
+    __slots__ = ("location", "name", "info")
+
+    def __init__(self, location: "RemoteWorker", info: dict[str, Any]) -> None:
+        self.location = location
+        self.name: str = info["name"]
+        self.info = info
+
+    @property
+    def samples(self) -> int:
+        return int(self.info["samples"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.info["feature_shape"])
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.info.get("num_classes")
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.info.get("tags", []))
+
+    @property
+    def description(self) -> str:
+        return self.info.get("description", "")
+
+    def __repr__(self) -> str:
+        return (f"<DatasetPointer {self.name!r} on {self.location.id!r}: {self.samples} samples of "
+                f"{list(self.feature_shape)}, classes={self.num_classes}, tags={self.tags}>")
+
+
+def _dataset_name(worker: "RemoteWorker", dataset: "DatasetPointer | str") -> str:
+    if isinstance(dataset, DatasetPointer):
+        if dataset.location is not worker:
+            from ..errors import WrongWorkerError
+            raise WrongWorkerError(f"dataset {dataset.name!r} lives on {dataset.location.id!r}, "
+                                   f"the model on {worker.id!r}")
+        return dataset.name
+    return str(dataset)

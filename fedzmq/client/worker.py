@@ -21,8 +21,9 @@ from ..errors import WrongWorkerError
 from ..modeldesc import ModelRegistry, describe
 from ..ops import output_count
 from ..worker import Worker, WorkerConfig
+from ..worker.datasets import Dataset
 from .connection import Connection, ConnectionSettings
-from .pointers import ModulePointer, Pointer, TensorPointer
+from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
 
 #: chunks of a streamed tensor in flight at once (flow control: the window of unacknowledged writes)
 STREAM_WINDOW = 4
@@ -86,6 +87,27 @@ class RemoteWorker:
     async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """Id, version, sessions, objects and bytes held, uptime and counters of the worker."""
         return await self._request("status", {}, timeout)
+
+    async def datasets(self, timeout: float | None = 30.0) -> list[DatasetPointer]:
+        """The datasets this worker's owner made available (names, sizes, shapes; never values)."""
+        return [DatasetPointer(self, info) for info in await self._request("datasets", {}, timeout)]
+
+    async def search(self, query: str, timeout: float | None = 30.0) -> list[DatasetPointer]:
+        """Datasets whose name, tags or description contain ``query`` (case-insensitive)."""
+        return [DatasetPointer(self, info) for info in await self._request("datasets", {"query": query}, timeout)]
+
+    async def refresh(self, timeout: float | None = 10.0) -> bool:
+        """Ping the worker; if it restarted since we last saw it, forget what we had sent to the old one.
+
+        Returns True when it restarted. Used by the scheduler to re-send models to a worker that
+        came back after a crash."""
+        info = await self._request("ping", {}, timeout)
+        restarted = self.instance is not None and info["instance"] != self.instance
+        if restarted:
+            self._modules = weakref.WeakKeyDictionary()
+            self._released.clear()
+        self.id, self.instance = info["id"], info["instance"]
+        return restarted
 
     async def send(self, obj: torch.Tensor | nn.Module, timeout: float | None = None) -> Any:
         """Send a tensor (-> ``TensorPointer``) or a model (-> ``ModulePointer``) to this worker.
@@ -280,9 +302,10 @@ class VirtualWorker(RemoteWorker):
     ``await bob.close()`` stops it."""
 
     def __init__(self, worker_id: str, *, config: WorkerConfig | None = None, models: ModelRegistry | None = None,
-                 settings: ConnectionSettings | None = None, context: zmq.asyncio.Context | None = None) -> None:
+                 datasets: "dict[str, Dataset] | None" = None, settings: ConnectionSettings | None = None,
+                 context: zmq.asyncio.Context | None = None) -> None:
         context = context or zmq.asyncio.Context.instance()
-        self.server = Worker(worker_id, config=config, models=models, context=context)
+        self.server = Worker(worker_id, config=config, models=models, datasets=datasets, context=context)
         address = self.server.bind(f"inproc://fedzmq-{worker_id}-{uuid.uuid4().hex}")
         super().__init__(address, settings=settings, context=context)
         self.id = worker_id

@@ -53,14 +53,21 @@ class DaemonHandle:
         self.process.resume()
 
     async def restart(self, timeout: float = 30.0) -> RemoteWorker:
-        """Start the daemon again (same id, same address) and return a fresh connected worker.
+        """Start the daemon again (same id, same address) and wait until ``worker`` answers again.
 
-        The old ``worker`` object also reconnects by itself, but its session and objects are gone."""
+        The same ``worker`` object reconnects by itself (ZeroMQ reconnects to the address), but its
+        session and objects on the old process are gone: ``worker.refresh()`` notices the new instance."""
         await asyncio.to_thread(self.process.restart, timeout)
         self.expect_clean_exit = True
-        if self.worker is not None:
-            await self.worker.close()
-        return await self.connect(timeout)
+        if self.worker is None:
+            return await self.connect(timeout)
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    await self.worker.refresh(timeout=2.0)
+                    return self.worker
+                except Exception:  # still declared dead, or the reconnect is under way
+                    await asyncio.sleep(0.1)
 
     async def slow(self, seconds: float) -> None:
         """Delay every later command of this daemon by ``seconds`` (0 to stop). Pings stay prompt."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..codec import Limits
 from .config import WorkerConfig
+from .datasets import parse_data_flags
 from .server import Worker
 
 log = logging.getLogger("fedzmq.worker")
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-bytes", type=int, help="tensors above this travel in chunks of this size")
     p.add_argument("--model", action="append", default=None, metavar="NAME=module:Class",
                    help="register a model class the data owner installed (repeatable)")
+    p.add_argument("--data", action="append", default=None, metavar="NAME=PATH",
+                   help="a dataset this daemon holds (.safetensors, .npz, .csv; repeatable)")
     p.add_argument("--fault-injection", action="store_true", default=None,
                    help="accept the test-only debug_delay command (for test suites; never in production)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
@@ -87,7 +90,9 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
 async def run(settings: dict[str, Any]) -> None:
     config = config_from(settings)
     torch.set_num_threads(max(1, config.threads))  # a daemon shares its machine with the others
-    worker = Worker(settings["id"], config=config, models=model_registry(settings.get("model", [])))
+    datasets = parse_data_flags(settings.get("data", []))
+    worker = Worker(settings["id"], config=config, models=model_registry(settings.get("model", [])),
+                    datasets=datasets)
     address = worker.bind(settings["bind"])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,9 +100,13 @@ async def run(settings: dict[str, Any]) -> None:
         loop.add_signal_handler(sig, stop.set)
     worker.start()
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
-    log.info("worker %s serving on %s", worker.id, address)
+    log.info("worker %s serving on %s with datasets %s", worker.id, address,
+             {name: len(d) for name, d in datasets.items()} or "none")
     await stop.wait()
     log.info("worker %s stopping", worker.id)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # we are on our way out: a repeated signal changes nothing
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     await worker.close()
 
 

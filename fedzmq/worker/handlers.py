@@ -13,10 +13,12 @@ import torch
 
 from ..codec import DTYPE_NAMES, DTYPES, Limits, Ref, StreamInfo, dtype_itemsize
 from ..commands import COMMANDS
-from ..errors import BadRequest, LimitExceeded, PermissionDenied, UnknownCommand
+from ..errors import BadRequest, LimitExceeded, ObjectNotFound, PermissionDenied, UnknownCommand
 from ..modeldesc import ModelRegistry, check_state, instantiate
 from ..ops import OPS
 from ..optimizers import OPTIMIZERS
+from . import training
+from .datasets import Dataset
 from .session import PartialTensor, RemoteOptimizer, Session
 
 def resolve(session: Session, value: Any) -> Any:
@@ -65,8 +67,9 @@ class Handlers:
 
     def __init__(self, worker_id: str, limits: Limits, models: ModelRegistry,
                  status: Callable[[], dict[str, Any]], ping: Callable[[], dict[str, Any]],
-                 fault_injection: bool = False) -> None:
+                 fault_injection: bool = False, datasets: dict[str, Dataset] | None = None) -> None:
         self.worker_id = worker_id
+        self.datasets = datasets or {}
         self.limits = limits
         self.fault_injection = fault_injection
         #: seconds every queued command waits before it runs (fault injection: a slow worker)
@@ -248,6 +251,37 @@ class Handlers:
     def cmd_optim_step(self, session: Session, args: dict[str, Any]) -> Any:
         session.optimizer(args["obj"]).optimizer.step()
         return None
+
+    # --- datasets and local training ------------------------------------------------------------
+
+    def dataset(self, name: str) -> Dataset:
+        if name not in self.datasets:
+            raise ObjectNotFound.new(f"no dataset {name!r} on worker {self.worker_id!r} "
+                                     f"(it has: {sorted(self.datasets) or 'none'})")
+        return self.datasets[name]
+
+    def cmd_datasets(self, session: Session, args: dict[str, Any]) -> Any:
+        query = args.get("query")
+        return [d.info() for d in self.datasets.values() if query is None or d.matches(query)]
+
+    def cmd_fit(self, session: Session, args: dict[str, Any]) -> Any:
+        module = session.module(args["module"])
+        if ("optimizer" in args) == ("optim" in args):
+            raise BadRequest.new("fit needs either optimizer={'cls': ...} (a fresh one) or optim=<id> (a remote one)")
+        if "optim" in args:
+            remote = session.optimizer(args["optim"])
+            if remote.module_id != args["module"]:
+                raise BadRequest.new("that optimizer was created over another module")
+            optimizer = remote.optimizer
+        else:
+            optimizer = training.make_optimizer(args["optimizer"], module)
+        return training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
+                            batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
+                            prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+
+    def cmd_evaluate(self, session: Session, args: dict[str, Any]) -> Any:
+        return training.evaluate(session.module(args["module"]), self.dataset(args["dataset"]), loss=args["loss"],
+                                 batch_size=args.get("batch_size", 1024))
 
 
 def _is_hyper(value: Any) -> bool:

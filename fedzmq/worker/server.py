@@ -31,6 +31,7 @@ from ..commands import COMMANDS, INLINE_NUMEL
 from ..errors import ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
 from .config import WorkerConfig
+from .datasets import Dataset
 from .handlers import Handlers, referenced_numel
 from .session import DependencyError, Session, object_nbytes
 
@@ -41,7 +42,8 @@ class Worker:
     """A worker daemon's engine. ``fedzmq-worker`` runs one over tcp; ``VirtualWorker`` over inproc."""
 
     def __init__(self, worker_id: str, *, config: WorkerConfig | None = None,
-                 models: ModelRegistry | None = None, context: zmq.asyncio.Context | None = None) -> None:
+                 models: ModelRegistry | None = None, datasets: dict[str, Dataset] | None = None,
+                 context: zmq.asyncio.Context | None = None) -> None:
         self.id = worker_id
         self.config = config or WorkerConfig()
         self.instance = uuid.uuid4().hex
@@ -55,7 +57,7 @@ class Worker:
         self.address: str | None = None
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0}
         self.handlers = Handlers(worker_id, self.config.limits, models or {}, self.status, self.ping_info,
-                                 fault_injection=self.config.fault_injection)
+                                 fault_injection=self.config.fault_injection, datasets=datasets)
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -1,0 +1,226 @@
+"""``fedzmq``: the command line.
+
+    fedzmq demo                      the main job: digits, non-IID over 4 local daemons, FedAvg
+    fedzmq train --config run.toml   a training over running daemons, from a TOML file or flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .federated.federation import Federation, FitConfig, RoundFailed
+from .federated.metrics import RoundMetrics, plot, summary_table
+from .federated.strategies import STRATEGIES, make_strategy
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, help="rounds in total (default 40; a resumed run continues to this)")
+    p.add_argument("--strategy", help=f"one of {sorted(STRATEGIES)} (default fedavg)")
+    p.add_argument("--local-epochs", type=int, help="local epochs per round (default 2)")
+    p.add_argument("--local-steps", type=int, help="local steps per round instead of epochs")
+    p.add_argument("--batch-size", type=int, help="local minibatch size (default 32)")
+    p.add_argument("--lr", type=float, help="local SGD learning rate (default 0.1)")
+    p.add_argument("--fraction", type=float, help="fraction of workers per round (default 1.0)")
+    p.add_argument("--min-workers", type=int, help="updates a round needs to succeed (default 1)")
+    p.add_argument("--round-timeout", type=float, help="seconds a round may take (default 60)")
+    p.add_argument("--seed", type=int, help="seed for the model, the split and sampling (default 0)")
+    p.add_argument("--out", help="folder for metrics.jsonl, plot.png and checkpoints (default runs/<command>)")
+    p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedzmq", description="Federated learning for PyTorch over ZeroMQ.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train on scikit-learn's digits over local worker daemons (the main job)")
+    demo.add_argument("--workers", type=int, default=4, help="worker daemons to launch (default 4)")
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the non-IID split (default 0.5)")
+    demo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out instead of "
+                                                            "starting afresh")
+    _add_training_flags(demo)
+
+    train = sub.add_parser("train", help="train over running worker daemons")
+    train.add_argument("--config", help="TOML file with the settings below (flags win)")
+    train.add_argument("--worker", action="append", dest="workers", metavar="ADDRESS", help="a daemon (repeatable)")
+    train.add_argument("--dataset", help="the dataset name every worker holds")
+    train.add_argument("--model", help="mlp or logreg (default mlp)")
+    train.add_argument("--in-features", type=int, help="input features of the model")
+    train.add_argument("--classes", type=int, help="output classes of the model")
+    train.add_argument("--hidden", type=int, help="hidden units of the mlp (default 64)")
+    _add_training_flags(train)
+    return parser
+
+
+DEFAULTS: dict[str, Any] = {"rounds": 40, "strategy": "fedavg", "local_epochs": 2, "local_steps": None,
+                            "batch_size": 32, "lr": 0.1, "fraction": 1.0, "min_workers": 1, "round_timeout": 60.0,
+                            "seed": 0, "no_progress": False, "model": "mlp", "hidden": 64, "strategy_args": {}}
+
+
+def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    settings = dict(DEFAULTS)
+    if getattr(args, "config", None):
+        with open(args.config, "rb") as f:
+            settings.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+    settings.update({k: v for k, v in vars(args).items() if v is not None})
+    settings.setdefault("out", f"runs/{args.command}")
+    return settings
+
+
+class Progress:
+    """A progress bar over rounds with the live loss and accuracy, and one JSON line per round."""
+
+    def __init__(self, total: int, done: int, metrics_path: Path, show: bool) -> None:
+        self.metrics_file = open(metrics_path, "a")
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, unit="round", desc="federated training",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, metrics: RoundMetrics) -> None:
+        self.metrics_file.write(metrics.to_json() + "\n")
+        self.metrics_file.flush()
+        if self.bar is not None:
+            postfix = {"loss": f"{metrics.train_loss:.3f}"}
+            if metrics.eval_accuracy is not None:
+                postfix["test_acc"] = f"{metrics.eval_accuracy:.1%}"
+            if metrics.dropped:
+                postfix["dropped"] = ",".join(sorted(metrics.dropped))
+            self.bar.set_postfix(postfix)
+            self.bar.update(1)
+        else:
+            print(metrics.to_json(), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_file.close()
+
+
+async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dict[str, Any], dataset: str,
+                 evaluate: Any) -> Federation:
+    from .client.worker import connect
+
+    out = Path(settings["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [await stack.enter_async_context(connect(a)) for a in addresses]
+        strategy = make_strategy(settings["strategy"], **settings.get("strategy_args", {}))
+        steps = settings.get("local_steps")
+        fit = FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
+                        epochs=None if steps else settings["local_epochs"], steps=steps,
+                        batch_size=settings["batch_size"])
+        federation = Federation(workers, model, fit, strategy, fraction=settings["fraction"],
+                                min_workers=settings["min_workers"], round_timeout=settings["round_timeout"],
+                                seed=settings["seed"], checkpoint_dir=str(out / "checkpoints"), evaluate=evaluate,
+                                evaluate_on_workers=evaluate is None)
+        if federation.resumed_from:
+            print(f"resuming from the checkpoint of round {federation.resumed_from}", file=sys.stderr)
+        # the checkpoint's history is the record: the JSON lines are rewritten from it, so a round is
+        # never listed twice or lost, wherever a previous coordinator was killed
+        (out / "metrics.jsonl").write_text("".join(m.to_json() + "\n" for m in federation.history))
+        progress = Progress(settings["rounds"], federation.round, out / "metrics.jsonl", not settings["no_progress"])
+        try:
+            await federation.run(settings["rounds"], on_round=progress)
+        finally:
+            progress.close()
+        return federation
+
+
+def run_demo(settings: dict[str, Any]) -> int:
+    from .examples import digits
+    from .launcher import start_daemons, stop_all
+
+    torch.set_num_threads(1)  # the daemons share the machine's cores with us
+    out = Path(settings["out"])
+    if not settings.get("resume"):
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    ids = [f"owner{i}" for i in range(settings["workers"])]
+    split = digits.prepare(out / "data", ids, alpha=settings["alpha"], seed=settings["seed"])
+    print(f"digits split non-IID (Dirichlet alpha={settings['alpha']}) over {len(ids)} data owners:")
+    for worker, counts in split.sizes.items():
+        print(f"  {worker}: {sum(counts):4d} samples, per class {counts}")
+    started = time.perf_counter()
+    daemons = start_daemons(ids, per_daemon_args={w: ["--data", f"{digits.DATASET}={p}"] for w, p in split.shards.items()},
+                            log_dir=str(out / "logs"))
+    print(f"launched {len(daemons)} worker daemons: " + ", ".join(f"{d.id}@{d.address}" for d in daemons))
+    try:
+        model = digits.make_model(seed=settings["seed"])
+        x_test, y_test = split.test
+        federation = asyncio.run(_train([d.address for d in daemons if d.address], model, settings, digits.DATASET,
+                                        lambda m: digits.evaluate(m, x_test, y_test)))
+    finally:
+        codes = stop_all(daemons)
+    epochs = settings["rounds"] * (settings["local_epochs"] or 1)
+    central = digits.train_centrally(digits.make_model(seed=settings["seed"]), *split.train, epochs=epochs,
+                                     lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"])
+    central_result = digits.evaluate(central, x_test, y_test)
+    final = digits.evaluate(model, x_test, y_test)
+    print()
+    print(summary_table(federation.history))
+    path = plot(federation.history, out / "plot.png", title=f"{settings['strategy']} on digits, {len(ids)} non-IID data owners",
+                reference_accuracy=central_result["accuracy"])
+    print()
+    print(f"final test accuracy, federated ({settings['strategy']}, {federation.round} rounds): {final['accuracy']:.2%}")
+    print(f"final test accuracy, centralized training of the same model ({epochs} epochs): "
+          f"{central_result['accuracy']:.2%}")
+    print(f"difference: {(final['accuracy'] - central_result['accuracy']) * 100:+.2f} points; "
+          f"time {time.perf_counter() - started:.1f}s; daemons exited with {sorted(set(codes.values()))}")
+    print(f"plot: {path}   metrics: {out / 'metrics.jsonl'}   checkpoints: {out / 'checkpoints'}")
+    (out / "result.json").write_text(json.dumps({"federated_accuracy": final["accuracy"],
+                                                 "centralized_accuracy": central_result["accuracy"],
+                                                 "rounds": federation.round}, indent=1))
+    return 0
+
+
+def run_train(settings: dict[str, Any]) -> int:
+    from torch import nn
+
+    torch.set_num_threads(1)
+    addresses = settings.get("workers") or []
+    if not addresses or not settings.get("dataset"):
+        print("fedzmq train: give the workers (--worker ADDRESS, repeatable) and --dataset", file=sys.stderr)
+        return 2
+    if not settings.get("in_features") or not settings.get("classes"):
+        print("fedzmq train: give --in-features and --classes for the model", file=sys.stderr)
+        return 2
+    torch.manual_seed(settings["seed"])
+    if settings["model"] == "logreg":
+        model: nn.Module = nn.Linear(settings["in_features"], settings["classes"])
+    else:
+        model = nn.Sequential(nn.Linear(settings["in_features"], settings["hidden"]), nn.ReLU(),
+                              nn.Linear(settings["hidden"], settings["classes"]))
+    federation = asyncio.run(_train(addresses, model, settings, settings["dataset"], None))
+    print(summary_table(federation.history))
+    print(f"plot: {plot(federation.history, Path(settings['out']) / 'plot.png')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    try:
+        if args.command == "demo":
+            return run_demo(settings)
+        return run_train(settings)
+    except RoundFailed as exc:
+        print(f"fedzmq: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedzmq: interrupted; the last finished round is in the checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Federated training: the round scheduler, strategies, metrics and checkpoints."""
+
+from .federation import Federation, FitConfig, RoundFailed
+from .metrics import RoundMetrics
+from .strategies import (
+    STRATEGIES, Aggregator, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Sequential,
+    Strategy, make_strategy,
+)
+
+__all__ = ["Aggregator", "FedAdagrad", "FedAdam", "FedAvg", "FedMedian", "FedProx", "FedTrimmedAvg", "FedYogi",
+           "Federation", "FitConfig", "RoundFailed", "RoundMetrics", "STRATEGIES", "Sequential", "Strategy",
+           "make_strategy"]

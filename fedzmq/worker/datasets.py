@@ -1,0 +1,121 @@
+"""Datasets a data owner gives a daemon at start-up (``--data NAME=PATH``).
+
+Formats that carry arrays and nothing executable: safetensors, ``.npz`` read with
+``allow_pickle=False``, and CSV (numbers only, the label in the last column). A file holds the
+features as ``x`` (or ``features``) and the labels as ``y`` (or ``labels``). A description and tags
+come from the safetensors metadata or from a JSON file beside the data (``PATH.json``):
+``{"description": "...", "tags": ["digits", "non-iid"]}``.
+
+Clients see a dataset's name, size, shapes and tags, never its values: the only commands that touch
+the data are ``fit`` and ``evaluate``, which run on the worker and return aggregate numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..codec import DTYPE_NAMES
+
+
+class DatasetError(ValueError):
+    """A dataset file could not be loaded."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    features: torch.Tensor
+    labels: torch.Tensor
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.features) != len(self.labels):
+            raise DatasetError(f"dataset {self.name}: {len(self.features)} feature rows but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def info(self) -> dict[str, Any]:
+        classes = None
+        if not self.labels.dtype.is_floating_point and len(self.labels):
+            classes = int(self.labels.max().item()) + 1
+        return {
+            "name": self.name,
+            "samples": len(self),
+            "feature_shape": list(self.features.shape[1:]),
+            "feature_dtype": DTYPE_NAMES.get(self.features.dtype, str(self.features.dtype)),
+            "label_shape": list(self.labels.shape[1:]),
+            "label_dtype": DTYPE_NAMES.get(self.labels.dtype, str(self.labels.dtype)),
+            "num_classes": classes,
+            "description": self.description,
+            "tags": list(self.tags),
+        }
+
+    def matches(self, query: str) -> bool:
+        q = query.lower()
+        return q in self.name.lower() or q in self.description.lower() or any(q in t.lower() for t in self.tags)
+
+
+def _pick(arrays: dict[str, Any], names: tuple[str, ...], path: Path) -> Any:
+    for name in names:
+        if name in arrays:
+            return arrays[name]
+    raise DatasetError(f"{path}: needs an array named one of {names}, found {sorted(arrays)}")
+
+
+def load_dataset(name: str, path: str | Path) -> Dataset:
+    """Load one dataset file; raises ``DatasetError`` with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset {name}: no file at {path}")
+    meta: dict[str, Any] = {}
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata() or {})
+        if isinstance(meta.get("tags"), str):
+            meta["tags"] = [t for t in meta["tags"].split(",") if t]
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
+    elif suffix == ".csv":
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+        labels = table[:, -1]
+        arrays = {"x": torch.from_numpy(table[:, :-1].copy()),
+                  "y": torch.from_numpy(labels.astype(np.int64) if np.all(labels == labels.round()) else labels)}
+    else:
+        raise DatasetError(f"dataset {name}: {path.suffix} files are not supported (use .safetensors, .npz or .csv)")
+    sidecar = path.with_name(path.name + ".json")
+    if sidecar.is_file():
+        meta.update(json.loads(sidecar.read_text()))
+    features = _pick(arrays, ("x", "features"), path)
+    labels = _pick(arrays, ("y", "labels"), path)
+    if features.dtype == torch.float64:
+        features = features.float()
+    tags = meta.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise DatasetError(f"dataset {name}: tags must be a list of strings")
+    return Dataset(name, features.contiguous(), labels.contiguous(), str(meta.get("description", "")), tags)
+
+
+def parse_data_flags(entries: list[str]) -> dict[str, Dataset]:
+    """``["digits=shards/bob.safetensors", ...]`` -> datasets by name."""
+    datasets: dict[str, Dataset] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise DatasetError(f"--data takes NAME=PATH, got {entry!r}")
+        if name in datasets:
+            raise DatasetError(f"dataset {name!r} given twice")
+        datasets[name] = load_dataset(name, path)
+    return datasets

@@ -1,0 +1,217 @@
+"""The federated layer on real daemons: datasets, fit/evaluate, rounds, faults, checkpoints, the main job."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.examples import digits
+from fedzmq.testing.plugin import TEST_SETTINGS
+
+
+@pytest.fixture
+def digit_shards(tmp_path):
+    """Three non-IID shards of scikit-learn's digits, and the held-out test set."""
+    return digits.prepare(tmp_path / "data", ["bob", "alice", "carol"], alpha=0.5, seed=1)
+
+
+def shards_for(split, *ids):
+    return {i: {"digits": str(split.shards[i])} for i in ids}
+
+
+async def test_daemon_lists_and_searches_its_datasets_without_revealing_them(fedzmq_daemons, tmp_path):
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    np.savez(tmp_path / "toy.npz", x=x, y=np.arange(10) % 2)
+    (tmp_path / "toy.npz.json").write_text(json.dumps({"description": "a toy", "tags": ["toy", "binary"]}))
+    np.savetxt(tmp_path / "table.csv", np.c_[x, np.arange(10) % 3], delimiter=",")
+    [bob] = await fedzmq_daemons("bob", datasets={"bob": {"toy": str(tmp_path / "toy.npz"),
+                                                         "table": str(tmp_path / "table.csv")}})
+    found = {d.name: d for d in await bob.worker.datasets()}
+    assert set(found) == {"toy", "table"}
+    toy = found["toy"]
+    assert toy.samples == 10 and toy.feature_shape == (2,) and toy.num_classes == 2
+    assert toy.tags == ["toy", "binary"] and toy.description == "a toy"
+    assert found["table"].num_classes == 3
+    assert [d.name for d in await bob.worker.search("BINARY")] == ["toy"]
+    assert await bob.worker.search("nothing-like-this") == []
+    assert "values" not in repr(toy)
+
+
+async def test_fit_and_evaluate_run_entirely_on_the_worker(fedzmq_daemons, digit_shards):
+    [bob] = await fedzmq_daemons("bob", datasets=shards_for(digit_shards, "bob"))
+    model = digits.make_model()
+    remote = await bob.worker.send(model)
+    before = await remote.evaluate("digits")
+    sent = bob.worker.bytes_sent
+    result = await remote.fit("digits", optimizer={"cls": "SGD", "lr": 0.1}, epochs=5, batch_size=16)
+    assert bob.worker.bytes_sent - sent < 2000  # one small command, not a message per batch
+    after = await remote.evaluate("digits")
+    assert result["num_examples"] == sum(digit_shards.sizes["bob"])
+    assert result["samples_seen"] == 5 * result["num_examples"]
+    assert after["loss"] < before["loss"] and after["accuracy"] > before["accuracy"]
+    with pytest.raises(fz.BadRequest, match="allowlist"):
+        await remote.fit("digits", optimizer={"cls": "LBFGS", "lr": 1.0})
+    with pytest.raises(fz.ObjectNotFound, match="no dataset"):
+        await remote.fit("faces")
+
+
+async def test_fedprox_term_keeps_local_weights_closer_to_the_start(fedzmq_daemons, digit_shards):
+    [bob] = await fedzmq_daemons("bob", datasets=shards_for(digit_shards, "bob"))
+    distances = {}
+    for mu in (0.0, 1.0):
+        model = digits.make_model(seed=3)
+        start = [p.detach().clone() for p in model.parameters()]
+        remote = await bob.worker.send(model)
+        await remote.fit("digits", optimizer={"cls": "SGD", "lr": 0.2}, epochs=3, prox_mu=mu)
+        await remote.get()
+        distances[mu] = sum(((p - s) ** 2).sum().item() for p, s in zip(model.parameters(), start))
+    assert distances[1.0] < distances[0.0]
+
+
+async def test_fedavg_round_equals_the_weighted_average_of_local_training(fedzmq_daemons, digit_shards):
+    bob, alice = await fedzmq_daemons("bob", "alice", datasets=shards_for(digit_shards, "bob", "alice"))
+    model = digits.make_model(seed=5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    config = fz.FitConfig(dataset="digits", optimizer={"cls": "SGD", "lr": 0.1}, epochs=1)
+    federation = fz.Federation([bob.worker, alice.worker], model, config, fz.FedAvg(), seed=7)
+    metrics = await federation.run_round()
+    # redo the same local training by hand, on fresh sessions, and average it
+    states, weights = [], []
+    for handle in (bob, alice):
+        async with fz.connect(handle.address) as worker:
+            local = digits.make_model()
+            local.load_state_dict(start)
+            remote = await worker.send(local)
+            result = await remote.fit("digits", optimizer={"cls": "SGD", "lr": 0.1}, epochs=1,
+                                      seed=federation.seed * 100_003 + 1)
+            await remote.get()
+            states.append(local.state_dict())
+            weights.append(result["num_examples"])
+    expected = {k: sum(w * s[k] for w, s in zip(weights, states)) / sum(weights) for k in start}
+    fz.testing.assert_state_dicts_close(model, expected, atol=1e-6)
+    assert metrics.round == 1 and metrics.participants == ["alice", "bob"] and not metrics.dropped
+    assert metrics.bytes_sent > 0 and metrics.bytes_received > 0
+
+
+async def test_killed_daemon_is_left_out_and_rejoins_after_restart(fedzmq_daemons, digit_shards):
+    handles = await fedzmq_daemons("bob", "alice", "carol", datasets=shards_for(digit_shards, "bob", "alice", "carol"))
+    bob, alice, carol = handles
+    model = digits.make_model()
+    config = fz.FitConfig(dataset="digits", optimizer={"cls": "SGD", "lr": 0.1})
+    federation = fz.Federation([h.worker for h in handles], model, config, min_workers=2, round_timeout=30)
+    first = await federation.run_round()
+    assert first.participants == ["alice", "bob", "carol"]
+
+    await carol.slow(10)  # carol's next command hangs, so the kill lands in the middle of the round
+    round_task = asyncio.create_task(federation.run_round())
+    await asyncio.sleep(0.5)
+    carol.kill()
+    second = await asyncio.wait_for(round_task, 30)
+    assert second.participants == ["alice", "bob"]
+    assert "carol" in second.dropped and "WorkerDead" in second.dropped["carol"]
+
+    await carol.restart()  # same id, same address; the federation keeps its worker object
+    third = await federation.run_round()
+    assert third.participants == ["alice", "bob", "carol"] and not third.dropped
+    assert federation.round == 3
+
+
+async def test_slow_worker_misses_the_deadline_and_round_fails_below_min_workers(fedzmq_daemons, digit_shards):
+    bob, alice = await fedzmq_daemons("bob", "alice", datasets=shards_for(digit_shards, "bob", "alice"))
+    model = digits.make_model()
+    config = fz.FitConfig(dataset="digits")
+    federation = fz.Federation([bob.worker, alice.worker], model, config, min_workers=1, round_timeout=2.0)
+    await alice.slow(5)
+    metrics = await federation.run_round()
+    assert metrics.participants == ["bob"] and "deadline" in metrics.dropped["alice"]
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strict = fz.Federation([bob.worker, alice.worker], model, config, min_workers=2, round_timeout=2.0)
+    with pytest.raises(fz.RoundFailed, match="1 of the 2 required") as info:
+        await strict.run_round()
+    assert "alice" in info.value.dropped
+    fz.testing.assert_state_dicts_close(model, before, atol=0)
+    assert strict.round == 0
+    await alice.slow(0)
+
+
+async def test_sequential_strategy_visits_workers_in_turn(fedzmq_virtual_workers):
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(40, 3)
+    y = (x[:, 0] > 0).long()
+    bob = fz.VirtualWorker("bob", datasets={"d": Dataset("d", x[:20], y[:20])}, settings=TEST_SETTINGS)
+    alice = fz.VirtualWorker("alice", datasets={"d": Dataset("d", x[20:], y[20:])}, settings=TEST_SETTINGS)
+    async with bob, alice:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        reference = nn.Linear(3, 2)
+        reference.load_state_dict(model.state_dict())
+        config = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.5}, steps=1, batch_size=20)
+        federation = fz.Federation([bob, alice], model, config, fz.Sequential())
+        await federation.run_round()
+        # by hand: one full-batch step on bob's half, then one on alice's half
+        for part in (slice(0, 20), slice(20, 40)):
+            opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+            opt.zero_grad()
+            nn.functional.cross_entropy(reference(x[part]), y[part]).backward()
+            opt.step()
+        fz.testing.assert_state_dicts_close(model, reference, atol=1e-6)
+
+
+def _train_command(addresses, out, rounds):
+    return [sys.executable, "-m", "fedzmq", "train", *[a for addr in addresses for a in ("--worker", addr)],
+            "--dataset", "digits", "--in-features", "64", "--classes", "10", "--rounds", str(rounds),
+            "--out", str(out), "--no-progress", "--local-epochs", "1"]
+
+
+async def test_coordinator_killed_mid_training_resumes_from_its_checkpoint(fedzmq_daemons, digit_shards, tmp_path):
+    bob, alice = await fedzmq_daemons("bob", "alice", datasets=shards_for(digit_shards, "bob", "alice"))
+    await bob.slow(0.3)  # rounds of about a second, so the kill lands between rounds 2 and 6
+    out = tmp_path / "run"
+    command = _train_command([bob.address, alice.address], out, rounds=6)
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        while len(seen) < 2:
+            line = await asyncio.to_thread(first.stdout.readline)
+            assert line, first.stderr.read()
+            seen.append(json.loads(line))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    await bob.slow(0)
+    second = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    resumed = int(second.stderr.split("resuming from the checkpoint of round ")[1].split()[0])
+    assert 2 <= resumed < 6
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2, 3, 4, 5, 6]  # none lost, none twice
+    assert lines[0]["train_loss"] == seen[0]["train_loss"]  # the first run's rounds were kept, not redone
+    meta = json.loads(sorted((out / "checkpoints").glob("round-*"))[-1].joinpath("meta.json").read_text())
+    assert meta["round"] == 6
+
+
+async def test_small_main_job_reaches_centralized_accuracy(fedzmq_daemons, tmp_path):
+    ids = ["owner0", "owner1", "owner2", "owner3"]
+    split = digits.prepare(tmp_path / "data", ids, alpha=0.5, seed=0)
+    handles = await fedzmq_daemons(*ids, datasets=shards_for(split, *ids))
+    model = digits.make_model()
+    config = fz.FitConfig(dataset="digits", optimizer={"cls": "SGD", "lr": 0.1}, epochs=2)
+    federation = fz.Federation([h.worker for h in handles], model, config,
+                               evaluate=lambda m: digits.evaluate(m, *split.test))
+    history = await federation.run(25)
+    assert len(history) == 25 and history[-1].eval_accuracy > history[0].eval_accuracy
+    central = digits.train_centrally(digits.make_model(), *split.train, epochs=50, lr=0.1)
+    central_accuracy = digits.evaluate(central, *split.test)["accuracy"]
+    assert history[-1].eval_accuracy >= central_accuracy - 0.03

@@ -1,0 +1,332 @@
+"""Each aggregation strategy against numbers worked out by hand on tiny tensors (2-5 workers, 2 coordinates)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from fedzmq.federated.strategies import (STRATEGIES, Aggregator, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx,
+                                         FedTrimmedAvg, FedYogi, Sequential, State, Strategy, make_strategy)
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def st(w: list[float], nbt: int = 0) -> State:
+    """A two-coordinate model plus an int64 buffer like BatchNorm's num_batches_tracked."""
+    return {"w": t(*w), "nbt": torch.tensor(nbt)}
+
+
+def run_round(strategy: Strategy, global_state: State, updates: list[tuple[State, int]], r: int = 1) -> State:
+    agg = strategy.begin_round(r, global_state)
+    for state, n in updates:
+        agg.add(state, n)
+    assert agg.count == len(updates)
+    return agg.result()
+
+
+def close(actual: torch.Tensor, expected: list[float]) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype))
+
+
+def fresh(name: str) -> Strategy:
+    return make_strategy(name)
+
+
+ALL = sorted(set(STRATEGIES) - {"fedtrimmedavg"})
+
+
+# --- FedAvg / FedProx -----------------------------------------------------------------------------------------
+
+def test_fedavg_weights_by_sample_count() -> None:
+    updates = [(st([1, 2], nbt=5), 1), (st([3, 6], nbt=7), 3), (st([5, -2], nbt=6), 4)]
+    out = run_round(FedAvg(), st([0, 0]), updates)
+    # (1*1 + 3*3 + 4*5) / 8 = 30/8;  (1*2 + 3*6 + 4*(-2)) / 8 = 12/8
+    close(out["w"], [3.75, 1.5])
+    assert out["nbt"].dtype == torch.int64 and out["nbt"].item() == 7  # max, not averaged
+
+
+def test_fedavg_two_workers_unequal_weights() -> None:
+    out = run_round(FedAvg(), st([0, 0]), [(st([1, 2]), 1), (st([3, 6]), 3)])
+    close(out["w"], [2.5, 5.0])  # (1 + 9)/4, (2 + 18)/4
+
+
+def test_fedavg_keeps_float_dtypes() -> None:
+    g = {"d": torch.zeros(2, dtype=torch.float64), "h": torch.zeros(2, dtype=torch.float16)}
+    u1 = {"d": torch.tensor([1.0, 2.0], dtype=torch.float64), "h": torch.tensor([1.0, 2.0], dtype=torch.float16)}
+    u2 = {"d": torch.tensor([4.0, 8.0], dtype=torch.float64), "h": torch.tensor([4.0, 8.0], dtype=torch.float16)}
+    out = run_round(FedAvg(), g, [(u1, 2), (u2, 1)])
+    assert out["d"].dtype == torch.float64 and out["h"].dtype == torch.float16
+    close(out["d"], [2.0, 4.0])  # (2*1 + 4)/3, (2*2 + 8)/3
+    close(out["h"], [2.0, 4.0])
+
+
+def test_fedavg_zero_total_weight_is_an_error() -> None:
+    agg = FedAvg().begin_round(1, st([0, 0]))
+    agg.add(st([1, 1]), 0)
+    with pytest.raises(ValueError, match="sum to zero"):
+        agg.result()
+    with pytest.raises(ValueError, match="num_samples"):
+        agg.add(st([1, 1]), -1)
+
+
+def test_fedprox_configures_mu_and_aggregates_like_fedavg() -> None:
+    assert FedProx().configure_fit(1) == {"prox_mu": 0.01}
+    assert FedProx(mu=0.5).configure_fit(7) == {"prox_mu": 0.5}
+    assert FedAvg().configure_fit(1) == {}
+    out = run_round(FedProx(mu=0.5), st([0, 0]), [(st([1, 2]), 1), (st([3, 6]), 3)])
+    close(out["w"], [2.5, 5.0])
+    with pytest.raises(ValueError):
+        FedProx(mu=-1)
+
+
+# --- FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2) -------------------------------------------
+#
+# Round 1: x0 = [0, 1]; updates [2, 1] (n=1) and [5, -5] (n=2): mean [4, -3], so Δ1 = [4, -4].
+# Round 2: updates x1 + [3, -3] (n=1) and x1 + [7.5, 0] (n=2): mean x1 + [6, -1], so Δ2 = [6, -1].
+# eta = 1, tau = 1 everywhere below; Adam and Yogi use beta_1 = 0.25, beta_2 = 0.75 (distinct, and neither
+# 0.5, so swapping beta and 1 - beta, or beta_1 and beta_2, changes the numbers); m0 = v0 = 0.
+
+X0 = [0.0, 1.0]
+
+
+def round1(s: Strategy) -> State:
+    return run_round(s, st(X0, nbt=3), [(st([2, 1], nbt=4), 1), (st([5, -5], nbt=9), 2)], r=1)
+
+
+def round2(s: Strategy, x1: State) -> State:
+    w = x1["w"]
+    return run_round(s, x1, [({"w": w + t(3, -3), "nbt": torch.tensor(2)}, 1),
+                             ({"w": w + t(7.5, 0), "nbt": torch.tensor(11)}, 2)], r=2)
+
+
+ADAPTIVE = {
+    # Adagrad (beta_1 = 0): m = Δ; v = v + Δ².
+    #   r1: m = [4, -4], v = [16, 16], x1 = x0 + m/(4 + 1) = [0.8, 0.2]
+    #   r2: m = [6, -1], v = [52, 17], x2 = x1 + [6/(√52 + 1), -1/(√17 + 1)]
+    "fedadagrad": (lambda: FedAdagrad(eta=1.0, tau=1.0),
+                   [0.8, 0.2], [4, -4], [16, 16],
+                   [0.8 + 6 / (math.sqrt(52) + 1), 0.2 - 1 / (math.sqrt(17) + 1)], [6, -1], [52, 17]),
+    # Adam: m = 0.25 m + 0.75 Δ; v = 0.75 v + 0.25 Δ².
+    #   r1: m = [3, -3], v = [4, 4], x1 = x0 + m/(2 + 1) = [1, 0]
+    #   r2: m = [0.75 + 4.5, -0.75 - 0.75] = [5.25, -1.5], v = [3 + 9, 3 + 0.25] = [12, 3.25]
+    "fedadam": (lambda: FedAdam(eta=1.0, beta_1=0.25, beta_2=0.75, tau=1.0),
+                [1, 0], [3, -3], [4, 4],
+                [1 + 5.25 / (math.sqrt(12) + 1), -1.5 / (math.sqrt(3.25) + 1)], [5.25, -1.5], [12, 3.25]),
+    # Yogi: v = v - 0.25 Δ² sign(v - Δ²).
+    #   r1: v = 0 - 0.25*16*(-1) = 4 (as Adam), m = [3, -3], x1 = [1, 0]
+    #   r2: coordinate 0: Δ² = 36 > v: v = 4 + 9 = 13; coordinate 1: Δ² = 1 < v: v = 4 - 0.25 = 3.75
+    "fedyogi": (lambda: FedYogi(eta=1.0, beta_1=0.25, beta_2=0.75, tau=1.0),
+                [1, 0], [3, -3], [4, 4],
+                [1 + 5.25 / (math.sqrt(13) + 1), -1.5 / (math.sqrt(3.75) + 1)], [5.25, -1.5], [13, 3.75]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_adaptive_two_rounds_by_hand(name: str) -> None:
+    make, x1_exp, m1, v1, x2_exp, m2, v2 = ADAPTIVE[name]
+    s = make()
+    x1 = round1(s)
+    close(x1["w"], x1_exp)
+    assert x1["nbt"].item() == 9  # int buffers: max of the updates, untouched by the optimizer
+    sd1 = s.state_dict()
+    assert sd1["strategy"] == name
+    close(sd1["m.w"], m1)
+    close(sd1["v.w"], v1)
+    x2 = round2(s, x1)
+    close(x2["w"], x2_exp)
+    assert x2["nbt"].item() == 11
+    sd2 = s.state_dict()
+    close(sd2["m.w"], m2)
+    close(sd2["v.w"], v2)
+    close(sd1["m.w"], m1)  # the round-1 checkpoint is a snapshot, not a live view
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_adaptive_resume_from_checkpoint_is_identical(name: str) -> None:
+    make = ADAPTIVE[name][0]
+    original = make()
+    x1 = round1(original)
+    buf = io.BytesIO()
+    torch.save(original.state_dict(), buf)  # must survive a real checkpoint, safe loading included
+    buf.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    a, b = round2(original, x1), round2(resumed, x1)
+    assert torch.equal(a["w"], b["w"]) and torch.equal(a["nbt"], b["nbt"])
+    # without the moments the round-2 result differs: the state really matters
+    assert not torch.equal(round2(make(), x1)["w"], a["w"])
+
+
+def test_adaptive_defaults_and_validation() -> None:
+    assert (FedAdam().eta, FedAdam().beta_1, FedAdam().beta_2, FedAdam().tau) == (1e-2, 0.9, 0.99, 1e-3)
+    assert (FedYogi().eta, FedYogi().beta_1, FedYogi().beta_2, FedYogi().tau) == (1e-2, 0.9, 0.99, 1e-3)
+    assert (FedAdagrad().eta, FedAdagrad().tau, FedAdagrad().beta_1) == (1e-1, 1e-3, 0.0)
+    with pytest.raises(ValueError):
+        FedAdam(beta_1=1.0)
+    with pytest.raises(ValueError):
+        FedAdagrad(tau=0.0)
+    s = FedAdam()
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        s.load_state_dict(FedYogi().state_dict())
+    round1(s)
+    with pytest.raises(ValueError, match="does not match"):
+        s.begin_round(2, {"w": torch.zeros(3), "nbt": torch.tensor(0)})
+
+
+def test_adaptive_step_happens_once_per_round() -> None:
+    s = FedAdam(eta=1.0, beta_1=0.5, beta_2=0.75, tau=1.0)
+    agg = s.begin_round(1, st(X0))
+    agg.add(st([2, 1]), 1)
+    agg.add(st([5, -5]), 2)
+    first, second = agg.result(), agg.result()
+    assert torch.equal(first["w"], second["w"]) and first["w"] is not second["w"]
+    close(s.state_dict()["m.w"], [2, -2])  # not advanced twice
+    with pytest.raises(RuntimeError):
+        agg.add(st([0, 0]), 1)
+
+
+# --- FedMedian / FedTrimmedAvg ---------------------------------------------------------------------------------
+
+def test_median_odd_count() -> None:
+    updates = [(st([1, 5], nbt=1), 10), (st([10, -1], nbt=4), 1), (st([3, 0], nbt=2), 100)]
+    out = run_round(FedMedian(), st([0, 0]), updates)
+    close(out["w"], [3, 0])  # sorted [1, 3, 10] and [-1, 0, 5]; sample counts are ignored
+    assert out["nbt"].item() == 4
+
+
+def test_median_even_count_is_mean_of_middles() -> None:
+    updates = [(st([1, -1]), 1), (st([10, 2]), 2), (st([3, 0]), 3), (st([4, 8]), 4)]
+    out = run_round(FedMedian(), st([0, 0]), updates)
+    close(out["w"], [3.5, 1.0])  # sorted [1, 3, 4, 10] -> (3+4)/2;  [-1, 0, 2, 8] -> (0+2)/2
+
+
+def test_trimmed_mean_drops_extremes() -> None:
+    def trimmed(outlier: float) -> torch.Tensor:
+        ws = [[1, -50], [2, 0], [3, 1], [4, 2], [outlier, 3]]
+        return run_round(FedTrimmedAvg(beta=0.2), st([0, 0]), [(st(w), i + 1) for i, w in enumerate(ws)])["w"]
+
+    # k = 5, beta = 0.2: drop floor(1.0) = 1 from each end: mean(2, 3, 4) = 3; mean(0, 1, 2) = 1
+    close(trimmed(1000.0), [3, 1])
+    close(trimmed(1e9), [3, 1])  # the outlier has no effect at all
+    close(trimmed(-1e9), [2, 1])  # a low outlier is dropped too: mean(1, 2, 3) = 2
+
+
+def test_trimmed_mean_small_beta_is_plain_mean_and_even_k() -> None:
+    ws = [[1, 0], [2, 0], [3, 0], [10, 5]]
+    out = run_round(FedTrimmedAvg(beta=0.1), st([0, 0]), [(st(w), 1) for w in ws])  # floor(0.4) = 0
+    close(out["w"], [4, 1.25])
+    out = run_round(FedTrimmedAvg(beta=0.25), st([0, 0]), [(st(w), 1) for w in ws])  # floor(1.0) = 1
+    close(out["w"], [2.5, 0])  # mean(2, 3); mean(0, 0)
+    for beta in (0.5, -0.1):
+        with pytest.raises(ValueError):
+            FedTrimmedAvg(beta=beta)
+
+
+# --- Sequential ------------------------------------------------------------------------------------------------
+
+def test_sequential_current_model_progression() -> None:
+    s = Sequential()
+    assert s.sequential and not FedAvg().sequential
+    g = st([0, 0], nbt=5)
+    agg = s.begin_round(1, g)
+    close(agg.current_model()["w"], [0, 0])
+    a = st([1, 2], nbt=6)
+    agg.add(a, 10)
+    a["w"].fill_(-7)  # the caller reuses its buffer: the aggregator kept its own copy
+    close(agg.current_model()["w"], [1, 2])
+    agg.add(st([3, 4], nbt=2), 1)
+    cur = agg.current_model()
+    close(cur["w"], [3, 4])
+    cur["w"].fill_(99)  # a copy: scribbling on it changes nothing
+    out = agg.result()
+    close(out["w"], [3, 4])
+    assert out["nbt"].item() == 2  # the last model, not a max
+    close(g["w"], [0, 0])
+
+
+# --- shared contract -------------------------------------------------------------------------------------------
+
+def updates_for_contract() -> list[tuple[State, int]]:
+    return [(st([1, 2], nbt=5), 1), (st([3, 6], nbt=7), 3), (st([5, -2], nbt=6), 4)]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_global_state_unmodified_and_results_are_new_tensors(name: str) -> None:
+    g = st([0.5, -0.5], nbt=1)
+    before = {k: v.clone() for k, v in g.items()}
+    updates = updates_for_contract()
+    out = run_round(fresh(name), g, updates)
+    for k in g:
+        assert torch.equal(g[k], before[k])
+    inputs = [v.untyped_storage().data_ptr() for v in g.values()]
+    inputs += [v.untyped_storage().data_ptr() for u, _ in updates for v in u.values()]
+    for k, v in out.items():
+        assert v.untyped_storage().data_ptr() not in inputs, k
+        assert v.dtype == g[k].dtype and v.shape == g[k].shape
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "sequential"])
+def test_int_buffers_take_the_max(name: str) -> None:
+    assert run_round(fresh(name), st([0, 0], nbt=100), updates_for_contract())["nbt"].item() == 7
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_round_and_mismatched_updates_are_errors(name: str) -> None:
+    agg = fresh(name).begin_round(1, st([0, 0]))
+    assert isinstance(agg, Aggregator) and agg.count == 0
+    with pytest.raises(ValueError, match="no update"):
+        agg.result()
+    with pytest.raises(ValueError, match="missing"):
+        agg.add({"w": t(1, 2)}, 1)
+    with pytest.raises(ValueError, match="shape"):
+        agg.add({"w": t(1, 2, 3), "nbt": torch.tensor(0)}, 1)
+    assert agg.count == 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stateless_defaults(name: str) -> None:
+    s = fresh(name)
+    if name not in ADAPTIVE:
+        assert s.state_dict() == {}
+        s.load_state_dict({})
+    if name != "fedprox":
+        assert s.configure_fit(1) == {}
+
+
+def test_make_strategy_names_and_error() -> None:
+    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+                "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg,
+                "fedtrimmedavg": FedTrimmedAvg, "sequential": Sequential}
+    assert STRATEGIES == expected
+    for name, cls in expected.items():
+        assert type(make_strategy(name)) is cls
+    assert make_strategy("FedProx", mu=0.3).configure_fit(1) == {"prox_mu": 0.3}
+    assert make_strategy("fedtrimmedavg", beta=0.2).beta == 0.2
+    assert make_strategy("fedadam", eta=0.5).eta == 0.5
+    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'.*fedavg.*sequential"):
+        make_strategy("fedsgd")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_real_module_with_batchnorm_round_trips(name: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    g = model.state_dict()
+    updates = []
+    for i, n in enumerate((2, 6)):
+        u = {k: v.clone() for k, v in g.items()}
+        u["0.weight"] += i + 1
+        u["1.num_batches_tracked"] += 10 * (i + 1)
+        updates.append((u, n))
+    before = {k: v.clone() for k, v in g.items()}
+    out = run_round(fresh(name), g, updates)
+    assert all(torch.equal(g[k], before[k]) for k in g)  # g is live: the model's own tensors
+    model.load_state_dict(out, strict=True)
+    assert out["1.num_batches_tracked"].item() == 20  # max for the aggregators, the last model for Sequential
+    if name in ("fedavg", "fedprox"):
+        torch.testing.assert_close(out["0.weight"], before["0.weight"] + (2 * 1 + 6 * 2) / 8)
