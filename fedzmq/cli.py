@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "starting afresh")
     _add_training_flags(demo)
 
+    keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair (NAME.key public, NAME.key_secret secret)")
+    keygen.add_argument("name", help="the key's name, e.g. bob or coordinator")
+    keygen.add_argument("--dir", default="keys", help="folder to write the files to (default ./keys)")
+
     train = sub.add_parser("train", help="train over running worker daemons")
     train.add_argument("--config", help="TOML file with the settings below (flags win)")
     train.add_argument("--worker", action="append", dest="workers", metavar="ADDRESS", help="a daemon (repeatable)")
@@ -209,6 +213,12 @@ def run_train(settings: dict[str, Any]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keygen":
+        from .security import generate_keypair
+
+        public, secret = generate_keypair(args.dir, args.name)
+        print(f"public key (give it to the other side): {public}\nsecret key (keep it here): {secret}")
+        return 0
     settings = settings_from(args)
     try:
         if args.command == "demo":

@@ -132,6 +132,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("optim_step", {"obj": ID}, offload="always"),
     # the data owner's datasets, and training on them
     Command("datasets", {}, {"query": STR}),
+    Command("dataset_tensor", {"dataset": STR, "part": STR, "out": ID}, outputs=("out",)),
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT},
             offload="always"),

@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from ..codec import Limits, Reply, decode_reply, encode_request
+from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
     LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, remote_error,
 )
@@ -50,7 +51,8 @@ class Connection:
 
     def __init__(self, address: str, settings: ConnectionSettings | None = None,
                  context: zmq.asyncio.Context | None = None,
-                 encode_default: Callable[[Any], Any] | None = None) -> None:
+                 encode_default: Callable[[Any], Any] | None = None,
+                 server_key: KeyPath | bytes | None = None, client_key: KeyPath | None = None) -> None:
         self.address = address
         self.settings = settings or ConnectionSettings()
         self._context = context or zmq.asyncio.Context.instance()
@@ -60,6 +62,11 @@ class Connection:
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.ROUTING_ID, os.urandom(16))  # the session key: unguessable
+        if (server_key is None) != (client_key is None):
+            self._socket.close(linger=0)
+            raise SecurityError("pass both server_key (the daemon's public key) and client_key (your .key_secret)")
+        if server_key is not None and client_key is not None:
+            apply_client_keys(self._socket, server_key, client_key)
         self._socket.connect(address)
         self._copy_frames = address.startswith("inproc://")
         self._ids = itertools.count(1)

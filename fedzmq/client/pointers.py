@@ -189,6 +189,17 @@ class DatasetPointer:
         self.name: str = info["name"]
         self.info = info
 
+    async def features(self) -> TensorPointer:
+        """A pointer to the features, for computing on the worker; ``get`` of it (or of anything but an
+        aggregate computed from it) is refused with ``PermissionDenied``."""
+        return await self.location._dataset_tensor(self.name, "features")
+
+    async def labels(self) -> TensorPointer:
+        return await self.location._dataset_tensor(self.name, "labels")
+
+    def __getitem__(self, index: Any) -> Any:
+        raise TypeError("index the features pointer instead: (await ds.features())[i]")
+
     @property
     def samples(self) -> int:
         return int(self.info["samples"])

@@ -17,7 +17,8 @@ import zmq.asyncio
 from torch import nn
 
 from ..codec import DTYPE_NAMES, DTYPES, Ref, StreamInfo, tensor_buffer
-from ..errors import WrongWorkerError
+from ..errors import WorkerError, WrongWorkerError
+from ..security import KeyPath
 from ..modeldesc import ModelRegistry, describe
 from ..ops import output_count
 from ..worker import Worker, WorkerConfig
@@ -33,11 +34,13 @@ class RemoteWorker:
     """A session with one worker. Make one with ``await fz.connect(address)``."""
 
     def __init__(self, address: str, *, settings: ConnectionSettings | None = None,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, server_key: KeyPath | bytes | None = None,
+                 client_key: KeyPath | None = None) -> None:
         self.address = address
         self.id: str | None = None
         self.instance: str | None = None
-        self._connection = Connection(address, settings, context, encode_default=self._to_ref)
+        self._connection = Connection(address, settings, context, encode_default=self._to_ref,
+                                      server_key=server_key, client_key=client_key)
         self._object_ids = itertools.count(1)
         self._released: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,6 +99,13 @@ class RemoteWorker:
         """Datasets whose name, tags or description contain ``query`` (case-insensitive)."""
         return [DatasetPointer(self, info) for info in await self._request("datasets", {"query": query}, timeout)]
 
+    async def _dataset_tensor(self, name: str, part: str) -> TensorPointer:
+        out = self._new_id()
+        ready = self._submit("dataset_tensor", {"dataset": name, "part": part, "out": out})
+        pointer = TensorPointer(self, out, ready)
+        await self._wait(ready)
+        return pointer
+
     async def refresh(self, timeout: float | None = 10.0) -> bool:
         """Ping the worker; if it restarted since we last saw it, forget what we had sent to the old one.
 
@@ -114,6 +124,10 @@ class RemoteWorker:
 
         Sending a model that was sent here before updates the remote copy in place, so remote
         optimizers created over it stay bound to it."""
+        if isinstance(obj, TensorPointer):  # a move: the value comes here, then goes there
+            if obj.location is self:
+                return obj
+            return await self._send_tensor(await obj.get(timeout), timeout)
         if isinstance(obj, torch.Tensor):
             return await self._send_tensor(obj, timeout)
         if isinstance(obj, nn.Module):
@@ -278,6 +292,10 @@ class _Connecting:
     async def _connect(self) -> RemoteWorker:
         try:
             return await self._worker.connect()
+        except (WorkerError, TimeoutError) as exc:
+            await self._worker._connection.close(say_goodbye=False)
+            raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "
+                            "uses keys, are server_key and client_key right and is your key allowed?") from None
         except BaseException:
             await self._worker._connection.close(say_goodbye=False)
             raise
@@ -289,10 +307,14 @@ class _Connecting:
         await self._worker.close()
 
 
-def connect(address: str, *, settings: ConnectionSettings | None = None,
-            context: zmq.asyncio.Context | None = None) -> _Connecting:
-    """Connect to a worker daemon: ``bob = await fz.connect(addr)`` or ``async with fz.connect(addr) as bob``."""
-    return _Connecting(RemoteWorker(address, settings=settings, context=context))
+def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_key: KeyPath | None = None,
+            settings: ConnectionSettings | None = None, context: zmq.asyncio.Context | None = None) -> _Connecting:
+    """Connect to a worker daemon: ``bob = await fz.connect(addr)`` or ``async with fz.connect(addr) as bob``.
+
+    With keys (CurveZMQ): ``server_key`` is the daemon's public key (its ``.key`` file or the z85
+    text) and ``client_key`` your own ``.key_secret`` file, whose public half the daemon must allow."""
+    return _Connecting(RemoteWorker(address, settings=settings, context=context, server_key=server_key,
+                                    client_key=client_key))
 
 
 class VirtualWorker(RemoteWorker):

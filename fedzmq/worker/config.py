@@ -1,8 +1,13 @@
-"""Settings of a worker daemon: every limit and timeout is a named field with a default."""
+"""Settings of a worker daemon: every limit and timeout is a named field with a default.
+
+Each has a ``fedzmq-worker`` flag of the same name (``--max-sessions``, ...); see docs/security.md
+for what the limits protect against.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..codec import Limits
 
@@ -18,3 +23,27 @@ class WorkerConfig:
     threads: int = 1
     #: accept the test-only ``debug_delay`` command (``--fault-injection``); never in production
     fault_injection: bool = False
+
+    # --- limits that protect the daemon from one client ------------------------------------------
+    #: concurrent client sessions; a new one beyond this is refused
+    max_sessions: int = 256
+    #: objects one session may hold
+    max_objects: int = 100_000
+    #: bytes of tensors and models one session may hold
+    max_session_bytes: int = 8 << 30
+    #: commands of one session waiting to run; more are refused at once (a flood slows only its sender)
+    max_inflight: int = 4096
+
+    # --- who may connect ----------------------------------------------------------------------
+    #: the daemon's ``.key_secret`` file: turns on CurveZMQ encryption and authentication
+    secret_key: str | None = None
+    #: folder of client ``.key`` files allowed to connect (reloaded on SIGHUP)
+    allowed_keys: str | None = None
+    #: allow a non-loopback tcp address without keys (plaintext, anyone may connect)
+    insecure: bool = False
+
+    # --- what may leave ------------------------------------------------------------------------
+    #: which values computed from private datasets a client may ``get``: "aggregates" (scalar
+    #: results of losses and of sum/mean), or "none"; model parameters and fit/evaluate metrics
+    #: are always released (that is federated learning)
+    private_release: Literal["aggregates", "none"] = "aggregates"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import logging
 import signal
@@ -41,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-bytes", type=int, help="tensors above this travel in chunks of this size")
     p.add_argument("--model", action="append", default=None, metavar="NAME=module:Class",
                    help="register a model class the data owner installed (repeatable)")
+    p.add_argument("--secret-key", help="this daemon's .key_secret file: encrypt and authenticate (CurveZMQ)")
+    p.add_argument("--allowed-keys", help="folder of client .key files allowed to connect (SIGHUP reloads it)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a non-loopback address without keys (anyone who can reach it may connect)")
+    p.add_argument("--max-sessions", type=int, help="concurrent client sessions (default 256)")
+    p.add_argument("--max-objects", type=int, help="objects one session may hold (default 100000)")
+    p.add_argument("--max-session-bytes", type=int, help="bytes one session may hold (default 8 GiB)")
+    p.add_argument("--max-inflight", type=int, help="commands of one session waiting to run (default 4096)")
+    p.add_argument("--private-release", choices=["aggregates", "none"],
+                   help="what computed from private data 'get' may return: aggregate scalars (default) or nothing")
     p.add_argument("--data", action="append", default=None, metavar="NAME=PATH",
                    help="a dataset this daemon holds (.safetensors, .npz, .csv; repeatable)")
     p.add_argument("--fault-injection", action="store_true", default=None,
@@ -81,10 +92,8 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
         max_frame_bytes=settings.get("max_message_bytes", defaults.max_frame_bytes),
         chunk_bytes=settings.get("chunk_bytes", defaults.chunk_bytes),
     )
-    base = WorkerConfig()
-    return WorkerConfig(limits=limits, session_timeout=settings.get("session_timeout", base.session_timeout),
-                        threads=settings.get("threads", base.threads),
-                        fault_injection=bool(settings.get("fault_injection", False)))
+    names = {f.name for f in dataclasses.fields(WorkerConfig)} - {"limits"}
+    return WorkerConfig(limits=limits, **{k: v for k, v in settings.items() if k in names})
 
 
 async def run(settings: dict[str, Any]) -> None:
@@ -98,6 +107,7 @@ async def run(settings: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_keys, worker)
     worker.start()
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
     log.info("worker %s serving on %s with datasets %s", worker.id, address,
@@ -108,6 +118,16 @@ async def run(settings: dict[str, Any]) -> None:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     await worker.close()
+
+
+def _reload_keys(worker: Worker) -> None:
+    try:
+        count = worker.reload_keys()
+    except Exception as exc:  # a broken folder keeps the keys we had
+        log.error("could not reload the allowed keys: %s", exc)
+        return
+    if count is None:
+        log.info("SIGHUP: this daemon runs without keys; nothing to reload")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

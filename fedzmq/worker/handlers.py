@@ -52,13 +52,31 @@ def tensor_info(tensor: torch.Tensor) -> list[Any]:
     return [DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape)]
 
 
-def _store_outputs(session: Session, out: list[int], result: Any, what: str) -> list[list[Any]]:
+def refs_in(value: Any) -> list[int]:
+    """The object ids an argument structure refers to."""
+    if isinstance(value, Ref):
+        return [value.id]
+    if isinstance(value, (list, tuple)):
+        return [i for v in value for i in refs_in(v)]
+    if isinstance(value, dict):
+        return [i for v in value.values() for i in refs_in(v)]
+    return []
+
+
+#: ops whose scalar result, computed from private data, the "aggregates" policy releases
+AGGREGATES = frozenset({"sum", "mean", "mse_loss", "l1_loss", "cross_entropy", "nll_loss", "binary_cross_entropy",
+                        "binary_cross_entropy_with_logits"})
+
+
+def _store_outputs(session: Session, out: list[int], result: Any, what: str, private: bool = False,
+                   releasable: bool = False) -> list[list[Any]]:
+    """Store an op's output tensors; outputs of private inputs stay private (scalars may be released)."""
     results = result if isinstance(result, tuple) else (result,)
     if len(results) != len(out) or not all(isinstance(r, torch.Tensor) for r in results):
         raise BadRequest.new(f"{what} returned {len(results)} value(s) of type "
                              f"{[type(r).__name__ for r in results]}; the request expected {len(out)} tensor(s)")
     for obj_id, tensor in zip(out, results):
-        session.put(obj_id, tensor)
+        session.put(obj_id, tensor, private=private, releasable=releasable and tensor.numel() == 1)
     return [tensor_info(t) for t in results]
 
 
@@ -67,8 +85,10 @@ class Handlers:
 
     def __init__(self, worker_id: str, limits: Limits, models: ModelRegistry,
                  status: Callable[[], dict[str, Any]], ping: Callable[[], dict[str, Any]],
-                 fault_injection: bool = False, datasets: dict[str, Dataset] | None = None) -> None:
+                 fault_injection: bool = False, datasets: dict[str, Dataset] | None = None,
+                 private_release: str = "aggregates") -> None:
         self.worker_id = worker_id
+        self.private_release = private_release
         self.datasets = datasets or {}
         self.limits = limits
         self.fault_injection = fault_injection
@@ -118,6 +138,7 @@ class Handlers:
 
     def cmd_get(self, session: Session, args: dict[str, Any]) -> Any:
         tensor = session.tensor(args["obj"])
+        session.check_release(args["obj"])
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > self.limits.chunk_bytes:
             return StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, tensor.requires_grad)
@@ -159,11 +180,12 @@ class Handlers:
         partial.written += data.numel()
         if partial.written == target.numel():
             tensor = partial.tensor.requires_grad_(partial.requires_grad)
-            session.objects[args["obj"]] = tensor
+            session.replace(args["obj"], tensor)
         return partial.written
 
     def cmd_read(self, session: Session, args: dict[str, Any]) -> Any:
         tensor = session.tensor(args["obj"]).detach()
+        session.check_release(args["obj"])
         flat = tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
         offset, length = args["offset"], args["length"]
         if offset + length > flat.numel() or length > self.limits.chunk_bytes:
@@ -179,7 +201,9 @@ class Handlers:
             # stored tensors never change once made: replies send them without copying
             raise BadRequest.new(f"{name}: in-place forms (out=, inplace=True) are not allowed")
         result = fn(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
-        return _store_outputs(session, args["out"], result, name)
+        private = any(i in session.private for i in refs_in(args))
+        releasable = private and self.private_release == "aggregates" and name in AGGREGATES
+        return _store_outputs(session, args["out"], result, name, private, releasable)
 
     def cmd_backward(self, session: Session, args: dict[str, Any]) -> Any:
         tensor = session.tensor(args["obj"])
@@ -206,7 +230,7 @@ class Handlers:
     def cmd_module_call(self, session: Session, args: dict[str, Any]) -> Any:
         module = session.module(args["obj"])
         result = module(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
-        return _store_outputs(session, args["out"], result, "forward")
+        return _store_outputs(session, args["out"], result, "forward", any(i in session.private for i in refs_in(args)))
 
     def cmd_module_state(self, session: Session, args: dict[str, Any]) -> Any:
         # a snapshot: the reply is sent after this returns, and a later optimizer step must not
@@ -278,6 +302,14 @@ class Handlers:
         return training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
                             batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                             prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+
+    def cmd_dataset_tensor(self, session: Session, args: dict[str, Any]) -> Any:
+        dataset = self.dataset(args["dataset"])
+        if args["part"] not in ("features", "labels"):
+            raise BadRequest.new("part must be 'features' or 'labels'")
+        tensor = dataset.features if args["part"] == "features" else dataset.labels
+        session.put(args["out"], tensor, private=True)  # shared, not copied: it is never written to
+        return tensor_info(tensor)
 
     def cmd_evaluate(self, session: Session, args: dict[str, Any]) -> Any:
         return training.evaluate(session.module(args["module"]), self.dataset(args["dataset"]), loss=args["loss"],

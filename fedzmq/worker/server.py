@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -24,11 +25,13 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from ..__about__ import __version__
 from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error, encode_reply
 from ..commands import COMMANDS, INLINE_NUMEL
-from ..errors import ProtocolError, error_payload
+from ..errors import LimitExceeded, ProtocolError, error_payload
+from ..security import KeyGate, SecurityError, apply_server_keys, is_loopback_address
 from ..modeldesc import ModelRegistry
 from .config import WorkerConfig
 from .datasets import Dataset
@@ -55,15 +58,35 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self.address: str | None = None
-        self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0}
+        self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0,
+                         "sessions_refused": 0, "throttled": 0, "limit_errors": 0, "handshake_failures": 0}
         self.handlers = Handlers(worker_id, self.config.limits, models or {}, self.status, self.ping_info,
-                                 fault_injection=self.config.fault_injection, datasets=datasets)
+                                 fault_injection=self.config.fault_injection, datasets=datasets,
+                                 private_release=self.config.private_release)
+        self.key_gate: KeyGate | None = None
+        self.public_key: bytes | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def bind(self, address: str) -> str:
         """Bind the ROUTER socket (synchronously, so a VirtualWorker is reachable at once)."""
+        config = self.config
+        if config.secret_key is None and not config.insecure and not is_loopback_address(address):
+            raise SecurityError(
+                f"refusing to serve {address} without keys: anyone who can reach it could run commands and read "
+                "traffic. Start with --secret-key FILE --allowed-keys DIR (see 'fedzmq keygen'), or pass "
+                "--insecure to accept that")
+        if (config.secret_key is None) != (config.allowed_keys is None):
+            raise SecurityError("--secret-key and --allowed-keys go together")
         sock = self._context.socket(zmq.ROUTER)
+        if config.secret_key is not None:
+            assert config.allowed_keys is not None
+            self.key_gate = KeyGate(self._context, config.allowed_keys)
+            self.public_key = apply_server_keys(sock, config.secret_key)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -84,8 +107,12 @@ class Worker:
         if self._socket is None:
             raise RuntimeError("bind() before start()")
         if not self._tasks:
+            if self.key_gate is not None:
+                self.key_gate.start()
             self._tasks = [asyncio.create_task(self._receive_loop(), name=f"fedzmq-{self.id}-receive"),
                            asyncio.create_task(self._expire_loop(), name=f"fedzmq-{self.id}-expire")]
+            if self._monitor is not None:
+                self._tasks.append(asyncio.create_task(self._monitor_loop(), name=f"fedzmq-{self.id}-monitor"))
 
     async def serve(self, address: str) -> None:
         """Bind, serve until cancelled, then close everything."""
@@ -105,6 +132,12 @@ class Worker:
         for session in self._sessions.values():
             session.clear()
         self._sessions.clear()
+        if self._monitor is not None and self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self.key_gate is not None:
+            self.key_gate.stop()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -133,8 +166,16 @@ class Worker:
             "sessions": len(self._sessions),
             "objects": len(objects),
             "bytes": sum(object_nbytes(o) for o in objects),
+            "rss_bytes": _rss_bytes(),
+            "encrypted": self.key_gate is not None,
+            "auth_denied": self.key_gate.denied if self.key_gate else 0,
+            "auth_accepted": self.key_gate.accepted if self.key_gate else 0,
             **self.counters,
         }
+
+    def reload_keys(self) -> int | None:
+        """Re-read the allowed-keys folder (the daemon calls this on SIGHUP)."""
+        return self.key_gate.reload() if self.key_gate else None
 
     # --- the loops -----------------------------------------------------------------------------
 
@@ -154,10 +195,20 @@ class Worker:
                 log.debug("malformed message from %s: %s", key.hex(), exc)
                 self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
                 continue
+            user = _user_id(frames[1])
             session = self._sessions.get(key)
             if session is None:
-                session = self._sessions[key] = Session(key)
+                if len(self._sessions) >= self.config.max_sessions:
+                    self.counters["sessions_refused"] += 1
+                    self._refuse(key, request, "LimitExceeded", f"the worker serves its maximum of "
+                                 f"{self.config.max_sessions} sessions (--max-sessions); try again later")
+                    continue
+                session = self._sessions[key] = Session(key, user=user, max_objects=self.config.max_objects,
+                                                        max_bytes=self.config.max_session_bytes)
                 session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
+            elif session.user != user:  # a routing id reused under another key: never the same session
+                self._refuse(key, request, "PermissionDenied", "this session belongs to another key")
+                continue
             session.touch()
             if COMMANDS[request.cmd].control:
                 try:
@@ -165,6 +216,11 @@ class Worker:
                 except Exception as exc:
                     frames_out = encode_error(request.id, error_payload(exc, traceback.format_exc()))
                 self._send(key, frames_out)
+            elif session.queue.qsize() >= self.config.max_inflight:
+                self.counters["throttled"] += 1
+                self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
+                             "this session are waiting (--max-inflight); wait for replies before sending more",
+                             session)
             else:
                 session.queue.put_nowait(request)
 
@@ -203,6 +259,8 @@ class Worker:
             raise
         except Exception as exc:
             self.counters["errors"] += 1
+            if isinstance(exc, LimitExceeded):
+                self.counters["limit_errors"] += 1
             payload = error_payload(exc, traceback.format_exc())
             root = exc.root if isinstance(exc, DependencyError) else payload
             for name in command.outputs:
@@ -223,6 +281,26 @@ class Worker:
                     session.queue.put_nowait(None)
                     self._end_session(session, "sessions_expired")
 
+    def _refuse(self, key: bytes, request: Request, error_type: str, message: str,
+                session: Session | None = None) -> None:
+        """Answer a request with an error without running it (its outputs are marked failed)."""
+        payload = {"type": error_type, "message": message, "traceback": ""}
+        if session is not None:
+            for name in COMMANDS[request.cmd].outputs:
+                out = request.args.get(name)
+                for obj_id in out if isinstance(out, list) else [out]:
+                    session.fail(obj_id, payload)
+        self._send(key, encode_error(request.id, payload))
+
+    async def _monitor_loop(self) -> None:
+        """Count clients whose handshake failed (no key, wrong server key, refused key)."""
+        assert self._monitor is not None
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            self.counters["handshake_failures"] += 1
+            log.warning("handshake failed from %s (event %s, %s)", event.get("endpoint"), event.get("event"),
+                        event.get("value"))
+
     def _refuse_queued(self, session: Session, why: str) -> None:
         while not session.queue.empty():
             request = session.queue.get_nowait()
@@ -241,3 +319,20 @@ class Worker:
             return
         with contextlib.suppress(zmq.ZMQError):
             self._socket.send_multipart([key, *frames], copy=self._copy_frames)
+
+
+def _user_id(frame: Any) -> str | None:
+    """The authenticated CurveZMQ key of the sender (ZAP's User-Id), or None without keys."""
+    try:
+        return frame.get("User-Id") or None
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory now (Linux), for status and memory tests."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

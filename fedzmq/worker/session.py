@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..codec import Request
-from ..errors import BadRequest, ObjectNotFound, RemoteError
+from ..errors import BadRequest, LimitExceeded, ObjectNotFound, PermissionDenied, RemoteError
 
 
 @dataclass
@@ -57,7 +57,16 @@ class RemoteOptimizer:
 @dataclass
 class Session:
     key: bytes
+    #: the CurveZMQ public key the session authenticated with (None without keys)
+    user: str | None = None
+    max_objects: int = 100_000
+    max_bytes: int = 8 << 30
     objects: dict[int, Any] = field(default_factory=dict)
+    #: ids of objects computed from private data, and those among them the policy lets ``get`` release
+    private: set[int] = field(default_factory=set)
+    releasable: set[int] = field(default_factory=set)
+    sizes: dict[int, int] = field(default_factory=dict)
+    nbytes_held: int = 0
     queue: asyncio.Queue[Request | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     last_seen: float = field(default_factory=time.monotonic)
@@ -111,9 +120,27 @@ class Session:
 
     # --- changes -------------------------------------------------------------------------------
 
-    def put(self, obj_id: int, value: Any) -> None:
+    def put(self, obj_id: int, value: Any, private: bool = False, releasable: bool = False) -> None:
+        """Store an object, within the session's object and byte quotas."""
         if obj_id in self.objects and not isinstance(self.objects[obj_id], FailedObject):
             raise BadRequest.new(f"object id {obj_id} is already in use in this session")
+        if len(self.objects) >= self.max_objects:
+            raise LimitExceeded.new(f"this session holds {len(self.objects)} objects, the worker's limit "
+                                    f"(--max-objects {self.max_objects}); delete some first")
+        size = object_nbytes(value)
+        if self.nbytes_held + size > self.max_bytes:
+            raise LimitExceeded.new(f"storing {size} more bytes would exceed this session's quota of "
+                                    f"{self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
+        self.objects[obj_id] = value
+        self.sizes[obj_id] = size
+        self.nbytes_held += size
+        if private:
+            self.private.add(obj_id)
+            if releasable:
+                self.releasable.add(obj_id)
+
+    def replace(self, obj_id: int, value: Any) -> None:
+        """Swap an object for its finished form (a completed stream) without counting it twice."""
         self.objects[obj_id] = value
 
     def fail(self, obj_id: int, error: dict[str, str]) -> None:
@@ -121,13 +148,29 @@ class Session:
             self.objects[obj_id] = FailedObject(error)
 
     def delete(self, obj_ids: list[int]) -> int:
-        return sum(self.objects.pop(i, None) is not None for i in obj_ids)
+        deleted = 0
+        for obj_id in obj_ids:
+            if self.objects.pop(obj_id, None) is not None:
+                deleted += 1
+            self.nbytes_held -= self.sizes.pop(obj_id, 0)
+            self.private.discard(obj_id)
+            self.releasable.discard(obj_id)
+        return deleted
 
     def clear(self) -> None:
         self.objects.clear()
+        self.sizes.clear()
+        self.private.clear()
+        self.releasable.clear()
+        self.nbytes_held = 0
 
-    def nbytes(self) -> int:
-        return sum(object_nbytes(v) for v in list(self.objects.values()))
+    def check_release(self, obj_id: int) -> None:
+        """Refuse to hand out a value computed from the worker's private data (unless released)."""
+        if obj_id in self.private and obj_id not in self.releasable:
+            raise PermissionDenied.new(
+                f"object {obj_id} was computed from this worker's private data; the data owner's policy "
+                "releases only aggregate scalars (losses, sums, means), model parameters and fit/evaluate "
+                "metrics")
 
 
 def object_nbytes(value: Any) -> int:
@@ -135,10 +178,9 @@ def object_nbytes(value: Any) -> int:
         return value.untyped_storage().nbytes()
     if isinstance(value, PartialTensor):
         return value.tensor.untyped_storage().nbytes()
-    if isinstance(value, nn.Module):
+    if isinstance(value, nn.Module):  # parameters and buffers, and room for the gradients to come
         return sum(t.untyped_storage().nbytes() for t in value.state_dict().values()) + sum(
-            p.grad.untyped_storage().nbytes() for p in value.parameters() if p.grad is not None
-        )
+            p.numel() * p.element_size() for p in value.parameters())
     return 0
 
 

@@ -1,0 +1,138 @@
+"""Keys and authentication: CurveZMQ for encryption, ZAP for deciding who may connect.
+
+A daemon with a secret key encrypts all traffic (CurveZMQ) and, through a ZAP authenticator on its
+own event loop, accepts only clients whose public key is in its allowed-keys folder (ZeroMQ's
+certificate files, as written by ``fedzmq keygen``). Clients without a key, or with an unknown one,
+never complete the handshake: no message of theirs reaches the worker. Denials are logged and counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Union
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.asyncio
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from .errors import FedzmqError
+
+log = logging.getLogger("fedzmq.security")
+
+KeyPath = Union[str, os.PathLike[str]]
+ZAP_DOMAIN = "fedzmq"
+
+
+class SecurityError(FedzmqError):
+    """Keys are missing, unreadable, or the configuration is unsafe."""
+
+
+def generate_keypair(directory: KeyPath, name: str) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public, share it) and ``NAME.key_secret`` (keep it) in ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    os.chmod(secret, 0o600)
+    return Path(public), Path(secret)
+
+
+def load_keypair(secret_file: KeyPath) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` file."""
+    try:
+        public, secret = zmq.auth.load_certificate(str(secret_file))
+    except (OSError, ValueError) as exc:
+        raise SecurityError(f"cannot read the key pair in {secret_file}: {exc}") from None
+    if not secret:
+        raise SecurityError(f"{secret_file} holds no secret key (pass the .key_secret file)")
+    return public, secret
+
+
+def load_public_key(key: KeyPath | bytes) -> bytes:
+    """A public key given as z85 bytes (40 characters) or as a ``.key``/``.key_secret`` file."""
+    if isinstance(key, bytes) and len(key) == 40:
+        return key
+    try:
+        public, _ = zmq.auth.load_certificate(os.fsdecode(key))
+    except (OSError, ValueError) as exc:
+        raise SecurityError(f"cannot read a public key from {key!r}: {exc}") from None
+    return public
+
+
+def load_allowed_keys(directory: KeyPath) -> set[bytes]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SecurityError(f"allowed-keys folder {directory} does not exist")
+    keys = set()
+    for path in sorted(directory.glob("*.key")):
+        keys.add(load_public_key(path))
+    return keys
+
+
+def is_loopback_address(address: str) -> bool:
+    """True for inproc/ipc and tcp on a loopback host; a tcp wildcard or any other host is not."""
+    parts = urlsplit(address)
+    if parts.scheme in ("inproc", "ipc"):
+        return True
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class KeyGate:
+    """The ZAP side of a daemon: which client keys may connect, reloadable, with counters."""
+
+    def __init__(self, context: zmq.asyncio.Context, allowed_dir: KeyPath) -> None:
+        self.allowed_dir = Path(allowed_dir)
+        self.allowed = load_allowed_keys(self.allowed_dir)
+        self.denied = 0
+        self.accepted = 0
+        self._authenticator = AsyncioAuthenticator(context, log=logging.getLogger("fedzmq.zap"))
+
+    def start(self) -> None:
+        self._authenticator.start()
+        self._authenticator.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self)
+
+    def stop(self) -> None:
+        self._authenticator.stop()
+
+    def reload(self) -> int:
+        """Read the allowed-keys folder again (SIGHUP); returns how many keys are allowed now."""
+        self.allowed = load_allowed_keys(self.allowed_dir)
+        log.info("allowed keys reloaded from %s: %d keys", self.allowed_dir, len(self.allowed))
+        return len(self.allowed)
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """Called by the ZAP authenticator for every CURVE handshake."""
+        if client_key in self.allowed:
+            self.accepted += 1
+            return True
+        self.denied += 1
+        log.warning("refused a client with an unknown key %s", client_key.decode("ascii", "replace"))
+        return False
+
+
+def apply_server_keys(socket: zmq.Socket, secret_file: KeyPath) -> bytes:
+    """Make ``socket`` a CURVE server with the key pair in ``secret_file``; returns its public key."""
+    public, secret = load_keypair(secret_file)
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+    socket.zap_domain = ZAP_DOMAIN.encode()
+    return public
+
+
+def apply_client_keys(socket: zmq.Socket, server_key: KeyPath | bytes, client_key: KeyPath) -> None:
+    """Make ``socket`` a CURVE client of the server whose public key is ``server_key``."""
+    public, secret = load_keypair(client_key)
+    socket.curve_serverkey = load_public_key(server_key)
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret

@@ -1,0 +1,250 @@
+"""Keys, private data and limits, against real daemons (issue 4)."""
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.client.connection import ConnectionSettings
+from fedzmq.examples import digits
+from fedzmq.launcher import DaemonProcess
+from fedzmq.security import generate_keypair
+
+QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=5, connect_timeout=3.0)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A daemon key pair, an allowed client, an unknown client, and the allowed-keys folder."""
+    folder = tmp_path / "keys"
+    server = generate_keypair(folder, "server")
+    alice = generate_keypair(folder, "alice")
+    mallory = generate_keypair(folder, "mallory")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(alice[0], allowed)
+    return {"server": server, "alice": alice, "mallory": mallory, "allowed": allowed}
+
+
+@pytest.fixture
+def secure_daemon(keys, tmp_path):
+    """A daemon that runs with keys (the plugin's fixture connects without keys, so we start it here)."""
+    daemon = DaemonProcess("bob", extra_args=["--secret-key", str(keys["server"][1]),
+                                              "--allowed-keys", str(keys["allowed"])], log_dir=tmp_path)
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0, daemon.log_tail()
+
+
+async def test_only_allowed_keys_get_commands_run(secure_daemon, keys):
+    bob = secure_daemon
+    async with fz.connect(bob.address, server_key=keys["server"][0], client_key=keys["alice"][1]) as alice:
+        x = await alice.send(torch.arange(4.0))
+        assert torch.equal(await (x + 1).get(), torch.arange(4.0) + 1)
+        for attempt in [{}, {"server_key": keys["server"][0], "client_key": keys["mallory"][1]}]:
+            with pytest.raises(fz.WorkerError, match="allowed"):
+                await fz.connect(bob.address, settings=QUICK, **attempt)
+        status = await alice.status()
+        assert status["encrypted"] is True
+        assert status["sessions"] == 1  # the refused clients never got a session: no command ran
+        assert status["auth_denied"] >= 1 and status["handshake_failures"] >= 2
+
+
+async def test_reloading_the_allowed_keys_takes_effect(secure_daemon, keys):
+    bob = secure_daemon
+    mallory_args = {"server_key": keys["server"][0], "client_key": keys["mallory"][1]}
+    with pytest.raises(fz.WorkerError):
+        await fz.connect(bob.address, settings=QUICK, **mallory_args)
+    shutil.copy(keys["mallory"][0], keys["allowed"])
+    bob.process.send_signal(signal.SIGHUP)
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                async with fz.connect(bob.address, settings=QUICK, **mallory_args) as mallory:
+                    assert (await mallory.ping())["id"] == "bob"
+                    break
+            except fz.WorkerError:
+                await asyncio.sleep(0.2)
+    (keys["allowed"] / keys["mallory"][0].name).unlink()
+    bob.process.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    with pytest.raises(fz.WorkerError):
+        await fz.connect(bob.address, settings=QUICK, **mallory_args)
+
+
+async def test_encrypted_traffic_does_not_carry_tensor_bytes_in_plaintext(keys):
+    """A man in the middle (a tcp relay we control) records every byte: the tensor is not among them."""
+    secret = torch.arange(1000, dtype=torch.float64) * 3.14159
+    needle = secret.numpy().tobytes()[800:864]
+    config = fz.WorkerConfig(secret_key=str(keys["server"][1]), allowed_keys=str(keys["allowed"]))
+    server = fz.Worker("bob", config=config)
+    address = server.bind("tcp://127.0.0.1:0")
+    server.start()
+    captured = bytearray()
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                captured.extend(data)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def relay(client_reader, client_writer):
+        host, port = address.rsplit(":", 1)[0].split("//")[1], int(address.rsplit(":", 1)[1])
+        server_reader, server_writer = await asyncio.open_connection(host, port)
+        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    try:
+        for keyed in (True, False):
+            captured.clear()
+            if keyed:
+                worker = await fz.connect(f"tcp://127.0.0.1:{proxy_port}", server_key=keys["server"][0],
+                                          client_key=keys["alice"][1])
+                ptr = await worker.send(secret)
+                assert torch.equal(await ptr.get(), secret)
+                await worker.close()
+                assert len(captured) > 2 * len(secret.numpy().tobytes())  # it did go through the relay
+                assert needle not in captured
+            else:  # the same check can fail: without keys the bytes are on the wire
+                plain = fz.Worker("plain")
+                plain_address = plain.bind("tcp://127.0.0.1:0")
+                plain.start()
+                address = plain_address
+                worker = await fz.connect(f"tcp://127.0.0.1:{proxy_port}")
+                await worker.send(secret)
+                await worker.close()
+                await plain.close()
+                assert needle in captured
+    finally:
+        proxy.close()
+        await server.close()
+
+
+def test_daemon_refuses_a_public_address_without_keys():
+    result = subprocess.run([sys.executable, "-m", "fedzmq.worker", "--id", "x", "--bind", "tcp://0.0.0.0:0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "without keys" in result.stderr and "--insecure" in result.stderr
+
+
+# --- private data -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def owner_data(tmp_path):
+    split = digits.prepare(tmp_path / "data", ["bob", "alice"], alpha=1.0, seed=2)
+    return {"bob": {"digits": str(split.shards["bob"])}, "alice": {"digits": str(split.shards["alice"])}}
+
+
+async def test_every_route_to_private_data_is_refused(fedzmq_daemons, owner_data):
+    bob, alice = await fedzmq_daemons("bob", "alice", datasets=owner_data)
+    [ds] = await bob.worker.search("digits")
+    features, labels = await ds.features(), await ds.labels()
+    routes = {
+        "direct get": features,
+        "labels": labels,
+        "a slice": features[0:2],
+        "one element": features[0, 5],
+        "a reshaped copy": features.reshape(-1),
+        "an arithmetic copy": features * 1 + 0,
+        "a clone": features.clone().detach(),
+        "a model's output on it": (await bob.worker.send(nn.Linear(64, 64)))(features),
+        "a max (one record's value)": features.amax(),
+        "a concatenation with public data": bob.worker._op("cat", [[features[0:1],
+                                                                    await bob.worker.send(torch.zeros(1, 64))]], {}),
+    }
+    for name, pointer in routes.items():
+        with pytest.raises(fz.PermissionDenied):
+            await pointer.get()
+        assert name
+    with pytest.raises(fz.PermissionDenied):  # moving it to another worker needs its value here first
+        await alice.worker.send(features[0:2])
+    with pytest.raises(TypeError):  # a dataset pointer itself cannot be indexed
+        ds[0]
+
+
+async def test_aggregates_parameters_and_metrics_are_released(fedzmq_daemons, owner_data):
+    [bob] = await fedzmq_daemons("bob", datasets={"bob": owner_data["bob"]})
+    [ds] = await bob.worker.datasets()
+    features, labels = await ds.features(), await ds.labels()
+    model = digits.make_model()
+    remote = await bob.worker.send(model)
+    loss = bob.worker._op("cross_entropy", [remote(features), labels], {})
+    assert 0 < (await loss.get()).item() < 10  # the seed's loss.get()
+    assert (await features.mean().get()).numel() == 1
+    await loss.backward()
+    await remote.get()  # parameters trained on private data: released, that is federated learning
+    metrics = await remote.fit(ds, optimizer={"cls": "SGD", "lr": 0.1})
+    assert metrics["num_examples"] == ds.samples
+
+
+async def test_private_release_none_refuses_even_aggregates(fedzmq_daemons, owner_data):
+    [bob] = await fedzmq_daemons("bob", datasets={"bob": owner_data["bob"]}, args=["--private-release", "none"])
+    [ds] = await bob.worker.datasets()
+    with pytest.raises(fz.PermissionDenied):
+        await (await ds.features()).mean().get()
+
+
+# --- limits -------------------------------------------------------------------------------------
+
+
+async def test_object_quota_gives_a_clear_error_and_is_counted():
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_objects=5)) as bob:
+        kept = [await bob.send(torch.zeros(10)) for _ in range(5)]
+        with pytest.raises(fz.LimitExceeded, match="max-objects"):
+            await bob.send(torch.zeros(10))
+        await kept.pop().delete()
+        await bob.send(torch.zeros(10))  # room again
+        assert (await bob.status())["limit_errors"] == 1
+
+
+async def test_byte_quota_covers_sent_tensors_and_op_outputs():
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=10_000)) as bob:
+        with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):
+            await bob.send(torch.zeros(5000))
+        column = await bob.send(torch.zeros(100, 1))
+        with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):
+            await (column @ torch.zeros(1, 100)).get()  # a 40 kB result
+        assert torch.equal(await (column + 1).get(), torch.ones(100, 1))
+
+
+async def test_session_count_limit_refuses_new_clients_clearly():
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_sessions=2)) as bob:
+        await bob.ping()  # bob's own session is the first
+        async with fz.connect(bob.address):
+            with pytest.raises(fz.LimitExceeded, match="max-sessions"):
+                await fz.connect(bob.address)
+        assert (await bob.status())["sessions_refused"] == 1
+
+
+async def test_a_flooding_client_is_throttled_and_slows_only_itself():
+    config = fz.WorkerConfig(max_inflight=50)
+    async with fz.VirtualWorker("bob", config=config) as bob, fz.connect(bob.address) as flooder:
+        x = await flooder.send(torch.randn(200, 200))
+        flood = [x @ x for _ in range(400)]  # far more than the daemon queues for one session
+        mine = await bob.send(torch.ones(3))
+        assert torch.equal(await (mine + 1).get(), torch.full((3,), 2.0))
+        done_before_mine = sum(p._ready.done() for p in flood)
+        results = await asyncio.gather(*(_settle(p) for p in flood))
+        refused = sum(isinstance(r, fz.LimitExceeded) for r in results)
+        assert refused > 0 and refused + sum(r is None for r in results) == len(flood)
+        assert done_before_mine < len(flood)  # the well-behaved session did not wait for the whole flood
+        assert (await bob.status())["throttled"] == refused
+
+
+async def _settle(pointer):
+    try:
+        await pointer
+    except fz.FedzmqError as exc:
+        return exc
+    return None
