@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train on scikit-learn's digits over local worker daemons (the main job)")
     demo.add_argument("--workers", type=int, default=4, help="worker daemons to launch (default 4)")
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the non-IID split (default 0.5)")
+    demo.add_argument("--secure", action="store_true", help="generate keys on the fly: encrypted, authenticated "
+                                                            "connections (CurveZMQ)")
     demo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out instead of "
                                                             "starting afresh")
     _add_training_flags(demo)
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train over running worker daemons")
     train.add_argument("--config", help="TOML file with the settings below (flags win)")
     train.add_argument("--worker", action="append", dest="workers", metavar="ADDRESS", help="a daemon (repeatable)")
+    train.add_argument("--server-key", action="append", dest="server_keys", metavar="FILE",
+                       help="each daemon's public key file, in the order of --worker (turns keys on)")
+    train.add_argument("--client-key", help="this coordinator's .key_secret file (with --server-key)")
+    train.add_argument("--test-data", help="a local safetensors file (x, y) for central evaluation each round")
     train.add_argument("--dataset", help="the dataset name every worker holds")
     train.add_argument("--model", help="mlp or logreg (default mlp)")
     train.add_argument("--in-features", type=int, help="input features of the model")
@@ -113,13 +119,14 @@ class Progress:
 
 
 async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dict[str, Any], dataset: str,
-                 evaluate: Any) -> Federation:
+                 evaluate: Any, keys: Sequence[dict[str, Any]] | None = None) -> Federation:
     from .client.worker import connect
 
     out = Path(settings["out"])
     out.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
-        workers = [await stack.enter_async_context(connect(a)) for a in addresses]
+        workers = [await stack.enter_async_context(connect(a, **(keys[n] if keys else {})))
+                   for n, a in enumerate(addresses)]
         strategy = make_strategy(settings["strategy"], **settings.get("strategy_args", {}))
         steps = settings.get("local_steps")
         fit = FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
@@ -156,14 +163,23 @@ def run_demo(settings: dict[str, Any]) -> int:
     for worker, counts in split.sizes.items():
         print(f"  {worker}: {sum(counts):4d} samples, per class {counts}")
     started = time.perf_counter()
-    daemons = start_daemons(ids, per_daemon_args={w: ["--data", f"{digits.DATASET}={p}"] for w, p in split.shards.items()},
-                            log_dir=str(out / "logs"))
-    print(f"launched {len(daemons)} worker daemons: " + ", ".join(f"{d.id}@{d.address}" for d in daemons))
+    daemon_args = {w: ["--data", f"{digits.DATASET}={p}"] for w, p in split.shards.items()}
+    provisioned = None
+    if settings.get("secure"):
+        from .security import provision_keys
+
+        shutil.rmtree(out / "keys", ignore_errors=True)
+        provisioned = provision_keys(out / "keys", ids)
+        daemon_args = {w: [*a, *provisioned.daemon_args(w)] for w, a in daemon_args.items()}
+    daemons = start_daemons(ids, per_daemon_args=daemon_args, log_dir=str(out / "logs"))
+    print(f"launched {len(daemons)} worker daemons{' with keys (CurveZMQ)' if provisioned else ''}: "
+          + ", ".join(f"{d.id}@{d.address}" for d in daemons))
+    keys = [provisioned.connect_kwargs(d.id) for d in daemons] if provisioned else None
     try:
         model = digits.make_model(seed=settings["seed"])
         x_test, y_test = split.test
         federation = asyncio.run(_train([d.address for d in daemons if d.address], model, settings, digits.DATASET,
-                                        lambda m: digits.evaluate(m, x_test, y_test)))
+                                        lambda m: digits.evaluate(m, x_test, y_test), keys))
     finally:
         codes = stop_all(daemons)
     epochs = settings["rounds"] * (settings["local_epochs"] or 1)
@@ -205,8 +221,24 @@ def run_train(settings: dict[str, Any]) -> int:
     else:
         model = nn.Sequential(nn.Linear(settings["in_features"], settings["hidden"]), nn.ReLU(),
                               nn.Linear(settings["hidden"], settings["classes"]))
-    federation = asyncio.run(_train(addresses, model, settings, settings["dataset"], None))
+    keys = None
+    if settings.get("server_keys") or settings.get("client_key"):
+        if len(settings.get("server_keys") or []) != len(addresses) or not settings.get("client_key"):
+            print("fedzmq train: give one --server-key per --worker, and --client-key", file=sys.stderr)
+            return 2
+        keys = [{"server_key": k, "client_key": settings["client_key"]} for k in settings["server_keys"]]
+    evaluate = None
+    if settings.get("test_data"):
+        from safetensors.torch import load_file
+
+        from .examples.digits import evaluate as evaluate_on
+        test = load_file(settings["test_data"])
+        evaluate = lambda m: evaluate_on(m, test["x"], test["y"])  # noqa: E731
+    federation = asyncio.run(_train(addresses, model, settings, settings["dataset"], evaluate, keys))
     print(summary_table(federation.history))
+    last = federation.history[-1] if federation.history else None
+    if last is not None and last.eval_accuracy is not None:
+        print(f"final test accuracy: {last.eval_accuracy:.2%}")
     print(f"plot: {plot(federation.history, Path(settings['out']) / 'plot.png')}")
     return 0
 

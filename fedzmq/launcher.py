@@ -7,6 +7,7 @@ the exit code. Fault injection for tests is a method each: ``kill()``, ``pause()
 
 from __future__ import annotations
 
+import asyncio
 import os
 import selectors
 import signal
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 READY_MARK = " ready at "
 
@@ -174,13 +175,13 @@ def stop_all(daemons: Sequence[DaemonProcess]) -> dict[str, int]:
     return {d.id: d.stop() for d in daemons}
 
 
-async def wait_answering(addresses: Sequence[str], timeout: float = 30.0) -> list[dict[str, object]]:
-    """Connect to each address and wait for its ``ping``; returns the answers."""
+async def wait_answering(addresses: Sequence[str], timeout: float = 30.0,
+                         keys: Sequence[dict[str, Any]] | None = None) -> list[dict[str, object]]:
+    """Connect to each address (with its keys, if given) and wait for its ``ping``; returns the answers."""
     from .client.worker import connect  # the launcher itself needs no client
 
-    async def one(address: str) -> dict[str, object]:
-        async with connect(address) as worker:
+    async def one(address: str, key: dict[str, Any]) -> dict[str, object]:
+        async with connect(address, **key) as worker:
             return await worker.ping(timeout=timeout)
 
-    import asyncio
-    return list(await asyncio.gather(*(one(a) for a in addresses)))
+    return list(await asyncio.gather(*(one(a, keys[n] if keys else {}) for n, a in enumerate(addresses))))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 from urllib.parse import urlsplit
@@ -39,6 +41,32 @@ def generate_keypair(directory: KeyPath, name: str) -> tuple[Path, Path]:
     public, secret = zmq.auth.create_certificates(str(directory), name)
     os.chmod(secret, 0o600)
     return Path(public), Path(secret)
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """Keys made on the fly for local daemons and one coordinator (demos, launcher, tests)."""
+
+    servers: dict[str, tuple[Path, Path]]  # daemon id -> (public, secret)
+    client: tuple[Path, Path]
+    allowed_dir: Path
+
+    def daemon_args(self, daemon_id: str) -> list[str]:
+        return ["--secret-key", str(self.servers[daemon_id][1]), "--allowed-keys", str(self.allowed_dir)]
+
+    def connect_kwargs(self, daemon_id: str) -> dict[str, Path]:
+        return {"server_key": self.servers[daemon_id][0], "client_key": self.client[1]}
+
+
+def provision_keys(directory: KeyPath, daemon_ids: list[str], client_name: str = "coordinator") -> Provisioned:
+    """A key pair per daemon and one for the coordinator, whose public key every daemon allows."""
+    directory = Path(directory)
+    servers = {i: generate_keypair(directory / "daemons", i) for i in daemon_ids}
+    client = generate_keypair(directory / "clients", client_name)
+    allowed = directory / "allowed"
+    allowed.mkdir(parents=True, exist_ok=True)
+    shutil.copy(client[0], allowed / client[0].name)
+    return Provisioned(servers, client, allowed)
 
 
 def load_keypair(secret_file: KeyPath) -> tuple[bytes, bytes]:

@@ -18,6 +18,7 @@ import sys
 import time
 
 from fedzmq.launcher import start_daemons, stop_all, wait_answering
+from fedzmq.security import provision_keys
 
 
 def main() -> int:
@@ -33,19 +34,28 @@ def main() -> int:
     p.add_argument("--base-port", type=int, default=0, help="first port (0: let the system choose)")
     p.add_argument("--write", help="write {id: address} as JSON to this file")
     p.add_argument("--log-dir", help="where daemon logs go (default: a temporary folder)")
+    p.add_argument("--secure", metavar="KEY_DIR", help="generate keys into KEY_DIR: each daemon gets a key pair "
+                                                       "and allows the client key KEY_DIR/clients/coordinator.key_secret")
     args = p.parse_args(argv)
 
     ids = args.ids or [f"worker{i}" for i in range(args.n)]
     ports = [args.base_port + i for i in range(len(ids))] if args.base_port else None
-    daemons = start_daemons(ids, extra, host=args.host, ports=ports, log_dir=args.log_dir)
+    provisioned = provision_keys(args.secure, ids) if args.secure else None
+    per_daemon = {i: provisioned.daemon_args(i) for i in ids} if provisioned else None
+    daemons = start_daemons(ids, extra, host=args.host, ports=ports, log_dir=args.log_dir, per_daemon_args=per_daemon)
     addresses = {d.id: d.address for d in daemons}
     try:
-        asyncio.run(wait_answering([a for a in addresses.values() if a]))
+        asyncio.run(wait_answering([a for a in addresses.values() if a],
+                                   keys=[provisioned.connect_kwargs(i) for i in addresses] if provisioned else None))
     except BaseException:
         stop_all(daemons)
         raise
     for d in daemons:
-        print(f"{d.id}\t{d.address}\tpid={d.pid}\tlog={d.log_path}", flush=True)
+        key = f"\tserver_key={provisioned.servers[d.id][0]}" if provisioned else ""
+        print(f"{d.id}\t{d.address}\tpid={d.pid}\tlog={d.log_path}{key}", flush=True)
+    if provisioned:
+        print(f"connect with fz.connect(address, server_key=<the daemon's server_key>, "
+              f"client_key='{provisioned.client[1]}')", flush=True)
     if args.write:
         with open(args.write, "w") as f:
             json.dump(addresses, f, indent=2)

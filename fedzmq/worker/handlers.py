@@ -161,8 +161,10 @@ class Handlers:
             numel *= d
         if args.get("grad") and not DTYPES[dtype].is_floating_point:
             raise BadRequest.new("only floating point tensors can require gradients")
-        if numel * dtype_itemsize(dtype) > 1 << 44:
-            raise LimitExceeded.new("tensor too large")
+        nbytes = numel * dtype_itemsize(dtype)
+        if session.nbytes_held + nbytes > session.max_bytes:  # refuse before allocating anything
+            raise LimitExceeded.new(f"a stream of {nbytes} bytes would exceed this session's quota of "
+                                    f"{session.max_bytes} bytes (--max-session-bytes); {session.nbytes_held} held")
         tensor = torch.empty(shape, dtype=DTYPES[dtype])
         session.put(args["out"], PartialTensor(tensor, requires_grad=bool(args.get("grad"))))
         return None
