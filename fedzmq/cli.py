@@ -105,6 +105,8 @@ class Progress:
             postfix = {"loss": f"{metrics.train_loss:.3f}"}
             if metrics.eval_accuracy is not None:
                 postfix["test_acc"] = f"{metrics.eval_accuracy:.1%}"
+            postfix["moved"] = f"{(metrics.bytes_sent + metrics.bytes_received) / 1e6:.1f}MB"
+            postfix["rate"] = f"{metrics.transfer_mb_per_s:.0f}MB/s"
             if metrics.dropped:
                 postfix["dropped"] = ",".join(sorted(metrics.dropped))
             self.bar.set_postfix(postfix)

@@ -125,6 +125,9 @@ COMMANDS: dict[str, Command] = _table(
     Command("module_load", {"obj": ID, "state": MAP}, offload="always"),
     Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always", outputs=("out",)),
     Command("module_state", {"obj": ID}, offload="always"),
+    # big models: one parameter's bytes in chunks, straight into / out of the module
+    Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}),
+    Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}),
     Command("module_mode", {"obj": ID, "train": BOOL}),
     # optimizers
     Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, outputs=("out",)),

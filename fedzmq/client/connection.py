@@ -132,6 +132,10 @@ class Connection:
         self.bytes_sent += sum(len(f) for f in frames)
         return future
 
+    def note_progress(self) -> None:
+        """A stream's chunk was acknowledged: the worker is alive (no heartbeat needed meanwhile)."""
+        self._last_heard = time.monotonic()
+
     def _check_size(self, cmd: str, frames: list[Any]) -> None:
         """Refuse locally what the worker would refuse, instead of waiting for its error."""
         limits = self.limits

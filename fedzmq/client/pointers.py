@@ -125,13 +125,13 @@ class ModulePointer(Pointer):
 
     async def get(self, timeout: float | None = None) -> nn.Module:
         """Copy the remote parameters and buffers into the local module, in place, and return it."""
-        state = await self.location._request("module_state", {"obj": self.id}, timeout)
         module = self._local()
         if module is None:
             raise ReferenceError("the local module this pointer was sent from no longer exists")
-        with torch.no_grad():
-            for name, tensor in module.state_dict(keep_vars=True).items():
-                tensor.copy_(state[name])
+        local = module.state_dict(keep_vars=True)
+        with torch.no_grad():  # each piece lands straight in the local tensor: no second copy of the model
+            async for name, start, values in self.location._module_slices(self, timeout):
+                local[name].view(-1)[start:start + values.numel()].copy_(values)
         return module
 
     async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",

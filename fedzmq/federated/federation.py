@@ -149,7 +149,7 @@ class Federation:
             if self.strategy.sequential:
                 self.model.load_state_dict(start_state)
             raise RoundFailed(number, aggregator.count, self.min_workers, dropped)
-        self.model.load_state_dict(aggregator.result())
+        aggregator.write_result(self.model.state_dict())  # in place, entry by entry
         self.round = number
 
         metrics = RoundMetrics(round=number, participants=sorted(fits), dropped=dropped, fits=fits)
@@ -163,6 +163,7 @@ class Federation:
         sent_after, received_after = self._traffic()
         metrics.bytes_sent, metrics.bytes_received = sent_after - sent_before, received_after - received_before
         metrics.seconds = time.perf_counter() - started
+        metrics.transfer_mb_per_s = (metrics.bytes_sent + metrics.bytes_received) / 1e6 / max(metrics.seconds, 1e-9)
         self.history.append(metrics)
         if self.checkpoint_dir:
             self._save_checkpoint()
@@ -185,9 +186,15 @@ class Federation:
         result = await remote.fit(config.dataset, loss=config.loss, optimizer=dict(config.optimizer),
                                   epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
                                   prox_mu=float(extra.get("prox_mu", 0.0)), seed=self.seed * 100_003 + round_number)
-        async with self._download_slots:  # one update in memory at a time, folded in at once
-            state = await worker._request("module_state", {"obj": remote.id})
-            aggregator.add(state, int(result["num_examples"]))
+        async with self._download_slots:  # one download at a time, folded in piece by piece as it arrives
+            aggregator.begin_update(int(result["num_examples"]))
+            try:
+                async for name, start, values in worker._module_slices(remote):
+                    aggregator.add_slice(name, start, values)
+            except BaseException:
+                aggregator.abort_update()  # see the aggregator for what happens to the pieces that arrived
+                raise
+            aggregator.end_update()
         return result
 
     async def _evaluate_on_workers(self, metrics: RoundMetrics, participants: Sequence[RemoteWorker],

@@ -24,6 +24,8 @@ class RoundMetrics:
     seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: bytes moved both ways per second over the round (sends, chunked streams and downloads)
+    transfer_mb_per_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

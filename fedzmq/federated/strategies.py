@@ -52,6 +52,42 @@ class Aggregator(abc.ABC):
         """How many updates were added."""
         return self._count
 
+    # Streaming, slice by slice: the scheduler downloads an update in pieces (whole small tensors, or
+    # chunks of big ones) and hands each over at once, so a whole update never has to sit in the
+    # coordinator's memory. ``add_slice(name, start, values)`` gives the flat elements
+    # [start, start + len(values)) of entry ``name``. The default collects the pieces and calls ``add``;
+    # the weighted mean overrides it to fold each piece straight into its running sum.
+
+    def begin_update(self, num_samples: int) -> None:
+        self._pending: State = {}
+        self._pending_samples = num_samples
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        template = self._global_template(name)
+        if name not in self._pending:
+            self._pending[name] = torch.empty_like(template)
+        self._pending[name].view(-1)[start:start + values.numel()].copy_(values.reshape(-1))
+
+    def end_update(self) -> None:
+        pending, self._pending = self._pending, {}
+        self.add(pending, self._pending_samples)
+
+    def abort_update(self) -> None:
+        """The update broke off mid-download (worker died): forget what had arrived."""
+        self._pending = {}
+
+    def _global_template(self, name: str) -> torch.Tensor:
+        template = getattr(self, "_global", {}).get(name)
+        if template is None:
+            raise ValueError(f"update entry {name!r} is not in the global model")
+        return template
+
+    def write_result(self, into: State) -> None:
+        """Copy the new global model into ``into`` (the model's own tensors), in place."""
+        with torch.no_grad():
+            for name, value in self.result().items():
+                into[name].copy_(value)
+
 
 class Strategy(abc.ABC):
     """One federated algorithm: per-round fit arguments, an aggregator per round, and checkpointable state."""
@@ -107,6 +143,11 @@ class _WeightedMeanAggregator(_CheckedAggregator):
         super().__init__(global_state)
         self._acc: State = {}
         self._total = 0
+        self._segments: list[tuple[str, int, int]] = []
+        #: pieces folded in by updates that broke off mid-download: (start, length, weight) per entry.
+        #: They cannot be taken out again (that would need the update in memory), so their elements are
+        #: averaged over the updates that delivered them; every other element over the complete updates.
+        self._partial: dict[str, list[tuple[int, int, int]]] = {}
 
     def add(self, state: State, num_samples: int) -> None:
         self._check(state, num_samples)
@@ -120,13 +161,73 @@ class _WeightedMeanAggregator(_CheckedAggregator):
                 self._acc[k] = x.detach().to(ref.dtype, copy=True) if acc is None else torch.maximum(acc, x)
         self._total += num_samples
 
+    def begin_update(self, num_samples: int) -> None:
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self._pending_samples = num_samples
+        self._pending_elements: dict[str, int] = {}
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        ref = self._global_template(name)
+        values = values.reshape(-1)
+        if start < 0 or start + values.numel() > ref.numel():
+            raise ValueError(f"slice [{start}, {start + values.numel()}) is outside {name!r}")
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = (torch.zeros_like(ref, dtype=_work_dtype(ref)) if ref.is_floating_point()
+                                     else torch.full_like(ref, torch.iinfo(ref.dtype).min if ref.dtype != torch.bool
+                                                          else False))
+        target = acc.view(-1)[start:start + values.numel()]
+        if ref.is_floating_point():
+            target.add_(values, alpha=self._pending_samples)
+        else:
+            torch.maximum(target, values.to(ref.dtype), out=target)
+        self._pending_elements[name] = self._pending_elements.get(name, 0) + values.numel()
+        self._segments.append((name, start, values.numel()))
+
+    def end_update(self) -> None:
+        incomplete = [k for k, ref in self._global.items() if self._pending_elements.get(k, 0) != ref.numel()]
+        if incomplete:
+            self.abort_update()
+            raise ValueError(f"update is missing (parts of) {sorted(incomplete)}")
+        self._total += self._pending_samples
+        self._count += 1
+        self._segments = []
+
+    def abort_update(self) -> None:
+        for name, start, length in self._segments:
+            self._partial.setdefault(name, []).append((start, length, self._pending_samples))
+        self._segments = []
+        self._pending_elements = {}
+
+    def _entry_mean(self, name: str) -> torch.Tensor:
+        """One entry of sum(n_i * x_i) / sum(n_i) in the working dtype (non-float entries: the max)."""
+        acc, ref = self._acc[name], self._global[name]
+        if not ref.is_floating_point():
+            return acc
+        if name not in self._partial:
+            return acc / self._total
+        weights = torch.full((ref.numel(),), float(self._total), dtype=acc.dtype)
+        for start, length, weight in self._partial[name]:
+            weights[start:start + length] += weight
+        return acc / weights.view(ref.shape)
+
+    def write_result(self, into: State) -> None:
+        """The mean, written entry by entry: never a whole extra model in memory."""
+        self._require_updates()
+        if self._total <= 0:
+            raise ValueError("the updates' sample counts sum to zero")
+        with torch.no_grad():
+            for name in self._acc:
+                into[name].copy_(self._entry_mean(name))
+
     def _mean(self) -> State:
         """sum(n_i * x_i) / sum(n_i) in the working dtype (non-float entries: the max, copied)."""
         self._require_updates()
         if self._total <= 0:
             raise ValueError("the updates' sample counts sum to zero")
-        return {k: acc / self._total if self._global[k].is_floating_point() else acc.clone()
-                for k, acc in self._acc.items()}
+        return {k: self._entry_mean(k).clone() if not self._global[k].is_floating_point() else self._entry_mean(k)
+                for k in self._acc}
 
     def result(self) -> State:
         mean = self._mean()
@@ -181,6 +282,13 @@ class _FedOptAggregator(_WeightedMeanAggregator):
             self._new = self._strategy._step(self._global, self._mean())
             self._acc = {}
         return {k: t.clone() for k, t in self._new.items()}
+
+    def begin_update(self, num_samples: int) -> None:
+        if self._new is not None:
+            raise RuntimeError("this round was already aggregated")
+        super().begin_update(num_samples)
+
+    write_result = Aggregator.write_result  # the optimizer step, not the plain mean
 
 
 class FedOpt(Strategy):

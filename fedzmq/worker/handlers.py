@@ -216,18 +216,57 @@ class Handlers:
     # --- modules -------------------------------------------------------------------------------
 
     def cmd_module_put(self, session: Session, args: dict[str, Any]) -> Any:
-        module = instantiate(args["spec"], args["state"], self.models)
+        # big tensors arrive beforehand as streamed objects and are named here by reference; the
+        # module adopts them (no copy) and they leave the session's object table
+        state, adopted = {}, []
+        for name, value in args["state"].items():
+            if isinstance(value, Ref):
+                session.check_release(value.id)  # private data never becomes a model parameter
+                state[name] = session.tensor(value.id)
+                adopted.append(value.id)
+            else:
+                state[name] = value
+        module = instantiate(args["spec"], state, self.models)
+        session.delete(adopted)
         session.put(args["out"], module)
         return None
 
     def cmd_module_load(self, session: Session, args: dict[str, Any]) -> Any:
+        """Update some or all parameters and buffers in place (the rest come by ``module_write``)."""
         module = session.module(args["obj"])
         current = module.state_dict()
-        check_state(current, args["state"])
+        unknown = set(args["state"]) - set(current)
+        if unknown:
+            raise BadRequest.new(f"model has no parameters or buffers named {sorted(unknown)}")
+        check_state({k: current[k] for k in args["state"]}, args["state"])
         with torch.no_grad():
             for name, tensor in args["state"].items():
                 current[name].copy_(tensor)
         return None
+
+    def _module_bytes(self, session: Session, obj: int, name: str) -> torch.Tensor:
+        tensor = session.module(obj).state_dict().get(name)
+        if tensor is None:
+            raise BadRequest.new(f"model has no parameter or buffer named {name!r}")
+        if not tensor.is_contiguous():
+            raise BadRequest.new(f"{name!r} is not contiguous and cannot be streamed")
+        return tensor.detach().view(-1).view(torch.uint8)
+
+    def cmd_module_write(self, session: Session, args: dict[str, Any]) -> Any:
+        target, data, offset = self._module_bytes(session, args["obj"], args["name"]), args["data"], args["offset"]
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            raise BadRequest.new("module_write takes a flat uint8 tensor of bytes")
+        if offset + data.numel() > target.numel():
+            raise BadRequest.new(f"chunk of {data.numel()} bytes at {offset} runs past {args['name']!r}")
+        with torch.no_grad():
+            target[offset: offset + data.numel()].copy_(data)
+        return None
+
+    def cmd_module_read(self, session: Session, args: dict[str, Any]) -> Any:
+        source, offset, length = self._module_bytes(session, args["obj"], args["name"]), args["offset"], args["length"]
+        if offset + length > source.numel() or length > self.limits.chunk_bytes:
+            raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
+        return source[offset: offset + length].clone()  # a snapshot: later steps must not change what is sent
 
     def cmd_module_call(self, session: Session, args: dict[str, Any]) -> Any:
         module = session.module(args["obj"])
@@ -235,9 +274,19 @@ class Handlers:
         return _store_outputs(session, args["out"], result, "forward", any(i in session.private for i in refs_in(args)))
 
     def cmd_module_state(self, session: Session, args: dict[str, Any]) -> Any:
-        # a snapshot: the reply is sent after this returns, and a later optimizer step must not
-        # change bytes that ZeroMQ is still sending
-        return {k: v.detach().clone() for k, v in session.module(args["obj"]).state_dict().items()}
+        """Parameters and buffers: small ones inline (snapshots, up to one chunk in all), the others as
+        ``StreamInfo`` for the client to fetch with ``module_read`` (so no reply exceeds a chunk)."""
+        budget = self.limits.chunk_bytes
+        result: dict[str, Any] = {}
+        for name, tensor in session.module(args["obj"]).state_dict().items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes <= budget and tensor.is_contiguous():
+                # a snapshot: a later optimizer step must not change bytes ZeroMQ is still sending
+                result[name] = tensor.detach().clone()
+                budget -= nbytes
+            else:
+                result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False)
+        return result
 
     def cmd_module_mode(self, session: Session, args: dict[str, Any]) -> Any:
         session.module(args["obj"]).train(args["train"])

@@ -167,6 +167,7 @@ class Worker:
             "objects": len(objects),
             "bytes": sum(object_nbytes(o) for o in objects),
             "rss_bytes": _rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
             "encrypted": self.key_gate is not None,
             "auth_denied": self.key_gate.denied if self.key_gate else 0,
             "auth_accepted": self.key_gate.accepted if self.key_gate else 0,
@@ -336,3 +337,15 @@ def _rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Linux VmHWM), for memory tests and benchmarks."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
