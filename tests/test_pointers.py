@@ -334,3 +334,26 @@ async def test_pipelined_commands_of_a_session_run_in_order(fedzmq_virtual_worke
     for _ in range(200):
         chain = chain + 1
     assert (await chain.get()).item() == 200.0
+
+
+async def test_fit_with_a_remote_optimizer_keeps_its_state_across_calls():
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(64, 3)
+    y = (x[:, 0] > 0).long()
+    async with fz.VirtualWorker("bob", datasets={"d": Dataset("d", x, y)}) as bob:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        reference = nn.Linear(3, 2)
+        reference.load_state_dict(model.state_dict())
+        remote = await bob.send(model)
+        opt = fz.Optims([bob], optim=torch.optim.Adam(model.parameters(), lr=0.05)).get_optim(bob)
+        for _ in range(2):  # Adam's moments carry over from the first call to the second
+            await remote.fit("d", optimizer=opt, steps=1, batch_size=64)
+        await remote.get()
+        local_opt = torch.optim.Adam(reference.parameters(), lr=0.05)
+        for _ in range(2):
+            local_opt.zero_grad()
+            F.cross_entropy(reference(x), y).backward()
+            local_opt.step()
+        fz.testing.assert_state_dicts_close(model, reference, atol=1e-6)

@@ -18,6 +18,7 @@ from torch import nn
 from ..ops import METHODS, OPERATORS
 
 if TYPE_CHECKING:
+    from .optims import RemoteOptimizer
     from .worker import RemoteWorker
 
 
@@ -135,36 +136,32 @@ class ModulePointer(Pointer):
         return module
 
     async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
-                  optimizer: "dict[str, Any] | Any" = None, epochs: int | None = None, steps: int | None = None,
-                  batch_size: int = 32, prox_mu: float = 0.0, seed: int = 0,
+                  optimizer: "dict[str, Any] | RemoteOptimizer | None" = None, epochs: int | None = None,
+                  steps: int | None = None, batch_size: int = 32, prox_mu: float = 0.0, seed: int = 0,
                   timeout: float | None = None) -> dict[str, Any]:
-        """Train on the worker's dataset, entirely there: E epochs or S steps of minibatch training.
+        """Train on the worker's dataset, entirely there: E epochs (default 1) or S steps of minibatches.
 
-        ``optimizer`` is ``{"cls": "SGD", "lr": 0.1, ...}`` (fresh for this call) or a
-        ``RemoteOptimizer`` of this worker (its state persists). ``prox_mu`` adds FedProx's proximal
-        term. Returns ``{"loss", "samples_seen", "num_examples", "steps", "seconds"}``."""
-        return await self.location._request("fit", self._fit_args(dataset, loss, optimizer, epochs, steps,
-                                                                  batch_size, prox_mu, seed), timeout)
-
-    def _fit_args(self, dataset: "DatasetPointer | str", loss: str, optimizer: Any, epochs: int | None,
-                  steps: int | None, batch_size: int, prox_mu: float, seed: int) -> dict[str, Any]:
+        ``optimizer`` is ``{"cls": "SGD", "lr": 0.1, ...}`` (a fresh one for this call, the default
+        being SGD with lr 0.01) or a ``RemoteOptimizer`` of this worker over this model (its state
+        persists across calls). ``prox_mu`` adds FedProx's proximal term. Returns
+        ``{"loss", "samples_seen", "num_examples", "steps", "seconds"}``."""
         args: dict[str, Any] = {"module": self.id, "dataset": _dataset_name(self.location, dataset), "loss": loss,
                                 "batch_size": batch_size, "seed": seed}
-        if epochs is None and steps is None:
-            epochs = 1
-        if epochs is not None:
-            args["epochs"] = epochs
         if steps is not None:
             args["steps"] = steps
+        else:
+            args["epochs"] = 1 if epochs is None else epochs
         if prox_mu:
             args["prox_mu"] = float(prox_mu)
-        if optimizer is None:
-            optimizer = {"cls": "SGD", "lr": 0.01}
-        if isinstance(optimizer, dict):
-            args["optimizer"] = optimizer
-        else:  # a RemoteOptimizer: created (if needed) by the caller via its _ensure()
-            raise TypeError("pass optimizer={'cls': 'SGD', 'lr': ...}; remote optimizers: use fit_with()")
-        return args
+        if optimizer is None or isinstance(optimizer, dict):
+            args["optimizer"] = dict(optimizer or {"cls": "SGD", "lr": 0.01})
+        else:
+            if optimizer.worker is not self.location:
+                from ..errors import WrongWorkerError
+                raise WrongWorkerError(f"that optimizer lives on {optimizer.worker.id!r}, the model on "
+                                       f"{self.location.id!r}")
+            args["optim"] = await optimizer._ensure()
+        return await self.location._request("fit", args, timeout)
 
     async def evaluate(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
                        batch_size: int = 1024, timeout: float | None = None) -> dict[str, Any]:
