@@ -51,7 +51,7 @@ class Limits:
     max_depth: int = 32
     #: tensors above this many bytes travel as a stream of chunks of this size (see ``alloc``/``write``/``read``);
     #: never more than ``max_frame_bytes``
-    chunk_bytes: int = 64 << 20
+    chunk_bytes: int = 128 << 20
 
     def __post_init__(self) -> None:
         if self.chunk_bytes > self.max_frame_bytes:
@@ -372,7 +372,7 @@ class _Decoder:
             raise ProtocolError("requires_grad must be a bool")
         self.claimed[index] = True
         numel = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         frame = self.frames[index]
         if numel * itemsize != _frame_len(frame):
             raise ProtocolError(
@@ -401,4 +401,4 @@ def _is_shape(shape: Any) -> bool:
 
 
 def dtype_itemsize(name: str) -> int:
-    return torch.empty((), dtype=DTYPES[name]).element_size()
+    return DTYPES[name].itemsize

@@ -116,7 +116,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("info", {"obj": ID}),
     Command("delete", {"objs": IDS}),
     Command("alloc", {"out": ID, "dtype": STR, "shape": LIST}, {"grad": BOOL}, outputs=("out",)),
-    Command("write", {"obj": ID, "offset": NONNEG, "data": VALUE}),
+    Command("write", {"obj": ID, "offset": NONNEG, "data": VALUE}, offload="always"),  # a chunk's copy
     Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}),
     Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, offload="large", outputs=("out",)),
     Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always"),
@@ -126,8 +126,8 @@ COMMANDS: dict[str, Command] = _table(
     Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always", outputs=("out",)),
     Command("module_state", {"obj": ID}, offload="always"),
     # big models: one parameter's bytes in chunks, straight into / out of the module
-    Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}),
-    Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}),
+    Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, offload="always"),
+    Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}, offload="always"),
     Command("module_mode", {"obj": ID, "train": BOOL}),
     # optimizers
     Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, outputs=("out",)),
@@ -139,5 +139,8 @@ COMMANDS: dict[str, Command] = _table(
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT},
             offload="always"),
+    # secure aggregation: one command, four steps (advertise, share_keys, masked_input, unmask)
+    Command("secagg", {"step": STR, "round": NONNEG, "payload": VALUE},
+            {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always"),
     Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG}, offload="always"),
 )

@@ -153,7 +153,11 @@ class Row:
             fmt = lambda v: f"{v:.2f}"  # noqa: E731
         fz = self.fz_text or (fmt(self.fz) if self.fz is not None else "-")
         raw = self.raw_text or (fmt(self.raw) if self.raw is not None else "-")
-        ratio = f"{self.ratio:.2f}x" if self.ratio is not None else "-"
+        ratio = "-"
+        if self.ratio is not None:
+            ratio = f"{self.ratio:.2f}x"
+            if self.target is not None and f"{self.ratio:.2f}" == f"{self.target:.2f}":
+                ratio = f"{self.ratio:.3f}x"  # so that a near miss does not read as the target itself
         if self.target is None:
             target = "-" if self.kind != "text" else self.extra.get("target", "-")
         else:

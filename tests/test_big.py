@@ -60,7 +60,7 @@ def test_tensor_over_two_gib_round_trips_bit_exact_in_bounded_memory(tmp_path):
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
     assert report["exact"]
-    in_flight = 4 * (64 << 20)  # the stream window: 4 chunks of 64 MiB
+    in_flight = 4 * fz.Limits().chunk_bytes  # the stream window: 4 chunks
     slack = 300 << 20           # interpreter, ZeroMQ and kernel buffers
     client_extra = report["client_peak"] - report["client_baseline"]
     daemon_extra = report["daemon_peak"] - report["daemon_before"]

@@ -28,6 +28,9 @@ from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
 
 #: chunks of a streamed tensor in flight at once (flow control: the window of unacknowledged writes)
 STREAM_WINDOW = 4
+#: remote deletes of collected pointers are batched: sent after this many seconds or this many ids
+RELEASE_DELAY = 0.02
+RELEASE_BATCH = 256
 
 
 class RemoteWorker:
@@ -143,8 +146,6 @@ class RemoteWorker:
         self._before_request()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        if self._released:
-            self._flush_released()
         return self._connection.submit(cmd, args)
 
     async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
@@ -184,15 +185,30 @@ class RemoteWorker:
         return TensorPointer(self, out, ready)
 
     def _release(self, obj_id: int) -> None:
-        """Called from ``Pointer.__del__``: queue a remote delete, sent in one batch soon."""
+        """Called from ``Pointer.__del__``: queue a remote delete. Deletes go out in batches, every
+        ``RELEASE_DELAY`` seconds or ``RELEASE_BATCH`` ids, never one message per collected pointer.
+        (Order is safe: a pointer is collected only after every command naming it was sent.)"""
         if self._connection.closed or self._loop is None or self._loop.is_closed():
             return
         self._released.append(obj_id)
-        if len(self._released) == 1:
-            try:
-                self._loop.call_soon_threadsafe(self._flush_released)
-            except RuntimeError:  # loop closed while we were collected
-                pass
+        if len(self._released) >= RELEASE_BATCH:
+            self._schedule(self._flush_released)
+        elif len(self._released) == 1:
+            self._schedule(lambda: self._loop.call_later(RELEASE_DELAY, self._flush_released))  # type: ignore
+
+    def _schedule(self, callback: Callable[[], Any]) -> None:
+        assert self._loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        try:
+            if running is self._loop:
+                self._loop.call_soon(callback)
+            else:  # collected on another thread
+                self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop closed while we were collected
+            pass
 
     def _flush_released(self) -> None:
         ids, self._released = self._released, []

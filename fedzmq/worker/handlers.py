@@ -77,7 +77,7 @@ def _store_outputs(session: Session, out: list[int], result: Any, what: str, pri
                              f"{[type(r).__name__ for r in results]}; the request expected {len(out)} tensor(s)")
     for obj_id, tensor in zip(out, results):
         session.put(obj_id, tensor, private=private, releasable=releasable and tensor.numel() == 1)
-    return [tensor_info(t) for t in results]
+    return None  # the client names the results; an empty reply keeps the pipelined path cheap
 
 
 class Handlers:
@@ -86,9 +86,10 @@ class Handlers:
     def __init__(self, worker_id: str, limits: Limits, models: ModelRegistry,
                  status: Callable[[], dict[str, Any]], ping: Callable[[], dict[str, Any]],
                  fault_injection: bool = False, datasets: dict[str, Dataset] | None = None,
-                 private_release: str = "aggregates") -> None:
+                 private_release: str = "aggregates", require_secure_aggregation: bool = False) -> None:
         self.worker_id = worker_id
         self.private_release = private_release
+        self.require_secure_aggregation = require_secure_aggregation
         self.datasets = datasets or {}
         self.limits = limits
         self.fault_injection = fault_injection
@@ -263,6 +264,7 @@ class Handlers:
         return None
 
     def cmd_module_read(self, session: Session, args: dict[str, Any]) -> Any:
+        session.check_release(args["obj"])
         source, offset, length = self._module_bytes(session, args["obj"], args["name"]), args["offset"], args["length"]
         if offset + length > source.numel() or length > self.limits.chunk_bytes:
             raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
@@ -271,11 +273,13 @@ class Handlers:
     def cmd_module_call(self, session: Session, args: dict[str, Any]) -> Any:
         module = session.module(args["obj"])
         result = module(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
-        return _store_outputs(session, args["out"], result, "forward", any(i in session.private for i in refs_in(args)))
+        private = args["obj"] in session.private or any(i in session.private for i in refs_in(args))
+        return _store_outputs(session, args["out"], result, "forward", private)
 
     def cmd_module_state(self, session: Session, args: dict[str, Any]) -> Any:
         """Parameters and buffers: small ones inline (snapshots, up to one chunk in all), the others as
         ``StreamInfo`` for the client to fetch with ``module_read`` (so no reply exceeds a chunk)."""
+        session.check_release(args["obj"])
         budget = self.limits.chunk_bytes
         result: dict[str, Any] = {}
         for name, tensor in session.module(args["obj"]).state_dict().items():
@@ -350,6 +354,8 @@ class Handlers:
             optimizer = remote.optimizer
         else:
             optimizer = training.make_optimizer(args["optimizer"], module)
+        if self.require_secure_aggregation:  # its parameters now carry the data: only masked updates leave
+            session.private.add(args["module"])
         return training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
                             batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                             prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
@@ -361,6 +367,11 @@ class Handlers:
         tensor = dataset.features if args["part"] == "features" else dataset.labels
         session.put(args["out"], tensor, private=True)  # shared, not copied: it is never written to
         return tensor_info(tensor)
+
+    def cmd_secagg(self, session: Session, args: dict[str, Any]) -> Any:
+        from . import secure  # the crypto is loaded by the daemons that take part in secure rounds only
+
+        return secure.handle(session, args)
 
     def cmd_evaluate(self, session: Session, args: dict[str, Any]) -> Any:
         return training.evaluate(session.module(args["module"]), self.dataset(args["dataset"]), loss=args["loss"],
