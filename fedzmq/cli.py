@@ -37,6 +37,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for the model, the split and sampling (default 0)")
     p.add_argument("--out", help="folder for metrics.jsonl, plot.png and checkpoints (default runs/<command>)")
     p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--secure-aggregation", action="store_true", default=None,
+                   help="the coordinator sees only the sum of the updates (Bonawitz et al. secure aggregation)")
+    p.add_argument("--dp-epsilon", type=float, help="central differential privacy: noise calibrated so that "
+                   "all rounds together spend this epsilon (implies --secure-aggregation)")
+    p.add_argument("--dp-delta", type=float, help="the delta of the DP guarantee (default 1e-5)")
+    p.add_argument("--clip", type=float, help="L2 bound on each worker's update under secure aggregation "
+                   "(default 10, or 1 with --dp-epsilon)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +94,26 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _strategy(settings: dict[str, Any]) -> Any:
+    """The strategy the flags name, wrapped in secure aggregation (and DP) when asked."""
+    strategy = make_strategy(settings["strategy"], **settings.get("strategy_args", {}))
+    epsilon = settings.get("dp_epsilon")
+    if not settings.get("secure_aggregation") and epsilon is None:
+        return strategy
+    from .federated.secure import SecAgg
+
+    delta = settings.get("dp_delta") or 1e-5
+    if epsilon is None:
+        return SecAgg(strategy, clip=settings.get("clip") or 10.0)
+    from .secagg import noise_multiplier_for_epsilon
+
+    sigma = noise_multiplier_for_epsilon(epsilon, delta, settings["rounds"], 1.0)
+    print(f"differential privacy: noise multiplier {sigma:.3f} for epsilon {epsilon} at delta {delta} over "
+          f"{settings['rounds']} rounds", file=sys.stderr)
+    return SecAgg(strategy, clip=settings.get("clip") or 1.0, noise_multiplier=sigma, delta=delta,
+                  target_epsilon=epsilon)
+
+
 class Progress:
     """A progress bar over rounds with the live loss and accuracy, and one JSON line per round."""
 
@@ -105,6 +132,8 @@ class Progress:
             postfix = {"loss": f"{metrics.train_loss:.3f}"}
             if metrics.eval_accuracy is not None:
                 postfix["test_acc"] = f"{metrics.eval_accuracy:.1%}"
+            if metrics.epsilon is not None:
+                postfix["eps"] = f"{metrics.epsilon:.2f}"
             postfix["moved"] = f"{(metrics.bytes_sent + metrics.bytes_received) / 1e6:.1f}MB"
             postfix["rate"] = f"{metrics.transfer_mb_per_s:.0f}MB/s"
             if metrics.dropped:
@@ -129,7 +158,7 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
     async with contextlib.AsyncExitStack() as stack:
         workers = [await stack.enter_async_context(connect(a, **(keys[n] if keys else {})))
                    for n, a in enumerate(addresses)]
-        strategy = make_strategy(settings["strategy"], **settings.get("strategy_args", {}))
+        strategy = _strategy(settings)
         steps = settings.get("local_steps")
         fit = FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
                         epochs=None if steps else settings["local_epochs"], steps=steps,
@@ -194,7 +223,12 @@ def run_demo(settings: dict[str, Any]) -> int:
     path = plot(federation.history, out / "plot.png", title=f"{settings['strategy']} on digits, {len(ids)} non-IID data owners",
                 reference_accuracy=central_result["accuracy"])
     print()
-    print(f"final test accuracy, federated ({settings['strategy']}, {federation.round} rounds): {final['accuracy']:.2%}")
+    if federation.stopped_early:
+        print(federation.stopped_early)
+    label = federation.strategy.name if hasattr(federation.strategy, "name") else settings["strategy"]
+    eps = federation.history[-1].epsilon if federation.history else None
+    privacy = f", epsilon {eps:.2f} at delta {settings.get('dp_delta') or 1e-5}" if eps is not None else ""
+    print(f"final test accuracy, federated ({label}, {federation.round} rounds{privacy}): {final['accuracy']:.2%}")
     print(f"final test accuracy, centralized training of the same model ({epochs} epochs): "
           f"{central_result['accuracy']:.2%}")
     print(f"difference: {(final['accuracy'] - central_result['accuracy']) * 100:+.2f} points; "

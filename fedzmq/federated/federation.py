@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
+from ..client.pointers import ModulePointer
 from ..client.worker import RemoteWorker
 from ..errors import FedzmqError, RemoteError
 from . import checkpoint as ckpt
@@ -103,6 +104,8 @@ class Federation:
         self.round = 0
         self.history: list[RoundMetrics] = []
         self.resumed_from: int | None = None
+        #: why ``run`` stopped before its last round (a privacy budget), if it did
+        self.stopped_early: str | None = None
         if checkpoint_dir:
             self._resume(checkpoint_dir)
 
@@ -111,6 +114,10 @@ class Federation:
     async def run(self, rounds: int, on_round: Callable[[RoundMetrics], None] | None = None) -> list[RoundMetrics]:
         """Run rounds until ``rounds`` are done in total (a resumed federation continues its count)."""
         while self.round < rounds:
+            budget_left = getattr(self.strategy, "budget_left", None)
+            if budget_left is not None and not budget_left(min(1.0, len(self.select(self.round + 1)) / len(self.workers))):
+                self.stopped_early = f"stopped before round {self.round + 1}: it would exceed the privacy budget"
+                break
             metrics = await self.run_round()
             if on_round is not None:
                 on_round(metrics)
@@ -122,17 +129,28 @@ class Federation:
         sent_before, received_before = self._traffic()
         participants = self.select(number)
         start_state = {k: v.clone() for k, v in self.model.state_dict().items()} if self.strategy.sequential else None
-        aggregator = self.strategy.begin_round(number, self.model.state_dict())
-        extra = self.strategy.configure_fit(number)
         deadline = asyncio.get_running_loop().time() + self.round_timeout
         fits: dict[str, dict[str, Any]] = {}
         dropped: dict[str, str] = {}
+        if getattr(self.strategy, "secure", False):
+            from ..secagg.errors import SecAggAborted
+            from .secure import run_secure_round
+
+            try:
+                fits, dropped, facts = await run_secure_round(self, self.strategy, participants, number, deadline)
+            except SecAggAborted as exc:
+                raise RoundFailed(number, 0, self.min_workers, {"secure aggregation": str(exc)}) from exc
+            if len(fits) < self.min_workers:  # too late to refuse: checked against min_workers before
+                raise RoundFailed(number, len(fits), self.min_workers, dropped)
+            return await self._finish_round(number, started, sent_before, received_before, participants, fits,
+                                            dropped, facts)
+        aggregator = self.strategy.begin_round(number, self.model.state_dict())
 
         async def one(worker: RemoteWorker) -> None:
             key = worker.id or worker.address
             try:
                 async with asyncio.timeout_at(deadline):
-                    fits[key] = await self._train_one(worker, aggregator, extra, number)
+                    fits[key] = await self._train_one(worker, aggregator, number)
             except TimeoutError:
                 dropped[key] = f"missed the round deadline of {self.round_timeout:g}s"
             except Exception as exc:  # any failure of one worker only removes it from this round
@@ -150,9 +168,17 @@ class Federation:
                 self.model.load_state_dict(start_state)
             raise RoundFailed(number, aggregator.count, self.min_workers, dropped)
         aggregator.write_result(self.model.state_dict())  # in place, entry by entry
-        self.round = number
+        return await self._finish_round(number, started, sent_before, received_before, participants, fits, dropped,
+                                        {})
 
-        metrics = RoundMetrics(round=number, participants=sorted(fits), dropped=dropped, fits=fits)
+    async def _finish_round(self, number: int, started: float, sent_before: int, received_before: int,
+                            participants: Sequence[RemoteWorker], fits: dict[str, dict[str, Any]],
+                            dropped: dict[str, str], facts: dict[str, Any]) -> RoundMetrics:
+        """Evaluate, record and checkpoint a round whose new model is in place."""
+        self.round = number
+        deadline = asyncio.get_running_loop().time() + self.round_timeout
+        metrics = RoundMetrics(round=number, participants=sorted(fits), dropped=dropped, fits=fits, extra=facts)
+        metrics.epsilon = facts.get("epsilon")
         total = sum(f["num_examples"] for f in fits.values())
         metrics.train_loss = sum(f["loss"] * f["num_examples"] for f in fits.values()) / max(1, total)
         if self.evaluate_fn is not None:
@@ -178,14 +204,17 @@ class Federation:
             return list(candidates)
         return random.Random(f"{self.seed}:{round_number}").sample(candidates, wanted)
 
-    async def _train_one(self, worker: RemoteWorker, aggregator: Aggregator, extra: Mapping[str, Any],
-                         round_number: int) -> dict[str, Any]:
+    async def _fit(self, worker: RemoteWorker, remote: ModulePointer, round_number: int) -> dict[str, Any]:
+        """The participant's local training for this round (the strategy may add to its arguments)."""
+        config, extra = self.fit_config, self.strategy.configure_fit(round_number)
+        return await remote.fit(config.dataset, loss=config.loss, optimizer=dict(config.optimizer),
+                                epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
+                                prox_mu=float(extra.get("prox_mu", 0.0)), seed=self.seed * 100_003 + round_number)
+
+    async def _train_one(self, worker: RemoteWorker, aggregator: Aggregator, round_number: int) -> dict[str, Any]:
         await worker.refresh()  # a worker that restarted since the last round gets the model anew
         remote = await worker.send(self.model)
-        config = self.fit_config
-        result = await remote.fit(config.dataset, loss=config.loss, optimizer=dict(config.optimizer),
-                                  epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
-                                  prox_mu=float(extra.get("prox_mu", 0.0)), seed=self.seed * 100_003 + round_number)
+        result = await self._fit(worker, remote, round_number)
         async with self._download_slots:  # one download at a time, folded in piece by piece as it arrives
             aggregator.begin_update(int(result["num_examples"]))
             try:

@@ -26,6 +26,8 @@ class RoundMetrics:
     bytes_received: int = 0
     #: bytes moved both ways per second over the round (sends, chunked streams and downloads)
     transfer_mb_per_s: float = 0.0
+    #: differential privacy spent so far (epsilon at the strategy's delta), when DP is on
+    epsilon: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -47,3 +47,5 @@ class WorkerConfig:
     #: results of losses and of sum/mean), or "none"; model parameters and fit/evaluate metrics
     #: are always released (that is federated learning)
     private_release: Literal["aggregates", "none"] = "aggregates"
+    #: models trained here (``fit``) can leave only as masked updates of a secure-aggregation round
+    require_secure_aggregation: bool = False

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, help="commands of one session waiting to run (default 4096)")
     p.add_argument("--private-release", choices=["aggregates", "none"],
                    help="what computed from private data 'get' may return: aggregate scalars (default) or nothing")
+    p.add_argument("--require-secure-aggregation", action="store_true", default=None,
+                   help="models trained here leave only as masked updates of secure aggregation rounds")
     p.add_argument("--data", action="append", default=None, metavar="NAME=PATH",
                    help="a dataset this daemon holds (.safetensors, .npz, .csv; repeatable)")
     p.add_argument("--fault-injection", action="store_true", default=None,

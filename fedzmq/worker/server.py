@@ -62,7 +62,8 @@ class Worker:
                          "sessions_refused": 0, "throttled": 0, "limit_errors": 0, "handshake_failures": 0}
         self.handlers = Handlers(worker_id, self.config.limits, models or {}, self.status, self.ping_info,
                                  fault_injection=self.config.fault_injection, datasets=datasets,
-                                 private_release=self.config.private_release)
+                                 private_release=self.config.private_release,
+                                 require_secure_aggregation=self.config.require_secure_aggregation)
         self.key_gate: KeyGate | None = None
         self.public_key: bytes | None = None
         self._monitor: zmq.asyncio.Socket | None = None

@@ -67,6 +67,8 @@ class Session:
     releasable: set[int] = field(default_factory=set)
     sizes: dict[int, int] = field(default_factory=dict)
     nbytes_held: int = 0
+    #: secure-aggregation rounds under way (fedzmq.worker.secure)
+    secure_rounds: dict[int, Any] = field(default_factory=dict)
     queue: asyncio.Queue[Request | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     last_seen: float = field(default_factory=time.monotonic)
@@ -159,6 +161,7 @@ class Session:
 
     def clear(self) -> None:
         self.objects.clear()
+        self.secure_rounds.clear()
         self.sizes.clear()
         self.private.clear()
         self.releasable.clear()

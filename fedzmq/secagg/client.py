@@ -1,0 +1,293 @@
+"""The client (worker) side of secure aggregation: one ``SecAggClient`` per client per round.
+
+The object is a small state machine, one method per round, each callable once in order::
+
+    client = SecAggClient(client_id, config)
+    adv    = client.advertise()                       # round 0 -> server
+    shares = client.share_keys(keys_msg)              # round 1 -> server (ciphertexts for each peer)
+    masked = client.masked_input(update, weight, routed_msg)   # round 2 -> server
+    resp   = client.unmask(unmask_request)            # round 3 -> server
+
+It keeps, between rounds, only: its two X25519 secret keys (until it has masked its input), its
+self-mask seed ``b`` (likewise), the peers' public keys, the shares it holds for its peers, and which
+shares it has revealed. It never keeps the update. Everything it receives is validated; a message that
+breaks the protocol raises ``SecAggProtocolError`` before any state changes, and a round that can no
+longer be secure (fewer than ``threshold`` peers) raises ``SecAggAborted``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import crypto, shamir
+from .config import SecAggConfig
+from .crypto import CsprngStream
+from .encoding import (
+    CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, pack_shares, pairwise_seed, quantize, reduce_ring,
+    share_aad, share_key, to_ring, unpack_shares,
+)
+from .errors import SecAggAborted, SecAggProtocolError
+from .messages import (
+    VERSION, AdvertiseMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg, UnmaskRequestMsg,
+    as_bytes, as_id, as_id_list, as_pairs, check_message,
+)
+
+_STAGES = ("new", "advertised", "shared", "masked", "unmasked")
+
+
+@dataclass
+class ClientStats:
+    """What the client may log locally (never sent): its update's norm and clipping."""
+
+    norm: float = math.nan
+    clip_factor: float = math.nan
+    effective_weight: float = math.nan
+    clamped: int = 0
+
+
+@dataclass
+class _PeerKeys:
+    c_pk: bytes
+    s_pk: bytes
+
+
+@dataclass
+class _Held:
+    """The shares this client holds for each peer (and itself), and what it has revealed."""
+
+    b: dict[int, shamir.Share] = field(default_factory=dict)
+    s: dict[int, shamir.Share] = field(default_factory=dict)
+    revealed_b: set[int] = field(default_factory=set)
+    revealed_s: set[int] = field(default_factory=set)
+
+
+class SecAggClient:
+    """One client's side of one secure-aggregation round (Bonawitz et al., CCS 2017, semi-honest).
+
+    ``noise_seed`` fixes the stream of DP noise and stochastic rounding: for tests only (whoever knows
+    the seed knows the noise). Masks and keys always come from ``os.urandom``.
+    """
+
+    def __init__(self, client_id: int, config: SecAggConfig, *, noise_seed: bytes | None = None) -> None:
+        if client_id not in config.client_ids:
+            raise ValueError(f"client {client_id} is not invited to this round")
+        self.client_id = client_id
+        self.config = config
+        self.stats = ClientStats()
+        self._stage = "new"
+        self._stream = CsprngStream(noise_seed)
+        self._c_sk, self._c_pk = crypto.generate_keypair()
+        self._s_sk: bytes | None
+        self._s_sk, self._s_pk = crypto.generate_keypair()
+        self._b: bytes | None = os.urandom(SECRET_BYTES)
+        self._peers: dict[int, _PeerKeys] = {}
+        self._u0: list[int] = []
+        self._u1: list[int] = []
+        self._held = _Held()
+        self._own_b_share: shamir.Share | None = None
+        self._own_s_share: shamir.Share | None = None
+        self._answer: tuple[tuple[int, ...], UnmaskMsg] | None = None
+
+    @property
+    def stage(self) -> str:
+        """``new``, ``advertised``, ``shared``, ``masked`` or ``unmasked``."""
+        return self._stage
+
+    def _expect(self, *stages: str) -> None:
+        if self._stage not in stages:
+            raise SecAggProtocolError(f"client {self.client_id} is at stage {self._stage!r}, expected {' or '.join(stages)}")
+
+    # ---- round 0: AdvertiseKeys
+
+    def advertise(self) -> AdvertiseMsg:
+        """Round 0: the client's two public keys (``c`` to encrypt shares, ``s`` to agree on masks)."""
+        self._expect("new")
+        self._stage = "advertised"
+        return {"v": VERSION, "type": "secagg.advertise", "from": self.client_id, "c_pk": self._c_pk, "s_pk": self._s_pk}
+
+    # ---- round 1: ShareKeys
+
+    def share_keys(self, keys_msg: KeysMsg | Mapping[str, Any]) -> SharesMsg:
+        """Round 1: Shamir-share ``b`` and ``s_sk`` among U0 (the clients whose keys the server relayed)
+        and encrypt each peer's pair of shares for that peer. Own shares stay here."""
+        self._expect("advertised")
+        cfg, me = self.config, self.client_id
+        msg = check_message(keys_msg, "secagg.keys", {"keys"})
+        entries = as_pairs(msg["keys"], "keys", width=3)
+        peers: dict[int, _PeerKeys] = {}
+        for cid, (c_pk, s_pk) in sorted(entries.items()):
+            if cid not in cfg.client_ids:
+                raise SecAggProtocolError(f"keys list names client {cid}, who is not invited")
+            peers[cid] = _PeerKeys(as_bytes(c_pk, "c_pk", cid, length=32), as_bytes(s_pk, "s_pk", cid, length=32))
+        if me not in peers or peers[me].c_pk != self._c_pk or peers[me].s_pk != self._s_pk:
+            raise SecAggProtocolError("the relayed keys do not include this client's own keys unchanged")
+        all_keys = [k for p in peers.values() for k in (p.c_pk, p.s_pk)]
+        if len(set(all_keys)) != len(all_keys):
+            raise SecAggProtocolError("the relayed keys repeat a public key")
+        if len(peers) < cfg.threshold:
+            raise SecAggAborted(f"only {len(peers)} clients advertised keys, threshold is {cfg.threshold}", "ShareKeys")
+        # derive every encryption key first: a bad peer key raises before any state changes
+        enc_keys = {j: share_key(self._c_sk, p.c_pk, me, j, cfg) for j, p in peers.items() if j != me}
+        assert self._b is not None and self._s_sk is not None
+        points = [j + 1 for j in peers]
+        b_shares = shamir.split(self._b, cfg.threshold, points)
+        s_shares = shamir.split(self._s_sk, cfg.threshold, points)
+        out = []
+        for j, key in enc_keys.items():
+            plaintext = pack_shares(me, j, b_shares[j + 1], s_shares[j + 1])
+            out.append([j, crypto.aead_encrypt(key, plaintext, share_aad(cfg, me, j))])
+        self._peers = peers
+        self._u0 = list(peers)
+        self._own_b_share, self._own_s_share = b_shares[me + 1], s_shares[me + 1]
+        self._stage = "shared"
+        return {"v": VERSION, "type": "secagg.shares", "from": me, "b_commit": b_commitment(cfg, me, self._b),
+                "shares": out}
+
+    # ---- round 2: MaskedInputCollection
+
+    def masked_input(self, update: torch.Tensor, weight: float, routed: RoutedSharesMsg | Mapping[str, Any]
+                     ) -> MaskedMsg:
+        """Round 2: decrypt the shares routed from U1, then clip, weight, noise, quantize and mask ``update``.
+
+        ``update`` is the flat float tensor of ``vector_length`` values (e.g. new model minus global model);
+        ``weight`` the client's weight (e.g. its number of samples; see ``SecAggConfig.weight_cap``).
+        ``routed`` names U1, the clients whose shares reached the server, and carries their ciphertexts
+        for this client. The masked vector is ``y = q + PRG(b) + sum_{j in U1, j != i} sign(j - i) PRG(s_ij)``
+        (mod ``2**ring_bits``), where ``sign(j - i)`` is +1 when ``i < j`` and -1 otherwise.
+        """
+        self._expect("shared")
+        cfg, me = self.config, self.client_id
+        msg = check_message(routed, "secagg.routed", {"to", "u1", "shares"})
+        if as_id(msg["to"], "to") != me:
+            raise SecAggProtocolError("routed shares are addressed to another client")
+        u1 = as_id_list(msg["u1"], "u1")
+        if not set(u1) <= set(self._u0):
+            raise SecAggProtocolError("u1 names clients that did not advertise keys")
+        if me not in u1:
+            raise SecAggProtocolError("u1 does not include this client, which sent its shares")
+        if len(u1) < cfg.threshold:
+            raise SecAggAborted(f"only {len(u1)} clients shared keys, threshold is {cfg.threshold}", "MaskedInput")
+        received = as_pairs(msg["shares"], "shares")
+        if set(received) != set(u1) - {me}:
+            raise SecAggProtocolError("routed ciphertexts do not match u1")
+        values = self._prepare_update(update, weight)  # checks the update before any state changes
+        held_b: dict[int, shamir.Share] = {}
+        held_s: dict[int, shamir.Share] = {}
+        for j, (blob,) in received.items():
+            blob = as_bytes(blob, "ciphertext", j, length=CIPHERTEXT_BYTES)
+            key = share_key(self._c_sk, self._peers[j].c_pk, me, j, cfg)
+            plaintext = crypto.aead_decrypt(key, blob, share_aad(cfg, j, me), j)
+            held_b[j], held_s[j] = unpack_shares(plaintext, j, me)
+        assert self._own_b_share is not None and self._own_s_share is not None
+        held_b[me], held_s[me] = self._own_b_share, self._own_s_share
+        seeds = {j: pairwise_seed(self._s_sk, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
+
+        # quantize and mask
+        d = cfg.vector_length
+        q = np.empty(cfg.masked_length, dtype=np.int64)
+        q[:d], clamped = quantize(values[:d], cfg.data_scale, cfg.per_client_bound, cfg.rounding, self._stream)
+        q[d:], clamped_meta = quantize(values[d:], cfg.meta_scale, cfg.per_client_bound, cfg.rounding, self._stream)
+        self.stats.clamped = clamped + clamped_meta
+        del values
+        y = to_ring(q, cfg)
+        del q
+        assert self._b is not None
+        y += crypto.prg(self._b, cfg.masked_length, cfg.ring_dtype)
+        for j, seed in seeds.items():
+            mask = crypto.prg(seed, cfg.masked_length, cfg.ring_dtype)
+            if me < j:
+                y += mask
+            else:
+                y -= mask
+        reduce_ring(y, cfg)
+
+        self._held.b, self._held.s = held_b, held_s
+        self._u1 = u1
+        # the secrets are no longer needed by this client: drop them (Python cannot wipe memory, but no
+        # reference survives the round)
+        self._s_sk = None
+        self._b = None
+        self._c_sk = b""
+        self._stage = "masked"
+        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.tobytes()}
+
+    def _prepare_update(self, update: torch.Tensor, weight: float) -> np.ndarray:
+        """``[w * clip(x) + noise, w, (1[||x|| <= C] - 1/2 + noise)]`` in float64."""
+        cfg = self.config
+        if not isinstance(update, torch.Tensor) or not update.is_floating_point():
+            raise TypeError("update must be a floating-point tensor")
+        if update.numel() != cfg.vector_length:
+            raise ValueError(f"update has {update.numel()} values, the round expects {cfg.vector_length}")
+        if type(weight) not in (int, float) and not isinstance(weight, (np.integer, np.floating)):
+            raise TypeError("weight must be a number")
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError("weight must be a finite number >= 0")
+        x = update.detach().reshape(-1).to(device="cpu", dtype=torch.float64).numpy()
+        norm = float(np.linalg.norm(x))
+        if not math.isfinite(norm):
+            raise ValueError("update has non-finite values")
+        factor = min(1.0, cfg.clip / norm) if norm > 0 else 1.0
+        w = min(weight, cfg.weight_cap) / cfg.weight_cap
+        self.stats.norm, self.stats.clip_factor, self.stats.effective_weight = norm, factor, w
+        out = np.empty(cfg.masked_length, dtype=np.float64)
+        d = cfg.vector_length
+        np.multiply(x, factor * w, out=out[:d])
+        if cfg.client_noise_std > 0:
+            out[:d] += cfg.client_noise_std * self._stream.normal(d)
+        out[d] = w
+        if cfg.clip_bits:
+            bit = 1.0 if norm <= cfg.clip else 0.0
+            out[d + 1] = bit - 0.5 + (cfg.client_bit_noise_std * self._stream.normal(1)[0] if cfg.clip_bit_noise else 0.0)
+        return out
+
+    # ---- round 3: Unmasking
+
+    def unmask(self, request: UnmaskRequestMsg | Mapping[str, Any]) -> UnmaskMsg:
+        """Round 3: reveal this client's share of ``b_j`` for each survivor j in U2 and its share of
+        ``s_j``'s secret key for each dropped j in U1 minus U2 — never both for one client.
+
+        The client checks that U2 is a subset of U1 with at least ``threshold`` members including itself,
+        that ``dropped`` is exactly U1 minus U2, and that no answer (this one or an earlier one) would
+        reveal both kinds of share of one client. Repeating the identical request returns the identical
+        answer (a lost reply can be re-requested); any other second request is refused.
+        """
+        self._expect("masked", "unmasked")
+        cfg, me = self.config, self.client_id
+        msg = check_message(request, "secagg.unmask_request", {"u2", "dropped"})
+        u2 = as_id_list(msg["u2"], "u2")
+        dropped = as_id_list(msg["dropped"], "dropped")
+        both = sorted((set(u2) & set(dropped)) | (set(u2) & self._held.revealed_s)
+                      | (set(dropped) & self._held.revealed_b))
+        if both:
+            raise SecAggProtocolError(
+                f"refusing to reveal both the self-mask share and the key share of clients {both}")
+        if not set(u2) <= set(self._u1):
+            raise SecAggProtocolError("u2 names clients outside u1")
+        if set(dropped) != set(self._u1) - set(u2):
+            raise SecAggProtocolError("dropped must be exactly u1 minus u2")
+        if me not in u2:
+            raise SecAggProtocolError("u2 omits this client, which sent its masked input")
+        if self._answer is not None:
+            if self._answer[0] != tuple(u2):
+                raise SecAggProtocolError("already answered an unmask request with a different survivor set")
+            return self._answer[1]
+        if len(u2) < cfg.threshold:
+            raise SecAggAborted(f"only {len(u2)} clients sent masked inputs, threshold is {cfg.threshold}", "Unmasking")
+        answer: UnmaskMsg = {
+            "v": VERSION, "type": "secagg.unmask", "from": me,
+            "b_shares": [[j, self._held.b[j].to_bytes()] for j in u2],
+            "s_shares": [[j, self._held.s[j].to_bytes()] for j in dropped],
+        }
+        self._held.revealed_b |= set(u2)
+        self._held.revealed_s |= set(dropped)
+        self._answer = (tuple(u2), answer)
+        self._stage = "unmasked"
+        return answer

@@ -1,0 +1,118 @@
+"""Fixed-point encoding of real vectors into the ring ``Z_{2**k}``, and the key derivations of the protocol.
+
+Quantization (client side): ``q = clamp(round(v * scale), -Q, Q)`` as int64, then reduced mod ``2**k``
+(two's complement) into uint32/uint64 ring elements. Decoding (server side) reads the ring sum as a
+signed integer in ``[-2**(k-1), 2**(k-1))`` and divides by the scale. Because every client's integers are
+bounded by ``Q = (2**(k-1) - 1) // n``, the sum of at most ``n`` of them is read back exactly; the only
+error is each client's rounding, ``<= 1/(2*scale)`` (nearest) or ``< 1/scale`` (stochastic, unbiased).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+
+from . import crypto
+from .config import SecAggConfig
+from .crypto import CsprngStream
+from .errors import SecAggProtocolError
+from .shamir import Share
+
+SECRET_BYTES = 32
+SHARE_BYTES = 6 + 3 * 16  # Share.to_bytes() of a 32-byte secret
+_PAIR = struct.Struct(">II")
+PLAINTEXT_BYTES = _PAIR.size + 2 * SHARE_BYTES
+CIPHERTEXT_BYTES = crypto.NONCE_BYTES + PLAINTEXT_BYTES + crypto.TAG_BYTES
+
+
+# --------------------------------------------------------------------------------------------------
+# quantization
+
+
+def quantize(values: np.ndarray, scale: float, bound: int, rounding: str, stream: CsprngStream | None = None
+             ) -> tuple[np.ndarray, int]:
+    """``clamp(round(values * scale), -bound, bound)`` as int64, and how many values were clamped."""
+    scaled = np.asarray(values, dtype=np.float64) * scale
+    if rounding == "nearest":
+        q = np.rint(scaled)
+    elif rounding == "stochastic":
+        if stream is None:
+            raise ValueError("stochastic rounding needs a CsprngStream")
+        q = np.floor(scaled + stream.uniform(scaled.size))
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    clamped = int(np.count_nonzero(np.abs(q) > bound))
+    np.clip(q, -bound, bound, out=q)
+    out = q.astype(np.int64)
+    np.clip(out, -bound, bound, out=out)  # float(bound) may round up past bound when bound > 2**53
+    return out, clamped
+
+
+def to_ring(q: np.ndarray, config: SecAggConfig) -> np.ndarray:
+    """Signed integers to ring elements (two's complement, reduced mod ``2**ring_bits``)."""
+    ring = np.ascontiguousarray(q, dtype=np.int64).view(np.uint64).astype(config.ring_dtype)  # keeps the low bits
+    return reduce_ring(ring, config)
+
+
+def from_ring(ring: np.ndarray, config: SecAggConfig) -> np.ndarray:
+    """Ring elements (any representative) to signed int64 in ``[-2**(k-1), 2**(k-1))``."""
+    k = config.ring_bits
+    if k == 64:
+        return ring.astype(np.uint64).view(np.int64).copy()
+    v = (ring.astype(np.uint64) & np.uint64(config.ring_mask)).astype(np.int64)
+    v[v >= (1 << (k - 1))] -= 1 << k
+    return v
+
+
+def reduce_ring(ring: np.ndarray, config: SecAggConfig) -> np.ndarray:
+    """Reduce in place mod ``2**ring_bits`` (a no-op for 32 and 64 bits, which wrap natively)."""
+    if config.ring_bits not in (32, 64):
+        ring &= ring.dtype.type(config.ring_mask)
+    return ring
+
+
+# --------------------------------------------------------------------------------------------------
+# key derivations: every one is salted with the configuration's digest
+
+
+def _info(label: bytes, a: int, b: int) -> bytes:
+    return b"fedzmq-secagg/1 " + label + _PAIR.pack(min(a, b), max(a, b))
+
+
+def share_key(c_sk: bytes, peer_c_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
+    """The AES-256-GCM key shared by ``me`` and ``peer`` for the encrypted shares (same both ways)."""
+    secret = crypto.agree(c_sk, peer_c_pk, peer)
+    return crypto.hkdf(secret, salt=config.digest(), info=_info(b"share-encryption", me, peer))
+
+
+def share_aad(config: SecAggConfig, sender: int, receiver: int) -> bytes:
+    return config.digest() + _PAIR.pack(sender, receiver)
+
+
+def pairwise_seed(s_sk: bytes, peer_s_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
+    """``s_{me,peer}``: the seed of the pairwise mask between ``me`` and ``peer`` (same both ways)."""
+    secret = crypto.agree(s_sk, peer_s_pk, peer)
+    return crypto.hkdf(secret, salt=config.digest(), info=_info(b"pairwise-mask", me, peer))
+
+
+def b_commitment(config: SecAggConfig, client: int, b: bytes) -> bytes:
+    """A hiding, binding commitment to the self-mask seed (``b`` is 256 random bits): lets the server
+    check the seed it reconstructs."""
+    return hashlib.sha256(b"fedzmq-secagg/1 b-commit" + config.digest() + struct.pack(">I", client) + b).digest()
+
+
+def pack_shares(sender: int, receiver: int, b_share: Share, s_share: Share) -> bytes:
+    return _PAIR.pack(sender, receiver) + b_share.to_bytes() + s_share.to_bytes()
+
+
+def unpack_shares(plaintext: bytes, sender: int, receiver: int) -> tuple[Share, Share]:
+    if len(plaintext) != PLAINTEXT_BYTES or _PAIR.unpack_from(plaintext) != (sender, receiver):
+        raise SecAggProtocolError("share plaintext does not name this sender and receiver", sender)
+    b = Share.from_bytes(plaintext[_PAIR.size:_PAIR.size + SHARE_BYTES], sender)
+    s = Share.from_bytes(plaintext[_PAIR.size + SHARE_BYTES:], sender)
+    for share in (b, s):
+        if share.x != receiver + 1 or share.length != SECRET_BYTES:
+            raise SecAggProtocolError("share is not for this receiver", sender)
+    return b, s

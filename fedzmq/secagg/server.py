@@ -1,0 +1,313 @@
+"""The server (coordinator) side of secure aggregation: one ``SecAggServer`` per round.
+
+Each round has an incremental form (``add_*`` for each message as it arrives, ``end_*`` when the
+step's deadline passes) and a batch form that does both::
+
+    server = SecAggServer(config)
+    keys_msg   = server.collect_keys(advertise_msgs)     # round 0: broadcast keys_msg to U0
+    routed     = server.route_shares(share_msgs)         # round 1: send routed[j] to each j in U1
+    request    = server.collect_masked(masked_msgs)      # round 2: send request to each j in U2
+    result     = server.finish(unmask_msgs)              # round 3: the weighted mean, and nothing else
+
+The server only relays keys and ciphertexts, and adds masked vectors into one running ring sum as they
+arrive (no individual masked vector is kept). At the end it reconstructs, from at least ``threshold``
+clients' shares, the self-mask seeds of the survivors and the mask keys of the dropped, removes those
+masks, and decodes the sum. ``add_*`` validates a message completely before recording it: on
+``SecAggProtocolError`` nothing changed and the caller may treat the sender as dropped. Fewer than
+``threshold`` clients at any ``end_*`` raises ``SecAggAborted``, after which every call raises it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import crypto, shamir
+from .config import SecAggConfig
+from .encoding import CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, from_ring, pairwise_seed, reduce_ring
+from .errors import SecAggAborted, SecAggProtocolError
+from .messages import (
+    VERSION, AdvertiseMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg, UnmaskRequestMsg,
+    as_bytes, as_id, as_pairs, check_message,
+)
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """The outcome of a round: the aggregate and what the server necessarily learns besides it.
+
+    mean: ``sum(w_i * clip(x_i) + noise_i) / sum(w_i)`` over U2, float32, shape ``(vector_length,)``.
+    weighted_sum: the numerator, float64.
+    total_weight: the denominator ``sum(w_i)`` (each ``w_i`` in [0, 1], see ``SecAggConfig.weight_cap``).
+    survivors: U2, whose inputs are in the sum. dropped: U1 minus U2. responders: U3, who answered the
+        unmask request. excluded: invited clients that never sent their shares (U0 minus U1, or not even in U0).
+    clip_fraction: with ``clip_bits``, the noisy fraction of survivors whose update norm was <= clip.
+    noise_std: the std of the DP noise actually in ``weighted_sum``: ``sigma*C*sqrt(|U2| / n_expected)``.
+    effective_noise_multiplier: ``noise_std / C``, the multiplier to give the accountant for this round.
+    error_bound: a bound on ``|mean - exact|`` per coordinate, where ``exact`` is the same ratio computed
+        in real arithmetic from the clients' (clipped, weighted, noised) values: quantization of the
+        numerator and denominator plus float32 rounding (clamping excluded: it never fires without DP
+        noise, and with noise only beyond ``noise_bound`` standard deviations).
+    """
+
+    mean: torch.Tensor
+    weighted_sum: torch.Tensor
+    total_weight: float
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    responders: tuple[int, ...]
+    excluded: tuple[int, ...]
+    clip_fraction: float | None
+    noise_std: float
+    effective_noise_multiplier: float
+    error_bound: float
+
+
+class SecAggServer:
+    """The coordinator's side of one round. It never sees an unmasked individual input."""
+
+    def __init__(self, config: SecAggConfig) -> None:
+        self.config = config
+        self._stage = "keys"
+        self._aborted: SecAggAborted | None = None
+        self._keys: dict[int, tuple[bytes, bytes]] = {}  # U0: id -> (c_pk, s_pk)
+        self._shares: dict[int, dict[int, bytes]] = {}  # U1: sender -> receiver -> ciphertext
+        self._b_commit: dict[int, bytes] = {}
+        self._sum: np.ndarray | None = None
+        self._u2: list[int] = []
+        self._unmask: dict[int, tuple[dict[int, shamir.Share], dict[int, shamir.Share]]] = {}
+        self._result: SecAggResult | None = None
+
+    # ---- bookkeeping
+
+    @property
+    def stage(self) -> str:
+        """``keys``, ``shares``, ``masked``, ``unmask``, ``done`` or ``aborted``."""
+        return "aborted" if self._aborted else self._stage
+
+    @property
+    def u0(self) -> list[int]:
+        return sorted(self._keys)
+
+    @property
+    def u1(self) -> list[int]:
+        return sorted(self._shares) if self._stage not in ("keys", "shares") else []
+
+    @property
+    def u2(self) -> list[int]:
+        return list(self._u2)
+
+    def _expect(self, stage: str) -> None:
+        if self._aborted is not None:
+            raise self._aborted
+        if self._stage != stage:
+            raise SecAggProtocolError(f"server is at stage {self._stage!r}, not {stage!r}")
+
+    def _abort(self, reason: str, step: str) -> SecAggAborted:
+        self._aborted = SecAggAborted(reason, step)
+        self._sum = None
+        self._unmask.clear()
+        return self._aborted
+
+    def _check_count(self, count: int, what: str, step: str) -> None:
+        if count < self.config.threshold:
+            raise self._abort(f"only {count} clients {what}, threshold is {self.config.threshold}", step)
+
+    # ---- round 0: AdvertiseKeys
+
+    def add_advertise(self, msg: AdvertiseMsg | Mapping[str, Any]) -> None:
+        self._expect("keys")
+        msg = check_message(msg, "secagg.advertise", {"from", "c_pk", "s_pk"})
+        i = as_id(msg["from"], "from")
+        if i not in self.config.client_ids:
+            raise SecAggProtocolError("not invited to this round", i)
+        if i in self._keys:
+            raise SecAggProtocolError("advertised twice", i)
+        c_pk = as_bytes(msg["c_pk"], "c_pk", i, length=32)
+        s_pk = as_bytes(msg["s_pk"], "s_pk", i, length=32)
+        if c_pk == s_pk or any(k in (c_pk, s_pk) for pair in self._keys.values() for k in pair):
+            raise SecAggProtocolError("public key already in use", i)
+        self._keys[i] = (c_pk, s_pk)
+
+    def end_advertise(self) -> KeysMsg:
+        """Close round 0; the returned list of U0's public keys goes to every client in U0."""
+        self._expect("keys")
+        self._check_count(len(self._keys), "advertised keys", "AdvertiseKeys")
+        self._stage = "shares"
+        return {"v": VERSION, "type": "secagg.keys",
+                "keys": [[i, c, s] for i, (c, s) in sorted(self._keys.items())]}
+
+    def collect_keys(self, msgs: Iterable[AdvertiseMsg | Mapping[str, Any]]) -> KeysMsg:
+        for msg in msgs:
+            self.add_advertise(msg)
+        return self.end_advertise()
+
+    # ---- round 1: ShareKeys
+
+    def add_shares(self, msg: SharesMsg | Mapping[str, Any]) -> None:
+        self._expect("shares")
+        msg = check_message(msg, "secagg.shares", {"from", "b_commit", "shares"})
+        i = as_id(msg["from"], "from")
+        if i not in self._keys:
+            raise SecAggProtocolError("sent shares without having advertised keys", i)
+        if i in self._shares:
+            raise SecAggProtocolError("sent shares twice", i)
+        commit = as_bytes(msg["b_commit"], "b_commit", i, length=32)
+        entries = as_pairs(msg["shares"], "shares", i)
+        if set(entries) != set(self._keys) - {i}:
+            raise SecAggProtocolError("shares must be addressed to exactly every other client of U0", i)
+        self._shares[i] = {j: as_bytes(ct, "ciphertext", i, length=CIPHERTEXT_BYTES) for j, (ct,) in entries.items()}
+        self._b_commit[i] = commit
+
+    def end_shares(self) -> dict[int, RoutedSharesMsg]:
+        """Close round 1; U1 is who sent shares. Send ``routed[j]`` to each ``j`` in U1."""
+        self._expect("shares")
+        self._check_count(len(self._shares), "shared keys", "ShareKeys")
+        u1 = sorted(self._shares)
+        self._stage = "masked"
+        return {j: {"v": VERSION, "type": "secagg.routed", "to": j, "u1": u1,
+                    "shares": [[i, self._shares[i][j]] for i in u1 if i != j]} for j in u1}
+
+    def route_shares(self, msgs: Iterable[SharesMsg | Mapping[str, Any]]) -> dict[int, RoutedSharesMsg]:
+        for msg in msgs:
+            self.add_shares(msg)
+        return self.end_shares()
+
+    # ---- round 2: MaskedInputCollection
+
+    def add_masked(self, msg: MaskedMsg | Mapping[str, Any]) -> None:
+        """Add one masked vector into the running ring sum (the vector itself is not kept)."""
+        self._expect("masked")
+        cfg = self.config
+        msg = check_message(msg, "secagg.masked", {"from", "masked"})
+        i = as_id(msg["from"], "from")
+        if i not in self._shares:
+            raise SecAggProtocolError("sent a masked input without being in U1", i)
+        if i in self._u2:
+            raise SecAggProtocolError("sent a masked input twice", i)
+        data = msg["masked"]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise SecAggProtocolError("masked must be bytes", i)
+        if len(data) != cfg.masked_bytes:
+            raise SecAggProtocolError(f"masked input has {len(data)} bytes, expected {cfg.masked_bytes}", i)
+        y = np.frombuffer(data, dtype=cfg.ring_dtype)
+        if cfg.ring_bits not in (32, 64) and np.any(y > cfg.ring_mask):
+            raise SecAggProtocolError(f"masked input has values outside Z_2^{cfg.ring_bits}", i)
+        if self._sum is None:
+            self._sum = np.zeros(cfg.masked_length, dtype=cfg.ring_dtype)
+        self._sum += y
+        self._u2.append(i)
+
+    def end_masked(self) -> UnmaskRequestMsg:
+        """Close round 2; U2 is who sent masked inputs. Send the request to each client in U2."""
+        self._expect("masked")
+        self._check_count(len(self._u2), "sent masked inputs", "MaskedInputCollection")
+        self._u2.sort()
+        self._stage = "unmask"
+        return {"v": VERSION, "type": "secagg.unmask_request", "u2": list(self._u2),
+                "dropped": sorted(set(self._shares) - set(self._u2))}
+
+    def collect_masked(self, msgs: Iterable[MaskedMsg | Mapping[str, Any]]) -> UnmaskRequestMsg:
+        for msg in msgs:
+            self.add_masked(msg)
+        return self.end_masked()
+
+    # ---- round 3: Unmasking
+
+    def add_unmask(self, msg: UnmaskMsg | Mapping[str, Any]) -> None:
+        self._expect("unmask")
+        msg = check_message(msg, "secagg.unmask", {"from", "b_shares", "s_shares"})
+        i = as_id(msg["from"], "from")
+        if i not in self._u2:
+            raise SecAggProtocolError("answered the unmask request without being in U2", i)
+        if i in self._unmask:
+            raise SecAggProtocolError("answered the unmask request twice", i)
+        dropped = set(self._shares) - set(self._u2)
+        b_entries = as_pairs(msg["b_shares"], "b_shares", i)
+        s_entries = as_pairs(msg["s_shares"], "s_shares", i)
+        if set(b_entries) != set(self._u2) or set(s_entries) != dropped:
+            raise SecAggProtocolError("unmask answer must hold b-shares of exactly U2 and s-shares of exactly the dropped", i)
+        parsed = []
+        for entries in (b_entries, s_entries):
+            shares = {}
+            for j, (raw,) in entries.items():
+                share = shamir.Share.from_bytes(as_bytes(raw, "share", i, max_length=1024), i)
+                if share.x != i + 1 or share.length != SECRET_BYTES:
+                    raise SecAggProtocolError("share is not at the sender's point or not of a 32-byte secret", i)
+                shares[j] = share
+            parsed.append(shares)
+        self._unmask[i] = (parsed[0], parsed[1])
+
+    def finish(self, msgs: Iterable[UnmaskMsg | Mapping[str, Any]] = ()) -> SecAggResult:
+        """Close round 3: reconstruct, unmask, decode. Needs answers from at least ``threshold`` clients."""
+        for msg in msgs:
+            self.add_unmask(msg)
+        self._expect("unmask")
+        cfg = self.config
+        responders = sorted(self._unmask)
+        self._check_count(len(responders), "answered the unmask request", "Unmasking")
+        u2 = list(self._u2)
+        dropped = sorted(set(self._shares) - set(u2))
+        assert self._sum is not None
+        total = self._sum.copy()
+        try:
+            for j in u2:
+                b = shamir.recover([self._unmask[r][0][j] for r in responders], cfg.threshold)
+                if b_commitment(cfg, j, b) != self._b_commit[j]:
+                    raise SecAggProtocolError("reconstructed self-mask seed does not match its commitment", j)
+                total -= crypto.prg(b, cfg.masked_length, cfg.ring_dtype)
+            for j in dropped:
+                s_sk = shamir.recover([self._unmask[r][1][j] for r in responders], cfg.threshold)
+                if crypto.public_key_of(s_sk) != self._keys[j][1]:
+                    raise SecAggProtocolError("reconstructed mask key does not match its public key", j)
+                for i in u2:
+                    # survivor i added +PRG(s_ij) if i < j, else -PRG(s_ij): remove it
+                    mask = crypto.prg(pairwise_seed(s_sk, self._keys[i][1], j, i, cfg), cfg.masked_length, cfg.ring_dtype)
+                    if i < j:
+                        total -= mask
+                    else:
+                        total += mask
+        except SecAggProtocolError as exc:  # includes ShamirError: inconsistent or corrupted shares
+            raise self._abort(f"cannot remove the masks: {exc}", "Unmasking") from None
+        reduce_ring(total, cfg)
+        q = from_ring(total, cfg)
+        d = cfg.vector_length
+        weighted_sum = q[:d].astype(np.float64) / cfg.data_scale
+        total_weight = float(q[d]) / cfg.meta_scale
+        clip_fraction = None
+        if cfg.clip_bits:
+            clip_fraction = (float(q[d + 1]) / cfg.meta_scale + 0.5 * len(u2)) / len(u2)
+        m = len(u2)
+        err_sum, err_weight = m * cfg.rounding_error, m * cfg.meta_rounding_error
+        if total_weight - err_weight <= 0:
+            raise self._abort(f"total weight {total_weight:g} is not positive", "Unmasking")
+        mean64 = weighted_sum / total_weight
+        peak = float(np.max(np.abs(mean64))) if d else 0.0
+        bound = (err_sum + peak * err_weight) / (total_weight - err_weight) + peak * 2.0**-24
+        noise_std = cfg.noise_multiplier * cfg.clip * math.sqrt(m / cfg.expected_survivors)
+        self._result = SecAggResult(
+            mean=torch.from_numpy(mean64.astype(np.float32)),
+            weighted_sum=torch.from_numpy(weighted_sum),
+            total_weight=total_weight,
+            survivors=tuple(u2),
+            dropped=tuple(dropped),
+            responders=tuple(responders),
+            excluded=tuple(sorted(set(cfg.client_ids) - set(self._shares))),
+            clip_fraction=clip_fraction,
+            noise_std=noise_std,
+            effective_noise_multiplier=noise_std / cfg.clip,
+            error_bound=bound,
+        )
+        self._stage = "done"
+        self._sum = None
+        self._unmask.clear()
+        return self._result
+
+    @property
+    def result(self) -> SecAggResult | None:
+        return self._result

@@ -1,0 +1,56 @@
+"""Getting secure-aggregation messages across a wire.
+
+The messages are plain data (``fedzmq.secagg.messages``): msgpack with ``use_bin_type=True`` carries
+them as they are (``pack``/``unpack``/``roundtrip`` below). fedzmq's own codec differs in two ways: it
+accepts no ``bytes`` values, and its header is capped (4 MiB by default), too small for a masked vector
+of a million parameters. ``to_codec`` therefore turns every bytes value into a uint8 tensor, which the
+codec sends as its own zero-copy frame, and ``from_codec`` turns uint8 tensors back into bytes. Both
+are pure and recursive; validation stays with the receiving ``SecAggClient``/``SecAggServer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import torch
+
+
+def pack(msg: Any) -> bytes:
+    """Plain msgpack (bin type for bytes; no extension types, no pickle)."""
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def unpack(data: bytes, *, max_bytes: int = 1 << 31) -> Any:
+    if len(data) > max_bytes:
+        raise ValueError("message too large")
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+
+
+def roundtrip(msg: Any) -> Any:
+    """``unpack(pack(msg))``: what the other side of a msgpack wire receives."""
+    return unpack(pack(msg))
+
+
+def to_codec(value: Any) -> Any:
+    """Replace every bytes value by a uint8 tensor over the same bytes (for ``fedzmq.codec``)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytearray(value)
+        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    if isinstance(value, dict):
+        return {k: to_codec(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_codec(v) for v in value]
+    return value
+
+
+def from_codec(value: Any) -> Any:
+    """Inverse of ``to_codec``: every 1-D uint8 tensor becomes bytes. Other tensors are left alone (the
+    receiving parser rejects them)."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        return value.contiguous().numpy().tobytes()
+    if isinstance(value, dict):
+        return {k: from_codec(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [from_codec(v) for v in value]
+    return value

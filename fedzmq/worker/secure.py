@@ -1,0 +1,65 @@
+"""The worker's side of a secure-aggregation round (``secagg`` command; see docs/secagg.md).
+
+Per round, the session keeps the ``SecAggClient`` (its secret keys and self-mask seed), the module it
+masks, and a copy of that module's float parameters as they were when the round began (the global
+model), so that what it masks is its *update*: trained parameters minus the global ones. Nothing of
+this leaves the worker except the protocol's own messages; with ``--require-secure-aggregation`` the
+trained module itself cannot be downloaded either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BadRequest
+from ..secagg import SecAggClient, SecAggConfig
+from ..secagg.wire import from_codec, to_codec
+from .session import Session
+
+#: rounds a session may have under way at once (older ones are forgotten)
+LIVE_ROUNDS = 4
+
+
+@dataclass
+class SecureRound:
+    client: SecAggClient
+    module_id: int
+    reference: torch.Tensor  # the module's float parameters when the round began, flat
+
+
+def float_parameters(module: nn.Module) -> torch.Tensor:
+    """The module's floating-point parameters and buffers, flattened in state_dict order."""
+    parts = [t.detach().reshape(-1).float() for t in module.state_dict().values() if t.is_floating_point()]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def handle(session: Session, args: dict[str, Any]) -> Any:
+    step, number = args["step"], args["round"]
+    rounds: dict[int, SecureRound] = session.secure_rounds
+    if step == "advertise":
+        module = session.module(args.get("module", -1))
+        config = SecAggConfig.from_wire(from_codec(args["payload"]))
+        reference = float_parameters(module).clone()
+        if reference.numel() != config.vector_length:
+            raise BadRequest.new(f"the round masks {config.vector_length} values, the model has {reference.numel()}")
+        rounds[number] = SecureRound(SecAggClient(args["client"], config), args["module"], reference)
+        while len(rounds) > LIVE_ROUNDS:
+            rounds.pop(min(rounds))
+        return to_codec(rounds[number].client.advertise())
+    state = rounds.get(number)
+    if state is None:
+        raise BadRequest.new(f"no secure-aggregation round {number} under way in this session")
+    payload = from_codec(args["payload"])
+    if step == "share_keys":
+        return to_codec(state.client.share_keys(payload))
+    if step == "masked_input":
+        update = float_parameters(session.module(state.module_id)) - state.reference
+        return to_codec(state.client.masked_input(update, float(args.get("weight", 1.0)), payload))
+    if step == "unmask":
+        answer = state.client.unmask(payload)
+        return to_codec(answer)
+    raise BadRequest.new(f"unknown secure-aggregation step {step!r}")

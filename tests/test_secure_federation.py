@@ -1,0 +1,123 @@
+"""Secure aggregation and DP wired into the workers and the scheduler (issue 5); the protocol's own
+properties (masked vectors uncorrelated with updates, drop-outs, thresholds) are in test_secagg_core."""
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.federated.secure import SecAgg
+from fedzmq.testing.plugin import TEST_SETTINGS
+from fedzmq.worker.datasets import Dataset
+
+
+def _shards(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(60 * n, 5, generator=generator)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    sizes = [40 + 10 * i for i in range(n)]  # unequal: sample weights matter
+    shards, start = [], 0
+    for size in sizes:
+        shards.append(Dataset("d", x[start:start + size], y[start:start + size]))
+        start += size
+    return shards
+
+
+def _workers(n, **config):
+    return [fz.VirtualWorker(f"w{i}", datasets={"d": shard}, settings=TEST_SETTINGS,
+                             config=fz.WorkerConfig(**config)) for i, shard in enumerate(_shards(n))]
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+FIT = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.1}, epochs=1, batch_size=16)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+async def test_secure_aggregate_equals_fedavg_within_the_quantization_error(n):
+    workers = _workers(n)
+    try:
+        plain, secure = _model(), _model()
+        plain_run = fz.Federation(workers, plain, FIT, fz.FedAvg(), seed=3)
+        secure_run = fz.Federation(workers, secure, FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=3)
+        for _ in range(2):
+            await plain_run.run_round()
+            metrics = await secure_run.run_round()
+            bound = metrics.extra["quantization_error_bound"]
+            assert metrics.extra["secure_aggregation"] and sorted(metrics.participants) == [f"w{i}" for i in range(n)]
+            for a, b in zip(plain.state_dict().values(), secure.state_dict().values()):
+                assert (a - b).abs().max().item() <= bound + 1e-6
+            secure.load_state_dict(plain.state_dict())  # the next round starts from the same model
+    finally:
+        for w in workers:
+            await w.close()
+
+
+async def test_a_dead_worker_is_left_out_and_the_survivors_aggregate_is_exact():
+    workers = _workers(4)
+    try:
+        await workers[3].server.close()  # dead before the round: never answers
+        survivors = workers[:3]
+        plain, secure = _model(), _model()
+        await fz.Federation(survivors, plain, FIT, fz.FedAvg(), seed=1).run_round()
+        federation = fz.Federation(workers, secure, FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=3), seed=1,
+                                   round_timeout=5)
+        metrics = await federation.run_round()
+        assert "w3" in metrics.dropped and metrics.participants == ["w0", "w1", "w2"]
+        fz.testing.assert_state_dicts_close(secure, plain, atol=metrics.extra["quantization_error_bound"] + 1e-6)
+    finally:
+        for w in workers[:3]:
+            await w.close()
+
+
+async def test_below_the_threshold_the_round_fails_and_the_model_is_unchanged():
+    workers = _workers(3)
+    try:
+        await workers[2].server.close()
+        model = _model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        federation = fz.Federation(workers, model, FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=3),
+                                   round_timeout=5)
+        with pytest.raises(fz.RoundFailed, match="secure aggregation"):
+            await federation.run_round()
+        fz.testing.assert_state_dicts_close(model, before, atol=0)
+        assert federation.round == 0
+    finally:
+        for w in workers[:2]:
+            await w.close()
+
+
+async def test_dp_reports_epsilon_every_round_and_stops_at_the_target():
+    pytest.importorskip("dp_accounting")
+    workers = _workers(3)
+    try:
+        strategy = SecAgg(fz.FedAvg(), clip=1.0, noise_multiplier=2.0, target_epsilon=3.0)
+        federation = fz.Federation(workers, _model(), FIT, strategy)
+        history = await federation.run(50)
+        epsilons = [m.epsilon for m in history]
+        assert 0 < len(history) < 50 and federation.stopped_early
+        assert all(a < b for a, b in zip(epsilons, epsilons[1:])) and epsilons[-1] <= 3.0
+        assert '"epsilon"' in history[-1].to_json()
+    finally:
+        for w in workers:
+            await w.close()
+
+
+async def test_a_daemon_requiring_secure_aggregation_refuses_to_hand_out_its_trained_model():
+    [shard] = _shards(1)
+    async with fz.VirtualWorker("bob", datasets={"d": shard},
+                                config=fz.WorkerConfig(require_secure_aggregation=True)) as bob:
+        model = _model()
+        remote = await bob.send(model)
+        await remote.get()  # before training: just the model we sent
+        await remote.fit("d")
+        with pytest.raises(fz.PermissionDenied):
+            await remote.get()
+
+
+def test_secagg_refuses_strategies_that_do_not_aggregate_a_sum():
+    with pytest.raises(ValueError, match="weighted sum"):
+        SecAgg(fz.FedMedian())
