@@ -14,7 +14,6 @@ import fedzmq as fz
 from fedzmq.client.connection import ConnectionSettings
 from fedzmq.examples import digits
 from fedzmq.launcher import DaemonProcess
-from fedzmq.worker.server import peak_rss_bytes
 
 GIB = 1 << 30
 

@@ -20,7 +20,6 @@ otherwise. With ``noise_multiplier > 0`` an accountant reports (epsilon, delta) 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Sequence
 

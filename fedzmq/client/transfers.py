@@ -1,0 +1,201 @@
+"""How values move between the coordinator and a worker: one message when small, a stream when big.
+
+A tensor or model entry bigger than one chunk (``Limits.chunk_bytes``, agreed with the worker at
+connect time) travels as a stream: a window of ``STREAM_WINDOW`` chunks in flight, each acknowledged,
+so neither side holds more than the object plus the chunks in flight, and a broken stream fails
+cleanly (the partial object is deleted with its pointer, or with the session).
+
+``Transfers`` is a base class of ``RemoteWorker``; it uses the worker's ``_submit``/``_wait``
+(requests), ``_new_id`` (object ids), ``_connection`` (limits) and ``_modules`` (models sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+import torch
+from torch import nn
+
+from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
+from ..modeldesc import describe
+from .pointers import ModulePointer, TensorPointer
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+#: chunks of a stream in flight at once (flow control: the window of unacknowledged requests)
+STREAM_WINDOW = 4
+
+
+class Transfers:
+    _connection: "Connection"
+    _modules: "weakref.WeakKeyDictionary[nn.Module, ModulePointer]"
+
+    def _submit(self, cmd: str, args: dict[str, Any]) -> asyncio.Future[Any]:
+        raise NotImplementedError
+
+    async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    def _new_id(self) -> int:
+        raise NotImplementedError
+
+    async def _upload(self, data: torch.Tensor, request: Callable[[int, torch.Tensor], tuple[str, dict[str, Any]]],
+                      timeout: float | None, first: asyncio.Future[Any] | None = None) -> None:
+        """Send ``data`` (flat bytes) in chunks, ``request(offset, chunk)`` naming each command, with at most
+        ``STREAM_WINDOW`` unanswered: neither side holds more than the object plus the chunks in flight."""
+        chunk = self._connection.limits.chunk_bytes
+        window: list[asyncio.Future[Any]] = [first] if first is not None else []
+        try:
+            for offset in range(0, data.numel(), chunk):
+                window.append(self._submit(*request(offset, data[offset:offset + chunk])))
+                if len(window) >= STREAM_WINDOW:
+                    await self._wait(window.pop(0), timeout)
+                    self._connection.note_progress()
+            for future in window:
+                await self._wait(future, timeout)
+        finally:
+            for future in window:
+                future.add_done_callback(retrieve_error)
+
+    async def _download(self, nbytes: int, request: Callable[[int, int], tuple[str, dict[str, Any]]],
+                        land: Callable[[int, torch.Tensor], None], timeout: float | None) -> None:
+        """Fetch ``nbytes`` in chunks (``request(offset, length)``), handing each to ``land(offset, bytes)``
+        as it arrives, with at most ``STREAM_WINDOW`` in flight."""
+        chunk = self._connection.limits.chunk_bytes
+        window: list[tuple[int, asyncio.Future[Any]]] = []
+        try:
+            for offset in range(0, nbytes, chunk):
+                window.append((offset, self._submit(*request(offset, min(chunk, nbytes - offset)))))
+                if len(window) >= STREAM_WINDOW:
+                    start, future = window.pop(0)
+                    land(start, await self._wait(future, timeout))
+            for start, future in window:
+                land(start, await self._wait(future, timeout))
+        finally:
+            for _, future in window:
+                future.add_done_callback(retrieve_error)
+
+    # --- tensors -------------------------------------------------------------------------------
+
+    async def _send_tensor(self, tensor: torch.Tensor, timeout: float | None) -> TensorPointer:
+        obj_id = self._new_id()
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes <= self._connection.limits.chunk_bytes:
+            ready = self._submit("store", {"out": obj_id, "value": tensor})
+            pointer = TensorPointer(self, obj_id, ready)
+            await self._wait(ready, timeout)
+            return pointer
+        if tensor.dtype not in DTYPE_NAMES:
+            raise TypeError(f"dtype {tensor.dtype} cannot be sent")
+        # a stream: allocate on the worker, then write the bytes in chunks (a broken stream leaves a
+        # partial object that the pointer's collection, or the session's end, deletes)
+        ready = self._submit("alloc", {"out": obj_id, "dtype": DTYPE_NAMES[tensor.dtype],
+                                       "shape": list(tensor.shape), "grad": tensor.requires_grad})
+        pointer = TensorPointer(self, obj_id, ready)
+        await self._upload(_flat_bytes(tensor), lambda offset, data: (
+            "write", {"obj": obj_id, "offset": offset, "data": data}), timeout, first=ready)
+        return pointer
+
+    async def _get_tensor(self, obj_id: int, timeout: float | None) -> torch.Tensor:
+        result = await self._request("get", {"obj": obj_id}, timeout)
+        if not isinstance(result, StreamInfo):
+            return result
+        out = torch.empty(result.shape, dtype=DTYPES[result.dtype])
+        target = _flat_bytes(out)
+        await self._download(result.nbytes, lambda offset, length: (
+            "read", {"obj": obj_id, "offset": offset, "length": length}),
+            lambda offset, data: target[offset:offset + data.numel()].copy_(data), timeout)
+        return out.requires_grad_(result.requires_grad)
+
+    # --- modules -------------------------------------------------------------------------------
+
+    async def _send_module(self, module: nn.Module, timeout: float | None) -> ModulePointer:
+        """Small entries travel inline (one chunk's worth in all); big ones as streams: into the
+        existing remote module (``module_write``) or as objects the new module adopts (``module_put``)."""
+        state = module.state_dict()
+        chunk = self._connection.limits.chunk_bytes
+        inline: dict[str, torch.Tensor] = {}
+        budget = chunk
+        for name, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes <= budget and tensor.is_contiguous():
+                inline[name] = tensor
+                budget -= nbytes
+        streamed = {k: v for k, v in state.items() if k not in inline}
+        known = self._modules.get(module)
+        if known is not None and not known._deleted:
+            loaded = self._submit("module_load", {"obj": known.id, "state": inline})
+            loaded.add_done_callback(retrieve_error)
+            for name, tensor in streamed.items():
+                await self._upload(_flat_bytes(tensor), lambda offset, data, name=name: (
+                    "module_write", {"obj": known.id, "name": name, "offset": offset, "data": data}), timeout)
+            await self._wait(loaded, timeout)
+            return known
+        spec = describe(module)
+        parts: dict[str, Any] = dict(inline)
+        uploads = []
+        for name, tensor in streamed.items():
+            uploads.append(await self._send_tensor(tensor, timeout))
+            parts[name] = uploads[-1]
+        obj_id = self._new_id()
+        ready = self._submit("module_put", {"out": obj_id, "spec": spec, "state": parts})
+        for upload in uploads:  # the module adopts them: the worker drops them from the session itself
+            upload._deleted = True
+        pointer = ModulePointer(self, obj_id, ready, module)
+        await self._wait(ready, timeout)
+        if not module.training:
+            await pointer.train(False)
+        self._modules[module] = pointer
+        return pointer
+
+    async def _module_slices(self, pointer: ModulePointer,
+                             timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+        """The remote module's parameters and buffers as (name, first element, flat values) pieces:
+        small entries whole, big ones chunk by chunk, so no caller needs a whole copy in memory."""
+        state = await self._request("module_state", {"obj": pointer.id}, timeout)
+        for name, value in state.items():
+            if not isinstance(value, StreamInfo):
+                yield name, 0, value.reshape(-1)
+                continue
+            dtype = DTYPES[value.dtype]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            pieces: asyncio.Queue[tuple[int, torch.Tensor] | None] = asyncio.Queue()
+
+            async def fetch(name: str = name, info: StreamInfo = value) -> None:
+                try:
+                    await self._download(info.nbytes, lambda offset, length: (
+                        "module_read", {"obj": pointer.id, "name": name, "offset": offset, "length": length}),
+                        lambda offset, data: pieces.put_nowait((offset, data)), timeout)
+                finally:
+                    pieces.put_nowait(None)
+
+            task = asyncio.ensure_future(fetch())
+            try:
+                while (piece := await pieces.get()) is not None:
+                    offset, data = piece
+                    yield name, offset // itemsize, data.view(dtype)
+            finally:
+                if not task.done():
+                    task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            task.result()  # a failed download raises here
+
+
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 tensor, without copying when it is contiguous."""
+    return torch.frombuffer(tensor_buffer(tensor), dtype=torch.uint8) if tensor.numel() else torch.empty(
+        0, dtype=torch.uint8)
+
+
+
+
+def retrieve_error(future: asyncio.Future[Any]) -> None:
+    """Mark a pipelined future's error as seen: it is raised where its pointer is awaited, if ever."""
+    if not future.cancelled():
+        future.exception()
