@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Big objects (issue 8), each beside raw pyzmq in the same run.
+
+    python scripts/bench_big.py                       # 1 GiB and 4 GiB transfers; FedAvg at 1e8 params, 8 and 16 daemons
+    python scripts/bench_big.py --sizes-gib 1 --daemons 8 --params 1e7   # smaller
+
+Part 1, transfers: ``ptr = await w.send(t); back = await ptr.get()`` of a tensor of the given size
+against sending the same bytes to a raw pyzmq echo server (``scripts/bench_core.py --raw-echo-server``,
+``copy=False``, one frame each way) and receiving them back; MB/s counts bytes moved both ways.
+
+Part 2, a FedAvg round over N daemons with a model of P float32 parameters (one ``nn.Linear``, trivial
+local work: one step on 4 samples), after a warm-up round; the coordinator's peak resident memory
+during the round (Linux VmHWM, reset before the round) is reported as multiples of the model's size
+above the memory it held before the round (the model itself). The raw baseline moves the same bytes to
+and from N raw echo servers (broadcast concurrently, collected one at a time, as the scheduler does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import zmq
+import zmq.asyncio
+from safetensors.torch import save_file
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.launcher import start_daemons, stop_all
+from fedzmq.worker.server import peak_rss_bytes
+
+GIB = 1 << 30
+HERE = Path(__file__).resolve().parent
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+@contextlib.contextmanager
+def raw_echo_servers(count: int):
+    """``count`` raw pyzmq echo servers as subprocesses; yields their addresses."""
+    procs, addresses = [], []
+    try:
+        for _ in range(count):
+            with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as probe:
+                port = probe.bind_to_random_port("tcp://127.0.0.1")
+            address = f"tcp://127.0.0.1:{port}"
+            procs.append(subprocess.Popen([sys.executable, str(HERE / "bench_core.py"), "--raw-echo-server", address]))
+            addresses.append(address)
+        time.sleep(2.0)
+        yield addresses
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+
+
+async def raw_round_trip(sock: zmq.asyncio.Socket, payload: memoryview) -> None:
+    await sock.send(payload, copy=False)
+    await sock.recv(copy=False)
+
+
+async def bench_transfer(nbytes: int, repeats: int) -> tuple[float, float]:
+    tensor = torch.empty(nbytes, dtype=torch.uint8)
+    tensor.random_(0, 255)
+    [daemon] = start_daemons(["big"])
+    try:
+        with raw_echo_servers(1) as [raw_address]:
+            ctx = zmq.asyncio.Context.instance()
+            raw = ctx.socket(zmq.DEALER)
+            raw.connect(raw_address)
+            fed_times, raw_times = [], []
+            async with fz.connect(daemon.address) as worker:
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    ptr = await worker.send(tensor)
+                    back = await ptr.get()
+                    fed_times.append(time.perf_counter() - started)
+                    assert torch.equal(back, tensor)
+                    del back
+                    await ptr.delete()
+                    started = time.perf_counter()
+                    await raw_round_trip(raw, memoryview(tensor.numpy()))
+                    raw_times.append(time.perf_counter() - started)
+            raw.close(linger=0)
+    finally:
+        stop_all([daemon])
+    rate = lambda times: 2 * nbytes / statistics.median(times) / 1e6  # noqa: E731
+    return rate(fed_times), rate(raw_times)
+
+
+async def bench_round(daemons: int, params: int, rounds: int) -> dict[str, float]:
+    side = int(math.isqrt(params))
+    model = nn.Linear(side, side, bias=False)
+    model_bytes = side * side * 4
+    data_dir = Path(tempfile.mkdtemp(prefix="fedzmq-bench-big-"))
+    ids = [f"w{i}" for i in range(daemons)]
+    extra = {}
+    for i in ids:
+        path = data_dir / f"{i}.safetensors"
+        save_file({"x": torch.randn(4, side), "y": torch.randn(4, side)}, str(path))
+        extra[i] = ["--data", f"d={path}"]
+    handles = start_daemons(ids, per_daemon_args=extra)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            workers = [await stack.enter_async_context(fz.connect(h.address)) for h in handles]
+            fit = fz.FitConfig(dataset="d", loss="mse_loss", optimizer={"cls": "SGD", "lr": 1e-6}, steps=1, batch_size=4)
+            federation = fz.Federation(workers, model, fit, fz.FedAvg(), round_timeout=600)
+            await federation.run_round()  # warm-up: module_put everywhere
+            times, peaks = [], []
+            for _ in range(rounds):
+                baseline = rss()
+                reset_peak()
+                started = time.perf_counter()
+                await federation.run_round()
+                times.append(time.perf_counter() - started)
+                peaks.append(((peak_rss_bytes() or 0) - baseline) / model_bytes)
+        with raw_echo_servers(daemons) as addresses:
+            ctx = zmq.asyncio.Context.instance()
+            socks = []
+            for a in addresses:
+                s = ctx.socket(zmq.DEALER)
+                s.connect(a)
+                socks.append(s)
+            payload = memoryview(model.weight.detach().numpy()).cast("B")
+            raw_times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await asyncio.gather(*(s.send(payload, copy=False) for s in socks))  # broadcast
+                for s in socks:  # collect one at a time
+                    await s.recv(copy=False)
+                raw_times.append(time.perf_counter() - started)
+            for s in socks:
+                s.close(linger=0)
+    finally:
+        stop_all(handles)
+    return {"round": statistics.median(times), "raw": statistics.median(raw_times), "peak": max(peaks)}
+
+
+async def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes-gib", type=float, nargs="+", default=[1, 4])
+    p.add_argument("--daemons", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--params", type=float, default=1e8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--skip-transfers", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print("| transfer | fedzmq send+get | raw pyzmq | ratio | target |")
+    print("|---|---|---|---|---|")
+    if not args.skip_transfers:
+        for size in args.sizes_gib:
+            fed, raw = await bench_transfer(int(size * GIB), args.repeats)
+            print(f"| {size:g} GiB | {fed:,.0f} MB/s | {raw:,.0f} MB/s | {fed / raw:.2f}x | >= 0.70x |", flush=True)
+    print()
+    print("| daemons | params | FedAvg round | raw transfer | ratio | coordinator peak above baseline | target |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.daemons:
+        r = await bench_round(n, int(args.params), args.rounds)
+        print(f"| {n} | {args.params:.0e} | {r['round']:.2f} s | {r['raw']:.2f} s | {r['round'] / r['raw']:.2f}x | "
+              f"{r['peak']:.2f} model copies | < 3 copies |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
