@@ -169,28 +169,31 @@ class Connection:
     async def _receive_loop(self) -> None:
         assert self._socket is not None
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            self._last_heard = time.monotonic()
-            self.bytes_received += sum(len(f.buffer) for f in frames)
-            if self._dead is not None:
-                log.info("worker at %s answers again", self.address)
-                self._dead = None
-            try:
-                reply = decode_reply(frames, self.limits)
-            except ProtocolError as exc:  # the worker's reply broke the protocol: a local error
-                log.warning("undecodable reply from %s: %s", self.address, exc)
-                broken = self._pending.pop(exc.request_id, None) if exc.request_id is not None else None
-                if broken is not None and not broken.done():
-                    broken.set_exception(exc)
-                continue
-            future = self._pending.pop(reply.id, None) if reply.id is not None else None
-            if future is None:
-                self.unmatched_replies += 1
-                if not reply.ok and reply.error:
-                    log.warning("worker %s reports: %s: %s", self.address, reply.error["type"], reply.error["message"])
-                continue
-            if not future.done():
-                future.set_result(reply)
+            # one call per message, so that nothing of it (a whole model, say) outlives its handling
+            self._dispatch(await self._socket.recv_multipart(copy=False))
+
+    def _dispatch(self, frames: list[Any]) -> None:
+        self._last_heard = time.monotonic()
+        self.bytes_received += sum(len(f.buffer) for f in frames)
+        if self._dead is not None:
+            log.info("worker at %s answers again", self.address)
+            self._dead = None
+        try:
+            reply = decode_reply(frames, self.limits)
+        except ProtocolError as exc:  # the worker's reply broke the protocol: a local error
+            log.warning("undecodable reply from %s: %s", self.address, exc)
+            broken = self._pending.pop(exc.request_id, None) if exc.request_id is not None else None
+            if broken is not None and not broken.done():
+                broken.set_exception(exc)
+            return
+        future = self._pending.pop(reply.id, None) if reply.id is not None else None
+        if future is None:
+            self.unmatched_replies += 1
+            if not reply.ok and reply.error:
+                log.warning("worker %s reports: %s: %s", self.address, reply.error["type"], reply.error["message"])
+            return
+        if not future.done():
+            future.set_result(reply)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval

@@ -218,8 +218,12 @@ class _WeightedMeanAggregator(_CheckedAggregator):
         if self._total <= 0:
             raise ValueError("the updates' sample counts sum to zero")
         with torch.no_grad():
-            for name in self._acc:
-                into[name].copy_(self._entry_mean(name))
+            for name, acc in self._acc.items():
+                target = into[name]
+                if name not in self._partial and acc.dtype == target.dtype and target.is_floating_point():
+                    torch.div(acc, self._total, out=target)  # straight into the model: no temporary
+                else:
+                    target.copy_(self._entry_mean(name))
 
     def _mean(self) -> State:
         """sum(n_i * x_i) / sum(n_i) in the working dtype (non-float entries: the max, copied)."""

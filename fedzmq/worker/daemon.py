@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -101,6 +102,9 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
 async def run(settings: dict[str, Any]) -> None:
     config = config_from(settings)
     torch.set_num_threads(max(1, config.threads))  # a daemon shares its machine with the others
+    # the first optimizer torch builds imports its compiler stack (about a second): pay it before
+    # "ready", not in the first round's fit
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     datasets = parse_data_flags(settings.get("data", []))
     worker = Worker(settings["id"], config=config, models=model_registry(settings.get("model", [])),
                     datasets=datasets)
@@ -141,7 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a clear one-line reason instead of a traceback for bind errors and the like
         print(f"fedzmq-worker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    # everything is closed: skip the interpreter's slow final garbage collection (about a second with
+    # torch loaded; many daemons stopping together on few cores would otherwise time out)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ def tensor_info(tensor: torch.Tensor) -> list[Any]:
     return [DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape)]
 
 
+class LiveReply(dict):
+    """A reply holding live tensors (a module's parameters), sent without copying them: the session
+    runs its next command only once ZeroMQ has sent these bytes, so no later step can change them
+    mid-send. (It saves a model-sized copy per download of a federated round.)"""
+
+
 def refs_in(value: Any) -> list[int]:
     """The object ids an argument structure refers to."""
     if isinstance(value, Ref):
@@ -285,12 +291,11 @@ class Handlers:
         for name, tensor in session.module(args["obj"]).state_dict().items():
             nbytes = tensor.numel() * tensor.element_size()
             if nbytes <= budget and tensor.is_contiguous():
-                # a snapshot: a later optimizer step must not change bytes ZeroMQ is still sending
-                result[name] = tensor.detach().clone()
+                result[name] = tensor.detach()  # sent without a copy; see LiveReply
                 budget -= nbytes
             else:
                 result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False)
-        return result
+        return LiveReply(result)
 
     def cmd_module_mode(self, session: Session, args: dict[str, Any]) -> Any:
         session.module(args["obj"]).train(args["train"])

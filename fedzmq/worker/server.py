@@ -35,7 +35,7 @@ from ..security import KeyGate, SecurityError, apply_server_keys, is_loopback_ad
 from ..modeldesc import ModelRegistry
 from .config import WorkerConfig
 from .datasets import Dataset
-from .handlers import Handlers, referenced_numel
+from .handlers import Handlers, LiveReply, referenced_numel
 from .session import DependencyError, Session, object_nbytes
 
 log = logging.getLogger("fedzmq.worker")
@@ -184,69 +184,83 @@ class Worker:
     async def _receive_loop(self) -> None:
         assert self._socket is not None
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            key = frames[0].bytes
-            self.counters["requests"] += 1
+            # one call per message, so that nothing of it outlives its handling
+            self._accept(await self._socket.recv_multipart(copy=False))
+
+    def _accept(self, frames: list[Any]) -> None:
+        """Decode one message; answer control commands, queue the rest on their session."""
+        key = frames[0].bytes
+        self.counters["requests"] += 1
+        try:
+            request = decode_request(frames[1:], self.config.limits)
+        except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
+            self.counters["malformed"] += 1
+            if not isinstance(exc, ProtocolError):
+                log.exception("decoder failed on a message from %s", key.hex())
+                exc = ProtocolError(f"undecodable message ({type(exc).__name__})")
+            log.debug("malformed message from %s: %s", key.hex(), exc)
+            self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
+            return
+        user = _user_id(frames[1])
+        session = self._sessions.get(key)
+        if session is None:
+            if len(self._sessions) >= self.config.max_sessions:
+                self.counters["sessions_refused"] += 1
+                self._refuse(key, request, "LimitExceeded", f"the worker serves its maximum of "
+                             f"{self.config.max_sessions} sessions (--max-sessions); try again later")
+                return
+            session = self._sessions[key] = Session(key, user=user, max_objects=self.config.max_objects,
+                                                    max_bytes=self.config.max_session_bytes)
+            session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
+        elif session.user != user:  # a routing id reused under another key: never the same session
+            self._refuse(key, request, "PermissionDenied", "this session belongs to another key")
+            return
+        session.touch()
+        if COMMANDS[request.cmd].control:
             try:
-                request = decode_request(frames[1:], self.config.limits)
-            except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
-                self.counters["malformed"] += 1
-                if not isinstance(exc, ProtocolError):
-                    log.exception("decoder failed on a message from %s", key.hex())
-                    exc = ProtocolError(f"undecodable message ({type(exc).__name__})")
-                log.debug("malformed message from %s: %s", key.hex(), exc)
-                self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
-                continue
-            user = _user_id(frames[1])
-            session = self._sessions.get(key)
-            if session is None:
-                if len(self._sessions) >= self.config.max_sessions:
-                    self.counters["sessions_refused"] += 1
-                    self._refuse(key, request, "LimitExceeded", f"the worker serves its maximum of "
-                                 f"{self.config.max_sessions} sessions (--max-sessions); try again later")
-                    continue
-                session = self._sessions[key] = Session(key, user=user, max_objects=self.config.max_objects,
-                                                        max_bytes=self.config.max_session_bytes)
-                session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
-            elif session.user != user:  # a routing id reused under another key: never the same session
-                self._refuse(key, request, "PermissionDenied", "this session belongs to another key")
-                continue
-            session.touch()
-            if COMMANDS[request.cmd].control:
-                try:
-                    frames_out = encode_reply(request.id, self.handlers.handler(request.cmd)(session, request.args))
-                except Exception as exc:
-                    frames_out = encode_error(request.id, error_payload(exc, traceback.format_exc()))
-                self._send(key, frames_out)
-            elif session.queue.qsize() >= self.config.max_inflight:
-                self.counters["throttled"] += 1
-                self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
-                             "this session are waiting (--max-inflight); wait for replies before sending more",
-                             session)
-            else:
-                session.queue.put_nowait(request)
+                frames_out = encode_reply(request.id, self.handlers.handler(request.cmd)(session, request.args))
+            except Exception as exc:
+                frames_out = encode_error(request.id, error_payload(exc, traceback.format_exc()))
+            self._send(key, frames_out)
+        elif session.queue.qsize() >= self.config.max_inflight:
+            self.counters["throttled"] += 1
+            self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
+                         "this session are waiting (--max-inflight); wait for replies before sending more",
+                         session)
+        else:
+            session.queue.put_nowait(request)
 
     async def _session_loop(self, session: Session) -> None:
         loop = asyncio.get_running_loop()
         while True:
             request = await session.queue.get()
-            if request is None:
-                return
-            session.running = request.id
-            try:
-                if self.handlers.delay:
-                    await asyncio.sleep(self.handlers.delay)
-                frames = await self._execute(loop, session, request)
-            finally:
-                session.running = None
-                session.touch()
-            self._send(session.key, frames)
-            if request.cmd == "close":
-                self._end_session(session, "sessions_closed")
-                self._refuse_queued(session, "the session was closed before this command ran")
+            if request is None or await self._run(loop, session, request):
                 return
 
-    async def _execute(self, loop: asyncio.AbstractEventLoop, session: Session, request: Request) -> list[Any]:
+    async def _run(self, loop: asyncio.AbstractEventLoop, session: Session, request: Request) -> bool:
+        """Run one queued command and reply; True when it ended the session. (A method of its own so
+        that the request and its reply, a whole model say, are not kept alive until the next one.)"""
+        session.running = request.id
+        try:
+            if self.handlers.delay:
+                await asyncio.sleep(self.handlers.delay)
+            frames, live = await self._execute(loop, session, request)
+            if live and not self._copy_frames:
+                await self._send_and_wait(session.key, frames)
+            else:
+                self._send(session.key, frames)
+        finally:
+            session.running = None
+            session.touch()
+        if request.cmd == "close":
+            self._end_session(session, "sessions_closed")
+            self._refuse_queued(session, "the session was closed before this command ran")
+            return True
+        return False
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, session: Session,
+                       request: Request) -> tuple[list[Any], bool]:
+        """Run a command; returns the reply's frames and whether they hold live memory (``LiveReply``)."""
         command = COMMANDS[request.cmd]
         handler = self.handlers.handler(request.cmd)
         try:
@@ -256,7 +270,7 @@ class Worker:
                 result = await loop.run_in_executor(self._pool, handler, session, request.args)
             else:
                 result = handler(session, request.args)
-            return encode_reply(request.id, result)
+            return encode_reply(request.id, result), isinstance(result, LiveReply)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -269,7 +283,7 @@ class Worker:
                 out = request.args.get(name)
                 for obj_id in out if isinstance(out, list) else [out]:
                     session.fail(obj_id, root)
-            return encode_error(request.id, payload)
+            return encode_error(request.id, payload), False
 
     async def _expire_loop(self) -> None:
         timeout = self.config.session_timeout
@@ -315,6 +329,17 @@ class Worker:
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
         self.counters[counter] += 1
+
+    async def _send_and_wait(self, key: bytes, frames: list[Any], limit: float = 300.0) -> None:
+        """Send without copying and wait until ZeroMQ no longer needs the frames' memory."""
+        if self._socket is None:
+            return
+        try:
+            tracker = await self._socket.send_multipart([key, *frames], copy=False, track=True)
+            if tracker is not None and not tracker.done:
+                await asyncio.to_thread(tracker.wait, limit)
+        except (zmq.ZMQError, zmq.NotDone):
+            pass
 
     def _send(self, key: bytes, frames: list[Any]) -> None:
         if self._socket is None:
