@@ -198,7 +198,14 @@ class Connection:
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval
         while True:
+            slept_from = time.monotonic()
             await asyncio.sleep(interval)
+            stall = time.monotonic() - slept_from - interval
+            if stall > interval / 2:
+                # our own event loop was blocked (a long computation, an import): replies may be waiting
+                # unread. That silence is ours, not the worker's: give it back, and judge next time.
+                self._last_heard += stall
+                continue
             silent = time.monotonic() - self._last_heard
             if silent > interval * self.settings.heartbeat_liveness and self._dead is None:
                 self._dead = WorkerDeadError(

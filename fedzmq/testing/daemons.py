@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from ..client.connection import ConnectionSettings
-from ..client.worker import RemoteWorker, connect
+from ..client.worker import RemoteWorker
 from ..launcher import DaemonProcess
+
+PathLike = str | os.PathLike[str]
 
 
 class DaemonHandle:
@@ -15,14 +20,21 @@ class DaemonHandle:
 
     ``worker`` is a connected ``RemoteWorker``. The fault-injection calls act on the real process:
     ``kill()`` (SIGKILL), ``stop()``/``cont()`` (SIGSTOP/SIGCONT), ``restart()`` (same id and address),
-    ``slow(seconds)`` (every later command waits that long before it runs).
+    ``slow(seconds)`` (every later command waits that long before it runs; pings stay prompt).
     """
 
-    def __init__(self, process: DaemonProcess, settings: ConnectionSettings | None = None) -> None:
+    def __init__(self, process: DaemonProcess, settings: ConnectionSettings | None = None, *,
+                 server_key: Path | None = None, client_key: Path | None = None) -> None:
         self.process = process
         self.settings = settings
+        #: the daemon's public key file and the client's secret key file, when started with ``keys=True``
+        self.server_key = server_key
+        self.client_key = client_key
         self.worker: RemoteWorker | None = None
+        #: teardown checks the exit code is 0 unless this is False (``kill()`` sets it)
         self.expect_clean_exit = True
+        self.stopped = False
+        self.delay = 0.0
 
     @property
     def id(self) -> str:
@@ -30,54 +42,105 @@ class DaemonHandle:
 
     @property
     def address(self) -> str:
-        assert self.process.address is not None
+        assert self.process.address is not None, f"daemon {self.id} has not started"
         return self.process.address
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        """True while the process exists (also while it is stopped with ``stop()``)."""
+        return self.process.running
+
+    def connection_keys(self) -> dict[str, Any]:
+        """Keyword arguments for ``fz.connect`` / ``RemoteWorker`` to reach this daemon (keys, if any)."""
+        if self.server_key is None:
+            return {}
+        return {"server_key": self.server_key, "client_key": self.client_key}
+
     async def connect(self, timeout: float = 30.0) -> RemoteWorker:
-        worker = RemoteWorker(self.address, settings=self.settings)
-        await asyncio.wait_for(worker.connect(), timeout)
+        """Open ``worker``: a session with the daemon, once it answered a ping."""
+        worker = RemoteWorker(self.address, settings=self.settings, **self.connection_keys())
+        try:
+            await asyncio.wait_for(worker.connect(), timeout)
+        except BaseException:
+            await worker._connection.close(say_goodbye=False)
+            raise
         self.worker = worker
         return worker
 
+    # --- fault injection -------------------------------------------------------------------------
+
     def kill(self) -> None:
-        """SIGKILL the daemon, as a crash would."""
+        """SIGKILL the daemon, as a crash would. The client notices through missed heartbeats."""
         self.process.kill()
         self.expect_clean_exit = False
+        self.stopped = False
 
     def stop(self) -> None:
-        """SIGSTOP: the daemon hangs, answering nothing, until ``cont()``."""
+        """SIGSTOP: the daemon hangs, answering nothing (not even pings), until ``cont()``."""
         self.process.pause()
+        self.stopped = True
 
     def cont(self) -> None:
-        """SIGCONT: a stopped daemon carries on where it was."""
+        """SIGCONT: a stopped daemon carries on where it was (``wait_answering()`` waits for that)."""
         self.process.resume()
+        self.stopped = False
 
     async def restart(self, timeout: float = 30.0) -> RemoteWorker:
-        """Start the daemon again (same id, same address) and wait until ``worker`` answers again.
+        """Start the daemon again (same id, same address, same flags) and wait until ``worker`` answers.
 
-        The same ``worker`` object reconnects by itself (ZeroMQ reconnects to the address), but its
-        session and objects on the old process are gone: ``worker.refresh()`` notices the new instance."""
+        A running daemon is stopped cleanly first; a killed one is just started again. The same
+        ``worker`` object reconnects by itself (ZeroMQ reconnects to the address), but its session and
+        objects on the old process are gone: ``worker.instance`` is the new process's."""
+        self.stopped = False
         await asyncio.to_thread(self.process.restart, timeout)
         self.expect_clean_exit = True
+        self.delay = 0.0
         if self.worker is None:
             return await self.connect(timeout)
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    await self.worker.refresh(timeout=2.0)
-                    return self.worker
-                except Exception:  # still declared dead, or the reconnect is under way
-                    await asyncio.sleep(0.1)
+        await self.wait_answering(timeout)
+        await self.worker.refresh(timeout=timeout)
+        return self.worker
 
     async def slow(self, seconds: float) -> None:
         """Delay every later command of this daemon by ``seconds`` (0 to stop). Pings stay prompt."""
         assert self.worker is not None
         await self.worker._request("debug_delay", {"seconds": float(seconds)}, timeout=10.0)
+        self.delay = float(seconds)
+
+    async def wait_answering(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until ``worker`` answers a ping (after ``cont()`` or ``restart()``); returns the ping."""
+        assert self.worker is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                if self.worker.alive:
+                    try:
+                        return await self.worker.ping(timeout=1.0)
+                    except Exception:  # still down, or declared dead while we waited
+                        pass
+                await asyncio.sleep(0.05)
+
+    # --- teardown --------------------------------------------------------------------------------
+
+    async def close_connection(self) -> None:
+        """Undo lasting faults (a stopped or slowed daemon) and end the session, without stopping it."""
+        if self.stopped:
+            self.cont()
+        if self.worker is None:
+            return
+        if self.delay and self.process.running:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.wait_answering(5.0), 6.0)
+                await self.worker._request("debug_delay", {"seconds": 0.0}, timeout=2.0)
+                self.delay = 0.0
+        await self.worker._connection.close(say_goodbye=self.process.running)
 
     async def close(self) -> int | None:
-        """Close the connection and stop the daemon; returns its exit code."""
-        if self.worker is not None:
-            await self.worker._connection.close(say_goodbye=self.process.running)
+        """Close the connection and stop the daemon (SIGTERM); returns its exit code."""
+        await self.close_connection()
         return await asyncio.to_thread(self.process.stop)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -87,10 +150,14 @@ class DaemonHandle:
         return f"<DaemonHandle {self.id} {self.process.address} pid={self.process.pid}>"
 
 
-def daemon_args(datasets: dict[str, str] | None, extra: Sequence[str]) -> list[str]:
+def daemon_args(datasets: Mapping[str, PathLike] | None, extra: Sequence[str] = (),
+                models: Mapping[str, str] | None = None) -> list[str]:
+    """The ``fedzmq-worker`` flags for one test daemon: fault injection, ``--data``, ``--model``, extras."""
     args = ["--fault-injection"]
     for name, path in (datasets or {}).items():
-        args += ["--data", f"{name}={path}"]
+        args += ["--data", f"{name}={os.fspath(path)}"]
+    for name, target in (models or {}).items():
+        args += ["--model", f"{name}={target}"]
     return [*args, *extra]
 
 

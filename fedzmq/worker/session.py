@@ -62,6 +62,8 @@ class Session:
     max_objects: int = 100_000
     max_bytes: int = 8 << 30
     objects: dict[int, Any] = field(default_factory=dict)
+    #: ids whose command failed, with the failure (reported by later uses of the id)
+    failures: dict[int, FailedObject] = field(default_factory=dict)
     #: ids of objects computed from private data, and those among them the policy lets ``get`` release
     private: set[int] = field(default_factory=set)
     releasable: set[int] = field(default_factory=set)
@@ -85,10 +87,11 @@ class Session:
     # --- lookups -------------------------------------------------------------------------------
 
     def lookup(self, obj_id: int) -> Any:
-        try:
-            value = self.objects[obj_id]
-        except KeyError:
-            raise ObjectNotFound.new(f"object {obj_id} does not exist in this session") from None
+        value = self.objects.get(obj_id)
+        if value is None:
+            value = self.failures.get(obj_id)
+        if value is None:
+            raise ObjectNotFound.new(f"object {obj_id} does not exist in this session")
         if isinstance(value, FailedObject):
             # report the first failure under its own type, so `except RuntimeError:` still works
             raise DependencyError(obj_id, value.error)
@@ -124,7 +127,7 @@ class Session:
 
     def put(self, obj_id: int, value: Any, private: bool = False, releasable: bool = False) -> None:
         """Store an object, within the session's object and byte quotas."""
-        if obj_id in self.objects and not isinstance(self.objects[obj_id], FailedObject):
+        if obj_id in self.objects:
             raise BadRequest.new(f"object id {obj_id} is already in use in this session")
         if len(self.objects) >= self.max_objects:
             raise LimitExceeded.new(f"this session holds {len(self.objects)} objects, the worker's limit "
@@ -133,6 +136,7 @@ class Session:
         if self.nbytes_held + size > self.max_bytes:
             raise LimitExceeded.new(f"storing {size} more bytes would exceed this session's quota of "
                                     f"{self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
+        self.failures.pop(obj_id, None)
         self.objects[obj_id] = value
         self.sizes[obj_id] = size
         self.nbytes_held += size
@@ -146,13 +150,18 @@ class Session:
         self.objects[obj_id] = value
 
     def fail(self, obj_id: int, error: dict[str, str]) -> None:
-        if obj_id not in self.objects:
-            self.objects[obj_id] = FailedObject(error)
+        """Remember that ``obj_id`` was never made. Failures are kept apart from objects (they hold no
+        data and do not count against the quota), at most ``max_objects`` of them: the oldest go first."""
+        if obj_id in self.objects:
+            return
+        self.failures[obj_id] = FailedObject(error)
+        while len(self.failures) > self.max_objects:
+            self.failures.pop(next(iter(self.failures)))
 
     def delete(self, obj_ids: list[int]) -> int:
         deleted = 0
         for obj_id in obj_ids:
-            if self.objects.pop(obj_id, None) is not None:
+            if self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None:
                 deleted += 1
             self.nbytes_held -= self.sizes.pop(obj_id, 0)
             self.private.discard(obj_id)
@@ -161,6 +170,7 @@ class Session:
 
     def clear(self) -> None:
         self.objects.clear()
+        self.failures.clear()
         self.secure_rounds.clear()
         self.sizes.clear()
         self.private.clear()

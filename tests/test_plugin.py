@@ -1,0 +1,347 @@
+"""fedzmq's pytest plugin (fedzmq.testing.plugin): fault injection on real daemons, the factories, the
+dataset makers, the end-of-session check for leftover daemons, and an example user project run in a
+subprocess, in strict and in auto mode, with nothing but the installed package (no conftest)."""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.examples.seed import toy_data
+from fedzmq.testing import assert_state_dicts_close, state_dict_diff, toy_dataset, toy_shards
+from fedzmq.worker.datasets import load_dataset
+from fedzmq.testing.plugin import TEST_SETTINGS
+
+USER_PROJECT = Path(__file__).parent / "user_project"
+MODES = ("strict", "auto")
+DEAD_AFTER = TEST_SETTINGS.heartbeat_interval * TEST_SETTINGS.heartbeat_liveness  # 2 s
+
+
+async def _until(condition, timeout):
+    """Seconds until ``condition()`` held (polling), or fail after ``timeout``."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+# --- fault injection on real daemons -------------------------------------------------------------
+
+async def test_killed_daemon_is_reported_dead_within_the_heartbeat_timeout(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    assert bob.running and bob.worker.alive
+    bob.kill()
+    killed = time.monotonic()
+    assert not bob.running and bob.process.process.returncode == -signal.SIGKILL
+    pending = asyncio.ensure_future(bob.worker.send(torch.ones(3)))  # nobody will answer it
+    with pytest.raises(fz.WorkerDeadError):
+        await asyncio.wait_for(pending, DEAD_AFTER + 5)
+    elapsed = time.monotonic() - killed
+    # declared dead by missed heartbeats: not at once, and within the timeout plus a heartbeat or two
+    assert DEAD_AFTER / 2 <= elapsed <= DEAD_AFTER + 2 * TEST_SETTINGS.heartbeat_interval + 1.0
+    assert not bob.worker.alive
+    with pytest.raises(fz.WorkerDeadError):  # later requests fail at once
+        await bob.worker.ping(timeout=5)
+
+
+async def test_stopped_daemon_times_out_is_declared_dead_and_answers_after_cont(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    kept = await bob.worker.send(torch.arange(3.0))
+    instance = bob.worker.instance
+    bob.stop()
+    stopped = time.monotonic()
+    with pytest.raises(fz.RequestTimeout):  # the deadline passes before the heartbeat timeout
+        await bob.worker.ping(timeout=0.3)
+    assert bob.running and bob.stopped
+    await _until(lambda: not bob.worker.alive, DEAD_AFTER + 3)  # it stays silent: declared dead
+    assert time.monotonic() - stopped <= DEAD_AFTER + 2 * TEST_SETTINGS.heartbeat_interval + 1.0
+
+    bob.cont()
+    answer = await bob.wait_answering(timeout=10)
+    assert bob.worker.alive and not bob.stopped
+    assert answer["instance"] == instance  # the same process carried on...
+    assert torch.equal(await kept.get(), torch.arange(3.0))  # ...with the objects it held
+
+
+async def test_restarted_daemon_serves_again_at_the_same_address(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    address, instance, pid = bob.address, bob.worker.instance, bob.pid
+    old = await bob.worker.send(torch.ones(2))
+    bob.kill()
+    worker = await bob.restart()
+    assert worker is bob.worker  # the same client object reconnected by itself
+    assert bob.address == address == bob.worker.address
+    assert bob.running and bob.pid != pid
+    assert bob.worker.instance != instance
+    assert (await bob.worker.ping())["instance"] == bob.worker.instance
+    with pytest.raises(fz.ObjectNotFound):  # what the old process held is gone
+        await old.get()
+    assert torch.equal(await (await bob.worker.send(torch.ones(2) * 3)).get(), torch.ones(2) * 3)
+
+    # a running daemon restarts too (clean stop, then start); teardown checks its clean exit
+    second = bob.worker.instance
+    await bob.restart()
+    assert bob.address == address and bob.worker.instance not in (instance, second)
+
+
+async def test_slow_daemon_delays_commands_but_answers_pings_at_once(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    x = await bob.worker.send(torch.ones(3))  # gets of x make no new objects (nor deletes) to queue
+    await bob.slow(1.0)
+    with pytest.raises(fz.RequestTimeout):
+        await x.get(timeout=0.3)
+    started = time.monotonic()
+    getting = asyncio.ensure_future(x.get())  # queued behind the timed-out get
+    await asyncio.sleep(0.1)
+    ping_started = time.monotonic()
+    assert (await bob.worker.ping())["id"] == "bob"
+    assert time.monotonic() - ping_started < 0.8
+    assert not getting.done()
+    assert torch.equal(await getting, torch.ones(3))
+    assert time.monotonic() - started >= 1.0
+    assert bob.worker.alive  # slow is not dead: heartbeats were answered all along
+
+    await bob.slow(0)
+    started = time.monotonic()
+    assert torch.equal(await x.get(), torch.ones(3))
+    assert time.monotonic() - started < 0.8
+
+
+# --- the factories and their teardown ------------------------------------------------------------
+
+@pytest.fixture
+def checked_after_teardown():
+    """Set up before the fedzmq fixtures a test asks for after it, so torn down after them: checks
+    that everything they made was closed or stopped cleanly."""
+    made = {"workers": [], "daemons": []}
+    yield made
+    for worker in made["workers"]:
+        assert worker._connection.closed, f"{worker!r} was left open"
+    for handle in made["daemons"]:
+        assert not handle.running, f"{handle!r} was left running"
+        assert handle.process.process.returncode == 0, f"{handle!r} exited with {handle.process.process.returncode}"
+
+
+async def test_virtual_workers_by_name_and_by_count_with_datasets(checked_after_teardown, fedzmq_virtual_workers,
+                                                                  tmp_path):
+    bob, alice = await fedzmq_virtual_workers("bob", "alice",
+                                              datasets={"bob": {"toy": toy_dataset(tmp_path / "toy.safetensors")}})
+    counted = await fedzmq_virtual_workers(2)
+    checked_after_teardown["workers"] += [bob, alice, *counted]
+    assert [w.id for w in (bob, alice, *counted)] == ["bob", "alice", "worker0", "worker1"]
+    assert [d.name for d in await bob.datasets()] == ["toy"] and await alice.datasets() == []
+    with pytest.raises(ValueError, match="already"):
+        await fedzmq_virtual_workers("bob")
+
+
+async def test_daemons_by_count_with_toy_and_digit_shards(checked_after_teardown, fedzmq_daemons, fedzmq_digits,
+                                                         tmp_path):
+    digits = fedzmq_digits(2, alpha=0.5, seed=3)
+    toy = toy_shards(tmp_path, 2)
+    both = {w: {**digits[w], **toy[w]} for w in ("worker0", "worker1")}
+    handles = await fedzmq_daemons(2, datasets=both)
+    checked_after_teardown["daemons"] += handles
+    assert [h.id for h in handles] == ["worker0", "worker1"]
+    for handle in handles:
+        assert handle.address.startswith("tcp://127.0.0.1:")
+        found = {d.name: d for d in await handle.worker.datasets()}
+        assert found["digits"].samples == sum(digits.sizes[handle.id])
+        assert found["digits"].feature_shape == (64,) and found["digits"].num_classes == 10
+        assert found["toy"].samples == 2
+    remote = await handles[1].worker.send(nn.Linear(2, 1))
+    result = await remote.fit("toy", loss="mse_loss", optimizer={"cls": "SGD", "lr": 0.1}, epochs=2)
+    assert result["num_examples"] == 2  # worker1 holds the seed's rows 2 and 3
+    assert len(digits.test[1]) == 359 and digits.train[0].shape[1] == 64
+
+
+def _daemon_supports_keys():
+    from fedzmq.worker.daemon import build_parser
+
+    return "--secret-key" in build_parser().format_help()
+
+
+@pytest.mark.skipif(not _daemon_supports_keys(), reason="this fedzmq-worker has no --secret-key")
+async def test_daemons_with_keys_refuse_clients_without_them(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob", keys=True)
+    assert (await bob.worker.status())["encrypted"] is True
+    with pytest.raises((fz.RequestTimeout, fz.WorkerDeadError)):  # the handshake never completes
+        await fz.connect(bob.address, settings=fz.ConnectionSettings(connect_timeout=1.0))
+    async with fz.connect(bob.address, settings=TEST_SETTINGS, **bob.connection_keys()) as other:
+        assert (await other.ping())["id"] == "bob"
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def test_state_dict_diff_says_which_tensors_differ_where_and_by_how_much():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert state_dict_diff(a, b) == []
+    assert_state_dicts_close(a, b, atol=0)
+    with torch.no_grad():
+        b.weight[1, 2] += 0.5
+    [line] = state_dict_diff(a, b)
+    assert line.startswith("weight: max |diff| 0.5 at flat index 5") and "1 of 6 elements differ" in line
+    assert_state_dicts_close(a, b, atol=0.6)  # within a looser tolerance
+    with pytest.raises(AssertionError, match=r"state dicts differ:\n  weight: max \|diff\| 0.5"):
+        assert_state_dicts_close(a, b)
+    other = {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}
+    problems = state_dict_diff(a, other)
+    assert "bias: only in the first" in problems and "extra: only in the second" in problems
+    assert any(p.startswith("weight: shape/dtype (2, 3)") for p in problems)
+
+
+def test_toy_shards_split_the_seed_data_as_the_seed_does(tmp_path):
+    data, target = toy_data()
+    shards = toy_shards(tmp_path, ("bob", "alice"))
+    assert list(shards) == ["bob", "alice"] and all(list(s) == ["toy"] for s in shards.values())
+    for worker, rows in (("bob", slice(0, 2)), ("alice", slice(2, 4))):
+        loaded = load_dataset("toy", shards[worker]["toy"])
+        assert torch.equal(loaded.features, data[rows].detach()) and torch.equal(loaded.labels, target[rows].detach())
+    assert [len(load_dataset("t", s["toy"])) for s in toy_shards(tmp_path / "three", 3).values()] == [1, 2, 1]
+    with pytest.raises(ValueError, match="distinct"):
+        toy_shards(tmp_path, ("bob", "bob"))
+
+
+# --- pytest runs in subprocesses: a user's project, and what the plugin reports -----------------
+
+def _run_pytest(directory, *args, env=None, timeout=100):
+    """``python -m pytest`` in ``directory`` as a user would run it: the plugin comes from the installed
+    package's entry point, with no conftest, and none of this project's pytest settings. Bounded below
+    the suite's own timeout; a run that overstays is interrupted (so it stops its daemons), then killed
+    with its whole process group."""
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")},
+           "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(directory), *args]
+    with subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as run:
+        try:
+            output, _ = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGINT)  # pytest tears its fixtures down: the daemons stop
+            try:
+                output, _ = run.communicate(timeout=15)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(run.pid, signal.SIGKILL)
+            pytest.fail(f"pytest {' '.join(args)} in {directory} took more than {timeout}s:\n{output}")
+    return run, output
+
+
+def test_user_project_runs_with_the_installed_plugin_and_no_conftest_in_strict_and_auto_mode(tmp_path):
+    assert not list(USER_PROJECT.rglob("conftest.py"))
+    copies = {}
+    for mode in MODES:  # a copy each, outside this repository: nothing of it is on the path, nothing is written here
+        copies[mode] = shutil.copytree(USER_PROJECT, tmp_path / mode / "user_project",
+                                       ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    with ThreadPoolExecutor(2) as pool:  # side by side: they are independent
+        runs = dict(zip(MODES, pool.map(lambda mode: _run_pytest(copies[mode], "-o", f"asyncio_mode={mode}", "-v"),
+                                        MODES)))
+    for mode, (result, output) in runs.items():
+        assert result.returncode == 0, output
+        assert f"mode=Mode.{mode.upper()}" in output, output
+        assert f"rootdir: {copies[mode]}" in output and "configfile: pyproject.toml" in output, output
+        assert "fedzmq-" in output.split("plugins:", 1)[1].splitlines()[0], output  # loaded by its entry point
+        assert " 5 passed" in output and "skipped" not in output and "warning" not in output.lower(), output
+
+
+LEAKY_TEST = '''
+import os
+from fedzmq.launcher import DaemonProcess
+from fedzmq.testing.plugin import track_daemon
+
+kept = []
+
+def test_leaks_two_daemons(request, tmp_path):
+    tracked = DaemonProcess("leaky-tracked", log_dir=tmp_path)
+    untracked = DaemonProcess("leaky-untracked", log_dir=tmp_path)
+    tracked.spawn(), untracked.spawn()
+    tracked.wait_ready(60), untracked.wait_ready(60)
+    track_daemon(request.config, tracked)  # as a test that starts its own daemons should
+    kept.extend([tracked, untracked])      # neither is stopped: both outlive the test
+    with open(os.environ["LEAKY_PIDS"], "w") as f:
+        f.write(f"{tracked.pid} {untracked.pid}")
+'''
+
+
+def _is_daemon(pid):
+    try:
+        return b"fedzmq.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds untracked daemons through /proc")
+def test_session_fails_naming_daemons_left_running_and_kills_them(tmp_path):
+    (tmp_path / "test_leaky.py").write_text(LEAKY_TEST)
+    pids_file = tmp_path / "pids"
+    try:
+        result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", env={"LEAKY_PIDS": str(pids_file)})
+    finally:
+        pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
+        survivors = [pid for pid in pids if _is_daemon(pid)]
+        for pid in survivors:  # should the check fail, still leave nothing behind
+            os.kill(pid, signal.SIGKILL)
+    assert len(pids) == 2, output
+    assert " 1 passed" in output, output  # the test itself passed...
+    assert result.returncode == 1, output  # ...and the run failed
+    tracked, untracked = pids
+    assert "worker daemons left running by the tests, now killed" in output, output
+    assert f"leaky-tracked (pid {tracked})" in output and f"leaky-untracked (pid {untracked})" in output, output
+    assert not survivors, f"daemons {survivors} outlived the run"
+
+
+FAILING_TESTS = '''
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+
+@pytest.mark.asyncio
+async def test_fails(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    await bob.worker.send(torch.ones(3))
+    assert False, "deliberate failure"
+
+
+@pytest.mark.asyncio
+async def test_daemon_crashes(fedzmq_daemons):
+    [carol] = await fedzmq_daemons("carol")
+    os.kill(carol.pid, signal.SIGKILL)  # not carol.kill(): a crash the test did not ask for
+    carol.process.process.wait(10)
+
+
+@pytest.mark.asyncio
+async def test_passes(fedzmq_daemons):
+    [dave] = await fedzmq_daemons("dave")
+    dave.kill()  # asked for: its exit code is not held against it
+'''
+
+
+def test_failed_test_prints_daemon_logs_and_an_unclean_exit_fails_teardown(tmp_path):
+    (tmp_path / "test_failing.py").write_text(FAILING_TESTS)
+    result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-rA")
+    assert result.returncode == 1, output
+    assert "1 failed, 2 passed, 1 error" in output, output
+    assert "ERROR at teardown of test_daemon_crashes" in output, output
+    assert "daemon carol exited with code -9" in output, output
+    for worker in ("bob", "carol"):  # the log tails of the daemons of the failed test and of the crash
+        assert f"----- log of daemon {worker} (" in output and f"worker {worker} serving on" in output, output
+    assert "log of daemon dave" not in output, output
+    assert "left running" not in output, output
