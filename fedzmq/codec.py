@@ -54,8 +54,10 @@ class Limits:
     chunk_bytes: int = 128 << 20
 
     def __post_init__(self) -> None:
-        if self.chunk_bytes > self.max_frame_bytes:
-            object.__setattr__(self, "chunk_bytes", self.max_frame_bytes)
+        if self.max_frame_bytes < 4096 or self.max_header_bytes < 4096 or self.chunk_bytes < 4096:
+            raise ValueError("frame, header and chunk limits must be at least 4096 bytes")
+        # chunks end on element boundaries of any dtype (8 bytes at most), and fit in one frame
+        object.__setattr__(self, "chunk_bytes", min(self.chunk_bytes, self.max_frame_bytes) // 8 * 8)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 MAX_ID = 2**63 - 1
-INLINE_NUMEL = 1 << 16
+#: an op whose inputs hold more elements than this runs in the thread pool: below it, even a
+#: broadcast or a matmul of the inputs stays small enough not to hold up the event loop
+INLINE_NUMEL = 1 << 10
 
 Validator = Callable[[Any], bool]
 

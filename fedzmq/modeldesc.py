@@ -38,7 +38,9 @@ _MAXPOOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "c
 _AVGPOOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
 
 #: standard layers a worker builds: name -> (class, its constructor arguments, read off an instance by
-#: attribute of the same name; "bias" is read as "has a bias")
+#: attribute of the same name; "bias" is read as "has a bias"). ``inplace`` is never one of them: a
+#: layer working in place could change the data owner's dataset, so the worker builds every layer
+#: out of place (the results are the same).
 LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
     "Conv1d": (nn.Conv1d, _CONV),
@@ -49,9 +51,9 @@ LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
     "Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
                                  "scale_grad_by_freq", "sparse")),
-    "Dropout": (nn.Dropout, ("p", "inplace")),
-    "Dropout1d": (nn.Dropout1d, ("p", "inplace")),
-    "Dropout2d": (nn.Dropout2d, ("p", "inplace")),
+    "Dropout": (nn.Dropout, ("p",)),
+    "Dropout1d": (nn.Dropout1d, ("p",)),
+    "Dropout2d": (nn.Dropout2d, ("p",)),
     "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
     "Unflatten": (nn.Unflatten, ("dim", "unflattened_size")),
     "MaxPool1d": (nn.MaxPool1d, _MAXPOOL),
@@ -60,10 +62,10 @@ LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "AvgPool2d": (nn.AvgPool2d, (*_AVGPOOL, "divisor_override")),
     "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
-    "ReLU": (nn.ReLU, ("inplace",)),
-    "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")),
-    "ELU": (nn.ELU, ("alpha", "inplace")),
-    "SiLU": (nn.SiLU, ("inplace",)),
+    "ReLU": (nn.ReLU, ()),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)),
+    "ELU": (nn.ELU, ("alpha",)),
+    "SiLU": (nn.SiLU, ()),
     "GELU": (nn.GELU, ("approximate",)),
     "Tanh": (nn.Tanh, ()),
     "Sigmoid": (nn.Sigmoid, ()),
@@ -163,7 +165,8 @@ def _describe_graph(module: nn.Module) -> dict[str, Any]:
         else:
             target = node.target
         index[node] = len(program)
-        program.append([node.op, target, arg(node.args), arg(node.kwargs)])
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}  # the worker never works in place
+        program.append([node.op, target, arg(node.args), arg(kwargs)])
 
     spec = _describe_container(module)
     spec["kind"] = "graph"

@@ -24,6 +24,14 @@ def _min(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     return tuple(result) if isinstance(result, tuple) else result
 
 
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x)  # never in place: stored tensors (and the owner's datasets) must not change
+
+
+def _dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+    return F.dropout(x, p, training)
+
+
 OPS: dict[str, Callable[..., Any]] = {
     # arithmetic operators
     "add": operator.add,
@@ -69,7 +77,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "float": torch.Tensor.float,
     "long": torch.Tensor.long,
     # elementwise functions
-    "relu": F.relu,
+    "relu": _relu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "exp": torch.exp,
@@ -78,7 +86,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "softmax": F.softmax,
     "log_softmax": F.log_softmax,
     "gelu": F.gelu,
-    "dropout": F.dropout,
+    "dropout": _dropout,
     "linear": F.linear,
     # losses
     "mse_loss": F.mse_loss,
@@ -120,6 +128,8 @@ def output_count(op: str, args: list[Any], kwargs: dict[str, Any]) -> int:
 OP_NAMES: dict[Any, str] = {
     **{fn: name for name, fn in reversed(list(OPS.items()))},
     torch.relu: "relu",
+    F.relu: "relu",
+    F.dropout: "dropout",
     torch.softmax: "softmax",
     torch.log_softmax: "log_softmax",
     F.sigmoid: "sigmoid",

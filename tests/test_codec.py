@@ -88,11 +88,19 @@ def test_protocol_error_keeps_the_request_id_when_it_can_be_read():
 
 
 def test_header_and_frame_limits_are_enforced_before_decoding():
-    small = Limits(max_header_bytes=64, max_frame_bytes=8)
+    small = Limits(max_header_bytes=4096, max_frame_bytes=4096)
     with pytest.raises(ProtocolError, match="header"):
-        decode_request([msgpack.packb({"v": 1, "id": 1, "cmd": "ping", "args": {"x": "y" * 100}})], small)
-    with pytest.raises(ProtocolError, match="frame"):
-        decode_request(tensor_message(), small)
+        decode_request([msgpack.packb({"v": 1, "id": 1, "cmd": "ping", "args": {"x": "y" * 5000}})], small)
+    with pytest.raises(ProtocolError, match="frame") as info:
+        decode_request(tensor_message(shape=(2048,), nbytes=8192), small)
+    assert info.value.request_id == 3  # read from the header first, so the error reply can be routed
+
+
+def test_limits_keep_chunks_on_element_boundaries_and_within_a_frame():
+    assert Limits(chunk_bytes=10_001).chunk_bytes == 10_000
+    assert Limits(max_frame_bytes=8192, chunk_bytes=1 << 20).chunk_bytes == 8192
+    with pytest.raises(ValueError):
+        Limits(chunk_bytes=0)
 
 
 def test_encoder_refuses_values_it_cannot_describe():

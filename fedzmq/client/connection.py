@@ -116,7 +116,7 @@ class Connection:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def submit(self, cmd: str, args: dict[str, Any]) -> asyncio.Future[Reply]:
+    def submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Reply]:
         """Send a request now and return the future of its reply (which may hold an error reply)."""
         self._ensure_started()
         if self._dead is not None:
@@ -127,7 +127,7 @@ class Connection:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         assert self._socket is not None
-        sent = self._socket.send_multipart(frames, copy=self._copy_frames)
+        sent = self._socket.send_multipart(frames, copy=copy or self._copy_frames)
         sent.add_done_callback(_ignore_result)
         self.bytes_sent += sum(len(f) for f in frames)
         return future

@@ -65,7 +65,7 @@ class TensorPointer(Pointer):
         args: dict[str, Any] = {"obj": self.id}
         if gradient is not None:
             args["grad"] = gradient
-        await self.location._request("backward", args)
+        await self.location._request("backward", args)  # awaited: the gradient's bytes are sent by then
 
     def __getitem__(self, index: Any) -> "TensorPointer":
         return self.location._op("getitem", [self, index], {})

@@ -145,10 +145,10 @@ class Transfers:
             parts[name] = uploads[-1]
         obj_id = self._new_id()
         ready = self._submit("module_put", {"out": obj_id, "spec": spec, "state": parts})
-        for upload in uploads:  # the module adopts them: the worker drops them from the session itself
-            upload._deleted = True
         pointer = ModulePointer(self, obj_id, ready, module)
-        await self._wait(ready, timeout)
+        await self._wait(ready, timeout)  # on failure the uploads are deleted with their pointers
+        for upload in uploads:  # the module adopted them: the worker dropped them from the session
+            upload._deleted = True
         if not module.training:
             await pointer.train(False)
         self._modules[module] = pointer

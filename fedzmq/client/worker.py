@@ -141,11 +141,13 @@ class RemoteWorker(Transfers):
     def _before_request(self) -> None:
         """Hook for subclasses that must start something before the first request."""
 
-    def _submit(self, cmd: str, args: dict[str, Any]) -> asyncio.Future[Any]:
+    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Any]:
+        """Send a request. ``copy=True`` copies its tensors' bytes at once: for requests that return
+        before the worker has them (pipelined ops), so that the caller may change its tensors after."""
         self._before_request()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        return self._connection.submit(cmd, args)
+        return self._connection.submit(cmd, args, copy=copy)
 
     async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         return await self._connection.wait(self._submit(cmd, args), timeout)
@@ -172,14 +174,15 @@ class RemoteWorker(Transfers):
 
     def _op(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
-        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out})
+        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
         ready.add_done_callback(_retrieve)
         pointers = tuple(TensorPointer(self, obj_id, ready) for obj_id in out)
         return pointers if len(pointers) > 1 else pointers[0]
 
     def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
         out = self._new_id()
-        ready = self._submit("module_call", {"obj": module.id, "args": args, "kwargs": kwargs, "out": [out]})
+        ready = self._submit("module_call", {"obj": module.id, "args": args, "kwargs": kwargs, "out": [out]},
+                             copy=True)
         ready.add_done_callback(_retrieve)
         return TensorPointer(self, out, ready)
 
@@ -271,6 +274,7 @@ class VirtualWorker(RemoteWorker):
         super().__init__(address, settings=settings, context=context)
         self.id = worker_id
         self.instance = self.server.instance
+        self._connection.adopt_worker_limits(self.server.ping_info()["limits"])  # as connect() would
         try:
             asyncio.get_running_loop()
         except RuntimeError:

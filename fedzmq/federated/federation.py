@@ -81,7 +81,7 @@ class Federation:
                  strategy: Strategy | None = None, *, fraction: float = 1.0, min_workers: int = 1,
                  round_timeout: float = 120.0, seed: int = 0, checkpoint_dir: str | None = None,
                  evaluate: EvaluateFn | None = None, evaluate_on_workers: bool = False,
-                 eval_dataset: str | None = None, concurrent_downloads: int = 1) -> None:
+                 eval_dataset: str | None = None) -> None:
         if not workers:
             raise ValueError("a federation needs at least one worker")
         if not 0 < fraction <= 1:
@@ -100,7 +100,7 @@ class Federation:
         self.evaluate_fn = evaluate
         self.evaluate_on_workers = evaluate_on_workers
         self.eval_dataset = eval_dataset or fit.dataset
-        self._download_slots = asyncio.Semaphore(concurrent_downloads)
+        self._download_slots = asyncio.Semaphore(1)  # one update in flight: the aggregators fold one at a time
         self.round = 0
         self.history: list[RoundMetrics] = []
         self.resumed_from: int | None = None

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..codec import DTYPE_NAMES, DTYPES, Limits, Ref, StreamInfo, dtype_itemsize
-from ..commands import COMMANDS
+from ..commands import COMMANDS, INLINE_NUMEL
 from ..errors import BadRequest, LimitExceeded, ObjectNotFound, PermissionDenied, UnknownCommand
 from ..modeldesc import ModelRegistry, check_state, instantiate
 from ..ops import OPS
@@ -50,6 +50,55 @@ def referenced_numel(session: Session, value: Any) -> int:
 
 def tensor_info(tensor: torch.Tensor) -> list[Any]:
     return [DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape)]
+
+
+_SCALARS = (bool, int, float)
+
+
+def _operand_ok(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor) or value is None or value is Ellipsis or isinstance(value, torch.dtype):
+        return True
+    if type(value) in _SCALARS:
+        return not (type(value) is int and abs(value) > 2**63)
+    if isinstance(value, slice):
+        return all(v is None or type(v) is int for v in (value.start, value.stop, value.step))
+    if isinstance(value, (list, tuple)) and depth < 2:
+        return all(_operand_ok(v, depth + 1) for v in value)
+    return False
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (list, tuple)) and any(_has_tensor(v) for v in value)
+
+
+def check_operands(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Ops compute on tensors: at least one operand is a tensor, the rest plain numbers, slices and
+    dtypes. (Without this, ``pow(10, 10**8)`` would compute a huge Python int on the event loop.)"""
+    if not _has_tensor(args) or not all(_operand_ok(v) for v in [*args, *kwargs.values()]):
+        raise BadRequest.new(f"{name}: operands must be tensors (at least one), numbers, slices or dtypes")
+
+
+def check_output_size(session: Session, name: str, fn: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Run the op on the meta device first (shapes only, no data) and refuse an output over the quota
+    before allocating it: an outer product of two modest vectors can be gigabytes."""
+    def meta(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("meta").requires_grad_(value.requires_grad)
+        if isinstance(value, (list, tuple)):
+            return type(value)(meta(v) for v in value)
+        return value
+
+    try:
+        outputs = fn(*meta(args), **{k: meta(v) for k, v in kwargs.items()})
+    except Exception:
+        return  # the real call will raise the real error
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    nbytes = sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor))
+    if session.nbytes_held + nbytes > session.max_bytes:
+        raise LimitExceeded.new(f"{name} would make {nbytes} bytes, beyond this session's quota of "
+                                f"{session.max_bytes} bytes (--max-session-bytes); {session.nbytes_held} held")
 
 
 class LiveReply(dict):
@@ -206,10 +255,14 @@ class Handlers:
         fn = OPS.get(name)
         if fn is None:
             raise UnknownCommand.new(f"operation {name!r} is not on the worker's allowlist")
-        if "out" in args["kwargs"] or args["kwargs"].get("inplace"):
+        if "out" in args["kwargs"] or "inplace" in args["kwargs"]:
             # stored tensors never change once made: replies send them without copying
-            raise BadRequest.new(f"{name}: in-place forms (out=, inplace=True) are not allowed")
-        result = fn(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
+            raise BadRequest.new(f"{name}: in-place forms (out=, inplace=) are not allowed")
+        operands, options = resolve(session, args["args"]), resolve(session, args["kwargs"])
+        check_operands(name, operands, options)
+        if referenced_numel(session, args) > INLINE_NUMEL:
+            check_output_size(session, name, fn, operands, options)
+        result = fn(*operands, **options)
         private = any(i in session.private for i in refs_in(args))
         releasable = private and self.private_release == "aggregates" and name in AGGREGATES
         return _store_outputs(session, args["out"], result, name, private, releasable)
@@ -233,8 +286,10 @@ class Handlers:
                 adopted.append(value.id)
             else:
                 state[name] = value
+        if args["out"] in session.objects:
+            raise BadRequest.new(f"object id {args['out']} is already in use in this session")
         module = instantiate(args["spec"], state, self.models)
-        session.delete(adopted)
+        session.delete(adopted)  # their bytes now belong to the module, counted by put below
         session.put(args["out"], module)
         return None
 

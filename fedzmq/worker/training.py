@@ -99,14 +99,16 @@ def fit(module: nn.Module, dataset: Dataset, *, loss: str, optimizer: torch.opti
 def evaluate(module: nn.Module, dataset: Dataset, *, loss: str, batch_size: int) -> dict[str, Any]:
     """Mean loss and, for class labels, accuracy of ``module`` on ``dataset``."""
     loss_fn = loss_function(loss)
+    if batch_size < 1:
+        raise BadRequest.new("evaluate needs batch_size >= 1")
     was_training = module.training
     module.eval()
     loss_sum, correct, started = 0.0, 0, time.perf_counter()
     classify = not dataset.labels.dtype.is_floating_point
     try:
-        for start in range(0, len(dataset), max(1, batch_size)):
-            x = dataset.features[start:start + batch_size]
-            y = dataset.labels[start:start + batch_size]
+        for start in range(0, len(dataset), batch_size):
+            x = dataset.features[start:start + batch_size].clone()  # never a view of the owner's data
+            y = dataset.labels[start:start + batch_size].clone()
             out = module(x)
             loss_sum += loss_fn(out, _labels_for(loss, y), reduction="sum").item()
             if classify and out.dim() == 2:
