@@ -160,3 +160,20 @@ async def test_killed_daemon_fails_waiting_requests_with_worker_dead(fedzmq_daem
         await asyncio.wait_for(task, 20)
     assert time.monotonic() - started < 15
     assert not bob.worker.alive
+
+
+async def test_an_expired_session_is_noticed_and_the_model_sent_again():
+    from fedzmq.client.connection import ConnectionSettings
+
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(session_timeout=0.3)) as host:
+        await host.ping()
+        worker = fz.RemoteWorker(host.address, settings=ConnectionSettings(heartbeat_interval=5.0))
+        await worker.connect()
+        model = nn.Linear(2, 1)
+        first = await worker.send(model)
+        await asyncio.sleep(1.0)  # silent past the idle timeout: the worker frees the session
+        assert await worker.refresh() is True
+        again = await worker.send(model)  # put anew, not loaded into the freed module
+        assert again is not first
+        assert torch.allclose(await again(await worker.send(torch.ones(1, 2))).get(), model(torch.ones(1, 2)))
+        await worker.close()

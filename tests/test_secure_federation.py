@@ -36,7 +36,7 @@ def _model():
 FIT = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.1}, epochs=1, batch_size=16)
 
 
-@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("n", [3, 4, 5])
 async def test_secure_aggregate_equals_fedavg_within_the_quantization_error(n):
     workers = _workers(n)
     try:
@@ -121,3 +121,30 @@ async def test_a_daemon_requiring_secure_aggregation_refuses_to_hand_out_its_tra
 def test_secagg_refuses_strategies_that_do_not_aggregate_a_sum():
     with pytest.raises(ValueError, match="weighted sum"):
         SecAgg(fz.FedMedian())
+
+
+async def test_workers_refuse_rounds_below_their_policy_and_weigh_by_their_own_sample_count():
+    workers = _workers(2)  # the default policy needs at least 3 clients
+    try:
+        federation = fz.Federation(workers, _model(), FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=2),
+                                   round_timeout=5)
+        with pytest.raises(fz.RoundFailed, match="PermissionDenied|policy|threshold"):
+            await federation.run_round()
+    finally:
+        for w in workers:
+            await w.close()
+
+
+async def test_gradients_of_private_data_taint_the_model_when_secure_aggregation_is_required():
+    [shard] = _shards(1)
+    async with fz.VirtualWorker("bob", datasets={"d": shard},
+                                config=fz.WorkerConfig(require_secure_aggregation=True,
+                                                       private_release="none")) as bob:
+        model = nn.Linear(5, 1)
+        remote = await bob.send(model)
+        [ds] = await bob.datasets()
+        opt = fz.Optims([bob], optim=torch.optim.SGD(model.parameters(), lr=1.0)).get_optim(bob)
+        await remote(await ds.features()).sum().backward()  # a memorizing model's gradient
+        await opt.step()
+        with pytest.raises(fz.PermissionDenied):
+            await remote.get()

@@ -27,9 +27,10 @@ import zmq
 import zmq.asyncio
 
 from ..codec import Limits, Reply, decode_reply, encode_request
+from ..commands import COMMANDS
 from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
-    LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, remote_error,
+    LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, WorkerError, remote_error,
 )
 
 log = logging.getLogger("fedzmq.client")
@@ -75,6 +76,11 @@ class Connection:
         self._last_heard = time.monotonic()
         self._dead: WorkerDeadError | None = None
         self._heartbeat_id: int | None = None
+        #: ids of pending requests that run in the session's order (not control commands)
+        self._ordered: set[int] = set()
+        #: the worker-side session we talk to; a change means it was reset (restart or expiry)
+        self.session: str | None = None
+        self.session_resets = 0
         #: the limits in force: ours, lowered to the worker's once it told us (``adopt_worker_limits``)
         self.limits = self.settings.limits
         self.unmatched_replies = 0
@@ -126,6 +132,9 @@ class Connection:
         self._check_size(cmd, frames)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        if not COMMANDS[cmd].control:
+            self._ordered.add(request_id)
+            future.add_done_callback(lambda _, i=request_id: self._ordered.discard(i))
         assert self._socket is not None
         sent = self._socket.send_multipart(frames, copy=copy or self._copy_frames)
         sent.add_done_callback(_ignore_result)
@@ -222,10 +231,43 @@ class Connection:
             self._pending.pop(self._heartbeat_id, None)
         request_id = self._heartbeat_id = next(self._ids)
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        answered.add_done_callback(_ignore_result)
+        answered.add_done_callback(self._on_heartbeat)
         self._pending[request_id] = answered
         sent = self._socket.send_multipart(encode_request(request_id, "heartbeat", {}))
         sent.add_done_callback(_ignore_result)
+
+    def note_session(self, session: str | None) -> bool:
+        """Record the worker-side session id a reply named; True (and pending requests failed) when it
+        changed: the worker restarted or expired our session, and its objects are gone."""
+        if session is None or session == self.session:
+            return False
+        changed = self.session is not None
+        self.session = session
+        if changed:
+            self.session_resets += 1
+            self._fail_ordered(lambda _: True, "the worker's session was reset (restarted, or idle too long): "
+                                               "its objects are gone")
+        return changed
+
+    def _on_heartbeat(self, future: asyncio.Future[Reply]) -> None:
+        if future.cancelled() or future.exception() is not None or not future.result().ok:
+            return
+        result = future.result().result
+        if not isinstance(result, dict):
+            return
+        self.note_session(result.get("session"))
+        last_done = result.get("last_done")
+        if type(last_done) is int:  # finished on the worker but no reply here: lost in a reconnect
+            self._fail_ordered(lambda i: i <= last_done, "the reply was lost (the connection dropped while "
+                                                         "the worker answered); the command did run")
+
+    def _fail_ordered(self, which: Callable[[int], bool], why: str) -> None:
+        for request_id in [i for i in self._ordered if which(i)]:
+            future = self._pending.pop(request_id, None)
+            self._ordered.discard(request_id)
+            if future is not None and not future.done():
+                future.set_exception(WorkerError(f"{self.address}: {why}"))
+                future.add_done_callback(_ignore_result)
 
     def _fail_all(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}

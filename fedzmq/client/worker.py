@@ -47,6 +47,7 @@ class RemoteWorker(Transfers):
         self._released: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._modules: weakref.WeakKeyDictionary[nn.Module, ModulePointer] = weakref.WeakKeyDictionary()
+        self._resets_seen = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -54,6 +55,7 @@ class RemoteWorker(Transfers):
         """Wait until the worker answers, and learn its id."""
         info = await self._request("ping", {}, timeout=self._connection.settings.connect_timeout)
         self.id, self.instance = info["id"], info["instance"]
+        self._connection.note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
         return self
 
@@ -114,7 +116,10 @@ class RemoteWorker(Transfers):
         Returns True when it restarted. Used by the scheduler to re-send models to a worker that
         came back after a crash."""
         info = await self._request("ping", {}, timeout)
-        restarted = self.instance is not None and info["instance"] != self.instance
+        self._connection.note_session(info.get("session"))
+        reset = self._connection.session_resets != self._resets_seen  # noticed here or by a heartbeat
+        self._resets_seen = self._connection.session_resets
+        restarted = (self.instance is not None and info["instance"] != self.instance) or reset
         if restarted:
             self._modules = weakref.WeakKeyDictionary()
             self._released.clear()

@@ -137,8 +137,7 @@ async def run_secure_round(federation: "Federation", strategy: SecAgg, participa
     shares = await each(alive, lambda w: secagg(w, "share_keys", keys))
     routed = server.route_shares(from_codec(m) for m in shares.values())
     alive = [w for w in alive if ids[w] in routed]
-    masked = await each(alive, lambda w: secagg(w, "masked_input", routed[ids[w]],
-                                                weight=float(fits[name[ids[w]]]["num_examples"])))
+    masked = await each(alive, lambda w: secagg(w, "masked_input", routed[ids[w]]))
     request = server.collect_masked(from_codec(m) for m in masked.values())
     alive = [w for w in alive if ids[w] in request["u2"]]
     answers = await each(alive, lambda w: secagg(w, "unmask", request))

@@ -49,3 +49,8 @@ class WorkerConfig:
     private_release: Literal["aggregates", "none"] = "aggregates"
     #: models trained here (``fit``) can leave only as masked updates of a secure-aggregation round
     require_secure_aggregation: bool = False
+    #: the fewest clients and the lowest threshold a secure-aggregation round may have to be joined
+    secagg_min_clients: int = 3
+    secagg_min_threshold: int = 2
+    #: the least DP noise (noise multiplier) a round must add for this worker to join (0: none needed)
+    secagg_min_noise: float = 0.0

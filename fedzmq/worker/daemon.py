@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what computed from private data 'get' may return: aggregate scalars (default) or nothing")
     p.add_argument("--require-secure-aggregation", action="store_true", default=None,
                    help="models trained here leave only as masked updates of secure aggregation rounds")
+    p.add_argument("--secagg-min-clients", type=int, help="join only secure-aggregation rounds of at least this "
+                   "many clients (default 3)")
+    p.add_argument("--secagg-min-threshold", type=int, help="... whose threshold is at least this (default 2)")
+    p.add_argument("--secagg-min-noise", type=float, help="... that add at least this DP noise multiplier (default 0)")
     p.add_argument("--data", action="append", default=None, metavar="NAME=PATH",
                    help="a dataset this daemon holds (.safetensors, .npz, .csv; repeatable)")
     p.add_argument("--fault-injection", action="store_true", default=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..codec import DTYPE_NAMES, DTYPES, Limits, Ref, StreamInfo, dtype_itemsize
 from ..commands import COMMANDS, INLINE_NUMEL
@@ -50,6 +51,16 @@ def referenced_numel(session: Session, value: Any) -> int:
 
 def tensor_info(tensor: torch.Tensor) -> list[Any]:
     return [DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape)]
+
+
+def _unshared(result: Any, module: nn.Module) -> Any:
+    """Outputs that are the module's own parameters (a forward returning ``self.weight``) are copied:
+    a stored tensor must never change, and a step changes parameters in place."""
+    storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    outputs = result if isinstance(result, tuple) else (result,)
+    fixed = tuple(o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages else o
+                  for o in outputs)
+    return fixed if isinstance(result, tuple) else fixed[0]
 
 
 _SCALARS = (bool, int, float)
@@ -145,6 +156,8 @@ class Handlers:
         self.worker_id = worker_id
         self.private_release = private_release
         self.require_secure_aggregation = require_secure_aggregation
+        #: the worker's WorkerConfig, for policies checked by handlers (secure aggregation's terms)
+        self.policy: Any = None
         self.datasets = datasets or {}
         self.limits = limits
         self.fault_injection = fault_injection
@@ -163,10 +176,10 @@ class Handlers:
     # --- liveness ------------------------------------------------------------------------------
 
     def cmd_ping(self, session: Session, args: dict[str, Any]) -> Any:
-        return self._ping()
+        return {**self._ping(), "session": session.uid}
 
     def cmd_heartbeat(self, session: Session, args: dict[str, Any]) -> Any:
-        return {"running": session.running}
+        return {"running": session.running, "last_done": session.last_done, "session": session.uid}
 
     def cmd_status(self, session: Session, args: dict[str, Any]) -> Any:
         return self._status()
@@ -271,6 +284,11 @@ class Handlers:
         tensor = session.tensor(args["obj"])
         grad = resolve(session, args.get("grad"))
         tensor.backward(grad)
+        if self.require_secure_aggregation and (args["obj"] in session.private or
+                                                any(i in session.private for i in refs_in(args.get("grad")))):
+            # gradients of private data carry it into the parameters (a model can be built to
+            # memorize its input): every module of the session is now private, like after fit
+            session.private.update(i for i, v in session.objects.items() if isinstance(v, nn.Module))
         return None
 
     # --- modules -------------------------------------------------------------------------------
@@ -334,6 +352,7 @@ class Handlers:
     def cmd_module_call(self, session: Session, args: dict[str, Any]) -> Any:
         module = session.module(args["obj"])
         result = module(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
+        result = _unshared(result, module)
         private = args["obj"] in session.private or any(i in session.private for i in refs_in(args))
         return _store_outputs(session, args["out"], result, "forward", private)
 
@@ -416,9 +435,11 @@ class Handlers:
             optimizer = training.make_optimizer(args["optimizer"], module)
         if self.require_secure_aggregation:  # its parameters now carry the data: only masked updates leave
             session.private.add(args["module"])
-        return training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
-                            batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
-                            prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+        result = training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
+                              batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
+                              prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+        session.trained_samples[args["module"]] = result["num_examples"]
+        return result
 
     def cmd_dataset_tensor(self, session: Session, args: dict[str, Any]) -> Any:
         dataset = self.dataset(args["dataset"])
@@ -431,7 +452,7 @@ class Handlers:
     def cmd_secagg(self, session: Session, args: dict[str, Any]) -> Any:
         from . import secure  # the crypto is loaded by the daemons that take part in secure rounds only
 
-        return secure.handle(session, args)
+        return secure.handle(session, args, self.policy)
 
     def cmd_evaluate(self, session: Session, args: dict[str, Any]) -> Any:
         return training.evaluate(session.module(args["module"]), self.dataset(args["dataset"]), loss=args["loss"],

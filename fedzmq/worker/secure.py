@@ -10,15 +10,18 @@ trained module itself cannot be downloaded either.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..errors import BadRequest
+from ..errors import BadRequest, PermissionDenied
 from ..secagg import SecAggClient, SecAggConfig
 from ..secagg.wire import from_codec, to_codec
 from .session import Session
+
+if TYPE_CHECKING:
+    from .config import WorkerConfig
 
 #: rounds a session may have under way at once (older ones are forgotten)
 LIVE_ROUNDS = 4
@@ -37,12 +40,26 @@ def float_parameters(module: nn.Module) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0)
 
 
-def handle(session: Session, args: dict[str, Any]) -> Any:
+def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
+    """The data owner's terms for joining a round, checked before any key is made."""
+    problems = []
+    if config.n < policy.secagg_min_clients:
+        problems.append(f"{config.n} clients (this worker needs at least {policy.secagg_min_clients})")
+    if config.threshold < policy.secagg_min_threshold:
+        problems.append(f"threshold {config.threshold} (needs at least {policy.secagg_min_threshold})")
+    if config.noise_multiplier < policy.secagg_min_noise:
+        problems.append(f"noise multiplier {config.noise_multiplier} (needs at least {policy.secagg_min_noise})")
+    if problems:
+        raise PermissionDenied.new("this worker's policy refuses the round: " + "; ".join(problems))
+
+
+def handle(session: Session, args: dict[str, Any], policy: "WorkerConfig") -> Any:
     step, number = args["step"], args["round"]
     rounds: dict[int, SecureRound] = session.secure_rounds
     if step == "advertise":
         module = session.module(args.get("module", -1))
         config = SecAggConfig.from_wire(from_codec(args["payload"]))
+        check_policy(config, policy)
         reference = float_parameters(module).clone()
         if reference.numel() != config.vector_length:
             raise BadRequest.new(f"the round masks {config.vector_length} values, the model has {reference.numel()}")
@@ -58,7 +75,9 @@ def handle(session: Session, args: dict[str, Any]) -> Any:
         return to_codec(state.client.share_keys(payload))
     if step == "masked_input":
         update = float_parameters(session.module(state.module_id)) - state.reference
-        return to_codec(state.client.masked_input(update, float(args.get("weight", 1.0)), payload))
+        # the weight is the worker's own count of the samples it trained on, not the coordinator's word
+        weight = float(session.trained_samples.get(state.module_id, 0))
+        return to_codec(state.client.masked_input(update, weight, payload))
     if step == "unmask":
         answer = state.client.unmask(payload)
         return to_codec(answer)

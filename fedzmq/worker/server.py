@@ -64,6 +64,7 @@ class Worker:
                                  fault_injection=self.config.fault_injection, datasets=datasets,
                                  private_release=self.config.private_release,
                                  require_secure_aggregation=self.config.require_secure_aggregation)
+        self.handlers.policy = self.config
         self.key_gate: KeyGate | None = None
         self.public_key: bytes | None = None
         self._monitor: zmq.asyncio.Socket | None = None
@@ -251,6 +252,7 @@ class Worker:
                 self._send(session.key, frames)
         finally:
             session.running = None
+            session.last_done = request.id
             session.touch()
         if request.cmd == "close":
             self._end_session(session, "sessions_closed")

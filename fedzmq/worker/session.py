@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,11 +72,18 @@ class Session:
     nbytes_held: int = 0
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
     secure_rounds: dict[int, Any] = field(default_factory=dict)
+    #: samples each module was last trained on by ``fit`` (a secure round's weight comes from here)
+    trained_samples: dict[int, int] = field(default_factory=dict)
     queue: asyncio.Queue[Request | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     last_seen: float = field(default_factory=time.monotonic)
     #: the id of the request being worked on, if any (reported in heartbeats)
     running: int | None = None
+    #: the highest request id this session finished (heartbeats report it, so a client can tell a
+    #: reply lost in a reconnect from one still to come)
+    last_done: int = 0
+    #: this session's identity: a client that sees it change knows its objects are gone
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
