@@ -76,8 +76,8 @@ class Connection:
         self._last_heard = time.monotonic()
         self._dead: WorkerDeadError | None = None
         self._heartbeat_id: int | None = None
-        #: ids of pending requests that run in the session's order (not control commands)
-        self._ordered: set[int] = set()
+        #: ids of pending control requests (rare); every other pending request runs in session order
+        self._control: set[int] = set()
         #: the worker-side session we talk to; a change means it was reset (restart or expiry)
         self.session: str | None = None
         self.session_resets = 0
@@ -132,9 +132,9 @@ class Connection:
         self._check_size(cmd, frames)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        if not COMMANDS[cmd].control:
-            self._ordered.add(request_id)
-            future.add_done_callback(lambda _, i=request_id: self._ordered.discard(i))
+        if COMMANDS[cmd].control:
+            self._control.add(request_id)
+            future.add_done_callback(lambda _, i=request_id: self._control.discard(i))
         assert self._socket is not None
         sent = self._socket.send_multipart(frames, copy=copy or self._copy_frames)
         sent.add_done_callback(_ignore_result)
@@ -262,9 +262,9 @@ class Connection:
                                                          "the worker answered); the command did run")
 
     def _fail_ordered(self, which: Callable[[int], bool], why: str) -> None:
-        for request_id in [i for i in self._ordered if which(i)]:
+        for request_id in [i for i in self._pending if i not in self._control and i != self._heartbeat_id
+                           and which(i)]:
             future = self._pending.pop(request_id, None)
-            self._ordered.discard(request_id)
             if future is not None and not future.done():
                 future.set_exception(WorkerError(f"{self.address}: {why}"))
                 future.add_done_callback(_ignore_result)
