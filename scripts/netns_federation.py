@@ -56,14 +56,14 @@ class Network:
         self.netem = "off"
         self.delay_ms, self.loss = delay_ms, loss
 
-    def exec(self, namespace: str, *cmd: str) -> list[str]:
+    def run_in(self, namespace: str, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", namespace, *cmd]
 
     def build(self) -> list[str]:
         """Create everything; returns the workers' addresses."""
         run("ip", "netns", "add", self.coordinator)
         self.created.append(self.coordinator)
-        run(*self.exec(self.coordinator, "ip", "link", "set", "lo", "up"))
+        run(*self.run_in(self.coordinator, "ip", "link", "set", "lo", "up"))
         addresses = []
         for n, ns in enumerate(self.workers):
             run("ip", "netns", "add", ns)
@@ -72,19 +72,19 @@ class Network:
             run("ip", "link", "add", here, "type", "veth", "peer", "name", there)
             run("ip", "link", "set", here, "netns", self.coordinator)
             run("ip", "link", "set", there, "netns", ns)
-            run(*self.exec(self.coordinator, "ip", "addr", "add", f"10.77.{n}.1/24", "dev", here))
-            run(*self.exec(ns, "ip", "addr", "add", f"10.77.{n}.2/24", "dev", there))
+            run(*self.run_in(self.coordinator, "ip", "addr", "add", f"10.77.{n}.1/24", "dev", here))
+            run(*self.run_in(ns, "ip", "addr", "add", f"10.77.{n}.2/24", "dev", there))
             for namespace, dev in ((self.coordinator, here), (ns, there)):
-                run(*self.exec(namespace, "ip", "link", "set", dev, "up"))
+                run(*self.run_in(namespace, "ip", "link", "set", dev, "up"))
                 self._netem(namespace, dev)
-            run(*self.exec(ns, "ip", "link", "set", "lo", "up"))
+            run(*self.run_in(ns, "ip", "link", "set", "lo", "up"))
             addresses.append(f"tcp://10.77.{n}.2:5555")
         return addresses
 
     def _netem(self, namespace: str, dev: str) -> None:
         if self.delay_ms <= 0 and self.loss <= 0:
             return
-        result = run(*self.exec(namespace, "tc", "qdisc", "add", "dev", dev, "root", "netem",
+        result = run(*self.run_in(namespace, "tc", "qdisc", "add", "dev", dev, "root", "netem",
                                 "delay", f"{self.delay_ms}ms", "loss", f"{self.loss}%"), check=False)
         if result.returncode == 0:
             self.netem = f"delay {self.delay_ms} ms, loss {self.loss}% on every link end"
@@ -128,12 +128,12 @@ def main() -> int:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         for worker, ns, address in zip(ids, network.workers, addresses):
             log = open(out / "logs" / f"{worker}.log", "wb")
-            daemons.append(subprocess.Popen(network.exec(ns, sys.executable, "-m", "fedzmq.worker", "--id", worker,
+            daemons.append(subprocess.Popen(network.run_in(ns, sys.executable, "-m", "fedzmq.worker", "--id", worker,
                                                          "--bind", address, *keys.daemon_args(worker),
                                                          "--data", f"digits={split.shards[worker]}"),
                                             stdout=log, stderr=subprocess.STDOUT))
         time.sleep(3)
-        command = network.exec(network.coordinator, sys.executable, "-m", "fedzmq", "train", "--dataset", "digits",
+        command = network.run_in(network.coordinator, sys.executable, "-m", "fedzmq", "train", "--dataset", "digits",
                                "--in-features", "64", "--classes", "10", "--rounds", str(args.rounds),
                                "--test-data", str(out / "data" / "test.safetensors"), "--no-progress",
                                "--client-key", str(keys.client[1]), "--out", str(out / "run"), "--round-timeout", "60")

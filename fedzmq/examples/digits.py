@@ -85,7 +85,7 @@ def make_model(hidden: int = 64, seed: int = 0) -> nn.Module:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     was = model.training
-    model.eval()
+    model.train(False)
     out = model(x)
     model.train(was)
     return {"loss": nn.functional.cross_entropy(out, y).item(),

@@ -102,7 +102,7 @@ def evaluate(module: nn.Module, dataset: Dataset, *, loss: str, batch_size: int)
     if batch_size < 1:
         raise BadRequest.new("evaluate needs batch_size >= 1")
     was_training = module.training
-    module.eval()
+    module.train(False)
     loss_sum, correct, started = 0.0, 0, time.perf_counter()
     classify = not dataset.labels.dtype.is_floating_point
     try:
