@@ -95,9 +95,12 @@ async def run_secure_round(federation: "Federation", strategy: SecAgg, participa
     threshold = strategy.threshold or default_threshold(len(participants))
     if len(participants) < max(2, threshold):
         raise SecAggAborted(f"{len(participants)} participants cannot meet the threshold {threshold}", "select")
-    sizes = await _dataset_sizes(participants, federation.fit_config.dataset)
+    if strategy.noise_multiplier > 0:
+        weight_cap = 1.0  # DP: every client weighs the same (sample counts would be revealed, noise grow)
+    else:  # exact sample-weighted FedAvg
+        weight_cap = float(max((await _dataset_sizes(participants, federation.fit_config.dataset)).values()))
     config = SecAggConfig(client_ids=list(ids.values()), threshold=threshold, vector_length=length,
-                          clip=strategy.clip, ring_bits=strategy.ring_bits, weight_cap=float(max(sizes.values())),
+                          clip=strategy.clip, ring_bits=strategy.ring_bits, weight_cap=weight_cap,
                           noise_multiplier=strategy.noise_multiplier, session=os.urandom(16))
     server = SecAggServer(config)
     dropped: dict[str, str] = {}
@@ -176,14 +179,16 @@ def _apply_mean_update(federation: "Federation", strategy: SecAgg, number: int, 
 
 
 async def _dataset_sizes(workers: Sequence[RemoteWorker], dataset: str) -> Mapping[RemoteWorker, int]:
-    sizes = {}
-    for worker in workers:
+    """Each worker's dataset size (asked concurrently; 1 where it does not answer)."""
+    async def size(worker: RemoteWorker) -> int:
         try:
             found = [d for d in await worker.datasets(timeout=10) if d.name == dataset]
-            sizes[worker] = found[0].samples if found else 1
+            return found[0].samples if found else 1
         except Exception:
-            sizes[worker] = 1
-    return sizes or {None: 1}  # type: ignore[dict-item]
+            return 1
+
+    sizes = await asyncio.gather(*(size(w) for w in workers))
+    return dict(zip(workers, sizes)) or {None: 1}  # type: ignore[dict-item]
 
 
 __all__ = ["SecAgg", "run_secure_round"]

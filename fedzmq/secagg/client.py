@@ -230,8 +230,11 @@ class SecAggClient:
         weight = float(weight)
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError("weight must be a finite number >= 0")
-        x = update.detach().reshape(-1).to(device="cpu", dtype=torch.float64).numpy()
-        norm = float(np.linalg.norm(x))
+        flat = update.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+        x = flat.numpy()
+        # torch's norm, not numpy's: numpy's BLAS threads busy-wait after the call and double the
+        # CPU a worker spends on a secure round
+        norm = float(torch.linalg.vector_norm(flat))
         if not math.isfinite(norm):
             raise ValueError("update has non-finite values")
         factor = min(1.0, cfg.clip / norm) if norm > 0 else 1.0
