@@ -122,7 +122,15 @@ async def run(settings: dict[str, Any]) -> None:
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
     log.info("worker %s serving on %s with datasets %s", worker.id, address,
              {name: len(d) for name, d in datasets.items()} or "none")
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    broken = asyncio.ensure_future(worker.wait_closed())
+    await asyncio.wait([stopping, broken], return_when=asyncio.FIRST_COMPLETED)
+    if broken.done():  # a serving loop died: exit non-zero instead of staying up deaf
+        stopping.cancel()
+        await worker.close()
+        broken.result()
+        raise RuntimeError("a serving loop of the worker ended")
+    broken.cancel()
     log.info("worker %s stopping", worker.id)
     for sig in (signal.SIGTERM, signal.SIGINT):  # we are on our way out: a repeated signal changes nothing
         loop.remove_signal_handler(sig)

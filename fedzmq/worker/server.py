@@ -116,6 +116,14 @@ class Worker:
             if self._monitor is not None:
                 self._tasks.append(asyncio.create_task(self._monitor_loop(), name=f"fedzmq-{self.id}-monitor"))
 
+    async def wait_closed(self) -> None:
+        """Return when a serving task ends on its own (it should not: that is a bug to report)."""
+        if self._tasks:
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+
     async def serve(self, address: str) -> None:
         """Bind, serve until cancelled, then close everything."""
         self.bind(address)
@@ -247,7 +255,12 @@ class Worker:
                 await asyncio.sleep(self.handlers.delay)
             frames, live = await self._execute(loop, session, request)
             if live and not self._copy_frames:
-                await self._send_and_wait(session.key, frames)
+                try:
+                    await self._send_and_wait(session.key, frames)
+                except RuntimeError as exc:  # its client stopped reading: end the session, not the daemon
+                    log.warning("%s; closing the session", exc)
+                    self._end_session(session, "sessions_expired")
+                    return True
             else:
                 self._send(session.key, frames)
         finally:
@@ -338,10 +351,14 @@ class Worker:
             return
         try:
             tracker = await self._socket.send_multipart([key, *frames], copy=False, track=True)
-            if tracker is not None and not tracker.done:
-                await asyncio.to_thread(tracker.wait, limit)
-        except (zmq.ZMQError, zmq.NotDone):
-            pass
+        except zmq.ZMQError:
+            return
+        deadline, pause = time.monotonic() + limit, 0.0005
+        while tracker is not None and not tracker.done:  # polled: no thread is held by a slow reader
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"a reply to session {key.hex()} was not sent within {limit:g}s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _send(self, key: bytes, frames: list[Any]) -> None:
         if self._socket is None:
