@@ -293,11 +293,7 @@ class Worker:
             if isinstance(exc, LimitExceeded):
                 self.counters["limit_errors"] += 1
             payload = error_payload(exc, traceback.format_exc())
-            root = exc.root if isinstance(exc, DependencyError) else payload
-            for name in command.outputs:
-                out = request.args.get(name)
-                for obj_id in out if isinstance(out, list) else [out]:
-                    session.fail(obj_id, root)
+            _fail_outputs(session, request, exc.root if isinstance(exc, DependencyError) else payload)
             return encode_error(request.id, payload), False
 
     async def _expire_loop(self) -> None:
@@ -317,10 +313,7 @@ class Worker:
         """Answer a request with an error without running it (its outputs are marked failed)."""
         payload = {"type": error_type, "message": message, "traceback": ""}
         if session is not None:
-            for name in COMMANDS[request.cmd].outputs:
-                out = request.args.get(name)
-                for obj_id in out if isinstance(out, list) else [out]:
-                    session.fail(obj_id, payload)
+            _fail_outputs(session, request, payload)
         self._send(key, encode_error(request.id, payload))
 
     async def _monitor_loop(self) -> None:
@@ -365,6 +358,14 @@ class Worker:
             return
         with contextlib.suppress(zmq.ZMQError):
             self._socket.send_multipart([key, *frames], copy=self._copy_frames)
+
+
+def _fail_outputs(session: Session, request: Request, error: dict[str, str]) -> None:
+    """Mark the objects a command would have made as failed, so later uses report ``error``."""
+    for name in COMMANDS[request.cmd].outputs:
+        out = request.args.get(name)
+        for obj_id in out if isinstance(out, list) else [out]:
+            session.fail(obj_id, error)
 
 
 def _user_id(frame: Any) -> str | None:
