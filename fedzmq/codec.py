@@ -89,6 +89,8 @@ class Request:
     id: int
     cmd: str
     args: dict[str, Any]
+    #: bytes of the message's buffer frames (charged to the session while the request waits)
+    nbytes: int = 0
 
 
 @dataclass
@@ -258,7 +260,7 @@ def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
     problem = COMMANDS[cmd].check_args(decoded)
     if problem:
         raise ProtocolError(problem, request_id)
-    return Request(request_id, cmd, decoded)
+    return Request(request_id, cmd, decoded, sum(_frame_len(f) for f in frames[1:]))
 
 
 def decode_reply(frames: Sequence[Any], limits: Limits) -> Reply:

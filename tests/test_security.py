@@ -248,3 +248,20 @@ async def _settle(pointer):
     except fz.FedzmqError as exc:
         return exc
     return None
+
+
+async def test_requests_waiting_in_the_queue_count_against_the_byte_quota():
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(2000, 8)
+    config = fz.WorkerConfig(max_session_bytes=2 << 20)
+    async with fz.VirtualWorker("bob", config=config, datasets={"d": Dataset("d", x, (x[:, 0] > 0).long())}) as bob:
+        model = nn.Linear(8, 2)
+        remote = await bob.send(model)
+        fit = asyncio.ensure_future(remote.fit("d", epochs=30, batch_size=8))  # keeps the session busy
+        await asyncio.sleep(0.05)
+        waiting = [bob._submit("store", {"out": 10_000 + i, "value": torch.zeros(64 * 1024)}) for i in range(20)]
+        results = await asyncio.gather(*(bob._wait(w) for w in waiting), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, fz.LimitExceeded)]
+        assert refused and "waiting requests" in str(refused[0])  # 20 x 256 kB would pass 2 MiB
+        await fit

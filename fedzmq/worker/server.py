@@ -236,7 +236,13 @@ class Worker:
             self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
                          "this session are waiting (--max-inflight); wait for replies before sending more",
                          session)
+        elif session.nbytes_held + session.nbytes_queued + request.nbytes > session.max_bytes:
+            self.counters["throttled"] += 1
+            self._refuse(key, request, "LimitExceeded", f"this session's waiting requests carry "
+                         f"{session.nbytes_queued} bytes and it holds {session.nbytes_held}: {request.nbytes} more "
+                         f"would pass its quota of {session.max_bytes} bytes (--max-session-bytes)", session)
         else:
+            session.nbytes_queued += request.nbytes
             session.queue.put_nowait(request)
 
     async def _session_loop(self, session: Session) -> None:
@@ -250,6 +256,7 @@ class Worker:
         """Run one queued command and reply; True when it ended the session. (A method of its own so
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
         session.running = request.id
+        session.nbytes_queued -= request.nbytes  # from now on the handler's own accounting applies
         try:
             if self.handlers.delay:
                 await asyncio.sleep(self.handlers.delay)

@@ -70,6 +70,8 @@ class Session:
     releasable: set[int] = field(default_factory=set)
     sizes: dict[int, int] = field(default_factory=dict)
     nbytes_held: int = 0
+    #: bytes of requests waiting in the queue: charged to the quota until they run
+    nbytes_queued: int = 0
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
     secure_rounds: dict[int, Any] = field(default_factory=dict)
     #: samples each module was last trained on by ``fit`` (a secure round's weight comes from here)
@@ -141,7 +143,7 @@ class Session:
             raise LimitExceeded.new(f"this session holds {len(self.objects)} objects, the worker's limit "
                                     f"(--max-objects {self.max_objects}); delete some first")
         size = object_nbytes(value)
-        if self.nbytes_held + size > self.max_bytes:
+        if self.nbytes_held + self.nbytes_queued + size > self.max_bytes:
             raise LimitExceeded.new(f"storing {size} more bytes would exceed this session's quota of "
                                     f"{self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
         self.failures.pop(obj_id, None)
