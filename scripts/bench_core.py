@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from benchkit import ServerDied, supervised, table  # noqa: E402  (scripts/ is on sys.path)
+
 RAW_PAYLOAD = 64  # bytes: about the size of a fedzmq op request header
 MiB = 1 << 20
 
@@ -109,12 +111,6 @@ def percentile(samples: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return percentile(values, 0.5)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 @dataclass
@@ -519,37 +515,6 @@ async def run_benchmark(fz_address: str, raw_address: str, plan: Plan,
         raw.close()
         await worker.close()
     return rows, diag, details
-
-
-class ServerDied(RuntimeError):
-    """One of the server subprocesses exited while the benchmark was running."""
-
-
-async def supervised(work: Awaitable[Any], processes: list[Any]) -> Any:
-    """Run ``work``, but stop it (running its cleanup) if a server process dies, instead of waiting forever
-    for replies that will not come."""
-    main_task = asyncio.ensure_future(work)
-
-    async def watch() -> Any:
-        while True:
-            await asyncio.sleep(0.5)
-            for proc in processes:
-                if not proc.running:
-                    return proc
-
-    watcher = asyncio.create_task(watch())
-    try:
-        await asyncio.wait({main_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if main_task.done():
-            return main_task.result()
-        dead = watcher.result()
-        raise ServerDied(f"{dead.id} (pid {dead.pid}) exited with code {dead.process.returncode} during the run; "
-                         f"log tail:\n{dead.log_tail()}")
-    finally:
-        for task in (watcher, main_task):
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(watcher, main_task, return_exceptions=True)
 
 
 def print_report(rows: list[Row], diag: list[Row], machine: str) -> str:

@@ -56,7 +56,9 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Sequence
+from typing import Any, Sequence
+
+from benchkit import ServerDied, supervised, table  # scripts/ is on sys.path
 
 MB = 1e6
 TIME_TARGET = 1.5  # fedzmq round / raw transfer, at 10^7 parameters
@@ -227,36 +229,6 @@ def write_datasets(count: int, data_dir: str) -> dict[str, list[str]]:
             flags += ["--data", f"f{features}={path}"]
         args[f"w{i}"] = flags
     return args
-
-
-class ServerDied(RuntimeError):
-    """A server subprocess exited while the benchmark was running."""
-
-
-async def supervised(work: Awaitable[Any], processes: Sequence[Any]) -> Any:
-    """Run ``work``, but stop it (running its cleanup) if a server process dies."""
-    main_task = asyncio.ensure_future(work)
-
-    async def watch() -> Any:
-        while True:
-            await asyncio.sleep(0.5)
-            for proc in processes:
-                if not proc.running:
-                    return proc
-
-    watcher = asyncio.create_task(watch())
-    try:
-        await asyncio.wait({main_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if main_task.done():
-            return main_task.result()
-        dead = watcher.result()
-        raise ServerDied(f"{dead.id} (pid {dead.pid}) exited with code {dead.process.returncode} during the run; "
-                         f"log tail:\n{dead.log_tail()}")
-    finally:
-        for task in (watcher, main_task):
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(watcher, main_task, return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,12 +463,6 @@ def fmt_params(p: int) -> str:
 
 def yes_no(v: bool | None) -> str:
     return {True: "yes", False: "NO", None: "-"}[v]
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def report(cells: list[Cell]) -> str:

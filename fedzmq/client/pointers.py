@@ -172,8 +172,11 @@ class ModulePointer(Pointer):
     async def train(self, mode: bool = True) -> None:
         await self.location._request("module_mode", {"obj": self.id, "train": mode})
 
-    async def eval(self) -> None:
+    async def eval_mode(self) -> None:
+        """The remote module's ``eval()``: ``train(False)``."""
         await self.train(False)
+
+    eval = eval_mode  # nn.Module's name for it, so model_ptr.eval() reads as it does locally
 
 
 class DatasetPointer:
