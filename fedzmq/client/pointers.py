@@ -173,10 +173,10 @@ class ModulePointer(Pointer):
         await self.location._request("module_mode", {"obj": self.id, "train": mode})
 
     async def eval_mode(self) -> None:
-        """The remote module's ``eval()``: ``train(False)``."""
+        """Put the remote module in evaluation mode: ``train(False)``."""
         await self.train(False)
 
-    eval = eval_mode  # nn.Module's name for it, so model_ptr.eval() reads as it does locally
+    eval = eval_mode  # the name nn.Module uses for it
 
 
 class DatasetPointer:
