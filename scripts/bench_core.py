@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from benchkit import ServerDied, supervised, table  # noqa: E402  (scripts/ is on sys.path)
+from benchkit import ServerDied, run_raw_server, supervised, table  # noqa: E402  (scripts/ is on sys.path)
 
 RAW_PAYLOAD = 64  # bytes: about the size of a fedzmq op request header
 MiB = 1 << 20
@@ -56,43 +56,12 @@ MiB = 1 << 20
 
 
 def raw_echo_server(bind: str) -> int:
-    import zmq
-    import zmq.asyncio
+    async def echo(sock: Any) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            await sock.send_multipart(frames, copy=False)  # routing id + payload, zero-copy
 
-    async def serve() -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-            sock.setsockopt(opt, value)
-        sock.bind(bind)
-        address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        parent = os.getppid()
-
-        async def echo() -> None:
-            while True:
-                frames = await sock.recv_multipart(copy=False)
-                await sock.send_multipart(frames, copy=False)  # routing id + payload, zero-copy
-
-        async def orphan_watch() -> None:  # exit if the benchmark died without stopping us
-            while os.getppid() == parent:
-                await asyncio.sleep(1.0)
-            stop.set()
-
-        tasks = [asyncio.create_task(echo()), asyncio.create_task(orphan_watch())]
-        print(f"raw-echo ready at {address}", flush=True)
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        sock.close(linger=0)
-        ctx.term()
-
-    asyncio.run(serve())
-    return 0
+    return run_raw_server(bind, echo)
 
 
 # ---------------------------------------------------------------------------------------------------

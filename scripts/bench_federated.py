@@ -58,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from benchkit import ServerDied, supervised, table  # scripts/ is on sys.path
+from benchkit import ServerDied, run_raw_server, supervised, table  # scripts/ is on sys.path
 
 MB = 1e6
 TIME_TARGET = 1.5  # fedzmq round / raw transfer, at 10^7 parameters
@@ -77,54 +77,24 @@ def raw_echo_server(bind: str) -> int:
 
     Messages from a DEALER: [b"P", *frames] -> keep the frames, reply [b"ok"];
     [b"G"] -> reply [b"D", *kept frames]; [b"X"] -> forget them, reply [b"ok"]; anything else is echoed."""
-    import zmq
-    import zmq.asyncio
+    kept: dict[bytes, list[Any]] = {}
 
-    async def serve() -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-            sock.setsockopt(opt, value)
-        sock.bind(bind)
-        address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        parent = os.getppid()
-        kept: dict[bytes, list[Any]] = {}
+    async def serve_loop(sock: Any) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            rid, kind = frames[0], frames[1].bytes if len(frames) > 1 else b""
+            if kind == b"P":
+                kept[rid.bytes] = frames[2:]
+                await sock.send_multipart([rid, b"ok"])
+            elif kind == b"G":
+                await sock.send_multipart([rid, b"D", *kept.get(rid.bytes, [])], copy=False)
+            elif kind == b"X":
+                kept.pop(rid.bytes, None)
+                await sock.send_multipart([rid, b"ok"])
+            else:
+                await sock.send_multipart(frames, copy=False)
 
-        async def serve_loop() -> None:
-            while True:
-                frames = await sock.recv_multipart(copy=False)
-                rid, kind = frames[0], frames[1].bytes if len(frames) > 1 else b""
-                if kind == b"P":
-                    kept[rid.bytes] = frames[2:]
-                    await sock.send_multipart([rid, b"ok"])
-                elif kind == b"G":
-                    await sock.send_multipart([rid, b"D", *kept.get(rid.bytes, [])], copy=False)
-                elif kind == b"X":
-                    kept.pop(rid.bytes, None)
-                    await sock.send_multipart([rid, b"ok"])
-                else:
-                    await sock.send_multipart(frames, copy=False)
-
-        async def orphan_watch() -> None:  # exit if the benchmark died without stopping us
-            while os.getppid() == parent:
-                await asyncio.sleep(1.0)
-            stop.set()
-
-        tasks = [asyncio.create_task(serve_loop()), asyncio.create_task(orphan_watch())]
-        print(f"raw-echo ready at {address}", flush=True)
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        sock.close(linger=0)
-        ctx.term()
-
-    asyncio.run(serve())
-    return 0
+    return run_raw_server(bind, serve_loop)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Sequence
+import os
+import signal
+from typing import Any, Awaitable, Callable, Sequence
 
 
 class ServerDied(RuntimeError):
@@ -42,3 +44,40 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def run_raw_server(bind: str, serve_loop: Callable[[Any], Awaitable[None]]) -> int:
+    """Run a raw pyzmq ROUTER (the baseline of a benchmark) in this process until SIGTERM/SIGINT, or
+    until the benchmark that started it dies. ``serve_loop(socket)`` answers the messages."""
+    import zmq
+    import zmq.asyncio
+
+    async def serve() -> None:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+            sock.setsockopt(opt, value)
+        sock.bind(bind)
+        address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        parent = os.getppid()
+
+        async def orphan_watch() -> None:  # exit if the benchmark died without stopping us
+            while os.getppid() == parent:
+                await asyncio.sleep(1.0)
+            stop.set()
+
+        tasks = [asyncio.create_task(serve_loop(sock)), asyncio.create_task(orphan_watch())]
+        print(f"raw-echo ready at {address}", flush=True)
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        sock.close(linger=0)
+        ctx.term()
+
+    asyncio.run(serve())
+    return 0
