@@ -12,6 +12,7 @@ import torch
 
 import fedzmq as fz
 from fedzmq.client.connection import ConnectionSettings
+from fedzmq.client.transfers import STREAM_PIECE_BYTES, STREAM_WINDOW
 from fedzmq.examples import digits
 from fedzmq.launcher import DaemonProcess
 
@@ -59,7 +60,7 @@ def test_tensor_over_two_gib_round_trips_bit_exact_in_bounded_memory(tmp_path):
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
     assert report["exact"]
-    in_flight = 4 * fz.Limits().chunk_bytes  # the stream window: 4 chunks
+    in_flight = STREAM_WINDOW * STREAM_PIECE_BYTES  # the stream window
     slack = 300 << 20           # interpreter, ZeroMQ and kernel buffers
     client_extra = report["client_peak"] - report["client_baseline"]
     daemon_extra = report["daemon_peak"] - report["daemon_before"]
@@ -120,6 +121,22 @@ async def test_model_bigger_than_a_chunk_streams_both_ways(fedzmq_virtual_worker
         assert await bob.send(model) is remote  # updated in place by streamed writes
         got = await remote.get()
         fz.testing.assert_state_dicts_close(got, {k: v + 1 for k, v in copy.state_dict().items()}, atol=1e-6)
+
+
+async def test_streams_move_pieces_of_at_most_stream_piece_bytes():
+    """A tensor over one message streams in STREAM_PIECE_BYTES pieces (not in chunk_bytes ones), so the
+    receiver's allocator can reuse the pieces' memory: 40 MiB is alloc + 3 writes, get + 3 reads."""
+    limits = fz.Limits(chunk_bytes=32 << 20)
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(limits=limits)) as bob:
+        tensor = torch.arange((40 << 20) // 4, dtype=torch.float32)
+        before = (await bob.status())["requests"]
+        ptr = await bob.send(tensor)
+        sent = (await bob.status())["requests"]
+        back = await ptr.get()
+        got = (await bob.status())["requests"]
+        assert torch.equal(back, tensor)
+        pieces = -(-tensor.numel() * 4 // STREAM_PIECE_BYTES)
+        assert (sent - before - 1, got - sent - 1) == (1 + pieces, 1 + pieces)  # (-1: the status call itself)
 
 
 def _long_fit_args():
