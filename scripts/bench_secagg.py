@@ -283,9 +283,9 @@ class PhaseClock:
 
     def phases(self, started: float, ended: float) -> dict[str, float]:
         m = self.marks
-        return {"advertise + fit": m["keys"] - started,
-                "share_keys": m["shares"] - m["keys.done"],
-                "masked_input": m["masked"] - m["shares.done"],
+        return {"send model + advertise": m["keys"] - started,
+                "share_keys (while the workers fit)": m["shares"] - m["keys.done"],
+                "end of the fits + masked_input": m["masked"] - m["shares.done"],
                 "unmask": m["unmask"] - m["masked.done"],
                 "server finish": m["unmask.done"] - m["unmask"],
                 "apply + metrics": ended - m["unmask.done"]}

@@ -130,6 +130,20 @@ def test_prg_is_deterministic_per_seed_and_uniform_looking():
     assert crypto.prg(seed, 7, np.uint64).dtype == np.uint64
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_add_prg_adds_and_subtracts_the_prg_stream_block_by_block(dtype):
+    seed = os.urandom(32)
+    length = 3 * (1 << 18) // np.dtype(dtype).itemsize + 5  # several blocks and a partial one
+    base = crypto.prg(os.urandom(32), length, dtype)
+    target = base.copy()
+    crypto.add_prg(target, seed)
+    assert np.array_equal(target, base + crypto.prg(seed, length, dtype))  # wraps like the ring
+    crypto.add_prg(target, seed, -1)
+    assert np.array_equal(target, base)
+    with pytest.raises(ValueError):
+        crypto.add_prg(target.astype(np.int64), seed)
+
+
 def test_ring_encoding_roundtrip_wraps_negative_values():
     for bits in (8, 16, 31, 32, 33, 48, 64):
         cfg = SecAggConfig((0, 1), 2, 4, clip=1.0, ring_bits=bits)

@@ -5,7 +5,8 @@ mean of the updates (FedAvg, FedProx, the FedOpt family). Its round, run by ``Fe
 
 1. every participant gets the global model and the round's ``SecAggConfig``, keeps a copy of the
    global parameters, and advertises its two public keys (``secagg`` step ``advertise``); then fits;
-2. the coordinator relays the keys; each worker returns its Shamir shares, encrypted for each peer;
+2. the coordinator relays the keys; each worker returns its Shamir shares, encrypted for each peer
+   (while the workers fit: key sharing does not wait for the slowest fit);
 3. the coordinator routes the shares; each worker returns its *masked* update (trained minus global,
    clipped, weighted, noised, quantized, masked);
 4. the coordinator asks the survivors to unmask; from their shares it removes the masks and gets the
@@ -126,20 +127,31 @@ async def run_secure_round(federation: "Federation", strategy: SecAgg, participa
     def secagg(worker: RemoteWorker, step: str, payload: Any, **extra: Any) -> Awaitable[Any]:
         return worker._request("secagg", {"step": step, "round": number, "payload": to_codec(payload), **extra})
 
-    async def advertise_and_fit(worker: RemoteWorker) -> Any:
+    async def advertise(worker: RemoteWorker) -> Any:
         await worker.refresh()
         remote = pointers[worker] = await worker.send(federation.model)
-        message = from_codec(await secagg(worker, "advertise", config.to_wire(), module=remote.id,
-                                          client=ids[worker]))
-        fits[name[ids[worker]]] = await federation._fit(worker, remote, number)
-        return message
+        return from_codec(await secagg(worker, "advertise", config.to_wire(), module=remote.id, client=ids[worker]))
 
-    advertised = await each(participants, advertise_and_fit)
-    keys = server.collect_keys(advertised.values())
-    alive = [w for w in participants if w in advertised]
-    shares = await each(alive, lambda w: secagg(w, "share_keys", keys))
-    routed = server.route_shares(from_codec(m) for m in shares.values())
-    alive = [w for w in alive if ids[w] in routed]
+    async def fit(worker: RemoteWorker) -> None:
+        fits[name[ids[worker]]] = await federation._fit(worker, pointers[worker], number)
+
+    advertised = await each(participants, advertise)
+    # the local fits and the key sharing overlap: the coordinator relays keys and shares while the
+    # workers train (each worker's session runs its fit and its share_keys one after the other)
+    fitting = asyncio.ensure_future(each([w for w in participants if w in advertised], fit))
+    try:
+        keys = server.collect_keys(advertised.values())
+        alive = [w for w in participants if w in advertised]
+        shares = await each(alive, lambda w: secagg(w, "share_keys", keys))
+        routed = server.route_shares(from_codec(m) for m in shares.values())
+        await fitting
+    finally:
+        if not fitting.done():
+            fitting.cancel()
+            await asyncio.gather(fitting, return_exceptions=True)
+    # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
+    # survivors' shares remove its masks
+    alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
     masked = await each(alive, lambda w: secagg(w, "masked_input", routed[ids[w]]))
     request = server.collect_masked(from_codec(m) for m in masked.values())
     alive = [w for w in alive if ids[w] in request["u2"]]

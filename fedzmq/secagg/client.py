@@ -30,8 +30,8 @@ from . import crypto, shamir
 from .config import SecAggConfig
 from .crypto import CsprngStream
 from .encoding import (
-    CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, pack_shares, pairwise_seed, quantize, reduce_ring,
-    share_aad, share_key, to_ring, unpack_shares,
+    CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, encode, pack_shares, pairwise_seed, reduce_ring, share_aad,
+    share_key, unpack_shares,
 )
 from .errors import SecAggAborted, SecAggProtocolError
 from .messages import (
@@ -177,7 +177,7 @@ class SecAggClient:
         received = as_pairs(msg["shares"], "shares")
         if set(received) != set(u1) - {me}:
             raise SecAggProtocolError("routed ciphertexts do not match u1")
-        values = self._prepare_update(update, weight)  # checks the update before any state changes
+        x, coefficient, meta = self._prepare_update(update, weight)  # checks the update before any state changes
         held_b: dict[int, shamir.Share] = {}
         held_s: dict[int, shamir.Share] = {}
         for j, (blob,) in received.items():
@@ -189,23 +189,13 @@ class SecAggClient:
         held_b[me], held_s[me] = self._own_b_share, self._own_s_share
         seeds = {j: pairwise_seed(self._s_sk, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
 
-        # quantize and mask
-        d = cfg.vector_length
-        q = np.empty(cfg.masked_length, dtype=np.int64)
-        q[:d], clamped = quantize(values[:d], cfg.data_scale, cfg.per_client_bound, cfg.rounding, self._stream)
-        q[d:], clamped_meta = quantize(values[d:], cfg.meta_scale, cfg.per_client_bound, cfg.rounding, self._stream)
-        self.stats.clamped = clamped + clamped_meta
-        del values
-        y = to_ring(q, cfg)
-        del q
+        # w * clip(x) + noise, quantized into the ring, then masked
+        y, self.stats.clamped = encode(x, coefficient, meta, cfg, self._stream)
+        del x
         assert self._b is not None
-        y += crypto.prg(self._b, cfg.masked_length, cfg.ring_dtype)
-        for j, seed in seeds.items():
-            mask = crypto.prg(seed, cfg.masked_length, cfg.ring_dtype)
-            if me < j:
-                y += mask
-            else:
-                y -= mask
+        crypto.add_prg(y, self._b)
+        for j, seed in seeds.items():  # + PRG(s_ij) toward higher ids, - toward lower: they cancel in the sum
+            crypto.add_prg(y, seed, 1 if me < j else -1)
         reduce_ring(y, cfg)
 
         self._held.b, self._held.s = held_b, held_s
@@ -216,10 +206,12 @@ class SecAggClient:
         self._b = None
         self._c_sk = b""
         self._stage = "masked"
-        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.tobytes()}
+        # the vector's own bytes, not a copy of them: a million ring elements per client per round
+        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": memoryview(y).cast("B")}
 
-    def _prepare_update(self, update: torch.Tensor, weight: float) -> np.ndarray:
-        """``[w * clip(x) + noise, w, (1[||x|| <= C] - 1/2 + noise)]`` in float64."""
+    def _prepare_update(self, update: torch.Tensor, weight: float) -> tuple[np.ndarray, float, np.ndarray]:
+        """Check the update and weight; return ``x``, the coefficient ``w * clip factor``, and the meta
+        coordinates ``[w, (1[||x|| <= C] - 1/2 + noise)]``. ``encode`` makes the ring vector of them."""
         cfg = self.config
         if not isinstance(update, torch.Tensor) or not update.is_floating_point():
             raise TypeError("update must be a floating-point tensor")
@@ -230,26 +222,22 @@ class SecAggClient:
         weight = float(weight)
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError("weight must be a finite number >= 0")
-        flat = update.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-        x = flat.numpy()
+        flat = update.detach().reshape(-1).cpu()
+        if flat.dtype not in (torch.float32, torch.float64, torch.float16):  # what numpy cannot view
+            flat = flat.to(torch.float64)
         # torch's norm, not numpy's: numpy's BLAS threads busy-wait after the call and double the
-        # CPU a worker spends on a secure round
-        norm = float(torch.linalg.vector_norm(flat))
+        # CPU a worker spends on a secure round. Accumulated in float64 without a float64 copy.
+        norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
         if not math.isfinite(norm):
             raise ValueError("update has non-finite values")
         factor = min(1.0, cfg.clip / norm) if norm > 0 else 1.0
         w = min(weight, cfg.weight_cap) / cfg.weight_cap
         self.stats.norm, self.stats.clip_factor, self.stats.effective_weight = norm, factor, w
-        out = np.empty(cfg.masked_length, dtype=np.float64)
-        d = cfg.vector_length
-        np.multiply(x, factor * w, out=out[:d])
-        if cfg.client_noise_std > 0:
-            out[:d] += cfg.client_noise_std * self._stream.normal(d)
-        out[d] = w
+        meta = [w]
         if cfg.clip_bits:
             bit = 1.0 if norm <= cfg.clip else 0.0
-            out[d + 1] = bit - 0.5 + (cfg.client_bit_noise_std * self._stream.normal(1)[0] if cfg.clip_bit_noise else 0.0)
-        return out
+            meta.append(bit - 0.5 + (cfg.client_bit_noise_std * self._stream.normal(1)[0] if cfg.clip_bit_noise else 0.0))
+        return flat.numpy(), factor * w, np.array(meta, dtype=np.float64)
 
     # ---- round 3: Unmasking
 

@@ -29,6 +29,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 _ZERO_IV = bytes(16)
 _CHUNK = 1 << 26  # keystream bytes per OpenSSL call
+_BLOCK = 1 << 18  # keystream bytes per step of add_prg: small enough to stay in the CPU's cache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,6 +113,33 @@ def prg(seed: bytes, length: int, dtype: np.dtype | type = np.uint32) -> np.ndar
     dtype = np.dtype(dtype).newbyteorder("<")
     encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_IV)).encryptor()
     return _keystream(encryptor, length * dtype.itemsize).view(dtype)
+
+
+def add_prg(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
+    """``target += sign * prg(seed, target.size, target.dtype)`` in the ring, in place.
+
+    The same keystream as ``prg``, made and added block by block: each block is still in the CPU's cache
+    when it is added, and no mask-sized array is ever allocated. A client adds one mask per peer plus its
+    self-mask to a vector of a million ring elements every round, so this is most of its masking cost.
+    """
+    if len(seed) != KEY_BYTES:
+        raise ValueError("PRG seeds are 32 bytes")
+    if sign not in (1, -1):
+        raise ValueError("sign is 1 or -1")
+    if target.ndim != 1 or not target.flags.c_contiguous or target.dtype not in (np.uint32, np.uint64):
+        raise ValueError("add_prg works on a contiguous 1-D uint32 or uint64 array")
+    dtype = target.dtype.newbyteorder("<")
+    per_block = _BLOCK // dtype.itemsize
+    encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_IV)).encryptor()
+    scratch = np.empty(_BLOCK + 16, dtype=np.uint8)  # update_into wants 15 spare bytes past the output
+    view = memoryview(scratch)
+    zeros = bytes(_BLOCK)
+    combine = np.add if sign > 0 else np.subtract
+    for start in range(0, target.size, per_block):
+        part = target[start:start + per_block]
+        nbytes = part.size * dtype.itemsize
+        encryptor.update_into(zeros if nbytes == _BLOCK else zeros[:nbytes], view[:nbytes + 15])
+        combine(part, scratch[:nbytes].view(dtype), out=part)
 
 
 class CsprngStream:

@@ -44,7 +44,7 @@ RoutedSharesMsg = TypedDict("RoutedSharesMsg", {
     "v": int, "type": Literal["secagg.routed"], "to": int, "u1": list[int],
     "shares": list[list[Any]]})  # [[from_id, ciphertext], ...]
 MaskedMsg = TypedDict("MaskedMsg", {
-    "v": int, "type": Literal["secagg.masked"], "from": int, "masked": bytes})
+    "v": int, "type": Literal["secagg.masked"], "from": int, "masked": bytes | memoryview})
 UnmaskRequestMsg = TypedDict("UnmaskRequestMsg", {
     "v": int, "type": Literal["secagg.unmask_request"], "u2": list[int], "dropped": list[int]})
 UnmaskMsg = TypedDict("UnmaskMsg", {

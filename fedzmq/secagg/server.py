@@ -260,24 +260,22 @@ class SecAggServer:
                 b = shamir.recover([self._unmask[r][0][j] for r in responders], cfg.threshold)
                 if b_commitment(cfg, j, b) != self._b_commit[j]:
                     raise SecAggProtocolError("reconstructed self-mask seed does not match its commitment", j)
-                total -= crypto.prg(b, cfg.masked_length, cfg.ring_dtype)
+                crypto.add_prg(total, b, -1)
             for j in dropped:
                 s_sk = shamir.recover([self._unmask[r][1][j] for r in responders], cfg.threshold)
                 if crypto.public_key_of(s_sk) != self._keys[j][1]:
                     raise SecAggProtocolError("reconstructed mask key does not match its public key", j)
                 for i in u2:
                     # survivor i added +PRG(s_ij) if i < j, else -PRG(s_ij): remove it
-                    mask = crypto.prg(pairwise_seed(s_sk, self._keys[i][1], j, i, cfg), cfg.masked_length, cfg.ring_dtype)
-                    if i < j:
-                        total -= mask
-                    else:
-                        total += mask
+                    crypto.add_prg(total, pairwise_seed(s_sk, self._keys[i][1], j, i, cfg), -1 if i < j else 1)
         except SecAggProtocolError as exc:  # includes ShamirError: inconsistent or corrupted shares
             raise self._abort(f"cannot remove the masks: {exc}", "Unmasking") from None
         reduce_ring(total, cfg)
-        q = from_ring(total, cfg)
+        # the signed reading of the sum: for 32 and 64 bits the two's complement view itself, no copy
+        q = total.view(np.int32 if cfg.ring_bits == 32 else np.int64) if cfg.ring_bits in (32, 64) \
+            else from_ring(total, cfg)
         d = cfg.vector_length
-        weighted_sum = q[:d].astype(np.float64) / cfg.data_scale
+        weighted_sum = np.divide(q[:d], cfg.data_scale, dtype=np.float64)
         total_weight = float(q[d]) / cfg.meta_scale
         clip_fraction = None
         if cfg.clip_bits:
@@ -287,7 +285,7 @@ class SecAggServer:
         if total_weight - err_weight <= 0:
             raise self._abort(f"total weight {total_weight:g} is not positive", "Unmasking")
         mean64 = weighted_sum / total_weight
-        peak = float(np.max(np.abs(mean64))) if d else 0.0
+        peak = max(float(mean64.max()), -float(mean64.min())) if d else 0.0
         bound = (err_sum + peak * err_weight) / (total_weight - err_weight) + peak * 2.0**-24
         noise_std = cfg.noise_multiplier * cfg.clip * math.sqrt(m / cfg.expected_survivors)
         self._result = SecAggResult(

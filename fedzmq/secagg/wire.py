@@ -32,8 +32,16 @@ def roundtrip(msg: Any) -> Any:
     return unpack(pack(msg))
 
 
+#: bytes values above this size are not copied by ``from_codec`` (masked vectors, not keys or shares)
+VIEW_ABOVE = 1 << 16
+
+
 def to_codec(value: Any) -> Any:
-    """Replace every bytes value by a uint8 tensor over the same bytes (for ``fedzmq.codec``)."""
+    """Replace every bytes value by a uint8 tensor over the same bytes (for ``fedzmq.codec``). Writable
+    buffers (a client's masked vector) are wrapped without copying; ``bytes`` are immutable and copied."""
+    if isinstance(value, memoryview) and not value.readonly and value.contiguous:
+        data = value.cast("B") if value.format != "B" else value
+        return torch.frombuffer(data, dtype=torch.uint8) if data.nbytes else torch.empty(0, dtype=torch.uint8)
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytearray(value)
         return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
@@ -45,10 +53,12 @@ def to_codec(value: Any) -> Any:
 
 
 def from_codec(value: Any) -> Any:
-    """Inverse of ``to_codec``: every 1-D uint8 tensor becomes bytes. Other tensors are left alone (the
-    receiving parser rejects them)."""
+    """Inverse of ``to_codec``: every 1-D uint8 tensor becomes bytes, or, above ``VIEW_ABOVE`` bytes, a
+    read-only memoryview of the received frame (no copy of a masked vector). Other tensors are left
+    alone (the receiving parser rejects them)."""
     if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
-        return value.contiguous().numpy().tobytes()
+        array = value.contiguous().numpy()
+        return memoryview(array).toreadonly() if array.nbytes > VIEW_ABOVE else array.tobytes()
     if isinstance(value, dict):
         return {k: from_codec(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

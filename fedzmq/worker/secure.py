@@ -74,7 +74,8 @@ def handle(session: Session, args: dict[str, Any], policy: "WorkerConfig") -> An
     if step == "share_keys":
         return to_codec(state.client.share_keys(payload))
     if step == "masked_input":
-        update = float_parameters(session.module(state.module_id)) - state.reference
+        update = float_parameters(session.module(state.module_id))
+        update.sub_(state.reference)  # in place: the concatenation is already a fresh copy
         # the weight is the worker's own count of the samples it trained on, not the coordinator's word
         weight = float(session.trained_samples.get(state.module_id, 0))
         return to_codec(state.client.masked_input(update, weight, payload))
