@@ -73,6 +73,26 @@ async def test_a_dead_worker_is_left_out_and_the_survivors_aggregate_is_exact():
             await w.close()
 
 
+async def test_a_worker_whose_fit_fails_after_sharing_keys_drops_out_and_the_survivors_aggregate_is_exact():
+    # keys and shares go round while the workers fit: a failed fit makes a drop-out after the
+    # key-sharing step, whose masks the survivors' shares remove
+    workers = _workers(3)
+    [extra_shard] = _shards(1, seed=5)
+    failing = fz.VirtualWorker("w3", datasets={"other": extra_shard}, settings=TEST_SETTINGS)  # no dataset "d"
+    try:
+        plain, secure = _model(), _model()
+        await fz.Federation(workers, plain, FIT, fz.FedAvg(), seed=1).run_round()
+        federation = fz.Federation(workers + [failing], secure, FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=3),
+                                   seed=1, round_timeout=10)
+        metrics = await federation.run_round()
+        assert "w3" in metrics.dropped and metrics.participants == ["w0", "w1", "w2"], metrics.dropped
+        assert "dataset" in metrics.dropped["w3"], metrics.dropped  # the fit's own error, not a protocol failure
+        fz.testing.assert_state_dicts_close(secure, plain, atol=metrics.extra["quantization_error_bound"] + 1e-6)
+    finally:
+        for w in workers + [failing]:
+            await w.close()
+
+
 async def test_below_the_threshold_the_round_fails_and_the_model_is_unchanged():
     workers = _workers(3)
     try:
