@@ -225,7 +225,11 @@ def _run_pytest(directory, *args, env=None, timeout=100):
     env = {**{k: v for k, v in os.environ.items()
               if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")},
            "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(directory), *args]
+    # its own base temporary directory: runs side by side would otherwise clean up each other's
+    # leftovers in /tmp/pytest-of-USER at the same time, and warn when one removes what the other reads
+    basetemp = Path(directory).parent / f"basetemp-{Path(directory).name}"
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(directory),
+               "--basetemp", str(basetemp), *args]
     with subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True) as run:
         try:
