@@ -49,8 +49,9 @@ class Limits:
     max_frame_bytes: int = 1 << 30
     max_frames: int = 4096
     max_depth: int = 32
-    #: tensors above this many bytes travel as a stream of chunks of this size (see ``alloc``/``write``/``read``);
-    #: never more than ``max_frame_bytes``
+    #: the largest tensor sent in one message; bigger ones stream in pieces of at most this size (the client
+    #: uses min(16 MiB, this): see ``alloc``/``write``/``read`` and ``client.transfers``); never more than
+    #: ``max_frame_bytes``
     chunk_bytes: int = 128 << 20
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from fedzmq.secagg import (
     SecAggAborted, SecAggClient, SecAggConfig, SecAggProtocolError, SecAggServer, default_threshold, run_round,
 )
 from fedzmq.secagg import crypto, shamir, wire
-from fedzmq.secagg.encoding import CIPHERTEXT_BYTES, from_ring, quantize, to_ring
+from fedzmq.secagg.encoding import CIPHERTEXT_BYTES, encode, from_ring, quantize, to_ring
 
 
 def make_updates(n: int, d: int, seed: int, scale: float = 1.0) -> dict[int, torch.Tensor]:
@@ -128,6 +128,18 @@ def test_prg_is_deterministic_per_seed_and_uniform_looking():
     assert not np.array_equal(a, crypto.prg(os.urandom(32), 100_000))
     assert abs(a.astype(np.float64).mean() / 2**32 - 0.5) < 0.01
     assert crypto.prg(seed, 7, np.uint64).dtype == np.uint64
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_encode_quantizes_in_float64_whatever_the_update_dtype(bits):
+    cfg = SecAggConfig((0, 1), 2, 5000, clip=1.0, ring_bits=bits, rounding="nearest")
+    x = (torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 0.01).numpy()  # float32
+    coefficient = 0.7
+    y, clamped = encode(x, coefficient, np.array([1.0]), cfg)
+    expected = np.rint(x.astype(np.float64) * coefficient * cfg.data_scale).astype(np.int64)
+    assert clamped == 0
+    assert np.array_equal(from_ring(y, cfg)[:5000], expected)  # not float32 products rounded afterwards
+    assert from_ring(y, cfg)[5000] == round(cfg.meta_scale)
 
 
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64])

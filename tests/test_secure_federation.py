@@ -87,6 +87,7 @@ async def test_a_worker_whose_fit_fails_after_sharing_keys_drops_out_and_the_sur
         metrics = await federation.run_round()
         assert "w3" in metrics.dropped and metrics.participants == ["w0", "w1", "w2"], metrics.dropped
         assert "dataset" in metrics.dropped["w3"], metrics.dropped  # the fit's own error, not a protocol failure
+        assert metrics.extra["dropped_after_sharing"] == ["w3"]  # it shared keys; its masks were removed
         fz.testing.assert_state_dicts_close(secure, plain, atol=metrics.extra["quantization_error_bound"] + 1e-6)
     finally:
         for w in workers + [failing]:

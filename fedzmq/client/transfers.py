@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
+from ..errors import ProtocolError
 from ..modeldesc import describe
 from .pointers import ModulePointer, TensorPointer
 
@@ -37,7 +38,8 @@ STREAM_PIECE_BYTES = 16 << 20
 
 #: pieces of a download copied into place at once, each on a thread of the event loop's executor. The
 #: copy is mostly the first touch of the destination's fresh pages, and page faults on two cores
-#: overlap: a 4 GiB copy took 5.6 s on one thread and 2.1 s on two here (docs/benchmarks_big.md).
+#: overlap: a 4 GiB get took 5.1 to 5.5 s with one thread and 4.1 to 4.4 s with two here, and four
+#: threads did no better (docs/benchmarks_big.md).
 #: It also keeps the event loop free while a get lands.
 LANDING_THREADS = 2
 
@@ -71,6 +73,7 @@ class Transfers:
         try:
             for offset in range(0, data.numel(), chunk):
                 window.append(self._submit(*request(offset, data[offset:offset + chunk])))
+                window[-1].add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
                 if len(window) >= STREAM_WINDOW:
                     await self._wait(window.pop(0), timeout)
                     self._connection.note_progress()
@@ -86,31 +89,42 @@ class Transfers:
         as it arrives, with at most ``STREAM_WINDOW`` in flight. ``land`` may return an awaitable (a copy
         running on a thread): at most ``LANDING_THREADS`` run at once, and all are done on return."""
         chunk = self._piece_bytes()
-        window: list[tuple[int, asyncio.Future[Any]]] = []
-        landing: list[Awaitable[Any]] = []
+        window: list[tuple[int, int, asyncio.Future[Any]]] = []
+        landing: list[asyncio.Future[Any]] = []
 
-        async def arrived(start: int, future: asyncio.Future[Any]) -> None:
-            done = land(start, await self._wait(future, timeout))
+        async def arrived(start: int, length: int, future: asyncio.Future[Any]) -> None:
+            data = await self._wait(future, timeout)
+            if not (isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.dim() == 1
+                    and data.numel() == length):
+                raise ProtocolError(f"the worker answered a read of {length} bytes at {start} with "
+                                    f"{type(data).__name__} {getattr(data, 'shape', '')}")
+            done = land(start, data)
             if done is not None:
                 landing.append(asyncio.ensure_future(done))
                 if len(landing) >= LANDING_THREADS:
-                    await landing.pop(0)
+                    await asyncio.wait(landing[:1])  # popped only once done: the finally waits for the rest
+                    landing.pop(0).result()
 
         try:
             for offset in range(0, nbytes, chunk):
-                window.append((offset, self._submit(*request(offset, min(chunk, nbytes - offset)))))
+                length = min(chunk, nbytes - offset)
+                future = self._submit(*request(offset, length))
+                future.add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
+                window.append((offset, length, future))
                 if len(window) >= STREAM_WINDOW:
                     await arrived(*window.pop(0))
             while window:
                 await arrived(*window.pop(0))
             while landing:
-                await landing.pop(0)
+                await asyncio.wait(landing[:1])
+                landing.pop(0).result()
         finally:
-            for _, future in window:
-                future.add_done_callback(retrieve_error)
-            # copies already running on threads cannot be stopped: let them finish before the
-            # destination is given up (their errors, if any, are the caller's least concern then)
-            await asyncio.gather(*landing, return_exceptions=True)
+            # copies already running on threads cannot be stopped: they finish before the destination
+            # is given up or returned (asyncio.wait, unlike gather, cancels nothing it waits for)
+            if landing:
+                await asyncio.wait(landing)
+                for copy in landing:
+                    retrieve_error(copy)
 
     # --- tensors -------------------------------------------------------------------------------
 

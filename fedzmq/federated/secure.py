@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Sequence
 
 import torch
 
+from ..client.transfers import retrieve_error
 from ..client.worker import RemoteWorker
 from ..secagg import SecAggAborted, SecAggConfig, SecAggServer, default_threshold
 from ..secagg.wire import from_codec, to_codec
@@ -108,55 +109,63 @@ async def run_secure_round(federation: "Federation", strategy: SecAgg, participa
     fits: dict[str, dict[str, Any]] = {}
     pointers: dict[RemoteWorker, Any] = {}
 
+    async def guarded(worker: RemoteWorker, call: Callable[[RemoteWorker], Awaitable[Any]]) -> tuple[bool, Any]:
+        """``call(worker)`` under the round deadline; a timeout or error makes the worker a drop-out."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return True, await call(worker)
+        except TimeoutError:
+            dropped[name[ids[worker]]] = f"missed the round deadline of {federation.round_timeout:g}s"
+        except Exception as exc:
+            from .federation import _reason
+            dropped[name[ids[worker]]] = _reason(exc)
+        return False, None
+
     async def each(workers: Sequence[RemoteWorker], call: Callable[[RemoteWorker], Awaitable[Any]]) -> dict:
-        answers: dict[RemoteWorker, Any] = {}
+        outcomes = await asyncio.gather(*(guarded(w, call) for w in workers))
+        return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
 
-        async def one(worker: RemoteWorker) -> None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    answers[worker] = await call(worker)
-            except TimeoutError:
-                dropped[name[ids[worker]]] = f"missed the round deadline of {federation.round_timeout:g}s"
-            except Exception as exc:
-                from .federation import _reason
-                dropped[name[ids[worker]]] = _reason(exc)
-
-        await asyncio.gather(*(one(w) for w in workers))
-        return answers
-
-    def secagg(worker: RemoteWorker, step: str, payload: Any, **extra: Any) -> Awaitable[Any]:
-        return worker._request("secagg", {"step": step, "round": number, "payload": to_codec(payload), **extra})
+    def secagg(worker: RemoteWorker, step: str, payload: Any, **extra: Any) -> asyncio.Future[Any]:
+        """Submit one step now (so it takes its place in the worker's session queue); await the reply later."""
+        return worker._submit("secagg", {"step": step, "round": number, "payload": to_codec(payload), **extra})
 
     async def advertise(worker: RemoteWorker) -> Any:
         await worker.refresh()
         remote = pointers[worker] = await worker.send(federation.model)
-        return from_codec(await secagg(worker, "advertise", config.to_wire(), module=remote.id, client=ids[worker]))
+        return from_codec(await worker._wait(secagg(worker, "advertise", config.to_wire(), module=remote.id,
+                                                     client=ids[worker])))
 
     async def fit(worker: RemoteWorker) -> None:
         fits[name[ids[worker]]] = await federation._fit(worker, pointers[worker], number)
 
     advertised = await each(participants, advertise)
-    # the local fits and the key sharing overlap: the coordinator relays keys and shares while the
-    # workers train (each worker's session runs its fit and its share_keys one after the other)
-    fitting = asyncio.ensure_future(each([w for w in participants if w in advertised], fit))
+    keys = server.collect_keys(advertised.values())
+    alive = [w for w in participants if w in advertised]
+    # key sharing overlaps the local fits: each worker's share_keys request is queued in its session
+    # before its fit, so the keys and shares go round while the workers train
+    sharing = {w: secagg(w, "share_keys", keys) for w in alive}
+    fitting = {w: asyncio.ensure_future(guarded(w, fit)) for w in alive}
     try:
-        keys = server.collect_keys(advertised.values())
-        alive = [w for w in participants if w in advertised]
-        shares = await each(alive, lambda w: secagg(w, "share_keys", keys))
-        routed = server.route_shares(from_codec(m) for m in shares.values())
-        await fitting
+        shares = await each(alive, lambda w: worker_reply(w, sharing[w]))
+        routed = server.route_shares(shares.values())
+        for worker, task in fitting.items():
+            if ids[worker] not in routed:
+                task.cancel()  # out of the round already: its fit no longer matters
+        await asyncio.gather(*fitting.values(), return_exceptions=True)
     finally:
-        if not fitting.done():
-            fitting.cancel()
-            await asyncio.gather(fitting, return_exceptions=True)
+        for task in fitting.values():
+            task.cancel()
+        await asyncio.gather(*fitting.values(), return_exceptions=True)
+        for future in sharing.values():
+            future.add_done_callback(retrieve_error)
     # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
     # survivors' shares remove its masks
     alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
-    masked = await each(alive, lambda w: secagg(w, "masked_input", routed[ids[w]]))
-    request = server.collect_masked(from_codec(m) for m in masked.values())
+    masked = await each(alive, lambda w: worker_reply(w, secagg(w, "masked_input", routed[ids[w]])))
+    request = server.collect_masked(masked.values())
     alive = [w for w in alive if ids[w] in request["u2"]]
-    answers = await each(alive, lambda w: secagg(w, "unmask", request))
-    result = server.finish(from_codec(m) for m in answers.values())
+    answers = await each(alive, lambda w: worker_reply(w, secagg(w, "unmask", request)))
+    result = server.finish(answers.values())
     for n in result.dropped:  # sent shares, then vanished before their masked input counted
         dropped.setdefault(name[n], "dropped out before its masked update arrived")
     for n in result.excluded:
@@ -164,12 +173,19 @@ async def run_secure_round(federation: "Federation", strategy: SecAgg, participa
     survivors = [name[n] for n in result.survivors]
     _apply_mean_update(federation, strategy, number, float_names, result.mean)
     facts = {"secure_aggregation": True, "threshold": threshold, "quantization_error_bound": result.error_bound,
-             "survivors": survivors}
+             "survivors": survivors,
+             # shared their keys, then dropped out: the survivors' shares removed their masks
+             "dropped_after_sharing": [name[n] for n in result.dropped]}
     if strategy.accountant is not None:
         strategy.accountant.step(noise_multiplier=result.effective_noise_multiplier)
         facts.update(epsilon=strategy.accountant.epsilon, delta=strategy.delta,
                      noise_multiplier=result.effective_noise_multiplier)
     return {k: v for k, v in fits.items() if k in survivors}, dropped, facts
+
+
+async def worker_reply(worker: RemoteWorker, future: asyncio.Future[Any]) -> Any:
+    """The reply to a submitted request, as secure-aggregation message data."""
+    return from_codec(await worker._wait(future))
 
 
 def _apply_mean_update(federation: "Federation", strategy: SecAgg, number: int, float_names: list[str],

@@ -89,7 +89,7 @@ def encode(x: np.ndarray, coefficient: float, meta: np.ndarray, config: SecAggCo
     clamped = 0
     for start in range(0, d, ENCODE_BLOCK):
         part = scratch[:min(ENCODE_BLOCK, d - start)]
-        np.multiply(x[start:start + part.size], coefficient, out=part)  # widened to float64 element-wise
+        np.multiply(x[start:start + part.size], coefficient, out=part, dtype=np.float64)  # in float64, like the bound
         if config.client_noise_std > 0:
             if stream is None:
                 raise ValueError("noise needs a CsprngStream")
@@ -111,7 +111,10 @@ def to_ring(q: np.ndarray, config: SecAggConfig) -> np.ndarray:
         # complement is already the residue mod 2**32
         ring = q.astype(np.int32).view(np.uint32)
     else:
-        ring = np.ascontiguousarray(q, dtype=np.int64).view(np.uint64).astype(config.ring_dtype)  # keeps the low bits
+        ints = np.ascontiguousarray(q, dtype=np.int64)
+        if q.dtype.kind == "f":  # float(bound) may round up past bound when bound > 2**53
+            ints = np.clip(ints, -config.per_client_bound, config.per_client_bound)
+        ring = ints.view(np.uint64).astype(config.ring_dtype)  # keeps the low bits
     return reduce_ring(ring, config)
 
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-timeout", type=float, help="seconds of silence before a session is freed")
     p.add_argument("--max-message-bytes", type=int, help="largest frame accepted")
     p.add_argument("--max-header-bytes", type=int, help="largest msgpack header accepted")
-    p.add_argument("--chunk-bytes", type=int, help="tensors above this travel in chunks of this size")
+    p.add_argument("--chunk-bytes", type=int, help="largest tensor sent in one message (128 MiB); bigger ones stream in "
+                   "pieces of at most this size (clients use 16 MiB or this, whichever is smaller)")
     p.add_argument("--model", action="append", default=None, metavar="NAME=module:Class",
                    help="register a model class the data owner installed (repeatable)")
     p.add_argument("--secret-key", help="this daemon's .key_secret file: encrypt and authenticate (CurveZMQ)")
