@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from benchkit import ServerDied, run_raw_server, supervised, table  # noqa: E402  (scripts/ is on sys.path)
+from benchkit import ServerDied, raw_dealer, run_raw_server, supervised, table  # noqa: E402  (scripts/ is on sys.path)
 
 RAW_PAYLOAD = 64  # bytes: about the size of a fedzmq op request header
 MiB = 1 << 20
@@ -156,12 +156,7 @@ def start_raw_echo(log_dir: str) -> Any:
 
 class RawClient:
     def __init__(self, ctx: Any, address: str) -> None:
-        import zmq
-
-        self.sock = ctx.socket(zmq.DEALER)
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-            self.sock.setsockopt(opt, value)
-        self.sock.connect(address)
+        self.sock = raw_dealer(ctx, address)
         self.payload = os.urandom(RAW_PAYLOAD)
 
     async def roundtrip(self) -> None:

@@ -58,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from benchkit import ServerDied, run_raw_server, supervised, table  # scripts/ is on sys.path
+from benchkit import ServerDied, raw_dealer, run_raw_server, supervised, table  # scripts/ is on sys.path
 
 MB = 1e6
 TIME_TARGET = 1.5  # fedzmq round / raw transfer, at 10^7 parameters
@@ -223,12 +223,7 @@ def model_bytes(model: Any) -> int:
 
 class RawClient:
     def __init__(self, ctx: Any, address: str) -> None:
-        import zmq
-
-        self.sock = ctx.socket(zmq.DEALER)
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-            self.sock.setsockopt(opt, value)
-        self.sock.connect(address)
+        self.sock = raw_dealer(ctx, address)
 
     async def put(self, frames: list[Any]) -> None:
         await self.sock.send_multipart([b"P", *frames], copy=False)

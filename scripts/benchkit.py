@@ -39,6 +39,17 @@ async def supervised(work: Awaitable[Any], processes: Sequence[Any]) -> Any:
         await asyncio.gather(watcher, main_task, return_exceptions=True)
 
 
+def raw_dealer(ctx: Any, address: str) -> Any:
+    """The raw pyzmq baseline's client socket: a DEALER with the daemon's settings (no HWM, no linger)."""
+    import zmq
+
+    sock = ctx.socket(zmq.DEALER)
+    for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+        sock.setsockopt(opt, value)
+    sock.connect(address)
+    return sock
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """A markdown table with aligned columns."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
