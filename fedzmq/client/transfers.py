@@ -66,22 +66,20 @@ class Transfers:
 
     async def _upload(self, data: torch.Tensor, request: Callable[[int, torch.Tensor], tuple[str, dict[str, Any]]],
                       timeout: float | None, first: asyncio.Future[Any] | None = None) -> None:
-        """Send ``data`` (flat bytes) in chunks, ``request(offset, chunk)`` naming each command, with at most
-        ``STREAM_WINDOW`` unanswered: neither side holds more than the object plus the chunks in flight."""
+        """Send ``data`` (flat bytes) in pieces, ``request(offset, piece)`` naming each command, with at most
+        ``STREAM_WINDOW`` unanswered: neither side holds more than the object plus the pieces in flight."""
         chunk = self._piece_bytes()
         window: list[asyncio.Future[Any]] = [first] if first is not None else []
-        try:
-            for offset in range(0, data.numel(), chunk):
-                window.append(self._submit(*request(offset, data[offset:offset + chunk])))
-                window[-1].add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
-                if len(window) >= STREAM_WINDOW:
-                    await self._wait(window.pop(0), timeout)
-                    self._connection.note_progress()
-            for future in window:
-                await self._wait(future, timeout)
-        finally:
-            for future in window:
-                future.add_done_callback(retrieve_error)
+        for future in window:
+            future.add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
+        for offset in range(0, data.numel(), chunk):
+            window.append(self._submit(*request(offset, data[offset:offset + chunk])))
+            window[-1].add_done_callback(retrieve_error)
+            if len(window) >= STREAM_WINDOW:
+                await self._wait(window.pop(0), timeout)
+                self._connection.note_progress()
+        for future in window:
+            await self._wait(future, timeout)
 
     async def _download(self, nbytes: int, request: Callable[[int, int], tuple[str, dict[str, Any]]],
                         land: Callable[[int, torch.Tensor], Awaitable[Any] | None], timeout: float | None) -> None:
