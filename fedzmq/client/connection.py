@@ -27,7 +27,6 @@ import zmq
 import zmq.asyncio
 
 from ..codec import Limits, Reply, decode_reply, encode_request
-from ..landing import can_adopt_pages
 from ..commands import COMMANDS
 from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
@@ -71,8 +70,6 @@ class Connection:
             apply_client_keys(self._socket, server_key, client_key)
         self._socket.connect(address)
         self._copy_frames = address.startswith("inproc://")
-        #: received frames are libzmq's own (tcp, ipc): a new tensor may take their pages (fedzmq.landing)
-        self.adopt_pages = not self._copy_frames and can_adopt_pages()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,8 +86,6 @@ class Connection:
         self.unmatched_replies = 0
         self.bytes_sent = 0
         self.bytes_received = 0
-        #: bytes of downloads that landed by moving pages instead of copying (fedzmq.landing)
-        self.bytes_adopted = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -1,12 +1,10 @@
 """How values move between the coordinator and a worker: one message when small, a stream when big.
 
 A tensor or model entry bigger than one message (``Limits.chunk_bytes``, agreed with the worker at
-connect time) travels as a stream of pieces: a window of ``STREAM_WINDOW`` pieces in flight, each
-acknowledged, so neither side holds more than the object plus the pieces in flight, and a broken
-stream fails cleanly (the partial object is deleted with its pointer, or with the session). A stream
-that makes a new tensor on the receiving side lands its pieces there by moving their pages
-(``fedzmq.landing``), in ``LANDING_PIECE_BYTES`` pieces; a stream read piece by piece (a model's
-parameters folded into an aggregate) or written into existing parameters uses ``STREAM_PIECE_BYTES``.
+connect time) travels as a stream of pieces of at most ``STREAM_PIECE_BYTES``: a window of
+``STREAM_WINDOW`` pieces in flight, each acknowledged, so neither side holds more than the object plus
+the pieces in flight, and a broken stream fails cleanly (the partial object is deleted with its
+pointer, or with the session).
 
 ``Transfers`` is a base class of ``RemoteWorker``; it uses the worker's ``_submit``/``_wait``
 (requests), ``_new_id`` (object ids), ``_connection`` (limits) and ``_modules`` (models sent).
@@ -23,7 +21,6 @@ from torch import nn
 
 from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
 from ..errors import ProtocolError
-from ..landing import Landing
 from ..modeldesc import describe
 from .pointers import ModulePointer, TensorPointer
 
@@ -39,16 +36,10 @@ STREAM_WINDOW = 4
 #: (docs/benchmarks_big.md): 1 GiB send+get went from 0.74x raw pyzmq with 128 MiB pieces to 1.14x.
 STREAM_PIECE_BYTES = 16 << 20
 
-#: the piece of a stream that makes a new tensor on a receiver that adopts pages (tcp, ipc): above
-#: glibc's mmap threshold, so each piece arrives in pages of its own that move into the new tensor
-#: instead of being copied. Measured on 2 cores: a 4 GiB get went from 6.9 to 7.4 s to about 4 s
-#: (docs/benchmarks_big.md).
-LANDING_PIECE_BYTES = 64 << 20
-
-#: pieces of a download landed at once, each on a thread of the event loop's executor. Where pages
-#: cannot move (inproc, not Linux) landing is a copy, mostly the first touch of the destination's fresh
-#: pages, and page faults on two cores overlap: a 4 GiB get took 5.1 to 5.5 s with one thread and 4.1
-#: to 4.4 s with two here, and four threads did no better (docs/benchmarks_big.md).
+#: pieces of a download copied into place at once, each on a thread of the event loop's executor. The
+#: copy is mostly the first touch of the destination's fresh pages, and page faults on two cores
+#: overlap: a 4 GiB get took 5.1 to 5.5 s with one thread and 4.1 to 4.4 s with two here, and four
+#: threads did no better (docs/benchmarks_big.md).
 #: It also keeps the event loop free while a get lands.
 LANDING_THREADS = 2
 
@@ -69,20 +60,15 @@ class Transfers:
     def _new_id(self) -> int:
         raise NotImplementedError
 
-    def _piece_bytes(self, lands: bool = False) -> int:
-        """A stream's piece size, never above the worker's largest message: ``LANDING_PIECE_BYTES``
-        when the stream makes a new tensor (``lands``) on a receiver that adopts pages, else
-        ``STREAM_PIECE_BYTES``. (Both ends of a connection use the same transport; a worker on a
-        system without page moves copies the bigger pieces, correctly if more slowly.)"""
-        piece = LANDING_PIECE_BYTES if lands and self._connection.adopt_pages else STREAM_PIECE_BYTES
-        return min(piece, self._connection.limits.chunk_bytes)
+    def _piece_bytes(self) -> int:
+        """A stream's piece size: ``STREAM_PIECE_BYTES``, or less if the worker's messages are smaller."""
+        return min(STREAM_PIECE_BYTES, self._connection.limits.chunk_bytes)
 
     async def _upload(self, data: torch.Tensor, request: Callable[[int, torch.Tensor], tuple[str, dict[str, Any]]],
-                      timeout: float | None, first: asyncio.Future[Any] | None = None, lands: bool = False) -> None:
+                      timeout: float | None, first: asyncio.Future[Any] | None = None) -> None:
         """Send ``data`` (flat bytes) in pieces, ``request(offset, piece)`` naming each command, with at most
-        ``STREAM_WINDOW`` unanswered: neither side holds more than the object plus the pieces in flight.
-        ``lands``: the worker makes a new tensor of the pieces (see ``_piece_bytes``)."""
-        chunk = self._piece_bytes(lands)
+        ``STREAM_WINDOW`` unanswered: neither side holds more than the object plus the pieces in flight."""
+        chunk = self._piece_bytes()
         window: list[asyncio.Future[Any]] = [first] if first is not None else []
         for future in window:
             future.add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
@@ -96,13 +82,11 @@ class Transfers:
             await self._wait(future, timeout)
 
     async def _download(self, nbytes: int, request: Callable[[int, int], tuple[str, dict[str, Any]]],
-                        land: Callable[[int, torch.Tensor], Awaitable[Any] | None], timeout: float | None,
-                        lands: bool = False) -> None:
+                        land: Callable[[int, torch.Tensor], Awaitable[Any] | None], timeout: float | None) -> None:
         """Fetch ``nbytes`` in pieces (``request(offset, length)``), handing each to ``land(offset, bytes)``
-        as it arrives, with at most ``STREAM_WINDOW`` in flight. ``land`` may return an awaitable (work
-        running on a thread): at most ``LANDING_THREADS`` run at once, and all are done on return.
-        ``lands``: the pieces make a new tensor here (see ``_piece_bytes``)."""
-        chunk = self._piece_bytes(lands)
+        as it arrives, with at most ``STREAM_WINDOW`` in flight. ``land`` may return an awaitable (a copy
+        running on a thread): at most ``LANDING_THREADS`` run at once, and all are done on return."""
+        chunk = self._piece_bytes()
         window: list[tuple[int, int, asyncio.Future[Any]]] = []
         landing: list[asyncio.Future[Any]] = []
 
@@ -158,20 +142,21 @@ class Transfers:
                                        "shape": list(tensor.shape), "grad": tensor.requires_grad})
         pointer = TensorPointer(self, obj_id, ready)
         await self._upload(_flat_bytes(tensor), lambda offset, data: (
-            "write", {"obj": obj_id, "offset": offset, "data": data}), timeout, first=ready, lands=True)
+            "write", {"obj": obj_id, "offset": offset, "data": data}), timeout, first=ready)
         return pointer
 
     async def _get_tensor(self, obj_id: int, timeout: float | None) -> torch.Tensor:
         result = await self._request("get", {"obj": obj_id}, timeout)
         if not isinstance(result, StreamInfo):
             return result
-        landing = Landing(DTYPES[result.dtype], result.shape, adopt_pages=self._connection.adopt_pages)
+        out = torch.empty(result.shape, dtype=DTYPES[result.dtype])
+        target = _flat_bytes(out)
         loop = asyncio.get_running_loop()
         await self._download(result.nbytes, lambda offset, length: (
             "read", {"obj": obj_id, "offset": offset, "length": length}),
-            lambda offset, data: loop.run_in_executor(None, landing.put, offset, data), timeout, lands=True)
-        self._connection.bytes_adopted += landing.adopted_bytes
-        return landing.tensor().requires_grad_(result.requires_grad)
+            lambda offset, data: loop.run_in_executor(None, target[offset:offset + data.numel()].copy_, data),
+            timeout)
+        return out.requires_grad_(result.requires_grad)
 
     # --- modules -------------------------------------------------------------------------------
 

@@ -83,11 +83,6 @@ class RemoteWorker(Transfers):
     def bytes_received(self) -> int:
         return self._connection.bytes_received
 
-    @property
-    def bytes_adopted(self) -> int:
-        """Bytes of big downloads that landed by moving received pages rather than copying them."""
-        return self._connection.bytes_adopted
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r} at {self.address}>"
 

@@ -7,7 +7,6 @@ says which), one at a time per session.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 import torch
@@ -16,7 +15,6 @@ from torch import nn
 from ..codec import DTYPE_NAMES, DTYPES, Limits, Ref, StreamInfo, dtype_itemsize
 from ..commands import COMMANDS, INLINE_NUMEL
 from ..errors import BadRequest, LimitExceeded, ObjectNotFound, PermissionDenied, UnknownCommand
-from ..landing import Landing
 from ..modeldesc import ModelRegistry, check_state, instantiate
 from ..ops import OPS
 from ..optimizers import OPTIMIZERS
@@ -166,12 +164,6 @@ class Handlers:
         #: seconds every queued command waits before it runs (fault injection: a slow worker)
         self.delay = 0.0
         self.models = models
-        #: received frames are libzmq's own (tcp, ipc), so a streamed tensor may take their pages
-        #: (fedzmq.landing); set by the server when it binds
-        self.adopt_pages = False
-        #: bytes of streamed tensors that landed by moving pages instead of copying (in ``status``)
-        self.bytes_adopted = 0
-        self._count_lock = threading.Lock()
         self._status = status
         self._ping = ping
         missing = [name for name in COMMANDS if not callable(getattr(self, f"cmd_{name}", None))]
@@ -242,8 +234,8 @@ class Handlers:
         if session.nbytes_held + nbytes > session.max_bytes:  # refuse before allocating anything
             raise LimitExceeded.new(f"a stream of {nbytes} bytes would exceed this session's quota of "
                                     f"{session.max_bytes} bytes (--max-session-bytes); {session.nbytes_held} held")
-        landing = Landing(DTYPES[dtype], shape, adopt_pages=self.adopt_pages)
-        session.put(args["out"], PartialTensor(landing, requires_grad=bool(args.get("grad"))))
+        tensor = torch.empty(shape, dtype=DTYPES[dtype])
+        session.put(args["out"], PartialTensor(tensor, requires_grad=bool(args.get("grad"))))
         return None
 
     def cmd_write(self, session: Session, args: dict[str, Any]) -> Any:
@@ -251,16 +243,14 @@ class Handlers:
         data = args["data"]
         if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
             raise BadRequest.new("write takes a flat uint8 tensor of bytes")
-        total = partial.landing.nbytes
-        if args["offset"] != partial.written or partial.written + data.numel() > total:
+        target = partial.flat_bytes
+        if args["offset"] != partial.written or partial.written + data.numel() > target.numel():
             raise BadRequest.new(f"chunk at offset {args['offset']} of {data.numel()} bytes does not continue "
-                                 f"the stream ({partial.written} of {total} bytes written)")
-        partial.landing.put(partial.written, data)  # the frame is this request's own: its pages may move
+                                 f"the stream ({partial.written} of {target.numel()} bytes written)")
+        target[partial.written: partial.written + data.numel()].copy_(data)
         partial.written += data.numel()
-        if partial.written == total:
-            tensor = partial.landing.tensor().requires_grad_(partial.requires_grad)
-            with self._count_lock:  # streams of different sessions complete on different threads
-                self.bytes_adopted += partial.landing.adopted_bytes
+        if partial.written == target.numel():
+            tensor = partial.tensor.requires_grad_(partial.requires_grad)
             session.replace(args["obj"], tensor)
         return partial.written
 

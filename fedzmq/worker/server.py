@@ -31,7 +31,6 @@ from ..__about__ import __version__
 from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error, encode_reply
 from ..commands import COMMANDS, INLINE_NUMEL
 from ..errors import LimitExceeded, ProtocolError, error_payload
-from ..landing import can_adopt_pages
 from ..security import KeyGate, SecurityError, apply_server_keys, is_loopback_address
 from ..modeldesc import ModelRegistry
 from .config import WorkerConfig
@@ -103,7 +102,6 @@ class Worker:
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         # over inproc a zero-copy frame would alias the sender's memory: copy on that transport only
         self._copy_frames = self.address.startswith("inproc://")
-        self.handlers.adopt_pages = not self._copy_frames and can_adopt_pages()
         return self.address
 
     def start(self) -> None:
@@ -183,7 +181,6 @@ class Worker:
             "encrypted": self.key_gate is not None,
             "auth_denied": self.key_gate.denied if self.key_gate else 0,
             "auth_accepted": self.key_gate.accepted if self.key_gate else 0,
-            "bytes_adopted": self.handlers.bytes_adopted,
             **self.counters,
         }
 

@@ -17,7 +17,6 @@ from torch import nn
 
 from ..codec import Request
 from ..errors import BadRequest, LimitExceeded, ObjectNotFound, PermissionDenied, RemoteError
-from ..landing import Landing
 
 
 @dataclass
@@ -41,9 +40,13 @@ class DependencyError(RemoteError):
 class PartialTensor:
     """A tensor being streamed in by chunks (``alloc`` then ``write``): unusable until complete."""
 
-    landing: Landing
+    tensor: torch.Tensor
     requires_grad: bool = False
     written: int = 0
+
+    @property
+    def flat_bytes(self) -> torch.Tensor:
+        return self.tensor.detach().view(-1).view(torch.uint8)
 
 
 @dataclass
@@ -197,7 +200,7 @@ def object_nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.untyped_storage().nbytes()
     if isinstance(value, PartialTensor):
-        return value.landing.nbytes
+        return value.tensor.untyped_storage().nbytes()
     if isinstance(value, nn.Module):  # parameters and buffers, and room for the gradients to come
         return sum(t.untyped_storage().nbytes() for t in value.state_dict().values()) + sum(
             p.numel() * p.element_size() for p in value.parameters())
