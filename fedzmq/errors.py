@@ -111,8 +111,9 @@ class BadRequest(RemoteError, ValueError):
     """The request was well formed on the wire but its arguments make no sense."""
 
 
-class RemoteProtocolError(RemoteError):
-    """The worker could not decode our message."""
+class RemoteProtocolError(RemoteError, ProtocolError):
+    """The worker could not decode our message: a protocol error, reported by the other side (so
+    ``except ProtocolError:`` catches both a bad reply and a request the worker refused to decode)."""
 
 
 _FEDZMQ_REMOTE_TYPES: dict[str, type[RemoteError]] = {

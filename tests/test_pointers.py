@@ -121,6 +121,15 @@ async def test_unknown_object_and_unknown_op_are_specific_errors(fedzmq_virtual_
         await bob._op("system", [a], {})
 
 
+async def test_a_request_the_worker_cannot_decode_is_a_protocol_error_from_the_remote(fedzmq_virtual_workers):
+    [bob] = await fedzmq_virtual_workers("bob")
+    with pytest.raises(fz.ProtocolError) as info:
+        await bob._request("read", {"obj": 1})  # missing offset and length: refused by the decoder
+    assert isinstance(info.value, fz.RemoteError) and info.value.remote_type == "ProtocolError"
+    assert "offset" in info.value.remote_message
+    assert (await bob.ping())  # the session goes on
+
+
 async def test_mixing_pointers_of_two_workers_fails_before_sending(fedzmq_virtual_workers):
     bob, alice = await fedzmq_virtual_workers("bob", "alice")
     a, b = await bob.send(torch.ones(2)), await alice.send(torch.ones(2))
