@@ -218,6 +218,34 @@ async def test_byte_quota_covers_sent_tensors_and_op_outputs():
         assert torch.equal(await (column + 1).get(), torch.ones(100, 1))
 
 
+async def test_optimizer_state_counts_against_the_byte_quota():
+    """An optimizer's first step needs room for its state (up to 3 copies of the parameters); after it,
+    the state's true size is held against the quota, and deleting the model frees its optimizers too."""
+    model = nn.Linear(100, 100)  # 40.4 kB of parameters, counted twice (room for the gradients)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    weight = model.weight.detach().clone()
+    for quota, fits in ((2 * params + 2 * params, False), (2 * params + 3 * params + 10_000, True)):
+        async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota)) as bob:
+            remote = await bob.send(model)
+            opt = fz.Optims([bob], optim=torch.optim.Adam(model.parameters(), lr=0.1)).get_optim(bob)
+            await remote(await bob.send(torch.randn(2, 100))).sum().backward()
+            held = (await bob.status())["bytes"]
+            if not fits:
+                with pytest.raises(fz.LimitExceeded, match="optimizer's first step"):
+                    await opt.step()
+                assert torch.equal((await remote.get()).weight, weight)  # no step was taken
+                continue
+            await opt.step()
+            status = await bob.status()
+            assert status["bytes"] - held >= 2 * params  # Adam's two moments per parameter
+            assert status["objects"] >= 2
+            await remote.delete()
+            after = await bob.status()
+            assert after["bytes"] <= held - 2 * params + 10_000  # the model and its optimizer's state are gone
+            with pytest.raises(fz.ObjectNotFound):
+                await opt.step()
+
+
 async def test_session_count_limit_refuses_new_clients_clearly():
     async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_sessions=2)) as bob:
         await bob.ping()  # bob's own session is the first

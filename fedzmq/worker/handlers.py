@@ -407,7 +407,9 @@ class Handlers:
         return None
 
     def cmd_optim_step(self, session: Session, args: dict[str, Any]) -> Any:
-        session.optimizer(args["obj"]).optimizer.step()
+        optimizer = _reserve_state(session, args["obj"])
+        optimizer.step()
+        session.recount(args["obj"])
         return None
 
     # --- datasets and local training ------------------------------------------------------------
@@ -430,7 +432,7 @@ class Handlers:
             remote = session.optimizer(args["optim"])
             if remote.module_id != args["module"]:
                 raise BadRequest.new("that optimizer was created over another module")
-            optimizer = remote.optimizer
+            optimizer = _reserve_state(session, args["optim"])
         else:
             optimizer = training.make_optimizer(args["optimizer"], module)
         if self.require_secure_aggregation:  # its parameters now carry the data: only masked updates leave
@@ -439,6 +441,8 @@ class Handlers:
                               batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                               prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
         session.trained_samples[args["module"]] = result["num_examples"]
+        if "optim" in args:
+            session.recount(args["optim"])
         return result
 
     def cmd_dataset_tensor(self, session: Session, args: dict[str, Any]) -> Any:
@@ -457,6 +461,22 @@ class Handlers:
     def cmd_evaluate(self, session: Session, args: dict[str, Any]) -> Any:
         return training.evaluate(session.module(args["module"]), self.dataset(args["dataset"]), loss=args["loss"],
                                  batch_size=args.get("batch_size", 1024))
+
+
+#: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
+#: RMSprop centered with momentum: three)
+OPTIMIZER_STATE_COPIES = 3
+
+
+def _reserve_state(session: Session, obj_id: int) -> torch.optim.Optimizer:
+    """A remote optimizer about to step. Its state appears at its first step, so that step needs room
+    in the session's quota for the most any allowlisted optimizer keeps; the true size is counted after
+    the step (``Session.recount``)."""
+    optimizer = session.optimizer(obj_id).optimizer
+    if not optimizer.state:
+        params = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+        session.check_room(OPTIMIZER_STATE_COPIES * params, "the optimizer's first step (its state)")
+    return optimizer
 
 
 def _is_hyper(value: Any) -> bool:

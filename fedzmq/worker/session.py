@@ -155,6 +155,18 @@ class Session:
             if releasable:
                 self.releasable.add(obj_id)
 
+    def recount(self, obj_id: int) -> None:
+        """Count an object's bytes again after it grew in place (an optimizer's state after a step)."""
+        size = object_nbytes(self.objects[obj_id])
+        self.nbytes_held += size - self.sizes.get(obj_id, 0)
+        self.sizes[obj_id] = size
+
+    def check_room(self, nbytes: int, what: str) -> None:
+        """Refuse, before allocating, ``what`` needing ``nbytes`` more than this session's quota allows."""
+        if self.nbytes_held + nbytes > self.max_bytes:
+            raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
+                                    f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
+
     def replace(self, obj_id: int, value: Any) -> None:
         """Swap an object for its finished form (a completed stream) without counting it twice."""
         self.objects[obj_id] = value
@@ -169,7 +181,13 @@ class Session:
             self.failures.pop(next(iter(self.failures)))
 
     def delete(self, obj_ids: list[int]) -> int:
+        """Delete objects, and with a module the optimizers over it: they would keep its parameters
+        alive, uncounted, where no command can reach them."""
         deleted = 0
+        modules = {i for i in obj_ids if isinstance(self.objects.get(i), nn.Module)}
+        if modules:
+            obj_ids = list(obj_ids) + [i for i, v in self.objects.items()
+                                       if isinstance(v, RemoteOptimizer) and v.module_id in modules and i not in obj_ids]
         for obj_id in obj_ids:
             if self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None:
                 deleted += 1
@@ -204,6 +222,9 @@ def object_nbytes(value: Any) -> int:
     if isinstance(value, nn.Module):  # parameters and buffers, and room for the gradients to come
         return sum(t.untyped_storage().nbytes() for t in value.state_dict().values()) + sum(
             p.numel() * p.element_size() for p in value.parameters())
+    if isinstance(value, RemoteOptimizer):  # its state (momentum, moments); the parameters are the module's
+        return sum(t.untyped_storage().nbytes() for state in value.optimizer.state.values()
+                   for t in state.values() if isinstance(t, torch.Tensor))
     return 0
 
 
