@@ -22,6 +22,7 @@ from .errors import (
     PermissionDenied,
     ProtocolError,
     RemoteError,
+    RemoteProtocolError,
     RequestTimeout,
     UnknownCommand,
     WorkerClosedError,
@@ -42,7 +43,7 @@ __all__ = [
     "FedYogi", "FitConfig", "RoundFailed", "RoundMetrics", "Sequential", "Strategy", "make_strategy",
     "BadRequest", "ConnectionSettings", "FedzmqError", "LimitExceeded", "Limits",
     "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",
-    "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteWorker", "RequestTimeout", "TensorPointer",
+    "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteProtocolError", "RemoteWorker", "RequestTimeout", "TensorPointer",
     "UnknownCommand", "VirtualWorker", "Worker", "WorkerClosedError", "WorkerConfig", "WorkerDeadError",
     "WorkerError", "WrongWorkerError", "__version__", "connect",
 ]

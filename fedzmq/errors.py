@@ -11,6 +11,7 @@ Catch at the level you care about:
     ├── WrongWorkerError       an operation mixes objects that live on different workers
     └── RemoteError            the daemon ran the command and it failed there
         ├── ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, ...
+        ├── RemoteProtocolError(RemoteError, ProtocolError): the daemon could not decode our request
         └── RemoteValueError(RemoteError, ValueError), ... for built-in exception types
 
 A ``RemoteError`` carries the remote type name, message and traceback text. Like Ray's

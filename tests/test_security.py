@@ -231,7 +231,7 @@ async def test_optimizer_state_counts_against_the_byte_quota():
             await remote(await bob.send(torch.randn(2, 100))).sum().backward()
             held = (await bob.status())["bytes"]
             if not fits:
-                with pytest.raises(fz.LimitExceeded, match="optimizer's first step"):
+                with pytest.raises(fz.LimitExceeded, match="optimizer's state"):
                     await opt.step()
                 assert torch.equal((await remote.get()).weight, weight)  # no step was taken
                 continue
@@ -239,11 +239,32 @@ async def test_optimizer_state_counts_against_the_byte_quota():
             status = await bob.status()
             assert status["bytes"] - held >= 2 * params  # Adam's two moments per parameter
             assert status["objects"] >= 2
+            # the quota itself holds the state: what would fit beside the model alone is refused
+            with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):
+                await bob.send(torch.zeros(params * 3 // 8))
             await remote.delete()
             after = await bob.status()
             assert after["bytes"] <= held - 2 * params + 10_000  # the model and its optimizer's state are gone
+            await bob.send(torch.zeros(params * 3 // 8))  # and the quota has that room again
             with pytest.raises(fz.ObjectNotFound):
                 await opt.step()
+
+
+async def test_a_fit_needs_room_for_its_optimizers_state():
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(64, 100)
+    model = nn.Linear(100, 2)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    datasets = {"d": Dataset("d", x, (x[:, 0] > 0).long())}
+    for quota, fits in ((3 * params, False), (5 * params + 10_000, True)):
+        async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota), datasets=datasets) as bob:
+            remote = await bob.send(model)
+            if fits:
+                assert (await remote.fit("d", optimizer={"cls": "Adam", "lr": 0.01}, epochs=1))["steps"] > 0
+            else:
+                with pytest.raises(fz.LimitExceeded, match="optimizer's state"):
+                    await remote.fit("d", optimizer={"cls": "Adam", "lr": 0.01}, epochs=1)
 
 
 async def test_session_count_limit_refuses_new_clients_clearly():

@@ -407,9 +407,12 @@ class Handlers:
         return None
 
     def cmd_optim_step(self, session: Session, args: dict[str, Any]) -> Any:
-        optimizer = _reserve_state(session, args["obj"])
-        optimizer.step()
-        session.recount(args["obj"])
+        optimizer = session.optimizer(args["obj"]).optimizer
+        _reserve_state(session, optimizer, lambda p: p.grad is not None)
+        try:
+            optimizer.step()
+        finally:  # a step that failed half-way may have made some state
+            session.recount(args["obj"])
         return None
 
     # --- datasets and local training ------------------------------------------------------------
@@ -432,17 +435,20 @@ class Handlers:
             remote = session.optimizer(args["optim"])
             if remote.module_id != args["module"]:
                 raise BadRequest.new("that optimizer was created over another module")
-            optimizer = _reserve_state(session, args["optim"])
+            optimizer = remote.optimizer
         else:
-            optimizer = training.make_optimizer(args["optimizer"], module)
+            optimizer = training.make_optimizer(args["optimizer"], module)  # its state lives as long as the fit
+        _reserve_state(session, optimizer, lambda p: p.requires_grad)
         if self.require_secure_aggregation:  # its parameters now carry the data: only masked updates leave
             session.private.add(args["module"])
-        result = training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
-                              batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
-                              prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+        try:
+            result = training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
+                                  batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
+                                  prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+        finally:
+            if "optim" in args:
+                session.recount(args["optim"])
         session.trained_samples[args["module"]] = result["num_examples"]
-        if "optim" in args:
-            session.recount(args["optim"])
         return result
 
     def cmd_dataset_tensor(self, session: Session, args: dict[str, Any]) -> Any:
@@ -468,15 +474,15 @@ class Handlers:
 OPTIMIZER_STATE_COPIES = 3
 
 
-def _reserve_state(session: Session, obj_id: int) -> torch.optim.Optimizer:
-    """A remote optimizer about to step. Its state appears at its first step, so that step needs room
-    in the session's quota for the most any allowlisted optimizer keeps; the true size is counted after
-    the step (``Session.recount``)."""
-    optimizer = session.optimizer(obj_id).optimizer
-    if not optimizer.state:
-        params = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
-        session.check_room(OPTIMIZER_STATE_COPIES * params, "the optimizer's first step (its state)")
-    return optimizer
+def _reserve_state(session: Session, optimizer: torch.optim.Optimizer,
+                   will_step: Callable[[torch.Tensor], bool]) -> None:
+    """Check the session's quota before ``optimizer`` makes state for parameters that have none yet
+    (those ``will_step`` picks): room for the most any allowlisted optimizer keeps. A stored
+    optimizer's true size is counted after the step (``Session.recount``)."""
+    new = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"]
+              if p not in optimizer.state and will_step(p))
+    if new:
+        session.check_room(OPTIMIZER_STATE_COPIES * new, "the optimizer's state")
 
 
 def _is_hyper(value: Any) -> bool:

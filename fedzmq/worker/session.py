@@ -157,13 +157,16 @@ class Session:
 
     def recount(self, obj_id: int) -> None:
         """Count an object's bytes again after it grew in place (an optimizer's state after a step)."""
-        size = object_nbytes(self.objects[obj_id])
+        value = self.objects.get(obj_id)
+        if value is None:  # the session was cleared meanwhile
+            return
+        size = object_nbytes(value)
         self.nbytes_held += size - self.sizes.get(obj_id, 0)
         self.sizes[obj_id] = size
 
     def check_room(self, nbytes: int, what: str) -> None:
         """Refuse, before allocating, ``what`` needing ``nbytes`` more than this session's quota allows."""
-        if self.nbytes_held + nbytes > self.max_bytes:
+        if self.nbytes_held + self.nbytes_queued + nbytes > self.max_bytes:
             raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
                                     f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
 
@@ -223,8 +226,10 @@ def object_nbytes(value: Any) -> int:
         return sum(t.untyped_storage().nbytes() for t in value.state_dict().values()) + sum(
             p.numel() * p.element_size() for p in value.parameters())
     if isinstance(value, RemoteOptimizer):  # its state (momentum, moments); the parameters are the module's
-        return sum(t.untyped_storage().nbytes() for state in value.optimizer.state.values()
-                   for t in state.values() if isinstance(t, torch.Tensor))
+        # list() copies each dict in one step under the GIL: ``status`` runs on the event loop while a
+        # step may be adding state on a worker thread
+        return sum(t.untyped_storage().nbytes() for state in list(value.optimizer.state.values())
+                   for t in list(state.values()) if isinstance(t, torch.Tensor))
     return 0
 
 
