@@ -276,6 +276,29 @@ async def test_session_count_limit_refuses_new_clients_clearly():
         assert (await bob.status())["sessions_refused"] == 1
 
 
+async def test_one_key_cannot_take_every_session(keys):
+    """With keys on, one client key gets at most --max-sessions-per-key sessions; other keys still
+    get theirs, and closing a session makes room again."""
+    shutil.copy(keys["mallory"][0], keys["allowed"])  # a second allowed key
+    config = fz.WorkerConfig(secret_key=str(keys["server"][1]), allowed_keys=str(keys["allowed"]),
+                             max_sessions_per_key=2)
+    server = fz.Worker("bob", config=config)
+    address = server.bind("tcp://127.0.0.1:0")
+    async with server:
+        as_alice = {"server_key": keys["server"][0], "client_key": keys["alice"][1]}
+        first, second = [await fz.connect(address, **as_alice) for _ in range(2)]
+        with pytest.raises(fz.LimitExceeded, match="max-sessions-per-key"):
+            await fz.connect(address, **as_alice)
+        async with fz.connect(address, server_key=keys["server"][0], client_key=keys["mallory"][1]) as other:
+            assert (await other.ping())["id"] == "bob"
+        assert (await first.ping())["id"] == "bob"  # the sessions it has keep working
+        await second.close()
+        async with fz.connect(address, **as_alice) as third:
+            assert (await third.ping())["id"] == "bob"
+        await first.close()
+        assert server.status()["sessions_refused"] == 1
+
+
 async def test_a_flooding_client_is_throttled_and_slows_only_itself():
     config = fz.WorkerConfig(max_inflight=50)
     async with fz.VirtualWorker("bob", config=config) as bob, fz.connect(bob.address) as flooder:

@@ -27,6 +27,9 @@ class WorkerConfig:
     # --- limits that protect the daemon from one client ------------------------------------------
     #: concurrent client sessions; a new one beyond this is refused
     max_sessions: int = 256
+    #: concurrent sessions of one client key (with keys): one allowed key cannot take every session,
+    #: nor multiply its byte quota by opening sessions
+    max_sessions_per_key: int = 32
     #: objects one session may hold
     max_objects: int = 100_000
     #: bytes of tensors and models one session may hold

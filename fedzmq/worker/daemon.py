@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", default=None,
                    help="allow a non-loopback address without keys (anyone who can reach it may connect)")
     p.add_argument("--max-sessions", type=int, help="concurrent client sessions (default 256)")
+    p.add_argument("--max-sessions-per-key", type=int,
+                   help="concurrent sessions of one client key, when keys are on (default 32)")
     p.add_argument("--max-objects", type=int, help="objects one session may hold (default 100000)")
     p.add_argument("--max-session-bytes", type=int, help="bytes one session may hold (default 8 GiB)")
     p.add_argument("--max-inflight", type=int, help="commands of one session waiting to run (default 4096)")

@@ -218,6 +218,13 @@ class Worker:
                 self._refuse(key, request, "LimitExceeded", f"the worker serves its maximum of "
                              f"{self.config.max_sessions} sessions (--max-sessions); try again later")
                 return
+            if user is not None and sum(s.user == user for s in self._sessions.values()) >= \
+                    self.config.max_sessions_per_key:
+                self.counters["sessions_refused"] += 1
+                self._refuse(key, request, "LimitExceeded", f"this key has its maximum of "
+                             f"{self.config.max_sessions_per_key} sessions open (--max-sessions-per-key); "
+                             "close one first")
+                return
             session = self._sessions[key] = Session(key, user=user, max_objects=self.config.max_objects,
                                                     max_bytes=self.config.max_session_bytes)
             session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
