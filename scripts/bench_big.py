@@ -5,8 +5,12 @@
     python scripts/bench_big.py --sizes-gib 1 --daemons 8 --params 1e7   # smaller
 
 Part 1, transfers: ``ptr = await w.send(t); back = await ptr.get()`` of a tensor of the given size
-against sending the same bytes to a raw pyzmq echo server (``scripts/bench_core.py --raw-echo-server``,
-``copy=False``, one frame each way) and receiving them back; MB/s counts bytes moved both ways.
+against two raw pyzmq baselines, one frame each way with ``copy=False``: an echo server
+(``scripts/bench_core.py --raw-echo-server``) and a store-and-fetch server (``--raw-store-server``),
+which holds the bytes until asked for them, as a daemon holds a sent tensor. MB/s counts bytes moved
+both ways. Two methods: every measurement in a fresh client process with a fresh server (the same
+starting state for each), and repeated measurements in one process (each inherits the memory the one
+before freed); see docs/benchmarks_big.md for why both.
 
 Part 2, a FedAvg round over N daemons with a model of P float32 parameters (one ``nn.Linear``, trivial
 local work: one step on 4 samples), after a warm-up round; the coordinator's peak resident memory
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -54,15 +59,18 @@ def reset_peak() -> None:
 
 
 @contextlib.contextmanager
-def raw_echo_servers(count: int):
-    """``count`` raw pyzmq echo servers as subprocesses; yields their addresses."""
+def raw_echo_servers(count: int, store: bool = False):
+    """``count`` raw pyzmq servers as subprocesses, echo servers or (``store``) store-and-fetch
+    servers (this file with ``--raw-store-server``); yields their addresses."""
     procs, addresses = [], []
     try:
         for _ in range(count):
             with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as probe:
                 port = probe.bind_to_random_port("tcp://127.0.0.1")
             address = f"tcp://127.0.0.1:{port}"
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "bench_core.py"), "--raw-echo-server", address]))
+            command = [str(HERE / "bench_big.py"), "--raw-store-server"] if store else [
+                str(HERE / "bench_core.py"), "--raw-echo-server"]
+            procs.append(subprocess.Popen([sys.executable, *command, address]))
             addresses.append(address)
         time.sleep(2.0)
         yield addresses
@@ -78,6 +86,29 @@ async def raw_round_trip(sock: zmq.asyncio.Socket, payload: memoryview) -> None:
     await sock.recv(copy=False)
 
 
+async def raw_store_and_fetch(sock: zmq.asyncio.Socket, payload: memoryview) -> None:
+    """The raw form of send+get: the server keeps the bytes (acknowledging them), then sends them back
+    when asked, as a daemon holds a sent tensor until its get."""
+    await sock.send(payload, copy=False)
+    await sock.recv()
+    await sock.send(b"")
+    await sock.recv(copy=False)
+
+
+async def store_server_loop(sock: zmq.asyncio.Socket) -> None:
+    """``--raw-store-server``: a non-empty message is stored and acknowledged; an empty one fetches
+    the stored bytes, which the server then forgets."""
+    stored = None
+    while True:
+        routing, payload = await sock.recv_multipart(copy=False)
+        if len(payload.buffer):
+            stored = payload
+            await sock.send_multipart([routing, b""])
+        else:
+            fetched, stored = stored, None
+            await sock.send_multipart([routing, fetched if fetched is not None else b""], copy=False)
+
+
 async def bench_transfer(nbytes: int, repeats: int, settle: float) -> dict[str, float]:
     """Median send+get times of fedzmq and raw pyzmq, after one warm-up of each.
 
@@ -89,11 +120,13 @@ async def bench_transfer(nbytes: int, repeats: int, settle: float) -> dict[str, 
     tensor.random_(0, 255)
     [daemon] = start_daemons(["big"])
     try:
-        with raw_echo_servers(1) as [raw_address]:
+        with raw_echo_servers(1) as [raw_address], raw_echo_servers(1, store=True) as [store_address]:
             ctx = zmq.asyncio.Context.instance()
             raw = ctx.socket(zmq.DEALER)
             raw.connect(raw_address)
-            times: dict[str, list[float]] = {"send": [], "get": [], "fedzmq": [], "raw": []}
+            store = ctx.socket(zmq.DEALER)
+            store.connect(store_address)
+            times: dict[str, list[float]] = {"send": [], "get": [], "fedzmq": [], "raw": [], "store": []}
             async with fz.connect(daemon.address) as worker:
 
                 async def fedzmq_once() -> None:
@@ -114,8 +147,13 @@ async def bench_transfer(nbytes: int, repeats: int, settle: float) -> dict[str, 
                     await raw_round_trip(raw, memoryview(tensor.numpy()))
                     times["raw"].append(time.perf_counter() - started)
 
+                async def store_once() -> None:
+                    started = time.perf_counter()
+                    await raw_store_and_fetch(store, memoryview(tensor.numpy()))
+                    times["store"].append(time.perf_counter() - started)
+
                 for rep in range(repeats + 1):  # rep 0 is the warm-up
-                    order = (raw_once, fedzmq_once) if rep % 2 else (fedzmq_once, raw_once)
+                    order = (raw_once, store_once, fedzmq_once) if rep % 2 else (fedzmq_once, store_once, raw_once)
                     for measure in order:
                         await asyncio.sleep(settle)
                         await measure()
@@ -128,9 +166,64 @@ async def bench_transfer(nbytes: int, repeats: int, settle: float) -> dict[str, 
                 times["touch"] = [0.0, (time.perf_counter() - started) * GIB / min(nbytes, GIB)]
                 await ptr.delete()
             raw.close(linger=0)
+            store.close(linger=0)
     finally:
         stop_all([daemon])
     return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+async def one_transfer(mode: str, nbytes: int, settle: float) -> dict[str, float]:
+    """One send+get of ``nbytes`` by ``mode`` (fedzmq, echo or store) from this fresh process to a fresh
+    server: what ``fresh_transfers`` runs in a subprocess (``--one-transfer``)."""
+    tensor = torch.empty(nbytes, dtype=torch.uint8)
+    tensor.random_(0, 255)
+    await asyncio.sleep(settle)
+    if mode == "fedzmq":
+        [daemon] = start_daemons(["big"])
+        try:
+            async with fz.connect(daemon.address) as worker:
+                await asyncio.sleep(settle)
+                started = time.perf_counter()
+                ptr = await worker.send(tensor)
+                sent = time.perf_counter()
+                back = await ptr.get()
+                done = time.perf_counter()
+                assert torch.equal(back, tensor)
+        finally:
+            stop_all([daemon])
+        return {"send": sent - started, "get": done - sent, "total": done - started}
+    with raw_echo_servers(1, store=mode == "store") as [address]:
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.connect(address)
+        await asyncio.sleep(settle)
+        started = time.perf_counter()
+        await (raw_store_and_fetch if mode == "store" else raw_round_trip)(sock, memoryview(tensor.numpy()))
+        done = time.perf_counter()
+        sock.close(linger=0)
+    return {"total": done - started}
+
+
+def fresh_transfers(nbytes: int, repeats: int, settle: float) -> dict[str, float]:
+    """Median send+get times, each measurement in a fresh client process with a fresh server.
+
+    The other method (``bench_transfer``) repeats measurements in one process; on this VM a
+    measurement then runs in memory the one before it freed, which costs a fraction of fresh memory,
+    so its ratios swing with the order and the host's state. Here every measurement starts from the
+    same state: a new process that holds the tensor, a new server, ``settle`` seconds of quiet."""
+    times: dict[str, list[float]] = {"send": [], "get": [], "fedzmq": [], "raw": [], "store": []}
+    names = {"fedzmq": "fedzmq", "echo": "raw", "store": "store"}
+    for rep in range(repeats):
+        for mode in (("fedzmq", "store", "echo") if rep % 2 == 0 else ("echo", "store", "fedzmq")):
+            run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one-transfer", mode, str(nbytes),
+                                  str(settle)], capture_output=True, text=True, timeout=900)
+            if run.returncode != 0:
+                raise RuntimeError(f"--one-transfer {mode} failed: {run.stderr[-2000:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            times[names[mode]].append(result["total"])
+            if mode == "fedzmq":
+                times["send"].append(result["send"])
+                times["get"].append(result["get"])
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 async def bench_round(daemons: int, params: int, rounds: int) -> dict[str, float]:
@@ -193,15 +286,22 @@ async def main() -> int:
                    help="seconds of quiet before each transfer measurement (see bench_transfer)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    print("| transfer | fedzmq send+get | (send / get) | raw pyzmq echo | ratio | target | first touch of fresh memory |")
-    print("|---|---|---|---|---|---|---|")
+    print("| transfer | method | fedzmq send+get | (send / get) | raw pyzmq echo | ratio | raw store+fetch | ratio "
+          "| target | first touch of fresh memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     if not args.skip_transfers:
         for size in args.sizes_gib:
             nbytes = int(size * GIB)
-            t = await bench_transfer(nbytes, args.repeats, args.settle)
             rate = lambda seconds: 2 * nbytes / seconds / 1e6  # noqa: E731  (bytes moved both ways)
-            print(f"| {size:g} GiB | {rate(t['fedzmq']):,.0f} MB/s | ({t['send']:.2f} s / {t['get']:.2f} s) | "
-                  f"{rate(t['raw']):,.0f} MB/s | {t['raw'] / t['fedzmq']:.2f}x | >= 0.70x | {t['touch']:.2f} s/GiB |", flush=True)
+            for method in ("fresh processes", "one process, repeated"):
+                if method == "fresh processes":
+                    t = fresh_transfers(nbytes, args.repeats, args.settle)
+                else:
+                    t = await bench_transfer(nbytes, args.repeats, args.settle)
+                touch = f"{t['touch']:.2f} s/GiB" if "touch" in t else "-"
+                print(f"| {size:g} GiB | {method} | {rate(t['fedzmq']):,.0f} MB/s | ({t['send']:.2f} s / {t['get']:.2f} s) | "
+                      f"{rate(t['raw']):,.0f} MB/s | {t['raw'] / t['fedzmq']:.2f}x | {rate(t['store']):,.0f} MB/s | "
+                      f"{t['store'] / t['fedzmq']:.2f}x | >= 0.70x | {touch} |", flush=True)
     print()
     print("| daemons | params | FedAvg round | raw transfer | ratio | coordinator peak above baseline | target |")
     print("|---|---|---|---|---|---|---|")
@@ -213,4 +313,12 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--raw-store-server":
+        from benchkit import run_raw_server
+
+        sys.exit(run_raw_server(sys.argv[2], store_server_loop))
+    if len(sys.argv) == 5 and sys.argv[1] == "--one-transfer":
+        result = asyncio.run(one_transfer(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        print(json.dumps(result))
+        sys.exit(0)
     sys.exit(asyncio.run(main()))
