@@ -8,9 +8,10 @@ Part 1, transfers: ``ptr = await w.send(t); back = await ptr.get()`` of a tensor
 against two raw pyzmq baselines, one frame each way with ``copy=False``: an echo server
 (``scripts/bench_core.py --raw-echo-server``) and a store-and-fetch server (``--raw-store-server``),
 which holds the bytes until asked for them, as a daemon holds a sent tensor. MB/s counts bytes moved
-both ways. Two methods: every measurement in a fresh client process with a fresh server (the same
-starting state for each), and repeated measurements in one process (each inherits the memory the one
-before freed); see docs/benchmarks_big.md for why both.
+both ways. Three methods: every measurement in a fresh client process with a fresh server (the same
+starting state for each); repeated measurements in one process with the sides alternating (each
+inherits the memory the other side freed); and in one process with each side's measurements in a row
+(its steady state). See docs/benchmarks_big.md for why all three.
 
 Part 2, a FedAvg round over N daemons with a model of P float32 parameters (one ``nn.Linear``, trivial
 local work: one step on 4 samples), after a warm-up round; the coordinator's peak resident memory
@@ -70,9 +71,11 @@ def raw_echo_servers(count: int, store: bool = False):
             address = f"tcp://127.0.0.1:{port}"
             command = [str(HERE / "bench_big.py"), "--raw-store-server"] if store else [
                 str(HERE / "bench_core.py"), "--raw-echo-server"]
-            procs.append(subprocess.Popen([sys.executable, *command, address]))
+            procs.append(subprocess.Popen([sys.executable, *command, address], stdout=subprocess.PIPE, text=True))
             addresses.append(address)
-        time.sleep(2.0)
+        for proc in procs:  # each prints a line once its socket is bound (benchkit.run_raw_server)
+            if "ready" not in (proc.stdout.readline() if proc.stdout else ""):
+                raise RuntimeError(f"a raw server exited before it was ready ({proc.args})")
         yield addresses
     finally:
         for p in procs:
@@ -81,18 +84,24 @@ def raw_echo_servers(count: int, store: bool = False):
             p.wait(10)
 
 
-async def raw_round_trip(sock: zmq.asyncio.Socket, payload: memoryview) -> None:
+async def raw_round_trip(sock: zmq.asyncio.Socket, payload: memoryview) -> zmq.Frame:
     await sock.send(payload, copy=False)
-    await sock.recv(copy=False)
+    return await sock.recv(copy=False)
 
 
-async def raw_store_and_fetch(sock: zmq.asyncio.Socket, payload: memoryview) -> None:
+async def raw_store_and_fetch(sock: zmq.asyncio.Socket, payload: memoryview) -> zmq.Frame:
     """The raw form of send+get: the server keeps the bytes (acknowledging them), then sends them back
     when asked, as a daemon holds a sent tensor until its get."""
     await sock.send(payload, copy=False)
     await sock.recv()
     await sock.send(b"")
-    await sock.recv(copy=False)
+    return await sock.recv(copy=False)
+
+
+def check_reply(reply: zmq.Frame, nbytes: int) -> None:
+    """A raw baseline's reply carries every byte (checked outside the timed region)."""
+    if len(reply.buffer) != nbytes:
+        raise RuntimeError(f"a raw server answered {len(reply.buffer)} bytes instead of {nbytes}")
 
 
 async def store_server_loop(sock: zmq.asyncio.Socket) -> None:
@@ -109,13 +118,14 @@ async def store_server_loop(sock: zmq.asyncio.Socket) -> None:
             await sock.send_multipart([routing, fetched if fetched is not None else b""], copy=False)
 
 
-async def bench_transfer(nbytes: int, repeats: int, settle: float) -> dict[str, float]:
-    """Median send+get times of fedzmq and raw pyzmq, after one warm-up of each.
+async def bench_transfer(nbytes: int, repeats: int, settle: float, alternate: bool = True) -> dict[str, float]:
+    """Median send+get times of fedzmq and raw pyzmq in this process, after one warm-up of each.
 
     Fairness on a VM that returns freed memory to its host (free page reporting, as here): touching
     memory that was handed back costs several times a normal page fault, and memory freed moments ago
-    has not been handed back yet. So each measurement starts after ``settle`` seconds of quiet (both
-    sides then start from the same state), and the order alternates (raw first, then fedzmq first)."""
+    has not been handed back yet. So each measurement starts after ``settle`` seconds of quiet.
+    ``alternate``: the sides take turns, in an order that alternates (fedzmq first, then raw first);
+    else each side runs all its measurements in a row (the steady state of one kind of work)."""
     tensor = torch.empty(nbytes, dtype=torch.uint8)
     tensor.random_(0, 255)
     [daemon] = start_daemons(["big"])
@@ -144,19 +154,25 @@ async def bench_transfer(nbytes: int, repeats: int, settle: float) -> dict[str, 
 
                 async def raw_once() -> None:
                     started = time.perf_counter()
-                    await raw_round_trip(raw, memoryview(tensor.numpy()))
+                    reply = await raw_round_trip(raw, memoryview(tensor.numpy()))
                     times["raw"].append(time.perf_counter() - started)
+                    check_reply(reply, nbytes)
 
                 async def store_once() -> None:
                     started = time.perf_counter()
-                    await raw_store_and_fetch(store, memoryview(tensor.numpy()))
+                    reply = await raw_store_and_fetch(store, memoryview(tensor.numpy()))
                     times["store"].append(time.perf_counter() - started)
+                    check_reply(reply, nbytes)
 
-                for rep in range(repeats + 1):  # rep 0 is the warm-up
-                    order = (raw_once, store_once, fedzmq_once) if rep % 2 else (fedzmq_once, store_once, raw_once)
-                    for measure in order:
-                        await asyncio.sleep(settle)
-                        await measure()
+                if alternate:
+                    sequence = [m for rep in range(repeats + 1)  # rep 0 is the warm-up
+                                for m in ((raw_once, store_once, fedzmq_once) if rep % 2 else
+                                          (fedzmq_once, store_once, raw_once))]
+                else:
+                    sequence = [m for m in (fedzmq_once, store_once, raw_once) for _ in range(repeats + 1)]
+                for measure in sequence:
+                    await asyncio.sleep(settle)
+                    await measure()
                 # what a receiver pays for fresh memory with the object held by the daemon and the
                 # client (as during a get): both receivers' time is mostly first-touch page faults
                 ptr = await worker.send(tensor)
@@ -197,8 +213,9 @@ async def one_transfer(mode: str, nbytes: int, settle: float) -> dict[str, float
         sock.connect(address)
         await asyncio.sleep(settle)
         started = time.perf_counter()
-        await (raw_store_and_fetch if mode == "store" else raw_round_trip)(sock, memoryview(tensor.numpy()))
+        reply = await (raw_store_and_fetch if mode == "store" else raw_round_trip)(sock, memoryview(tensor.numpy()))
         done = time.perf_counter()
+        check_reply(reply, nbytes)
         sock.close(linger=0)
     return {"total": done - started}
 
@@ -212,8 +229,9 @@ def fresh_transfers(nbytes: int, repeats: int, settle: float) -> dict[str, float
     same state: a new process that holds the tensor, a new server, ``settle`` seconds of quiet."""
     times: dict[str, list[float]] = {"send": [], "get": [], "fedzmq": [], "raw": [], "store": []}
     names = {"fedzmq": "fedzmq", "echo": "raw", "store": "store"}
+    modes = ["fedzmq", "store", "echo"]
     for rep in range(repeats):
-        for mode in (("fedzmq", "store", "echo") if rep % 2 == 0 else ("echo", "store", "fedzmq")):
+        for mode in modes[rep % 3:] + modes[:rep % 3]:  # rotated: each side in each position in turn
             run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one-transfer", mode, str(nbytes),
                                   str(settle)], capture_output=True, text=True, timeout=900)
             if run.returncode != 0:
@@ -293,11 +311,11 @@ async def main() -> int:
         for size in args.sizes_gib:
             nbytes = int(size * GIB)
             rate = lambda seconds: 2 * nbytes / seconds / 1e6  # noqa: E731  (bytes moved both ways)
-            for method in ("fresh processes", "one process, repeated"):
+            for method in ("fresh processes", "one process, alternating", "one process, each side in a row"):
                 if method == "fresh processes":
                     t = fresh_transfers(nbytes, args.repeats, args.settle)
                 else:
-                    t = await bench_transfer(nbytes, args.repeats, args.settle)
+                    t = await bench_transfer(nbytes, args.repeats, args.settle, alternate=method.endswith("alternating"))
                 touch = f"{t['touch']:.2f} s/GiB" if "touch" in t else "-"
                 print(f"| {size:g} GiB | {method} | {rate(t['fedzmq']):,.0f} MB/s | ({t['send']:.2f} s / {t['get']:.2f} s) | "
                       f"{rate(t['raw']):,.0f} MB/s | {t['raw'] / t['fedzmq']:.2f}x | {rate(t['store']):,.0f} MB/s | "
