@@ -118,6 +118,19 @@ async def store_server_loop(sock: zmq.asyncio.Socket) -> None:
             await sock.send_multipart([routing, fetched if fetched is not None else b""], copy=False)
 
 
+async def timed_send_get(worker: fz.RemoteWorker, tensor: torch.Tensor) -> dict[str, float]:
+    """One fedzmq send+get, timed (send, get, total); the copy is checked and deleted untimed."""
+    started = time.perf_counter()
+    ptr = await worker.send(tensor)
+    sent = time.perf_counter()
+    back = await ptr.get()
+    done = time.perf_counter()
+    assert torch.equal(back, tensor)
+    del back
+    await ptr.delete()
+    return {"send": sent - started, "get": done - sent, "total": done - started}
+
+
 async def bench_transfer(nbytes: int, repeats: int, settle: float, alternate: bool = True) -> dict[str, float]:
     """Median send+get times of fedzmq and raw pyzmq in this process, after one warm-up of each.
 
@@ -140,17 +153,10 @@ async def bench_transfer(nbytes: int, repeats: int, settle: float, alternate: bo
             async with fz.connect(daemon.address) as worker:
 
                 async def fedzmq_once() -> None:
-                    started = time.perf_counter()
-                    ptr = await worker.send(tensor)
-                    sent = time.perf_counter()
-                    back = await ptr.get()
-                    done = time.perf_counter()
-                    assert torch.equal(back, tensor)
-                    del back
-                    await ptr.delete()
-                    times["send"].append(sent - started)
-                    times["get"].append(done - sent)
-                    times["fedzmq"].append(done - started)
+                    timed = await timed_send_get(worker, tensor)
+                    times["send"].append(timed["send"])
+                    times["get"].append(timed["get"])
+                    times["fedzmq"].append(timed["total"])
 
                 async def raw_once() -> None:
                     started = time.perf_counter()
@@ -199,15 +205,9 @@ async def one_transfer(mode: str, nbytes: int, settle: float) -> dict[str, float
         try:
             async with fz.connect(daemon.address) as worker:
                 await asyncio.sleep(settle)
-                started = time.perf_counter()
-                ptr = await worker.send(tensor)
-                sent = time.perf_counter()
-                back = await ptr.get()
-                done = time.perf_counter()
-                assert torch.equal(back, tensor)
+                return await timed_send_get(worker, tensor)
         finally:
             stop_all([daemon])
-        return {"send": sent - started, "get": done - sent, "total": done - started}
     with raw_echo_servers(1, store=mode == "store") as [address]:
         sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         sock.connect(address)
