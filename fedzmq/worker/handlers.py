@@ -14,7 +14,7 @@ from torch import nn
 
 from ..codec import DTYPE_NAMES, DTYPES, Limits, Ref, StreamInfo, dtype_itemsize
 from ..commands import COMMANDS, INLINE_NUMEL
-from ..errors import BadRequest, LimitExceeded, ObjectNotFound, PermissionDenied, UnknownCommand
+from ..errors import BadRequest, ObjectNotFound, PermissionDenied, UnknownCommand
 from ..modeldesc import ModelRegistry, check_state, instantiate
 from ..ops import OPS
 from ..optimizers import OPTIMIZERS
@@ -107,9 +107,7 @@ def check_output_size(session: Session, name: str, fn: Any, args: list[Any], kwa
         return  # the real call will raise the real error
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     nbytes = sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor))
-    if session.nbytes_held + nbytes > session.max_bytes:
-        raise LimitExceeded.new(f"{name} would make {nbytes} bytes, beyond this session's quota of "
-                                f"{session.max_bytes} bytes (--max-session-bytes); {session.nbytes_held} held")
+    session.check_room(nbytes, f"{name}'s output")
 
 
 class LiveReply(dict):
@@ -231,9 +229,7 @@ class Handlers:
         if args.get("grad") and not DTYPES[dtype].is_floating_point:
             raise BadRequest.new("only floating point tensors can require gradients")
         nbytes = numel * dtype_itemsize(dtype)
-        if session.nbytes_held + nbytes > session.max_bytes:  # refuse before allocating anything
-            raise LimitExceeded.new(f"a stream of {nbytes} bytes would exceed this session's quota of "
-                                    f"{session.max_bytes} bytes (--max-session-bytes); {session.nbytes_held} held")
+        session.check_room(nbytes, "a stream")  # refuse before allocating anything
         tensor = torch.empty(shape, dtype=DTYPES[dtype])
         session.put(args["out"], PartialTensor(tensor, requires_grad=bool(args.get("grad"))))
         return None

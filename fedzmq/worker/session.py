@@ -143,9 +143,7 @@ class Session:
             raise LimitExceeded.new(f"this session holds {len(self.objects)} objects, the worker's limit "
                                     f"(--max-objects {self.max_objects}); delete some first")
         size = object_nbytes(value)
-        if self.nbytes_held + self.nbytes_queued + size > self.max_bytes:
-            raise LimitExceeded.new(f"storing {size} more bytes would exceed this session's quota of "
-                                    f"{self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
+        self.check_room(size, f"storing object {obj_id}")
         self.failures.pop(obj_id, None)
         self.objects[obj_id] = value
         self.sizes[obj_id] = size
@@ -165,7 +163,8 @@ class Session:
         self.sizes[obj_id] = size
 
     def check_room(self, nbytes: int, what: str) -> None:
-        """Refuse, before allocating, ``what`` needing ``nbytes`` more than this session's quota allows."""
+        """Refuse ``what``, needing ``nbytes`` more, if it would pass this session's quota together with
+        what it holds and what its waiting requests carry (the one quota check of every path)."""
         if self.nbytes_held + self.nbytes_queued + nbytes > self.max_bytes:
             raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
                                     f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
