@@ -116,6 +116,10 @@ async def store_server_loop(sock: zmq.asyncio.Socket) -> None:
         else:
             fetched, stored = stored, None
             await sock.send_multipart([routing, fetched if fetched is not None else b""], copy=False)
+        # Hold nothing between requests but the stored bytes, as a daemon frees a deleted object at
+        # once: a payload kept until the next request would tax whatever is measured in between.
+        del routing, payload
+        fetched = None
 
 
 async def timed_send_get(worker: fz.RemoteWorker, tensor: torch.Tensor) -> dict[str, float]:

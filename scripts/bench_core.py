@@ -60,6 +60,10 @@ def raw_echo_server(bind: str) -> int:
         while True:
             frames = await sock.recv_multipart(copy=False)
             await sock.send_multipart(frames, copy=False)  # routing id + payload, zero-copy
+            # Release the payload now, not when the next message replaces it: a server that kept a
+            # big payload between measurements would tax whatever the benchmark measures next
+            # (bench_big.py), while a fedzmq daemon frees a deleted object at once.
+            del frames
 
     return run_raw_server(bind, echo)
 

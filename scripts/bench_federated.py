@@ -93,6 +93,7 @@ def raw_echo_server(bind: str) -> int:
                 await sock.send_multipart([rid, b"ok"])
             else:
                 await sock.send_multipart(frames, copy=False)
+            del frames, rid  # hold only what ``kept`` holds between requests
 
     return run_raw_server(bind, serve_loop)
 
