@@ -218,6 +218,25 @@ async def test_byte_quota_covers_sent_tensors_and_op_outputs():
         assert torch.equal(await (column + 1).get(), torch.ones(100, 1))
 
 
+async def test_a_view_is_charged_once_with_its_tensor_and_keeps_the_charge_alive():
+    """The byte quota is charged by storage: a view (or a slice) costs nothing beside the tensor it views,
+    and it keeps that storage, and its charge, until the last object in it is deleted."""
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=100_000)) as bob:
+        flat = await bob.send(torch.arange(15_000, dtype=torch.float32))  # 60 kB of the 100 kB
+        rows = flat.view(150, 100)
+        first = rows[0]
+        assert torch.equal(await first.get(), torch.arange(100, dtype=torch.float32))
+        assert (await bob.status())["bytes"] == 60_000  # three objects, one storage
+        await flat.delete()
+        await rows.delete()
+        assert (await bob.status())["bytes"] == 60_000  # ``first`` still holds the storage
+        with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):
+            await bob.send(torch.zeros(12_000))  # 48 kB more would pass the quota
+        await first.delete()
+        assert (await bob.status())["bytes"] == 0
+        await bob.send(torch.zeros(12_000))
+
+
 async def test_optimizer_state_counts_against_the_byte_quota():
     """An optimizer's first step needs room for its state (up to 3 copies of the parameters); after it,
     the state's true size is held against the quota, and deleting the model frees its optimizers too."""

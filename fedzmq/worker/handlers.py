@@ -93,21 +93,29 @@ def check_operands(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
 
 def check_output_size(session: Session, name: str, fn: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
     """Run the op on the meta device first (shapes only, no data) and refuse an output over the quota
-    before allocating it: an outer product of two modest vectors can be gigabytes."""
+    before allocating it: an outer product of two modest vectors can be gigabytes. An output that views
+    an operand (or is it, after an in-place op) needs no room: the session is charged by storage."""
+    operands: list[torch.Tensor] = []
+
     def meta(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return value.detach().to("meta").requires_grad_(value.requires_grad)
+            operands.append(value.detach().to("meta").requires_grad_(value.requires_grad))
+            return operands[-1]
         if isinstance(value, (list, tuple)):
             return type(value)(meta(v) for v in value)
         return value
+
+    def new_bytes(output: torch.Tensor) -> int:
+        if any(output is m or output._base is m for m in operands):
+            return 0
+        return output.numel() * output.element_size()
 
     try:
         outputs = fn(*meta(args), **{k: meta(v) for k, v in kwargs.items()})
     except Exception:
         return  # the real call will raise the real error
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    nbytes = sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor))
-    session.check_room(nbytes, f"{name}'s output")
+    session.check_room(sum(new_bytes(o) for o in outputs if isinstance(o, torch.Tensor)), f"{name}'s output")
 
 
 class LiveReply(dict):

@@ -36,7 +36,7 @@ from ..modeldesc import ModelRegistry
 from .config import WorkerConfig
 from .datasets import Dataset
 from .handlers import Handlers, LiveReply, referenced_numel
-from .session import DependencyError, Session, object_nbytes
+from .session import DependencyError, Session
 
 log = logging.getLogger("fedzmq.worker")
 
@@ -169,13 +169,13 @@ class Worker:
                            "max_frames": limits.max_frames, "chunk_bytes": limits.chunk_bytes}}
 
     def status(self) -> dict[str, Any]:
-        objects = [o for s in list(self._sessions.values()) for o in list(s.objects.values())]
+        sessions = list(self._sessions.values())
         return {
             **self.ping_info(),
             "uptime": time.monotonic() - self._started,
-            "sessions": len(self._sessions),
-            "objects": len(objects),
-            "bytes": sum(object_nbytes(o) for o in objects),
+            "sessions": len(sessions),
+            "objects": sum(len(s.objects) for s in sessions),
+            "bytes": sum(s.nbytes_held for s in sessions),  # what the sessions' quotas are charged
             "rss_bytes": _rss_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
             "encrypted": self.key_gate is not None,

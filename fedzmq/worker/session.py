@@ -68,7 +68,13 @@ class Session:
     #: ids of objects computed from private data, and those among them the policy lets ``get`` release
     private: set[int] = field(default_factory=set)
     releasable: set[int] = field(default_factory=set)
+    #: bytes charged to each object that is not a tensor (modules, optimizers)
     sizes: dict[int, int] = field(default_factory=dict)
+    #: tensors are charged by storage, once however many of the session's objects share it (a view
+    #: costs nothing more than what it views, and keeps it alive): each tensor object's storage, and
+    #: each storage's [objects in it, bytes]
+    tensor_storages: dict[int, int] = field(default_factory=dict)
+    storage_users: dict[int, list[int]] = field(default_factory=dict)
     nbytes_held: int = 0
     #: bytes of requests waiting in the queue: charged to the quota until they run
     nbytes_queued: int = 0
@@ -142,11 +148,20 @@ class Session:
         if len(self.objects) >= self.max_objects:
             raise LimitExceeded.new(f"this session holds {len(self.objects)} objects, the worker's limit "
                                     f"(--max-objects {self.max_objects}); delete some first")
-        size = object_nbytes(value)
+        storage = _storage_of(value)
+        if storage is None:
+            size = object_nbytes(value)
+        else:
+            key = storage.data_ptr()
+            size = 0 if key in self.storage_users else storage.nbytes()
         self.check_room(size, f"storing object {obj_id}")
         self.failures.pop(obj_id, None)
         self.objects[obj_id] = value
-        self.sizes[obj_id] = size
+        if storage is None:
+            self.sizes[obj_id] = size
+        else:
+            self.storage_users.setdefault(key, [0, size])[0] += 1
+            self.tensor_storages[obj_id] = key
         self.nbytes_held += size
         if private:
             self.private.add(obj_id)
@@ -194,6 +209,13 @@ class Session:
             if self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None:
                 deleted += 1
             self.nbytes_held -= self.sizes.pop(obj_id, 0)
+            key = self.tensor_storages.pop(obj_id, None)
+            if key is not None:
+                users = self.storage_users[key]
+                users[0] -= 1
+                if users[0] == 0:  # the last object in this storage: it is freed
+                    del self.storage_users[key]
+                    self.nbytes_held -= users[1]
             self.private.discard(obj_id)
             self.releasable.discard(obj_id)
         return deleted
@@ -203,6 +225,8 @@ class Session:
         self.failures.clear()
         self.secure_rounds.clear()
         self.sizes.clear()
+        self.tensor_storages.clear()
+        self.storage_users.clear()
         self.private.clear()
         self.releasable.clear()
         self.nbytes_held = 0
@@ -217,10 +241,7 @@ class Session:
 
 
 def object_nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.untyped_storage().nbytes()
-    if isinstance(value, PartialTensor):
-        return value.tensor.untyped_storage().nbytes()
+    """What an object other than a tensor is charged (tensors are charged by storage: ``Session.put``)."""
     if isinstance(value, nn.Module):  # parameters and buffers, and room for the gradients to come
         return sum(t.untyped_storage().nbytes() for t in value.state_dict().values()) + sum(
             p.numel() * p.element_size() for p in value.parameters())
@@ -230,6 +251,12 @@ def object_nbytes(value: Any) -> int:
         return sum(t.untyped_storage().nbytes() for state in list(value.optimizer.state.values())
                    for t in list(state.values()) if isinstance(t, torch.Tensor))
     return 0
+
+
+def _storage_of(value: Any) -> torch.UntypedStorage | None:
+    """The storage a tensor (or a tensor being streamed in) lives in; None for other objects."""
+    tensor = value.tensor if isinstance(value, PartialTensor) else value
+    return tensor.untyped_storage() if isinstance(tensor, torch.Tensor) else None
 
 
 def _kind(value: Any) -> str:
