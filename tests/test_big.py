@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import json
+import random
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from fedzmq.client.connection import ConnectionSettings
 from fedzmq.client.transfers import LANDING_THREADS, STREAM_PIECE_BYTES, STREAM_WINDOW
 from fedzmq.examples import digits
 from fedzmq.launcher import DaemonProcess
+from fedzmq.worker.handlers import byte_range
 
 GIB = 1 << 30
 
@@ -121,6 +123,36 @@ async def test_model_bigger_than_a_chunk_streams_both_ways(fedzmq_virtual_worker
         assert await bob.send(model) is remote  # updated in place by streamed writes
         got = await remote.get()
         fz.testing.assert_state_dicts_close(got, {k: v + 1 for k, v in copy.state_dict().items()}, atol=1e-6)
+
+
+async def test_a_view_bigger_than_a_chunk_streams_out_bit_exact():
+    """A transposed, strided view streams out piece by piece in row-major order; pieces do not line up
+    with rows or elements (the worker copies each piece's range, not the whole view per piece)."""
+    limits = fz.Limits(chunk_bytes=1 << 16)
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(limits=limits),
+                                settings=ConnectionSettings(limits=limits)) as bob:
+        tensor = torch.randn(301, 207, dtype=torch.float64)  # 498 kB: eight 64 kB pieces
+        remote = await bob.send(tensor)
+        assert torch.equal(await remote.t().get(), tensor.t())
+        assert torch.equal(await remote[:, ::3].transpose(0, 1).get(), tensor[:, ::3].transpose(0, 1))
+
+
+def test_byte_range_matches_the_contiguous_bytes_of_any_view():
+    """The worker's ``read`` of a byte range (``byte_range``) against the bytes of ``contiguous()``, for
+    views of random shapes, strides and dtypes and random ranges."""
+    rng = random.Random(0)
+    for _ in range(400):
+        dims = [rng.randint(0 if rng.random() < 0.05 else 1, 6) for _ in range(rng.randint(1, 4))]
+        tensor = (torch.randn(dims) * 100).to(rng.choice([torch.float32, torch.uint8, torch.float64, torch.int16]))
+        if tensor.dim() > 1 and rng.random() < 0.7:
+            tensor = tensor.transpose(0, -1)
+        if tensor.shape[-1] > 1 and rng.random() < 0.3:
+            tensor = tensor[..., ::2]
+        expected = bytes(tensor.numpy().tobytes())  # C order, like contiguous()
+        for _ in range(8):
+            offset = rng.randint(0, len(expected))
+            length = rng.randint(0, len(expected) - offset)
+            assert bytes(byte_range(tensor, offset, length).numpy()) == expected[offset:offset + length]
 
 
 async def test_streams_move_pieces_of_at_most_stream_piece_bytes():

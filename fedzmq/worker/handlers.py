@@ -20,7 +20,7 @@ from ..ops import OPS
 from ..optimizers import OPTIMIZERS
 from . import training
 from .datasets import Dataset
-from .session import PartialTensor, RemoteOptimizer, Session
+from .session import PartialTensor, RemoteOptimizer, Session, storage_key
 
 def resolve(session: Session, value: Any) -> Any:
     """Replace every ``Ref`` in an argument structure by the session's tensor."""
@@ -106,7 +106,7 @@ def check_output_size(session: Session, name: str, fn: Any, args: list[Any], kwa
         return value
 
     def new_bytes(output: torch.Tensor) -> int:
-        if any(output is m or output._base is m for m in operands):
+        if storage_key(output.untyped_storage()) in {storage_key(m.untyped_storage()) for m in operands}:
             return 0
         return output.numel() * output.element_size()
 
@@ -116,6 +116,36 @@ def check_output_size(session: Session, name: str, fn: Any, args: list[Any], kwa
         return  # the real call will raise the real error
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     session.check_room(sum(new_bytes(o) for o in outputs if isinstance(o, torch.Tensor)), f"{name}'s output")
+
+
+def byte_range(tensor: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+    """Bytes ``offset`` to ``offset + length`` of the tensor laid out contiguously (a stream's piece),
+    copying about that many bytes: a whole ``contiguous()`` copy per piece would make streaming a
+    transposed view quadratic, and each copy would be memory the session is not charged for."""
+    itemsize = tensor.element_size()
+    first = offset // itemsize
+    elements = _element_range(tensor, first, -(-(offset + length) // itemsize))
+    if elements.numel() <= 1:  # contiguous whatever its stride, but view() needs a stride of 1
+        elements = elements.as_strided((elements.numel(),), (1,))
+    return elements.view(torch.uint8)[offset - first * itemsize: offset - first * itemsize + length]
+
+
+def _element_range(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Elements ``start`` to ``stop`` of ``tensor`` in row-major order, as a contiguous 1-D tensor. A
+    range within one or two rows of the first dimension descends into those rows; a range over more
+    rows copies them, which is at most three times the range (every row inside it is whole)."""
+    if tensor.is_contiguous():
+        return tensor.reshape(-1)[start:stop]
+    if stop <= start:
+        return tensor.new_empty(0)
+    if tensor.dim() == 1:
+        return tensor[start:stop].contiguous()
+    row = tensor[0].numel()
+    first, last = start // row, -(-stop // row)
+    if last - first > 2:
+        return tensor[first:last].contiguous().view(-1)[start - first * row: stop - first * row]
+    return torch.cat([_element_range(tensor[r], max(start - r * row, 0), min(stop - r * row, row))
+                      for r in range(first, last)])
 
 
 class LiveReply(dict):
@@ -261,11 +291,10 @@ class Handlers:
     def cmd_read(self, session: Session, args: dict[str, Any]) -> Any:
         tensor = session.tensor(args["obj"]).detach()
         session.check_release(args["obj"])
-        flat = tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
         offset, length = args["offset"], args["length"]
-        if offset + length > flat.numel() or length > self.limits.chunk_bytes:
+        if offset + length > tensor.numel() * tensor.element_size() or length > self.limits.chunk_bytes:
             raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
-        return flat[offset: offset + length]
+        return byte_range(tensor, offset, length)
 
     def cmd_op(self, session: Session, args: dict[str, Any]) -> Any:
         name = args["op"]

@@ -152,7 +152,7 @@ class Session:
         if storage is None:
             size = object_nbytes(value)
         else:
-            key = storage.data_ptr()
+            key = storage_key(storage)
             size = 0 if key in self.storage_users else storage.nbytes()
         self.check_room(size, f"storing object {obj_id}")
         self.failures.pop(obj_id, None)
@@ -253,6 +253,12 @@ def object_nbytes(value: Any) -> int:
     return 0
 
 
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """The identity of a storage, shared by every view of it and by ``detach``; unique while it lives.
+    Not ``data_ptr()``: two storages can start at the same address (a numpy array and its column)."""
+    return storage._cdata
+
+
 def _storage_of(value: Any) -> torch.UntypedStorage | None:
     """The storage a tensor (or a tensor being streamed in) lives in; None for other objects."""
     tensor = value.tensor if isinstance(value, PartialTensor) else value
@@ -269,4 +275,4 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-__all__ = ["DependencyError", "FailedObject", "PartialTensor", "RemoteOptimizer", "Session", "object_nbytes"]
+__all__ = ["DependencyError", "FailedObject", "PartialTensor", "RemoteOptimizer", "Session", "object_nbytes", "storage_key"]
