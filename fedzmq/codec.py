@@ -389,11 +389,19 @@ class _Decoder:
         return tensor.requires_grad_(True) if requires_grad else tensor
 
 
+#: frames up to this size are copied out: libzmq may receive them into a shared 8 KiB buffer
+#: (ZMQ_IN_BATCH_SIZE), which a tensor over the frame would keep alive whole, 20 times the bytes of a
+#: 400-byte tensor, uncharged to any quota
+SMALL_FRAME_BYTES = 8192
+
+
 def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """A tensor over ``buffer`` without copying it (a fresh empty tensor when there are no bytes)."""
+    """A tensor over ``buffer`` without copying it, unless it is small (``SMALL_FRAME_BYTES``); a fresh
+    empty tensor when there are no bytes."""
     if len(buffer) == 0:
         return torch.empty(tuple(shape), dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).view(tuple(shape))
+    tensor = torch.frombuffer(buffer, dtype=dtype).view(tuple(shape))
+    return tensor.clone() if len(buffer) <= SMALL_FRAME_BYTES else tensor
 
 
 def _is_shape(shape: Any) -> bool:

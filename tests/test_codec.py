@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedzmq.codec import (
-    DTYPES, Limits, NodeRef, Ref, StreamInfo, decode_reply, decode_request, encode_error, encode_reply,
+    DTYPES, SMALL_FRAME_BYTES, Limits, NodeRef, Ref, StreamInfo, decode_reply, decode_request, encode_error, encode_reply,
     encode_request,
 )
 from fedzmq.errors import ProtocolError
@@ -39,11 +39,22 @@ def test_tensor_bytes_travel_as_their_own_frame_not_in_the_header():
 
 
 def test_decoded_tensor_shares_memory_with_the_received_frame():
-    buffer = bytearray(torch.arange(16, dtype=torch.float32).numpy().tobytes())
-    frames = [encode_request(1, "store", {"out": 1, "value": torch.zeros(16)})[0], buffer]
+    buffer = bytearray(torch.arange(4096, dtype=torch.float32).numpy().tobytes())  # 16 kB
+    frames = [encode_request(1, "store", {"out": 1, "value": torch.zeros(4096)})[0], buffer]
     tensor = decode_request(frames, LIMITS).args["value"]
     buffer[0:4] = torch.tensor([42.0]).numpy().tobytes()
     assert tensor[0].item() == 42.0  # no copy was made
+
+
+def test_a_small_decoded_tensor_is_copied_out_of_its_frame():
+    """libzmq may receive small frames into one shared 8 KiB buffer, which a tensor over the frame
+    would keep alive whole: small tensors get their own memory."""
+    size = SMALL_FRAME_BYTES // 4
+    buffer = bytearray(torch.arange(size, dtype=torch.float32).numpy().tobytes())
+    frames = [encode_request(1, "store", {"out": 1, "value": torch.zeros(size)})[0], buffer]
+    tensor = decode_request(frames, LIMITS).args["value"]
+    buffer[0:4] = torch.tensor([42.0]).numpy().tobytes()
+    assert tensor[0].item() == 0.0 and torch.equal(tensor, torch.arange(size, dtype=torch.float32))
 
 
 def test_values_keep_their_python_shape():
