@@ -237,6 +237,25 @@ async def test_a_view_is_charged_once_with_its_tensor_and_keeps_the_charge_alive
         await bob.send(torch.zeros(12_000))
 
 
+async def test_what_autograd_keeps_for_the_backward_pass_counts_against_the_byte_quota():
+    """A graph keeps the tensors its backward pass needs after their objects are deleted: they stay
+    charged until the graph is freed. (Otherwise a loop of send, op, delete would hold memory without
+    limit.)"""
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=4_000_000)) as bob:
+        x = await bob.send(torch.randn(250_000, requires_grad=True))  # 1 MB, and 1 MB of room for its gradient
+        y = x.abs()  # abs saves x for the backward pass
+        total = y.sum()
+        await total
+        await y.delete()
+        await x.delete()
+        assert (await bob.status())["bytes"] == 1_000_000 + 4  # x's storage, held by the graph, and the sum
+        with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):
+            await bob.send(torch.zeros(800_000))  # 3.2 MB beside the 1 MB the graph holds
+        await total.backward()  # frees the graph
+        assert (await bob.status())["bytes"] == 4
+        await bob.send(torch.zeros(800_000))
+
+
 async def test_optimizer_state_counts_against_the_byte_quota():
     """An optimizer's first step needs room for its state (up to 3 copies of the parameters); after it,
     the state's true size is held against the quota, and deleting the model frees its optimizers too."""

@@ -308,7 +308,8 @@ class Handlers:
         check_operands(name, operands, options)
         if referenced_numel(session, args) > INLINE_NUMEL:
             check_output_size(session, name, fn, operands, options)
-        result = fn(*operands, **options)
+        with session.charging_saved_tensors():
+            result = fn(*operands, **options)
         private = any(i in session.private for i in refs_in(args))
         releasable = private and self.private_release == "aggregates" and name in AGGREGATES
         return _store_outputs(session, args["out"], result, name, private, releasable)
@@ -384,7 +385,8 @@ class Handlers:
 
     def cmd_module_call(self, session: Session, args: dict[str, Any]) -> Any:
         module = session.module(args["obj"])
-        result = module(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
+        with session.charging_saved_tensors():
+            result = module(*resolve(session, args["args"]), **resolve(session, args["kwargs"]))
         result = _unshared(result, module)
         private = args["obj"] in session.private or any(i in session.private for i in refs_in(args))
         return _store_outputs(session, args["out"], result, "forward", private)

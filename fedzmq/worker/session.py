@@ -7,8 +7,11 @@ so another session can neither read, use nor delete them. Ending a session frees
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +71,14 @@ class Session:
     #: ids of objects computed from private data, and those among them the policy lets ``get`` release
     private: set[int] = field(default_factory=set)
     releasable: set[int] = field(default_factory=set)
-    #: bytes charged to each object that is not a tensor (modules, optimizers)
-    sizes: dict[int, int] = field(default_factory=dict)
-    #: tensors are charged by storage, once however many of the session's objects share it (a view
-    #: costs nothing more than what it views, and keeps it alive): each tensor object's storage, and
-    #: each storage's [objects in it, bytes]
-    tensor_storages: dict[int, int] = field(default_factory=dict)
+    #: Memory is charged by storage, once however many holders share it: a view costs nothing more
+    #: than what it views, and keeps it alive. Holders are objects (a tensor, a module's parameters)
+    #: and tensors autograd saved for a backward pass. Each object's storages, and each storage's
+    #: [holders, bytes]:
+    object_storages: dict[int, list[int]] = field(default_factory=dict)
     storage_users: dict[int, list[int]] = field(default_factory=dict)
+    #: bytes charged to an object besides its storages: room for gradients, an optimizer's state
+    sizes: dict[int, int] = field(default_factory=dict)
     nbytes_held: int = 0
     #: bytes of requests waiting in the queue: charged to the quota until they run
     nbytes_queued: int = 0
@@ -148,25 +152,52 @@ class Session:
         if len(self.objects) >= self.max_objects:
             raise LimitExceeded.new(f"this session holds {len(self.objects)} objects, the worker's limit "
                                     f"(--max-objects {self.max_objects}); delete some first")
-        storage = _storage_of(value)
-        if storage is None:
-            size = object_nbytes(value)
-        else:
-            key = storage_key(storage)
-            size = 0 if key in self.storage_users else storage.nbytes()
-        self.check_room(size, f"storing object {obj_id}")
+        storages = {storage_key(st): st.nbytes() for st in _storages_of(value)}
+        extra = object_nbytes(value)
+        self.check_room(extra + sum(n for k, n in storages.items() if k not in self.storage_users),
+                        f"storing object {obj_id}")
         self.failures.pop(obj_id, None)
         self.objects[obj_id] = value
-        if storage is None:
-            self.sizes[obj_id] = size
-        else:
-            self.storage_users.setdefault(key, [0, size])[0] += 1
-            self.tensor_storages[obj_id] = key
-        self.nbytes_held += size
+        for key, nbytes in storages.items():
+            self.hold(key, nbytes)
+        self.object_storages[obj_id] = list(storages)
+        self.sizes[obj_id] = extra
+        self.nbytes_held += extra
         if private:
             self.private.add(obj_id)
             if releasable:
                 self.releasable.add(obj_id)
+
+    def hold(self, key: int, nbytes: int) -> None:
+        """One more holder of a storage; its bytes are charged with the first (see ``storage_users``)."""
+        users = self.storage_users.get(key)
+        if users is None:
+            self.storage_users[key] = [1, nbytes]
+            self.nbytes_held += nbytes
+        else:
+            users[0] += 1
+
+    def release(self, key: int) -> None:
+        """One holder fewer; the storage's bytes are uncharged with the last (it is freed then)."""
+        users = self.storage_users.get(key)
+        if users is None:  # the session was cleared meanwhile
+            return
+        users[0] -= 1
+        if users[0] == 0:
+            del self.storage_users[key]
+            self.nbytes_held -= users[1]
+
+    @contextlib.contextmanager
+    def charging_saved_tensors(self) -> Iterator[None]:
+        """Charge what autograd saves for a backward pass while the block runs (an op or a forward on
+        tensors that require gradients): the inputs and intermediates it keeps (a softmax's output, a
+        dropout mask) live as long as the graph does, after the operands themselves are deleted. A
+        saved tensor over the quota fails the command with ``LimitExceeded``."""
+        def pack(tensor: torch.Tensor) -> _SavedTensor:
+            return _SavedTensor(self, tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _SavedTensor.unpack):
+            yield
 
     def recount(self, obj_id: int) -> None:
         """Count an object's bytes again after it grew in place (an optimizer's state after a step)."""
@@ -209,13 +240,8 @@ class Session:
             if self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None:
                 deleted += 1
             self.nbytes_held -= self.sizes.pop(obj_id, 0)
-            key = self.tensor_storages.pop(obj_id, None)
-            if key is not None:
-                users = self.storage_users[key]
-                users[0] -= 1
-                if users[0] == 0:  # the last object in this storage: it is freed
-                    del self.storage_users[key]
-                    self.nbytes_held -= users[1]
+            for key in self.object_storages.pop(obj_id, ()):
+                self.release(key)
             self.private.discard(obj_id)
             self.releasable.discard(obj_id)
         return deleted
@@ -225,7 +251,7 @@ class Session:
         self.failures.clear()
         self.secure_rounds.clear()
         self.sizes.clear()
-        self.tensor_storages.clear()
+        self.object_storages.clear()
         self.storage_users.clear()
         self.private.clear()
         self.releasable.clear()
@@ -241,10 +267,13 @@ class Session:
 
 
 def object_nbytes(value: Any) -> int:
-    """What an object other than a tensor is charged (tensors are charged by storage: ``Session.put``)."""
-    if isinstance(value, nn.Module):  # parameters and buffers, and room for the gradients to come
-        return sum(t.untyped_storage().nbytes() for t in value.state_dict().values()) + sum(
-            p.numel() * p.element_size() for p in value.parameters())
+    """What an object is charged besides its storages (``_storages_of``, charged by ``Session.put``)."""
+    if isinstance(value, nn.Module):  # room for the gradients to come
+        return sum(p.numel() * p.element_size() for p in value.parameters())
+    if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
+        return value.numel() * value.element_size()  # room for its gradient
+    if isinstance(value, PartialTensor) and value.requires_grad:
+        return value.tensor.numel() * value.tensor.element_size()
     if isinstance(value, RemoteOptimizer):  # its state (momentum, moments); the parameters are the module's
         # list() copies each dict in one step under the GIL: ``status`` runs on the event loop while a
         # step may be adding state on a worker thread
@@ -259,10 +288,35 @@ def storage_key(storage: torch.UntypedStorage) -> int:
     return storage._cdata
 
 
-def _storage_of(value: Any) -> torch.UntypedStorage | None:
-    """The storage a tensor (or a tensor being streamed in) lives in; None for other objects."""
-    tensor = value.tensor if isinstance(value, PartialTensor) else value
-    return tensor.untyped_storage() if isinstance(tensor, torch.Tensor) else None
+def _storages_of(value: Any) -> list[torch.UntypedStorage]:
+    """The storages an object's data lives in: a tensor's (or a stream's), a module's parameters' and
+    buffers'. An optimizer's state is charged by size instead (``object_nbytes``), as it grows."""
+    if isinstance(value, PartialTensor):
+        return [value.tensor.untyped_storage()]
+    if isinstance(value, torch.Tensor):
+        return [value.untyped_storage()]
+    if isinstance(value, nn.Module):
+        return [t.untyped_storage() for t in value.state_dict().values()]
+    return []
+
+
+class _SavedTensor:
+    """A tensor autograd saved for a backward pass, held against the session's quota until the graph
+    that saved it is freed (after ``backward``, or with the last output that leads to it)."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, session: Session, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage_key(storage)
+        if key not in session.storage_users:
+            session.check_room(storage.nbytes(), "a tensor saved for the backward pass")
+        session.hold(key, storage.nbytes())
+        self.tensor = tensor
+        weakref.finalize(self, session.release, key)
+
+    def unpack(self) -> torch.Tensor:
+        return self.tensor
 
 
 def _kind(value: Any) -> str:
