@@ -256,6 +256,51 @@ async def test_what_autograd_keeps_for_the_backward_pass_counts_against_the_byte
         await bob.send(torch.zeros(800_000))
 
 
+async def test_a_graph_without_a_backward_pass_is_freed_with_its_output():
+    """An op that saves its own output (exp) for the backward pass: deleting the output frees the graph
+    and its charge, with no backward (a validation loss computed with gradients on)."""
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=10_000_000)) as bob:
+        x = await bob.send(torch.randn(250_000, requires_grad=True))
+        held = (await bob.status())["bytes"]
+        for _ in range(3):
+            y = x.exp()
+            await y
+            assert (await bob.status())["bytes"] == held + 1_000_000
+            await y.delete()
+            assert (await bob.status())["bytes"] == held
+
+
+async def test_a_forward_refused_midway_leaves_nothing_charged():
+    """The quota refuses a forward whose saved activations do not fit; what it had saved is uncharged
+    at once, so a smaller batch fits right after."""
+    model = nn.Sequential(nn.Linear(100, 100), nn.GELU(), nn.Linear(100, 100))  # 80.8 kB, and as much room
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=1_961_600)) as bob:
+        remote = await bob.send(model)
+        x = await bob.send(torch.randn(2000, 100))  # 800 kB: the GELU's input and output would need 1.6 MB more
+        assert (await bob.status())["bytes"] == 161_600 + 800_000
+        with pytest.raises(fz.LimitExceeded, match="saved for the backward pass"):
+            await remote(x)
+        assert (await bob.status())["bytes"] == 161_600 + 800_000
+        out = remote(await bob.send(torch.randn(200, 100)))
+        await out.sum().backward()
+
+
+async def test_a_backward_after_the_weights_changed_in_place_is_refused():
+    """A step between a forward and its backward changes weights the graph saved: the backward fails as
+    it does in plain torch, instead of computing gradients from the stale graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    async with fz.VirtualWorker("bob") as bob:
+        remote = await bob.send(model)
+        opt = fz.Optims([bob], optim=torch.optim.SGD(model.parameters(), lr=0.1)).get_optim(bob)
+        data = await bob.send(torch.randn(8, 4))
+        await remote(data).sum().backward()  # gradients exist, so the next step changes the weights
+        loss = remote(data).sum()
+        await opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            await loss.backward()
+
+
 async def test_optimizer_state_counts_against_the_byte_quota():
     """An optimizer's first step needs room for its state (up to 3 copies of the parameters); after it,
     the state's true size is held against the quota, and deleting the model frees its optimizers too."""

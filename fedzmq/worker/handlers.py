@@ -56,9 +56,9 @@ def tensor_info(tensor: torch.Tensor) -> list[Any]:
 def _unshared(result: Any, module: nn.Module) -> Any:
     """Outputs that are the module's own parameters (a forward returning ``self.weight``) are copied:
     a stored tensor must never change, and a step changes parameters in place."""
-    storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {storage_key(p.untyped_storage()) for p in module.parameters()}
     outputs = result if isinstance(result, tuple) else (result,)
-    fixed = tuple(o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages else o
+    fixed = tuple(o.clone() if isinstance(o, torch.Tensor) and storage_key(o.untyped_storage()) in storages else o
                   for o in outputs)
     return fixed if isinstance(result, tuple) else fixed[0]
 

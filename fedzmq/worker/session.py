@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+import traceback
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -80,6 +82,9 @@ class Session:
     #: bytes charged to an object besides its storages: room for gradients, an optimizer's state
     sizes: dict[int, int] = field(default_factory=dict)
     nbytes_held: int = 0
+    #: guards the counts above: a graph, and the saved tensors it releases, can be freed on the event
+    #: loop or on a worker thread (reentrant: freeing an object inside ``delete`` can free a graph)
+    counts_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     #: bytes of requests waiting in the queue: charged to the quota until they run
     nbytes_queued: int = 0
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
@@ -157,12 +162,13 @@ class Session:
         self.check_room(extra + sum(n for k, n in storages.items() if k not in self.storage_users),
                         f"storing object {obj_id}")
         self.failures.pop(obj_id, None)
-        self.objects[obj_id] = value
-        for key, nbytes in storages.items():
-            self.hold(key, nbytes)
-        self.object_storages[obj_id] = list(storages)
-        self.sizes[obj_id] = extra
-        self.nbytes_held += extra
+        with self.counts_lock:
+            self.objects[obj_id] = value
+            for key, nbytes in storages.items():
+                self.hold(key, nbytes)
+            self.object_storages[obj_id] = list(storages)
+            self.sizes[obj_id] = extra
+            self.nbytes_held += extra
         if private:
             self.private.add(obj_id)
             if releasable:
@@ -170,22 +176,24 @@ class Session:
 
     def hold(self, key: int, nbytes: int) -> None:
         """One more holder of a storage; its bytes are charged with the first (see ``storage_users``)."""
-        users = self.storage_users.get(key)
-        if users is None:
-            self.storage_users[key] = [1, nbytes]
-            self.nbytes_held += nbytes
-        else:
-            users[0] += 1
+        with self.counts_lock:
+            users = self.storage_users.get(key)
+            if users is None:
+                self.storage_users[key] = [1, nbytes]
+                self.nbytes_held += nbytes
+            else:
+                users[0] += 1
 
     def release(self, key: int) -> None:
         """One holder fewer; the storage's bytes are uncharged with the last (it is freed then)."""
-        users = self.storage_users.get(key)
-        if users is None:  # the session was cleared meanwhile
-            return
-        users[0] -= 1
-        if users[0] == 0:
-            del self.storage_users[key]
-            self.nbytes_held -= users[1]
+        with self.counts_lock:
+            users = self.storage_users.get(key)
+            if users is None:  # the session was cleared meanwhile
+                return
+            users[0] -= 1
+            if users[0] == 0:
+                del self.storage_users[key]
+                self.nbytes_held -= users[1]
 
     @contextlib.contextmanager
     def charging_saved_tensors(self) -> Iterator[None]:
@@ -197,7 +205,13 @@ class Session:
             return _SavedTensor(self, tensor)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, _SavedTensor.unpack):
-            yield
+            try:
+                yield
+            except BaseException as exc:
+                # the failed command's frames hold its half-built graph, and the traceback travels on
+                # through futures: free the graph, and uncharge what it saved, now
+                traceback.clear_frames(exc.__traceback__)
+                raise
 
     def recount(self, obj_id: int) -> None:
         """Count an object's bytes again after it grew in place (an optimizer's state after a step)."""
@@ -205,8 +219,9 @@ class Session:
         if value is None:  # the session was cleared meanwhile
             return
         size = object_nbytes(value)
-        self.nbytes_held += size - self.sizes.get(obj_id, 0)
-        self.sizes[obj_id] = size
+        with self.counts_lock:
+            self.nbytes_held += size - self.sizes.get(obj_id, 0)
+            self.sizes[obj_id] = size
 
     def check_room(self, nbytes: int, what: str) -> None:
         """Refuse ``what``, needing ``nbytes`` more, if it would pass this session's quota together with
@@ -236,26 +251,28 @@ class Session:
         if modules:
             obj_ids = list(obj_ids) + [i for i, v in self.objects.items()
                                        if isinstance(v, RemoteOptimizer) and v.module_id in modules and i not in obj_ids]
-        for obj_id in obj_ids:
-            if self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None:
-                deleted += 1
-            self.nbytes_held -= self.sizes.pop(obj_id, 0)
-            for key in self.object_storages.pop(obj_id, ()):
-                self.release(key)
-            self.private.discard(obj_id)
-            self.releasable.discard(obj_id)
+        with self.counts_lock:
+            for obj_id in obj_ids:
+                if self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None:
+                    deleted += 1
+                self.nbytes_held -= self.sizes.pop(obj_id, 0)
+                for key in self.object_storages.pop(obj_id, ()):
+                    self.release(key)
+                self.private.discard(obj_id)
+                self.releasable.discard(obj_id)
         return deleted
 
     def clear(self) -> None:
-        self.objects.clear()
-        self.failures.clear()
-        self.secure_rounds.clear()
-        self.sizes.clear()
-        self.object_storages.clear()
-        self.storage_users.clear()
-        self.private.clear()
-        self.releasable.clear()
-        self.nbytes_held = 0
+        with self.counts_lock:
+            self.objects.clear()
+            self.failures.clear()
+            self.secure_rounds.clear()
+            self.sizes.clear()
+            self.object_storages.clear()
+            self.storage_users.clear()
+            self.private.clear()
+            self.releasable.clear()
+            self.nbytes_held = 0
 
     def check_release(self, obj_id: int) -> None:
         """Refuse to hand out a value computed from the worker's private data (unless released)."""
@@ -304,7 +321,7 @@ class _SavedTensor:
     """A tensor autograd saved for a backward pass, held against the session's quota until the graph
     that saved it is freed (after ``backward``, or with the last output that leads to it)."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("tensor", "version", "__weakref__")
 
     def __init__(self, session: Session, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -312,10 +329,18 @@ class _SavedTensor:
         if key not in session.storage_users:
             session.check_room(storage.nbytes(), "a tensor saved for the backward pass")
         session.hold(key, storage.nbytes())
-        self.tensor = tensor
+        # detached: an op that saves its own output would otherwise hold its own grad_fn, a cycle
+        # through C++ that no garbage collection frees (the graph would live until a backward)
+        self.tensor = tensor.detach()
+        self.version = tensor._version
         weakref.finalize(self, session.release, key)
 
     def unpack(self) -> torch.Tensor:
+        """The saved tensor, unless it changed in place since (an optimizer step between a forward and
+        its backward): the check autograd makes itself when no hooks are installed."""
+        if self.tensor._version != self.version:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation (version {self.tensor._version}, saved at version {self.version})")
         return self.tensor
 
 
