@@ -340,7 +340,8 @@ async def test_a_fit_needs_room_for_its_optimizers_state():
     model = nn.Linear(100, 2)
     params = sum(p.numel() * 4 for p in model.parameters())
     datasets = {"d": Dataset("d", x, (x[:, 0] > 0).long())}
-    for quota, fits in ((3 * params, False), (5 * params + 10_000, True)):
+    batch = 32 * 100 * 4  # the first step's input, which autograd keeps for the backward pass
+    for quota, fits in ((3 * params, False), (5 * params + batch + 10_000, True)):
         async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota), datasets=datasets) as bob:
             remote = await bob.send(model)
             if fits:
@@ -348,6 +349,21 @@ async def test_a_fit_needs_room_for_its_optimizers_state():
             else:
                 with pytest.raises(fz.LimitExceeded, match="optimizer's state"):
                     await remote.fit("d", optimizer={"cls": "Adam", "lr": 0.01}, epochs=1)
+
+
+async def test_a_fit_whose_activations_do_not_fit_the_quota_is_refused():
+    """fit charges what autograd saves in its first step: a batch through a wide layer, whose
+    activations are far bigger than the model, is refused; a smaller batch fits."""
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(256, 4)
+    model = nn.Sequential(nn.Linear(4, 2000), nn.ReLU(), nn.Linear(2000, 2))  # 72 kB of parameters
+    datasets = {"d": Dataset("d", x, (x[:, 0] > 0).long())}
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=1_000_000), datasets=datasets) as bob:
+        remote = await bob.send(model)
+        with pytest.raises(fz.LimitExceeded, match="saved for the backward pass"):
+            await remote.fit("d", optimizer={"cls": "SGD", "lr": 0.01}, batch_size=256, steps=1)  # 2 MB each
+        assert (await remote.fit("d", optimizer={"cls": "SGD", "lr": 0.01}, batch_size=16, steps=3))["steps"] == 3
 
 
 async def test_session_count_limit_refuses_new_clients_clearly():

@@ -479,7 +479,8 @@ class Handlers:
         try:
             result = training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
                                   batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
-                                  prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+                                  prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0),
+                                  first_step=session.charging_saved_tensors)
         finally:
             if "optim" in args:
                 session.recount(args["optim"])

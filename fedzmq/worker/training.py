@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +59,13 @@ def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
 
 
 def fit(module: nn.Module, dataset: Dataset, *, loss: str, optimizer: torch.optim.Optimizer,
-        batch_size: int, epochs: int | None, steps: int | None, prox_mu: float, seed: int) -> dict[str, Any]:
-    """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss."""
+        batch_size: int, epochs: int | None, steps: int | None, prox_mu: float, seed: int,
+        first_step: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> dict[str, Any]:
+    """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss.
+
+    The first step's forward and backward run inside ``first_step()``: the worker charges what autograd
+    saves there against the session's quota, so a batch whose activations do not fit is refused. Later
+    steps repeat its shapes, and charging each of them would cost a large part of a small model's step."""
     if batch_size < 1 or (epochs is None) == (steps is None) or (epochs or steps or 0) < 1:
         raise BadRequest.new("fit needs batch_size >= 1 and exactly one of epochs >= 1 or steps >= 1")
     if len(dataset) == 0:
@@ -80,11 +87,12 @@ def fit(module: nn.Module, dataset: Dataset, *, loss: str, optimizer: torch.opti
             index = order[start:start + batch_size]
             x, y = dataset.features[index], _labels_for(loss, dataset.labels[index])
             optimizer.zero_grad()
-            value = loss_fn(module(x), y)
-            objective = value
-            if prox_mu:
-                objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            objective.backward()
+            with first_step() if done == 0 else contextlib.nullcontext():
+                value = loss_fn(module(x), y)
+                objective = value
+                if prox_mu:
+                    objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                objective.backward()
             optimizer.step()
             loss_sum += value.item() * len(index)
             seen += len(index)
