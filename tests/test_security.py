@@ -351,19 +351,28 @@ async def test_a_fit_needs_room_for_its_optimizers_state():
                     await remote.fit("d", optimizer={"cls": "Adam", "lr": 0.01}, epochs=1)
 
 
-async def test_a_fit_whose_activations_do_not_fit_the_quota_is_refused():
-    """fit charges what autograd saves in its first step: a batch through a wide layer, whose
-    activations are far bigger than the model, is refused; a smaller batch fits."""
+async def test_a_fit_whose_activations_do_not_fit_the_quota_is_refused_and_changes_nothing():
+    """fit charges what autograd saves in its first step, beside the room held for its optimizer's
+    state: a batch through a wide layer, whose activations are far bigger than the model, is refused,
+    and the refused step leaves the batch-norm statistics as they were."""
     from fedzmq.worker.datasets import Dataset
 
     x = torch.randn(256, 4)
-    model = nn.Sequential(nn.Linear(4, 2000), nn.ReLU(), nn.Linear(2000, 2))  # 72 kB of parameters
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2000), nn.ReLU(), nn.Linear(2000, 2))  # 56 kB
     datasets = {"d": Dataset("d", x, (x[:, 0] > 0).long())}
-    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=1_000_000), datasets=datasets) as bob:
-        remote = await bob.send(model)
-        with pytest.raises(fz.LimitExceeded, match="saved for the backward pass"):
-            await remote.fit("d", optimizer={"cls": "SGD", "lr": 0.01}, batch_size=256, steps=1)  # 2 MB each
-        assert (await remote.fit("d", optimizer={"cls": "SGD", "lr": 0.01}, batch_size=16, steps=3))["steps"] == 3
+    # held: 112 kB (parameters and room for their gradients); Adam's state: up to 168 kB held during the
+    # fit; the first step keeps 8 kB of activations per sample
+    for quota, batch, fits in ((1_000_000, 256, False), (350_000, 16, False), (1_000_000, 16, True)):
+        async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota), datasets=datasets) as bob:
+            remote = await bob.send(model)
+            fit = remote.fit("d", optimizer={"cls": "Adam", "lr": 0.01}, batch_size=batch, steps=3)
+            if fits:
+                assert (await fit)["steps"] == 3
+                continue
+            with pytest.raises(fz.LimitExceeded, match="saved for the backward pass"):
+                await fit
+            norm = (await remote.get())[0]
+            assert torch.equal(norm.running_mean, torch.zeros(4)) and norm.num_batches_tracked.item() == 0
 
 
 async def test_session_count_limit_refuses_new_clients_clearly():

@@ -473,14 +473,15 @@ class Handlers:
             optimizer = remote.optimizer
         else:
             optimizer = training.make_optimizer(args["optimizer"], module)  # its state lives as long as the fit
-        _reserve_state(session, optimizer, lambda p: p.requires_grad)
+        state_room = _reserve_state(session, optimizer, lambda p: p.requires_grad)
         if self.require_secure_aggregation:  # its parameters now carry the data: only masked updates leave
             session.private.add(args["module"])
         try:
-            result = training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
-                                  batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
-                                  prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0),
-                                  first_step=session.charging_saved_tensors)
+            with session.reserving(state_room):  # the first step's activations are checked beside it
+                result = training.fit(module, self.dataset(args["dataset"]), loss=args["loss"], optimizer=optimizer,
+                                      batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
+                                      prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0),
+                                      first_step=session.charging_saved_tensors)
         finally:
             if "optim" in args:
                 session.recount(args["optim"])
@@ -511,14 +512,15 @@ OPTIMIZER_STATE_COPIES = 3
 
 
 def _reserve_state(session: Session, optimizer: torch.optim.Optimizer,
-                   will_step: Callable[[torch.Tensor], bool]) -> None:
+                   will_step: Callable[[torch.Tensor], bool]) -> int:
     """Check the session's quota before ``optimizer`` makes state for parameters that have none yet
-    (those ``will_step`` picks): room for the most any allowlisted optimizer keeps. A stored
-    optimizer's true size is counted after the step (``Session.recount``)."""
+    (those ``will_step`` picks): room for the most any allowlisted optimizer keeps. Returns that room,
+    in bytes. A stored optimizer's true size is counted after the step (``Session.recount``)."""
     new = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"]
               if p not in optimizer.state and will_step(p))
     if new:
         session.check_room(OPTIMIZER_STATE_COPIES * new, "the optimizer's state")
+    return OPTIMIZER_STATE_COPIES * new
 
 
 def _is_hyper(value: Any) -> bool:

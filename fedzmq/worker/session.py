@@ -87,6 +87,8 @@ class Session:
     counts_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     #: bytes of requests waiting in the queue: charged to the quota until they run
     nbytes_queued: int = 0
+    #: room promised to state a running command will make (``reserving``), by holder
+    reservations: dict[object, int] = field(default_factory=dict)
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
     secure_rounds: dict[int, Any] = field(default_factory=dict)
     #: samples each module was last trained on by ``fit`` (a secure round's weight comes from here)
@@ -213,6 +215,17 @@ class Session:
                 traceback.clear_frames(exc.__traceback__)
                 raise
 
+    @contextlib.contextmanager
+    def reserving(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` against the quota while the block runs: room for state a command will make
+        (a fit's optimizer state), so that what else the block charges is checked beside it."""
+        token = object()
+        self.reservations[token] = nbytes
+        try:
+            yield
+        finally:
+            self.reservations.pop(token, None)
+
     def recount(self, obj_id: int) -> None:
         """Count an object's bytes again after it grew in place (an optimizer's state after a step)."""
         value = self.objects.get(obj_id)
@@ -226,7 +239,7 @@ class Session:
     def check_room(self, nbytes: int, what: str) -> None:
         """Refuse ``what``, needing ``nbytes`` more, if it would pass this session's quota together with
         what it holds and what its waiting requests carry (the one quota check of every path)."""
-        if self.nbytes_held + self.nbytes_queued + nbytes > self.max_bytes:
+        if self.nbytes_held + self.nbytes_queued + sum(self.reservations.values()) + nbytes > self.max_bytes:
             raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
                                     f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
 
@@ -272,6 +285,7 @@ class Session:
             self.storage_users.clear()
             self.private.clear()
             self.releasable.clear()
+            self.reservations.clear()
             self.nbytes_held = 0
 
     def check_release(self, obj_id: int) -> None:
@@ -324,6 +338,10 @@ class _SavedTensor:
     __slots__ = ("tensor", "version", "__weakref__")
 
     def __init__(self, session: Session, tensor: torch.Tensor) -> None:
+        self.version = tensor._version
+        if tensor.layout != torch.strided:  # sparse: no single storage to charge (a gradient, never big data)
+            self.tensor = tensor.detach()
+            return
         storage = tensor.untyped_storage()
         key = storage_key(storage)
         if key not in session.storage_users:
@@ -332,7 +350,6 @@ class _SavedTensor:
         # detached: an op that saves its own output would otherwise hold its own grad_fn, a cycle
         # through C++ that no garbage collection frees (the graph would live until a backward)
         self.tensor = tensor.detach()
-        self.version = tensor._version
         weakref.finalize(self, session.release, key)
 
     def unpack(self) -> torch.Tensor:
@@ -340,7 +357,8 @@ class _SavedTensor:
         its backward): the check autograd makes itself when no hooks are installed."""
         if self.tensor._version != self.version:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
-                               f"inplace operation (version {self.tensor._version}, saved at version {self.version})")
+                               f"inplace operation: a tensor of shape {tuple(self.tensor.shape)} is at version "
+                               f"{self.tensor._version}, saved at version {self.version}")
         return self.tensor
 
 

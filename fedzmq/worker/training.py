@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ContextManager
 
 import torch
@@ -87,7 +87,10 @@ def fit(module: nn.Module, dataset: Dataset, *, loss: str, optimizer: torch.opti
             index = order[start:start + batch_size]
             x, y = dataset.features[index], _labels_for(loss, dataset.labels[index])
             optimizer.zero_grad()
-            with first_step() if done == 0 else contextlib.nullcontext():
+            with contextlib.ExitStack() as first:
+                if done == 0:
+                    first.enter_context(_buffers_restored_on_error(module))
+                    first.enter_context(first_step())
                 value = loss_fn(module(x), y)
                 objective = value
                 if prox_mu:
@@ -101,6 +104,20 @@ def fit(module: nn.Module, dataset: Dataset, *, loss: str, optimizer: torch.opti
         raise FloatingPointError(f"training diverged on {dataset.name}: loss is {loss_sum}")
     return {"loss": loss_sum / seen, "samples_seen": seen, "num_examples": len(dataset), "steps": done,
             "seconds": time.perf_counter() - started}
+
+
+@contextlib.contextmanager
+def _buffers_restored_on_error(module: nn.Module) -> Iterator[None]:
+    """Put the module's buffers back if the block fails: a first step refused midway (its activations
+    over the quota) must not leave batch-norm statistics moved by a batch that never trained."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+        raise
 
 
 @torch.no_grad()
