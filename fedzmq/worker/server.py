@@ -243,7 +243,7 @@ class Worker:
             self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
                          "this session are waiting (--max-inflight); wait for replies before sending more",
                          session)
-        elif session.nbytes_held + session.nbytes_queued + request.nbytes > session.max_bytes:
+        elif request.nbytes > session.room():
             self.counters["throttled"] += 1
             self._refuse(key, request, "LimitExceeded", f"this session's waiting requests carry "
                          f"{session.nbytes_queued} bytes and it holds {session.nbytes_held}: {request.nbytes} more "

@@ -236,10 +236,14 @@ class Session:
             self.nbytes_held += size - self.sizes.get(obj_id, 0)
             self.sizes[obj_id] = size
 
+    def room(self) -> int:
+        """Bytes this session may still take: its quota less what it holds, what its waiting requests
+        carry and what its running command reserved (the one sum every quota check uses)."""
+        return self.max_bytes - self.nbytes_held - self.nbytes_queued - sum(self.reservations.values())
+
     def check_room(self, nbytes: int, what: str) -> None:
-        """Refuse ``what``, needing ``nbytes`` more, if it would pass this session's quota together with
-        what it holds and what its waiting requests carry (the one quota check of every path)."""
-        if self.nbytes_held + self.nbytes_queued + sum(self.reservations.values()) + nbytes > self.max_bytes:
+        """Refuse ``what``, needing ``nbytes`` more, if it would pass this session's quota (``room``)."""
+        if nbytes > self.room():
             raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
                                     f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.nbytes_held} held")
 
