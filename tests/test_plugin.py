@@ -349,3 +349,36 @@ def test_failed_test_prints_daemon_logs_and_an_unclean_exit_fails_teardown(tmp_p
         assert f"----- log of daemon {worker} (" in output and f"worker {worker} serving on" in output, output
     assert "log of daemon dave" not in output, output
     assert "left running" not in output, output
+
+
+LEAKING_MODE_TESTS = '''
+import asyncio
+
+import pytest
+import torch
+
+
+async def _get_under_no_grad():
+    with torch.no_grad():  # the bug the check is for: a mode held across an await
+        await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_leaks_grad_mode():
+    first = asyncio.ensure_future(_get_under_no_grad())
+    second = asyncio.ensure_future(_get_under_no_grad())
+    await asyncio.gather(first, second)  # the blocks exit out of order: grad mode stays off
+
+
+def test_runs_after_the_leak_with_grad_mode_on():
+    assert torch.is_grad_enabled()
+'''
+
+
+def test_a_test_that_leaks_grad_mode_fails_by_name_and_the_next_starts_clean(tmp_path):
+    (tmp_path / "test_modes.py").write_text(LEAKING_MODE_TESTS)
+    result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-p", "no:randomly")
+    assert result.returncode == 1, output
+    assert "1 failed, 1 passed" in output, output
+    assert "test_modes.py::test_leaks_grad_mode left torch's thread modes changed after its call" in output, output
+    assert "grad_enabled: True -> False" in output, output

@@ -129,10 +129,11 @@ class ModulePointer(Pointer):
         module = self._local()
         if module is None:
             raise ReferenceError("the local module this pointer was sent from no longer exists")
-        local = module.state_dict(keep_vars=True)
-        with torch.no_grad():  # each piece lands straight in the local tensor: no second copy of the model
-            async for name, start, values in self.location._module_slices(self, timeout):
-                local[name].view(-1)[start:start + values.numel()].copy_(values)
+        # each piece lands straight in the local tensor (no second copy of the model), written through a
+        # detached view: no grad mode is needed, and none may be held across the awaits of this loop
+        local = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
+        async for name, start, values in self.location._module_slices(self, timeout):
+            local[name].view(-1)[start:start + values.numel()].copy_(values)
         return module
 
     async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import pytest
 
+from .. import torchmodes
 from ..client.connection import ConnectionSettings
 from ..client.worker import VirtualWorker
 from ..launcher import DaemonProcess
@@ -63,6 +64,41 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     report = outcome.get_result()
     if report.failed:
         item.stash[_FAILED] = True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    return (yield from _keeping_torch_modes(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    return (yield from _keeping_torch_modes(item, "call"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    return (yield from _keeping_torch_modes(item, "teardown"))
+
+
+def _keeping_torch_modes(item: pytest.Item, phase: str) -> Any:
+    """Fail a test (or its fixtures) that leaves torch's grad mode, inference mode, autocast or default
+    dtype changed: a ``no_grad`` held across an ``await`` breaks unrelated code far from the cause.
+    The modes are put back (inference mode cannot be), so the next test starts clean."""
+    before = torchmodes.snapshot()
+    try:
+        result = yield
+    except BaseException:
+        torchmodes.restore(before)  # the test's own failure is the one to report
+        raise
+    after = torchmodes.snapshot()
+    if after != before:
+        torchmodes.restore(before)
+        changed = "; ".join(before.differences(after))
+        pytest.fail(f"{item.nodeid} left torch's thread modes changed after its {phase} ({changed}). Is a "
+                    "mode (torch.no_grad(), inference_mode, autocast) held across an await? Coroutines share "
+                    "one thread, so the mode leaks into whatever runs next.", pytrace=False)
+    return result
 
 
 def _child_daemons() -> dict[int, str]:

@@ -33,6 +33,7 @@ from ..commands import COMMANDS, INLINE_NUMEL
 from ..errors import LimitExceeded, ProtocolError, error_payload
 from ..security import KeyGate, SecurityError, apply_server_keys, is_loopback_address
 from ..modeldesc import ModelRegistry
+from ..torchmodes import default_modes
 from .config import WorkerConfig
 from .datasets import Dataset
 from .handlers import Handlers, LiveReply, referenced_numel
@@ -296,9 +297,10 @@ class Worker:
             offload = command.offload == "always" or (
                 command.offload == "large" and referenced_numel(session, request.args) > INLINE_NUMEL)
             if offload:
-                result = await loop.run_in_executor(self._pool, handler, session, request.args)
+                result = await loop.run_in_executor(self._pool, _call_in_default_modes, handler, session,
+                                                    request.args)
             else:
-                result = handler(session, request.args)
+                result = _call_in_default_modes(handler, session, request.args)
             return encode_reply(request.id, result), isinstance(result, LiveReply)
         except asyncio.CancelledError:
             raise
@@ -372,6 +374,13 @@ class Worker:
             return
         with contextlib.suppress(zmq.ZMQError):
             self._socket.send_multipart([key, *frames], copy=self._copy_frames)
+
+
+def _call_in_default_modes(handler: Any, session: Session, args: dict[str, Any]) -> Any:
+    """Run a handler with torch's default grad, inference and autocast modes: an in-process worker runs
+    small commands on its caller's thread, whose modes a daemon never sees (``fedzmq.torchmodes``)."""
+    with default_modes():
+        return handler(session, args)
 
 
 def _fail_outputs(session: Session, request: Request, error: dict[str, str]) -> None:

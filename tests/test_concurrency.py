@@ -1,0 +1,119 @@
+"""Coroutines interleave on one thread, and torch's grad mode (like inference mode and autocast) is per
+thread: no fedzmq code may hold such a mode across an ``await``. Concurrent pointer code must give
+exactly the results of the same code run one worker after the other, and leave the modes as it found
+them, on in-process workers and on real daemons alike."""
+
+import asyncio
+
+import pytest
+import torch
+from torch import nn, optim
+
+import fedzmq as fz
+
+WORKERS = ("bob", "alice", "carol")
+
+
+def _models(count: int) -> list[nn.Module]:
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    models = []
+    for _ in range(count):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        model.load_state_dict(template.state_dict())
+        models.append(model)
+    return models
+
+
+def _data(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(index)
+    return torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)
+
+
+async def _train_on(worker: fz.RemoteWorker, model: nn.Module, index: int, iterations: int = 4) -> list[float]:
+    """The seed's loop on one worker: send, zero_grad, forward, backward, step, get."""
+    x, y = _data(index)
+    x_ptr, y_ptr = await worker.send(x), await worker.send(y)
+    opt = fz.Optims([worker], optim=optim.Adam(model.parameters(), lr=0.05)).get_optim(worker)
+    losses = []
+    for _ in range(iterations):
+        model_ptr = await worker.send(model)
+        await opt.zero_grad()
+        loss = ((model_ptr(x_ptr) - y_ptr) ** 2).mean()
+        await loss.backward()
+        await opt.step()
+        await model_ptr.get()
+        losses.append((await loss.get()).item())
+    return losses
+
+
+async def _concurrent_equals_sequential(workers: list[fz.RemoteWorker]) -> None:
+    sequential_models = _models(len(workers))
+    sequential = [await _train_on(w, m, i) for i, (w, m) in enumerate(zip(workers, sequential_models))]
+    assert torch.is_grad_enabled()
+
+    concurrent_models = _models(len(workers))
+    concurrent = await asyncio.gather(*(_train_on(w, m, i)
+                                        for i, (w, m) in enumerate(zip(workers, concurrent_models))))
+    assert torch.is_grad_enabled(), "concurrent pointer training turned grad mode off"
+    assert concurrent == sequential
+    for a, b in zip(concurrent_models, sequential_models):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
+    # and grad mode still works for unrelated local code afterwards
+    w = torch.ones(2, requires_grad=True)
+    (w * 3).sum().backward()
+    assert torch.equal(w.grad, torch.full((2,), 3.0))
+
+
+async def _concurrent_gets_keep_grad_mode(workers: list[fz.RemoteWorker]) -> None:
+    models = _models(len(workers))
+    pointers = [await w.send(m) for w, m in zip(workers, models)]
+    for model in models:  # the local copies now differ from the remote ones
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+    for _ in range(5):
+        got = await asyncio.gather(*(p.get() for p in pointers))
+        assert torch.is_grad_enabled(), "concurrent ModulePointer.get left grad mode off"
+        assert all(g is m for g, m in zip(got, models))
+    expected = _models(1)[0].state_dict()
+    for model in models:
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, expected[name]), name
+        assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+async def test_concurrent_module_gets_keep_grad_mode_on_virtual_workers(fedzmq_virtual_workers):
+    await _concurrent_gets_keep_grad_mode(await fedzmq_virtual_workers(*WORKERS))
+
+
+async def test_concurrent_module_gets_keep_grad_mode_on_daemons(fedzmq_daemons):
+    await _concurrent_gets_keep_grad_mode([h.worker for h in await fedzmq_daemons(*WORKERS)])
+
+
+async def test_concurrent_pointer_training_equals_sequential_on_virtual_workers(fedzmq_virtual_workers):
+    await _concurrent_equals_sequential(await fedzmq_virtual_workers(*WORKERS))
+
+
+async def test_concurrent_pointer_training_equals_sequential_on_daemons(fedzmq_daemons):
+    await _concurrent_equals_sequential([h.worker for h in await fedzmq_daemons(*WORKERS)])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+async def test_an_in_process_worker_computes_as_a_daemon_whatever_the_callers_torch_mode(
+        fedzmq_virtual_workers, mode):
+    """The in-process worker runs small commands on the caller's thread: it must not inherit a grad or
+    inference mode the caller set there (a daemon never sees it)."""
+    [bob] = await fedzmq_virtual_workers("bob")
+    w = await bob.send(torch.ones(3, requires_grad=True))
+    x = await bob.send(torch.arange(3.0))
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    context.__enter__()  # a caller that turned the mode off for its whole thread
+    try:
+        loss = (w * x).sum()
+        await loss  # the op ran while the caller's mode was in force
+    finally:
+        context.__exit__(None, None, None)
+    assert (await loss.get()).requires_grad  # computed with grad mode on, as on a daemon
+    await loss.backward()  # so it has a graph to run backward through
