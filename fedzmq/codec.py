@@ -49,6 +49,9 @@ class Limits:
     max_frame_bytes: int = 1 << 30
     max_frames: int = 4096
     max_depth: int = 32
+    #: values in one header (every list item, map entry and scalar counts): decoding is Python work on
+    #: the event loop, so its size is bounded (65,536 values decode in about 25 ms)
+    max_items: int = 1 << 14
     #: the largest tensor sent in one message; bigger ones stream in pieces of at most this size (the client
     #: uses min(16 MiB, this): see ``alloc``/``write``/``read`` and ``client.transfers``); never more than
     #: ``max_frame_bytes``
@@ -218,7 +221,8 @@ def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
+                                 max_array_len=limits.max_items, max_map_len=limits.max_items)
     except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
@@ -291,6 +295,7 @@ class _Decoder:
         self.limits = limits
         self.claimed = [False] * len(frames)
         self.claimed[0] = True  # the header
+        self.items = 0
 
     def decode_all(self, value: Any) -> Any:
         decoded = self.decode(value, 0)
@@ -301,10 +306,11 @@ class _Decoder:
     def decode(self, value: Any, depth: int) -> Any:
         if depth > self.limits.max_depth:
             raise ProtocolError(f"value nested deeper than {self.limits.max_depth}")
-        if value is None or type(value) in (bool, int, str):
+        if value is None or type(value) in (bool, int, str, float):
             return value
-        if type(value) is float:
-            return value
+        self.items += len(value) if isinstance(value, (list, dict)) else 0
+        if self.items > self.limits.max_items:
+            raise ProtocolError(f"header holds more than {self.limits.max_items} values")
         if isinstance(value, list):
             return [self.decode(v, depth + 1) for v in value]
         if isinstance(value, dict):

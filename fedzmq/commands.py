@@ -1,8 +1,10 @@
 """The table of commands: the single source of truth for the client and the worker.
 
-Each command names its arguments and how the worker schedules it. The codec validates every request
-against this table before anything else looks at it; the worker has exactly one handler per entry
-(``Handlers.cmd_<name>``, checked when the worker starts); the client sends only these names.
+Each command names its arguments, how the worker schedules it, and what it does to the privacy of the
+data (see ``Command``). The codec validates every request against this table before anything else
+looks at it; the worker has exactly one handler per entry (``fedzmq.worker.handlers.HANDLERS``,
+checked when the worker starts) and one executor that applies the declarations; the client sends
+only these names.
 
 Scheduling:
 - ``control`` commands (ping, heartbeat, status) are answered by the receive loop at once, even while
@@ -10,8 +12,8 @@ Scheduling:
 - every other command goes through its session's queue, so one session's commands run in the order
   they were sent, even when pipelined; different sessions do not wait on each other.
 - ``offload`` says where torch work runs: "never" on the event loop (cheap bookkeeping), "always" in
-  the worker's thread pool (forward, backward, optimizer steps, training), "large" in the pool only
-  when the inputs hold more than ``INLINE_NUMEL`` elements (tensor operations).
+  the worker's thread pool (forward, backward, optimizer steps, training), "large" in the pool unless
+  its inputs and outputs are small (tensor operations; see ``fedzmq.worker.cost.INLINE_NUMEL``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 MAX_ID = 2**63 - 1
-#: an op whose inputs hold more elements than this runs in the thread pool: below it, even a
-#: broadcast or a matmul of the inputs stays small enough not to hold up the event loop
-INLINE_NUMEL = 1 << 10
 
 Validator = Callable[[Any], bool]
 
@@ -32,7 +31,7 @@ def _is_id(value: Any) -> bool:
 
 
 def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and len(value) <= 1 << 16 and all(_is_id(v) for v in value)
+    return isinstance(value, list) and len(value) <= 1 << 14 and all(_is_id(v) for v in value)
 
 
 def _is_int(value: Any) -> bool:
@@ -74,6 +73,31 @@ ID, IDS, INT, NONNEG, NUMBER, STR, BOOL, LIST, MAP, VALUE = (
 
 @dataclass(frozen=True)
 class Command:
+    """One command: its arguments, how the worker schedules it, and what it does to the data's privacy.
+
+    The privacy fields are declarations the worker's executor applies, the same way for every
+    command (handlers only do their own work):
+
+    - ``refs``: the arguments that name objects, with the kind each must be (``"gradient"``: a
+      tensor whose gradient the command reads). The executor looks them up once, before the handler
+      runs; a request's label is the join of theirs and of every tensor it references.
+    - ``writes``: what the command may change besides its outputs: ``"module"`` (the module named
+      by the ``obj``/``module`` argument: its parameters, buffers and gradients, and a fit's
+      optimizer's state), ``"optimizer"`` (its module's parameters and its own state), ``"graph"``
+      (backward: the gradients of the graph's leaves), ``"stream"`` (the tensor being streamed in).
+      Whatever it changed joins the label of what it wrote.
+    - ``derives``: the label of what it writes and makes: ``"inputs"`` (the request's label: the join
+      of everything it referenced, and of the dataset it read), or ``"trained"`` (fit: the owner's
+      release of trained parameters, joined with the labels of the model and optimizer it used).
+    - ``releases``: the argument naming the object whose value the reply carries, checked against the
+      release policy; ``"masked"`` for secure aggregation's masked update.
+    - ``charges``: what the quota holds while the command runs, beside the objects it stores:
+      ``"outputs"`` (sized on the meta device before running), ``"forward"`` (a forward's
+      intermediates), ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer),
+      ``"graph"`` (what autograd saves, for as long as the graph lives).
+    - ``reads_dataset``: it reads the owner's rows (its errors are sanitized).
+    """
+
     name: str
     required: dict[str, Validator] = field(default_factory=dict)
     optional: dict[str, Validator] = field(default_factory=dict)
@@ -81,6 +105,12 @@ class Command:
     offload: Literal["never", "always", "large"] = "never"
     #: argument names that hold ids of objects this command creates (a failed command marks them failed)
     outputs: tuple[str, ...] = ()
+    refs: dict[str, str] = field(default_factory=dict)
+    writes: Literal["module", "optimizer", "graph", "stream"] | None = None
+    derives: Literal["inputs", "trained"] = "inputs"
+    releases: str | None = None
+    charges: tuple[str, ...] = ()
+    reads_dataset: bool = False
 
     def check_args(self, args: dict[str, Any]) -> str | None:
         """Return why ``args`` do not fit this command, or None when they do."""
@@ -105,44 +135,57 @@ def _table(*commands: Command) -> dict[str, Command]:
 
 
 COMMANDS: dict[str, Command] = _table(
-    # liveness and introspection
-    Command("ping", control=True),
-    Command("heartbeat", control=True),
+    # liveness and introspection (a client announces its heartbeat interval: silent for many, it is gone)
+    Command("ping", {}, {"interval": NUMBER}, control=True),
+    Command("heartbeat", {}, {"interval": NUMBER}, control=True),
     Command("status", control=True),
     Command("close"),
     # tests only: refused unless the daemon runs with --fault-injection
     Command("debug_delay", {"seconds": NUMBER}, control=True),
     # tensors
     Command("store", {"out": ID, "value": VALUE}, outputs=("out",)),
-    Command("get", {"obj": ID}),
-    Command("info", {"obj": ID}),
-    Command("delete", {"objs": IDS}),
-    Command("alloc", {"out": ID, "dtype": STR, "shape": LIST}, {"grad": BOOL}, outputs=("out",)),
-    Command("write", {"obj": ID, "offset": NONNEG, "data": VALUE}, offload="always"),  # a chunk's copy
-    Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}),
-    Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, offload="large", outputs=("out",)),
-    Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always"),
+    Command("get", {"obj": ID}, refs={"obj": "tensor"}, releases="obj"),
+    Command("info", {"obj": ID}, refs={"obj": "tensor"}),
+    Command("delete", {"objs": IDS}, offload="large"),
+    Command("alloc", {"out": ID, "dtype": STR, "shape": LIST}, {"grad": BOOL}, outputs=("out",),
+            charges=("stream",)),
+    Command("write", {"obj": ID, "offset": NONNEG, "data": VALUE}, offload="always", refs={"obj": "partial"},
+            writes="stream"),  # a chunk's copy
+    Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}, offload="always", refs={"obj": "tensor"},
+            releases="obj"),
+    Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, offload="large", outputs=("out",),
+            charges=("outputs", "graph")),
+    Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
+    Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",)),
     # modules
     Command("module_put", {"out": ID, "spec": MAP, "state": MAP}, offload="always", outputs=("out",)),
-    Command("module_load", {"obj": ID, "state": MAP}, offload="always"),
-    Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always", outputs=("out",)),
-    Command("module_state", {"obj": ID}, offload="always"),
+    Command("module_load", {"obj": ID, "state": MAP}, offload="always", refs={"obj": "module"}, writes="module"),
+    Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always",
+            outputs=("out",), refs={"obj": "module"}, writes="module", charges=("forward", "graph")),
+    Command("module_state", {"obj": ID}, offload="always", refs={"obj": "module"}, releases="obj"),
     # big models: one parameter's bytes in chunks, straight into / out of the module
-    Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, offload="always"),
-    Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}, offload="always"),
-    Command("module_mode", {"obj": ID, "train": BOOL}),
+    Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, offload="always",
+            refs={"obj": "module"}, writes="module"),
+    Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}, offload="always",
+            refs={"obj": "module"}, releases="obj"),
+    Command("module_mode", {"obj": ID, "train": BOOL}, refs={"obj": "module"}),
     # optimizers
-    Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, outputs=("out",)),
-    Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}),
-    Command("optim_step", {"obj": ID}, offload="always"),
+    Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, outputs=("out",),
+            refs={"module": "module"}),
+    Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}, refs={"obj": "optimizer"}),
+    Command("optim_step", {"obj": ID}, offload="always", refs={"obj": "optimizer"}, writes="optimizer",
+            charges=("state",)),
     # the data owner's datasets, and training on them
     Command("datasets", {}, {"query": STR}),
-    Command("dataset_tensor", {"dataset": STR, "part": STR, "out": ID}, outputs=("out",)),
+    Command("dataset_tensor", {"dataset": STR, "part": STR, "out": ID}, outputs=("out",), reads_dataset=True),
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT},
-            offload="always"),
+            offload="always", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
+            charges=("forward", "state"), reads_dataset=True),
     # secure aggregation: one command, four steps (advertise, share_keys, masked_input, unmask)
     Command("secagg", {"step": STR, "round": NONNEG, "payload": VALUE},
-            {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always"),
-    Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG}, offload="always"),
+            {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always", refs={"module": "module"},
+            releases="masked"),
+    Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG}, offload="always",
+            refs={"module": "module"}, writes="module", charges=("forward",), reads_dataset=True),
 )

@@ -8,9 +8,11 @@ A description is a tree of plain values:
   registered by name (custom architectures, shipped to data owners like any other software);
 - ``{"kind": "graph", "children": ..., "params": ..., "buffers": ..., "program": [...]}`` for any other
   module: its ``forward`` is traced with ``torch.fx`` on the client into a list of nodes, each calling
-  a submodule, an op from ``fedzmq.ops.OPS`` or an allowlisted tensor method. The worker interprets
-  that list (no code generation, no ``exec``); a forward that fx cannot trace (data-dependent control
-  flow) gets a ``ModelDescriptionError`` that says to register the class instead.
+  a submodule, an op from ``fedzmq.ops`` or ``size``/``dim``. The worker interprets that list (no code
+  generation, no ``exec``), checking every call against the op's schema (``fedzmq.ops.check_call``,
+  the same check the ``op`` command makes: no ``out=``, no in-place, no arithmetic on plain Python
+  numbers) and its command's time budget at every node. A forward that fx cannot trace
+  (data-dependent control flow) gets a ``ModelDescriptionError`` that says to register the class.
 
 Parameters and buffers are not part of the description: they travel as raw tensor frames and must
 match, name for name and shape for shape, the module the description builds (checked on the meta
@@ -26,9 +28,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from . import budget
 from .codec import DTYPES, NodeRef
 from .errors import BadRequest, ModelDescriptionError
-from .ops import METHODS, OP_NAMES, OPS
+from .ops import KINDS, METHODS, OP_NAMES, OPS, SCHEMAS, check_call
 
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
@@ -82,6 +85,14 @@ def layer_kwargs(module: nn.Module, names: tuple[str, ...]) -> dict[str, Any]:
 
 #: tensor methods a forward program may call besides the ops (they return sizes, not tensors)
 PROGRAM_METHODS: dict[str, Callable[..., Any]] = {"size": torch.Tensor.size, "dim": torch.Tensor.dim}
+
+
+def _check_size_call(target: str, args: Any, kwargs: Any) -> None:
+    """``x.size()``, ``x.size(d)``, ``x.dim()``: a tensor, and for size at most one int dim."""
+    extra = list(args[1:]) + list(kwargs.values())
+    if (not args or not isinstance(args[0], torch.Tensor) or set(kwargs) - {"dim"}
+            or len(extra) > (1 if target == "size" else 0) or not all(KINDS["int"](v) for v in extra)):
+        raise BadRequest.new(f"{target}: takes a tensor" + (" and at most one int dim" if target == "size" else ""))
 
 ModelRegistry = Mapping[str, Callable[..., nn.Module]]
 
@@ -188,7 +199,8 @@ class GraphModule(nn.Module):
     def forward(self, *inputs: Any) -> Any:
         values: list[Any] = []
         placeholders = iter(inputs)
-        for op, target, args, kwargs in self._program:
+        for position, (op, target, args, kwargs) in enumerate(self._program):
+            budget.check()
             if op == "output":
                 return _resolve(args, values)[0]
             if op == "placeholder":
@@ -201,12 +213,18 @@ class GraphModule(nn.Module):
                 continue
             args, kwargs = _resolve(args, values), _resolve(kwargs, values)
             if op == "call_module":
+                if not all(KINDS["operand"](v) for v in (*args, *kwargs.values())):
+                    raise BadRequest.new(f"program node {position}: a submodule takes tensors and numbers")
                 values.append(self.get_submodule(target)(*args, **kwargs))
-            elif op == "call_function":
+            elif op in ("call_function", "call_method") and target in PROGRAM_METHODS:
+                _check_size_call(target, args, kwargs)
+                values.append(PROGRAM_METHODS[target](*args, **kwargs))
+            elif op in ("call_function", "call_method"):
+                try:
+                    check_call(target, args, kwargs)  # the op command's own check: one schema per op
+                except BadRequest as exc:
+                    raise BadRequest.new(f"program node {position}: {exc.remote_message}") from None
                 values.append(OPS[target](*args, **kwargs))
-            elif op == "call_method":
-                fn = PROGRAM_METHODS.get(target) or OPS[target]
-                values.append(fn(*args, **kwargs))
             elif op == "get_attr":
                 values.append(_get_attr(self, target))
         raise BadRequest.new("forward program has no output node")
@@ -334,7 +352,18 @@ def _checked_program(program: Any) -> list[list[Any]]:
             raise BadRequest.new(f"program node {position}: args must be a list and kwargs a map")
         _check_refs(args, position)
         _check_refs(kwargs, position)
+        if op in ("call_function", "call_method") and target in SCHEMAS:
+            _check_keywords(position, target, kwargs)
     return program
+
+
+def _check_keywords(position: int, target: str, kwargs: dict[str, Any]) -> None:
+    """What can be checked before the program runs: the keywords the op takes (``out=`` and
+    ``inplace=`` never). The rest of its schema is checked at every call, on the values."""
+    schema = SCHEMAS[target]
+    for key in kwargs:
+        if schema.kind_of_keyword(key) is None:
+            raise BadRequest.new(f"program node {position}: {target} does not take the keyword {key!r}")
 
 
 def _check_refs(value: Any, position: int) -> None:

@@ -5,7 +5,11 @@ else)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from .errors import BadRequest
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], frozenset[str]]] = {
     "SGD": (torch.optim.SGD, frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"})),
@@ -16,3 +20,15 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], frozenset[str]]] = {
     "Adagrad": (torch.optim.Adagrad, frozenset({"lr", "lr_decay", "weight_decay", "initial_accumulator_value",
                                                 "eps", "maximize"})),
 }
+
+
+def check_hyper(name: str, hyper: dict[str, Any]) -> None:
+    """Refuse hyper-parameters optimizer ``name`` does not take, or that are not plain numbers."""
+    allowed = OPTIMIZERS[name][1]
+    unknown = set(hyper) - allowed
+    if unknown:
+        raise BadRequest.new(f"{name} does not take {sorted(unknown)} (allowed: {sorted(allowed)})")
+    for key, value in hyper.items():
+        if not (type(value) in (int, float, bool) or (isinstance(value, (list, tuple)) and len(value) <= 4
+                                                      and all(type(v) in (int, float) for v in value))):
+            raise BadRequest.new(f"hyper-parameter {key!r} must be a number, bool or tuple of numbers")

@@ -101,8 +101,23 @@ def load_allowed_keys(directory: KeyPath) -> set[bytes]:
     return keys
 
 
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not a plain ``scheme://host:port`` (or inproc/ipc name), or None. Anything else
+    (user info, a path, a query, a source address) is where libzmq and a URL parser may disagree on
+    which interface is meant."""
+    parts = urlsplit(address)
+    if parts.scheme in ("inproc", "ipc"):
+        return None
+    if parts.scheme != "tcp":
+        return f"{address!r}: only tcp://HOST:PORT, ipc:// and inproc:// addresses are served"
+    if "@" in parts.netloc or ";" in parts.netloc or parts.path or parts.query or parts.fragment:
+        return f"{address!r} is not a plain tcp://HOST:PORT address"
+    return None
+
+
 def is_loopback_address(address: str) -> bool:
-    """True for inproc/ipc and tcp on a loopback host; a tcp wildcard or any other host is not."""
+    """True for inproc/ipc and tcp on a loopback host; a tcp wildcard or any other host is not. Decide
+    on the endpoint libzmq actually bound (``LAST_ENDPOINT``), not on what was asked for."""
     parts = urlsplit(address)
     if parts.scheme in ("inproc", "ipc"):
         return True

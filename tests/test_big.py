@@ -16,7 +16,7 @@ from fedzmq.client.connection import ConnectionSettings
 from fedzmq.client.transfers import LANDING_THREADS, STREAM_PIECE_BYTES, STREAM_WINDOW
 from fedzmq.examples import digits
 from fedzmq.launcher import DaemonProcess
-from fedzmq.worker.handlers import byte_range
+from fedzmq.worker.handlers.tensors import byte_range
 
 GIB = 1 << 30
 

@@ -158,6 +158,7 @@ async def test_workers_refuse_rounds_below_their_policy_and_weigh_by_their_own_s
 
 async def test_gradients_of_private_data_taint_the_model_when_secure_aggregation_is_required():
     [shard] = _shards(1)
+    shard.policy = "open"  # reachable through pointers: the route this test closes
     async with fz.VirtualWorker("bob", datasets={"d": shard},
                                 config=fz.WorkerConfig(require_secure_aggregation=True,
                                                        private_release="none")) as bob:

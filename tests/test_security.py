@@ -146,8 +146,28 @@ def owner_data(tmp_path):
     return {"bob": {"digits": str(split.shards["bob"])}, "alice": {"digits": str(split.shards["alice"])}}
 
 
+def open_data(shards, *extra):
+    """Daemon flags serving ``shards`` as open datasets (reachable through pointers), plus ``extra``."""
+    return {worker: [*(f for name, path in sets.items() for f in ("--open-data", f"{name}={path}")), *extra]
+            for worker, sets in shards.items()}
+
+
+async def test_a_protected_dataset_gives_no_pointer_to_its_rows(fedzmq_daemons, owner_data):
+    [bob] = await fedzmq_daemons("bob", datasets={"bob": owner_data["bob"]})  # --data: protected
+    [ds] = await bob.worker.datasets()
+    assert ds.info["policy"] == "protected"
+    for part in (ds.features, ds.labels):
+        with pytest.raises(fz.PermissionDenied, match="protected"):
+            await part()
+    model = digits.make_model()
+    remote = await bob.worker.send(model)
+    metrics = await remote.fit(ds, optimizer={"cls": "SGD", "lr": 0.1})  # the owner's own fit still runs
+    assert metrics["num_examples"] == ds.samples
+    assert (await remote.evaluate(ds))["samples"] == ds.samples
+
+
 async def test_every_route_to_private_data_is_refused(fedzmq_daemons, owner_data):
-    bob, alice = await fedzmq_daemons("bob", "alice", datasets=owner_data)
+    bob, alice = await fedzmq_daemons("bob", "alice", args=open_data(owner_data))
     [ds] = await bob.worker.search("digits")
     features, labels = await ds.features(), await ds.labels()
     routes = {
@@ -174,7 +194,7 @@ async def test_every_route_to_private_data_is_refused(fedzmq_daemons, owner_data
 
 
 async def test_aggregates_parameters_and_metrics_are_released(fedzmq_daemons, owner_data):
-    [bob] = await fedzmq_daemons("bob", datasets={"bob": owner_data["bob"]})
+    [bob] = await fedzmq_daemons("bob", args=open_data({"bob": owner_data["bob"]}, "--private-release", "aggregates"))
     [ds] = await bob.worker.datasets()
     features, labels = await ds.features(), await ds.labels()
     model = digits.make_model()
@@ -189,7 +209,7 @@ async def test_aggregates_parameters_and_metrics_are_released(fedzmq_daemons, ow
 
 
 async def test_private_release_none_refuses_even_aggregates(fedzmq_daemons, owner_data):
-    [bob] = await fedzmq_daemons("bob", datasets={"bob": owner_data["bob"]}, args=["--private-release", "none"])
+    [bob] = await fedzmq_daemons("bob", args=open_data({"bob": owner_data["bob"]}))  # none is the default
     [ds] = await bob.worker.datasets()
     with pytest.raises(fz.PermissionDenied):
         await (await ds.features()).mean().get()
@@ -271,15 +291,15 @@ async def test_a_graph_without_a_backward_pass_is_freed_with_its_output():
 
 
 async def test_a_forward_refused_midway_leaves_nothing_charged():
-    """The quota refuses a forward whose saved activations do not fit; what it had saved is uncharged
-    at once, so a smaller batch fits right after."""
+    """The quota refuses a forward whose intermediates (sized on the meta device before it runs) do not
+    fit; nothing is charged, so a smaller batch fits right after."""
     model = nn.Sequential(nn.Linear(100, 100), nn.GELU(), nn.Linear(100, 100))  # 80.8 kB, and as much room
     async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=1_961_600)) as bob:
         remote = await bob.send(model)
         x = await bob.send(torch.randn(2000, 100))  # 800 kB: the GELU's input and output would need 1.6 MB more
         assert (await bob.status())["bytes"] == 161_600 + 800_000
-        with pytest.raises(fz.LimitExceeded, match="saved for the backward pass"):
-            await remote(x)
+        with pytest.raises(fz.LimitExceeded, match="the forward's intermediates"):
+            await remote(x)  # sized on the meta device first: refused before anything is made
         assert (await bob.status())["bytes"] == 161_600 + 800_000
         out = remote(await bob.send(torch.randn(200, 100)))
         await out.sum().backward()
@@ -352,9 +372,9 @@ async def test_a_fit_needs_room_for_its_optimizers_state():
 
 
 async def test_a_fit_whose_activations_do_not_fit_the_quota_is_refused_and_changes_nothing():
-    """fit charges what autograd saves in its first step, beside the room held for its optimizer's
-    state: a batch through a wide layer, whose activations are far bigger than the model, is refused,
-    and the refused step leaves the batch-norm statistics as they were."""
+    """fit holds room for one step's forward and backward intermediates (sized on the meta device) beside
+    the room for its optimizer's state: a batch through a wide layer, whose activations are far bigger
+    than the model, is refused before it runs, and the batch-norm statistics stay as they were."""
     from fedzmq.worker.datasets import Dataset
 
     x = torch.randn(256, 4)
@@ -369,7 +389,7 @@ async def test_a_fit_whose_activations_do_not_fit_the_quota_is_refused_and_chang
             if fits:
                 assert (await fit)["steps"] == 3
                 continue
-            with pytest.raises(fz.LimitExceeded, match="saved for the backward pass"):
+            with pytest.raises(fz.LimitExceeded, match="the forward's intermediates"):
                 await fit
             norm = (await remote.get())[0]
             assert torch.equal(norm.running_mean, torch.zeros(4)) and norm.num_batches_tracked.item() == 0
@@ -438,7 +458,7 @@ async def test_requests_waiting_in_the_queue_count_against_the_byte_quota():
     async with fz.VirtualWorker("bob", config=config, datasets={"d": Dataset("d", x, (x[:, 0] > 0).long())}) as bob:
         model = nn.Linear(8, 2)
         remote = await bob.send(model)
-        fit = asyncio.ensure_future(remote.fit("d", epochs=30, batch_size=8))  # keeps the session busy
+        fit = asyncio.ensure_future(remote.fit("d", epochs=30, batch_size=16))  # keeps the session busy
         await asyncio.sleep(0.05)
         waiting = [bob._submit("store", {"out": 10_000 + i, "value": torch.zeros(64 * 1024)}) for i in range(20)]
         results = await asyncio.gather(*(bob._wait(w) for w in waiting), return_exceptions=True)

@@ -141,6 +141,11 @@ class Connection:
         self.bytes_sent += sum(len(f) for f in frames)
         return future
 
+    def announce(self) -> dict[str, Any]:
+        """What a ping or heartbeat tells the worker about us: how often we send heartbeats, so it can
+        tell a client that is gone (silent for many of them) from one that is quietly waiting."""
+        return {"interval": self.settings.heartbeat_interval}
+
     def note_progress(self) -> None:
         """A stream's chunk was acknowledged: the worker is alive (no heartbeat needed meanwhile)."""
         self._last_heard = time.monotonic()
@@ -233,7 +238,7 @@ class Connection:
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         answered.add_done_callback(self._on_heartbeat)
         self._pending[request_id] = answered
-        sent = self._socket.send_multipart(encode_request(request_id, "heartbeat", {}))
+        sent = self._socket.send_multipart(encode_request(request_id, "heartbeat", self.announce()))
         sent.add_done_callback(_ignore_result)
 
     def note_session(self, session: str | None) -> bool:

@@ -67,6 +67,13 @@ class TensorPointer(Pointer):
             args["grad"] = gradient
         await self.location._request("backward", args)  # awaited: the gradient's bytes are sent by then
 
+    @property
+    def grad(self) -> "TensorPointer":
+        """A pointer to this leaf's gradient on the worker, as it is now (a snapshot: later backward
+        passes do not change it): ``await ptr.grad.get()``. Refused like any value whose data the
+        owner does not release (a gradient of private data is private)."""
+        return self.location._grad(self)
+
     def __getitem__(self, index: Any) -> "TensorPointer":
         return self.location._op("getitem", [self, index], {})
 

@@ -53,7 +53,7 @@ class RemoteWorker(Transfers):
 
     async def connect(self) -> "RemoteWorker":
         """Wait until the worker answers, and learn its id."""
-        info = await self._request("ping", {}, timeout=self._connection.settings.connect_timeout)
+        info = await self._request("ping", self._connection.announce(), timeout=self._connection.settings.connect_timeout)
         self.id, self.instance = info["id"], info["instance"]
         self._connection.note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
@@ -89,7 +89,7 @@ class RemoteWorker(Transfers):
     # --- public API ----------------------------------------------------------------------------
 
     async def ping(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        return await self._request("ping", {}, timeout)
+        return await self._request("ping", self._connection.announce(), timeout)
 
     async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """Id, version, sessions, objects and bytes held, uptime and counters of the worker."""
@@ -115,7 +115,7 @@ class RemoteWorker(Transfers):
 
         Returns True when it restarted. Used by the scheduler to re-send models to a worker that
         came back after a crash."""
-        info = await self._request("ping", {}, timeout)
+        info = await self._request("ping", self._connection.announce(), timeout)
         self._connection.note_session(info.get("session"))
         reset = self._connection.session_resets != self._resets_seen  # noticed here or by a heartbeat
         self._resets_seen = self._connection.session_resets
@@ -183,6 +183,12 @@ class RemoteWorker(Transfers):
         ready.add_done_callback(_retrieve)
         pointers = tuple(TensorPointer(self, obj_id, ready) for obj_id in out)
         return pointers if len(pointers) > 1 else pointers[0]
+
+    def _grad(self, pointer: TensorPointer) -> TensorPointer:
+        out = self._new_id()
+        ready = self._submit("grad", {"obj": self._to_ref(pointer).id, "out": out})
+        ready.add_done_callback(_retrieve)
+        return TensorPointer(self, out, ready)
 
     def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
         out = self._new_id()

@@ -161,7 +161,8 @@ async def run_secure_round(federation: "Federation", strategy: SecAgg, participa
     # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
     # survivors' shares remove its masks
     alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
-    masked = await each(alive, lambda w: worker_reply(w, secagg(w, "masked_input", routed[ids[w]])))
+    masked = await each(alive, lambda w: worker_reply(w, secagg(w, "masked_input", routed[ids[w]],
+                                                                module=pointers[w].id)))
     request = server.collect_masked(masked.values())
     alive = [w for w in alive if ids[w] in request["u2"]]
     answers = await each(alive, lambda w: worker_reply(w, secagg(w, "unmask", request)))

@@ -150,10 +150,17 @@ class DaemonHandle:
         return f"<DaemonHandle {self.id} {self.process.address} pid={self.process.pid}>"
 
 
+#: the data owner's terms a test daemon starts with: test data is a few rows (the seed's toy data has
+#: two per worker), so one row may make a batch and a metric. Pass ``args=["--min-batch-size", "16"]``
+#: (any flag given later wins) to test code against an owner's real terms.
+TEST_TERMS = ["--min-batch-size", "1", "--min-metric-rows", "1"]
+
+
 def daemon_args(datasets: Mapping[str, PathLike] | None, extra: Sequence[str] = (),
                 models: Mapping[str, str] | None = None) -> list[str]:
-    """The ``fedzmq-worker`` flags for one test daemon: fault injection, ``--data``, ``--model``, extras."""
-    args = ["--fault-injection"]
+    """The ``fedzmq-worker`` flags for one test daemon: fault injection, test terms, ``--data``,
+    ``--model``, then the extras (which win over the terms)."""
+    args = ["--fault-injection", *TEST_TERMS]
     for name, path in (datasets or {}).items():
         args += ["--data", f"{name}={os.fspath(path)}"]
     for name, target in (models or {}).items():

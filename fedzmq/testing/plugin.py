@@ -29,6 +29,7 @@ from .. import torchmodes
 from ..client.connection import ConnectionSettings
 from ..client.worker import VirtualWorker
 from ..launcher import DaemonProcess
+from ..worker import WorkerConfig
 from .daemons import DaemonHandle, PathLike, daemon_args
 from .datasets import DigitsShards, digits_shards, worker_ids
 
@@ -42,6 +43,9 @@ _FAILED = pytest.StashKey[bool]()
 
 #: heartbeats for tests: a dead daemon is noticed within about 2 seconds (0.25 s x 8)
 TEST_SETTINGS = ConnectionSettings(heartbeat_interval=0.25, heartbeat_liveness=8, connect_timeout=30.0)
+
+#: in-process workers' settings: the data owner's terms let a few rows make a batch (test data is tiny)
+TEST_CONFIG = WorkerConfig(min_batch_size=1, min_metric_rows=1)
 
 #: how a worker daemon shows in a process's command line
 _DAEMON_MARKS = ("fedzmq.worker", "fedzmq-worker")
@@ -223,6 +227,7 @@ if pytest_asyncio is not None:
             unknown = set(datasets or {}) - set(names)
             if unknown:
                 raise ValueError(f"datasets given for workers that are not made here: {sorted(unknown)}")
+            kwargs.setdefault("config", TEST_CONFIG)
             workers = []
             for name in names:
                 workers.append(VirtualWorker(name, settings=settings or TEST_SETTINGS,
@@ -320,4 +325,4 @@ if pytest_asyncio is not None:
             pytest.fail("; ".join(problems), pytrace=False)
 
 
-__all__ = ["TEST_SETTINGS", "leftover_daemons", "track_daemon"]
+__all__ = ["TEST_CONFIG", "TEST_SETTINGS", "leftover_daemons", "track_daemon"]

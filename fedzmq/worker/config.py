@@ -36,6 +36,12 @@ class WorkerConfig:
     max_session_bytes: int = 8 << 30
     #: commands of one session waiting to run; more are refused at once (a flood slows only its sender)
     max_inflight: int = 4096
+    #: the longest one command may run: a command over it is stopped at its next check (every step of a
+    #: fit, batch of an evaluate, node of a forward program) with ``LimitExceeded``, and one that would
+    #: need longer (sized on the meta device) is refused before it starts
+    max_command_seconds: float = 300.0
+    #: the most rows one ``fit`` may process (epochs x rows, or steps x batch size)
+    max_fit_samples: int = 10_000_000
 
     # --- who may connect ----------------------------------------------------------------------
     #: the daemon's ``.key_secret`` file: turns on CurveZMQ encryption and authentication
@@ -46,10 +52,12 @@ class WorkerConfig:
     insecure: bool = False
 
     # --- what may leave ------------------------------------------------------------------------
-    #: which values computed from private datasets a client may ``get``: "aggregates" (scalar
-    #: results of losses and of sum/mean), or "none"; model parameters and fit/evaluate metrics
-    #: are always released (that is federated learning)
-    private_release: Literal["aggregates", "none"] = "aggregates"
+    #: what computed from an ``open`` dataset's rows through pointers may leave: "none", or
+    #: "aggregates" (scalar results of losses and of sum/mean, and model state trained through
+    #: pointers: a coordinator can read any value this way, so only for data you would show).
+    #: ``fit``'s trained parameters and fit/evaluate metrics leave under either (that is federated
+    #: learning); a ``protected`` dataset's rows are never reachable through pointers at all
+    private_release: Literal["aggregates", "none"] = "none"
     #: models trained here (``fit``) can leave only as masked updates of a secure-aggregation round
     require_secure_aggregation: bool = False
     #: the fewest clients and the lowest threshold a secure-aggregation round may have to be joined
@@ -57,3 +65,13 @@ class WorkerConfig:
     secagg_min_threshold: int = 2
     #: the least DP noise (noise multiplier) a round must add for this worker to join (0: none needed)
     secagg_min_noise: float = 0.0
+    #: the fewest rows one training step may use (an epoch's smaller remainder is skipped)
+    min_batch_size: int = 16
+    #: the fewest rows an ``evaluate`` reports metrics over
+    min_metric_rows: int = 16
+    #: the daemon's secret for shuffling a fit's rows (None: drawn at start-up); a client's seed
+    #: repeats a run on this daemon but cannot choose which rows share a batch
+    shuffle_secret: str | None = None
+    #: send remote tracebacks with errors; None: only when the daemon holds no protected data
+    #: (errors of commands on private data never carry them, nor any message that could quote it)
+    remote_tracebacks: bool | None = None

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", help="address to serve on, e.g. tcp://127.0.0.1:5555 (port 0 picks a free one)")
     p.add_argument("--threads", type=int, help="threads for torch work (default 1)")
     p.add_argument("--session-timeout", type=float, help="seconds of silence before a session is freed")
-    p.add_argument("--max-message-bytes", type=int, help="largest frame accepted")
+    p.add_argument("--max-message-bytes", "--max-frame-bytes", type=int, dest="max_frame_bytes",
+                   help="largest frame accepted (default 1 GiB)")
     p.add_argument("--max-header-bytes", type=int, help="largest msgpack header accepted")
     p.add_argument("--chunk-bytes", type=int, help="largest tensor sent in one message (128 MiB); bigger ones stream in "
                    "pieces of at most this size (clients use 16 MiB or this, whichever is smaller)")
@@ -54,16 +55,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, help="objects one session may hold (default 100000)")
     p.add_argument("--max-session-bytes", type=int, help="bytes one session may hold (default 8 GiB)")
     p.add_argument("--max-inflight", type=int, help="commands of one session waiting to run (default 4096)")
-    p.add_argument("--private-release", choices=["aggregates", "none"],
-                   help="what computed from private data 'get' may return: aggregate scalars (default) or nothing")
-    p.add_argument("--require-secure-aggregation", action="store_true", default=None,
-                   help="models trained here leave only as masked updates of secure aggregation rounds")
-    p.add_argument("--secagg-min-clients", type=int, help="join only secure-aggregation rounds of at least this "
-                   "many clients (default 3)")
-    p.add_argument("--secagg-min-threshold", type=int, help="... whose threshold is at least this (default 2)")
-    p.add_argument("--secagg-min-noise", type=float, help="... that add at least this DP noise multiplier (default 0)")
-    p.add_argument("--data", action="append", default=None, metavar="NAME=PATH",
-                   help="a dataset this daemon holds (.safetensors, .npz, .csv; repeatable)")
+    p.add_argument("--max-command-seconds", type=float, help="the longest one command may run; longer ones are "
+                   "stopped, and ones sized to need longer are refused (default 300)")
+    p.add_argument("--max-fit-samples", type=int, help="the most rows one fit may process, epochs x rows "
+                   "(default 10,000,000)")
+    data = p.add_argument_group(
+        "the data owner's data and terms",
+        "--data datasets are PROTECTED (the default): the coordinator never gets a pointer to their rows; "
+        "only this daemon's own fit and evaluate of a described model read them, and what leaves is trained "
+        "parameters (from batches of at least --min-batch-size rows, shuffled by the daemon) and metrics over at "
+        "least --min-metric-rows rows; with --require-secure-aggregation, trained parameters leave only as "
+        "masked updates of a secure round of at least --secagg-min-clients. --open-data datasets are also "
+        "reachable through pointers, for data you are willing to show; what is computed from their rows "
+        "leaves only as --private-release allows.")
+    data.add_argument("--data", action="append", default=None, metavar="NAME=PATH",
+                      help="a protected dataset (.safetensors, .npz, .csv; repeatable)")
+    data.add_argument("--open-data", action="append", default=None, metavar="NAME=PATH",
+                      help="an open dataset, reachable through pointers (repeatable)")
+    data.add_argument("--private-release", choices=["aggregates", "none"],
+                      help="what computed from open datasets' rows through pointers may leave: nothing (default), "
+                      "or aggregate scalars and model state ('aggregates' lets a coordinator read any value, one "
+                      "scalar per request: only for data you would show)")
+    data.add_argument("--min-batch-size", type=int, help="the fewest rows one training step may use (default 16)")
+    data.add_argument("--min-metric-rows", type=int, help="the fewest rows evaluate reports metrics over (default 16)")
+    data.add_argument("--shuffle-secret", help="this daemon's secret for shuffling fit's rows (default: drawn at "
+                      "start-up; set it to repeat runs across restarts)")
+    data.add_argument("--remote-tracebacks", action=argparse.BooleanOptionalAction, default=None,
+                      help="send Python tracebacks with errors (default: only without protected data; errors of "
+                      "commands on private data never carry them)")
+    data.add_argument("--require-secure-aggregation", action="store_true", default=None,
+                      help="models trained here leave only as masked updates of secure aggregation rounds")
+    data.add_argument("--secagg-min-clients", type=int, help="join only secure-aggregation rounds of at least this "
+                      "many clients (default 3)")
+    data.add_argument("--secagg-min-threshold", type=int, help="... whose threshold is at least this (default 2)")
+    data.add_argument("--secagg-min-noise", type=float, help="... that add at least this DP noise multiplier "
+                      "(default 0)")
     p.add_argument("--fault-injection", action="store_true", default=None,
                    help="accept the test-only debug_delay command (for test suites; never in production)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
@@ -99,7 +125,7 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
     defaults = Limits()
     limits = Limits(
         max_header_bytes=settings.get("max_header_bytes", defaults.max_header_bytes),
-        max_frame_bytes=settings.get("max_message_bytes", defaults.max_frame_bytes),
+        max_frame_bytes=settings.get("max_frame_bytes", settings.get("max_message_bytes", defaults.max_frame_bytes)),
         chunk_bytes=settings.get("chunk_bytes", defaults.chunk_bytes),
     )
     names = {f.name for f in dataclasses.fields(WorkerConfig)} - {"limits"}
@@ -112,7 +138,7 @@ async def run(settings: dict[str, Any]) -> None:
     # the first optimizer torch builds imports its compiler stack (about a second): pay it before
     # "ready", not in the first round's fit
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    datasets = parse_data_flags(settings.get("data", []))
+    datasets = parse_data_flags(settings.get("data", []), settings.get("open_data", []))
     worker = Worker(settings["id"], config=config, models=model_registry(settings.get("model", [])),
                     datasets=datasets)
     address = worker.bind(settings["bind"])

@@ -6,8 +6,16 @@ features as ``x`` (or ``features``) and the labels as ``y`` (or ``labels``). A d
 come from the safetensors metadata or from a JSON file beside the data (``PATH.json``):
 ``{"description": "...", "tags": ["digits", "non-iid"]}``.
 
-Clients see a dataset's name, size, shapes and tags, never its values: the only commands that touch
-the data are ``fit`` and ``evaluate``, which run on the worker and return aggregate numbers.
+Each dataset has the owner's policy (``--data`` and ``--open-data``):
+
+- ``protected`` (``--data``, the default): the coordinator never holds a pointer to its rows. Only the
+  daemon's own ``fit`` and ``evaluate`` of a described model read them; what leaves is trained
+  parameters (from batches of at least ``--min-batch-size`` rows, shuffled by the daemon) and metrics
+  aggregated over at least ``--min-metric-rows`` rows.
+- ``open`` (``--open-data``): also reachable through pointers (``ds.features()``), for data the owner
+  is willing to show; what is computed from its rows leaves only as ``--private-release`` allows.
+
+Clients see a dataset's name, size, shapes, tags and policy, never its values.
 """
 
 from __future__ import annotations
@@ -15,15 +23,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
 from ..codec import DTYPE_NAMES
+from ..errors import FedzmqError
+
+DataPolicy = Literal["protected", "open"]
 
 
-class DatasetError(ValueError):
+class DatasetError(FedzmqError, ValueError):
     """A dataset file could not be loaded."""
 
 
@@ -34,8 +45,11 @@ class Dataset:
     labels: torch.Tensor
     description: str = ""
     tags: list[str] = field(default_factory=list)
+    policy: DataPolicy = "protected"
 
     def __post_init__(self) -> None:
+        if self.policy not in ("protected", "open"):
+            raise DatasetError(f"dataset {self.name}: policy must be 'protected' or 'open', not {self.policy!r}")
         if len(self.features) != len(self.labels):
             raise DatasetError(f"dataset {self.name}: {len(self.features)} feature rows but {len(self.labels)} labels")
 
@@ -56,6 +70,7 @@ class Dataset:
             "num_classes": classes,
             "description": self.description,
             "tags": list(self.tags),
+            "policy": self.policy,
         }
 
     def matches(self, query: str) -> bool:
@@ -70,7 +85,7 @@ def _pick(arrays: dict[str, Any], names: tuple[str, ...], path: Path) -> Any:
     raise DatasetError(f"{path}: needs an array named one of {names}, found {sorted(arrays)}")
 
 
-def load_dataset(name: str, path: str | Path) -> Dataset:
+def load_dataset(name: str, path: str | Path, policy: DataPolicy = "protected") -> Dataset:
     """Load one dataset file; raises ``DatasetError`` with the reason."""
     path = Path(path)
     if not path.is_file():
@@ -105,17 +120,20 @@ def load_dataset(name: str, path: str | Path) -> Dataset:
     tags = meta.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise DatasetError(f"dataset {name}: tags must be a list of strings")
-    return Dataset(name, features.contiguous(), labels.contiguous(), str(meta.get("description", "")), tags)
+    return Dataset(name, features.contiguous(), labels.contiguous(), str(meta.get("description", "")), tags, policy)
 
 
-def parse_data_flags(entries: list[str]) -> dict[str, Dataset]:
-    """``["digits=shards/bob.safetensors", ...]`` -> datasets by name."""
+def parse_data_flags(entries: Sequence[str], open_entries: Sequence[str] = ()) -> dict[str, Dataset]:
+    """``--data`` (protected) and ``--open-data`` entries, ``NAME=PATH`` each -> datasets by name."""
     datasets: dict[str, Dataset] = {}
-    for entry in entries:
-        name, sep, path = entry.partition("=")
-        if not sep or not name or not path:
-            raise DatasetError(f"--data takes NAME=PATH, got {entry!r}")
-        if name in datasets:
-            raise DatasetError(f"dataset {name!r} given twice")
-        datasets[name] = load_dataset(name, path)
+    flags: tuple[tuple[str, DataPolicy, Sequence[str]], ...] = (("--data", "protected", entries),
+                                                               ("--open-data", "open", open_entries))
+    for flag, policy, given in flags:
+        for entry in given:
+            name, sep, path = entry.partition("=")
+            if not sep or not name or not path:
+                raise DatasetError(f"{flag} takes NAME=PATH, got {entry!r}")
+            if name in datasets:
+                raise DatasetError(f"dataset {name!r} given twice")
+            datasets[name] = load_dataset(name, path, policy)
     return datasets

@@ -18,9 +18,9 @@ from torch import nn
 from ..errors import BadRequest, PermissionDenied
 from ..secagg import SecAggClient, SecAggConfig
 from ..secagg.wire import from_codec, to_codec
-from .session import Session
 
 if TYPE_CHECKING:
+    from .binding import Binding
     from .config import WorkerConfig
 
 #: rounds a session may have under way at once (older ones are forgotten)
@@ -53,17 +53,23 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
         raise PermissionDenied.new("this worker's policy refuses the round: " + "; ".join(problems))
 
 
-def handle(session: Session, args: dict[str, Any], policy: "WorkerConfig") -> Any:
+def handle(binding: "Binding", policy: "WorkerConfig") -> Any:
+    """One step of a secure round. ``advertise`` and ``masked_input`` name the module (the executor
+    checked that the owner's terms let it leave masked); the others carry protocol messages only."""
+    args, session = binding.args, binding.session
     step, number = args["step"], args["round"]
     rounds: dict[int, SecureRound] = session.secure_rounds
+    if step in ("advertise", "masked_input") and "module" not in binding.objects:
+        raise BadRequest.new(f"the {step} step names the module it masks (module=<id>)")
     if step == "advertise":
-        module = session.module(args.get("module", -1))
+        hosted = binding.objects["module"]
+        module = hosted.module
         config = SecAggConfig.from_wire(from_codec(args["payload"]))
         check_policy(config, policy)
         reference = float_parameters(module).clone()
         if reference.numel() != config.vector_length:
             raise BadRequest.new(f"the round masks {config.vector_length} values, the model has {reference.numel()}")
-        rounds[number] = SecureRound(SecAggClient(args["client"], config), args["module"], reference)
+        rounds[number] = SecureRound(SecAggClient(args["client"], config), binding.request.args["module"], reference)
         while len(rounds) > LIVE_ROUNDS:
             rounds.pop(min(rounds))
         return to_codec(rounds[number].client.advertise())
@@ -74,10 +80,13 @@ def handle(session: Session, args: dict[str, Any], policy: "WorkerConfig") -> An
     if step == "share_keys":
         return to_codec(state.client.share_keys(payload))
     if step == "masked_input":
-        update = float_parameters(session.module(state.module_id))
+        if binding.request.args["module"] != state.module_id:
+            raise BadRequest.new(f"round {number} masks module {state.module_id}, not {binding.request.args['module']}")
+        hosted = binding.objects["module"]
+        update = float_parameters(hosted.module)
         update.sub_(state.reference)  # in place: the concatenation is already a fresh copy
         # the weight is the worker's own count of the samples it trained on, not the coordinator's word
-        weight = float(session.trained_samples.get(state.module_id, 0))
+        weight = float(hosted.trained_samples)
         return to_codec(state.client.masked_input(update, weight, payload))
     if step == "unmask":
         answer = state.client.unmask(payload)

@@ -3,22 +3,21 @@
     receive loop ──decode──► control command? ──yes──► answer at once (ping, heartbeat, status)
                                    │ no
                                    ▼
-                        session queue (FIFO) ──► session task ──► handler (loop or thread pool) ──► reply
+                        session queue (FIFO) ──► session task ──► executor (loop or torch thread) ──► reply
 
 The receive loop never runs torch work, so pings and heartbeats are answered while a session is busy;
 each session has its own task, so one session's commands keep their order and other sessions do not
 wait on it. A message that fails decoding gets an error reply to its sender and is counted; nothing
-else is touched.
+else is touched. What a command does is the executor's business (``fedzmq.worker.executor``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import secrets
 import time
-import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,18 +27,33 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ..__about__ import __version__
-from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error, encode_reply
-from ..commands import COMMANDS, INLINE_NUMEL
-from ..errors import LimitExceeded, ProtocolError, error_payload
-from ..security import KeyGate, SecurityError, apply_server_keys, is_loopback_address
+from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error
+from ..commands import COMMANDS
+from ..errors import ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
-from ..torchmodes import default_modes
+from ..security import KeyGate, SecurityError, address_problem, apply_server_keys, is_loopback_address
+from .binding import Context
 from .config import WorkerConfig
+from .cost import Coster, warm_up
 from .datasets import Dataset
-from .handlers import Handlers, LiveReply, referenced_numel
-from .session import DependencyError, Session
+from .executor import Executor, fail_outputs
+from .policy import Policy
+from .session import Session
+from .training import Terms
 
 log = logging.getLogger("fedzmq.worker")
+
+#: replies whose buffers hold more than this are charged to their session until ZeroMQ has sent them
+#: (pyzmq copies smaller frames anyway; how many of those wait is bounded by the socket's send HWM)
+TRACKED_REPLY_BYTES = 1 << 16
+
+#: a session whose client announced its heartbeat interval is closed after this many intervals of
+#: silence (and may be evicted for a new client after ``EVICT_AFTER_INTERVALS``, or sooner if empty)
+GONE_AFTER_INTERVALS = 20
+EVICT_AFTER_INTERVALS = 10
+EVICT_EMPTY_AFTER_INTERVALS = 3
+#: seconds of silence after which a session of a client that announced nothing may be evicted
+EVICT_AFTER_SECONDS = 10.0
 
 
 class Worker:
@@ -49,23 +63,31 @@ class Worker:
                  models: ModelRegistry | None = None, datasets: dict[str, Dataset] | None = None,
                  context: zmq.asyncio.Context | None = None) -> None:
         self.id = worker_id
-        self.config = config or WorkerConfig()
+        self.config = config = config or WorkerConfig()
         self.instance = uuid.uuid4().hex
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._copy_frames = False
         self._sessions: dict[bytes, Session] = {}
-        self._pool = ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
+        self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self.address: str | None = None
+        self.datasets = datasets or {}
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0,
-                         "sessions_refused": 0, "throttled": 0, "limit_errors": 0, "handshake_failures": 0}
-        self.handlers = Handlers(worker_id, self.config.limits, models or {}, self.status, self.ping_info,
-                                 fault_injection=self.config.fault_injection, datasets=datasets,
-                                 private_release=self.config.private_release,
-                                 require_secure_aggregation=self.config.require_secure_aggregation)
-        self.handlers.policy = self.config
+                         "sessions_evicted": 0, "sessions_refused": 0, "throttled": 0, "limit_errors": 0,
+                         "handshake_failures": 0, "unread_replies": 0}
+        protected = any(d.policy == "protected" for d in self.datasets.values())
+        tracebacks = config.remote_tracebacks if config.remote_tracebacks is not None else not protected
+        secret = config.shuffle_secret.encode() if config.shuffle_secret is not None else secrets.token_bytes(32)
+        self.context = Context(
+            worker_id=worker_id, config=config,
+            policy=Policy(config.private_release, config.require_secure_aggregation, tracebacks),
+            datasets=self.datasets, models=models or {}, coster=Coster(models or {}),
+            status=self.status, ping=self.ping_info,
+            terms=Terms(config.min_batch_size, config.min_metric_rows, config.max_fit_samples, secret))
+        self.executor = Executor(self.context, self._pool, self.counters)
+        warm_up()  # the meta kernels load here, not inside the first command on the event loop
         self.key_gate: KeyGate | None = None
         self.public_key: bytes | None = None
         self._monitor: zmq.asyncio.Socket | None = None
@@ -75,13 +97,11 @@ class Worker:
     def bind(self, address: str) -> str:
         """Bind the ROUTER socket (synchronously, so a VirtualWorker is reachable at once)."""
         config = self.config
-        if config.secret_key is None and not config.insecure and not is_loopback_address(address):
-            raise SecurityError(
-                f"refusing to serve {address} without keys: anyone who can reach it could run commands and read "
-                "traffic. Start with --secret-key FILE --allowed-keys DIR (see 'fedzmq keygen'), or pass "
-                "--insecure to accept that")
         if (config.secret_key is None) != (config.allowed_keys is None):
             raise SecurityError("--secret-key and --allowed-keys go together")
+        problem = address_problem(address)
+        if problem:
+            raise SecurityError(problem)
         sock = self._context.socket(zmq.ROUTER)
         if config.secret_key is not None:
             assert config.allowed_keys is not None
@@ -92,18 +112,31 @@ class Worker:
                                                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
+        # a client that stops reading fills its pipe: sends fail at once (ROUTER_MANDATORY) instead of
+        # queueing without end, and its session is closed
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 2 * config.max_inflight + 64)
         sock.setsockopt(zmq.RCVHWM, 0)
         # a hard stop far above the codec's limit: frames between the two get a proper error reply,
         # only absurd ones make ZeroMQ drop the connection
-        limits = self.config.limits
+        limits = config.limits
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * max(limits.max_frame_bytes, limits.max_header_bytes) + (1 << 20))
         sock.bind(address)
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # decided on what libzmq bound, not on what was asked: an interface name, a wildcard or an
+        # address a URL parser reads otherwise all show here as the address actually served
+        if config.secret_key is None and not config.insecure and not is_loopback_address(bound):
+            sock.close(linger=0)
+            self._close_key_gate()
+            raise SecurityError(
+                f"refusing to serve {address} (bound as {bound}) without keys: anyone who can reach it could run "
+                "commands and read traffic. Start with --secret-key FILE --allowed-keys DIR (see 'fedzmq keygen'), "
+                "or pass --insecure to accept that")
         self._socket = sock
-        self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.address = bound
         # over inproc a zero-copy frame would alias the sender's memory: copy on that transport only
-        self._copy_frames = self.address.startswith("inproc://")
-        return self.address
+        self._copy_frames = bound.startswith("inproc://")
+        return bound
 
     def start(self) -> None:
         """Start serving on the running event loop (after ``bind``)."""
@@ -135,24 +168,27 @@ class Worker:
             await self.close()
 
     async def close(self) -> None:
+        for session in self._sessions.values():
+            session.clear()  # cancels a running command at its next check
         tasks = self._tasks + [s.task for s in self._sessions.values() if s.task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
-        for session in self._sessions.values():
-            session.clear()
         self._sessions.clear()
         if self._monitor is not None and self._socket is not None:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
-        if self.key_gate is not None:
-            self.key_gate.stop()
+        self._close_key_gate()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _close_key_gate(self) -> None:
+        if self.key_gate is not None:
+            self.key_gate.stop()
 
     async def __aenter__(self) -> "Worker":
         self.start()
@@ -167,7 +203,8 @@ class Worker:
         limits = self.config.limits
         return {"id": self.id, "version": __version__, "protocol": PROTOCOL_VERSION, "instance": self.instance,
                 "limits": {"max_header_bytes": limits.max_header_bytes, "max_frame_bytes": limits.max_frame_bytes,
-                           "max_frames": limits.max_frames, "chunk_bytes": limits.chunk_bytes}}
+                           "max_frames": limits.max_frames, "chunk_bytes": limits.chunk_bytes,
+                           "max_items": limits.max_items}}
 
     def status(self) -> dict[str, Any]:
         sessions = list(self._sessions.values())
@@ -175,8 +212,8 @@ class Worker:
             **self.ping_info(),
             "uptime": time.monotonic() - self._started,
             "sessions": len(sessions),
-            "objects": sum(len(s.objects) for s in sessions),
-            "bytes": sum(s.nbytes_held for s in sessions),  # what the sessions' quotas are charged
+            "objects": sum(len(s.table) for s in sessions),
+            "bytes": sum(s.quota.held for s in sessions),  # what the sessions' quotas are charged
             "rss_bytes": _rss_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
             "encrypted": self.key_gate is not None,
@@ -211,73 +248,96 @@ class Worker:
             log.debug("malformed message from %s: %s", key.hex(), exc)
             self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
             return
-        user = _user_id(frames[1])
-        session = self._sessions.get(key)
+        session = self._session_for(key, _user_id(frames[1]), request)
         if session is None:
-            if len(self._sessions) >= self.config.max_sessions:
-                self.counters["sessions_refused"] += 1
-                self._refuse(key, request, "LimitExceeded", f"the worker serves its maximum of "
-                             f"{self.config.max_sessions} sessions (--max-sessions); try again later")
-                return
-            if user is not None and sum(s.user == user for s in self._sessions.values()) >= \
-                    self.config.max_sessions_per_key:
-                self.counters["sessions_refused"] += 1
-                self._refuse(key, request, "LimitExceeded", f"this key has its maximum of "
-                             f"{self.config.max_sessions_per_key} sessions open (--max-sessions-per-key); "
-                             "close one first")
-                return
-            session = self._sessions[key] = Session(key, user=user, max_objects=self.config.max_objects,
-                                                    max_bytes=self.config.max_session_bytes)
-            session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
-        elif session.user != user:  # a routing id reused under another key: never the same session
-            self._refuse(key, request, "PermissionDenied", "this session belongs to another key")
             return
         session.touch()
         if COMMANDS[request.cmd].control:
-            try:
-                frames_out = encode_reply(request.id, self.handlers.handler(request.cmd)(session, request.args))
-            except Exception as exc:
-                frames_out = encode_error(request.id, error_payload(exc, traceback.format_exc()))
-            self._send(key, frames_out)
+            self._send(key, self.executor.control(session, request), session)
         elif session.queue.qsize() >= self.config.max_inflight:
             self.counters["throttled"] += 1
             self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
                          "this session are waiting (--max-inflight); wait for replies before sending more",
                          session)
-        elif request.nbytes > session.room():
+        elif request.nbytes > session.quota.room():
             self.counters["throttled"] += 1
             self._refuse(key, request, "LimitExceeded", f"this session's waiting requests carry "
-                         f"{session.nbytes_queued} bytes and it holds {session.nbytes_held}: {request.nbytes} more "
-                         f"would pass its quota of {session.max_bytes} bytes (--max-session-bytes)", session)
+                         f"{session.quota.queued} bytes and it holds {session.quota.held}: {request.nbytes} more "
+                         f"would pass its quota of {session.quota.max_bytes} bytes (--max-session-bytes)", session)
         else:
-            session.nbytes_queued += request.nbytes
+            session.quota.queued += request.nbytes
             session.queue.put_nowait(request)
 
+    def _session_for(self, key: bytes, user: str | None, request: Request) -> Session | None:
+        """The sender's session, made if new (evicting a gone one if the worker is full); None if refused."""
+        session = self._sessions.get(key)
+        if session is not None:
+            if session.user != user:  # a routing id reused under another key: never the same session
+                self._refuse(key, request, "PermissionDenied", "this session belongs to another key")
+                return None
+            return session
+        if len(self._sessions) >= self.config.max_sessions and not self._evict_one():
+            self.counters["sessions_refused"] += 1
+            self._refuse(key, request, "LimitExceeded", f"the worker serves its maximum of "
+                         f"{self.config.max_sessions} sessions (--max-sessions); try again later")
+            return None
+        if user is not None and sum(s.user == user for s in self._sessions.values()) >= \
+                self.config.max_sessions_per_key:
+            self.counters["sessions_refused"] += 1
+            self._refuse(key, request, "LimitExceeded", f"this key has its maximum of "
+                         f"{self.config.max_sessions_per_key} sessions open (--max-sessions-per-key); close one first")
+            return None
+        session = self._sessions[key] = Session(key, user=user, max_objects=self.config.max_objects,
+                                                max_bytes=self.config.max_session_bytes)
+        session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
+        return session
+
+    def _evict_one(self) -> bool:
+        """Make room for a new client: end the idle session whose client has been silent longest, if it
+        looks gone (an empty one sooner than one holding objects). False if none does."""
+        now = time.monotonic()
+
+        def silent_for(session: Session) -> float:
+            return now - session.last_seen
+
+        def gone(session: Session) -> bool:
+            interval = session.peer_interval
+            if interval is None:
+                return silent_for(session) > EVICT_AFTER_SECONDS
+            after = EVICT_EMPTY_AFTER_INTERVALS if session.empty else EVICT_AFTER_INTERVALS
+            return silent_for(session) > after * interval
+
+        candidates = [s for s in self._sessions.values() if s.idle and gone(s)]
+        if not candidates:
+            return False
+        victim = max(candidates, key=lambda s: (s.empty, silent_for(s)))
+        log.info("session %s silent for %.1fs: evicted to make room for a new client", victim.key.hex(),
+                 silent_for(victim))
+        self._end_session(victim, "sessions_evicted")
+        return True
+
     async def _session_loop(self, session: Session) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             request = await session.queue.get()
-            if request is None or await self._run(loop, session, request):
+            if request is None or await self._run(session, request):
                 return
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, session: Session, request: Request) -> bool:
+    async def _run(self, session: Session, request: Request) -> bool:
         """Run one queued command and reply; True when it ended the session. (A method of its own so
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
         session.running = request.id
-        session.nbytes_queued -= request.nbytes  # from now on the handler's own accounting applies
+        session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
         try:
-            if self.handlers.delay:
-                await asyncio.sleep(self.handlers.delay)
-            frames, live = await self._execute(loop, session, request)
+            frames, live = await self.executor.execute(session, request)
             if live and not self._copy_frames:
                 try:
-                    await self._send_and_wait(session.key, frames)
+                    await self._send_and_wait(session, frames)
                 except RuntimeError as exc:  # its client stopped reading: end the session, not the daemon
                     log.warning("%s; closing the session", exc)
                     self._end_session(session, "sessions_expired")
                     return True
             else:
-                self._send(session.key, frames)
+                self._send(session.key, frames, session)
         finally:
             session.running = None
             session.last_done = request.id
@@ -286,51 +346,35 @@ class Worker:
             self._end_session(session, "sessions_closed")
             self._refuse_queued(session, "the session was closed before this command ran")
             return True
-        return False
-
-    async def _execute(self, loop: asyncio.AbstractEventLoop, session: Session,
-                       request: Request) -> tuple[list[Any], bool]:
-        """Run a command; returns the reply's frames and whether they hold live memory (``LiveReply``)."""
-        command = COMMANDS[request.cmd]
-        handler = self.handlers.handler(request.cmd)
-        try:
-            offload = command.offload == "always" or (
-                command.offload == "large" and referenced_numel(session, request.args) > INLINE_NUMEL)
-            if offload:
-                result = await loop.run_in_executor(self._pool, _call_in_default_modes, handler, session,
-                                                    request.args)
-            else:
-                result = _call_in_default_modes(handler, session, request.args)
-            return encode_reply(request.id, result), isinstance(result, LiveReply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.counters["errors"] += 1
-            if isinstance(exc, LimitExceeded):
-                self.counters["limit_errors"] += 1
-            payload = error_payload(exc, traceback.format_exc())
-            _fail_outputs(session, request, exc.root if isinstance(exc, DependencyError) else payload)
-            return encode_error(request.id, payload), False
+        return self._sessions.get(session.key) is not session  # ended while it ran (its client stopped reading)
 
     async def _expire_loop(self) -> None:
         timeout = self.config.session_timeout
         while True:
-            await asyncio.sleep(max(0.05, timeout / 4))
+            await asyncio.sleep(max(0.05, min(timeout, 10.0) / 4))
             now = time.monotonic()
             for session in list(self._sessions.values()):
-                if session.idle and now - session.last_seen > timeout:
-                    log.info("session %s idle for %.1fs: freeing %d objects", session.key.hex(),
-                             now - session.last_seen, len(session.objects))
-                    session.queue.put_nowait(None)
+                silent = now - session.last_seen
+                if session.idle and silent > self._expiry(session):
+                    log.info("session %s silent for %.1fs: freeing %d objects", session.key.hex(), silent,
+                             len(session.table))
                     self._end_session(session, "sessions_expired")
+
+    def _expiry(self, session: Session) -> float:
+        """Seconds of silence after which an idle session is closed: ``--session-timeout``, or sooner
+        for a client that announced its heartbeat interval and has missed many of them (it is gone)."""
+        timeout = self.config.session_timeout
+        if session.peer_interval is None:
+            return timeout
+        return min(timeout, max(10.0, GONE_AFTER_INTERVALS * session.peer_interval))
 
     def _refuse(self, key: bytes, request: Request, error_type: str, message: str,
                 session: Session | None = None) -> None:
         """Answer a request with an error without running it (its outputs are marked failed)."""
         payload = {"type": error_type, "message": message, "traceback": ""}
         if session is not None:
-            _fail_outputs(session, request, payload)
-        self._send(key, encode_error(request.id, payload))
+            fail_outputs(session, request, payload)
+        self._send(key, encode_error(request.id, payload), session)
 
     async def _monitor_loop(self) -> None:
         """Count clients whose handshake failed (no key, wrong server key, refused key)."""
@@ -349,46 +393,54 @@ class Worker:
                                                                   "traceback": ""}))
 
     def _end_session(self, session: Session, counter: str) -> None:
-        session.clear()
+        session.clear()  # a running command is cancelled at its next check
+        session.queue.put_nowait(None)
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
         self.counters[counter] += 1
 
-    async def _send_and_wait(self, key: bytes, frames: list[Any], limit: float = 300.0) -> None:
+    async def _send_and_wait(self, session: Session, frames: list[Any], limit: float = 300.0) -> None:
         """Send without copying and wait until ZeroMQ no longer needs the frames' memory."""
-        if self._socket is None:
-            return
-        try:
-            tracker = await self._socket.send_multipart([key, *frames], copy=False, track=True)
-        except zmq.ZMQError:
-            return
+        tracker = self._send(session.key, frames, session, track=True)
         deadline, pause = time.monotonic() + limit, 0.0005
         while tracker is not None and not tracker.done:  # polled: no thread is held by a slow reader
             if time.monotonic() > deadline:
-                raise RuntimeError(f"a reply to session {key.hex()} was not sent within {limit:g}s")
+                raise RuntimeError(f"a reply to session {session.key.hex()} was not sent within {limit:g}s")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    def _send(self, key: bytes, frames: list[Any]) -> None:
+    def _send(self, key: bytes, frames: list[Any], session: Session | None = None,
+              track: bool = False) -> zmq.MessageTracker | None:
+        """Send a reply without blocking. A reply holding big buffers is charged to its session until
+        ZeroMQ has sent it; a client whose pipe is full (it stopped reading) or gone loses its session."""
         if self._socket is None:
-            return
-        with contextlib.suppress(zmq.ZMQError):
-            self._socket.send_multipart([key, *frames], copy=self._copy_frames)
-
-
-def _call_in_default_modes(handler: Any, session: Session, args: dict[str, Any]) -> Any:
-    """Run a handler with torch's default grad, inference and autocast modes: an in-process worker runs
-    small commands on its caller's thread, whose modes a daemon never sees (``fedzmq.torchmodes``)."""
-    with default_modes():
-        return handler(session, args)
-
-
-def _fail_outputs(session: Session, request: Request, error: dict[str, str]) -> None:
-    """Mark the objects a command would have made as failed, so later uses report ``error``."""
-    for name in COMMANDS[request.cmd].outputs:
-        out = request.args.get(name)
-        for obj_id in out if isinstance(out, list) else [out]:
-            session.fail(obj_id, error)
+            return None
+        nbytes = sum(len(f) for f in frames[1:]) if len(frames) > 1 else 0
+        track = track or (nbytes > TRACKED_REPLY_BYTES and not self._copy_frames)
+        # through the asyncio socket (never a second handle on it: a send there could take the
+        # readiness edge its receive waits for), non-blocking: the future is done on return
+        sent = self._socket.send_multipart([key, *frames], flags=zmq.NOBLOCK, copy=self._copy_frames,
+                                           track=track and not self._copy_frames)
+        if not sent.done():  # cannot happen while every send is non-blocking; never wait on one here
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return None
+        try:
+            tracker = sent.result()
+        except zmq.Again:
+            self.counters["unread_replies"] += 1
+            if session is not None and self._sessions.get(key) is session:
+                log.warning("session %s does not read its replies (its pipe is full): closing it", key.hex())
+                self._end_session(session, "sessions_expired")
+            return None
+        except zmq.ZMQError:  # the client is gone (EHOSTUNREACH)
+            if session is not None and self._sessions.get(key) is session and session.idle:
+                self._end_session(session, "sessions_expired")
+            return None
+        if track and isinstance(tracker, zmq.MessageTracker):
+            if session is not None:
+                session.quota.sending(tracker, nbytes)
+            return tracker
+        return None
 
 
 def _user_id(frame: Any) -> str | None:
@@ -418,3 +470,6 @@ def peak_rss_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+__all__ = ["Worker", "peak_rss_bytes"]

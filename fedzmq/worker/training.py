@@ -1,19 +1,29 @@
-"""Local training and evaluation on a worker's own dataset: one command, no round trip per batch."""
+"""Local training and evaluation on a worker's own dataset: one command, no round trip per batch.
+
+These are the only code that reads a protected dataset's rows, and they keep the owner's terms
+(``Terms``): every step trains on at least ``min_batch`` rows (an epoch's remainder smaller than that
+is skipped, never trained on alone), the order of the rows is shuffled from a seed the daemon derives
+from its own secret (a client cannot choose which rows share a batch), a fit processes at most
+``max_samples`` rows in all, and metrics are aggregates over at least ``min_metric_rows`` rows.
+Long work stops at its budget (``fedzmq.budget``): checked at every step and every batch.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import hmac
 import math
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, ContextManager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BadRequest
-from ..optimizers import OPTIMIZERS
+from .. import budget
+from ..errors import BadRequest, LimitExceeded, PermissionDenied
+from ..optimizers import OPTIMIZERS, check_hyper
 from .datasets import Dataset
 
 #: losses ``fit`` and ``evaluate`` accept, by name
@@ -25,6 +35,17 @@ LOSSES = {
     "binary_cross_entropy": F.binary_cross_entropy,
     "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
 }
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The data owner's terms for training and evaluating on its rows (``fedzmq-worker`` flags)."""
+
+    min_batch: int = 16
+    min_metric_rows: int = 16
+    max_samples: int = 10_000_000
+    #: the daemon's secret for shuffling: the order of rows is HMAC(key, dataset, client seed)
+    shuffle_key: bytes = b""
 
 
 def loss_function(name: str) -> Any:
@@ -40,16 +61,9 @@ def make_optimizer(spec: dict[str, Any], module: nn.Module) -> torch.optim.Optim
     name = spec.get("cls")
     if name not in OPTIMIZERS:
         raise BadRequest.new(f"optimizer {name!r} is not on the allowlist {sorted(OPTIMIZERS)}")
-    cls, allowed = OPTIMIZERS[name]
     hyper = {k: v for k, v in spec.items() if k != "cls"}
-    unknown = set(hyper) - allowed
-    if unknown:
-        raise BadRequest.new(f"{name} does not take {sorted(unknown)} (allowed: {sorted(allowed)})")
-    for key, value in hyper.items():
-        if not (type(value) in (int, float, bool) or (isinstance(value, (list, tuple)) and len(value) <= 4
-                                                      and all(type(v) in (int, float) for v in value))):
-            raise BadRequest.new(f"hyper-parameter {key!r} must be a number, bool or tuple of numbers")
-    return cls(module.parameters(), **hyper)
+    check_hyper(name, hyper)
+    return OPTIMIZERS[name][0](module.parameters(), **hyper)
 
 
 def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
@@ -58,86 +72,98 @@ def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def fit(module: nn.Module, dataset: Dataset, *, loss: str, optimizer: torch.optim.Optimizer,
-        batch_size: int, epochs: int | None, steps: int | None, prox_mu: float, seed: int,
-        first_step: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> dict[str, Any]:
-    """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss.
+def shuffle_seed(terms: Terms, dataset: Dataset, client_seed: int) -> int:
+    """The seed of a fit's shuffle: the daemon's secret mixed with the client's seed, so the same
+    client seed repeats a run (on this daemon) but no client can pick which rows share a batch."""
+    digest = hmac.new(terms.shuffle_key, f"{dataset.name}:{client_seed}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
-    The first step's forward and backward run inside ``first_step()``: the worker charges what autograd
-    saves there against the session's quota, so a batch whose activations do not fit is refused. Later
-    steps repeat its shapes, and charging each of them would cost a large part of a small model's step."""
+
+def plan_steps(terms: Terms, rows: int, batch_size: int, epochs: int | None, steps: int | None) -> int:
+    """Check a fit against the terms; returns how many steps it takes."""
     if batch_size < 1 or (epochs is None) == (steps is None) or (epochs or steps or 0) < 1:
         raise BadRequest.new("fit needs batch_size >= 1 and exactly one of epochs >= 1 or steps >= 1")
+    if batch_size < terms.min_batch:
+        raise PermissionDenied.new(f"batch_size {batch_size} is below this worker's minimum of {terms.min_batch} "
+                                   "rows per step (--min-batch-size): one step must not reveal a few rows")
+    if rows < terms.min_batch:
+        raise PermissionDenied.new(f"the dataset has {rows} rows, fewer than this worker's minimum batch of "
+                                   f"{terms.min_batch} (--min-batch-size)")
+    full, remainder = divmod(rows, batch_size) if batch_size <= rows else (1, 0)
+    per_epoch = full + (remainder >= terms.min_batch)
+    total = steps if steps is not None else epochs * per_epoch  # type: ignore[operator]
+    samples = total * min(batch_size, rows)
+    if samples > terms.max_samples:
+        raise LimitExceeded.new(f"this fit would process {samples} rows, more than this worker allows in one fit "
+                                f"({terms.max_samples}, --max-fit-samples)")
+    return total
+
+
+def batches(terms: Terms, rows: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches of row indexes: shuffled, and without a remainder smaller than the minimum."""
+    order = torch.randperm(rows, generator=generator)
+    batch_size = min(batch_size, rows)
+    out = [order[start:start + batch_size] for start in range(0, rows, batch_size)]
+    return [index for index in out if len(index) >= terms.min_batch]
+
+
+def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, optimizer: torch.optim.Optimizer,
+        batch_size: int, epochs: int | None, steps: int | None, prox_mu: float, seed: int) -> dict[str, Any]:
+    """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss."""
     if len(dataset) == 0:
         raise BadRequest.new(f"dataset {dataset.name} is empty")
+    total_steps = plan_steps(terms, len(dataset), batch_size, epochs, steps)
     loss_fn = loss_function(loss)
     params = [p for p in module.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu else []
-    generator = torch.Generator().manual_seed(seed)
-    batches_per_epoch = math.ceil(len(dataset) / batch_size)
-    total_steps = steps if steps is not None else epochs * batches_per_epoch  # type: ignore[operator]
+    generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed))
     module.train()
     started = time.perf_counter()
     loss_sum, seen, done = 0.0, 0, 0
     while done < total_steps:
-        order = torch.randperm(len(dataset), generator=generator)
-        for start in range(0, len(dataset), batch_size):
+        for index in batches(terms, len(dataset), batch_size, generator):
             if done == total_steps:
                 break
-            index = order[start:start + batch_size]
+            budget.check()
             x, y = dataset.features[index], _labels_for(loss, dataset.labels[index])
             optimizer.zero_grad()
-            with contextlib.ExitStack() as first:
-                if done == 0:
-                    first.enter_context(_buffers_restored_on_error(module))
-                    first.enter_context(first_step())
-                value = loss_fn(module(x), y)
-                objective = value
-                if prox_mu:
-                    objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-                objective.backward()
+            value = loss_fn(module(x), y)
+            objective = value
+            if prox_mu:
+                objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            objective.backward()
             optimizer.step()
             loss_sum += value.item() * len(index)
             seen += len(index)
             done += 1
     if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"training diverged on {dataset.name}: loss is {loss_sum}")
+        raise FloatingPointError(f"training diverged on {dataset.name}: the loss is not finite")
     return {"loss": loss_sum / seen, "samples_seen": seen, "num_examples": len(dataset), "steps": done,
             "seconds": time.perf_counter() - started}
 
 
-@contextlib.contextmanager
-def _buffers_restored_on_error(module: nn.Module) -> Iterator[None]:
-    """Put the module's buffers back if the block fails: a first step refused midway (its activations
-    over the quota) must not leave batch-norm statistics moved by a batch that never trained."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
-        raise
-
-
-@torch.no_grad()
-def evaluate(module: nn.Module, dataset: Dataset, *, loss: str, batch_size: int) -> dict[str, Any]:
-    """Mean loss and, for class labels, accuracy of ``module`` on ``dataset``."""
+def evaluate(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, batch_size: int) -> dict[str, Any]:
+    """Mean loss and, for class labels, accuracy of ``module`` on the whole of ``dataset``."""
     loss_fn = loss_function(loss)
     if batch_size < 1:
         raise BadRequest.new("evaluate needs batch_size >= 1")
+    if len(dataset) < terms.min_metric_rows:
+        raise PermissionDenied.new(f"the dataset has {len(dataset)} rows, fewer than this worker reports metrics "
+                                   f"over ({terms.min_metric_rows}, --min-metric-rows)")
     was_training = module.training
     module.train(False)
     loss_sum, correct, started = 0.0, 0, time.perf_counter()
     classify = not dataset.labels.dtype.is_floating_point
     try:
-        for start in range(0, len(dataset), batch_size):
-            x = dataset.features[start:start + batch_size].clone()  # never a view of the owner's data
-            y = dataset.labels[start:start + batch_size].clone()
-            out = module(x)
-            loss_sum += loss_fn(out, _labels_for(loss, y), reduction="sum").item()
-            if classify and out.dim() == 2:
-                correct += int((out.argmax(dim=1) == y).sum())
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                budget.check()
+                x = dataset.features[start:start + batch_size].clone()  # never a view of the owner's data
+                y = dataset.labels[start:start + batch_size].clone()
+                out = module(x)
+                loss_sum += loss_fn(out, _labels_for(loss, y), reduction="sum").item()
+                if classify and out.dim() == 2:
+                    correct += int((out.argmax(dim=1) == y).sum())
     finally:
         module.train(was_training)
     n = max(1, len(dataset))

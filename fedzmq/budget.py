@@ -1,0 +1,70 @@
+"""A running command's time budget, checked where long work can stop.
+
+A Python thread cannot be killed, so the worker stops long commands cooperatively: it gives each
+command a ``Budget`` (a deadline, and a flag its session sets when it closes), and the places where
+work repeats call ``check()``: every step of a ``fit``, every batch of an ``evaluate``, every node of a
+described model's forward program. One aten call cannot be interrupted; the worker sizes those on the
+meta device before running them, so none is allowed to run long.
+
+The budget in force is a context variable, set by the worker around one command (on whichever thread
+runs it) and read by the code that checks it, so the checks need no argument threaded through torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator
+
+from .errors import LimitExceeded
+
+
+class Budget:
+    """A deadline and a cancel flag. ``check()`` raises ``LimitExceeded`` once either is hit; the
+    command stops there, and whatever it was making is discarded."""
+
+    __slots__ = ("deadline", "seconds", "cancelled")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.cancelled: str | None = None
+
+    def cancel(self, why: str) -> None:
+        """Ask the command to stop at its next check (its session closed or expired)."""
+        self.cancelled = why
+
+    def check(self) -> None:
+        if self.cancelled is not None:
+            raise LimitExceeded.new(f"the command was stopped: {self.cancelled}")
+        if time.monotonic() > self.deadline:
+            raise LimitExceeded.new(f"the command ran longer than the worker allows ({self.seconds:g} s, "
+                                     "--max-command-seconds) and was stopped")
+
+    @property
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+_CURRENT: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("fedzmq_budget", default=None)
+
+
+@contextlib.contextmanager
+def running_under(budget: Budget) -> Iterator[None]:
+    """Make ``budget`` the one ``check()`` reads while the block runs (on this thread)."""
+    token = _CURRENT.set(budget)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def check() -> None:
+    """Stop here if the running command is out of time or cancelled (a no-op outside a command)."""
+    budget = _CURRENT.get()
+    if budget is not None:
+        budget.check()
+
+
+__all__ = ["Budget", "check", "running_under"]

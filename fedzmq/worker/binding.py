@@ -1,0 +1,164 @@
+"""A request bound to its session: every object it names looked up once, and the label of it all.
+
+The executor binds a request before anything runs: references in its arguments become the session's
+tensors, the objects its command names (``Command.refs``) are fetched with their kinds checked, the
+dataset it reads is found, and the join of the labels of everything referenced is computed. Handlers
+then work on the binding; none of them looks an object up or computes a label again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ..codec import Ref, Request
+from ..commands import Command
+from ..errors import ObjectNotFound, PermissionDenied
+from .datasets import Dataset
+from .objects import HostedModule, HostedOptimizer, PartialTensor, module_tensors, optimizer_state
+from .session import Session
+from .taint import Label
+
+if TYPE_CHECKING:
+    from ..modeldesc import ModelRegistry
+    from .config import WorkerConfig
+    from .cost import Coster, OpCost
+    from .policy import Policy
+    from .training import Terms
+
+
+@dataclass
+class Context:
+    """What handlers may use besides their binding: the worker's settings and shared services."""
+
+    worker_id: str
+    config: "WorkerConfig"
+    policy: "Policy"
+    datasets: dict[str, Dataset]
+    models: "ModelRegistry"
+    coster: "Coster"
+    #: the worker's status and ping answers (callables: the handlers hold no server reference)
+    status: Callable[[], dict[str, Any]]
+    ping: Callable[[], dict[str, Any]]
+    #: the owner's terms for training and evaluating on its rows
+    terms: "Terms"
+    #: seconds every queued command waits before it runs (fault injection: a slow worker)
+    delay: float = 0.0
+
+    def dataset(self, name: str) -> Dataset:
+        if name not in self.datasets:
+            raise ObjectNotFound.new(f"no dataset {name!r} on worker {self.worker_id!r} "
+                                     f"(it has: {sorted(self.datasets) or 'none'})")
+        return self.datasets[name]
+
+
+@dataclass
+class Binding:
+    request: Request
+    command: Command
+    session: Session
+    #: the request's arguments, every ``Ref`` replaced by the session's object
+    args: dict[str, Any]
+    #: the objects the command names (``Command.refs``), by argument name
+    objects: dict[str, Any]
+    #: the tensors referenced anywhere in the arguments (operands, a gradient, a model's state)
+    tensors: list[torch.Tensor]
+    #: the join of the labels of everything referenced (objects and tensors); not the dataset's rows
+    label: Label
+    dataset: Dataset | None = None
+    #: what the executor measured before running (an op's output sizes)
+    cost: "OpCost | None" = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_label(self) -> Label:
+        """The label of the rows the command reads: PRIVATE for a protected dataset, ROWS for an open one."""
+        if self.dataset is None:
+            return Label.PUBLIC
+        return Label.PRIVATE if self.dataset.policy == "protected" else Label.ROWS
+
+    @property
+    def input_label(self) -> Label:
+        """Everything the command reads: what it references, and the rows it reads."""
+        return self.label | self.data_label
+
+    @property
+    def touches_private(self) -> bool:
+        """Whether the command computes on anything labelled, or on the owner's rows: its errors could
+        quote them, so they go back sanitized."""
+        return bool(self.label) or self.dataset is not None
+
+
+def bind(session: Session, request: Request, command: Command, context: Context) -> Binding:
+    table = session.table
+    objects = {name: table.get(request.args[name], kind) for name, kind in command.refs.items()
+               if name in request.args}
+    tensors: list[torch.Tensor] = []
+    args = {name: _resolve(value, session, tensors) for name, value in request.args.items()}
+    dataset = context.dataset(request.args["dataset"]) if command.reads_dataset else None
+    if command.name == "dataset_tensor" and dataset is not None and dataset.policy == "protected":
+        raise PermissionDenied.new(f"dataset {dataset.name!r} is protected: no pointer to its rows is given out; "
+                                   "only the worker's own fit and evaluate of a model read them")
+    label = Label.PUBLIC
+    if session.taint:
+        label = session.taint.of(tensors)
+        for name, value in objects.items():
+            label |= session.taint.of(object_tensors(value))
+            if command.refs[name] == "gradient" and value.grad is not None:
+                label |= session.taint.of_tensor(value.grad)
+    return Binding(request, command, session, args, objects, tensors, label, dataset)
+
+
+def object_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors a command reads when it uses an object: a tensor's value, a module's parameters and
+    buffers, an optimizer's parameters, their gradients and its state. (A gradient's own label is on
+    its storage: ``grad`` makes an object of it.)"""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, PartialTensor):
+        return [value.tensor]
+    if isinstance(value, HostedModule):
+        return module_tensors(value.module, grads=False)
+    if isinstance(value, HostedOptimizer):
+        params = [p for group in value.optimizer.param_groups for p in group["params"]]
+        return params + [p.grad for p in params if p.grad is not None] + optimizer_state(value.optimizer)
+    return []
+
+
+def _resolve(value: Any, session: Session, tensors: list[torch.Tensor]) -> Any:
+    """Replace every ``Ref`` by the session's tensor, collecting the tensors referenced."""
+    if isinstance(value, Ref):
+        obj = session.table.get(value.id, "tensor")
+        tensors.append(obj)
+        return obj
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, list):
+        return [_resolve(v, session, tensors) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, session, tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve(v, session, tensors) for k, v in value.items()}
+    return value
+
+
+
+
+@dataclass
+class Made:
+    """What a handler made: the new objects, in the order of the command's output ids (the executor
+    stores and labels them), and the reply's result."""
+
+    values: list[Any]
+    result: Any = None
+
+
+class LiveReply(dict):  # type: ignore[type-arg]
+    """A reply holding live tensors (a module's parameters), sent without copying them: the session
+    runs its next command only once ZeroMQ has sent these bytes, so no later step can change them
+    mid-send. (It saves a model-sized copy per download of a federated round.)"""
+
+
+__all__ = ["Binding", "Context", "LiveReply", "Made", "bind", "object_tensors"]

@@ -1,0 +1,95 @@
+"""What a command's declared charges (``Command.charges``) hold against its session's quota while it runs.
+
+Each function sizes one kind of charge for a bound request, before the handler runs, and refuses work
+that would not fit the command's time budget. The executor reserves the sum while the handler runs;
+what the command then stores is charged to the objects that hold it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..codec import DTYPES, dtype_itemsize
+from ..errors import BadRequest
+from ..ops import MAX_DIMS, check_call
+from .binding import Binding, Context
+from .cost import check_work
+from .objects import HostedModule, HostedOptimizer
+
+#: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
+#: RMSprop centered with momentum: three)
+OPTIMIZER_STATE_COPIES = 3
+
+
+def outputs(context: Context, binding: Binding) -> int:
+    """An op's outputs, sized on the meta device: checked against the op's schema first."""
+    name, args, kwargs = binding.args["op"], binding.args["args"], binding.args["kwargs"]
+    schema = check_call(name, args, kwargs)
+    cost = context.coster.op(name, schema.fn, args, kwargs)
+    binding.cost = cost
+    if cost.error is not None:  # the op fails on these shapes: it runs only to say so in torch's words
+        return 0
+    check_work(cost.work, context.config.max_command_seconds, name)
+    if len(cost.outputs) != len(binding.args["out"]):
+        raise BadRequest.new(f"{name} returns {len(cost.outputs)} tensor(s); the request names "
+                             f"{len(binding.args['out'])} output(s)")
+    return cost.new_bytes
+
+
+def forward(context: Context, binding: Binding) -> int:
+    """A forward pass's intermediates (every tensor it makes), and for ``fit`` its backward's as many
+    again. Also refuses a forward (or one training step) that would run past the time budget."""
+    hosted: HostedModule = binding.objects.get("obj") or binding.objects["module"]
+    seconds = context.config.max_command_seconds
+    if binding.command.name == "module_call":
+        inputs, kwargs, grad, passes = binding.args["args"], binding.args["kwargs"], True, 1
+    else:
+        dataset = binding.dataset
+        assert dataset is not None
+        batch = binding.args.get("batch_size", 1024) or 1
+        rows = torch.empty((min(batch, max(1, len(dataset))), *dataset.features.shape[1:]),
+                           dtype=dataset.features.dtype, device="meta")
+        inputs, kwargs = [rows], {}
+        grad, passes = binding.command.name == "fit", 2 if binding.command.name == "fit" else 1
+    footprint = context.coster.forward(hosted, inputs, kwargs, grad)
+    if footprint is None:
+        return 0
+    check_work(footprint.flops * (1 + passes), seconds, "one forward" + (" and backward" if passes == 2 else ""))
+    return passes * footprint.nbytes
+
+
+def state(context: Context, binding: Binding) -> int:
+    """Room for the state an optimizer makes for parameters that have none yet: the most any allowlisted
+    optimizer keeps. (A stored optimizer's true size is charged after its step.)"""
+    optimizer = binding.objects.get("obj") or binding.objects.get("optim")
+    if isinstance(optimizer, HostedOptimizer):
+        opt = optimizer.optimizer
+        training = binding.command.name == "fit"  # a fit steps every trained parameter; a step those with gradients
+        fresh = [p for group in opt.param_groups for p in group["params"] if p not in opt.state
+                 and (p.requires_grad if training else p.grad is not None)]
+    else:  # a fit's own optimizer, made for this fit: state for every trained parameter
+        hosted: HostedModule = binding.objects["module"]
+        fresh = [p for p in hosted.module.parameters() if p.requires_grad]
+    return OPTIMIZER_STATE_COPIES * sum(p.numel() * p.element_size() for p in fresh)
+
+
+def stream(context: Context, binding: Binding) -> int:
+    """A stream's buffer, allocated whole before its chunks arrive."""
+    dtype, shape = binding.args["dtype"], binding.args["shape"]
+    if dtype not in DTYPES or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest.new("alloc needs an allowlisted dtype and a shape of at most 32 non-negative ints")
+    if binding.args.get("grad") and not DTYPES[dtype].is_floating_point:
+        raise BadRequest.new("only floating point tensors can require gradients")
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel * dtype_itemsize(dtype)
+
+
+CHARGES: dict[str, Callable[[Context, Binding], int]] = {
+    "outputs": outputs, "forward": forward, "state": state, "stream": stream,
+}
+
+__all__ = ["CHARGES", "OPTIMIZER_STATE_COPIES"]

@@ -1,0 +1,289 @@
+"""What a command will cost, known before it runs: output sizes, intermediates, work.
+
+Everything is measured on the meta device, where tensors have shapes and dtypes but no data: the
+same op or forward runs there first, so an outer product of two modest vectors, a forward whose
+intermediates are gigabytes, or a matmul that would run for an hour is refused before any memory is
+allocated or any time spent. Shapes on the meta device depend only on shapes, dtypes and plain
+arguments, never on values: an op whose output size depends on the data (a boolean mask) cannot run
+there, and so is refused, which also keeps data-dependent shapes from leaving through ``info``.
+
+Meta runs are slow (hundreds of microseconds for an op, milliseconds for a forward), so results are
+cached by signature: the shapes, strides, dtypes and plain arguments of a call. A cache holds no data.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from ..errors import BadRequest, LimitExceeded
+from ..modeldesc import ModelRegistry, build
+from .objects import HostedModule
+from .taint import storage_key
+
+#: work a torch thread is assumed to do per second: element operations of simple ops, or floating
+#: point operations of a matmul. Conservative (a core does tens of GFLOP/s), so that what it admits
+#: fits the time budget with room to spare.
+WORK_PER_SECOND = 2e9
+
+#: an op runs on the event loop only when its inputs and outputs hold at most this many elements
+INLINE_NUMEL = 1 << 10
+
+
+@dataclass(frozen=True)
+class OutputSize:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    #: the position of the operand the output views (it needs no new memory), or None
+    views: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class OpCost:
+    outputs: tuple[OutputSize, ...]
+    #: element operations the op does (floating point operations for a matmul)
+    work: int
+    #: elements of the inputs and outputs: small ones run on the event loop
+    numel: int
+    #: the meta device's error, for shapes the op does not accept: the real op then runs only to raise
+    #: torch's own words for it (it fails on the shapes before making anything)
+    error: Exception | None = None
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs if o.views is None)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A forward pass: bytes of every tensor it makes (an upper bound of what it holds at once), and
+    its floating point operations."""
+
+    nbytes: int
+    flops: int
+
+
+class _Cache(collections.OrderedDict[Hashable, Any]):
+    """A bounded LRU cache."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def lookup(self, key: Hashable) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def store(self, key: Hashable, value: Any) -> None:
+        self[key] = value
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+class Coster:
+    """Sizes ops and forwards on the meta device, with caches. One per worker."""
+
+    def __init__(self, models: ModelRegistry, cache_size: int = 4096) -> None:
+        self.models = models
+        self._ops = _Cache(cache_size)
+
+    # --- ops -------------------------------------------------------------------------------------
+
+    def op(self, name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> OpCost:
+        """The cost of ``fn(*args, **kwargs)`` (already checked against its schema)."""
+        key = (name, signature(args), signature(kwargs))
+        cost = self._ops.lookup(key)
+        if cost is None:
+            cost = _measure_op(name, fn, args, kwargs)
+            self._ops.store(key, cost)
+        return cost
+
+    # --- forwards --------------------------------------------------------------------------------
+
+    def forward(self, hosted: HostedModule, inputs: Sequence[Any], kwargs: dict[str, Any],
+                grad: bool) -> Footprint | None:
+        """The footprint of ``hosted``'s forward on inputs like these, or None when it cannot be
+        measured (an owner's registered model that does not run on the meta device: its code is the
+        owner's, and what autograd saves is still charged as it is saved)."""
+        modes = tuple(m.training for m in hosted.module.modules())
+        key = (signature(inputs), signature(kwargs), grad, modes)
+        if key in hosted.footprints:
+            return hosted.footprints[key]
+        footprint: Footprint | None = None
+        try:
+            meta = _meta_module(hosted, self.models)
+        except Exception:  # an owner's class that cannot be built on the meta device
+            meta = None
+        if meta is not None:
+            for real, skeleton in zip(hosted.module.modules(), meta.modules()):
+                skeleton.training = real.training
+            meta_inputs, meta_kwargs = _to_meta(inputs), _to_meta(kwargs)
+            counter = _Counter()
+            try:
+                with torch.set_grad_enabled(grad), counter:
+                    meta(*meta_inputs, **meta_kwargs)
+                footprint = Footprint(counter.nbytes, counter.flops)
+            except (BadRequest, LimitExceeded):
+                raise
+            except Exception as exc:
+                if hosted.spec.get("kind") != "registered":  # the real forward would fail the same way
+                    raise _shape_error(exc) from None
+        if len(hosted.footprints) >= 64:
+            hosted.footprints.pop(next(iter(hosted.footprints)))
+        hosted.footprints[key] = footprint
+        return footprint
+
+
+def warm_up() -> None:
+    """Load torch's meta kernels (about a second, the first time in a process), so that the first
+    command sized on the meta device does not hold the event loop that long."""
+    rows = torch.empty(2, 3, device="meta")
+    F.linear(rows + rows, torch.empty(4, 3, device="meta")).relu().sum()
+
+
+def work_budget(seconds: float) -> float:
+    """The most work (see ``WORK_PER_SECOND``) one command may be admitted with."""
+    return seconds * WORK_PER_SECOND
+
+
+def check_work(work: float, seconds: float, what: str) -> None:
+    if work > work_budget(seconds):
+        raise LimitExceeded.new(f"{what} would take about {work / WORK_PER_SECOND:.0f} s of computing, more than "
+                                f"the {seconds:g} s a command may run (--max-command-seconds)")
+
+
+def _meta_module(hosted: HostedModule, models: ModelRegistry) -> nn.Module:
+    """The module rebuilt on the meta device from its description (kept with it: building costs)."""
+    if hosted.meta is None:
+        with torch.device("meta"):
+            hosted.meta = build(hosted.spec, models)
+    return hosted.meta
+
+
+def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> OpCost:
+    operands: list[torch.Tensor] = []
+
+    def meta(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            operands.append(_meta_tensor(value))
+            return operands[-1]
+        if isinstance(value, (list, tuple)):
+            return type(value)(meta(v) for v in value)
+        return value
+
+    meta_args, meta_kwargs = [meta(a) for a in args], {k: meta(v) for k, v in kwargs.items()}
+    try:
+        result = fn(*meta_args, **meta_kwargs)
+    except (BadRequest, LimitExceeded):
+        raise
+    except Exception as exc:  # shapes that do not fit, or a size that depends on the data
+        error = _shape_error(exc)
+        if isinstance(error, BadRequest):
+            raise error from None
+        return OpCost((), 0, sum(t.numel() for t in operands), error)
+    results = result if isinstance(result, tuple) else (result,)
+    keys = [storage_key(t.untyped_storage()) for t in operands]
+    outputs = []
+    for out in results:
+        if not isinstance(out, torch.Tensor):
+            raise BadRequest.new(f"{name} returned a {type(out).__name__}, not a tensor")
+        key = storage_key(out.untyped_storage())
+        outputs.append(OutputSize(tuple(out.shape), out.dtype, keys.index(key) if key in keys else None))
+    in_numel = sum(t.numel() for t in operands)
+    out_numel = sum(o.numel for o in outputs)
+    work = in_numel + out_numel
+    if name in ("matmul", "linear") and len(operands) >= 2:  # every output element is a dot product
+        work += out_numel * max(1, operands[0].shape[-1] if operands[0].dim() else 1)
+    return OpCost(tuple(outputs), work, in_numel + out_numel)
+
+
+def _shape_error(exc: Exception) -> Exception:
+    """The meta run's error, as the real run would raise it: it speaks of shapes and dtypes only (a
+    meta tensor holds no values), so its message may go back to the client."""
+    message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+    if isinstance(exc, NotImplementedError) or "data dependent" in message or "data-dependent" in message:
+        return BadRequest.new("the size of this result depends on the data's values, so it cannot be known "
+                              "before running; such operations are refused (index with ints, slices or "
+                              "integer tensors instead of a boolean mask)")
+    if type(exc) in (RuntimeError, ValueError, IndexError, TypeError):
+        return type(exc)(message)
+    return RuntimeError(message)
+
+
+def _meta_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    return meta.requires_grad_(tensor.requires_grad) if tensor.requires_grad else meta
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _meta_tensor(value)
+    if isinstance(value, list):
+        return [_to_meta(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def signature(value: Any) -> Hashable:
+    """A hashable description of an argument structure: tensors by shape, strides, dtype and whether they
+    require gradients (never their values), plain values with their type (``1``, ``1.0`` and ``True``
+    hash alike, but give different dtypes)."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("D", *((k, signature(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("S", value.start, value.stop, value.step)
+    return (type(value).__name__, value)
+
+
+class _Counter(TorchDispatchMode):
+    """Adds up the bytes of every tensor the ops under it make, and their floating point operations
+    (torch's own formulas: matmuls, convolutions, attention). A dispatch mode on this thread only:
+    torch's FlopCounterMode would also install module hooks for every thread of the process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {storage_key(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:  # views and aliases of an input make nothing new
+            if isinstance(tensor, torch.Tensor) and storage_key(tensor.untyped_storage()) not in inputs:
+                self.nbytes += tensor.numel() * tensor.element_size()
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+__all__ = ["Coster", "Footprint", "INLINE_NUMEL", "OpCost", "OutputSize", "WORK_PER_SECOND", "check_work",
+           "signature", "work_budget"]

@@ -1,0 +1,266 @@
+"""The worker's one request pipeline: every queued command goes through the same steps.
+
+    bind ─► release check ─► charges (sized before running) ─► handler (event loop or torch thread)
+         ─► label what it wrote and made ─► store outputs ─► reply (errors sanitized when private)
+
+The command table declares, per command, what it references, writes, derives, releases and charges
+(``fedzmq.commands.Command``); this module applies those declarations, the same way for every command.
+Handlers (``fedzmq.worker.handlers``) only do their own work on a ``Binding``: none of them checks a
+label, a release or a quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+from concurrent.futures import Executor as ThreadPool
+from typing import Any
+
+import torch
+
+from ..budget import Budget, running_under
+from ..codec import Request, encode_error, encode_reply
+from ..commands import COMMANDS, Command
+from ..errors import LimitExceeded, RemoteError, error_payload
+from ..torchmodes import default_modes
+from .binding import Binding, Context, LiveReply, Made, bind
+from .charges import CHARGES
+from .cost import INLINE_NUMEL
+from .handlers import HANDLERS
+from .objects import DependencyError, HostedModule, HostedOptimizer, module_tensors, optimizer_state, tensors_of
+from .policy import sanitized
+from .session import Session
+from .taint import Label, storage_key
+
+log = logging.getLogger("fedzmq.worker")
+
+#: a ``delete`` of more ids than this runs on a torch thread (freeing many objects takes a while)
+INLINE_DELETES = 256
+
+CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
+                "state": "the optimizer's state", "stream": "the stream's buffer"}
+
+
+class Executor:
+    def __init__(self, context: Context, pool: ThreadPool, counters: dict[str, int]) -> None:
+        self.context = context
+        self.pool = pool
+        self.counters = counters
+        missing = [name for name in COMMANDS if name not in HANDLERS]
+        if missing:
+            raise RuntimeError(f"no handler for commands {missing}")
+
+    def control(self, session: Session, request: Request) -> list[Any]:
+        """Answer a control command at once (ping, heartbeat, status): no queue, no torch work."""
+        try:
+            return encode_reply(request.id, HANDLERS[request.cmd](self.context, _unbound(session, request)))
+        except Exception as exc:
+            return encode_error(request.id, error_payload(exc, ""))
+
+    async def execute(self, session: Session, request: Request) -> tuple[list[Any], bool]:
+        """Run one queued command; returns the reply's frames and whether they hold live memory."""
+        command = COMMANDS[request.cmd]
+        binding: Binding | None = None
+        session.budget = Budget(self.context.config.max_command_seconds)
+        try:
+            binding = bind(session, request, command, self.context)
+            self._check_release(binding)
+            result = await self._run(binding)
+            result = self._record(binding, result)
+            return encode_reply(request.id, result), isinstance(result, LiveReply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return self._failed(session, request, command, binding, exc), False
+        finally:
+            session.budget = None
+
+    # --- the steps ------------------------------------------------------------------------------------
+
+    def _check_release(self, binding: Binding) -> None:
+        releases = binding.command.releases
+        if releases is None:
+            return
+        policy, taint = self.context.policy, binding.session.taint
+        if releases == "masked":
+            if "module" in binding.objects:
+                policy.check_release(binding.label, "masked", False, "the model")
+            return
+        obj_id = binding.request.args[releases]
+        if isinstance(binding.objects[releases], HostedModule):
+            policy.check_release(binding.label, "state", False, f"object {obj_id}")
+        else:
+            policy.check_release(binding.label, "value", obj_id in taint.released, f"object {obj_id}")
+
+    async def _run(self, binding: Binding) -> Any:
+        if self.context.delay:
+            await asyncio.sleep(self.context.delay)
+        command, loop = binding.command, asyncio.get_running_loop()
+        if command.offload == "always" or (command.offload == "large" and self._large(binding)):
+            return await loop.run_in_executor(self.pool, self._charge_and_call, binding)
+        reserve = self._charge(binding)  # small inputs: sizing them is cheap enough for the event loop
+        if binding.cost is not None and binding.cost.numel > INLINE_NUMEL:  # a small op with a big output
+            return await loop.run_in_executor(self.pool, self._call, binding, reserve)
+        return self._call(binding, reserve)
+
+    def _large(self, binding: Binding) -> bool:
+        if binding.command.name == "delete":
+            return len(binding.args["objs"]) > INLINE_DELETES
+        return sum(t.numel() for t in binding.tensors) > INLINE_NUMEL
+
+    def _charge_and_call(self, binding: Binding) -> Any:
+        return self._call(binding, self._charge(binding))
+
+    def _charge(self, binding: Binding) -> int:
+        """Size the command's declared charges and check they fit, before anything is made."""
+        with default_modes():
+            parts = {kind: CHARGES[kind](self.context, binding) for kind in binding.command.charges if kind != "graph"}
+        nbytes = sum(parts.values())
+        if nbytes:
+            what = binding.command.name + (f" ({binding.args['op']})" if binding.command.name == "op" else "")
+            detail = "; ".join(f"{CHARGE_NAMES[kind]}: {n}" for kind, n in parts.items() if n)
+            binding.session.quota.check(nbytes, f"{what} ({detail})")
+        return nbytes
+
+    def _call(self, binding: Binding, reserve: int) -> Any:
+        """Run the handler (on whichever thread), then label what it wrote."""
+        session, command = binding.session, binding.command
+        label = self.made_label(binding)
+        watch = _WriteWatch(binding) if command.writes and label else None
+        graph = "graph" in command.charges
+        assert session.budget is not None
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(default_modes())
+            stack.enter_context(running_under(session.budget))
+            stack.enter_context(session.quota.reserving(reserve, covers_saved=graph))
+            if graph:
+                stack.enter_context(session.quota.charging_saved_tensors())
+            if command.writes is not None:  # even a step that failed half-way may have made some state
+                stack.callback(self._recount_optimizers, binding)
+            result = HANDLERS[command.name](self.context, binding)
+        if watch is not None:
+            session.taint.mark(watch.written(), label)
+        return result
+
+    @staticmethod
+    def _recount_optimizers(binding: Binding) -> None:
+        """An optimizer's state grows with its first steps: charge it anew after a command that stepped it."""
+        for name, value in binding.objects.items():
+            if isinstance(value, HostedOptimizer):
+                binding.session.recount(binding.request.args[name])
+
+    def made_label(self, binding: Binding) -> Label:
+        """The label of what the command writes and makes (``Command.derives``)."""
+        if binding.command.derives == "trained":
+            return self.context.policy.trained | binding.label
+        return binding.input_label
+
+    def _record(self, binding: Binding, result: Any) -> Any:
+        """Store what the handler made under the command's output ids, labelled."""
+        if not isinstance(result, Made):
+            return result
+        session, args = binding.session, binding.request.args
+        ids = args[binding.command.outputs[0]]
+        ids = ids if isinstance(ids, list) else [ids]
+        if len(result.values) != len(ids):
+            raise RuntimeError(f"{binding.command.name} made {len(result.values)} objects for {len(ids)} ids")
+        label = self.made_label(binding)
+        values, result.values = result.values, []  # the thread's future still holds ``result``: not them
+        for obj_id, value in zip(ids, values):
+            session.put(obj_id, value)
+            session.taint.mark(tensors_of(value), label)
+            if binding.command.name == "op" and isinstance(value, torch.Tensor) and \
+                    self.context.policy.released_when_made(args["op"], label, value.numel()):
+                session.taint.released.add(obj_id)
+        return result.result
+
+    def _failed(self, session: Session, request: Request, command: Command, binding: Binding | None,
+                exc: Exception) -> list[Any]:
+        self.counters["errors"] += 1
+        if isinstance(exc, LimitExceeded):
+            self.counters["limit_errors"] += 1
+        private = binding.touches_private if binding is not None else command.reads_dataset
+        if isinstance(exc, DependencyError):  # the first failure, as it was reported (sanitized if private)
+            payload = {"type": exc.remote_type, "message": exc.remote_message, "traceback": exc.root.get("traceback", "")}
+        elif private:
+            log.log(logging.DEBUG if isinstance(exc, RemoteError) else logging.WARNING,
+                    "request %d (%s) of session %s failed on private data", request.id, request.cmd,
+                    session.key.hex(), exc_info=exc)
+            payload = sanitized(exc, request.id)
+        else:
+            text = traceback.format_exc() if self.context.policy.tracebacks else ""
+            payload = error_payload(exc, text)
+        root = exc.root if isinstance(exc, DependencyError) else payload
+        fail_outputs(session, request, root)
+        return encode_error(request.id, payload)
+
+
+def fail_outputs(session: Session, request: Request, error: dict[str, str]) -> None:
+    """Mark the objects a command would have made as failed, so later uses report ``error``."""
+    for name in COMMANDS[request.cmd].outputs:
+        out = request.args.get(name)
+        for obj_id in out if isinstance(out, list) else [out]:
+            if type(obj_id) is int:
+                session.table.fail(obj_id, error)
+
+
+def _unbound(session: Session, request: Request) -> Binding:
+    """A control command's binding: it references nothing."""
+    return Binding(request, COMMANDS[request.cmd], session, request.args, {}, [], Label.PUBLIC)
+
+
+class _WriteWatch:
+    """What a command wrote, among the tensors its ``Command.writes`` says it may write: those whose
+    storage is new or whose version counter moved (every in-place write bumps it, views share it)."""
+
+    def __init__(self, binding: Binding) -> None:
+        self.binding = binding
+        self.kind = binding.command.writes
+        self.leaves: list[torch.Tensor] = []
+        if self.kind == "graph":  # collected now: backward frees the graph
+            self.leaves = _graph_leaves(binding.objects["obj"])
+        self.before = {storage_key(t.untyped_storage()): t._version for t in self._candidates()}
+
+    def _candidates(self) -> list[torch.Tensor]:
+        objects = self.binding.objects
+        if self.kind == "module":
+            hosted = objects.get("obj") or objects["module"]
+            tensors = module_tensors(hosted.module)
+            if isinstance(objects.get("optim"), HostedOptimizer):
+                tensors += optimizer_state(objects["optim"].optimizer)
+            return tensors
+        if self.kind == "optimizer":
+            optimizer = objects["obj"].optimizer
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            return params + [p.grad for p in params if p.grad is not None] + optimizer_state(optimizer)
+        if self.kind == "stream":
+            return [objects["obj"].tensor]
+        return [leaf.grad for leaf in self.leaves if leaf.grad is not None]
+
+    def written(self) -> list[torch.Tensor]:
+        if self.kind in ("graph", "stream"):  # every leaf's gradient; the chunk's stream
+            return self._candidates()
+        return [t for t in self._candidates()
+                if self.before.get(storage_key(t.untyped_storage())) != t._version]
+
+
+def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors a backward from ``tensor`` accumulates gradients into."""
+    leaves, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if tensor.grad_fn is None and tensor.requires_grad:
+        leaves.append(tensor)
+    return leaves
+
+
+__all__ = ["Executor", "fail_outputs"]

@@ -1,0 +1,44 @@
+"""Liveness and introspection: answered by the receive loop at once, even while the session is busy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import BadRequest, PermissionDenied
+from ..binding import Binding, Context
+
+
+def ping(context: Context, binding: Binding) -> Any:
+    _note_interval(binding)
+    return {**context.ping(), "session": binding.session.uid}
+
+
+def heartbeat(context: Context, binding: Binding) -> Any:
+    _note_interval(binding)
+    session = binding.session
+    return {"running": session.running, "last_done": session.last_done, "session": session.uid}
+
+
+def _note_interval(binding: Binding) -> None:
+    """A client says how often it sends heartbeats: silent for many of them, it is gone."""
+    interval = binding.args.get("interval")
+    if interval is not None and 0 < interval <= 3600:
+        binding.session.peer_interval = float(interval)
+
+
+def status(context: Context, binding: Binding) -> Any:
+    return context.status()
+
+
+def debug_delay(context: Context, binding: Binding) -> Any:
+    if not context.config.fault_injection:
+        raise PermissionDenied.new("fault injection is off on this worker (start it with --fault-injection)")
+    if not 0 <= binding.args["seconds"] <= 3600:
+        raise BadRequest.new("delay must be between 0 and 3600 seconds")
+    context.delay = float(binding.args["seconds"])
+    return None
+
+
+def close(context: Context, binding: Binding) -> Any:
+    binding.session.clear()
+    return None

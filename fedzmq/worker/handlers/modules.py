@@ -1,0 +1,122 @@
+"""Models: built from their descriptions (never from code on the wire), loaded, called, read back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...codec import DTYPE_NAMES, Ref, StreamInfo
+from ...errors import BadRequest
+from ...modeldesc import check_state, instantiate
+from ..binding import Binding, Context, LiveReply, Made
+from ..objects import HostedModule
+from ..taint import storage_key
+
+
+def module_put(context: Context, binding: Binding) -> Any:
+    """Build a model from its description and state. Big entries arrive beforehand as streamed objects
+    named by reference: the client hands them over (they leave the object table), and the model adopts
+    their memory when nothing else holds or views it; otherwise it takes a copy, so that no other live
+    object ever aliases a parameter that training will change."""
+    session = binding.session
+    state: dict[str, Any] = {}
+    handed_over = []
+    for name, raw in binding.request.args["state"].items():
+        value = binding.args["state"][name]
+        if isinstance(raw, Ref):
+            handed_over.append(raw.id)
+            if not _adoptable(binding, value):
+                value = value.detach().clone()
+        state[name] = value
+    session.table.check_new(binding.request.args["out"])
+    module = instantiate(binding.args["spec"], state, context.models)
+    session.delete(handed_over)
+    return Made([HostedModule(module, binding.args["spec"])])
+
+
+def _adoptable(binding: Binding, tensor: torch.Tensor) -> bool:
+    """A tensor's memory may become a parameter only if this object alone holds its storage, whole, and
+    it is public (never an owner's dataset, nor anything computed from one)."""
+    session = binding.session
+    whole = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return whole and tensor.is_contiguous() and session.quota.holders_of(tensor) <= 1 \
+        and not session.taint.of_tensor(tensor)
+
+
+def module_load(context: Context, binding: Binding) -> Any:
+    """Update some or all parameters and buffers in place (the rest come by ``module_write``)."""
+    current = binding.objects["obj"].module.state_dict()
+    state = binding.args["state"]
+    unknown = set(state) - set(current)
+    if unknown:
+        raise BadRequest.new(f"model has no parameters or buffers named {sorted(unknown)}")
+    check_state({k: current[k] for k in state}, state)
+    for name, tensor in state.items():
+        current[name].copy_(tensor)  # state_dict() entries are detached: no grad mode needed
+    return None
+
+
+def module_call(context: Context, binding: Binding) -> Any:
+    module = binding.objects["obj"].module
+    result = module(*binding.args["args"], **binding.args["kwargs"])
+    outputs = list(result) if isinstance(result, tuple) else [result]
+    if len(outputs) != len(binding.args["out"]) or not all(isinstance(o, torch.Tensor) for o in outputs):
+        raise BadRequest.new(f"forward returned {len(outputs)} value(s) of type {[type(o).__name__ for o in outputs]}; "
+                             f"the request expected {len(binding.args['out'])} tensor(s)")
+    return Made(_unshared(outputs, module))
+
+
+def _unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tensor]:
+    """Outputs that are the module's own parameters (a forward returning ``self.weight``) are copied:
+    a stored tensor must not change under its pointer, and a step changes parameters in place."""
+    storages = {storage_key(p.untyped_storage()) for p in module.parameters()}
+    return [o.clone() if storage_key(o.untyped_storage()) in storages else o for o in outputs]
+
+
+def module_state(context: Context, binding: Binding) -> Any:
+    """Parameters and buffers: small ones inline (up to one chunk in all), the others as ``StreamInfo``
+    for the client to fetch with ``module_read`` (so no reply exceeds a chunk)."""
+    budget = context.config.limits.chunk_bytes
+    result: dict[str, Any] = {}
+    for name, tensor in binding.objects["obj"].module.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes <= budget and tensor.is_contiguous():
+            result[name] = tensor.detach()  # sent without a copy; see LiveReply
+            budget -= nbytes
+        else:
+            result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False)
+    return LiveReply(result)
+
+
+def _entry_bytes(binding: Binding) -> torch.Tensor:
+    name = binding.args["name"]
+    tensor = binding.objects["obj"].module.state_dict().get(name)
+    if tensor is None:
+        raise BadRequest.new(f"model has no parameter or buffer named {name!r}")
+    if not tensor.is_contiguous():
+        raise BadRequest.new(f"{name!r} is not contiguous and cannot be streamed")
+    return tensor.detach().view(-1).view(torch.uint8)
+
+
+def module_write(context: Context, binding: Binding) -> Any:
+    target, data, offset = _entry_bytes(binding), binding.args["data"], binding.args["offset"]
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise BadRequest.new("module_write takes a flat uint8 tensor of bytes")
+    if offset + data.numel() > target.numel():
+        raise BadRequest.new(f"chunk of {data.numel()} bytes at {offset} runs past {binding.args['name']!r}")
+    target[offset: offset + data.numel()].copy_(data)
+    return None
+
+
+def module_read(context: Context, binding: Binding) -> Any:
+    source, offset, length = _entry_bytes(binding), binding.args["offset"], binding.args["length"]
+    if offset + length > source.numel() or length > context.config.limits.chunk_bytes:
+        raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
+    return source[offset: offset + length].clone()  # a snapshot: later steps must not change what is sent
+
+
+def module_mode(context: Context, binding: Binding) -> Any:
+    binding.objects["obj"].module.train(binding.args["train"])
+    return None

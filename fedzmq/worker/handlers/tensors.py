@@ -1,0 +1,124 @@
+"""Tensors: store, read back, stream, compute (``op``), and gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...codec import DTYPE_NAMES, DTYPES, StreamInfo
+from ...errors import BadRequest
+from ...ops import OPS
+from ..binding import Binding, Context, Made
+from ..objects import PartialTensor
+
+
+def store(context: Context, binding: Binding) -> Any:
+    value = binding.args["value"]
+    if not isinstance(value, torch.Tensor):
+        raise BadRequest.new("store takes a tensor")
+    return Made([value])
+
+
+def get(context: Context, binding: Binding) -> Any:
+    tensor: torch.Tensor = binding.objects["obj"]
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes > context.config.limits.chunk_bytes:
+        return StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, tensor.requires_grad)
+    return tensor.detach().requires_grad_(tensor.requires_grad)
+
+
+def info(context: Context, binding: Binding) -> Any:
+    """A tensor's dtype and shape: never data-dependent (every op's output size is known before it runs)."""
+    tensor: torch.Tensor = binding.objects["obj"]
+    return {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+            "requires_grad": tensor.requires_grad, "nbytes": tensor.numel() * tensor.element_size()}
+
+
+def delete(context: Context, binding: Binding) -> Any:
+    return binding.session.delete(binding.args["objs"])
+
+
+def alloc(context: Context, binding: Binding) -> Any:
+    """A tensor to be streamed in by ``write`` chunks (its size was checked as the command's charge)."""
+    tensor = torch.empty(binding.args["shape"], dtype=DTYPES[binding.args["dtype"]])
+    return Made([PartialTensor(tensor, requires_grad=bool(binding.args.get("grad")))])
+
+
+def write(context: Context, binding: Binding) -> Any:
+    partial: PartialTensor = binding.objects["obj"]
+    data, offset = binding.args["data"], binding.args["offset"]
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise BadRequest.new("write takes a flat uint8 tensor of bytes")
+    target = partial.flat_bytes
+    if offset != partial.written or partial.written + data.numel() > target.numel():
+        raise BadRequest.new(f"chunk at offset {offset} of {data.numel()} bytes does not continue "
+                             f"the stream ({partial.written} of {target.numel()} bytes written)")
+    target[partial.written: partial.written + data.numel()].copy_(data)
+    partial.written += data.numel()
+    if partial.written == target.numel():
+        binding.session.table.replace(binding.request.args["obj"], partial.tensor.requires_grad_(partial.requires_grad))
+    return partial.written
+
+
+def read(context: Context, binding: Binding) -> Any:
+    tensor: torch.Tensor = binding.objects["obj"].detach()
+    offset, length = binding.args["offset"], binding.args["length"]
+    if offset + length > tensor.numel() * tensor.element_size() or length > context.config.limits.chunk_bytes:
+        raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
+    return byte_range(tensor, offset, length)
+
+
+def op(context: Context, binding: Binding) -> Any:
+    """An allowlisted op (checked against its schema and sized before this runs)."""
+    result = OPS[binding.args["op"]](*binding.args["args"], **binding.args["kwargs"])
+    if binding.cost is not None and binding.cost.error is not None:  # the meta device refused these shapes
+        raise binding.cost.error
+    results = list(result) if isinstance(result, tuple) else [result]
+    if not all(isinstance(r, torch.Tensor) for r in results):
+        raise BadRequest.new(f"{binding.args['op']} returned {[type(r).__name__ for r in results]}, not tensors")
+    return Made(results)
+
+
+def backward(context: Context, binding: Binding) -> Any:
+    binding.objects["obj"].backward(binding.args.get("grad"))
+    return None
+
+
+def grad(context: Context, binding: Binding) -> Any:
+    """A snapshot of a leaf's gradient, as a new object (later backward passes do not change it)."""
+    leaf: torch.Tensor = binding.objects["obj"]
+    if leaf.grad is None:
+        raise BadRequest.new(f"object {binding.request.args['obj']} has no gradient (it does not require one, or no "
+                             "backward pass reached it yet)")
+    return Made([leaf.grad.detach().clone()])
+
+
+def byte_range(tensor: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+    """Bytes ``offset`` to ``offset + length`` of the tensor laid out contiguously (a stream's piece),
+    copying about that many bytes: a whole ``contiguous()`` copy per piece would make streaming a
+    transposed view quadratic, and each copy would be memory the session is not charged for."""
+    itemsize = tensor.element_size()
+    first = offset // itemsize
+    elements = _element_range(tensor, first, -(-(offset + length) // itemsize))
+    if elements.numel() <= 1:  # contiguous whatever its stride, but view() needs a stride of 1
+        elements = elements.as_strided((elements.numel(),), (1,))
+    return elements.view(torch.uint8)[offset - first * itemsize: offset - first * itemsize + length]
+
+
+def _element_range(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Elements ``start`` to ``stop`` of ``tensor`` in row-major order, as a contiguous 1-D tensor. A
+    range within one or two rows of the first dimension descends into those rows; a range over more
+    rows copies them, which is at most three times the range (every row inside it is whole)."""
+    if tensor.is_contiguous():
+        return tensor.reshape(-1)[start:stop]
+    if stop <= start:
+        return tensor.new_empty(0)
+    if tensor.dim() == 1:
+        return tensor[start:stop].contiguous()
+    row = tensor[0].numel()
+    first, last = start // row, -(-stop // row)
+    if last - first > 2:
+        return tensor[first:last].contiguous().view(-1)[start - first * row: stop - first * row]
+    return torch.cat([_element_range(tensor[r], max(start - r * row, 0), min(stop - r * row, row))
+                      for r in range(first, last)])

@@ -1,0 +1,192 @@
+"""A session's objects: what an id names, of which kind, and what a failed command left in its place.
+
+Objects belong to the session that made them: ids are looked up only in the session's own table, so
+another session can neither read, use nor delete them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BadRequest, LimitExceeded, ObjectNotFound, RemoteError
+
+
+@dataclass
+class FailedObject:
+    """Stands where a failed command's output would be, so that later uses report the first failure."""
+
+    error: dict[str, str]
+
+
+class DependencyError(RemoteError):
+    """A command used an object whose own command failed. Carries that first failure (``root``), which
+    is what this command's outputs are marked with, so errors do not nest along a chain of pointers."""
+
+    def __init__(self, obj_id: int, root: dict[str, str]) -> None:
+        super().__init__(root["type"], f"object {obj_id} was never made because its command failed: "
+                         f"{root['message']}", root.get("traceback", ""))
+        self.root = root
+
+
+@dataclass
+class PartialTensor:
+    """A tensor being streamed in by chunks (``alloc`` then ``write``): unusable until complete."""
+
+    tensor: torch.Tensor
+    requires_grad: bool = False
+    written: int = 0
+
+    @property
+    def flat_bytes(self) -> torch.Tensor:
+        return self.tensor.detach().view(-1).view(torch.uint8)
+
+
+@dataclass
+class HostedModule:
+    """A model a client sent: the module, the description it was built from (to size its forward on
+    the meta device), and the footprints measured so far, by input signature."""
+
+    module: nn.Module
+    spec: dict[str, Any]
+    footprints: dict[Any, Any] = field(default_factory=dict)
+    #: the same module rebuilt on the meta device, for measuring (made on first use)
+    meta: nn.Module | None = None
+    #: samples the module was last trained on by ``fit`` (a secure round's weight comes from here)
+    trained_samples: int = 0
+
+
+@dataclass
+class HostedOptimizer:
+    """An optimizer over a hosted module's parameters, with its state."""
+
+    optimizer: torch.optim.Optimizer
+    module_id: int
+
+
+KINDS = {"tensor": torch.Tensor, "gradient": torch.Tensor, "module": HostedModule, "optimizer": HostedOptimizer,
+         "partial": PartialTensor}
+
+
+def kind_name(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, HostedModule):
+        return "module"
+    if isinstance(value, HostedOptimizer):
+        return "optimizer"
+    if isinstance(value, PartialTensor):
+        return "stream"
+    return type(value).__name__
+
+
+class ObjectTable:
+    """Ids to objects, and ids whose command failed (at most ``max_objects`` of each)."""
+
+    def __init__(self, max_objects: int) -> None:
+        self.max_objects = max_objects
+        self.objects: dict[int, Any] = {}
+        self.failures: dict[int, FailedObject] = {}
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def get(self, obj_id: int, kind: str | None = None) -> Any:
+        """The object ``obj_id`` names, of ``kind`` if given; the first failure if its command failed."""
+        value = self.objects.get(obj_id)
+        if value is None:
+            failed = self.failures.get(obj_id)
+            if failed is not None:
+                # report the first failure under its own type, so `except RuntimeError:` still works
+                raise DependencyError(obj_id, failed.error)
+            raise ObjectNotFound.new(f"object {obj_id} does not exist in this session")
+        if kind is None:
+            if isinstance(value, PartialTensor):
+                raise BadRequest.new(f"object {obj_id} is still being streamed in ({value.written} bytes so far)")
+            return value
+        if not isinstance(value, KINDS[kind]):
+            if isinstance(value, PartialTensor):
+                raise BadRequest.new(f"object {obj_id} is still being streamed in ({value.written} bytes so far)")
+            raise BadRequest.new(f"object {obj_id} is a {kind_name(value)}, not a {kind}")
+        return value
+
+    def check_new(self, obj_id: int) -> None:
+        if obj_id in self.objects:
+            raise BadRequest.new(f"object id {obj_id} is already in use in this session")
+        if len(self.objects) >= self.max_objects:
+            raise LimitExceeded.new(f"this session holds {len(self.objects)} objects, the worker's limit "
+                                    f"(--max-objects {self.max_objects}); delete some first")
+
+    def add(self, obj_id: int, value: Any) -> None:
+        self.failures.pop(obj_id, None)
+        self.objects[obj_id] = value
+
+    def replace(self, obj_id: int, value: Any) -> None:
+        """Swap an object for its finished form (a completed stream)."""
+        self.objects[obj_id] = value
+
+    def fail(self, obj_id: int, error: dict[str, str]) -> None:
+        """Remember that ``obj_id`` was never made (the oldest failures go first past the limit)."""
+        if obj_id in self.objects:
+            return
+        self.failures[obj_id] = FailedObject(error)
+        while len(self.failures) > self.max_objects:
+            self.failures.pop(next(iter(self.failures)))
+
+    def pop(self, obj_id: int) -> bool:
+        """Forget ``obj_id`` (object or failure); True if it was there."""
+        return self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None
+
+    def optimizers_over(self, module_ids: set[int]) -> list[int]:
+        return [i for i, v in self.objects.items() if isinstance(v, HostedOptimizer) and v.module_id in module_ids]
+
+    def clear(self) -> None:
+        self.objects.clear()
+        self.failures.clear()
+
+
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    """The tensors an object's data lives in: a tensor (or a stream), a module's parameters and buffers.
+    An optimizer's state is charged by size instead (``extra_bytes``), as it grows."""
+    if isinstance(value, PartialTensor):
+        return [value.tensor]
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, HostedModule):
+        return list(value.module.state_dict().values())
+    return []
+
+
+def extra_bytes(value: Any) -> int:
+    """What an object is charged besides its storages: room for gradients, an optimizer's state."""
+    if isinstance(value, HostedModule):  # room for the gradients to come
+        return sum(p.numel() * p.element_size() for p in value.module.parameters())
+    if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
+        return value.numel() * value.element_size()  # room for its gradient
+    if isinstance(value, PartialTensor) and value.requires_grad:
+        return value.tensor.numel() * value.tensor.element_size()
+    if isinstance(value, HostedOptimizer):  # its state (momentum, moments); the parameters are the module's
+        return sum(t.untyped_storage().nbytes() for t in optimizer_state(value.optimizer))
+    return 0
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """An optimizer's state tensors. list() copies each dict in one step under the GIL: ``status`` runs
+    on the event loop while a step may be adding state on a torch thread."""
+    return [t for state in list(optimizer.state.values()) for t in list(state.values())
+            if isinstance(t, torch.Tensor)]
+
+
+def module_tensors(module: nn.Module, grads: bool = True) -> list[torch.Tensor]:
+    """A module's parameters and buffers, and their gradients: every tensor a command on it may write."""
+    tensors = list(module.state_dict(keep_vars=True).values())
+    if grads:
+        tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    return tensors
+
+
+__all__ = ["DependencyError", "FailedObject", "HostedModule", "HostedOptimizer", "ObjectTable", "PartialTensor",
+           "extra_bytes", "kind_name", "module_tensors", "optimizer_state", "tensors_of"]

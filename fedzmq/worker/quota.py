@@ -1,0 +1,212 @@
+"""A session's byte quota: one sum of everything the session makes the daemon hold.
+
+``room()`` is the only number every check uses: the quota, less
+
+- what the session's objects hold, charged **by storage**, once however many holders share it (a view
+  costs nothing beside what it views, and keeps it alive); holders are objects and the tensors autograd
+  saved for a backward pass, which live as long as their graph;
+- what objects are charged besides their storages (room for gradients, an optimizer's state);
+- what the session's waiting requests carry (charged from decoding until they run);
+- what a running command reserved for what it is about to make (a forward's intermediates, an
+  optimizer's first state);
+- reply bytes handed to ZeroMQ that the client has not taken yet (a client that stops reading cannot
+  pin replies without limit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import traceback
+import weakref
+from collections.abc import Iterator
+import torch
+import zmq
+
+from ..errors import LimitExceeded
+from .taint import storage_key
+
+
+class Quota:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        #: storage key -> [holders, bytes]
+        self._storages: dict[int, list[int]] = {}
+        #: holder (object id) -> the storage keys it holds, and bytes charged to it beside them
+        self._holder_storages: dict[int, list[int]] = {}
+        self._holder_extra: dict[int, int] = {}
+        self.held = 0
+        #: bytes of requests waiting in the session's queue
+        self.queued = 0
+        self._reservations: dict[object, int] = {}
+        #: reservations under way that already cover what autograd saves (a forward's footprint)
+        self._covering_saved = 0
+        #: replies ZeroMQ still holds: (tracker, bytes)
+        self._unsent: list[tuple[zmq.MessageTracker, int]] = []
+        # a graph, and the saved tensors it releases, can be freed on the event loop or on a torch
+        # thread (reentrant: releasing an object can free a graph)
+        self._lock = threading.RLock()
+
+    # --- the one sum ---------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """Bytes the session may still take."""
+        return self.max_bytes - self.held - self.queued - sum(self._reservations.values()) - self.unsent()
+
+    def check(self, nbytes: int, what: str) -> None:
+        """Refuse ``what``, needing ``nbytes`` more, if it would pass the quota."""
+        if nbytes > self.room():
+            raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
+                                    f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.held} held")
+
+    def new_bytes(self, tensors: list[torch.Tensor]) -> int:
+        """What holding ``tensors`` would add: the bytes of their storages not held yet."""
+        seen: dict[int, int] = {}
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            key = storage_key(storage)
+            if key not in self._storages:
+                seen[key] = storage.nbytes()
+        return sum(seen.values())
+
+    # --- holders -------------------------------------------------------------------------------
+
+    def hold(self, holder: int, tensors: list[torch.Tensor], extra: int = 0) -> None:
+        """Charge ``holder`` (an object id) for the storages of ``tensors`` and ``extra`` bytes."""
+        with self._lock:
+            keys = []
+            for tensor in tensors:
+                storage = tensor.untyped_storage()
+                key = storage_key(storage)
+                if key not in keys:
+                    keys.append(key)
+                    self._hold_storage(key, storage.nbytes())
+            self._holder_storages[holder] = keys
+            self._holder_extra[holder] = extra
+            self.held += extra
+
+    def recharge(self, holder: int, extra: int) -> None:
+        """Charge ``holder`` anew for what it holds beside its storages (an optimizer after a step)."""
+        with self._lock:
+            if holder in self._holder_extra:
+                self.held += extra - self._holder_extra[holder]
+                self._holder_extra[holder] = extra
+
+    def drop(self, holder: int) -> None:
+        """``holder`` is gone: uncharge its extra bytes, and its storages with their last holder."""
+        with self._lock:
+            self.held -= self._holder_extra.pop(holder, 0)
+            for key in self._holder_storages.pop(holder, ()):
+                self._release_storage(key)
+
+    def holders_of(self, tensor: torch.Tensor) -> int:
+        """How many holders share ``tensor``'s storage (0 when the session does not hold it)."""
+        users = self._storages.get(storage_key(tensor.untyped_storage()))
+        return users[0] if users else 0
+
+    def _hold_storage(self, key: int, nbytes: int) -> None:
+        users = self._storages.get(key)
+        if users is None:
+            self._storages[key] = [1, nbytes]
+            self.held += nbytes
+        else:
+            users[0] += 1
+
+    def _release_storage(self, key: int) -> None:
+        with self._lock:
+            users = self._storages.get(key)
+            if users is None:  # cleared meanwhile
+                return
+            users[0] -= 1
+            if users[0] == 0:
+                del self._storages[key]
+                self.held -= users[1]
+
+    # --- what a command is about to make ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reserving(self, nbytes: int, covers_saved: bool = False) -> Iterator[None]:
+        """Hold ``nbytes`` against the quota while the block runs (room for what a command will make),
+        so that what else the block charges is checked beside it. A reservation that ``covers_saved``
+        (a forward's whole footprint) already counts what autograd saves: saved tensors are then held
+        without a check of their own, and stay charged when the reservation ends."""
+        token = object()
+        self._reservations[token] = nbytes
+        self._covering_saved += covers_saved
+        try:
+            yield
+        finally:
+            self._reservations.pop(token, None)
+            self._covering_saved -= covers_saved
+
+    @contextlib.contextmanager
+    def charging_saved_tensors(self) -> Iterator[None]:
+        """Charge what autograd saves for a backward pass while the block runs: the inputs and
+        intermediates it keeps live as long as the graph does, after the operands are deleted. A saved
+        tensor over the quota fails the command with ``LimitExceeded``."""
+        def pack(tensor: torch.Tensor) -> SavedTensor:
+            return SavedTensor(self, tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, SavedTensor.unpack):
+            try:
+                yield
+            except BaseException as exc:
+                # the failed command's frames hold its half-built graph, and the traceback travels on
+                # through futures: free the graph, and uncharge what it saved, now
+                traceback.clear_frames(exc.__traceback__)
+                raise
+
+    # --- replies in flight -------------------------------------------------------------------------
+
+    def sending(self, tracker: zmq.MessageTracker, nbytes: int) -> None:
+        """A reply of ``nbytes`` was handed to ZeroMQ: charged until ZeroMQ has sent it."""
+        self._unsent.append((tracker, nbytes))
+
+    def unsent(self) -> int:
+        if not self._unsent:
+            return 0
+        self._unsent = [(t, n) for t, n in self._unsent if not t.done]
+        return sum(n for _, n in self._unsent)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._storages.clear()
+            self._holder_storages.clear()
+            self._holder_extra.clear()
+            self._reservations.clear()
+            self.held = 0
+
+
+class SavedTensor:
+    """A tensor autograd saved for a backward pass, held against the quota until the graph that saved it
+    is freed (after ``backward``, or with the last output that leads to it)."""
+
+    __slots__ = ("tensor", "version", "__weakref__")
+
+    def __init__(self, quota: Quota, tensor: torch.Tensor) -> None:
+        self.version = tensor._version
+        if tensor.layout != torch.strided:  # sparse: no single storage to charge (a gradient, never big data)
+            self.tensor = tensor.detach()
+            return
+        storage = tensor.untyped_storage()
+        key = storage_key(storage)
+        with quota._lock:
+            if key not in quota._storages and not quota._covering_saved:
+                quota.check(storage.nbytes(), "a tensor saved for the backward pass")
+            quota._hold_storage(key, storage.nbytes())
+        # detached: an op that saves its own output would otherwise hold its own grad_fn, a cycle
+        # through C++ that no garbage collection frees (the graph would live until a backward)
+        self.tensor = tensor.detach()
+        weakref.finalize(self, quota._release_storage, key)
+
+    def unpack(self) -> torch.Tensor:
+        """The saved tensor, unless it changed in place since (an optimizer step between a forward and
+        its backward): the check autograd makes itself when no hooks are installed."""
+        if self.tensor._version != self.version:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: a tensor of shape {tuple(self.tensor.shape)} is at version "
+                               f"{self.tensor._version}, saved at version {self.version}")
+        return self.tensor
+
+
+__all__ = ["Quota", "SavedTensor"]

@@ -1,0 +1,436 @@
+"""A hostile coordinator with an allowed key, against real daemons: one test per class of attack.
+
+Each test is written as the attacker would write it (raw commands where the client API would refuse
+locally) and asserts what a data owner needs: refusal, the owner's data unchanged, no value in an
+error, and an honest client's heartbeat round trip under a second while the attack runs. The data is
+the issue's: 100 rows of 8 floats and their labels.
+"""
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.codec import NodeRef, Ref, encode_request
+from fedzmq.security import SecurityError
+from fedzmq.testing import write_dataset
+from fedzmq.worker.config import WorkerConfig
+from fedzmq.worker.server import Worker
+
+ROWS, FEATURES = 100, 8
+#: the owner's real terms (the test kit's daemons start with relaxed ones, for tiny test data)
+OWNER_TERMS = ["--min-batch-size", "16", "--min-metric-rows", "16"]
+
+
+@pytest.fixture
+def secret_rows(tmp_path):
+    """The owner's rows: values with many digits, so that any leak of one shows in text."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(ROWS, FEATURES, generator=generator) * 1000 + 123.456
+    y = torch.randint(0, 10, (ROWS,), generator=generator)
+    return x, y, write_dataset(tmp_path / "owner.safetensors", x, y)
+
+
+def open_args(path, *extra):
+    return ["--open-data", f"rows={path}", *OWNER_TERMS, *extra]
+
+
+def protected_args(path, *extra):
+    return ["--data", f"rows={path}", *OWNER_TERMS, *extra]
+
+
+def graph_spec(program, params=()):
+    """A described model: a forward program over the module's own parameters, as a client sends it."""
+    return {"kind": "graph", "children": [], "params": [[n, list(shape), True] for n, shape in params],
+            "buffers": [], "program": program}
+
+
+async def put_module(worker, spec, state):
+    out = worker._new_id()
+    await worker._request("module_put", {"out": out, "spec": spec, "state": state})
+    return out
+
+
+async def call_module(worker, module_id, *inputs):
+    out = worker._new_id()
+    await worker._request("module_call", {"obj": module_id, "args": list(inputs), "kwargs": {}, "out": [out]})
+    return out
+
+
+def no_value_of(rows, text):
+    """No value of ``rows`` (as torch or Python would print it) appears in ``text``."""
+    numbers = {float(n) for n in re.findall(r"\d+\.\d+|\d{3,}", text)}
+    values = set(rows.reshape(-1).tolist())
+    close = [n for n in numbers if any(abs(n - v) < 0.01 for v in values)
+             or any(abs(n - int(v)) < 0.5 and n >= 100 for v in values)]
+    return not close
+
+
+@contextlib.asynccontextmanager
+async def honest_pings(address, min_seconds=1.0):
+    """An honest client pinging the daemon every 20 ms while the block runs (and for at least
+    ``min_seconds``, so that what the attack left queued is measured too); yields its latencies."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    async with fz.connect(address) as honest:
+        kept = await honest.send(torch.arange(5.0))
+        stop = asyncio.Event()
+
+        async def loop():
+            while not stop.is_set():
+                started = time.perf_counter()
+                await honest.ping(timeout=30)
+                latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(0.02)
+
+        task = asyncio.ensure_future(loop())
+        try:
+            yield latencies
+            await asyncio.sleep(max(0.0, min_seconds - (time.perf_counter() - started)))
+        finally:
+            stop.set()
+            await task
+        assert torch.equal(await kept.get(), torch.arange(5.0)), "the honest session lost an object"
+
+
+def p99(latencies):
+    assert len(latencies) >= 5, latencies
+    return sorted(latencies)[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+
+
+# --- class 1: taint follows storage, not object ids -----------------------------------------------
+
+async def test_batchnorm_statistics_updated_by_a_forward_on_rows_are_private(fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    [ds] = await bob.worker.datasets()
+    norm = nn.BatchNorm1d(FEATURES, momentum=1.0)  # running_mean becomes the batch mean of the rows
+    remote = await bob.worker.send(norm)
+    await remote(await ds.features())
+    with pytest.raises(fz.PermissionDenied):
+        await remote.get()
+    assert torch.equal(norm.running_mean, torch.zeros(FEATURES))
+
+
+async def test_a_gradient_and_a_step_of_a_parameter_shaped_like_the_rows_are_private(fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    [ds] = await bob.worker.datasets()
+    features = await ds.features()
+    worker = bob.worker
+    # a model whose parameter W is shaped like the data, with loss (W * x).sum(): W.grad == x
+    spec = graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}],
+                       ["call_function", "mul", [NodeRef(1), NodeRef(0)], {}],
+                       ["call_method", "sum", [NodeRef(2)], {}], ["output", "output", [NodeRef(3)], {}]],
+                      params=[("w", (ROWS, FEATURES))])
+    module = await put_module(worker, spec, {"w": torch.zeros(ROWS, FEATURES)})
+    loss = await call_module(worker, module, Ref(features.id))
+    await worker._request("backward", {"obj": loss})
+    optim = worker._new_id()
+    await worker._request("optim_create", {"out": optim, "cls": "SGD", "module": module,
+                                           "groups": [{"params": [0], "lr": 1.0}]})
+    await worker._request("optim_step", {"obj": optim})
+    for attempt in ({"obj": module},):  # the parameter after one step is -x
+        with pytest.raises(fz.PermissionDenied):
+            await worker._request("module_state", attempt)
+    with pytest.raises(fz.PermissionDenied):
+        await worker._request("module_read", {"obj": module, "name": "w", "offset": 0, "length": 64})
+    # the same through a plain leaf tensor and its gradient
+    w = await worker.send(torch.zeros(ROWS, FEATURES, requires_grad=True))
+    total = (w * features).sum()
+    await total.backward()
+    with pytest.raises(fz.PermissionDenied):
+        await w.grad.get()
+    assert torch.equal(await w.get(), torch.zeros(ROWS, FEATURES))  # the leaf's own value is public
+
+
+async def test_module_put_never_adopts_memory_another_object_views(fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    features = await ds.features()
+    original = torch.zeros(ROWS, FEATURES)
+    tensor = await worker.send(original)
+    view = tensor.reshape(-1)  # a second object over the same storage
+    await view
+    spec = graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}],
+                       ["call_function", "mul", [NodeRef(1), NodeRef(0)], {}],
+                       ["call_method", "sum", [NodeRef(2)], {}], ["output", "output", [NodeRef(3)], {}]],
+                      params=[("w", (ROWS, FEATURES))])
+    module = await put_module(worker, spec, {"w": Ref(tensor.id)})  # the attacker hands over the viewed tensor
+    tensor._deleted = True
+    loss = await call_module(worker, module, Ref(features.id))
+    await worker._request("backward", {"obj": loss})
+    optim = worker._new_id()
+    await worker._request("optim_create", {"out": optim, "cls": "SGD", "module": module,
+                                           "groups": [{"params": [0], "lr": 1.0}]})
+    await worker._request("optim_step", {"obj": optim})
+    assert torch.equal(await view.get(), original.reshape(-1))  # the view did not become the trained weight
+
+
+async def test_out_keyword_cannot_write_the_owners_dataset_for_any_session(fedzmq_daemons, secret_rows):
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    features = await ds.features()
+    poison = [["placeholder", "x", [], {}], ["call_function", "mul", [NodeRef(0), 0.0], {"out": NodeRef(0)}],
+              ["output", "output", [NodeRef(1)], {}]]
+    with pytest.raises(fz.BadRequest, match="out"):
+        await put_module(worker, graph_spec(poison), {})
+    with pytest.raises(fz.BadRequest, match="out"):  # the op command refuses the same, by the same schema
+        out = worker._new_id()
+        await worker._request("op", {"op": "mul", "args": [Ref(features.id), 0.0], "kwargs": {"out": Ref(features.id)},
+                                     "out": [out]})
+    # a fresh session sees the owner's rows as they were: a model that computes their mean, evaluated
+    async with fz.connect(bob.address) as fresh:
+        [fresh_ds] = await fresh.datasets()
+        probe = nn.Linear(FEATURES, 1, bias=False)
+        with torch.no_grad():
+            probe.weight.fill_(1.0 / FEATURES)
+        remote = await fresh.send(probe)
+        metrics = await remote.evaluate(fresh_ds, loss="mse_loss")
+    with torch.no_grad():  # the same evaluation here, on the rows as the owner wrote them
+        expected = torch.nn.functional.mse_loss(probe(x), y.float(), reduction="sum").item() / ROWS
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# --- class 2: values leave through side channels ----------------------------------------------------
+
+async def test_errors_of_commands_on_private_data_carry_no_value(fedzmq_daemons, secret_rows):
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    features = await ds.features()
+    index = (features[0, 3] * 1).long()  # a value of the data, as an index
+    public = await worker.send(torch.arange(10.0))
+    errors = []
+    for attempt in (lambda: public[index].get(),                                  # IndexError quoting it
+                    lambda: features.reshape(index).get(),                        # a tensor as a size
+                    lambda: worker._op("cross_entropy", [features, (features * 1).long()], {}).get()):
+        with pytest.raises(fz.RemoteError) as info:
+            await attempt()
+        errors.append(info.value)
+    for error in errors:
+        assert error.remote_traceback == "", error
+        assert no_value_of(x, str(error)), str(error)
+
+
+async def test_errors_of_a_fit_on_protected_rows_carry_no_label(fedzmq_daemons, secret_rows):
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path))
+    [ds] = await bob.worker.datasets()
+    remote = await bob.worker.send(nn.Linear(FEATURES, 2))  # 2 classes: labels up to 9 are out of bounds
+    with pytest.raises(fz.RemoteError) as info:
+        await remote.fit(ds, batch_size=16)
+    assert info.value.remote_traceback == ""
+    assert "withheld" in info.value.remote_message
+    assert not any(f"Target {label}" in str(info.value) for label in range(10))
+
+
+async def test_data_dependent_shapes_never_leave(fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    features = await ds.features()
+    selected = features[features > 500.0]  # its length would count the rows above 500
+    with pytest.raises(fz.BadRequest, match="depends on the data"):
+        await selected
+    with pytest.raises(fz.RemoteError):
+        await worker._request("info", {"obj": selected.id})
+    shapes = await worker._request("info", {"obj": (features * 2).id})
+    assert shapes["shape"] == [ROWS, FEATURES]  # data-independent shapes are fine
+
+
+async def test_one_value_per_aggregate_is_not_released_by_default(fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    [ds] = await bob.worker.datasets()
+    features = await ds.features()
+    pipelined = [features[i, j].sum() for i in range(3) for j in range(FEATURES)]  # the 800-get attack
+    for pointer in pipelined:
+        with pytest.raises(fz.PermissionDenied):
+            await pointer.get()
+
+
+async def test_a_protected_dataset_is_reachable_by_no_command(fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--private-release", "aggregates"))
+    worker = bob.worker
+    for part in ("features", "labels"):
+        with pytest.raises(fz.PermissionDenied, match="protected"):
+            await worker._request("dataset_tensor", {"dataset": "rows", "part": part, "out": worker._new_id()})
+    remote = await worker.send(nn.Linear(FEATURES, 10))
+    with pytest.raises(fz.PermissionDenied, match="min-batch-size"):  # one step on a few rows is refused
+        await remote.fit("rows", batch_size=1, steps=1)
+    metrics = await remote.fit("rows", batch_size=16, steps=1)
+    assert metrics["samples_seen"] == 16
+
+
+# --- class 3: graph programs are the same command set -------------------------------------------------
+
+async def test_graph_programs_are_held_to_the_op_schema(fedzmq_daemons, secret_rows):
+    [bob] = await fedzmq_daemons("bob")
+    worker = bob.worker
+    for program, match in [
+        ([["placeholder", "x", [], {}], ["call_function", "add", [NodeRef(0), 1.0], {"alpha": 2}],
+          ["output", "output", [NodeRef(1)], {}]], "keyword"),
+        ([["placeholder", "x", [], {}], ["call_function", "relu", [NodeRef(0)], {"inplace": True}],
+          ["output", "output", [NodeRef(1)], {}]], "keyword"),
+    ]:
+        with pytest.raises(fz.BadRequest, match=match):
+            await put_module(worker, graph_spec(program), {})
+    # computing on plain Python numbers: refused when the program runs, before any big int is made
+    ints = [["placeholder", "x", [], {}], ["call_method", "size", [NodeRef(0), 0], {}],
+            ["call_function", "pow", [NodeRef(1), 10 ** 8], {}], ["output", "output", [NodeRef(2)], {}]]
+    module = await put_module(worker, graph_spec(ints), {})
+    x = await worker.send(torch.ones(3, 2))
+    started = time.perf_counter()
+    with pytest.raises(fz.BadRequest, match="tensor"):
+        await call_module(worker, module, Ref(x.id))
+    assert time.perf_counter() - started < 1.0
+    lists = [["placeholder", "x", [], {}], ["call_function", "mul", [[NodeRef(0)], 10 ** 8], {}],
+             ["output", "output", [NodeRef(1)], {}]]
+    module = await put_module(worker, graph_spec(lists), {})
+    with pytest.raises(fz.BadRequest):
+        await call_module(worker, module, Ref(x.id))
+
+
+# --- class 4: no request stops everyone ----------------------------------------------------------------
+
+async def test_a_fit_past_its_budget_is_stopped_and_a_closed_session_frees_the_torch_thread(fedzmq_daemons,
+                                                                                               secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--max-command-seconds", "2"))
+    worker = bob.worker
+    remote = await worker.send(nn.Sequential(nn.Linear(FEATURES, 512), nn.ReLU(), nn.Linear(512, 10)))
+    with pytest.raises(fz.LimitExceeded, match="max-fit-samples"):
+        await remote.fit("rows", epochs=10 ** 12, batch_size=16)
+    async with honest_pings(bob.address) as latencies:
+        started = time.perf_counter()
+        with pytest.raises(fz.LimitExceeded, match="max-command-seconds"):
+            await remote.fit("rows", epochs=50_000, batch_size=16)
+        assert 1.5 < time.perf_counter() - started < 6
+        # a session that goes away mid-fit: its command stops, and another session's work runs soon after
+        attacker = await fz.connect(bob.address)
+        hog = await attacker.send(nn.Sequential(nn.Linear(FEATURES, 512), nn.ReLU(), nn.Linear(512, 10)))
+        running = asyncio.ensure_future(hog.fit("rows", epochs=50_000, batch_size=16))
+        await asyncio.sleep(0.5)
+        await attacker.close()
+        with contextlib.suppress(fz.FedzmqError):
+            await running
+        started = time.perf_counter()
+        await remote.fit("rows", steps=1, batch_size=16)
+        assert time.perf_counter() - started < 1.5
+    assert p99(latencies) < 1.0
+
+
+async def test_huge_requests_are_refused_without_holding_the_event_loop(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(64 << 20)])
+    worker = bob.worker
+    one = await worker.send(torch.ones(1))
+    context = zmq.asyncio.Context.instance()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(bob.address)
+    try:
+        async with honest_pings(bob.address) as latencies:
+            # an op on a 1-element tensor with a 4 MB index list
+            frames = encode_request(1, "op", {"op": "getitem", "args": [Ref(one.id), [0] * 1_000_000],
+                                              "kwargs": {}, "out": [7]})
+            for _ in range(5):
+                await raw.send_multipart(frames)
+                reply = await asyncio.wait_for(raw.recv_multipart(), 10)
+                assert b"ProtocolError" in reply[0] or b"header" in reply[0]
+            # a forward whose intermediates are gigabytes (an outer product), against a 64 MiB quota
+            outer = [["placeholder", "x", [], {}], ["call_method", "unsqueeze", [NodeRef(0), -1], {}],
+                     ["call_method", "unsqueeze", [NodeRef(0), -2], {}],
+                     ["call_function", "mul", [NodeRef(1), NodeRef(2)], {}],
+                     ["call_method", "sum", [NodeRef(3)], {}], ["output", "output", [NodeRef(4)], {}]]
+            module = await put_module(worker, graph_spec(outer), {})
+            vector = await worker.send(torch.ones(25_000))  # 25,000^2 floats: 2.5 GB
+            with pytest.raises(fz.LimitExceeded):
+                await call_module(worker, module, Ref(vector.id))
+            # an op whose output alone is gigabytes
+            with pytest.raises(fz.LimitExceeded):
+                await (vector.unsqueeze(-1) * vector.unsqueeze(-2)).sum()
+        status = await worker.status()
+        assert status["rss_bytes"] < 1 << 30
+    finally:
+        raw.close()
+    assert p99(latencies) < 1.0
+
+
+async def test_a_client_that_stops_reading_cannot_pin_replies(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(64 << 20)])
+    context = zmq.asyncio.Context.instance()
+    attacker = context.socket(zmq.DEALER)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.setsockopt(zmq.RCVHWM, 1)
+    attacker.setsockopt(zmq.RCVBUF, 4096)
+    attacker.connect(bob.address)
+    try:
+        async with honest_pings(bob.address) as latencies:
+            big = torch.zeros(4 << 20)  # 16 MiB
+            await attacker.send_multipart(encode_request(1, "store", {"out": 1, "value": big}))
+            for request_id in range(2, 202):  # 200 gets of 16 MiB (and a view each: a fresh copy), never read
+                await attacker.send_multipart(encode_request(request_id, "op", {
+                    "op": "getitem", "args": [Ref(1), slice(None, None, 2)], "kwargs": {}, "out": [10_000 + request_id]}))
+                await attacker.send_multipart(encode_request(10_000 + request_id, "get", {"obj": 10_000 + request_id}))
+            await asyncio.sleep(3)
+            status = await bob.worker.status()
+        assert status["rss_bytes"] < 1 << 30, status["rss_bytes"]  # not 200 x 8 MiB of copies
+    finally:
+        attacker.close()
+    assert p99(latencies) < 1.0
+
+
+async def test_sessions_of_clients_that_went_away_do_not_lock_out_a_new_one(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob", args=["--max-sessions", "8"])
+    gone = []
+    for _ in range(7):  # with the fixture's own session, the worker is full
+        client = await fz.connect(bob.address)
+        await client.send(torch.ones(3))  # not empty: each holds an object
+        client._connection._socket.close(linger=0)  # vanish: no close command, no more heartbeats
+        gone.append(client)
+    started = time.perf_counter()
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                async with fz.connect(bob.address) as newcomer:
+                    assert (await newcomer.ping())["id"] == "bob"
+                    break
+            except fz.LimitExceeded:
+                await asyncio.sleep(0.5)
+    assert time.perf_counter() - started < 15
+    assert (await bob.worker.status())["sessions_evicted"] >= 1
+
+
+# --- class 5: the bind guard -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("address", ["tcp://0.0.0.0:0@127.0.0.1", "tcp://*:0", "tcp://0.0.0.0:0", "tcp://eth0:0"])
+async def test_the_no_keys_guard_decides_on_the_address_libzmq_binds(address):
+    worker = Worker("exposed", config=WorkerConfig())
+    with pytest.raises((SecurityError, zmq.ZMQError)):
+        worker.bind(address)
+    await worker.close()
+
+
+async def test_a_loopback_interface_by_name_is_served_without_keys():
+    worker = Worker("local", config=WorkerConfig())
+    try:
+        bound = worker.bind("tcp://lo:0" if os.path.exists("/sys/class/net/lo") else "tcp://127.0.0.1:0")
+        assert bound.startswith("tcp://127.0.0.1:")
+    finally:
+        await worker.close()
