@@ -1,15 +1,22 @@
-"""Each aggregation strategy against numbers worked out by hand on tiny tensors (2-5 workers, 2 coordinates)."""
+"""Each aggregation strategy against numbers worked out by hand on tiny tensors (2-5 workers, 2 coordinates);
+``aggregate()`` against the scheduler's streaming path, slice by slice and inside a real ``Federation``."""
 
 from __future__ import annotations
 
 import io
 import math
+import random
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
+import fedzmq as fz
 from fedzmq.federated.strategies import (STRATEGIES, Aggregator, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx,
                                          FedTrimmedAvg, FedYogi, Sequential, State, Strategy, make_strategy)
+from fedzmq.testing.plugin import TEST_SETTINGS
+from fedzmq.worker.datasets import Dataset
 
 
 def t(*values: float) -> torch.Tensor:
@@ -330,3 +337,164 @@ def test_real_module_with_batchnorm_round_trips(name: str) -> None:
     assert out["1.num_batches_tracked"].item() == 20  # max for the aggregators, the last model for Sequential
     if name in ("fedavg", "fedprox"):
         torch.testing.assert_close(out["0.weight"], before["0.weight"] + (2 * 1 + 6 * 2) / 8)
+
+
+# --- aggregate() is the streaming path -------------------------------------------------------------------------
+
+def random_updates(rng: np.random.Generator, global_state: State, count: int) -> list[tuple[State, int]]:
+    updates = []
+    for i in range(count):
+        u = {k: (v + torch.from_numpy(rng.normal(0, 1, tuple(v.shape))).to(v.dtype)) if v.is_floating_point()
+             else v + int(rng.integers(0, 50)) for k, v in global_state.items()}
+        if i == 3:  # a Byzantine one
+            u = {k: v * 1000 if v.is_floating_point() else v for k, v in u.items()}
+        updates.append((u, int(rng.integers(1, 60))))
+    return updates
+
+
+def stream_round(strategy: Strategy, r: int, live: State, updates: list[tuple[State, int]], rng: random.Random) -> None:
+    """What Federation does: pieces of every update in any order, then the result written into the model."""
+    agg = strategy.begin_round(r, live)
+    for state, n in updates:
+        agg.begin_update(n)
+        pieces = [(name, start, x.reshape(-1)[start:start + 3]) for name, x in state.items()
+                  for start in range(0, max(1, x.numel()), 3)]
+        rng.shuffle(pieces)
+        for piece in pieces:
+            agg.add_slice(*piece)
+        agg.end_update()
+    assert agg.count == len(updates)
+    agg.write_result(live)
+
+
+def stream_cases() -> dict[str, Callable[[], Strategy]]:
+    """Every strategy, with its server state where it has one."""
+    cases: dict[str, Callable[[], Strategy]] = {name: STRATEGIES[name] for name in ALL}
+    cases["fedadam"] = lambda: FedAdam(eta=0.1)
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(stream_cases()))
+def test_aggregate_equals_the_streaming_path(case: str) -> None:
+    make = stream_cases()[case]
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    live = model.state_dict()  # the model's own tensors: written in place, as the scheduler does
+    pure = {k: v.clone() for k, v in live.items()}
+    by_aggregate, by_stream = make(), make()
+    rng, shuffle = np.random.default_rng(2), random.Random(3)
+    for r in (1, 2):
+        updates = random_updates(rng, pure, 7)
+        copies = [({k: v.clone() for k, v in u.items()}, n) for u, n in updates]
+        before = {k: v.clone() for k, v in pure.items()}
+        new = by_aggregate.aggregate(r, pure, updates)
+        stream_round(by_stream, r, live, updates, shuffle)
+        for k in live:
+            assert torch.equal(new[k], live[k]), (case, r, k)
+            assert new[k].dtype == before[k].dtype and not torch.equal(new[k], before[k])
+            assert torch.equal(pure[k], before[k])  # aggregate() did not touch its inputs
+            assert all(torch.equal(u[k], c[k]) for (u, _), (c, _) in zip(updates, copies))
+        pure = new
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "trimmedmean", "sequential"])
+def test_held_updates_forget_a_broken_download_and_refuse_an_incomplete_one(name: str) -> None:
+    updates = [(st([float(i), -float(i)], nbt=i), i + 1) for i in range(4)]
+    agg = make_strategy(name).begin_round(1, st([0, 0]))
+    agg.begin_update(5)
+    agg.add_slice("w", 0, t(1000.0))  # the worker dies half-way through its update
+    agg.abort_update()
+    agg.begin_update(5)
+    agg.add_slice("w", 0, t(1000.0, 1000.0))
+    with pytest.raises(ValueError, match="missing.*nbt"):
+        agg.end_update()
+    for state, n in updates:
+        agg.add(state, n)
+    assert agg.count == 4
+    assert all(torch.equal(a, b) for a, b in zip(agg.result().values(),
+                                                 make_strategy(name).aggregate(1, st([0, 0]), updates).values()))
+
+
+# --- inside a real Federation: the round equals aggregate() of the updates it streamed ---------------------------
+
+class _Recording(Strategy):
+    """The wrapped strategy, keeping a copy of every update the scheduler streams into its aggregator."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner, self.name, self.sequential = inner, inner.name, inner.sequential
+        self.rounds: list[list[tuple[State, int]]] = []
+
+    def configure_fit(self, round_number: int) -> dict:
+        return self.inner.configure_fit(round_number)
+
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        self.rounds.append([])
+        return _RecordingAggregator(self.inner.begin_round(round_number, global_state), global_state, self.rounds[-1])
+
+
+class _RecordingAggregator(Aggregator):
+    def __init__(self, inner: Aggregator, global_state: State, into: list[tuple[State, int]]) -> None:
+        super().__init__(global_state)
+        self._inner, self._into = inner, into
+
+    @property
+    def count(self) -> int:
+        return self._inner.count
+
+    def begin_update(self, num_samples: int) -> None:
+        self._inner.begin_update(num_samples)
+        self._update = ({k: torch.zeros_like(v) for k, v in self._global.items()}, num_samples)
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        self._inner.add_slice(name, start, values)
+        self._update[0][name].view(-1)[start:start + values.numel()].copy_(values.reshape(-1))
+
+    def end_update(self) -> None:
+        self._inner.end_update()
+        self._into.append(self._update)
+
+    def abort_update(self) -> None:
+        self._inner.abort_update()
+
+    def write_result(self, into: State) -> None:
+        self._inner.write_result(into)
+
+    def current_model(self) -> State:
+        return self._inner.current_model()  # type: ignore[attr-defined]
+
+
+def _workers(n: int) -> list[fz.VirtualWorker]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40 * n, 5, generator=generator)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return [fz.VirtualWorker(f"w{i}", datasets={"d": Dataset("d", x[40 * i:40 * i + 20 + 5 * i],
+                                                                y[40 * i:40 * i + 20 + 5 * i])},
+                             settings=TEST_SETTINGS) for i in range(n)]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+
+
+FIT = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.1}, steps=2, batch_size=8)
+
+
+@pytest.mark.timeout(90)
+async def test_every_strategy_in_a_federation_equals_aggregate_of_the_updates_it_streamed() -> None:
+    workers = _workers(3)
+    try:
+        for case, make in sorted(stream_cases().items()):
+            model, recorder, replay = _model(), _Recording(make()), make()
+            federation = fz.Federation(workers, model, FIT, recorder, seed=4)
+            for r in (1, 2):
+                before = {k: v.clone() for k, v in model.state_dict().items()}
+                await federation.run_round()
+                assert len(recorder.rounds[-1]) == 3, case
+                expected = replay.aggregate(r, before, recorder.rounds[-1])
+                for k, v in model.state_dict().items():
+                    assert torch.equal(v, expected[k]), (case, r, k)
+                assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"]), case
+    finally:
+        for w in workers:
+            await w.close()

@@ -1,0 +1,56 @@
+"""Order statistics: FedMedian and FedTrimmedAvg.
+
+Each needs every update of the round at once (a coordinate's median needs all its values), so each holds a
+copy of every update: one model per participant, in the model's own dtypes. Both are unweighted: sample counts
+are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .aggregators import HeldUpdatesAggregator
+from .base import Aggregator, State, Strategy
+
+
+def median_of_sorted(s: torch.Tensor) -> torch.Tensor:
+    """The median along dim 0 of values sorted along dim 0; the mean of the two middle ones for an even count."""
+    k, h = s.shape[0], s.shape[0] // 2
+    return s[h].clone() if k % 2 else (s[h - 1] + s[h]) / 2
+
+
+def trimmed_mean_of_sorted(s: torch.Tensor, beta: float) -> torch.Tensor:
+    """Drop floor(beta·k) values at each end of k values sorted along dim 0, average the rest."""
+    k = s.shape[0]
+    cut = math.floor(beta * k + 1e-9)  # tolerance: 0.29 * 100 is 28.999999999999996 in floats
+    return s[cut:k - cut].mean(dim=0)
+
+
+class FedMedian(Strategy):
+    """Coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
+    Statistical Rates"), unweighted. For an even count it is the mean of the two middle values (like
+    ``torch.quantile(q=0.5)``, unlike ``torch.median``, which returns the lower one)."""
+
+    name = "fedmedian"
+
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        return HeldUpdatesAggregator(global_state, lambda values, _: median_of_sorted(torch.stack(values).sort(0)[0]))
+
+
+class FedTrimmedAvg(Strategy):
+    """Coordinate-wise trimmed mean (Yin et al. 2018), unweighted: sort each coordinate over the k updates,
+    drop b = floor(beta·k) values at each end, average the k − 2b left. beta in [0, 0.5), so at least one
+    value is always left."""
+
+    name = "trimmedmean"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        return HeldUpdatesAggregator(
+            global_state, lambda values, _: trimmed_mean_of_sorted(torch.stack(values).sort(0)[0], self.beta))
