@@ -339,6 +339,57 @@ def test_real_module_with_batchnorm_round_trips(name: str) -> None:
         torch.testing.assert_close(out["0.weight"], before["0.weight"] + (2 * 1 + 6 * 2) / 8)
 
 
+# --- Flower's parameter names and counts -----------------------------------------------------------------------
+
+def test_fedprox_takes_flowers_proximal_mu() -> None:
+    assert FedProx(proximal_mu=0.3).configure_fit(1) == {"prox_mu": 0.3}
+    assert FedProx(0.2).proximal_mu == 0.2 and FedProx().proximal_mu == 0.01
+    assert FedProx(mu=0.4).proximal_mu == 0.4 and FedProx(mu=0.4).mu == 0.4  # the older name still works
+    with pytest.raises(TypeError, match="not both"):
+        FedProx(proximal_mu=0.1, mu=0.1)
+    with pytest.raises(ValueError):
+        FedProx(proximal_mu=-0.1)
+
+
+def test_trimmed_mean_cuts_int_of_beta_times_k_like_flower() -> None:
+    # k = 100, beta = 0.29: 0.29 * 100 is 28.999999999999996 in floats, so int() cuts 28 a side, not 29
+    assert 0.29 * 100 < 29
+    order = random.Random(0).sample(range(100), 100)
+    updates = [({"w": t(float(i * i))}, 1) for i in order]  # squares: cutting 28 or 29 gives different means
+    out = FedTrimmedAvg(beta=0.29).aggregate(1, {"w": t(0.0)}, updates)
+    expected = sum(i * i for i in range(28, 72)) / 44
+    close(out["w"], [expected])
+    assert abs(expected - sum(i * i for i in range(29, 71)) / 42) > 1  # the other count would be caught
+
+
+# --- FedOpt's bias correction (Flower's FedAdam) ---------------------------------------------------------------
+
+def test_fedadam_bias_correction_is_flowers_step_size() -> None:
+    # Flower's FedAdam: eta_t = eta * sqrt(1 - beta_2^(t+1)) / (1 - beta_1^(t+1)), t = the round (1, 2, ...).
+    # m and v are those of test_adaptive_two_rounds_by_hand: r1 m = [3, -3], v = [4, 4]; r2 m = [5.25, -1.5],
+    # v = [12, 3.25]; only the step size changes.
+    s = FedAdam(eta=1.0, beta_1=0.25, beta_2=0.75, tau=1.0, bias_correction=True)
+    f1, f2 = math.sqrt(1 - 0.75 ** 2) / (1 - 0.25 ** 2), math.sqrt(1 - 0.75 ** 3) / (1 - 0.25 ** 3)
+    assert s.step_size(1) == pytest.approx(f1) and s.step_size(2) == pytest.approx(f2)
+    x1 = round1(s)
+    close(x1["w"], [f1 * 3 / (2 + 1), 1 - f1 * 3 / (2 + 1)])
+    x2 = round2(s, x1)
+    w1 = x1["w"].tolist()
+    close(x2["w"], [w1[0] + f2 * 5.25 / (math.sqrt(12) + 1), w1[1] - f2 * 1.5 / (math.sqrt(3.25) + 1)])
+    assert FedAdam().bias_correction is False and FedAdam(eta=0.5).step_size(7) == 0.5  # the paper's default
+
+
+def test_bias_correction_of_yogi_and_adagrad() -> None:
+    f1 = math.sqrt(1 - 0.75 ** 2) / (1 - 0.25 ** 2)
+    yogi = FedYogi(eta=1.0, beta_1=0.25, beta_2=0.75, tau=1.0, bias_correction=True)
+    close(round1(yogi)["w"], [f1, 1 - f1])  # round 1 of Yogi is Adam's: m = [3, -3], v = [4, 4]
+    # Adagrad has beta_1 = 0 and no beta_2, so the correction is 1: Flower's FedAdagrad and the paper agree
+    plain, corrected = FedAdagrad(eta=1.0, tau=1.0), FedAdagrad(eta=1.0, tau=1.0, bias_correction=True)
+    assert corrected.step_size(3) == 1.0
+    assert torch.equal(round1(plain)["w"], round1(corrected)["w"])
+    assert FedAdagrad(beta_1=0.5, bias_correction=True).step_size(1) == pytest.approx(0.1 / (1 - 0.25))
+
+
 # --- aggregate() is the streaming path -------------------------------------------------------------------------
 
 def random_updates(rng: np.random.Generator, global_state: State, count: int) -> list[tuple[State, int]]:
@@ -371,6 +422,7 @@ def stream_cases() -> dict[str, Callable[[], Strategy]]:
     """Every strategy, with its server state where it has one."""
     cases: dict[str, Callable[[], Strategy]] = {name: STRATEGIES[name] for name in ALL}
     cases["fedadam"] = lambda: FedAdam(eta=0.1)
+    cases["fedadam-flower"] = lambda: FedAdam(eta=0.1, tau=1e-9, bias_correction=True)
     return cases
 
 

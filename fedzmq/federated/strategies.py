@@ -1,8 +1,8 @@
 """Federated aggregation strategies: how the coordinator turns the workers' models into the next global model.
 
-One short class per algorithm, each written so it can be checked line by line against its paper. This module
-has the weighted-mean family (FedAvg, FedProx, FedAdagrad, FedAdam, FedYogi) and Sequential; robust.py has the
-order statistics (FedMedian, FedTrimmedAvg).
+One short class per algorithm, each written so it can be checked line by line against its paper, and against
+Flower's class of the same name. This module has the weighted-mean family (FedAvg, FedProx, FedAdagrad,
+FedAdam, FedYogi) and Sequential; robust.py has the order statistics (FedMedian, FedTrimmedAvg).
 The interfaces, and the conventions every strategy follows, are in base.py; the aggregators in aggregators.py.
 
 Run any strategy without daemons with ``strategy.aggregate(round_number, global_state, [(update, n), ...])``.
@@ -11,6 +11,8 @@ Run any strategy without daemons with ``strategy.aggregate(round_number, global_
 from __future__ import annotations
 
 import abc
+import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,17 +38,27 @@ class FedAvg(Strategy):
 
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): aggregation is FedAvg's;
-    each worker minimises its loss + (mu/2)·||w − w_global||², so every fit gets ``prox_mu=mu``."""
+    each worker minimises its loss + (mu/2)·||w − w_global||², so every fit gets ``prox_mu=proximal_mu``.
+
+    ``proximal_mu`` is Flower's name (Flower has no default; fedzmq's is 0.01); ``mu=`` is the older spelling."""
 
     name = "fedprox"
 
-    def __init__(self, mu: float = 0.01) -> None:
-        if mu < 0:
-            raise ValueError(f"mu must be >= 0, got {mu}")
-        self.mu = mu
+    def __init__(self, proximal_mu: float | None = None, *, mu: float | None = None) -> None:
+        if proximal_mu is not None and mu is not None:
+            raise TypeError("give proximal_mu or mu (the same thing), not both")
+        value = proximal_mu if proximal_mu is not None else mu if mu is not None else 0.01
+        if value < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {value}")
+        self.proximal_mu = float(value)
+
+    @property
+    def mu(self) -> float:
+        """The older name of ``proximal_mu``."""
+        return self.proximal_mu
 
     def configure_fit(self, round_number: int) -> dict[str, Any]:
-        return {"prox_mu": self.mu}
+        return {"prox_mu": self.proximal_mu}
 
 
 class FedOpt(Strategy):
@@ -57,18 +69,23 @@ class FedOpt(Strategy):
         Δ = x̄ − x
         m = β1·m + (1 − β1)·Δ
         v = <subclass rule>(v, Δ²)
-        x = x + η·m / (√v + τ)
+        x = x + η_t·m / (√v + τ)
 
-    m and v start at zero (not τ², which the paper also allows) and there is no bias correction, as in the
-    paper. They persist across rounds and are what ``state_dict`` checkpoints, so a resumed run continues
-    identically. m and v are kept in the working dtype. Subclasses differ only in ``_update_v``; FedAdam's and
-    FedYogi's defaults (eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3) are the constructor's."""
+    m and v start at zero and persist across rounds; they are what ``state_dict`` checkpoints, so a resumed
+    run continues identically. They are kept in the working dtype.
 
+    ``bias_correction=False`` (the default) is the paper: η_t = η. ``bias_correction=True`` is Flower's FedAdam:
+    η_t = η·√(1 − β2^(t+1)) / (1 − β1^(t+1)) with t the round number (1 in the first round; Flower's exponent
+    is one ahead of Adam's step count, and fedzmq follows it so the numbers agree). Flower's FedYogi and
+    FedAdagrad apply no correction, like the paper. FedAdam's defaults (eta=1e-2, tau=1e-3) are not Flower's
+    (1e-1, 1e-9), nor is FedAdagrad's tau (Flower: 1e-9)."""
 
-    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3, *,
+                 bias_correction: bool = False) -> None:
         if eta <= 0 or tau <= 0 or not (0 <= beta_1 < 1) or not (0 <= beta_2 < 1):
             raise ValueError(f"need eta > 0, tau > 0, 0 <= beta_1, beta_2 < 1; got {eta}, {tau}, {beta_1}, {beta_2}")
         self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
+        self.bias_correction = bool(bias_correction)
         self._m: State = {}
         self._v: State = {}
 
@@ -76,11 +93,20 @@ class FedOpt(Strategy):
     def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
         """Advance the second moment ``v`` in place."""
 
+    def step_size(self, round_number: int) -> float:
+        """η_t of round ``round_number``: η, or with ``bias_correction`` Flower's corrected rate."""
+        if not self.bias_correction:
+            return self.eta
+        if round_number < 0:
+            raise ValueError(f"round_number must be >= 0, got {round_number}")
+        t = round_number + 1
+        return self.eta * math.sqrt(1 - self.beta_2 ** t) / (1 - self.beta_1 ** t)
+
     def begin_round(self, round_number: int, global_state: State) -> Aggregator:
         _check_state_matches(self.name, self._m, global_state)
-        return ServerStepAggregator(global_state, self._step)
+        return ServerStepAggregator(global_state, partial(self._step, self.step_size(round_number)))
 
-    def _step(self, x: State, mean: State) -> State:
+    def _step(self, eta: float, x: State, mean: State) -> State:
         new: State = {}
         for k, ref in x.items():
             if not ref.is_floating_point():
@@ -93,7 +119,7 @@ class FedOpt(Strategy):
             m, v = self._m[k], self._v[k]
             m.mul_(self.beta_1).add_(delta, alpha=1 - self.beta_1)
             self._update_v(v, delta.square())
-            new[k] = xw + self.eta * m / (v.sqrt() + self.tau)
+            new[k] = xw + eta * m / (v.sqrt() + self.tau)
         return new
 
     def state_dict(self) -> dict[str, Any]:
@@ -112,19 +138,22 @@ class FedOpt(Strategy):
 
 
 class FedAdagrad(FedOpt):
-    """FedAdagrad (Reddi et al. 2021): v = v + Δ². beta_1 defaults to 0 (m = Δ); beta_2 is unused."""
+    """FedAdagrad (Reddi et al. 2021): v = v + Δ². beta_1 defaults to 0 (m = Δ; Flower fixes it at 0);
+    there is no beta_2."""
 
     name = "fedadagrad"
 
-    def __init__(self, eta: float = 1e-1, tau: float = 1e-3, beta_1: float = 0.0) -> None:
-        super().__init__(eta=eta, beta_1=beta_1, beta_2=0.0, tau=tau)
+    def __init__(self, eta: float = 1e-1, tau: float = 1e-3, beta_1: float = 0.0, *,
+                 bias_correction: bool = False) -> None:
+        super().__init__(eta=eta, beta_1=beta_1, beta_2=0.0, tau=tau, bias_correction=bias_correction)
 
     def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
         v.add_(delta_sq)
 
 
 class FedAdam(FedOpt):
-    """FedAdam (Reddi et al. 2021): v = β2·v + (1 − β2)·Δ²."""
+    """FedAdam (Reddi et al. 2021): v = β2·v + (1 − β2)·Δ². Flower's FedAdam is
+    ``FedAdam(eta=0.1, tau=1e-9, bias_correction=True)``."""
 
     name = "fedadam"
 
@@ -133,7 +162,8 @@ class FedAdam(FedOpt):
 
 
 class FedYogi(FedOpt):
-    """FedYogi (Reddi et al. 2021): v = v − (1 − β2)·Δ²·sign(v − Δ²) (v moves towards Δ² additively)."""
+    """FedYogi (Reddi et al. 2021): v = v − (1 − β2)·Δ²·sign(v − Δ²) (v moves towards Δ² additively).
+    Its defaults are Flower's."""
 
     name = "fedyogi"
 
