@@ -31,15 +31,15 @@ from .errors import (
     WrongWorkerError,
 )
 from .federated import (
-    FedAdagrad, FedAdam, FedAvg, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi, FitConfig, RoundFailed,
-    RoundMetrics, Sequential, Strategy, make_strategy,
+    FedAdagrad, FedAdam, FedAvg, FedAvgM, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi, FitConfig,
+    RoundFailed, RoundMetrics, Sequential, Strategy, make_strategy,
 )
 from .client.pointers import DatasetPointer
 from .federated.secure import SecAgg
 from .worker import Worker, WorkerConfig
 
 __all__ = [
-    "DatasetPointer", "SecAgg", "FedAdagrad", "FedAdam", "FedAvg", "Federation", "FedMedian", "FedProx", "FedTrimmedAvg",
+    "DatasetPointer", "SecAgg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "Federation", "FedMedian", "FedProx", "FedTrimmedAvg",
     "FedYogi", "FitConfig", "RoundFailed", "RoundMetrics", "Sequential", "Strategy", "make_strategy",
     "BadRequest", "ConnectionSettings", "FedzmqError", "LimitExceeded", "Limits",
     "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",

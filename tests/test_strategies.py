@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fedzmq as fz
-from fedzmq.federated.strategies import (STRATEGIES, Aggregator, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx,
-                                         FedTrimmedAvg, FedYogi, Sequential, State, Strategy, make_strategy)
+from fedzmq.federated.strategies import (STRATEGIES, Aggregator, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian,
+                                         FedProx, FedTrimmedAvg, FedYogi, Sequential, State, Strategy, make_strategy)
 from fedzmq.testing.plugin import TEST_SETTINGS
 from fedzmq.worker.datasets import Dataset
 
@@ -298,7 +298,7 @@ def test_empty_round_and_mismatched_updates_are_errors(name: str) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_stateless_defaults(name: str) -> None:
     s = fresh(name)
-    if name not in ADAPTIVE:
+    if name not in ADAPTIVE and name != "fedavgm":
         assert s.state_dict() == {}
         s.load_state_dict({})
     if name != "fedprox":
@@ -306,7 +306,7 @@ def test_stateless_defaults(name: str) -> None:
 
 
 def test_make_strategy_names_and_error() -> None:
-    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
                 "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg,
                 "fedtrimmedavg": FedTrimmedAvg, "sequential": Sequential}
     assert STRATEGIES == expected
@@ -315,6 +315,7 @@ def test_make_strategy_names_and_error() -> None:
     assert make_strategy("FedProx", mu=0.3).configure_fit(1) == {"prox_mu": 0.3}
     assert make_strategy("fedtrimmedavg", beta=0.2).beta == 0.2
     assert make_strategy("fedadam", eta=0.5).eta == 0.5
+    assert make_strategy("fedavgm", server_momentum=0.9).server_momentum == 0.9
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'.*fedavg.*sequential"):
         make_strategy("fedsgd")
 
@@ -335,7 +336,7 @@ def test_real_module_with_batchnorm_round_trips(name: str) -> None:
     assert all(torch.equal(g[k], before[k]) for k in g)  # g is live: the model's own tensors
     model.load_state_dict(out, strict=True)
     assert out["1.num_batches_tracked"].item() == 20  # max for the aggregators, the last model for Sequential
-    if name in ("fedavg", "fedprox"):
+    if name in ("fedavg", "fedprox", "fedavgm"):
         torch.testing.assert_close(out["0.weight"], before["0.weight"] + (2 * 1 + 6 * 2) / 8)
 
 
@@ -390,6 +391,47 @@ def test_bias_correction_of_yogi_and_adagrad() -> None:
     assert FedAdagrad(beta_1=0.5, bias_correction=True).step_size(1) == pytest.approx(0.1 / (1 - 0.25))
 
 
+# --- FedAvgM -----------------------------------------------------------------------------------------------------
+
+def test_fedavgm_two_rounds_by_hand() -> None:
+    # round1/round2's updates: mean x0 + [4, -4], then x1 + [6, -1]; eta = 0.5, mu = 0.5.
+    #   r1: g = x0 - mean = [-4, 4]; v = [-4, 4]; x1 = [0, 1] - 0.5 v = [2, -1]
+    #   r2: g = [-6, 1]; v = 0.5 [-4, 4] + [-6, 1] = [-8, 3]; x2 = [2, -1] - 0.5 v = [6, -2.5]
+    s = FedAvgM(server_learning_rate=0.5, server_momentum=0.5)
+    x1 = round1(s)
+    close(x1["w"], [2, -1])
+    assert x1["nbt"].item() == 9
+    close(s.state_dict()["momentum.w"], [-4, 4])
+    x2 = round2(s, x1)
+    close(x2["w"], [6, -2.5])
+    close(s.state_dict()["momentum.w"], [-8, 3])
+    # no momentum, eta = 2: x0 - 2 (x0 - mean) = [0, 1] + 2 [4, -4]
+    close(round1(FedAvgM(server_learning_rate=2.0))["w"], [8, -7])
+
+
+def test_fedavgm_defaults_are_fedavg_and_a_resumed_run_is_identical() -> None:
+    assert (FedAvgM().server_learning_rate, FedAvgM().server_momentum) == (1.0, 0.0)  # Flower's defaults
+    assert torch.equal(round1(FedAvgM())["w"], round1(FedAvg())["w"])  # bit for bit, as in Flower
+
+    def make() -> FedAvgM:
+        return FedAvgM(server_learning_rate=0.5, server_momentum=0.9)
+
+    original = make()
+    x1 = round1(original)
+    buf = io.BytesIO()
+    torch.save(original.state_dict(), buf)
+    buf.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    a, b, c = round2(original, x1), round2(resumed, x1), round2(make(), x1)
+    assert torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"])
+    for bad in ({"server_momentum": 1.0}, {"server_momentum": -0.1}, {"server_learning_rate": 0.0}):
+        with pytest.raises(ValueError):
+            FedAvgM(**bad)
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        make().load_state_dict(FedAdam().state_dict())
+
+
 # --- aggregate() is the streaming path -------------------------------------------------------------------------
 
 def random_updates(rng: np.random.Generator, global_state: State, count: int) -> list[tuple[State, int]]:
@@ -423,6 +465,7 @@ def stream_cases() -> dict[str, Callable[[], Strategy]]:
     cases: dict[str, Callable[[], Strategy]] = {name: STRATEGIES[name] for name in ALL}
     cases["fedadam"] = lambda: FedAdam(eta=0.1)
     cases["fedadam-flower"] = lambda: FedAdam(eta=0.1, tau=1e-9, bias_correction=True)
+    cases["fedavgm"] = lambda: FedAvgM(server_learning_rate=0.7, server_momentum=0.9)
     return cases
 
 

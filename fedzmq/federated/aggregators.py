@@ -3,7 +3,7 @@
 * ``WeightedMeanAggregator`` (FedAvg, FedProx): one running weighted sum, folded slice by slice, so the
   coordinator holds the global model, the sum and the pieces in flight: about three model copies, whatever
   the number of workers.
-* ``ServerStepAggregator`` (the FedOpt family): the same mean, then one server optimizer step on it.
+* ``ServerStepAggregator`` (FedAvgM, the FedOpt family): the same mean, then one server optimizer step on it.
 * ``HeldUpdatesAggregator`` (FedMedian, FedTrimmedAvg): a copy of every update, because the rule needs all of
   them at once.
 * ``SequentialAggregator`` (Sequential): the last model only.

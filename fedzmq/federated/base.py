@@ -156,8 +156,8 @@ class Strategy(abc.ABC):
 
         It runs the aggregator the scheduler runs (``begin_round``, then ``add`` per update, then ``result``),
         so it computes what a ``Federation`` round would from the same updates. The inputs are not modified
-        and the result is new tensors; the strategy's own server state (FedAdam's moments) advances by one
-        round, as it would in a federation."""
+        and the result is new tensors; the strategy's own server state (FedAdam's moments, FedAvgM's momentum)
+        advances by one round, as it would in a federation."""
         aggregator = self.begin_round(round_number, dict(global_state))
         for state, num_samples in updates:
             aggregator.add(state, num_samples)

@@ -1,8 +1,9 @@
 """Federated aggregation strategies: how the coordinator turns the workers' models into the next global model.
 
 One short class per algorithm, each written so it can be checked line by line against its paper, and against
-Flower's class of the same name. This module has the weighted-mean family (FedAvg, FedProx, FedAdagrad,
-FedAdam, FedYogi) and Sequential; robust.py has the order statistics (FedMedian, FedTrimmedAvg).
+Flower's class of the same name. This
+module has the weighted-mean family (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) and Sequential;
+robust.py has the order statistics (FedMedian, FedTrimmedAvg).
 The interfaces, and the conventions every strategy follows, are in base.py; the aggregators in aggregators.py.
 
 Run any strategy without daemons with ``strategy.aggregate(round_number, global_state, [(update, n), ...])``.
@@ -61,6 +62,60 @@ class FedProx(FedAvg):
         return {"prox_mu": self.proximal_mu}
 
 
+class FedAvgM(Strategy):
+    """FedAvg with server momentum (Hsu, Qi and Brown 2019, "Measuring the Effects of Non-Identical Data
+    Distribution for Federated Visual Classification"). The server treats the move away from the FedAvg mean
+    x̄ as a gradient and takes one step of SGD with momentum on it, per float entry::
+
+        g = x − x̄
+        v = μ·v + g          (v starts at zero; Flower sets v = g in round 1, the same thing)
+        x = x − η·v
+
+    η = ``server_learning_rate``, μ = ``server_momentum``, both named and defaulted as in Flower's ``FedAvgM``.
+    With μ = 0 and η = 1 the result is the FedAvg mean itself, as in Flower. v persists across rounds and is
+    what ``state_dict`` checkpoints. Memory: the weighted mean's three model copies, plus v when μ > 0."""
+
+    name = "fedavgm"
+
+    def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0) -> None:
+        if server_learning_rate <= 0 or not 0 <= server_momentum < 1:
+            raise ValueError("need server_learning_rate > 0 and 0 <= server_momentum < 1; got "
+                             f"{server_learning_rate}, {server_momentum}")
+        self.server_learning_rate, self.server_momentum = float(server_learning_rate), float(server_momentum)
+        self._momentum: State = {}
+
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        _check_state_matches(self.name, self._momentum, global_state)
+        return ServerStepAggregator(global_state, self._step)
+
+    def _step(self, x: State, mean: State) -> State:
+        if self.server_momentum == 0 and self.server_learning_rate == 1:
+            return mean  # x − 1·(x − x̄) is x̄: return it exactly
+        new: State = {}
+        for k, ref in x.items():
+            if not ref.is_floating_point():
+                new[k] = mean[k]
+                continue
+            xw = ref.to(work_dtype(ref))
+            g = xw - mean[k]
+            if self.server_momentum > 0:
+                v = self._momentum.setdefault(k, torch.zeros_like(g))
+                g = v.mul_(self.server_momentum).add_(g)
+            new[k] = xw - self.server_learning_rate * g
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"strategy": "fedavgm", "momentum.<entry>": v}; v exists once a round ran with momentum."""
+        return {"strategy": self.name, **{f"momentum.{k}": t.clone() for k, t in self._momentum.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_strategy_name(self.name, state)
+        tensors = {k: t for k, t in state.items() if k != "strategy"}
+        if any(not k.startswith("momentum.") for k in tensors):
+            raise ValueError(f"malformed {self.name} state: keys {sorted(tensors)}")
+        self._momentum = {k[len("momentum."):]: t.detach().clone() for k, t in tensors.items()}
+
+
 class FedOpt(Strategy):
     """Server-side adaptive optimization, Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2.
 
@@ -79,6 +134,7 @@ class FedOpt(Strategy):
     is one ahead of Adam's step count, and fedzmq follows it so the numbers agree). Flower's FedYogi and
     FedAdagrad apply no correction, like the paper. FedAdam's defaults (eta=1e-2, tau=1e-3) are not Flower's
     (1e-1, 1e-9), nor is FedAdagrad's tau (Flower: 1e-9)."""
+
 
     def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3, *,
                  bias_correction: bool = False) -> None:
@@ -197,8 +253,9 @@ def _check_state_matches(name: str, server_state: State, global_state: State) ->
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad,
-    "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg, "fedtrimmedavg": FedTrimmedAvg, "sequential": Sequential,
+    "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg, "fedtrimmedavg": FedTrimmedAvg,
+    "sequential": Sequential,
 }
 
 
@@ -210,6 +267,6 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
     return cls(**kwargs)
 
 
-__all__ = ["Aggregator", "FedAdagrad", "FedAdam", "FedAvg", "FedMedian", "FedOpt", "FedProx", "FedTrimmedAvg",
-           "FedYogi", "HeldUpdatesAggregator", "STRATEGIES", "Sequential", "SequentialAggregator", "State",
-           "Strategy", "make_strategy"]
+__all__ = ["Aggregator", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedOpt", "FedProx",
+           "FedTrimmedAvg", "FedYogi", "HeldUpdatesAggregator", "STRATEGIES", "Sequential", "SequentialAggregator",
+           "State", "Strategy", "make_strategy"]
