@@ -16,6 +16,7 @@ from .codec import Limits
 from .errors import (
     BadRequest,
     FedzmqError,
+    HeldBytesExceeded,
     LimitExceeded,
     ModelDescriptionError,
     ObjectNotFound,
@@ -40,7 +41,7 @@ from .worker import Worker, WorkerConfig
 
 __all__ = [
     "DatasetPointer", "SecAgg", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "Federation", "FedMedian", "FedProx", "FedTrimmedAvg",
-    "FedYogi", "FitConfig", "RoundFailed", "RoundMetrics", "Sequential", "Strategy", "make_strategy",
+    "FedYogi", "FitConfig", "HeldBytesExceeded", "RoundFailed", "RoundMetrics", "Sequential", "Strategy", "make_strategy",
     "BadRequest", "ConnectionSettings", "FedzmqError", "LimitExceeded", "Limits",
     "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",
     "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteProtocolError", "RemoteWorker", "RequestTimeout", "TensorPointer",

@@ -510,6 +510,31 @@ def test_held_updates_forget_a_broken_download_and_refuse_an_incomplete_one(name
                                                  make_strategy(name).aggregate(1, st([0, 0]), updates).values()))
 
 
+# --- what the robust rules hold, and the budget ----------------------------------------------------------------
+
+ROBUST = {"fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg}
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_robust_rules_refuse_updates_past_max_held_bytes(name: str) -> None:
+    g = st([0, 0])  # two float32 and one int64: 16 bytes an update
+    agg = ROBUST[name](max_held_bytes=2 * 16).begin_round(1, g)
+    agg.add(st([1, 1]), 1)
+    agg.add(st([2, 2]), 1)
+    assert agg.held_bytes == 32
+    with pytest.raises(fz.HeldBytesExceeded, match=f"{ROBUST[name].__name__} holds every update.*update 3 would "
+                                                   "make that 48 bytes.*max_held_bytes=32"):
+        agg.add(st([3, 3]), 1)
+    assert agg.count == 2 and agg.held_bytes == 32
+    with pytest.raises(fz.HeldBytesExceeded, match="cannot be aggregated without the updates it refused"):
+        agg.result()  # never a result from only the updates that fitted
+    unlimited = ROBUST[name](max_held_bytes=None)
+    assert unlimited.aggregate(1, g, [(st([1, 1]), 1)] * 40)["w"].tolist() == [1, 1]
+    assert ROBUST[name]().max_held_bytes == 1 << 30
+    with pytest.raises(ValueError):
+        ROBUST[name](max_held_bytes=-1)
+
+
 # --- inside a real Federation: the round equals aggregate() of the updates it streamed ---------------------------
 
 class _Recording(Strategy):

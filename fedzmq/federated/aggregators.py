@@ -4,8 +4,9 @@
   coordinator holds the global model, the sum and the pieces in flight: about three model copies, whatever
   the number of workers.
 * ``ServerStepAggregator`` (FedAvgM, the FedOpt family): the same mean, then one server optimizer step on it.
-* ``HeldUpdatesAggregator`` (FedMedian, FedTrimmedAvg): a copy of every update, because the rule needs all of
-  them at once.
+* ``HeldUpdatesAggregator`` (FedMedian, FedTrimmedAvg): a copy of every update, because the rule
+  needs all of them at once. It refuses, with ``HeldBytesExceeded``, an update that would take it past
+  ``max_held_bytes``.
 * ``SequentialAggregator`` (Sequential): the last model only.
 
 The interface and the conventions they share are in base.py.
@@ -18,7 +19,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import Aggregator, State, check_samples, work_dtype
+from ..errors import HeldBytesExceeded
+from .base import Aggregator, State, check_samples, state_bytes, work_dtype
+
+#: What FedMedian and FedTrimmedAvg may hold of a round's updates unless told otherwise: 1 GiB.
+DEFAULT_MAX_HELD_BYTES = 1 << 30
 
 
 class WeightedMeanAggregator(Aggregator):
@@ -200,18 +205,39 @@ def _select_all(updates: Sequence[State], names: Sequence[str]) -> list[int]:
 class HeldUpdatesAggregator(_PendingAggregator):
     """Holds a copy of every update of the round, in the model's own dtypes: one model per participant.
 
-    ``select`` picks the updates the result is made of (all, unless it is given); then each float entry is
-    ``reduce``d from those updates' values, and each non-float entry is their maximum. Computing an entry
-    takes, on top of the held updates, a few copies of that entry for every update."""
+    ``select`` picks the updates the result is made of (all, unless it is given); then
+    each float entry is ``reduce``d from those updates' values, and each non-float entry is their maximum.
+    Computing an entry takes, on top of the held updates, a few copies of that entry for every update.
 
-    def __init__(self, global_state: State, reduce: Reduce, *, select: Select = _select_all) -> None:
+    ``max_held_bytes`` (None: no limit) bounds the held updates: the update that would pass it is refused with
+    ``HeldBytesExceeded`` before anything of it is kept, and the round's result then raises the same error,
+    so the round never aggregates only the updates that happened to fit."""
+
+    def __init__(self, global_state: State, reduce: Reduce, *, select: Select = _select_all,
+                 max_held_bytes: int | None, rule: str) -> None:
         super().__init__(global_state)
-        self._reduce, self._select = reduce, select
+        if max_held_bytes is not None and max_held_bytes < 0:
+            raise ValueError(f"max_held_bytes must be >= 0 or None, got {max_held_bytes}")
+        self._reduce, self._select, self._rule = reduce, select, rule
+        self._max_held_bytes = max_held_bytes
+        self._update_bytes = state_bytes(global_state)
         self._updates: list[State] = []
         self._samples: list[int] = []
+        self._refused: str | None = None
         self._kept: list[int] | None = None
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the complete updates held now."""
+        return len(self._updates) * self._update_bytes
+
     def begin_update(self, num_samples: int) -> None:
+        wanted = self.held_bytes + self._update_bytes
+        if self._max_held_bytes is not None and wanted > self._max_held_bytes:
+            self._refused = (f"{self._rule} holds every update of a round; update {len(self._updates) + 1} would "
+                             f"make that {wanted} bytes ({self._update_bytes} per update), over max_held_bytes="
+                             f"{self._max_held_bytes}: raise max_held_bytes or let fewer workers take part")
+            raise HeldBytesExceeded(self._refused)
         if self._kept is not None:
             raise RuntimeError("this round was already aggregated")
         super().begin_update(num_samples)
@@ -222,6 +248,8 @@ class HeldUpdatesAggregator(_PendingAggregator):
 
     def write_result(self, into: State) -> None:
         self._require_updates()
+        if self._refused is not None:
+            raise HeldBytesExceeded(f"the round cannot be aggregated without the updates it refused: {self._refused}")
         if self._kept is None:
             names = [k for k, ref in self._global.items() if ref.is_floating_point()]
             self._kept = self._select(self._updates, names)

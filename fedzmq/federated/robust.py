@@ -1,15 +1,16 @@
 """Order statistics: FedMedian and FedTrimmedAvg.
 
 Each needs every update of the round at once (a coordinate's median needs all its values), so each holds a
-copy of every update: one model per participant, in the model's own dtypes. Both are unweighted: sample counts
-are ignored.
+copy of every update: one model per participant, in the model's own dtypes. ``max_held_bytes`` bounds that
+(default 1 GiB, None for no limit); the update that would pass it is refused with ``HeldBytesExceeded`` and
+the round fails rather than aggregate only what fitted. Both are unweighted: sample counts are ignored.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .aggregators import HeldUpdatesAggregator
+from .aggregators import DEFAULT_MAX_HELD_BYTES, HeldUpdatesAggregator
 from .base import Aggregator, State, Strategy
 
 
@@ -26,6 +27,12 @@ def trimmed_mean_of_sorted(s: torch.Tensor, beta: float) -> torch.Tensor:
     return s[cut:k - cut].mean(dim=0)
 
 
+def _check_budget(max_held_bytes: int | None) -> int | None:
+    if max_held_bytes is not None and max_held_bytes < 0:
+        raise ValueError(f"max_held_bytes must be >= 0 or None, got {max_held_bytes}")
+    return max_held_bytes
+
+
 class FedMedian(Strategy):
     """Coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
     Statistical Rates"), unweighted. For an even count it is the mean of the two middle values (like
@@ -33,8 +40,12 @@ class FedMedian(Strategy):
 
     name = "fedmedian"
 
+    def __init__(self, *, max_held_bytes: int | None = DEFAULT_MAX_HELD_BYTES) -> None:
+        self.max_held_bytes = _check_budget(max_held_bytes)
+
     def begin_round(self, round_number: int, global_state: State) -> Aggregator:
-        return HeldUpdatesAggregator(global_state, lambda values, _: median_of_sorted(torch.stack(values).sort(0)[0]))
+        return HeldUpdatesAggregator(global_state, lambda values, _: median_of_sorted(torch.stack(values).sort(0)[0]),
+                                     max_held_bytes=self.max_held_bytes, rule=type(self).__name__)
 
 
 class FedTrimmedAvg(Strategy):
@@ -44,11 +55,13 @@ class FedTrimmedAvg(Strategy):
 
     name = "trimmedmean"
 
-    def __init__(self, beta: float = 0.1) -> None:
+    def __init__(self, beta: float = 0.1, *, max_held_bytes: int | None = DEFAULT_MAX_HELD_BYTES) -> None:
         if not 0 <= beta < 0.5:
             raise ValueError(f"beta must be in [0, 0.5), got {beta}")
         self.beta = beta
+        self.max_held_bytes = _check_budget(max_held_bytes)
 
     def begin_round(self, round_number: int, global_state: State) -> Aggregator:
         return HeldUpdatesAggregator(
-            global_state, lambda values, _: trimmed_mean_of_sorted(torch.stack(values).sort(0)[0], self.beta))
+            global_state, lambda values, _: trimmed_mean_of_sorted(torch.stack(values).sort(0)[0], self.beta),
+            max_held_bytes=self.max_held_bytes, rule=type(self).__name__)

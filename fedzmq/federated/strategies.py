@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .aggregators import HeldUpdatesAggregator, SequentialAggregator, ServerStepAggregator, WeightedMeanAggregator
+from .aggregators import (DEFAULT_MAX_HELD_BYTES, HeldUpdatesAggregator, SequentialAggregator,
+                          ServerStepAggregator, WeightedMeanAggregator)
 from .base import Aggregator, State, Strategy, work_dtype
 from .robust import FedMedian, FedTrimmedAvg
 
@@ -267,6 +268,6 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
     return cls(**kwargs)
 
 
-__all__ = ["Aggregator", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedOpt", "FedProx",
+__all__ = ["Aggregator", "DEFAULT_MAX_HELD_BYTES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedOpt", "FedProx",
            "FedTrimmedAvg", "FedYogi", "HeldUpdatesAggregator", "STRATEGIES", "Sequential", "SequentialAggregator",
            "State", "Strategy", "make_strategy"]
