@@ -64,7 +64,7 @@ class WrongWorkerError(FedzmqError, ValueError):
 
 
 class HeldBytesExceeded(FedzmqError):
-    """A strategy that must hold every update of a round at once (FedMedian, FedTrimmedAvg)
+    """A strategy that must hold every update of a round at once (FedMedian, FedTrimmedAvg, Krum, Bulyan)
     would hold more than its ``max_held_bytes``. Raised for the update that would pass the budget, and again by
     the round's result, so a round never silently aggregates only the updates that fitted."""
 

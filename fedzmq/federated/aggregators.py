@@ -4,7 +4,7 @@
   coordinator holds the global model, the sum and the pieces in flight: about three model copies, whatever
   the number of workers.
 * ``ServerStepAggregator`` (FedAvgM, the FedOpt family): the same mean, then one server optimizer step on it.
-* ``HeldUpdatesAggregator`` (FedMedian, FedTrimmedAvg): a copy of every update, because the rule
+* ``HeldUpdatesAggregator`` (FedMedian, FedTrimmedAvg, Krum, Bulyan): a copy of every update, because the rule
   needs all of them at once. It refuses, with ``HeldBytesExceeded``, an update that would take it past
   ``max_held_bytes``.
 * ``SequentialAggregator`` (Sequential): the last model only.
@@ -22,7 +22,7 @@ import torch
 from ..errors import HeldBytesExceeded
 from .base import Aggregator, State, check_samples, state_bytes, work_dtype
 
-#: What FedMedian and FedTrimmedAvg may hold of a round's updates unless told otherwise: 1 GiB.
+#: What FedMedian, FedTrimmedAvg, Krum and Bulyan may hold of a round's updates unless told otherwise: 1 GiB.
 DEFAULT_MAX_HELD_BYTES = 1 << 30
 
 
@@ -205,7 +205,7 @@ def _select_all(updates: Sequence[State], names: Sequence[str]) -> list[int]:
 class HeldUpdatesAggregator(_PendingAggregator):
     """Holds a copy of every update of the round, in the model's own dtypes: one model per participant.
 
-    ``select`` picks the updates the result is made of (all, unless it is given); then
+    ``select`` picks the updates the result is made of (all, unless it is given: Krum and Bulyan pick); then
     each float entry is ``reduce``d from those updates' values, and each non-float entry is their maximum.
     Computing an entry takes, on top of the held updates, a few copies of that entry for every update.
 

@@ -1,7 +1,7 @@
 """The two interfaces every aggregation algorithm implements: ``Strategy`` and the per-round ``Aggregator``.
 
 Modelled on Flower's ``Strategy``: one small interface, one short class per algorithm (strategies.py for the
-averaging family, robust.py for the order statistics). A round goes::
+averaging family, robust.py for the order statistics and the Byzantine-robust rules). A round goes::
 
     agg = strategy.begin_round(r, global_state)     # global_state is only read, never modified
     for each update, as it downloads:
@@ -18,8 +18,9 @@ Conventions shared by every strategy (so the scheduler need not care which one i
 
 * Every update must have the global model's keys and shapes (``ValueError`` otherwise).
 * Only floating-point entries are aggregated. Other entries (BatchNorm's int64 ``num_batches_tracked``, bool
-  masks) cannot be averaged meaningfully; they take the elementwise maximum over the round's updates.
-  (Sequential, which does not aggregate, keeps the last model's.)
+  masks) cannot be averaged meaningfully; they take the elementwise maximum over the updates the rule keeps
+  (all of them, except for Krum and Bulyan, which keep some). Sequential, which does not aggregate, keeps the
+  last model's.
 * The aggregator reads ``global_state`` by reference until the round ends: do not modify it meanwhile.
 * Results have the global model's dtypes, are new tensors (never views of an input) and ``result()`` may be
   called more than once. Arithmetic runs in at least float32 (``torch.promote_types(dtype, float32)``) so

@@ -1,9 +1,9 @@
 """Federated aggregation strategies: how the coordinator turns the workers' models into the next global model.
 
 One short class per algorithm, each written so it can be checked line by line against its paper, and against
-Flower's class of the same name. This
+Flower's class of the same name (docs/strategies.md lists every parameter and default beside Flower's). This
 module has the weighted-mean family (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) and Sequential;
-robust.py has the order statistics (FedMedian, FedTrimmedAvg).
+robust.py has the order statistics and the Byzantine-robust rules (FedMedian, FedTrimmedAvg, Krum, Bulyan).
 The interfaces, and the conventions every strategy follows, are in base.py; the aggregators in aggregators.py.
 
 Run any strategy without daemons with ``strategy.aggregate(round_number, global_state, [(update, n), ...])``.
@@ -21,7 +21,7 @@ import torch
 from .aggregators import (DEFAULT_MAX_HELD_BYTES, HeldUpdatesAggregator, SequentialAggregator,
                           ServerStepAggregator, WeightedMeanAggregator)
 from .base import Aggregator, State, Strategy, work_dtype
-from .robust import FedMedian, FedTrimmedAvg
+from .robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
 
 
 class FedAvg(Strategy):
@@ -134,7 +134,7 @@ class FedOpt(Strategy):
     η_t = η·√(1 − β2^(t+1)) / (1 − β1^(t+1)) with t the round number (1 in the first round; Flower's exponent
     is one ahead of Adam's step count, and fedzmq follows it so the numbers agree). Flower's FedYogi and
     FedAdagrad apply no correction, like the paper. FedAdam's defaults (eta=1e-2, tau=1e-3) are not Flower's
-    (1e-1, 1e-9), nor is FedAdagrad's tau (Flower: 1e-9)."""
+    (1e-1, 1e-9), nor is FedAdagrad's tau (Flower: 1e-9): docs/strategies.md has both side by side, and why."""
 
 
     def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3, *,
@@ -256,7 +256,7 @@ def _check_state_matches(name: str, server_state: State, global_state: State) ->
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg, "fedtrimmedavg": FedTrimmedAvg,
-    "sequential": Sequential,
+    "krum": Krum, "bulyan": Bulyan, "sequential": Sequential,
 }
 
 
@@ -268,6 +268,6 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
     return cls(**kwargs)
 
 
-__all__ = ["Aggregator", "DEFAULT_MAX_HELD_BYTES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedOpt", "FedProx",
-           "FedTrimmedAvg", "FedYogi", "HeldUpdatesAggregator", "STRATEGIES", "Sequential", "SequentialAggregator",
-           "State", "Strategy", "make_strategy"]
+__all__ = ["Aggregator", "Bulyan", "DEFAULT_MAX_HELD_BYTES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM",
+           "FedMedian", "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "HeldUpdatesAggregator", "Krum",
+           "STRATEGIES", "Sequential", "SequentialAggregator", "State", "Strategy", "make_strategy"]
