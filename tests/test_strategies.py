@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fedzmq as fz
+from fedzmq.federated.secure import SecAgg
 from fedzmq.federated.strategies import (STRATEGIES, Aggregator, Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM,
                                          FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Sequential, State,
                                          Strategy, make_strategy)
@@ -737,6 +738,32 @@ def test_robust_rules_refuse_updates_past_max_held_bytes(name: str) -> None:
     assert ROBUST[name]().max_held_bytes == 1 << 30
     with pytest.raises(ValueError):
         ROBUST[name](max_held_bytes=-1)
+
+
+# --- secure aggregation accepts only what a masked sum can compute ---------------------------------------------
+
+class _Undeclared(Strategy):
+    name = "undeclared"
+
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        return FedAvg().begin_round(round_number, global_state)
+
+
+@pytest.mark.parametrize("inner", [FedMedian(), FedTrimmedAvg(), Krum(num_malicious_clients=1),
+                                   Krum(num_clients_to_keep=2), Bulyan(), Sequential(), _Undeclared()],
+                         ids=lambda s: repr(s))
+def test_secagg_refuses_rules_that_need_each_update(inner: Strategy) -> None:
+    with pytest.raises(ValueError, match=f"{type(inner).__name__} does not aggregate a weighted sum.*masked sum"):
+        SecAgg(inner)
+
+
+def test_secagg_wraps_the_weighted_mean_family_and_has_no_daemon_free_aggregate() -> None:
+    for inner in (FedAvg(), FedProx(), FedAvgM(server_momentum=0.9), FedAdam(), FedYogi(), FedAdagrad()):
+        assert SecAgg(inner).inner is inner and inner.aggregates_weighted_mean
+    with pytest.raises(ValueError, match="weighted sum"):
+        SecAgg(SecAgg(FedAvg()))
+    with pytest.raises(NotImplementedError, match="inner"):
+        SecAgg(FedAvg()).aggregate(1, st([0, 0]), [(st([1, 1]), 1)])
 
 
 # --- inside a real Federation: the round equals aggregate() of the updates it streamed ---------------------------

@@ -143,6 +143,9 @@ class Strategy(abc.ABC):
     name: str
     #: True only for Sequential: workers are visited in turn, from ``current_model()``
     sequential: bool = False
+    #: True if the new model depends on the round's updates only through their sample-weighted mean, so it can be
+    #: computed from the sum secure aggregation reveals. ``SecAgg`` refuses every strategy that does not say so.
+    aggregates_weighted_mean: bool = False
 
     def configure_fit(self, round_number: int) -> dict[str, Any]:
         """Extra arguments for every participant's local fit this round. Default none."""

@@ -33,6 +33,7 @@ class FedAvg(Strategy):
     workers take part."""
 
     name = "fedavg"
+    aggregates_weighted_mean = True
 
     def begin_round(self, round_number: int, global_state: State) -> Aggregator:
         return WeightedMeanAggregator(global_state)
@@ -77,6 +78,7 @@ class FedAvgM(Strategy):
     what ``state_dict`` checkpoints. Memory: the weighted mean's three model copies, plus v when μ > 0."""
 
     name = "fedavgm"
+    aggregates_weighted_mean = True
 
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0) -> None:
         if server_learning_rate <= 0 or not 0 <= server_momentum < 1:
@@ -136,6 +138,7 @@ class FedOpt(Strategy):
     FedAdagrad apply no correction, like the paper. FedAdam's defaults (eta=1e-2, tau=1e-3) are not Flower's
     (1e-1, 1e-9), nor is FedAdagrad's tau (Flower: 1e-9): docs/strategies.md has both side by side, and why."""
 
+    aggregates_weighted_mean = True
 
     def __init__(self, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3, *,
                  bias_correction: bool = False) -> None:
