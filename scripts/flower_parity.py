@@ -41,7 +41,8 @@ def cases(clients: int) -> list[tuple[str, Callable[[Any], Any], Callable[[], fz
     f = (clients - 3) // 4  # the most Byzantine clients Bulyan tolerates with this many (n >= 4f + 3)
     return [
         ("FedAvg", lambda p: flower.FedAvg(), fz.FedAvg, True),
-        ("FedProx(proximal_mu=0.1)", lambda p: flower.FedProx(proximal_mu=0.1), lambda: fz.FedProx(proximal_mu=0.1), True),
+        ("FedProx(proximal_mu=0.1)", lambda p: flower.FedProx(proximal_mu=0.1),
+         lambda: fz.FedProx(proximal_mu=0.1), True),
         ("FedAvgM(lr=0.7, momentum=0.9)",
          lambda p: flower.FedAvgM(initial_parameters=p, server_learning_rate=0.7, server_momentum=0.9),
          lambda: fz.FedAvgM(server_learning_rate=0.7, server_momentum=0.9), True),
@@ -51,7 +52,8 @@ def cases(clients: int) -> list[tuple[str, Callable[[Any], Any], Callable[[], fz
         ("FedAdagrad, Flower's defaults", lambda p: flower.FedAdagrad(initial_parameters=p),
          lambda: fz.FedAdagrad(tau=1e-9), True),
         ("FedMedian", lambda p: flower.FedMedian(), fz.FedMedian, True),
-        ("FedTrimmedAvg(beta=0.34)", lambda p: flower.FedTrimmedAvg(beta=0.34), lambda: fz.FedTrimmedAvg(beta=0.34), True),
+        ("FedTrimmedAvg(beta=0.34)", lambda p: flower.FedTrimmedAvg(beta=0.34),
+         lambda: fz.FedTrimmedAvg(beta=0.34), True),
         ("Krum(f=1)", lambda p: flower.Krum(num_malicious_clients=1), lambda: fz.Krum(num_malicious_clients=1), True),
         ("Multi-Krum(f=1, keep=2)", lambda p: flower.Krum(num_malicious_clients=1, num_clients_to_keep=2),
          lambda: fz.Krum(num_malicious_clients=1, num_clients_to_keep=2), True),
