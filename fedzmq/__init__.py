@@ -16,6 +16,7 @@ from .codec import Limits
 from .errors import (
     BadRequest,
     FedzmqError,
+    HeldBytesExceeded,
     LimitExceeded,
     ModelDescriptionError,
     ObjectNotFound,
@@ -31,16 +32,17 @@ from .errors import (
     WrongWorkerError,
 )
 from .federated import (
-    FedAdagrad, FedAdam, FedAvg, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi, FitConfig, RoundFailed,
-    RoundMetrics, Sequential, Strategy, make_strategy,
+    Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi, FitConfig,
+    Krum, RoundFailed, RoundMetrics, Sequential, Strategy, make_strategy,
 )
 from .client.pointers import DatasetPointer
 from .federated.secure import SecAgg
 from .worker import Worker, WorkerConfig
 
 __all__ = [
-    "DatasetPointer", "SecAgg", "FedAdagrad", "FedAdam", "FedAvg", "Federation", "FedMedian", "FedProx", "FedTrimmedAvg",
-    "FedYogi", "FitConfig", "RoundFailed", "RoundMetrics", "Sequential", "Strategy", "make_strategy",
+    "DatasetPointer", "SecAgg", "Bulyan", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "Federation", "FedMedian",
+    "FedProx", "FedTrimmedAvg", "FedYogi", "FitConfig", "HeldBytesExceeded", "Krum", "RoundFailed", "RoundMetrics",
+    "Sequential", "Strategy", "make_strategy",
     "BadRequest", "ConnectionSettings", "FedzmqError", "LimitExceeded", "Limits",
     "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",
     "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteProtocolError", "RemoteWorker", "RequestTimeout", "TensorPointer",

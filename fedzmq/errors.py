@@ -9,6 +9,7 @@ Catch at the level you care about:
     │   └── RequestTimeout     it is alive but did not answer within the deadline you gave
     ├── ModelDescriptionError  a model cannot be described as data for a worker
     ├── WrongWorkerError       an operation mixes objects that live on different workers
+    ├── HeldBytesExceeded      an aggregator that holds every update of a round would pass its byte budget
     └── RemoteError            the daemon ran the command and it failed there
         ├── ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, ...
         ├── RemoteProtocolError(RemoteError, ProtocolError): the daemon could not decode our request
@@ -60,6 +61,12 @@ class ModelDescriptionError(FedzmqError):
 
 class WrongWorkerError(FedzmqError, ValueError):
     """An operation mixes pointers of different workers, or a pointer with the wrong worker."""
+
+
+class HeldBytesExceeded(FedzmqError):
+    """A strategy that must hold every update of a round at once (FedMedian, FedTrimmedAvg, Krum, Bulyan)
+    would hold more than its ``max_held_bytes``. Raised for the update that would pass the budget, and again by
+    the round's result, so a round never silently aggregates only the updates that fitted."""
 
 
 class RemoteError(FedzmqError):

@@ -1,15 +1,24 @@
-"""Each aggregation strategy against numbers worked out by hand on tiny tensors (2-5 workers, 2 coordinates)."""
+"""Each aggregation strategy against numbers worked out by hand on tiny tensors (2-7 workers, 1-2 coordinates)
+and against an independent numpy implementation on random ones with a Byzantine worker; ``aggregate()``
+against the scheduler's streaming path, slice by slice and inside a real ``Federation``."""
 
 from __future__ import annotations
 
 import io
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 
-from fedzmq.federated.strategies import (STRATEGIES, Aggregator, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx,
-                                         FedTrimmedAvg, FedYogi, Sequential, State, Strategy, make_strategy)
+import fedzmq as fz
+from fedzmq.federated.secure import SecAgg
+from fedzmq.federated.strategies import (STRATEGIES, Aggregator, Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM,
+                                         FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Sequential, State,
+                                         Strategy, make_strategy)
+from fedzmq.testing.plugin import TEST_SETTINGS
+from fedzmq.worker.datasets import Dataset
 
 
 def t(*values: float) -> torch.Tensor:
@@ -270,7 +279,7 @@ def test_global_state_unmodified_and_results_are_new_tensors(name: str) -> None:
         assert v.dtype == g[k].dtype and v.shape == g[k].shape
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n != "sequential"])
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("sequential", "krum")])  # Krum: see test_krum_*
 def test_int_buffers_take_the_max(name: str) -> None:
     assert run_round(fresh(name), st([0, 0], nbt=100), updates_for_contract())["nbt"].item() == 7
 
@@ -291,7 +300,7 @@ def test_empty_round_and_mismatched_updates_are_errors(name: str) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_stateless_defaults(name: str) -> None:
     s = fresh(name)
-    if name not in ADAPTIVE:
+    if name not in ADAPTIVE and name != "fedavgm":
         assert s.state_dict() == {}
         s.load_state_dict({})
     if name != "fedprox":
@@ -299,15 +308,17 @@ def test_stateless_defaults(name: str) -> None:
 
 
 def test_make_strategy_names_and_error() -> None:
-    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
                 "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg,
-                "fedtrimmedavg": FedTrimmedAvg, "sequential": Sequential}
+                "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "bulyan": Bulyan, "sequential": Sequential}
     assert STRATEGIES == expected
     for name, cls in expected.items():
         assert type(make_strategy(name)) is cls
     assert make_strategy("FedProx", mu=0.3).configure_fit(1) == {"prox_mu": 0.3}
     assert make_strategy("fedtrimmedavg", beta=0.2).beta == 0.2
     assert make_strategy("fedadam", eta=0.5).eta == 0.5
+    assert make_strategy("krum", num_malicious_clients=1, num_clients_to_keep=2).num_clients_to_keep == 2
+    assert make_strategy("fedavgm", server_momentum=0.9).server_momentum == 0.9
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'.*fedavg.*sequential"):
         make_strategy("fedsgd")
 
@@ -318,7 +329,7 @@ def test_real_module_with_batchnorm_round_trips(name: str) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     g = model.state_dict()
     updates = []
-    for i, n in enumerate((2, 6)):
+    for i, n in enumerate((2, 6, 4)):  # three: Bulyan needs 4f + 3 of them
         u = {k: v.clone() for k, v in g.items()}
         u["0.weight"] += i + 1
         u["1.num_batches_tracked"] += 10 * (i + 1)
@@ -327,6 +338,537 @@ def test_real_module_with_batchnorm_round_trips(name: str) -> None:
     out = run_round(fresh(name), g, updates)
     assert all(torch.equal(g[k], before[k]) for k in g)  # g is live: the model's own tensors
     model.load_state_dict(out, strict=True)
-    assert out["1.num_batches_tracked"].item() == 20  # max for the aggregators, the last model for Sequential
-    if name in ("fedavg", "fedprox"):
-        torch.testing.assert_close(out["0.weight"], before["0.weight"] + (2 * 1 + 6 * 2) / 8)
+    # max for the aggregators, the last model for Sequential; Krum keeps one update, and the three scores tie
+    # (each update's nearest other is one step of +1 away), so it keeps the first, whose counter is 10
+    assert out["1.num_batches_tracked"].item() == (10 if name == "krum" else 30)
+    if name in ("fedavg", "fedprox", "fedavgm"):
+        torch.testing.assert_close(out["0.weight"], before["0.weight"] + (2 * 1 + 6 * 2 + 4 * 3) / 12)
+
+
+# --- Flower's parameter names and counts -----------------------------------------------------------------------
+
+def test_fedprox_takes_flowers_proximal_mu() -> None:
+    assert FedProx(proximal_mu=0.3).configure_fit(1) == {"prox_mu": 0.3}
+    assert FedProx(0.2).proximal_mu == 0.2 and FedProx().proximal_mu == 0.01
+    assert FedProx(mu=0.4).proximal_mu == 0.4 and FedProx(mu=0.4).mu == 0.4  # the older name still works
+    with pytest.raises(TypeError, match="not both"):
+        FedProx(proximal_mu=0.1, mu=0.1)
+    with pytest.raises(ValueError):
+        FedProx(proximal_mu=-0.1)
+
+
+def test_trimmed_mean_cuts_int_of_beta_times_k_like_flower() -> None:
+    # k = 100, beta = 0.29: 0.29 * 100 is 28.999999999999996 in floats, so int() cuts 28 a side, not 29
+    assert 0.29 * 100 < 29
+    order = random.Random(0).sample(range(100), 100)
+    updates = [({"w": t(float(i * i))}, 1) for i in order]  # squares: cutting 28 or 29 gives different means
+    out = FedTrimmedAvg(beta=0.29).aggregate(1, {"w": t(0.0)}, updates)
+    expected = sum(i * i for i in range(28, 72)) / 44
+    close(out["w"], [expected])
+    assert abs(expected - sum(i * i for i in range(29, 71)) / 42) > 1  # the other count would be caught
+
+
+# --- FedOpt's bias correction (Flower's FedAdam) ---------------------------------------------------------------
+
+def test_fedadam_bias_correction_is_flowers_step_size() -> None:
+    # Flower's FedAdam: eta_t = eta * sqrt(1 - beta_2^(t+1)) / (1 - beta_1^(t+1)), t = the round (1, 2, ...).
+    # m and v are those of test_adaptive_two_rounds_by_hand: r1 m = [3, -3], v = [4, 4]; r2 m = [5.25, -1.5],
+    # v = [12, 3.25]; only the step size changes.
+    s = FedAdam(eta=1.0, beta_1=0.25, beta_2=0.75, tau=1.0, bias_correction=True)
+    f1, f2 = math.sqrt(1 - 0.75 ** 2) / (1 - 0.25 ** 2), math.sqrt(1 - 0.75 ** 3) / (1 - 0.25 ** 3)
+    assert s.step_size(1) == pytest.approx(f1) and s.step_size(2) == pytest.approx(f2)
+    x1 = round1(s)
+    close(x1["w"], [f1 * 3 / (2 + 1), 1 - f1 * 3 / (2 + 1)])
+    x2 = round2(s, x1)
+    w1 = x1["w"].tolist()
+    close(x2["w"], [w1[0] + f2 * 5.25 / (math.sqrt(12) + 1), w1[1] - f2 * 1.5 / (math.sqrt(3.25) + 1)])
+    assert FedAdam().bias_correction is False and FedAdam(eta=0.5).step_size(7) == 0.5  # the paper's default
+
+
+def test_bias_correction_of_yogi_and_adagrad() -> None:
+    f1 = math.sqrt(1 - 0.75 ** 2) / (1 - 0.25 ** 2)
+    yogi = FedYogi(eta=1.0, beta_1=0.25, beta_2=0.75, tau=1.0, bias_correction=True)
+    close(round1(yogi)["w"], [f1, 1 - f1])  # round 1 of Yogi is Adam's: m = [3, -3], v = [4, 4]
+    # Adagrad has beta_1 = 0 and no beta_2, so the correction is 1: Flower's FedAdagrad and the paper agree
+    plain, corrected = FedAdagrad(eta=1.0, tau=1.0), FedAdagrad(eta=1.0, tau=1.0, bias_correction=True)
+    assert corrected.step_size(3) == 1.0
+    assert torch.equal(round1(plain)["w"], round1(corrected)["w"])
+    assert FedAdagrad(beta_1=0.5, bias_correction=True).step_size(1) == pytest.approx(0.1 / (1 - 0.25))
+
+
+# --- FedAvgM -----------------------------------------------------------------------------------------------------
+
+def test_fedavgm_two_rounds_by_hand() -> None:
+    # round1/round2's updates: mean x0 + [4, -4], then x1 + [6, -1]; eta = 0.5, mu = 0.5.
+    #   r1: g = x0 - mean = [-4, 4]; v = [-4, 4]; x1 = [0, 1] - 0.5 v = [2, -1]
+    #   r2: g = [-6, 1]; v = 0.5 [-4, 4] + [-6, 1] = [-8, 3]; x2 = [2, -1] - 0.5 v = [6, -2.5]
+    s = FedAvgM(server_learning_rate=0.5, server_momentum=0.5)
+    x1 = round1(s)
+    close(x1["w"], [2, -1])
+    assert x1["nbt"].item() == 9
+    close(s.state_dict()["momentum.w"], [-4, 4])
+    x2 = round2(s, x1)
+    close(x2["w"], [6, -2.5])
+    close(s.state_dict()["momentum.w"], [-8, 3])
+    # no momentum, eta = 2: x0 - 2 (x0 - mean) = [0, 1] + 2 [4, -4]
+    close(round1(FedAvgM(server_learning_rate=2.0))["w"], [8, -7])
+
+
+def test_fedavgm_defaults_are_fedavg_and_a_resumed_run_is_identical() -> None:
+    assert (FedAvgM().server_learning_rate, FedAvgM().server_momentum) == (1.0, 0.0)  # Flower's defaults
+    assert torch.equal(round1(FedAvgM())["w"], round1(FedAvg())["w"])  # bit for bit, as in Flower
+
+    def make() -> FedAvgM:
+        return FedAvgM(server_learning_rate=0.5, server_momentum=0.9)
+
+    original = make()
+    x1 = round1(original)
+    buf = io.BytesIO()
+    torch.save(original.state_dict(), buf)
+    buf.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    a, b, c = round2(original, x1), round2(resumed, x1), round2(make(), x1)
+    assert torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"])
+    for bad in ({"server_momentum": 1.0}, {"server_momentum": -0.1}, {"server_learning_rate": 0.0}):
+        with pytest.raises(ValueError):
+            FedAvgM(**bad)
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        make().load_state_dict(FedAdam().state_dict())
+
+
+# --- Krum, Multi-Krum, Bulyan by hand ----------------------------------------------------------------------------
+#
+# Five workers a..e in 2-D; e is Byzantine and claims 100 samples. Squared distances:
+#   ab 1, ac 4, ad 2, ae 200, bc 5, bd 1, be 181, cd 2, ce 164, de 162
+# n = 5, f = 1: a score sums the n - f - 2 = 2 nearest others: a 1+2 = 3, b 1+1 = 2, c 2+4 = 6, d 1+2 = 3,
+# e 162+164 = 326.
+
+KRUM_POINTS = [(0, 0), (1, 0), (0, 2), (1, 1), (10, 10)]
+KRUM_SAMPLES = [1, 2, 3, 4, 100]
+
+
+def krum_updates() -> list[tuple[State, int]]:
+    return [(st(list(p), nbt=i), n) for i, (p, n) in enumerate(zip(KRUM_POINTS, KRUM_SAMPLES))]
+
+
+def test_krum_by_hand_keeps_the_update_with_the_lowest_score() -> None:
+    out = Krum(num_malicious_clients=1).aggregate(1, st([0, 0]), krum_updates())
+    close(out["w"], [1, 0])  # b
+    assert out["nbt"].item() == 1  # b's own counter: non-float entries are the max over the kept updates
+    assert FedAvg().aggregate(1, st([0, 0]), krum_updates())["w"][0] > 9  # where e's 100 samples pull FedAvg
+
+
+def test_multi_krum_by_hand_weighs_the_kept_updates_by_sample_count() -> None:
+    out = Krum(num_malicious_clients=1, num_clients_to_keep=3).aggregate(1, st([0, 0]), krum_updates())
+    close(out["w"], [6 / 7, 4 / 7])  # b, a, d: (2 (1, 0) + 1 (0, 0) + 4 (1, 1)) / 7
+    assert out["nbt"].item() == 3
+    # keep 2: b, then a or d (both score 3): the first, a, as Flower: (2 (1, 0) + 1 (0, 0)) / 3
+    out = Krum(num_malicious_clients=1, num_clients_to_keep=2).aggregate(1, st([0, 0]), krum_updates())
+    close(out["w"], [2 / 3, 0])
+
+
+def test_krum_refuses_impossible_parameters() -> None:
+    with pytest.raises(ValueError, match="keep 6 of 5"):
+        Krum(num_clients_to_keep=6).aggregate(1, st([0, 0]), krum_updates())
+    for bad in ({"num_malicious_clients": -1}, {"num_clients_to_keep": -1}, {"max_held_bytes": -1}):
+        with pytest.raises(ValueError):
+            Krum(**bad)
+
+
+def test_bulyan_by_hand() -> None:
+    # One coordinate, n = 7, f = 1: theta = 5 updates picked by Krum one at a time, then per coordinate the mean
+    # of the beta = 3 picked values nearest their median. Values in arrival order: 3, 0, 5, 1, 100, 2, 4.
+    # A pick scores the pool of m left by the max(1, m - 3) nearest others; ties go to the earlier arrival:
+    #   m=7, 4 nearest: 3 -> 1+1+4+4 = 10, 2 -> 10, 1 -> 15, 4 -> 15, 0 -> 30, 5 -> 30, 100 -> more: 3
+    #   m=6, 3 nearest: 2 -> 1+4+4 = 9, 1 -> 11, 4 -> 14, 0 -> 21, 5 -> 26: 2
+    #   m=5, 2 nearest: 1 -> 1+9 = 10, 4 -> 10, 0 -> 17, 5 -> 17: 1
+    #   m=4, 1 nearest: 5 -> 1, 4 -> 1, 0 -> 16: 5
+    #   m=3, 1 nearest: 0 -> 16, 4 -> 16, 100 -> 96²: 0
+    # picked 3, 2, 1, 5, 0: median 2, the three nearest it 1, 2, 3: mean 2. 100 never counts.
+    updates = [({"w": t(v), "nbt": torch.tensor(i)}, 1) for i, v in enumerate([3.0, 0, 5, 1, 100, 2, 4])]
+    out = Bulyan(num_malicious_clients=1).aggregate(1, {"w": t(0.0), "nbt": torch.tensor(0)}, updates)
+    close(out["w"], [2.0])
+    assert out["nbt"].item() == 5  # the max over the picked arrivals 0, 5, 3, 2, 1 (not 6, the value 4)
+    # Flower's own Bulyan test: f = 0 picks and keeps all six: the plain mean, outlier included
+    values = [0.2, 0.5, 0.7, 12.0, 0.1, 0.1]
+    out = Bulyan().aggregate(1, {"w": t(0, 0)}, [({"w": t(v, v)}, 5) for v in values])
+    close(out["w"], [sum(values) / 6] * 2)
+
+
+def test_bulyan_needs_4f_plus_3_updates() -> None:
+    updates = [({"w": t(float(v))}, 1) for v in range(6)]
+    with pytest.raises(ValueError, match="4f \\+ 3 = 7.*got 6.*min_workers"):
+        Bulyan(num_malicious_clients=1).aggregate(1, {"w": t(0.0)}, updates)
+    with pytest.raises(ValueError):
+        Bulyan(num_malicious_clients=-1)
+
+
+# --- every strategy against an independent numpy implementation, 3 rounds, one Byzantine worker -------------------
+#
+# The references follow the papers' formulas (and Flower's choices where they differ, as the docstrings say),
+# written afresh in numpy on flat float64 vectors. Models are float64 here so the comparison can be tight.
+
+def np_krum(vs: list[np.ndarray], ns: list[int], f: int, keep: int) -> tuple[np.ndarray, list[int]]:
+    n = len(vs)
+    d = np.array([[float(np.sum((a - b) ** 2)) for b in vs] for a in vs])
+    near = max(1, n - f - 2)
+    scores = np.array([np.sort(np.delete(d[i], i))[:near].sum() for i in range(n)])
+    if keep == 0:
+        best = int(np.argmin(scores))
+        return vs[best], [best]
+    kept = [int(i) for i in np.argsort(scores, kind="stable")[:keep]]
+    return sum(ns[i] * vs[i] for i in kept) / sum(ns[i] for i in kept), kept
+
+
+def np_bulyan(vs: list[np.ndarray], f: int) -> np.ndarray:
+    pool, picked = list(range(len(vs))), []
+    while len(picked) < len(vs) - 2 * f:
+        _, [j] = np_krum([vs[i] for i in pool], [], f, 0)
+        picked.append(pool.pop(j))
+    s = np.stack([vs[i] for i in picked])
+    nearest = np.argsort(np.abs(s - np.median(s, axis=0)), axis=0, kind="stable")[:len(picked) - 2 * f]
+    return np.take_along_axis(s, nearest, axis=0).mean(axis=0)
+
+
+def np_mean(vs: list[np.ndarray], ns: list[int]) -> np.ndarray:
+    return sum(n * v for v, n in zip(vs, ns)) / sum(ns)
+
+
+def np_trimmed(vs: list[np.ndarray], beta: float) -> np.ndarray:
+    s, cut = np.sort(np.stack(vs), axis=0), int(beta * len(vs))
+    return s[cut:len(vs) - cut].mean(axis=0)
+
+
+class NpFedOpt:
+    """Reddi et al. 2021, Algorithm 2, with Flower's optional bias-corrected step."""
+
+    def __init__(self, rule: str, eta: float, b1: float, b2: float, tau: float, correct: bool) -> None:
+        self.rule, self.eta, self.b1, self.b2, self.tau, self.correct = rule, eta, b1, b2, tau, correct
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def __call__(self, r: int, x: np.ndarray, vs: list[np.ndarray], ns: list[int]) -> np.ndarray:
+        d = np_mean(vs, ns) - x
+        m = np.zeros_like(d) if self.m is None else self.m
+        v = np.zeros_like(d) if self.v is None else self.v
+        self.m = self.b1 * m + (1 - self.b1) * d
+        self.v = {"adam": self.b2 * v + (1 - self.b2) * d * d,
+                  "yogi": v - (1 - self.b2) * d * d * np.sign(v - d * d),
+                  "adagrad": v + d * d}[self.rule]
+        eta = self.eta * (np.sqrt(1 - self.b2 ** (r + 1)) / (1 - self.b1 ** (r + 1)) if self.correct else 1)
+        return x + eta * self.m / (np.sqrt(self.v) + self.tau)
+
+
+class NpFedAvgM:
+    """Hsu et al. 2019: SGD with momentum on the pseudo-gradient x - mean."""
+
+    def __init__(self, lr: float, mu: float) -> None:
+        self.lr, self.mu, self.v = lr, mu, None
+
+    def __call__(self, r: int, x: np.ndarray, vs: list[np.ndarray], ns: list[int]) -> np.ndarray:
+        g = x - np_mean(vs, ns)
+        self.v = g if self.v is None else self.mu * self.v + g
+        return x - self.lr * self.v
+
+
+def reference_cases() -> dict[str, tuple]:
+    """name -> (fedzmq strategy factory, numpy reference factory); every strategy, both FedOpt choices."""
+    return {
+        "fedavg": (FedAvg, lambda: lambda r, x, vs, ns: np_mean(vs, ns)),
+        "fedprox": (lambda: FedProx(proximal_mu=0.1), lambda: lambda r, x, vs, ns: np_mean(vs, ns)),
+        "fedavgm": (lambda: FedAvgM(server_learning_rate=0.7, server_momentum=0.9), lambda: NpFedAvgM(0.7, 0.9)),
+        "fedadam": (lambda: FedAdam(eta=0.1, tau=1e-3), lambda: NpFedOpt("adam", 0.1, 0.9, 0.99, 1e-3, False)),
+        "fedadam-flower": (lambda: FedAdam(eta=0.1, tau=1e-9, bias_correction=True),
+                           lambda: NpFedOpt("adam", 0.1, 0.9, 0.99, 1e-9, True)),
+        "fedyogi": (FedYogi, lambda: NpFedOpt("yogi", 1e-2, 0.9, 0.99, 1e-3, False)),
+        "fedyogi-corrected": (lambda: FedYogi(bias_correction=True),
+                              lambda: NpFedOpt("yogi", 1e-2, 0.9, 0.99, 1e-3, True)),
+        "fedadagrad": (lambda: FedAdagrad(tau=1e-9), lambda: NpFedOpt("adagrad", 0.1, 0.0, 0.0, 1e-9, False)),
+        "fedmedian": (FedMedian, lambda: lambda r, x, vs, ns: np.median(np.stack(vs), axis=0)),
+        "fedtrimmedavg": (lambda: FedTrimmedAvg(beta=0.2), lambda: lambda r, x, vs, ns: np_trimmed(vs, 0.2)),
+        "krum": (lambda: Krum(num_malicious_clients=1), lambda: lambda r, x, vs, ns: np_krum(vs, ns, 1, 0)[0]),
+        "multikrum": (lambda: Krum(num_malicious_clients=1, num_clients_to_keep=3),
+                      lambda: lambda r, x, vs, ns: np_krum(vs, ns, 1, 3)[0]),
+        "bulyan": (lambda: Bulyan(num_malicious_clients=1), lambda: lambda r, x, vs, ns: np_bulyan(vs, 1)),
+        "sequential": (Sequential, lambda: lambda r, x, vs, ns: vs[-1]),
+    }
+
+
+SHAPES = {"a": (3, 2), "b": (4,)}
+
+
+def flat(state: State) -> np.ndarray:
+    return np.concatenate([state[k].reshape(-1).numpy() for k in SHAPES])
+
+
+def unflat(vector: np.ndarray, nbt: int = 0) -> State:
+    out, start = {}, 0
+    for k, shape in SHAPES.items():
+        n = math.prod(shape)
+        out[k] = torch.tensor(vector[start:start + n], dtype=torch.float64).reshape(shape)
+        start += n
+    out["nbt"] = torch.tensor(nbt)
+    return out
+
+
+def byzantine_round(rng: np.random.Generator, x: np.ndarray, workers: int = 7) -> tuple[list[np.ndarray], list[int]]:
+    """Honest updates near x, then one Byzantine update far away that claims many samples."""
+    vs = [x + rng.normal(0, 0.1, x.shape) for _ in range(workers - 1)]
+    vs.insert(int(rng.integers(workers)), x + rng.normal(5.0, 3.0, x.shape))
+    ns = [int(n) for n in rng.integers(10, 100, workers)]
+    return vs, ns
+
+
+@pytest.mark.parametrize("case", sorted(reference_cases()))
+def test_three_rounds_against_an_independent_numpy_implementation(case: str) -> None:
+    make, make_reference = reference_cases()[case]
+    strategy, reference = make(), make_reference()
+    rng = np.random.default_rng(sum(map(ord, case)))
+    ours = theirs = rng.normal(0, 1, sum(math.prod(s) for s in SHAPES.values()))
+    for r in (1, 2, 3):
+        deltas, ns = byzantine_round(rng, np.zeros_like(ours))
+        updates = [(unflat(ours + d, nbt=i), n) for i, (d, n) in enumerate(zip(deltas, ns))]
+        ours = flat(strategy.aggregate(r, unflat(ours), updates))
+        theirs = reference(r, theirs, [theirs + d for d in deltas], ns)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-9, err_msg=f"{case}, round {r}")
+
+@pytest.mark.parametrize("case", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+def test_robust_rules_are_not_dragged_by_the_byzantine_worker(case: str) -> None:
+    rng = np.random.default_rng(5)
+    start = rng.normal(0, 1, 10)
+    x = {"robust": start, "fedavg": start}
+    strategies = {"robust": reference_cases()[case][0](), "fedavg": FedAvg()}
+    for r in (1, 2, 3):
+        deltas, ns = byzantine_round(rng, np.zeros(10))
+        for key, strategy in strategies.items():
+            updates = [(unflat(x[key] + d), n) for d, n in zip(deltas, ns)]
+            x[key] = flat(strategy.aggregate(r, unflat(x[key]), updates))
+    assert np.abs(x["robust"] - start).max() < 1 < np.abs(x["fedavg"] - start).max()
+
+
+# --- aggregate() is the streaming path -------------------------------------------------------------------------
+
+def random_updates(rng: np.random.Generator, global_state: State, count: int) -> list[tuple[State, int]]:
+    updates = []
+    for i in range(count):
+        u = {k: (v + torch.from_numpy(rng.normal(0, 1, tuple(v.shape))).to(v.dtype)) if v.is_floating_point()
+             else v + int(rng.integers(0, 50)) for k, v in global_state.items()}
+        if i == 3:  # a Byzantine one
+            u = {k: v * 1000 if v.is_floating_point() else v for k, v in u.items()}
+        updates.append((u, int(rng.integers(1, 60))))
+    return updates
+
+
+def stream_round(strategy: Strategy, r: int, live: State, updates: list[tuple[State, int]], rng: random.Random) -> None:
+    """What Federation does: pieces of every update in any order, then the result written into the model."""
+    agg = strategy.begin_round(r, live)
+    for state, n in updates:
+        agg.begin_update(n)
+        pieces = [(name, start, x.reshape(-1)[start:start + 3]) for name, x in state.items()
+                  for start in range(0, max(1, x.numel()), 3)]
+        rng.shuffle(pieces)
+        for piece in pieces:
+            agg.add_slice(*piece)
+        agg.end_update()
+    assert agg.count == len(updates)
+    agg.write_result(live)
+
+
+@pytest.mark.parametrize("case", sorted(reference_cases()))
+def test_aggregate_equals_the_streaming_path(case: str) -> None:
+    make = reference_cases()[case][0]
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    live = model.state_dict()  # the model's own tensors: written in place, as the scheduler does
+    pure = {k: v.clone() for k, v in live.items()}
+    by_aggregate, by_stream = make(), make()
+    rng, shuffle = np.random.default_rng(2), random.Random(3)
+    for r in (1, 2):
+        updates = random_updates(rng, pure, 7)
+        copies = [({k: v.clone() for k, v in u.items()}, n) for u, n in updates]
+        before = {k: v.clone() for k, v in pure.items()}
+        new = by_aggregate.aggregate(r, pure, updates)
+        stream_round(by_stream, r, live, updates, shuffle)
+        for k in live:
+            assert torch.equal(new[k], live[k]), (case, r, k)
+            assert new[k].dtype == before[k].dtype and not torch.equal(new[k], before[k])
+            assert torch.equal(pure[k], before[k])  # aggregate() did not touch its inputs
+            assert all(torch.equal(u[k], c[k]) for (u, _), (c, _) in zip(updates, copies))
+        pure = new
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "trimmedmean", "krum", "bulyan", "sequential"])
+def test_held_updates_forget_a_broken_download_and_refuse_an_incomplete_one(name: str) -> None:
+    updates = [(st([float(i), -float(i)], nbt=i), i + 1) for i in range(4)]
+    agg = make_strategy(name).begin_round(1, st([0, 0]))
+    agg.begin_update(5)
+    agg.add_slice("w", 0, t(1000.0))  # the worker dies half-way through its update
+    agg.abort_update()
+    agg.begin_update(5)
+    agg.add_slice("w", 0, t(1000.0, 1000.0))
+    with pytest.raises(ValueError, match="missing.*nbt"):
+        agg.end_update()
+    for state, n in updates:
+        agg.add(state, n)
+    assert agg.count == 4
+    assert all(torch.equal(a, b) for a, b in zip(agg.result().values(),
+                                                 make_strategy(name).aggregate(1, st([0, 0]), updates).values()))
+
+
+# --- what the robust rules hold, and the budget ----------------------------------------------------------------
+
+ROBUST = {"fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "bulyan": Bulyan}
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_robust_rules_refuse_updates_past_max_held_bytes(name: str) -> None:
+    g = st([0, 0])  # two float32 and one int64: 16 bytes an update
+    agg = ROBUST[name](max_held_bytes=2 * 16).begin_round(1, g)
+    agg.add(st([1, 1]), 1)
+    agg.add(st([2, 2]), 1)
+    assert agg.held_bytes == 32
+    with pytest.raises(fz.HeldBytesExceeded, match=f"{ROBUST[name].__name__} holds every update.*update 3 would "
+                                                   "make that 48 bytes.*max_held_bytes=32"):
+        agg.add(st([3, 3]), 1)
+    assert agg.count == 2 and agg.held_bytes == 32
+    with pytest.raises(fz.HeldBytesExceeded, match="cannot be aggregated without the updates it refused"):
+        agg.result()  # never a result from only the updates that fitted
+    unlimited = ROBUST[name](max_held_bytes=None)
+    assert unlimited.aggregate(1, g, [(st([1, 1]), 1)] * 40)["w"].tolist() == [1, 1]
+    assert ROBUST[name]().max_held_bytes == 1 << 30
+    with pytest.raises(ValueError):
+        ROBUST[name](max_held_bytes=-1)
+
+
+# --- secure aggregation accepts only what a masked sum can compute ---------------------------------------------
+
+class _Undeclared(Strategy):
+    name = "undeclared"
+
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        return FedAvg().begin_round(round_number, global_state)
+
+
+@pytest.mark.parametrize("inner", [FedMedian(), FedTrimmedAvg(), Krum(num_malicious_clients=1),
+                                   Krum(num_clients_to_keep=2), Bulyan(), Sequential(), _Undeclared()],
+                         ids=lambda s: repr(s))
+def test_secagg_refuses_rules_that_need_each_update(inner: Strategy) -> None:
+    with pytest.raises(ValueError, match=f"{type(inner).__name__} does not aggregate a weighted sum.*masked sum"):
+        SecAgg(inner)
+
+
+def test_secagg_wraps_the_weighted_mean_family_and_has_no_daemon_free_aggregate() -> None:
+    for inner in (FedAvg(), FedProx(), FedAvgM(server_momentum=0.9), FedAdam(), FedYogi(), FedAdagrad()):
+        assert SecAgg(inner).inner is inner and inner.aggregates_weighted_mean
+    with pytest.raises(ValueError, match="weighted sum"):
+        SecAgg(SecAgg(FedAvg()))
+    with pytest.raises(NotImplementedError, match="inner"):
+        SecAgg(FedAvg()).aggregate(1, st([0, 0]), [(st([1, 1]), 1)])
+
+
+# --- inside a real Federation: the round equals aggregate() of the updates it streamed ---------------------------
+
+class _Recording(Strategy):
+    """The wrapped strategy, keeping a copy of every update the scheduler streams into its aggregator."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner, self.name, self.sequential = inner, inner.name, inner.sequential
+        self.rounds: list[list[tuple[State, int]]] = []
+
+    def configure_fit(self, round_number: int) -> dict:
+        return self.inner.configure_fit(round_number)
+
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        self.rounds.append([])
+        return _RecordingAggregator(self.inner.begin_round(round_number, global_state), global_state, self.rounds[-1])
+
+
+class _RecordingAggregator(Aggregator):
+    def __init__(self, inner: Aggregator, global_state: State, into: list[tuple[State, int]]) -> None:
+        super().__init__(global_state)
+        self._inner, self._into = inner, into
+
+    @property
+    def count(self) -> int:
+        return self._inner.count
+
+    def begin_update(self, num_samples: int) -> None:
+        self._inner.begin_update(num_samples)
+        self._update = ({k: torch.zeros_like(v) for k, v in self._global.items()}, num_samples)
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        self._inner.add_slice(name, start, values)
+        self._update[0][name].view(-1)[start:start + values.numel()].copy_(values.reshape(-1))
+
+    def end_update(self) -> None:
+        self._inner.end_update()
+        self._into.append(self._update)
+
+    def abort_update(self) -> None:
+        self._inner.abort_update()
+
+    def write_result(self, into: State) -> None:
+        self._inner.write_result(into)
+
+    def current_model(self) -> State:
+        return self._inner.current_model()  # type: ignore[attr-defined]
+
+
+def _workers(n: int) -> list[fz.VirtualWorker]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40 * n, 5, generator=generator)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return [fz.VirtualWorker(f"w{i}", datasets={"d": Dataset("d", x[40 * i:40 * i + 20 + 5 * i],
+                                                                y[40 * i:40 * i + 20 + 5 * i])},
+                             settings=TEST_SETTINGS) for i in range(n)]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+
+
+FIT = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.1}, steps=2, batch_size=16)
+
+
+@pytest.mark.timeout(90)
+async def test_every_strategy_in_a_federation_equals_aggregate_of_the_updates_it_streamed() -> None:
+    cases = reference_cases()
+    cases["bulyan"] = (Bulyan, None)  # three workers: f = 0 (4f + 3 = 3)
+    cases["multikrum"] = (lambda: Krum(num_malicious_clients=0, num_clients_to_keep=2), None)
+    workers = _workers(3)
+    try:
+        for case, (make, _) in sorted(cases.items()):
+            model, recorder, replay = _model(), _Recording(make()), make()
+            federation = fz.Federation(workers, model, FIT, recorder, seed=4)
+            for r in (1, 2):
+                before = {k: v.clone() for k, v in model.state_dict().items()}
+                await federation.run_round()
+                assert len(recorder.rounds[-1]) == 3, case
+                expected = replay.aggregate(r, before, recorder.rounds[-1])
+                for k, v in model.state_dict().items():
+                    assert torch.equal(v, expected[k]), (case, r, k)
+                assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"]), case
+    finally:
+        for w in workers:
+            await w.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_federation_round_past_the_held_bytes_budget_fails_and_leaves_the_model() -> None:
+    workers = _workers(3)
+    try:
+        model = _model()
+        budget = 2 * sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        federation = fz.Federation(workers, model, FIT, Krum(max_held_bytes=budget), min_workers=2)
+        with pytest.raises(fz.HeldBytesExceeded, match="Krum holds every update.*update 3 would"):
+            await federation.run_round()
+        assert federation.round == 0 and not federation.history
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        federation.strategy = Krum(max_held_bytes=budget // 2 * 3)  # room for all three: the round runs
+        assert (await federation.run_round()).participants == ["w0", "w1", "w2"]
+    finally:
+        for w in workers:
+            await w.close()

@@ -3,10 +3,10 @@
 from .federation import Federation, FitConfig, RoundFailed
 from .metrics import RoundMetrics
 from .strategies import (
-    STRATEGIES, Aggregator, FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Sequential,
-    Strategy, make_strategy,
+    STRATEGIES, Aggregator, Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
+    Krum, Sequential, Strategy, make_strategy,
 )
 
-__all__ = ["Aggregator", "FedAdagrad", "FedAdam", "FedAvg", "FedMedian", "FedProx", "FedTrimmedAvg", "FedYogi",
-           "Federation", "FitConfig", "RoundFailed", "RoundMetrics", "STRATEGIES", "Sequential", "Strategy",
-           "make_strategy"]
+__all__ = ["Aggregator", "Bulyan", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedProx",
+           "FedTrimmedAvg", "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "STRATEGIES",
+           "Sequential", "Strategy", "make_strategy"]

@@ -1,7 +1,10 @@
 """Secure aggregation in the scheduler: the coordinator learns only the (weighted, clipped, noised) sum.
 
-``SecAgg(FedAvg(), clip=..., noise_multiplier=...)`` wraps any strategy whose aggregate is a weighted
-mean of the updates (FedAvg, FedProx, the FedOpt family). Its round, run by ``Federation``:
+``SecAgg(FedAvg(), clip=..., noise_multiplier=...)`` wraps any strategy whose aggregate depends on the
+updates only through their weighted mean (FedAvg, FedProx, FedAvgM, the FedOpt family: the strategies that
+say ``aggregates_weighted_mean``). The robust rules (FedMedian, FedTrimmedAvg, Krum, Bulyan) need each
+update on its own, which is exactly what secure aggregation hides, so the constructor refuses them.
+Its round, run by ``Federation``:
 
 1. every participant gets the global model and the round's ``SecAggConfig``, keeps a copy of the
    global parameters, and advertises its two public keys (``secagg`` step ``advertise``); then fits;
@@ -30,7 +33,7 @@ from ..client.transfers import retrieve_error
 from ..client.worker import RemoteWorker
 from ..secagg import SecAggAborted, SecAggConfig, SecAggServer, default_threshold
 from ..secagg.wire import from_codec, to_codec
-from .strategies import FedMedian, FedTrimmedAvg, Sequential, State, Strategy
+from .strategies import State, Strategy
 
 if TYPE_CHECKING:
     from .federation import Federation
@@ -44,9 +47,11 @@ class SecAgg(Strategy):
     def __init__(self, inner: Strategy, *, clip: float = 10.0, threshold: int | None = None,
                  noise_multiplier: float = 0.0, delta: float = 1e-5, target_epsilon: float | None = None,
                  ring_bits: int = 32) -> None:
-        if isinstance(inner, (FedMedian, FedTrimmedAvg, Sequential, SecAgg)):
-            raise ValueError(f"{type(inner).__name__} does not aggregate a weighted sum; secure aggregation "
-                             "needs FedAvg, FedProx, FedAdam, FedYogi or FedAdagrad")
+        if isinstance(inner, SecAgg) or not inner.aggregates_weighted_mean:
+            raise ValueError(f"{type(inner).__name__} does not aggregate a weighted sum: it needs each update on its "
+                             "own (to sort, compare or chain them), and secure aggregation reveals only the masked "
+                             "sum of the updates. SecAgg can wrap FedAvg, FedProx, FedAvgM, FedAdam, FedYogi or "
+                             "FedAdagrad")
         self.inner = inner
         self.name = f"secagg({inner.name})"
         self.clip, self.threshold, self.ring_bits = clip, threshold, ring_bits
@@ -61,6 +66,12 @@ class SecAgg(Strategy):
 
     def begin_round(self, round_number: int, global_state: State):  # noqa: ANN201 - the inner aggregator
         return self.inner.begin_round(round_number, global_state)
+
+    def aggregate(self, round_number: int, global_state: Any, updates: Any) -> State:
+        """Not available: the clipping, weighting, noise and masking happen on the workers, inside a
+        ``Federation`` round. ``SecAgg(s).inner.aggregate(...)`` is the same round without them."""
+        raise NotImplementedError("secure aggregation runs only inside a Federation round; call aggregate() on "
+                                  "the wrapped strategy (.inner) for the same round without clipping, noise or masks")
 
     @property
     def epsilon(self) -> float | None:

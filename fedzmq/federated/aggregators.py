@@ -1,0 +1,286 @@
+"""The aggregators behind the strategies: what each one keeps while a round's updates arrive.
+
+* ``WeightedMeanAggregator`` (FedAvg, FedProx): one running weighted sum, folded slice by slice, so the
+  coordinator holds the global model, the sum and the pieces in flight: about three model copies, whatever
+  the number of workers.
+* ``ServerStepAggregator`` (FedAvgM, the FedOpt family): the same mean, then one server optimizer step on it.
+* ``HeldUpdatesAggregator`` (FedMedian, FedTrimmedAvg, Krum, Bulyan): a copy of every update, because the rule
+  needs all of them at once. It refuses, with ``HeldBytesExceeded``, an update that would take it past
+  ``max_held_bytes``.
+* ``SequentialAggregator`` (Sequential): the last model only.
+
+The interface and the conventions they share are in base.py.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import HeldBytesExceeded
+from .base import Aggregator, State, check_samples, state_bytes, work_dtype
+
+#: What FedMedian, FedTrimmedAvg, Krum and Bulyan may hold of a round's updates unless told otherwise: 1 GiB.
+DEFAULT_MAX_HELD_BYTES = 1 << 30
+
+
+class WeightedMeanAggregator(Aggregator):
+    """Streaming sample-weighted mean: one running sum per float entry, so memory is global + sum + one piece."""
+
+    def __init__(self, global_state: State) -> None:
+        super().__init__(global_state)
+        self._acc: State = {}
+        self._total = 0
+        self._pending_samples = 0
+        self._pending_elements: dict[str, int] = {}
+        self._segments: list[tuple[str, int, int]] = []
+        #: pieces folded in by updates that broke off mid-download: (start, length, weight) per entry.
+        #: They cannot be taken out again (that would need the update in memory), so their elements are
+        #: averaged over the updates that delivered them; every other element over the complete updates.
+        self._partial: dict[str, list[tuple[int, int, int]]] = {}
+
+    def begin_update(self, num_samples: int) -> None:
+        check_samples(num_samples)
+        self._pending_samples = num_samples
+        self._pending_elements = {}
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        ref, values = self._check_slice(name, start, values)
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = (torch.zeros_like(ref, dtype=work_dtype(ref)) if ref.is_floating_point()
+                                     else torch.full_like(ref, torch.iinfo(ref.dtype).min if ref.dtype != torch.bool
+                                                          else False))
+        target = acc.view(-1)[start:start + values.numel()]
+        if ref.is_floating_point():
+            target.add_(values, alpha=self._pending_samples)
+        else:
+            torch.maximum(target, values.to(ref.dtype), out=target)
+        self._pending_elements[name] = self._pending_elements.get(name, 0) + values.numel()
+        self._segments.append((name, start, values.numel()))
+
+    def end_update(self) -> None:
+        incomplete = [k for k, ref in self._global.items() if self._pending_elements.get(k, 0) != ref.numel()]
+        if incomplete:
+            self.abort_update()
+            raise ValueError(f"update is missing (parts of) {sorted(incomplete)}")
+        self._total += self._pending_samples
+        self._count += 1
+        self._segments = []
+
+    def abort_update(self) -> None:
+        for name, start, length in self._segments:
+            self._partial.setdefault(name, []).append((start, length, self._pending_samples))
+        self._segments = []
+        self._pending_elements = {}
+
+    def _entry_mean(self, name: str) -> torch.Tensor:
+        """One entry of sum(n_i * x_i) / sum(n_i) in the working dtype (non-float entries: the max)."""
+        acc, ref = self._acc[name], self._global[name]
+        if not ref.is_floating_point():
+            return acc
+        if name not in self._partial:
+            return acc / self._total
+        weights = torch.full((ref.numel(),), float(self._total), dtype=acc.dtype)
+        for start, length, weight in self._partial[name]:
+            weights[start:start + length] += weight
+        return acc / weights.view(ref.shape)
+
+    def _check_total(self) -> None:
+        self._require_updates()
+        if self._total <= 0:
+            raise ValueError("the updates' sample counts sum to zero")
+
+    def write_result(self, into: State) -> None:
+        """The mean, written entry by entry: never a whole extra model in memory."""
+        self._check_total()
+        with torch.no_grad():
+            for name, acc in self._acc.items():
+                target = into[name]
+                if name not in self._partial and acc.dtype == target.dtype and target.is_floating_point():
+                    torch.div(acc, self._total, out=target)  # straight into the model: no temporary
+                else:
+                    target.copy_(self._entry_mean(name))
+
+    def mean(self) -> State:
+        """sum(n_i * x_i) / sum(n_i) per entry, in the working dtype (non-float entries: the max, copied)."""
+        self._check_total()
+        return {k: self._entry_mean(k) if self._global[k].is_floating_point() else self._entry_mean(k).clone()
+                for k in self._acc}
+
+
+#: A server optimizer step: (global model, weighted mean of the updates in the working dtype) -> new model
+ServerStep = Callable[[State, State], State]
+
+
+class ServerStepAggregator(WeightedMeanAggregator):
+    """The weighted mean, then one server optimizer step on it. The step (which advances the strategy's server
+    state, e.g. its moments) runs once, on the first result; later results are the same model, and adding
+    after it is an error. Memory: the weighted mean's, plus the new model."""
+
+    def __init__(self, global_state: State, step: ServerStep) -> None:
+        super().__init__(global_state)
+        self._step = step
+        self._new: State | None = None
+
+    def begin_update(self, num_samples: int) -> None:
+        if self._new is not None:
+            raise RuntimeError("this round was already aggregated")
+        super().begin_update(num_samples)
+
+    def write_result(self, into: State) -> None:
+        if self._new is None:
+            self._new = self._step(self._global, self.mean())
+            self._acc = {}
+        with torch.no_grad():
+            for name, value in self._new.items():
+                into[name].copy_(value)
+
+
+class _PendingUpdate:
+    """One update being downloaded: its slices copied into fresh tensors of the global model's dtypes."""
+
+    def __init__(self, num_samples: int) -> None:
+        check_samples(num_samples)
+        self.num_samples = num_samples
+        self.state: State = {}
+        self.elements: dict[str, int] = {}
+
+    def add(self, ref: torch.Tensor, name: str, start: int, flat: torch.Tensor) -> None:
+        if name not in self.state:
+            self.state[name] = torch.empty_like(ref)
+        self.state[name].view(-1)[start:start + flat.numel()].copy_(flat)
+        self.elements[name] = self.elements.get(name, 0) + flat.numel()
+
+    def finish(self, global_state: State) -> State:
+        incomplete = [k for k, ref in global_state.items() if self.elements.get(k, 0) != ref.numel()]
+        if incomplete:
+            raise ValueError(f"update is missing (parts of) {sorted(incomplete)}")
+        return self.state
+
+
+class _PendingAggregator(Aggregator):
+    """Collects each update whole before handing it to ``_keep`` (for rules that need whole updates)."""
+
+    def __init__(self, global_state: State) -> None:
+        super().__init__(global_state)
+        self._pending: _PendingUpdate | None = None
+
+    def begin_update(self, num_samples: int) -> None:
+        self._pending = _PendingUpdate(num_samples)
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        if self._pending is None:
+            raise RuntimeError("add_slice before begin_update")
+        ref, flat = self._check_slice(name, start, values)
+        self._pending.add(ref, name, start, flat)
+
+    def end_update(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("end_update before begin_update")
+        self._keep(pending.finish(self._global), pending.num_samples)
+        self._count += 1
+
+    def abort_update(self) -> None:
+        self._pending = None
+
+    @abc.abstractmethod
+    def _keep(self, state: State, num_samples: int) -> None:
+        """Take a complete update (fresh tensors: the aggregator's own)."""
+
+
+#: Which of the held updates the result is made of: (updates, names of the float entries) -> indices
+Select = Callable[[Sequence[State], Sequence[str]], list[int]]
+#: One float entry of the result: (that entry of each kept update in the working dtype, their sample counts)
+Reduce = Callable[[list[torch.Tensor], list[int]], torch.Tensor]
+
+
+def _select_all(updates: Sequence[State], names: Sequence[str]) -> list[int]:
+    return list(range(len(updates)))
+
+
+class HeldUpdatesAggregator(_PendingAggregator):
+    """Holds a copy of every update of the round, in the model's own dtypes: one model per participant.
+
+    ``select`` picks the updates the result is made of (all, unless it is given: Krum and Bulyan pick); then
+    each float entry is ``reduce``d from those updates' values, and each non-float entry is their maximum.
+    Computing an entry takes, on top of the held updates, a few copies of that entry for every update.
+
+    ``max_held_bytes`` (None: no limit) bounds the held updates: the update that would pass it is refused with
+    ``HeldBytesExceeded`` before anything of it is kept, and the round's result then raises the same error,
+    so the round never aggregates only the updates that happened to fit."""
+
+    def __init__(self, global_state: State, reduce: Reduce, *, select: Select = _select_all,
+                 max_held_bytes: int | None, rule: str) -> None:
+        super().__init__(global_state)
+        if max_held_bytes is not None and max_held_bytes < 0:
+            raise ValueError(f"max_held_bytes must be >= 0 or None, got {max_held_bytes}")
+        self._reduce, self._select, self._rule = reduce, select, rule
+        self._max_held_bytes = max_held_bytes
+        self._update_bytes = state_bytes(global_state)
+        self._updates: list[State] = []
+        self._samples: list[int] = []
+        self._refused: str | None = None
+        self._kept: list[int] | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the complete updates held now."""
+        return len(self._updates) * self._update_bytes
+
+    def begin_update(self, num_samples: int) -> None:
+        wanted = self.held_bytes + self._update_bytes
+        if self._max_held_bytes is not None and wanted > self._max_held_bytes:
+            self._refused = (f"{self._rule} holds every update of a round; update {len(self._updates) + 1} would "
+                             f"make that {wanted} bytes ({self._update_bytes} per update), over max_held_bytes="
+                             f"{self._max_held_bytes}: raise max_held_bytes or let fewer workers take part")
+            raise HeldBytesExceeded(self._refused)
+        if self._kept is not None:
+            raise RuntimeError("this round was already aggregated")
+        super().begin_update(num_samples)
+
+    def _keep(self, state: State, num_samples: int) -> None:
+        self._updates.append(state)
+        self._samples.append(num_samples)
+
+    def write_result(self, into: State) -> None:
+        self._require_updates()
+        if self._refused is not None:
+            raise HeldBytesExceeded(f"the round cannot be aggregated without the updates it refused: {self._refused}")
+        if self._kept is None:
+            names = [k for k, ref in self._global.items() if ref.is_floating_point()]
+            self._kept = self._select(self._updates, names)
+        kept = [self._updates[i] for i in self._kept]
+        samples = [self._samples[i] for i in self._kept]
+        with torch.no_grad():
+            for name, ref in self._global.items():
+                if ref.is_floating_point():
+                    into[name].copy_(self._reduce([u[name].to(work_dtype(ref)) for u in kept], samples))
+                else:
+                    into[name].copy_(torch.stack([u[name] for u in kept]).amax(dim=0))
+
+
+class SequentialAggregator(_PendingAggregator):
+    """The model visits the workers in turn: each update replaces the current model, ``result()`` is the last
+    one added. Holds one model copy besides the global one (and the next one while it downloads)."""
+
+    def __init__(self, global_state: State) -> None:
+        super().__init__(global_state)
+        self._current: State | None = None
+
+    def _keep(self, state: State, num_samples: int) -> None:
+        self._current = state
+
+    def current_model(self) -> State:
+        """A copy of the model the next worker starts from: the global model before any add, then the last."""
+        return {k: t.clone() for k, t in (self._global if self._current is None else self._current).items()}
+
+    def write_result(self, into: State) -> None:
+        self._require_updates()
+        assert self._current is not None
+        with torch.no_grad():
+            for name, value in self._current.items():
+                into[name].copy_(value)
