@@ -105,6 +105,32 @@ class Reply:
     error: dict[str, str] | None = None
 
 
+class Encoded:
+    """A value encoded once, to go into many messages unchanged: its msgpack body and its buffer frames
+    (a federated round's broadcast of the global model: one encoding, its frames shared by every send).
+    The tensors' memory is referenced, not copied: it must not change until the sends are done."""
+
+    __slots__ = ("body", "frames")
+
+    def __init__(self, value: Any) -> None:
+        encoder = _Encoder(None)
+        self.body = encoder.encode(value)
+        self.frames = encoder.frames
+
+
+def _rebased(body: Any, offset: int) -> Any:
+    """``body`` with every ``$tensor`` frame index moved by ``offset`` (an ``Encoded`` value that does not
+    come first in its message)."""
+    if isinstance(body, list):
+        return [_rebased(v, offset) for v in body]
+    if isinstance(body, dict):
+        if len(body) == 1 and "$tensor" in body:
+            dtype, shape, index, grad = body["$tensor"]
+            return {"$tensor": [dtype, shape, index + offset, grad]}
+        return {k: _rebased(v, offset) for k, v in body.items()}
+    return body
+
+
 @dataclass
 class _Encoder:
     """Turns a Python value into msgpack-able data plus buffer frames."""
@@ -119,6 +145,10 @@ class _Encoder:
             return value
         if isinstance(value, torch.Tensor):
             return self.tensor(value)
+        if isinstance(value, Encoded):
+            offset = len(self.frames)
+            self.frames.extend(value.frames)
+            return value.body if offset == 0 else _rebased(value.body, offset)
         if isinstance(value, Ref):
             return {"$ref": value.id}
         if isinstance(value, NodeRef):

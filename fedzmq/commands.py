@@ -90,12 +90,16 @@ class Command:
       of everything it referenced, and of the dataset it read), or ``"trained"`` (fit: the owner's
       release of trained parameters, joined with the labels of the model and optimizer it used).
     - ``releases``: the argument naming the object whose value the reply carries, checked against the
-      release policy; ``"masked"`` for secure aggregation's masked update.
+      release policy; ``"masked"`` for secure aggregation's masked update; ``"after"`` for the model's
+      state as the command leaves it (a fit with ``reply_state``: checked, before it runs, with the
+      label the model will have).
     - ``charges``: what the quota holds while the command runs, beside the objects it stores:
       ``"outputs"`` (sized on the meta device before running), ``"forward"`` (a forward's
       intermediates), ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer),
       ``"graph"`` (what autograd saves, for as long as the graph lives).
     - ``reads_dataset``: it reads the owner's rows (its errors are sanitized).
+    - ``loads``: its optional ``load`` argument (a model state the client sent) is copied into its
+      module before it runs, as ``module_load`` would: a round's weights in the same trip as its work.
     """
 
     name: str
@@ -111,6 +115,7 @@ class Command:
     releases: str | None = None
     charges: tuple[str, ...] = ()
     reads_dataset: bool = False
+    loads: bool = False
 
     def check_args(self, args: dict[str, Any]) -> str | None:
         """Return why ``args`` do not fit this command, or None when they do."""
@@ -178,14 +183,18 @@ COMMANDS: dict[str, Command] = _table(
     # the data owner's datasets, and training on them
     Command("datasets", {}, {"query": STR}),
     Command("dataset_tensor", {"dataset": STR, "part": STR, "out": ID}, outputs=("out",), reads_dataset=True),
+    # one trip of a federated round: load the global weights (``load``), train, and send the trained
+    # state back in the reply (``reply_state``)
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
-            {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT},
+            {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT,
+             "load": MAP, "reply_state": BOOL},
             offload="always", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
-            charges=("forward", "state"), reads_dataset=True),
+            releases="after", charges=("forward", "state"), reads_dataset=True, loads=True),
     # secure aggregation: one command, four steps (advertise, share_keys, masked_input, unmask)
     Command("secagg", {"step": STR, "round": NONNEG, "payload": VALUE},
             {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always", refs={"module": "module"},
             releases="masked"),
-    Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG}, offload="always",
-            refs={"module": "module"}, writes="module", charges=("forward",), reads_dataset=True),
+    Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG, "load": MAP},
+            offload="always",
+            refs={"module": "module"}, writes="module", charges=("forward",), reads_dataset=True, loads=True),
 )

@@ -29,6 +29,7 @@ from .binding import Binding, Context, LiveReply, Made, bind
 from .charges import CHARGES
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
+from .handlers.modules import load_into
 from .objects import DependencyError, HostedModule, HostedOptimizer, module_tensors, optimizer_state, tensors_of
 from .policy import sanitized
 from .session import Session
@@ -88,6 +89,10 @@ class Executor:
             if "module" in binding.objects:
                 policy.check_release(binding.label, "masked", False, "the model")
             return
+        if releases == "after":
+            if binding.args.get("reply_state"):
+                policy.check_release(self.made_label(binding), "state", False, "the trained model")
+            return
         obj_id = binding.request.args[releases]
         if isinstance(binding.objects[releases], HostedModule):
             policy.check_release(binding.label, "state", False, f"object {obj_id}")
@@ -127,6 +132,8 @@ class Executor:
     def _call(self, binding: Binding, reserve: int) -> Any:
         """Run the handler (on whichever thread), then label what it wrote."""
         session, command = binding.session, binding.command
+        if command.loads and "load" in binding.args:  # the client's weights first, as a module_load
+            load_into(binding.objects["module"].module, binding.args["load"])
         label = self.made_label(binding)
         watch = _WriteWatch(binding) if command.writes and label else None
         graph = "graph" in command.charges

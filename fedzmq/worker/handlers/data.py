@@ -6,7 +6,8 @@ from typing import Any
 
 from ...errors import BadRequest
 from .. import training
-from ..binding import Binding, Context, Made
+from ..binding import Binding, Context, LiveReply, Made
+from .modules import state_reply
 
 
 def datasets(context: Context, binding: Binding) -> Any:
@@ -40,6 +41,9 @@ def fit(context: Context, binding: Binding) -> Any:
                           batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                           prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
     hosted.trained_samples = result["num_examples"]
+    if args.get("reply_state"):  # the trained weights, in the same trip (released: checked before it ran)
+        return LiveReply({"metrics": result,
+                          "state": state_reply(hosted.module, context.config.limits.chunk_bytes)})
     return result
 
 

@@ -47,15 +47,19 @@ def _adoptable(binding: Binding, tensor: torch.Tensor) -> bool:
 
 def module_load(context: Context, binding: Binding) -> Any:
     """Update some or all parameters and buffers in place (the rest come by ``module_write``)."""
-    current = binding.objects["obj"].module.state_dict()
-    state = binding.args["state"]
+    load_into(binding.objects["obj"].module, binding.args["state"])
+    return None
+
+
+def load_into(module: nn.Module, state: dict[str, Any]) -> None:
+    """Copy ``state`` (some or all entries, checked against the module first) into ``module`` in place."""
+    current = module.state_dict()
     unknown = set(state) - set(current)
     if unknown:
         raise BadRequest.new(f"model has no parameters or buffers named {sorted(unknown)}")
     check_state({k: current[k] for k in state}, state)
     for name, tensor in state.items():
         current[name].copy_(tensor)  # state_dict() entries are detached: no grad mode needed
-    return None
 
 
 def module_call(context: Context, binding: Binding) -> Any:
@@ -78,16 +82,21 @@ def _unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tens
 def module_state(context: Context, binding: Binding) -> Any:
     """Parameters and buffers: small ones inline (up to one chunk in all), the others as ``StreamInfo``
     for the client to fetch with ``module_read`` (so no reply exceeds a chunk)."""
-    budget = context.config.limits.chunk_bytes
+    return LiveReply(state_reply(binding.objects["obj"].module, context.config.limits.chunk_bytes))
+
+
+def state_reply(module: nn.Module, budget: int) -> dict[str, Any]:
+    """A module's state for a reply: entries inline up to ``budget`` bytes in all (live tensors: the reply
+    must be a ``LiveReply``), the others as ``StreamInfo`` to fetch with ``module_read``."""
     result: dict[str, Any] = {}
-    for name, tensor in binding.objects["obj"].module.state_dict().items():
+    for name, tensor in module.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes <= budget and tensor.is_contiguous():
-            result[name] = tensor.detach()  # sent without a copy; see LiveReply
+            result[name] = tensor.detach()
             budget -= nbytes
         else:
             result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False)
-    return LiveReply(result)
+    return result
 
 
 def _entry_bytes(binding: Binding) -> torch.Tensor:
