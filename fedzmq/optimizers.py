@@ -11,6 +11,9 @@ import torch
 
 from .errors import BadRequest
 
+#: the optimizer of a fit that names none, everywhere (``FitConfig``, ``ModulePointer.fit``, the CLI)
+DEFAULT_OPTIMIZER: dict[str, Any] = {"cls": "SGD", "lr": 0.1}
+
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], frozenset[str]]] = {
     "SGD": (torch.optim.SGD, frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"})),
     "Adam": (torch.optim.Adam, frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"})),

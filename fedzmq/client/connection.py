@@ -35,6 +35,10 @@ from ..errors import (
 
 log = logging.getLogger("fedzmq.client")
 
+#: how long ``close`` waits for the worker to confirm the session's end (it frees the objects either
+#: way when the session times out)
+GOODBYE_SECONDS = 1.0
+
 
 @dataclass(frozen=True)
 class ConnectionSettings:
@@ -110,8 +114,8 @@ class Connection:
         if self._socket is None:
             return
         if say_goodbye and self._tasks and self._dead is None:
-            with contextlib.suppress(Exception):
-                await self.request("close", {}, timeout=2.0)
+            with contextlib.suppress(Exception):  # a worker that does not answer at once is gone or busy
+                await self.request("close", {}, timeout=GOODBYE_SECONDS)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

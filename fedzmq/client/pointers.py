@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import TYPE_CHECKING, Any, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Mapping
 
 import torch
 from torch import nn
 
+from ..codec import Encoded
 from ..ops import METHODS, OPERATORS
+from ..optimizers import DEFAULT_OPTIMIZER
 
 if TYPE_CHECKING:
     from .optims import RemoteOptimizer
@@ -146,13 +149,49 @@ class ModulePointer(Pointer):
     async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
                   optimizer: "dict[str, Any] | RemoteOptimizer | None" = None, epochs: int | None = None,
                   steps: int | None = None, batch_size: int = 32, prox_mu: float = 0.0, seed: int = 0,
+                  load: "Mapping[str, torch.Tensor] | Broadcast | None" = None,
                   timeout: float | None = None) -> dict[str, Any]:
         """Train on the worker's dataset, entirely there: E epochs (default 1) or S steps of minibatches.
 
-        ``optimizer`` is ``{"cls": "SGD", "lr": 0.1, ...}`` (a fresh one for this call, the default
-        being SGD with lr 0.01) or a ``RemoteOptimizer`` of this worker over this model (its state
-        persists across calls). ``prox_mu`` adds FedProx's proximal term. Returns
-        ``{"loss", "samples_seen", "num_examples", "steps", "seconds"}``."""
+        ``optimizer`` is ``{"cls": "SGD", "lr": 0.1, ...}`` (a fresh one for this call; the default is
+        ``fedzmq.optimizers.DEFAULT_OPTIMIZER``, SGD with lr 0.1) or a ``RemoteOptimizer`` of this worker over
+        this model (its state persists across calls). ``prox_mu`` adds FedProx's proximal term. ``load``
+        (a state dict, or a ``Broadcast`` of one) is loaded into the remote model first, in the same trip.
+        ``seed`` repeats a run's shuffle on this daemon; the daemon mixes it with its own secret, so it
+        cannot choose which rows share a batch. Returns ``{"loss", "samples_seen", "num_examples",
+        "steps", "seconds"}``."""
+        args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
+        return await self.location._request("fit", args, timeout)
+
+    async def fit_and_fetch(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
+                            optimizer: "dict[str, Any] | RemoteOptimizer | None" = None, epochs: int | None = None,
+                            steps: int | None = None, batch_size: int = 32, prox_mu: float = 0.0, seed: int = 0,
+                            load: "Mapping[str, torch.Tensor] | Broadcast | None" = None,
+                            timeout: float | None = None) -> "FitUpdate":
+        """``fit``, with the trained weights coming back in the same trip (one request and one reply per
+        worker for a federated round of a small model; big entries follow as streams). Returns a
+        ``FitUpdate``: the metrics, and the trained state as pieces to fold or copy as they arrive."""
+        args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
+        args["reply_state"] = True
+        reply = await self.location._request("fit", args, timeout)
+        if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
+            from ..errors import ProtocolError
+            raise ProtocolError(f"the worker answered a fit with {type(reply).__name__}, not metrics and a state")
+        return FitUpdate(reply["metrics"], self.location._state_pieces(self, reply.get("state"), timeout))
+
+    async def load(self, state: "Mapping[str, torch.Tensor] | Broadcast",
+                   timeout: float | None = None) -> "asyncio.Future[Any]":
+        """Load weights into the remote model in place, pipelined: big entries are streamed first, then the
+        load is sent and its future returned at once, so the next command can follow it without a round
+        trip (``await`` the future for the load's own outcome)."""
+        broadcast = state if isinstance(state, Broadcast) else Broadcast(state)
+        inline = await self.location._stream_into(self, broadcast, timeout)
+        return self.location._submit("module_load", {"obj": self.id, "state": inline})
+
+    async def _fit_args(self, dataset: "DatasetPointer | str", loss: str,
+                        optimizer: "dict[str, Any] | RemoteOptimizer | None", epochs: int | None, steps: int | None,
+                        batch_size: int, prox_mu: float, seed: int,
+                        load: "Mapping[str, torch.Tensor] | Broadcast | None", timeout: float | None) -> dict[str, Any]:
         args: dict[str, Any] = {"module": self.id, "dataset": _dataset_name(self.location, dataset), "loss": loss,
                                 "batch_size": batch_size, "seed": seed}
         if steps is not None:
@@ -162,20 +201,29 @@ class ModulePointer(Pointer):
         if prox_mu:
             args["prox_mu"] = float(prox_mu)
         if optimizer is None or isinstance(optimizer, dict):
-            args["optimizer"] = dict(optimizer or {"cls": "SGD", "lr": 0.01})
+            args["optimizer"] = dict(optimizer or DEFAULT_OPTIMIZER)
         else:
             if optimizer.worker is not self.location:
                 from ..errors import WrongWorkerError
                 raise WrongWorkerError(f"that optimizer lives on {optimizer.worker.id!r}, the model on "
                                        f"{self.location.id!r}")
             args["optim"] = await optimizer._ensure()
-        return await self.location._request("fit", args, timeout)
+        if load is not None:
+            broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
+            args["load"] = await self.location._stream_into(self, broadcast, timeout)
+        return args
 
     async def evaluate(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
-                       batch_size: int = 1024, timeout: float | None = None) -> dict[str, Any]:
-        """Loss and accuracy on the worker's dataset: ``{"loss", "accuracy", "samples", "seconds"}``."""
-        return await self.location._request("evaluate", {"module": self.id, "loss": loss, "batch_size": batch_size,
-                                                         "dataset": _dataset_name(self.location, dataset)}, timeout)
+                       batch_size: int = 1024, load: "Mapping[str, torch.Tensor] | Broadcast | None" = None,
+                       timeout: float | None = None) -> dict[str, Any]:
+        """Loss and accuracy on the worker's dataset: ``{"loss", "accuracy", "samples", "seconds"}``.
+        ``load`` (a state dict, or a ``Broadcast``) is loaded into the remote model first, in the same trip."""
+        args: dict[str, Any] = {"module": self.id, "loss": loss, "batch_size": batch_size,
+                                "dataset": _dataset_name(self.location, dataset)}
+        if load is not None:
+            broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
+            args["load"] = await self.location._stream_into(self, broadcast, timeout)
+        return await self.location._request("evaluate", args, timeout)
 
     async def train(self, mode: bool = True) -> None:
         await self.location._request("module_mode", {"obj": self.id, "train": mode})
@@ -185,6 +233,41 @@ class ModulePointer(Pointer):
         await self.train(False)
 
     eval = eval_mode  # the name nn.Module uses for it
+
+
+class Broadcast:
+    """A model state to load into many workers' copies of a model (a federated round's global weights),
+    encoded once: the entries that fit one message travel inline, their msgpack and frames shared by
+    every send; bigger ones are streamed to each worker before its fit. Its tensors' memory is sent
+    without copying, so the state must not change until the round's sends are done."""
+
+    __slots__ = ("state", "chunk_bytes", "inline", "streamed")
+
+    def __init__(self, state: Mapping[str, torch.Tensor], chunk_bytes: int = 128 << 20) -> None:
+        self.state = {name: tensor.detach() for name, tensor in state.items()}
+        self.chunk_bytes = chunk_bytes
+        inline, budget = {}, chunk_bytes
+        for name, tensor in self.state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes <= budget and tensor.is_contiguous():
+                inline[name] = tensor
+                budget -= nbytes
+        self.streamed = {k: v for k, v in self.state.items() if k not in inline}
+        self.inline = Encoded(inline)
+
+    def for_chunk(self, chunk_bytes: int) -> "Broadcast":
+        """This broadcast split for a worker whose messages are at most ``chunk_bytes`` (the same one when
+        it agrees)."""
+        return self if chunk_bytes == self.chunk_bytes else Broadcast(self.state, chunk_bytes)
+
+
+@dataclass
+class FitUpdate:
+    """What ``ModulePointer.fit_and_fetch`` brings back: the fit's metrics, and the trained state as
+    ``(name, first element, flat values)`` pieces, fetched as they are iterated (iterate it once)."""
+
+    metrics: dict[str, Any]
+    pieces: AsyncIterator[tuple[str, int, torch.Tensor]]
 
 
 class DatasetPointer:

@@ -22,7 +22,7 @@ from torch import nn
 from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
 from ..errors import ProtocolError
 from ..modeldesc import describe
-from .pointers import ModulePointer, TensorPointer
+from .pointers import Broadcast, ModulePointer, TensorPointer
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -199,15 +199,35 @@ class Transfers:
         self._modules[module] = pointer
         return pointer
 
+    async def _stream_into(self, pointer: ModulePointer, broadcast: "Broadcast", timeout: float | None) -> Any:
+        """Stream a broadcast's big entries straight into the remote model (``module_write``); returns its
+        inline part, to go in the same request as the fit that loads it."""
+        broadcast = broadcast.for_chunk(self._connection.limits.chunk_bytes)
+        for name, tensor in broadcast.streamed.items():
+            await self._upload(_flat_bytes(tensor), lambda offset, data, name=name: (
+                "module_write", {"obj": pointer.id, "name": name, "offset": offset, "data": data}), timeout)
+        return broadcast.inline
+
     async def _module_slices(self, pointer: ModulePointer,
                              timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
         """The remote module's parameters and buffers as (name, first element, flat values) pieces:
         small entries whole, big ones chunk by chunk, so no caller needs a whole copy in memory."""
         state = await self._request("module_state", {"obj": pointer.id}, timeout)
+        async for piece in self._state_pieces(pointer, state, timeout):
+            yield piece
+
+    async def _state_pieces(self, pointer: ModulePointer, state: dict[str, Any],
+                            timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+        """A module state a reply carried (``module_state``, or a fit's ``reply_state``) as pieces: the
+        inline entries as they are, the ``StreamInfo`` ones fetched chunk by chunk with ``module_read``."""
+        if not isinstance(state, dict):
+            raise ProtocolError(f"the worker answered with {type(state).__name__} where a model state belongs")
         for name, value in state.items():
-            if not isinstance(value, StreamInfo):
+            if isinstance(value, torch.Tensor):
                 yield name, 0, value.reshape(-1)
                 continue
+            if not isinstance(value, StreamInfo):
+                raise ProtocolError(f"the worker sent {type(value).__name__} for model entry {name!r}")
             dtype = DTYPES[value.dtype]
             itemsize = torch.empty((), dtype=dtype).element_size()
             pieces: asyncio.Queue[tuple[int, torch.Tensor] | None] = asyncio.Queue()

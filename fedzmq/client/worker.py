@@ -126,6 +126,33 @@ class RemoteWorker(Transfers):
         self.id, self.instance = info["id"], info["instance"]
         return restarted
 
+    def hosted(self, model: nn.Module) -> ModulePointer | None:
+        """This worker's copy of ``model``, if it was sent here and this worker's session still holds it
+        (the connection's heartbeats notice a restart or an expired session: no request is made)."""
+        if self._connection.session_resets != self._resets_seen:
+            self._resets_seen = self._connection.session_resets
+            self._modules = weakref.WeakKeyDictionary()
+        pointer = self._modules.get(model)
+        return pointer if pointer is not None and not pointer._deleted else None
+
+    def forget(self, model: nn.Module) -> None:
+        """Forget that ``model`` was sent here (its copy is gone): the next ``send`` builds it anew."""
+        self._modules.pop(model, None)
+
+    def secagg(self, step: str, round_number: int, payload: Any, **extra: Any) -> "asyncio.Future[Any]":
+        """Submit one step of a secure-aggregation round now (it takes its place in this worker's queue, so
+        steps can be pipelined with other commands); await the returned future for the step's answer, as
+        secure-aggregation message data (``fedzmq.secagg.messages``)."""
+        from ..secagg.wire import from_codec, to_codec
+
+        future = self._submit("secagg", {"step": step, "round": round_number, "payload": to_codec(payload), **extra})
+        future.add_done_callback(_retrieve)
+
+        async def answer() -> Any:
+            return from_codec(await self._wait(future))
+
+        return asyncio.ensure_future(answer())
+
     async def send(self, obj: torch.Tensor | nn.Module, timeout: float | None = None) -> Any:
         """Send a tensor (-> ``TensorPointer``) or a model (-> ``ModulePointer``) to this worker.
 
