@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import shutil
 import sys
@@ -22,6 +21,7 @@ import torch
 from .federated.federation import Federation, FitConfig, RoundFailed
 from .federated.metrics import RoundMetrics, plot, summary_table
 from .federated.strategies import STRATEGIES, make_strategy
+from .optimizers import DEFAULT_OPTIMIZER
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                    "all rounds together spend this epsilon (implies --secure-aggregation)")
     p.add_argument("--dp-delta", type=float, help="the delta of the DP guarantee (default 1e-5)")
     p.add_argument("--clip", type=float, help="L2 bound on each worker's update under secure aggregation "
-                   "(default 10, or 1 with --dp-epsilon)")
+                   "(default: no clipping; 1 with --dp-epsilon)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--in-features", type=int, help="input features of the model")
     train.add_argument("--classes", type=int, help="output classes of the model")
     train.add_argument("--hidden", type=int, help="hidden units of the mlp (default 64)")
+    train.add_argument("--resume", action="store_true", default=None,
+                       help="continue from the checkpoint in --out instead of starting afresh")
     _add_training_flags(train)
     return parser
 
 
 DEFAULTS: dict[str, Any] = {"rounds": 40, "strategy": "fedavg", "local_epochs": 2, "local_steps": None,
-                            "batch_size": 32, "lr": 0.1, "fraction": 1.0, "min_workers": 1, "round_timeout": 60.0,
+                            "batch_size": 32, "lr": DEFAULT_OPTIMIZER["lr"], "fraction": 1.0, "min_workers": 1, "round_timeout": 60.0,
                             "seed": 0, "no_progress": False, "model": "mlp", "hidden": 64, "strategy_args": {}}
 
 
@@ -104,7 +106,7 @@ def _strategy(settings: dict[str, Any]) -> Any:
 
     delta = settings.get("dp_delta") or 1e-5
     if epsilon is None:
-        return SecAgg(strategy, clip=settings.get("clip") or 10.0)
+        return SecAgg(strategy, clip=settings.get("clip"))  # None: no clipping, the exact mean
     from .secagg import noise_multiplier_for_epsilon
 
     sigma = noise_multiplier_for_epsilon(epsilon, delta, settings["rounds"], 1.0)
@@ -151,13 +153,21 @@ class Progress:
 
 async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dict[str, Any], dataset: str,
                  evaluate: Any, keys: Sequence[dict[str, Any]] | None = None) -> Federation:
-    from .client.worker import connect
+    from .client.worker import RemoteWorker
 
     out = Path(settings["out"])
     out.mkdir(parents=True, exist_ok=True)
-    async with contextlib.AsyncExitStack() as stack:
-        workers = [await stack.enter_async_context(connect(a, **(keys[n] if keys else {})))
-                   for n, a in enumerate(addresses)]
+    checkpoints = out / "checkpoints"
+    if settings.get("resume"):
+        print(f"resuming from the checkpoints in {checkpoints} (if any)")
+    elif any(checkpoints.glob("round-*")):
+        print(f"starting afresh: the checkpoints of a previous run in {checkpoints} are replaced "
+              "(pass --resume to continue that run instead)")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    workers = [RemoteWorker(a, **(keys[n] if keys else {})) for n, a in enumerate(addresses)]
+    try:
+        # connected together, and closed together (Ctrl-C stops every wait at once, not one after another)
+        await asyncio.gather(*(w.connect() for w in workers))
         strategy = _strategy(settings)
         steps = settings.get("local_steps")
         fit = FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
@@ -165,10 +175,11 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
                         batch_size=settings["batch_size"])
         federation = Federation(workers, model, fit, strategy, fraction=settings["fraction"],
                                 min_workers=settings["min_workers"], round_timeout=settings["round_timeout"],
-                                seed=settings["seed"], checkpoint_dir=str(out / "checkpoints"), evaluate=evaluate,
+                                seed=settings["seed"], checkpoint_dir=str(checkpoints), evaluate=evaluate,
                                 evaluate_on_workers=evaluate is None)
         if federation.resumed_from:
-            print(f"resuming from the checkpoint of round {federation.resumed_from}", file=sys.stderr)
+            print(f"resumed from the checkpoint of round {federation.resumed_from}; training to round "
+                  f"{settings['rounds']}")
         # the checkpoint's history is the record: the JSON lines are rewritten from it, so a round is
         # never listed twice or lost, wherever a previous coordinator was killed
         (out / "metrics.jsonl").write_text("".join(m.to_json() + "\n" for m in federation.history))
@@ -178,6 +189,8 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
         finally:
             progress.close()
         return federation
+    finally:
+        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
 
 
 def run_demo(settings: dict[str, Any]) -> int:
@@ -275,6 +288,8 @@ def run_train(settings: dict[str, Any]) -> int:
     last = federation.history[-1] if federation.history else None
     if last is not None and last.eval_accuracy is not None:
         print(f"final test accuracy: {last.eval_accuracy:.2%}")
+    if last is not None and last.worker_eval_accuracy is not None:
+        print(f"final accuracy on the workers' own data (sample-weighted): {last.worker_eval_accuracy:.2%}")
     print(f"plot: {plot(federation.history, Path(settings['out']) / 'plot.png')}")
     return 0
 

@@ -188,9 +188,10 @@ async def test_coordinator_killed_mid_training_resumes_from_its_checkpoint(fedzm
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     await bob.slow(0)
-    second = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+    second = await asyncio.to_thread(subprocess.run, [*command, "--resume"], capture_output=True, text=True,
+                                     timeout=120)
     assert second.returncode == 0, second.stderr
-    resumed = int(second.stderr.split("resuming from the checkpoint of round ")[1].split()[0])
+    resumed = int(second.stdout.split("resumed from the checkpoint of round ")[1].split(";")[0])  # said plainly
     assert 2 <= resumed < 6
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1, 2, 3, 4, 5, 6]  # none lost, none twice
@@ -212,3 +213,99 @@ async def test_small_main_job_reaches_centralized_accuracy(fedzmq_daemons, tmp_p
     central = digits.train_centrally(digits.make_model(), *split.train, epochs=50, lr=0.1)
     central_accuracy = digits.evaluate(central, *split.test)["accuracy"]
     assert history[-1].eval_accuracy >= central_accuracy - 0.03
+
+
+async def test_round_history_names_selected_delivered_dropped_and_unreachable(fedzmq_daemons, digit_shards):
+    """A worker killed between rounds is reported as dead, not as late; it stays in the record (as
+    unreachable) in every later round; a restarted one takes part in the very next round."""
+    handles = await fedzmq_daemons("bob", "alice", "carol", datasets=shards_for(digit_shards, "bob", "alice", "carol"))
+    bob, alice, carol = handles
+    federation = fz.Federation([h.worker for h in handles], digits.make_model(),
+                               fz.FitConfig(dataset="digits", steps=2), round_timeout=60)
+    first = await federation.run_round()
+    assert first.selected == first.participants == ["alice", "bob", "carol"]
+    assert not first.dropped and not first.unreachable
+
+    carol.kill()  # between rounds: the coordinator has not noticed yet
+    second = await federation.run_round()
+    assert second.participants == ["alice", "bob"] and second.seconds < 30
+    if "carol" in second.dropped:  # selected before her death was noticed: dropped as dead, not as late
+        assert "deadline" not in second.dropped["carol"] and "WorkerDead" in second.dropped["carol"]
+    else:
+        assert second.unreachable == ["carol"]
+
+    third = await federation.run_round()  # still dead: named, as unreachable, not silently absent
+    assert third.participants == ["alice", "bob"] and third.unreachable == ["carol"] and not third.dropped
+    assert third.selected == ["alice", "bob"]
+
+    await carol.restart()
+    fourth = await federation.run_round()  # back at once, not one round late
+    assert fourth.participants == ["alice", "bob", "carol"] and not fourth.unreachable
+
+
+async def test_a_request_timeout_is_not_reported_as_the_round_deadline():
+    """A worker's own request deadline (a RequestTimeout) is not the round's deadline, which has not passed."""
+    from fedzmq.federated.protocols import reason
+
+    loop = asyncio.get_running_loop()
+    late = reason(fz.RequestTimeout("no reply from tcp://x:1 within 1.0s"), loop.time() + 50, 60)
+    assert late.startswith("RequestTimeout") and "round deadline" not in late
+    assert reason(TimeoutError(), loop.time() - 1, 60) == "missed the round deadline of 60s"
+    assert reason(fz.WorkerDeadError("worker at x silent"), loop.time() + 50, 60).startswith("WorkerDeadError")
+
+
+async def test_train_says_when_it_starts_afresh_and_resumes_only_when_asked(fedzmq_daemons, digit_shards, tmp_path):
+    """A second `fedzmq train` with other flags trains anew and says so on stdout; --resume continues; and
+    the final accuracy on the workers' data is printed (no --test-data needed)."""
+    [bob] = await fedzmq_daemons("bob", datasets=shards_for(digit_shards, "bob"))
+    out = tmp_path / "run"
+
+    async def train(*extra):
+        result = await asyncio.to_thread(subprocess.run, [*_train_command([bob.address], out, rounds=2), *extra],
+                                         capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    first = await train()
+    assert "starting afresh" not in first and "final accuracy on the workers' own data" in first
+    again = await train("--lr", "0.05")
+    assert "starting afresh: the checkpoints of a previous run" in again and "--resume" in again
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    resumed = await train("--resume", "--rounds", "3")
+    assert "resumed from the checkpoint of round 2" in resumed
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+async def test_the_same_updates_give_the_same_model_bit_for_bit_whatever_their_arrival(fedzmq_daemons, digit_shards,
+                                                                                       tmp_path):
+    """Runs with the same seeds equal each other bit for bit though the updates arrive in other orders (the
+    daemons are slowed differently), and a run resumed from its checkpoint equals an uninterrupted one."""
+    handles = await fedzmq_daemons("bob", "alice", "carol", datasets=shards_for(digit_shards, "bob", "alice", "carol"))
+    workers = [h.worker for h in handles]
+    config = fz.FitConfig(dataset="digits", steps=3, batch_size=16)
+    finals, orders = [], []
+    for delays in ({}, {"bob": 0.5}, {"carol": 0.6, "alice": 0.3}):
+        for handle in handles:
+            await handle.slow(delays.get(handle.id, 0.0))
+        model = digits.make_model(seed=0)
+        federation = fz.Federation(workers, model, config, seed=1)
+        history = await federation.run(3)
+        orders.append([list(m.fits) for m in history])  # in the order the updates arrived
+        finals.append({k: v.clone() for k, v in model.state_dict().items()})
+    for handle in handles:
+        await handle.slow(0.0)
+    assert len({tuple(map(tuple, o)) for o in orders}) > 1, orders  # the arrival orders did differ
+    for other in finals[1:]:
+        for name, value in finals[0].items():
+            assert torch.equal(value, other[name]), name
+
+    # resumed from a checkpoint after round 2: the same model as the uninterrupted run after round 3
+    checkpoints = tmp_path / "ckpt"
+    model = digits.make_model(seed=0)
+    await fz.Federation(workers, model, config, seed=1, checkpoint_dir=str(checkpoints)).run(2)
+    resumed_model = digits.make_model(seed=5)  # other weights: the checkpoint must replace them
+    resumed = fz.Federation(workers, resumed_model, config, seed=1, checkpoint_dir=str(checkpoints))
+    assert resumed.resumed_from == 2
+    await resumed.run(3)
+    for name, value in finals[0].items():
+        assert torch.equal(value, resumed_model.state_dict()[name]), name

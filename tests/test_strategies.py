@@ -14,6 +14,7 @@ import torch
 
 import fedzmq as fz
 from fedzmq.federated.secure import SecAgg
+from fedzmq.federated.base import UpdateReceiver
 from fedzmq.federated.strategies import (STRATEGIES, Aggregator, Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM,
                                          FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Sequential, State,
                                          Strategy, make_strategy)
@@ -240,7 +241,8 @@ def test_trimmed_mean_small_beta_is_plain_mean_and_even_k() -> None:
 
 def test_sequential_current_model_progression() -> None:
     s = Sequential()
-    assert s.sequential and not FedAvg().sequential
+    assert type(s.round_protocol()).__name__ == "SequentialRound"
+    assert type(FedAvg().round_protocol()).__name__ == "AveragingRound"
     g = st([0, 0], nbt=5)
     agg = s.begin_round(1, g)
     close(agg.current_model()["w"], [0, 0])
@@ -773,11 +775,14 @@ class _Recording(Strategy):
     """The wrapped strategy, keeping a copy of every update the scheduler streams into its aggregator."""
 
     def __init__(self, inner: Strategy) -> None:
-        self.inner, self.name, self.sequential = inner, inner.name, inner.sequential
+        self.inner, self.name = inner, inner.name
         self.rounds: list[list[tuple[State, int]]] = []
 
     def configure_fit(self, round_number: int) -> dict:
         return self.inner.configure_fit(round_number)
+
+    def round_protocol(self):
+        return self.inner.round_protocol()
 
     def begin_round(self, round_number: int, global_state: State) -> Aggregator:
         self.rounds.append([])
@@ -793,26 +798,33 @@ class _RecordingAggregator(Aggregator):
     def count(self) -> int:
         return self._inner.count
 
-    def begin_update(self, num_samples: int) -> None:
-        self._inner.begin_update(num_samples)
-        self._update = ({k: torch.zeros_like(v) for k, v in self._global.items()}, num_samples)
-
-    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
-        self._inner.add_slice(name, start, values)
-        self._update[0][name].view(-1)[start:start + values.numel()].copy_(values.reshape(-1))
-
-    def end_update(self) -> None:
-        self._inner.end_update()
-        self._into.append(self._update)
-
-    def abort_update(self) -> None:
-        self._inner.abort_update()
+    def receive(self, num_samples: int) -> UpdateReceiver:
+        return _RecordingReceiver(self, self._inner.receive(num_samples), num_samples)
 
     def write_result(self, into: State) -> None:
         self._inner.write_result(into)
 
     def current_model(self) -> State:
         return self._inner.current_model()  # type: ignore[attr-defined]
+
+
+class _RecordingReceiver(UpdateReceiver):
+    """Passes each piece on, and keeps a copy: the update as the scheduler streamed it, in arrival order."""
+
+    def __init__(self, aggregator: _RecordingAggregator, inner: UpdateReceiver, num_samples: int) -> None:
+        self.aggregator, self.inner = aggregator, inner
+        self.update = ({k: torch.zeros_like(v) for k, v in aggregator._global.items()}, num_samples)
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        self.inner.add_slice(name, start, values)
+        self.update[0][name].view(-1)[start:start + values.numel()].copy_(values.reshape(-1))
+
+    def end(self) -> None:
+        self.inner.end()
+        self.aggregator._into.append(self.update)
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 def _workers(n: int) -> list[fz.VirtualWorker]:

@@ -20,73 +20,66 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import HeldBytesExceeded
-from .base import Aggregator, State, check_samples, state_bytes, work_dtype
+from .base import Aggregator, State, UpdateReceiver, check_samples, state_bytes, work_dtype
 
 #: What FedMedian, FedTrimmedAvg, Krum and Bulyan may hold of a round's updates unless told otherwise: 1 GiB.
 DEFAULT_MAX_HELD_BYTES = 1 << 30
 
 
 class WeightedMeanAggregator(Aggregator):
-    """Streaming sample-weighted mean: one running sum per float entry, so memory is global + sum + one piece."""
+    """Streaming sample-weighted mean, folded piece by piece as updates arrive, in any order and
+    concurrently.
+
+    Deterministic: the sum it keeps per float entry is ``sum(n_i * (x_i - g))`` (``g`` the global model) in
+    float64, and the mean is ``g + sum / sum(n_i)`` rounded once to the model's dtype. The differences
+    ``x_i - g`` are exact in float64 (computed from float32 values), so the only rounding that depends on
+    the order updates arrive in is float64's, on numbers much smaller than the weights: the same updates
+    give the same model, bit for bit, whatever the arrival order (the chance that they do not, an
+    element's float64 sum landing within its rounding error of a float32 rounding boundary, is of the
+    order of 1e-10 per element and round). Memory: the global model, the float64 sum (two float32
+    copies' worth) and the pieces in flight, whatever the number of workers."""
 
     def __init__(self, global_state: State) -> None:
         super().__init__(global_state)
         self._acc: State = {}
         self._total = 0
-        self._pending_samples = 0
-        self._pending_elements: dict[str, int] = {}
-        self._segments: list[tuple[str, int, int]] = []
         #: pieces folded in by updates that broke off mid-download: (start, length, weight) per entry.
         #: They cannot be taken out again (that would need the update in memory), so their elements are
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
 
-    def begin_update(self, num_samples: int) -> None:
+    def receive(self, num_samples: int) -> UpdateReceiver:
         check_samples(num_samples)
-        self._pending_samples = num_samples
-        self._pending_elements = {}
+        return _MeanReceiver(self, num_samples)
 
-    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+    def _fold(self, name: str, start: int, values: torch.Tensor, weight: int) -> None:
         ref, values = self._check_slice(name, start, values)
         acc = self._acc.get(name)
         if acc is None:
-            acc = self._acc[name] = (torch.zeros_like(ref, dtype=work_dtype(ref)) if ref.is_floating_point()
+            acc = self._acc[name] = (torch.zeros_like(ref, dtype=sum_dtype(ref)) if ref.is_floating_point()
                                      else torch.full_like(ref, torch.iinfo(ref.dtype).min if ref.dtype != torch.bool
                                                           else False))
         target = acc.view(-1)[start:start + values.numel()]
         if ref.is_floating_point():
-            target.add_(values, alpha=self._pending_samples)
+            delta = values.to(acc.dtype)
+            delta.sub_(ref.reshape(-1)[start:start + values.numel()])
+            target.add_(delta, alpha=weight)
         else:
             torch.maximum(target, values.to(ref.dtype), out=target)
-        self._pending_elements[name] = self._pending_elements.get(name, 0) + values.numel()
-        self._segments.append((name, start, values.numel()))
 
-    def end_update(self) -> None:
-        incomplete = [k for k, ref in self._global.items() if self._pending_elements.get(k, 0) != ref.numel()]
-        if incomplete:
-            self.abort_update()
-            raise ValueError(f"update is missing (parts of) {sorted(incomplete)}")
-        self._total += self._pending_samples
-        self._count += 1
-        self._segments = []
-
-    def abort_update(self) -> None:
-        for name, start, length in self._segments:
-            self._partial.setdefault(name, []).append((start, length, self._pending_samples))
-        self._segments = []
-        self._pending_elements = {}
-
-    def _entry_mean(self, name: str) -> torch.Tensor:
-        """One entry of sum(n_i * x_i) / sum(n_i) in the working dtype (non-float entries: the max)."""
-        acc, ref = self._acc[name], self._global[name]
+    def _entry_mean(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Elements [lo, hi) of one entry of the mean, flat, in float64 (non-float entries: the max)."""
+        acc, ref = self._acc[name].view(-1)[lo:hi], self._global[name].reshape(-1)[lo:hi]
         if not ref.is_floating_point():
             return acc
         if name not in self._partial:
-            return acc / self._total
+            return ref.to(acc.dtype) + acc / self._total
         weights = torch.full((ref.numel(),), float(self._total), dtype=acc.dtype)
         for start, length, weight in self._partial[name]:
-            weights[start:start + length] += weight
-        return acc / weights.view(ref.shape)
+            begin, end = max(start, lo), min(start + length, lo + ref.numel())
+            if begin < end:
+                weights[begin - lo:end - lo] += weight
+        return ref.to(acc.dtype) + acc / weights
 
     def _check_total(self) -> None:
         self._require_updates()
@@ -94,21 +87,58 @@ class WeightedMeanAggregator(Aggregator):
             raise ValueError("the updates' sample counts sum to zero")
 
     def write_result(self, into: State) -> None:
-        """The mean, written entry by entry: never a whole extra model in memory."""
+        """The mean, written entry by entry and block by block: never a whole extra model in memory."""
         self._check_total()
         with torch.no_grad():
             for name, acc in self._acc.items():
-                target = into[name]
-                if name not in self._partial and acc.dtype == target.dtype and target.is_floating_point():
-                    torch.div(acc, self._total, out=target)  # straight into the model: no temporary
-                else:
-                    target.copy_(self._entry_mean(name))
+                target = into[name].view(-1)
+                for lo in range(0, target.numel(), RESULT_BLOCK):
+                    hi = min(lo + RESULT_BLOCK, target.numel())
+                    target[lo:hi].copy_(self._entry_mean(name, lo, hi))
 
     def mean(self) -> State:
-        """sum(n_i * x_i) / sum(n_i) per entry, in the working dtype (non-float entries: the max, copied)."""
+        """sum(n_i * x_i) / sum(n_i) per entry in the working dtype (non-float entries: the max, copied)."""
         self._check_total()
-        return {k: self._entry_mean(k) if self._global[k].is_floating_point() else self._entry_mean(k).clone()
+        return {k: self._entry_mean(k).to(work_dtype(self._global[k]) if self._global[k].is_floating_point()
+                                          else self._global[k].dtype).view(self._global[k].shape).clone()
                 for k in self._acc}
+
+
+class _MeanReceiver(UpdateReceiver):
+    """One update folding straight into the running sum, with what it folded remembered in case it breaks off."""
+
+    def __init__(self, aggregator: WeightedMeanAggregator, weight: int) -> None:
+        self.aggregator, self.weight = aggregator, weight
+        self.elements: dict[str, int] = {}
+        self.segments: list[tuple[str, int, int]] = []
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        self.aggregator._fold(name, start, values, self.weight)
+        self.elements[name] = self.elements.get(name, 0) + values.numel()
+        self.segments.append((name, start, values.numel()))
+
+    def end(self) -> None:
+        incomplete = [k for k, ref in self.aggregator._global.items() if self.elements.get(k, 0) != ref.numel()]
+        if incomplete:
+            self.abort()
+            raise ValueError(f"update is missing (parts of) {sorted(incomplete)}")
+        self.aggregator._total += self.weight
+        self.aggregator._count += 1
+        self.segments = []
+
+    def abort(self) -> None:
+        for name, start, length in self.segments:
+            self.aggregator._partial.setdefault(name, []).append((start, length, self.weight))
+        self.segments = []
+
+
+#: elements of an entry of the mean computed at once (the float64 scratch stays small)
+RESULT_BLOCK = 1 << 20
+
+
+def sum_dtype(ref: torch.Tensor) -> torch.dtype:
+    """The dtype the weighted mean's running sum is kept in: float64 (see ``WeightedMeanAggregator``)."""
+    return torch.promote_types(ref.dtype, torch.float64)
 
 
 #: A server optimizer step: (global model, weighted mean of the updates in the working dtype) -> new model
@@ -125,10 +155,10 @@ class ServerStepAggregator(WeightedMeanAggregator):
         self._step = step
         self._new: State | None = None
 
-    def begin_update(self, num_samples: int) -> None:
+    def receive(self, num_samples: int) -> UpdateReceiver:
         if self._new is not None:
             raise RuntimeError("this round was already aggregated")
-        super().begin_update(num_samples)
+        return super().receive(num_samples)
 
     def write_result(self, into: State) -> None:
         if self._new is None:
@@ -164,32 +194,44 @@ class _PendingUpdate:
 class _PendingAggregator(Aggregator):
     """Collects each update whole before handing it to ``_keep`` (for rules that need whole updates)."""
 
-    def __init__(self, global_state: State) -> None:
-        super().__init__(global_state)
-        self._pending: _PendingUpdate | None = None
+    #: updates being received now (each collects a whole copy)
+    _in_flight = 0
 
-    def begin_update(self, num_samples: int) -> None:
-        self._pending = _PendingUpdate(num_samples)
-
-    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
-        if self._pending is None:
-            raise RuntimeError("add_slice before begin_update")
-        ref, flat = self._check_slice(name, start, values)
-        self._pending.add(ref, name, start, flat)
-
-    def end_update(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise RuntimeError("end_update before begin_update")
-        self._keep(pending.finish(self._global), pending.num_samples)
-        self._count += 1
-
-    def abort_update(self) -> None:
-        self._pending = None
+    def receive(self, num_samples: int) -> UpdateReceiver:
+        receiver = _PendingReceiver(self, _PendingUpdate(num_samples))
+        self._in_flight += 1
+        return receiver
 
     @abc.abstractmethod
     def _keep(self, state: State, num_samples: int) -> None:
         """Take a complete update (fresh tensors: the aggregator's own)."""
+
+
+class _PendingReceiver(UpdateReceiver):
+    def __init__(self, aggregator: _PendingAggregator, pending: _PendingUpdate) -> None:
+        self.aggregator, self.pending = aggregator, pending
+        self.closed = False
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        ref, flat = self.aggregator._check_slice(name, start, values)
+        self.pending.add(ref, name, start, flat)
+
+    def end(self) -> None:
+        try:
+            state = self.pending.finish(self.aggregator._global)
+        finally:
+            self._close()
+        self.aggregator._keep(state, self.pending.num_samples)
+        self.aggregator._count += 1
+
+    def abort(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.aggregator._in_flight -= 1
+            self.pending.state = {}
 
 
 #: Which of the held updates the result is made of: (updates, names of the float entries) -> indices
@@ -231,16 +273,16 @@ class HeldUpdatesAggregator(_PendingAggregator):
         """Bytes of the complete updates held now."""
         return len(self._updates) * self._update_bytes
 
-    def begin_update(self, num_samples: int) -> None:
-        wanted = self.held_bytes + self._update_bytes
+    def receive(self, num_samples: int) -> UpdateReceiver:
+        wanted = self.held_bytes + (self._in_flight + 1) * self._update_bytes
         if self._max_held_bytes is not None and wanted > self._max_held_bytes:
-            self._refused = (f"{self._rule} holds every update of a round; update {len(self._updates) + 1} would "
-                             f"make that {wanted} bytes ({self._update_bytes} per update), over max_held_bytes="
+            self._refused = (f"{self._rule} holds every update of a round; update {len(self._updates) + self._in_flight + 1}"
+                             f" would make that {wanted} bytes ({self._update_bytes} per update), over max_held_bytes="
                              f"{self._max_held_bytes}: raise max_held_bytes or let fewer workers take part")
             raise HeldBytesExceeded(self._refused)
         if self._kept is not None:
             raise RuntimeError("this round was already aggregated")
-        super().begin_update(num_samples)
+        return super().receive(num_samples)
 
     def _keep(self, state: State, num_samples: int) -> None:
         self._updates.append(state)

@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .protocols import RoundProtocol
 
 State = dict[str, torch.Tensor]
 
@@ -53,16 +56,35 @@ def check_samples(num_samples: int) -> None:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
 
 
-class Aggregator(abc.ABC):
-    """Folds the workers' updated models into the next global model as they arrive, one update at a time.
+class UpdateReceiver(abc.ABC):
+    """One update arriving in pieces, while others may arrive at the same time (``Aggregator.receive``)."""
 
-    The streaming methods are what the scheduler drives: it downloads an update in pieces (whole small
-    tensors, or chunks of big ones) and hands each over at once, so an aggregator that does not need the whole
-    update (the weighted mean) never has it in memory."""
+    @abc.abstractmethod
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        """The flat elements [start, start + len(values)) of entry ``name`` of this update."""
+
+    @abc.abstractmethod
+    def end(self) -> None:
+        """The update is complete (``ValueError``, and the update is dropped, if a piece is missing)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """The update broke off mid-download (the worker died)."""
+
+
+class Aggregator(abc.ABC):
+    """Folds the workers' updated models into the next global model as they arrive.
+
+    ``receive(num_samples)`` is what the scheduler drives, once per update: it downloads the updates of a
+    round concurrently, in pieces (whole small tensors, or chunks of big ones), and hands each piece to its
+    update's receiver at once, so an aggregator that does not need a whole update (the weighted mean)
+    never has one in memory. ``begin_update``/``add_slice``/``end_update`` are the same for one update at
+    a time."""
 
     def __init__(self, global_state: State) -> None:
         self._global = global_state
         self._count = 0
+        self._current: UpdateReceiver | None = None
 
     @property
     def count(self) -> int:
@@ -72,25 +94,33 @@ class Aggregator(abc.ABC):
     # --- streaming: what the scheduler drives ----------------------------------------------------------------
 
     @abc.abstractmethod
-    def begin_update(self, num_samples: int) -> None:
-        """An update trained on ``num_samples`` samples starts to arrive."""
-
-    @abc.abstractmethod
-    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
-        """The flat elements [start, start + len(values)) of entry ``name`` of the current update."""
-
-    @abc.abstractmethod
-    def end_update(self) -> None:
-        """The current update is complete (``ValueError``, and the update is dropped, if a piece is missing)."""
-
-    @abc.abstractmethod
-    def abort_update(self) -> None:
-        """The current update broke off mid-download (the worker died)."""
+    def receive(self, num_samples: int) -> UpdateReceiver:
+        """An update trained on ``num_samples`` samples starts to arrive (others may be arriving too)."""
 
     @abc.abstractmethod
     def write_result(self, into: State) -> None:
         """Write the new global model into ``into`` (the model's own tensors), in place. ``ValueError`` if no
         update was added."""
+
+    def begin_update(self, num_samples: int) -> None:
+        """``receive``, for one update at a time: the next calls go to this update."""
+        self._current = self.receive(num_samples)
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        if self._current is None:
+            raise RuntimeError("add_slice before begin_update")
+        self._current.add_slice(name, start, values)
+
+    def end_update(self) -> None:
+        current, self._current = self._current, None
+        if current is None:
+            raise RuntimeError("end_update before begin_update")
+        current.end()
+
+    def abort_update(self) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            current.abort()
 
     # --- whole updates: the same path --------------------------------------------------------------------------
 
@@ -141,8 +171,6 @@ class Strategy(abc.ABC):
     """One federated algorithm: per-round fit arguments, an aggregator per round, and checkpointable state."""
 
     name: str
-    #: True only for Sequential: workers are visited in turn, from ``current_model()``
-    sequential: bool = False
     #: True if the new model depends on the round's updates only through their sample-weighted mean, so it can be
     #: computed from the sum secure aggregation reveals. ``SecAgg`` refuses every strategy that does not say so.
     aggregates_weighted_mean: bool = False
@@ -150,6 +178,17 @@ class Strategy(abc.ABC):
     def configure_fit(self, round_number: int) -> dict[str, Any]:
         """Extra arguments for every participant's local fit this round. Default none."""
         return {}
+
+    def round_protocol(self) -> "RoundProtocol":
+        """How this strategy's rounds run: by default every participant at once, one trip each, updates
+        folded as they arrive (``fedzmq.federated.protocols``). Sequential and secure aggregation differ."""
+        from .protocols import AveragingRound
+
+        return AveragingRound()
+
+    def stop_reason(self, round_number: int, sampling_rate: float) -> str | None:
+        """Why the federation must stop before round ``round_number`` (a privacy budget spent), or None."""
+        return None
 
     @abc.abstractmethod
     def begin_round(self, round_number: int, global_state: State) -> Aggregator: ...

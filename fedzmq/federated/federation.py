@@ -1,18 +1,21 @@
 """The coordinator: rounds of federated training over worker daemons, as concurrent coroutines.
 
-One round (``Federation.run_round``):
+A round (``Federation.run_round``) has one shape whatever the algorithm:
 
-1. choose the participants (a ``fraction`` of the workers that answer, at least ``min_workers``);
-2. for each participant, concurrently and under the round's deadline: ping it (a worker that
-   restarted gets the model anew), send the global weights, run ``fit`` on its own dataset, and
-   download its updated weights - one download at a time, folded into the strategy's aggregator as
-   it arrives, so the coordinator holds the global model, the running aggregate and one update,
-   however many workers there are;
-3. a worker that errors, times out or dies is left out of the round; the round succeeds when at
-   least ``min_workers`` updates arrived and fails with ``RoundFailed`` otherwise (model unchanged);
-4. evaluate, record ``RoundMetrics``, and checkpoint (model, strategy state, round, history).
+1. **select**: workers that stopped answering heartbeats are tried once more (a restarted daemon is
+   seen at once), then a seeded random ``fraction`` of the live ones (at least ``min_workers``) is
+   chosen; the others are recorded as unreachable;
+2. **run the trips** with the strategy's round protocol (``fedzmq.federated.protocols``): by default
+   every participant at once, one trip each (the global weights out with the fit, the trained weights
+   back in its reply, folded into the strategy's aggregator as they arrive), under the round's
+   deadline. A worker that errors, times out or dies is left out, with the reason;
+3. **commit** the new model if at least ``min_workers`` updates arrived, else ``RoundFailed`` and the
+   model is unchanged;
+4. **record**: evaluate, keep ``RoundMetrics`` (who was selected, who delivered, who was left out and
+   why, who was unreachable), and checkpoint the model, the strategy's state and the history.
 
-The scheduler does not know which algorithm it runs: that is the ``Strategy``'s business.
+The federation does not know which algorithm it runs: the strategy aggregates, its protocol runs the
+trips.
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
-from ..client.pointers import ModulePointer
 from ..client.worker import RemoteWorker
-from ..errors import FedzmqError, RemoteError
+from ..errors import FedzmqError
 from . import checkpoint as ckpt
+from .base import Strategy
 from .metrics import RoundMetrics
-from .strategies import Aggregator, FedAvg, Strategy
+from .protocols import FitConfig, RoundContext, RoundOutcome, reason, worker_key
+from .strategies import FedAvg
+
+#: how long a worker that stopped answering gets to answer again before a round leaves it out
+PROBE_SECONDS = 1.0
 
 
 class RoundFailed(FedzmqError):
@@ -46,36 +52,20 @@ class RoundFailed(FedzmqError):
         self.dropped = dict(dropped)
 
 
-@dataclass(frozen=True)
-class FitConfig:
-    """What every participant's local training does (the strategy may add to it, e.g. FedProx's mu)."""
-
-    dataset: str
-    loss: str = "cross_entropy"
-    optimizer: Mapping[str, Any] = field(default_factory=lambda: {"cls": "SGD", "lr": 0.05})
-    #: local epochs per round; one when neither this nor ``steps`` is given
-    epochs: int | None = None
-    #: local optimizer steps per round, instead of epochs
-    steps: int | None = None
-    batch_size: int = 32
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying why a worker was left out of a round."""
-    if isinstance(exc, RemoteError):
-        message = exc.remote_message
-        name = exc.remote_type
-    else:
-        message, name = str(exc), type(exc).__name__
-    first = message.splitlines()[0][:200] if message else ""
-    return f"{name}: {first}" if first else name
-
-
 EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
 
 
 class Federation:
-    """Federated training of ``model`` over ``workers`` (connected ``RemoteWorker``s)."""
+    """Federated training of ``model`` over ``workers`` (connected ``RemoteWorker``s).
+
+    ``fit`` says what every participant's local training does; ``strategy`` (default ``FedAvg()``) how
+    the updates become the next model. Per round, a seeded random ``fraction`` of the live workers
+    takes part (at least ``min_workers``, and a round with fewer updates fails), within
+    ``round_timeout`` seconds. ``evaluate`` (a function of the model returning ``{"loss", "accuracy"}``)
+    runs on the coordinator after every round, on a held-out set you keep; ``evaluate_on_workers``
+    also evaluates the new model on the participants' own data (``eval_dataset``, default the fit's),
+    reported as sample-weighted aggregates. With ``checkpoint_dir`` the run resumes where a previous
+    one stopped. ``run()`` returns the history: one ``RoundMetrics`` per round."""
 
     def __init__(self, workers: Sequence[RemoteWorker], model: nn.Module, fit: FitConfig,
                  strategy: Strategy | None = None, *, fraction: float = 1.0, min_workers: int = 1,
@@ -100,7 +90,6 @@ class Federation:
         self.evaluate_fn = evaluate
         self.evaluate_on_workers = evaluate_on_workers
         self.eval_dataset = eval_dataset or fit.dataset
-        self._download_slots = asyncio.Semaphore(1)  # one update in flight: the aggregators fold one at a time
         self.round = 0
         self.history: list[RoundMetrics] = []
         self.resumed_from: int | None = None
@@ -112,80 +101,77 @@ class Federation:
     # --- running -------------------------------------------------------------------------------
 
     async def run(self, rounds: int, on_round: Callable[[RoundMetrics], None] | None = None) -> list[RoundMetrics]:
-        """Run rounds until ``rounds`` are done in total (a resumed federation continues its count)."""
+        """Run rounds until ``rounds`` are done in total (a resumed federation continues its count);
+        returns the history, one ``RoundMetrics`` per round."""
         while self.round < rounds:
-            budget_left = getattr(self.strategy, "budget_left", None)
-            if budget_left is not None and not budget_left(min(1.0, len(self.select(self.round + 1)) / len(self.workers))):
-                self.stopped_early = f"stopped before round {self.round + 1}: it would exceed the privacy budget"
+            stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
+            if stop is not None:
+                self.stopped_early = f"stopped before round {self.round + 1}: {stop}"
                 break
             metrics = await self.run_round()
             if on_round is not None:
                 on_round(metrics)
         return self.history
 
+    def sampling_rate(self) -> float:
+        """The fraction of all workers a round takes (what a DP accountant needs)."""
+        return min(1.0, max(self.min_workers, math.ceil(self.fraction * len(self.workers))) / len(self.workers))
+
     async def run_round(self) -> RoundMetrics:
+        """One round: select, run the participants' trips, commit, record (see the module's docstring)."""
         number = self.round + 1
         started = time.perf_counter()
         sent_before, received_before = self._traffic()
-        participants = self.select(number)
-        start_state = {k: v.clone() for k, v in self.model.state_dict().items()} if self.strategy.sequential else None
-        deadline = asyncio.get_running_loop().time() + self.round_timeout
-        fits: dict[str, dict[str, Any]] = {}
-        dropped: dict[str, str] = {}
-        if getattr(self.strategy, "secure", False):
-            from ..secagg.errors import SecAggAborted
-            from .secure import run_secure_round
+        selected, unreachable = await self.select(number)
+        loop = asyncio.get_running_loop()
+        context = RoundContext(number=number, participants=selected, model=self.model, strategy=self.strategy,
+                               fit=self.fit_config, deadline=loop.time() + self.round_timeout,
+                               round_timeout=self.round_timeout, seed=self.seed)
+        outcome = await self.strategy.round_protocol().run(context)
+        if len(outcome.fits) < self.min_workers:
+            raise RoundFailed(number, len(outcome.fits), self.min_workers, outcome.dropped)
+        outcome.commit()
+        return await self._record(number, started, sent_before, received_before, selected, unreachable, outcome)
 
-            try:
-                fits, dropped, facts = await run_secure_round(self, self.strategy, participants, number, deadline)
-            except SecAggAborted as exc:
-                raise RoundFailed(number, 0, self.min_workers, {"secure aggregation": str(exc)}) from exc
-            if len(fits) < self.min_workers:  # too late to refuse: checked against min_workers before
-                raise RoundFailed(number, len(fits), self.min_workers, dropped)
-            return await self._finish_round(number, started, sent_before, received_before, participants, fits,
-                                            dropped, facts)
-        aggregator = self.strategy.begin_round(number, self.model.state_dict())
+    async def select(self, round_number: int) -> tuple[list[RemoteWorker], list[RemoteWorker]]:
+        """The round's participants, and the workers left out as unreachable. A worker that stopped
+        answering is pinged once, briefly: a daemon that restarted takes part at once."""
+        await self._probe([w for w in self.workers if not w.alive])
+        alive = [w for w in self.workers if w.alive]
+        unreachable = [w for w in self.workers if not w.alive]
+        wanted = max(self.min_workers, math.ceil(self.fraction * len(alive)))
+        if wanted >= len(alive):
+            return alive, unreachable
+        return random.Random(f"{self.seed}:{round_number}").sample(alive, wanted), unreachable
 
+    @staticmethod
+    async def _probe(workers: Sequence[RemoteWorker]) -> None:
         async def one(worker: RemoteWorker) -> None:
-            key = worker.id or worker.address
             try:
-                async with asyncio.timeout_at(deadline):
-                    fits[key] = await self._train_one(worker, aggregator, number)
-            except TimeoutError:
-                dropped[key] = f"missed the round deadline of {self.round_timeout:g}s"
-            except Exception as exc:  # any failure of one worker only removes it from this round
-                dropped[key] = _reason(exc)
+                await worker.ping(timeout=PROBE_SECONDS)
+            except Exception:  # still unreachable: the round leaves it out
+                pass
 
-        if self.strategy.sequential:
-            for worker in participants:  # the seed's mode: the model visits the workers in turn
-                self.model.load_state_dict(aggregator.current_model())  # type: ignore[attr-defined]
-                await one(worker)
-        else:
-            await asyncio.gather(*(one(w) for w in participants))
+        await asyncio.gather(*(one(w) for w in workers))
 
-        if aggregator.count < self.min_workers:
-            if self.strategy.sequential:
-                self.model.load_state_dict(start_state)
-            raise RoundFailed(number, aggregator.count, self.min_workers, dropped)
-        aggregator.write_result(self.model.state_dict())  # in place, entry by entry
-        return await self._finish_round(number, started, sent_before, received_before, participants, fits, dropped,
-                                        {})
-
-    async def _finish_round(self, number: int, started: float, sent_before: int, received_before: int,
-                            participants: Sequence[RemoteWorker], fits: dict[str, dict[str, Any]],
-                            dropped: dict[str, str], facts: dict[str, Any]) -> RoundMetrics:
+    async def _record(self, number: int, started: float, sent_before: int, received_before: int,
+                      selected: Sequence[RemoteWorker], unreachable: Sequence[RemoteWorker],
+                      outcome: RoundOutcome) -> RoundMetrics:
         """Evaluate, record and checkpoint a round whose new model is in place."""
         self.round = number
-        deadline = asyncio.get_running_loop().time() + self.round_timeout
-        metrics = RoundMetrics(round=number, participants=sorted(fits), dropped=dropped, fits=fits, extra=facts)
-        metrics.epsilon = facts.get("epsilon")
+        fits = outcome.fits
+        metrics = RoundMetrics(round=number, participants=sorted(fits), dropped=dict(outcome.dropped),
+                               selected=sorted(worker_key(w) for w in selected),
+                               unreachable=sorted(worker_key(w) for w in unreachable), fits=fits,
+                               extra=dict(outcome.facts))
+        metrics.epsilon = outcome.facts.get("epsilon")
         total = sum(f["num_examples"] for f in fits.values())
         metrics.train_loss = sum(f["loss"] * f["num_examples"] for f in fits.values()) / max(1, total)
         if self.evaluate_fn is not None:
             result = self.evaluate_fn(self.model)
             metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")
         if self.evaluate_on_workers:
-            await self._evaluate_on_workers(metrics, participants, deadline)
+            await self._evaluate_on_workers(metrics, [w for w in selected if worker_key(w) in fits])
         sent_after, received_after = self._traffic()
         metrics.bytes_sent, metrics.bytes_received = sent_after - sent_before, received_after - received_before
         metrics.seconds = time.perf_counter() - started
@@ -195,50 +181,26 @@ class Federation:
             self._save_checkpoint()
         return metrics
 
-    def select(self, round_number: int) -> list[RemoteWorker]:
-        """The participants of a round: a seeded random ``fraction`` of the live workers."""
-        alive = [w for w in self.workers if w.alive]
-        candidates = alive if len(alive) >= self.min_workers else self.workers
-        wanted = max(self.min_workers, math.ceil(self.fraction * len(self.workers)))
-        if wanted >= len(candidates):
-            return list(candidates)
-        return random.Random(f"{self.seed}:{round_number}").sample(candidates, wanted)
+    async def _evaluate_on_workers(self, metrics: RoundMetrics, workers: Sequence[RemoteWorker]) -> None:
+        """The new model on the participants' own data, one trip each (the weights go with the command)."""
+        from ..client.pointers import Broadcast
+        from .protocols import hosted_model
 
-    async def _fit(self, worker: RemoteWorker, remote: ModulePointer, round_number: int) -> dict[str, Any]:
-        """The participant's local training for this round (the strategy may add to its arguments)."""
-        config, extra = self.fit_config, self.strategy.configure_fit(round_number)
-        return await remote.fit(config.dataset, loss=config.loss, optimizer=dict(config.optimizer),
-                                epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
-                                prox_mu=float(extra.get("prox_mu", 0.0)), seed=self.seed * 100_003 + round_number)
-
-    async def _train_one(self, worker: RemoteWorker, aggregator: Aggregator, round_number: int) -> dict[str, Any]:
-        await worker.refresh()  # a worker that restarted since the last round gets the model anew
-        remote = await worker.send(self.model)
-        result = await self._fit(worker, remote, round_number)
-        async with self._download_slots:  # one download at a time, folded in piece by piece as it arrives
-            aggregator.begin_update(int(result["num_examples"]))
-            try:
-                async for name, start, values in worker._module_slices(remote):
-                    aggregator.add_slice(name, start, values)
-            except BaseException:
-                aggregator.abort_update()  # see the aggregator for what happens to the pieces that arrived
-                raise
-            aggregator.end_update()
-        return result
-
-    async def _evaluate_on_workers(self, metrics: RoundMetrics, participants: Sequence[RemoteWorker],
-                                   deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.round_timeout
+        broadcast = Broadcast(self.model.state_dict())
         results: list[dict[str, Any]] = []
 
         async def one(worker: RemoteWorker) -> None:
             try:
                 async with asyncio.timeout_at(deadline):
-                    remote = await worker.send(self.model)
-                    results.append(await remote.evaluate(self.eval_dataset, loss=self.fit_config.loss))
+                    remote = await hosted_model(worker, self.model)
+                    results.append(await remote.evaluate(self.eval_dataset, loss=self.fit_config.loss, load=broadcast))
             except Exception as exc:
-                metrics.extra.setdefault("eval_dropped", {})[worker.id or worker.address] = type(exc).__name__
+                metrics.extra.setdefault("eval_dropped", {})[worker_key(worker)] = reason(exc, deadline,
+                                                                                         self.round_timeout)
 
-        await asyncio.gather(*(one(w) for w in participants if w.alive))
+        await asyncio.gather(*(one(w) for w in workers if w.alive))
         total = sum(r["samples"] for r in results)
         if total:
             metrics.worker_eval_loss = sum(r["loss"] * r["samples"] for r in results) / total
@@ -265,3 +227,6 @@ class Federation:
         self.round = found.round
         self.history = [RoundMetrics.from_dict(h) for h in found.history]
         self.resumed_from = found.round
+
+
+__all__ = ["FitConfig", "Federation", "RoundFailed"]

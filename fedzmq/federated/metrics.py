@@ -10,9 +10,16 @@ from typing import Any, Sequence
 
 @dataclass
 class RoundMetrics:
+    """What one round did. ``selected``: the workers chosen for it; ``participants``: those whose update
+    arrived and went into the model; ``dropped``: those selected but left out, each with why (an error,
+    the round's deadline, a worker that died meanwhile); ``unreachable``: workers not answering when the
+    round began, so not selected."""
+
     round: int
     participants: list[str]
     dropped: dict[str, str] = field(default_factory=dict)
+    selected: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
     train_loss: float | None = None
     #: per participant: loss, samples and seconds of its local fit
     fits: dict[str, dict[str, Any]] = field(default_factory=dict)

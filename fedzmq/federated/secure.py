@@ -24,40 +24,52 @@ otherwise. With ``noise_multiplier > 0`` an accountant reports (epsilon, delta) 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
-from ..client.transfers import retrieve_error
+from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
 from ..secagg import SecAggAborted, SecAggConfig, SecAggServer, default_threshold
-from ..secagg.wire import from_codec, to_codec
+from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, worker_key
 from .strategies import State, Strategy
 
-if TYPE_CHECKING:
-    from .federation import Federation
+log = logging.getLogger("fedzmq.federated")
 
 
 class SecAgg(Strategy):
-    """Secure aggregation (Bonawitz et al. 2017) around a weighted-mean strategy, with optional central DP."""
+    """Secure aggregation (Bonawitz et al. 2017) around a weighted-mean strategy, with optional central DP.
 
-    secure = True
+    ``clip``: the L2 bound on each worker's update (trained minus global weights). Without DP the default
+    is None: no clipping, and updates are encoded in a 64-bit ring so the mean is exact to about 1e-12
+    (the same model as the wrapped strategy's, up to that). With ``noise_multiplier > 0`` (DP) a clip is
+    required (the noise is calibrated to it; 1.0 if not given). Each round reports ``clipped_fraction``,
+    the fraction of the survivors' updates that were clipped, aggregated inside the secure sum (no
+    worker's own bit is revealed), except under DP."""
 
-    def __init__(self, inner: Strategy, *, clip: float = 10.0, threshold: int | None = None,
+    def __init__(self, inner: Strategy, *, clip: float | None = None, threshold: int | None = None,
                  noise_multiplier: float = 0.0, delta: float = 1e-5, target_epsilon: float | None = None,
-                 ring_bits: int = 32) -> None:
+                 ring_bits: int | None = None) -> None:
         if isinstance(inner, SecAgg) or not inner.aggregates_weighted_mean:
             raise ValueError(f"{type(inner).__name__} does not aggregate a weighted sum: it needs each update on its "
                              "own (to sort, compare or chain them), and secure aggregation reveals only the masked "
                              "sum of the updates. SecAgg can wrap FedAvg, FedProx, FedAvgM, FedAdam, FedYogi or "
                              "FedAdagrad")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be > 0 or None, got {clip}")
         self.inner = inner
         self.name = f"secagg({inner.name})"
-        self.clip, self.threshold, self.ring_bits = clip, threshold, ring_bits
+        dp = noise_multiplier > 0
+        #: None: no clipping (a bound far above any real update, in a 64-bit ring)
+        self.clip = clip if clip is not None or not dp else 1.0
+        self.threshold = threshold
+        self.ring_bits = ring_bits or (64 if self.clip is None else 32)
         self.noise_multiplier, self.delta, self.target_epsilon = noise_multiplier, delta, target_epsilon
         self.accountant = None
-        if noise_multiplier > 0:
+        if dp:
             from ..secagg import PrivacyAccountant
             self.accountant = PrivacyAccountant(noise_multiplier, 1.0, delta)
 
@@ -66,6 +78,9 @@ class SecAgg(Strategy):
 
     def begin_round(self, round_number: int, global_state: State):  # noqa: ANN201 - the inner aggregator
         return self.inner.begin_round(round_number, global_state)
+
+    def round_protocol(self) -> "RoundProtocol":
+        return SecureRound(self)
 
     def aggregate(self, round_number: int, global_state: Any, updates: Any) -> State:
         """Not available: the clipping, weighting, noise and masking happen on the workers, inside a
@@ -77,13 +92,15 @@ class SecAgg(Strategy):
     def epsilon(self) -> float | None:
         return self.accountant.epsilon if self.accountant is not None and self.accountant.rounds else None
 
-    def budget_left(self, sampling_rate: float) -> bool:
-        """Whether one more round stays within ``target_epsilon``."""
+    def stop_reason(self, round_number: int, sampling_rate: float) -> str | None:
+        """Stop before a round that would take the privacy spent past ``target_epsilon``."""
         if self.accountant is None or self.target_epsilon is None:
-            return True
+            return None
         from ..secagg import compute_epsilon
         next_epsilon = compute_epsilon(self.noise_multiplier, sampling_rate, self.accountant.rounds + 1, self.delta)
-        return next_epsilon <= self.target_epsilon
+        if next_epsilon <= self.target_epsilon:
+            return None
+        return f"it would exceed the privacy budget (epsilon {next_epsilon:.2f} > {self.target_epsilon})"
 
     def state_dict(self) -> dict[str, Any]:
         state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
@@ -97,120 +114,143 @@ class SecAgg(Strategy):
             self.accountant.step(int(state["dp_rounds"]))
 
 
-async def run_secure_round(federation: "Federation", strategy: SecAgg, participants: Sequence[RemoteWorker],
-                           number: int, deadline: float) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict]:
-    """One secure round; returns (fits, dropped, facts). Raises ``SecAggAborted`` below the threshold."""
-    model_state = federation.model.state_dict()
-    float_names = [k for k, v in model_state.items() if v.is_floating_point()]
-    length = sum(model_state[k].numel() for k in float_names)
-    ids = {worker: n for n, worker in enumerate(participants)}
-    name = {n: (w.id or w.address) for w, n in ids.items()}
-    threshold = strategy.threshold or default_threshold(len(participants))
-    if len(participants) < max(2, threshold):
-        raise SecAggAborted(f"{len(participants)} participants cannot meet the threshold {threshold}", "select")
-    if strategy.noise_multiplier > 0:
-        weight_cap = 1.0  # DP: every client weighs the same (sample counts would be revealed, noise grow)
-    else:  # exact sample-weighted FedAvg
-        weight_cap = float(max((await _dataset_sizes(participants, federation.fit_config.dataset)).values()))
-    config = SecAggConfig(client_ids=list(ids.values()), threshold=threshold, vector_length=length,
-                          clip=strategy.clip, ring_bits=strategy.ring_bits, weight_cap=weight_cap,
-                          noise_multiplier=strategy.noise_multiplier, session=os.urandom(16))
-    server = SecAggServer(config)
-    dropped: dict[str, str] = {}
-    fits: dict[str, dict[str, Any]] = {}
-    pointers: dict[RemoteWorker, Any] = {}
+#: the clip standing for "no clipping": far above the L2 norm of any real model update
+NO_CLIP = 1e6
 
-    async def guarded(worker: RemoteWorker, call: Callable[[RemoteWorker], Awaitable[Any]]) -> tuple[bool, Any]:
-        """``call(worker)`` under the round deadline; a timeout or error makes the worker a drop-out."""
+
+class SecureRound(RoundProtocol):
+    """Secure aggregation's round: every step pipelined where the protocol allows.
+
+    1. each participant gets the global weights and, in the same burst, the round's configuration
+       (``advertise``: it keeps a copy of the global parameters and answers with its public keys);
+    2. the coordinator relays the keys; each worker's ``share_keys`` and its fit are queued together,
+       so the shares go round while the workers train;
+    3. each survivor sends its masked update (trained minus global, clipped, weighted, noised,
+       quantized, masked); 4. the survivors unmask, and the coordinator gets the weighted mean update,
+       which the wrapped strategy receives as one update.
+    """
+
+    def __init__(self, strategy: SecAgg) -> None:
+        self.strategy = strategy
+
+    async def run(self, context: RoundContext) -> RoundOutcome:
+        dropped: dict[str, str] = {}
         try:
-            async with asyncio.timeout_at(deadline):
-                return True, await call(worker)
-        except TimeoutError:
-            dropped[name[ids[worker]]] = f"missed the round deadline of {federation.round_timeout:g}s"
-        except Exception as exc:
-            from .federation import _reason
-            dropped[name[ids[worker]]] = _reason(exc)
-        return False, None
+            return await self._run(context, dropped)
+        except SecAggAborted as exc:  # below the threshold at some step: no update, the model unchanged
+            return RoundOutcome({}, {**dropped, "secure aggregation": str(exc)}, commit=lambda: None)
 
-    async def each(workers: Sequence[RemoteWorker], call: Callable[[RemoteWorker], Awaitable[Any]]) -> dict:
-        outcomes = await asyncio.gather(*(guarded(w, call) for w in workers))
-        return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
+    async def _run(self, context: RoundContext, dropped: dict[str, str]) -> RoundOutcome:
+        strategy, participants, number = self.strategy, list(context.participants), context.number
+        model_state = context.model.state_dict()
+        float_names = [k for k, v in model_state.items() if v.is_floating_point()]
+        length = sum(model_state[k].numel() for k in float_names)
+        ids = {worker: n for n, worker in enumerate(participants)}
+        name = {n: worker_key(w) for w, n in ids.items()}
+        threshold = strategy.threshold or default_threshold(len(participants))
+        if len(participants) < max(2, threshold):
+            raise SecAggAborted(f"{len(participants)} participants cannot meet the threshold {threshold}", "select")
+        dp = strategy.noise_multiplier > 0
+        if dp:
+            weight_cap = 1.0  # DP: every client weighs the same (sample counts would be revealed, noise grow)
+        else:  # exact sample-weighted FedAvg
+            weight_cap = float(max((await _dataset_sizes(participants, context.fit.dataset)).values()))
+        config = SecAggConfig(client_ids=tuple(ids.values()), threshold=threshold, vector_length=length,
+                              clip=strategy.clip or NO_CLIP, ring_bits=strategy.ring_bits, weight_cap=weight_cap,
+                              noise_multiplier=strategy.noise_multiplier, clip_bits=not dp,
+                              session=os.urandom(16))
+        server = SecAggServer(config)
+        broadcast = Broadcast(model_state)
+        fit_kwargs = context.fit_kwargs()
+        fits: dict[str, dict[str, Any]] = {}
+        pointers: dict[RemoteWorker, ModulePointer] = {}
 
-    def secagg(worker: RemoteWorker, step: str, payload: Any, **extra: Any) -> asyncio.Future[Any]:
-        """Submit one step now (so it takes its place in the worker's session queue); await the reply later."""
-        return worker._submit("secagg", {"step": step, "round": number, "payload": to_codec(payload), **extra})
+        async def guarded(worker: RemoteWorker, call: Callable[[RemoteWorker], Awaitable[Any]]) -> tuple[bool, Any]:
+            """``call(worker)`` under the round deadline; a timeout or error makes the worker a drop-out."""
+            try:
+                async with asyncio.timeout_at(context.deadline):
+                    return True, await call(worker)
+            except Exception as exc:
+                dropped[name[ids[worker]]] = context.why_left_out(exc)
+            return False, None
 
-    async def advertise(worker: RemoteWorker) -> Any:
-        await worker.refresh()
-        remote = pointers[worker] = await worker.send(federation.model)
-        return from_codec(await worker._wait(secagg(worker, "advertise", config.to_wire(), module=remote.id,
-                                                     client=ids[worker])))
+        async def each(workers: Sequence[RemoteWorker], call: Callable[[RemoteWorker], Awaitable[Any]]) -> dict:
+            outcomes = await asyncio.gather(*(guarded(w, call) for w in workers))
+            return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
 
-    async def fit(worker: RemoteWorker) -> None:
-        fits[name[ids[worker]]] = await federation._fit(worker, pointers[worker], number)
+        async def advertise(worker: RemoteWorker) -> Any:
+            remote = pointers[worker] = await hosted_model(worker, context.model)
+            loaded = await remote.load(broadcast)  # pipelined: the configuration follows at once
+            keys = worker.secagg("advertise", number, config.to_wire(), module=remote.id, client=ids[worker])
+            await loaded
+            return await keys
 
-    advertised = await each(participants, advertise)
-    keys = server.collect_keys(advertised.values())
-    alive = [w for w in participants if w in advertised]
-    # key sharing overlaps the local fits: each worker's share_keys request is queued in its session
-    # before its fit, so the keys and shares go round while the workers train
-    sharing = {w: secagg(w, "share_keys", keys) for w in alive}
-    fitting = {w: asyncio.ensure_future(guarded(w, fit)) for w in alive}
-    try:
-        shares = await each(alive, lambda w: worker_reply(w, sharing[w]))
-        routed = server.route_shares(shares.values())
-        for worker, task in fitting.items():
-            if ids[worker] not in routed:
-                task.cancel()  # out of the round already: its fit no longer matters
-        await asyncio.gather(*fitting.values(), return_exceptions=True)
-    finally:
-        for task in fitting.values():
-            task.cancel()
-        await asyncio.gather(*fitting.values(), return_exceptions=True)
-        for future in sharing.values():
-            future.add_done_callback(retrieve_error)
-    # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
-    # survivors' shares remove its masks
-    alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
-    masked = await each(alive, lambda w: worker_reply(w, secagg(w, "masked_input", routed[ids[w]],
-                                                                module=pointers[w].id)))
-    request = server.collect_masked(masked.values())
-    alive = [w for w in alive if ids[w] in request["u2"]]
-    answers = await each(alive, lambda w: worker_reply(w, secagg(w, "unmask", request)))
-    result = server.finish(answers.values())
-    for n in result.dropped:  # sent shares, then vanished before their masked input counted
-        dropped.setdefault(name[n], "dropped out before its masked update arrived")
-    for n in result.excluded:
-        dropped.setdefault(name[n], "dropped out before sharing its keys")
-    survivors = [name[n] for n in result.survivors]
-    _apply_mean_update(federation, strategy, number, float_names, result.mean)
-    facts = {"secure_aggregation": True, "threshold": threshold, "quantization_error_bound": result.error_bound,
-             "survivors": survivors,
-             # shared their keys, then dropped out: the survivors' shares removed their masks
-             "dropped_after_sharing": [name[n] for n in result.dropped]}
-    if strategy.accountant is not None:
-        strategy.accountant.step(noise_multiplier=result.effective_noise_multiplier)
-        facts.update(epsilon=strategy.accountant.epsilon, delta=strategy.delta,
-                     noise_multiplier=result.effective_noise_multiplier)
-    return {k: v for k, v in fits.items() if k in survivors}, dropped, facts
+        async def fit(worker: RemoteWorker) -> None:
+            fits[name[ids[worker]]] = await pointers[worker].fit(context.fit.dataset, **fit_kwargs)
+
+        advertised = await each(participants, advertise)
+        keys = server.collect_keys(advertised.values())
+        alive = [w for w in participants if w in advertised]
+        # key sharing overlaps the local fits: each worker's share_keys is queued in its session before its
+        # fit, so the keys and shares go round while the workers train
+        sharing = {w: w.secagg("share_keys", number, keys) for w in alive}
+        fitting = {w: asyncio.ensure_future(guarded(w, fit)) for w in alive}
+        try:
+            shares = await each(alive, lambda w: sharing[w])
+            routed = server.route_shares(shares.values())
+            for worker, task in fitting.items():
+                if ids[worker] not in routed:
+                    task.cancel()  # out of the round already: its fit no longer matters
+            await asyncio.gather(*fitting.values(), return_exceptions=True)
+        finally:
+            for task in [*fitting.values(), *sharing.values()]:
+                task.cancel()
+            await asyncio.gather(*fitting.values(), *sharing.values(), return_exceptions=True)
+        # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
+        # survivors' shares remove its masks
+        alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
+        masked = await each(alive, lambda w: w.secagg("masked_input", number, routed[ids[w]], module=pointers[w].id))
+        request = server.collect_masked(masked.values())
+        alive = [w for w in alive if ids[w] in request["u2"]]
+        answers = await each(alive, lambda w: w.secagg("unmask", number, request))
+        result = server.finish(answers.values())
+        for n in result.dropped:  # sent shares, then vanished before their masked input counted
+            dropped.setdefault(name[n], "dropped out before its masked update arrived")
+        for n in result.excluded:
+            dropped.setdefault(name[n], "dropped out before sharing its keys")
+        survivors = [name[n] for n in result.survivors]
+        facts: dict[str, Any] = {
+            "secure_aggregation": True, "threshold": threshold, "quantization_error_bound": result.error_bound,
+            "survivors": survivors,
+            # shared their keys, then dropped out: the survivors' shares removed their masks
+            "dropped_after_sharing": [name[n] for n in result.dropped]}
+        if result.clip_fraction is not None:
+            facts["clipped_fraction"] = max(0.0, 1.0 - result.clip_fraction)
+            if facts["clipped_fraction"] > 0:
+                log.warning("round %d: %.0f%% of the updates were clipped to norm %g (SecAgg(clip=...)); "
+                            "clip=None does not clip", number, 100 * facts["clipped_fraction"], config.clip)
+        if strategy.accountant is not None:
+            strategy.accountant.step(noise_multiplier=result.effective_noise_multiplier)
+            facts.update(epsilon=strategy.accountant.epsilon, delta=strategy.delta,
+                         noise_multiplier=result.effective_noise_multiplier)
+
+        def commit() -> None:
+            _apply_mean_update(context.model, strategy, number, float_names, result.mean)
+
+        return RoundOutcome({k: v for k, v in fits.items() if k in survivors}, dropped, commit, facts)
 
 
-async def worker_reply(worker: RemoteWorker, future: asyncio.Future[Any]) -> Any:
-    """The reply to a submitted request, as secure-aggregation message data."""
-    return from_codec(await worker._wait(future))
-
-
-def _apply_mean_update(federation: "Federation", strategy: SecAgg, number: int, float_names: list[str],
+def _apply_mean_update(model: nn.Module, strategy: SecAgg, number: int, float_names: list[str],
                        mean: torch.Tensor) -> None:
     """global + mean update, handed to the wrapped strategy as one worker's model."""
-    state = federation.model.state_dict()
+    state = model.state_dict()
     aggregator = strategy.inner.begin_round(number, state)
     aggregator.begin_update(1)
     offset = 0
     for name, tensor in state.items():
         if name in float_names:
             n = tensor.numel()
-            aggregator.add_slice(name, 0, tensor.reshape(-1).float() + mean[offset:offset + n])
+            aggregator.add_slice(name, 0, tensor.reshape(-1).double() + mean[offset:offset + n].double())
             offset += n
         else:
             aggregator.add_slice(name, 0, tensor.reshape(-1))
@@ -231,4 +271,4 @@ async def _dataset_sizes(workers: Sequence[RemoteWorker], dataset: str) -> Mappi
     return dict(zip(workers, sizes)) or {None: 1}  # type: ignore[dict-item]
 
 
-__all__ = ["SecAgg", "run_secure_round"]
+__all__ = ["NO_CLIP", "SecAgg", "SecureRound"]

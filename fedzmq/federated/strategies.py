@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from .aggregators import (DEFAULT_MAX_HELD_BYTES, HeldUpdatesAggregator, Sequent
                           ServerStepAggregator, WeightedMeanAggregator)
 from .base import Aggregator, State, Strategy, work_dtype
 from .robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
+
+if TYPE_CHECKING:
+    from .protocols import RoundProtocol
 
 
 class FedAvg(Strategy):
@@ -237,7 +240,11 @@ class Sequential(Strategy):
     after the last worker. Sample counts are ignored."""
 
     name = "sequential"
-    sequential = True
+
+    def round_protocol(self) -> "RoundProtocol":
+        from .protocols import SequentialRound
+
+        return SequentialRound()
 
     def begin_round(self, round_number: int, global_state: State) -> SequentialAggregator:
         return SequentialAggregator(global_state)

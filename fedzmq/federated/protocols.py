@@ -1,0 +1,223 @@
+"""Round protocols: how one round's participants train and hand back their updates.
+
+The federation selects the participants, records the round and checkpoints; a round protocol runs the
+participants' trips; the strategy only aggregates (Flower separates its strategies from its workflows
+the same way). Three protocols:
+
+- ``AveragingRound``: every participant at once, one trip each: the global weights go out with the fit
+  (encoded once, their frames shared by every send) and the trained weights come back in its reply;
+  the updates are received concurrently and folded as they arrive.
+- ``SequentialRound``: the seed's mode, the model visiting the participants in turn.
+- ``SecureRound`` (``fedzmq.federated.secure``): secure aggregation's four steps.
+
+A protocol never changes the model: it returns a ``RoundOutcome`` whose ``commit()`` writes the new
+global model, which the federation calls only when enough updates arrived.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..client.pointers import Broadcast, ModulePointer
+from ..client.worker import RemoteWorker
+from ..errors import ObjectNotFound, RemoteError, RequestTimeout
+from ..optimizers import DEFAULT_OPTIMIZER
+from .base import Strategy, UpdateReceiver
+
+#: pieces of an update with more elements than this are folded on a thread of their own, off the event
+#: loop (the loop keeps receiving the other workers' replies meanwhile)
+FOLD_INLINE_NUMEL = 1 << 16
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """What every participant's local training does (the strategy may add to it, e.g. FedProx's mu).
+
+    ``optimizer``: the local optimizer and its hyper-parameters (``fedzmq.optimizers.OPTIMIZERS``);
+    the default is ``DEFAULT_OPTIMIZER``, SGD with learning rate 0.1, the same as ``ModulePointer.fit``
+    and ``fedzmq train``."""
+
+    dataset: str
+    loss: str = "cross_entropy"
+    optimizer: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
+    #: local epochs per round; one when neither this nor ``steps`` is given
+    epochs: int | None = None
+    #: local optimizer steps per round, instead of epochs
+    steps: int | None = None
+    batch_size: int = 32
+
+
+@dataclass
+class RoundContext:
+    """What a protocol needs to run one round."""
+
+    number: int
+    participants: Sequence[RemoteWorker]
+    model: nn.Module
+    strategy: Strategy
+    fit: FitConfig
+    #: the round's deadline, in the event loop's clock
+    deadline: float
+    round_timeout: float
+    seed: int
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of every participant's fit this round (the strategy's extras included)."""
+        extra = self.strategy.configure_fit(self.number)
+        return {"loss": self.fit.loss, "optimizer": dict(self.fit.optimizer), "epochs": self.fit.epochs,
+                "steps": self.fit.steps, "batch_size": self.fit.batch_size,
+                "prox_mu": float(extra.get("prox_mu", 0.0)),
+                # the same seed for every participant: each daemon mixes it with its own secret
+                "seed": self.seed * 100_003 + self.number}
+
+    def why_left_out(self, exc: BaseException) -> str:
+        """One line saying why a worker was left out of this round."""
+        return reason(exc, self.deadline, self.round_timeout)
+
+
+@dataclass
+class RoundOutcome:
+    """Who delivered (with their fit metrics), who was left out and why, facts of the protocol, and how
+    to write the round's new global model into the federation's model."""
+
+    fits: dict[str, dict[str, Any]]
+    dropped: dict[str, str]
+    commit: Callable[[], None]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+class RoundProtocol(abc.ABC):
+    @abc.abstractmethod
+    async def run(self, context: RoundContext) -> RoundOutcome:
+        """Run the participants' trips; never change ``context.model`` (``RoundOutcome.commit`` does)."""
+
+
+def reason(exc: BaseException, deadline: float, round_timeout: float) -> str:
+    """Why a worker was left out: the round's deadline only when it passed (a request's own timeout is
+    not the deadline), else the error's type and first line (``WorkerDeadError: ... silent for 2.0s``)."""
+    if isinstance(exc, TimeoutError) and not isinstance(exc, RequestTimeout):
+        if asyncio.get_running_loop().time() >= deadline:
+            return f"missed the round deadline of {round_timeout:g}s"
+    if isinstance(exc, RemoteError):
+        message, name = exc.remote_message, exc.remote_type
+    else:
+        message, name = str(exc), type(exc).__name__
+    first = message.splitlines()[0][:200] if message else ""
+    return f"{name}: {first}" if first else name
+
+
+def worker_key(worker: RemoteWorker) -> str:
+    return worker.id or worker.address
+
+
+async def hosted_model(worker: RemoteWorker, model: nn.Module) -> ModulePointer:
+    """The worker's copy of ``model``, sent now if it has none (first round, or its session was reset:
+    the connection's heartbeats tell, no ping needed). The round's weights go with the fit either way."""
+    return worker.hosted(model) or await worker.send(model)
+
+
+async def fit_trip(worker: RemoteWorker, model: nn.Module, broadcast: Broadcast, fit: Mapping[str, Any],
+                   dataset: str, receive: Callable[[int], UpdateReceiver], fold: "Folder") -> dict[str, Any]:
+    """One participant's round trip: the weights and the fit out, the trained weights back, folded into
+    the round's aggregate as they arrive. Returns the fit's metrics."""
+    for attempt in (1, 2):
+        pointer = await hosted_model(worker, model)
+        try:
+            update = await pointer.fit_and_fetch(dataset, load=broadcast, **fit)
+            break
+        except ObjectNotFound:  # the daemon restarted between two heartbeats: send the model again
+            if attempt == 2:
+                raise
+            worker.forget(model)
+    receiver = receive(int(update.metrics["num_examples"]))
+    try:
+        async for name, start, values in update.pieces:
+            await fold(receiver, name, start, values)
+        receiver.end()
+    except BaseException:
+        receiver.abort()
+        raise
+    return update.metrics
+
+
+class Folder:
+    """Folds pieces of updates into a round's aggregate: small ones on the event loop, big ones on one
+    thread of its own (one, so two pieces never fold into the same sum at once)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def __call__(self, receiver: UpdateReceiver, name: str, start: int, values: torch.Tensor) -> None:
+        if values.numel() <= FOLD_INLINE_NUMEL:
+            receiver.add_slice(name, start, values)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedzmq-fold")
+        await asyncio.get_running_loop().run_in_executor(self._pool, receiver.add_slice, name, start, values)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class AveragingRound(RoundProtocol):
+    """Every participant trains at once; one trip each; updates folded concurrently as they arrive."""
+
+    async def run(self, context: RoundContext) -> RoundOutcome:
+        state = context.model.state_dict()
+        aggregator = context.strategy.begin_round(context.number, state)
+        broadcast = Broadcast(state)  # encoded once for every send (the model does not change this round)
+        fit, fits, dropped = context.fit_kwargs(), {}, {}
+        fold = Folder()
+
+        async def one(worker: RemoteWorker) -> None:
+            try:
+                async with asyncio.timeout_at(context.deadline):
+                    fits[worker_key(worker)] = await fit_trip(worker, context.model, broadcast, fit,
+                                                              context.fit.dataset, aggregator.receive, fold)
+            except Exception as exc:  # one worker's failure only removes it from this round
+                dropped[worker_key(worker)] = context.why_left_out(exc)
+
+        try:
+            await asyncio.gather(*(one(w) for w in context.participants))
+        finally:
+            fold.close()
+        return RoundOutcome(fits, dropped, commit=lambda: aggregator.write_result(context.model.state_dict()))
+
+
+class SequentialRound(RoundProtocol):
+    """The seed's mode: the model visits the participants in turn, each starting from the previous one's
+    result; the round's model is the last one's."""
+
+    async def run(self, context: RoundContext) -> RoundOutcome:
+        aggregator = context.strategy.begin_round(context.number, context.model.state_dict())
+        fit, fits, dropped = context.fit_kwargs(), {}, {}
+        fold = Folder()
+        try:
+            for worker in context.participants:
+                try:
+                    async with asyncio.timeout_at(context.deadline):
+                        broadcast = Broadcast(aggregator.current_model())  # type: ignore[attr-defined]
+                        fits[worker_key(worker)] = await fit_trip(worker, context.model, broadcast, fit,
+                                                                  context.fit.dataset, aggregator.receive, fold)
+                except Exception as exc:
+                    dropped[worker_key(worker)] = context.why_left_out(exc)
+        finally:
+            fold.close()
+        return RoundOutcome(fits, dropped, commit=lambda: aggregator.write_result(context.model.state_dict()))
+
+
+def participants_needed(fraction: float, alive: int, min_workers: int) -> int:
+    return max(min_workers, math.ceil(fraction * alive))
+
+
+__all__ = ["AveragingRound", "FitConfig", "Folder", "RoundContext", "RoundOutcome", "RoundProtocol",
+           "SequentialRound", "fit_trip", "hosted_model", "reason", "worker_key"]
