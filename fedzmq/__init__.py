@@ -11,7 +11,7 @@ from .__about__ import __version__
 from .client.connection import ConnectionSettings
 from .client.optims import Optims, RemoteOptimizer
 from .client.pointers import ModulePointer, Pointer, TensorPointer
-from .client.worker import RemoteWorker, VirtualWorker, connect
+from .client.worker import RemoteWorker, VirtualWorker, connect, connect_clients
 from .codec import Limits
 from .errors import (
     BadRequest,
@@ -47,5 +47,5 @@ __all__ = [
     "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",
     "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteProtocolError", "RemoteWorker", "RequestTimeout", "TensorPointer",
     "UnknownCommand", "VirtualWorker", "Worker", "WorkerClosedError", "WorkerConfig", "WorkerDeadError",
-    "WorkerError", "WrongWorkerError", "__version__", "connect",
+    "WorkerError", "WrongWorkerError", "__version__", "connect", "connect_clients",
 ]

@@ -95,6 +95,9 @@ class Request:
     args: dict[str, Any]
     #: bytes of the message's buffer frames (charged to the session while the request waits)
     nbytes: int = 0
+    #: the logical client the request is for, on a daemon hosting many (``--clients-from``); None: the
+    #: daemon itself
+    client: str | None = None
 
 
 @dataclass
@@ -213,12 +216,17 @@ def _pack(header: dict[str, Any]) -> bytes:
 
 
 def encode_request(
-    request_id: int, cmd: str, args: dict[str, Any], default: Callable[[Any], Any] | None = None
+    request_id: int, cmd: str, args: dict[str, Any], default: Callable[[Any], Any] | None = None,
+    client: str | None = None,
 ) -> list[Any]:
-    """Header and frames of a request. The caller sends them with ``copy=False``."""
+    """Header and frames of a request (to ``client``, one of the logical clients a daemon hosts, if
+    given). The caller sends them with ``copy=False``."""
     encoder = _Encoder(default)
     body = encoder.encode(args)
-    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "args": body}), *encoder.frames]
+    header = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "args": body}
+    if client is not None:
+        header["client"] = client
+    return [_pack(header), *encoder.frames]
 
 
 def encode_reply(request_id: int | None, result: Any) -> list[Any]:
@@ -282,9 +290,12 @@ def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
     cmd = header.get("cmd")
     if type(cmd) is not str or cmd not in COMMANDS:
         raise ProtocolError(f"unknown command {cmd!r}", request_id)
-    extra = set(header) - {"v", "id", "cmd", "args"}
+    extra = set(header) - {"v", "id", "cmd", "args", "client"}
     if extra:
         raise ProtocolError(f"unknown header fields {sorted(extra)}", request_id)
+    client = header.get("client")
+    if client is not None and (type(client) is not str or not 0 < len(client) <= 256):
+        raise ProtocolError("client must be a string of 1 to 256 characters", request_id)
     args = header.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError("args must be a map", request_id)
@@ -295,7 +306,7 @@ def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
     problem = COMMANDS[cmd].check_args(decoded)
     if problem:
         raise ProtocolError(problem, request_id)
-    return Request(request_id, cmd, decoded, sum(_frame_len(f) for f in frames[1:]))
+    return Request(request_id, cmd, decoded, sum(_frame_len(f) for f in frames[1:]), client)
 
 
 def decode_reply(frames: Sequence[Any], limits: Limits) -> Reply:

@@ -54,6 +54,10 @@ def _is_bool(value: Any) -> bool:
     return type(value) is bool
 
 
+def _is_strs(value: Any) -> bool:
+    return isinstance(value, list) and 0 < len(value) <= 1 << 14 and all(_is_str(v) for v in value)
+
+
 def _is_list(value: Any) -> bool:
     return isinstance(value, list)
 
@@ -66,8 +70,8 @@ def _is_any(value: Any) -> bool:
     return True
 
 
-ID, IDS, INT, NONNEG, NUMBER, STR, BOOL, LIST, MAP, VALUE = (
-    _is_id, _is_ids, _is_int, _is_nonneg_int, _is_number, _is_str, _is_bool, _is_list, _is_map, _is_any,
+ID, IDS, INT, NONNEG, NUMBER, STR, STRS, BOOL, LIST, MAP, VALUE = (
+    _is_id, _is_ids, _is_int, _is_nonneg_int, _is_number, _is_str, _is_strs, _is_bool, _is_list, _is_map, _is_any,
 )
 
 
@@ -187,9 +191,11 @@ COMMANDS: dict[str, Command] = _table(
     # state back in the reply (``reply_state``)
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT,
-             "load": MAP, "reply_state": BOOL},
+             "load": MAP, "reply_state": BOOL, "clients": STRS, "combine": BOOL},
             offload="always", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
-            releases="after", charges=("forward", "state"), reads_dataset=True, loads=True),
+            releases="after", charges=("forward", "state", "clients"), reads_dataset=True, loads=True),
+    # the logical clients a daemon hosts (--clients-from)
+    Command("clients"),
     # secure aggregation: one command, four steps (advertise, share_keys, masked_input, unmask)
     Command("secagg", {"step": STR, "round": NONNEG, "payload": VALUE},
             {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always", refs={"module": "module"},

@@ -80,7 +80,8 @@ class Connection:
         self._last_heard = time.monotonic()
         self._dead: WorkerDeadError | None = None
         self._heartbeat_id: int | None = None
-        #: ids of pending control requests (rare); every other pending request runs in session order
+        #: ids of pending requests outside the daemon session's order (control commands, and requests to
+        #: the logical clients a daemon hosts); every other pending request runs in session order
         self._control: set[int] = set()
         #: the worker-side session we talk to; a change means it was reset (restart or expiry)
         self.session: str | None = None
@@ -88,6 +89,8 @@ class Connection:
         #: the limits in force: ours, lowered to the worker's once it told us (``adopt_worker_limits``)
         self.limits = self.settings.limits
         self.unmatched_replies = 0
+        #: RemoteWorkers sharing this connection (one per logical client of the daemon): it closes with the last
+        self.users = 1
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -126,17 +129,21 @@ class Connection:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Reply]:
-        """Send a request now and return the future of its reply (which may hold an error reply)."""
+    def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, client: str | None = None,
+               default: Callable[[Any], Any] | None = None) -> asyncio.Future[Reply]:
+        """Send a request now and return the future of its reply (which may hold an error reply).
+        ``client``: one of the logical clients the daemon hosts (None: the daemon itself); ``default``:
+        the encoder's hook for values it does not know (pointers), if not the connection's."""
         self._ensure_started()
         if self._dead is not None:
             raise WorkerDeadError(str(self._dead))
         request_id = next(self._ids)
-        frames = encode_request(request_id, cmd, args, self._encode_default)
+        frames = encode_request(request_id, cmd, args, default or self._encode_default, client)
         self._check_size(cmd, frames)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        if COMMANDS[cmd].control:
+        if COMMANDS[cmd].control or client is not None:
+            # answered out of the daemon session's order: a lost-reply check must not judge it
             self._control.add(request_id)
             future.add_done_callback(lambda _, i=request_id: self._control.discard(i))
         assert self._socket is not None

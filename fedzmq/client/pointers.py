@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -178,6 +178,26 @@ class ModulePointer(Pointer):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit with {type(reply).__name__}, not metrics and a state")
         return FitUpdate(reply["metrics"], self.location._state_pieces(self, reply.get("state"), timeout))
+
+    async def fit_clients(self, clients: "Sequence[str]", dataset: str, *, combine: bool,
+                          load: "Mapping[str, torch.Tensor] | Broadcast", timeout: float | None = None,
+                          **fit: Any) -> dict[str, Any]:
+        """A round for many of the logical clients this model's daemon hosts, in one trip: each client
+        starts from ``load``, trains on its own ``dataset``, and the reply carries ``metrics`` (by client)
+        and either ``sum`` and ``weight`` (``combine``: ``sum(n_i * (x_i - load))`` in float64 and
+        ``sum(n_i)``, what a weighted mean needs) or ``states`` (each client's trained state). ``fit``
+        takes ``fit``'s keyword arguments (a fresh optimizer per client)."""
+        args = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),
+                                    fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
+                                    fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
+        if fit:
+            raise TypeError(f"fit_clients() got unexpected arguments {sorted(fit)}")
+        args.update(clients=list(clients), combine=combine, reply_state=True)
+        reply = await self.location._request("fit", args, timeout)
+        if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
+            from ..errors import ProtocolError
+            raise ProtocolError(f"the worker answered a fit over clients with {type(reply).__name__}")
+        return reply
 
     async def load(self, state: "Mapping[str, torch.Tensor] | Broadcast",
                    timeout: float | None = None) -> "asyncio.Future[Any]":

@@ -7,6 +7,7 @@ against a ``VirtualWorker`` runs the same daemon code as production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 import weakref
@@ -23,7 +24,7 @@ from ..modeldesc import ModelRegistry
 from ..ops import output_count
 from ..worker import Worker, WorkerConfig
 from ..worker.datasets import Dataset
-from .connection import Connection, ConnectionSettings
+from .connection import GOODBYE_SECONDS, Connection, ConnectionSettings
 from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
 from .transfers import Transfers, retrieve_error as _retrieve
 
@@ -41,6 +42,10 @@ class RemoteWorker(Transfers):
         self.address = address
         self.id: str | None = None
         self.instance: str | None = None
+        #: the logical client of a daemon hosting many this worker talks to (None: the daemon itself), and
+        #: the worker for the daemon itself whose connection it shares
+        self.client: str | None = None
+        self.host: RemoteWorker = self
         self._connection = Connection(address, settings, context, encode_default=self._to_ref,
                                       server_key=server_key, client_key=client_key)
         self._object_ids = itertools.count(1)
@@ -48,6 +53,23 @@ class RemoteWorker(Transfers):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._modules: weakref.WeakKeyDictionary[nn.Module, ModulePointer] = weakref.WeakKeyDictionary()
         self._resets_seen = 0
+        #: this logical client's session on the daemon (the daemon's own session is the connection's)
+        self._client_session: str | None = None
+
+    @classmethod
+    def _hosted_client(cls, host: "RemoteWorker", client: str) -> "RemoteWorker":
+        """A worker for one of the logical clients ``host``'s daemon hosts, sharing its connection."""
+        worker = cls.__new__(cls)  # not __init__: it would open a second connection
+        worker.address, worker.id, worker.instance = host.address, client, host.instance
+        worker.client, worker.host = client, host
+        worker._connection = host._connection
+        worker._connection.users += 1
+        worker._object_ids = itertools.count(1)
+        worker._released, worker._loop = [], None
+        worker._modules = weakref.WeakKeyDictionary()
+        worker._resets_seen = host._connection.session_resets
+        worker._client_session = None
+        return worker
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -55,14 +77,38 @@ class RemoteWorker(Transfers):
         """Wait until the worker answers, and learn its id."""
         info = await self._request("ping", self._connection.announce(), timeout=self._connection.settings.connect_timeout)
         self.id, self.instance = info["id"], info["instance"]
-        self._connection.note_session(info.get("session"))
+        self._note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
         return self
 
+    def _note_session(self, session: str | None) -> None:
+        """Record the worker-side session a ping named; a change means the old one's objects are gone."""
+        if self.client is None:
+            self._connection.note_session(session)
+        elif session is not None and session != self._client_session:
+            if self._client_session is not None:
+                self._modules = weakref.WeakKeyDictionary()
+            self._client_session = session
+
+    async def clients(self, timeout: float | None = 30.0) -> list["RemoteWorker"]:
+        """One worker per logical client this daemon hosts (``fedzmq-worker --clients-from``), each with
+        its own id, dataset and session, all sharing this worker's connection (one socket, one heartbeat).
+        Use them as separate workers: a ``Federation`` over them is the simulation of that many clients,
+        with the same code as production. Close them (or this worker) when done."""
+        ids = await self._request("clients", {}, timeout)
+        return [RemoteWorker._hosted_client(self, client) for client in ids]
+
     async def close(self) -> None:
-        """End the session: the worker frees everything this client made there."""
+        """End the session: the worker frees everything this client made there. The connection closes
+        with the last worker that shares it."""
         self._released.clear()
-        await self._connection.close()
+        connection = self._connection
+        connection.users -= 1
+        if self.client is not None and not connection.closed and connection.alive:
+            with contextlib.suppress(Exception):
+                await self._request("close", {}, timeout=GOODBYE_SECONDS)
+        if connection.users <= 0:
+            await connection.close()
 
     async def __aenter__(self) -> "RemoteWorker":
         return self
@@ -116,8 +162,10 @@ class RemoteWorker(Transfers):
         Returns True when it restarted. Used by the scheduler to re-send models to a worker that
         came back after a crash."""
         info = await self._request("ping", self._connection.announce(), timeout)
-        self._connection.note_session(info.get("session"))
-        reset = self._connection.session_resets != self._resets_seen  # noticed here or by a heartbeat
+        before = self._client_session
+        self._note_session(info.get("session"))
+        reset = self._connection.session_resets != self._resets_seen or (
+            self.client is not None and before is not None and before != self._client_session)
         self._resets_seen = self._connection.session_resets
         restarted = (self.instance is not None and info["instance"] != self.instance) or reset
         if restarted:
@@ -179,7 +227,7 @@ class RemoteWorker(Transfers):
         self._before_request()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        return self._connection.submit(cmd, args, copy=copy)
+        return self._connection.submit(cmd, args, copy=copy, client=self.client, default=self._to_ref)
 
     async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         return await self._connection.wait(self._submit(cmd, args), timeout)
@@ -295,6 +343,19 @@ def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_k
     text) and ``client_key`` your own ``.key_secret`` file, whose public half the daemon must allow."""
     return _Connecting(RemoteWorker(address, settings=settings, context=context, server_key=server_key,
                                     client_key=client_key))
+
+
+async def connect_clients(address: str, *, server_key: KeyPath | bytes | None = None,
+                          client_key: KeyPath | None = None, settings: ConnectionSettings | None = None,
+                          context: zmq.asyncio.Context | None = None) -> list[RemoteWorker]:
+    """One ``RemoteWorker`` per logical client a daemon hosts (``fedzmq-worker --clients-from``), all on
+    one connection: ``workers = await fz.connect_clients(addr)``. Close every one of them when done
+    (the connection closes with the last)."""
+    host = await connect(address, server_key=server_key, client_key=client_key, settings=settings, context=context)
+    try:
+        return await host.clients()
+    finally:
+        await host.close()  # the clients hold the connection now
 
 
 class VirtualWorker(RemoteWorker):

@@ -48,9 +48,15 @@ class WeightedMeanAggregator(Aggregator):
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
 
+    accepts_sums = True
+
     def receive(self, num_samples: int) -> UpdateReceiver:
         check_samples(num_samples)
         return _MeanReceiver(self, num_samples)
+
+    def receive_sum(self, weight: int, count: int) -> UpdateReceiver:
+        check_samples(weight)
+        return _SumReceiver(self, weight, count)
 
     def _fold(self, name: str, start: int, values: torch.Tensor, weight: int) -> None:
         ref, values = self._check_slice(name, start, values)
@@ -130,6 +136,34 @@ class _MeanReceiver(UpdateReceiver):
         for name, start, length in self.segments:
             self.aggregator._partial.setdefault(name, []).append((start, length, self.weight))
         self.segments = []
+
+
+class _SumReceiver(_MeanReceiver):
+    """Updates combined where they were trained: their weighted delta sums, added to the running sum."""
+
+    def __init__(self, aggregator: WeightedMeanAggregator, weight: int, count: int) -> None:
+        super().__init__(aggregator, weight)
+        self.count = count
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        aggregator = self.aggregator
+        ref, values = aggregator._check_slice(name, start, values)
+        acc = aggregator._acc.get(name)
+        if acc is None:
+            acc = aggregator._acc[name] = (torch.zeros_like(ref, dtype=sum_dtype(ref)) if ref.is_floating_point()
+                                           else torch.full_like(ref, torch.iinfo(ref.dtype).min
+                                                                if ref.dtype != torch.bool else False))
+        target = acc.view(-1)[start:start + values.numel()]
+        if ref.is_floating_point():
+            target.add_(values)
+        else:
+            torch.maximum(target, values.to(ref.dtype), out=target)
+        self.elements[name] = self.elements.get(name, 0) + values.numel()
+        self.segments.append((name, start, values.numel()))
+
+    def end(self) -> None:
+        super().end()
+        self.aggregator._count += self.count - 1
 
 
 #: elements of an entry of the mean computed at once (the float64 scratch stays small)

@@ -102,6 +102,15 @@ class Aggregator(abc.ABC):
         """Write the new global model into ``into`` (the model's own tensors), in place. ``ValueError`` if no
         update was added."""
 
+    #: whether ``receive_sum`` works: the new model depends on the updates only through their weighted sum
+    accepts_sums = False
+
+    def receive_sum(self, weight: int, count: int) -> UpdateReceiver:
+        """``count`` updates already combined where they were trained (a daemon hosting many clients):
+        their pieces are ``sum(n_i * (x_i - g))`` in float64 (``g`` the global model; non-float entries
+        their maximum), ``weight`` is ``sum(n_i)``. Only for aggregators that ``accepts_sums``."""
+        raise NotImplementedError(f"{type(self).__name__} needs each update on its own")
+
     def begin_update(self, num_samples: int) -> None:
         """``receive``, for one update at a time: the next calls go to this update."""
         self._current = self.receive(num_samples)

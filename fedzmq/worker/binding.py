@@ -37,6 +37,8 @@ class Context:
     config: "WorkerConfig"
     policy: "Policy"
     datasets: dict[str, Dataset]
+    #: the logical clients this daemon hosts: client id -> its datasets
+    clients: dict[str, dict[str, Dataset]]
     models: "ModelRegistry"
     coster: "Coster"
     #: the worker's status and ping answers (callables: the handlers hold no server reference)
@@ -47,11 +49,19 @@ class Context:
     #: seconds every queued command waits before it runs (fault injection: a slow worker)
     delay: float = 0.0
 
-    def dataset(self, name: str) -> Dataset:
-        if name not in self.datasets:
-            raise ObjectNotFound.new(f"no dataset {name!r} on worker {self.worker_id!r} "
-                                     f"(it has: {sorted(self.datasets) or 'none'})")
-        return self.datasets[name]
+    def dataset(self, session: Session, name: str, client: str | None = None) -> Dataset:
+        """Dataset ``name`` of the session's client (or of the daemon), or of ``client`` when a session
+        with the daemon names one of its hosted clients."""
+        if client is not None:
+            if client not in self.clients:
+                raise ObjectNotFound.new(f"worker {self.worker_id!r} hosts no client {client!r}")
+            datasets, whose = self.clients[client], f"client {client!r}"
+        else:
+            datasets, whose = session.datasets, f"worker {self.worker_id!r}" if session.client is None \
+                else f"client {session.client!r}"
+        if name not in datasets:
+            raise ObjectNotFound.new(f"no dataset {name!r} on {whose} (it has: {sorted(datasets) or 'none'})")
+        return datasets[name]
 
 
 @dataclass
@@ -97,7 +107,10 @@ def bind(session: Session, request: Request, command: Command, context: Context)
                if name in request.args}
     tensors: list[torch.Tensor] = []
     args = {name: _resolve(value, session, tensors) for name, value in request.args.items()}
-    dataset = context.dataset(request.args["dataset"]) if command.reads_dataset else None
+    dataset = None
+    if command.reads_dataset:
+        hosted = request.args.get("clients")  # a fit over many hosted clients: their datasets are alike
+        dataset = context.dataset(session, request.args["dataset"], hosted[0] if hosted else None)
     if command.name == "dataset_tensor" and dataset is not None and dataset.policy == "protected":
         raise PermissionDenied.new(f"dataset {dataset.name!r} is protected: no pointer to its rows is given out; "
                                    "only the worker's own fit and evaluate of a model read them")

@@ -75,6 +75,18 @@ def state(context: Context, binding: Binding) -> int:
     return OPTIMIZER_STATE_COPIES * sum(p.numel() * p.element_size() for p in fresh)
 
 
+def clients(context: Context, binding: Binding) -> int:
+    """A fit over many hosted clients: the round's starting weights, and either each client's trained
+    state (kept apart) or the float64 sum they fold into."""
+    hosted_clients = binding.args.get("clients")
+    if not hosted_clients:
+        return 0
+    hosted: HostedModule = binding.objects["module"]
+    model = sum(t.numel() * t.element_size() for t in hosted.module.state_dict().values())
+    kept = 2 * model if binding.args.get("combine") else len(hosted_clients) * model
+    return model + kept
+
+
 def stream(context: Context, binding: Binding) -> int:
     """A stream's buffer, allocated whole before its chunks arrive."""
     dtype, shape = binding.args["dtype"], binding.args["shape"]
@@ -89,7 +101,7 @@ def stream(context: Context, binding: Binding) -> int:
 
 
 CHARGES: dict[str, Callable[[Context, Binding], int]] = {
-    "outputs": outputs, "forward": forward, "state": state, "stream": stream,
+    "outputs": outputs, "forward": forward, "state": state, "stream": stream, "clients": clients,
 }
 
 __all__ = ["CHARGES", "OPTIMIZER_STATE_COPIES"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..codec import Limits
 from .config import WorkerConfig
-from .datasets import parse_data_flags
+from .datasets import load_clients, parse_data_flags
 from .server import Worker
 
 log = logging.getLogger("fedzmq.worker")
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a protected dataset (.safetensors, .npz, .csv; repeatable)")
     data.add_argument("--open-data", action="append", default=None, metavar="NAME=PATH",
                       help="an open dataset, reachable through pointers (repeatable)")
+    data.add_argument("--clients-from", action="append", default=None, metavar="NAME=DIR",
+                      help="host one logical client per dataset file in DIR (its id the file's stem), each holding "
+                      "its file as its protected dataset NAME: many clients on one daemon, addressed like separate "
+                      "daemons (fz.connect_clients)")
     data.add_argument("--private-release", choices=["aggregates", "none"],
                       help="what computed from open datasets' rows through pointers may leave: nothing (default), "
                       "or aggregate scalars and model state ('aggregates' lets a coordinator read any value, one "
@@ -139,8 +143,9 @@ async def run(settings: dict[str, Any]) -> None:
     # "ready", not in the first round's fit
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     datasets = parse_data_flags(settings.get("data", []), settings.get("open_data", []))
+    clients = load_clients(settings.get("clients_from", []))
     worker = Worker(settings["id"], config=config, models=model_registry(settings.get("model", [])),
-                    datasets=datasets)
+                    datasets=datasets, clients=clients)
     address = worker.bind(settings["bind"])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,8 +154,9 @@ async def run(settings: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGHUP, _reload_keys, worker)
     worker.start()
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
-    log.info("worker %s serving on %s with datasets %s", worker.id, address,
-             {name: len(d) for name, d in datasets.items()} or "none")
+    log.info("worker %s serving on %s with datasets %s%s", worker.id, address,
+             {name: len(d) for name, d in datasets.items()} or "none",
+             f" and {len(clients)} hosted clients" if clients else "")
     stopping = asyncio.ensure_future(stop.wait())
     broken = asyncio.ensure_future(worker.wait_closed())
     await asyncio.wait([stopping, broken], return_when=asyncio.FIRST_COMPLETED)

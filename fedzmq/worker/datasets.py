@@ -137,3 +137,23 @@ def parse_data_flags(entries: Sequence[str], open_entries: Sequence[str] = ()) -
                 raise DatasetError(f"dataset {name!r} given twice")
             datasets[name] = load_dataset(name, path, policy)
     return datasets
+
+
+def load_clients(entries: Sequence[str]) -> dict[str, dict[str, Dataset]]:
+    """``--clients-from NAME=DIR`` entries: every dataset file in DIR is one logical client (its id the
+    file's name without the suffix) holding it as its dataset NAME, protected. One daemon then serves
+    many clients, each with its own data (a simulation on one machine, the same code as production)."""
+    clients: dict[str, dict[str, Dataset]] = {}
+    for entry in entries:
+        name, sep, folder = entry.partition("=")
+        if not sep or not name or not folder:
+            raise DatasetError(f"--clients-from takes NAME=DIR, got {entry!r}")
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".safetensors", ".npz", ".csv"))
+        if not files:
+            raise DatasetError(f"--clients-from {entry}: no .safetensors, .npz or .csv files in {folder}")
+        for path in files:
+            datasets = clients.setdefault(path.stem, {})
+            if name in datasets:
+                raise DatasetError(f"client {path.stem!r} has two files for dataset {name!r}")
+            datasets[name] = load_dataset(name, path)
+    return clients

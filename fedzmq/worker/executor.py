@@ -41,7 +41,8 @@ log = logging.getLogger("fedzmq.worker")
 INLINE_DELETES = 256
 
 CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
-                "state": "the optimizer's state", "stream": "the stream's buffer"}
+                "state": "the optimizer's state", "stream": "the stream's buffer",
+                "clients": "the clients' trained states"}
 
 
 class Executor:

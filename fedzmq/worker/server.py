@@ -38,7 +38,7 @@ from .cost import Coster, warm_up
 from .datasets import Dataset
 from .executor import Executor, fail_outputs
 from .policy import Policy
-from .session import Session
+from .session import Peer, Session
 from .training import Terms
 
 log = logging.getLogger("fedzmq.worker")
@@ -61,6 +61,7 @@ class Worker:
 
     def __init__(self, worker_id: str, *, config: WorkerConfig | None = None,
                  models: ModelRegistry | None = None, datasets: dict[str, Dataset] | None = None,
+                 clients: dict[str, dict[str, Dataset]] | None = None,
                  context: zmq.asyncio.Context | None = None) -> None:
         self.id = worker_id
         self.config = config = config or WorkerConfig()
@@ -68,22 +69,24 @@ class Worker:
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._copy_frames = False
-        self._sessions: dict[bytes, Session] = {}
+        self._peers: dict[bytes, Peer] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self.address: str | None = None
         self.datasets = datasets or {}
+        #: logical clients this daemon hosts (``--clients-from``): client id -> its datasets
+        self.clients = clients or {}
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0,
                          "sessions_evicted": 0, "sessions_refused": 0, "throttled": 0, "limit_errors": 0,
                          "handshake_failures": 0, "unread_replies": 0}
-        protected = any(d.policy == "protected" for d in self.datasets.values())
+        protected = any(d.policy == "protected" for d in self.datasets.values()) or bool(self.clients)
         tracebacks = config.remote_tracebacks if config.remote_tracebacks is not None else not protected
         secret = config.shuffle_secret.encode() if config.shuffle_secret is not None else secrets.token_bytes(32)
         self.context = Context(
             worker_id=worker_id, config=config,
             policy=Policy(config.private_release, config.require_secure_aggregation, tracebacks),
-            datasets=self.datasets, models=models or {}, coster=Coster(models or {}),
+            datasets=self.datasets, clients=self.clients, models=models or {}, coster=Coster(models or {}),
             status=self.status, ping=self.ping_info,
             terms=Terms(config.min_batch_size, config.min_metric_rows, config.max_fit_samples, secret))
         self.executor = Executor(self.context, self._pool, self.counters)
@@ -168,14 +171,15 @@ class Worker:
             await self.close()
 
     async def close(self) -> None:
-        for session in self._sessions.values():
+        sessions = self._all_sessions()
+        for session in sessions:
             session.clear()  # cancels a running command at its next check
-        tasks = self._tasks + [s.task for s in self._sessions.values() if s.task]
+        tasks = self._tasks + [s.task for s in sessions if s.task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
-        self._sessions.clear()
+        self._peers.clear()
         if self._monitor is not None and self._socket is not None:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
@@ -206,12 +210,17 @@ class Worker:
                            "max_frames": limits.max_frames, "chunk_bytes": limits.chunk_bytes,
                            "max_items": limits.max_items}}
 
+    def _all_sessions(self) -> list[Session]:
+        return [s for peer in self._peers.values() for s in peer.sessions.values()]
+
     def status(self) -> dict[str, Any]:
-        sessions = list(self._sessions.values())
+        sessions = self._all_sessions()
         return {
             **self.ping_info(),
             "uptime": time.monotonic() - self._started,
             "sessions": len(sessions),
+            "connections": len(self._peers),
+            "clients": len(self.clients),
             "objects": sum(len(s.table) for s in sessions),
             "bytes": sum(s.quota.held for s in sessions),  # what the sessions' quotas are charged
             "rss_bytes": _rss_bytes(),
@@ -251,7 +260,8 @@ class Worker:
         session = self._session_for(key, _user_id(frames[1]), request)
         if session is None:
             return
-        session.touch()
+        assert session.peer is not None
+        session.peer.touch()
         if COMMANDS[request.cmd].control:
             self._send(key, self.executor.control(session, request), session)
         elif session.queue.qsize() >= self.config.max_inflight:
@@ -269,51 +279,67 @@ class Worker:
             session.queue.put_nowait(request)
 
     def _session_for(self, key: bytes, user: str | None, request: Request) -> Session | None:
-        """The sender's session, made if new (evicting a gone one if the worker is full); None if refused."""
-        session = self._sessions.get(key)
-        if session is not None:
-            if session.user != user:  # a routing id reused under another key: never the same session
-                self._refuse(key, request, "PermissionDenied", "this session belongs to another key")
+        """The sender's session with the daemon or with the logical client it names, made if new
+        (evicting a gone connection if the worker is full); None if refused."""
+        peer = self._peers.get(key)
+        if peer is not None and peer.user != user:  # a routing id reused under another key: never the same
+            self._refuse(key, request, "PermissionDenied", "this session belongs to another key")
+            return None
+        if peer is None:
+            peer = self._new_peer(key, user, request)
+            if peer is None:
                 return None
+        session = peer.sessions.get(request.client)
+        if session is not None:
             return session
-        if len(self._sessions) >= self.config.max_sessions and not self._evict_one():
+        if request.client is not None and request.client not in self.clients:
+            self._refuse(key, request, "ObjectNotFound", f"worker {self.id!r} hosts no client {request.client!r} "
+                         f"({len(self.clients)} clients; the 'clients' command lists them)")
+            return None
+        config = self.config
+        session = peer.sessions[request.client] = Session(
+            key, user=user, client=request.client, peer=peer, max_objects=config.max_objects,
+            max_bytes=config.max_session_bytes,
+            datasets=self.datasets if request.client is None else self.clients[request.client])
+        session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
+        return session
+
+    def _new_peer(self, key: bytes, user: str | None, request: Request) -> Peer | None:
+        if len(self._peers) >= self.config.max_sessions and not self._evict_one():
             self.counters["sessions_refused"] += 1
             self._refuse(key, request, "LimitExceeded", f"the worker serves its maximum of "
                          f"{self.config.max_sessions} sessions (--max-sessions); try again later")
             return None
-        if user is not None and sum(s.user == user for s in self._sessions.values()) >= \
+        if user is not None and sum(p.user == user for p in self._peers.values()) >= \
                 self.config.max_sessions_per_key:
             self.counters["sessions_refused"] += 1
             self._refuse(key, request, "LimitExceeded", f"this key has its maximum of "
                          f"{self.config.max_sessions_per_key} sessions open (--max-sessions-per-key); close one first")
             return None
-        session = self._sessions[key] = Session(key, user=user, max_objects=self.config.max_objects,
-                                                max_bytes=self.config.max_session_bytes)
-        session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
-        return session
+        peer = self._peers[key] = Peer(key, user=user)
+        return peer
 
     def _evict_one(self) -> bool:
-        """Make room for a new client: end the idle session whose client has been silent longest, if it
-        looks gone (an empty one sooner than one holding objects). False if none does."""
+        """Make room for a new client: end the idle connection that has been silent longest, if it looks
+        gone (one that holds nothing sooner than one holding objects). False if none does."""
         now = time.monotonic()
 
-        def silent_for(session: Session) -> float:
-            return now - session.last_seen
+        def silent_for(peer: Peer) -> float:
+            return now - peer.last_seen
 
-        def gone(session: Session) -> bool:
-            interval = session.peer_interval
-            if interval is None:
-                return silent_for(session) > EVICT_AFTER_SECONDS
-            after = EVICT_EMPTY_AFTER_INTERVALS if session.empty else EVICT_AFTER_INTERVALS
-            return silent_for(session) > after * interval
+        def gone(peer: Peer) -> bool:
+            if peer.interval is None:
+                return silent_for(peer) > EVICT_AFTER_SECONDS
+            after = EVICT_EMPTY_AFTER_INTERVALS if peer.empty else EVICT_AFTER_INTERVALS
+            return silent_for(peer) > after * peer.interval
 
-        candidates = [s for s in self._sessions.values() if s.idle and gone(s)]
+        candidates = [p for p in self._peers.values() if p.idle and gone(p)]
         if not candidates:
             return False
-        victim = max(candidates, key=lambda s: (s.empty, silent_for(s)))
-        log.info("session %s silent for %.1fs: evicted to make room for a new client", victim.key.hex(),
+        victim = max(candidates, key=lambda p: (p.empty, silent_for(p)))
+        log.info("connection %s silent for %.1fs: evicted to make room for a new client", victim.key.hex(),
                  silent_for(victim))
-        self._end_session(victim, "sessions_evicted")
+        self._end_peer(victim, "sessions_evicted")
         return True
 
     async def _session_loop(self, session: Session) -> None:
@@ -341,32 +367,37 @@ class Worker:
         finally:
             session.running = None
             session.last_done = request.id
-            session.touch()
+            if session.peer is not None:
+                session.peer.touch()
         if request.cmd == "close":
             self._end_session(session, "sessions_closed")
             self._refuse_queued(session, "the session was closed before this command ran")
             return True
-        return self._sessions.get(session.key) is not session  # ended while it ran (its client stopped reading)
+        return not self._live(session)  # ended while it ran (its client stopped reading)
+
+    def _live(self, session: Session) -> bool:
+        peer = self._peers.get(session.key)
+        return peer is not None and peer.sessions.get(session.client) is session
 
     async def _expire_loop(self) -> None:
         timeout = self.config.session_timeout
         while True:
             await asyncio.sleep(max(0.05, min(timeout, 10.0) / 4))
             now = time.monotonic()
-            for session in list(self._sessions.values()):
-                silent = now - session.last_seen
-                if session.idle and silent > self._expiry(session):
-                    log.info("session %s silent for %.1fs: freeing %d objects", session.key.hex(), silent,
-                             len(session.table))
-                    self._end_session(session, "sessions_expired")
+            for peer in list(self._peers.values()):
+                silent = now - peer.last_seen
+                if peer.idle and silent > self._expiry(peer):
+                    log.info("connection %s silent for %.1fs: freeing its %d sessions", peer.key.hex(), silent,
+                             len(peer.sessions))
+                    self._end_peer(peer, "sessions_expired")
 
-    def _expiry(self, session: Session) -> float:
-        """Seconds of silence after which an idle session is closed: ``--session-timeout``, or sooner
-        for a client that announced its heartbeat interval and has missed many of them (it is gone)."""
+    def _expiry(self, peer: Peer) -> float:
+        """Seconds of silence after which an idle connection's sessions are closed: ``--session-timeout``,
+        or sooner for a client that announced its heartbeat interval and has missed many of them."""
         timeout = self.config.session_timeout
-        if session.peer_interval is None:
+        if peer.interval is None:
             return timeout
-        return min(timeout, max(10.0, GONE_AFTER_INTERVALS * session.peer_interval))
+        return min(timeout, max(10.0, GONE_AFTER_INTERVALS * peer.interval))
 
     def _refuse(self, key: bytes, request: Request, error_type: str, message: str,
                 session: Session | None = None) -> None:
@@ -395,9 +426,17 @@ class Worker:
     def _end_session(self, session: Session, counter: str) -> None:
         session.clear()  # a running command is cancelled at its next check
         session.queue.put_nowait(None)
-        if self._sessions.get(session.key) is session:
-            del self._sessions[session.key]
+        peer = self._peers.get(session.key)
+        if peer is not None and peer.sessions.get(session.client) is session:
+            del peer.sessions[session.client]
+            if not peer.sessions:
+                del self._peers[session.key]
         self.counters[counter] += 1
+
+    def _end_peer(self, peer: Peer, counter: str) -> None:
+        for session in list(peer.sessions.values()):
+            self._end_session(session, counter)
+        self._peers.pop(peer.key, None)
 
     async def _send_and_wait(self, session: Session, frames: list[Any], limit: float = 300.0) -> None:
         """Send without copying and wait until ZeroMQ no longer needs the frames' memory."""
@@ -428,13 +467,15 @@ class Worker:
             tracker = sent.result()
         except zmq.Again:
             self.counters["unread_replies"] += 1
-            if session is not None and self._sessions.get(key) is session:
-                log.warning("session %s does not read its replies (its pipe is full): closing it", key.hex())
-                self._end_session(session, "sessions_expired")
+            peer = self._peers.get(key)
+            if peer is not None:
+                log.warning("connection %s does not read its replies (its pipe is full): closing it", key.hex())
+                self._end_peer(peer, "sessions_expired")
             return None
         except zmq.ZMQError:  # the client is gone (EHOSTUNREACH)
-            if session is not None and self._sessions.get(key) is session and session.idle:
-                self._end_session(session, "sessions_expired")
+            peer = self._peers.get(key)
+            if peer is not None and peer.idle:
+                self._end_peer(peer, "sessions_expired")
             return None
         if track and isinstance(tracker, zmq.MessageTracker):
             if session is not None:

@@ -1,4 +1,8 @@
-"""One client's session on the worker: its objects, its quota and its taint record, and its queue.
+"""A client's sessions on the worker: its objects, its quota and its taint record, and its queue.
+
+A ``Peer`` is one client connection (a ZeroMQ routing id): it has one session with the daemon itself
+and, on a daemon hosting many logical clients (``--clients-from``), one with each logical client it
+addresses. Liveness is the peer's: any message from it keeps all its sessions alive.
 
 A session composes three records that change together and are tested apart: the ``ObjectTable``
 (what each id names), the ``Quota`` (one sum of the bytes it makes the daemon hold) and the
@@ -15,9 +19,35 @@ from typing import Any
 
 from ..budget import Budget
 from ..codec import Request
+from .datasets import Dataset
 from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
 from .quota import Quota
 from .taint import TaintRecord
+
+
+@dataclass(eq=False)
+class Peer:
+    """One client connection: its routing id, the key it authenticated with, when it was last heard
+    from, the heartbeat interval it announced, and its sessions (by logical client; None: the daemon)."""
+
+    key: bytes
+    #: the CurveZMQ public key the connection authenticated with (None without keys)
+    user: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    #: the heartbeat interval the client announced: a client silent for many of them is gone
+    interval: float | None = None
+    sessions: dict[str | None, "Session"] = field(default_factory=dict)
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+    @property
+    def idle(self) -> bool:
+        return all(s.idle for s in self.sessions.values())
+
+    @property
+    def empty(self) -> bool:
+        return all(s.empty for s in self.sessions.values())
 
 
 @dataclass(eq=False)
@@ -25,6 +55,9 @@ class Session:
     key: bytes
     #: the CurveZMQ public key the session authenticated with (None without keys)
     user: str | None = None
+    #: the logical client this session talks to (None: the daemon itself), and its datasets
+    client: str | None = None
+    datasets: dict[str, Dataset] = field(default_factory=dict)
     max_objects: int = 100_000
     max_bytes: int = 8 << 30
     table: ObjectTable = field(init=False)
@@ -34,24 +67,20 @@ class Session:
     secure_rounds: dict[int, Any] = field(default_factory=dict)
     queue: asyncio.Queue[Request | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
-    last_seen: float = field(default_factory=time.monotonic)
     #: the id of the request being worked on, if any (reported in heartbeats), and its budget
     running: int | None = None
     budget: Budget | None = None
     #: the highest request id this session finished (heartbeats report it, so a client can tell a
     #: reply lost in a reconnect from one still to come)
     last_done: int = 0
-    #: the heartbeat interval the client announced: a client silent for many of them is gone
-    peer_interval: float | None = None
+    #: the connection this session belongs to (its liveness is the peer's)
+    peer: Peer | None = None
     #: this session's identity: a client that sees it change knows its objects are gone
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         self.table = ObjectTable(self.max_objects)
         self.quota = Quota(self.max_bytes)
-
-    def touch(self) -> None:
-        self.last_seen = time.monotonic()
 
     @property
     def idle(self) -> bool:
@@ -98,4 +127,4 @@ class Session:
         self.secure_rounds.clear()
 
 
-__all__ = ["Session"]
+__all__ = ["Peer", "Session"]

@@ -72,10 +72,11 @@ def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def shuffle_seed(terms: Terms, dataset: Dataset, client_seed: int) -> int:
-    """The seed of a fit's shuffle: the daemon's secret mixed with the client's seed, so the same
-    client seed repeats a run (on this daemon) but no client can pick which rows share a batch."""
-    digest = hmac.new(terms.shuffle_key, f"{dataset.name}:{client_seed}".encode(), hashlib.sha256).digest()
+def shuffle_seed(terms: Terms, dataset: Dataset, client_seed: int, salt: str = "") -> int:
+    """The seed of a fit's shuffle: the daemon's secret mixed with the client's seed (and, on a daemon
+    hosting many clients, the client's id), so the same client seed repeats a run on this daemon but
+    no client can pick which rows share a batch."""
+    digest = hmac.new(terms.shuffle_key, f"{dataset.name}:{salt}:{client_seed}".encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -108,7 +109,8 @@ def batches(terms: Terms, rows: int, batch_size: int, generator: torch.Generator
 
 
 def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, optimizer: torch.optim.Optimizer,
-        batch_size: int, epochs: int | None, steps: int | None, prox_mu: float, seed: int) -> dict[str, Any]:
+        batch_size: int, epochs: int | None, steps: int | None, prox_mu: float, seed: int,
+        salt: str = "") -> dict[str, Any]:
     """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss."""
     if len(dataset) == 0:
         raise BadRequest.new(f"dataset {dataset.name} is empty")
@@ -116,7 +118,7 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, optimiz
     loss_fn = loss_function(loss)
     params = [p for p in module.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu else []
-    generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed))
+    generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed, salt))
     module.train()
     started = time.perf_counter()
     loss_sum, seen, done = 0.0, 0, 0

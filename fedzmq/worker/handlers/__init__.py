@@ -16,6 +16,7 @@ Handler = Callable[[Context, Binding], Any]
 
 HANDLERS: dict[str, Handler] = {
     "ping": control.ping, "heartbeat": control.heartbeat, "status": control.status, "close": control.close,
+    "clients": control.clients,
     "debug_delay": control.debug_delay,
     "store": tensors.store, "get": tensors.get, "info": tensors.info, "delete": tensors.delete,
     "alloc": tensors.alloc, "write": tensors.write, "read": tensors.read, "op": tensors.op,

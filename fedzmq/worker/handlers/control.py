@@ -22,12 +22,18 @@ def heartbeat(context: Context, binding: Binding) -> Any:
 def _note_interval(binding: Binding) -> None:
     """A client says how often it sends heartbeats: silent for many of them, it is gone."""
     interval = binding.args.get("interval")
-    if interval is not None and 0 < interval <= 3600:
-        binding.session.peer_interval = float(interval)
+    peer = binding.session.peer
+    if interval is not None and 0 < interval <= 3600 and peer is not None:
+        peer.interval = float(interval)
 
 
 def status(context: Context, binding: Binding) -> Any:
     return context.status()
+
+
+def clients(context: Context, binding: Binding) -> Any:
+    """The logical clients this daemon hosts (``--clients-from``), by id."""
+    return sorted(context.clients)
 
 
 def debug_delay(context: Context, binding: Binding) -> Any:

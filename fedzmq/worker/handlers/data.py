@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import BadRequest
+import logging
+
+import torch
+
+from ... import budget
+from ...errors import BadRequest, LimitExceeded
 from .. import training
+from ..policy import sanitized
 from ..binding import Binding, Context, LiveReply, Made
-from .modules import state_reply
+from .modules import load_into, state_reply
+
+log = logging.getLogger("fedzmq.worker")
 
 
 def datasets(context: Context, binding: Binding) -> Any:
     query = binding.args.get("query")
-    return [d.info() for d in context.datasets.values() if query is None or d.matches(query)]
+    return [d.info() for d in binding.session.datasets.values() if query is None or d.matches(query)]
 
 
 def dataset_tensor(context: Context, binding: Binding) -> Any:
@@ -30,6 +38,8 @@ def fit(context: Context, binding: Binding) -> Any:
     assert dataset is not None
     if ("optimizer" in args) == ("optim" in args):
         raise BadRequest.new("fit needs either optimizer={'cls': ...} (a fresh one) or optim=<id> (a remote one)")
+    if "clients" in args:
+        return fit_clients(context, binding)
     if "optim" in args:
         remote = binding.objects["optim"]
         if remote.module_id != binding.request.args["module"]:
@@ -39,12 +49,66 @@ def fit(context: Context, binding: Binding) -> Any:
         optimizer = training.make_optimizer(args["optimizer"], hosted.module)  # lives as long as the fit
     result = training.fit(hosted.module, dataset, context.terms, loss=args["loss"], optimizer=optimizer,
                           batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
-                          prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0))
+                          prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0),
+                          salt=binding.session.client or "")
     hosted.trained_samples = result["num_examples"]
     if args.get("reply_state"):  # the trained weights, in the same trip (released: checked before it ran)
         return LiveReply({"metrics": result,
                           "state": state_reply(hosted.module, context.config.limits.chunk_bytes)})
     return result
+
+
+def fit_clients(context: Context, binding: Binding) -> Any:
+    """One round for many of the logical clients this daemon hosts, in one command: each starts from the
+    weights loaded into the module (the round's global model), trains on its own dataset, and its
+    trained weights are either kept apart (``combine`` false: one state per client in the reply) or
+    folded into ``sum(n_i * (x_i - g))`` in float64 with ``sum(n_i)`` (``combine``: what a weighted
+    mean needs, exactly; one state whatever the number of clients)."""
+    args, module = binding.args, binding.objects["module"].module
+    if "optim" in args:
+        raise BadRequest.new("a fit over many clients makes a fresh optimizer for each (optimizer={...})")
+    if args.get("reply_state") is not True:
+        raise BadRequest.new("a fit over many clients replies with their trained states (reply_state=True)")
+    start = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    combine = bool(args.get("combine"))
+    sums: dict[str, torch.Tensor] = {}
+    metrics: dict[str, Any] = {}
+    states: list[dict[str, Any]] = []
+    weight = 0
+    for n, client in enumerate(args["clients"]):
+        budget.check()
+        if n:
+            load_into(module, start)  # every client starts from the round's weights
+        try:
+            dataset = context.dataset(binding.session, args["dataset"], client)
+            result = training.fit(module, dataset, context.terms, loss=args["loss"],
+                                  optimizer=training.make_optimizer(args["optimizer"], module),
+                                  batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
+                                  prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client)
+        except LimitExceeded:  # out of time: the whole command stops
+            raise
+        except Exception as exc:  # this client is left out of the round; the others go on
+            log.warning("fit of hosted client %s failed", client, exc_info=exc)
+            metrics[client] = {"error": sanitized(exc, binding.request.id)}
+            load_into(module, start)
+            continue
+        metrics[client] = result
+        trained = module.state_dict()
+        if not combine:
+            states.append({name: tensor.detach().clone() for name, tensor in trained.items()})
+            continue
+        samples = result["num_examples"]
+        weight += samples
+        for name, tensor in trained.items():
+            if tensor.is_floating_point():
+                delta = tensor.detach().to(torch.float64) - start[name]
+                sums[name] = delta.mul_(samples) if name not in sums else sums[name].add_(delta, alpha=samples)
+            else:
+                sums[name] = tensor.detach().clone() if name not in sums else torch.maximum(sums[name], tensor)
+    load_into(module, start)
+    if combine:
+        return {"metrics": metrics, "sum": sums, "weight": weight}
+    return {"metrics": metrics, "states": states}
 
 
 def evaluate(context: Context, binding: Binding) -> Any:

@@ -1,0 +1,115 @@
+"""Many logical clients on one daemon (``--clients-from``): each its own id, dataset and session,
+addressed with the same Federation code as separate daemons."""
+
+import asyncio
+
+import pytest
+import torch
+
+import fedzmq as fz
+from fedzmq.examples import digits
+from fedzmq.testing.plugin import TEST_SETTINGS
+
+CLIENTS = 12
+
+
+@pytest.fixture
+def client_shards(tmp_path):
+    """Two folders of digit shards: one per daemon, client ids distinct across them."""
+    folders = []
+    for d in range(2):
+        ids = [f"d{d}-client{i:03d}" for i in range(CLIENTS // 2)]
+        split = digits.prepare(tmp_path / f"daemon{d}", ids, alpha=1.0, seed=d)
+        folders.append(tmp_path / f"daemon{d}")
+    return folders, split.test
+
+
+async def _clients(handles):
+    workers = []
+    for handle in handles:
+        workers += await fz.connect_clients(handle.address, settings=TEST_SETTINGS)
+    return workers
+
+
+async def test_each_hosted_client_is_a_worker_with_its_own_data_and_session(fedzmq_daemons, client_shards):
+    folders, _ = client_shards
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
+    workers = await _clients([host])
+    try:
+        assert sorted(w.id for w in workers) == [f"d0-client{i:03d}" for i in range(CLIENTS // 2)]
+        sizes = set()
+        for worker in workers:
+            [ds] = await worker.datasets()
+            assert ds.name == "digits" and ds.info["policy"] == "protected"
+            sizes.add(ds.samples)
+        assert len(sizes) > 1  # each its own shard
+        first, second = workers[:2]
+        kept = await first.send(torch.arange(3.0))
+        assert torch.equal(await kept.get(), torch.arange(3.0))
+        with pytest.raises(fz.ObjectNotFound):  # sessions are apart: another client's ids are not there
+            await second._request("get", {"obj": kept.id})
+        assert (await host.worker.status())["clients"] == CLIENTS // 2
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+@pytest.mark.parametrize("strategy", [fz.FedAvg, fz.FedMedian], ids=["combined-on-the-daemon", "one-by-one"])
+async def test_a_federation_over_hosted_clients_equals_one_over_the_same_updates(fedzmq_daemons, client_shards,
+                                                                                 strategy):
+    """Two daemons hosting six clients each: a round is one trip per daemon. With FedAvg the daemons combine
+    their clients' updates exactly; the model is the same as aggregate() of the clients' own updates."""
+    folders, test = client_shards
+    handles = await fedzmq_daemons("sim0", "sim1", args={
+        "sim0": ["--clients-from", f"digits={folders[0]}"], "sim1": ["--clients-from", f"digits={folders[1]}"]})
+    workers = await _clients(handles)
+    try:
+        model = digits.make_model(seed=0)
+        config = fz.FitConfig(dataset="digits", steps=2, batch_size=16)
+        federation = fz.Federation(workers, model, config, strategy(), fraction=0.5, seed=3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        metrics = await federation.run_round()
+        assert len(metrics.selected) == CLIENTS // 2 and metrics.participants == metrics.selected
+        assert not metrics.dropped and not metrics.unreachable
+        # the same clients trained one by one give the same updates: aggregate them here
+        reference = []
+        for worker in workers:
+            if worker.id in metrics.participants:
+                copy = digits.make_model(seed=0)
+                copy.load_state_dict(before)
+                remote = await worker.send(copy)
+                update = await remote.fit_and_fetch("digits", steps=2, batch_size=16, seed=3 * 100_003 + 1,
+                                                    optimizer=dict(config.optimizer))
+                state = {k: torch.empty_like(v) for k, v in before.items()}
+                async for name, start, values in update.pieces:
+                    state[name].view(-1)[start:start + values.numel()].copy_(values)
+                reference.append((state, update.metrics["num_examples"]))
+        expected = strategy().aggregate(1, before, reference)
+        for name, value in model.state_dict().items():
+            assert torch.allclose(value, expected[name], atol=1e-6), name
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+async def test_a_hosted_client_that_cannot_train_is_left_out_with_why(fedzmq_daemons, client_shards):
+    from safetensors.torch import load_file
+
+    folders, _ = client_shards
+    sizes = {path.stem: len(load_file(str(path))["y"]) for path in folders[0].glob("*.safetensors")}
+    minimum = sorted(sizes.values())[len(sizes) // 2]  # a minimum batch larger than half the clients' shards
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}",
+                                               "--min-batch-size", str(minimum)])
+    workers = await _clients([host])
+    try:
+        small = sorted(c for c, n in sizes.items() if n < minimum)
+        assert small and len(small) < len(workers), sizes
+        federation = fz.Federation(workers, digits.make_model(), fz.FitConfig(dataset="digits", steps=1,
+                                                                             batch_size=minimum))
+        metrics = await federation.run_round()
+        assert sorted(metrics.dropped) == small
+        assert all("PermissionDenied" in why for why in metrics.dropped.values())
+        assert sorted(metrics.participants) == sorted(set(sizes) - set(small))
+    finally:
+        for worker in workers:
+            await worker.close()
