@@ -1,7 +1,6 @@
 """Many logical clients on one daemon (``--clients-from``): each its own id, dataset and session,
 addressed with the same Federation code as separate daemons."""
 
-import asyncio
 
 import pytest
 import torch
