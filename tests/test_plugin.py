@@ -24,6 +24,7 @@ from fedzmq.worker.datasets import load_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
 
 USER_PROJECT = Path(__file__).parent / "user_project"
+FEDZMQ_ROOT = str(Path(fz.__file__).resolve().parent.parent)  # the folder that holds the fedzmq under test
 MODES = ("strict", "auto")
 DEAD_AFTER = TEST_SETTINGS.heartbeat_interval * TEST_SETTINGS.heartbeat_liveness  # 2 s
 
@@ -224,7 +225,9 @@ def _run_pytest(directory, *args, env=None, timeout=100):
     with its whole process group."""
     env = {**{k: v for k, v in os.environ.items()
               if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")},
-           "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+           # the fedzmq under test, and only it: where this suite imports it from (a source tree on
+           # PYTHONPATH or the installed package), so the run checks this code, not another install's
+           "PYTHONPATH": FEDZMQ_ROOT, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
     # its own base temporary directory: runs side by side would otherwise clean up each other's
     # leftovers in /tmp/pytest-of-USER at the same time, and warn when one removes what the other reads
     basetemp = Path(directory).parent / f"basetemp-{Path(directory).name}"
