@@ -3,6 +3,10 @@
 A ``DaemonProcess`` is one ``fedzmq-worker`` process: it starts it, waits for its ``ready at`` line,
 knows its address (so ``restart()`` comes back at the same one), and stops it with SIGTERM, checking
 the exit code. Fault injection for tests is a method each: ``kill()``, ``pause()``/``resume()``.
+
+Daemons die with their launcher: each gets the read end of a pipe whose write end only the launcher
+holds (``fedzmq.worker.watchdog``), so when the launcher exits, killed or not, the daemon stops. Pass
+``watchdog=False`` for a daemon meant to outlive the process that started it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .worker.watchdog import WATCHDOG_ENV
+
 READY_MARK = " ready at "
 
 
@@ -27,15 +33,19 @@ class DaemonError(RuntimeError):
 
 class DaemonProcess:
     def __init__(self, worker_id: str, bind: str = "tcp://127.0.0.1:0", extra_args: Sequence[str] = (),
-                 log_dir: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 log_dir: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
+                 watchdog: bool = True) -> None:
         self.id = worker_id
         self.bind = bind
         self.extra_args = list(extra_args)
         self.address: str | None = None
         self.log_path = Path(log_dir or tempfile.mkdtemp(prefix="fedzmq-logs-")) / f"{worker_id}.log"
         self.env = env
+        #: the daemon stops when this process exits (False: it may outlive it)
+        self.watchdog = watchdog
         self.process: subprocess.Popen[bytes] | None = None
         self._stop_sent = False
+        self._watchdog_fd: int | None = None  # our end of the pipe; its closing tells the daemon to stop
 
     @property
     def command(self) -> list[str]:
@@ -53,8 +63,23 @@ class DaemonProcess:
             raise DaemonError(f"daemon {self.id} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log, env=env)
+        env.pop(WATCHDOG_ENV, None)  # a pipe of whoever started us is not the daemon's
+        self._close_watchdog()  # a restart: the old process's pipe
+        pass_fds: tuple[int, ...] = ()
+        if self.watchdog:
+            read_end, self._watchdog_fd = os.pipe()  # both non-inheritable: no other child holds them
+            env[WATCHDOG_ENV] = str(read_end)
+            pass_fds = (read_end,)
+        try:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log, env=env,
+                                                pass_fds=pass_fds)
+        except BaseException:
+            self._close_watchdog()
+            raise
+        finally:
+            for fd in pass_fds:
+                os.close(fd)  # the daemon has its copy
         self._stop_sent = False
 
     def wait_ready(self, timeout: float = 30.0) -> str:
@@ -107,6 +132,7 @@ class DaemonProcess:
         code = self.process.returncode
         if self.process.stdout:
             self.process.stdout.close()
+        self._close_watchdog()
         return code
 
     def signal_stop(self) -> None:
@@ -121,6 +147,12 @@ class DaemonProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._close_watchdog()
+
+    def _close_watchdog(self) -> None:
+        if self._watchdog_fd is not None:
+            os.close(self._watchdog_fd)
+            self._watchdog_fd = None
 
     def pause(self) -> None:
         """SIGSTOP: the daemon hangs (answers nothing) until ``resume``."""
@@ -150,12 +182,14 @@ class DaemonProcess:
 
 def start_daemons(ids: Sequence[str], extra_args: Sequence[str] = (), host: str = "127.0.0.1",
                   ports: Sequence[int] | None = None, log_dir: str | None = None,
-                  per_daemon_args: dict[str, Sequence[str]] | None = None) -> list[DaemonProcess]:
-    """Start one daemon per id (in parallel) and wait until all are ready; on failure stop them all."""
+                  per_daemon_args: dict[str, Sequence[str]] | None = None, watchdog: bool = True
+                  ) -> list[DaemonProcess]:
+    """Start one daemon per id (in parallel) and wait until all are ready; on failure stop them all.
+    They stop when this process exits, unless ``watchdog=False``."""
     log_dir = log_dir or tempfile.mkdtemp(prefix="fedzmq-logs-")
     daemons = [
         DaemonProcess(i, f"tcp://{host}:{ports[n] if ports else 0}",
-                      [*extra_args, *(per_daemon_args or {}).get(i, ())], log_dir)
+                      [*extra_args, *(per_daemon_args or {}).get(i, ())], log_dir, watchdog=watchdog)
         for n, i in enumerate(ids)
     ]
     try:

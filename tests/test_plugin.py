@@ -3,11 +3,9 @@ dataset makers, the end-of-session check for leftover daemons, and an example us
 subprocess, in strict and in auto mode, with nothing but the installed package (no conftest)."""
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +21,9 @@ from fedzmq.testing import assert_state_dicts_close, state_dict_diff, toy_datase
 from fedzmq.worker.datasets import load_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
 
+from pytest_runs import is_daemon, run_pytest
+
 USER_PROJECT = Path(__file__).parent / "user_project"
-FEDZMQ_ROOT = str(Path(fz.__file__).resolve().parent.parent)  # the folder that holds the fedzmq under test
 MODES = ("strict", "auto")
 DEAD_AFTER = TEST_SETTINGS.heartbeat_interval * TEST_SETTINGS.heartbeat_liveness  # 2 s
 
@@ -218,36 +217,6 @@ def test_toy_shards_split_the_seed_data_as_the_seed_does(tmp_path):
 
 # --- pytest runs in subprocesses: a user's project, and what the plugin reports -----------------
 
-def _run_pytest(directory, *args, env=None, timeout=100):
-    """``python -m pytest`` in ``directory`` as a user would run it: the plugin comes from the installed
-    package's entry point, with no conftest, and none of this project's pytest settings. Bounded below
-    the suite's own timeout; a run that overstays is interrupted (so it stops its daemons), then killed
-    with its whole process group."""
-    env = {**{k: v for k, v in os.environ.items()
-              if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")},
-           # the fedzmq under test, and only it: where this suite imports it from (a source tree on
-           # PYTHONPATH or the installed package), so the run checks this code, not another install's
-           "PYTHONPATH": FEDZMQ_ROOT, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-    # its own base temporary directory: runs side by side would otherwise clean up each other's
-    # leftovers in /tmp/pytest-of-USER at the same time, and warn when one removes what the other reads
-    basetemp = Path(directory).parent / f"basetemp-{Path(directory).name}"
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(directory),
-               "--basetemp", str(basetemp), *args]
-    with subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True) as run:
-        try:
-            output, _ = run.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            run.send_signal(signal.SIGINT)  # pytest tears its fixtures down: the daemons stop
-            try:
-                output, _ = run.communicate(timeout=15)
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(run.pid, signal.SIGKILL)
-            pytest.fail(f"pytest {' '.join(args)} in {directory} took more than {timeout}s:\n{output}")
-    return run, output
-
-
 def test_user_project_runs_with_the_installed_plugin_and_no_conftest_in_strict_and_auto_mode(tmp_path):
     assert not list(USER_PROJECT.rglob("conftest.py"))
     copies = {}
@@ -255,7 +224,7 @@ def test_user_project_runs_with_the_installed_plugin_and_no_conftest_in_strict_a
         copies[mode] = shutil.copytree(USER_PROJECT, tmp_path / mode / "user_project",
                                        ignore=shutil.ignore_patterns("__pycache__", ".*"))
     with ThreadPoolExecutor(2) as pool:  # side by side: they are independent
-        runs = dict(zip(MODES, pool.map(lambda mode: _run_pytest(copies[mode], "-o", f"asyncio_mode={mode}", "-v"),
+        runs = dict(zip(MODES, pool.map(lambda mode: run_pytest(copies[mode], "-o", f"asyncio_mode={mode}", "-v"),
                                         MODES)))
     for mode, (result, output) in runs.items():
         assert result.returncode == 0, output
@@ -284,22 +253,15 @@ def test_leaks_two_daemons(request, tmp_path):
 '''
 
 
-def _is_daemon(pid):
-    try:
-        return b"fedzmq.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds untracked daemons through /proc")
 def test_session_fails_naming_daemons_left_running_and_kills_them(tmp_path):
     (tmp_path / "test_leaky.py").write_text(LEAKY_TEST)
     pids_file = tmp_path / "pids"
     try:
-        result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", env={"LEAKY_PIDS": str(pids_file)})
+        result, output = run_pytest(tmp_path, "-o", "asyncio_mode=strict", env={"LEAKY_PIDS": str(pids_file)})
     finally:
         pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
-        survivors = [pid for pid in pids if _is_daemon(pid)]
+        survivors = [pid for pid in pids if is_daemon(pid)]
         for pid in survivors:  # should the check fail, still leave nothing behind
             os.kill(pid, signal.SIGKILL)
     assert len(pids) == 2, output
@@ -343,7 +305,7 @@ async def test_passes(fedzmq_daemons):
 
 def test_failed_test_prints_daemon_logs_and_an_unclean_exit_fails_teardown(tmp_path):
     (tmp_path / "test_failing.py").write_text(FAILING_TESTS)
-    result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-rA")
+    result, output = run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-rA")
     assert result.returncode == 1, output
     assert "1 failed, 2 passed, 1 error" in output, output
     assert "ERROR at teardown of test_daemon_crashes" in output, output
@@ -380,7 +342,7 @@ def test_runs_after_the_leak_with_grad_mode_on():
 
 def test_a_test_that_leaks_grad_mode_fails_by_name_and_the_next_starts_clean(tmp_path):
     (tmp_path / "test_modes.py").write_text(LEAKING_MODE_TESTS)
-    result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-p", "no:randomly")
+    result, output = run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-p", "no:randomly")
     assert result.returncode == 1, output
     assert "1 failed, 1 passed" in output, output
     assert "test_modes.py::test_leaks_grad_mode left torch's thread modes changed after its call" in output, output
