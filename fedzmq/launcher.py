@@ -7,11 +7,17 @@ the exit code. Fault injection for tests is a method each: ``kill()``, ``pause()
 Daemons die with their launcher: each gets the read end of a pipe whose write end only the launcher
 holds (``fedzmq.worker.watchdog``), so when the launcher exits, killed or not, the daemon stops. Pass
 ``watchdog=False`` for a daemon meant to outlive the process that started it.
+
+With ``pid_dir=``, a file ``<pid>.json`` in that folder describes the daemon while it runs: its pid
+and start time, its id and log, and the same for its launcher. A daemon that outlived its launcher
+(one started without the watchdog, or stopped with SIGSTOP when the launcher died) is found there
+later; ``fedzmq.testing.leftovers`` does that for test runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import selectors
 import signal
@@ -34,7 +40,7 @@ class DaemonError(RuntimeError):
 class DaemonProcess:
     def __init__(self, worker_id: str, bind: str = "tcp://127.0.0.1:0", extra_args: Sequence[str] = (),
                  log_dir: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
-                 watchdog: bool = True) -> None:
+                 watchdog: bool = True, pid_dir: str | os.PathLike[str] | None = None, note: str = "") -> None:
         self.id = worker_id
         self.bind = bind
         self.extra_args = list(extra_args)
@@ -46,6 +52,10 @@ class DaemonProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self._stop_sent = False
         self._watchdog_fd: int | None = None  # our end of the pipe; its closing tells the daemon to stop
+        #: where ``<pid>.json`` describes the running daemon (None: nowhere), and a note written in it
+        self.pid_dir = Path(pid_dir) if pid_dir is not None else None
+        self.note = note
+        self._pid_file: Path | None = None
 
     @property
     def command(self) -> list[str]:
@@ -64,7 +74,7 @@ class DaemonProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         env.pop(WATCHDOG_ENV, None)  # a pipe of whoever started us is not the daemon's
-        self._close_watchdog()  # a restart: the old process's pipe
+        self._reaped()  # a restart: the old process's pipe and pid file
         pass_fds: tuple[int, ...] = ()
         if self.watchdog:
             read_end, self._watchdog_fd = os.pipe()  # both non-inheritable: no other child holds them
@@ -75,12 +85,37 @@ class DaemonProcess:
                 self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log, env=env,
                                                 pass_fds=pass_fds)
         except BaseException:
-            self._close_watchdog()
+            self._reaped()
             raise
         finally:
             for fd in pass_fds:
                 os.close(fd)  # the daemon has its copy
         self._stop_sent = False
+        self._write_pid_file()
+
+    def _write_pid_file(self) -> None:
+        if self.pid_dir is None or self.process is None:
+            return
+        me = os.getpid()
+        info = {"pid": self.process.pid, "start_time": process_start_time(self.process.pid), "id": self.id,
+                "address": self.address or self.bind, "log": str(self.log_path), "note": self.note,
+                "launcher_pid": me, "launcher_start_time": process_start_time(me),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        path = self.pid_dir / f"{self.process.pid}.json"
+        partial = path.with_suffix(".part")
+        partial.write_text(json.dumps(info))
+        os.replace(partial, path)  # a reader never sees half a file
+        self._pid_file = path
+
+    def _reaped(self) -> None:
+        """The process is gone (or about to be replaced): close our end of its pipe, remove its pid file."""
+        if self._watchdog_fd is not None:
+            os.close(self._watchdog_fd)
+            self._watchdog_fd = None
+        if self._pid_file is not None:
+            self._pid_file.unlink(missing_ok=True)
+            self._pid_file = None
 
     def wait_ready(self, timeout: float = 30.0) -> str:
         self.address = self._wait_ready(timeout)
@@ -107,6 +142,7 @@ class DaemonProcess:
         if code is None:
             self.process.kill()
             self.process.wait()
+        self._reaped()
         raise DaemonError(f"daemon {self.id} did not become ready within {timeout}s (exit code {code}); "
                           f"log:\n{self.log_tail()}")
 
@@ -132,7 +168,7 @@ class DaemonProcess:
         code = self.process.returncode
         if self.process.stdout:
             self.process.stdout.close()
-        self._close_watchdog()
+        self._reaped()
         return code
 
     def signal_stop(self) -> None:
@@ -147,12 +183,7 @@ class DaemonProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self._close_watchdog()
-
-    def _close_watchdog(self) -> None:
-        if self._watchdog_fd is not None:
-            os.close(self._watchdog_fd)
-            self._watchdog_fd = None
+        self._reaped()
 
     def pause(self) -> None:
         """SIGSTOP: the daemon hangs (answers nothing) until ``resume``."""
@@ -178,6 +209,16 @@ class DaemonProcess:
 
     def __repr__(self) -> str:
         return f"<DaemonProcess {self.id} {self.address or self.bind} pid={self.pid}>"
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux; None elsewhere, or if it is gone):
+    with the pid, it tells a process from a later one that reuses its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def start_daemons(ids: Sequence[str], extra_args: Sequence[str] = (), host: str = "127.0.0.1",

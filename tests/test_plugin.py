@@ -3,7 +3,6 @@ dataset makers, the end-of-session check for leftover daemons, and an example us
 subprocess, in strict and in auto mode, with nothing but the installed package (no conftest)."""
 
 import asyncio
-import os
 import shutil
 import signal
 import sys
@@ -21,7 +20,7 @@ from fedzmq.testing import assert_state_dicts_close, state_dict_diff, toy_datase
 from fedzmq.worker.datasets import load_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
 
-from pytest_runs import is_daemon, run_pytest
+from pytest_runs import run_pytest
 
 USER_PROJECT = Path(__file__).parent / "user_project"
 MODES = ("strict", "auto")
@@ -232,45 +231,6 @@ def test_user_project_runs_with_the_installed_plugin_and_no_conftest_in_strict_a
         assert f"rootdir: {copies[mode]}" in output and "configfile: pyproject.toml" in output, output
         assert "fedzmq-" in output.split("plugins:", 1)[1].splitlines()[0], output  # loaded by its entry point
         assert " 5 passed" in output and "skipped" not in output and "warning" not in output.lower(), output
-
-
-LEAKY_TEST = '''
-import os
-from fedzmq.launcher import DaemonProcess
-from fedzmq.testing.plugin import track_daemon
-
-kept = []
-
-def test_leaks_two_daemons(request, tmp_path):
-    tracked = DaemonProcess("leaky-tracked", log_dir=tmp_path)
-    untracked = DaemonProcess("leaky-untracked", log_dir=tmp_path)
-    tracked.spawn(), untracked.spawn()
-    tracked.wait_ready(60), untracked.wait_ready(60)
-    track_daemon(request.config, tracked)  # as a test that starts its own daemons should
-    kept.extend([tracked, untracked])      # neither is stopped: both outlive the test
-    with open(os.environ["LEAKY_PIDS"], "w") as f:
-        f.write(f"{tracked.pid} {untracked.pid}")
-'''
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds untracked daemons through /proc")
-def test_session_fails_naming_daemons_left_running_and_kills_them(tmp_path):
-    (tmp_path / "test_leaky.py").write_text(LEAKY_TEST)
-    pids_file = tmp_path / "pids"
-    try:
-        result, output = run_pytest(tmp_path, "-o", "asyncio_mode=strict", env={"LEAKY_PIDS": str(pids_file)})
-    finally:
-        pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
-        survivors = [pid for pid in pids if is_daemon(pid)]
-        for pid in survivors:  # should the check fail, still leave nothing behind
-            os.kill(pid, signal.SIGKILL)
-    assert len(pids) == 2, output
-    assert " 1 passed" in output, output  # the test itself passed...
-    assert result.returncode == 1, output  # ...and the run failed
-    tracked, untracked = pids
-    assert "worker daemons left running by the tests, now killed" in output, output
-    assert f"leaky-tracked (pid {tracked})" in output and f"leaky-untracked (pid {untracked})" in output, output
-    assert not survivors, f"daemons {survivors} outlived the run"
 
 
 FAILING_TESTS = '''

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pytest_runs import FEDZMQ_ROOT, finish, is_daemon, kill_daemons, start_pytest, wait_gone
+from pytest_runs import FEDZMQ_ROOT, finish, is_daemon, kill_daemons, run_pytest, start_pytest, wait_gone
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches processes through /proc")
 
@@ -139,3 +139,123 @@ def test_kit_daemons_stop_when_pytest_is_sigkilled(tmp_path):
     finally:
         run.kill()
         kill_daemons(pids)
+
+
+# --- this run's leftovers: a terminal-summary section, and a failed run -----------------------------
+
+LEAKY_TEST = '''
+import os
+from fedzmq.launcher import DaemonProcess
+from fedzmq.testing.plugin import track_daemon
+
+kept = []
+
+
+def test_passes():
+    pass
+
+
+def test_leaks_two_daemons(request, tmp_path):
+    tracked = DaemonProcess("leaky-tracked", log_dir=tmp_path)
+    untracked = DaemonProcess("leaky-untracked", log_dir=tmp_path)
+    tracked.spawn(), untracked.spawn()
+    tracked.wait_ready(60), untracked.wait_ready(60)
+    track_daemon(request.config, tracked)  # as a test that starts its own daemons should
+    kept.extend([tracked, untracked])      # neither is stopped: both outlive the test
+    with open(os.environ["LEAKY_PIDS"], "a") as f:
+        f.write(f"{tracked.pid} {untracked.pid} ")
+'''
+
+
+def _leaky_run(tmp_path, *args):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_leaky.py").write_text(LEAKY_TEST)
+    pids_file = tmp_path / "pids"
+    pids = []
+    try:
+        result, output = run_pytest(project, "-o", "asyncio_mode=strict", *args, env={"LEAKY_PIDS": str(pids_file)})
+    finally:
+        pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
+        survivors = [pid for pid in pids if is_daemon(pid)]
+        kill_daemons(pids)  # should the check fail, still leave nothing behind
+    assert len(pids) == 2, output
+    assert not survivors, f"daemons {survivors} outlived the run:\n{output}"
+    return result, output, pids
+
+
+def test_daemons_left_running_are_killed_and_reported_in_a_summary_section_that_fails_the_run(tmp_path):
+    result, output, (tracked, untracked) = _leaky_run(tmp_path)
+    assert " 2 passed" in output, output  # the tests themselves passed...
+    assert result.returncode == 1, output  # ...and the run failed
+    progress, section = output.split("= fedzmq: worker daemons left running by the tests =", 1)
+    assert progress.splitlines()[-1].startswith("====="), output  # a section of its own, not glued to the dots
+    test = "test_leaky.py::test_leaks_two_daemons"
+    assert f"killed: leaky-tracked (pid {tracked}, started by {test}, log " in section, output
+    assert f"killed: leaky-untracked (pid {untracked}, started by {test})" in section, output
+    assert "They fail the run" in section and section.index("They fail") < section.index(" 2 passed"), output
+
+
+def test_under_xdist_the_workers_leftovers_reach_the_controller_and_fail_the_run(tmp_path):
+    pytest.importorskip("xdist", reason="needs pytest-xdist")
+    result, output, (tracked, untracked) = _leaky_run(tmp_path, "-n", "2")
+    assert "2 workers [2 items]" in output and " 2 passed" in output, output
+    assert result.returncode == 1, output
+    section = output.split("= fedzmq: worker daemons left running by the tests =", 1)[1]
+    worker = "xdist worker gw"
+    assert f"killed: leaky-tracked (pid {tracked}, {worker}" in section, output
+    assert f"killed: leaky-untracked (pid {untracked}, {worker}" in section, output
+    assert "started by test_leaky.py::test_leaks_two_daemons" in section, output
+
+
+# --- earlier runs' orphans: pid files, found and killed by the next run ---------------------------
+
+OUTLIVING_TEST = '''
+import asyncio
+import os
+
+import pytest
+
+from fedzmq.launcher import DaemonProcess
+from fedzmq.testing.leftovers import pid_dir
+
+
+@pytest.mark.asyncio
+async def test_starts_a_daemon_that_may_outlive_the_run(request, tmp_path):
+    # without the watchdog, and with a pid file where the kit keeps its own
+    daemon = DaemonProcess("outliver", log_dir=tmp_path, watchdog=False, pid_dir=pid_dir(), note=request.node.nodeid)
+    await asyncio.to_thread(daemon.start, 60)
+    with open(os.environ["DAEMON_PIDS"] + ".part", "w") as f:
+        f.write(str(daemon.pid))
+    os.replace(os.environ["DAEMON_PIDS"] + ".part", os.environ["DAEMON_PIDS"])
+    await asyncio.sleep(300)  # until the run is killed
+'''
+
+
+def test_next_run_kills_and_reports_daemons_an_earlier_run_left_without_failing(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_outliving.py").write_text(OUTLIVING_TEST)
+    pids_file = tmp_path / "pids"
+    run = start_pytest(project, "-o", "asyncio_mode=strict", env={"DAEMON_PIDS": str(pids_file)})
+    pids = []
+    try:
+        pids = _pids_when_written(pids_file, run)
+        run.kill()
+        finish(run, 10)
+        time.sleep(1)
+        assert all(is_daemon(pid) for pid in pids), "the daemon must have outlived the killed run"
+        (project / "test_outliving.py").unlink()
+        (project / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+        result, output = run_pytest(project, "-o", "asyncio_mode=strict")  # the next run, in the same temp root
+        assert wait_gone(pids, 5) == [], output
+    finally:
+        run.kill()
+        kill_daemons(pids)
+    assert result.returncode == 0 and " 1 passed" in output, output  # not this run's fault
+    section = output.split("= fedzmq: daemons left by earlier runs =", 1)[1]
+    assert f"killed: outliver (pid {pids[0]}, started by test_outliving.py::test_starts_a_daemon" in section, output
+    assert "They do not fail this run" in section, output
+    assert list((tmp_path / "temproot-project").glob("pytest-of-*/fedzmq-daemons/*.json")) == []
+    _, again = run_pytest(project, "-o", "asyncio_mode=strict")
+    assert "left by earlier runs" not in again, again  # reported once
