@@ -6,7 +6,9 @@ the exit code. Fault injection for tests is a method each: ``kill()``, ``pause()
 
 Daemons die with their launcher: each gets the read end of a pipe whose write end only the launcher
 holds (``fedzmq.worker.watchdog``), so when the launcher exits, killed or not, the daemon stops. Pass
-``watchdog=False`` for a daemon meant to outlive the process that started it.
+``watchdog=False`` for a daemon meant to outlive the process that started it. Each daemon runs in its
+own process group, so a Ctrl-C in the terminal reaches the launcher alone, which stops its daemons
+(or dies, and the pipe stops them).
 
 With ``pid_dir=``, a file ``<pid>.json`` in that folder describes the daemon while it runs: its pid
 and start time, its id and log, and the same for its launcher. A daemon that outlived its launcher
@@ -82,8 +84,10 @@ class DaemonProcess:
             pass_fds = (read_end,)
         try:
             with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log, env=env,
-                                                pass_fds=pass_fds)
+                # its own process group: a Ctrl-C in the terminal is for the launcher to handle (and
+                # it stops its daemons), not a SIGINT that kills the daemon half-started behind its back
+                self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=log, env=env, pass_fds=pass_fds, process_group=0)
         except BaseException:
             self._reaped()
             raise

@@ -259,3 +259,57 @@ def test_next_run_kills_and_reports_daemons_an_earlier_run_left_without_failing(
     assert list((tmp_path / "temproot-project").glob("pytest-of-*/fedzmq-daemons/*.json")) == []
     _, again = run_pytest(project, "-o", "asyncio_mode=strict")
     assert "left by earlier runs" not in again, again  # reported once
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------
+
+SLOW_START_TEST = '''
+import pytest
+
+
+@pytest.mark.asyncio
+async def test_starts_daemons_that_take_long_to_start(fedzmq_daemons):
+    await fedzmq_daemons("bob", "alice", models={"net": "slow_import:Net"}, timeout=120)
+'''
+
+
+def _daemon_children(pid):
+    """Live worker daemons whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and is_daemon(int(entry)):
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, ValueError):
+                pass
+    return found
+
+
+def test_ctrl_c_while_daemons_start_exits_with_2_and_a_short_message_and_stops_them(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_slow_start.py").write_text(SLOW_START_TEST)
+    (project / "slow_import.py").write_text(  # the daemons hang before they are ready, once they say so
+        "import os, time\nopen(f'hanging-{os.getpid()}', 'w').close()\ntime.sleep(120)\n")
+    run = start_pytest(project, "-o", "asyncio_mode=strict")
+    daemons = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(project.glob("hanging-*"))) < 2 and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        daemons = _daemon_children(run.pid)
+        assert len(daemons) == 2, finish(run, 10)
+        # each in a process group of its own: the terminal's SIGINT is for pytest alone, which stops them
+        assert [os.getpgid(pid) for pid in daemons] == daemons and os.getpgid(run.pid) not in daemons
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the foreground group
+        output = finish(run, 30)
+        assert wait_gone(daemons, 10) == [], output
+    finally:
+        run.kill()
+        kill_daemons(daemons)
+    assert run.returncode == 2, output  # pytest's own status for an interrupted run
+    assert "KeyboardInterrupt" in output and "no tests ran" in output, output
+    assert "Traceback" not in output and "log of daemon" not in output and "exited with code" not in output, output
+    assert len(output.splitlines()) < 25, output
