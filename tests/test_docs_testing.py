@@ -40,10 +40,12 @@ def _public(names):
 
 
 def test_every_fixture_handle_method_and_helper_is_documented():
-    names = ["fedzmq_daemons", "fedzmq_virtual_workers", "fedzmq_digits", "TEST_SETTINGS", "track_daemon",
+    names = ["fedzmq_daemons", "fedzmq_daemons_module", "fedzmq_daemons_session", "fedzmq_virtual_workers",
+             "fedzmq_digits", "TEST_SETTINGS", "track_daemon",
              "leftover_daemons", "worker_ids", *_public(vars(DaemonHandle)), *fedzmq.testing.__all__,
              *fedzmq.testing.plugin.__all__, *fedzmq.testing.datasets.__all__]
     missing = [n for n in dict.fromkeys(names) if not re.search(rf"`[^`\n]*\b{n}\b[^`\n]*`", TEXT)]
     assert not missing, f"not documented in {DOC}: {missing}"
     fixtures = {n for n in vars(fedzmq.testing.plugin) if n.startswith("fedzmq_")}
-    assert fixtures == {"fedzmq_daemons", "fedzmq_virtual_workers", "fedzmq_digits"}
+    assert fixtures == {"fedzmq_daemons", "fedzmq_daemons_module", "fedzmq_daemons_session", "fedzmq_virtual_workers",
+                        "fedzmq_digits"}

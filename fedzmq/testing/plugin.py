@@ -9,7 +9,8 @@ Installed with fedzmq (entry point ``pytest11``), so a user's suite needs no con
 
 Works with pytest-asyncio in strict mode (mark the tests ``@pytest.mark.asyncio``) and in auto mode.
 Every daemon a test starts is stopped at teardown and must exit cleanly (unless the test killed it);
-When a test fails, the tail of each daemon's log is printed. Daemons stop when
+``fedzmq_daemons_module`` and ``fedzmq_daemons_session`` keep daemons across tests and reset them
+after each (pool.py). When a test fails, the tail of each daemon's log is printed. Daemons stop when
 the test process dies, however it dies (the launcher's watchdog pipe). At the end of the run the
 plugin kills and reports any daemon still alive, and fails the run; at the start, it kills and
 reports daemons an earlier run left (leftovers.py). Both reports reach the controller under
@@ -242,6 +243,30 @@ def _pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                       on_new=lambda process: track_daemon(request.config, process))
 
 
+def _scoped_pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 scope: str) -> Iterator[DaemonPool]:
+    """A pool whose daemons live for a module or the session; at its end they must exit cleanly."""
+    pool = _pool(request, tmp_path_factory, f"fedzmq-{scope}-daemons")
+    yield pool
+    problems = pool.stop_all()
+    if problems:
+        for handle in pool.handles.values():
+            print(f"\n----- log of daemon {handle.id} ({handle.process.log_path}) -----\n{handle.log_tail()}")
+        pytest.fail(f"fedzmq_daemons_{scope}: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def _fedzmq_module_pool(request: pytest.FixtureRequest,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
+    yield from _scoped_pool(request, tmp_path_factory, "module")
+
+
+@pytest.fixture(scope="session")
+def _fedzmq_session_pool(request: pytest.FixtureRequest,
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
+    yield from _scoped_pool(request, tmp_path_factory, "session")
+
+
 def _lease(request: pytest.FixtureRequest, pool: DaemonPool) -> Lease:
     return Lease(pool, request.node.nodeid, TEST_SETTINGS, before_first_start=_warm_up_torch)
 
@@ -304,6 +329,24 @@ if pytest_asyncio is not None:
         lease = _lease(request, _pool(request, tmp_path_factory, "fedzmq-daemons"))
         yield lease.start
         await _end(request, lease, stop=True)
+
+    @pytest_asyncio.fixture
+    async def fedzmq_daemons_module(request: pytest.FixtureRequest, _fedzmq_module_pool: DaemonPool
+                                    ) -> AsyncIterator[Callable[..., Awaitable[list[DaemonHandle]]]]:
+        """``fedzmq_daemons`` whose daemons live for the test module: a later test that asks for the same
+        id with the same flags gets the same process, with a new session and its faults undone."""
+        lease = _lease(request, _fedzmq_module_pool)
+        yield lease.start
+        await _end(request, lease, stop=False)
+
+    @pytest_asyncio.fixture
+    async def fedzmq_daemons_session(request: pytest.FixtureRequest, _fedzmq_session_pool: DaemonPool
+                                     ) -> AsyncIterator[Callable[..., Awaitable[list[DaemonHandle]]]]:
+        """``fedzmq_daemons`` whose daemons live for the whole run (for each pytest-xdist worker), reset
+        after each test as ``fedzmq_daemons_module``'s are."""
+        lease = _lease(request, _fedzmq_session_pool)
+        yield lease.start
+        await _end(request, lease, stop=False)
 
 
 __all__ = ["TEST_SETTINGS", "leftover_daemons", "track_daemon"]

@@ -160,7 +160,7 @@ class Lease:
         problems, self.problems = self.problems, []
         for handle in self.used:
             worker = handle.worker
-            clean = worker is not None and worker.alive and handle.running and not handle.stopped
+            clean = worker is not None and worker.alive and handle.running  # a stopped one is continued first
             try:
                 await handle.close_connection()
             except Exception as exc:  # still reset every daemon
