@@ -192,14 +192,41 @@ def test_state_dict_diff_says_which_tensors_differ_where_and_by_how_much():
     with torch.no_grad():
         b.weight[1, 2] += 0.5
     [line] = state_dict_diff(a, b)
-    assert line.startswith("weight: max |diff| 0.5 at flat index 5") and "1 of 6 elements differ" in line
+    before, after = a.weight[1, 2].item(), b.weight[1, 2].item()
+    assert line == f"weight: 1 of 6 elements differ; max |diff| 0.5 at [1, 2] ({before:.6g} vs {after:.6g})"
     assert_state_dicts_close(a, b, atol=0.6)  # within a looser tolerance
-    with pytest.raises(AssertionError, match=r"state dicts differ:\n  weight: max \|diff\| 0.5"):
-        assert_state_dicts_close(a, b)
-    other = {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}
-    problems = state_dict_diff(a, other)
-    assert "bias: only in the first" in problems and "extra: only in the second" in problems
-    assert any(p.startswith("weight: shape/dtype (2, 3)") for p in problems)
+    assert_state_dicts_close(a, b, atol=0, rtol=0.5 / abs(after) + 1e-6)  # or a relative one
+    with pytest.raises(AssertionError) as raised:
+        assert_state_dicts_close(a, b, atol=1e-3)
+    assert str(raised.value) == f"state dicts differ (atol=0.001, rtol=0, NaN equals nothing):\n  {line}"
+    frames = [entry.frame for entry in raised.traceback]
+    assert frames[-1].f_locals.get("__tracebackhide__") is True  # pytest shows the caller's line instead
+
+
+def test_state_dict_diff_lists_in_a_stable_order_with_missing_keys_shapes_and_other_values():
+    first = {"z": torch.zeros(2), "a": torch.zeros(2, 2), "only1": torch.zeros(1), "m": torch.zeros(3), "step": 3}
+    second = {"only2": torch.zeros(1), "m": torch.zeros(3, dtype=torch.float64), "a": torch.zeros(2, 3),
+              "z": torch.ones(2), "step": 4, "only3": 1}
+    expected = ["z: 2 of 2 elements differ; max |diff| 1 at [0] (0 vs 1)",  # the first of equal differences
+                "a: shape/dtype (2, 2) torch.float32 vs (2, 3) torch.float32", "only1: only in the first",
+                "m: shape/dtype (3,) torch.float32 vs (3,) torch.float64", "step: 3 vs 4",
+                "only2: only in the second", "only3: only in the second"]
+    assert state_dict_diff(first, second) == expected
+    assert state_dict_diff(first, second) == expected  # the same every time: no set order
+
+
+def test_nan_matches_nothing_unless_equal_nan_and_counts_as_the_largest_difference():
+    nan, inf = float("nan"), float("inf")
+    a = {"w": torch.tensor([[1.0, nan], [inf, 5.0]])}
+    same = {"w": torch.tensor([[1.0, nan], [inf, 5.0]])}
+    assert state_dict_diff(a, same) == ["w: 1 of 4 elements differ; max |diff| nan at [0, 1] (nan vs nan)"]
+    assert state_dict_diff(a, same, equal_nan=True) == []  # NaN matches NaN at the same place; inf matches inf
+    assert_state_dicts_close(a, same, equal_nan=True)
+    other = {"w": torch.tensor([[1.0, 2.0], [-inf, 9.0]])}
+    assert state_dict_diff(a, other, equal_nan=True) == [  # NaN ranks above any number, even an infinite one
+        "w: 3 of 4 elements differ; max |diff| nan at [0, 1] (nan vs 2)"]
+    with pytest.raises(AssertionError, match=r"\(atol=1e-06, rtol=0, NaN equals NaN\):\n  w: 3 of 4"):
+        assert_state_dicts_close(a, other, equal_nan=True)
 
 
 def test_toy_shards_split_the_seed_data_as_the_seed_does(tmp_path):
