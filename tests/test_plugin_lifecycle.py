@@ -105,6 +105,8 @@ import pytest
 @pytest.mark.asyncio
 async def test_hangs(fedzmq_daemons):
     handles = await fedzmq_daemons("bob", "alice")
+    if os.environ["STOP_ONE"] == "1":
+        handles[1].stop()  # SIGSTOP: it cannot read its pipe until something continues it
     with open(os.environ["DAEMON_PIDS"] + ".part", "w") as f:
         f.write(" ".join(str(h.pid) for h in handles))
     os.replace(os.environ["DAEMON_PIDS"] + ".part", os.environ["DAEMON_PIDS"])
@@ -123,12 +125,16 @@ def _pids_when_written(path, run, timeout=90):
     return [int(pid) for pid in path.read_text().split()]
 
 
-def test_kit_daemons_stop_when_pytest_is_sigkilled(tmp_path):
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "one-stopped"])
+def test_kit_daemons_stop_when_pytest_is_sigkilled(tmp_path, stopped):
+    """A stopped daemon too: in a process group of its own, which its launcher's death orphans, it is
+    sent SIGHUP and SIGCONT by the kernel (POSIX), and then reads the end of its pipe."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "test_hangs.py").write_text(HANGING_TEST)
     pids_file = tmp_path / "pids"
-    run = start_pytest(project, "-o", "asyncio_mode=strict", env={"DAEMON_PIDS": str(pids_file)})
+    run = start_pytest(project, "-o", "asyncio_mode=strict",
+                       env={"DAEMON_PIDS": str(pids_file), "STOP_ONE": str(int(stopped))})
     pids = []
     try:
         pids = _pids_when_written(pids_file, run)

@@ -11,7 +11,8 @@ Why a pipe and not Linux's PR_SET_PDEATHSIG: that signal fires when the *thread*
 child exits, and launchers start daemons from worker threads (``asyncio.to_thread``); it is also
 Linux only. The limit of a pipe: a process forked (not exec'd) from the launcher inherits the write
 end, and the daemon stops only once that process has exited as well. A stopped daemon (SIGSTOP)
-notices nothing until it is continued.
+notices nothing until it is continued; ``DaemonProcess`` starts each daemon in a process group of
+its own, which the launcher's death orphans, and the kernel then continues its stopped members.
 """
 
 from __future__ import annotations
