@@ -76,7 +76,9 @@ class DaemonProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         env.pop(WATCHDOG_ENV, None)  # a pipe of whoever started us is not the daemon's
-        self._reaped()  # a restart: the old process's pipe and pid file
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()  # a start after a crash or a kill: the old process's output
+        self._reaped()  # and its watchdog pipe and pid file
         pass_fds: tuple[int, ...] = ()
         if self.watchdog:
             read_end, self._watchdog_fd = os.pipe()  # both non-inheritable: no other child holds them

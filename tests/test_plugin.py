@@ -1,14 +1,12 @@
-"""fedzmq's pytest plugin (fedzmq.testing.plugin): fault injection on real daemons, the factories, the
-dataset makers, the end-of-session check for leftover daemons, and an example user project run in a
-subprocess, in strict and in auto mode, with nothing but the installed package (no conftest)."""
+"""fedzmq's pytest plugin (fedzmq.testing.plugin): fault injection on real daemons, the factories and
+their teardown, the helpers and dataset makers, and what a run reports about a failed test, an unclean
+exit and a leaked torch mode. Daemons that live across tests: test_plugin_scoped.py; daemons that
+outlive the run, leftover reports, interrupts: test_plugin_lifecycle.py; the docs' example project:
+test_docs_testing.py."""
 
 import asyncio
-import shutil
 import signal
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,6 @@ from fedzmq.testing.plugin import TEST_SETTINGS
 
 from pytest_runs import run_pytest
 
-USER_PROJECT = Path(__file__).parent / "user_project"
-MODES = ("strict", "auto")
 DEAD_AFTER = TEST_SETTINGS.heartbeat_interval * TEST_SETTINGS.heartbeat_liveness  # 2 s
 
 
@@ -242,23 +238,6 @@ def test_toy_shards_split_the_seed_data_as_the_seed_does(tmp_path):
 
 
 # --- pytest runs in subprocesses: a user's project, and what the plugin reports -----------------
-
-def test_user_project_runs_with_the_installed_plugin_and_no_conftest_in_strict_and_auto_mode(tmp_path):
-    assert not list(USER_PROJECT.rglob("conftest.py"))
-    copies = {}
-    for mode in MODES:  # a copy each, outside this repository: nothing of it is on the path, nothing is written here
-        copies[mode] = shutil.copytree(USER_PROJECT, tmp_path / mode / "user_project",
-                                       ignore=shutil.ignore_patterns("__pycache__", ".*"))
-    with ThreadPoolExecutor(2) as pool:  # side by side: they are independent
-        runs = dict(zip(MODES, pool.map(lambda mode: run_pytest(copies[mode], "-o", f"asyncio_mode={mode}", "-v"),
-                                        MODES)))
-    for mode, (result, output) in runs.items():
-        assert result.returncode == 0, output
-        assert f"mode=Mode.{mode.upper()}" in output, output
-        assert f"rootdir: {copies[mode]}" in output and "configfile: pyproject.toml" in output, output
-        assert "fedzmq-" in output.split("plugins:", 1)[1].splitlines()[0], output  # loaded by its entry point
-        assert " 5 passed" in output and "skipped" not in output and "warning" not in output.lower(), output
-
 
 FAILING_TESTS = '''
 import os

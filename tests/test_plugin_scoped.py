@@ -119,7 +119,7 @@ def test_module_and_session_scoped_daemons_are_reused_and_reset_between_tests(tm
     (project / "test_a_module_scope.py").write_text(MODULE_SCOPED)
     (project / "test_b_other_module.py").write_text(OTHER_MODULE)
     result, output = run_pytest(project, "-o", "asyncio_mode=strict", "-o", "asyncio_default_fixture_loop_scope=function",
-                                "-p", "no:randomly", "-rA", timeout=240)
+                                "-p", "no:randomly", "-W", "error", "-rA", timeout=240)
     assert "9 passed, 1 error" in output, output
     assert result.returncode == 1, output
     assert "ERROR at teardown of test_3_gets_the_killed_daemon_restarted_at_its_address" in output, output
