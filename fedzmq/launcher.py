@@ -11,9 +11,9 @@ own process group, so a Ctrl-C in the terminal reaches the launcher alone, which
 (or dies, and the pipe stops them).
 
 With ``pid_dir=``, a file ``<pid>.json`` in that folder describes the daemon while it runs: its pid
-and start time, its id and log, and the same for its launcher. A daemon that outlived its launcher
-(one started without the watchdog, or stopped with SIGSTOP when the launcher died) is found there
-later; ``fedzmq.testing.leftovers`` does that for test runs.
+and start time, its id, address and log, and the launcher's pid and start time. A daemon that
+outlived its launcher (one started without the watchdog, or one whose pipe a process forked from the
+launcher kept open) is found there later; ``fedzmq.testing.leftovers`` does that for test runs.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ class DaemonProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> str:
         self.address = self._wait_ready(timeout)
+        self._write_pid_file()  # now with the address the system chose
         return self.address
 
     def _wait_ready(self, timeout: float) -> str:

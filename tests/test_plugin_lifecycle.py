@@ -4,6 +4,7 @@ and leftovers are reported as pytest reports them. Everything runs real processe
 pytest runs in subprocesses, daemons on loopback."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -247,6 +248,12 @@ def test_next_run_kills_and_reports_daemons_an_earlier_run_left_without_failing(
     pids = []
     try:
         pids = _pids_when_written(pids_file, run)
+        [pid_file] = (tmp_path / "temproot-project").glob(f"pytest-of-*/fedzmq-daemons/{pids[0]}.json")
+        info = json.loads(pid_file.read_text())
+        assert info["pid"] == pids[0] and info["launcher_pid"] == run.pid and info["id"] == "outliver"
+        assert info["start_time"] > info["launcher_start_time"] > 0 and info["log"].endswith("outliver.log")
+        assert info["address"].startswith("tcp://127.0.0.1:") and not info["address"].endswith(":0")
+        assert info["note"] == "test_outliving.py::test_starts_a_daemon_that_may_outlive_the_run"
         run.kill()
         finish(run, 10)
         time.sleep(1)

@@ -4,8 +4,9 @@ Earlier runs: every daemon the kit starts has a pid file while it runs (``Daemon
 with ``pid_dir()`` below), naming the daemon and its launcher, each by pid and start time. The folder is
 beside pytest's numbered base temporary folders, not inside one: the next run with ``--basetemp``
 wipes its folder, and pytest deletes all but the last three. A daemon outlives its run only when the
-watchdog pipe could not stop it (it was stopped with SIGSTOP, or started with ``watchdog=False``); at
-the start of the next run ``earlier_orphans`` finds those whose launcher is gone and which still run.
+watchdog pipe could not stop it (started with ``watchdog=False``, or a process forked from pytest
+kept the pipe open); at the start of the next run ``earlier_orphans`` finds those whose launcher is
+gone and which still run.
 
 This run: ``child_daemons`` finds the worker daemons that are live children of this process.
 Both need Linux's /proc (elsewhere they find nothing).

@@ -239,7 +239,9 @@ def fedzmq_digits(tmp_path: Path) -> Callable[..., DigitsShards]:
 
 
 def _pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> DaemonPool:
-    return DaemonPool(tmp_path_factory.mktemp(name), pid_dir=pid_dir(),
+    pids = pid_dir()
+    pids.parent.mkdir(mode=0o700, exist_ok=True)  # pytest's own folder, private, as pytest makes it
+    return DaemonPool(tmp_path_factory.mktemp(name), pid_dir=pids,
                       on_new=lambda process: track_daemon(request.config, process))
 
 
