@@ -1,17 +1,12 @@
-"""fedzmq's pytest plugin (fedzmq.testing.plugin): fault injection on real daemons, the factories, the
-dataset makers, the end-of-session check for leftover daemons, and an example user project run in a
-subprocess, in strict and in auto mode, with nothing but the installed package (no conftest)."""
+"""fedzmq's pytest plugin (fedzmq.testing.plugin): fault injection on real daemons, the factories and
+their teardown, the helpers and dataset makers, and what a run reports about a failed test, an unclean
+exit and a leaked torch mode. Daemons that live across tests: test_plugin_scoped.py; daemons that
+outlive the run, leftover reports, interrupts: test_plugin_lifecycle.py; the docs' example project:
+test_docs_testing.py."""
 
 import asyncio
-import contextlib
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +18,8 @@ from fedzmq.testing import assert_state_dicts_close, state_dict_diff, toy_datase
 from fedzmq.worker.datasets import load_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
 
-USER_PROJECT = Path(__file__).parent / "user_project"
-MODES = ("strict", "auto")
+from pytest_runs import run_pytest
+
 DEAD_AFTER = TEST_SETTINGS.heartbeat_interval * TEST_SETTINGS.heartbeat_liveness  # 2 s
 
 
@@ -193,14 +188,41 @@ def test_state_dict_diff_says_which_tensors_differ_where_and_by_how_much():
     with torch.no_grad():
         b.weight[1, 2] += 0.5
     [line] = state_dict_diff(a, b)
-    assert line.startswith("weight: max |diff| 0.5 at flat index 5") and "1 of 6 elements differ" in line
+    before, after = a.weight[1, 2].item(), b.weight[1, 2].item()
+    assert line == f"weight: 1 of 6 elements differ; max |diff| 0.5 at [1, 2] ({before:.6g} vs {after:.6g})"
     assert_state_dicts_close(a, b, atol=0.6)  # within a looser tolerance
-    with pytest.raises(AssertionError, match=r"state dicts differ:\n  weight: max \|diff\| 0.5"):
-        assert_state_dicts_close(a, b)
-    other = {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}
-    problems = state_dict_diff(a, other)
-    assert "bias: only in the first" in problems and "extra: only in the second" in problems
-    assert any(p.startswith("weight: shape/dtype (2, 3)") for p in problems)
+    assert_state_dicts_close(a, b, atol=0, rtol=0.5 / abs(after) + 1e-6)  # or a relative one
+    with pytest.raises(AssertionError) as raised:
+        assert_state_dicts_close(a, b, atol=1e-3)
+    assert str(raised.value) == f"state dicts differ (atol=0.001, rtol=0, NaN equals nothing):\n  {line}"
+    frames = [entry.frame for entry in raised.traceback]
+    assert frames[-1].f_locals.get("__tracebackhide__") is True  # pytest shows the caller's line instead
+
+
+def test_state_dict_diff_lists_in_a_stable_order_with_missing_keys_shapes_and_other_values():
+    first = {"z": torch.zeros(2), "a": torch.zeros(2, 2), "only1": torch.zeros(1), "m": torch.zeros(3), "step": 3}
+    second = {"only2": torch.zeros(1), "m": torch.zeros(3, dtype=torch.float64), "a": torch.zeros(2, 3),
+              "z": torch.ones(2), "step": 4, "only3": 1}
+    expected = ["z: 2 of 2 elements differ; max |diff| 1 at [0] (0 vs 1)",  # the first of equal differences
+                "a: shape/dtype (2, 2) torch.float32 vs (2, 3) torch.float32", "only1: only in the first",
+                "m: shape/dtype (3,) torch.float32 vs (3,) torch.float64", "step: 3 vs 4",
+                "only2: only in the second", "only3: only in the second"]
+    assert state_dict_diff(first, second) == expected
+    assert state_dict_diff(first, second) == expected  # the same every time: no set order
+
+
+def test_nan_matches_nothing_unless_equal_nan_and_counts_as_the_largest_difference():
+    nan, inf = float("nan"), float("inf")
+    a = {"w": torch.tensor([[1.0, nan], [inf, 5.0]])}
+    same = {"w": torch.tensor([[1.0, nan], [inf, 5.0]])}
+    assert state_dict_diff(a, same) == ["w: 1 of 4 elements differ; max |diff| nan at [0, 1] (nan vs nan)"]
+    assert state_dict_diff(a, same, equal_nan=True) == []  # NaN matches NaN at the same place; inf matches inf
+    assert_state_dicts_close(a, same, equal_nan=True)
+    other = {"w": torch.tensor([[1.0, 2.0], [-inf, 9.0]])}
+    assert state_dict_diff(a, other, equal_nan=True) == [  # NaN ranks above any number, even an infinite one
+        "w: 3 of 4 elements differ; max |diff| nan at [0, 1] (nan vs 2)"]
+    with pytest.raises(AssertionError, match=r"\(atol=1e-06, rtol=0, NaN equals NaN\):\n  w: 3 of 4"):
+        assert_state_dicts_close(a, other, equal_nan=True)
 
 
 def test_toy_shards_split_the_seed_data_as_the_seed_does(tmp_path):
@@ -216,97 +238,6 @@ def test_toy_shards_split_the_seed_data_as_the_seed_does(tmp_path):
 
 
 # --- pytest runs in subprocesses: a user's project, and what the plugin reports -----------------
-
-def _run_pytest(directory, *args, env=None, timeout=100):
-    """``python -m pytest`` in ``directory`` as a user would run it: the plugin comes from the installed
-    package's entry point, with no conftest, and none of this project's pytest settings. Bounded below
-    the suite's own timeout; a run that overstays is interrupted (so it stops its daemons), then killed
-    with its whole process group."""
-    env = {**{k: v for k, v in os.environ.items()
-              if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONPATH")},
-           "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-    # its own base temporary directory: runs side by side would otherwise clean up each other's
-    # leftovers in /tmp/pytest-of-USER at the same time, and warn when one removes what the other reads
-    basetemp = Path(directory).parent / f"basetemp-{Path(directory).name}"
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(directory),
-               "--basetemp", str(basetemp), *args]
-    with subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True) as run:
-        try:
-            output, _ = run.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            run.send_signal(signal.SIGINT)  # pytest tears its fixtures down: the daemons stop
-            try:
-                output, _ = run.communicate(timeout=15)
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(run.pid, signal.SIGKILL)
-            pytest.fail(f"pytest {' '.join(args)} in {directory} took more than {timeout}s:\n{output}")
-    return run, output
-
-
-def test_user_project_runs_with_the_installed_plugin_and_no_conftest_in_strict_and_auto_mode(tmp_path):
-    assert not list(USER_PROJECT.rglob("conftest.py"))
-    copies = {}
-    for mode in MODES:  # a copy each, outside this repository: nothing of it is on the path, nothing is written here
-        copies[mode] = shutil.copytree(USER_PROJECT, tmp_path / mode / "user_project",
-                                       ignore=shutil.ignore_patterns("__pycache__", ".*"))
-    with ThreadPoolExecutor(2) as pool:  # side by side: they are independent
-        runs = dict(zip(MODES, pool.map(lambda mode: _run_pytest(copies[mode], "-o", f"asyncio_mode={mode}", "-v"),
-                                        MODES)))
-    for mode, (result, output) in runs.items():
-        assert result.returncode == 0, output
-        assert f"mode=Mode.{mode.upper()}" in output, output
-        assert f"rootdir: {copies[mode]}" in output and "configfile: pyproject.toml" in output, output
-        assert "fedzmq-" in output.split("plugins:", 1)[1].splitlines()[0], output  # loaded by its entry point
-        assert " 5 passed" in output and "skipped" not in output and "warning" not in output.lower(), output
-
-
-LEAKY_TEST = '''
-import os
-from fedzmq.launcher import DaemonProcess
-from fedzmq.testing.plugin import track_daemon
-
-kept = []
-
-def test_leaks_two_daemons(request, tmp_path):
-    tracked = DaemonProcess("leaky-tracked", log_dir=tmp_path)
-    untracked = DaemonProcess("leaky-untracked", log_dir=tmp_path)
-    tracked.spawn(), untracked.spawn()
-    tracked.wait_ready(60), untracked.wait_ready(60)
-    track_daemon(request.config, tracked)  # as a test that starts its own daemons should
-    kept.extend([tracked, untracked])      # neither is stopped: both outlive the test
-    with open(os.environ["LEAKY_PIDS"], "w") as f:
-        f.write(f"{tracked.pid} {untracked.pid}")
-'''
-
-
-def _is_daemon(pid):
-    try:
-        return b"fedzmq.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds untracked daemons through /proc")
-def test_session_fails_naming_daemons_left_running_and_kills_them(tmp_path):
-    (tmp_path / "test_leaky.py").write_text(LEAKY_TEST)
-    pids_file = tmp_path / "pids"
-    try:
-        result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", env={"LEAKY_PIDS": str(pids_file)})
-    finally:
-        pids = [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
-        survivors = [pid for pid in pids if _is_daemon(pid)]
-        for pid in survivors:  # should the check fail, still leave nothing behind
-            os.kill(pid, signal.SIGKILL)
-    assert len(pids) == 2, output
-    assert " 1 passed" in output, output  # the test itself passed...
-    assert result.returncode == 1, output  # ...and the run failed
-    tracked, untracked = pids
-    assert "worker daemons left running by the tests, now killed" in output, output
-    assert f"leaky-tracked (pid {tracked})" in output and f"leaky-untracked (pid {untracked})" in output, output
-    assert not survivors, f"daemons {survivors} outlived the run"
-
 
 FAILING_TESTS = '''
 import os
@@ -340,7 +271,7 @@ async def test_passes(fedzmq_daemons):
 
 def test_failed_test_prints_daemon_logs_and_an_unclean_exit_fails_teardown(tmp_path):
     (tmp_path / "test_failing.py").write_text(FAILING_TESTS)
-    result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-rA")
+    result, output = run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-rA")
     assert result.returncode == 1, output
     assert "1 failed, 2 passed, 1 error" in output, output
     assert "ERROR at teardown of test_daemon_crashes" in output, output
@@ -377,7 +308,7 @@ def test_runs_after_the_leak_with_grad_mode_on():
 
 def test_a_test_that_leaks_grad_mode_fails_by_name_and_the_next_starts_clean(tmp_path):
     (tmp_path / "test_modes.py").write_text(LEAKING_MODE_TESTS)
-    result, output = _run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-p", "no:randomly")
+    result, output = run_pytest(tmp_path, "-o", "asyncio_mode=strict", "-p", "no:randomly")
     assert result.returncode == 1, output
     assert "1 failed, 1 passed" in output, output
     assert "test_modes.py::test_leaks_grad_mode left torch's thread modes changed after its call" in output, output

@@ -9,19 +9,20 @@ Installed with fedzmq (entry point ``pytest11``), so a user's suite needs no con
 
 Works with pytest-asyncio in strict mode (mark the tests ``@pytest.mark.asyncio``) and in auto mode.
 Every daemon a test starts is stopped at teardown and must exit cleanly (unless the test killed it);
-when a test fails, the tail of each daemon's log is printed. At the end of the run the plugin fails
-the session if a daemon is still alive: one it started, one registered with ``track_daemon``, or any
-``fedzmq.worker`` child process of the test run. See docs/testing.md.
+``fedzmq_daemons_module`` and ``fedzmq_daemons_session`` keep daemons across tests and reset them
+after each (pool.py). When a test fails, the tail of each daemon's log is printed. Daemons stop when
+the test process dies, however it dies (the launcher's watchdog pipe). At the end of the run the
+plugin kills and reports any daemon still alive, and fails the run; at the start, it kills and
+reports daemons an earlier run left (leftovers.py). Both reports reach the controller under
+pytest-xdist. See docs/testing.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 import signal
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import pytest
 
@@ -30,8 +31,10 @@ from ..client.connection import ConnectionSettings
 from ..client.worker import VirtualWorker
 from ..launcher import DaemonProcess
 from ..worker import WorkerConfig
-from .daemons import DaemonHandle, PathLike, daemon_args
+from .daemons import DaemonHandle
 from .datasets import DigitsShards, digits_shards, worker_ids
+from .leftovers import Leftover, child_daemons, earlier_orphans, kill_orphans, pid_dir
+from .pool import DaemonPool, Lease
 
 try:
     import pytest_asyncio
@@ -40,15 +43,16 @@ except ImportError:  # pragma: no cover - the async fixtures need pytest-asyncio
 
 _STARTED = pytest.StashKey[list[DaemonProcess]]()
 _FAILED = pytest.StashKey[bool]()
+_STARTED_BY = pytest.StashKey[dict[int, str]]()  # pid of a daemon that is a child of this process -> test
+_LEFTOVERS = pytest.StashKey[list[Leftover]]()  # this run's, killed at its end (with xdist: all workers')
+_ORPHANS = pytest.StashKey[list[Leftover]]()  # earlier runs', killed at the start of this one
+_WORKER_OUTPUT = "fedzmq_leftovers"  # the key of an xdist worker's leftovers in its workeroutput
 
 #: heartbeats for tests: a dead daemon is noticed within about 2 seconds (0.25 s x 8)
 TEST_SETTINGS = ConnectionSettings(heartbeat_interval=0.25, heartbeat_liveness=8, connect_timeout=30.0)
 
 #: in-process workers' settings: the data owner's terms let a few rows make a batch (test data is tiny)
 TEST_CONFIG = WorkerConfig(min_batch_size=1, min_metric_rows=1)
-
-#: how a worker daemon shows in a process's command line
-_DAEMON_MARKS = ("fedzmq.worker", "fedzmq-worker")
 
 
 def track_daemon(config: pytest.Config, *daemons: DaemonProcess) -> None:
@@ -57,9 +61,40 @@ def track_daemon(config: pytest.Config, *daemons: DaemonProcess) -> None:
     config.stash.setdefault(_STARTED, []).extend(daemons)
 
 
+def _xdist_worker(config: pytest.Config) -> str | None:
+    """The id of this pytest-xdist worker (``gw0``), or None in the controller or without xdist."""
+    workerinput = getattr(config, "workerinput", None)
+    return workerinput.get("workerid", "?") if workerinput is not None else None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STARTED] = []
+    config.stash[_STARTED_BY] = {}
+    config.stash[_LEFTOVERS] = []
+    config.stash[_ORPHANS] = []
     config.addinivalue_line("markers", "fedzmq_slow: a fedzmq test that takes tens of seconds")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Kill the daemons earlier runs left behind (once: in the controller under xdist)."""
+    if _xdist_worker(session.config) is not None:
+        return
+    directory = pid_dir()
+    orphans = earlier_orphans(directory)
+    kill_orphans(directory, orphans)
+    session.config.stash[_ORPHANS] = orphans
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[Any]:
+    """Remember which test started each daemon child of this process, for the end-of-run report."""
+    before = set(child_daemons())
+    try:
+        return (yield)
+    finally:
+        started_by = item.config.stash[_STARTED_BY]
+        for pid in child_daemons().keys() - before:
+            started_by.setdefault(pid, item.nodeid)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -105,64 +140,65 @@ def _keeping_torch_modes(item: pytest.Item, phase: str) -> Any:
     return result
 
 
-def _child_daemons() -> dict[int, str]:
-    """Worker daemons that are live child processes of this one: pid -> id (Linux only; else empty)."""
-    found: dict[int, str] = {}
-    me = os.getpid()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) != me or fields[0] == "Z":
-                continue
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if any(mark in arg for arg in argv for mark in _DAEMON_MARKS):
-            worker_id = argv[argv.index("--id") + 1] if "--id" in argv[:-1] else "?"
-            found[int(entry)] = worker_id
-    return found
+def _leftovers(config: pytest.Config) -> list[Leftover]:
+    started_by = config.stash.get(_STARTED_BY, {})
+    found = {d.pid: Leftover(d.id, d.pid, d.note or started_by.get(d.pid, ""), str(d.log_path))
+             for d in config.stash.get(_STARTED, []) if d.running and d.pid is not None}
+    for pid, worker_id in child_daemons().items():
+        found.setdefault(pid, Leftover(worker_id, pid, started_by.get(pid, "")))
+    return list(found.values())
 
 
 def leftover_daemons(config: pytest.Config) -> list[tuple[str, int]]:
     """Daemons of this run that are still alive, as ``(id, pid)``: tracked ones and child processes."""
-    tracked = [d for d in config.stash.get(_STARTED, []) if d.running]
-    leftovers = [(d.id, d.pid) for d in tracked if d.pid is not None]
-    known = {pid for _, pid in leftovers}
-    leftovers += [(worker_id, pid) for pid, worker_id in _child_daemons().items() if pid not in known]
-    return leftovers
+    return [(leftover.id, leftover.pid) for leftover in _leftovers(config)]
 
 
 @pytest.hookimpl(trylast=True)  # after the runner's own sessionfinish tore down what an interrupt left set up
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leftovers = leftover_daemons(session.config)
-    if not leftovers:
-        return
-    tracked = {d.pid: d for d in session.config.stash.get(_STARTED, [])}
-    for worker_id, pid in leftovers:
-        if pid in tracked:
-            tracked[pid].kill()
+    config = session.config
+    leftovers = _leftovers(config)
+    tracked = {d.pid: d for d in config.stash.get(_STARTED, [])}
+    for leftover in leftovers:
+        if leftover.pid in tracked:
+            tracked[leftover.pid].kill()
             continue
         try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            os.kill(leftover.pid, signal.SIGKILL)
+            os.waitpid(leftover.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
-    names = ", ".join(f"{worker_id} (pid {pid})" for worker_id, pid in leftovers)
-    message = f"fedzmq: worker daemons left running by the tests, now killed: {names}"
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(message, red=True, bold=True)
-    else:  # pragma: no cover - running without the terminal reporter
-        print(message)
-    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):  # keep a worse status
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    worker = _xdist_worker(config)
+    if worker is not None:  # the controller reports them (pytest_testnodedown): a worker's output is not shown
+        config.workeroutput[_WORKER_OUTPUT] = [  # type: ignore[attr-defined]
+            {"id": o.id, "pid": o.pid, "test": o.test, "log": o.log, "worker": worker} for o in leftovers]
+    config.stash[_LEFTOVERS] += leftovers
+    if config.stash[_LEFTOVERS] and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # keep a worse status
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, in the controller: a worker finished; take over the daemons it found left running."""
+    for entry in getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT, []):
+        node.config.stash[_LEFTOVERS].append(Leftover(entry["id"], entry["pid"], entry["test"], entry["log"],
+                                                      entry["worker"]))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    orphans, leftovers = config.stash.get(_ORPHANS, []), config.stash.get(_LEFTOVERS, [])
+    if orphans:
+        terminalreporter.section("fedzmq: daemons left by earlier runs", sep="=", yellow=True, bold=True)
+        for orphan in orphans:
+            terminalreporter.line(f"killed: {orphan.describe()}")
+        terminalreporter.line(f"Their runs ended without stopping them (pid files in {pid_dir()}). "
+                              "They do not fail this run.")
+    if leftovers:
+        terminalreporter.section("fedzmq: worker daemons left running by the tests", sep="=", red=True, bold=True)
+        for leftover in leftovers:
+            terminalreporter.line(f"killed: {leftover.describe()}", red=True)
+        terminalreporter.line("They fail the run. Stop the daemons a test starts (DaemonProcess.stop, "
+                              "launcher.stop_all), or start them with the fedzmq_daemons fixtures.")
 
 
 _warmed_up = False
@@ -204,6 +240,52 @@ def fedzmq_digits(tmp_path: Path) -> Callable[..., DigitsShards]:
                              test_fraction=test_fraction)
 
     return make
+
+
+def _pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> DaemonPool:
+    pids = pid_dir()
+    pids.parent.mkdir(mode=0o700, exist_ok=True)  # pytest's own folder, private, as pytest makes it
+    return DaemonPool(tmp_path_factory.mktemp(name), pid_dir=pids,
+                      on_new=lambda process: track_daemon(request.config, process))
+
+
+def _scoped_pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 scope: str) -> Iterator[DaemonPool]:
+    """A pool whose daemons live for a module or the session; at its end they must exit cleanly."""
+    pool = _pool(request, tmp_path_factory, f"fedzmq-{scope}-daemons")
+    yield pool
+    problems = pool.stop_all()
+    if problems:
+        for handle in pool.handles.values():
+            print(f"\n----- log of daemon {handle.id} ({handle.process.log_path}) -----\n{handle.log_tail()}")
+        pytest.fail(f"fedzmq_daemons_{scope}: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def _fedzmq_module_pool(request: pytest.FixtureRequest,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
+    yield from _scoped_pool(request, tmp_path_factory, "module")
+
+
+@pytest.fixture(scope="session")
+def _fedzmq_session_pool(request: pytest.FixtureRequest,
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
+    yield from _scoped_pool(request, tmp_path_factory, "session")
+
+
+def _lease(request: pytest.FixtureRequest, pool: DaemonPool) -> Lease:
+    return Lease(pool, request.node.nodeid, TEST_SETTINGS, before_first_start=_warm_up_torch)
+
+
+async def _end(request: pytest.FixtureRequest, lease: Lease, stop: bool) -> None:
+    """Undo a test's use of its daemons (``Lease.end``), print their logs if the test failed, and fail
+    it if one exited uncleanly behind its back."""
+    problems = await lease.end(stop=stop)
+    if request.node.stash.get(_FAILED, False) or problems:
+        for handle in lease.used:
+            print(f"\n----- log of daemon {handle.id} ({handle.process.log_path}) -----\n{handle.log_tail()}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 if pytest_asyncio is not None:
@@ -250,79 +332,28 @@ if pytest_asyncio is not None:
         ``restart``, ``slow``). Keyword arguments: ``datasets={"bob": {"digits": path}}``,
         ``models={"net": "pkg.module:Class"}``, ``keys=True`` (CurveZMQ keys made for the test),
         ``args=[...]`` extra daemon flags for all (or ``{"bob": [...]}``), ``settings=ConnectionSettings(...)``,
-        ``timeout=`` seconds to wait for them."""
-        started = request.config.stash.setdefault(_STARTED, [])
-        handles: list[DaemonHandle] = []
-        base = tmp_path_factory.mktemp("fedzmq-daemons")
-        log_dir = base / "logs"
-        key_dir = base / "keys"
+        ``timeout=`` seconds to wait for them. The daemons are stopped at the end of the test."""
+        lease = _lease(request, _pool(request, tmp_path_factory, "fedzmq-daemons"))
+        yield lease.start
+        await _end(request, lease, stop=True)
 
-        def make_keys(name: str) -> tuple[list[str], dict[str, Path]]:
-            from ..security import generate_keypair
+    @pytest_asyncio.fixture
+    async def fedzmq_daemons_module(request: pytest.FixtureRequest, _fedzmq_module_pool: DaemonPool
+                                    ) -> AsyncIterator[Callable[..., Awaitable[list[DaemonHandle]]]]:
+        """``fedzmq_daemons`` whose daemons live for the test module: a later test that asks for the same
+        id with the same flags gets the same process, with a new session and its faults undone."""
+        lease = _lease(request, _fedzmq_module_pool)
+        yield lease.start
+        await _end(request, lease, stop=False)
 
-            client_public = key_dir / "allowed" / "client.key"
-            if not client_public.exists():
-                generate_keypair(key_dir / "client", "client")
-                client_public.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(key_dir / "client" / "client.key", client_public)
-            public, secret = generate_keypair(key_dir / name, name)
-            return (["--secret-key", str(secret), "--allowed-keys", str(client_public.parent)],
-                    {"server_key": public, "client_key": key_dir / "client" / "client.key_secret"})
-
-        async def start(*ids: str | int, datasets: Mapping[str, Mapping[str, PathLike]] | None = None,
-                        models: Mapping[str, str] | None = None, keys: bool = False,
-                        args: Sequence[str] | Mapping[str, Sequence[str]] = (),
-                        settings: ConnectionSettings | None = None, timeout: float = 60.0) -> list[DaemonHandle]:
-            names = worker_ids(ids)
-            taken = {h.id for h in handles}
-            if taken & set(names):
-                raise ValueError(f"daemons {sorted(taken & set(names))} were started already in this test")
-            unknown = (set(datasets or {}) | (set(args) if isinstance(args, Mapping) else set())) - set(names)
-            if unknown:
-                raise ValueError(f"datasets or args given for daemons that are not started here: {sorted(unknown)}")
-            new = []
-            for name in names:
-                extra = list(args.get(name, ()) if isinstance(args, Mapping) else args)
-                key_args, key_files = make_keys(name) if keys else ([], {})
-                process = DaemonProcess(name, extra_args=daemon_args((datasets or {}).get(name), [*key_args, *extra],
-                                                                     models), log_dir=log_dir)
-                handle = DaemonHandle(process, settings or TEST_SETTINGS, **key_files)
-                handles.append(handle)
-                new.append(handle)
-                process.spawn()  # all start before any is waited for: their imports of torch overlap
-                started.append(process)
-            if not _warmed_up:  # while the daemons start
-                await asyncio.to_thread(_warm_up_torch)
-            for handle in new:
-                try:
-                    await asyncio.to_thread(handle.process.wait_ready, timeout)
-                except BaseException:
-                    handle.expect_clean_exit = False  # its failure to start is the error to report
-                    raise
-                await handle.connect(timeout)
-            return new
-
-        yield start
-
-        problems = []
-        try:
-            for handle in handles:
-                try:
-                    await handle.close_connection()
-                except Exception as exc:  # still stop every daemon
-                    problems.append(f"closing the connection to daemon {handle.id} failed: {exc!r}")
-        finally:
-            for handle in handles:  # signal all first: they shut down in parallel
-                handle.process.signal_stop()
-            for handle in handles:
-                code = await asyncio.to_thread(handle.process.stop)
-                if handle.expect_clean_exit and code != 0:
-                    problems.append(f"daemon {handle.id} exited with code {code}")
-        if request.node.stash.get(_FAILED, False) or problems:
-            for handle in handles:
-                print(f"\n----- log of daemon {handle.id} ({handle.process.log_path}) -----\n{handle.log_tail()}")
-        if problems:
-            pytest.fail("; ".join(problems), pytrace=False)
+    @pytest_asyncio.fixture
+    async def fedzmq_daemons_session(request: pytest.FixtureRequest, _fedzmq_session_pool: DaemonPool
+                                     ) -> AsyncIterator[Callable[..., Awaitable[list[DaemonHandle]]]]:
+        """``fedzmq_daemons`` whose daemons live for the whole run (for each pytest-xdist worker), reset
+        after each test as ``fedzmq_daemons_module``'s are."""
+        lease = _lease(request, _fedzmq_session_pool)
+        yield lease.start
+        await _end(request, lease, stop=False)
 
 
 __all__ = ["TEST_CONFIG", "TEST_SETTINGS", "leftover_daemons", "track_daemon"]

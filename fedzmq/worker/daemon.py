@@ -27,6 +27,7 @@ from ..codec import Limits
 from .config import WorkerConfig
 from .datasets import load_clients, parse_data_flags
 from .server import Worker
+from .watchdog import watch_parent
 
 log = logging.getLogger("fedzmq.worker")
 
@@ -152,6 +153,7 @@ async def run(settings: dict[str, Any]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_keys, worker)
+    watch_parent(loop, stop.set)  # stop when the launcher dies, if it gave us a pipe (watchdog.py)
     worker.start()
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
     log.info("worker %s serving on %s with datasets %s%s", worker.id, address,
