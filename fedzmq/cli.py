@@ -1,6 +1,7 @@
 """``fedzmq``: the command line.
 
     fedzmq demo                      the main job: digits, non-IID over 4 local daemons, FedAvg
+    fedzmq simulate --clients 1000   many clients on one machine, hosted by a few real daemons
     fedzmq train --config run.toml   a training over running daemons, from a TOML file or flags
 """
 
@@ -28,7 +29,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="rounds in total (default 40; a resumed run continues to this)")
     p.add_argument("--strategy", help=f"one of {sorted(STRATEGIES)} (default fedavg)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 2)")
-    p.add_argument("--local-steps", type=int, help="local steps per round instead of epochs")
+    p.add_argument("--local-steps", type=int, help="local steps per round instead of epochs (0: no training, the "
+                   "round trip alone, to measure the framework)")
     p.add_argument("--batch-size", type=int, help="local minibatch size (default 32)")
     p.add_argument("--lr", type=float, help="local SGD learning rate (default 0.1)")
     p.add_argument("--fraction", type=float, help="fraction of workers per round (default 1.0)")
@@ -58,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out instead of "
                                                             "starting afresh")
     _add_training_flags(demo)
+
+    simulate = sub.add_parser("simulate", help="many clients on one machine: a make_classification task split "
+                              "non-IID over --clients logical clients, hosted by --daemons real daemons")
+    simulate.add_argument("--clients", type=int, default=1000, help="logical clients (default 1000)")
+    simulate.add_argument("--daemons", type=int, default=2, help="daemons hosting them (default 2)")
+    simulate.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the non-IID split (default 0.5)")
+    simulate.add_argument("--samples", type=int, help="samples in all (default 100 per client)")
+    simulate.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_training_flags(simulate)
 
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair (NAME.key public, NAME.key_secret secret)")
     keygen.add_argument("name", help="the key's name, e.g. bob or coordinator")
@@ -152,7 +163,9 @@ class Progress:
 
 
 async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dict[str, Any], dataset: str,
-                 evaluate: Any, keys: Sequence[dict[str, Any]] | None = None) -> Federation:
+                 evaluate: Any, keys: Sequence[dict[str, Any]] | None = None, hosted_clients: bool = False) -> Federation:
+    """Train ``model`` over the daemons at ``addresses`` (with ``hosted_clients``: over every logical client
+    they host, ``--clients-from``)."""
     from .client.worker import RemoteWorker
 
     out = Path(settings["out"])
@@ -168,10 +181,14 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
     try:
         # connected together, and closed together (Ctrl-C stops every wait at once, not one after another)
         await asyncio.gather(*(w.connect() for w in workers))
+        if hosted_clients:
+            hosts, workers = workers, [c for clients in await asyncio.gather(*(h.clients() for h in workers))
+                                       for c in clients]
+            await asyncio.gather(*(h.close() for h in hosts))  # the clients hold the connections now
         strategy = _strategy(settings)
         steps = settings.get("local_steps")
         fit = FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
-                        epochs=None if steps else settings["local_epochs"], steps=steps,
+                        epochs=None if steps is not None else settings["local_epochs"], steps=steps,
                         batch_size=settings["batch_size"])
         federation = Federation(workers, model, fit, strategy, fraction=settings["fraction"],
                                 min_workers=settings["min_workers"], round_timeout=settings["round_timeout"],
@@ -253,6 +270,43 @@ def run_demo(settings: dict[str, Any]) -> int:
     return 0
 
 
+def run_simulate(settings: dict[str, Any]) -> int:
+    from .examples import population
+    from .launcher import start_daemons, stop_all
+
+    torch.set_num_threads(1)  # the daemons share the machine's cores with us
+    out = Path(settings["out"])
+    started = time.perf_counter()
+    data = population.prepare(out / "data", settings["clients"], settings["daemons"], samples=settings.get("samples"),
+                              alpha=settings["alpha"], seed=settings["seed"])
+    print(f"{data.clients} clients (make_classification, non-IID with Dirichlet alpha={settings['alpha']}, "
+          f"{len(data.train[1])} training samples) on {settings['daemons']} daemons")
+    ids = [f"host{k}" for k in range(settings["daemons"])]
+    terms = ["--min-batch-size", str(min(16, settings["batch_size"])), "--min-metric-rows", "1"]
+    daemons = start_daemons(ids, per_daemon_args={
+        host: ["--clients-from", f"{population.DATASET}={folder}", *terms] for host, folder in zip(ids, data.folders)},
+        log_dir=str(out / "logs"))
+    try:
+        model = population.make_model(data.features, data.classes, seed=settings["seed"])
+        x_test, y_test = data.test
+        from .examples.digits import evaluate as evaluate_on
+        federation = asyncio.run(_train([d.address for d in daemons if d.address], model, settings,
+                                        population.DATASET, lambda m: evaluate_on(m, x_test, y_test),
+                                        hosted_clients=True))
+    finally:
+        stop_all(daemons)
+    history = federation.history
+    print()
+    print(summary_table(history))
+    if history:
+        seconds = sorted(m.seconds for m in history)
+        print(f"\n{len(history[-1].participants)} clients per round; median round {seconds[len(seconds) // 2]:.3f}s; "
+              f"final test accuracy {history[-1].eval_accuracy:.2%}; total {time.perf_counter() - started:.1f}s")
+    if federation.stopped_early:
+        print(federation.stopped_early)
+    return 0
+
+
 def run_train(settings: dict[str, Any]) -> int:
     from torch import nn
 
@@ -306,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return run_demo(settings)
+        if args.command == "simulate":
+            return run_simulate(settings)
         return run_train(settings)
     except RoundFailed as exc:
         print(f"fedzmq: {exc}", file=sys.stderr)

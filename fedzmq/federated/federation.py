@@ -208,7 +208,8 @@ class Federation:
                 metrics.worker_eval_accuracy = sum(r["accuracy"] * r["samples"] for r in results) / total
 
     def _traffic(self) -> tuple[int, int]:
-        return sum(w.bytes_sent for w in self.workers), sum(w.bytes_received for w in self.workers)
+        hosts = {id(w.host): w.host for w in self.workers}.values()  # hosted clients share their host's connection
+        return sum(h.bytes_sent for h in hosts), sum(h.bytes_received for h in hosts)
 
     # --- checkpoints ---------------------------------------------------------------------------
 

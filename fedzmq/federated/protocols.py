@@ -32,6 +32,9 @@ from ..errors import ObjectNotFound, RemoteError, RequestTimeout
 from ..optimizers import DEFAULT_OPTIMIZER
 from .base import Aggregator, Strategy, UpdateReceiver
 
+#: a fit's metrics, as a fit over many hosted clients lists them for each (``fedzmq.worker.training.METRICS``)
+FIT_METRICS = ("loss", "samples_seen", "num_examples", "steps", "seconds")
+
 #: pieces of an update with more elements than this are folded on a thread of their own, off the event
 #: loop (the loop keeps receiving the other workers' replies meanwhile)
 FOLD_INLINE_NUMEL = 1 << 16
@@ -237,9 +240,9 @@ async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], mode
             if attempt == 2:
                 raise
             host.forget(model)
-    metrics: dict[str, dict[str, Any]] = reply["metrics"]
-    failed = {c: m["error"] for c, m in metrics.items() if "error" in m}
-    trained = {c: m for c, m in metrics.items() if "error" not in m}
+    metrics: dict[str, Any] = reply["metrics"]
+    failed = {c: m["error"] for c, m in metrics.items() if isinstance(m, dict)}
+    trained = {c: dict(zip(FIT_METRICS, m)) for c, m in metrics.items() if not isinstance(m, dict)}
     if combine:
         receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["sum"])] if trained else []
     else:

@@ -81,9 +81,12 @@ def shuffle_seed(terms: Terms, dataset: Dataset, client_seed: int, salt: str = "
 
 
 def plan_steps(terms: Terms, rows: int, batch_size: int, epochs: int | None, steps: int | None) -> int:
-    """Check a fit against the terms; returns how many steps it takes."""
+    """Check a fit against the terms; returns how many steps it takes (``steps=0``: none, the model
+    comes back as it was sent: a round trip without training, for measuring the framework itself)."""
+    if steps == 0 and epochs is None:
+        return 0
     if batch_size < 1 or (epochs is None) == (steps is None) or (epochs or steps or 0) < 1:
-        raise BadRequest.new("fit needs batch_size >= 1 and exactly one of epochs >= 1 or steps >= 1")
+        raise BadRequest.new("fit needs batch_size >= 1 and exactly one of epochs >= 1 or steps >= 0")
     if batch_size < terms.min_batch:
         raise PermissionDenied.new(f"batch_size {batch_size} is below this worker's minimum of {terms.min_batch} "
                                    "rows per step (--min-batch-size): one step must not reveal a few rows")
@@ -108,14 +111,23 @@ def batches(terms: Terms, rows: int, batch_size: int, generator: torch.Generator
     return [index for index in out if len(index) >= terms.min_batch]
 
 
-def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, optimizer: torch.optim.Optimizer,
-        batch_size: int, epochs: int | None, steps: int | None, prox_mu: float, seed: int,
-        salt: str = "") -> dict[str, Any]:
-    """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss."""
+#: the metrics a fit returns, in this order where they travel as a list (a fit over many clients)
+METRICS = ("loss", "samples_seen", "num_examples", "steps", "seconds")
+
+
+def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
+        optimizer: torch.optim.Optimizer | dict[str, Any], batch_size: int, epochs: int | None, steps: int | None,
+        prox_mu: float, seed: int, salt: str = "") -> dict[str, Any]:
+    """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss.
+    ``optimizer`` is one, or its description (made only when there is a step to take)."""
     if len(dataset) == 0:
         raise BadRequest.new(f"dataset {dataset.name} is empty")
-    total_steps = plan_steps(terms, len(dataset), batch_size, epochs, steps)
     loss_fn = loss_function(loss)
+    total_steps = plan_steps(terms, len(dataset), batch_size, epochs, steps)
+    if total_steps == 0:
+        return {"loss": 0.0, "samples_seen": 0, "num_examples": len(dataset), "steps": 0, "seconds": 0.0}
+    if isinstance(optimizer, dict):
+        optimizer = make_optimizer(optimizer, module)
     params = [p for p in module.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu else []
     generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed, salt))
@@ -140,8 +152,8 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, optimiz
             done += 1
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"training diverged on {dataset.name}: the loss is not finite")
-    return {"loss": loss_sum / seen, "samples_seen": seen, "num_examples": len(dataset), "steps": done,
-            "seconds": time.perf_counter() - started}
+    return {"loss": loss_sum / seen if seen else 0.0, "samples_seen": seen, "num_examples": len(dataset),
+            "steps": done, "seconds": time.perf_counter() - started}
 
 
 def evaluate(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, batch_size: int) -> dict[str, Any]:

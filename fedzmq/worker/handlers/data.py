@@ -13,7 +13,7 @@ from ...errors import BadRequest, LimitExceeded
 from .. import training
 from ..policy import sanitized
 from ..binding import Binding, Context, LiveReply, Made
-from .modules import load_into, state_reply
+from .modules import state_reply
 
 log = logging.getLogger("fedzmq.worker")
 
@@ -63,13 +63,15 @@ def fit_clients(context: Context, binding: Binding) -> Any:
     weights loaded into the module (the round's global model), trains on its own dataset, and its
     trained weights are either kept apart (``combine`` false: one state per client in the reply) or
     folded into ``sum(n_i * (x_i - g))`` in float64 with ``sum(n_i)`` (``combine``: what a weighted
-    mean needs, exactly; one state whatever the number of clients)."""
+    mean needs, exactly; one state whatever the number of clients). Per-client metrics come back as
+    ``[loss, samples_seen, num_examples, steps, seconds]`` (or an error), in the clients' order."""
     args, module = binding.args, binding.objects["module"].module
     if "optim" in args:
         raise BadRequest.new("a fit over many clients makes a fresh optimizer for each (optimizer={...})")
     if args.get("reply_state") is not True:
         raise BadRequest.new("a fit over many clients replies with their trained states (reply_state=True)")
-    start = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    current = module.state_dict()  # views of the module's own tensors: they follow every step
+    start = {name: tensor.clone() for name, tensor in current.items()}
     combine = bool(args.get("combine"))
     sums: dict[str, torch.Tensor] = {}
     metrics: dict[str, Any] = {}
@@ -77,12 +79,12 @@ def fit_clients(context: Context, binding: Binding) -> Any:
     weight = 0
     for n, client in enumerate(args["clients"]):
         budget.check()
-        if n:
-            load_into(module, start)  # every client starts from the round's weights
+        if n:  # every client starts from the round's weights
+            for name, tensor in current.items():
+                tensor.copy_(start[name])
         try:
             dataset = context.dataset(binding.session, args["dataset"], client)
-            result = training.fit(module, dataset, context.terms, loss=args["loss"],
-                                  optimizer=training.make_optimizer(args["optimizer"], module),
+            result = training.fit(module, dataset, context.terms, loss=args["loss"], optimizer=args["optimizer"],
                                   batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                                   prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client)
         except LimitExceeded:  # out of time: the whole command stops
@@ -90,22 +92,24 @@ def fit_clients(context: Context, binding: Binding) -> Any:
         except Exception as exc:  # this client is left out of the round; the others go on
             log.warning("fit of hosted client %s failed", client, exc_info=exc)
             metrics[client] = {"error": sanitized(exc, binding.request.id)}
-            load_into(module, start)
             continue
-        metrics[client] = result
-        trained = module.state_dict()
+        metrics[client] = [result[key] for key in training.METRICS]
         if not combine:
-            states.append({name: tensor.detach().clone() for name, tensor in trained.items()})
+            states.append({name: tensor.clone() for name, tensor in current.items()})
             continue
         samples = result["num_examples"]
         weight += samples
-        for name, tensor in trained.items():
-            if tensor.is_floating_point():
-                delta = tensor.detach().to(torch.float64) - start[name]
-                sums[name] = delta.mul_(samples) if name not in sums else sums[name].add_(delta, alpha=samples)
+        for name, tensor in current.items():
+            if not tensor.is_floating_point():
+                sums[name] = tensor.clone() if name not in sums else torch.maximum(sums[name], tensor)
+            elif name in sums:
+                sums[name].add_(tensor, alpha=samples)
             else:
-                sums[name] = tensor.detach().clone() if name not in sums else torch.maximum(sums[name], tensor)
-    load_into(module, start)
+                sums[name] = tensor.to(torch.float64).mul_(samples)
+    for name, tensor in current.items():
+        tensor.copy_(start[name])
+        if combine and name in sums and tensor.is_floating_point():
+            sums[name].sub_(start[name], alpha=weight)  # sum(n_i * x_i) - sum(n_i) * g
     if combine:
         return {"metrics": metrics, "sum": sums, "weight": weight}
     return {"metrics": metrics, "states": states}
