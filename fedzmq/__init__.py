@@ -10,42 +10,33 @@
 from .__about__ import __version__
 from .client.connection import ConnectionSettings
 from .client.optims import Optims, RemoteOptimizer
-from .client.pointers import ModulePointer, Pointer, TensorPointer
+from .client.pointers import Broadcast, DatasetPointer, FitUpdate, ModulePointer, Pointer, TensorPointer
 from .client.worker import RemoteWorker, VirtualWorker, connect, connect_clients
 from .codec import Limits
 from .errors import (
-    BadRequest,
-    FedzmqError,
-    HeldBytesExceeded,
-    LimitExceeded,
-    ModelDescriptionError,
-    ObjectNotFound,
-    PermissionDenied,
-    ProtocolError,
-    RemoteError,
-    RemoteProtocolError,
-    RequestTimeout,
-    UnknownCommand,
-    WorkerClosedError,
-    WorkerDeadError,
-    WorkerError,
-    WrongWorkerError,
+    BadRequest, FedzmqError, HeldBytesExceeded, LimitExceeded, ModelDescriptionError, ObjectNotFound, PermissionDenied,
+    ProtocolError, RemoteError, RemoteProtocolError, RequestTimeout, UnknownCommand, WorkerClosedError,
+    WorkerDeadError, WorkerError, WrongWorkerError,
 )
 from .federated import (
-    Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi, FitConfig,
-    Krum, RoundFailed, RoundMetrics, Sequential, Strategy, make_strategy,
+    Bulyan, Cyclic, FedAdagrad, FedAdam, FedAvg, FedAvgM, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
+    FitConfig, Krum, RoundFailed, RoundMetrics, Strategy, make_strategy,
 )
-from .client.pointers import DatasetPointer
 from .federated.secure import SecAgg
 from .worker import Worker, WorkerConfig
 
 __all__ = [
-    "DatasetPointer", "SecAgg", "Bulyan", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "Federation", "FedMedian",
-    "FedProx", "FedTrimmedAvg", "FedYogi", "FitConfig", "HeldBytesExceeded", "Krum", "RoundFailed", "RoundMetrics",
-    "Sequential", "Strategy", "make_strategy",
-    "BadRequest", "ConnectionSettings", "FedzmqError", "LimitExceeded", "Limits",
-    "ModelDescriptionError", "ModulePointer", "ObjectNotFound", "Optims", "PermissionDenied", "Pointer",
-    "ProtocolError", "RemoteError", "RemoteOptimizer", "RemoteProtocolError", "RemoteWorker", "RequestTimeout", "TensorPointer",
-    "UnknownCommand", "VirtualWorker", "Worker", "WorkerClosedError", "WorkerConfig", "WorkerDeadError",
-    "WorkerError", "WrongWorkerError", "__version__", "connect", "connect_clients",
+    # connecting and pointers
+    "Broadcast", "ConnectionSettings", "DatasetPointer", "FitUpdate", "Limits", "ModulePointer", "Optims", "Pointer",
+    "RemoteOptimizer", "RemoteWorker", "TensorPointer", "VirtualWorker", "Worker", "WorkerConfig", "connect",
+    "connect_clients",
+    # federated training
+    "Bulyan", "Cyclic", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedProx", "FedTrimmedAvg",
+    "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "SecAgg", "Strategy",
+    "make_strategy",
+    # errors
+    "BadRequest", "FedzmqError", "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError", "ObjectNotFound",
+    "PermissionDenied", "ProtocolError", "RemoteError", "RemoteProtocolError", "RequestTimeout", "UnknownCommand",
+    "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
+    "__version__",
 ]

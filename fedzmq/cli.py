@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULTS: dict[str, Any] = {"rounds": 40, "strategy": "fedavg", "local_epochs": 2, "local_steps": None,
-                            "batch_size": 32, "lr": DEFAULT_OPTIMIZER["lr"], "fraction": 1.0, "min_workers": 1, "round_timeout": 60.0,
+                            "batch_size": 32, "lr": DEFAULT_OPTIMIZER["lr"], "fraction": 1.0, "min_workers": 1,
+                            "round_timeout": 60.0,
                             "seed": 0, "no_progress": False, "model": "mlp", "hidden": 64, "strategy_args": {}}
 
 
@@ -163,7 +164,8 @@ class Progress:
 
 
 async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dict[str, Any], dataset: str,
-                 evaluate: Any, keys: Sequence[dict[str, Any]] | None = None, hosted_clients: bool = False) -> Federation:
+                 evaluate: Any, keys: Sequence[dict[str, Any]] | None = None,
+                 hosted_clients: bool = False) -> Federation:
     """Train ``model`` over the daemons at ``addresses`` (with ``hosted_clients``: over every logical client
     they host, ``--clients-from``)."""
     from .client.worker import RemoteWorker
@@ -250,7 +252,8 @@ def run_demo(settings: dict[str, Any]) -> int:
     final = digits.evaluate(model, x_test, y_test)
     print()
     print(summary_table(federation.history))
-    path = plot(federation.history, out / "plot.png", title=f"{settings['strategy']} on digits, {len(ids)} non-IID data owners",
+    path = plot(federation.history, out / "plot.png",
+                title=f"{settings['strategy']} on digits, {len(ids)} non-IID data owners",
                 reference_accuracy=central_result["accuracy"])
     print()
     if federation.stopped_early:

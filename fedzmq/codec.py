@@ -208,7 +208,7 @@ class _Encoder:
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a buffer that ZeroMQ can send without copying."""
     flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 def _pack(header: dict[str, Any]) -> bytes:
@@ -286,7 +286,8 @@ def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
     if request_id is None:
         raise ProtocolError("request id missing or not an integer in [0, 2**63)")
     if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.get('v')!r} (this side speaks {PROTOCOL_VERSION})", request_id)
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r} (this side speaks {PROTOCOL_VERSION})",
+                            request_id)
     cmd = header.get("cmd")
     if type(cmd) is not str or cmd not in COMMANDS:
         raise ProtocolError(f"unknown command {cmd!r}", request_id)
@@ -428,7 +429,8 @@ class _Decoder:
         frame = self.frames[index]
         if numel * itemsize != _frame_len(frame):
             raise ProtocolError(
-                f"tensor of shape {shape} and dtype {dtype_name} needs {numel * itemsize} bytes, frame has {_frame_len(frame)}"
+                f"tensor of shape {shape} and dtype {dtype_name} needs {numel * itemsize} bytes, "
+                f"frame has {_frame_len(frame)}"
             )
         if requires_grad and not dtype.is_floating_point:
             raise ProtocolError("only floating point tensors can require gradients")

@@ -131,10 +131,10 @@ class Command:
         for name, value in args.items():
             if name in self.required:
                 continue
-            valid = self.optional.get(name)
-            if valid is None:
+            optional = self.optional.get(name)
+            if optional is None:
                 return f"{self.name}: unknown argument {name!r}"
-            if not valid(value):
+            if not optional(value):
                 return f"{self.name}: argument {name!r} has a wrong type or value"
         return None
 

@@ -28,14 +28,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+from .errors import FedzmqError
 from .worker.watchdog import WATCHDOG_ENV
 
 READY_MARK = " ready at "
 
 
-class DaemonError(RuntimeError):
+class DaemonError(FedzmqError, RuntimeError):
     """A daemon did not start, or did not stop cleanly."""
 
 
@@ -230,7 +231,7 @@ def process_start_time(pid: int) -> int | None:
 
 def start_daemons(ids: Sequence[str], extra_args: Sequence[str] = (), host: str = "127.0.0.1",
                   ports: Sequence[int] | None = None, log_dir: str | None = None,
-                  per_daemon_args: dict[str, Sequence[str]] | None = None, watchdog: bool = True
+                  per_daemon_args: Mapping[str, Sequence[str]] | None = None, watchdog: bool = True
                   ) -> list[DaemonProcess]:
     """Start one daemon per id (in parallel) and wait until all are ready; on failure stop them all.
     They stop when this process exits, unless ``watchdog=False``."""

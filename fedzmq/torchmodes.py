@@ -13,7 +13,7 @@ The default dtype is not among them: torch keeps it per process, not per thread.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, NamedTuple
+from typing import Any, ContextManager, NamedTuple
 
 import torch
 
@@ -49,7 +49,7 @@ def restore(modes: TorchModes) -> None:
     torch.set_default_dtype(modes.default_dtype)
 
 
-def default_modes() -> ContextManager[None]:
+def default_modes() -> ContextManager[Any]:
     """Grad mode on, inference mode and autocast off, for one synchronous block; free when they already
     are (the common case, and the one on a daemon's own threads)."""
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu"):

@@ -118,7 +118,7 @@ async def test_hostile_messages_get_error_replies_and_the_daemon_keeps_serving(f
 
 
 async def test_oversized_frame_is_refused_by_the_client_and_by_the_daemon(fedzmq_daemons):
-    [bob] = await fedzmq_daemons("bob", args=["--max-message-bytes", "4096"])
+    [bob] = await fedzmq_daemons("bob", args=["--max-frame-bytes", "4096"])
     # the client learned the daemon's limits at connect time and refuses locally
     with pytest.raises(fz.LimitExceeded, match="limits"):
         await bob.worker._request("store", {"out": 1, "value": torch.zeros(2048)})

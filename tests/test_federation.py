@@ -155,7 +155,7 @@ async def test_sequential_strategy_visits_workers_in_turn(fedzmq_virtual_workers
         reference = nn.Linear(3, 2)
         reference.load_state_dict(model.state_dict())
         config = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.5}, steps=1, batch_size=20)
-        federation = fz.Federation([bob, alice], model, config, fz.Sequential())
+        federation = fz.Federation([bob, alice], model, config, fz.Cyclic())
         await federation.run_round()
         # by hand: one full-batch step on bob's half, then one on alice's half
         for part in (slice(0, 20), slice(20, 40)):

@@ -34,7 +34,7 @@ async def _honest_setup(address):
 
 @pytest.mark.timeout(180)
 async def test_ten_thousand_hostile_messages_leave_the_daemon_serving(tmp_path):
-    daemon = DaemonProcess("fuzz", log_dir=tmp_path, extra_args=["--max-message-bytes", str(1 << 20)])
+    daemon = DaemonProcess("fuzz", log_dir=tmp_path, extra_args=["--max-frame-bytes", str(1 << 20)])
     await asyncio.to_thread(daemon.start)
     context = zmq.Context()
     attacker = context.socket(zmq.DEALER)

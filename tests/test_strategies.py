@@ -16,7 +16,7 @@ import fedzmq as fz
 from fedzmq.federated.secure import SecAgg
 from fedzmq.federated.base import UpdateReceiver
 from fedzmq.federated.strategies import (STRATEGIES, Aggregator, Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM,
-                                         FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Sequential, State,
+                                         FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Cyclic, State,
                                          Strategy, make_strategy)
 from fedzmq.testing.plugin import TEST_SETTINGS
 from fedzmq.worker.datasets import Dataset
@@ -47,7 +47,7 @@ def fresh(name: str) -> Strategy:
     return make_strategy(name)
 
 
-ALL = sorted(set(STRATEGIES) - {"fedtrimmedavg"})
+ALL = sorted(set(STRATEGIES) - {"fedtrimmedavg", "sequential"})  # aliases of trimmedmean and cyclic
 
 
 # --- FedAvg / FedProx -----------------------------------------------------------------------------------------
@@ -237,11 +237,11 @@ def test_trimmed_mean_small_beta_is_plain_mean_and_even_k() -> None:
             FedTrimmedAvg(beta=beta)
 
 
-# --- Sequential ------------------------------------------------------------------------------------------------
+# --- Cyclic ---------------------------------------------------------------------------------------------------
 
-def test_sequential_current_model_progression() -> None:
-    s = Sequential()
-    assert type(s.round_protocol()).__name__ == "SequentialRound"
+def test_cyclic_current_model_progression() -> None:
+    s = Cyclic()
+    assert type(s.round_protocol()).__name__ == "CyclicRound"
     assert type(FedAvg().round_protocol()).__name__ == "AveragingRound"
     g = st([0, 0], nbt=5)
     agg = s.begin_round(1, g)
@@ -281,7 +281,7 @@ def test_global_state_unmodified_and_results_are_new_tensors(name: str) -> None:
         assert v.dtype == g[k].dtype and v.shape == g[k].shape
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n not in ("sequential", "krum")])  # Krum: see test_krum_*
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("cyclic", "krum")])  # Krum: see test_krum_*
 def test_int_buffers_take_the_max(name: str) -> None:
     assert run_round(fresh(name), st([0, 0], nbt=100), updates_for_contract())["nbt"].item() == 7
 
@@ -312,7 +312,7 @@ def test_stateless_defaults(name: str) -> None:
 def test_make_strategy_names_and_error() -> None:
     expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
                 "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg,
-                "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "bulyan": Bulyan, "sequential": Sequential}
+                "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "bulyan": Bulyan, "cyclic": Cyclic, "sequential": Cyclic}
     assert STRATEGIES == expected
     for name, cls in expected.items():
         assert type(make_strategy(name)) is cls
@@ -340,7 +340,7 @@ def test_real_module_with_batchnorm_round_trips(name: str) -> None:
     out = run_round(fresh(name), g, updates)
     assert all(torch.equal(g[k], before[k]) for k in g)  # g is live: the model's own tensors
     model.load_state_dict(out, strict=True)
-    # max for the aggregators, the last model for Sequential; Krum keeps one update, and the three scores tie
+    # max for the aggregators, the last model for Cyclic; Krum keeps one update, and the three scores tie
     # (each update's nearest other is one step of +1 away), so it keeps the first, whose counter is 10
     assert out["1.num_batches_tracked"].item() == (10 if name == "krum" else 30)
     if name in ("fedavg", "fedprox", "fedavgm"):
@@ -593,7 +593,7 @@ def reference_cases() -> dict[str, tuple]:
         "multikrum": (lambda: Krum(num_malicious_clients=1, num_clients_to_keep=3),
                       lambda: lambda r, x, vs, ns: np_krum(vs, ns, 1, 3)[0]),
         "bulyan": (lambda: Bulyan(num_malicious_clients=1), lambda: lambda r, x, vs, ns: np_bulyan(vs, 1)),
-        "sequential": (Sequential, lambda: lambda r, x, vs, ns: vs[-1]),
+        "cyclic": (Cyclic, lambda: lambda r, x, vs, ns: vs[-1]),
     }
 
 
@@ -700,7 +700,7 @@ def test_aggregate_equals_the_streaming_path(case: str) -> None:
         pure = new
 
 
-@pytest.mark.parametrize("name", ["fedmedian", "trimmedmean", "krum", "bulyan", "sequential"])
+@pytest.mark.parametrize("name", ["fedmedian", "trimmedmean", "krum", "bulyan", "cyclic"])
 def test_held_updates_forget_a_broken_download_and_refuse_an_incomplete_one(name: str) -> None:
     updates = [(st([float(i), -float(i)], nbt=i), i + 1) for i in range(4)]
     agg = make_strategy(name).begin_round(1, st([0, 0]))
@@ -753,7 +753,7 @@ class _Undeclared(Strategy):
 
 
 @pytest.mark.parametrize("inner", [FedMedian(), FedTrimmedAvg(), Krum(num_malicious_clients=1),
-                                   Krum(num_clients_to_keep=2), Bulyan(), Sequential(), _Undeclared()],
+                                   Krum(num_clients_to_keep=2), Bulyan(), Cyclic(), _Undeclared()],
                          ids=lambda s: repr(s))
 def test_secagg_refuses_rules_that_need_each_update(inner: Strategy) -> None:
     with pytest.raises(ValueError, match=f"{type(inner).__name__} does not aggregate a weighted sum.*masked sum"):

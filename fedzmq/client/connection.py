@@ -21,7 +21,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, cast
 
 import zmq
 import zmq.asyncio
@@ -88,7 +89,6 @@ class Connection:
         self.session_resets = 0
         #: the limits in force: ours, lowered to the worker's once it told us (``adopt_worker_limits``)
         self.limits = self.settings.limits
-        self.unmatched_replies = 0
         #: RemoteWorkers sharing this connection (one per logical client of the daemon): it closes with the last
         self.users = 1
         self.bytes_sent = 0
@@ -145,9 +145,9 @@ class Connection:
         if COMMANDS[cmd].control or client is not None:
             # answered out of the daemon session's order: a lost-reply check must not judge it
             self._control.add(request_id)
-            future.add_done_callback(lambda _, i=request_id: self._control.discard(i))
+            future.add_done_callback(partial(_discard, self._control, request_id))
         assert self._socket is not None
-        sent = self._socket.send_multipart(frames, copy=copy or self._copy_frames)
+        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(frames, copy=copy or self._copy_frames))
         sent.add_done_callback(_ignore_result)
         self.bytes_sent += sum(len(f) for f in frames)
         return future
@@ -212,8 +212,7 @@ class Connection:
                 broken.set_exception(exc)
             return
         future = self._pending.pop(reply.id, None) if reply.id is not None else None
-        if future is None:
-            self.unmatched_replies += 1
+        if future is None:  # its request was cancelled or timed out
             if not reply.ok and reply.error:
                 log.warning("worker %s reports: %s: %s", self.address, reply.error["type"], reply.error["message"])
             return
@@ -249,7 +248,8 @@ class Connection:
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         answered.add_done_callback(self._on_heartbeat)
         self._pending[request_id] = answered
-        sent = self._socket.send_multipart(encode_request(request_id, "heartbeat", self.announce()))
+        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(encode_request(request_id, "heartbeat",
+                                                                                     self.announce())))
         sent.add_done_callback(_ignore_result)
 
     def note_session(self, session: str | None) -> bool:
@@ -298,6 +298,10 @@ def unwrap(reply: Reply) -> Any:
         return reply.result
     assert reply.error is not None
     raise remote_error(reply.error["type"], reply.error["message"], reply.error["traceback"])
+
+
+def _discard(ids: set[int], request_id: int, _: object) -> None:
+    ids.discard(request_id)
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:

@@ -81,4 +81,4 @@ class Optims:
         try:
             return self._optims[key]
         except KeyError:
-            raise KeyError(f"no optimizer for worker {key!r}; known: {sorted(self._optims)}") from None
+            raise KeyError(f"no optimizer for worker {key!r}; known: {sorted(map(str, self._optims))}") from None

@@ -177,7 +177,7 @@ class ModulePointer(Pointer):
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit with {type(reply).__name__}, not metrics and a state")
-        return FitUpdate(reply["metrics"], self.location._state_pieces(self, reply.get("state"), timeout))
+        return FitUpdate(reply["metrics"], self.location._state_pieces(self, reply.get("state") or {}, timeout))
 
     async def fit_clients(self, clients: "Sequence[str]", dataset: str, *, combine: bool,
                           load: "Mapping[str, torch.Tensor] | Broadcast", timeout: float | None = None,

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, cast
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from .pointers import Broadcast, ModulePointer, TensorPointer
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .worker import RemoteWorker
 
 #: pieces of a stream in flight at once (flow control: the window of unacknowledged requests)
 STREAM_WINDOW = 4
@@ -59,6 +61,10 @@ class Transfers:
 
     def _new_id(self) -> int:
         raise NotImplementedError
+
+    def _as_worker(self) -> "RemoteWorker":
+        """This object as the RemoteWorker it is a base of (pointers name their worker)."""
+        return cast("RemoteWorker", self)
 
     def _piece_bytes(self) -> int:
         """A stream's piece size: ``STREAM_PIECE_BYTES``, or less if the worker's messages are smaller."""
@@ -131,7 +137,7 @@ class Transfers:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes <= self._connection.limits.chunk_bytes:
             ready = self._submit("store", {"out": obj_id, "value": tensor})
-            pointer = TensorPointer(self, obj_id, ready)
+            pointer = TensorPointer(self._as_worker(), obj_id, ready)
             await self._wait(ready, timeout)
             return pointer
         if tensor.dtype not in DTYPE_NAMES:
@@ -140,7 +146,7 @@ class Transfers:
         # partial object that the pointer's collection, or the session's end, deletes)
         ready = self._submit("alloc", {"out": obj_id, "dtype": DTYPE_NAMES[tensor.dtype],
                                        "shape": list(tensor.shape), "grad": tensor.requires_grad})
-        pointer = TensorPointer(self, obj_id, ready)
+        pointer = TensorPointer(self._as_worker(), obj_id, ready)
         await self._upload(_flat_bytes(tensor), lambda offset, data: (
             "write", {"obj": obj_id, "offset": offset, "data": data}), timeout, first=ready)
         return pointer
@@ -178,8 +184,7 @@ class Transfers:
             loaded = self._submit("module_load", {"obj": known.id, "state": inline})
             loaded.add_done_callback(retrieve_error)
             for name, tensor in streamed.items():
-                await self._upload(_flat_bytes(tensor), lambda offset, data, name=name: (
-                    "module_write", {"obj": known.id, "name": name, "offset": offset, "data": data}), timeout)
+                await self._upload(_flat_bytes(tensor), partial(_module_write, known.id, name), timeout)
             await self._wait(loaded, timeout)
             return known
         spec = describe(module)
@@ -190,7 +195,7 @@ class Transfers:
             parts[name] = uploads[-1]
         obj_id = self._new_id()
         ready = self._submit("module_put", {"out": obj_id, "spec": spec, "state": parts})
-        pointer = ModulePointer(self, obj_id, ready, module)
+        pointer = ModulePointer(self._as_worker(), obj_id, ready, module)
         await self._wait(ready, timeout)  # on failure the uploads are deleted with their pointers
         for upload in uploads:  # the module adopted them: the worker dropped them from the session
             upload._deleted = True
@@ -204,8 +209,7 @@ class Transfers:
         inline part, to go in the same request as the fit that loads it."""
         broadcast = broadcast.for_chunk(self._connection.limits.chunk_bytes)
         for name, tensor in broadcast.streamed.items():
-            await self._upload(_flat_bytes(tensor), lambda offset, data, name=name: (
-                "module_write", {"obj": pointer.id, "name": name, "offset": offset, "data": data}), timeout)
+            await self._upload(_flat_bytes(tensor), partial(_module_write, pointer.id, name), timeout)
         return broadcast.inline
 
     async def _module_slices(self, pointer: ModulePointer,
@@ -231,25 +235,32 @@ class Transfers:
             dtype = DTYPES[value.dtype]
             itemsize = torch.empty((), dtype=dtype).element_size()
             pieces: asyncio.Queue[tuple[int, torch.Tensor] | None] = asyncio.Queue()
-
-            async def fetch(name: str = name, info: StreamInfo = value) -> None:
-                try:
-                    await self._download(info.nbytes, lambda offset, length: (
-                        "module_read", {"obj": pointer.id, "name": name, "offset": offset, "length": length}),
-                        lambda offset, data: pieces.put_nowait((offset, data)), timeout)
-                finally:
-                    pieces.put_nowait(None)
-
-            task = asyncio.ensure_future(fetch())
+            task = asyncio.ensure_future(self._fetch_entry(pointer, name, value, pieces, timeout))
             try:
                 while (piece := await pieces.get()) is not None:
-                    offset, data = piece
-                    yield name, offset // itemsize, data.view(dtype)
+                    yield name, piece[0] // itemsize, piece[1].view(dtype)
             finally:
                 if not task.done():
                     task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             task.result()  # a failed download raises here
+
+    async def _fetch_entry(self, pointer: ModulePointer, name: str, info: StreamInfo,
+                           pieces: "asyncio.Queue[tuple[int, torch.Tensor] | None]", timeout: float | None) -> None:
+        """Download one streamed model entry into ``pieces`` (then None, also when it fails)."""
+        try:
+            await self._download(info.nbytes, partial(_module_read, pointer.id, name),
+                                 lambda offset, data: pieces.put_nowait((offset, data)), timeout)
+        finally:
+            pieces.put_nowait(None)
+
+
+def _module_write(obj_id: int, name: str, offset: int, data: torch.Tensor) -> tuple[str, dict[str, Any]]:
+    return "module_write", {"obj": obj_id, "name": name, "offset": offset, "data": data}
+
+
+def _module_read(obj_id: int, name: str, offset: int, length: int) -> tuple[str, dict[str, Any]]:
+    return "module_read", {"obj": obj_id, "name": name, "offset": offset, "length": length}
 
 
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:

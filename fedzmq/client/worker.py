@@ -34,7 +34,9 @@ RELEASE_BATCH = 256
 
 
 class RemoteWorker(Transfers):
-    """A session with one worker. Make one with ``await fz.connect(address)``."""
+    """A connection to one worker (or to one logical client of a daemon hosting many), and the session it
+    holds there: the namespace of everything this coordinator made on that worker, freed by ``close``.
+    Make one with ``await fz.connect(address)`` or ``async with fz.connect(address) as bob``."""
 
     def __init__(self, address: str, *, settings: ConnectionSettings | None = None,
                  context: zmq.asyncio.Context | None = None, server_key: KeyPath | bytes | None = None,
@@ -75,7 +77,8 @@ class RemoteWorker(Transfers):
 
     async def connect(self) -> "RemoteWorker":
         """Wait until the worker answers, and learn its id."""
-        info = await self._request("ping", self._connection.announce(), timeout=self._connection.settings.connect_timeout)
+        info = await self._request("ping", self._connection.announce(),
+                                   timeout=self._connection.settings.connect_timeout)
         self.id, self.instance = info["id"], info["instance"]
         self._note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
@@ -111,6 +114,10 @@ class RemoteWorker(Transfers):
             await connection.close()
 
     async def __aenter__(self) -> "RemoteWorker":
+        """Connect (if not yet connected) and close on leaving: ``async with RemoteWorker(addr) as bob``
+        means the same as ``async with fz.connect(addr) as bob``."""
+        if self.id is None:
+            return await _Connecting(self)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

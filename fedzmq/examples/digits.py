@@ -8,6 +8,7 @@ skewed), and writes each owner's shard as a safetensors file their daemon loads 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def dirichlet_split(labels: np.ndarray, workers: int, alpha: float, rng: np.rand
     raise ValueError(f"could not split into {workers} shards of at least {min_size} samples with alpha={alpha}")
 
 
-def prepare(directory: str | Path, worker_ids: list[str], alpha: float = 0.5, seed: int = 0,
+def prepare(directory: str | os.PathLike[str], worker_ids: list[str], alpha: float = 0.5, seed: int = 0,
             test_fraction: float = 0.2) -> DigitsSplit:
     x, y = load_digits_tensors()
     rng = np.random.default_rng(seed)

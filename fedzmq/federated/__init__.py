@@ -2,13 +2,13 @@
 
 from .federation import Federation, RoundFailed
 from .metrics import RoundMetrics
-from .protocols import AveragingRound, FitConfig, RoundContext, RoundOutcome, RoundProtocol, SequentialRound
+from .protocols import AveragingRound, FitConfig, RoundContext, RoundOutcome, RoundProtocol, CyclicRound
 from .strategies import (
     STRATEGIES, Aggregator, Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
-    Krum, Sequential, Strategy, make_strategy,
+    Krum, Cyclic, Strategy, make_strategy,
 )
 
-__all__ = ["Aggregator", "AveragingRound", "RoundContext", "RoundOutcome", "RoundProtocol", "SequentialRound",
+__all__ = ["Aggregator", "AveragingRound", "RoundContext", "RoundOutcome", "RoundProtocol", "CyclicRound",
            "Bulyan", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedProx",
            "FedTrimmedAvg", "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "STRATEGIES",
-           "Sequential", "Strategy", "make_strategy"]
+           "Cyclic", "Strategy", "make_strategy"]

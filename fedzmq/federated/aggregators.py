@@ -7,7 +7,7 @@
 * ``HeldUpdatesAggregator`` (FedMedian, FedTrimmedAvg, Krum, Bulyan): a copy of every update, because the rule
   needs all of them at once. It refuses, with ``HeldBytesExceeded``, an update that would take it past
   ``max_held_bytes``.
-* ``SequentialAggregator`` (Sequential): the last model only.
+* ``CyclicAggregator`` (Cyclic): the last model only.
 
 The interface and the conventions they share are in base.py.
 """
@@ -96,7 +96,7 @@ class WeightedMeanAggregator(Aggregator):
         """The mean, written entry by entry and block by block: never a whole extra model in memory."""
         self._check_total()
         with torch.no_grad():
-            for name, acc in self._acc.items():
+            for name in self._acc:
                 target = into[name].view(-1)
                 for lo in range(0, target.numel(), RESULT_BLOCK):
                     hi = min(lo + RESULT_BLOCK, target.numel())
@@ -310,7 +310,8 @@ class HeldUpdatesAggregator(_PendingAggregator):
     def receive(self, num_samples: int) -> UpdateReceiver:
         wanted = self.held_bytes + (self._in_flight + 1) * self._update_bytes
         if self._max_held_bytes is not None and wanted > self._max_held_bytes:
-            self._refused = (f"{self._rule} holds every update of a round; update {len(self._updates) + self._in_flight + 1}"
+            number = len(self._updates) + self._in_flight + 1
+            self._refused = (f"{self._rule} holds every update of a round; update {number}"
                              f" would make that {wanted} bytes ({self._update_bytes} per update), over max_held_bytes="
                              f"{self._max_held_bytes}: raise max_held_bytes or let fewer workers take part")
             raise HeldBytesExceeded(self._refused)
@@ -339,7 +340,7 @@ class HeldUpdatesAggregator(_PendingAggregator):
                     into[name].copy_(torch.stack([u[name] for u in kept]).amax(dim=0))
 
 
-class SequentialAggregator(_PendingAggregator):
+class CyclicAggregator(_PendingAggregator):
     """The model visits the workers in turn: each update replaces the current model, ``result()`` is the last
     one added. Holds one model copy besides the global one (and the next one while it downloads)."""
 

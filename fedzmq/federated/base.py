@@ -19,7 +19,7 @@ Conventions shared by every strategy (so the scheduler need not care which one i
 * Every update must have the global model's keys and shapes (``ValueError`` otherwise).
 * Only floating-point entries are aggregated. Other entries (BatchNorm's int64 ``num_batches_tracked``, bool
   masks) cannot be averaged meaningfully; they take the elementwise maximum over the updates the rule keeps
-  (all of them, except for Krum and Bulyan, which keep some). Sequential, which does not aggregate, keeps the
+  (all of them, except for Krum and Bulyan, which keep some). Cyclic, which does not aggregate, keeps the
   last model's.
 * The aggregator reads ``global_state`` by reference until the round ends: do not modify it meanwhile.
 * Results have the global model's dtypes, are new tensors (never views of an input) and ``result()`` may be
@@ -84,7 +84,7 @@ class Aggregator(abc.ABC):
     def __init__(self, global_state: State) -> None:
         self._global = global_state
         self._count = 0
-        self._current: UpdateReceiver | None = None
+        self._receiving: UpdateReceiver | None = None
 
     @property
     def count(self) -> int:
@@ -113,23 +113,23 @@ class Aggregator(abc.ABC):
 
     def begin_update(self, num_samples: int) -> None:
         """``receive``, for one update at a time: the next calls go to this update."""
-        self._current = self.receive(num_samples)
+        self._receiving = self.receive(num_samples)
 
     def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
-        if self._current is None:
+        if self._receiving is None:
             raise RuntimeError("add_slice before begin_update")
-        self._current.add_slice(name, start, values)
+        self._receiving.add_slice(name, start, values)
 
     def end_update(self) -> None:
-        current, self._current = self._current, None
-        if current is None:
+        receiving, self._receiving = self._receiving, None
+        if receiving is None:
             raise RuntimeError("end_update before begin_update")
-        current.end()
+        receiving.end()
 
     def abort_update(self) -> None:
-        current, self._current = self._current, None
-        if current is not None:
-            current.abort()
+        receiving, self._receiving = self._receiving, None
+        if receiving is not None:
+            receiving.abort()
 
     # --- whole updates: the same path --------------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class Strategy(abc.ABC):
 
     def round_protocol(self) -> "RoundProtocol":
         """How this strategy's rounds run: by default every participant at once, one trip each, updates
-        folded as they arrive (``fedzmq.federated.protocols``). Sequential and secure aggregation differ."""
+        folded as they arrive (``fedzmq.federated.protocols``). Cyclic and secure aggregation differ."""
         from .protocols import AveragingRound
 
         return AveragingRound()

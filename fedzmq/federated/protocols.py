@@ -7,7 +7,7 @@ the same way). Three protocols:
 - ``AveragingRound``: every participant at once, one trip each: the global weights go out with the fit
   (encoded once, their frames shared by every send) and the trained weights come back in its reply;
   the updates are received concurrently and folded as they arrive.
-- ``SequentialRound``: the seed's mode, the model visiting the participants in turn.
+- ``CyclicRound``: the seed's mode, the model visiting the participants in turn.
 - ``SecureRound`` (``fedzmq.federated.secure``): secure aggregation's four steps.
 
 A protocol never changes the model: it returns a ``RoundOutcome`` whose ``commit()`` writes the new
@@ -212,7 +212,8 @@ class AveragingRound(RoundProtocol):
         return RoundOutcome(fits, dropped, commit=lambda: aggregator.write_result(context.model.state_dict()))
 
 
-def group_by_host(workers: Sequence[RemoteWorker]) -> tuple[list[RemoteWorker], list[tuple[RemoteWorker, list[RemoteWorker]]]]:
+def group_by_host(workers: Sequence[RemoteWorker]
+                  ) -> tuple[list[RemoteWorker], list[tuple[RemoteWorker, list[RemoteWorker]]]]:
     """Workers on their own, and logical clients grouped by the daemon hosting them (two or more)."""
     by_host: dict[int, list[RemoteWorker]] = {}
     for worker in workers:
@@ -264,7 +265,7 @@ async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], mode
             dropped[worker_key(worker)] = f"{error.get('type')}: {error.get('message', '')}"[:200]
 
 
-class SequentialRound(RoundProtocol):
+class CyclicRound(RoundProtocol):
     """The seed's mode: the model visits the participants in turn, each starting from the previous one's
     result; the round's model is the last one's."""
 
@@ -291,4 +292,4 @@ def participants_needed(fraction: float, alive: int, min_workers: int) -> int:
 
 
 __all__ = ["AveragingRound", "FitConfig", "Folder", "RoundContext", "RoundOutcome", "RoundProtocol",
-           "SequentialRound", "fit_trip", "hosted_model", "reason", "worker_key"]
+           "CyclicRound", "fit_trip", "hosted_model", "reason", "worker_key"]

@@ -35,7 +35,7 @@ from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
 from ..secagg import SecAggAborted, SecAggConfig, SecAggServer, default_threshold
 from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, worker_key
-from .strategies import State, Strategy
+from .strategies import Aggregator, State, Strategy
 
 log = logging.getLogger("fedzmq.federated")
 
@@ -76,15 +76,13 @@ class SecAgg(Strategy):
     def configure_fit(self, round_number: int) -> dict[str, Any]:
         return self.inner.configure_fit(round_number)
 
-    def begin_round(self, round_number: int, global_state: State):  # noqa: ANN201 - the inner aggregator
-        return self.inner.begin_round(round_number, global_state)
-
     def round_protocol(self) -> "RoundProtocol":
         return SecureRound(self)
 
-    def aggregate(self, round_number: int, global_state: Any, updates: Any) -> State:
-        """Not available: the clipping, weighting, noise and masking happen on the workers, inside a
-        ``Federation`` round. ``SecAgg(s).inner.aggregate(...)`` is the same round without them."""
+    def begin_round(self, round_number: int, global_state: State) -> Aggregator:
+        """Not available, and so neither is ``aggregate()``: the clipping, weighting, noise and masking
+        happen on the workers, inside a ``Federation`` round. ``SecAgg(s).inner.aggregate(...)`` is the same
+        round without them."""
         raise NotImplementedError("secure aggregation runs only inside a Federation round; call aggregate() on "
                                   "the wrapped strategy (.inner) for the same round without clipping, noise or masks")
 
@@ -203,8 +201,8 @@ class SecureRound(RoundProtocol):
                     task.cancel()  # out of the round already: its fit no longer matters
             await asyncio.gather(*fitting.values(), return_exceptions=True)
         finally:
-            for task in [*fitting.values(), *sharing.values()]:
-                task.cancel()
+            for pending in [*fitting.values(), *sharing.values()]:
+                pending.cancel()
             await asyncio.gather(*fitting.values(), *sharing.values(), return_exceptions=True)
         # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
         # survivors' shares remove its masks

@@ -2,7 +2,7 @@
 
 One short class per algorithm, each written so it can be checked line by line against its paper, and against
 Flower's class of the same name (docs/strategies.md lists every parameter and default beside Flower's). This
-module has the weighted-mean family (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) and Sequential;
+module has the weighted-mean family (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) and Cyclic;
 robust.py has the order statistics and the Byzantine-robust rules (FedMedian, FedTrimmedAvg, Krum, Bulyan).
 The interfaces, and the conventions every strategy follows, are in base.py; the aggregators in aggregators.py.
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .aggregators import (DEFAULT_MAX_HELD_BYTES, HeldUpdatesAggregator, SequentialAggregator,
+from .aggregators import (DEFAULT_MAX_HELD_BYTES, HeldUpdatesAggregator, CyclicAggregator,
                           ServerStepAggregator, WeightedMeanAggregator)
 from .base import Aggregator, State, Strategy, work_dtype
 from .robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
@@ -234,20 +234,21 @@ class FedYogi(FedOpt):
         v.sub_(delta_sq * torch.sign(v - delta_sq), alpha=1 - self.beta_2)
 
 
-class Sequential(Strategy):
-    """The seed tutorial's mode (sequential / cyclic training, no averaging): the scheduler sends
-    ``current_model()`` to each worker in turn and adds what it returns; the round's result is the model
-    after the last worker. Sample counts are ignored."""
+class Cyclic(Strategy):
+    """The seed tutorial's mode (cyclic training, no averaging): the scheduler sends the current model to
+    each worker in turn and each trains on from where the last stopped; the round's result is the model
+    after the last worker. Sample counts are ignored. (Named ``Cyclic``, not ``Sequential``, so that it
+    cannot be mistaken for ``torch.nn.Sequential``; ``make_strategy("sequential")`` still finds it.)"""
 
-    name = "sequential"
+    name = "cyclic"
 
     def round_protocol(self) -> "RoundProtocol":
-        from .protocols import SequentialRound
+        from .protocols import CyclicRound
 
-        return SequentialRound()
+        return CyclicRound()
 
-    def begin_round(self, round_number: int, global_state: State) -> SequentialAggregator:
-        return SequentialAggregator(global_state)
+    def begin_round(self, round_number: int, global_state: State) -> CyclicAggregator:
+        return CyclicAggregator(global_state)
 
 
 def _check_strategy_name(name: str, state: dict[str, Any]) -> None:
@@ -266,7 +267,7 @@ def _check_state_matches(name: str, server_state: State, global_state: State) ->
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "trimmedmean": FedTrimmedAvg, "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum, "bulyan": Bulyan, "sequential": Sequential,
+    "krum": Krum, "bulyan": Bulyan, "cyclic": Cyclic, "sequential": Cyclic,
 }
 
 
@@ -280,4 +281,4 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
 
 __all__ = ["Aggregator", "Bulyan", "DEFAULT_MAX_HELD_BYTES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM",
            "FedMedian", "FedOpt", "FedProx", "FedTrimmedAvg", "FedYogi", "HeldUpdatesAggregator", "Krum",
-           "STRATEGIES", "Sequential", "SequentialAggregator", "State", "Strategy", "make_strategy"]
+           "STRATEGIES", "Cyclic", "CyclicAggregator", "State", "Strategy", "make_strategy"]

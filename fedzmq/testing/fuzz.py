@@ -27,7 +27,7 @@ def valid_messages() -> list[list[bytes]]:
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     spec = {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 3, "out_features": 1, "bias": True}}
     state = {"weight": torch.zeros(1, 3), "bias": torch.zeros(1)}
-    requests = [
+    requests: list[tuple[str, dict[str, Any]]] = [
         ("ping", {}), ("heartbeat", {}), ("status", {}), ("datasets", {"query": "x"}),
         ("store", {"out": 1, "value": t}), ("get", {"obj": 1}), ("info", {"obj": 1}), ("delete", {"objs": [1, 2]}),
         ("alloc", {"out": 3, "dtype": "float32", "shape": [4, 4]}),
@@ -45,7 +45,7 @@ def valid_messages() -> list[list[bytes]]:
         ("evaluate", {"module": 6, "dataset": "d", "loss": "mse_loss"}),
         ("dataset_tensor", {"dataset": "d", "part": "features", "out": 9}),
     ]
-    return [_frames(encode_request(i + 1, cmd, args)) for i, (cmd, args) in enumerate(requests)]
+    return [_frames(encode_request(i + 1, cmd, dict(args))) for i, (cmd, args) in enumerate(requests)]
 
 
 HEADER_FIELDS = ("v", "id", "cmd", "args")

@@ -39,7 +39,7 @@ from .pool import DaemonPool, Lease
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - the async fixtures need pytest-asyncio; without it they are absent
-    pytest_asyncio = None
+    pytest_asyncio = None  # type: ignore[assignment]
 
 _STARTED = pytest.StashKey[list[DaemonProcess]]()
 _FAILED = pytest.StashKey[bool]()
@@ -303,7 +303,7 @@ if pytest_asyncio is not None:
         async def make(*ids: str | int, datasets: Mapping[str, Mapping[str, Any]] | None = None,
                        settings: ConnectionSettings | None = None, **kwargs: Any) -> list[VirtualWorker]:
             names = worker_ids(ids)
-            taken = {w.id for w in made}
+            taken = {str(w.id) for w in made}
             if taken & set(names):
                 raise ValueError(f"workers {sorted(taken & set(names))} were made already in this test")
             unknown = set(datasets or {}) - set(names)

@@ -69,7 +69,8 @@ class DaemonPool:
                                 note=note)
         if existing is not None:
             self._retired.append(existing)
-        self.handles[name] = DaemonHandle(process, **key_files)
+        self.handles[name] = DaemonHandle(process, server_key=key_files.get("server_key"),
+                                          client_key=key_files.get("client_key"))
         self._flags[name] = (flags, keys)
         self.needs_restart.discard(name)
         self.on_new(process)

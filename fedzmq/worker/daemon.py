@@ -39,10 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", help="address to serve on, e.g. tcp://127.0.0.1:5555 (port 0 picks a free one)")
     p.add_argument("--threads", type=int, help="threads for torch work (default 1)")
     p.add_argument("--session-timeout", type=float, help="seconds of silence before a session is freed")
-    p.add_argument("--max-message-bytes", "--max-frame-bytes", type=int, dest="max_frame_bytes",
-                   help="largest frame accepted (default 1 GiB)")
+    p.add_argument("--max-frame-bytes", "--max-message-bytes", type=int, dest="max_frame_bytes",
+                   help="largest buffer frame accepted (default 1 GiB); a message may hold several. "
+                   "--max-message-bytes is its old name")
     p.add_argument("--max-header-bytes", type=int, help="largest msgpack header accepted")
-    p.add_argument("--chunk-bytes", type=int, help="largest tensor sent in one message (128 MiB); bigger ones stream in "
+    p.add_argument("--chunk-bytes", type=int, help="largest tensor sent in one message (128 MiB); bigger ones stream "
+                   "in "
                    "pieces of at most this size (clients use 16 MiB or this, whichever is smaller)")
     p.add_argument("--model", action="append", default=None, metavar="NAME=module:Class",
                    help="register a model class the data owner installed (repeatable)")

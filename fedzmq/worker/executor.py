@@ -191,7 +191,8 @@ class Executor:
             self.counters["limit_errors"] += 1
         private = binding.touches_private if binding is not None else command.reads_dataset
         if isinstance(exc, DependencyError):  # the first failure, as it was reported (sanitized if private)
-            payload = {"type": exc.remote_type, "message": exc.remote_message, "traceback": exc.root.get("traceback", "")}
+            payload = {"type": exc.remote_type, "message": exc.remote_message,
+                       "traceback": exc.root.get("traceback", "")}
         elif private:
             log.log(logging.DEBUG if isinstance(exc, RemoteError) else logging.WARNING,
                     "request %d (%s) of session %s failed on private data", request.id, request.cmd,

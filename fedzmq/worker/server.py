@@ -20,7 +20,7 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -29,7 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 from ..__about__ import __version__
 from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error
 from ..commands import COMMANDS
-from ..errors import ProtocolError, error_payload
+from ..errors import FedzmqError, ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
 from ..security import KeyGate, SecurityError, address_problem, apply_server_keys, is_loopback_address
 from .binding import Context
@@ -54,6 +54,10 @@ EVICT_AFTER_INTERVALS = 10
 EVICT_EMPTY_AFTER_INTERVALS = 3
 #: seconds of silence after which a session of a client that announced nothing may be evicted
 EVICT_AFTER_SECONDS = 10.0
+
+
+class WorkerNotBound(FedzmqError, RuntimeError):
+    """``Worker.start`` was called before ``Worker.bind``."""
 
 
 class Worker:
@@ -144,7 +148,7 @@ class Worker:
     def start(self) -> None:
         """Start serving on the running event loop (after ``bind``)."""
         if self._socket is None:
-            raise RuntimeError("bind() before start()")
+            raise WorkerNotBound("bind() before start(), or use 'async with Worker(...)', which binds for you")
         if not self._tasks:
             if self.key_gate is not None:
                 self.key_gate.start()
@@ -195,6 +199,10 @@ class Worker:
             self.key_gate.stop()
 
     async def __aenter__(self) -> "Worker":
+        """Serve until the block ends: on the address ``bind`` chose, or on a fresh ``inproc://`` address
+        (``worker.address``) if it was never bound, so ``async with`` alone gives a worker to connect to."""
+        if self._socket is None:
+            self.bind(f"inproc://fedzmq-{self.id}-{uuid.uuid4().hex}")
         self.start()
         return self
 
@@ -458,8 +466,8 @@ class Worker:
         track = track or (nbytes > TRACKED_REPLY_BYTES and not self._copy_frames)
         # through the asyncio socket (never a second handle on it: a send there could take the
         # readiness edge its receive waits for), non-blocking: the future is done on return
-        sent = self._socket.send_multipart([key, *frames], flags=zmq.NOBLOCK, copy=self._copy_frames,
-                                           track=track and not self._copy_frames)
+        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(
+            [key, *frames], flags=zmq.NOBLOCK, copy=self._copy_frames, track=track and not self._copy_frames))
         if not sent.done():  # cannot happen while every send is non-blocking; never wait on one here
             sent.add_done_callback(lambda f: f.cancelled() or f.exception())
             return None

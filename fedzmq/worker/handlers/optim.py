@@ -26,7 +26,7 @@ def optim_create(context: Context, binding: Binding) -> Any:
         if not all(type(i) is int and 0 <= i < len(params) for i in indexes):
             raise BadRequest.new(f"parameter indexes must be in [0, {len(params)})")
         groups.append({"params": [params[i] for i in indexes], **hyper})
-    return Made([HostedOptimizer(cls(groups), binding.request.args["module"])])
+    return Made([HostedOptimizer(cls(groups), binding.request.args["module"])])  # type: ignore[call-arg]
 
 
 def optim_zero_grad(context: Context, binding: Binding) -> Any:
