@@ -14,7 +14,7 @@ from .client.pointers import Broadcast, DatasetPointer, FitUpdate, ModulePointer
 from .client.worker import RemoteWorker, VirtualWorker, connect, connect_clients
 from .codec import Limits
 from .errors import (
-    BadRequest, FedzmqError, HeldBytesExceeded, LimitExceeded, ModelDescriptionError, ObjectNotFound, PermissionDenied,
+    AddressError, BadRequest, FedzmqError, HeldBytesExceeded, LimitExceeded, ModelDescriptionError, ObjectNotFound, PermissionDenied,
     ProtocolError, RemoteError, RemoteProtocolError, RequestTimeout, UnknownCommand, WorkerClosedError,
     WorkerDeadError, WorkerError, WrongWorkerError,
 )
@@ -35,7 +35,7 @@ __all__ = [
     "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "SecAgg", "Strategy",
     "make_strategy",
     # errors
-    "BadRequest", "FedzmqError", "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError", "ObjectNotFound",
+    "AddressError", "BadRequest", "FedzmqError", "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError", "ObjectNotFound",
     "PermissionDenied", "ProtocolError", "RemoteError", "RemoteProtocolError", "RequestTimeout", "UnknownCommand",
     "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
     "__version__",

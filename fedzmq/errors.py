@@ -4,6 +4,7 @@ Catch at the level you care about:
 
     FedzmqError
     ├── ProtocolError          a message broke the wire protocol (raised by the codec, on either side)
+    ├── AddressError(FedzmqError, ValueError): an address is malformed or its host does not resolve
     ├── WorkerError            the daemon could not be used
     │   ├── WorkerDeadError    it stopped answering heartbeats (dead, hung or unreachable)
     │   └── RequestTimeout     it is alive but did not answer within the deadline you gave
@@ -37,6 +38,11 @@ class ProtocolError(FedzmqError):
     def __init__(self, message: str, request_id: int | None = None) -> None:
         super().__init__(message)
         self.request_id = request_id
+
+
+class AddressError(FedzmqError, ValueError):
+    """A worker's address is malformed (no transport, no port, a port out of range, ...) or its host
+    name does not resolve. Raised at once, before anything is sent: a wrong address is not a slow worker."""
 
 
 class WorkerError(FedzmqError):

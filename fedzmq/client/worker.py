@@ -76,9 +76,11 @@ class RemoteWorker(Transfers):
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def connect(self) -> "RemoteWorker":
-        """Wait until the worker answers, and learn its id."""
-        info = await self._request("ping", self._connection.announce(),
-                                   timeout=self._connection.settings.connect_timeout)
+        """Wait until the worker answers, and learn its id. An address whose host does not resolve raises
+        ``AddressError`` at once (a malformed one did when this object was made)."""
+        timeout = self._connection.settings.connect_timeout
+        await self._connection.open(timeout)
+        info = await self._request("ping", self._connection.announce(), timeout=timeout)
         self.id, self.instance = info["id"], info["instance"]
         self._note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
@@ -347,7 +349,11 @@ def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_k
     """Connect to a worker daemon: ``bob = await fz.connect(addr)`` or ``async with fz.connect(addr) as bob``.
 
     With keys (CurveZMQ): ``server_key`` is the daemon's public key (its ``.key`` file or the z85
-    text) and ``client_key`` your own ``.key_secret`` file, whose public half the daemon must allow."""
+    text) and ``client_key`` your own ``.key_secret`` file, whose public half the daemon must allow.
+
+    ``address`` is ``"tcp://host:port"`` (or ``"ipc://path"``, ``"inproc://name"``). A malformed one
+    (``"127.0.0.1:5555"``, a port out of range, ...) or one whose host does not resolve raises
+    ``fz.AddressError`` at once, instead of waiting ``settings.connect_timeout`` for an answer."""
     return _Connecting(RemoteWorker(address, settings=settings, context=context, server_key=server_key,
                                     client_key=client_key))
 
