@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import builtins
 import functools
-from typing import Any
+import re
+from typing import Any, Callable
+
+#: how a worker names an object of the session in its messages
+_OBJECT = re.compile(r"\bobject (\d+)\b")
 
 
 class FedzmqError(Exception):
@@ -77,16 +81,36 @@ class HeldBytesExceeded(FedzmqError):
 
 class RemoteError(FedzmqError):
     """A command failed on the worker. ``remote_type``, ``remote_message`` and
-    ``remote_traceback`` are the worker's own words."""
+    ``remote_traceback`` are the worker's own words (the client names the pointers it knows in the
+    message: ``<TensorPointer 3 on 'bob'>`` where the worker said ``object 3``).
+
+    The text is the message, then the remote traceback if any. The remote type leads it only when the
+    local class does not already say it (a type this client does not know): Python prints the class
+    name in front, and ``PermissionDenied: PermissionDenied: ...`` says it twice."""
 
     def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
-        text = f"{remote_type}: {remote_message}"
+        named = type(self).__name__ in (remote_type, "Remote" + remote_type)
+        text = remote_message if named else f"{remote_type}: {remote_message}"
         if remote_traceback:
             text += "\n\nRemote traceback:\n" + remote_traceback.rstrip()
         super().__init__(text)
+
+    def naming(self, names: Callable[[int], str | None]) -> "RemoteError":
+        """This error, with each ``object N`` of the worker's message replaced by ``names(N)`` (the pointer
+        the client knows by that id; None leaves the number). The same error when nothing changes."""
+        def name(match: re.Match[str]) -> str:
+            known = names(int(match.group(1)))
+            return known if known is not None else match.group(0)
+
+        message = _OBJECT.sub(name, self.remote_message)
+        if message == self.remote_message:
+            return self
+        renamed = remote_error(self.remote_type, message, self.remote_traceback)
+        renamed.__cause__, renamed.__traceback__ = self.__cause__, self.__traceback__
+        return renamed
 
     @classmethod
     def new(cls, message: str) -> "RemoteError":

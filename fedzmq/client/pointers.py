@@ -35,6 +35,7 @@ class Pointer:
         self.id = obj_id
         self._ready = ready
         self._deleted = False
+        location._pointers[obj_id] = self  # so that the worker's errors can name this pointer
 
     def __await__(self) -> Generator[Any, None, Any]:
         yield from self.location._wait(self._ready).__await__()
@@ -50,9 +51,13 @@ class Pointer:
         if not self._deleted:
             self.location._release(self.id)
 
+    def describe(self) -> str:
+        """How errors name this pointer (where the worker says ``object 3``): ``<TensorPointer 3 on 'bob'>``."""
+        return f"<{type(self).__name__} {self.id} on {self.location.id!r}>"
+
     def __repr__(self) -> str:
         state = "pending" if not self._ready.done() else ("failed" if self._ready.exception() else "ready")
-        return f"<{type(self).__name__} {self.id} on {self.location.id!r} ({state})>"
+        return f"{self.describe()[:-1]} ({state})>"
 
 
 class TensorPointer(Pointer):

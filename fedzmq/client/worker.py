@@ -18,7 +18,7 @@ import zmq.asyncio
 from torch import nn
 
 from ..codec import Ref
-from ..errors import WorkerError, WrongWorkerError
+from ..errors import RemoteError, WorkerError, WrongWorkerError
 from ..security import KeyPath
 from ..modeldesc import ModelRegistry
 from ..ops import output_count
@@ -57,6 +57,8 @@ class RemoteWorker(Transfers):
         self._resets_seen = 0
         #: this logical client's session on the daemon (the daemon's own session is the connection's)
         self._client_session: str | None = None
+        #: the live pointers by object id: the worker's errors say "object 3", ours name the pointer
+        self._pointers: weakref.WeakValueDictionary[int, Pointer] = weakref.WeakValueDictionary()
 
     @classmethod
     def _hosted_client(cls, host: "RemoteWorker", client: str) -> "RemoteWorker":
@@ -71,6 +73,7 @@ class RemoteWorker(Transfers):
         worker._modules = weakref.WeakKeyDictionary()
         worker._resets_seen = host._connection.session_resets
         worker._client_session = None
+        worker._pointers = weakref.WeakValueDictionary()
         return worker
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -239,10 +242,21 @@ class RemoteWorker(Transfers):
         return self._connection.submit(cmd, args, copy=copy, client=self.client, default=self._to_ref)
 
     async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
-        return await self._connection.wait(self._submit(cmd, args), timeout)
+        return await self._wait(self._submit(cmd, args), timeout)
 
     async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
-        return await self._connection.wait(future, timeout)
+        """The reply's result, or its remote error naming the pointers the worker called "object N"."""
+        try:
+            return await self._connection.wait(future, timeout)
+        except RemoteError as exc:
+            named = exc.naming(self._pointer_name)
+            if named is exc:
+                raise
+            raise named from None
+
+    def _pointer_name(self, obj_id: int) -> str | None:
+        pointer = self._pointers.get(obj_id)
+        return pointer.describe() if pointer is not None else None
 
     def _to_ref(self, value: Any) -> Any:
         """Encoder hook: pointers become references, after checking they live here."""
