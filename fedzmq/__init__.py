@@ -15,7 +15,7 @@ from .client.worker import RemoteWorker, VirtualWorker, connect, connect_clients
 from .codec import Limits
 from .errors import (
     AddressError, BadRequest, FedzmqError, HeldBytesExceeded, LimitExceeded, ModelDescriptionError, ObjectNotFound,
-    PermissionDenied, ProtocolError, RemoteError, RemoteProtocolError, RequestTimeout, UnknownCommand,
+    PermissionDenied, ProtocolError, RemoteError, RemoteProtocolError, RequestTimeout, ShapeUnknown, UnknownCommand,
     WorkerClosedError, WorkerDeadError, WorkerError, WrongWorkerError,
 )
 from .federated import (
@@ -37,6 +37,6 @@ __all__ = [
     # errors
     "AddressError", "BadRequest", "FedzmqError", "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError",
     "ObjectNotFound", "PermissionDenied", "ProtocolError", "RemoteError", "RemoteProtocolError", "RequestTimeout",
-    "UnknownCommand", "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
+    "ShapeUnknown", "UnknownCommand", "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
     "__version__",
 ]

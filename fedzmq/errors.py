@@ -10,6 +10,7 @@ Catch at the level you care about:
     │   └── RequestTimeout     it is alive but did not answer within the deadline you gave
     ├── ModelDescriptionError  a model cannot be described as data for a worker
     ├── WrongWorkerError       an operation mixes objects that live on different workers
+    ├── ShapeUnknown(FedzmqError, LookupError): a pointer's shape is not known here (``await ptr.info()``)
     ├── HeldBytesExceeded      an aggregator that holds every update of a round would pass its byte budget
     └── RemoteError            the daemon ran the command and it failed there
         ├── ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, ...
@@ -71,6 +72,11 @@ class ModelDescriptionError(FedzmqError):
 
 class WrongWorkerError(FedzmqError, ValueError):
     """An operation mixes pointers of different workers, or a pointer with the wrong worker."""
+
+
+class ShapeUnknown(FedzmqError, LookupError):
+    """A pointer's shape and dtype are not known on the client (a module's forward made it, or an op the
+    client cannot work out); ``await ptr.info()`` asks the worker once, and the pointer remembers."""
 
 
 class HeldBytesExceeded(FedzmqError):

@@ -70,17 +70,17 @@ async def test_an_unknown_shape_says_how_to_get_it(fedzmq_virtual_workers):
     model = await bob.send(nn.Linear(4, 2))
     out = model(features)  # a forward on the worker: the client does not run the model
     with pytest.raises(fz.ShapeUnknown, match=r"await ptr\.info\(\)") as info:
-        out.shape
+        _ = out.shape
     assert out.describe() in str(info.value)
     with pytest.raises(fz.ShapeUnknown):
-        out.dtype
+        _ = out.dtype
     details = await out.info()  # one round trip, remembered
     assert details["shape"] == [8, 2] and details["dtype"] == "float32"
     assert (out.shape, out.dtype) == (torch.Size([8, 2]), torch.float32)
     assert (out.sum(dim=0) * 2).shape == torch.Size([2])  # and what is computed from it is known again
     bad = (await bob.send(torch.ones(2, 3))) @ (await bob.send(torch.ones(2, 3)))  # the shapes do not fit
     with pytest.raises(fz.ShapeUnknown):
-        bad.shape
+        _ = bad.shape
     with pytest.raises(RuntimeError):
         await bad
 
@@ -88,7 +88,8 @@ async def test_an_unknown_shape_says_how_to_get_it(fedzmq_virtual_workers):
 # --- move -----------------------------------------------------------------------------------------------
 
 
-async def check_move(bob: fz.RemoteWorker, alice: fz.RemoteWorker, features: fz.TensorPointer) -> None:
+async def check_move(bob: fz.RemoteWorker, alice: fz.RemoteWorker, elsewhere: fz.RemoteWorker,
+                     features: fz.TensorPointer) -> None:
     x = torch.randn(3, 2, requires_grad=True)
     px = await bob.send(x)
     source_id = px.id
@@ -104,18 +105,19 @@ async def check_move(bob: fz.RemoteWorker, alice: fz.RemoteWorker, features: fz.
     assert await moved.move(alice) is moved  # already there
     # the source's daemon decides what may leave: a value computed from a dataset's rows does not
     private = features[0:2] * 1
-    objects = (await alice.status())["objects"]
+    await elsewhere.ping()
+    sent = elsewhere.bytes_sent  # a session that holds nothing: no deletes of collected pointers go to it
     with pytest.raises(fz.PermissionDenied) as info:
-        await private.move(alice)
+        await private.move(elsewhere)
     assert private.describe() in str(info.value)
-    assert (await alice.status())["objects"] == objects  # nothing arrived
+    assert elsewhere.bytes_sent == sent  # nothing was sent there
     assert (await (private.sum(dim=1) * 0).info())["shape"] == [2]  # and the source still holds it
 
 
 async def test_move_between_in_process_workers(fedzmq_virtual_workers):
-    bob, alice = await fedzmq_virtual_workers("bob", "alice", datasets={"bob": {"toy": open_toy()}})
+    bob, alice, carol = await fedzmq_virtual_workers("bob", "alice", "carol", datasets={"bob": {"toy": open_toy()}})
     [ds] = await bob.datasets()
-    await check_move(bob, alice, await ds.features())
+    await check_move(bob, alice, carol, await ds.features())
 
 
 async def test_move_between_daemons(fedzmq_daemons_module, fedzmq_digits):
@@ -123,7 +125,8 @@ async def test_move_between_daemons(fedzmq_daemons_module, fedzmq_digits):
     bob, alice = await fedzmq_daemons_module("bob", "alice",
                                              args={"bob": ["--open-data", f"digits={shards.paths['bob']}"]})
     [ds] = await bob.worker.datasets()
-    await check_move(bob.worker, alice.worker, await ds.features())
+    async with fz.connect(alice.address) as elsewhere:  # a second session on alice's daemon
+        await check_move(bob.worker, alice.worker, elsewhere, await ds.features())
 
 
 # --- gradients of remote leaves -------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ..ops import output_count
 from ..worker import Worker, WorkerConfig
 from ..worker.datasets import Dataset
 from .connection import GOODBYE_SECONDS, Connection, ConnectionSettings
+from .meta import Meta, TensorMeta, op_outputs
 from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
 from .transfers import Transfers, retrieve_error as _retrieve
 
@@ -161,10 +162,10 @@ class RemoteWorker(Transfers):
         """Datasets whose name, tags or description contain ``query`` (case-insensitive)."""
         return [DatasetPointer(self, info) for info in await self._request("datasets", {"query": query}, timeout)]
 
-    async def _dataset_tensor(self, name: str, part: str) -> TensorPointer:
+    async def _dataset_tensor(self, name: str, part: str, meta: TensorMeta | None = None) -> TensorPointer:
         out = self._new_id()
         ready = self._submit("dataset_tensor", {"dataset": name, "part": part, "out": out})
-        pointer = TensorPointer(self, out, ready)
+        pointer = TensorPointer(self, out, ready, meta)
         await self._wait(ready)
         return pointer
 
@@ -279,14 +280,15 @@ class RemoteWorker(Transfers):
         out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
         ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
         ready.add_done_callback(_retrieve)
-        pointers = tuple(TensorPointer(self, obj_id, ready) for obj_id in out)
+        metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
+        pointers = tuple(TensorPointer(self, obj_id, ready, meta) for obj_id, meta in zip(out, metas))
         return pointers if len(pointers) > 1 else pointers[0]
 
     def _grad(self, pointer: TensorPointer) -> TensorPointer:
         out = self._new_id()
         ready = self._submit("grad", {"obj": self._to_ref(pointer).id, "out": out})
         ready.add_done_callback(_retrieve)
-        return TensorPointer(self, out, ready)
+        return TensorPointer(self, out, ready, pointer._meta)  # a gradient has its leaf's shape and dtype
 
     def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
         out = self._new_id()
@@ -329,6 +331,10 @@ class RemoteWorker(Transfers):
 
     def _modules_sent(self) -> list[tuple[nn.Module, ModulePointer]]:
         return list(self._modules.items())
+
+
+def _meta_of(pointer: TensorPointer) -> Meta:
+    return pointer._meta
 
 
 class _Connecting:

@@ -1,0 +1,144 @@
+"""What the client knows of a remote tensor's shape and dtype, without asking the worker.
+
+A pointer to a value the client sent knows it from the tensor; a pointer to a dataset's tensor from the
+dataset's description; a gradient has its leaf's. An op's output is worked out by running the same op
+(``fedzmq.ops.OPS``, the table the worker runs) on the meta device, where tensors have shapes and
+dtypes but no data. That costs tens to hundreds of microseconds per op (more than sending it), so it is
+done only when ``shape`` or ``dtype`` is first read, and remembered: a pipelined chain of ops pays
+nothing unless someone looks. A pending op holds the meta of its inputs, never their pointers (which
+would keep the remote values alive); a chain left unread is worked out once it is ``MAX_PENDING``
+ops deep, so it neither grows without bound nor needs deep recursion.
+
+What the client cannot work out (a module's forward runs only on the worker; an op whose output size
+depends on the data, which the meta device refuses, as the worker does) is unknown: ``await ptr.info()``
+asks the worker once. The worker computes with torch's default dtype of its own process; a client that
+changed its default dtype may see another dtype for an op that promotes an int to a float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch
+
+from ..ops import OPS
+from ..torchmodes import default_modes
+
+#: ops of a chain left unread before the client works out its shapes anyway
+MAX_PENDING = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """A tensor's shape and dtype."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(tensor: torch.Tensor) -> "TensorMeta":
+        return TensorMeta(tensor.shape, tensor.dtype)
+
+    def empty(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+    def __str__(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
+
+
+class _Unknown(Exception):
+    """An input's meta is unknown: so is the op's."""
+
+
+class OpMeta:
+    """The outputs' meta of one op, worked out on the meta device the first time it is asked for."""
+
+    __slots__ = ("op", "args", "kwargs", "depth", "outputs")
+
+    def __init__(self, op: str, args: Any, kwargs: Any, depth: int) -> None:
+        self.op, self.args, self.kwargs, self.depth = op, args, kwargs, depth
+        self.outputs: tuple[TensorMeta | None, ...] | None = None
+
+    def resolve(self) -> tuple[TensorMeta | None, ...]:
+        if self.outputs is None:
+            try:
+                args, kwargs = _materialize(self.args), _materialize(self.kwargs)
+                with default_modes():  # as the worker runs ops: grad on, autocast off (one synchronous block)
+                    result = OPS[self.op](*args, **kwargs)
+                results = result if isinstance(result, tuple) else (result,)
+                self.outputs = tuple(TensorMeta.of(r) if isinstance(r, torch.Tensor) else None for r in results)
+            except Exception:  # an unknown input, or shapes the op refuses: the worker will say why
+                self.outputs = ()
+            self.args = self.kwargs = None  # the inputs' meta is no longer needed
+            self.depth = 0
+        return self.outputs
+
+
+class OpOutput:
+    """Output ``index`` of an op: where a pointer made by ``op`` gets its shape and dtype."""
+
+    __slots__ = ("op", "index")
+
+    def __init__(self, op: OpMeta, index: int) -> None:
+        self.op, self.index = op, index
+
+    def resolve(self) -> TensorMeta | None:
+        outputs = self.op.resolve()
+        return outputs[self.index] if self.index < len(outputs) else None
+
+
+#: what a pointer holds: its meta, the op that will tell it, or None (unknown)
+Meta = Union[TensorMeta, OpOutput, None]
+
+
+def known(meta: Meta) -> TensorMeta | None:
+    """The shape and dtype, working them out now if an op still has to."""
+    return meta.resolve() if isinstance(meta, OpOutput) else meta
+
+
+def op_outputs(op: str, args: list[Any], kwargs: dict[str, Any], count: int, pointer_type: type,
+               meta_of: Callable[[Any], Meta]) -> list[Meta]:
+    """The meta of an op's ``count`` outputs, to be worked out when read. Values of ``pointer_type`` among
+    the arguments stand for their ``meta_of(pointer)``; local tensors for their own meta."""
+    depth = 0
+
+    def strip(value: Any) -> Any:
+        nonlocal depth
+        if isinstance(value, pointer_type):
+            meta = meta_of(value)
+            if isinstance(meta, OpOutput) and meta.op.outputs is None:
+                depth = max(depth, meta.op.depth)
+            return _Unknown if meta is None else meta
+        if isinstance(value, torch.Tensor):
+            return TensorMeta.of(value)  # a local tensor: its meta, not its memory
+        if isinstance(value, (list, tuple)):
+            return type(value)(strip(v) for v in value)
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        return value
+
+    stripped_args, stripped_kwargs = strip(args), strip(kwargs)
+    pending = OpMeta(op, stripped_args, stripped_kwargs, depth + 1)
+    if pending.depth > MAX_PENDING:
+        pending.resolve()
+    return [OpOutput(pending, index) for index in range(count)]
+
+
+def _materialize(value: Any) -> Any:
+    if value is _Unknown:
+        raise _Unknown
+    if isinstance(value, OpOutput):
+        value = value.resolve()
+        if value is None:
+            raise _Unknown
+    if isinstance(value, TensorMeta):
+        return value.empty()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialize(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialize(v) for k, v in value.items()}
+    return value
+
+
+__all__ = ["MAX_PENDING", "Meta", "OpMeta", "OpOutput", "TensorMeta", "known", "op_outputs"]
