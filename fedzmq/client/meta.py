@@ -22,6 +22,7 @@ from typing import Any, Callable, Union
 
 import torch
 
+from ..errors import FedzmqError
 from ..ops import OPS
 from ..torchmodes import default_modes
 
@@ -47,8 +48,9 @@ class TensorMeta:
         return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
 
 
-class _Unknown(Exception):
-    """An input's meta is unknown: so is the op's."""
+class _Unknown(FedzmqError):
+    """An input's meta is unknown: so is the op's (raised and caught here only; the class also stands
+    for an unknown input among an op's arguments)."""
 
 
 class OpMeta:
