@@ -78,7 +78,8 @@ class OpMeta:
 
 
 class OpOutput:
-    """Output ``index`` of an op: where a pointer made by ``op`` gets its shape and dtype."""
+    """Output ``index`` of an op with several (max over a dim): where its pointer gets its shape and dtype.
+    The pointer to an op's only output holds the ``OpMeta`` itself."""
 
     __slots__ = ("op", "index")
 
@@ -91,47 +92,61 @@ class OpOutput:
 
 
 #: what a pointer holds: its meta, the op that will tell it, or None (unknown)
-Meta = Union[TensorMeta, OpOutput, None]
+Meta = Union[TensorMeta, OpMeta, OpOutput, None]
 
 
 def known(meta: Meta) -> TensorMeta | None:
     """The shape and dtype, working them out now if an op still has to."""
+    if isinstance(meta, OpMeta):
+        outputs = meta.resolve()
+        return outputs[0] if outputs else None
     return meta.resolve() if isinstance(meta, OpOutput) else meta
+
+
+def _pending_depth(meta: Meta) -> int:
+    op = meta.op if isinstance(meta, OpOutput) else meta
+    return op.depth if isinstance(op, OpMeta) and op.outputs is None else 0
 
 
 def op_outputs(op: str, args: list[Any], kwargs: dict[str, Any], count: int, pointer_type: type,
                meta_of: Callable[[Any], Meta]) -> list[Meta]:
     """The meta of an op's ``count`` outputs, to be worked out when read. Values of ``pointer_type`` among
-    the arguments stand for their ``meta_of(pointer)``; local tensors for their own meta."""
-    depth = 0
-
-    def strip(value: Any) -> Any:
-        nonlocal depth
-        if isinstance(value, pointer_type):
-            meta = meta_of(value)
-            if isinstance(meta, OpOutput) and meta.op.outputs is None:
-                depth = max(depth, meta.op.depth)
-            return _Unknown if meta is None else meta
-        if isinstance(value, torch.Tensor):
-            return TensorMeta.of(value)  # a local tensor: its meta, not its memory
-        if isinstance(value, (list, tuple)):
-            return type(value)(strip(v) for v in value)
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        return value
-
-    stripped_args, stripped_kwargs = strip(args), strip(kwargs)
-    pending = OpMeta(op, stripped_args, stripped_kwargs, depth + 1)
+    the arguments stand for their ``meta_of(pointer)``; local tensors for their own meta. Cheap: it only
+    notes the inputs' meta (a few microseconds, on the path of every pipelined op)."""
+    depth = [0]
+    stripped_args = [_strip(value, pointer_type, meta_of, depth) for value in args]
+    stripped_kwargs = {k: _strip(v, pointer_type, meta_of, depth) for k, v in kwargs.items()} if kwargs else kwargs
+    pending = OpMeta(op, stripped_args, stripped_kwargs, depth[0] + 1)
     if pending.depth > MAX_PENDING:
         pending.resolve()
-    return [OpOutput(pending, index) for index in range(count)]
+    return [pending] if count == 1 else [OpOutput(pending, index) for index in range(count)]
+
+
+def _strip(value: Any, pointer_type: type, meta_of: Callable[[Any], Meta], depth: list[int]) -> Any:
+    """An argument with pointers replaced by their meta and local tensors by theirs (``depth[0]``: the
+    deepest pending chain among them)."""
+    if isinstance(value, pointer_type):
+        meta = meta_of(value)
+        if meta is None:
+            return _Unknown
+        pending = _pending_depth(meta)
+        if pending > depth[0]:
+            depth[0] = pending
+        return meta
+    if isinstance(value, torch.Tensor):
+        return TensorMeta.of(value)  # a local tensor: its meta, not its memory
+    if isinstance(value, (list, tuple)):
+        return type(value)(_strip(v, pointer_type, meta_of, depth) for v in value)
+    if isinstance(value, dict):
+        return {k: _strip(v, pointer_type, meta_of, depth) for k, v in value.items()}
+    return value
 
 
 def _materialize(value: Any) -> Any:
     if value is _Unknown:
         raise _Unknown
-    if isinstance(value, OpOutput):
-        value = value.resolve()
+    if isinstance(value, (OpMeta, OpOutput)):
+        value = known(value)
         if value is None:
             raise _Unknown
     if isinstance(value, TensorMeta):
