@@ -88,3 +88,15 @@ async def test_a_hostname_address_reaches_a_real_daemon(fedzmq_daemons):
     async with fz.connect(f"tcp://localhost:{port}") as worker:
         assert worker.id == "bob"
         assert torch.equal(await (await worker.send(torch.ones(2))).get(), torch.ones(2))
+
+
+@pytest.mark.parametrize("address,what", [("127.0.0.1:5555", "no transport"),
+                                          ("tcp://no-such-host.invalid:5555", "resolve")])
+def test_the_cli_reports_a_wrong_worker_address_in_one_line(address, what, tmp_path, capsys):
+    from fedzmq.cli import main
+
+    rc = main(["train", "--worker", address, "--dataset", "toy", "--in-features", "4", "--classes", "2",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert what in err and "Traceback" not in err
