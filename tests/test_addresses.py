@@ -23,6 +23,8 @@ WRONG = {
     "tcp://:5555": "host",
     "tcp://*:5555": "host",  # a bind address, not one to connect to
     "tcp://[::1:5555": "host",
+    "tcp://bad host:5555": "host",
+    "tcp://-x:5555": "host",
     "ipc://": "path",
     "inproc://": "name",
     "": "no transport",
@@ -52,7 +54,8 @@ def test_a_missing_scheme_suggests_the_tcp_address():
 
 
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:65535",
-                                     "tcp://worker-3.example.org:6000", "ipc:///tmp/fedzmq.sock", "inproc://bob"])
+                                     "tcp://worker-3.example.org:6000", "tcp://fl_worker_1:6000",
+                                     "tcp://127.0.0.1:0;127.0.0.1:6000", "ipc:///tmp/fedzmq.sock", "inproc://bob"])
 def test_right_addresses_pass_the_check(address):
     assert check_address(address) == address
 

@@ -24,9 +24,9 @@ TRANSPORTS = ("tcp", "ipc", "inproc")
 
 FORMS = 'a right address looks like "tcp://host:port", "ipc://path" or "inproc://name"'
 
-#: a host name as DNS spells it (RFC 1123 labels), or an IPv4 literal
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
-                       r"[A-Za-z0-9])?)*\.?$")
+#: a host name (dot-separated labels of letters, digits, '-' and '_', which container networks use), or an
+#: IPv4 literal
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 
 
 def _refuse(address: object, why: str) -> AddressError:
@@ -53,7 +53,8 @@ def check_address(address: str) -> str:
 
 
 def _split_host_port(rest: str) -> tuple[str, str] | None:
-    host, sep, port = rest.rpartition(":")
+    """``host`` and ``port`` of ``host:port``, or of ZeroMQ's ``source;host:port`` (the source is not checked)."""
+    host, sep, port = rest.rpartition(";")[2].rpartition(":")
     return (host, port) if sep else None
 
 
