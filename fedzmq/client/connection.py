@@ -28,12 +28,12 @@ import zmq
 import zmq.asyncio
 
 from ..codec import Limits, Reply, decode_reply, encode_request
-from .addresses import check_address, resolve
 from ..commands import COMMANDS
 from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
     LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, WorkerError, remote_error,
 )
+from .addresses import check_address, resolve
 
 log = logging.getLogger("fedzmq.client")
 
