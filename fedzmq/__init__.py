@@ -14,9 +14,9 @@ from .client.pointers import Broadcast, DatasetPointer, FitUpdate, ModulePointer
 from .client.worker import RemoteWorker, VirtualWorker, connect, connect_clients
 from .codec import Limits
 from .errors import (
-    BadRequest, FedzmqError, HeldBytesExceeded, LimitExceeded, ModelDescriptionError, ObjectNotFound, PermissionDenied,
-    ProtocolError, RemoteError, RemoteProtocolError, RequestTimeout, UnknownCommand, WorkerClosedError,
-    WorkerDeadError, WorkerError, WrongWorkerError,
+    AddressError, BadRequest, FedzmqError, HeldBytesExceeded, LimitExceeded, ModelDescriptionError, ObjectNotFound,
+    PermissionDenied, ProtocolError, RemoteError, RemoteProtocolError, RequestTimeout, ShapeUnknown, UnknownCommand,
+    WorkerClosedError, WorkerDeadError, WorkerError, WrongWorkerError,
 )
 from .federated import (
     Bulyan, Cyclic, FedAdagrad, FedAdam, FedAvg, FedAvgM, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
@@ -35,8 +35,8 @@ __all__ = [
     "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "SecAgg", "Strategy",
     "make_strategy",
     # errors
-    "BadRequest", "FedzmqError", "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError", "ObjectNotFound",
-    "PermissionDenied", "ProtocolError", "RemoteError", "RemoteProtocolError", "RequestTimeout", "UnknownCommand",
-    "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
+    "AddressError", "BadRequest", "FedzmqError", "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError",
+    "ObjectNotFound", "PermissionDenied", "ProtocolError", "RemoteError", "RemoteProtocolError", "RequestTimeout",
+    "ShapeUnknown", "UnknownCommand", "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
     "__version__",
 ]

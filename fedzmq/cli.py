@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .client.addresses import check_address
+from .errors import AddressError
 from .federated.federation import Federation, FitConfig, RoundFailed
 from .federated.metrics import RoundMetrics, plot, summary_table
 from .federated.strategies import STRATEGIES, make_strategy
@@ -318,6 +320,12 @@ def run_train(settings: dict[str, Any]) -> int:
     if not addresses or not settings.get("dataset"):
         print("fedzmq train: give the workers (--worker ADDRESS, repeatable) and --dataset", file=sys.stderr)
         return 2
+    for address in addresses:  # all of them before connecting to any
+        try:
+            check_address(address)
+        except AddressError as exc:
+            print(f"fedzmq train: --worker {exc}", file=sys.stderr)
+            return 2
     if not settings.get("in_features") or not settings.get("classes"):
         print("fedzmq train: give --in-features and --classes for the model", file=sys.stderr)
         return 2
@@ -369,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RoundFailed as exc:
         print(f"fedzmq: {exc}", file=sys.stderr)
         return 1
+    except AddressError as exc:  # a host that does not resolve (a malformed address is caught before)
+        print(f"fedzmq: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fedzmq: interrupted; the last finished round is in the checkpoint", file=sys.stderr)
         return 130

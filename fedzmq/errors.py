@@ -4,11 +4,13 @@ Catch at the level you care about:
 
     FedzmqError
     ├── ProtocolError          a message broke the wire protocol (raised by the codec, on either side)
+    ├── AddressError(FedzmqError, ValueError): an address is malformed or its host does not resolve
     ├── WorkerError            the daemon could not be used
     │   ├── WorkerDeadError    it stopped answering heartbeats (dead, hung or unreachable)
     │   └── RequestTimeout     it is alive but did not answer within the deadline you gave
     ├── ModelDescriptionError  a model cannot be described as data for a worker
     ├── WrongWorkerError       an operation mixes objects that live on different workers
+    ├── ShapeUnknown(FedzmqError, LookupError): a pointer's shape is not known here (``await ptr.info()``)
     ├── HeldBytesExceeded      an aggregator that holds every update of a round would pass its byte budget
     └── RemoteError            the daemon ran the command and it failed there
         ├── ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, ...
@@ -24,7 +26,11 @@ from __future__ import annotations
 
 import builtins
 import functools
-from typing import Any
+import re
+from typing import Any, Callable
+
+#: how a worker names an object of the session in its messages
+_OBJECT = re.compile(r"\bobject (\d+)\b")
 
 
 class FedzmqError(Exception):
@@ -37,6 +43,11 @@ class ProtocolError(FedzmqError):
     def __init__(self, message: str, request_id: int | None = None) -> None:
         super().__init__(message)
         self.request_id = request_id
+
+
+class AddressError(FedzmqError, ValueError):
+    """A worker's address is malformed (no transport, no port, a port out of range, ...) or its host
+    name does not resolve. Raised at once, before anything is sent: a wrong address is not a slow worker."""
 
 
 class WorkerError(FedzmqError):
@@ -63,6 +74,11 @@ class WrongWorkerError(FedzmqError, ValueError):
     """An operation mixes pointers of different workers, or a pointer with the wrong worker."""
 
 
+class ShapeUnknown(FedzmqError, LookupError):
+    """A pointer's shape and dtype are not known on the client (a module's forward made it, or an op the
+    client cannot work out); ``await ptr.info()`` asks the worker once, and the pointer remembers."""
+
+
 class HeldBytesExceeded(FedzmqError):
     """A strategy that must hold every update of a round at once (FedMedian, FedTrimmedAvg, Krum, Bulyan)
     would hold more than its ``max_held_bytes``. Raised for the update that would pass the budget, and again by
@@ -71,16 +87,36 @@ class HeldBytesExceeded(FedzmqError):
 
 class RemoteError(FedzmqError):
     """A command failed on the worker. ``remote_type``, ``remote_message`` and
-    ``remote_traceback`` are the worker's own words."""
+    ``remote_traceback`` are the worker's own words (the client names the pointers it knows in the
+    message: ``<TensorPointer 3 on 'bob'>`` where the worker said ``object 3``).
+
+    The text is the message, then the remote traceback if any. The remote type leads it only when the
+    local class does not already say it (a type this client does not know): Python prints the class
+    name in front, and ``PermissionDenied: PermissionDenied: ...`` says it twice."""
 
     def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
-        text = f"{remote_type}: {remote_message}"
+        named = type(self).__name__ in (remote_type, "Remote" + remote_type)
+        text = remote_message if named else f"{remote_type}: {remote_message}"
         if remote_traceback:
             text += "\n\nRemote traceback:\n" + remote_traceback.rstrip()
         super().__init__(text)
+
+    def naming(self, names: Callable[[int], str | None]) -> "RemoteError":
+        """This error, with each ``object N`` of the worker's message replaced by ``names(N)`` (the pointer
+        the client knows by that id; None leaves the number). The same error when nothing changes."""
+        def name(match: re.Match[str]) -> str:
+            known = names(int(match.group(1)))
+            return known if known is not None else match.group(0)
+
+        message = _OBJECT.sub(name, self.remote_message)
+        if message == self.remote_message:
+            return self
+        renamed = remote_error(self.remote_type, message, self.remote_traceback)
+        renamed.__cause__, renamed.__traceback__ = self.__cause__, self.__traceback__
+        return renamed
 
     @classmethod
     def new(cls, message: str) -> "RemoteError":

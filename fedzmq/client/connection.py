@@ -33,6 +33,7 @@ from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
     LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, WorkerError, remote_error,
 )
+from .addresses import check_address, resolve
 
 log = logging.getLogger("fedzmq.client")
 
@@ -59,7 +60,7 @@ class Connection:
                  context: zmq.asyncio.Context | None = None,
                  encode_default: Callable[[Any], Any] | None = None,
                  server_key: KeyPath | bytes | None = None, client_key: KeyPath | None = None) -> None:
-        self.address = address
+        self.address = check_address(address)  # a malformed address fails here, before any socket exists
         self.settings = settings or ConnectionSettings()
         self._context = context or zmq.asyncio.Context.instance()
         self._encode_default = encode_default
@@ -73,7 +74,7 @@ class Connection:
             raise SecurityError("pass both server_key (the daemon's public key) and client_key (your .key_secret)")
         if server_key is not None and client_key is not None:
             apply_client_keys(self._socket, server_key, client_key)
-        self._socket.connect(address)
+        self._socket_connected = False  # connected by ``open`` once the host resolved, or by the first request
         self._copy_frames = address.startswith("inproc://")
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
@@ -96,9 +97,25 @@ class Connection:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
+    async def open(self, timeout: float | None = None) -> None:
+        """Check that the address's host name resolves (``AddressError`` at once if not, instead of a
+        connect that waits its whole timeout), then connect the socket. Requests connect it too, unchecked."""
+        if self._socket is None:
+            raise WorkerClosedError(f"connection to {self.address} is closed")
+        if not self._socket_connected:
+            await resolve(self.address, timeout)
+            self._connect_socket()
+
+    def _connect_socket(self) -> None:
+        assert self._socket is not None
+        if not self._socket_connected:
+            self._socket.connect(self.address)
+            self._socket_connected = True
+
     def _ensure_started(self) -> None:
         if self._socket is None:
             raise WorkerClosedError(f"connection to {self.address} is closed")
+        self._connect_socket()
         if not self._tasks:
             self._last_heard = time.monotonic()
             self._tasks = [asyncio.create_task(self._receive_loop(), name=f"fedzmq-recv-{self.address}"),

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Mapping, Sequen
 import torch
 from torch import nn
 
-from ..codec import Encoded
+from ..codec import DTYPES, Encoded
+from ..errors import ShapeUnknown
 from ..ops import METHODS, OPERATORS
 from ..optimizers import DEFAULT_OPTIMIZER
+from .meta import Meta, TensorMeta, known
 
 if TYPE_CHECKING:
     from .optims import RemoteOptimizer
@@ -35,6 +37,7 @@ class Pointer:
         self.id = obj_id
         self._ready = ready
         self._deleted = False
+        location._pointers[obj_id] = self  # so that the worker's errors can name this pointer
 
     def __await__(self) -> Generator[Any, None, Any]:
         yield from self.location._wait(self._ready).__await__()
@@ -50,19 +53,93 @@ class Pointer:
         if not self._deleted:
             self.location._release(self.id)
 
+    def describe(self) -> str:
+        """How errors name this pointer (where the worker says ``object 3``): ``<TensorPointer 3 on 'bob'>``."""
+        return f"<{type(self).__name__} {self.id} on {self.location.id!r}>"
+
     def __repr__(self) -> str:
         state = "pending" if not self._ready.done() else ("failed" if self._ready.exception() else "ready")
-        return f"<{type(self).__name__} {self.id} on {self.location.id!r} ({state})>"
+        return f"{self.describe()[:-1]} ({state})>"
 
 
 class TensorPointer(Pointer):
-    """A tensor on a worker. Supports the allowlisted operators and methods of ``fedzmq.ops``."""
+    """A tensor on a worker. Supports the allowlisted operators and methods of ``fedzmq.ops``.
 
-    __slots__ = ()
+    ``shape``, ``dtype``, ``ndim``, ``size()`` and ``dim()`` answer without a round trip when the client
+    knows them: for a value it sent, a dataset's tensors, a gradient (its leaf's), and what ops compute
+    from those (worked out locally on torch's meta device, see ``fedzmq.client.meta``). Otherwise (a
+    model's output) they raise ``ShapeUnknown``; ``await ptr.info()`` asks the worker once."""
+
+    __slots__ = ("_meta",)
+
+    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any], meta: Meta = None) -> None:
+        super().__init__(location, obj_id, ready)
+        self._meta: Meta = meta
 
     async def get(self, timeout: float | None = None) -> torch.Tensor:
-        """Copy the tensor here. The remote value stays (the seed's ``get`` moved it; we keep both)."""
+        """Copy the tensor here. The remote value stays (the seed's ``get`` moved it; we keep both;
+        ``move`` is the seed's way)."""
         return await self.location._get_tensor(self.id, timeout)
+
+    # --- what the client knows of it ---------------------------------------------------------
+
+    def _known(self) -> TensorMeta:
+        meta = known(self._meta)
+        if meta is None:
+            raise ShapeUnknown(f"the shape and dtype of {self.describe()} are not known here (a model's forward "
+                               "or an op the client cannot work out made it); `await ptr.info()` asks the worker "
+                               "once, and the pointer remembers")
+        if meta is not self._meta:
+            self._meta = meta  # worked out: the op's inputs can go
+        return meta
+
+    @property
+    def shape(self) -> torch.Size:
+        """The remote tensor's shape, without a round trip (``ShapeUnknown`` if the client cannot know it)."""
+        return self._known().shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The remote tensor's dtype, without a round trip (``ShapeUnknown`` if the client cannot know it)."""
+        return self._known().dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self._known().shape)
+
+    def dim(self) -> int:
+        return len(self._known().shape)
+
+    def size(self, dim: int | None = None) -> "torch.Size | int":
+        """``shape``, or ``shape[dim]``, as ``torch.Tensor.size``."""
+        shape = self._known().shape
+        return shape if dim is None else shape[dim]
+
+    async def info(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the worker: ``{"shape", "dtype", "requires_grad", "nbytes"}`` (never values, and never
+        refused: shapes do not depend on data). The pointer remembers the shape and dtype."""
+        result = await self.location._request("info", {"obj": self.id}, timeout)
+        self._meta = TensorMeta(torch.Size(result["shape"]), DTYPES[result["dtype"]])
+        return result
+
+    def describe(self) -> str:
+        known_meta = self._meta if isinstance(self._meta, TensorMeta) else None
+        text = super().describe()
+        return text if known_meta is None else f"{text[:-1]}: {known_meta}>"
+
+    # --- moving it -----------------------------------------------------------------------------
+
+    async def move(self, destination: "RemoteWorker", timeout: float | None = None) -> "TensorPointer":
+        """Send the value to ``destination`` and delete it here, as the seed's ``ptr.move(worker)``:
+        returns the pointer on ``destination`` (this one is then deleted). The value passes through this
+        client, as ``get`` then ``send``, so the source's daemon decides whether it may leave: data it does
+        not release raises ``PermissionDenied`` and stays where it is. ``requires_grad`` travels with it.
+        A pointer already on ``destination`` is returned as it is."""
+        if destination is self.location:
+            return self
+        moved = await destination.send(await self.get(timeout), timeout)
+        await self.delete()
+        return moved
 
     async def backward(self, gradient: "torch.Tensor | TensorPointer | None" = None) -> None:
         args: dict[str, Any] = {"obj": self.id}
@@ -303,10 +380,17 @@ class DatasetPointer:
     async def features(self) -> TensorPointer:
         """A pointer to the features, for computing on the worker; ``get`` of it (or of anything but an
         aggregate computed from it) is refused with ``PermissionDenied``."""
-        return await self.location._dataset_tensor(self.name, "features")
+        return await self.location._dataset_tensor(self.name, "features", self._meta("feature"))
 
     async def labels(self) -> TensorPointer:
-        return await self.location._dataset_tensor(self.name, "labels")
+        return await self.location._dataset_tensor(self.name, "labels", self._meta("label"))
+
+    def _meta(self, part: str) -> TensorMeta | None:
+        """A part's shape and dtype from the dataset's description (None if the worker did not give them)."""
+        shape, dtype = self.info.get(f"{part}_shape"), DTYPES.get(str(self.info.get(f"{part}_dtype")))
+        if not isinstance(shape, list) or dtype is None:
+            return None
+        return TensorMeta(torch.Size([self.samples, *shape]), dtype)
 
     def __getitem__(self, index: Any) -> Any:
         raise TypeError("index the features pointer instead: (await ds.features())[i]")

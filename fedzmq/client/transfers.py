@@ -23,6 +23,7 @@ from torch import nn
 from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
 from ..errors import ProtocolError
 from ..modeldesc import describe
+from .meta import TensorMeta
 from .pointers import Broadcast, ModulePointer, TensorPointer
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class Transfers:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes <= self._connection.limits.chunk_bytes:
             ready = self._submit("store", {"out": obj_id, "value": tensor})
-            pointer = TensorPointer(self._as_worker(), obj_id, ready)
+            pointer = TensorPointer(self._as_worker(), obj_id, ready, TensorMeta.of(tensor))
             await self._wait(ready, timeout)
             return pointer
         if tensor.dtype not in DTYPE_NAMES:
@@ -146,7 +147,7 @@ class Transfers:
         # partial object that the pointer's collection, or the session's end, deletes)
         ready = self._submit("alloc", {"out": obj_id, "dtype": DTYPE_NAMES[tensor.dtype],
                                        "shape": list(tensor.shape), "grad": tensor.requires_grad})
-        pointer = TensorPointer(self._as_worker(), obj_id, ready)
+        pointer = TensorPointer(self._as_worker(), obj_id, ready, TensorMeta.of(tensor))
         await self._upload(_flat_bytes(tensor), lambda offset, data: (
             "write", {"obj": obj_id, "offset": offset, "data": data}), timeout, first=ready)
         return pointer

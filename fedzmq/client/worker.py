@@ -18,13 +18,14 @@ import zmq.asyncio
 from torch import nn
 
 from ..codec import Ref
-from ..errors import WorkerError, WrongWorkerError
+from ..errors import RemoteError, WorkerError, WrongWorkerError
 from ..security import KeyPath
 from ..modeldesc import ModelRegistry
 from ..ops import output_count
 from ..worker import Worker, WorkerConfig
 from ..worker.datasets import Dataset
 from .connection import GOODBYE_SECONDS, Connection, ConnectionSettings
+from .meta import Meta, TensorMeta, op_outputs
 from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
 from .transfers import Transfers, retrieve_error as _retrieve
 
@@ -57,6 +58,8 @@ class RemoteWorker(Transfers):
         self._resets_seen = 0
         #: this logical client's session on the daemon (the daemon's own session is the connection's)
         self._client_session: str | None = None
+        #: the live pointers by object id: the worker's errors say "object 3", ours name the pointer
+        self._pointers: weakref.WeakValueDictionary[int, Pointer] = weakref.WeakValueDictionary()
 
     @classmethod
     def _hosted_client(cls, host: "RemoteWorker", client: str) -> "RemoteWorker":
@@ -71,14 +74,17 @@ class RemoteWorker(Transfers):
         worker._modules = weakref.WeakKeyDictionary()
         worker._resets_seen = host._connection.session_resets
         worker._client_session = None
+        worker._pointers = weakref.WeakValueDictionary()
         return worker
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def connect(self) -> "RemoteWorker":
-        """Wait until the worker answers, and learn its id."""
-        info = await self._request("ping", self._connection.announce(),
-                                   timeout=self._connection.settings.connect_timeout)
+        """Wait until the worker answers, and learn its id. An address whose host does not resolve raises
+        ``AddressError`` at once (a malformed one did when this object was made)."""
+        timeout = self._connection.settings.connect_timeout
+        await self._connection.open(timeout)
+        info = await self._request("ping", self._connection.announce(), timeout=timeout)
         self.id, self.instance = info["id"], info["instance"]
         self._note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
@@ -156,10 +162,10 @@ class RemoteWorker(Transfers):
         """Datasets whose name, tags or description contain ``query`` (case-insensitive)."""
         return [DatasetPointer(self, info) for info in await self._request("datasets", {"query": query}, timeout)]
 
-    async def _dataset_tensor(self, name: str, part: str) -> TensorPointer:
+    async def _dataset_tensor(self, name: str, part: str, meta: TensorMeta | None = None) -> TensorPointer:
         out = self._new_id()
         ready = self._submit("dataset_tensor", {"dataset": name, "part": part, "out": out})
-        pointer = TensorPointer(self, out, ready)
+        pointer = TensorPointer(self, out, ready, meta)
         await self._wait(ready)
         return pointer
 
@@ -237,10 +243,21 @@ class RemoteWorker(Transfers):
         return self._connection.submit(cmd, args, copy=copy, client=self.client, default=self._to_ref)
 
     async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
-        return await self._connection.wait(self._submit(cmd, args), timeout)
+        return await self._wait(self._submit(cmd, args), timeout)
 
     async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
-        return await self._connection.wait(future, timeout)
+        """The reply's result, or its remote error naming the pointers the worker called "object N"."""
+        try:
+            return await self._connection.wait(future, timeout)
+        except RemoteError as exc:
+            named = exc.naming(self._pointer_name)
+            if named is exc:
+                raise
+            raise named from None
+
+    def _pointer_name(self, obj_id: int) -> str | None:
+        pointer = self._pointers.get(obj_id)
+        return pointer.describe() if pointer is not None else None
 
     def _to_ref(self, value: Any) -> Any:
         """Encoder hook: pointers become references, after checking they live here."""
@@ -263,14 +280,15 @@ class RemoteWorker(Transfers):
         out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
         ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
         ready.add_done_callback(_retrieve)
-        pointers = tuple(TensorPointer(self, obj_id, ready) for obj_id in out)
+        metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
+        pointers = tuple(TensorPointer(self, obj_id, ready, meta) for obj_id, meta in zip(out, metas))
         return pointers if len(pointers) > 1 else pointers[0]
 
     def _grad(self, pointer: TensorPointer) -> TensorPointer:
         out = self._new_id()
         ready = self._submit("grad", {"obj": self._to_ref(pointer).id, "out": out})
         ready.add_done_callback(_retrieve)
-        return TensorPointer(self, out, ready)
+        return TensorPointer(self, out, ready, pointer._meta)  # a gradient has its leaf's shape and dtype
 
     def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
         out = self._new_id()
@@ -315,6 +333,10 @@ class RemoteWorker(Transfers):
         return list(self._modules.items())
 
 
+def _meta_of(pointer: TensorPointer) -> Meta:
+    return pointer._meta
+
+
 class _Connecting:
     """What ``connect`` returns: ``await`` it for a worker, or use it in ``async with``."""
 
@@ -347,7 +369,11 @@ def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_k
     """Connect to a worker daemon: ``bob = await fz.connect(addr)`` or ``async with fz.connect(addr) as bob``.
 
     With keys (CurveZMQ): ``server_key`` is the daemon's public key (its ``.key`` file or the z85
-    text) and ``client_key`` your own ``.key_secret`` file, whose public half the daemon must allow."""
+    text) and ``client_key`` your own ``.key_secret`` file, whose public half the daemon must allow.
+
+    ``address`` is ``"tcp://host:port"`` (or ``"ipc://path"``, ``"inproc://name"``). A malformed one
+    (``"127.0.0.1:5555"``, a port out of range, ...) or one whose host does not resolve raises
+    ``fz.AddressError`` at once, instead of waiting ``settings.connect_timeout`` for an answer."""
     return _Connecting(RemoteWorker(address, settings=settings, context=context, server_key=server_key,
                                     client_key=client_key))
 
