@@ -38,7 +38,7 @@ NO_RUN = re.compile(r'\bno-run="([^"]+)"')
 #: the most blocks that may be marked no-run, over all pages: sparingly
 MAX_NO_RUN = 8
 #: seconds one block may take
-BLOCK_SECONDS = 100
+BLOCK_SECONDS = 150
 
 
 def _all_blocks() -> list[tuple[Path, Block]]:
@@ -84,12 +84,14 @@ def _run(command: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str
                                                        if p),
            "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", ""))),
            "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, stdin=subprocess.DEVNULL)
+    out, err = cwd.parent / "stdout.txt", cwd.parent / "stderr.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:  # files, not pipes: a leftover cannot hold them
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True,
+                                   start_new_session=True, stdin=subprocess.DEVNULL)
     result: subprocess.CompletedProcess[str] | None
     try:
-        out, err = process.communicate(timeout=BLOCK_SECONDS)
-        result = subprocess.CompletedProcess(command, process.returncode, out, err)
+        process.wait(timeout=BLOCK_SECONDS)
+        result = subprocess.CompletedProcess(command, process.returncode, out.read_text(), err.read_text())
     except subprocess.TimeoutExpired:
         result = None
     left = _session_processes(process.pid)
@@ -98,9 +100,7 @@ def _run(command: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess[str
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    if result is None:
-        process.kill()
-        process.communicate()
+    process.wait()
     return result, [pid for pid in left if pid != process.pid]
 
 
@@ -118,7 +118,9 @@ def test_every_block_runs_as_written(item: tuple[Path, Block], tmp_path: Path) -
                                                                              str(script)]
     result, left = _run(command, work)
     where = _id(item)
-    assert result is not None, f"{where}: did not finish within {BLOCK_SECONDS}s"
+    assert result is not None, f"{where}: did not finish within {BLOCK_SECONDS}s:\n" \
+                               f"{(tmp_path / 'stdout.txt').read_text()[-2000:]}\n" \
+                               f"{(tmp_path / 'stderr.txt').read_text()[-4000:]}"
     assert result.returncode == 0, f"{where} failed (rc {result.returncode}):\n{result.stdout[-2000:]}\n" \
                                    f"{result.stderr[-4000:]}"
     assert not left, f"{where} left processes running: {left}"
