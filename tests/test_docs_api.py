@@ -124,3 +124,24 @@ def test_one_default_learning_rate_is_stated():
     assert DEFAULT_OPTIMIZER == {"cls": "SGD", "lr": 0.1}
     assert f"one default learning rate: {DEFAULT_OPTIMIZER['lr']}" in TEXT.lower().replace("**", "")
     assert fz.FitConfig("d").optimizer == DEFAULT_OPTIMIZER
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_lead_somewhere():
+    root = DOC.parent.parent
+    checked = 0
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*\.md)?(?:#([^)\s]+))?\)", page.read_text()):
+            if not target and not anchor:
+                continue
+            checked += 1
+            linked = (page.parent / target).resolve() if target else page
+            assert linked.is_file(), f"{page.name} links to {target}, which does not exist"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+                assert anchor in {_slug(h) for h in headings}, f"{page.name} links to {target}#{anchor}: no such heading"
+    assert checked > 20
