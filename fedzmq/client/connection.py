@@ -136,6 +136,8 @@ class Connection:
         if say_goodbye and self._tasks and self._dead is None:
             with contextlib.suppress(Exception):  # a worker that does not answer at once is gone or busy
                 await self.request("close", {}, timeout=GOODBYE_SECONDS)
+            if self._socket is None:  # closed by another caller meanwhile
+                return
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

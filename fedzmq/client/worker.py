@@ -113,10 +113,11 @@ class RemoteWorker(Transfers):
         self._released.clear()
         connection = self._connection
         connection.users -= 1
+        last = connection.users <= 0  # decided now: clients closed together must not all close the connection
         if self.client is not None and not connection.closed and connection.alive:
             with contextlib.suppress(Exception):
                 await self._request("close", {}, timeout=GOODBYE_SECONDS)
-        if connection.users <= 0:
+        if last:
             await connection.close()
 
     async def __aenter__(self) -> "RemoteWorker":
