@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import fedzmq as fz
-from fedzmq.codec import Ref
+from fedzmq.codec import NodeRef, Ref
 from fedzmq.testing import write_dataset
-from test_adversarial import FEATURES, ROWS, call_module, open_args, protected_args
+from test_adversarial import FEATURES, ROWS, call_module, graph_spec, open_args, protected_args, put_module
 
 
 @pytest.fixture
@@ -62,3 +62,80 @@ async def test_trained_weights_under_secure_aggregation_cannot_be_laundered_thro
                                   "load": {"weight": Ref(weight)}})
     with pytest.raises(fz.PermissionDenied):  # not a masked update: refused
         await worker._request("module_state", {"obj": fresh.id})
+
+
+# --- class 2: a metric over many rows that a crafted model makes one row's value ---------------------------
+
+def _row_spy(row, column):
+    """A forward program that outputs, for every row of its batch, the value at (row, column) of the
+    batch: the mean loss over the batch is then a function of that one value."""
+    return graph_spec([["placeholder", "x", [], {}],
+                       ["call_function", "getitem", [NodeRef(0), (slice(row, row + 1), slice(column, column + 1))], {}],
+                       ["call_method", "reshape", [NodeRef(1), -1], {}],
+                       ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                       ["call_method", "sum", [NodeRef(3), 1], {}],
+                       ["call_function", "add", [NodeRef(4), NodeRef(2)], {}],
+                       ["output", "output", [NodeRef(5)], {}]])
+
+
+async def test_an_evaluation_over_many_rows_cannot_be_made_to_report_one_row(fedzmq_daemons, secret_rows):
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path))
+    worker = bob.worker
+    # the mean label, from a model that outputs 1000 for every row: l1 = 1000 - mean(y)
+    constant = await put_module(worker, graph_spec([["placeholder", "x", [], {}],
+                                                    ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                                                    ["call_method", "sum", [NodeRef(1), 1], {}],
+                                                    ["call_function", "add", [NodeRef(2), 1000.0], {}],
+                                                    ["output", "output", [NodeRef(3)], {}]]), {})
+    base = await worker._request("evaluate", {"module": constant, "dataset": "rows", "loss": "l1_loss",
+                                              "batch_size": ROWS})
+    mean_label = 1000.0 - base["loss"]
+    row, column = 37, 5
+    spy = await put_module(worker, _row_spy(row, column), {})
+    metrics = await worker._request("evaluate", {"module": spy, "dataset": "rows", "loss": "l1_loss",
+                                                 "batch_size": ROWS})
+    guess = metrics["loss"] + mean_label  # l1 = x[row, column] - mean(y) when every output is that value
+    assert abs(guess - x[row, column].item()) > 1.0, "one row's value came back from a metric over 100 rows"
+    # a label through broadcasting: an output of 100 values per row against the batch's 100 labels
+    async def spread(weights):
+        module = await put_module(worker, graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}],
+                                                      ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                                                      ["call_method", "sum", [NodeRef(2), 1, True], {}],
+                                                      ["call_function", "add", [NodeRef(3), NodeRef(1)], {}],
+                                                      ["output", "output", [NodeRef(4)], {}]],
+                                                     params=[("w", (ROWS,))]), {"w": weights})
+        return (await worker._request("evaluate", {"module": module, "dataset": "rows", "loss": "mse_loss",
+                                                   "batch_size": ROWS}))["loss"]
+    picker = torch.zeros(ROWS)
+    picker[row] = 1000.0
+    label = (1e6 + await spread(torch.zeros(ROWS)) - await spread(picker)) / 2000  # if labels pair by position
+    assert abs(label - y[row].item()) > 1e-3, "one row's label came back from a metric over 100 rows"
+
+
+async def test_a_fits_loss_under_secure_aggregation_cannot_be_made_to_report_one_row(fedzmq_daemons, secret_rows):
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--require-secure-aggregation"))
+    worker = bob.worker
+    # the trained weights leave only masked; the fit's mean loss over its batch still comes back. A model
+    # whose every output is the batch's first row's value (and a do-nothing parameter for the optimizer)
+    # would make that mean one row's value, exactly.
+    def with_w(nodes):
+        *body, _ = nodes
+        last = len(body) - 1
+        body += [["get_attr", "w", [], {}], ["call_function", "mul", [NodeRef(last + 1), 0.0], {}],
+                 ["call_function", "add", [NodeRef(last), NodeRef(last + 2)], {}],
+                 ["output", "output", [NodeRef(last + 3)], {}]]
+        return graph_spec(body, params=[("w", (1,))])
+
+    constant = [["placeholder", "x", [], {}], ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                ["call_method", "sum", [NodeRef(1), 1], {}], ["call_function", "add", [NodeRef(2), 1e4], {}],
+                ["output", "output", [NodeRef(3)], {}]]
+    fit = {"dataset": "rows", "loss": "l1_loss", "batch_size": ROWS, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.0}}
+    base = await worker._request("fit", {"module": await put_module(worker, with_w(constant), {"w": torch.zeros(1)}),
+                                         **fit})
+    spy = _row_spy(0, 5)
+    spy = with_w(spy["program"])
+    metrics = await worker._request("fit", {"module": await put_module(worker, spy, {"w": torch.zeros(1)}), **fit})
+    guess = metrics["loss"] + 1e4 - base["loss"]
+    assert not ((x[:, 5] - guess).abs() < 1e-2).any(), "a fit's loss under secure aggregation was one row's value"

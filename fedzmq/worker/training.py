@@ -46,6 +46,10 @@ class Terms:
     max_samples: int = 10_000_000
     #: the daemon's secret for shuffling: the order of rows is HMAC(key, dataset, client seed)
     shuffle_key: bytes = b""
+    #: a fit's loss is reported as a sum of per-row terms (``row_terms``), as ``evaluate``'s always is:
+    #: on a daemon that requires secure aggregation the loss is all that leaves unmasked, and a model
+    #: that mixes the rows of its batch would make it one row's value
+    row_metrics: bool = False
 
 
 def loss_function(name: str) -> Any:
@@ -132,6 +136,7 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
     anchor = [p.detach().clone() for p in params] if prox_mu else []
     generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed, salt))
     module.train()
+    per_row = row_terms(module, loss, loss_fn, False) if terms.row_metrics else None
     started = time.perf_counter()
     loss_sum, seen, done = 0.0, 0, 0
     while done < total_steps:
@@ -140,6 +145,7 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
                 break
             budget.check()
             x, y = dataset.features[index], _labels_for(loss, dataset.labels[index])
+            reported = _row_loss(module, per_row, x, dataset.labels[index]) if per_row is not None else None
             optimizer.zero_grad()
             value = loss_fn(module(x), y)
             objective = value
@@ -147,7 +153,7 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
                 objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             objective.backward()
             optimizer.step()
-            loss_sum += value.item() * len(index)
+            loss_sum += (value.item() if reported is None else reported) * len(index)
             seen += len(index)
             done += 1
     if not math.isfinite(loss_sum):
@@ -156,8 +162,26 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
             "steps": done, "seconds": time.perf_counter() - started}
 
 
+def _row_loss(module: nn.Module, per_row: Any, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """The batch's mean loss as per-row terms, before the step: the model in eval mode (a row alone
+    has no batch statistics), without gradients."""
+    module.train(False)
+    try:
+        with torch.no_grad():
+            losses, _ = per_row(x, labels)
+    finally:
+        module.train(True)
+    return losses.double().mean().item()
+
+
 def evaluate(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, batch_size: int) -> dict[str, Any]:
-    """Mean loss and, for class labels, accuracy of ``module`` on the whole of ``dataset``."""
+    """Mean loss and, for class labels, accuracy of ``module`` on the whole of ``dataset``.
+
+    A metric is a sum of per-row terms, each computed from its row and its label alone
+    (``row_terms``): the model sees one row at a time (vmapped over the batch), and the loss pairs a
+    row's output with that row's label only. A model that mixes the rows of its batch (an output
+    that is the batch's first row, for every row) or an output that broadcasts against the whole
+    batch's labels would otherwise turn a metric over many rows into one row's value or label."""
     loss_fn = loss_function(loss)
     if batch_size < 1:
         raise BadRequest.new("evaluate needs batch_size >= 1")
@@ -168,18 +192,33 @@ def evaluate(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, ba
     module.train(False)
     loss_sum, correct, started = 0.0, 0, time.perf_counter()
     classify = not dataset.labels.dtype.is_floating_point
+    per_row = row_terms(module, loss, loss_fn, classify)
     try:
         with torch.no_grad():
             for start in range(0, len(dataset), batch_size):
                 budget.check()
                 x = dataset.features[start:start + batch_size].clone()  # never a view of the owner's data
                 y = dataset.labels[start:start + batch_size].clone()
-                out = module(x)
-                loss_sum += loss_fn(out, _labels_for(loss, y), reduction="sum").item()
-                if classify and out.dim() == 2:
-                    correct += int((out.argmax(dim=1) == y).sum())
+                losses, hits = per_row(x, y)
+                loss_sum += losses.double().sum().item()
+                correct += int(hits.sum())
     finally:
         module.train(was_training)
     n = max(1, len(dataset))
     return {"loss": loss_sum / n, "accuracy": correct / n if classify else None, "samples": len(dataset),
             "seconds": time.perf_counter() - started}
+
+
+def row_terms(module: nn.Module, loss: str, loss_fn: Any, classify: bool) -> Any:
+    """A function of a batch (rows, labels) -> each row's loss and whether its class was right, where
+    row i's terms depend on row i and label i only, whatever the model does (``torch.func.vmap``: the
+    model's forward sees a batch of one row; ops that reach across the batch see that row alone)."""
+    def one(row: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = module(row.unsqueeze(0))
+        if not isinstance(out, torch.Tensor):
+            raise BadRequest.new(f"evaluate needs a model that returns one tensor, not {type(out).__name__}")
+        term = loss_fn(out, _labels_for(loss, label.unsqueeze(0)), reduction="sum")
+        if classify and out.dim() == 2:
+            return term, (out.argmax(dim=1) == label).sum()
+        return term, torch.zeros((), dtype=torch.long)
+    return torch.func.vmap(one, randomness="error")
