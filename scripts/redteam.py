@@ -74,6 +74,8 @@ class Target:
     client_key: str | None = None
     #: the protected rows and labels, when the owner gave them (or made them, with --spawn)
     truth: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: the dataset name of the logical clients the daemon hosts (--clients-from NAME=DIR), if any
+    hosted_dataset: str | None = None
     rows: int = ROWS
     features: int = FEATURES
 
@@ -545,6 +547,27 @@ async def guess_ids(c: Campaign) -> Any:
         return ("leaked", leaked) if leaked else "refused"
 
 
+@route("2 side channel", "hosted clients (--clients-from): a shard's rows, another client's objects",
+       needs="hosted")
+async def hosted(c: Campaign) -> Any:
+    async with Attacker(c.target) as a:
+        first, second = (await a.call("clients", {}))[:2]
+        leaked = 0
+        for client in (first, second):  # a pointer to a hosted client's rows, from its own session
+            with contextlib.suppress(Denied):
+                out = a.new()
+                await a.call("dataset_tensor", {"dataset": c.target.hosted_dataset, "part": "features", "out": out},
+                             client=client)
+                value = await a.call("get", {"obj": out}, client=client)
+                leaked += value.numel()
+        kept = a.new()
+        await a.call("store", {"out": kept, "value": torch.full((4,), 31337.0)}, client=first)
+        with contextlib.suppress(Denied):  # the same id, from the other client's session
+            value = await a.call("get", {"obj": kept}, client=second)
+            leaked += int((value == 31337.0).sum())
+        return ("leaked", leaked) if leaked else "refused"
+
+
 @route("2 side channel", "status, datasets and clients listings")
 async def listings(c: Campaign) -> Any:
     async with Attacker(c.target) as a:
@@ -760,7 +783,8 @@ async def run(target: Target, only: str | None = None) -> Campaign:
     for kind, name, needs, fn in ROUTES:
         if only and only not in name and only not in kind:
             continue
-        if (needs == "open" and not target.open_dataset) or (needs == "secure" and not target.secure_address):
+        if (needs == "open" and not target.open_dataset) or (needs == "secure" and not target.secure_address) \
+                or (needs == "hosted" and not target.hosted_dataset):
             campaign.outcomes.append(Outcome(name, kind, f"skipped (no {needs} dataset/daemon given)"))
             continue
         try:
@@ -798,16 +822,27 @@ def spawn(folder: Path) -> tuple[list[DaemonProcess], Target]:
     x = torch.rand(ROWS, FEATURES, generator=generator) * 1000 + 123.456
     y = torch.randint(0, CLASSES, (ROWS,), generator=generator)
     path = write_dataset(folder / "rows.safetensors", x, y)
+    (folder / "shards").mkdir()
+    for n, client in enumerate(("client-a", "client-b")):
+        write_dataset(folder / "shards" / f"{client}.safetensors", x[50 * n:50 * (n + 1)], y[50 * n:50 * (n + 1)])
     terms = ["--min-batch-size", "16", "--min-metric-rows", "16", "--max-command-seconds", "3",
              "--max-session-bytes", str(64 << 20), "--max-sessions", "16"]
-    plain = DaemonProcess("redteam", extra_args=["--data", f"rows={path}", "--open-data", f"open_rows={path}", *terms],
-                          log_dir=folder)
+    hosted = ["--clients-from", f"shard={folder / 'shards'}"]
+    plain = DaemonProcess("redteam", extra_args=["--data", f"rows={path}", "--open-data", f"open_rows={path}", *hosted,
+                                                 *terms], log_dir=folder)
     secure = DaemonProcess("redteam-secure", extra_args=["--data", f"rows={path}", "--require-secure-aggregation",
                                                           *terms], log_dir=folder)
-    for daemon in (plain, secure):
-        daemon.spawn()
-    addresses = [daemon.wait_ready() for daemon in (plain, secure)]
-    return [plain, secure], Target(addresses[0], "rows", "open_rows", addresses[1], truth=(x, y))
+    try:
+        for daemon in (plain, secure):
+            daemon.spawn()
+        addresses = [daemon.wait_ready(timeout=90) for daemon in (plain, secure)]
+    except BaseException:
+        for daemon in (plain, secure):
+            with contextlib.suppress(Exception):
+                daemon.stop()
+        raise
+    return [plain, secure], Target(addresses[0], "rows", "open_rows", addresses[1], truth=(x, y),
+                                   hosted_dataset="shard")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -818,6 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="rows", help="the protected dataset's name on that daemon")
     parser.add_argument("--open-dataset", help="an open dataset's name, for the pointer routes")
     parser.add_argument("--secure-address", help="a daemon holding the dataset with --require-secure-aggregation")
+    parser.add_argument("--hosted-dataset", help="the dataset name of the clients it hosts (--clients-from NAME=DIR)")
     parser.add_argument("--truth", help="the protected dataset's file: returned values are leaks if they are its")
     parser.add_argument("--server-key", help="the daemon's public .key file (CurveZMQ)")
     parser.add_argument("--client-key", help="your allowed .key_secret file")
@@ -836,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
                     data = load_dataset(args.dataset, args.truth)
                     truth = (data.features, data.labels)
                 target = Target(args.address, args.dataset, args.open_dataset, args.secure_address, args.server_key,
-                                args.client_key, truth)
+                                args.client_key, truth, args.hosted_dataset)
             campaign = asyncio.run(run(target, args.only))
         finally:
             for daemon in daemons:
