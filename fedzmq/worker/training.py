@@ -48,7 +48,8 @@ class Terms:
     shuffle_key: bytes = b""
     #: a fit's loss is reported as a sum of per-row terms (``row_terms``), as ``evaluate``'s always is:
     #: on a daemon that requires secure aggregation the loss is all that leaves unmasked, and a model
-    #: that mixes the rows of its batch would make it one row's value
+    #: that mixes the rows of its batch would make it one row's value. It is then the trained model's
+    #: loss over the rows of its last epoch, not the mean of the steps' losses.
     row_metrics: bool = False
 
 
@@ -136,16 +137,15 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
     anchor = [p.detach().clone() for p in params] if prox_mu else []
     generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed, salt))
     module.train()
-    per_row = row_terms(module, loss, loss_fn, False) if terms.row_metrics else None
     started = time.perf_counter()
     loss_sum, seen, done = 0.0, 0, 0
+    trained: list[torch.Tensor] = []  # the indexes of the last epoch's worth of batches (for row_metrics)
     while done < total_steps:
         for index in batches(terms, len(dataset), batch_size, generator):
             if done == total_steps:
                 break
             budget.check()
             x, y = dataset.features[index], _labels_for(loss, dataset.labels[index])
-            reported = _row_loss(module, per_row, x, dataset.labels[index]) if per_row is not None else None
             optimizer.zero_grad()
             value = loss_fn(module(x), y)
             objective = value
@@ -153,25 +153,39 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
                 objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             objective.backward()
             optimizer.step()
-            loss_sum += (value.item() if reported is None else reported) * len(index)
+            loss_sum += value.item() * len(index)
             seen += len(index)
             done += 1
+            if terms.row_metrics:
+                trained.append(index)
+                while sum(len(i) for i in trained) - len(trained[0]) >= len(dataset):
+                    trained.pop(0)
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"training diverged on {dataset.name}: the loss is not finite")
-    return {"loss": loss_sum / seen if seen else 0.0, "samples_seen": seen, "num_examples": len(dataset),
+    mean_loss = loss_sum / seen if seen else 0.0
+    if terms.row_metrics:
+        mean_loss = _row_loss(module, dataset, torch.cat(trained), loss, loss_fn)
+    return {"loss": mean_loss, "samples_seen": seen, "num_examples": len(dataset),
             "steps": done, "seconds": time.perf_counter() - started}
 
 
-def _row_loss(module: nn.Module, per_row: Any, x: torch.Tensor, labels: torch.Tensor) -> float:
-    """The batch's mean loss as per-row terms, before the step: the model in eval mode (a row alone
-    has no batch statistics), without gradients."""
+def _row_loss(module: nn.Module, dataset: Dataset, index: torch.Tensor, loss: str, loss_fn: Any) -> float:
+    """The trained model's mean loss over the rows of its last epoch, as per-row terms (``row_terms``):
+    in eval mode (a row alone has no batch statistics), without gradients, once per fit (a pass per
+    step would cost more than the training on small models)."""
+    per_row = row_terms(module, loss, loss_fn, False)
     module.train(False)
+    total = 0.0
     try:
         with torch.no_grad():
-            losses, _ = per_row(x, labels)
+            for start in range(0, len(index), 1024):
+                budget.check()
+                chunk = index[start:start + 1024]
+                losses, _ = per_row(dataset.features[chunk], dataset.labels[chunk])
+                total += losses.double().sum().item()
     finally:
         module.train(True)
-    return losses.double().mean().item()
+    return total / max(1, len(index))
 
 
 def evaluate(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, batch_size: int) -> dict[str, Any]:
