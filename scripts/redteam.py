@@ -11,7 +11,8 @@ client library refuses locally stops it, and it tries every route of issue 16's 
 5. bind-address tricks against the no-keys guard (in this process, nothing is exposed).
 
 It prints one line per route: ``refused`` (the daemon said no), ``held`` (the attack ran and the
-data owner's promise held), ``leaked N values`` or a ping p99. The exit code is 1 if anything leaked
+data owner's promise held), ``leaked N values``, a ping p99, or ``limit: ...`` for a route that
+measures what docs/security.md states as left (it does not fail the campaign). The exit code is 1 if anything leaked
 or an honest client's ping p99 reached a second, else 0.
 
     python scripts/redteam.py --spawn                         # a daemon of its own, on made-up rows
@@ -532,6 +533,31 @@ async def fit_spy(c: Campaign) -> Any:
         except Denied as denied:
             return f"refused ({denied.error['type']})"
         return ("leaked", c.leaked_values(guesses)) if c.leaked_values(guesses) else "held"
+
+
+@route("2 side channel", "whether a fit fails, bisected: a column's minimum (documented limit)", needs="secure")
+async def fit_bit(c: Campaign) -> Any:
+    """log(x[:, j] - t) is NaN on a row below t, and a fit whose loss is not finite fails: one bit per fit
+    (also under secure aggregation), so 24 fits find the smallest value of column j. docs/security.md
+    states this as left; the route measures it and does not fail the campaign."""
+    async with Attacker(c.target, c.target.secure_address) as a:
+        low, high, fits = 0.0, 1e4, 0
+        for _ in range(24):
+            t = (low + high) / 2
+            nodes = program(["call_function", "getitem", [NodeRef(0), (slice(None), slice(1, 2))], {}],
+                            ["call_function", "sub", [NodeRef(1), t], {}], ["call_function", "log", [NodeRef(2)], {}],
+                            ["call_method", "reshape", [NodeRef(3), -1], {}])
+            model = await a.module(_with_parameter(nodes), W0)
+            fits += 1
+            try:
+                await a.call("fit", {"module": model, "dataset": c.target.dataset, "loss": "l1_loss",
+                                     "batch_size": c.target.rows, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.0}})
+                low = t  # every row is above t
+            except Denied:
+                high = t
+        found = c.leaked_values([low]) if c.target.truth is None or \
+            abs(c.target.truth[0][:, 1].min().item() - low) < 0.01 else 0
+        return f"limit: {found} value(s) in {fits} fits (bisection on one bit per fit)"
 
 
 @route("2 side channel", "other sessions' objects by guessing ids")
