@@ -133,8 +133,12 @@ class Executor:
     def _call(self, binding: Binding, reserve: int) -> Any:
         """Run the handler (on whichever thread), then label what it wrote."""
         session, command = binding.session, binding.command
-        if command.loads and "load" in binding.args:  # the client's weights first, as a module_load
+        if command.loads and "load" in binding.args:  # the client's weights first, as a module_load would:
+            # a write like any other, labelled with what it copied (and the module): not the rows read later
+            loading = _WriteWatch(binding) if binding.label else None
             load_into(binding.objects["module"].module, binding.args["load"])
+            if loading is not None:
+                session.taint.mark(loading.written(), binding.label)
         label = self.made_label(binding)
         watch = _WriteWatch(binding) if command.writes and label else None
         graph = "graph" in command.charges

@@ -92,7 +92,8 @@ class Worker:
             policy=Policy(config.private_release, config.require_secure_aggregation, tracebacks),
             datasets=self.datasets, clients=self.clients, models=models or {}, coster=Coster(models or {}),
             status=self.status, ping=self.ping_info,
-            terms=Terms(config.min_batch_size, config.min_metric_rows, config.max_fit_samples, secret))
+            terms=Terms(config.min_batch_size, config.min_metric_rows, config.max_fit_samples, secret,
+                        row_metrics=config.require_secure_aggregation))
         self.executor = Executor(self.context, self._pool, self.counters)
         warm_up()  # the meta kernels load here, not inside the first command on the event loop
         self.key_gate: KeyGate | None = None

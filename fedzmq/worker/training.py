@@ -46,6 +46,11 @@ class Terms:
     max_samples: int = 10_000_000
     #: the daemon's secret for shuffling: the order of rows is HMAC(key, dataset, client seed)
     shuffle_key: bytes = b""
+    #: a fit's loss is reported as a sum of per-row terms (``row_terms``), as ``evaluate``'s always is:
+    #: on a daemon that requires secure aggregation the loss is all that leaves unmasked, and a model
+    #: that mixes the rows of its batch would make it one row's value. It is then the trained model's
+    #: loss over the rows of its last epoch, not the mean of the steps' losses.
+    row_metrics: bool = False
 
 
 def loss_function(name: str) -> Any:
@@ -134,6 +139,7 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
     module.train()
     started = time.perf_counter()
     loss_sum, seen, done = 0.0, 0, 0
+    trained: list[torch.Tensor] = []  # the indexes of the last epoch's worth of batches (for row_metrics)
     while done < total_steps:
         for index in batches(terms, len(dataset), batch_size, generator):
             if done == total_steps:
@@ -150,14 +156,46 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
             loss_sum += value.item() * len(index)
             seen += len(index)
             done += 1
+            if terms.row_metrics:
+                trained.append(index)
+                while sum(len(i) for i in trained) - len(trained[0]) >= len(dataset):
+                    trained.pop(0)
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"training diverged on {dataset.name}: the loss is not finite")
-    return {"loss": loss_sum / seen if seen else 0.0, "samples_seen": seen, "num_examples": len(dataset),
+    mean_loss = loss_sum / seen if seen else 0.0
+    if terms.row_metrics:
+        mean_loss = _row_loss(module, dataset, torch.cat(trained), loss, loss_fn)
+    return {"loss": mean_loss, "samples_seen": seen, "num_examples": len(dataset),
             "steps": done, "seconds": time.perf_counter() - started}
 
 
+def _row_loss(module: nn.Module, dataset: Dataset, index: torch.Tensor, loss: str, loss_fn: Any) -> float:
+    """The trained model's mean loss over the rows of its last epoch, as per-row terms (``row_terms``):
+    in eval mode (a row alone has no batch statistics), without gradients, once per fit (a pass per
+    step would cost more than the training on small models)."""
+    per_row = row_terms(module, loss, loss_fn, False)
+    module.train(False)
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(index), 1024):
+                budget.check()
+                chunk = index[start:start + 1024]
+                losses, _ = per_row(dataset.features[chunk], dataset.labels[chunk])
+                total += losses.double().sum().item()
+    finally:
+        module.train(True)
+    return total / max(1, len(index))
+
+
 def evaluate(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, batch_size: int) -> dict[str, Any]:
-    """Mean loss and, for class labels, accuracy of ``module`` on the whole of ``dataset``."""
+    """Mean loss and, for class labels, accuracy of ``module`` on the whole of ``dataset``.
+
+    A metric is a sum of per-row terms, each computed from its row and its label alone
+    (``row_terms``): the model sees one row at a time (vmapped over the batch), and the loss pairs a
+    row's output with that row's label only. A model that mixes the rows of its batch (an output
+    that is the batch's first row, for every row) or an output that broadcasts against the whole
+    batch's labels would otherwise turn a metric over many rows into one row's value or label."""
     loss_fn = loss_function(loss)
     if batch_size < 1:
         raise BadRequest.new("evaluate needs batch_size >= 1")
@@ -168,18 +206,33 @@ def evaluate(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str, ba
     module.train(False)
     loss_sum, correct, started = 0.0, 0, time.perf_counter()
     classify = not dataset.labels.dtype.is_floating_point
+    per_row = row_terms(module, loss, loss_fn, classify)
     try:
         with torch.no_grad():
             for start in range(0, len(dataset), batch_size):
                 budget.check()
                 x = dataset.features[start:start + batch_size].clone()  # never a view of the owner's data
                 y = dataset.labels[start:start + batch_size].clone()
-                out = module(x)
-                loss_sum += loss_fn(out, _labels_for(loss, y), reduction="sum").item()
-                if classify and out.dim() == 2:
-                    correct += int((out.argmax(dim=1) == y).sum())
+                losses, hits = per_row(x, y)
+                loss_sum += losses.double().sum().item()
+                correct += int(hits.sum())
     finally:
         module.train(was_training)
     n = max(1, len(dataset))
     return {"loss": loss_sum / n, "accuracy": correct / n if classify else None, "samples": len(dataset),
             "seconds": time.perf_counter() - started}
+
+
+def row_terms(module: nn.Module, loss: str, loss_fn: Any, classify: bool) -> Any:
+    """A function of a batch (rows, labels) -> each row's loss and whether its class was right, where
+    row i's terms depend on row i and label i only, whatever the model does (``torch.func.vmap``: the
+    model's forward sees a batch of one row; ops that reach across the batch see that row alone)."""
+    def one(row: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = module(row.unsqueeze(0))
+        if not isinstance(out, torch.Tensor):
+            raise BadRequest.new(f"evaluate needs a model that returns one tensor, not {type(out).__name__}")
+        term = loss_fn(out, _labels_for(loss, label.unsqueeze(0)), reduction="sum")
+        if classify and out.dim() == 2:
+            return term, (out.argmax(dim=1) == label).sum()
+        return term, torch.zeros((), dtype=torch.long)
+    return torch.func.vmap(one, randomness="error")

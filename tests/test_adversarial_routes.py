@@ -1,0 +1,141 @@
+"""Fresh routes of a hostile coordinator (issue 16), found by running scripts/redteam.py's campaign
+and by attacking the daemon as a coordinator with an allowed key would. Each test is the attack as an
+attacker writes it, against a real daemon subprocess, and asserts what the data owner needs.
+
+The shared helpers and the owner's rows come from tests/test_adversarial.py.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.codec import NodeRef, Ref
+from fedzmq.testing import write_dataset
+from test_adversarial import FEATURES, ROWS, call_module, graph_spec, open_args, protected_args, put_module
+
+
+@pytest.fixture
+def secret_rows(tmp_path):
+    """The owner's rows, as in tests/test_adversarial.py: values with many digits, labels 0-9."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(ROWS, FEATURES, generator=generator) * 1000 + 123.456
+    y = torch.randint(0, 10, (ROWS,), generator=generator)
+    return x, y, write_dataset(tmp_path / "owner.safetensors", x, y)
+
+
+# --- class 1: a round's weights loaded with a fit or an evaluate are a write like any other ---------------
+
+async def test_weights_loaded_by_a_fit_or_evaluate_keep_the_label_of_what_they_were_copied_from(
+        fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    features = await ds.features()
+    # a model whose weight is shaped like the rows: "load" the rows into it, train nothing, read it back
+    for command, extra in (("evaluate", {}), ("fit", {"optimizer": {"cls": "SGD", "lr": 0.0}, "steps": 0,
+                                                      "batch_size": 16})):
+        remote = await worker.send(nn.Linear(FEATURES, ROWS, bias=False))
+        await worker._request(command, {"module": remote.id, "dataset": "rows", "loss": "mse_loss",
+                                        "load": {"weight": Ref(features.id)}, **extra})
+        with pytest.raises(fz.PermissionDenied):
+            await worker._request("module_state", {"obj": remote.id})
+        with pytest.raises(fz.PermissionDenied):
+            await worker._request("module_read", {"obj": remote.id, "name": "weight", "offset": 0, "length": 64})
+
+
+async def test_trained_weights_under_secure_aggregation_cannot_be_laundered_through_a_load(
+        fedzmq_daemons, secret_rows):
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--require-secure-aggregation"))
+    worker = bob.worker
+    trained = await worker.send(nn.Linear(FEATURES, 10))
+    await trained.fit("rows", batch_size=16, steps=2)
+    # the trained weight, read out by a forward on the identity (its label: masked only)
+    weight_t = await call_module(worker, trained.id, Ref((await worker.send(torch.eye(FEATURES))).id))
+    weight = worker._new_id()
+    await worker._request("op", {"op": "t", "args": [Ref(weight_t)], "kwargs": {}, "out": [weight]})
+    fresh = await worker.send(nn.Linear(FEATURES, 10))
+    await worker._request("fit", {"module": fresh.id, "dataset": "rows", "loss": "mse_loss", "batch_size": 16,
+                                  "steps": 0, "optimizer": {"cls": "SGD", "lr": 0.0},
+                                  "load": {"weight": Ref(weight)}})
+    with pytest.raises(fz.PermissionDenied):  # not a masked update: refused
+        await worker._request("module_state", {"obj": fresh.id})
+
+
+# --- class 2: a metric over many rows that a crafted model makes one row's value ---------------------------
+
+def _row_spy(row, column):
+    """A forward program that outputs, for every row of its batch, the value at (row, column) of the
+    batch: the mean loss over the batch is then a function of that one value."""
+    return graph_spec([["placeholder", "x", [], {}],
+                       ["call_function", "getitem", [NodeRef(0), (slice(row, row + 1), slice(column, column + 1))], {}],
+                       ["call_method", "reshape", [NodeRef(1), -1], {}],
+                       ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                       ["call_method", "sum", [NodeRef(3), 1], {}],
+                       ["call_function", "add", [NodeRef(4), NodeRef(2)], {}],
+                       ["output", "output", [NodeRef(5)], {}]])
+
+
+async def test_an_evaluation_over_many_rows_cannot_be_made_to_report_one_row(fedzmq_daemons, secret_rows):
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path))
+    worker = bob.worker
+    # the mean label, from a model that outputs 1000 for every row: l1 = 1000 - mean(y)
+    constant = await put_module(worker, graph_spec([["placeholder", "x", [], {}],
+                                                    ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                                                    ["call_method", "sum", [NodeRef(1), 1], {}],
+                                                    ["call_function", "add", [NodeRef(2), 1000.0], {}],
+                                                    ["output", "output", [NodeRef(3)], {}]]), {})
+    base = await worker._request("evaluate", {"module": constant, "dataset": "rows", "loss": "l1_loss",
+                                              "batch_size": ROWS})
+    mean_label = 1000.0 - base["loss"]
+    row, column = 37, 5
+    spy = await put_module(worker, _row_spy(row, column), {})
+    metrics = await worker._request("evaluate", {"module": spy, "dataset": "rows", "loss": "l1_loss",
+                                                 "batch_size": ROWS})
+    guess = metrics["loss"] + mean_label  # l1 = x[row, column] - mean(y) when every output is that value
+    assert abs(guess - x[row, column].item()) > 1.0, "one row's value came back from a metric over 100 rows"
+    # a label through broadcasting: an output of 100 values per row against the batch's 100 labels
+    async def spread(weights):
+        module = await put_module(worker, graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}],
+                                                      ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                                                      ["call_method", "sum", [NodeRef(2), 1, True], {}],
+                                                      ["call_function", "add", [NodeRef(3), NodeRef(1)], {}],
+                                                      ["output", "output", [NodeRef(4)], {}]],
+                                                     params=[("w", (ROWS,))]), {"w": weights})
+        return (await worker._request("evaluate", {"module": module, "dataset": "rows", "loss": "mse_loss",
+                                                   "batch_size": ROWS}))["loss"]
+    picker = torch.zeros(ROWS)
+    picker[row] = 1000.0
+    label = (1e6 + await spread(torch.zeros(ROWS)) - await spread(picker)) / 2000  # if labels pair by position
+    assert abs(label - y[row].item()) > 1e-3, "one row's label came back from a metric over 100 rows"
+
+
+async def test_a_fits_loss_under_secure_aggregation_cannot_be_made_to_report_one_row(fedzmq_daemons, secret_rows):
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--require-secure-aggregation"))
+    worker = bob.worker
+    # the trained weights leave only masked; the fit's mean loss over its batch still comes back. A model
+    # whose every output is the batch's first row's value (and a do-nothing parameter for the optimizer)
+    # would make that mean one row's value, exactly.
+    def with_w(nodes):
+        *body, _ = nodes
+        last = len(body) - 1
+        body += [["get_attr", "w", [], {}], ["call_function", "mul", [NodeRef(last + 1), 0.0], {}],
+                 ["call_function", "add", [NodeRef(last), NodeRef(last + 2)], {}],
+                 ["output", "output", [NodeRef(last + 3)], {}]]
+        return graph_spec(body, params=[("w", (1,))])
+
+    constant = [["placeholder", "x", [], {}], ["call_function", "mul", [NodeRef(0), 0.0], {}],
+                ["call_method", "sum", [NodeRef(1), 1], {}], ["call_function", "add", [NodeRef(2), 1e4], {}],
+                ["output", "output", [NodeRef(3)], {}]]
+    fit = {"dataset": "rows", "loss": "l1_loss", "batch_size": ROWS, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.0}}
+    base = await worker._request("fit", {"module": await put_module(worker, with_w(constant), {"w": torch.zeros(1)}),
+                                         **fit})
+    spy = _row_spy(0, 5)
+    spy = with_w(spy["program"])
+    metrics = await worker._request("fit", {"module": await put_module(worker, spy, {"w": torch.zeros(1)}), **fit})
+    guess = metrics["loss"] + 1e4 - base["loss"]
+    assert not ((x[:, 5] - guess).abs() < 1e-2).any(), "a fit's loss under secure aggregation was one row's value"
