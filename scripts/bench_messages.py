@@ -4,6 +4,7 @@
     python scripts/bench_messages.py             # 11 interleaved repetitions (about a minute)
     python scripts/bench_messages.py --reps 5    # shorter
     python scripts/bench_messages.py --profile client.prof   # also cProfile the client side of op+get
+    python scripts/bench_messages.py --reps 1 --py-spy daemon.txt   # and py-spy the daemon (collapsed stacks)
 
 Measured, one ``fedzmq-worker`` daemon and one raw echo server (``bench_core.py --raw-echo-server``: a
 ``zmq.asyncio`` ROUTER sending every message back as it came) as subprocesses on loopback tcp, both
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -54,7 +56,8 @@ async def timed(fn: Callable[[], Awaitable[Any]], n: int) -> float:
     return statistics.median(out)
 
 
-async def run(fz_address: str, raw_address: str, reps: int, profile: str | None) -> list[list[str]]:
+async def run(fz_address: str, raw_address: str, reps: int, profile: str | None,
+              py_spy: tuple[int, str] | None = None) -> list[list[str]]:
     import torch
     import zmq.asyncio
 
@@ -111,6 +114,18 @@ async def run(fz_address: str, raw_address: str, reps: int, profile: str | None)
             prof.disable()
             prof.dump_stats(profile)
             say(f"client profile of 3000 op+get written to {profile}")
+        if py_spy:  # 15 s of op+get while py-spy samples the daemon (pip install py-spy)
+            pid, path = py_spy
+            spy = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "-p", str(pid), "-d", "15", "-r", "500", "--format", "raw", "-o", path,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            count = 0
+            while spy.returncode is None:
+                await timed(op_get, 200)
+                count += 200
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(spy.wait(), 0.001)
+            say(f"daemon stacks of {count} op+get written to {path} (py-spy exit {spy.returncode})")
         res: dict[str, list[float]] = {k: [] for k in ("raw", "op_get", "ping", "raw_pipe", "fz_pipe")}
         for rep in range(reps):
             res["raw"].append(await timed(raw_rtt, SAMPLES))
@@ -142,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=11)
     p.add_argument("--profile", metavar="PATH", help="cProfile 3000 op+get on the client side into PATH")
+    p.add_argument("--py-spy", metavar="PATH", help="py-spy the daemon during 15 s of op+get (raw stacks to PATH)")
     args = p.parse_args(argv)
 
     from fedzmq.launcher import start_daemons, stop_all
@@ -158,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(raw)
         processes.extend(start_daemons(["w0"], log_dir=log_dir))
         raw_address = raw.wait_ready(60.0)
-        rows = asyncio.run(supervised(run(processes[1].address, raw_address, args.reps, args.profile), processes))
+        spy = (processes[1].pid, args.py_spy) if args.py_spy else None
+        rows = asyncio.run(supervised(run(processes[1].address, raw_address, args.reps, args.profile, spy),
+                                      processes))
         say("\n" + table(["what", "fedzmq", "raw pyzmq", "ratio", "goal", "met"], rows) + "\n")
         say(f"{machine_line()}; {args.reps} interleaved repetitions; 1-min load average before/after: "
             f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
