@@ -219,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         raws = start_raw_peers(count, log_dir)
         processes.extend(raws)
         per_daemon = write_datasets(count, log_dir)
-        processes.extend(start_daemons(list(per_daemon), log_dir=log_dir, per_daemon_args=per_daemon))
+        ids = list(per_daemon)
+        for at in range(0, count, 4):  # four at a time: sixteen importing torch at once on a loaded
+            # machine can take longer than the launcher's 60 s wait for "ready"
+            processes.extend(start_daemons(ids[at:at + 4], log_dir=log_dir, per_daemon_args=per_daemon))
         raw_addresses = [r.wait_ready(60.0) for r in raws]
         fz_addresses = [d.address for d in processes[count:]]
 

@@ -6,7 +6,8 @@ one profiler sees both sides of a round trip. Used for docs/profile.md:
     python scripts/profile_inproc.py round 10 1e6          # N FedAvg rounds, 2 workers, P parameters, steps=0
     py-spy record -r 1000 --format raw -o stacks.txt -- python scripts/profile_inproc.py opget 20000
 
-Prints the wall time per operation. The work of each phase runs under a function named after it
+Prints the wall time per operation and, for op+get, the process's CPU time per operation (client and
+daemon together; on a loaded machine the wall time is mostly waiting for a core). The work of each phase runs under a function named after it
 (``phase_opget``, ``phase_round``), so the stacks of the phase can be told from start-up's.
 """
 
@@ -30,9 +31,10 @@ async def opget(n: int) -> None:
     async with fz.VirtualWorker("w") as w:
         x = await w.send(torch.arange(16, dtype=torch.float32))
         await phase_opget(x, 200)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await phase_opget(x, n)
-        print(f"op+get: {(time.perf_counter() - t0) / n * 1e6:.1f} us each ({n})")
+        cpu = (time.process_time() - c0) / n * 1e6
+        print(f"op+get: {(time.perf_counter() - t0) / n * 1e6:.1f} us each of wall time, {cpu:.1f} us of CPU ({n})")
 
 
 async def phase_round(federation: object, n: int) -> None:
