@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fedzmq.launcher import start_daemons, stop_all
+    from fedzmq.launcher import DaemonProcess, stop_all
 
     torch.set_num_threads(1)
 
@@ -219,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         raws = start_raw_peers(count, log_dir)
         processes.extend(raws)
         per_daemon = write_datasets(count, log_dir)
-        ids = list(per_daemon)
-        for at in range(0, count, 4):  # four at a time: sixteen importing torch at once on a loaded
-            # machine can take longer than the launcher's 60 s wait for "ready"
-            processes.extend(start_daemons(ids[at:at + 4], log_dir=log_dir, per_daemon_args=per_daemon))
+        # the launcher's start_daemons, with a longer wait for "ready": sixteen daemons importing torch
+        # at once on a loaded machine can take more than its 60 s
+        daemons = [DaemonProcess(i, "tcp://127.0.0.1:0", per_daemon[i], log_dir) for i in per_daemon]
+        processes.extend(daemons)
+        for d in daemons:
+            d.spawn()
+        for d in daemons:
+            d.wait_ready(600.0)
         raw_addresses = [r.wait_ready(60.0) for r in raws]
         fz_addresses = [d.address for d in processes[count:]]
 
