@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--py-spy", metavar="PATH", help="py-spy the daemon during 15 s of op+get (raw stacks to PATH)")
     args = p.parse_args(argv)
 
-    from fedzmq.launcher import start_daemons, stop_all
+    from fedzmq.launcher import DaemonProcess, stop_all
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = start_raw_echo(log_dir)
         processes.append(raw)
-        processes.extend(start_daemons(["w0"], log_dir=log_dir))
-        raw_address = raw.wait_ready(60.0)
+        daemon = DaemonProcess("w0", "tcp://127.0.0.1:0", [], log_dir)  # start_daemons, with a longer wait
+        processes.append(daemon)
+        daemon.spawn()
+        daemon.wait_ready(600.0)  # (importing torch takes minutes on a machine at load 20)
+        raw_address = raw.wait_ready(600.0)
         spy = (processes[1].pid, args.py_spy) if args.py_spy else None
         rows = asyncio.run(supervised(run(processes[1].address, raw_address, args.reps, args.profile, spy),
                                       processes))

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             d.spawn()
         for d in daemons:
             d.wait_ready(600.0)
-        raw_addresses = [r.wait_ready(60.0) for r in raws]
+        raw_addresses = [r.wait_ready(600.0) for r in raws]
         fz_addresses = [d.address for d in processes[count:]]
 
         async def run_all() -> list[Cell]:

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         processes.extend(start_daemons(ids, log_dir=work, per_daemon_args={
             h: ["--clients-from", f"{population.DATASET}={folder}", "--min-batch-size", "8",
                 "--min-metric-rows", "1"] for h, folder in zip(ids, data.folders)}))
-        raw_addresses = [r.wait_ready(60.0) for r in raws]
+        raw_addresses = [r.wait_ready(600.0) for r in raws]
         addresses = [d.address for d in processes[DAEMONS:]]
         for setup in setups:
             result = asyncio.run(supervised(run_setup(setup, addresses, raw_addresses), processes))
