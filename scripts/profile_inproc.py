@@ -7,8 +7,9 @@ one profiler sees both sides of a round trip. Used for docs/profile.md:
     py-spy record -r 1000 --format raw -o stacks.txt -- python scripts/profile_inproc.py opget 20000
 
 Prints the wall time per operation and, for op+get, the process's CPU time per operation (client and
-daemon together; on a loaded machine the wall time is mostly waiting for a core). The work of each phase runs under a function named after it
-(``phase_opget``, ``phase_round``), so the stacks of the phase can be told from start-up's.
+daemon together; on a loaded machine the wall time is mostly waiting for a core). The work of each
+phase runs under a function named after it (``phase_opget``, ``phase_round``), so the stacks of the
+phase can be told from start-up's.
 """
 
 from __future__ import annotations
