@@ -15,6 +15,7 @@ The interface and the conventions they share are in base.py.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,6 +48,17 @@ class WeightedMeanAggregator(Aggregator):
         #: They cannot be taken out again (that would need the update in memory), so their elements are
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
+        #: per thread and dtype, one buffer of at most ``RESULT_BLOCK`` elements for the arithmetic of
+        #: folds and of the result (pieces fold on the event loop and on one fold thread at once)
+        self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def _scratch(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A buffer of ``numel`` (<= ``RESULT_BLOCK``) elements that only this thread uses, reused."""
+        key = (threading.get_ident(), dtype)
+        buffer = self._scratches.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratches[key] = torch.empty(max(numel, min(RESULT_BLOCK, 1 << 16)), dtype=dtype)
+        return buffer[:numel]
 
     accepts_sums = True
 
@@ -67,9 +79,16 @@ class WeightedMeanAggregator(Aggregator):
                                                           else False))
         target = acc.view(-1)[start:start + values.numel()]
         if ref.is_floating_point():
-            delta = values.to(acc.dtype)
-            delta.sub_(ref.reshape(-1)[start:start + values.numel()])
-            target.add_(delta, alpha=weight)
+            # block by block through a scratch buffer kept for the round: the same arithmetic as
+            # ``target += weight * (values.to(acc.dtype) - ref)``, without a fresh piece-sized float64
+            # temporary (and its page faults) per piece
+            flat_ref = ref.reshape(-1)[start:start + values.numel()]
+            for lo in range(0, values.numel(), RESULT_BLOCK):
+                hi = min(lo + RESULT_BLOCK, values.numel())
+                delta = self._scratch(acc.dtype, hi - lo)
+                delta.copy_(values[lo:hi])
+                delta.sub_(flat_ref[lo:hi])
+                target[lo:hi].add_(delta, alpha=weight)
         else:
             torch.maximum(target, values.to(ref.dtype), out=target)
 
@@ -79,7 +98,12 @@ class WeightedMeanAggregator(Aggregator):
         if not ref.is_floating_point():
             return acc
         if name not in self._partial:
-            return ref.to(acc.dtype) + acc / self._total
+            if acc.numel() > RESULT_BLOCK:  # (whole entries, for ``mean``: no scratch that big is kept)
+                return ref.to(acc.dtype) + acc / self._total
+            # ``ref.to(acc.dtype) + acc / total``, bit for bit (float32 -> float64 is exact and the sum
+            # commutes), in the scratch buffer instead of three fresh temporaries; the caller copies it
+            out = torch.div(acc, self._total, out=self._scratch(acc.dtype, acc.numel()))
+            return out.add_(ref)
         weights = torch.full((ref.numel(),), float(self._total), dtype=acc.dtype)
         for start, length, weight in self._partial[name]:
             begin, end = max(start, lo), min(start + length, lo + ref.numel())

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""The per-message cost under every round, against a raw asyncio DEALER -> ROUTER echo in the same run.
+
+    python scripts/bench_messages.py             # 11 interleaved repetitions (about a minute)
+    python scripts/bench_messages.py --reps 5    # shorter
+    python scripts/bench_messages.py --profile client.prof   # also cProfile the client side of op+get
+    python scripts/bench_messages.py --reps 1 --py-spy daemon.txt   # and py-spy the daemon (collapsed stacks)
+
+Measured, one ``fedzmq-worker`` daemon and one raw echo server (``bench_core.py --raw-echo-server``: a
+``zmq.asyncio`` ROUTER sending every message back as it came) as subprocesses on loopback tcp, both
+talked to from this process's one event loop:
+
+* **op+get**: ``await (x + 1).get()`` on a 16-element float32 tensor ``x`` already on the daemon: the
+  op is sent without waiting (it returns a pointer at once), then ``get`` brings the result back: one
+  round trip's wait. Against one raw round trip of a 64-byte message (the tensor's bytes). Goal: <= 2x.
+* **ping**: ``await worker.ping()`` against the same raw round trip (the protocol's floor).
+* **pipelined**: 2,000 ``x + 1`` issued without awaiting, then all awaited; ops/s against raw sending
+  2,000 64-byte messages, then receiving the 2,000 echoes (messages/s). Goal: >= 1/3 of raw.
+
+Blocks of fedzmq and raw alternate (raw, fedzmq, raw, ...) so the load of a shared machine falls on
+both alike; round trips are the median of each block's median, rates the median of the blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Awaitable, Callable
+
+from benchkit import ServerDied, raw_dealer, supervised, table  # scripts/ is on sys.path
+from bench_core import start_raw_echo
+from bench_federated import machine_line
+
+PIPELINED = 2000
+SAMPLES = 400  # round trips per block
+
+
+def say(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], n: int) -> float:
+    """Median seconds of ``n`` calls one after the other."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+async def run(fz_address: str, raw_address: str, reps: int, profile: str | None,
+              py_spy: tuple[int, str] | None = None) -> list[list[str]]:
+    import torch
+    import zmq.asyncio
+
+    import fedzmq as fz
+
+    ctx = zmq.asyncio.Context.instance()
+    sock = raw_dealer(ctx, raw_address)
+    payload = [os.urandom(64)]
+    worker = await fz.connect(fz_address)
+    try:
+        x = await worker.send(torch.arange(16, dtype=torch.float32))
+
+        async def raw_rtt() -> None:
+            await sock.send_multipart(payload)
+            await sock.recv_multipart(copy=False)
+
+        async def raw_pipelined() -> float:
+            t0 = time.perf_counter()
+            for _ in range(PIPELINED):
+                await sock.send_multipart(payload)
+            for _ in range(PIPELINED):
+                await sock.recv_multipart(copy=False)
+            return PIPELINED / (time.perf_counter() - t0)
+
+        async def op_get() -> None:
+            await (x + 1).get()
+
+        async def ping() -> None:
+            await worker.ping()
+
+        async def fz_pipelined() -> float:
+            t0 = time.perf_counter()
+            pending = [x + 1 for _ in range(PIPELINED)]
+            for p in pending:
+                await p
+            rate = PIPELINED / (time.perf_counter() - t0)
+            del pending
+            await worker.ping()  # the dropped pointers' deletes go out before the next block
+            return rate
+
+        expected = torch.arange(16, dtype=torch.float32) + 1
+        if not torch.equal(await (x + 1).get(), expected):
+            raise RuntimeError("op+get returned a wrong value")
+        for fn in (raw_rtt, op_get, ping):  # warm-up
+            await timed(fn, 200)
+        await raw_pipelined()
+        await fz_pipelined()
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+            await timed(op_get, 3000)
+            prof.disable()
+            prof.dump_stats(profile)
+            say(f"client profile of 3000 op+get written to {profile}")
+        if py_spy:  # 15 s of op+get while py-spy samples the daemon (pip install py-spy)
+            pid, path = py_spy
+            spy = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "-p", str(pid), "-d", "15", "-r", "500", "--format", "raw", "-o", path,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            count = 0
+            while spy.returncode is None:
+                await timed(op_get, 200)
+                count += 200
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(spy.wait(), 0.001)
+            say(f"daemon stacks of {count} op+get written to {path} (py-spy exit {spy.returncode})")
+        res: dict[str, list[float]] = {k: [] for k in ("raw", "op_get", "ping", "raw_pipe", "fz_pipe")}
+        for rep in range(reps):
+            res["raw"].append(await timed(raw_rtt, SAMPLES))
+            res["op_get"].append(await timed(op_get, SAMPLES))
+            res["raw"].append(await timed(raw_rtt, SAMPLES))
+            res["ping"].append(await timed(ping, SAMPLES))
+            if rep % 2:
+                res["fz_pipe"].append(await fz_pipelined())
+                res["raw_pipe"].append(await raw_pipelined())
+            else:
+                res["raw_pipe"].append(await raw_pipelined())
+                res["fz_pipe"].append(await fz_pipelined())
+        m = {k: statistics.median(v) for k, v in res.items()}
+        pipe = m["fz_pipe"] / m["raw_pipe"]
+        return [
+            ["op+get, 16 floats (await (x + 1).get())", f"{m['op_get'] * 1e6:.0f} us", f"{m['raw'] * 1e6:.0f} us",
+             f"{m['op_get'] / m['raw']:.2f}x", "<= 2x", "yes" if m["op_get"] / m["raw"] <= 2 else "NO"],
+            ["ping (await worker.ping())", f"{m['ping'] * 1e6:.0f} us", f"{m['raw'] * 1e6:.0f} us",
+             f"{m['ping'] / m['raw']:.2f}x", "-", "-"],
+            [f"{PIPELINED} pipelined x + 1", f"{m['fz_pipe']:,.0f} ops/s", f"{m['raw_pipe']:,.0f} msg/s",
+             f"{pipe:.2f}x", ">= 0.33x", "yes" if pipe >= 1 / 3 else "NO"],
+        ]
+    finally:
+        await worker.close()
+        sock.close(linger=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--profile", metavar="PATH", help="cProfile 3000 op+get on the client side into PATH")
+    p.add_argument("--py-spy", metavar="PATH", help="py-spy the daemon during 15 s of op+get (raw stacks to PATH)")
+    args = p.parse_args(argv)
+
+    from fedzmq.launcher import DaemonProcess, stop_all
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    load_before = os.getloadavg()[0]
+    log_dir = tempfile.mkdtemp(prefix="fedzmq-bench-msg-")
+    processes: list[Any] = []
+    try:
+        raw = start_raw_echo(log_dir)
+        processes.append(raw)
+        daemon = DaemonProcess("w0", "tcp://127.0.0.1:0", [], log_dir)  # start_daemons, with a longer wait
+        processes.append(daemon)
+        daemon.spawn()
+        daemon.wait_ready(600.0)  # (importing torch takes minutes on a machine at load 20)
+        raw_address = raw.wait_ready(600.0)
+        spy = (processes[1].pid, args.py_spy) if args.py_spy else None
+        rows = asyncio.run(supervised(run(processes[1].address, raw_address, args.reps, args.profile, spy),
+                                      processes))
+        say("\n" + table(["what", "fedzmq", "raw pyzmq", "ratio", "goal", "met"], rows) + "\n")
+        say(f"{machine_line()}; {args.reps} interleaved repetitions; 1-min load average before/after: "
+            f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except ServerDied as exc:
+        say(f"error: {exc}")
+        return 1
+    finally:
+        stop_all(processes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
