@@ -143,7 +143,7 @@ async def test_fedbuff_on_daemons_a_slow_daemons_update_arrives_stale_and_discou
     split = digits.prepare(tmp_path / "data", ids, alpha=1.0, seed=2)
     handles = await fedzmq_daemons(*ids, datasets={i: {"digits": str(split.shards[i])} for i in ids}, timeout=300)
     carol = handles[2]
-    await carol.slow(2.0)
+    await carol.slow(3.0)  # every command of carol waits 3 s: bob and alice publish meanwhile
     model = digits.make_model()
     fit = fz.FitConfig(dataset="digits", optimizer={"cls": "SGD", "lr": 0.1}, epochs=1, batch_size=32)
     federation = fz.Federation([h.worker for h in handles], model, fit, fz.FedBuff(buffer_size=2),
