@@ -162,3 +162,24 @@ async def test_fedbuff_on_daemons_a_slow_daemons_update_arrives_stale_and_discou
     assert seen_carol["staleness"] >= 1
     assert seen_carol["weight"] == pytest.approx(1 / math.sqrt(1 + seen_carol["staleness"]))
     assert federation.history[-1].eval_accuracy is not None
+
+
+@pytest.mark.timeout(300)
+async def test_a_failed_worker_is_left_out_and_a_round_without_a_publication_fails() -> None:
+    workers = _workers(3)
+    try:
+        await workers[2].close()  # its trips fail at once
+        model = _model()
+        federation = fz.Federation(workers, model, FIT, fz.FedBuff(buffer_size=2), round_timeout=60)
+        metrics = await federation.run_round()
+        assert {u["worker"] for u in metrics.extra["updates"]} <= {"w0", "w1"} and "w2" in metrics.dropped
+        await federation.close()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        lonely = fz.Federation(workers[2:], model, FIT, fz.FedBuff(buffer_size=2), round_timeout=60)
+        with pytest.raises(fz.RoundFailed, match="0 of the 1 required"):
+            await lonely.run(1)
+        fz.testing.assert_state_dicts_close(model, before, atol=0)
+        assert lonely.round == 0
+    finally:
+        for worker in workers[:2]:
+            await worker.close()
