@@ -19,8 +19,8 @@ from .errors import (
     WorkerClosedError, WorkerDeadError, WorkerError, WrongWorkerError,
 )
 from .federated import (
-    Bulyan, Cyclic, FedAdagrad, FedAdam, FedAvg, FedAvgM, Federation, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
-    FitConfig, Krum, RoundFailed, RoundMetrics, Strategy, make_strategy,
+    Bulyan, Cyclic, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedBuff, Federation, FedMedian, FedProx, FedTrimmedAvg,
+    FedYogi, FitConfig, Krum, RoundFailed, RoundMetrics, Strategy, make_strategy,
 )
 from .federated.secure import SecAgg
 from .worker import Worker, WorkerConfig
@@ -31,8 +31,8 @@ __all__ = [
     "RemoteOptimizer", "RemoteWorker", "TensorPointer", "VirtualWorker", "Worker", "WorkerConfig", "connect",
     "connect_clients",
     # federated training
-    "Bulyan", "Cyclic", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedProx", "FedTrimmedAvg",
-    "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "SecAgg", "Strategy",
+    "Bulyan", "Cyclic", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBuff", "FedMedian", "FedProx",
+    "FedTrimmedAvg", "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "SecAgg", "Strategy",
     "make_strategy",
     # errors
     "AddressError", "BadRequest", "FedzmqError", "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError",

@@ -1,5 +1,6 @@
 """Federated training: the round scheduler, strategies, metrics and checkpoints."""
 
+from .fedbuff import FedBuff
 from .federation import Federation, RoundFailed
 from .metrics import RoundMetrics
 from .protocols import AveragingRound, FitConfig, RoundContext, RoundOutcome, RoundProtocol, CyclicRound
@@ -9,6 +10,6 @@ from .strategies import (
 )
 
 __all__ = ["Aggregator", "AveragingRound", "RoundContext", "RoundOutcome", "RoundProtocol", "CyclicRound",
-           "Bulyan", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedProx",
+           "Bulyan", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedBuff", "FedMedian", "FedProx",
            "FedTrimmedAvg", "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "STRATEGIES",
            "Cyclic", "Strategy", "make_strategy"]

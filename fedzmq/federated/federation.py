@@ -102,16 +102,25 @@ class Federation:
 
     async def run(self, rounds: int, on_round: Callable[[RoundMetrics], None] | None = None) -> list[RoundMetrics]:
         """Run rounds until ``rounds`` are done in total (a resumed federation continues its count);
-        returns the history, one ``RoundMetrics`` per round."""
-        while self.round < rounds:
-            stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
-            if stop is not None:
-                self.stopped_early = f"stopped before round {self.round + 1}: {stop}"
-                break
-            metrics = await self.run_round()
-            if on_round is not None:
-                on_round(metrics)
+        returns the history, one ``RoundMetrics`` per round. Work the strategy keeps going between rounds
+        (FedBuff's trips) is stopped when it returns."""
+        try:
+            while self.round < rounds:
+                stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
+                if stop is not None:
+                    self.stopped_early = f"stopped before round {self.round + 1}: {stop}"
+                    break
+                metrics = await self.run_round()
+                if on_round is not None:
+                    on_round(metrics)
+        finally:
+            await self.close()
         return self.history
+
+    async def close(self) -> None:
+        """Stop what the strategy's round protocol keeps going between rounds (FedBuff's trips in flight;
+        nothing for synchronous rounds). ``run`` does it; call it after using ``run_round`` on its own."""
+        await self.strategy.round_protocol().close()
 
     def sampling_rate(self) -> float:
         """The fraction of all workers a round takes (what a DP accountant needs)."""

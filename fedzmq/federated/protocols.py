@@ -102,6 +102,9 @@ class RoundProtocol(abc.ABC):
     async def run(self, context: RoundContext) -> RoundOutcome:
         """Run the participants' trips; never change ``context.model`` (``RoundOutcome.commit`` does)."""
 
+    async def close(self) -> None:
+        """Stop work the protocol keeps going between rounds (FedBuff's trips). Default: there is none."""
+
 
 def reason(exc: BaseException, deadline: float, round_timeout: float) -> str:
     """Why a worker was left out: the round's deadline only when it passed (a request's own timeout is

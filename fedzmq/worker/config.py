@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..codec import Limits
+from .byzantine import check_setting
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class WorkerConfig:
     threads: int = 1
     #: accept the test-only ``debug_delay`` command (``--fault-injection``); never in production
     fault_injection: bool = False
+    #: test-only hostile participant: distort every update this daemon returns from a fit ("sign-flip" or
+    #: "scale=K", ``fedzmq.worker.byzantine``); refused unless ``fault_injection`` is on
+    byzantine: str | None = None
 
     # --- limits that protect the daemon from one client ------------------------------------------
     #: concurrent client sessions; a new one beyond this is refused
@@ -75,3 +79,6 @@ class WorkerConfig:
     #: send remote tracebacks with errors; None: only when the daemon holds no protected data
     #: (errors of commands on private data never carry them, nor any message that could quote it)
     remote_tracebacks: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_setting(self.byzantine, self.fault_injection)

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 0)")
     p.add_argument("--fault-injection", action="store_true", default=None,
                    help="accept the test-only debug_delay command (for test suites; never in production)")
+    p.add_argument("--byzantine", metavar="sign-flip|scale=K",
+                   help="TEST ONLY, needs --fault-injection: train honestly, then return a distorted update from "
+                   "every fit (the move away from the start reversed, or multiplied by K), to test robust aggregation")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     return p
 
@@ -158,6 +161,8 @@ async def run(settings: dict[str, Any]) -> None:
     watch_parent(loop, stop.set)  # stop when the launcher dies, if it gave us a pipe (watchdog.py)
     worker.start()
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
+    if config.byzantine is not None:
+        log.warning("worker %s is HOSTILE (test only): every fit returns a %s update", worker.id, config.byzantine)
     log.info("worker %s serving on %s with datasets %s%s", worker.id, address,
              {name: len(d) for name, d in datasets.items()} or "none",
              f" and {len(clients)} hosted clients" if clients else "")

@@ -11,6 +11,7 @@ import torch
 from ... import budget
 from ...errors import BadRequest, LimitExceeded
 from .. import training
+from ..byzantine import parse_attack
 from ..policy import sanitized
 from ..binding import Binding, Context, LiveReply, Made
 from .modules import state_reply
@@ -47,10 +48,14 @@ def fit(context: Context, binding: Binding) -> Any:
         optimizer = remote.optimizer
     else:
         optimizer = training.make_optimizer(args["optimizer"], hosted.module)  # lives as long as the fit
+    attack = parse_attack(context.config.byzantine) if context.config.byzantine is not None else None
+    start = {k: t.clone() for k, t in hosted.module.state_dict().items()} if attack is not None else {}
     result = training.fit(hosted.module, dataset, context.terms, loss=args["loss"], optimizer=optimizer,
                           batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                           prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0),
                           salt=binding.session.client or "")
+    if attack is not None:  # a test-only hostile daemon (--byzantine): the update it returns is distorted
+        attack.apply(hosted.module, start)
     hosted.trained_samples = result["num_examples"]
     if args.get("reply_state"):  # the trained weights, in the same trip (released: checked before it ran)
         return LiveReply({"metrics": result,
@@ -94,6 +99,8 @@ def fit_clients(context: Context, binding: Binding) -> Any:
             metrics[client] = {"error": sanitized(exc, binding.request.id)}
             continue
         metrics[client] = [result[key] for key in training.METRICS]
+        if context.config.byzantine is not None:  # test only: every hosted client's update is distorted
+            parse_attack(context.config.byzantine).apply(module, start)
         if not combine:
             states.append({name: tensor.clone() for name, tensor in current.items()})
             continue
