@@ -71,16 +71,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--daemons", type=int, default=2)
     p.add_argument("--samples", type=int, default=100_000)
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--classes", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the non-IID split")
     p.add_argument("--fraction", type=float, default=0.1, help="q, each client's chance to take part in a round")
-    p.add_argument("--rounds", type=int, default=40, help="the rounds budget of every run")
+    p.add_argument("--rounds", type=int, default=10, help="the rounds budget of every run")
     p.add_argument("--epsilons", type=float, nargs="*", default=[8.0, 4.0])
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--clip", type=float, default=0.5, help="L2 clip of each client's update (DP runs)")
+    p.add_argument("--clip", type=float, default=1.0, help="L2 clip of each client's update (DP runs)")
     p.add_argument("--hidden", type=int, default=32, help="hidden width of the MLP (0: logistic regression)")
-    p.add_argument("--lr", type=float, default=0.1, help="local SGD learning rate")
-    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.2, help="local SGD learning rate")
+    p.add_argument("--local-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--round-timeout", type=float, default=300.0)
@@ -97,7 +97,11 @@ def make_model(features: int, classes: int, hidden: int, seed: int) -> torch.nn.
 
 async def run_one(addresses: list[str], data: population.Population, args: argparse.Namespace, name: str,
                   epsilon: float | None) -> Run:
-    workers = [c for a in addresses for c in await fz.connect_clients(a)]
+    # a secure round of ~100 clients on the complete key graph keeps the coordinator's event loop busy
+    # for many seconds at a time (the key and share routing is pure Python); a heartbeat interval of
+    # 5 s lets the daemons wait a minute before they take the connection for gone and free its sessions
+    settings = fz.ConnectionSettings(heartbeat_interval=5.0)
+    workers = [c for a in addresses for c in await fz.connect_clients(a, settings=settings)]
     try:
         model = make_model(data.features, data.classes, args.hidden, args.seed)
         fit = fz.FitConfig(dataset=population.DATASET, optimizer={"cls": "SGD", "lr": args.lr},
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                               alpha=args.alpha, seed=args.seed)
     chance = max(torch.bincount(data.test[1]).tolist()) / len(data.test[1])
     ids = [f"host{k}" for k in range(args.daemons)]
-    terms = ["--min-batch-size", str(min(16, args.batch_size)), "--min-metric-rows", "1"]
+    terms = ["--min-batch-size", str(min(16, args.batch_size)), "--min-metric-rows", "1", "--session-timeout", "300"]
     daemons = start_daemons(ids, per_daemon_args={
         h: ["--clients-from", f"{population.DATASET}={folder}", *terms] for h, folder in zip(ids, data.folders)},
         log_dir=str(out / "logs"))
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         addresses = [d.address for d in daemons if d.address]
         runs.append(asyncio.run(run_one(addresses, data, args, "non-private FedAvg", None)))
-        for eps in args.epsilons:
+        for eps in args.epsilons or []:
             runs.append(asyncio.run(run_one(addresses, data, args, f"SecAgg + DP, epsilon {eps:g}", eps)))
     finally:
         stop_all(daemons)
