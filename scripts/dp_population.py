@@ -73,7 +73,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=100_000)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the non-IID split")
-    p.add_argument("--fraction", type=float, default=0.1, help="q, each client's chance to take part in a round")
+    p.add_argument("--fraction", type=float, default=0.05, help="q, each client's chance to take part in a round")
     p.add_argument("--rounds", type=int, default=10, help="the rounds budget of every run")
     p.add_argument("--epsilons", type=float, nargs="*", default=[8.0, 4.0])
     p.add_argument("--delta", type=float, default=1e-5)
@@ -99,8 +99,8 @@ async def run_one(addresses: list[str], data: population.Population, args: argpa
                   epsilon: float | None) -> Run:
     # a secure round of ~100 clients on the complete key graph keeps the coordinator's event loop busy
     # for many seconds at a time (the key and share routing is pure Python); a heartbeat interval of
-    # 5 s lets the daemons wait a minute before they take the connection for gone and free its sessions
-    settings = fz.ConnectionSettings(heartbeat_interval=5.0)
+    # 10 s (and --session-timeout 600) lets the daemons wait minutes before they free its sessions
+    settings = fz.ConnectionSettings(heartbeat_interval=10.0)
     workers = [c for a in addresses for c in await fz.connect_clients(a, settings=settings)]
     try:
         model = make_model(data.features, data.classes, args.hidden, args.seed)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                               alpha=args.alpha, seed=args.seed)
     chance = max(torch.bincount(data.test[1]).tolist()) / len(data.test[1])
     ids = [f"host{k}" for k in range(args.daemons)]
-    terms = ["--min-batch-size", str(min(16, args.batch_size)), "--min-metric-rows", "1", "--session-timeout", "300"]
+    terms = ["--min-batch-size", str(min(8, args.batch_size)), "--min-metric-rows", "1", "--session-timeout", "600"]
     daemons = start_daemons(ids, per_daemon_args={
         h: ["--clients-from", f"{population.DATASET}={folder}", *terms] for h, folder in zip(ids, data.folders)},
         log_dir=str(out / "logs"))
