@@ -175,7 +175,7 @@ class SecureRound(RoundProtocol):
         config = SecAggConfig(client_ids=tuple(ids.values()), threshold=threshold, vector_length=length,
                               clip=strategy.clip or NO_CLIP, ring_bits=strategy.ring_bits, weight_cap=weight_cap,
                               noise_multiplier=strategy.noise_multiplier, clip_bits=not dp,
-                              expected_survivors=_noise_survivors(strategy, len(participants), threshold),
+                              expected_survivors=_noise_survivors(strategy, len(participants)),
                               session=os.urandom(16))
         server = SecAggServer(config)
         broadcast = Broadcast(model_state)
@@ -280,7 +280,7 @@ def _apply_mean_update(model: nn.Module, strategy: SecAgg, number: int, float_na
     aggregator.write_result(state)
 
 
-def _noise_survivors(strategy: SecAgg, participants: int, threshold: int) -> int | None:
+def _noise_survivors(strategy: SecAgg, participants: int) -> int | None:
     """How many survivors each client's share of the DP noise is calibrated for (None: the threshold)."""
     if strategy.expected_survivors is None:
         return None
