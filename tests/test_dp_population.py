@@ -66,8 +66,8 @@ def test_sampled_accountant_matches_an_independent_computation(q, sigma, rounds)
         assert _rdp_sampled_gaussian_integrated(q, sigma, a) == pytest.approx(closed[a], rel=1e-6, abs=1e-12)
     ours = _epsilon_from_rdp({a: rounds * r for a, r in closed.items()}, DELTA)
     accountant = PrivacyAccountant(sigma, q, DELTA)
-    for _ in range(rounds // 10):  # stepped as a federation does, in pieces, with this rate
-        accountant.step(10, sampling_rate=q)
+    for _ in range(10):  # stepped in pieces, each with this rate, as a federation steps it per round
+        accountant.step(rounds // 10, sampling_rate=q)
     assert accountant.epsilon <= ours * (1 + 1e-9)
     assert accountant.epsilon >= 0.97 * ours
     # sampling amplifies: every client in every round (q = 1) costs far more
