@@ -110,6 +110,7 @@ async def test_dp_fedavg_over_200_hosted_clients_stays_in_budget_and_learns(fedz
         assert strategy.epsilon is not None and strategy.epsilon <= target
         assert [m.epsilon for m in history] == sorted(m.epsilon for m in history)
         # the accountant amplified by q: the same rounds without sampling would be far over the target
+        assert all(m.extra["sampling_rate"] == q for m in history)
         multipliers = [m.extra["noise_multiplier"] for m in history]
         assert all(m >= sigma * 0.999 for m in multipliers)  # never less noise than calibrated (no drop-outs)
         assert compute_epsilon(min(multipliers), 1.0, budget, DELTA) > 2 * target
