@@ -4,7 +4,8 @@ A round (``Federation.run_round``) has one shape whatever the algorithm:
 
 1. **select**: workers that stopped answering heartbeats are tried once more (a restarted daemon is
    seen at once), then a seeded random ``fraction`` of the live ones (at least ``min_workers``) is
-   chosen; the others are recorded as unreachable;
+   chosen, or with ``sampling="poisson"`` each live one independently with probability ``fraction``
+   (what DP-FedAvg's accountant assumes); the others are recorded as unreachable;
 2. **run the trips** with the strategy's round protocol (``fedzmq.federated.protocols``): by default
    every participant at once, one trip each (the global weights out with the fit, the trained weights
    back in its reply, folded into the strategy's aggregator as they arrive), under the round's
@@ -25,7 +26,7 @@ import dataclasses
 import math
 import random
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from torch import nn
 
@@ -53,6 +54,7 @@ class RoundFailed(FedzmqError):
 
 
 EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
+Sampling = Literal["fixed", "poisson"]
 
 
 class Federation:
@@ -65,24 +67,35 @@ class Federation:
     runs on the coordinator after every round, on a held-out set you keep; ``evaluate_on_workers``
     also evaluates the new model on the participants' own data (``eval_dataset``, default the fit's),
     reported as sample-weighted aggregates. With ``checkpoint_dir`` the run resumes where a previous
-    one stopped. ``run()`` returns the history: one ``RoundMetrics`` per round."""
+    one stopped. ``run()`` returns the history: one ``RoundMetrics`` per round.
+
+    ``sampling``: ``"fixed"`` (default) takes exactly ``max(min_workers, ceil(fraction * live))`` workers,
+    drawn without replacement from a generator seeded with ``seed`` and the round number (reproducible).
+    ``"poisson"`` takes each live worker independently with probability ``fraction`` (so the number varies
+    from round to round, and may fall below ``min_workers``: that round then fails), drawn from the
+    operating system's random source: this is the sampling under which a DP accountant may claim
+    amplification by sampling (DP-FedAvg, McMahan et al. 2018; the sampled Gaussian mechanism, Mironov
+    et al. 2019), and that claim needs a draw nobody outside the coordinator can predict or see."""
 
     def __init__(self, workers: Sequence[RemoteWorker], model: nn.Module, fit: FitConfig,
                  strategy: Strategy | None = None, *, fraction: float = 1.0, min_workers: int = 1,
                  round_timeout: float = 120.0, seed: int = 0, checkpoint_dir: str | None = None,
                  evaluate: EvaluateFn | None = None, evaluate_on_workers: bool = False,
-                 eval_dataset: str | None = None) -> None:
+                 eval_dataset: str | None = None, sampling: Sampling = "fixed") -> None:
         if not workers:
             raise ValueError("a federation needs at least one worker")
         if not 0 < fraction <= 1:
             raise ValueError("fraction must be in (0, 1]")
         if min_workers < 1:
             raise ValueError("min_workers must be at least 1")
+        if sampling not in ("fixed", "poisson"):
+            raise ValueError("sampling must be 'fixed' or 'poisson'")
         self.workers = list(workers)
         self.model = model
         self.fit_config = fit
         self.strategy = strategy or FedAvg()
         self.fraction = fraction
+        self.sampling = sampling
         self.min_workers = min_workers
         self.round_timeout = round_timeout
         self.seed = seed
@@ -123,8 +136,11 @@ class Federation:
         await self.strategy.round_protocol().close()
 
     def sampling_rate(self) -> float:
-        """The fraction of all workers a round takes (what a DP accountant needs)."""
-        return min(1.0, max(self.min_workers, math.ceil(self.fraction * len(self.workers))) / len(self.workers))
+        """``q`` for a DP accountant: the probability with which each worker takes part in a round,
+        independently of the others. That is ``fraction`` under Poisson sampling; under fixed-size sampling
+        it is 1.0, because a fixed-size sample is not the Poisson sampling the accountant's amplification
+        assumes: the guarantee claimed is then that of every client in every round (an upper bound)."""
+        return self.fraction if self.sampling == "poisson" else 1.0
 
     async def run_round(self) -> RoundMetrics:
         """One round: select, run the participants' trips, commit, record (see the module's docstring)."""
@@ -135,7 +151,10 @@ class Federation:
         loop = asyncio.get_running_loop()
         context = RoundContext(number=number, participants=selected, model=self.model, strategy=self.strategy,
                                fit=self.fit_config, deadline=loop.time() + self.round_timeout,
-                               round_timeout=self.round_timeout, seed=self.seed)
+                               round_timeout=self.round_timeout, seed=self.seed,
+                               sampling_rate=self.sampling_rate(),
+                               expected_participants=(self.fraction * len(self.workers)
+                                                      if self.sampling == "poisson" else None))
         outcome = await self.strategy.round_protocol().run(context)
         if len(outcome.fits) < self.min_workers:
             raise RoundFailed(number, len(outcome.fits), self.min_workers, outcome.dropped)
@@ -148,6 +167,9 @@ class Federation:
         await self._probe([w for w in self.workers if not w.alive])
         alive = [w for w in self.workers if w.alive]
         unreachable = [w for w in self.workers if not w.alive]
+        if self.sampling == "poisson":
+            draw = random.SystemRandom()  # unpredictable: amplification by sampling needs a hidden draw
+            return [w for w in alive if draw.random() < self.fraction], unreachable
         wanted = max(self.min_workers, math.ceil(self.fraction * len(alive)))
         if wanted >= len(alive):
             return alive, unreachable

@@ -71,6 +71,14 @@ class RoundContext:
     deadline: float
     round_timeout: float
     seed: int
+    #: the probability ``q`` with which each client took part, independently of the others (Poisson
+    #: sampling, ``Federation(sampling="poisson")``), for a DP accountant's amplification by sampling;
+    #: 1.0 when the selection was not Poisson (no amplification may be claimed then)
+    sampling_rate: float = 1.0
+    #: ``q`` times the number of clients: Poisson sampling's expected participants (None otherwise).
+    #: DP rounds divide their noised sum by it (McMahan et al. 2018's fixed-denominator estimator), so the
+    #: model depends on the clients' data only through that sum, not through how many took part
+    expected_participants: float | None = None
 
     def fit_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of every participant's fit this round (the strategy's extras included)."""

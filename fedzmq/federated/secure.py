@@ -48,11 +48,21 @@ class SecAgg(Strategy):
     (the same model as the wrapped strategy's, up to that). With ``noise_multiplier > 0`` (DP) a clip is
     required (the noise is calibrated to it; 1.0 if not given). Each round reports ``clipped_fraction``,
     the fraction of the survivors' updates that were clipped, aggregated inside the secure sum (no
-    worker's own bit is revealed), except under DP."""
+    worker's own bit is revealed), except under DP.
+
+    DP (``noise_multiplier`` ``sigma`` > 0) is DP-FedAvg (McMahan et al. 2018) with the noise added by the
+    clients inside the secure sum: each survivor's clipped update counts with weight 1, and the sum
+    carries N(0, (sigma * clip)**2) or more. ``expected_survivors`` (a fraction of the round's participants)
+    says for how many survivors each client calibrates its share of the noise: the default None is the
+    threshold, the fewest that can finish a round, so the noise never falls short, and is
+    ``sqrt(participants / threshold)`` (about 1.4) times more than needed when nobody drops out; 1.0
+    gives exactly ``sigma`` when nobody drops out, and less when some do (the accountant always counts
+    the noise actually present). Under ``Federation(sampling="poisson")`` the accountant amplifies by
+    the sampling rate and the sum is divided by the expected number of participants."""
 
     def __init__(self, inner: Strategy, *, clip: float | None = None, threshold: int | None = None,
                  noise_multiplier: float = 0.0, delta: float = 1e-5, target_epsilon: float | None = None,
-                 ring_bits: int | None = None) -> None:
+                 ring_bits: int | None = None, expected_survivors: float | None = None) -> None:
         if isinstance(inner, SecAgg) or not inner.aggregates_weighted_mean:
             raise ValueError(f"{type(inner).__name__} does not aggregate a weighted sum: it needs each update on its "
                              "own (to sort, compare or chain them), and secure aggregation reveals only the masked "
@@ -60,6 +70,9 @@ class SecAgg(Strategy):
                              "FedAdagrad")
         if clip is not None and not clip > 0:
             raise ValueError(f"clip must be > 0 or None, got {clip}")
+        if expected_survivors is not None and not 0 < expected_survivors <= 1:
+            raise ValueError(f"expected_survivors must be a fraction in (0, 1] or None, got {expected_survivors}")
+        self.expected_survivors = expected_survivors
         self.inner = inner
         self.name = f"secagg({inner.name})"
         dp = noise_multiplier > 0
@@ -94,8 +107,10 @@ class SecAgg(Strategy):
         """Stop before a round that would take the privacy spent past ``target_epsilon``."""
         if self.accountant is None or self.target_epsilon is None:
             return None
-        from ..secagg import compute_epsilon
-        next_epsilon = compute_epsilon(self.noise_multiplier, sampling_rate, self.accountant.rounds + 1, self.delta)
+        from ..secagg import PrivacyAccountant
+        # the rounds so far as they were accounted, and the next at the nominal multiplier and this rate
+        after = PrivacyAccountant.from_state_dict(self.accountant.state_dict())
+        next_epsilon = after.step(noise_multiplier=self.noise_multiplier, sampling_rate=sampling_rate).epsilon
         if next_epsilon <= self.target_epsilon:
             return None
         return f"it would exceed the privacy budget (epsilon {next_epsilon:.2f} > {self.target_epsilon})"
@@ -104,11 +119,15 @@ class SecAgg(Strategy):
         state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
         if self.accountant is not None:
             state["dp_rounds"] = self.accountant.rounds
+            state["dp_accountant"] = self.accountant.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("inner.")})
-        if self.accountant is not None and state.get("dp_rounds"):
+        if self.accountant is not None and state.get("dp_accountant"):
+            from ..secagg import PrivacyAccountant
+            self.accountant = PrivacyAccountant.from_state_dict(state["dp_accountant"])
+        elif self.accountant is not None and state.get("dp_rounds"):  # a checkpoint from before the history
             self.accountant.step(int(state["dp_rounds"]))
 
 
@@ -156,6 +175,7 @@ class SecureRound(RoundProtocol):
         config = SecAggConfig(client_ids=tuple(ids.values()), threshold=threshold, vector_length=length,
                               clip=strategy.clip or NO_CLIP, ring_bits=strategy.ring_bits, weight_cap=weight_cap,
                               noise_multiplier=strategy.noise_multiplier, clip_bits=not dp,
+                              expected_survivors=_noise_survivors(strategy, len(participants)),
                               session=os.urandom(16))
         server = SecAggServer(config)
         broadcast = Broadcast(model_state)
@@ -228,12 +248,16 @@ class SecureRound(RoundProtocol):
                 log.warning("round %d: %.0f%% of the updates were clipped to norm %g (SecAgg(clip=...)); "
                             "clip=None does not clip", number, 100 * facts["clipped_fraction"], config.clip)
         if strategy.accountant is not None:
-            strategy.accountant.step(noise_multiplier=result.effective_noise_multiplier)
+            strategy.accountant.step(noise_multiplier=result.effective_noise_multiplier,
+                                     sampling_rate=context.sampling_rate)
             facts.update(epsilon=strategy.accountant.epsilon, delta=strategy.delta,
-                         noise_multiplier=result.effective_noise_multiplier)
+                         noise_multiplier=result.effective_noise_multiplier, sampling_rate=context.sampling_rate)
+        mean = result.mean
+        if dp and context.expected_participants:  # Poisson sampling: the fixed denominator q * clients
+            mean = (result.weighted_sum / context.expected_participants).to(torch.float32)
 
         def commit() -> None:
-            _apply_mean_update(context.model, strategy, number, float_names, result.mean)
+            _apply_mean_update(context.model, strategy, number, float_names, mean)
 
         return RoundOutcome({k: v for k, v in fits.items() if k in survivors}, dropped, commit, facts)
 
@@ -254,6 +278,13 @@ def _apply_mean_update(model: nn.Module, strategy: SecAgg, number: int, float_na
             aggregator.add_slice(name, 0, tensor.reshape(-1))
     aggregator.end_update()
     aggregator.write_result(state)
+
+
+def _noise_survivors(strategy: SecAgg, participants: int) -> int | None:
+    """How many survivors each client's share of the DP noise is calibrated for (None: the threshold)."""
+    if strategy.expected_survivors is None:
+        return None
+    return max(1, min(participants, round(strategy.expected_survivors * participants)))
 
 
 async def _dataset_sizes(workers: Sequence[RemoteWorker], dataset: str) -> Mapping[RemoteWorker, int]:
