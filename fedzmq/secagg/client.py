@@ -116,15 +116,21 @@ class SecAggClient:
 
     def share_keys(self, keys_msg: KeysMsg | Mapping[str, Any]) -> SharesMsg:
         """Round 1: Shamir-share ``b`` and ``s_sk`` among U0 (the clients whose keys the server relayed)
-        and encrypt each peer's pair of shares for that peer. Own shares stay here."""
+        and encrypt each peer's pair of shares for that peer. Own shares stay here.
+
+        With SecAgg+ (``config.degree``) the server relays only this client's neighbours' keys; a key of
+        anybody else is refused, so nothing of this client's goes outside its neighbourhood."""
         self._expect("advertised")
         cfg, me = self.config, self.client_id
         msg = check_message(keys_msg, "secagg.keys", {"keys"})
         entries = as_pairs(msg["keys"], "keys", width=3)
         peers: dict[int, _PeerKeys] = {}
+        hood = None if cfg.complete else cfg.neighbourhood(me)
         for cid, (c_pk, s_pk) in sorted(entries.items()):
             if cid not in cfg.client_ids:
                 raise SecAggProtocolError(f"keys list names client {cid}, who is not invited")
+            if hood is not None and cid not in hood:
+                raise SecAggProtocolError(f"keys list names client {cid}, who is not a neighbour of client {me}")
             peers[cid] = _PeerKeys(as_bytes(c_pk, "c_pk", cid, length=32), as_bytes(s_pk, "s_pk", cid, length=32))
         if me not in peers or peers[me].c_pk != self._c_pk or peers[me].s_pk != self._s_pk:
             raise SecAggProtocolError("the relayed keys do not include this client's own keys unchanged")
@@ -132,7 +138,8 @@ class SecAggClient:
         if len(set(all_keys)) != len(all_keys):
             raise SecAggProtocolError("the relayed keys repeat a public key")
         if len(peers) < cfg.threshold:
-            raise SecAggAborted(f"only {len(peers)} clients advertised keys, threshold is {cfg.threshold}", "ShareKeys")
+            raise SecAggAborted(f"only {len(peers)} clients of this client's neighbourhood advertised keys, "
+                                f"threshold is {cfg.threshold}", "ShareKeys")
         # derive every encryption key first: a bad peer key raises before any state changes
         enc_keys = {j: share_key(self._c_sk, p.c_pk, me, j, cfg) for j, p in peers.items() if j != me}
         assert self._b is not None and self._s_sk is not None
