@@ -88,6 +88,7 @@ class SecAggClient:
         self._s_sk, self._s_pk = crypto.generate_keypair()
         self._b: bytes | None = os.urandom(SECRET_BYTES)
         self._peers: dict[int, _PeerKeys] = {}
+        self._enc_keys: dict[int, bytes] = {}
         self._u0: list[int] = []
         self._u1: list[int] = []
         self._held = _Held()
@@ -141,7 +142,8 @@ class SecAggClient:
             raise SecAggAborted(f"only {len(peers)} clients of this client's neighbourhood advertised keys, "
                                 f"threshold is {cfg.threshold}", "ShareKeys")
         # derive every encryption key first: a bad peer key raises before any state changes
-        enc_keys = {j: share_key(self._c_sk, p.c_pk, me, j, cfg) for j, p in peers.items() if j != me}
+        c_key = crypto.private_key(self._c_sk)
+        enc_keys = {j: share_key(c_key, p.c_pk, me, j, cfg) for j, p in peers.items() if j != me}
         assert self._b is not None and self._s_sk is not None
         points = [j + 1 for j in peers]
         b_shares = shamir.split(self._b, cfg.threshold, points)
@@ -151,6 +153,7 @@ class SecAggClient:
             plaintext = pack_shares(me, j, b_shares[j + 1], s_shares[j + 1])
             out.append([j, crypto.aead_encrypt(key, plaintext, share_aad(cfg, me, j))])
         self._peers = peers
+        self._enc_keys = enc_keys  # kept for decrypting the shares routed back (no second agreement)
         self._u0 = list(peers)
         self._own_b_share, self._own_s_share = b_shares[me + 1], s_shares[me + 1]
         self._stage = "shared"
@@ -189,12 +192,13 @@ class SecAggClient:
         held_s: dict[int, shamir.Share] = {}
         for j, (blob,) in received.items():
             blob = as_bytes(blob, "ciphertext", j, length=CIPHERTEXT_BYTES)
-            key = share_key(self._c_sk, self._peers[j].c_pk, me, j, cfg)
-            plaintext = crypto.aead_decrypt(key, blob, share_aad(cfg, j, me), j)
+            plaintext = crypto.aead_decrypt(self._enc_keys[j], blob, share_aad(cfg, j, me), j)
             held_b[j], held_s[j] = unpack_shares(plaintext, j, me)
         assert self._own_b_share is not None and self._own_s_share is not None
         held_b[me], held_s[me] = self._own_b_share, self._own_s_share
-        seeds = {j: pairwise_seed(self._s_sk, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
+        assert self._s_sk is not None
+        s_key = crypto.private_key(self._s_sk)
+        seeds = {j: pairwise_seed(s_key, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
 
         # w * clip(x) + noise, quantized into the ring, then masked
         y, self.stats.clamped = encode(x, coefficient, meta, cfg, self._stream)
@@ -212,6 +216,7 @@ class SecAggClient:
         self._s_sk = None
         self._b = None
         self._c_sk = b""
+        self._enc_keys = {}
         self._stage = "masked"
         # the vector's own bytes, not a copy of them: a million ring elements per client per round
         return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": memoryview(y).cast("B")}

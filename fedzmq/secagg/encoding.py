@@ -145,7 +145,7 @@ def _info(label: bytes, a: int, b: int) -> bytes:
     return b"fedzmq-secagg/1 " + label + _PAIR.pack(min(a, b), max(a, b))
 
 
-def share_key(c_sk: bytes, peer_c_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
+def share_key(c_sk: bytes | crypto.X25519PrivateKey, peer_c_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
     """The AES-256-GCM key shared by ``me`` and ``peer`` for the encrypted shares (same both ways)."""
     secret = crypto.agree(c_sk, peer_c_pk, peer)
     return crypto.hkdf(secret, salt=config.digest(), info=_info(b"share-encryption", me, peer))
@@ -155,7 +155,7 @@ def share_aad(config: SecAggConfig, sender: int, receiver: int) -> bytes:
     return config.digest() + _PAIR.pack(sender, receiver)
 
 
-def pairwise_seed(s_sk: bytes, peer_s_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
+def pairwise_seed(s_sk: bytes | crypto.X25519PrivateKey, peer_s_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
     """``s_{me,peer}``: the seed of the pairwise mask between ``me`` and ``peer`` (same both ways)."""
     secret = crypto.agree(s_sk, peer_s_pk, peer)
     return crypto.hkdf(secret, salt=config.digest(), info=_info(b"pairwise-mask", me, peer))
