@@ -21,9 +21,9 @@ from .server import SecAggResult, SecAggServer
 from .simulation import run_round
 
 __all__ = [
-    "AdaptiveClipping", "ClientStats", "GraphParameters", "NeighbourGraph", "PrivacyAccountant", "PrivateGradients", "SecAggAborted", "SecAggClient",
-    "SecAggConfig", "SecAggError", "SecAggProtocolError", "SecAggResult", "SecAggServer", "choose_parameters",
-    "clip_update",
-    "compute_epsilon", "default_threshold", "distributed_noise_std", "effective_noise_multiplier",
-    "noise_multiplier_for_epsilon", "private_gradients", "run_round", "split_noise_multiplier",
+    "AdaptiveClipping", "ClientStats", "GraphParameters", "NeighbourGraph", "PrivacyAccountant", "PrivateGradients",
+    "SecAggAborted", "SecAggClient", "SecAggConfig", "SecAggError", "SecAggProtocolError", "SecAggResult",
+    "SecAggServer", "choose_parameters", "clip_update", "compute_epsilon", "default_threshold",
+    "distributed_noise_std", "effective_noise_multiplier", "noise_multiplier_for_epsilon", "private_gradients",
+    "run_round", "split_noise_multiplier",
 ]

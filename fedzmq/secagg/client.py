@@ -103,7 +103,8 @@ class SecAggClient:
 
     def _expect(self, *stages: str) -> None:
         if self._stage not in stages:
-            raise SecAggProtocolError(f"client {self.client_id} is at stage {self._stage!r}, expected {' or '.join(stages)}")
+            raise SecAggProtocolError(f"client {self.client_id} is at stage {self._stage!r}, "
+                                      f"expected {' or '.join(stages)}")
 
     # ---- round 0: AdvertiseKeys
 
@@ -111,7 +112,8 @@ class SecAggClient:
         """Round 0: the client's two public keys (``c`` to encrypt shares, ``s`` to agree on masks)."""
         self._expect("new")
         self._stage = "advertised"
-        return {"v": VERSION, "type": "secagg.advertise", "from": self.client_id, "c_pk": self._c_pk, "s_pk": self._s_pk}
+        return {"v": VERSION, "type": "secagg.advertise", "from": self.client_id, "c_pk": self._c_pk,
+                "s_pk": self._s_pk}
 
     # ---- round 1: ShareKeys
 
@@ -219,7 +221,7 @@ class SecAggClient:
         self._enc_keys = {}
         self._stage = "masked"
         # the vector's own bytes, not a copy of them: a million ring elements per client per round
-        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": memoryview(y).cast("B")}
+        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.data.cast("B")}
 
     def _prepare_update(self, update: torch.Tensor, weight: float) -> tuple[np.ndarray, float, np.ndarray]:
         """Check the update and weight; return ``x``, the coefficient ``w * clip factor``, and the meta
@@ -248,7 +250,8 @@ class SecAggClient:
         meta = [w]
         if cfg.clip_bits:
             bit = 1.0 if norm <= cfg.clip else 0.0
-            meta.append(bit - 0.5 + (cfg.client_bit_noise_std * self._stream.normal(1)[0] if cfg.clip_bit_noise else 0.0))
+            noise = cfg.client_bit_noise_std * self._stream.normal(1)[0] if cfg.clip_bit_noise else 0.0
+            meta.append(bit - 0.5 + noise)
         return flat.numpy(), factor * w, np.array(meta, dtype=np.float64)
 
     # ---- round 3: Unmasking

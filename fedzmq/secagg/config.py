@@ -203,13 +203,18 @@ class SecAggConfig:
         return min(self.per_client_bound, 1 << 52)
 
     @property
+    def n_expected(self) -> int:
+        """``expected_survivors``, which ``__post_init__`` has set (to ``threshold`` when not given)."""
+        return self.threshold if self.expected_survivors is None else self.expected_survivors
+
+    @property
     def client_noise_std(self) -> float:
         """Std of the Gaussian noise each client adds to each data coordinate: ``sigma*C/sqrt(n_expected)``."""
-        return self.noise_multiplier * self.clip / math.sqrt(self.expected_survivors)
+        return self.noise_multiplier * self.clip / math.sqrt(self.n_expected)
 
     @property
     def client_bit_noise_std(self) -> float:
-        return self.clip_bit_noise / math.sqrt(self.expected_survivors)
+        return self.clip_bit_noise / math.sqrt(self.n_expected)
 
     @property
     def data_bound(self) -> float:

@@ -98,7 +98,7 @@ def _keystream(encryptor, nbytes: int) -> np.ndarray:
     """The next ``nbytes`` keystream bytes (CTR mode encrypting zeros), written straight into a fresh,
     aligned array (``update_into`` wants 15 spare bytes past the output, hence the padding)."""
     raw = np.empty(nbytes + 16, dtype=np.uint8)
-    view = memoryview(raw)
+    view = raw.data
     zeros = bytes(min(nbytes, _CHUNK))
     done = 0
     while done < nbytes:
@@ -139,7 +139,7 @@ def add_prg(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
     per_block = _BLOCK // dtype.itemsize
     encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_IV)).encryptor()
     scratch = np.empty(_BLOCK + 16, dtype=np.uint8)  # update_into wants 15 spare bytes past the output
-    view = memoryview(scratch)
+    view = scratch.data
     zeros = bytes(_BLOCK)
     combine = np.add if sign > 0 else np.subtract
     for start in range(0, target.size, per_block):

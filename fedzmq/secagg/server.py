@@ -354,7 +354,7 @@ class SecAggServer:
         mean64 = weighted_sum / total_weight
         peak = max(float(mean64.max()), -float(mean64.min())) if d else 0.0
         bound = (err_sum + peak * err_weight) / (total_weight - err_weight) + peak * 2.0**-24
-        noise_std = cfg.noise_multiplier * cfg.clip * math.sqrt(m / cfg.expected_survivors)
+        noise_std = cfg.noise_multiplier * cfg.clip * math.sqrt(m / cfg.n_expected)
         self._result = SecAggResult(
             mean=torch.from_numpy(mean64.astype(np.float32)),
             weighted_sum=torch.from_numpy(weighted_sum),

@@ -60,10 +60,12 @@ def run_round(
     alive = [i for i in clients if i not in drop_before_keys]
     server.collect_keys(to_server("advertise", clients[i].advertise()) for i in alive)
     alive = [i for i in alive if i not in drop_before_shares]
-    routed = server.route_shares(to_server("shares", clients[i].share_keys(send(server.keys_for(i), i, "keys"))) for i in alive)
+    routed = server.route_shares(
+        to_server("shares", clients[i].share_keys(send(server.keys_for(i), i, "keys"))) for i in alive)
     alive = [i for i in routed if i not in drop_before_masked]
     server.collect_masked(
         to_server("masked", clients[i].masked_input(updates[i], weights.get(i, 1.0), send(routed[i], i, "routed")))
         for i in alive)
     alive = [i for i in server.u2 if i not in drop_before_unmask]
-    return server.finish(to_server("unmask", clients[i].unmask(send(server.request_for(i), i, "request"))) for i in alive)
+    return server.finish(
+        to_server("unmask", clients[i].unmask(send(server.request_for(i), i, "request"))) for i in alive)
