@@ -40,6 +40,7 @@ from torch import nn
 
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
+from ..errors import ObjectNotFound
 from ..secagg import GraphParameters, SecAggAborted, SecAggConfig, SecAggServer, choose_parameters
 from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, worker_key
 from .strategies import Aggregator, State, Strategy
@@ -203,11 +204,19 @@ class SecureRound(RoundProtocol):
             return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
 
         async def advertise(worker: RemoteWorker) -> Any:
-            remote = pointers[worker] = await hosted_model(worker, context.model)
-            loaded = await remote.load(broadcast)  # pipelined: the configuration follows at once
-            keys = worker.secagg("advertise", number, config.to_wire(), module=remote.id, client=ids[worker])
-            await loaded
-            return await keys
+            for attempt in (1, 2):
+                remote = pointers[worker] = await hosted_model(worker, context.model)
+                loaded = await remote.load(broadcast)  # pipelined: the configuration follows at once
+                keys = worker.secagg("advertise", number, config.to_wire(), module=remote.id, client=ids[worker])
+                try:
+                    await loaded
+                    return await keys
+                except ObjectNotFound:  # its copy of the model is gone (as in fit_trip): send it again
+                    keys.cancel()
+                    await asyncio.gather(keys, return_exceptions=True)
+                    if attempt == 2:
+                        raise
+                    worker.forget(context.model)
 
         async def fit(worker: RemoteWorker) -> None:
             fits[name[ids[worker]]] = await pointers[worker].fit(context.fit.dataset, **fit_kwargs)
