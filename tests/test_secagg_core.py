@@ -173,7 +173,7 @@ def test_ring_encoding_roundtrip_wraps_negative_values():
 @pytest.mark.parametrize("d", [10, 100_000])
 def test_secure_aggregate_equals_weighted_fedavg(n, d):
     cfg = SecAggConfig(tuple(range(10, 10 + n)), default_threshold(n), d, clip=3.0 * (d ** 0.5) / 2,
-                       weight_cap=1000.0, session=b"test round")
+                       weight_cap=1000.0, round_id=b"test round")
     for rnd in range(3):
         updates = make_updates(n, d, seed=100 * n + rnd)
         updates = {10 + i: u for i, u in updates.items()}
@@ -455,7 +455,7 @@ def test_server_validates_messages_before_recording_them():
 
 def test_config_validation_and_wire_roundtrip():
     cfg = SecAggConfig((5, 1, 3), 2, 100, clip=2, noise_multiplier=1.0, clip_bits=True, clip_bit_noise=1.5,
-                       session=b"\x00fed/round 7")
+                       round_id=b"\x00fed/round 7")
     assert cfg.client_ids == (1, 3, 5) and cfg.expected_survivors == 2 and cfg.masked_length == 102
     again = SecAggConfig.from_wire(wire.roundtrip(cfg.to_wire()))
     assert again == cfg and again.digest() == cfg.digest()

@@ -8,12 +8,18 @@ Its round, run by ``Federation``:
 
 1. every participant gets the global model and the round's ``SecAggConfig``, keeps a copy of the
    global parameters, and advertises its two public keys (``secagg`` step ``advertise``); then fits;
-2. the coordinator relays the keys; each worker returns its Shamir shares, encrypted for each peer
-   (while the workers fit: key sharing does not wait for the slowest fit);
+2. the coordinator relays to each worker its neighbours' keys; each worker returns its Shamir shares,
+   encrypted for each neighbour (while the workers fit: key sharing does not wait for the slowest fit);
 3. the coordinator routes the shares; each worker returns its *masked* update (trained minus global,
    clipped, weighted, noised, quantized, masked);
 4. the coordinator asks the survivors to unmask; from their shares it removes the masks and gets the
    weighted mean update, which it hands to the wrapped strategy as if it were one worker's model.
+
+Neighbours: with many participants the round is SecAgg+ (Bell et al. 2020): each worker shares keys,
+shares and masks with the ``k = O(log n)`` neighbours of a random graph (``fedzmq.secagg.graph``), so
+what a worker receives and computes grows with ``k``, not ``n``. ``degree=None`` picks ``k`` and the
+per-neighbourhood threshold with ``choose_parameters(n)`` (the complete graph, Bonawitz et al., where no
+sparse graph meets its bounds: below about 100 participants at the defaults).
 
 A worker that errors, times out or dies at any step is left out; the protocol recovers as long as at
 least ``threshold`` workers remain at every step, and the round fails cleanly (model unchanged)
@@ -24,6 +30,7 @@ otherwise. With ``noise_multiplier > 0`` an accountant reports (epsilon, delta) 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from typing import Any, Awaitable, Callable, Mapping, Sequence
@@ -33,7 +40,8 @@ from torch import nn
 
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
-from ..secagg import SecAggAborted, SecAggConfig, SecAggServer, default_threshold
+from ..errors import ObjectNotFound
+from ..secagg import GraphParameters, SecAggAborted, SecAggConfig, SecAggServer, choose_parameters
 from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, worker_key
 from .strategies import Aggregator, State, Strategy
 
@@ -41,7 +49,14 @@ log = logging.getLogger("fedzmq.federated")
 
 
 class SecAgg(Strategy):
-    """Secure aggregation (Bonawitz et al. 2017) around a weighted-mean strategy, with optional central DP.
+    """Secure aggregation (Bonawitz et al. 2017; SecAgg+, Bell et al. 2020, for many workers) around a
+    weighted-mean strategy, with optional central DP.
+
+    ``degree``: None chooses the round's graph with ``fedzmq.secagg.choose_parameters(n)`` for the ``n``
+    participants, at drop-out fraction ``dropout`` and corrupted fraction ``corrupt``: a sparse graph of
+    degree ``O(log n)`` where one meets the bounds stated there, else the complete graph. An int fixes the
+    degree (even; ``n - 1`` or more is the complete graph). ``threshold``: None is the chosen one (per
+    neighbourhood with a sparse graph; a strict majority with the complete graph).
 
     ``clip``: the L2 bound on each worker's update (trained minus global weights). Without DP the default
     is None: no clipping, and updates are encoded in a 64-bit ring so the mean is exact to about 1e-12
@@ -62,7 +77,8 @@ class SecAgg(Strategy):
 
     def __init__(self, inner: Strategy, *, clip: float | None = None, threshold: int | None = None,
                  noise_multiplier: float = 0.0, delta: float = 1e-5, target_epsilon: float | None = None,
-                 ring_bits: int | None = None, expected_survivors: float | None = None) -> None:
+                 ring_bits: int | None = None, expected_survivors: float | None = None,
+                 degree: int | None = None, dropout: float = 0.05, corrupt: float = 0.05) -> None:
         if isinstance(inner, SecAgg) or not inner.aggregates_weighted_mean:
             raise ValueError(f"{type(inner).__name__} does not aggregate a weighted sum: it needs each update on its "
                              "own (to sort, compare or chain them), and secure aggregation reveals only the masked "
@@ -79,12 +95,20 @@ class SecAgg(Strategy):
         #: None: no clipping (a bound far above any real update, in a 64-bit ring)
         self.clip = clip if clip is not None or not dp else 1.0
         self.threshold = threshold
+        self.degree, self.dropout, self.corrupt = degree, dropout, corrupt
         self.ring_bits = ring_bits or (64 if self.clip is None else 32)
         self.noise_multiplier, self.delta, self.target_epsilon = noise_multiplier, delta, target_epsilon
         self.accountant = None
         if dp:
             from ..secagg import PrivacyAccountant
             self.accountant = PrivacyAccountant(noise_multiplier, 1.0, delta)
+
+    def graph_for(self, n: int) -> GraphParameters:
+        """The degree (None: complete graph) and threshold of a round of ``n`` participants."""
+        chosen = choose_parameters(n, dropout=self.dropout, corrupt=self.corrupt, degree=self.degree)
+        if self.threshold is not None:
+            chosen = dataclasses.replace(chosen, threshold=self.threshold)
+        return chosen
 
     def configure_fit(self, round_number: int) -> dict[str, Any]:
         return self.inner.configure_fit(round_number)
@@ -164,7 +188,10 @@ class SecureRound(RoundProtocol):
         length = sum(model_state[k].numel() for k in float_names)
         ids = {worker: n for n, worker in enumerate(participants)}
         name = {n: worker_key(w) for w, n in ids.items()}
-        threshold = strategy.threshold or default_threshold(len(participants))
+        if len(participants) < 2:
+            raise SecAggAborted(f"{len(participants)} participants: secure aggregation needs at least 2", "select")
+        graph = strategy.graph_for(len(participants))
+        threshold = graph.threshold
         if len(participants) < max(2, threshold):
             raise SecAggAborted(f"{len(participants)} participants cannot meet the threshold {threshold}", "select")
         dp = strategy.noise_multiplier > 0
@@ -176,7 +203,7 @@ class SecureRound(RoundProtocol):
                               clip=strategy.clip or NO_CLIP, ring_bits=strategy.ring_bits, weight_cap=weight_cap,
                               noise_multiplier=strategy.noise_multiplier, clip_bits=not dp,
                               expected_survivors=_noise_survivors(strategy, len(participants)),
-                              session=os.urandom(16))
+                              round_id=os.urandom(16), degree=graph.degree, graph_seed=os.urandom(16))
         server = SecAggServer(config)
         broadcast = Broadcast(model_state)
         fit_kwargs = context.fit_kwargs()
@@ -197,21 +224,30 @@ class SecureRound(RoundProtocol):
             return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
 
         async def advertise(worker: RemoteWorker) -> Any:
-            remote = pointers[worker] = await hosted_model(worker, context.model)
-            loaded = await remote.load(broadcast)  # pipelined: the configuration follows at once
-            keys = worker.secagg("advertise", number, config.to_wire(), module=remote.id, client=ids[worker])
-            await loaded
-            return await keys
+            for attempt in (1, 2):
+                remote = pointers[worker] = await hosted_model(worker, context.model)
+                loaded = await remote.load(broadcast)  # pipelined: the configuration follows at once
+                keys = worker.secagg("advertise", number, config.to_wire(), module=remote.id, client=ids[worker])
+                try:
+                    await loaded
+                    return await keys
+                except ObjectNotFound:  # its copy of the model is gone (as in fit_trip): send it again
+                    keys.cancel()
+                    await asyncio.gather(keys, return_exceptions=True)
+                    if attempt == 2:
+                        raise
+                    worker.forget(context.model)
 
         async def fit(worker: RemoteWorker) -> None:
             fits[name[ids[worker]]] = await pointers[worker].fit(context.fit.dataset, **fit_kwargs)
 
         advertised = await each(participants, advertise)
-        keys = server.collect_keys(advertised.values())
+        server.collect_keys(advertised.values())
         alive = [w for w in participants if w in advertised]
         # key sharing overlaps the local fits: each worker's share_keys is queued in its session before its
-        # fit, so the keys and shares go round while the workers train
-        sharing = {w: w.secagg("share_keys", number, keys) for w in alive}
+        # fit, so the keys and shares go round while the workers train. Each worker gets only its
+        # neighbours' keys (all of U0's with the complete graph)
+        sharing = {w: w.secagg("share_keys", number, server.keys_for(ids[w])) for w in alive}
         fitting = {w: asyncio.ensure_future(guarded(w, fit)) for w in alive}
         try:
             shares = await each(alive, lambda w: sharing[w])
@@ -228,9 +264,10 @@ class SecureRound(RoundProtocol):
         # survivors' shares remove its masks
         alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
         masked = await each(alive, lambda w: w.secagg("masked_input", number, routed[ids[w]], module=pointers[w].id))
-        request = server.collect_masked(masked.values())
-        alive = [w for w in alive if ids[w] in request["u2"]]
-        answers = await each(alive, lambda w: w.secagg("unmask", number, request))
+        server.collect_masked(masked.values())
+        u2 = set(server.u2)
+        alive = [w for w in alive if ids[w] in u2]
+        answers = await each(alive, lambda w: w.secagg("unmask", number, server.request_for(ids[w])))
         result = server.finish(answers.values())
         for n in result.dropped:  # sent shares, then vanished before their masked input counted
             dropped.setdefault(name[n], "dropped out before its masked update arrived")
@@ -239,6 +276,7 @@ class SecureRound(RoundProtocol):
         survivors = [name[n] for n in result.survivors]
         facts: dict[str, Any] = {
             "secure_aggregation": True, "threshold": threshold, "quantization_error_bound": result.error_bound,
+            "secagg_degree": graph.degree,  # None: the complete graph
             "survivors": survivors,
             # shared their keys, then dropped out: the survivors' shares removed their masks
             "dropped_after_sharing": [name[n] for n in result.dropped]}

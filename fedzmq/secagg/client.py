@@ -88,6 +88,7 @@ class SecAggClient:
         self._s_sk, self._s_pk = crypto.generate_keypair()
         self._b: bytes | None = os.urandom(SECRET_BYTES)
         self._peers: dict[int, _PeerKeys] = {}
+        self._enc_keys: dict[int, bytes] = {}
         self._u0: list[int] = []
         self._u1: list[int] = []
         self._held = _Held()
@@ -102,7 +103,8 @@ class SecAggClient:
 
     def _expect(self, *stages: str) -> None:
         if self._stage not in stages:
-            raise SecAggProtocolError(f"client {self.client_id} is at stage {self._stage!r}, expected {' or '.join(stages)}")
+            raise SecAggProtocolError(f"client {self.client_id} is at stage {self._stage!r}, "
+                                      f"expected {' or '.join(stages)}")
 
     # ---- round 0: AdvertiseKeys
 
@@ -110,21 +112,28 @@ class SecAggClient:
         """Round 0: the client's two public keys (``c`` to encrypt shares, ``s`` to agree on masks)."""
         self._expect("new")
         self._stage = "advertised"
-        return {"v": VERSION, "type": "secagg.advertise", "from": self.client_id, "c_pk": self._c_pk, "s_pk": self._s_pk}
+        return {"v": VERSION, "type": "secagg.advertise", "from": self.client_id, "c_pk": self._c_pk,
+                "s_pk": self._s_pk}
 
     # ---- round 1: ShareKeys
 
     def share_keys(self, keys_msg: KeysMsg | Mapping[str, Any]) -> SharesMsg:
         """Round 1: Shamir-share ``b`` and ``s_sk`` among U0 (the clients whose keys the server relayed)
-        and encrypt each peer's pair of shares for that peer. Own shares stay here."""
+        and encrypt each peer's pair of shares for that peer. Own shares stay here.
+
+        With SecAgg+ (``config.degree``) the server relays only this client's neighbours' keys; a key of
+        anybody else is refused, so nothing of this client's goes outside its neighbourhood."""
         self._expect("advertised")
         cfg, me = self.config, self.client_id
         msg = check_message(keys_msg, "secagg.keys", {"keys"})
         entries = as_pairs(msg["keys"], "keys", width=3)
         peers: dict[int, _PeerKeys] = {}
+        hood = None if cfg.complete else cfg.neighbourhood(me)
         for cid, (c_pk, s_pk) in sorted(entries.items()):
             if cid not in cfg.client_ids:
                 raise SecAggProtocolError(f"keys list names client {cid}, who is not invited")
+            if hood is not None and cid not in hood:
+                raise SecAggProtocolError(f"keys list names client {cid}, who is not a neighbour of client {me}")
             peers[cid] = _PeerKeys(as_bytes(c_pk, "c_pk", cid, length=32), as_bytes(s_pk, "s_pk", cid, length=32))
         if me not in peers or peers[me].c_pk != self._c_pk or peers[me].s_pk != self._s_pk:
             raise SecAggProtocolError("the relayed keys do not include this client's own keys unchanged")
@@ -132,9 +141,11 @@ class SecAggClient:
         if len(set(all_keys)) != len(all_keys):
             raise SecAggProtocolError("the relayed keys repeat a public key")
         if len(peers) < cfg.threshold:
-            raise SecAggAborted(f"only {len(peers)} clients advertised keys, threshold is {cfg.threshold}", "ShareKeys")
+            raise SecAggAborted(f"only {len(peers)} clients of this client's neighbourhood advertised keys, "
+                                f"threshold is {cfg.threshold}", "ShareKeys")
         # derive every encryption key first: a bad peer key raises before any state changes
-        enc_keys = {j: share_key(self._c_sk, p.c_pk, me, j, cfg) for j, p in peers.items() if j != me}
+        c_key = crypto.private_key(self._c_sk)
+        enc_keys = {j: share_key(c_key, p.c_pk, me, j, cfg) for j, p in peers.items() if j != me}
         assert self._b is not None and self._s_sk is not None
         points = [j + 1 for j in peers]
         b_shares = shamir.split(self._b, cfg.threshold, points)
@@ -144,6 +155,7 @@ class SecAggClient:
             plaintext = pack_shares(me, j, b_shares[j + 1], s_shares[j + 1])
             out.append([j, crypto.aead_encrypt(key, plaintext, share_aad(cfg, me, j))])
         self._peers = peers
+        self._enc_keys = enc_keys  # kept for decrypting the shares routed back (no second agreement)
         self._u0 = list(peers)
         self._own_b_share, self._own_s_share = b_shares[me + 1], s_shares[me + 1]
         self._stage = "shared"
@@ -182,12 +194,13 @@ class SecAggClient:
         held_s: dict[int, shamir.Share] = {}
         for j, (blob,) in received.items():
             blob = as_bytes(blob, "ciphertext", j, length=CIPHERTEXT_BYTES)
-            key = share_key(self._c_sk, self._peers[j].c_pk, me, j, cfg)
-            plaintext = crypto.aead_decrypt(key, blob, share_aad(cfg, j, me), j)
+            plaintext = crypto.aead_decrypt(self._enc_keys[j], blob, share_aad(cfg, j, me), j)
             held_b[j], held_s[j] = unpack_shares(plaintext, j, me)
         assert self._own_b_share is not None and self._own_s_share is not None
         held_b[me], held_s[me] = self._own_b_share, self._own_s_share
-        seeds = {j: pairwise_seed(self._s_sk, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
+        assert self._s_sk is not None
+        s_key = crypto.private_key(self._s_sk)
+        seeds = {j: pairwise_seed(s_key, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
 
         # w * clip(x) + noise, quantized into the ring, then masked
         y, self.stats.clamped = encode(x, coefficient, meta, cfg, self._stream)
@@ -205,9 +218,10 @@ class SecAggClient:
         self._s_sk = None
         self._b = None
         self._c_sk = b""
+        self._enc_keys = {}
         self._stage = "masked"
         # the vector's own bytes, not a copy of them: a million ring elements per client per round
-        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": memoryview(y).cast("B")}
+        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.data.cast("B")}
 
     def _prepare_update(self, update: torch.Tensor, weight: float) -> tuple[np.ndarray, float, np.ndarray]:
         """Check the update and weight; return ``x``, the coefficient ``w * clip factor``, and the meta
@@ -236,7 +250,8 @@ class SecAggClient:
         meta = [w]
         if cfg.clip_bits:
             bit = 1.0 if norm <= cfg.clip else 0.0
-            meta.append(bit - 0.5 + (cfg.client_bit_noise_std * self._stream.normal(1)[0] if cfg.clip_bit_noise else 0.0))
+            noise = cfg.client_bit_noise_std * self._stream.normal(1)[0] if cfg.clip_bit_noise else 0.0
+            meta.append(bit - 0.5 + noise)
         return flat.numpy(), factor * w, np.array(meta, dtype=np.float64)
 
     # ---- round 3: Unmasking

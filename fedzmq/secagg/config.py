@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import SecAggProtocolError
+from .graph import NeighbourGraph, check_degree, is_complete
 
 PROTOCOL = b"fedzmq-secagg/1"
 MAX_CLIENT_ID = (1 << 32) - 2  # Shamir points are client_id + 1 < 2**32
@@ -45,7 +46,9 @@ class SecAggConfig:
 
     client_ids: the clients invited to the round (distinct, in ``[0, 2**32 - 2]``); ``n = len(client_ids)``.
     threshold: ``t``, the Shamir threshold and the minimum number of clients at every step
-        (``2 <= t <= n``; ``default_threshold(n)``, a strict majority, is recommended).
+        (``2 <= t <= n``; ``default_threshold(n)``, a strict majority, is recommended). With a ``degree``
+        it is per neighbourhood (``2 <= t <= degree + 1``): every client needs ``t`` of its neighbourhood
+        at every step, and every secret is rebuilt from ``t`` of its owner's neighbourhood.
     vector_length: ``d``, the length of each (flat) update.
     clip: ``C``, the L2 norm bound applied to each update before anything else (required, > 0).
     ring_bits: ``k``: sums are computed in ``Z_{2**k}``, ``8 <= k <= 64`` (uint32 storage up to 32, uint64 above).
@@ -62,7 +65,14 @@ class SecAggConfig:
     clip_bit_noise: ``sigma_b``, the std of the noise on the sum of the indicator bits (distributed likewise).
     noise_bound: clamp each client's noisy coordinates at ``clip + noise_bound`` client noise stds (a
         numerical guard; at 10 stds it fires with probability < 2e-23 per coordinate).
-    session: opaque bytes naming the round (federation id, round number); bound into every key.
+    round_id: opaque bytes naming the round (federation id, round number); bound into every key.
+    degree: SecAgg+ (Bell et al. 2020, ``fedzmq.secagg.graph``): each client shares keys, Shamir shares and
+        pairwise masks only with its ``degree`` neighbours in the round's graph, and ``threshold`` is then
+        the threshold of each neighbourhood (a client and its neighbours, ``degree + 1`` points). None,
+        or ``n - 1`` and above, is the complete graph: Bonawitz et al. 2017 as before. Even below ``n - 1``;
+        ``graph.choose_parameters(n)`` gives a degree and threshold with stated guarantees.
+    graph_seed: the bytes the server draws per round (``os.urandom``) from which every client computes
+        the same graph. Ignored by the complete graph.
     """
 
     client_ids: tuple[int, ...]
@@ -77,7 +87,10 @@ class SecAggConfig:
     clip_bits: bool = False
     clip_bit_noise: float = 0.0
     noise_bound: float = 10.0
-    session: bytes = b""
+    round_id: bytes = b""
+    degree: int | None = None
+    graph_seed: bytes = b""
+    _graph: NeighbourGraph | None = field(init=False, repr=False, compare=False, default=None)
     _digest: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
@@ -90,8 +103,10 @@ class SecAggConfig:
         n = len(ids)
         if n < 2:
             raise ValueError("secure aggregation needs at least 2 clients")
-        if type(self.threshold) is not int or not 2 <= self.threshold <= n:
-            raise ValueError(f"threshold must be an integer in [2, {n}], got {self.threshold!r}")
+        check_degree(n, self.degree)
+        points = n if is_complete(n, self.degree) else int(self.degree or 0) + 1
+        if type(self.threshold) is not int or not 2 <= self.threshold <= points:
+            raise ValueError(f"threshold must be an integer in [2, {points}], got {self.threshold!r}")
         if type(self.vector_length) is not int or self.vector_length < 1:
             raise ValueError("vector_length must be a positive integer")
         for name in ("clip", "weight_cap", "noise_multiplier", "clip_bit_noise", "noise_bound"):
@@ -121,9 +136,11 @@ class SecAggConfig:
             object.__setattr__(self, "expected_survivors", self.threshold)
         if type(self.expected_survivors) is not int or not 1 <= self.expected_survivors <= n:
             raise ValueError(f"expected_survivors must be an integer in [1, {n}]")
-        if not isinstance(self.session, (bytes, bytearray)) or len(self.session) > 1024:
-            raise ValueError("session must be at most 1024 bytes")
-        object.__setattr__(self, "session", bytes(self.session))
+        for name in ("round_id", "graph_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, (bytes, bytearray)) or len(value) > 1024:
+                raise ValueError(f"{name} must be at most 1024 bytes")
+            object.__setattr__(self, name, bytes(value))
         object.__setattr__(self, "_digest", self._compute_digest())
 
     # ---- derived quantities
@@ -131,6 +148,27 @@ class SecAggConfig:
     @property
     def n(self) -> int:
         return len(self.client_ids)
+
+    @property
+    def complete(self) -> bool:
+        """Everybody is everybody's neighbour (``degree`` None or >= n - 1): Bonawitz et al. 2017."""
+        return is_complete(self.n, self.degree)
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        """The round's graph, built on first use (an O(n log n) permutation) and kept with the config."""
+        if self._graph is None:
+            object.__setattr__(self, "_graph", NeighbourGraph(self.client_ids, self.degree, self.graph_seed))
+        assert self._graph is not None
+        return self._graph
+
+    def neighbours(self, client_id: int) -> tuple[int, ...]:
+        """The clients ``client_id`` shares keys, shares and masks with (sorted, itself excluded)."""
+        return self.graph.neighbours(client_id)
+
+    def neighbourhood(self, client_id: int) -> frozenset[int]:
+        """``client_id`` and its neighbours: where its Shamir shares go (its own share stays with it)."""
+        return self.graph.neighbourhood(client_id)
 
     @property
     def extra_coordinates(self) -> int:
@@ -165,13 +203,18 @@ class SecAggConfig:
         return min(self.per_client_bound, 1 << 52)
 
     @property
+    def n_expected(self) -> int:
+        """``expected_survivors``, which ``__post_init__`` has set (to ``threshold`` when not given)."""
+        return self.threshold if self.expected_survivors is None else self.expected_survivors
+
+    @property
     def client_noise_std(self) -> float:
         """Std of the Gaussian noise each client adds to each data coordinate: ``sigma*C/sqrt(n_expected)``."""
-        return self.noise_multiplier * self.clip / math.sqrt(self.expected_survivors)
+        return self.noise_multiplier * self.clip / math.sqrt(self.n_expected)
 
     @property
     def client_bit_noise_std(self) -> float:
-        return self.clip_bit_noise / math.sqrt(self.expected_survivors)
+        return self.clip_bit_noise / math.sqrt(self.n_expected)
 
     @property
     def data_bound(self) -> float:
@@ -220,11 +263,13 @@ class SecAggConfig:
         h.update(struct.pack(">dddd", self.clip, self.weight_cap, self.noise_multiplier, self.clip_bit_noise))
         h.update(struct.pack(">dI?", self.noise_bound, self.expected_survivors, self.clip_bits))
         h.update(self.rounding.encode())
-        h.update(struct.pack(">I", len(self.session)) + self.session)
+        h.update(struct.pack(">I", len(self.round_id)) + self.round_id)
+        h.update(struct.pack(">I", 0 if self.degree is None else self.degree))
+        h.update(struct.pack(">I", len(self.graph_seed)) + self.graph_seed)
         return h.digest()
 
     def to_wire(self) -> dict[str, Any]:
-        """Plain msgpack-able values (string keys; ``session`` is bytes)."""
+        """Plain msgpack-able values (string keys; ``round_id`` and ``graph_seed`` are bytes)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.init:

@@ -47,12 +47,19 @@ def public_key_of(secret_key: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(bytes(secret_key)).public_key().public_bytes_raw()
 
 
-def agree(secret_key: bytes, public_key: bytes, peer: int | None = None) -> bytes:
+def private_key(secret_key: bytes) -> X25519PrivateKey:
+    """The key object of a raw secret key: loading costs as much as one agreement, so a client that
+    agrees with each of its neighbours loads its key once."""
+    return X25519PrivateKey.from_private_bytes(bytes(secret_key))
+
+
+def agree(secret_key: bytes | X25519PrivateKey, public_key: bytes, peer: int | None = None) -> bytes:
     """Raw X25519 shared secret. A malformed or low-order public key raises ``SecAggProtocolError``."""
     if len(public_key) != KEY_BYTES:
         raise SecAggProtocolError("public key must be 32 bytes", peer)
+    key = secret_key if isinstance(secret_key, X25519PrivateKey) else private_key(secret_key)
     try:
-        return X25519PrivateKey.from_private_bytes(bytes(secret_key)).exchange(
+        return key.exchange(
             X25519PublicKey.from_public_bytes(bytes(public_key)))
     except ValueError as exc:  # all-zero shared secret: a low-order point
         raise SecAggProtocolError(f"unusable X25519 public key ({exc})", peer) from None
@@ -91,7 +98,7 @@ def _keystream(encryptor, nbytes: int) -> np.ndarray:
     """The next ``nbytes`` keystream bytes (CTR mode encrypting zeros), written straight into a fresh,
     aligned array (``update_into`` wants 15 spare bytes past the output, hence the padding)."""
     raw = np.empty(nbytes + 16, dtype=np.uint8)
-    view = memoryview(raw)
+    view = raw.data
     zeros = bytes(min(nbytes, _CHUNK))
     done = 0
     while done < nbytes:
@@ -132,7 +139,7 @@ def add_prg(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
     per_block = _BLOCK // dtype.itemsize
     encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_IV)).encryptor()
     scratch = np.empty(_BLOCK + 16, dtype=np.uint8)  # update_into wants 15 spare bytes past the output
-    view = memoryview(scratch)
+    view = scratch.data
     zeros = bytes(_BLOCK)
     combine = np.add if sign > 0 else np.subtract
     for start in range(0, target.size, per_block):

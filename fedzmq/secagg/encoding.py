@@ -85,7 +85,6 @@ def encode(x: np.ndarray, coefficient: float, meta: np.ndarray, config: SecAggCo
         raise ValueError("x and meta do not have the round's lengths")
     y = np.empty(config.masked_length, dtype=config.ring_dtype)
     scratch = np.empty(min(max(d, 1), ENCODE_BLOCK), dtype=np.float64)
-    options = {"bound": config.per_client_bound, "rounding": config.rounding, "stream": stream}
     clamped = 0
     for start in range(0, d, ENCODE_BLOCK):
         part = scratch[:min(ENCODE_BLOCK, d - start)]
@@ -94,10 +93,12 @@ def encode(x: np.ndarray, coefficient: float, meta: np.ndarray, config: SecAggCo
             if stream is None:
                 raise ValueError("noise needs a CsprngStream")
             part += config.client_noise_std * stream.normal(part.size)
-        clamped += round_and_clamp(part, scale=config.data_scale, **options)
+        clamped += round_and_clamp(part, scale=config.data_scale, bound=config.per_client_bound,
+                                   rounding=config.rounding, stream=stream)
         y[start:start + part.size] = to_ring(part, config)
     tail = np.array(meta, dtype=np.float64)
-    clamped += round_and_clamp(tail, scale=config.meta_scale, **options)
+    clamped += round_and_clamp(tail, scale=config.meta_scale, bound=config.per_client_bound,
+                               rounding=config.rounding, stream=stream)
     y[d:] = to_ring(tail, config)
     return y, clamped
 
@@ -145,7 +146,8 @@ def _info(label: bytes, a: int, b: int) -> bytes:
     return b"fedzmq-secagg/1 " + label + _PAIR.pack(min(a, b), max(a, b))
 
 
-def share_key(c_sk: bytes, peer_c_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
+def share_key(c_sk: bytes | crypto.X25519PrivateKey, peer_c_pk: bytes, me: int, peer: int,
+              config: SecAggConfig) -> bytes:
     """The AES-256-GCM key shared by ``me`` and ``peer`` for the encrypted shares (same both ways)."""
     secret = crypto.agree(c_sk, peer_c_pk, peer)
     return crypto.hkdf(secret, salt=config.digest(), info=_info(b"share-encryption", me, peer))
@@ -155,7 +157,8 @@ def share_aad(config: SecAggConfig, sender: int, receiver: int) -> bytes:
     return config.digest() + _PAIR.pack(sender, receiver)
 
 
-def pairwise_seed(s_sk: bytes, peer_s_pk: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
+def pairwise_seed(s_sk: bytes | crypto.X25519PrivateKey, peer_s_pk: bytes, me: int, peer: int,
+                  config: SecAggConfig) -> bytes:
     """``s_{me,peer}``: the seed of the pairwise mask between ``me`` and ``peer`` (same both ways)."""
     secret = crypto.agree(s_sk, peer_s_pk, peer)
     return crypto.hkdf(secret, salt=config.digest(), info=_info(b"pairwise-mask", me, peer))

@@ -8,12 +8,16 @@ strings must travel as frames.
 
 Direction  Type                   Fields
 c -> s     ``secagg.advertise``   from: int, c_pk: bytes[32], s_pk: bytes[32]
-s -> c     ``secagg.keys``        keys: [[id, c_pk, s_pk], ...] (U0, sorted by id)
+s -> c     ``secagg.keys``        keys: [[id, c_pk, s_pk], ...] (U0, or its part in the neighbourhood; by id)
 c -> s     ``secagg.shares``      from: int, b_commit: bytes[32], shares: [[to_id, ciphertext], ...]
 s -> c     ``secagg.routed``      to: int, u1: [id, ...], shares: [[from_id, ciphertext], ...]
 c -> s     ``secagg.masked``      from: int, masked: bytes (masked_length little-endian ring elements)
 s -> c     ``secagg.unmask_request``  u2: [id, ...], dropped: [id, ...]
-c -> s     ``secagg.unmask``      from: int, b_shares: [[id, share], ...] (id in U2), s_shares: [[id, share], ...] (id dropped)
+c -> s     ``secagg.unmask``      from: int, b_shares: [[id, share], ...] (id in U2),
+                                  s_shares: [[id, share], ...] (id dropped)
+
+With SecAgg+ (``SecAggConfig.degree``) every list a client receives (keys, u1 and the routed shares,
+u2 and dropped) holds only that client and its neighbours, and what it sends names only them.
 
 Every message also carries ``v`` (the protocol version, 1). The parsers below check types, sizes and
 duplicates and raise ``SecAggProtocolError`` naming the peer; they never look at content they do not

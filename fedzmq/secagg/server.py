@@ -4,17 +4,25 @@ Each round has an incremental form (``add_*`` for each message as it arrives, ``
 step's deadline passes) and a batch form that does both::
 
     server = SecAggServer(config)
-    keys_msg   = server.collect_keys(advertise_msgs)     # round 0: broadcast keys_msg to U0
-    routed     = server.route_shares(share_msgs)         # round 1: send routed[j] to each j in U1
-    request    = server.collect_masked(masked_msgs)      # round 2: send request to each j in U2
-    result     = server.finish(unmask_msgs)              # round 3: the weighted mean, and nothing else
+    server.collect_keys(advertise_msgs)     # round 0: send server.keys_for(i) to each i in U0
+    routed = server.route_shares(share_msgs)  # round 1: send routed[j] to each j in U1
+    server.collect_masked(masked_msgs)      # round 2: send server.request_for(i) to each i in U2
+    result = server.finish(unmask_msgs)     # round 3: the weighted mean, and nothing else
+
+With the complete graph (``config.degree`` None) every client gets the same keys and request, which
+``collect_keys``/``end_advertise`` and ``collect_masked``/``end_masked`` also return (a broadcast); with
+SecAgg+ (a ``degree``) those return None and each client gets only its neighbours' keys, shares and
+survivors, so a client's messages hold O(degree) entries, not O(n).
 
 The server only relays keys and ciphertexts, and adds masked vectors into one running ring sum as they
 arrive (no individual masked vector is kept). At the end it reconstructs, from at least ``threshold``
 clients' shares, the self-mask seeds of the survivors and the mask keys of the dropped, removes those
-masks, and decodes the sum. ``add_*`` validates a message completely before recording it: on
+masks, and decodes the sum. With SecAgg+, every one of those secrets is rebuilt from ``threshold`` shares
+of its owner's neighbourhood, and a dropped client's masks are removed only toward its surviving
+neighbours (the only clients that masked against it). ``add_*`` validates a message completely before recording it: on
 ``SecAggProtocolError`` nothing changed and the caller may treat the sender as dropped. Fewer than
-``threshold`` clients at any ``end_*`` raises ``SecAggAborted``, after which every call raises it.
+``threshold`` clients at any ``end_*`` raises ``SecAggAborted``, after which every call raises it; so
+does, with SecAgg+, a neighbourhood that falls under ``threshold`` where a secret must be rebuilt.
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class SecAggServer:
         self._u2: list[int] = []
         self._unmask: dict[int, tuple[dict[int, shamir.Share], dict[int, shamir.Share]]] = {}
         self._result: SecAggResult | None = None
+        self._broadcast_keys: KeysMsg | None = None
+        self._dropped: list[int] = []
 
     # ---- bookkeeping
 
@@ -134,15 +144,40 @@ class SecAggServer:
             raise SecAggProtocolError("public key already in use", i)
         self._keys[i] = (c_pk, s_pk)
 
-    def end_advertise(self) -> KeysMsg:
-        """Close round 0; the returned list of U0's public keys goes to every client in U0."""
+    def end_advertise(self) -> KeysMsg | None:
+        """Close round 0. Send ``keys_for(i)`` to each ``i`` in U0; with the complete graph that is the
+        same message for everyone, which is also returned (None with SecAgg+)."""
         self._expect("keys")
         self._check_count(len(self._keys), "advertised keys", "AdvertiseKeys")
         self._stage = "shares"
-        return {"v": VERSION, "type": "secagg.keys",
-                "keys": [[i, c, s] for i, (c, s) in sorted(self._keys.items())]}
+        if not self.config.complete:
+            return None
+        self._broadcast_keys = {"v": VERSION, "type": "secagg.keys",
+                                "keys": [[i, c, s] for i, (c, s) in sorted(self._keys.items())]}
+        return self._broadcast_keys
 
-    def collect_keys(self, msgs: Iterable[AdvertiseMsg | Mapping[str, Any]]) -> KeysMsg:
+    def _local(self, i: int, members: Iterable[int]) -> list[int]:
+        """``members`` restricted to ``i``'s neighbourhood (``i`` included), sorted."""
+        if self.config.complete:
+            return sorted(members)
+        hood = self.config.neighbourhood(i)
+        return sorted(j for j in members if j in hood)
+
+    def keys_for(self, client_id: int) -> KeysMsg:
+        """Round 0's message for one client of U0: the public keys of its neighbourhood in U0 (its own
+        included), and nobody else's."""
+        if self._aborted is not None:
+            raise self._aborted
+        if self._stage == "keys":
+            raise SecAggProtocolError("the keys are known only once round 0 is closed (end_advertise)")
+        if client_id not in self._keys:
+            raise SecAggProtocolError("did not advertise keys", client_id)
+        if self._broadcast_keys is not None:
+            return self._broadcast_keys
+        return {"v": VERSION, "type": "secagg.keys",
+                "keys": [[j, *self._keys[j]] for j in self._local(client_id, self._keys)]}
+
+    def collect_keys(self, msgs: Iterable[AdvertiseMsg | Mapping[str, Any]]) -> KeysMsg | None:
         for msg in msgs:
             self.add_advertise(msg)
         return self.end_advertise()
@@ -159,8 +194,9 @@ class SecAggServer:
             raise SecAggProtocolError("sent shares twice", i)
         commit = as_bytes(msg["b_commit"], "b_commit", i, length=32)
         entries = as_pairs(msg["shares"], "shares", i)
-        if set(entries) != set(self._keys) - {i}:
-            raise SecAggProtocolError("shares must be addressed to exactly every other client of U0", i)
+        if set(entries) != set(self._local(i, self._keys)) - {i}:
+            raise SecAggProtocolError("shares must be addressed to exactly every other client of its neighbourhood "
+                                      "in U0", i)
         self._shares[i] = {j: as_bytes(ct, "ciphertext", i, length=CIPHERTEXT_BYTES) for j, (ct,) in entries.items()}
         self._b_commit[i] = commit
 
@@ -170,8 +206,12 @@ class SecAggServer:
         self._check_count(len(self._shares), "shared keys", "ShareKeys")
         u1 = sorted(self._shares)
         self._stage = "masked"
-        return {j: {"v": VERSION, "type": "secagg.routed", "to": j, "u1": u1,
-                    "shares": [[i, self._shares[i][j]] for i in u1 if i != j]} for j in u1}
+        routed: dict[int, RoutedSharesMsg] = {}
+        for j in u1:
+            local = self._local(j, u1)  # the neighbours of j that sent shares: j masks against them only
+            routed[j] = {"v": VERSION, "type": "secagg.routed", "to": j, "u1": local,
+                         "shares": [[i, self._shares[i][j]] for i in local if i != j]}
+        return routed
 
     def route_shares(self, msgs: Iterable[SharesMsg | Mapping[str, Any]]) -> dict[int, RoutedSharesMsg]:
         for msg in msgs:
@@ -203,16 +243,38 @@ class SecAggServer:
         self._sum += y
         self._u2.append(i)
 
-    def end_masked(self) -> UnmaskRequestMsg:
-        """Close round 2; U2 is who sent masked inputs. Send the request to each client in U2."""
+    def end_masked(self) -> UnmaskRequestMsg | None:
+        """Close round 2; U2 is who sent masked inputs. Send ``request_for(i)`` to each ``i`` in U2; with
+        the complete graph that is the same request for everyone, which is also returned (None with SecAgg+).
+
+        With SecAgg+ the round aborts here already if some client of U1 has fewer than ``threshold``
+        of its neighbourhood in U2: its secret could never be rebuilt."""
         self._expect("masked")
         self._check_count(len(self._u2), "sent masked inputs", "MaskedInputCollection")
         self._u2.sort()
+        self._dropped = sorted(set(self._shares) - set(self._u2))
+        if not self.config.complete:
+            survivors = set(self._u2)
+            for j in sorted(self._shares):
+                holders = len(self.config.neighbourhood(j) & survivors)
+                if holders < self.config.threshold:
+                    raise self._abort(f"only {holders} of client {j}'s neighbourhood sent masked inputs, "
+                                      f"threshold is {self.config.threshold}", "MaskedInputCollection")
         self._stage = "unmask"
-        return {"v": VERSION, "type": "secagg.unmask_request", "u2": list(self._u2),
-                "dropped": sorted(set(self._shares) - set(self._u2))}
+        return self.request_for(self._u2[0]) if self.config.complete else None
 
-    def collect_masked(self, msgs: Iterable[MaskedMsg | Mapping[str, Any]]) -> UnmaskRequestMsg:
+    def request_for(self, client_id: int) -> UnmaskRequestMsg:
+        """Round 3's request for one survivor: the survivors and the dropped of its neighbourhood (with
+        the complete graph, all of U2 and all the dropped)."""
+        self._expect("unmask")
+        if client_id not in self._u2:
+            raise SecAggProtocolError("is not in U2", client_id)
+        if self.config.complete:
+            return {"v": VERSION, "type": "secagg.unmask_request", "u2": list(self._u2), "dropped": list(self._dropped)}
+        return {"v": VERSION, "type": "secagg.unmask_request", "u2": self._local(client_id, self._u2),
+                "dropped": self._local(client_id, self._dropped)}
+
+    def collect_masked(self, msgs: Iterable[MaskedMsg | Mapping[str, Any]]) -> UnmaskRequestMsg | None:
         for msg in msgs:
             self.add_masked(msg)
         return self.end_masked()
@@ -227,11 +289,11 @@ class SecAggServer:
             raise SecAggProtocolError("answered the unmask request without being in U2", i)
         if i in self._unmask:
             raise SecAggProtocolError("answered the unmask request twice", i)
-        dropped = set(self._shares) - set(self._u2)
         b_entries = as_pairs(msg["b_shares"], "b_shares", i)
         s_entries = as_pairs(msg["s_shares"], "s_shares", i)
-        if set(b_entries) != set(self._u2) or set(s_entries) != dropped:
-            raise SecAggProtocolError("unmask answer must hold b-shares of exactly U2 and s-shares of exactly the dropped", i)
+        if set(b_entries) != set(self._local(i, self._u2)) or set(s_entries) != set(self._local(i, self._dropped)):
+            raise SecAggProtocolError("unmask answer must hold b-shares of exactly U2 and s-shares of exactly the "
+                                      "dropped (of its neighbourhood, with SecAgg+)", i)
         parsed = []
         for entries in (b_entries, s_entries):
             shares = {}
@@ -252,20 +314,25 @@ class SecAggServer:
         responders = sorted(self._unmask)
         self._check_count(len(responders), "answered the unmask request", "Unmasking")
         u2 = list(self._u2)
-        dropped = sorted(set(self._shares) - set(u2))
+        dropped = list(self._dropped)
+        # each secret from ``threshold`` of the shares its owner's neighbourhood revealed, unverified: the
+        # commitment to b and the public key of s_sk check every rebuilt secret, and checking each further
+        # share against the polynomial would cost O(t^2) per share, O(n t^3) per round
+        b_shares = self._gather(0, u2, responders)
+        s_shares = self._gather(1, dropped, responders)
         assert self._sum is not None
         total = self._sum.copy()
         try:
             for j in u2:
-                b = shamir.recover([self._unmask[r][0][j] for r in responders], cfg.threshold)
+                b = shamir.recover(b_shares[j], cfg.threshold, verify=False)
                 if b_commitment(cfg, j, b) != self._b_commit[j]:
                     raise SecAggProtocolError("reconstructed self-mask seed does not match its commitment", j)
                 crypto.add_prg(total, b, -1)
             for j in dropped:
-                s_sk = shamir.recover([self._unmask[r][1][j] for r in responders], cfg.threshold)
+                s_sk = shamir.recover(s_shares[j], cfg.threshold, verify=False)
                 if crypto.public_key_of(s_sk) != self._keys[j][1]:
                     raise SecAggProtocolError("reconstructed mask key does not match its public key", j)
-                for i in u2:
+                for i in self._local(j, u2):  # only j's surviving neighbours masked against j
                     # survivor i added +PRG(s_ij) if i < j, else -PRG(s_ij): remove it
                     crypto.add_prg(total, pairwise_seed(s_sk, self._keys[i][1], j, i, cfg), -1 if i < j else 1)
         except SecAggProtocolError as exc:  # includes ShamirError: inconsistent or corrupted shares
@@ -287,7 +354,7 @@ class SecAggServer:
         mean64 = weighted_sum / total_weight
         peak = max(float(mean64.max()), -float(mean64.min())) if d else 0.0
         bound = (err_sum + peak * err_weight) / (total_weight - err_weight) + peak * 2.0**-24
-        noise_std = cfg.noise_multiplier * cfg.clip * math.sqrt(m / cfg.expected_survivors)
+        noise_std = cfg.noise_multiplier * cfg.clip * math.sqrt(m / cfg.n_expected)
         self._result = SecAggResult(
             mean=torch.from_numpy(mean64.astype(np.float32)),
             weighted_sum=torch.from_numpy(weighted_sum),
@@ -305,6 +372,21 @@ class SecAggServer:
         self._sum = None
         self._unmask.clear()
         return self._result
+
+    def _gather(self, kind: int, owners: list[int], responders: list[int]) -> dict[int, list[shamir.Share]]:
+        """The revealed shares of each owner's secret (kind 0: ``b``, 1: ``s_sk``); aborts if an owner's
+        neighbourhood revealed fewer than ``threshold``."""
+        gathered: dict[int, list[shamir.Share]] = {j: [] for j in owners}
+        for r in responders:
+            for j, share in self._unmask[r][kind].items():
+                gathered[j].append(share)
+        t = self.config.threshold
+        for j, shares in gathered.items():
+            if len(shares) < t:
+                what = "self-mask seed" if kind == 0 else "mask key"
+                raise self._abort(f"only {len(shares)} of client {j}'s neighbourhood revealed shares of its {what}, "
+                                  f"threshold is {t}", "Unmasking")
+        return gathered
 
     @property
     def result(self) -> SecAggResult | None:

@@ -89,17 +89,25 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
     return acc
 
 
-def lagrange_at(points: Sequence[tuple[int, int]], at: int = 0) -> int:
-    """The value at ``at`` of the unique polynomial of degree < len(points) through ``points``."""
-    total = 0
-    for i, (xi, yi) in enumerate(points):
+def lagrange_weights(xs: Sequence[int], at: int = 0) -> list[int]:
+    """``l_i(at)`` for the Lagrange basis of the points ``xs``: the value at ``at`` of the polynomial
+    through ``(xs[i], y_i)`` is ``sum(l_i * y_i)``. O(t^2) once per set of points, then O(t) per chunk
+    (a secret of 32 bytes has three chunks; a SecAgg+ server rebuilds one secret per client)."""
+    weights = []
+    for i, xi in enumerate(xs):
         num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
+        for j, xj in enumerate(xs):
             if i != j:
                 num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        weights.append(num * pow(den, -1, PRIME) % PRIME)
+    return weights
+
+
+def lagrange_at(points: Sequence[tuple[int, int]], at: int = 0) -> int:
+    """The value at ``at`` of the unique polynomial of degree < len(points) through ``points``."""
+    weights = lagrange_weights([x for x, _ in points], at)
+    return sum(w * y for w, (_, y) in zip(weights, points)) % PRIME
 
 
 def _check_shares(shares: Sequence[Share]) -> None:
@@ -121,9 +129,10 @@ def combine(shares: Sequence[Share]) -> bytes:
     shares = list(shares)
     _check_shares(shares)
     length = shares[0].length
+    weights = lagrange_weights([s.x for s in shares])
     out = bytearray()
     for k in range(len(shares[0].values)):
-        value = lagrange_at([(s.x, s.values[k]) for s in shares])
+        value = sum(w * s.values[k] for w, s in zip(weights, shares)) % PRIME
         width = min(CHUNK_BYTES, length - k * CHUNK_BYTES)
         if value >= 1 << (8 * width):
             raise ShamirError("shares do not interpolate to a valid secret (too few, or inconsistent)")
@@ -145,7 +154,8 @@ def recover(shares: Sequence[Share] | Mapping[int, Share], threshold: int, *, ve
     base, extra = shares[:threshold], shares[threshold:]
     if verify:
         for s in extra:
+            weights = lagrange_weights([b.x for b in base], s.x)
             for k, y in enumerate(s.values):
-                if lagrange_at([(b.x, b.values[k]) for b in base], s.x) != y:
+                if sum(w * b.values[k] for w, b in zip(weights, base)) % PRIME != y:
                     raise ShamirError(f"share at point {s.x} is inconsistent with the others")
     return combine(base)

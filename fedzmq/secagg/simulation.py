@@ -28,6 +28,7 @@ def run_round(
     drop_before_masked: Collection[int] = (),
     drop_before_unmask: Collection[int] = (),
     record: Callable[[str, Any], None] | None = None,
+    deliver: Callable[[int, str, Any], None] | None = None,
     noise_seeds: Mapping[int, bytes] | None = None,
     serialize: bool = True,
 ) -> SecAggResult:
@@ -35,13 +36,20 @@ def run_round(
 
     ``updates`` and ``weights`` map client ids to their flat update and weight (default 1.0). ``record``,
     if given, is called with ``(step, message)`` for every message the server receives: everything the
-    coordinator ever learns, besides the result.
+    coordinator ever learns, besides the result. ``deliver``, if given, is called with
+    ``(client_id, step, message)`` for every message a client receives (``keys``, ``routed``, ``request``).
     """
     weights = weights or {}
     noise_seeds = noise_seeds or {}
     clients = {i: SecAggClient(i, config, noise_seed=noise_seeds.get(i)) for i in config.client_ids}
     server = SecAggServer(config)
-    send = roundtrip if serialize else (lambda m: m)
+    encode = roundtrip if serialize else (lambda m: m)
+
+    def send(msg: Any, to: int | None = None, step: str = "") -> Any:
+        msg = encode(msg)
+        if deliver is not None and to is not None:
+            deliver(to, step, msg)
+        return msg
 
     def to_server(step: str, msg: Any) -> Any:
         msg = send(msg)
@@ -50,12 +58,14 @@ def run_round(
         return msg
 
     alive = [i for i in clients if i not in drop_before_keys]
-    keys = send(server.collect_keys(to_server("advertise", clients[i].advertise()) for i in alive))
+    server.collect_keys(to_server("advertise", clients[i].advertise()) for i in alive)
     alive = [i for i in alive if i not in drop_before_shares]
-    routed = server.route_shares(to_server("shares", clients[i].share_keys(keys)) for i in alive)
+    routed = server.route_shares(
+        to_server("shares", clients[i].share_keys(send(server.keys_for(i), i, "keys"))) for i in alive)
     alive = [i for i in routed if i not in drop_before_masked]
-    request = send(server.collect_masked(
-        to_server("masked", clients[i].masked_input(updates[i], weights.get(i, 1.0), send(routed[i])))
-        for i in alive))
-    alive = [i for i in request["u2"] if i not in drop_before_unmask]
-    return server.finish(to_server("unmask", clients[i].unmask(request)) for i in alive)
+    server.collect_masked(
+        to_server("masked", clients[i].masked_input(updates[i], weights.get(i, 1.0), send(routed[i], i, "routed")))
+        for i in alive)
+    alive = [i for i in server.u2 if i not in drop_before_unmask]
+    return server.finish(
+        to_server("unmask", clients[i].unmask(send(server.request_for(i), i, "request"))) for i in alive)

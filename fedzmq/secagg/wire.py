@@ -43,8 +43,8 @@ def to_codec(value: Any) -> Any:
         data = value.cast("B") if value.format != "B" else value
         return torch.frombuffer(data, dtype=torch.uint8) if data.nbytes else torch.empty(0, dtype=torch.uint8)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytearray(value)
-        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        copy = bytearray(value)
+        return torch.frombuffer(copy, dtype=torch.uint8) if copy else torch.empty(0, dtype=torch.uint8)
     if isinstance(value, dict):
         return {k: to_codec(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -58,7 +58,7 @@ def from_codec(value: Any) -> Any:
     alone (the receiving parser rejects them)."""
     if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
         array = value.contiguous().numpy()
-        return memoryview(array).toreadonly() if array.nbytes > VIEW_ABOVE else array.tobytes()
+        return array.data.toreadonly() if array.nbytes > VIEW_ABOVE else array.tobytes()
     if isinstance(value, dict):
         return {k: from_codec(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
