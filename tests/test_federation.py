@@ -200,6 +200,7 @@ async def test_coordinator_killed_mid_training_resumes_from_its_checkpoint(fedzm
     assert meta["round"] == 6
 
 
+@pytest.mark.timeout(300)  # 25 rounds on 4 daemons and a central run: about 60 s idle, far more when loaded
 async def test_small_main_job_reaches_centralized_accuracy(fedzmq_daemons, tmp_path):
     ids = ["owner0", "owner1", "owner2", "owner3"]
     split = digits.prepare(tmp_path / "data", ids, alpha=0.5, seed=0)
