@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 from ..ops import output_count
 from .connection import Connection
 from .meta import Meta, TensorMeta, op_outputs
-from .pointers import ModulePointer, TensorPointer
+from .module_pointer import ModulePointer
+from .pointers import TensorPointer
 from .transfers import retrieve_error as _retrieve
 
 if TYPE_CHECKING:
