@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import shutil
 import sys
@@ -21,15 +22,30 @@ import torch
 
 from .client.addresses import check_address
 from .errors import AddressError
+from .federated.base import Strategy
+from .federated.fedbuff import STALENESS, FedBuff
 from .federated.federation import Federation, FitConfig, RoundFailed
 from .federated.metrics import RoundMetrics, plot, summary_table
-from .federated.strategies import STRATEGIES, make_strategy
+from .federated.strategies import STRATEGIES
 from .optimizers import DEFAULT_OPTIMIZER
+
+#: the strategies ``--strategy`` names: every synchronous one of ``make_strategy``, and FedBuff, whose rounds
+#: are asynchronous (a round is one publication of K updates; ``Federation.run`` runs either)
+CLI_STRATEGIES: dict[str, type[Strategy]] = {**STRATEGIES, "fedbuff": FedBuff}
+
+#: flags (and TOML keys) that are a strategy's constructor arguments; each applies to the strategies that take it
+STRATEGY_FLAGS = ("buffer_size", "staleness", "max_staleness", "server_learning_rate")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="rounds in total (default 40; a resumed run continues to this)")
-    p.add_argument("--strategy", help=f"one of {sorted(STRATEGIES)} (default fedavg)")
+    p.add_argument("--strategy", help=f"one of {sorted(CLI_STRATEGIES)} (default fedavg)")
+    p.add_argument("--buffer-size", type=int, help="fedbuff: updates per publication, K (default 10)")
+    p.add_argument("--staleness", choices=sorted(STALENESS), help="fedbuff: an update tau versions old weighs "
+                   "1/sqrt(1 + tau) (sqrt, the default) or 1 (constant)")
+    p.add_argument("--max-staleness", type=int, help="fedbuff: drop updates staler than this (default: keep all)")
+    p.add_argument("--server-learning-rate", type=float, help="fedbuff and fedavgm: the server's step on the "
+                   "round's mean (default 1.0)")
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 2)")
     p.add_argument("--local-steps", type=int, help="local steps per round instead of epochs (0: no training, the "
                    "round trip alone, to measure the framework)")
@@ -110,9 +126,39 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _base_strategy(settings: dict[str, Any]) -> Strategy:
+    """The strategy ``--strategy`` names, with its arguments: ``strategy_args`` of the TOML file, and the
+    strategy flags given (they win). A flag the strategy does not take is an error, not silently ignored."""
+    name = str(settings["strategy"]).lower()
+    cls = CLI_STRATEGIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown strategy {settings['strategy']!r}; known: {', '.join(sorted(CLI_STRATEGIES))}")
+    kwargs = dict(settings.get("strategy_args", {}))
+    takes = inspect.signature(cls.__init__).parameters
+    for key in STRATEGY_FLAGS:
+        if settings.get(key) is not None:
+            if key not in takes:
+                raise ValueError(f"--{key.replace('_', '-')} does not apply to --strategy {name}")
+            kwargs[key] = settings[key]
+    return cls(**kwargs)
+
+
+def strategy_problem(settings: dict[str, Any]) -> str | None:
+    """Why the strategy settings cannot run (checked before any daemon starts), or None."""
+    try:
+        strategy = _base_strategy(settings)
+        if settings.get("secure_aggregation") or settings.get("dp_epsilon") is not None:
+            from .federated.secure import SecAgg
+
+            SecAgg(strategy)  # refuses strategies that need each update on its own (FedBuff, Krum, ...)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 def _strategy(settings: dict[str, Any]) -> Any:
     """The strategy the flags name, wrapped in secure aggregation (and DP) when asked."""
-    strategy = make_strategy(settings["strategy"], **settings.get("strategy_args", {}))
+    strategy = _base_strategy(settings)
     epsilon = settings.get("dp_epsilon")
     if not settings.get("secure_aggregation") and epsilon is None:
         return strategy
@@ -368,6 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"public key (give it to the other side): {public}\nsecret key (keep it here): {secret}")
         return 0
     settings = settings_from(args)
+    problem = strategy_problem(settings)
+    if problem is not None:
+        print(f"fedzmq {args.command}: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.command == "demo":
             return run_demo(settings)

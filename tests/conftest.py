@@ -2,3 +2,21 @@
 
 Every test is bounded by pytest-timeout (``timeout`` in pyproject.toml). The example user project
 lives in docs/testing.md; tests/test_docs_testing.py runs it."""
+
+import pytest
+import torch
+
+from fedzmq.testing import write_dataset
+
+#: the owner's rows of the adversarial tests (tests/test_adversarial*.py): issue 16's 100 rows of 8 floats
+ROWS, FEATURES = 100, 8
+
+
+@pytest.fixture
+def secret_rows(tmp_path):
+    """The owner's rows: values with many digits, so that any leak of one shows in text; labels 0-9.
+    Returns ``(x, y, path of the dataset file)``."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.rand(ROWS, FEATURES, generator=generator) * 1000 + 123.456
+    y = torch.randint(0, 10, (ROWS,), generator=generator)
+    return x, y, write_dataset(tmp_path / "owner.safetensors", x, y)

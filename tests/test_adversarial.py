@@ -21,22 +21,12 @@ from torch import nn
 import fedzmq as fz
 from fedzmq.codec import NodeRef, Ref, encode_request
 from fedzmq.security import SecurityError
-from fedzmq.testing import write_dataset
 from fedzmq.worker.config import WorkerConfig
 from fedzmq.worker.server import Worker
+from conftest import FEATURES, ROWS  # the owner's rows of the secret_rows fixture
 
-ROWS, FEATURES = 100, 8
 #: the owner's real terms (the test kit's daemons start with relaxed ones, for tiny test data)
 OWNER_TERMS = ["--min-batch-size", "16", "--min-metric-rows", "16"]
-
-
-@pytest.fixture
-def secret_rows(tmp_path):
-    """The owner's rows: values with many digits, so that any leak of one shows in text."""
-    generator = torch.Generator().manual_seed(7)
-    x = torch.rand(ROWS, FEATURES, generator=generator) * 1000 + 123.456
-    y = torch.randint(0, 10, (ROWS,), generator=generator)
-    return x, y, write_dataset(tmp_path / "owner.safetensors", x, y)
 
 
 def open_args(path, *extra):
@@ -63,6 +53,24 @@ async def call_module(worker, module_id, *inputs):
     out = worker._new_id()
     await worker._request("module_call", {"obj": module_id, "args": list(inputs), "kwargs": {}, "out": [out]})
     return out
+
+
+def rows_times_w_spec():
+    """A model whose parameter ``w`` is shaped like the rows, with loss ``(w * x).sum()``: ``w.grad == x``."""
+    return graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}],
+                       ["call_function", "mul", [NodeRef(1), NodeRef(0)], {}],
+                       ["call_method", "sum", [NodeRef(2)], {}], ["output", "output", [NodeRef(3)], {}]],
+                      params=[("w", (ROWS, FEATURES))])
+
+
+async def sgd_step_on(worker, module, features):
+    """A forward of ``module`` on ``features``, a backward, and one SGD step with lr 1 (raw commands)."""
+    loss = await call_module(worker, module, Ref(features.id))
+    await worker._request("backward", {"obj": loss})
+    optim = worker._new_id()
+    await worker._request("optim_create", {"out": optim, "cls": "SGD", "module": module,
+                                           "groups": [{"params": [0], "lr": 1.0}]})
+    await worker._request("optim_step", {"obj": optim})
 
 
 def no_value_of(rows, text):
@@ -129,18 +137,9 @@ async def test_a_gradient_and_a_step_of_a_parameter_shaped_like_the_rows_are_pri
     [ds] = await bob.worker.datasets()
     features = await ds.features()
     worker = bob.worker
-    # a model whose parameter W is shaped like the data, with loss (W * x).sum(): W.grad == x
-    spec = graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}],
-                       ["call_function", "mul", [NodeRef(1), NodeRef(0)], {}],
-                       ["call_method", "sum", [NodeRef(2)], {}], ["output", "output", [NodeRef(3)], {}]],
-                      params=[("w", (ROWS, FEATURES))])
+    spec = rows_times_w_spec()
     module = await put_module(worker, spec, {"w": torch.zeros(ROWS, FEATURES)})
-    loss = await call_module(worker, module, Ref(features.id))
-    await worker._request("backward", {"obj": loss})
-    optim = worker._new_id()
-    await worker._request("optim_create", {"out": optim, "cls": "SGD", "module": module,
-                                           "groups": [{"params": [0], "lr": 1.0}]})
-    await worker._request("optim_step", {"obj": optim})
+    await sgd_step_on(worker, module, features)
     for attempt in ({"obj": module},):  # the parameter after one step is -x
         with pytest.raises(fz.PermissionDenied):
             await worker._request("module_state", attempt)
@@ -165,18 +164,10 @@ async def test_module_put_never_adopts_memory_another_object_views(fedzmq_daemon
     tensor = await worker.send(original)
     view = tensor.reshape(-1)  # a second object over the same storage
     await view
-    spec = graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}],
-                       ["call_function", "mul", [NodeRef(1), NodeRef(0)], {}],
-                       ["call_method", "sum", [NodeRef(2)], {}], ["output", "output", [NodeRef(3)], {}]],
-                      params=[("w", (ROWS, FEATURES))])
+    spec = rows_times_w_spec()
     module = await put_module(worker, spec, {"w": Ref(tensor.id)})  # the attacker hands over the viewed tensor
     tensor._deleted = True
-    loss = await call_module(worker, module, Ref(features.id))
-    await worker._request("backward", {"obj": loss})
-    optim = worker._new_id()
-    await worker._request("optim_create", {"out": optim, "cls": "SGD", "module": module,
-                                           "groups": [{"params": [0], "lr": 1.0}]})
-    await worker._request("optim_step", {"obj": optim})
+    await sgd_step_on(worker, module, features)
     assert torch.equal(await view.get(), original.reshape(-1))  # the view did not become the trained weight
 
 

@@ -2,7 +2,7 @@
 and by attacking the daemon as a coordinator with an allowed key would. Each test is the attack as an
 attacker writes it, against a real daemon subprocess, and asserts what the data owner needs.
 
-The shared helpers and the owner's rows come from tests/test_adversarial.py.
+The shared helpers come from tests/test_adversarial.py, the owner's rows (``secret_rows``) from tests/conftest.py.
 """
 
 import pytest
@@ -11,17 +11,7 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.codec import NodeRef, Ref
-from fedzmq.testing import write_dataset
 from test_adversarial import FEATURES, ROWS, call_module, graph_spec, open_args, protected_args, put_module
-
-
-@pytest.fixture
-def secret_rows(tmp_path):
-    """The owner's rows, as in tests/test_adversarial.py: values with many digits, labels 0-9."""
-    generator = torch.Generator().manual_seed(7)
-    x = torch.rand(ROWS, FEATURES, generator=generator) * 1000 + 123.456
-    y = torch.randint(0, 10, (ROWS,), generator=generator)
-    return x, y, write_dataset(tmp_path / "owner.safetensors", x, y)
 
 
 # --- class 1: a round's weights loaded with a fit or an evaluate are a write like any other ---------------

@@ -1,5 +1,8 @@
-"""The command line as a user runs it, in a terminal: the main job, and stopping it with Ctrl-C."""
+"""The command line as a user runs it, in a terminal: the main job, stopping it with Ctrl-C, and FedBuff's
+asynchronous rounds over real daemons."""
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -8,7 +11,9 @@ import time
 
 import pytest
 
+from fedzmq.examples import digits
 from fedzmq.federated import checkpoint
+from fedzmq.launcher import start_daemons, stop_all
 
 
 def _processes_in_group(pgid: int) -> list[int]:
@@ -57,3 +62,56 @@ def test_ctrl_c_during_the_demo_stops_everything_promptly_and_keeps_the_checkpoi
             demo.wait()
         for pid in _processes_in_group(demo.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_train_with_fedbuff_on_daemons_publishes_every_k_updates_and_resumes(tmp_path):
+    """``fedzmq train --strategy fedbuff`` over three real daemons: each round is one publication of
+    ``--buffer-size`` updates, checkpointed; ``--resume`` continues from the last one with the newer model."""
+    ids = ["bob", "alice", "carol"]
+    split = digits.prepare(tmp_path / "data", ids, alpha=1.0, seed=2)
+    daemons = start_daemons(ids, per_daemon_args={i: ["--data", f"{digits.DATASET}={split.shards[i]}"] for i in ids},
+                            log_dir=str(tmp_path / "logs"))
+    out = tmp_path / "run"
+    try:
+        command = [sys.executable, "-m", "fedzmq", "train", *[a for d in daemons for a in ("--worker", d.address)],
+                   "--dataset", digits.DATASET, "--in-features", "64", "--classes", "10", "--model", "logreg",
+                   "--strategy", "fedbuff", "--buffer-size", "2", "--staleness", "sqrt", "--local-steps", "2",
+                   "--batch-size", "16", "--round-timeout", "60", "--out", str(out), "--no-progress"]
+        first = subprocess.run([*command, "--rounds", "2"], capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stdout + first.stderr
+        saved = checkpoint.load_latest(out / "checkpoints")
+        assert saved is not None and saved.round == 2
+        assert saved.strategy == {"strategy": "fedbuff", "version": 2}
+
+        again = subprocess.run([*command, "--rounds", "4", "--resume"], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "resumed from the checkpoint of round 2" in again.stdout
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 2, 3, 4]
+        for record in records:
+            updates = record["extra"]["updates"]
+            assert len(updates) == 2 and record["extra"]["version"] == record["round"]
+            assert {u["worker"] for u in updates} <= set(ids)
+            for u in updates:
+                assert u["staleness"] == record["round"] - 1 - u["version"]
+                assert u["weight"] == pytest.approx(1 / math.sqrt(1 + u["staleness"]))
+        assert records[0]["extra"]["updates"][0]["version"] == 0
+        # the resumed run trained from the checkpoint: its updates start from version 2 or later
+        assert all(u["version"] >= 2 for r in records[2:] for u in r["extra"]["updates"])
+        assert checkpoint.load_latest(out / "checkpoints").strategy == {"strategy": "fedbuff", "version": 4}
+    finally:
+        codes = stop_all(daemons)
+    assert codes == {i: 0 for i in ids}, "the daemons stop cleanly"
+
+
+def test_strategy_flags_that_cannot_apply_are_refused_before_anything_starts(tmp_path):
+    base = [sys.executable, "-m", "fedzmq", "train", "--worker", "tcp://127.0.0.1:9", "--dataset", "d",
+            "--in-features", "2", "--classes", "2", "--out", str(tmp_path / "run")]
+    for extra, says in ((["--strategy", "fedavg", "--buffer-size", "3"], "--buffer-size does not apply"),
+                        (["--strategy", "fedbuff", "--secure-aggregation"], "FedBuff"),
+                        (["--strategy", "nope"], "unknown strategy 'nope'"),
+                        (["--strategy", "fedbuff", "--buffer-size", "0"], "buffer_size must be >= 1")):
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and says in done.stderr, (extra, done.stderr)
+    assert not (tmp_path / "run").exists(), "nothing ran"

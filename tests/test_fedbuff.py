@@ -3,6 +3,7 @@ against a hand computation from its own per-update records, slow workers, checkp
 
 import math
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.examples import digits
+from fedzmq.federated import checkpoint
 from fedzmq.worker.datasets import Dataset
 
 
@@ -135,6 +137,49 @@ async def test_checkpoint_and_resume(tmp_path) -> None:
     finally:
         for worker in workers:
             await worker.close()
+
+
+@pytest.mark.fedzmq_slow
+@pytest.mark.timeout(300)
+async def test_checkpoint_and_resume_on_daemons_with_a_new_coordinator(fedzmq_daemons, tmp_path) -> None:
+    """test_checkpoint_and_resume on real daemons: the first coordinator publishes twice and goes away (its
+    trips stopped, its connections closed); a second one, over fresh connections, resumes from the
+    checkpoint with the model and version saved there, and its publications train from version 2 on."""
+    ids = ["w0", "w1", "w2"]
+    torch.manual_seed(0)
+    x = torch.randn(60 * len(ids), 6)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    files = {i: fz.testing.write_dataset(tmp_path / f"{i}.safetensors", x[60 * n:60 * n + 60], y[60 * n:60 * n + 60])
+             for n, i in enumerate(ids)}
+    handles = await fedzmq_daemons(*ids, datasets={i: {"d": str(files[i])} for i in ids}, timeout=120)
+    checkpoints = str(tmp_path / "checkpoints")
+
+    async def coordinator(strategy: fz.FedBuff, rounds: int) -> tuple[Any, dict[str, torch.Tensor], list[Any]]:
+        """A coordinator over fresh connections: where it started (resumed from, round, strategy version), its
+        model then, and its run's history. It goes away when the run returns."""
+        workers = [await fz.connect(h.address) for h in handles]
+        try:
+            federation = fz.Federation(workers, _model(), FIT, strategy, checkpoint_dir=checkpoints, round_timeout=60)
+            start = (federation.resumed_from, federation.round, strategy.state_dict()["version"])
+            model = {k: v.clone() for k, v in federation.model.state_dict().items()}
+            return start, model, await federation.run(rounds)
+        finally:
+            for worker in workers:
+                await worker.close()
+
+    start, _, first = await coordinator(fz.FedBuff(buffer_size=2), 2)
+    assert start == (None, 0, 0) and [m.round for m in first] == [1, 2]
+    saved = checkpoint.load_latest(checkpoints)
+    assert saved is not None and saved.round == 2 and saved.strategy == {"strategy": "fedbuff", "version": 2}
+    strategy = fz.FedBuff(buffer_size=2)
+    start, model, history = await coordinator(strategy, 4)
+    assert start == (2, 2, 2)
+    fz.testing.assert_state_dicts_close(model, saved.model, atol=0)
+    assert [m.round for m in history] == [1, 2, 3, 4]
+    assert history[0].extra["updates"][0]["version"] == 0
+    assert all(len(m.extra["updates"]) == 2 and m.extra["version"] == m.round for m in history)
+    assert all(u["version"] >= 2 for m in history[2:] for u in m.extra["updates"])
+    assert strategy.state_dict()["version"] == 4
 
 
 @pytest.mark.fedzmq_slow

@@ -4,27 +4,28 @@ A pointer owns an id and a location, nothing else. Operations on pointers send a
 result's id and return the new pointer at once, without waiting (pipelining); ``await ptr`` waits until
 the value exists and raises the remote error if its command failed. A pointer that is garbage
 collected asks its worker to delete the value (batched with others).
+
+Here: the base ``Pointer``, ``TensorPointer`` and ``DatasetPointer``; ``ModulePointer`` and ``FitUpdate``
+are in ``fedzmq.client.module_pointer``, ``Broadcast`` in ``fedzmq.client.broadcast`` (all importable from here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generator
 
 import torch
-from torch import nn
 
-from ..codec import DTYPES, Encoded
+from ..codec import DTYPES
 from ..errors import ShapeUnknown
 from ..ops import METHODS, OPERATORS
-from ..optimizers import DEFAULT_OPTIMIZER
+from .broadcast import Broadcast
 from .meta import Meta, TensorMeta, known
 
 if TYPE_CHECKING:
-    from .optims import RemoteOptimizer
     from .worker import RemoteWorker
+
+__all__ = ["Broadcast", "DatasetPointer", "FitUpdate", "ModulePointer", "Pointer", "TensorPointer"]
 
 
 class Pointer:
@@ -192,181 +193,6 @@ for _name in METHODS:
         setattr(TensorPointer, _name, _method(_name))
 
 
-class ModulePointer(Pointer):
-    """A model on a worker, bound to the local module it was sent from."""
-
-    __slots__ = ("_local",)
-
-    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any], local: nn.Module) -> None:
-        super().__init__(location, obj_id, ready)
-        self._local = weakref.ref(local)
-
-    @property
-    def local(self) -> nn.Module | None:
-        return self._local()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TensorPointer:
-        """Run forward on the worker; returns a pointer to the output at once."""
-        return self.location._module_call(self, list(args), kwargs)
-
-    forward = __call__
-
-    async def get(self, timeout: float | None = None) -> nn.Module:
-        """Copy the remote parameters and buffers into the local module, in place, and return it."""
-        module = self._local()
-        if module is None:
-            raise ReferenceError("the local module this pointer was sent from no longer exists")
-        # each piece lands straight in the local tensor (no second copy of the model), written through a
-        # detached view: no grad mode is needed, and none may be held across the awaits of this loop
-        local = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
-        async for name, start, values in self.location._module_slices(self, timeout):
-            local[name].view(-1)[start:start + values.numel()].copy_(values)
-        return module
-
-    async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
-                  optimizer: "dict[str, Any] | RemoteOptimizer | None" = None, epochs: int | None = None,
-                  steps: int | None = None, batch_size: int = 32, prox_mu: float = 0.0, seed: int = 0,
-                  load: "Mapping[str, torch.Tensor] | Broadcast | None" = None,
-                  timeout: float | None = None) -> dict[str, Any]:
-        """Train on the worker's dataset, entirely there: E epochs (default 1) or S steps of minibatches.
-
-        ``optimizer`` is ``{"cls": "SGD", "lr": 0.1, ...}`` (a fresh one for this call; the default is
-        ``fedzmq.optimizers.DEFAULT_OPTIMIZER``, SGD with lr 0.1) or a ``RemoteOptimizer`` of this worker over
-        this model (its state persists across calls). ``prox_mu`` adds FedProx's proximal term. ``load``
-        (a state dict, or a ``Broadcast`` of one) is loaded into the remote model first, in the same trip.
-        ``seed`` repeats a run's shuffle on this daemon; the daemon mixes it with its own secret, so it
-        cannot choose which rows share a batch. Returns ``{"loss", "samples_seen", "num_examples",
-        "steps", "seconds"}``."""
-        args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
-        return await self.location._request("fit", args, timeout)
-
-    async def fit_and_fetch(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
-                            optimizer: "dict[str, Any] | RemoteOptimizer | None" = None, epochs: int | None = None,
-                            steps: int | None = None, batch_size: int = 32, prox_mu: float = 0.0, seed: int = 0,
-                            load: "Mapping[str, torch.Tensor] | Broadcast | None" = None,
-                            timeout: float | None = None) -> "FitUpdate":
-        """``fit``, with the trained weights coming back in the same trip (one request and one reply per
-        worker for a federated round of a small model; big entries follow as streams). Returns a
-        ``FitUpdate``: the metrics, and the trained state as pieces to fold or copy as they arrive."""
-        args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
-        args["reply_state"] = True
-        reply = await self.location._request("fit", args, timeout)
-        if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
-            from ..errors import ProtocolError
-            raise ProtocolError(f"the worker answered a fit with {type(reply).__name__}, not metrics and a state")
-        return FitUpdate(reply["metrics"], self.location._state_pieces(self, reply.get("state") or {}, timeout))
-
-    async def fit_clients(self, clients: "Sequence[str]", dataset: str, *, combine: bool,
-                          load: "Mapping[str, torch.Tensor] | Broadcast", timeout: float | None = None,
-                          **fit: Any) -> dict[str, Any]:
-        """A round for many of the logical clients this model's daemon hosts, in one trip: each client
-        starts from ``load``, trains on its own ``dataset``, and the reply carries ``metrics`` (by client)
-        and either ``sum`` and ``weight`` (``combine``: ``sum(n_i * (x_i - load))`` in float64 and
-        ``sum(n_i)``, what a weighted mean needs) or ``states`` (each client's trained state). ``fit``
-        takes ``fit``'s keyword arguments (a fresh optimizer per client)."""
-        args = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),
-                                    fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
-                                    fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
-        if fit:
-            raise TypeError(f"fit_clients() got unexpected arguments {sorted(fit)}")
-        args.update(clients=list(clients), combine=combine, reply_state=True)
-        reply = await self.location._request("fit", args, timeout)
-        if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
-            from ..errors import ProtocolError
-            raise ProtocolError(f"the worker answered a fit over clients with {type(reply).__name__}")
-        return reply
-
-    async def load(self, state: "Mapping[str, torch.Tensor] | Broadcast",
-                   timeout: float | None = None) -> "asyncio.Future[Any]":
-        """Load weights into the remote model in place, pipelined: big entries are streamed first, then the
-        load is sent and its future returned at once, so the next command can follow it without a round
-        trip (``await`` the future for the load's own outcome)."""
-        broadcast = state if isinstance(state, Broadcast) else Broadcast(state)
-        inline = await self.location._stream_into(self, broadcast, timeout)
-        return self.location._submit("module_load", {"obj": self.id, "state": inline})
-
-    async def _fit_args(self, dataset: "DatasetPointer | str", loss: str,
-                        optimizer: "dict[str, Any] | RemoteOptimizer | None", epochs: int | None, steps: int | None,
-                        batch_size: int, prox_mu: float, seed: int,
-                        load: "Mapping[str, torch.Tensor] | Broadcast | None", timeout: float | None) -> dict[str, Any]:
-        args: dict[str, Any] = {"module": self.id, "dataset": _dataset_name(self.location, dataset), "loss": loss,
-                                "batch_size": batch_size, "seed": seed}
-        if steps is not None:
-            args["steps"] = steps
-        else:
-            args["epochs"] = 1 if epochs is None else epochs
-        if prox_mu:
-            args["prox_mu"] = float(prox_mu)
-        if optimizer is None or isinstance(optimizer, dict):
-            args["optimizer"] = dict(optimizer or DEFAULT_OPTIMIZER)
-        else:
-            if optimizer.worker is not self.location:
-                from ..errors import WrongWorkerError
-                raise WrongWorkerError(f"that optimizer lives on {optimizer.worker.id!r}, the model on "
-                                       f"{self.location.id!r}")
-            args["optim"] = await optimizer._ensure()
-        if load is not None:
-            broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
-            args["load"] = await self.location._stream_into(self, broadcast, timeout)
-        return args
-
-    async def evaluate(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
-                       batch_size: int = 1024, load: "Mapping[str, torch.Tensor] | Broadcast | None" = None,
-                       timeout: float | None = None) -> dict[str, Any]:
-        """Loss and accuracy on the worker's dataset: ``{"loss", "accuracy", "samples", "seconds"}``.
-        ``load`` (a state dict, or a ``Broadcast``) is loaded into the remote model first, in the same trip."""
-        args: dict[str, Any] = {"module": self.id, "loss": loss, "batch_size": batch_size,
-                                "dataset": _dataset_name(self.location, dataset)}
-        if load is not None:
-            broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
-            args["load"] = await self.location._stream_into(self, broadcast, timeout)
-        return await self.location._request("evaluate", args, timeout)
-
-    async def train(self, mode: bool = True) -> None:
-        await self.location._request("module_mode", {"obj": self.id, "train": mode})
-
-    async def eval_mode(self) -> None:
-        """Put the remote module in evaluation mode: ``train(False)``."""
-        await self.train(False)
-
-    eval = eval_mode  # the name nn.Module uses for it
-
-
-class Broadcast:
-    """A model state to load into many workers' copies of a model (a federated round's global weights),
-    encoded once: the entries that fit one message travel inline, their msgpack and frames shared by
-    every send; bigger ones are streamed to each worker before its fit. Its tensors' memory is sent
-    without copying, so the state must not change until the round's sends are done."""
-
-    __slots__ = ("state", "chunk_bytes", "inline", "streamed")
-
-    def __init__(self, state: Mapping[str, torch.Tensor], chunk_bytes: int = 128 << 20) -> None:
-        self.state = {name: tensor.detach() for name, tensor in state.items()}
-        self.chunk_bytes = chunk_bytes
-        inline, budget = {}, chunk_bytes
-        for name, tensor in self.state.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if nbytes <= budget and tensor.is_contiguous():
-                inline[name] = tensor
-                budget -= nbytes
-        self.streamed = {k: v for k, v in self.state.items() if k not in inline}
-        self.inline = Encoded(inline)
-
-    def for_chunk(self, chunk_bytes: int) -> "Broadcast":
-        """This broadcast split for a worker whose messages are at most ``chunk_bytes`` (the same one when
-        it agrees)."""
-        return self if chunk_bytes == self.chunk_bytes else Broadcast(self.state, chunk_bytes)
-
-
-@dataclass
-class FitUpdate:
-    """What ``ModulePointer.fit_and_fetch`` brings back: the fit's metrics, and the trained state as
-    ``(name, first element, flat values)`` pieces, fetched as they are iterated (iterate it once)."""
-
-    metrics: dict[str, Any]
-    pieces: AsyncIterator[tuple[str, int, torch.Tensor]]
-
-
 class DatasetPointer:
     """A dataset the worker's owner loaded at start-up: its name and shape, never its values."""
 
@@ -420,11 +246,5 @@ class DatasetPointer:
                 f"{list(self.feature_shape)}, classes={self.num_classes}, tags={self.tags}>")
 
 
-def _dataset_name(worker: "RemoteWorker", dataset: "DatasetPointer | str") -> str:
-    if isinstance(dataset, DatasetPointer):
-        if dataset.location is not worker:
-            from ..errors import WrongWorkerError
-            raise WrongWorkerError(f"dataset {dataset.name!r} lives on {dataset.location.id!r}, "
-                                   f"the model on {worker.id!r}")
-        return dataset.name
-    return str(dataset)
+# re-exported from their old home; they build on the pointers above, so they are imported after them
+from .module_pointer import FitUpdate, ModulePointer  # noqa: E402

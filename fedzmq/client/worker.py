@@ -1,7 +1,8 @@
-"""``RemoteWorker``: the coordinator's handle on one worker daemon; ``VirtualWorker``: one in-process.
+"""``RemoteWorker``: the coordinator's handle on one worker daemon, and ``connect`` to make one.
 
-Both speak the same protocol over ZeroMQ (tcp for daemons, inproc for virtual workers), so a test
-against a ``VirtualWorker`` runs the same daemon code as production.
+``VirtualWorker`` (``fedzmq.client.virtual``) speaks the same protocol in-process over inproc, so a test
+against it runs the same daemon code as production. What pointers ask of their worker (ops, gradients,
+batched deletes) is in ``fedzmq.client.pointer_ops``; how values move, in ``fedzmq.client.transfers``.
 """
 
 from __future__ import annotations
@@ -9,32 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import uuid
 import weakref
-from typing import Any, Callable, Generator
+from typing import Any
 
 import torch
 import zmq.asyncio
 from torch import nn
 
 from ..codec import Ref
-from ..errors import RemoteError, WorkerError, WrongWorkerError
+from ..errors import RemoteError, WrongWorkerError
 from ..security import KeyPath
-from ..modeldesc import ModelRegistry
-from ..ops import output_count
-from ..worker import Worker, WorkerConfig
-from ..worker.datasets import Dataset
+from .connecting import Connecting
 from .connection import GOODBYE_SECONDS, Connection, ConnectionSettings
-from .meta import Meta, TensorMeta, op_outputs
+from .pointer_ops import RELEASE_BATCH, RELEASE_DELAY, PointerOps
 from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
 from .transfers import Transfers, retrieve_error as _retrieve
 
-#: remote deletes of collected pointers are batched: sent after this many seconds or this many ids
-RELEASE_DELAY = 0.02
-RELEASE_BATCH = 256
+__all__ = ["RELEASE_BATCH", "RELEASE_DELAY", "RemoteWorker", "VirtualWorker", "connect", "connect_clients"]
 
 
-class RemoteWorker(Transfers):
+class RemoteWorker(Transfers, PointerOps):
     """A connection to one worker (or to one logical client of a daemon hosting many), and the session it
     holds there: the namespace of everything this coordinator made on that worker, freed by ``close``.
     Make one with ``await fz.connect(address)`` or ``async with fz.connect(address) as bob``."""
@@ -124,7 +119,7 @@ class RemoteWorker(Transfers):
         """Connect (if not yet connected) and close on leaving: ``async with RemoteWorker(addr) as bob``
         means the same as ``async with fz.connect(addr) as bob``."""
         if self.id is None:
-            return await _Connecting(self)
+            return await Connecting(self)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -162,13 +157,6 @@ class RemoteWorker(Transfers):
     async def search(self, query: str, timeout: float | None = 30.0) -> list[DatasetPointer]:
         """Datasets whose name, tags or description contain ``query`` (case-insensitive)."""
         return [DatasetPointer(self, info) for info in await self._request("datasets", {"query": query}, timeout)]
-
-    async def _dataset_tensor(self, name: str, part: str, meta: TensorMeta | None = None) -> TensorPointer:
-        out = self._new_id()
-        ready = self._submit("dataset_tensor", {"dataset": name, "part": part, "out": out})
-        pointer = TensorPointer(self, out, ready, meta)
-        await self._wait(ready)
-        return pointer
 
     async def refresh(self, timeout: float | None = 10.0) -> bool:
         """Ping the worker; if it restarted since we last saw it, forget what we had sent to the old one.
@@ -277,96 +265,12 @@ class RemoteWorker(Transfers):
     def _new_id(self) -> int:
         return next(self._object_ids)
 
-    def _op(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
-        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
-        ready.add_done_callback(_retrieve)
-        metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
-        pointers = tuple(TensorPointer(self, obj_id, ready, meta) for obj_id, meta in zip(out, metas))
-        return pointers if len(pointers) > 1 else pointers[0]
-
-    def _grad(self, pointer: TensorPointer) -> TensorPointer:
-        out = self._new_id()
-        ready = self._submit("grad", {"obj": self._to_ref(pointer).id, "out": out})
-        ready.add_done_callback(_retrieve)
-        return TensorPointer(self, out, ready, pointer._meta)  # a gradient has its leaf's shape and dtype
-
-    def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
-        out = self._new_id()
-        ready = self._submit("module_call", {"obj": module.id, "args": args, "kwargs": kwargs, "out": [out]},
-                             copy=True)
-        ready.add_done_callback(_retrieve)
-        return TensorPointer(self, out, ready)
-
-    def _release(self, obj_id: int) -> None:
-        """Called from ``Pointer.__del__``: queue a remote delete. Deletes go out in batches, every
-        ``RELEASE_DELAY`` seconds or ``RELEASE_BATCH`` ids, never one message per collected pointer.
-        (Order is safe: a pointer is collected only after every command naming it was sent.)"""
-        if self._connection.closed or self._loop is None or self._loop.is_closed():
-            return
-        self._released.append(obj_id)
-        if len(self._released) >= RELEASE_BATCH:
-            self._schedule(self._flush_released)
-        elif len(self._released) == 1:
-            self._schedule(lambda: self._loop.call_later(RELEASE_DELAY, self._flush_released))  # type: ignore
-
-    def _schedule(self, callback: Callable[[], Any]) -> None:
-        assert self._loop is not None
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        try:
-            if running is self._loop:
-                self._loop.call_soon(callback)
-            else:  # collected on another thread
-                self._loop.call_soon_threadsafe(callback)
-        except RuntimeError:  # the loop closed while we were collected
-            pass
-
-    def _flush_released(self) -> None:
-        ids, self._released = self._released, []
-        if not ids or self._connection.closed or not self._connection.alive:
-            return
-        self._connection.submit("delete", {"objs": ids}).add_done_callback(_retrieve)
-
     def _modules_sent(self) -> list[tuple[nn.Module, ModulePointer]]:
         return list(self._modules.items())
 
 
-def _meta_of(pointer: TensorPointer) -> Meta:
-    return pointer._meta
-
-
-class _Connecting:
-    """What ``connect`` returns: ``await`` it for a worker, or use it in ``async with``."""
-
-    def __init__(self, worker: RemoteWorker) -> None:
-        self._worker = worker
-
-    def __await__(self) -> Generator[Any, None, RemoteWorker]:
-        return self._connect().__await__()
-
-    async def _connect(self) -> RemoteWorker:
-        try:
-            return await self._worker.connect()
-        except (WorkerError, TimeoutError) as exc:
-            await self._worker._connection.close(say_goodbye=False)
-            raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "
-                            "uses keys, are server_key and client_key right and is your key allowed?") from None
-        except BaseException:
-            await self._worker._connection.close(say_goodbye=False)
-            raise
-
-    async def __aenter__(self) -> RemoteWorker:
-        return await self._connect()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._worker.close()
-
-
 def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_key: KeyPath | None = None,
-            settings: ConnectionSettings | None = None, context: zmq.asyncio.Context | None = None) -> _Connecting:
+            settings: ConnectionSettings | None = None, context: zmq.asyncio.Context | None = None) -> Connecting:
     """Connect to a worker daemon: ``bob = await fz.connect(addr)`` or ``async with fz.connect(addr) as bob``.
 
     With keys (CurveZMQ): ``server_key`` is the daemon's public key (its ``.key`` file or the z85
@@ -375,7 +279,7 @@ def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_k
     ``address`` is ``"tcp://host:port"`` (or ``"ipc://path"``, ``"inproc://name"``). A malformed one
     (``"127.0.0.1:5555"``, a port out of range, ...) or one whose host does not resolve raises
     ``fz.AddressError`` at once, instead of waiting ``settings.connect_timeout`` for an answer."""
-    return _Connecting(RemoteWorker(address, settings=settings, context=context, server_key=server_key,
+    return Connecting(RemoteWorker(address, settings=settings, context=context, server_key=server_key,
                                     client_key=client_key))
 
 
@@ -392,42 +296,5 @@ async def connect_clients(address: str, *, server_key: KeyPath | bytes | None = 
         await host.close()  # the clients hold the connection now
 
 
-class VirtualWorker(RemoteWorker):
-    """A worker in this process: the daemon's own code behind an ``inproc://`` socket.
-
-    ``bob = fz.VirtualWorker("bob")`` is usable at once from a coroutine; ``async with`` or
-    ``await bob.close()`` stops it."""
-
-    def __init__(self, worker_id: str, *, config: WorkerConfig | None = None, models: ModelRegistry | None = None,
-                 datasets: "dict[str, Dataset] | None" = None, settings: ConnectionSettings | None = None,
-                 context: zmq.asyncio.Context | None = None) -> None:
-        context = context or zmq.asyncio.Context.instance()
-        self.server = Worker(worker_id, config=config, models=models, datasets=datasets, context=context)
-        address = self.server.bind(f"inproc://fedzmq-{worker_id}-{uuid.uuid4().hex}")
-        super().__init__(address, settings=settings, context=context)
-        self.id = worker_id
-        self.instance = self.server.instance
-        self._connection.adopt_worker_limits(self.server.ping_info()["limits"])  # as connect() would
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass  # made outside a coroutine: serving starts with the first request
-        else:
-            self.server.start()
-
-    def _before_request(self) -> None:
-        self.server.start()
-
-    async def __aenter__(self) -> "VirtualWorker":
-        self.server.start()
-        return self
-
-    async def close(self) -> None:
-        await super().close()
-        await self.server.close()
-
-    def __await__(self) -> Generator[Any, None, "VirtualWorker"]:
-        async def ready() -> VirtualWorker:
-            await self.ping()
-            return self
-        return ready().__await__()
+# re-exported from its old home; it builds on RemoteWorker, so it is imported after it
+from .virtual import VirtualWorker  # noqa: E402

@@ -1,0 +1,37 @@
+"""What ``connect`` returns: an object to ``await`` for a connected worker, or to use in ``async with``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Generator
+
+from ..errors import WorkerError
+
+if TYPE_CHECKING:
+    from .worker import RemoteWorker
+
+
+class Connecting:
+    """What ``connect`` returns: ``await`` it for a worker, or use it in ``async with``."""
+
+    def __init__(self, worker: RemoteWorker) -> None:
+        self._worker = worker
+
+    def __await__(self) -> Generator[Any, None, RemoteWorker]:
+        return self._connect().__await__()
+
+    async def _connect(self) -> RemoteWorker:
+        try:
+            return await self._worker.connect()
+        except (WorkerError, TimeoutError) as exc:
+            await self._worker._connection.close(say_goodbye=False)
+            raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "
+                            "uses keys, are server_key and client_key right and is your key allowed?") from None
+        except BaseException:
+            await self._worker._connection.close(say_goodbye=False)
+            raise
+
+    async def __aenter__(self) -> RemoteWorker:
+        return await self._connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._worker.close()

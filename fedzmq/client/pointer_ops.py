@@ -1,0 +1,114 @@
+"""What pointers ask of their worker: ops, gradients, forward calls, dataset tensors, and batched deletes.
+
+``PointerOps`` is a base class of ``RemoteWorker`` (as ``Transfers`` is); it uses the worker's
+``_submit``/``_wait`` (requests), ``_new_id`` (object ids), ``_to_ref`` (references), ``_connection``
+and ``_loop``. Each method sends its command and returns the result's pointer at once (pipelining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Callable, cast
+
+from ..ops import output_count
+from .connection import Connection
+from .meta import Meta, TensorMeta, op_outputs
+from .module_pointer import ModulePointer
+from .pointers import TensorPointer
+from .transfers import retrieve_error as _retrieve
+
+if TYPE_CHECKING:
+    from .worker import RemoteWorker
+
+#: remote deletes of collected pointers are batched: sent after this many seconds or this many ids
+RELEASE_DELAY = 0.02
+RELEASE_BATCH = 256
+
+
+class PointerOps:
+    """The commands behind pointer operations, as a base class of ``RemoteWorker``: kept apart from the
+    worker's lifecycle and requests so each reads in one sitting."""
+
+    _connection: Connection
+    _loop: asyncio.AbstractEventLoop | None
+    _released: list[int]
+
+    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Any]:
+        raise NotImplementedError
+
+    async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    def _new_id(self) -> int:
+        raise NotImplementedError
+
+    def _to_ref(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def _as_worker(self) -> "RemoteWorker":
+        """This object as the RemoteWorker it is a base of (pointers name their worker)."""
+        return cast("RemoteWorker", self)
+
+    async def _dataset_tensor(self, name: str, part: str, meta: TensorMeta | None = None) -> TensorPointer:
+        out = self._new_id()
+        ready = self._submit("dataset_tensor", {"dataset": name, "part": part, "out": out})
+        pointer = TensorPointer(self._as_worker(), out, ready, meta)
+        await self._wait(ready)
+        return pointer
+
+    def _op(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
+        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
+        ready.add_done_callback(_retrieve)
+        metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
+        pointers = tuple(TensorPointer(self._as_worker(), obj_id, ready, meta) for obj_id, meta in zip(out, metas))
+        return pointers if len(pointers) > 1 else pointers[0]
+
+    def _grad(self, pointer: TensorPointer) -> TensorPointer:
+        out = self._new_id()
+        ready = self._submit("grad", {"obj": self._to_ref(pointer).id, "out": out})
+        ready.add_done_callback(_retrieve)
+        return TensorPointer(self._as_worker(), out, ready, pointer._meta)  # a gradient has its leaf's shape and dtype
+
+    def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
+        out = self._new_id()
+        ready = self._submit("module_call", {"obj": module.id, "args": args, "kwargs": kwargs, "out": [out]},
+                             copy=True)
+        ready.add_done_callback(_retrieve)
+        return TensorPointer(self._as_worker(), out, ready)
+
+    def _release(self, obj_id: int) -> None:
+        """Called from ``Pointer.__del__``: queue a remote delete. Deletes go out in batches, every
+        ``RELEASE_DELAY`` seconds or ``RELEASE_BATCH`` ids, never one message per collected pointer.
+        (Order is safe: a pointer is collected only after every command naming it was sent.)"""
+        if self._connection.closed or self._loop is None or self._loop.is_closed():
+            return
+        self._released.append(obj_id)
+        if len(self._released) >= RELEASE_BATCH:
+            self._schedule(self._flush_released)
+        elif len(self._released) == 1:
+            self._schedule(lambda: self._loop.call_later(RELEASE_DELAY, self._flush_released))  # type: ignore
+
+    def _schedule(self, callback: Callable[[], Any]) -> None:
+        assert self._loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        try:
+            if running is self._loop:
+                self._loop.call_soon(callback)
+            else:  # collected on another thread
+                self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop closed while we were collected
+            pass
+
+    def _flush_released(self) -> None:
+        ids, self._released = self._released, []
+        if not ids or self._connection.closed or not self._connection.alive:
+            return
+        self._connection.submit("delete", {"objs": ids}).add_done_callback(_retrieve)
+
+
+def _meta_of(pointer: TensorPointer) -> Meta:
+    return pointer._meta

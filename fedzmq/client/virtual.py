@@ -1,0 +1,56 @@
+"""``VirtualWorker``: a worker in this process, the daemon's own code behind an ``inproc://`` socket."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Generator
+
+import zmq.asyncio
+
+from ..modeldesc import ModelRegistry
+from ..worker import Worker, WorkerConfig
+from ..worker.datasets import Dataset
+from .connection import ConnectionSettings
+from .worker import RemoteWorker
+
+
+class VirtualWorker(RemoteWorker):
+    """A worker in this process: the daemon's own code behind an ``inproc://`` socket.
+
+    ``bob = fz.VirtualWorker("bob")`` is usable at once from a coroutine; ``async with`` or
+    ``await bob.close()`` stops it."""
+
+    def __init__(self, worker_id: str, *, config: WorkerConfig | None = None, models: ModelRegistry | None = None,
+                 datasets: "dict[str, Dataset] | None" = None, settings: ConnectionSettings | None = None,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        context = context or zmq.asyncio.Context.instance()
+        self.server = Worker(worker_id, config=config, models=models, datasets=datasets, context=context)
+        address = self.server.bind(f"inproc://fedzmq-{worker_id}-{uuid.uuid4().hex}")
+        super().__init__(address, settings=settings, context=context)
+        self.id = worker_id
+        self.instance = self.server.instance
+        self._connection.adopt_worker_limits(self.server.ping_info()["limits"])  # as connect() would
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # made outside a coroutine: serving starts with the first request
+        else:
+            self.server.start()
+
+    def _before_request(self) -> None:
+        self.server.start()
+
+    async def __aenter__(self) -> "VirtualWorker":
+        self.server.start()
+        return self
+
+    async def close(self) -> None:
+        await super().close()
+        await self.server.close()
+
+    def __await__(self) -> Generator[Any, None, "VirtualWorker"]:
+        async def ready() -> VirtualWorker:
+            await self.ping()
+            return self
+        return ready().__await__()
