@@ -2,15 +2,20 @@
 """Simulation of many clients on one machine: hosted clients (``fedzmq-worker --clients-from``) on two
 daemons, the rounds through ``Federation.run_round`` with FedAvg, as ``fedzmq simulate`` runs them.
 
-    python scripts/bench_simulation.py                 # both setups (a few minutes on 2 cores)
+    python scripts/bench_simulation.py                 # all three setups (a few minutes on 2 cores)
+    python scripts/bench_simulation.py --setup noop    # 1,000 clients of 10^4 parameters, no-op fits
     python scripts/bench_simulation.py --setup small   # 1,000 clients of 10^4 parameters, all in every round
     python scripts/bench_simulation.py --setup big     # 1,000 clients of 10^6 parameters, 100 per round
     python scripts/bench_simulation.py --flower /work/flwr-venv/bin/python   # and Flower's simulation, same setups
 
 Setups (the data: ``fedzmq.examples.population``, make_classification over 20 features, 10 classes,
 about 100 samples per client, split non-IID; the model ``population.make_model``: an MLP of 11,594
-parameters, or 1,017,110 with ``hidden=1400``; local work ``FitConfig(steps=1, batch_size=8)``):
+parameters, or 1,017,110 with ``hidden=1400``; local work ``FitConfig(steps=1, batch_size=8)``, or
+``steps=0`` for **noop**):
 
+* **noop**: as **small**, with fits as cheap as Flower's no-op: ``steps=0``, each client loads the
+  global weights and returns them (as ``scripts/bench_rounds.py`` does). This is the like-for-like
+  comparison with Flower's simulation engine, and measures the framework itself.
 * **small**: 1,000 clients x 10^4 parameters, all in every round: median seconds per round (goal <= 0.2 s
   on 2 cores), and the coordinator's RSS growth per 100 clients: its RSS after the timed rounds minus its
   RSS with the two host connections open and before it asked for the clients, divided by 10 (goal < 1 MB).
@@ -46,8 +51,11 @@ from bench_rounds import floor_round, start_raw_peers
 
 CLIENTS = 1000
 DAEMONS = 2
-SETUPS = {"small": {"hidden": 128, "per_round": 1000, "rounds": 7},
-          "big": {"hidden": 1400, "per_round": 100, "rounds": 5}}
+#: ``steps``: the local work of each client's fit (0: load the global weights and return them, as cheap as
+#: Flower's no-op fit; 1: one SGD step of batch 8)
+SETUPS = {"noop": {"hidden": 128, "per_round": 1000, "rounds": 7, "steps": 0},
+          "small": {"hidden": 128, "per_round": 1000, "rounds": 7, "steps": 1},
+          "big": {"hidden": 1400, "per_round": 100, "rounds": 5, "steps": 1}}
 
 
 def say(*args: Any) -> None:
@@ -82,7 +90,8 @@ async def run_setup(name: str, addresses: list[str], raw_addresses: list[str]) -
     raw_state = [t.detach().clone().reshape(-1) for t in model.state_dict().values()]
     frames = [memoryview(t.view(torch.uint8).numpy()) for t in raw_state]
     sizes = [t.numel() * 4 for t in raw_state]
-    fit = fz.FitConfig(dataset=population.DATASET, optimizer={"cls": "SGD", "lr": 0.05}, steps=1, batch_size=8)
+    fit = fz.FitConfig(dataset=population.DATASET, optimizer={"cls": "SGD", "lr": 0.05}, steps=spec["steps"],
+                      batch_size=8)
     federation = fz.Federation(clients, model, fit, fz.FedAvg(), fraction=spec["per_round"] / len(clients),
                                round_timeout=600.0)
     out: dict[str, Any] = {"setup": name, "clients": len(clients), "params": params,
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup", choices=sorted(SETUPS), action="append", help="default: both")
     p.add_argument("--flower", metavar="PYTHON", help="also run Flower's simulation with this interpreter")
     args = p.parse_args(argv)
-    setups = args.setup or ["small", "big"]
+    setups = args.setup or ["noop", "small", "big"]
 
     import torch
 
@@ -170,18 +179,21 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             say(f"  {setup}: fedzmq {statistics.median(result['fz']):.3f} s/round, "
                 f"floor {statistics.median(result['floor']):.4f} s")
-            if args.flower:
-                flower[setup] = run_flower(args.flower, setup)
+            if args.flower:  # Flower's clients are no-ops in every setup: run each shape once
+                same = [s for s in flower if SETUPS[s]["hidden"] == SETUPS[setup]["hidden"]
+                        and SETUPS[s]["per_round"] == SETUPS[setup]["per_round"]]
+                flower[setup] = flower[same[0]] if same else run_flower(args.flower, setup)
         rows = []
         for r in results:
             fz_s, floor_s = statistics.median(r["fz"]), statistics.median(r["floor"])
             fl = flower.get(r["setup"])
             fl_s = statistics.median(fl["rounds"][1:]) if fl else None
-            rows.append([f"{r['clients']} x {r['params']:,}", str(r["per_round"]), f"{fz_s:.3f}",
+            rows.append([f"{r['clients']} x {r['params']:,}", str(r["per_round"]), str(SETUPS[r["setup"]]["steps"]),
+                         f"{fz_s:.3f}",
                          f"{r['fits_on_daemons']:.3f}", f"{floor_s:.4f}", f"{fz_s / floor_s:.1f}x",
                          f"{r['rss_growth_per_100'] / 1e6:.2f}",
                          f"{fl_s:.3f} ({fl_s / fz_s:.1f}x fedzmq)" if fl_s else "not run"])
-        say("\n" + table(["clients x params", "per round", "fedzmq s/round (median)", "daemons' fit s (sum)",
+        say("\n" + table(["clients x params", "per round", "local steps", "fedzmq s/round (median)", "daemons' fit s (sum)",
                           "floor s", "fedzmq / floor", "coordinator RSS MB per 100 clients",
                           "Flower s/round"], rows) + "\n")
         say(f"{machine_line()}; {DAEMONS} daemons; 1-min load average before/after: "
