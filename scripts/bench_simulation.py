@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['fits_on_daemons']:.3f}", f"{floor_s:.4f}", f"{fz_s / floor_s:.1f}x",
                          f"{r['rss_growth_per_100'] / 1e6:.2f}",
                          f"{fl_s:.3f} ({fl_s / fz_s:.1f}x fedzmq)" if fl_s else "not run"])
-        say("\n" + table(["clients x params", "per round", "local steps", "fedzmq s/round (median)", "daemons' fit s (sum)",
-                          "floor s", "fedzmq / floor", "coordinator RSS MB per 100 clients",
+        say("\n" + table(["clients x params", "per round", "local steps", "fedzmq s/round (median)",
+                          "daemons' fit s (sum)", "floor s", "fedzmq / floor", "coordinator RSS MB per 100 clients",
                           "Flower s/round"], rows) + "\n")
         say(f"{machine_line()}; {DAEMONS} daemons; 1-min load average before/after: "
             f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
