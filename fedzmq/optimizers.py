@@ -5,7 +5,7 @@ else)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ class PlainSGD:
     It keeps what a fit uses (``zero_grad``, ``step``) and nothing else: a remote optimizer
     (``optim_new``) is always ``torch.optim``'s own."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+    def __init__(self, params: Sequence[torch.Tensor], lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False) -> None:
         # the checks and messages of torch.optim.SGD.__init__
         if lr < 0.0:
@@ -66,7 +66,7 @@ class PlainSGD:
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if not params:
             raise ValueError("optimizer got an empty parameter list")
-        self.params = params
+        self.params = list(params)
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.weight_decay, self.nesterov, self.maximize = weight_decay, nesterov, maximize
         self.buffers: list[torch.Tensor | None] = [None] * len(params)
