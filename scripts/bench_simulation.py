@@ -122,6 +122,64 @@ async def run_setup(name: str, addresses: list[str], raw_addresses: list[str]) -
     return out
 
 
+FIT_PATHS = ("torch optimizer", "fedzmq fit")
+
+
+def fit_pass(path: str, clients: int = 200, passes: int = 10) -> list[float]:
+    """Seconds per client of ``passes`` passes over ``clients`` fits down one fit path, in this process
+    (no daemon, no wire): one SGD step of batch 8 on a 100-row shard of the small MLP, the weights reset
+    before each client, as a daemon runs it for each hosted client. "torch optimizer" builds
+    ``torch.optim.SGD`` over ``module.parameters()`` and walks the module for every fit (the fit path
+    before ``PlainSGD`` and ``Trainee``); "fedzmq fit" is the daemon's path now (an optimizer
+    description: ``PlainSGD``, bit-identical; the module walked once for all clients)."""
+    import torch
+
+    from fedzmq.examples import population
+    from fedzmq.worker import training
+    from fedzmq.worker.datasets import Dataset
+
+    torch.set_num_threads(1)
+    model = population.make_model()
+    g = torch.Generator().manual_seed(0)
+    data = Dataset("data", torch.randn(100, 20, generator=g), torch.randint(0, 10, (100,), generator=g))
+    terms = training.Terms(min_batch=8, shuffle_key=b"bench")
+    current = model.state_dict()
+    start = {k: v.clone() for k, v in current.items()}
+    common: dict[str, Any] = dict(loss="cross_entropy", batch_size=8, epochs=None, steps=1, prox_mu=0.0, seed=0)
+    out = []
+    for _ in range(passes + 1):
+        t0 = time.perf_counter()
+        trainee = training.Trainee(model)
+        for n in range(clients):
+            for k, t in current.items():
+                t.copy_(start[k])
+            if path == FIT_PATHS[0]:
+                training.fit(model, data, terms, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                             salt=str(n), **common)
+            else:
+                training.fit(trainee, data, terms, optimizer={"cls": "SGD", "lr": 0.05}, salt=str(n), **common)
+        out.append((time.perf_counter() - t0) / clients)
+    return out[1:]  # the first pass warms up
+
+
+def fit_cost(processes: int = 3) -> list[list[str]]:
+    """The two fit paths of ``fit_pass``, each in processes of its own (as a daemon runs only one),
+    interleaved: the median over the processes of their median and of their fastest pass."""
+    import json
+
+    runs: dict[str, list[list[float]]] = {path: [] for path in FIT_PATHS}
+    for rep in range(processes):
+        for path in FIT_PATHS if rep % 2 == 0 else FIT_PATHS[::-1]:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--fit-pass", path],
+                                  capture_output=True, text=True, timeout=600, check=True)
+            runs[path].append(json.loads(done.stdout.splitlines()[-1]))
+    median = {p: statistics.median(statistics.median(r) for r in rs) for p, rs in runs.items()}
+    fastest = {p: statistics.median(min(r) for r in rs) for p, rs in runs.items()}
+    base = FIT_PATHS[0]
+    return [[p, f"{1e3 * median[p]:.3f}", f"{median[p] / median[base]:.2f}x", f"{1e3 * fastest[p]:.3f}",
+             f"{fastest[p] / fastest[base]:.2f}x"] for p in FIT_PATHS]
+
+
 def run_flower(python: str, setup: str) -> dict[str, Any] | None:
     """Flower's simulation of the same setup in the other venv; None if it fails (the reason printed)."""
     import json
@@ -146,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", choices=sorted(SETUPS), action="append", help="default: both")
     p.add_argument("--flower", metavar="PYTHON", help="also run Flower's simulation with this interpreter")
+    p.add_argument("--fit-pass", choices=FIT_PATHS, help=argparse.SUPPRESS)  # one process of fit_cost
     args = p.parse_args(argv)
+    if args.fit_pass:
+        import json
+
+        say(json.dumps(fit_pass(args.fit_pass)))
+        return 0
     setups = args.setup or ["noop", "small", "big"]
 
     import torch
@@ -198,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                           "Flower s/round"], rows) + "\n")
         say(f"{machine_line()}; {DAEMONS} daemons; 1-min load average before/after: "
             f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
+        if "small" in setups:
+            load = os.getloadavg()[0]
+            say("\nPer-client cost of one SGD step, without daemon or wire: each path in 3 processes of its own, "
+                "interleaved, each 10 passes over 200 clients (medians over the processes):\n")
+            say(table(["fit path", "ms per client (median pass)", "/ torch optimizer", "ms (fastest pass)",
+                       "/ torch optimizer"], fit_cost()))
+            say(f"\n1-min load average before/after: {load:.1f}/{os.getloadavg()[0]:.1f}")
         return 0
     except KeyboardInterrupt:
         return 130
