@@ -271,8 +271,16 @@ class SecureRound(RoundProtocol):
         # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
         # survivors' shares remove its masks
         alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
-        masked = await each(alive, lambda w: w.secagg("masked_input", number, routed[ids[w]], module=pointers[w].id))
-        await off_loop(server.collect_masked, masked.values())
+
+        async def masked_input(worker: RemoteWorker) -> None:
+            """Its masked vector, added into the server's ring sum as it arrives (a numpy add, cheap on the
+            loop) and dropped: the coordinator never holds a thousand of them at once. A malformed one
+            changes nothing in the server, and its sender is left out as a drop-out."""
+            server.add_masked(await worker.secagg("masked_input", number, routed[ids[worker]],
+                                                  module=pointers[worker].id))
+
+        await each(alive, masked_input)
+        await off_loop(server.end_masked)
         u2 = set(server.u2)
         alive = [w for w in alive if ids[w] in u2]
         requests = await off_loop(lambda: {w: server.request_for(ids[w]) for w in alive})
