@@ -2,15 +2,20 @@
 """Simulation of many clients on one machine: hosted clients (``fedzmq-worker --clients-from``) on two
 daemons, the rounds through ``Federation.run_round`` with FedAvg, as ``fedzmq simulate`` runs them.
 
-    python scripts/bench_simulation.py                 # both setups (a few minutes on 2 cores)
+    python scripts/bench_simulation.py                 # all three setups (a few minutes on 2 cores)
+    python scripts/bench_simulation.py --setup noop    # 1,000 clients of 10^4 parameters, no-op fits
     python scripts/bench_simulation.py --setup small   # 1,000 clients of 10^4 parameters, all in every round
     python scripts/bench_simulation.py --setup big     # 1,000 clients of 10^6 parameters, 100 per round
     python scripts/bench_simulation.py --flower /work/flwr-venv/bin/python   # and Flower's simulation, same setups
 
 Setups (the data: ``fedzmq.examples.population``, make_classification over 20 features, 10 classes,
 about 100 samples per client, split non-IID; the model ``population.make_model``: an MLP of 11,594
-parameters, or 1,017,110 with ``hidden=1400``; local work ``FitConfig(steps=1, batch_size=8)``):
+parameters, or 1,017,110 with ``hidden=1400``; local work ``FitConfig(steps=1, batch_size=8)``, or
+``steps=0`` for **noop**):
 
+* **noop**: as **small**, with fits as cheap as Flower's no-op: ``steps=0``, each client loads the
+  global weights and returns them (as ``scripts/bench_rounds.py`` does). This is the like-for-like
+  comparison with Flower's simulation engine, and measures the framework itself.
 * **small**: 1,000 clients x 10^4 parameters, all in every round: median seconds per round (goal <= 0.2 s
   on 2 cores), and the coordinator's RSS growth per 100 clients: its RSS after the timed rounds minus its
   RSS with the two host connections open and before it asked for the clients, divided by 10 (goal < 1 MB).
@@ -46,8 +51,11 @@ from bench_rounds import floor_round, start_raw_peers
 
 CLIENTS = 1000
 DAEMONS = 2
-SETUPS = {"small": {"hidden": 128, "per_round": 1000, "rounds": 7},
-          "big": {"hidden": 1400, "per_round": 100, "rounds": 5}}
+#: ``steps``: the local work of each client's fit (0: load the global weights and return them, as cheap as
+#: Flower's no-op fit; 1: one SGD step of batch 8)
+SETUPS = {"noop": {"hidden": 128, "per_round": 1000, "rounds": 7, "steps": 0},
+          "small": {"hidden": 128, "per_round": 1000, "rounds": 7, "steps": 1},
+          "big": {"hidden": 1400, "per_round": 100, "rounds": 5, "steps": 1}}
 
 
 def say(*args: Any) -> None:
@@ -82,7 +90,8 @@ async def run_setup(name: str, addresses: list[str], raw_addresses: list[str]) -
     raw_state = [t.detach().clone().reshape(-1) for t in model.state_dict().values()]
     frames = [memoryview(t.view(torch.uint8).numpy()) for t in raw_state]
     sizes = [t.numel() * 4 for t in raw_state]
-    fit = fz.FitConfig(dataset=population.DATASET, optimizer={"cls": "SGD", "lr": 0.05}, steps=1, batch_size=8)
+    fit = fz.FitConfig(dataset=population.DATASET, optimizer={"cls": "SGD", "lr": 0.05}, steps=spec["steps"],
+                      batch_size=8)
     federation = fz.Federation(clients, model, fit, fz.FedAvg(), fraction=spec["per_round"] / len(clients),
                                round_timeout=600.0)
     out: dict[str, Any] = {"setup": name, "clients": len(clients), "params": params,
@@ -113,6 +122,65 @@ async def run_setup(name: str, addresses: list[str], raw_addresses: list[str]) -
     return out
 
 
+FIT_PATHS = ("torch optimizer", "fedzmq fit")
+
+
+def fit_pass(path: str, clients: int = 200, passes: int = 10) -> list[float]:
+    """CPU seconds per client (of this process: less sensitive to the load of others than wall time) of
+    ``passes`` passes over ``clients`` fits down one fit path, in this process
+    (no daemon, no wire): one SGD step of batch 8 on a 100-row shard of the small MLP, the weights reset
+    before each client, as a daemon runs it for each hosted client. "torch optimizer" builds
+    ``torch.optim.SGD`` over ``module.parameters()`` and walks the module for every fit (the fit path
+    before ``PlainSGD`` and ``Trainee``); "fedzmq fit" is the daemon's path now (an optimizer
+    description: ``PlainSGD``, bit-identical; the module walked once for all clients)."""
+    import torch
+
+    from fedzmq.examples import population
+    from fedzmq.worker import training
+    from fedzmq.worker.datasets import Dataset
+
+    torch.set_num_threads(1)
+    model = population.make_model()
+    g = torch.Generator().manual_seed(0)
+    data = Dataset("data", torch.randn(100, 20, generator=g), torch.randint(0, 10, (100,), generator=g))
+    terms = training.Terms(min_batch=8, shuffle_key=b"bench")
+    current = model.state_dict()
+    start = {k: v.clone() for k, v in current.items()}
+    common: dict[str, Any] = dict(loss="cross_entropy", batch_size=8, epochs=None, steps=1, prox_mu=0.0, seed=0)
+    out = []
+    for _ in range(passes + 1):
+        t0 = time.process_time()
+        trainee = training.Trainee(model)
+        for n in range(clients):
+            for k, t in current.items():
+                t.copy_(start[k])
+            if path == FIT_PATHS[0]:
+                training.fit(model, data, terms, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                             salt=str(n), **common)
+            else:
+                training.fit(trainee, data, terms, optimizer={"cls": "SGD", "lr": 0.05}, salt=str(n), **common)
+        out.append((time.process_time() - t0) / clients)
+    return out[1:]  # the first pass warms up
+
+
+def fit_cost(processes: int = 3) -> list[list[str]]:
+    """The two fit paths of ``fit_pass``, each in processes of its own (as a daemon runs only one),
+    interleaved: the median over the processes of their median and of their fastest pass."""
+    import json
+
+    runs: dict[str, list[list[float]]] = {path: [] for path in FIT_PATHS}
+    for rep in range(processes):
+        for path in FIT_PATHS if rep % 2 == 0 else FIT_PATHS[::-1]:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--fit-pass", path],
+                                  capture_output=True, text=True, timeout=600, check=True)
+            runs[path].append(json.loads(done.stdout.splitlines()[-1]))
+    median = {p: statistics.median(statistics.median(r) for r in rs) for p, rs in runs.items()}
+    fastest = {p: statistics.median(min(r) for r in rs) for p, rs in runs.items()}
+    base = FIT_PATHS[0]
+    return [[p, f"{1e3 * median[p]:.3f}", f"{median[p] / median[base]:.2f}x", f"{1e3 * fastest[p]:.3f}",
+             f"{fastest[p] / fastest[base]:.2f}x"] for p in FIT_PATHS]
+
+
 def run_flower(python: str, setup: str) -> dict[str, Any] | None:
     """Flower's simulation of the same setup in the other venv; None if it fails (the reason printed)."""
     import json
@@ -137,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", choices=sorted(SETUPS), action="append", help="default: both")
     p.add_argument("--flower", metavar="PYTHON", help="also run Flower's simulation with this interpreter")
+    p.add_argument("--fit-pass", choices=FIT_PATHS, help=argparse.SUPPRESS)  # one process of fit_cost
     args = p.parse_args(argv)
-    setups = args.setup or ["small", "big"]
+    if args.fit_pass:
+        import json
+
+        say(json.dumps(fit_pass(args.fit_pass)))
+        return 0
+    setups = args.setup or ["noop", "small", "big"]
 
     import torch
 
@@ -170,22 +244,32 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             say(f"  {setup}: fedzmq {statistics.median(result['fz']):.3f} s/round, "
                 f"floor {statistics.median(result['floor']):.4f} s")
-            if args.flower:
-                flower[setup] = run_flower(args.flower, setup)
+            if args.flower:  # Flower's clients are no-ops in every setup: run each shape once
+                same = [s for s in flower if SETUPS[s]["hidden"] == SETUPS[setup]["hidden"]
+                        and SETUPS[s]["per_round"] == SETUPS[setup]["per_round"]]
+                flower[setup] = flower[same[0]] if same else run_flower(args.flower, setup)
         rows = []
         for r in results:
             fz_s, floor_s = statistics.median(r["fz"]), statistics.median(r["floor"])
             fl = flower.get(r["setup"])
             fl_s = statistics.median(fl["rounds"][1:]) if fl else None
-            rows.append([f"{r['clients']} x {r['params']:,}", str(r["per_round"]), f"{fz_s:.3f}",
+            rows.append([f"{r['clients']} x {r['params']:,}", str(r["per_round"]), str(SETUPS[r["setup"]]["steps"]),
+                         f"{fz_s:.3f}",
                          f"{r['fits_on_daemons']:.3f}", f"{floor_s:.4f}", f"{fz_s / floor_s:.1f}x",
                          f"{r['rss_growth_per_100'] / 1e6:.2f}",
                          f"{fl_s:.3f} ({fl_s / fz_s:.1f}x fedzmq)" if fl_s else "not run"])
-        say("\n" + table(["clients x params", "per round", "fedzmq s/round (median)", "daemons' fit s (sum)",
-                          "floor s", "fedzmq / floor", "coordinator RSS MB per 100 clients",
+        say("\n" + table(["clients x params", "per round", "local steps", "fedzmq s/round (median)",
+                          "daemons' fit s (sum)", "floor s", "fedzmq / floor", "coordinator RSS MB per 100 clients",
                           "Flower s/round"], rows) + "\n")
         say(f"{machine_line()}; {DAEMONS} daemons; 1-min load average before/after: "
             f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
+        if "small" in setups:
+            load = os.getloadavg()[0]
+            say("\nPer-client CPU cost of one SGD step, without daemon or wire: each path in 3 processes of its "
+                "own, interleaved, each 10 passes over 200 clients (medians over the processes):\n")
+            say(table(["fit path", "CPU ms per client (median pass)", "/ torch optimizer", "CPU ms (fastest pass)",
+                       "/ torch optimizer"], fit_cost()))
+            say(f"\n1-min load average before/after: {load:.1f}/{os.getloadavg()[0]:.1f}")
         return 0
     except KeyboardInterrupt:
         return 130

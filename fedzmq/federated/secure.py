@@ -33,7 +33,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, 
 from .strategies import Aggregator, State, Strategy
 
 log = logging.getLogger("fedzmq.federated")
+
+T = TypeVar("T")
 
 
 class SecAgg(Strategy):
@@ -223,11 +225,13 @@ class SecureRound(RoundProtocol):
             outcomes = await asyncio.gather(*(guarded(w, call) for w in workers))
             return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
 
+        wire_config = config.to_wire()  # once: it lists every participant
+
         async def advertise(worker: RemoteWorker) -> Any:
             for attempt in (1, 2):
                 remote = pointers[worker] = await hosted_model(worker, context.model)
                 loaded = await remote.load(broadcast)  # pipelined: the configuration follows at once
-                keys = worker.secagg("advertise", number, config.to_wire(), module=remote.id, client=ids[worker])
+                keys = worker.secagg("advertise", number, wire_config, module=remote.id, client=ids[worker])
                 try:
                     await loaded
                     return await keys
@@ -242,16 +246,20 @@ class SecureRound(RoundProtocol):
             fits[name[ids[worker]]] = await pointers[worker].fit(context.fit.dataset, **fit_kwargs)
 
         advertised = await each(participants, advertise)
-        server.collect_keys(advertised.values())
+        # the server's work (checking keys, routing shares, unmasking) grows with n log n and takes seconds
+        # at a thousand clients: it runs on a thread, so the event loop keeps answering and sending
+        # heartbeats meanwhile (the daemons would otherwise free the sessions: --session-timeout)
+        await off_loop(server.collect_keys, advertised.values())
         alive = [w for w in participants if w in advertised]
         # key sharing overlaps the local fits: each worker's share_keys is queued in its session before its
         # fit, so the keys and shares go round while the workers train. Each worker gets only its
         # neighbours' keys (all of U0's with the complete graph)
-        sharing = {w: w.secagg("share_keys", number, server.keys_for(ids[w])) for w in alive}
+        keys = await off_loop(lambda: {w: server.keys_for(ids[w]) for w in alive})
+        sharing = {w: w.secagg("share_keys", number, keys[w]) for w in alive}
         fitting = {w: asyncio.ensure_future(guarded(w, fit)) for w in alive}
         try:
             shares = await each(alive, lambda w: sharing[w])
-            routed = server.route_shares(shares.values())
+            routed = await off_loop(server.route_shares, shares.values())
             for worker, task in fitting.items():
                 if ids[worker] not in routed:
                     task.cancel()  # out of the round already: its fit no longer matters
@@ -263,12 +271,21 @@ class SecureRound(RoundProtocol):
         # a worker whose fit failed has shared its keys: it drops out before its masked input, and the
         # survivors' shares remove its masks
         alive = [w for w in alive if ids[w] in routed and name[ids[w]] in fits]
-        masked = await each(alive, lambda w: w.secagg("masked_input", number, routed[ids[w]], module=pointers[w].id))
-        server.collect_masked(masked.values())
+
+        async def masked_input(worker: RemoteWorker) -> None:
+            """Its masked vector, added into the server's ring sum as it arrives (a numpy add, cheap on the
+            loop) and dropped: the coordinator never holds a thousand of them at once. A malformed one
+            changes nothing in the server, and its sender is left out as a drop-out."""
+            server.add_masked(await worker.secagg("masked_input", number, routed[ids[worker]],
+                                                  module=pointers[worker].id))
+
+        await each(alive, masked_input)
+        await off_loop(server.end_masked)
         u2 = set(server.u2)
         alive = [w for w in alive if ids[w] in u2]
-        answers = await each(alive, lambda w: w.secagg("unmask", number, server.request_for(ids[w])))
-        result = server.finish(answers.values())
+        requests = await off_loop(lambda: {w: server.request_for(ids[w]) for w in alive})
+        answers = await each(alive, lambda w: w.secagg("unmask", number, requests[w]))
+        result = await off_loop(server.finish, answers.values())
         for n in result.dropped:  # sent shares, then vanished before their masked input counted
             dropped.setdefault(name[n], "dropped out before its masked update arrived")
         for n in result.excluded:
@@ -298,6 +315,14 @@ class SecureRound(RoundProtocol):
             _apply_mean_update(context.model, strategy, number, float_names, mean)
 
         return RoundOutcome({k: v for k, v in fits.items() if k in survivors}, dropped, commit, facts)
+
+
+async def off_loop(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on a thread of the loop's executor, the loop free meanwhile. Only this round's
+    ``SecAggServer`` is touched there, and the round awaits each step before the next, so the server is
+    never used from two threads at once. Cancelled (the round's deadline, a stopped federation), the
+    round stops waiting at once; the step finishes on its thread and its result is dropped with the server."""
+    return await asyncio.to_thread(work, *args)
 
 
 def _apply_mean_update(model: nn.Module, strategy: SecAgg, number: int, float_names: list[str],

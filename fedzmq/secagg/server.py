@@ -84,6 +84,7 @@ class SecAggServer:
         self._stage = "keys"
         self._aborted: SecAggAborted | None = None
         self._keys: dict[int, tuple[bytes, bytes]] = {}  # U0: id -> (c_pk, s_pk)
+        self._public_keys: set[bytes] = set()  # every key of U0 (a key used twice is refused)
         self._shares: dict[int, dict[int, bytes]] = {}  # U1: sender -> receiver -> ciphertext
         self._b_commit: dict[int, bytes] = {}
         self._sum: np.ndarray | None = None
@@ -92,6 +93,8 @@ class SecAggServer:
         self._result: SecAggResult | None = None
         self._broadcast_keys: KeysMsg | None = None
         self._dropped: list[int] = []
+        self._u2_set: set[int] = set()
+        self._dropped_set: set[int] = set()
 
     # ---- bookkeeping
 
@@ -140,9 +143,10 @@ class SecAggServer:
             raise SecAggProtocolError("advertised twice", i)
         c_pk = as_bytes(msg["c_pk"], "c_pk", i, length=32)
         s_pk = as_bytes(msg["s_pk"], "s_pk", i, length=32)
-        if c_pk == s_pk or any(k in (c_pk, s_pk) for pair in self._keys.values() for k in pair):
+        if c_pk == s_pk or c_pk in self._public_keys or s_pk in self._public_keys:
             raise SecAggProtocolError("public key already in use", i)
         self._keys[i] = (c_pk, s_pk)
+        self._public_keys.update((c_pk, s_pk))
 
     def end_advertise(self) -> KeysMsg | None:
         """Close round 0. Send ``keys_for(i)`` to each ``i`` in U0; with the complete graph that is the
@@ -156,12 +160,12 @@ class SecAggServer:
                                 "keys": [[i, c, s] for i, (c, s) in sorted(self._keys.items())]}
         return self._broadcast_keys
 
-    def _local(self, i: int, members: Iterable[int]) -> list[int]:
-        """``members`` restricted to ``i``'s neighbourhood (``i`` included), sorted."""
+    def _local(self, i: int, members: set[int] | frozenset[int] | Mapping[int, Any]) -> list[int]:
+        """``members`` restricted to ``i``'s neighbourhood (``i`` included), sorted: O(k) for a
+        neighbourhood of k (members is a set or map), not O(n), as it is asked for every client."""
         if self.config.complete:
             return sorted(members)
-        hood = self.config.neighbourhood(i)
-        return sorted(j for j in members if j in hood)
+        return sorted(j for j in self.config.neighbourhood(i) if j in members)
 
     def keys_for(self, client_id: int) -> KeysMsg:
         """Round 0's message for one client of U0: the public keys of its neighbourhood in U0 (its own
@@ -208,7 +212,7 @@ class SecAggServer:
         self._stage = "masked"
         routed: dict[int, RoutedSharesMsg] = {}
         for j in u1:
-            local = self._local(j, u1)  # the neighbours of j that sent shares: j masks against them only
+            local = self._local(j, self._shares)  # the neighbours of j that sent shares: j masks against them only
             routed[j] = {"v": VERSION, "type": "secagg.routed", "to": j, "u1": local,
                          "shares": [[i, self._shares[i][j]] for i in local if i != j]}
         return routed
@@ -228,7 +232,7 @@ class SecAggServer:
         i = as_id(msg["from"], "from")
         if i not in self._shares:
             raise SecAggProtocolError("sent a masked input without being in U1", i)
-        if i in self._u2:
+        if i in self._u2_set:
             raise SecAggProtocolError("sent a masked input twice", i)
         data = msg["masked"]
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -242,6 +246,7 @@ class SecAggServer:
             self._sum = np.zeros(cfg.masked_length, dtype=cfg.ring_dtype)
         self._sum += y
         self._u2.append(i)
+        self._u2_set.add(i)
 
     def end_masked(self) -> UnmaskRequestMsg | None:
         """Close round 2; U2 is who sent masked inputs. Send ``request_for(i)`` to each ``i`` in U2; with
@@ -252,7 +257,8 @@ class SecAggServer:
         self._expect("masked")
         self._check_count(len(self._u2), "sent masked inputs", "MaskedInputCollection")
         self._u2.sort()
-        self._dropped = sorted(set(self._shares) - set(self._u2))
+        self._dropped = sorted(set(self._shares) - self._u2_set)
+        self._dropped_set = set(self._dropped)
         if not self.config.complete:
             survivors = set(self._u2)
             for j in sorted(self._shares):
@@ -267,12 +273,12 @@ class SecAggServer:
         """Round 3's request for one survivor: the survivors and the dropped of its neighbourhood (with
         the complete graph, all of U2 and all the dropped)."""
         self._expect("unmask")
-        if client_id not in self._u2:
+        if client_id not in self._u2_set:
             raise SecAggProtocolError("is not in U2", client_id)
         if self.config.complete:
             return {"v": VERSION, "type": "secagg.unmask_request", "u2": list(self._u2), "dropped": list(self._dropped)}
-        return {"v": VERSION, "type": "secagg.unmask_request", "u2": self._local(client_id, self._u2),
-                "dropped": self._local(client_id, self._dropped)}
+        return {"v": VERSION, "type": "secagg.unmask_request", "u2": self._local(client_id, self._u2_set),
+                "dropped": self._local(client_id, self._dropped_set)}
 
     def collect_masked(self, msgs: Iterable[MaskedMsg | Mapping[str, Any]]) -> UnmaskRequestMsg | None:
         for msg in msgs:
@@ -285,13 +291,14 @@ class SecAggServer:
         self._expect("unmask")
         msg = check_message(msg, "secagg.unmask", {"from", "b_shares", "s_shares"})
         i = as_id(msg["from"], "from")
-        if i not in self._u2:
+        if i not in self._u2_set:
             raise SecAggProtocolError("answered the unmask request without being in U2", i)
         if i in self._unmask:
             raise SecAggProtocolError("answered the unmask request twice", i)
         b_entries = as_pairs(msg["b_shares"], "b_shares", i)
         s_entries = as_pairs(msg["s_shares"], "s_shares", i)
-        if set(b_entries) != set(self._local(i, self._u2)) or set(s_entries) != set(self._local(i, self._dropped)):
+        if set(b_entries) != set(self._local(i, self._u2_set)) \
+                or set(s_entries) != set(self._local(i, self._dropped_set)):
             raise SecAggProtocolError("unmask answer must hold b-shares of exactly U2 and s-shares of exactly the "
                                       "dropped (of its neighbourhood, with SecAgg+)", i)
         parsed = []
@@ -332,7 +339,7 @@ class SecAggServer:
                 s_sk = shamir.recover(s_shares[j], cfg.threshold, verify=False)
                 if crypto.public_key_of(s_sk) != self._keys[j][1]:
                     raise SecAggProtocolError("reconstructed mask key does not match its public key", j)
-                for i in self._local(j, u2):  # only j's surviving neighbours masked against j
+                for i in self._local(j, self._u2_set):  # only j's surviving neighbours masked against j
                     # survivor i added +PRG(s_ij) if i < j, else -PRG(s_ij): remove it
                     crypto.add_prg(total, pairwise_seed(s_sk, self._keys[i][1], j, i, cfg), -1 if i < j else 1)
         except SecAggProtocolError as exc:  # includes ShamirError: inconsistent or corrupted shares

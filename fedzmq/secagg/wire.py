@@ -3,9 +3,10 @@
 The messages are plain data (``fedzmq.secagg.messages``): msgpack with ``use_bin_type=True`` carries
 them as they are (``pack``/``unpack``/``roundtrip`` below). fedzmq's own codec differs in two ways: it
 accepts no ``bytes`` values, and its header is capped (4 MiB by default), too small for a masked vector
-of a million parameters. ``to_codec`` therefore turns every bytes value into a uint8 tensor, which the
-codec sends as its own zero-copy frame, and ``from_codec`` turns uint8 tensors back into bytes. Both
-are pure and recursive; validation stays with the receiving ``SecAggClient``/``SecAggServer``.
+of a million parameters. ``to_codec`` therefore packs a message's small values with msgpack into one
+uint8 tensor, which the codec sends as its own zero-copy frame, and gives each large buffer a frame of
+its own; ``from_codec`` unpacks it. Both are pure; validation stays with the receiving
+``SecAggClient``/``SecAggServer``.
 """
 
 from __future__ import annotations
@@ -35,28 +36,72 @@ def roundtrip(msg: Any) -> Any:
 #: bytes values above this size are not copied by ``from_codec`` (masked vectors, not keys or shares)
 VIEW_ABOVE = 1 << 16
 
+#: the one key of a message ``to_codec`` packed: its msgpack bytes (with the large buffers as
+#: ``BIG_EXT`` references into ``BIG_KEY``'s list), as one uint8 tensor
+PACKED_KEY = "secagg.packed"
+BIG_KEY = "secagg.big"
+#: the msgpack extension type code of a reference to a large buffer (4-byte big-endian index)
+BIG_EXT = 1
+
 
 def to_codec(value: Any) -> Any:
-    """Replace every bytes value by a uint8 tensor over the same bytes (for ``fedzmq.codec``). Writable
-    buffers (a client's masked vector) are wrapped without copying; ``bytes`` are immutable and copied."""
-    if isinstance(value, memoryview) and not value.readonly and value.contiguous:
-        data = value.cast("B") if value.format != "B" else value
-        return torch.frombuffer(data, dtype=torch.uint8) if data.nbytes else torch.empty(0, dtype=torch.uint8)
+    """A message ready for ``fedzmq.codec``: its small values (ids, keys, ciphertexts, shares) packed with
+    plain msgpack into one uint8 tensor, the codec's own zero-copy frame, and each large buffer (a
+    masked vector above ``VIEW_ABOVE`` bytes) in a frame of its own, not copied when it is writable.
+
+    One frame per message, not one per key: a SecAgg+ message holds a key, ciphertext or share per
+    neighbour (about 70 at a thousand clients), and the codec's cost per tensor, on the coordinator and
+    on the daemons, made those small tensors most of a secure round's time."""
+    big: list[torch.Tensor] = []
+    packed = msgpack.packb(_divert(value, big), use_bin_type=True)
+    return {PACKED_KEY: torch.frombuffer(bytearray(packed), dtype=torch.uint8), BIG_KEY: big}
+
+
+def _divert(value: Any, big: list[torch.Tensor]) -> Any:
+    """``value`` with every buffer above ``VIEW_ABOVE`` bytes moved to ``big`` (as a uint8 tensor) and
+    replaced by a ``BIG_EXT`` reference; lists for tuples, as msgpack reads them back."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        copy = bytearray(value)
-        return torch.frombuffer(copy, dtype=torch.uint8) if copy else torch.empty(0, dtype=torch.uint8)
+        data = memoryview(value)
+        if data.nbytes <= VIEW_ABOVE:
+            return value
+        big.append(_uint8(data))
+        return msgpack.ExtType(BIG_EXT, (len(big) - 1).to_bytes(4, "big"))
     if isinstance(value, dict):
-        return {k: to_codec(v) for k, v in value.items()}
+        return {k: _divert(v, big) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_codec(v) for v in value]
+        return [_divert(v, big) for v in value]
     return value
 
 
+def _uint8(data: memoryview) -> torch.Tensor:
+    """A uint8 tensor over ``data``: without a copy when it is a writable contiguous buffer."""
+    if not data.readonly and data.contiguous:
+        flat = data.cast("B") if data.format != "B" else data
+        return torch.frombuffer(flat, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def from_codec(value: Any) -> Any:
-    """Inverse of ``to_codec``: every 1-D uint8 tensor becomes bytes, or, above ``VIEW_ABOVE`` bytes, a
-    read-only memoryview of the received frame (no copy of a masked vector). Other tensors are left
-    alone (the receiving parser rejects them)."""
-    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+    """Inverse of ``to_codec``: the packed message unpacked, each reference to a large buffer a read-only
+    memoryview of its received frame (no copy of a masked vector). A malformed packing (not a uint8
+    tensor, an unknown extension, a reference out of range) raises ``ValueError``; the receiving
+    parser validates the message itself. Values not packed (an older sender) are converted as before:
+    every 1-D uint8 tensor becomes bytes, or a read-only view above ``VIEW_ABOVE`` bytes."""
+    if isinstance(value, dict) and PACKED_KEY in value:
+        packed, big = value[PACKED_KEY], value.get(BIG_KEY, [])
+        if set(value) - {PACKED_KEY, BIG_KEY} or not _is_bytes_tensor(packed) or not isinstance(big, list) \
+                or not all(_is_bytes_tensor(t) for t in big):
+            raise ValueError("malformed packed secure-aggregation message")
+
+        def ext_hook(code: int, data: bytes) -> Any:
+            index = int.from_bytes(data, "big") if code == BIG_EXT and len(data) == 4 else -1
+            if not 0 <= index < len(big):
+                raise ValueError("malformed packed secure-aggregation message")
+            return big[index].contiguous().numpy().data.toreadonly()
+
+        return msgpack.unpackb(packed.contiguous().numpy().tobytes(), raw=False, strict_map_key=True,
+                               use_list=True, ext_hook=ext_hook)
+    if _is_bytes_tensor(value):
         array = value.contiguous().numpy()
         return array.data.toreadonly() if array.nbytes > VIEW_ABOVE else array.tobytes()
     if isinstance(value, dict):
@@ -64,3 +109,7 @@ def from_codec(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [from_codec(v) for v in value]
     return value
+
+
+def _is_bytes_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1

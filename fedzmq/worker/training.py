@@ -15,7 +15,7 @@ import hmac
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import budget
 from ..errors import BadRequest, LimitExceeded, PermissionDenied
-from ..optimizers import OPTIMIZERS, check_hyper
+from ..optimizers import OPTIMIZERS, PlainSGD, check_hyper, plain_sgd_applies
 from .datasets import Dataset
 
 #: losses ``fit`` and ``evaluate`` accept, by name
@@ -59,8 +59,28 @@ def loss_function(name: str) -> Any:
     return LOSSES[name]
 
 
-def make_optimizer(spec: dict[str, Any], module: nn.Module) -> torch.optim.Optimizer:
-    """An optimizer from ``{"cls": "SGD", "lr": 0.1, ...}``, hyper-parameters checked against the allowlist."""
+class Trainee:
+    """A module about to be fitted, with what every fit over it needs found once: its parameters (a walk
+    of its submodules) and its training mode. A daemon hosting many clients fits the same module for
+    each of them in turn, and these walks cost as much as a small model's training step."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        #: every parameter, in ``module.parameters()`` order: the optimizer's one group
+        self.params = list(module.parameters())
+        #: the parameters that train (FedProx's anchor)
+        self.trainable = [p for p in self.params if p.requires_grad]
+        self._training = False
+
+    def train(self) -> None:
+        """``module.train()``, once: every fit (and ``_row_loss``, which restores it) leaves it so."""
+        if not self._training:
+            self.module.train()
+            self._training = True
+
+
+def check_optimizer(spec: Any) -> tuple[str, dict[str, Any]]:
+    """The allowlisted optimizer class name and hyper-parameters of ``{"cls": "SGD", "lr": 0.1, ...}``."""
     if not isinstance(spec, dict):
         raise BadRequest.new("optimizer must be a map like {'cls': 'SGD', 'lr': 0.1}")
     name = spec.get("cls")
@@ -68,7 +88,18 @@ def make_optimizer(spec: dict[str, Any], module: nn.Module) -> torch.optim.Optim
         raise BadRequest.new(f"optimizer {name!r} is not on the allowlist {sorted(OPTIMIZERS)}")
     hyper = {k: v for k, v in spec.items() if k != "cls"}
     check_hyper(name, hyper)
-    return OPTIMIZERS[name][0](module.parameters(), **hyper)
+    return name, hyper
+
+
+def make_optimizer(spec: dict[str, Any], module: nn.Module | Trainee) -> Any:
+    """An optimizer from ``{"cls": "SGD", "lr": 0.1, ...}``, hyper-parameters checked against the allowlist.
+    Plain SGD is ``PlainSGD`` (the same results as ``torch.optim.SGD``, bit for bit, at a fraction of
+    its cost per fit); the others are ``torch.optim``'s."""
+    name, hyper = check_optimizer(spec)
+    params = module.params if isinstance(module, Trainee) else list(module.parameters())
+    if plain_sgd_applies(name, hyper):
+        return PlainSGD(params, **hyper)
+    return OPTIMIZERS[name][0](params, **hyper)
 
 
 def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
@@ -110,21 +141,32 @@ def plan_steps(terms: Terms, rows: int, batch_size: int, epochs: int | None, ste
 
 def batches(terms: Terms, rows: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """One epoch's batches of row indexes: shuffled, and without a remainder smaller than the minimum."""
+    return [index for index, _ in epoch(terms, rows, batch_size, generator)]
+
+
+def epoch(terms: Terms, rows: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, int]]:
+    """``batches`` one at a time, each with its size: the shuffle is drawn at once (the same draws as
+    ``batches``), the slices only as a fit takes them (one step of a 100-row shard needs one)."""
     order = torch.randperm(rows, generator=generator)
     batch_size = min(batch_size, rows)
-    out = [order[start:start + batch_size] for start in range(0, rows, batch_size)]
-    return [index for index in out if len(index) >= terms.min_batch]
+    for start in range(0, rows, batch_size):
+        size = min(batch_size, rows - start)
+        if size >= terms.min_batch:
+            yield order[start:start + size], size
 
 
 #: the metrics a fit returns, in this order where they travel as a list (a fit over many clients)
 METRICS = ("loss", "samples_seen", "num_examples", "steps", "seconds")
 
 
-def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
-        optimizer: torch.optim.Optimizer | dict[str, Any], batch_size: int, epochs: int | None, steps: int | None,
+def fit(module: nn.Module | Trainee, dataset: Dataset, terms: Terms, *, loss: str,
+        optimizer: Any, batch_size: int, epochs: int | None, steps: int | None,
         prox_mu: float, seed: int, salt: str = "") -> dict[str, Any]:
     """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss.
-    ``optimizer`` is one, or its description (made only when there is a step to take)."""
+    ``optimizer`` is one, or its description (made only when there is a step to take). A ``Trainee``
+    (a module prepared once for many fits) saves each fit its walks of the module."""
+    trainee = module if isinstance(module, Trainee) else Trainee(module)
+    model = trainee.module
     if len(dataset) == 0:
         raise BadRequest.new(f"dataset {dataset.name} is empty")
     loss_fn = loss_function(loss)
@@ -132,29 +174,30 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
     if total_steps == 0:
         return {"loss": 0.0, "samples_seen": 0, "num_examples": len(dataset), "steps": 0, "seconds": 0.0}
     if isinstance(optimizer, dict):
-        optimizer = make_optimizer(optimizer, module)
-    params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = make_optimizer(optimizer, trainee)
+    params = trainee.trainable
     anchor = [p.detach().clone() for p in params] if prox_mu else []
     generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed, salt))
-    module.train()
+    trainee.train()
     started = time.perf_counter()
     loss_sum, seen, done = 0.0, 0, 0
     trained: list[torch.Tensor] = []  # the indexes of the last epoch's worth of batches (for row_metrics)
+    features, labels = dataset.features, dataset.labels
     while done < total_steps:
-        for index in batches(terms, len(dataset), batch_size, generator):
+        for index, size in epoch(terms, len(dataset), batch_size, generator):
             if done == total_steps:
                 break
             budget.check()
-            x, y = dataset.features[index], _labels_for(loss, dataset.labels[index])
+            x, y = features[index], _labels_for(loss, labels[index])
             optimizer.zero_grad()
-            value = loss_fn(module(x), y)
+            value = loss_fn(model(x), y)
             objective = value
             if prox_mu:
                 objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             objective.backward()
             optimizer.step()
-            loss_sum += value.item() * len(index)
-            seen += len(index)
+            loss_sum += value.item() * size
+            seen += size
             done += 1
             if terms.row_metrics:
                 trained.append(index)
@@ -164,7 +207,7 @@ def fit(module: nn.Module, dataset: Dataset, terms: Terms, *, loss: str,
         raise FloatingPointError(f"training diverged on {dataset.name}: the loss is not finite")
     mean_loss = loss_sum / seen if seen else 0.0
     if terms.row_metrics:
-        mean_loss = _row_loss(module, dataset, torch.cat(trained), loss, loss_fn)
+        mean_loss = _row_loss(model, dataset, torch.cat(trained), loss, loss_fn)
     return {"loss": mean_loss, "samples_seen": seen, "num_examples": len(dataset),
             "steps": done, "seconds": time.perf_counter() - started}
 

@@ -77,6 +77,7 @@ def fit_clients(context: Context, binding: Binding) -> Any:
         raise BadRequest.new("a fit over many clients replies with their trained states (reply_state=True)")
     current = module.state_dict()  # views of the module's own tensors: they follow every step
     start = {name: tensor.clone() for name, tensor in current.items()}
+    trainee = training.Trainee(module)  # its walks of the module once, for all the clients
     combine = bool(args.get("combine"))
     sums: dict[str, torch.Tensor] = {}
     metrics: dict[str, Any] = {}
@@ -89,7 +90,7 @@ def fit_clients(context: Context, binding: Binding) -> Any:
                 tensor.copy_(start[name])
         try:
             dataset = context.dataset(binding.session, args["dataset"], client)
-            result = training.fit(module, dataset, context.terms, loss=args["loss"], optimizer=args["optimizer"],
+            result = training.fit(trainee, dataset, context.terms, loss=args["loss"], optimizer=args["optimizer"],
                                   batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                                   prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client)
         except LimitExceeded:  # out of time: the whole command stops
