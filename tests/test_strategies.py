@@ -884,3 +884,38 @@ async def test_a_federation_round_past_the_held_bytes_budget_fails_and_leaves_th
     finally:
         for w in workers:
             await w.close()
+
+
+def test_weighted_mean_of_pieces_across_blocks_is_the_float64_formula_bit_for_bit_in_any_order() -> None:
+    """The blocked fold (``SCRATCH_BLOCK``-element steps through scratch buffers, one dtype per operation)
+    gives exactly ``g + sum(n_i * (x_i - g)) / sum(n_i)`` computed whole in float64, for entries bigger
+    than a block, pieces cut at odd places, and any arrival order of the updates and of their pieces."""
+    from fedzmq.federated.aggregators import SCRATCH_BLOCK, WeightedMeanAggregator
+
+    gen = torch.Generator().manual_seed(3)
+    size = 2 * SCRATCH_BLOCK + 1234
+    g = {"w": torch.randn(size, generator=gen), "b": torch.randn(7, generator=gen)}
+    updates = [({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in g.items()}, n) for n in (3, 5, 11, 2)]
+    acc = {k: torch.zeros(v.numel(), dtype=torch.float64) for k, v in g.items()}
+    for state, n in updates:  # the reference: whole tensors, the same float64 operations
+        for k, v in state.items():
+            acc[k].add_(v.reshape(-1).double() - g[k].reshape(-1).double(), alpha=n)
+    total = sum(n for _, n in updates)
+    expected = {k: (g[k].reshape(-1).double() + acc[k] / total).float() for k in g}
+    rng = random.Random(0)
+    cuts = [0, 17, SCRATCH_BLOCK - 5, SCRATCH_BLOCK + 9, 2 * SCRATCH_BLOCK + 1000, size]
+    results = []
+    for _ in range(3):
+        agg = WeightedMeanAggregator(g)
+        for state, n in rng.sample(updates, len(updates)):
+            receiver = agg.receive(n)
+            pieces = [("b", 0, state["b"])] + [("w", lo, state["w"][lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+            for name, start, values in rng.sample(pieces, len(pieces)):
+                receiver.add_slice(name, start, values)
+            receiver.end()
+        out = {k: torch.empty_like(v) for k, v in g.items()}
+        agg.write_result(out)
+        results.append(out)
+        for k in g:
+            assert torch.equal(out[k], expected[k]), k
+    assert torch.equal(results[0]["w"], results[1]["w"])

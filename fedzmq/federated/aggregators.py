@@ -48,17 +48,18 @@ class WeightedMeanAggregator(Aggregator):
         #: They cannot be taken out again (that would need the update in memory), so their elements are
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
-        #: per thread and dtype, one buffer of at most ``RESULT_BLOCK`` elements for the arithmetic of
-        #: folds and of the result (pieces fold on the event loop and on one fold thread at once)
-        self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        #: per thread and dtype, two buffers of ``SCRATCH_BLOCK`` elements for the arithmetic of folds
+        #: and of the result (pieces fold on the event loop and on one fold thread at once)
+        self._scratches: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _scratch(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A buffer of ``numel`` (<= ``RESULT_BLOCK``) elements that only this thread uses, reused."""
+    def _scratch(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two buffers of ``SCRATCH_BLOCK`` elements that only this thread uses, reused."""
         key = (threading.get_ident(), dtype)
-        buffer = self._scratches.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._scratches[key] = torch.empty(max(numel, min(RESULT_BLOCK, 1 << 16)), dtype=dtype)
-        return buffer[:numel]
+        buffers = self._scratches.get(key)
+        if buffers is None:
+            buffers = self._scratches[key] = (torch.empty(SCRATCH_BLOCK, dtype=dtype),
+                                              torch.empty(SCRATCH_BLOCK, dtype=dtype))
+        return buffers
 
     accepts_sums = True
 
@@ -79,15 +80,18 @@ class WeightedMeanAggregator(Aggregator):
                                                           else False))
         target = acc.view(-1)[start:start + values.numel()]
         if ref.is_floating_point():
-            # block by block through a scratch buffer kept for the round: the same arithmetic as
-            # ``target += weight * (values.to(acc.dtype) - ref)``, without a fresh piece-sized float64
-            # temporary (and its page faults) per piece
+            # block by block through two scratch buffers kept for the round: the same arithmetic as
+            # ``target += weight * (values.to(acc.dtype) - ref)``, bit for bit (float32 -> float64 is
+            # exact), with every operation on one dtype (a mixed-dtype one is ~4x slower) and on blocks
+            # that stay in the cache, without a fresh float64 temporary (and its page faults) per piece
             flat_ref = ref.reshape(-1)[start:start + values.numel()]
-            for lo in range(0, values.numel(), RESULT_BLOCK):
-                hi = min(lo + RESULT_BLOCK, values.numel())
-                delta = self._scratch(acc.dtype, hi - lo)
+            delta_buffer, ref_buffer = self._scratch(acc.dtype)
+            for lo in range(0, values.numel(), SCRATCH_BLOCK):
+                hi = min(lo + SCRATCH_BLOCK, values.numel())
+                delta, wide_ref = delta_buffer[:hi - lo], ref_buffer[:hi - lo]
                 delta.copy_(values[lo:hi])
-                delta.sub_(flat_ref[lo:hi])
+                wide_ref.copy_(flat_ref[lo:hi])
+                delta.sub_(wide_ref)
                 target[lo:hi].add_(delta, alpha=weight)
         else:
             torch.maximum(target, values.to(ref.dtype), out=target)
@@ -98,12 +102,15 @@ class WeightedMeanAggregator(Aggregator):
         if not ref.is_floating_point():
             return acc
         if name not in self._partial:
-            if acc.numel() > RESULT_BLOCK:  # (whole entries, for ``mean``: no scratch that big is kept)
+            if acc.numel() > SCRATCH_BLOCK:  # (whole entries, for ``mean``: no scratch that big is kept)
                 return ref.to(acc.dtype) + acc / self._total
             # ``ref.to(acc.dtype) + acc / total``, bit for bit (float32 -> float64 is exact and the sum
-            # commutes), in the scratch buffer instead of three fresh temporaries; the caller copies it
-            out = torch.div(acc, self._total, out=self._scratch(acc.dtype, acc.numel()))
-            return out.add_(ref)
+            # commutes), in the scratch buffers instead of three fresh temporaries; the caller copies it
+            out_buffer, ref_buffer = self._scratch(acc.dtype)
+            out = torch.div(acc, self._total, out=out_buffer[:acc.numel()])
+            wide_ref = ref_buffer[:ref.numel()]
+            wide_ref.copy_(ref)
+            return out.add_(wide_ref)
         weights = torch.full((ref.numel(),), float(self._total), dtype=acc.dtype)
         for start, length, weight in self._partial[name]:
             begin, end = max(start, lo), min(start + length, lo + ref.numel())
@@ -122,8 +129,8 @@ class WeightedMeanAggregator(Aggregator):
         with torch.no_grad():
             for name in self._acc:
                 target = into[name].view(-1)
-                for lo in range(0, target.numel(), RESULT_BLOCK):
-                    hi = min(lo + RESULT_BLOCK, target.numel())
+                for lo in range(0, target.numel(), SCRATCH_BLOCK):
+                    hi = min(lo + SCRATCH_BLOCK, target.numel())
                     target[lo:hi].copy_(self._entry_mean(name, lo, hi))
 
     def mean(self) -> State:
@@ -190,8 +197,9 @@ class _SumReceiver(_MeanReceiver):
         self.aggregator._count += self.count - 1
 
 
-#: elements of an entry of the mean computed at once (the float64 scratch stays small)
-RESULT_BLOCK = 1 << 20
+#: elements of a fold or of the mean computed at once: two float64 scratch buffers of 256 KiB, which
+#: stay in the cache and in the allocator's heap (no fresh pages to fault in every round)
+SCRATCH_BLOCK = 1 << 15
 
 
 def sum_dtype(ref: torch.Tensor) -> torch.dtype:
