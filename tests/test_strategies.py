@@ -919,3 +919,45 @@ def test_weighted_mean_of_pieces_across_blocks_is_the_float64_formula_bit_for_bi
         for k in g:
             assert torch.equal(out[k], expected[k]), k
     assert torch.equal(results[0]["w"], results[1]["w"])
+
+
+def test_fedavg_reuses_a_finished_rounds_sums_and_never_a_live_ones() -> None:
+    """A FedAvg strategy hands a round the sums of its last finished round (zeroed again), never those of
+    an aggregator still alive: rounds run side by side and one after the other give what a fresh
+    strategy gives, bit for bit, integer entries (a maximum) included."""
+    import gc
+
+    from fedzmq.federated.aggregators import SumRecycler
+
+    recycler, ref = SumRecycler(), torch.ones(3)
+    kept = torch.full((3,), 5.0, dtype=torch.float64)
+    recycler.keep({"w": kept, "n": torch.tensor(7)})
+    again = recycler.take("w", ref)
+    assert again is kept and torch.equal(again, torch.zeros(3, dtype=torch.float64))
+    assert recycler.take("w", ref) is not kept  # handed out once
+    assert recycler.take("n", torch.tensor(1)).item() == torch.iinfo(torch.int64).min  # a max starts at the least
+    recycler.keep({"w": kept})
+    assert recycler.take("w", torch.ones(4)).shape == (4,)  # another shape: a fresh one
+
+    gen = torch.Generator().manual_seed(1)
+    g = {"w": torch.randn(5, 3, generator=gen), "n": torch.tensor(2)}
+
+    def updates(seed: int) -> list[tuple[State, int]]:
+        gen.manual_seed(seed)
+        return [({"w": g["w"] + torch.randn(5, 3, generator=gen), "n": torch.tensor(seed + i)}, 2 + i)
+                for i in range(3)]
+
+    strategy = FedAvg()
+    side_by_side = [strategy.begin_round(1, g), strategy.begin_round(1, g)]
+    for seed, aggregator in zip((10, 20), side_by_side):
+        for state, n in updates(seed):
+            aggregator.add(state, n)
+    for seed, aggregator in zip((10, 20), side_by_side):
+        expected = FedAvg().aggregate(1, g, updates(seed))
+        assert all(torch.equal(aggregator.result()[k], expected[k]) for k in g)
+    del side_by_side, aggregator
+    gc.collect()
+    for seed in (30, 40, 50):  # each round after the last one's aggregator is gone: its sums reused
+        result = strategy.aggregate(seed, g, updates(seed))
+        expected = FedAvg().aggregate(seed, g, updates(seed))
+        assert all(torch.equal(result[k], expected[k]) for k in g), seed

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,11 +39,17 @@ class WeightedMeanAggregator(Aggregator):
     give the same model, bit for bit, whatever the arrival order (the chance that they do not, an
     element's float64 sum landing within its rounding error of a float32 rounding boundary, is of the
     order of 1e-10 per element and round). Memory: the global model, the float64 sum (two float32
-    copies' worth) and the pieces in flight, whatever the number of workers."""
+    copies' worth) and the pieces in flight, whatever the number of workers.
 
-    def __init__(self, global_state: State) -> None:
+    ``sums``: where the running sums come from and go back to when this aggregator is gone (a strategy
+    keeps one for its rounds): fresh ones cost a page fault per 4 KiB every round."""
+
+    def __init__(self, global_state: State, sums: "SumRecycler | None" = None) -> None:
         super().__init__(global_state)
         self._acc: State = {}
+        self._sums = sums
+        if sums is not None:
+            weakref.finalize(self, sums.keep, self._acc)
         self._total = 0
         #: pieces folded in by updates that broke off mid-download: (start, length, weight) per entry.
         #: They cannot be taken out again (that would need the update in memory), so their elements are
@@ -73,11 +80,7 @@ class WeightedMeanAggregator(Aggregator):
 
     def _fold(self, name: str, start: int, values: torch.Tensor, weight: int) -> None:
         ref, values = self._check_slice(name, start, values)
-        acc = self._acc.get(name)
-        if acc is None:
-            acc = self._acc[name] = (torch.zeros_like(ref, dtype=sum_dtype(ref)) if ref.is_floating_point()
-                                     else torch.full_like(ref, torch.iinfo(ref.dtype).min if ref.dtype != torch.bool
-                                                          else False))
+        acc = self._sum(name, ref)
         target = acc.view(-1)[start:start + values.numel()]
         if ref.is_floating_point():
             # block by block through two scratch buffers kept for the round: the same arithmetic as
@@ -95,6 +98,13 @@ class WeightedMeanAggregator(Aggregator):
                 target[lo:hi].add_(delta, alpha=weight)
         else:
             torch.maximum(target, values.to(ref.dtype), out=target)
+
+    def _sum(self, name: str, ref: torch.Tensor) -> torch.Tensor:
+        """The running sum of one entry: zeros (non-float entries: their dtype's least value) at first."""
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = self._sums.take(name, ref) if self._sums is not None else fresh_sum(ref)
+        return acc
 
     def _entry_mean(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Elements [lo, hi) of one entry of the mean, flat, in float64 (non-float entries: the max)."""
@@ -179,11 +189,7 @@ class _SumReceiver(_MeanReceiver):
     def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
         aggregator = self.aggregator
         ref, values = aggregator._check_slice(name, start, values)
-        acc = aggregator._acc.get(name)
-        if acc is None:
-            acc = aggregator._acc[name] = (torch.zeros_like(ref, dtype=sum_dtype(ref)) if ref.is_floating_point()
-                                           else torch.full_like(ref, torch.iinfo(ref.dtype).min
-                                                                if ref.dtype != torch.bool else False))
+        acc = aggregator._sum(name, ref)
         target = acc.view(-1)[start:start + values.numel()]
         if ref.is_floating_point():
             target.add_(values)
@@ -203,8 +209,47 @@ SCRATCH_BLOCK = 1 << 15
 
 
 def sum_dtype(ref: torch.Tensor) -> torch.dtype:
-    """The dtype the weighted mean's running sum is kept in: float64 (see ``WeightedMeanAggregator``)."""
-    return torch.promote_types(ref.dtype, torch.float64)
+    """The dtype the weighted mean's running sum is kept in: float64 (see ``WeightedMeanAggregator``);
+    a non-float entry's own dtype (its sum is a maximum)."""
+    return torch.promote_types(ref.dtype, torch.float64) if ref.is_floating_point() else ref.dtype
+
+
+class SumRecycler:
+    """The running sums of a strategy's last finished round, handed to its next round instead of fresh
+    ones: a fresh float64 sum is new memory, a page fault per 4 KiB on first touch (for 10^7 parameters,
+    ~37 ms of CPU per round against ~4 ms to zero a reused one). An aggregator's sums come back only
+    when the aggregator itself is gone (``weakref.finalize``), so no two rounds ever share one. It holds
+    one set at most: the coordinator keeps the float64 sum (two float32 model copies) between rounds,
+    and no more than that during one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: State = {}
+
+    def take(self, name: str, ref: torch.Tensor) -> torch.Tensor:
+        """A sum for entry ``name`` like ``ref``: a kept one reset when its shape and dtype match."""
+        with self._lock:
+            kept = self._free.pop(name, None)
+        if kept is not None and kept.shape == ref.shape and kept.dtype == sum_dtype(ref):
+            return kept.fill_(_sum_start(ref))
+        return fresh_sum(ref)
+
+    def keep(self, sums: State) -> None:
+        """Keep a finished round's sums (replacing any kept before)."""
+        with self._lock:
+            self._free = dict(sums)
+
+
+def _sum_start(ref: torch.Tensor) -> float | int | bool:
+    """What a running sum starts at: 0 for float entries, the least value for the others (their max)."""
+    if ref.is_floating_point():
+        return 0
+    return torch.iinfo(ref.dtype).min if ref.dtype != torch.bool else False
+
+
+def fresh_sum(ref: torch.Tensor) -> torch.Tensor:
+    """A new running sum for an entry like ``ref`` (``sum_dtype``), at its start."""
+    return torch.full_like(ref, _sum_start(ref), dtype=sum_dtype(ref))
 
 
 #: A server optimizer step: (global model, weighted mean of the updates in the working dtype) -> new model
