@@ -203,9 +203,9 @@ class _SumReceiver(_MeanReceiver):
         self.aggregator._count += self.count - 1
 
 
-#: elements of a fold or of the mean computed at once: two float64 scratch buffers of 256 KiB, which
+#: elements of a fold or of the mean computed at once: two float64 scratch buffers of 512 KiB, which
 #: stay in the cache and in the allocator's heap (no fresh pages to fault in every round)
-SCRATCH_BLOCK = 1 << 15
+SCRATCH_BLOCK = 1 << 16
 
 
 def sum_dtype(ref: torch.Tensor) -> torch.dtype:
