@@ -80,24 +80,30 @@ class WeightedMeanAggregator(Aggregator):
 
     def _fold(self, name: str, start: int, values: torch.Tensor, weight: int) -> None:
         ref, values = self._check_slice(name, start, values)
-        acc = self._sum(name, ref)
-        target = acc.view(-1)[start:start + values.numel()]
-        if ref.is_floating_point():
-            # block by block through two scratch buffers kept for the round: the same arithmetic as
-            # ``target += weight * (values.to(acc.dtype) - ref)``, bit for bit (float32 -> float64 is
-            # exact), with every operation on one dtype (a mixed-dtype one is ~4x slower) and on blocks
-            # that stay in the cache, without a fresh float64 temporary (and its page faults) per piece
-            flat_ref = ref.reshape(-1)[start:start + values.numel()]
-            delta_buffer, ref_buffer = self._scratch(acc.dtype)
-            for lo in range(0, values.numel(), SCRATCH_BLOCK):
-                hi = min(lo + SCRATCH_BLOCK, values.numel())
-                delta, wide_ref = delta_buffer[:hi - lo], ref_buffer[:hi - lo]
-                delta.copy_(values[lo:hi])
-                wide_ref.copy_(flat_ref[lo:hi])
-                delta.sub_(wide_ref)
-                target[lo:hi].add_(delta, alpha=weight)
-        else:
+        n = values.numel()
+        target, flat_ref = _piece(self._sum(name, ref).view(-1), start, n), _piece(ref.reshape(-1), start, n)
+        if not ref.is_floating_point():
             torch.maximum(target, values.to(ref.dtype), out=target)
+            return
+        # block by block through two scratch buffers kept for the round: the same arithmetic as
+        # ``target += weight * (values.to(float64) - ref)``, bit for bit (float32 -> float64 is exact),
+        # with every operation on one dtype (a mixed-dtype one is ~4x slower) and on blocks that stay in
+        # the cache, without a fresh float64 temporary (and its page faults) per piece. A piece of one
+        # block (every entry of a small model) takes no slicing beyond the scratch's: at 10^4
+        # parameters the Python around the arithmetic is most of a fold's cost
+        delta_buffer, ref_buffer = self._scratch(target.dtype)
+        if n <= SCRATCH_BLOCK:
+            delta, wide_ref = delta_buffer[:n], ref_buffer[:n]
+            delta.copy_(values)
+            wide_ref.copy_(flat_ref)
+            target.add_(delta.sub_(wide_ref), alpha=weight)
+            return
+        for lo in range(0, n, SCRATCH_BLOCK):
+            hi = min(lo + SCRATCH_BLOCK, n)
+            delta, wide_ref = delta_buffer[:hi - lo], ref_buffer[:hi - lo]
+            delta.copy_(values[lo:hi])
+            wide_ref.copy_(flat_ref[lo:hi])
+            target[lo:hi].add_(delta.sub_(wide_ref), alpha=weight)
 
     def _sum(self, name: str, ref: torch.Tensor) -> torch.Tensor:
         """The running sum of one entry: zeros (non-float entries: their dtype's least value) at first."""
@@ -108,7 +114,9 @@ class WeightedMeanAggregator(Aggregator):
 
     def _entry_mean(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Elements [lo, hi) of one entry of the mean, flat, in float64 (non-float entries: the max)."""
-        acc, ref = self._acc[name].view(-1)[lo:hi], self._global[name].reshape(-1)[lo:hi]
+        flat_acc = self._acc[name].view(-1)
+        hi = flat_acc.numel() if hi is None else hi
+        acc, ref = _piece(flat_acc, lo, hi - lo), _piece(self._global[name].reshape(-1), lo, hi - lo)
         if not ref.is_floating_point():
             return acc
         if name not in self._partial:
@@ -141,7 +149,7 @@ class WeightedMeanAggregator(Aggregator):
                 target = into[name].view(-1)
                 for lo in range(0, target.numel(), SCRATCH_BLOCK):
                     hi = min(lo + SCRATCH_BLOCK, target.numel())
-                    target[lo:hi].copy_(self._entry_mean(name, lo, hi))
+                    _piece(target, lo, hi - lo).copy_(self._entry_mean(name, lo, hi))
 
     def mean(self) -> State:
         """sum(n_i * x_i) / sum(n_i) per entry in the working dtype (non-float entries: the max, copied)."""
@@ -238,6 +246,11 @@ class SumRecycler:
         """Keep a finished round's sums (replacing any kept before)."""
         with self._lock:
             self._free = dict(sums)
+
+
+def _piece(flat: torch.Tensor, start: int, numel: int) -> torch.Tensor:
+    """Elements [start, start + numel) of a flat tensor (itself, not a slice, when that is all of it)."""
+    return flat if start == 0 and numel == flat.numel() else flat[start:start + numel]
 
 
 def _sum_start(ref: torch.Tensor) -> float | int | bool:
