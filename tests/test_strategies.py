@@ -961,3 +961,52 @@ def test_fedavg_reuses_a_finished_rounds_sums_and_never_a_live_ones() -> None:
         result = strategy.aggregate(seed, g, updates(seed))
         expected = FedAvg().aggregate(seed, g, updates(seed))
         assert all(torch.equal(result[k], expected[k]) for k in g), seed
+
+
+class _SlowReceiver(UpdateReceiver):
+    """Records when each slice's fold starts and ends (on whatever thread folds it), slowly."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.spans: list[tuple[float, float]] = []
+        self.lock = threading.Lock()
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        import time
+
+        began = time.monotonic()
+        time.sleep(0.05)
+        with self.lock:
+            self.spans.append((began, time.monotonic()))
+
+    def end(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_folder_folds_big_pieces_one_at_a_time_and_close_waits_for_a_cancelled_callers_fold() -> None:
+    """Big pieces fold on the loop's executor threads, never two at once (they may write one sum), and a
+    fold whose caller was cancelled (the round's deadline) still finishes before ``close`` returns, so
+    nothing writes into the aggregate once the round is over."""
+    import asyncio
+
+    from fedzmq.federated.protocols import FOLD_INLINE_NUMEL, Folder
+
+    fold, receiver = Folder(), _SlowReceiver()
+    big = torch.zeros(FOLD_INLINE_NUMEL + 1)
+    await asyncio.gather(*(fold(receiver, "w", 0, big) for _ in range(3)), fold(receiver, "b", 0, torch.zeros(2)))
+    spans = sorted(receiver.spans)
+    assert len(spans) == 4 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one at a time
+
+    receiver.spans.clear()
+    caller = asyncio.ensure_future(fold(receiver, "w", 0, big))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    await asyncio.sleep(0)
+    caller.cancel()  # cancelled again while it waits for its fold: the fold itself cannot be stopped
+    await asyncio.gather(caller, return_exceptions=True)
+    await fold.close()
+    assert len(receiver.spans) == 1  # finished before close returned
