@@ -884,3 +884,129 @@ async def test_a_federation_round_past_the_held_bytes_budget_fails_and_leaves_th
     finally:
         for w in workers:
             await w.close()
+
+
+def test_weighted_mean_of_pieces_across_blocks_is_the_float64_formula_bit_for_bit_in_any_order() -> None:
+    """The blocked fold (``SCRATCH_BLOCK``-element steps through scratch buffers, one dtype per operation)
+    gives exactly ``g + sum(n_i * (x_i - g)) / sum(n_i)`` computed whole in float64, for entries bigger
+    than a block, pieces cut at odd places, and any arrival order of the updates and of their pieces."""
+    from fedzmq.federated.aggregators import SCRATCH_BLOCK, WeightedMeanAggregator
+
+    gen = torch.Generator().manual_seed(3)
+    size = 2 * SCRATCH_BLOCK + 1234
+    g = {"w": torch.randn(size, generator=gen), "b": torch.randn(7, generator=gen)}
+    updates = [({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in g.items()}, n) for n in (3, 5, 11, 2)]
+    acc = {k: torch.zeros(v.numel(), dtype=torch.float64) for k, v in g.items()}
+    for state, n in updates:  # the reference: whole tensors, the same float64 operations
+        for k, v in state.items():
+            acc[k].add_(v.reshape(-1).double() - g[k].reshape(-1).double(), alpha=n)
+    total = sum(n for _, n in updates)
+    expected = {k: (g[k].reshape(-1).double() + acc[k] / total).float() for k in g}
+    rng = random.Random(0)
+    cuts = [0, 17, SCRATCH_BLOCK - 5, SCRATCH_BLOCK + 9, 2 * SCRATCH_BLOCK + 1000, size]
+    results = []
+    for _ in range(3):
+        agg = WeightedMeanAggregator(g)
+        for state, n in rng.sample(updates, len(updates)):
+            receiver = agg.receive(n)
+            pieces = [("b", 0, state["b"])] + [("w", lo, state["w"][lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+            for name, start, values in rng.sample(pieces, len(pieces)):
+                receiver.add_slice(name, start, values)
+            receiver.end()
+        out = {k: torch.empty_like(v) for k, v in g.items()}
+        agg.write_result(out)
+        results.append(out)
+        for k in g:
+            assert torch.equal(out[k], expected[k]), k
+    assert torch.equal(results[0]["w"], results[1]["w"])
+
+
+def test_fedavg_reuses_a_finished_rounds_sums_and_never_a_live_ones() -> None:
+    """A FedAvg strategy hands a round the sums of its last finished round (zeroed again), never those of
+    an aggregator still alive: rounds run side by side and one after the other give what a fresh
+    strategy gives, bit for bit, integer entries (a maximum) included."""
+    import gc
+
+    from fedzmq.federated.aggregators import SumRecycler
+
+    recycler, ref = SumRecycler(), torch.ones(3)
+    kept = torch.full((3,), 5.0, dtype=torch.float64)
+    recycler.keep({"w": kept, "n": torch.tensor(7)})
+    again = recycler.take("w", ref)
+    assert again is kept and torch.equal(again, torch.zeros(3, dtype=torch.float64))
+    assert recycler.take("w", ref) is not kept  # handed out once
+    assert recycler.take("n", torch.tensor(1)).item() == torch.iinfo(torch.int64).min  # a max starts at the least
+    recycler.keep({"w": kept})
+    assert recycler.take("w", torch.ones(4)).shape == (4,)  # another shape: a fresh one
+
+    gen = torch.Generator().manual_seed(1)
+    g = {"w": torch.randn(5, 3, generator=gen), "n": torch.tensor(2)}
+
+    def updates(seed: int) -> list[tuple[State, int]]:
+        gen.manual_seed(seed)
+        return [({"w": g["w"] + torch.randn(5, 3, generator=gen), "n": torch.tensor(seed + i)}, 2 + i)
+                for i in range(3)]
+
+    strategy = FedAvg()
+    side_by_side = [strategy.begin_round(1, g), strategy.begin_round(1, g)]
+    for seed, aggregator in zip((10, 20), side_by_side):
+        for state, n in updates(seed):
+            aggregator.add(state, n)
+    for seed, aggregator in zip((10, 20), side_by_side):
+        expected = FedAvg().aggregate(1, g, updates(seed))
+        assert all(torch.equal(aggregator.result()[k], expected[k]) for k in g)
+    del side_by_side, aggregator
+    gc.collect()
+    for seed in (30, 40, 50):  # each round after the last one's aggregator is gone: its sums reused
+        result = strategy.aggregate(seed, g, updates(seed))
+        expected = FedAvg().aggregate(seed, g, updates(seed))
+        assert all(torch.equal(result[k], expected[k]) for k in g), seed
+
+
+class _SlowReceiver(UpdateReceiver):
+    """Records when each slice's fold starts and ends (on whatever thread folds it), slowly."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.spans: list[tuple[float, float]] = []
+        self.lock = threading.Lock()
+
+    def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
+        import time
+
+        began = time.monotonic()
+        time.sleep(0.05)
+        with self.lock:
+            self.spans.append((began, time.monotonic()))
+
+    def end(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_folder_folds_big_pieces_one_at_a_time_and_close_waits_for_a_cancelled_callers_fold() -> None:
+    """Big pieces fold on the loop's executor threads, never two at once (they may write one sum), and a
+    fold whose caller was cancelled (the round's deadline) still finishes before ``close`` returns, so
+    nothing writes into the aggregate once the round is over."""
+    import asyncio
+
+    from fedzmq.federated.protocols import FOLD_INLINE_NUMEL, Folder
+
+    fold, receiver = Folder(), _SlowReceiver()
+    big = torch.zeros(FOLD_INLINE_NUMEL + 1)
+    await asyncio.gather(*(fold(receiver, "w", 0, big) for _ in range(3)), fold(receiver, "b", 0, torch.zeros(2)))
+    spans = sorted(receiver.spans)
+    assert len(spans) == 4 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one at a time
+
+    receiver.spans.clear()
+    caller = asyncio.ensure_future(fold(receiver, "w", 0, big))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    await asyncio.sleep(0)
+    caller.cancel()  # cancelled again while it waits for its fold: the fold itself cannot be stopped
+    await asyncio.gather(caller, return_exceptions=True)
+    await fold.close()
+    assert len(receiver.spans) == 1  # finished before close returned

@@ -128,7 +128,7 @@ class BufferedAsyncRounds(RoundProtocol):
         for trip in trips:
             trip.cancel()
         await asyncio.gather(*trips, return_exceptions=True)
-        self._fold.close()
+        await self._fold.close()
         self._buffer = None
         self._ready.clear()
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .aggregators import (DEFAULT_MAX_HELD_BYTES, HeldUpdatesAggregator, CyclicAggregator,
-                          ServerStepAggregator, WeightedMeanAggregator)
+                          ServerStepAggregator, SumRecycler, WeightedMeanAggregator)
 from .base import Aggregator, State, Strategy, work_dtype
 from .robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
 
@@ -33,13 +33,16 @@ class FedAvg(Strategy):
 
     Streaming: the aggregator keeps one running weighted sum (``acc.add_(x, alpha=n)``) and divides at the end,
     so coordinator memory stays at three model copies (global + sum + the update being added) however many
-    workers take part."""
+    workers take part. The sum's memory is reused from one round to the next (``SumRecycler``)."""
 
     name = "fedavg"
     aggregates_weighted_mean = True
+    _sums: SumRecycler | None = None
 
     def begin_round(self, round_number: int, global_state: State) -> Aggregator:
-        return WeightedMeanAggregator(global_state)
+        if self._sums is None:
+            self._sums = SumRecycler()
+        return WeightedMeanAggregator(global_state, self._sums)
 
 
 class FedProx(FedAvg):
