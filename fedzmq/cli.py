@@ -333,7 +333,7 @@ def run_simulate(settings: dict[str, Any]) -> int:
     print(f"{data.clients} clients (make_classification, non-IID with Dirichlet alpha={settings['alpha']}, "
           f"{len(data.train[1])} training samples) on {settings['daemons']} daemons")
     ids = [f"host{k}" for k in range(settings["daemons"])]
-    terms = ["--min-batch-size", str(min(16, settings["batch_size"])), "--min-metric-rows", "1"]
+    terms = ["--min-batch-size", str(min(population.MIN_ROWS, settings["batch_size"])), "--min-metric-rows", "1"]
     daemons = start_daemons(ids, per_daemon_args={
         host: ["--clients-from", f"{population.DATASET}={folder}", *terms] for host, folder in zip(ids, data.folders)},
         log_dir=str(out / "logs"))

@@ -32,6 +32,12 @@ class Population:
     classes: int
 
 
+#: the fewest rows a shard gets (when there are enough samples): daemons serving the shards should use it
+#: as ``--min-batch-size`` at most, or a client with a smaller shard refuses every fit and counts as a
+#: drop-out (which, under DP, costs privacy budget)
+MIN_ROWS = 10
+
+
 def prepare(directory: str | Path, clients: int, daemons: int, *, samples: int | None = None, features: int = 20,
             classes: int = 10, alpha: float = 0.5, seed: int = 0, test_fraction: float = 0.1) -> Population:
     """``clients`` shards (about 100 samples each unless ``samples`` says otherwise) over ``daemons``."""
@@ -51,7 +57,7 @@ def prepare(directory: str | Path, clients: int, daemons: int, *, samples: int |
     folders = [root / f"daemon{k}" for k in range(daemons)]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    min_size = max(1, min(10, len(train) // (4 * clients)))
+    min_size = max(1, min(MIN_ROWS, len(train) // (4 * clients)))
     for n, index in enumerate(dirichlet_split(yt.numpy(), clients, alpha, rng, min_size=min_size)):
         save_file({"x": xt[index].contiguous(), "y": yt[index].contiguous()},
                   str(folders[n % daemons] / f"client{n:05d}.safetensors"))
@@ -67,4 +73,4 @@ def make_model(features: int = 20, classes: int = 10, hidden: int = 128, seed: i
                          nn.Linear(hidden // 2, classes))
 
 
-__all__ = ["DATASET", "Population", "make_model", "prepare"]
+__all__ = ["DATASET", "MIN_ROWS", "Population", "make_model", "prepare"]
