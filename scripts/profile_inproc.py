@@ -3,6 +3,7 @@
 one profiler sees both sides of a round trip. Used for docs/profile.md:
 
     python scripts/profile_inproc.py opget 3000            # N op+get on a 16-float tensor
+    python scripts/profile_inproc.py pipelined 20          # N bursts of 2,000 ops sent at once, then awaited
     python scripts/profile_inproc.py round 10 1e6          # N FedAvg rounds, 2 workers, P parameters, steps=0
     py-spy record -r 1000 --format raw -o stacks.txt -- python scripts/profile_inproc.py opget 20000
 
@@ -38,6 +39,26 @@ async def opget(n: int) -> None:
         print(f"op+get: {(time.perf_counter() - t0) / n * 1e6:.1f} us each of wall time, {cpu:.1f} us of CPU ({n})")
 
 
+async def phase_pipelined(x: object, n: int) -> None:
+    for _ in range(n):
+        pointers = [x + 1 for _ in range(2000)]  # type: ignore[operator]
+        for pointer in pointers:
+            await pointer
+
+
+async def pipelined(n: int) -> None:
+    import fedzmq as fz
+
+    async with fz.VirtualWorker("w") as w:
+        x = await w.send(torch.arange(16, dtype=torch.float32))
+        await phase_pipelined(x, 1)
+        t0, c0 = time.perf_counter(), time.process_time()
+        await phase_pipelined(x, n)
+        ops = 2000 * n
+        print(f"pipelined: {ops / (time.perf_counter() - t0):,.0f} ops/s of wall time, "
+              f"{(time.process_time() - c0) / ops * 1e6:.1f} us of CPU each ({ops})")
+
+
 async def phase_round(federation: object, n: int) -> None:
     for _ in range(n):
         await federation.run_round()  # type: ignore[attr-defined]
@@ -68,6 +89,8 @@ def main() -> None:
     what, n = sys.argv[1], int(sys.argv[2])
     if what == "opget":
         asyncio.run(opget(n))
+    elif what == "pipelined":
+        asyncio.run(pipelined(n))
     else:
         asyncio.run(rounds(n, int(float(sys.argv[3]))))
 

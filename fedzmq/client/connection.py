@@ -22,13 +22,14 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
 
 from ..codec import Limits, Reply, decode_reply, encode_request
 from ..commands import COMMANDS
+from ..pump import Pump
 from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
     LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, WorkerError, remote_error,
@@ -64,7 +65,9 @@ class Connection:
         self.settings = settings or ConnectionSettings()
         self._context = context or zmq.asyncio.Context.instance()
         self._encode_default = encode_default
-        self._socket: zmq.asyncio.Socket | None = self._context.socket(zmq.DEALER)
+        # a plain socket driven by a Pump: no zmq.asyncio future per message
+        self._socket: zmq.Socket | None = zmq.Socket(self._context, zmq.DEALER)
+        self._pump = Pump(self._socket, self._dispatch)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
@@ -118,7 +121,7 @@ class Connection:
         self._connect_socket()
         if not self._tasks:
             self._last_heard = time.monotonic()
-            self._tasks = [asyncio.create_task(self._receive_loop(), name=f"fedzmq-recv-{self.address}"),
+            self._tasks = [asyncio.create_task(self._pump.run(), name=f"fedzmq-recv-{self.address}"),
                            asyncio.create_task(self._heartbeat_loop(), name=f"fedzmq-heartbeat-{self.address}")]
 
     @property
@@ -143,6 +146,7 @@ class Connection:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._fail_all(WorkerClosedError(f"connection to {self.address} was closed"))
+        self._pump.drop_backlog()
         self._socket.close(linger=0)
         self._socket = None
 
@@ -165,9 +169,7 @@ class Connection:
             # answered out of the daemon session's order: a lost-reply check must not judge it
             self._control.add(request_id)
             future.add_done_callback(partial(_discard, self._control, request_id))
-        assert self._socket is not None
-        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(frames, copy=copy or self._copy_frames))
-        sent.add_done_callback(_ignore_result)
+        self._pump.send_or_queue(frames, copy=copy or self._copy_frames)
         self.bytes_sent += sum(len(f) for f in frames)
         return future
 
@@ -209,12 +211,6 @@ class Connection:
         return unwrap(reply)
 
     # --- the loops -----------------------------------------------------------------------------
-
-    async def _receive_loop(self) -> None:
-        assert self._socket is not None
-        while True:
-            # one call per message, so that nothing of it (a whole model, say) outlives its handling
-            self._dispatch(await self._socket.recv_multipart(copy=False))
 
     def _dispatch(self, frames: list[Any]) -> None:
         self._last_heard = time.monotonic()
@@ -260,16 +256,13 @@ class Connection:
                 self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
-        assert self._socket is not None
         if self._heartbeat_id is not None:  # one unanswered heartbeat at a time is enough
             self._pending.pop(self._heartbeat_id, None)
         request_id = self._heartbeat_id = next(self._ids)
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         answered.add_done_callback(self._on_heartbeat)
         self._pending[request_id] = answered
-        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(encode_request(request_id, "heartbeat",
-                                                                                     self.announce())))
-        sent.add_done_callback(_ignore_result)
+        self._pump.send_or_queue(encode_request(request_id, "heartbeat", self.announce()))
 
     def note_session(self, session: str | None) -> bool:
         """Record the worker-side session id a reply named; True (and pending requests failed) when it

@@ -1,11 +1,12 @@
 """The worker's transport: a ROUTER socket, one ordered queue per client session, and replies.
 
-    receive loop ──decode──► control command? ──yes──► answer at once (ping, heartbeat, status)
+    socket pump ──decode──► control command? ──yes──► answer at once (ping, heartbeat, status)
                                    │ no
                                    ▼
                         session queue (FIFO) ──► session task ──► executor (loop or torch thread) ──► reply
 
-The receive loop never runs torch work, so pings and heartbeats are answered while a session is busy;
+The pump (``fedzmq.pump``: the socket driven by the event loop's reader callback, a bounded batch of
+messages per wake-up) never runs torch work, so pings and heartbeats are answered while a session is busy;
 each session has its own task, so one session's commands keep their order and other sessions do not
 wait on it. A message that fails decoding gets an error reply to its sender and is counted; nothing
 else is touched. What a command does is the executor's business (``fedzmq.worker.executor``).
@@ -31,6 +32,7 @@ from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error
 from ..commands import COMMANDS
 from ..errors import FedzmqError, ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
+from ..pump import Pump
 from ..security import KeyGate, SecurityError, address_problem, apply_server_keys, is_loopback_address
 from .binding import Context
 from .config import WorkerConfig
@@ -71,7 +73,8 @@ class Worker:
         self.config = config = config or WorkerConfig()
         self.instance = uuid.uuid4().hex
         self._context = context or zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
+        self._socket: zmq.Socket | None = None
+        self._pump: Pump | None = None
         self._copy_frames = False
         self._peers: dict[bytes, Peer] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
@@ -110,14 +113,15 @@ class Worker:
         problem = address_problem(address)
         if problem:
             raise SecurityError(problem)
-        sock = self._context.socket(zmq.ROUTER)
+        sock: zmq.Socket = zmq.Socket(self._context, zmq.ROUTER)  # driven by a Pump, not zmq.asyncio
         if config.secret_key is not None:
             assert config.allowed_keys is not None
             self.key_gate = KeyGate(self._context, config.allowed_keys)
             self.public_key = apply_server_keys(sock, config.secret_key)
-            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                                                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            # made by the socket's (asyncio) context, so an asyncio socket: its loop awaits it
+            self._monitor = cast(zmq.asyncio.Socket, sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH))
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
         # a client that stops reading fills its pipe: sends fail at once (ROUTER_MANDATORY) instead of
@@ -141,6 +145,7 @@ class Worker:
                 "commands and read traffic. Start with --secret-key FILE --allowed-keys DIR (see 'fedzmq keygen'), "
                 "or pass --insecure to accept that")
         self._socket = sock
+        self._pump = Pump(sock, self._accept)
         self.address = bound
         # over inproc a zero-copy frame would alias the sender's memory: copy on that transport only
         self._copy_frames = bound.startswith("inproc://")
@@ -148,12 +153,12 @@ class Worker:
 
     def start(self) -> None:
         """Start serving on the running event loop (after ``bind``)."""
-        if self._socket is None:
+        if self._pump is None:
             raise WorkerNotBound("bind() before start(), or use 'async with Worker(...)', which binds for you")
         if not self._tasks:
             if self.key_gate is not None:
                 self.key_gate.start()
-            self._tasks = [asyncio.create_task(self._receive_loop(), name=f"fedzmq-{self.id}-receive"),
+            self._tasks = [asyncio.create_task(self._pump.run(), name=f"fedzmq-{self.id}-receive"),
                            asyncio.create_task(self._expire_loop(), name=f"fedzmq-{self.id}-expire")]
             if self._monitor is not None:
                 self._tasks.append(asyncio.create_task(self._monitor_loop(), name=f"fedzmq-{self.id}-monitor"))
@@ -192,7 +197,7 @@ class Worker:
         self._close_key_gate()
         if self._socket is not None:
             self._socket.close(linger=0)
-            self._socket = None
+            self._socket = self._pump = None
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _close_key_gate(self) -> None:
@@ -245,12 +250,6 @@ class Worker:
         return self.key_gate.reload() if self.key_gate else None
 
     # --- the loops -----------------------------------------------------------------------------
-
-    async def _receive_loop(self) -> None:
-        assert self._socket is not None
-        while True:
-            # one call per message, so that nothing of it outlives its handling
-            self._accept(await self._socket.recv_multipart(copy=False))
 
     def _accept(self, frames: list[Any]) -> None:
         """Decode one message; answer control commands, queue the rest on their session."""
@@ -461,19 +460,12 @@ class Worker:
               track: bool = False) -> zmq.MessageTracker | None:
         """Send a reply without blocking. A reply holding big buffers is charged to its session until
         ZeroMQ has sent it; a client whose pipe is full (it stopped reading) or gone loses its session."""
-        if self._socket is None:
+        if self._pump is None:
             return None
         nbytes = sum(len(f) for f in frames[1:]) if len(frames) > 1 else 0
         track = track or (nbytes > TRACKED_REPLY_BYTES and not self._copy_frames)
-        # through the asyncio socket (never a second handle on it: a send there could take the
-        # readiness edge its receive waits for), non-blocking: the future is done on return
-        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(
-            [key, *frames], flags=zmq.NOBLOCK, copy=self._copy_frames, track=track and not self._copy_frames))
-        if not sent.done():  # cannot happen while every send is non-blocking; never wait on one here
-            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
-            return None
         try:
-            tracker = sent.result()
+            tracker = self._pump.send([key, *frames], copy=self._copy_frames, track=track and not self._copy_frames)
         except zmq.Again:
             self.counters["unread_replies"] += 1
             peer = self._peers.get(key)

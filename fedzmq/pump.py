@@ -1,0 +1,197 @@
+"""Messages between one ZeroMQ socket and the event loop, without a future per message.
+
+``zmq.asyncio`` makes a future, a poller registration and a scheduled callback for every send and
+every receive. Under a stream of small commands that bookkeeping was a quarter of the CPU on each side
+(docs/profile.md). A ``Pump`` drives a plain ``zmq.Socket`` from the event loop's reader callback
+instead: when the socket's file descriptor signals, it receives the messages that wait, one after
+another, and hands each to a callback; sends go straight to libzmq without blocking.
+
+Two rules of ZeroMQ's file descriptor shape the code (see ``ZMQ_FD`` in the libzmq manual):
+
+* it is **edge-triggered**: it signals when the socket's state changes, not while messages wait, so
+  every wake-up reads until ``ZMQ_EVENTS`` says nothing is left;
+* **any operation on the socket may consume the edge**, a send included. After a send, ``ZMQ_EVENTS``
+  is checked again, and if a message waits a drain is scheduled (as pyzmq's own asyncio layer does).
+
+Fairness: one wake-up handles at most ``max_batch`` messages or ``budget_seconds`` of callbacks,
+whichever ends first, then yields to the loop's other ready callbacks (the sessions' tasks) and comes
+back. A peer flooding the socket with slow-to-decode messages so delays other work by one budget,
+not by everything it queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any, Callable, cast
+
+import zmq
+
+# plain ints: pyzmq's constants are IntFlag enums, and their arithmetic creates enum objects (measured at
+# dozens of enum calls per request/reply pair when the flags were used directly)
+_EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+
+#: messages handled per wake-up before the pump yields to the event loop's other callbacks
+MAX_BATCH = 64
+#: seconds of message handling per wake-up before the pump yields (checked after each message)
+BUDGET_SECONDS = 0.005
+
+
+class Pump:
+    """Receives from ``socket`` into ``on_message`` while ``run()`` is awaited; sends without blocking.
+
+    ``on_message`` is called on the event loop with the message's frames (``zmq.Frame``, not copied).
+    If it raises, the pump stops and ``run()`` raises that exception: a bug in a handler stops the
+    service instead of being logged and forgotten. Not thread-safe: use it from its loop only.
+
+    Close the socket only after ``run()`` has ended (cancel its task first): the loop watches the
+    descriptor's number, and a number freed by a close is soon reused by the next socket.
+    """
+
+    def __init__(self, socket: zmq.Socket, on_message: Callable[[list[zmq.Frame]], None], *,
+                 max_batch: int = MAX_BATCH, budget_seconds: float = BUDGET_SECONDS) -> None:
+        self.socket = socket
+        self._on_message = on_message
+        self.max_batch = max_batch
+        self.budget_seconds = budget_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._scheduled = False
+        self._draining = False
+        #: messages that could not be sent at once (the socket's send queue was full), oldest first
+        self._backlog: collections.deque[tuple[list[Any], bool]] = collections.deque()
+
+    async def run(self) -> None:
+        """Serve the socket until cancelled (or until ``on_message`` raises, which is re-raised)."""
+        loop = asyncio.get_running_loop()
+        fd = cast(int, self.socket.getsockopt(zmq.FD))
+        self._loop, self._stopped = loop, loop.create_future()
+        loop.add_reader(fd, self._wake)
+        try:
+            self._wake()  # messages may wait already, and the descriptor signals only on changes
+            await self._stopped
+        finally:
+            loop.remove_reader(fd)
+            self._loop = self._stopped = None
+            self._scheduled = False
+
+    # --- sending -----------------------------------------------------------------------------------
+
+    def send(self, frames: list[Any], *, copy: bool = False, track: bool = False) -> zmq.MessageTracker | None:
+        """Send now. Raises ``zmq.Again`` if the socket cannot take the message without blocking (a
+        ROUTER's full pipe), or another ``zmq.ZMQError`` (an unroutable ROUTER peer)."""
+        tracker = self._send(frames, copy, track)
+        self._recheck()
+        return tracker if track else None
+
+    def send_or_queue(self, frames: list[Any], *, copy: bool = False) -> None:
+        """Send now if the socket can take it, else queue it (in order) until it can."""
+        if self.socket.closed:  # as a send on it would (the backlog would never go)
+            raise zmq.ZMQError(zmq.ENOTSOCK)
+        if not self._backlog:
+            try:
+                self._send(frames, copy, False)
+            except zmq.Again:
+                pass
+            else:
+                self._recheck()
+                return
+        self._backlog.append((frames, copy))
+        self._schedule()
+
+    @property
+    def backlog(self) -> int:
+        """How many messages wait for room in the socket's send queue."""
+        return len(self._backlog)
+
+    # --- receiving ---------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self._draining:
+            self._drain()
+
+    def _recheck(self) -> None:
+        """After a send: the send may have taken the descriptor's edge while a message arrived, so
+        look once more, soon. One look per pass of the loop, however many sends (a burst of
+        pipelined requests is thousands); a drain under way looks after each message anyway."""
+        if not self._draining:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._scheduled_drain)
+
+    def _scheduled_drain(self) -> None:
+        self._scheduled = False
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        socket = self.socket
+        if socket.closed or self._stopped is None or self._stopped.done():
+            return
+        self._draining = True
+        try:
+            started = time.perf_counter()
+            for _ in range(self.max_batch):
+                events = self._events()
+                if self._backlog and events & _POLLOUT:
+                    self._flush()
+                if not events & _POLLIN:
+                    return
+                try:
+                    frames = self._receive()
+                except zmq.Again:
+                    return
+                self._on_message(frames)
+                if socket.closed or time.perf_counter() - started > self.budget_seconds:
+                    break
+        except BaseException as exc:  # a handler's bug: stop serving and say so through run()
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._draining = False
+        self._schedule()  # more may wait: come back after the loop's other ready callbacks
+
+    def _events(self) -> int:
+        return cast(int, self.socket.getsockopt(_EVENTS))
+
+    def _send(self, frames: list[Any], copy: bool, track: bool) -> Any:
+        """``send_multipart`` without its per-frame flag arithmetic on enums. A multipart message is
+        atomic in libzmq: if its first frame is taken, so are the others."""
+        send, last = self.socket.send, len(frames) - 1
+        for frame in frames[:last]:
+            send(frame, _MORE_NOBLOCK, copy=copy, track=track)
+        return send(frames[last], _NOBLOCK, copy=copy, track=track)
+
+    def _receive(self) -> list[zmq.Frame]:
+        """``recv_multipart(copy=False)`` reading ``Frame.more`` instead of a ``RCVMORE`` option call per frame."""
+        recv = self.socket.recv
+        frames = [recv(_NOBLOCK, copy=False)]
+        while frames[-1].more:
+            frames.append(recv(_NOBLOCK, copy=False))
+        return frames
+
+    def _flush(self) -> None:
+        while self._backlog:
+            frames, copy = self._backlog[0]
+            try:
+                self._send(frames, copy, False)
+            except zmq.Again:
+                return
+            self._backlog.popleft()
+
+    def drop_backlog(self) -> int:
+        """Forget the messages waiting to be sent (the socket is closing); returns how many."""
+        dropped = len(self._backlog)
+        self._backlog.clear()
+        return dropped
+
+
+__all__ = ["BUDGET_SECONDS", "MAX_BATCH", "Pump"]

@@ -1,0 +1,227 @@
+"""The socket pump (``fedzmq.pump``) on real ZeroMQ sockets over loopback tcp, and a daemon under a flood.
+
+The pump replaces ``zmq.asyncio`` on the daemon's ROUTER and the client's DEALER. Its risks are those
+of ZeroMQ's edge-triggered descriptor (a lost edge is a hang, which the timeouts turn into failures),
+a send queue that is full, a handler that raises, cancellation, and fairness: a peer that floods the
+socket must not keep the event loop from everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from fedzmq.pump import Pump
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def plain(context: zmq.Context, kind: int) -> zmq.Socket:
+    sock = zmq.Socket(context, kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.term()
+
+
+async def test_an_echo_of_thousands_of_pipelined_messages_loses_none_and_keeps_order(context):
+    """Both ends are pumps, and the echo sends from inside its receive callback: the sends' effect on
+    the edge-triggered descriptor is exactly what would lose a wake-up."""
+    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    got: list[int] = []
+    done = asyncio.get_running_loop().create_future()
+    total = 5000
+
+    def on_reply(frames):
+        got.append(int(frames[0].bytes))
+        if len(got) == total:
+            done.set_result(None)
+
+    echo = Pump(router, lambda frames: echo.send([f.bytes for f in frames]))
+    client = Pump(dealer, on_reply)
+    tasks = [asyncio.create_task(echo.run()), asyncio.create_task(client.run())]
+    try:
+        for n in range(total):
+            client.send_or_queue([str(n).encode()])
+        await asyncio.wait_for(done, 60)
+        assert got == list(range(total))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        router.close()
+        dealer.close()
+
+
+async def test_messages_that_cannot_be_sent_yet_wait_in_order_until_the_peer_is_there(context, tmp_path):
+    """With no peer (and IMMEDIATE), a DEALER cannot take a message: the pump keeps it and sends it,
+    in order, when the connection comes up. (An ipc endpoint: nobody else can be listening on it.)"""
+    endpoint = f"ipc://{tmp_path}/pump.sock"
+    dealer = plain(context, zmq.DEALER)
+    dealer.setsockopt(zmq.IMMEDIATE, 1)
+    dealer.connect(endpoint)
+    client = Pump(dealer, lambda frames: None)
+    task = asyncio.create_task(client.run())
+    router = plain(context, zmq.ROUTER)
+    try:
+        for n in range(50):
+            client.send_or_queue([str(n).encode()])
+        assert client.backlog == 50  # nothing could go yet
+        router.bind(endpoint)
+        received = []
+        deadline = time.monotonic() + 30
+        while len(received) < 50 and time.monotonic() < deadline:
+            try:
+                received.append(int(router.recv_multipart(zmq.NOBLOCK)[1]))
+            except zmq.Again:
+                await asyncio.sleep(0.01)
+        assert received == list(range(50))
+        assert client.backlog == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        router.close()
+        dealer.close()
+
+
+async def test_a_handler_that_raises_stops_the_pump_with_its_exception(context):
+    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+
+    def broken(frames):
+        raise KeyError("a handler's bug")
+
+    pump = Pump(router, broken)
+    try:
+        dealer.send(b"x")
+        with pytest.raises(KeyError, match="a handler's bug"):
+            await asyncio.wait_for(pump.run(), 30)
+    finally:
+        router.close()
+        dealer.close()
+
+
+async def test_a_cancelled_pump_no_longer_reads_and_a_new_run_picks_up_what_waited(context):
+    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    seen: list[bytes] = []
+    pump = Pump(router, lambda frames: seen.append(frames[1].bytes))
+    try:
+        task = asyncio.create_task(pump.run())
+        dealer.send(b"first")
+        for _ in range(300):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [b"first"]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        dealer.send(b"second")
+        await asyncio.sleep(0.3)
+        assert seen == [b"first"]  # nobody reads while no run() is awaited
+        task = asyncio.create_task(pump.run())
+        for _ in range(300):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [b"first", b"second"]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        router.close()
+        dealer.close()
+
+
+async def test_a_flood_of_queued_messages_leaves_the_loop_to_other_tasks_between_batches(context):
+    """400 messages wait, each taking 2 ms to handle (0.8 s in all). Another task must run many times
+    while they are handled, not once they are all done."""
+    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    handled = 0
+
+    def slow(frames):
+        nonlocal handled
+        time.sleep(0.002)
+        handled += 1
+
+    pump = Pump(router, slow)
+    try:
+        for _ in range(400):
+            dealer.send(b"x")
+        # let libzmq move them all into the ROUTER's queue before the pump starts
+        deadline = time.monotonic() + 30
+        while not router.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        task = asyncio.create_task(pump.run())
+        seen_by_other_task = []
+        while handled < 400 and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+            seen_by_other_task.append(handled)
+        assert handled == 400
+        during = [n for n in seen_by_other_task if 0 < n < 400]
+        assert len(set(during)) >= 10, seen_by_other_task[:50]  # the other task ran between batches
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        router.close()
+        dealer.close()
+
+
+def heavy_message(n: int) -> list[bytes]:
+    """A request whose header is slow to decode (thousands of small maps: ~10 ms of Python each) and
+    then refused: the cheapest way for a peer to make a daemon spend its event loop."""
+    return [msgpack.packb({"v": 1, "id": n, "cmd": "get", "args": {"obj": [{"$slice": [1, 2, 3]}] * 4000}})]
+
+
+async def test_a_flood_of_slow_to_decode_messages_does_not_starve_an_honest_session(fedzmq_daemons):
+    """The attack: a peer queues 300 requests that each take ~10 ms to decode and refuse (seconds of
+    the daemon's event loop), then an honest client asks for work. Its commands must run while the
+    flood is still being handled, not after it (replies to the flood still outstanding when the honest
+    client is done). Ordering, not timing, is asserted."""
+    [daemon] = await fedzmq_daemons("bob")
+    bob = daemon.worker
+    x = await bob.send(torch.arange(16, dtype=torch.float32))
+    assert torch.equal(await (x + 1).get(), torch.arange(16, dtype=torch.float32) + 1)
+    context = zmq.asyncio.Context.instance()
+    attacker = context.socket(zmq.DEALER)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.connect(daemon.address)
+    flood = 300
+    answered = 0
+    try:
+        for n in range(flood):
+            await attacker.send_multipart(heavy_message(n + 1))
+
+        async def count_replies():
+            nonlocal answered
+            while answered < flood:
+                await attacker.recv_multipart()
+                answered += 1
+
+        counter = asyncio.create_task(count_replies())
+        for k in range(5):
+            assert torch.equal(await (x + k).get(), torch.arange(16, dtype=torch.float32) + k)
+        answered_when_honest_done = answered
+        await asyncio.wait_for(counter, 90)  # the flood is answered too, each with an error
+        assert answered_when_honest_done < flood, "the honest session waited for the whole flood"
+        status = await bob.status()
+        assert status["malformed"] >= flood
+    finally:
+        attacker.close()
