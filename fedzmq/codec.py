@@ -134,6 +134,10 @@ def _rebased(body: Any, offset: int) -> Any:
     return body
 
 
+#: types sent as they are (exactly these types: subclasses such as IntEnum or numpy scalars are converted)
+_PLAIN = frozenset((bool, int, float, str))
+
+
 @dataclass
 class _Encoder:
     """Turns a Python value into msgpack-able data plus buffer frames."""
@@ -144,8 +148,14 @@ class _Encoder:
     def encode(self, value: Any, depth: int = 0) -> Any:
         if depth > Limits.max_depth:
             raise ProtocolError(f"value nested deeper than {Limits.max_depth} levels")
-        if value is None or type(value) in (bool, int, float, str):
+        kind = type(value)
+        if value is None or kind in _PLAIN:
             return value
+        if kind is list and depth < Limits.max_depth:
+            # the common case first, scalars without a call each (a batch of ids is thousands of them)
+            return [v if v is None or type(v) in _PLAIN else self.encode(v, depth + 1) for v in value]
+        if kind is Ref:
+            return {"$ref": value.id}
         if isinstance(value, torch.Tensor):
             return self.tensor(value)
         if isinstance(value, Encoded):
