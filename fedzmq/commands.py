@@ -13,7 +13,8 @@ Scheduling:
   they were sent, even when pipelined; different sessions do not wait on each other.
 - ``offload`` says where torch work runs: "never" on the event loop (cheap bookkeeping), "always" in
   the worker's thread pool (forward, backward, optimizer steps, training), "large" in the pool unless
-  its inputs and outputs are small (tensor operations; see ``fedzmq.worker.cost.INLINE_NUMEL``).
+  its inputs and outputs are small (tensor operations; see ``fedzmq.worker.cost.INLINE_NUMEL``; a fit
+  of a few steps of a small model: ``fedzmq.worker.executor.small_fit``).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT,
              "load": MAP, "reply_state": BOOL, "clients": STRS, "combine": BOOL},
-            offload="always", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
+            offload="large", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
             releases="after", charges=("forward", "state", "clients"), reads_dataset=True, loads=True),
     # the logical clients a daemon hosts (--clients-from)
     Command("clients"),

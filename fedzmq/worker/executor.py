@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import traceback
 from concurrent.futures import Executor as ThreadPool
 from typing import Any
@@ -39,6 +40,13 @@ log = logging.getLogger("fedzmq.worker")
 
 #: a ``delete`` of more ids than this runs on a torch thread (freeing many objects takes a while)
 INLINE_DELETES = 256
+#: a fit runs on the event loop, without the hop to a torch thread and back (which costs about as much
+#: as a tiny fit), when its model has at most ``INLINE_FIT_NUMEL`` elements, it trains on at most
+#: ``INLINE_FIT_ROWS`` rows (steps x batch size), and the same fit of the same model last took at most
+#: ``INLINE_FIT_SECONDS`` of CPU (measured, not predicted: a model's cost is the client's to choose)
+INLINE_FIT_NUMEL = 1 << 15
+INLINE_FIT_ROWS = 64
+INLINE_FIT_SECONDS = 0.002
 
 CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
@@ -106,6 +114,8 @@ class Executor:
         command, loop = binding.command, asyncio.get_running_loop()
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
             return await loop.run_in_executor(self.pool, self._charge_and_call, binding)
+        if command.name == "fit":
+            self.counters["inline_fits"] += 1
         reserve = self._charge(binding)  # small inputs: sizing them is cheap enough for the event loop
         if binding.cost is not None and binding.cost.numel > INLINE_NUMEL:  # a small op with a big output
             return await loop.run_in_executor(self.pool, self._call, binding, reserve)
@@ -114,6 +124,8 @@ class Executor:
     def _large(self, binding: Binding) -> bool:
         if binding.command.name == "delete":
             return len(binding.args["objs"]) > INLINE_DELETES
+        if binding.command.name == "fit":
+            return not small_fit(binding)
         return sum(t.numel() for t in binding.tensors) > INLINE_NUMEL
 
     def _charge_and_call(self, binding: Binding) -> Any:
@@ -151,7 +163,10 @@ class Executor:
                 stack.enter_context(session.quota.charging_saved_tensors())
             if command.writes is not None:  # even a step that failed half-way may have made some state
                 stack.callback(self._recount_optimizers, binding)
+            started = time.thread_time()  # CPU time: a loaded machine's waits are not the fit's cost
             result = HANDLERS[command.name](self.context, binding)
+            if command.name == "fit" and "steps" in binding.args:
+                binding.objects["module"].last_fit = (fit_rows(binding), time.thread_time() - started)
         if watch is not None:
             session.taint.mark(watch.written(), label)
         return result
@@ -276,4 +291,28 @@ def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
-__all__ = ["Executor", "fail_outputs"]
+
+
+def fit_rows(binding: Binding) -> int:
+    return int(binding.args["steps"]) * int(binding.args["batch_size"])
+
+
+def small_fit(binding: Binding) -> bool:
+    """A fit cheap enough for the event loop: a given number of steps (not epochs, whose length is the
+    dataset's), one client, a small model, few rows, and the same fit measured fast last time. The
+    first fit of a model always runs on a torch thread; one that turns slow (denormal weights, say)
+    runs there again from the next fit on."""
+    args = binding.args
+    if "clients" in args or "epochs" in args or "steps" not in args:
+        return False
+    rows = fit_rows(binding)
+    hosted = binding.objects["module"]
+    if rows > INLINE_FIT_ROWS or hosted.last_fit is None or hosted.last_fit[0] != rows \
+            or hosted.last_fit[1] > INLINE_FIT_SECONDS:
+        return False
+    module = hosted.module
+    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers()) <= INLINE_FIT_NUMEL
+
+
+__all__ = ["Executor", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS", "fail_outputs", "fit_rows",
+           "small_fit"]

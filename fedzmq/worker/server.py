@@ -49,6 +49,10 @@ log = logging.getLogger("fedzmq.worker")
 #: (pyzmq copies smaller frames anyway; how many of those wait is bounded by the socket's send HWM)
 TRACKED_REPLY_BYTES = 1 << 16
 
+#: the longest a session's commands run on the event loop before it lets others have it (see
+#: ``Worker._session_loop``; the pump bounds its own batches the same way)
+SESSION_SLICE_SECONDS = 0.005
+
 #: a session whose client announced its heartbeat interval is closed after this many intervals of
 #: silence (and may be evicted for a new client after ``EVICT_AFTER_INTERVALS``, or sooner if empty)
 GONE_AFTER_INTERVALS = 20
@@ -86,7 +90,7 @@ class Worker:
         self.clients = clients or {}
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0,
                          "sessions_evicted": 0, "sessions_refused": 0, "throttled": 0, "limit_errors": 0,
-                         "handshake_failures": 0, "unread_replies": 0}
+                         "handshake_failures": 0, "unread_replies": 0, "inline_fits": 0}
         protected = any(d.policy == "protected" for d in self.datasets.values()) or bool(self.clients)
         tracebacks = config.remote_tracebacks if config.remote_tracebacks is not None else not protected
         secret = config.shuffle_secret.encode() if config.shuffle_secret is not None else secrets.token_bytes(32)
@@ -351,10 +355,21 @@ class Worker:
         return True
 
     async def _session_loop(self, session: Session) -> None:
+        """Run the session's commands in order. Commands that run on the event loop (small ops and
+        fits) do not suspend it, so a session with many queued gives the loop back every
+        ``SESSION_SLICE_SECONDS``: other sessions and the pump run meanwhile."""
+        slice_started = time.perf_counter()
         while True:
-            request = await session.queue.get()
+            if session.queue.empty():
+                request = await session.queue.get()
+                slice_started = time.perf_counter()
+            else:
+                request = session.queue.get_nowait()
             if request is None or await self._run(session, request):
                 return
+            if time.perf_counter() - slice_started > SESSION_SLICE_SECONDS:
+                await asyncio.sleep(0)
+                slice_started = time.perf_counter()
 
     async def _run(self, session: Session, request: Request) -> bool:
         """Run one queued command and reply; True when it ended the session. (A method of its own so

@@ -1,0 +1,87 @@
+"""Small fits on the daemon's event loop (``fedzmq.worker.executor.small_fit``).
+
+A fit of a few steps of a small model costs about what the hop to a torch thread and back costs, so
+it runs on the event loop once the same fit of the same model was measured fast. It must give the
+very same model as on a thread, and a client must not be able to get a slow fit onto the loop: the
+first fit of a model, a big model, many rows, epochs, many clients, or a fit measured slow all stay
+on a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.worker.config import WorkerConfig
+from fedzmq.worker.datasets import Dataset
+from fedzmq.worker.executor import INLINE_FIT_NUMEL, INLINE_FIT_ROWS, INLINE_FIT_SECONDS, small_fit
+from fedzmq.worker.objects import HostedModule
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def mlp(hidden: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+
+async def trained_state(remote: Any, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    update = await remote.fit_and_fetch("d", steps=2, batch_size=16, seed=5, load=start)
+    state: dict[str, torch.Tensor] = {}
+    async for name, first, values in update.pieces:
+        state.setdefault(name, torch.empty(start[name].numel(), dtype=start[name].dtype))
+        state[name][first:first + values.numel()] = values
+    return {k: v.view(start[k].shape) for k, v in state.items()}
+
+
+async def test_a_repeated_small_fit_runs_on_the_loop_and_gives_the_same_model_as_on_a_thread():
+    g = torch.Generator().manual_seed(1)
+    data = Dataset("d", torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+    async with fz.VirtualWorker("w", datasets={"d": data}, config=WorkerConfig(min_batch_size=8)) as worker:
+        model = mlp()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        remote = await worker.send(model)
+        on_thread = await trained_state(remote, start)  # the first fit of a model: on a thread, measured
+        assert (await worker.status())["inline_fits"] == 0
+        assert not all(torch.equal(on_thread[k], start[k]) for k in start)  # it did train
+        # the first fits warm torch up (their CPU time may pass the bound); within a few, one is fast
+        for _ in range(10):
+            again = await trained_state(remote, start)
+            assert again.keys() == on_thread.keys()
+            assert all(torch.equal(again[k], on_thread[k]) for k in again)  # bit for bit, wherever it ran
+            if (await worker.status())["inline_fits"]:
+                break
+        assert (await worker.status())["inline_fits"] >= 1
+
+
+@dataclass
+class FitBinding:
+    """What ``small_fit`` reads of a bound ``fit`` request: its arguments and its hosted module."""
+
+    args: dict[str, Any]
+    objects: dict[str, Any] = field(default_factory=dict)
+
+
+def binding_for(module: nn.Module, last_fit: tuple[int, float] | None, **args: Any) -> FitBinding:
+    hosted = HostedModule(module, {"kind": "graph"}, last_fit=last_fit)
+    return FitBinding({"steps": 2, "batch_size": 16, **args}, {"module": hosted})
+
+
+def test_only_a_fit_measured_fast_with_the_same_rows_runs_on_the_loop():
+    small, fast = mlp(), INLINE_FIT_SECONDS / 10
+    assert small_fit(binding_for(small, (32, fast)))
+    assert not small_fit(binding_for(small, None))  # never measured: the first fit of a model
+    assert not small_fit(binding_for(small, (32, INLINE_FIT_SECONDS * 10)))  # measured slow (denormals, say)
+    assert not small_fit(binding_for(small, (16, fast)))  # measured on other rows
+    assert not small_fit(binding_for(small, (32, fast), epochs=1))  # as long as the dataset
+    assert not small_fit(binding_for(small, (32, fast), clients=["a", "b"]))  # hosted clients' rounds
+    many_rows = INLINE_FIT_ROWS + 1
+    assert not small_fit(binding_for(small, (many_rows, fast), steps=many_rows, batch_size=1))
+    big = mlp(hidden=INLINE_FIT_NUMEL // 8)
+    assert sum(p.numel() for p in big.parameters()) > INLINE_FIT_NUMEL
+    assert not small_fit(binding_for(big, (32, fast)))
