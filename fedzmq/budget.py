@@ -24,12 +24,14 @@ class Budget:
     """A deadline and a cancel flag. ``check()`` raises ``LimitExceeded`` once either is hit; the
     command stops there, and whatever it was making is discarded."""
 
-    __slots__ = ("deadline", "seconds", "cancelled")
+    __slots__ = ("deadline", "seconds", "cancelled", "source")
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, source: str = "--max-command-seconds") -> None:
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.cancelled: str | None = None
+        #: what set the limit, for the error message
+        self.source = source
 
     def cancel(self, why: str) -> None:
         """Ask the command to stop at its next check (its session closed or expired)."""
@@ -40,7 +42,7 @@ class Budget:
             raise LimitExceeded.new(f"the command was stopped: {self.cancelled}")
         if time.monotonic() > self.deadline:
             raise LimitExceeded.new(f"the command ran longer than the worker allows ({self.seconds:g} s, "
-                                     "--max-command-seconds) and was stopped")
+                                     f"{self.source}) and was stopped")
 
     @property
     def remaining(self) -> float:

@@ -358,18 +358,24 @@ class _Decoder:
     def decode(self, value: Any, depth: int) -> Any:
         if depth > self.limits.max_depth:
             raise ProtocolError(f"value nested deeper than {self.limits.max_depth}")
-        if value is None or type(value) in (bool, int, str, float):
+        if value is None or type(value) in _PLAIN:
             return value
         self.items += len(value) if isinstance(value, (list, dict)) else 0
         if self.items > self.limits.max_items:
             raise ProtocolError(f"header holds more than {self.limits.max_items} values")
+        inline = depth < self.limits.max_depth  # scalars one level down need no call (and no depth check)
         if isinstance(value, list):
+            if inline:
+                return [v if v is None or type(v) in _PLAIN else self.decode(v, depth + 1) for v in value]
             return [self.decode(v, depth + 1) for v in value]
         if isinstance(value, dict):
             if len(value) == 1:
                 (key, body), = value.items()
                 if type(key) is str and key.startswith("$"):
                     return self.tag(key, body, depth)
+            if inline:
+                return {k: v if v is None or type(v) in _PLAIN else self.decode(v, depth + 1)
+                        for k, v in value.items() if self._key(k)}
             return {k: self.decode(v, depth + 1) for k, v in value.items() if self._key(k)}
         raise ProtocolError(f"values of type {type(value).__name__} are not accepted")
 

@@ -82,8 +82,10 @@ class Pump:
     def send(self, frames: list[Any], *, copy: bool = False, track: bool = False) -> zmq.MessageTracker | None:
         """Send now. Raises ``zmq.Again`` if the socket cannot take the message without blocking (a
         ROUTER's full pipe), or another ``zmq.ZMQError`` (an unroutable ROUTER peer)."""
-        tracker = self._send(frames, copy, track)
-        self._recheck()
+        try:
+            tracker = self._send(frames, copy, track)
+        finally:  # a failed send (a full pipe, a gone peer) processed libzmq's commands too
+            self._recheck()
         return tracker if track else None
 
     def send_or_queue(self, frames: list[Any], *, copy: bool = False) -> None:
@@ -96,8 +98,9 @@ class Pump:
             except zmq.Again:
                 pass
             else:
-                self._recheck()
                 return
+            finally:
+                self._recheck()
         self._backlog.append((frames, copy))
         self._schedule()
 
@@ -109,7 +112,7 @@ class Pump:
     # --- receiving ---------------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        if not self._draining:
+        if not self._draining and not self._scheduled:  # a scheduled drain comes this pass anyway
             self._drain()
 
     def _recheck(self) -> None:
@@ -140,6 +143,7 @@ class Pump:
                 events = self._events()
                 if self._backlog and events & _POLLOUT:
                     self._flush()
+                    events = self._events()  # the flush's sends may have taken the edge
                 if not events & _POLLIN:
                     return
                 try:

@@ -19,7 +19,7 @@ from torch import nn
 import fedzmq as fz
 from fedzmq.worker.config import WorkerConfig
 from fedzmq.worker.datasets import Dataset
-from fedzmq.worker.executor import INLINE_FIT_NUMEL, INLINE_FIT_ROWS, INLINE_FIT_SECONDS, small_fit
+from fedzmq.worker.executor import INLINE_FIT_NUMEL, INLINE_FIT_ROWS, INLINE_FIT_SECONDS, fit_key, small_fit
 from fedzmq.worker.objects import HostedModule
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,28 +60,47 @@ async def test_a_repeated_small_fit_runs_on_the_loop_and_gives_the_same_model_as
 
 
 @dataclass
+class FitRequest:
+    args: dict[str, Any]
+
+
+@dataclass
 class FitBinding:
     """What ``small_fit`` reads of a bound ``fit`` request: its arguments and its hosted module."""
 
     args: dict[str, Any]
+    request: FitRequest
     objects: dict[str, Any] = field(default_factory=dict)
 
 
-def binding_for(module: nn.Module, last_fit: tuple[int, float] | None, **args: Any) -> FitBinding:
-    hosted = HostedModule(module, {"kind": "graph"}, last_fit=last_fit)
-    return FitBinding({"steps": 2, "batch_size": 16, **args}, {"module": hosted})
+def binding_for(module: nn.Module, **args: Any) -> FitBinding:
+    full = {"dataset": "d", "loss": "cross_entropy", "steps": 2, "batch_size": 16, **args}
+    return FitBinding(full, FitRequest(full), {"module": HostedModule(module, {"kind": "graph"})})
 
 
-def test_only_a_fit_measured_fast_with_the_same_rows_runs_on_the_loop():
+def measured(binding: FitBinding, seconds: float) -> FitBinding:
+    binding.objects["module"].last_fit = (fit_key(binding), seconds)  # as Executor records it
+    return binding
+
+
+def test_only_the_same_fit_measured_fast_runs_on_the_loop():
     small, fast = mlp(), INLINE_FIT_SECONDS / 10
-    assert small_fit(binding_for(small, (32, fast)))
-    assert not small_fit(binding_for(small, None))  # never measured: the first fit of a model
-    assert not small_fit(binding_for(small, (32, INLINE_FIT_SECONDS * 10)))  # measured slow (denormals, say)
-    assert not small_fit(binding_for(small, (16, fast)))  # measured on other rows
-    assert not small_fit(binding_for(small, (32, fast), epochs=1))  # as long as the dataset
-    assert not small_fit(binding_for(small, (32, fast), clients=["a", "b"]))  # hosted clients' rounds
+    assert small_fit(measured(binding_for(small), fast))
+    assert not small_fit(binding_for(small))  # never measured: the first fit of a model
+    assert not small_fit(measured(binding_for(small), INLINE_FIT_SECONDS * 10))  # measured slow (or failed: inf)
+    # measured on other arguments: the same rows in more steps, another dataset, another optimizer
+    for other in ({"steps": 32, "batch_size": 1}, {"dataset": "big_images"}, {"optimizer": {"cls": "Adam"}},
+                  {"prox_mu": 0.5}):
+        asked = binding_for(small, **other)
+        asked.objects["module"].last_fit = (fit_key(binding_for(small)), fast)
+        assert not small_fit(asked), other
+    # a new seed or new weights to load do not change what a fit costs
+    again = measured(binding_for(small, seed=1), fast)
+    assert small_fit(FitBinding({**again.args, "seed": 2}, FitRequest({**again.args, "seed": 2}), again.objects))
+    assert not small_fit(measured(binding_for(small, epochs=1), fast))  # as long as the dataset
+    assert not small_fit(measured(binding_for(small, clients=["a", "b"]), fast))  # hosted clients' rounds
     many_rows = INLINE_FIT_ROWS + 1
-    assert not small_fit(binding_for(small, (many_rows, fast), steps=many_rows, batch_size=1))
+    assert not small_fit(measured(binding_for(small, steps=many_rows, batch_size=1), fast))
     big = mlp(hidden=INLINE_FIT_NUMEL // 8)
     assert sum(p.numel() for p in big.parameters()) > INLINE_FIT_NUMEL
-    assert not small_fit(binding_for(big, (32, fast)))
+    assert not small_fit(measured(binding_for(big), fast))

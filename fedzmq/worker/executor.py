@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import traceback
 from concurrent.futures import Executor as ThreadPool
@@ -43,10 +44,14 @@ INLINE_DELETES = 256
 #: a fit runs on the event loop, without the hop to a torch thread and back (which costs about as much
 #: as a tiny fit), when its model has at most ``INLINE_FIT_NUMEL`` elements, it trains on at most
 #: ``INLINE_FIT_ROWS`` rows (steps x batch size), and the same fit of the same model last took at most
-#: ``INLINE_FIT_SECONDS`` of CPU (measured, not predicted: a model's cost is the client's to choose)
+#: ``INLINE_FIT_SECONDS`` of the process's CPU (measured, not predicted: a model's cost is the client's to
+#: choose; all threads' CPU, so torch's intra-op threads count, and a loaded machine's waits do not)
 INLINE_FIT_NUMEL = 1 << 15
 INLINE_FIT_ROWS = 64
 INLINE_FIT_SECONDS = 0.002
+#: a fit on the event loop that runs this long after all (its measurement no longer holds: denormal
+#: weights loaded, say) is stopped with an error instead of holding the loop
+INLINE_FIT_DEADLINE = 0.5
 
 CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
@@ -114,12 +119,16 @@ class Executor:
         command, loop = binding.command, asyncio.get_running_loop()
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
             return await loop.run_in_executor(self.pool, self._charge_and_call, binding)
-        if command.name == "fit":
-            self.counters["inline_fits"] += 1
+        if command.name == "fit":  # measured fast; if that no longer holds, it stops soon, with an error
+            binding.session.budget = Budget(min(self.context.config.max_command_seconds, INLINE_FIT_DEADLINE),
+                                            "the limit for a fit on the event loop")
         reserve = self._charge(binding)  # small inputs: sizing them is cheap enough for the event loop
         if binding.cost is not None and binding.cost.numel > INLINE_NUMEL:  # a small op with a big output
             return await loop.run_in_executor(self.pool, self._call, binding, reserve)
-        return self._call(binding, reserve)
+        result = self._call(binding, reserve)
+        if command.name == "fit":
+            self.counters["inline_fits"] += 1
+        return result
 
     def _large(self, binding: Binding) -> bool:
         if binding.command.name == "delete":
@@ -143,7 +152,19 @@ class Executor:
         return nbytes
 
     def _call(self, binding: Binding, reserve: int) -> Any:
-        """Run the handler (on whichever thread), then label what it wrote."""
+        """Run the handler (on whichever thread), then label what it wrote. A fit of ``steps`` records
+        what it cost on its module (``small_fit`` reads it): infinitely much if it failed."""
+        if binding.command.name != "fit" or "steps" not in binding.args:
+            return self._run_handler(binding, reserve)
+        started, cost = time.process_time(), math.inf
+        try:
+            result = self._run_handler(binding, reserve)
+            cost = time.process_time() - started
+            return result
+        finally:
+            binding.objects["module"].last_fit = (fit_key(binding), cost)
+
+    def _run_handler(self, binding: Binding, reserve: int) -> Any:
         session, command = binding.session, binding.command
         if command.loads and "load" in binding.args:  # the client's weights first, as a module_load would:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
@@ -163,10 +184,7 @@ class Executor:
                 stack.enter_context(session.quota.charging_saved_tensors())
             if command.writes is not None:  # even a step that failed half-way may have made some state
                 stack.callback(self._recount_optimizers, binding)
-            started = time.thread_time()  # CPU time: a loaded machine's waits are not the fit's cost
             result = HANDLERS[command.name](self.context, binding)
-            if command.name == "fit" and "steps" in binding.args:
-                binding.objects["module"].last_fit = (fit_rows(binding), time.thread_time() - started)
         if watch is not None:
             session.taint.mark(watch.written(), label)
         return result
@@ -293,8 +311,11 @@ def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 
-def fit_rows(binding: Binding) -> int:
-    return int(binding.args["steps"]) * int(binding.args["batch_size"])
+def fit_key(binding: Binding) -> str:
+    """What decides a fit's cost besides its model's weights: every argument but the weights loaded,
+    the shuffle's seed and whether the state comes back."""
+    return repr(sorted((k, v) for k, v in binding.request.args.items()
+                       if k not in ("load", "seed", "reply_state", "module")))
 
 
 def small_fit(binding: Binding) -> bool:
@@ -305,14 +326,13 @@ def small_fit(binding: Binding) -> bool:
     args = binding.args
     if "clients" in args or "epochs" in args or "steps" not in args:
         return False
-    rows = fit_rows(binding)
     hosted = binding.objects["module"]
-    if rows > INLINE_FIT_ROWS or hosted.last_fit is None or hosted.last_fit[0] != rows \
-            or hosted.last_fit[1] > INLINE_FIT_SECONDS:
+    if int(args["steps"]) * int(args["batch_size"]) > INLINE_FIT_ROWS or hosted.last_fit is None \
+            or hosted.last_fit[1] > INLINE_FIT_SECONDS or hosted.last_fit[0] != fit_key(binding):
         return False
     module = hosted.module
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers()) <= INLINE_FIT_NUMEL
 
 
-__all__ = ["Executor", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS", "fail_outputs", "fit_rows",
-           "small_fit"]
+__all__ = ["Executor", "INLINE_FIT_DEADLINE", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS",
+           "fail_outputs", "fit_key", "small_fit"]
