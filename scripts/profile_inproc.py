@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Awaitable, Callable
 
 import torch
 
@@ -27,16 +28,23 @@ async def phase_opget(x: object, n: int) -> None:
         await (x + 1).get()  # type: ignore[operator]
 
 
-async def opget(n: int) -> None:
+async def on_a_virtual_worker(phase: Callable[[object, int], Awaitable[None]], warm_up: int,
+                              n: int) -> tuple[float, float]:
+    """Seconds of wall time and of this process's CPU that ``phase(x, n)`` took, ``x`` being 16 floats
+    on a ``VirtualWorker``, after ``phase(x, warm_up)``."""
     import fedzmq as fz
 
     async with fz.VirtualWorker("w") as w:
         x = await w.send(torch.arange(16, dtype=torch.float32))
-        await phase_opget(x, 200)
+        await phase(x, warm_up)
         t0, c0 = time.perf_counter(), time.process_time()
-        await phase_opget(x, n)
-        cpu = (time.process_time() - c0) / n * 1e6
-        print(f"op+get: {(time.perf_counter() - t0) / n * 1e6:.1f} us each of wall time, {cpu:.1f} us of CPU ({n})")
+        await phase(x, n)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+async def opget(n: int) -> None:
+    wall, cpu = await on_a_virtual_worker(phase_opget, 200, n)
+    print(f"op+get: {wall / n * 1e6:.1f} us each of wall time, {cpu / n * 1e6:.1f} us of CPU ({n})")
 
 
 async def phase_pipelined(x: object, n: int) -> None:
@@ -47,16 +55,9 @@ async def phase_pipelined(x: object, n: int) -> None:
 
 
 async def pipelined(n: int) -> None:
-    import fedzmq as fz
-
-    async with fz.VirtualWorker("w") as w:
-        x = await w.send(torch.arange(16, dtype=torch.float32))
-        await phase_pipelined(x, 1)
-        t0, c0 = time.perf_counter(), time.process_time()
-        await phase_pipelined(x, n)
-        ops = 2000 * n
-        print(f"pipelined: {ops / (time.perf_counter() - t0):,.0f} ops/s of wall time, "
-              f"{(time.process_time() - c0) / ops * 1e6:.1f} us of CPU each ({ops})")
+    wall, cpu = await on_a_virtual_worker(phase_pipelined, 1, n)
+    ops = 2000 * n
+    print(f"pipelined: {ops / wall:,.0f} ops/s of wall time, {cpu / ops * 1e6:.1f} us of CPU each ({ops})")
 
 
 async def phase_round(federation: object, n: int) -> None:

@@ -35,12 +35,20 @@ def context():
     ctx.term()
 
 
-async def test_an_echo_of_thousands_of_pipelined_messages_loses_none_and_keeps_order(context):
+@pytest.fixture
+def pair(context):
+    """A ROUTER and a DEALER connected to it over loopback tcp, closed after the test."""
+    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}")
+    yield router, dealer
+    router.close()
+    dealer.close()
+
+
+async def test_an_echo_of_thousands_of_pipelined_messages_loses_none_and_keeps_order(pair):
     """Both ends are pumps, and the echo sends from inside its receive callback: the sends' effect on
     the edge-triggered descriptor is exactly what would lose a wake-up."""
-    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
+    router, dealer = pair
     got: list[int] = []
     done = asyncio.get_running_loop().create_future()
     total = 5000
@@ -62,8 +70,6 @@ async def test_an_echo_of_thousands_of_pipelined_messages_loses_none_and_keeps_o
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        router.close()
-        dealer.close()
 
 
 async def test_messages_that_cannot_be_sent_yet_wait_in_order_until_the_peer_is_there(context, tmp_path):
@@ -97,62 +103,48 @@ async def test_messages_that_cannot_be_sent_yet_wait_in_order_until_the_peer_is_
         dealer.close()
 
 
-async def test_a_handler_that_raises_stops_the_pump_with_its_exception(context):
-    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
+async def test_a_handler_that_raises_stops_the_pump_with_its_exception(pair):
+    router, dealer = pair
 
     def broken(frames):
         raise KeyError("a handler's bug")
 
-    pump = Pump(router, broken)
-    try:
-        dealer.send(b"x")
-        with pytest.raises(KeyError, match="a handler's bug"):
-            await asyncio.wait_for(pump.run(), 30)
-    finally:
-        router.close()
-        dealer.close()
+    dealer.send(b"x")
+    with pytest.raises(KeyError, match="a handler's bug"):
+        await asyncio.wait_for(Pump(router, broken).run(), 30)
 
 
-async def test_a_cancelled_pump_no_longer_reads_and_a_new_run_picks_up_what_waited(context):
-    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
+async def until(condition, seconds: float = 30.0) -> None:
+    """Wait (polling) until ``condition()`` holds, at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_cancelled_pump_no_longer_reads_and_a_new_run_picks_up_what_waited(pair):
+    router, dealer = pair
     seen: list[bytes] = []
     pump = Pump(router, lambda frames: seen.append(frames[1].bytes))
-    try:
-        task = asyncio.create_task(pump.run())
-        dealer.send(b"first")
-        for _ in range(300):
-            if seen:
-                break
-            await asyncio.sleep(0.01)
-        assert seen == [b"first"]
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        dealer.send(b"second")
-        await asyncio.sleep(0.3)
-        assert seen == [b"first"]  # nobody reads while no run() is awaited
-        task = asyncio.create_task(pump.run())
-        for _ in range(300):
-            if len(seen) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert seen == [b"first", b"second"]
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    finally:
-        router.close()
-        dealer.close()
+    task = asyncio.create_task(pump.run())
+    dealer.send(b"first")
+    await until(lambda: bool(seen))
+    assert seen == [b"first"]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    dealer.send(b"second")
+    await asyncio.sleep(0.3)
+    assert seen == [b"first"]  # nobody reads while no run() is awaited
+    task = asyncio.create_task(pump.run())
+    await until(lambda: len(seen) == 2)
+    assert seen == [b"first", b"second"]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_a_flood_of_queued_messages_leaves_the_loop_to_other_tasks_between_batches(context):
+async def test_a_flood_of_queued_messages_leaves_the_loop_to_other_tasks_between_batches(pair):
     """400 messages wait, each taking 2 ms to handle (0.8 s in all). Another task must run many times
     while they are handled, not once they are all done."""
-    router, dealer = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
+    router, dealer = pair
     handled = 0
 
     def slow(frames):
@@ -160,28 +152,22 @@ async def test_a_flood_of_queued_messages_leaves_the_loop_to_other_tasks_between
         time.sleep(0.002)
         handled += 1
 
-    pump = Pump(router, slow)
-    try:
-        for _ in range(400):
-            dealer.send(b"x")
-        # let libzmq move them all into the ROUTER's queue before the pump starts
-        deadline = time.monotonic() + 30
-        while not router.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
-        task = asyncio.create_task(pump.run())
-        seen_by_other_task = []
-        while handled < 400 and time.monotonic() < deadline:
-            await asyncio.sleep(0)
-            seen_by_other_task.append(handled)
-        assert handled == 400
-        during = [n for n in seen_by_other_task if 0 < n < 400]
-        assert len(set(during)) >= 10, seen_by_other_task[:50]  # the other task ran between batches
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    finally:
-        router.close()
-        dealer.close()
+    for _ in range(400):
+        dealer.send(b"x")
+    # let libzmq move them all into the ROUTER's queue before the pump starts
+    await until(lambda: bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN))
+    await asyncio.sleep(0.2)
+    task = asyncio.create_task(Pump(router, slow).run())
+    seen_by_other_task = []
+    deadline = time.monotonic() + 30
+    while handled < 400 and time.monotonic() < deadline:
+        await asyncio.sleep(0)
+        seen_by_other_task.append(handled)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert handled == 400
+    during = [n for n in seen_by_other_task if 0 < n < 400]
+    assert len(set(during)) >= 10, seen_by_other_task[:50]  # the other task ran between batches
 
 
 def heavy_message(n: int) -> list[bytes]:
