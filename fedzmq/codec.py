@@ -261,6 +261,27 @@ def _frame_buffer(frame: Any) -> Any:
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
+class _ContainerCounter:
+    """Stops msgpack once the lists and maps it built hold more than about twice ``max_items`` values.
+
+    msgpack builds the whole header before the decoder counts its values, and a header within
+    ``max_header_bytes`` can hold millions of one-byte empty lists: seconds of the event loop and
+    hundreds of MB. msgpack calls these hooks as each list or map is complete, so counting there stops
+    it after a bounded number of objects. The decoder's own count (``Limits.max_items``: the values in
+    lists and maps) stays the rule; this one also counts each container, so it allows twice that."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, max_items: int) -> None:
+        self.left = 2 * max_items + 64
+
+    def seen(self, container: Any) -> Any:
+        self.left -= len(container) + 1
+        if self.left < 0:
+            raise ProtocolError("header holds more than the limit of values (max_items) in its lists and maps")
+        return container
+
+
 def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
     """Unpack and check the header, then the frames' count and sizes, naming the request id if known."""
     if not frames:
@@ -268,9 +289,13 @@ def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
     raw = _frame_buffer(frames[0])
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}")
+    counter = _ContainerCounter(limits.max_items)
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
-                                 max_array_len=limits.max_items, max_map_len=limits.max_items)
+                                 max_array_len=limits.max_items, max_map_len=limits.max_items,
+                                 list_hook=counter.seen, object_hook=counter.seen)
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):

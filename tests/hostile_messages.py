@@ -48,3 +48,19 @@ BAD_MESSAGES = {
 }
 
 
+
+
+def container_bomb(header_bytes: int = 4 << 20) -> list[bytes]:
+    """A header within ``max_header_bytes`` (4 MiB) holding millions of empty lists, one byte each,
+    every array within ``max_array_len``: msgpack builds them all (seconds of the event loop, hundreds
+    of MB) before any check on the decoded value could run."""
+    import struct
+
+    inner = b"\xdc" + struct.pack(">H", 16384) + b"\x90" * 16384  # an array of 16,384 empty arrays
+    count = (header_bytes - 100) // len(inner)
+    body = b"\xdc" + struct.pack(">H", count) + inner * count
+    head = msgpack.packb({"v": 1, "id": 3, "cmd": "ping"})
+    return [b"\x84" + head[1:] + msgpack.packb("args") + b"\x81" + msgpack.packb("x") + body]
+
+
+BAD_MESSAGES["millions of empty lists"] = container_bomb()

@@ -125,3 +125,24 @@ def test_shape_product_limit_rejects_overflowing_shapes():
     with pytest.raises(ProtocolError):
         decode_request(tensor_message(shape=(2**62, 4)), LIMITS)
     assert math.prod([2**31, 2]) == 2**32  # plain Python ints: no 32-bit lengths anywhere
+
+
+def test_a_header_of_millions_of_tiny_containers_is_refused_before_they_are_built():
+    """The attack: 4 MiB of one-byte empty lists. Refused as a ProtocolError after
+    building at most about twice ``max_items`` containers, not four million of them: the memory the
+    decode allocates shows it (four million lists would be hundreds of MB)."""
+    import tracemalloc
+
+    from hostile_messages import container_bomb
+
+    message = container_bomb()
+    assert len(message[0]) <= Limits().max_header_bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="more than") as refused:
+            decode_request(message, Limits())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert "header holds more than" in str(refused.value)
