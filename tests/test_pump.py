@@ -17,6 +17,8 @@ import torch
 import zmq
 import zmq.asyncio
 
+import fedzmq as fz
+from fedzmq.client.connection import Connection, ConnectionSettings
 from fedzmq.pump import Pump
 
 pytestmark = pytest.mark.timeout(120)
@@ -211,3 +213,23 @@ async def test_a_flood_of_slow_to_decode_messages_does_not_starve_an_honest_sess
         assert status["malformed"] >= flood
     finally:
         attacker.close()
+
+
+class BrokenConnection(Connection):
+    """A connection whose reply handling has a bug (raises on the first reply)."""
+
+    def _dispatch(self, frames):
+        raise RuntimeError("a bug in reply handling")
+
+
+async def test_a_client_whose_reply_handling_breaks_fails_its_waiting_requests_at_once():
+    """Heartbeats an hour apart: only the stopped pump can be what fails the request, and it says so."""
+    async with fz.VirtualWorker("w") as worker:
+        connection = BrokenConnection(worker.address, ConnectionSettings(heartbeat_interval=3600.0))
+        try:
+            with pytest.raises(fz.WorkerDeadError, match="can no longer be read"):
+                await asyncio.wait_for(connection.request("ping", {}), 30)
+            with pytest.raises(fz.WorkerDeadError):  # and what comes after fails at once too
+                connection.submit("ping", {})
+        finally:
+            await connection.close(say_goodbye=False)

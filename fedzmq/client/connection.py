@@ -121,8 +121,21 @@ class Connection:
         self._connect_socket()
         if not self._tasks:
             self._last_heard = time.monotonic()
-            self._tasks = [asyncio.create_task(self._pump.run(), name=f"fedzmq-recv-{self.address}"),
+            receiving = asyncio.create_task(self._pump.run(), name=f"fedzmq-recv-{self.address}")
+            receiving.add_done_callback(self._on_receiving_ended)
+            self._tasks = [receiving,
                            asyncio.create_task(self._heartbeat_loop(), name=f"fedzmq-heartbeat-{self.address}")]
+
+    def _on_receiving_ended(self, task: asyncio.Task[None]) -> None:
+        """Replies are no longer read (a bug in handling one): fail what waits now, not after the
+        heartbeats' silence, and say why."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("reading replies from %s stopped: %s: %s", self.address, type(error).__name__, error)
+        self._dead = WorkerDeadError(f"replies from {self.address} can no longer be read "
+                                     f"({type(error).__name__}: {error})")
+        self._fail_all(self._dead)
 
     @property
     def closed(self) -> bool:
