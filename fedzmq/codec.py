@@ -56,10 +56,14 @@ class Limits:
     #: uses min(16 MiB, this): see ``alloc``/``write``/``read`` and ``client.transfers``); never more than
     #: ``max_frame_bytes``
     chunk_bytes: int = 128 << 20
+    #: requests (or replies) one message may carry as a batch (``encode_batch``); 1: never batch
+    max_batch: int = 64
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 4096 or self.max_header_bytes < 4096 or self.chunk_bytes < 4096:
             raise ValueError("frame, header and chunk limits must be at least 4096 bytes")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         # chunks end on element boundaries of any dtype (8 bytes at most), and fit in one frame
         object.__setattr__(self, "chunk_bytes", min(self.chunk_bytes, self.max_frame_bytes) // 8 * 8)
 
@@ -247,6 +251,82 @@ def encode_reply(request_id: int | None, result: Any) -> list[Any]:
 
 def encode_error(request_id: int | None, payload: dict[str, str]) -> list[Any]:
     return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": payload})]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches: several small messages in one ZeroMQ message
+#
+# Each ZeroMQ message costs a send and a receive on both sides, a wake-up of each side's I/O thread and
+# of its event loop: more than decoding a small command. Messages sent in the same pass of the event
+# loop (an op and its ``get``, a burst of pipelined ops, a batch of replies) travel as one:
+#
+#     envelope [PROTOCOL_VERSION, [n_1, ..., n_k]]   then message 1's n_1 frames, ..., message k's n_k
+#
+# Each message inside is exactly what it would be alone (its header, then its buffer frames), and is
+# decoded alone. So that a batch costs the receiver no more decoding than one message may, its headers
+# total at most ``Limits.max_items`` bytes (msgpack spends at least a byte per value) and its buffer
+# frames are small (``BATCH_FRAME_BYTES``: bigger ones go alone, without copying).
+
+#: a message joins a batch only if each of its buffer frames is smaller than this: pyzmq copies frames
+#: below 64 KiB on send anyway, so copying them into a batch costs nothing that was not paid before
+BATCH_FRAME_BYTES = 1 << 15
+
+
+def batchable(frames: Sequence[Any], limits: Limits) -> bool:
+    """Whether a message (header, then buffer frames) may go inside a batch."""
+    return limits.max_batch > 1 and len(frames[0]) <= limits.max_items \
+        and all(len(f) < BATCH_FRAME_BYTES for f in frames[1:])
+
+
+def batch_fits(sizes: tuple[int, int, int], frames: Sequence[Any], limits: Limits) -> bool:
+    """Whether a batch of ``sizes`` (messages, frames, header bytes so far) has room for ``frames``."""
+    count, nframes, header_bytes = sizes
+    return (count < limits.max_batch and nframes + len(frames) <= limits.max_frames
+            and header_bytes + len(frames[0]) <= limits.max_items)
+
+
+def encode_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
+    """One ZeroMQ message holding ``messages`` (each ``batchable``, together within ``batch_fits``)."""
+    envelope = msgpack.packb([PROTOCOL_VERSION, [len(m) for m in messages]])
+    return [envelope, *(frame for message in messages for frame in message)]
+
+
+def is_batch(frames: Sequence[Any]) -> bool:
+    """Whether a message is a batch's envelope and parts (a lone message's header is a msgpack map)."""
+    first = _frame_buffer(frames[0]) if frames else b""
+    return len(first) > 0 and first[0] == 0x92  # a msgpack array of two: [version, counts]
+
+
+def split_batch(frames: Sequence[Any], limits: Limits) -> list[Sequence[Any]]:
+    """The messages of a batch, checked against the limits a batch must keep; ``ProtocolError`` if not."""
+    raw = _frame_buffer(frames[0])
+    if len(raw) > 16 + 9 * limits.max_batch:
+        raise ProtocolError("batch envelope too long")
+    try:
+        envelope = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=limits.max_batch + 2)
+    except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
+        raise ProtocolError(f"batch envelope is not valid msgpack: {type(exc).__name__}") from None
+    if (type(envelope) is not list or len(envelope) != 2 or envelope[0] != PROTOCOL_VERSION
+            or type(envelope[1]) is not list):
+        raise ProtocolError(f"batch envelope must be [{PROTOCOL_VERSION}, [frames per message]]")
+    counts = envelope[1]
+    if not 1 <= len(counts) <= limits.max_batch:
+        raise ProtocolError(f"a batch holds 1 to {limits.max_batch} messages, not {len(counts)}")
+    if any(type(n) is not int or n < 1 for n in counts) or sum(counts) != len(frames) - 1:
+        raise ProtocolError(f"batch envelope's frame counts do not match its {len(frames) - 1} frames")
+    if len(frames) - 1 > limits.max_frames:
+        raise ProtocolError(f"too many frames: {len(frames) - 1} > {limits.max_frames}")
+    parts, start, header_bytes = [], 1, 0
+    for n in counts:
+        part = frames[start:start + n]
+        header_bytes += _frame_len(part[0])
+        if header_bytes > limits.max_items:
+            raise ProtocolError(f"a batch's headers exceed {limits.max_items} bytes in all")
+        if any(_frame_len(f) >= BATCH_FRAME_BYTES for f in part[1:]):
+            raise ProtocolError(f"a frame in a batch must be under {BATCH_FRAME_BYTES} bytes")
+        parts.append(part)
+        start += n
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -64,3 +64,26 @@ def container_bomb(header_bytes: int = 4 << 20) -> list[bytes]:
 
 
 BAD_MESSAGES["millions of empty lists"] = container_bomb()
+
+
+def _batch(envelope, *parts):
+    """A batch message: its envelope (packed as given), then the frames of its parts."""
+    return [msgpack.packb(envelope), *(frame for part in parts for frame in part)]
+
+
+_PING = [msgpack.packb({"v": 1, "id": 3, "cmd": "ping", "args": {}})]
+_BIG_HEADER = [msgpack.packb({"v": 1, "id": 3, "cmd": "ping", "args": {"pad": "x" * 9000}})]
+
+#: batches broken at the envelope (each gets one error reply, and nothing in it runs)
+BAD_MESSAGES.update({
+    "batch counts exceed the frames": _batch([1, [2]], _PING),
+    "batch of no messages": _batch([1, []]),
+    "batch of more than max_batch messages": _batch([1, [1] * 65], *[_PING] * 65),
+    "batch count not an int": _batch([1, ["1"]], _PING),
+    "batch count zero": _batch([1, [0, 1]], _PING),
+    "batch of another version": _batch([2, [1]], _PING),
+    "batch headers past max_items bytes": _batch([1, [1, 1]], _BIG_HEADER, _BIG_HEADER),
+    "batch with a big frame": _batch([1, [2]], tensor_message(shape=(10000,), nbytes=40000)),
+    "batch envelope garbage": [b"\x92\xc1\xc1", *_PING],
+    "batch inside a batch": _batch([1, [2]], _batch([1, [1]], _PING)),
+})

@@ -22,13 +22,14 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import zmq
 import zmq.asyncio
 
-from ..codec import Limits, Reply, decode_reply, encode_request
+from ..codec import Limits, Reply, decode_reply, encode_request, is_batch, split_batch
 from ..commands import COMMANDS
+from ..outbox import Outbox
 from ..pump import Pump
 from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
@@ -93,6 +94,9 @@ class Connection:
         self.session_resets = 0
         #: the limits in force: ours, lowered to the worker's once it told us (``adopt_worker_limits``)
         self.limits = self.settings.limits
+        #: requests sent in one pass of the event loop go as one message, once the worker said it reads
+        #: batches (``adopt_worker_limits``); until then one by one
+        self._outbox = Outbox(self._send_message, dataclasses.replace(self.limits, max_batch=1))
         #: RemoteWorkers sharing this connection (one per logical client of the daemon): it closes with the last
         self.users = 1
         self.bytes_sent = 0
@@ -159,6 +163,7 @@ class Connection:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._fail_all(WorkerClosedError(f"connection to {self.address} was closed"))
+        self._outbox.drop()
         self._pump.drop_backlog()
         self._socket.close(linger=0)
         self._socket = None
@@ -167,7 +172,11 @@ class Connection:
 
     def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, client: str | None = None,
                default: Callable[[Any], Any] | None = None) -> asyncio.Future[Reply]:
-        """Send a request now and return the future of its reply (which may hold an error reply).
+        """Send a request and return the future of its reply (which may hold an error reply).
+
+        A small request leaves when the event loop next runs its callbacks (when the caller awaits
+        anything), together with the others sent meanwhile (``fedzmq.outbox``); its tensors' bytes are
+        copied now. ``copy``: also copy a big request's tensors (else they must not change until sent).
         ``client``: one of the logical clients the daemon hosts (None: the daemon itself); ``default``:
         the encoder's hook for values it does not know (pointers), if not the connection's."""
         self._ensure_started()
@@ -182,9 +191,17 @@ class Connection:
             # answered out of the daemon session's order: a lost-reply check must not judge it
             self._control.add(request_id)
             future.add_done_callback(partial(_discard, self._control, request_id))
-        self._pump.send_or_queue(frames, copy=copy or self._copy_frames)
+        self._outbox.add(frames, copy=copy or self._copy_frames)
         self.bytes_sent += sum(len(f) for f in frames)
         return future
+
+    def _send_message(self, frames: list[Any], copy: bool) -> None:
+        self._pump.send_or_queue(frames, copy=copy or self._copy_frames)
+
+    @property
+    def batches_sent(self) -> int:
+        """Messages sent that carried several requests."""
+        return self._outbox.batches
 
     def announce(self) -> dict[str, Any]:
         """What a ping or heartbeat tells the worker about us: how often we send heartbeats, so it can
@@ -211,6 +228,10 @@ class Connection:
         self.limits = dataclasses.replace(mine, **{
             name: min(getattr(mine, name), value) for name, value in worker_limits.items()
             if hasattr(mine, name) and type(value) is int and value > 0})
+        # a worker that does not name max_batch predates batches: send it one request per message
+        speaks_batches = type(worker_limits.get("max_batch")) is int
+        self._outbox.flush()
+        self._outbox.limits = self.limits if speaks_batches else dataclasses.replace(self.limits, max_batch=1)
 
     async def request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         """Send a request and wait for its result; raise the remote error if it failed."""
@@ -231,6 +252,19 @@ class Connection:
         if self._dead is not None:
             log.info("worker at %s answers again", self.address)
             self._dead = None
+        if not is_batch(frames):
+            self._resolve(frames)
+            return
+        try:
+            replies = split_batch(frames, self.limits)
+        except ProtocolError as exc:  # the worker broke the protocol: its replies' requests wait for a deadline
+            log.warning("undecodable batch of replies from %s: %s", self.address, exc)
+            return
+        for reply_frames in replies:
+            self._resolve(reply_frames)
+
+    def _resolve(self, frames: Sequence[Any]) -> None:
+        """Decode one reply and hand it to the request waiting for it."""
         try:
             reply = decode_reply(frames, self.limits)
         except ProtocolError as exc:  # the worker's reply broke the protocol: a local error

@@ -15,23 +15,26 @@ else is touched. What a command does is the executor's business (``fedzmq.worker
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from functools import partial
+from typing import Any, Sequence, cast
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ..__about__ import __version__
-from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error
+from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error, is_batch, split_batch
 from ..commands import COMMANDS
 from ..errors import FedzmqError, ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
+from ..outbox import Outbox
 from ..pump import Pump
 from ..security import KeyGate, SecurityError, address_problem, apply_server_keys, is_loopback_address
 from .binding import Context
@@ -90,7 +93,7 @@ class Worker:
         self.clients = clients or {}
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0,
                          "sessions_evicted": 0, "sessions_refused": 0, "throttled": 0, "limit_errors": 0,
-                         "handshake_failures": 0, "unread_replies": 0, "inline_fits": 0}
+                         "handshake_failures": 0, "unread_replies": 0, "inline_fits": 0, "batches": 0}
         protected = any(d.policy == "protected" for d in self.datasets.values()) or bool(self.clients)
         tracebacks = config.remote_tracebacks if config.remote_tracebacks is not None else not protected
         secret = config.shuffle_secret.encode() if config.shuffle_secret is not None else secrets.token_bytes(32)
@@ -226,7 +229,7 @@ class Worker:
         return {"id": self.id, "version": __version__, "protocol": PROTOCOL_VERSION, "instance": self.instance,
                 "limits": {"max_header_bytes": limits.max_header_bytes, "max_frame_bytes": limits.max_frame_bytes,
                            "max_frames": limits.max_frames, "chunk_bytes": limits.chunk_bytes,
-                           "max_items": limits.max_items}}
+                           "max_items": limits.max_items, "max_batch": limits.max_batch}}
 
     def _all_sessions(self) -> list[Session]:
         return [s for peer in self._peers.values() for s in peer.sessions.values()]
@@ -256,24 +259,36 @@ class Worker:
     # --- the loops -----------------------------------------------------------------------------
 
     def _accept(self, frames: list[Any]) -> None:
-        """Decode one message; answer control commands, queue the rest on their session."""
-        key = frames[0].bytes
+        """Take one message off the socket: a request, or a batch of them (``codec.split_batch``)."""
+        key, message = frames[0].bytes, frames[1:]
+        if not is_batch(message):
+            self._accept_request(key, message, False)
+            return
+        try:
+            requests = split_batch(message, self.config.limits)
+        except ProtocolError as exc:
+            self.counters["requests"] += 1
+            self._malformed(key, exc)
+            return
+        self.counters["batches"] += 1
+        for request_frames in requests:
+            self._accept_request(key, request_frames, True)
+
+    def _accept_request(self, key: bytes, frames: Sequence[Any], batched: bool) -> None:
+        """Decode one request; answer control commands, queue the rest on their session."""
         self.counters["requests"] += 1
         try:
-            request = decode_request(frames[1:], self.config.limits)
+            request = decode_request(frames, self.config.limits)
         except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
-            self.counters["malformed"] += 1
-            if not isinstance(exc, ProtocolError):
-                log.exception("decoder failed on a message from %s", key.hex())
-                exc = ProtocolError(f"undecodable message ({type(exc).__name__})")
-            log.debug("malformed message from %s: %s", key.hex(), exc)
-            self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
+            self._malformed(key, exc)
             return
-        session = self._session_for(key, _user_id(frames[1]), request)
+        session = self._session_for(key, _user_id(frames[0]), request)
         if session is None:
             return
-        assert session.peer is not None
+        assert session.peer is not None and session.outbox is not None
         session.peer.touch()
+        if batched and session.outbox.limits.max_batch == 1:  # it reads batches: send it batches too
+            session.outbox.limits = self.config.limits
         if COMMANDS[request.cmd].control:
             self._send(key, self.executor.control(session, request), session)
         elif session.queue.qsize() >= self.config.max_inflight:
@@ -289,6 +304,15 @@ class Worker:
         else:
             session.quota.queued += request.nbytes
             session.queue.put_nowait(request)
+
+    def _malformed(self, key: bytes, exc: Exception) -> None:
+        """Answer a message that could not be decoded, and count it; nothing else is touched."""
+        self.counters["malformed"] += 1
+        if not isinstance(exc, ProtocolError):
+            log.exception("decoder failed on a message from %s", key.hex())
+            exc = ProtocolError(f"undecodable message ({type(exc).__name__})")
+        log.debug("malformed message from %s: %s", key.hex(), exc)
+        self._send(key, encode_error(exc.request_id, error_payload(exc, "")))
 
     def _session_for(self, key: bytes, user: str | None, request: Request) -> Session | None:
         """The sender's session with the daemon or with the logical client it names, made if new
@@ -313,6 +337,9 @@ class Worker:
             key, user=user, client=request.client, peer=peer, max_objects=config.max_objects,
             max_bytes=config.max_session_bytes,
             datasets=self.datasets if request.client is None else self.clients[request.client])
+        # replies go one by one until the client shows it reads batches (by sending one)
+        session.outbox = Outbox(partial(self._transmit_replies, session),
+                                dataclasses.replace(config.limits, max_batch=1))
         session.task = asyncio.create_task(self._session_loop(session), name=f"fedzmq-session-{key.hex()}")
         return session
 
@@ -386,7 +413,8 @@ class Worker:
                     self._end_session(session, "sessions_expired")
                     return True
             else:
-                self._send(session.key, frames, session)
+                assert session.outbox is not None
+                session.outbox.add(frames)  # with the others this session answers before it next waits
         finally:
             session.running = None
             session.last_done = request.id
@@ -440,6 +468,8 @@ class Worker:
                         event.get("value"))
 
     def _refuse_queued(self, session: Session, why: str) -> None:
+        if session.outbox is not None:
+            session.outbox.flush()  # the replies of what ran go first
         while not session.queue.empty():
             request = session.queue.get_nowait()
             if request is not None:
@@ -447,6 +477,8 @@ class Worker:
                                                                   "traceback": ""}))
 
     def _end_session(self, session: Session, counter: str) -> None:
+        if session.outbox is not None:  # what it answered leaves on a close; a gone client reads nothing
+            session.outbox.flush() if counter == "sessions_closed" else session.outbox.drop()
         session.clear()  # a running command is cancelled at its next check
         session.queue.put_nowait(None)
         peer = self._peers.get(session.key)
@@ -473,7 +505,19 @@ class Worker:
 
     def _send(self, key: bytes, frames: list[Any], session: Session | None = None,
               track: bool = False) -> zmq.MessageTracker | None:
-        """Send a reply without blocking. A reply holding big buffers is charged to its session until
+        """Send a reply now, after the replies the session has waiting in its outbox (so that they keep
+        their order: a heartbeat's ``last_done`` never arrives before the reply it counts)."""
+        if session is not None and session.outbox is not None and len(session.outbox):
+            session.outbox.flush()
+        return self._transmit(key, frames, session, track)
+
+    def _transmit_replies(self, session: Session, frames: list[Any], copy: bool) -> None:
+        """An outbox's send: one reply, or a batch of them."""
+        self._transmit(session.key, frames, session, False)
+
+    def _transmit(self, key: bytes, frames: list[Any], session: Session | None = None,
+                  track: bool = False) -> zmq.MessageTracker | None:
+        """Send a message without blocking. A reply holding big buffers is charged to its session until
         ZeroMQ has sent it; a client whose pipe is full (it stopped reading) or gone loses its session."""
         if self._pump is None:
             return None

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..budget import Budget
 from ..codec import Request
+from ..outbox import Outbox
 from .datasets import Dataset
 from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
 from .quota import Quota
@@ -77,6 +78,8 @@ class Session:
     peer: Peer | None = None
     #: this session's identity: a client that sees it change knows its objects are gone
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: replies waiting to leave together (``fedzmq.outbox``); set by the server that made the session
+    outbox: Outbox | None = None
 
     def __post_init__(self) -> None:
         self.table = ObjectTable(self.max_objects)

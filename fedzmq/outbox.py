@@ -1,0 +1,82 @@
+"""Small messages for one peer, gathered while the event loop runs other code and sent as one batch.
+
+An op and the ``get`` of its result, a burst of pipelined ops, the replies a session produced in one
+turn of its loop: each used to be its own ZeroMQ message, and each message costs both sides a send, a
+receive, a wake-up of the I/O thread and one of the event loop (docs/profile.md). An ``Outbox`` keeps
+the messages added during one pass of the event loop and sends them together, as a batch
+(``codec.encode_batch``), when the loop next gets to its callbacks: that is, as soon as the code that
+added them waits for anything. Nothing waits longer than that, and a lone message goes as it is.
+
+Order is kept: a message that cannot join a batch (a big frame, or the batch is full) first sends what
+waits. Code that sends to the same peer by another path calls ``flush`` first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Sequence
+
+from .codec import Limits, batch_fits, batchable, encode_batch
+
+
+class Outbox:
+    """Batches the messages ``add``-ed for one peer; ``send(frames, copy)`` sends one message to it.
+
+    ``send`` is called on the event loop, from ``add`` or from ``flush``, never re-entered for the same
+    messages: what it is given has left the outbox, so a ``send`` that fails and leads its caller to
+    ``flush`` again finds the outbox empty."""
+
+    def __init__(self, send: Callable[[list[Any], bool], None], limits: Limits) -> None:
+        self._send = send
+        self.limits = limits
+        self._messages: list[list[Any]] = []
+        self._sizes = (0, 0, 0)  # messages, frames, header bytes
+        self._scheduled: asyncio.Handle | None = None
+        #: batches sent (of at least two messages), for status and tests
+        self.batches = 0
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def add(self, frames: Sequence[Any], copy: bool = False) -> None:
+        """Send ``frames`` with the next batch, or now (after what waits) if it cannot join one
+        (``copy``: whether that send copies the buffers, as ``send`` would).
+
+        A batched message's buffers are copied now: whoever encoded it may change a tensor as soon as
+        this returns, and the batch leaves later (pyzmq would have copied these small frames anyway)."""
+        if not batchable(frames, self.limits):
+            self.flush()
+            self._send(list(frames), copy)
+            return
+        if not batch_fits(self._sizes, frames, self.limits):
+            self.flush()
+        message = [frames[0], *(bytes(f) for f in frames[1:])]
+        self._messages.append(message)
+        count, nframes, header_bytes = self._sizes
+        self._sizes = (count + 1, nframes + len(message), header_bytes + len(frames[0]))
+        if self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what waits now: one message alone, several as a batch."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        messages, self._messages, self._sizes = self._messages, [], (0, 0, 0)
+        if len(messages) == 1:
+            self._send(messages[0], False)  # copied already
+        elif messages:
+            self.batches += 1
+            self._send(encode_batch(messages), False)
+
+    def drop(self) -> int:
+        """Forget what waits (the peer is gone or the socket closing); returns how many messages."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        dropped = len(self._messages)
+        self._messages, self._sizes = [], (0, 0, 0)
+        return dropped
+
+
+__all__ = ["Outbox"]

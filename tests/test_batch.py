@@ -1,0 +1,164 @@
+"""Several requests (and replies) in one ZeroMQ message: the codec's batch, the client's and the
+daemon's outboxes, and what a hostile peer can do with a batch.
+
+A batch is a transport matter only: every request in it is decoded, checked, throttled and answered
+exactly as if it had come alone, in the order sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+import fedzmq as fz
+from fedzmq.codec import (
+    BATCH_FRAME_BYTES, Limits, ProtocolError, batch_fits, batchable, decode_reply, decode_request, encode_batch,
+    encode_request, is_batch, split_batch,
+)
+
+from hostile_messages import BAD_MESSAGES
+
+pytestmark = pytest.mark.timeout(120)
+LIMITS = Limits()
+
+
+# --- the codec ----------------------------------------------------------------------------------------
+
+def test_a_batch_splits_into_exactly_the_messages_it_was_made_of():
+    messages = [encode_request(1, "ping", {}), encode_request(2, "store", {"out": 5, "value": torch.arange(4.0)}),
+                encode_request(3, "get", {"obj": 5})]
+    frames = encode_batch(messages)
+    assert is_batch(frames) and not is_batch(messages[0])
+    parts = split_batch(frames, LIMITS)
+    assert [[bytes(f) for f in p] for p in parts] == [[bytes(f) for f in m] for m in messages]
+    request = decode_request(parts[1], LIMITS)
+    assert request.cmd == "store" and torch.equal(request.args["value"], torch.arange(4.0))
+
+
+def test_only_small_messages_join_a_batch_and_a_batch_stays_within_one_messages_limits():
+    small = encode_request(1, "store", {"out": 1, "value": torch.zeros(16)})
+    big = encode_request(2, "store", {"out": 1, "value": torch.zeros(BATCH_FRAME_BYTES // 4)})
+    assert batchable(small, LIMITS) and not batchable(big, LIMITS)
+    assert not batchable(small, Limits(max_batch=1))
+    assert batch_fits((63, 2, 100), small, LIMITS) and not batch_fits((64, 2, 100), small, LIMITS)
+    assert not batch_fits((1, 2, LIMITS.max_items - 10), small, LIMITS)  # headers total at most max_items bytes
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BAD_MESSAGES if n.startswith("batch")))
+def test_a_broken_batch_is_refused_whole_or_its_part_fails_alone(name):
+    frames = BAD_MESSAGES[name]
+    with pytest.raises(ProtocolError):
+        for part in split_batch(frames, LIMITS):
+            decode_request(part, LIMITS)
+
+
+# --- the client and a worker ---------------------------------------------------------------------------
+
+async def test_an_op_and_its_get_travel_as_one_message_each_way():
+    async with fz.VirtualWorker("w") as server:
+        worker = await fz.connect(server.address)
+        try:
+            x = await worker.send(torch.arange(16.0))
+            before = (await worker.status())["batches"]
+            sent = worker._connection.batches_sent
+            assert torch.equal(await (x + 1).get(), torch.arange(16.0) + 1)
+            assert (await worker.status())["batches"] == before + 1
+            assert worker._connection.batches_sent == sent + 1
+        finally:
+            await worker.close()
+
+
+async def test_pipelined_ops_in_batches_give_what_they_give_one_by_one(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    worker = bob.worker
+    x = await worker.send(torch.arange(8.0))
+    before = (await worker.status())
+    results = [x * float(i) + 1 for i in range(500)]  # issued without waiting: batches of at most 64
+    values = await asyncio.gather(*(r.get() for r in results))
+    for i, value in enumerate(values):
+        assert torch.equal(value, torch.arange(8.0) * float(i) + 1)
+    after = await worker.status()
+    assert after["batches"] - before["batches"] >= 1000 // 64  # ops, then gets
+    assert after["requests"] - before["requests"] >= 1000  # every command counted, each ran
+
+
+async def test_a_tensor_changed_right_after_an_op_is_sent_as_it_was(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    x = await bob.worker.send(torch.zeros(4))
+    local = torch.ones(4)
+    y = x + local  # queued in the outbox, not sent yet
+    local.add_(100)  # the caller's tensor is theirs again at once
+    assert torch.equal(await y.get(), torch.ones(4))
+
+
+async def test_big_and_small_requests_mixed_keep_their_order(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    worker = bob.worker
+    big = torch.arange(100_000, dtype=torch.float32)  # its frame is past BATCH_FRAME_BYTES: it goes alone
+    x = await worker.send(torch.zeros(4))
+    y = x + 1
+    z = x + big[:4]
+    total = x.sum() + big.sum()  # an op with the big tensor as an argument, between batched ones
+    w = y * 3
+    assert torch.equal(await w.get(), torch.full((4,), 3.0))
+    assert torch.equal(await z.get(), big[:4])
+    assert float(await total.get()) == float(big.sum())
+
+
+# --- a hostile peer ------------------------------------------------------------------------------------
+
+def _replies(frames):
+    messages = split_batch(frames, LIMITS) if is_batch(frames) else [frames]
+    return [decode_reply(m, LIMITS) for m in messages]
+
+
+async def _collect(sock, count, timeout=20.0):
+    replies = []
+    while len(replies) < count:
+        replies += _replies(await asyncio.wait_for(sock.recv_multipart(copy=False), timeout))
+    return replies
+
+
+async def test_a_batch_of_good_and_bad_requests_answers_each_and_runs_the_good_ones(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob")
+    kept = await bob.worker.send(torch.arange(3.0))
+    attacker = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.connect(bob.address)
+    try:
+        bad = [msgpack.packb({"v": 1, "id": 11, "cmd": "rm_rf", "args": {}})]
+        steal = encode_request(12, "get", {"obj": kept.id})  # another session's object: not ours to read
+        mine = kept.id + 1000
+        messages = [encode_request(10, "store", {"out": mine, "value": torch.arange(4.0)}), bad, steal,
+                    encode_request(13, "get", {"obj": mine})]
+        await attacker.send_multipart(encode_batch(messages))
+        replies = {r.id: r for r in await _collect(attacker, 4)}
+        assert replies[10].ok and replies[13].ok and torch.equal(replies[13].result, torch.arange(4.0))
+        assert replies[11].error["type"] == "ProtocolError"
+        assert replies[12].error["type"] == "ObjectNotFound"
+    finally:
+        attacker.close()
+    assert torch.equal(await kept.get(), torch.arange(3.0))  # the honest session lost nothing
+
+
+async def test_a_batch_cannot_pass_the_sessions_inflight_limit(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob", args=["--max-inflight", "8"])
+    attacker = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.connect(bob.address)
+    try:
+        sleepy = [encode_request(i, "store", {"out": i, "value": torch.zeros(2)}) for i in range(1, 65)]
+        await attacker.send_multipart(encode_batch(sleepy))
+        replies = await _collect(attacker, 64)
+        refused = [r for r in replies if not r.ok]
+        assert sorted(r.id for r in replies) == list(range(1, 65))  # every request answered once
+        assert all(r.error["type"] == "LimitExceeded" for r in refused)
+        assert len(replies) - len(refused) >= 8  # as many as may wait ran; the rest were refused, not lost
+    finally:
+        attacker.close()
+    assert (await bob.worker.status())["throttled"] >= 1
