@@ -162,3 +162,27 @@ async def test_a_batch_cannot_pass_the_sessions_inflight_limit(fedzmq_daemons):
     finally:
         attacker.close()
     assert (await bob.worker.status())["throttled"] >= 1
+
+
+async def test_a_heartbeat_answer_never_overtakes_a_reply_waiting_to_leave():
+    """The heartbeat's ``last_done`` tells a client which replies were lost; a reply still waiting in
+    the session's outbox must therefore leave before the heartbeat's answer does."""
+    from fedzmq.codec import encode_reply
+    from fedzmq.worker.server import Worker
+
+    async with Worker("w") as server:
+        context = zmq.asyncio.Context.instance()
+        client = context.socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.ROUTING_ID, b"k" * 16)
+        client.connect(server.address)
+        try:
+            await client.send_multipart(encode_batch([encode_request(1, "ping", {}), encode_request(2, "ping", {})]))
+            assert [r.id for r in await _collect(client, 2)] == [1, 2]
+            [session] = server._peers[b"k" * 16].sessions.values()
+            session.outbox.add(encode_reply(3, "ran"))  # made, not yet sent (its flush comes next pass)
+            heartbeat = encode_request(4, "heartbeat", {})
+            server._accept([zmq.Frame(b"k" * 16), *(zmq.Frame(f) for f in heartbeat)])  # in the same pass
+            assert [r.id for r in await _collect(client, 2)] == [3, 4]
+        finally:
+            client.close()
