@@ -274,8 +274,12 @@ BATCH_FRAME_BYTES = 1 << 15
 
 def batchable(frames: Sequence[Any], limits: Limits) -> bool:
     """Whether a message (header, then buffer frames) may go inside a batch."""
-    return limits.max_batch > 1 and len(frames[0]) <= limits.max_items \
-        and all(len(f) < BATCH_FRAME_BYTES for f in frames[1:])
+    if limits.max_batch < 2 or len(frames[0]) > limits.max_items:
+        return False
+    for frame in frames[1:]:
+        if _frame_len(frame) >= BATCH_FRAME_BYTES:
+            return False
+    return True
 
 
 def batch_fits(sizes: tuple[int, int, int], frames: Sequence[Any], limits: Limits) -> bool:
@@ -312,20 +316,23 @@ def split_batch(frames: Sequence[Any], limits: Limits) -> list[Sequence[Any]]:
     counts = envelope[1]
     if not 1 <= len(counts) <= limits.max_batch:
         raise ProtocolError(f"a batch holds 1 to {limits.max_batch} messages, not {len(counts)}")
-    if any(type(n) is not int or n < 1 for n in counts) or sum(counts) != len(frames) - 1:
-        raise ProtocolError(f"batch envelope's frame counts do not match its {len(frames) - 1} frames")
     if len(frames) - 1 > limits.max_frames:
         raise ProtocolError(f"too many frames: {len(frames) - 1} > {limits.max_frames}")
-    parts, start, header_bytes = [], 1, 0
+    parts, start, end, header_room = [], 1, len(frames), limits.max_items
     for n in counts:
+        if type(n) is not int or n < 1 or start + n > end:
+            raise ProtocolError(f"batch envelope's frame counts do not match its {end - 1} frames")
         part = frames[start:start + n]
-        header_bytes += _frame_len(part[0])
-        if header_bytes > limits.max_items:
+        header_room -= _frame_len(part[0])
+        if header_room < 0:
             raise ProtocolError(f"a batch's headers exceed {limits.max_items} bytes in all")
-        if any(_frame_len(f) >= BATCH_FRAME_BYTES for f in part[1:]):
-            raise ProtocolError(f"a frame in a batch must be under {BATCH_FRAME_BYTES} bytes")
+        for frame in part[1:]:
+            if _frame_len(frame) >= BATCH_FRAME_BYTES:
+                raise ProtocolError(f"a frame in a batch must be under {BATCH_FRAME_BYTES} bytes")
         parts.append(part)
         start += n
+    if start != end:
+        raise ProtocolError(f"batch envelope's frame counts do not match its {end - 1} frames")
     return parts
 
 
@@ -334,7 +341,8 @@ def split_batch(frames: Sequence[Any], limits: Limits) -> list[Sequence[Any]]:
 
 
 def _frame_len(frame: Any) -> int:
-    return len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
+    """Bytes in a frame: a ``zmq.Frame``, ``bytes`` or a buffer (``len`` of a memoryview counts items)."""
+    return frame.nbytes if type(frame) is memoryview else len(frame)
 
 
 def _frame_buffer(frame: Any) -> Any:

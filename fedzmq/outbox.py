@@ -44,16 +44,17 @@ class Outbox:
 
         A batched message's buffers are copied now: whoever encoded it may change a tensor as soon as
         this returns, and the batch leaves later (pyzmq would have copied these small frames anyway)."""
-        if not batchable(frames, self.limits):
+        limits, header = self.limits, len(frames[0])
+        if not batchable(frames, limits):
             self.flush()
             self._send(list(frames), copy)
             return
-        if not batch_fits(self._sizes, frames, self.limits):
-            self.flush()
-        message = [frames[0], *(bytes(f) for f in frames[1:])]
-        self._messages.append(message)
         count, nframes, header_bytes = self._sizes
-        self._sizes = (count + 1, nframes + len(message), header_bytes + len(frames[0]))
+        if count and not batch_fits(self._sizes, frames, limits):
+            self.flush()
+            count = nframes = header_bytes = 0
+        self._messages.append([frames[0], *map(bytes, frames[1:])] if len(frames) > 1 else [frames[0]])
+        self._sizes = (count + 1, nframes + len(frames), header_bytes + header)
         if self._scheduled is None:
             self._scheduled = asyncio.get_running_loop().call_soon(self.flush)
 
