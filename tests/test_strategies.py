@@ -963,6 +963,28 @@ def test_fedavg_reuses_a_finished_rounds_sums_and_never_a_live_ones() -> None:
         assert all(torch.equal(result[k], expected[k]) for k in g), seed
 
 
+def test_a_first_whole_piece_writes_the_sum_without_zeroing_it_and_gives_the_same_bits() -> None:
+    """The first piece covering a whole float entry writes ``n * (x - g)`` over a reused sum's old values
+    (not zeroed first): NaNs left there do not leak, and the mean equals a fresh aggregator's bit for bit,
+    signed zeros included (bits compared, not values: ``torch.equal`` takes -0 for +0)."""
+    from fedzmq.federated.aggregators import SumRecycler, WeightedMeanAggregator
+
+    g = {"w": torch.tensor([0.0, -0.0, 0.0, -0.0, 1.5, -2.0]), "n": torch.tensor(4)}
+    updates = [({"w": torch.tensor([-0.0, -0.0, 0.0, 0.0, 1.25, 3.0]), "n": torch.tensor(9)}, 3),
+               ({"w": torch.tensor([-0.0, 0.0, -0.0, -0.0, 1.75, -2.0]), "n": torch.tensor(1)}, 5)]
+    recycler = SumRecycler()
+    recycler.keep({"w": torch.full((6,), float("nan"), dtype=torch.float64), "n": torch.tensor(99)})
+    reused, fresh = WeightedMeanAggregator(g, recycler), WeightedMeanAggregator(g)
+    for aggregator in (reused, fresh):
+        for state, n in updates:
+            aggregator.add(state, n)
+    for k in g:
+        a, b = reused.result()[k], fresh.result()[k]
+        assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                           b.view(torch.int32) if b.is_floating_point() else b), k
+    assert not reused.result()["w"].isnan().any() and reused.result()["n"].item() == 9
+
+
 class _SlowReceiver(UpdateReceiver):
     """Records when each slice's fold starts and ends (on whatever thread folds it), slowly."""
 
