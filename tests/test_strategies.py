@@ -14,6 +14,7 @@ import torch
 
 import fedzmq as fz
 from fedzmq.federated.secure import SecAgg
+from fedzmq.federated.aggregators import WeightedMeanAggregator
 from fedzmq.federated.base import UpdateReceiver
 from fedzmq.federated.strategies import (STRATEGIES, Aggregator, Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM,
                                          FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Cyclic, State,
@@ -1032,3 +1033,29 @@ async def test_folder_folds_big_pieces_one_at_a_time_and_close_waits_for_a_cance
     await asyncio.gather(caller, return_exceptions=True)
     await fold.close()
     assert len(receiver.spans) == 1  # finished before close returned
+
+
+class _FailingOnce(WeightedMeanAggregator):
+    """An aggregator whose first scratch request fails, as an allocation may."""
+
+    failed = False
+
+    def _scratch(self, dtype, numel):
+        if not self.failed:
+            self.failed = True
+            raise MemoryError("simulated: no memory for the scratch buffers")
+        return super()._scratch(dtype, numel)
+
+
+def test_a_first_fold_that_fails_leaves_no_stale_sum_behind():
+    """The first whole piece of an entry is written into a reused sum without zeroing it first; if
+    that write fails, what the sum held (last round's values) must not count in the mean."""
+    from fedzmq.federated.aggregators import SumRecycler
+
+    recycler = SumRecycler()
+    recycler.keep({"w": torch.full((6,), 1e6, dtype=torch.float64)})  # last round's sums
+    aggregator = _FailingOnce({"w": torch.zeros(6)}, recycler)
+    with pytest.raises(MemoryError):
+        aggregator.add({"w": torch.ones(6)}, 3)
+    aggregator.add({"w": torch.full((6,), 2.0)}, 1)
+    assert torch.equal(aggregator.result()["w"], torch.full((6,), 2.0))

@@ -98,18 +98,23 @@ class WeightedMeanAggregator(Aggregator):
         # ``SCRATCH_BLOCK`` elements, without a fresh float64 temporary (and its page faults) per piece.
         # The blocks' views come from ``split`` (one call each, not a slice per block and tensor): at 10^6
         # parameters the Python around the arithmetic was a third of a fold's cost, at 10^4 most of it
-        delta_buffer, ref_buffer = self._scratch(target.dtype, n)
-        blocks = zip(values.split(SCRATCH_BLOCK), flat_ref.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
-            if n > SCRATCH_BLOCK else ((values, flat_ref, target),)
-        for piece, piece_ref, piece_sum in blocks:
-            m = piece.numel()
-            delta, wide_ref = _piece(delta_buffer, 0, m), _piece(ref_buffer, 0, m)
-            delta.copy_(piece)
-            wide_ref.copy_(piece_ref)
-            if first:
-                torch.mul(delta.sub_(wide_ref), weight, out=piece_sum)
-            else:
-                piece_sum.add_(delta.sub_(wide_ref), alpha=weight)
+        try:
+            delta_buffer, ref_buffer = self._scratch(target.dtype, n)
+            blocks = zip(values.split(SCRATCH_BLOCK), flat_ref.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
+                if n > SCRATCH_BLOCK else ((values, flat_ref, target),)
+            for piece, piece_ref, piece_sum in blocks:
+                m = piece.numel()
+                delta, wide_ref = _piece(delta_buffer, 0, m), _piece(ref_buffer, 0, m)
+                delta.copy_(piece)
+                wide_ref.copy_(piece_ref)
+                if first:
+                    torch.mul(delta.sub_(wide_ref), weight, out=piece_sum)
+                else:
+                    piece_sum.add_(delta.sub_(wide_ref), alpha=weight)
+        except BaseException:
+            if first:  # a sum written only in part holds stale values: the next update starts a fresh one
+                del self._acc[name]
+            raise
 
     def _sum(self, name: str, ref: torch.Tensor, zeroed: bool = True) -> torch.Tensor:
         """The running sum of one entry: zeros (non-float entries: their dtype's least value) at first;
