@@ -263,30 +263,37 @@ def encode_error(request_id: int | None, payload: dict[str, str]) -> list[Any]:
 #     envelope [PROTOCOL_VERSION, [n_1, ..., n_k]]   then message 1's n_1 frames, ..., message k's n_k
 #
 # Each message inside is exactly what it would be alone (its header, then its buffer frames), and is
-# decoded alone. So that a batch costs the receiver no more decoding than one message may, its headers
-# total at most ``Limits.max_items`` bytes (msgpack spends at least a byte per value) and its buffer
-# frames are small (``BATCH_FRAME_BYTES``: bigger ones go alone, without copying).
+# decoded alone. So that a batch costs the receiver no more than one message may, its headers total at
+# most ``Limits.max_items`` bytes (msgpack spends at least a byte per value: no more decoding than one
+# header) and its buffers at most ``BATCH_BYTES`` (no more memory per queued message than before
+# batches, when pyzmq copied every frame under 64 KiB: a peer that does not read its replies holds no
+# more). Bigger messages go alone, without copying.
 
-#: a message joins a batch only if each of its buffer frames is smaller than this: pyzmq copies frames
-#: below 64 KiB on send anyway, so copying them into a batch costs nothing that was not paid before
-BATCH_FRAME_BYTES = 1 << 15
+#: a message joins a batch only if its buffer frames total less than this
+BATCH_MESSAGE_BYTES = 1 << 15
+#: a batch's buffer frames total at most this
+BATCH_BYTES = 1 << 16
+
+
+def buffer_bytes(frames: Sequence[Any]) -> int:
+    """Bytes in a message's buffer frames (all but its header)."""
+    total = 0
+    for frame in frames[1:]:
+        total += _frame_len(frame)
+    return total
 
 
 def batchable(frames: Sequence[Any], limits: Limits) -> bool:
     """Whether a message (header, then buffer frames) may go inside a batch."""
-    if limits.max_batch < 2 or len(frames[0]) > limits.max_items:
-        return False
-    for frame in frames[1:]:
-        if _frame_len(frame) >= BATCH_FRAME_BYTES:
-            return False
-    return True
+    return limits.max_batch > 1 and len(frames[0]) <= limits.max_items and buffer_bytes(frames) < BATCH_MESSAGE_BYTES
 
 
-def batch_fits(sizes: tuple[int, int, int], frames: Sequence[Any], limits: Limits) -> bool:
-    """Whether a batch of ``sizes`` (messages, frames, header bytes so far) has room for ``frames``."""
-    count, nframes, header_bytes = sizes
+def batch_fits(sizes: tuple[int, int, int, int], frames: Sequence[Any], limits: Limits) -> bool:
+    """Whether a batch of ``sizes`` (messages, frames, header bytes, buffer bytes so far) has room for
+    the ``batchable`` message ``frames``."""
+    count, nframes, header_bytes, nbytes = sizes
     return (count < limits.max_batch and nframes + len(frames) <= limits.max_frames
-            and header_bytes + len(frames[0]) <= limits.max_items)
+            and header_bytes + len(frames[0]) <= limits.max_items and nbytes + buffer_bytes(frames) <= BATCH_BYTES)
 
 
 def encode_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
@@ -310,15 +317,15 @@ def split_batch(frames: Sequence[Any], limits: Limits) -> list[Sequence[Any]]:
         envelope = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=limits.max_batch + 2)
     except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
         raise ProtocolError(f"batch envelope is not valid msgpack: {type(exc).__name__}") from None
-    if (type(envelope) is not list or len(envelope) != 2 or envelope[0] != PROTOCOL_VERSION
-            or type(envelope[1]) is not list):
+    if (type(envelope) is not list or len(envelope) != 2 or type(envelope[0]) is not int
+            or envelope[0] != PROTOCOL_VERSION or type(envelope[1]) is not list):
         raise ProtocolError(f"batch envelope must be [{PROTOCOL_VERSION}, [frames per message]]")
     counts = envelope[1]
     if not 1 <= len(counts) <= limits.max_batch:
         raise ProtocolError(f"a batch holds 1 to {limits.max_batch} messages, not {len(counts)}")
     if len(frames) - 1 > limits.max_frames:
         raise ProtocolError(f"too many frames: {len(frames) - 1} > {limits.max_frames}")
-    parts, start, end, header_room = [], 1, len(frames), limits.max_items
+    parts, start, end, header_room, byte_room = [], 1, len(frames), limits.max_items, BATCH_BYTES
     for n in counts:
         if type(n) is not int or n < 1 or start + n > end:
             raise ProtocolError(f"batch envelope's frame counts do not match its {end - 1} frames")
@@ -326,9 +333,9 @@ def split_batch(frames: Sequence[Any], limits: Limits) -> list[Sequence[Any]]:
         header_room -= _frame_len(part[0])
         if header_room < 0:
             raise ProtocolError(f"a batch's headers exceed {limits.max_items} bytes in all")
-        for frame in part[1:]:
-            if _frame_len(frame) >= BATCH_FRAME_BYTES:
-                raise ProtocolError(f"a frame in a batch must be under {BATCH_FRAME_BYTES} bytes")
+        byte_room -= buffer_bytes(part)
+        if byte_room < 0:
+            raise ProtocolError(f"a batch's buffer frames exceed {BATCH_BYTES} bytes in all")
         parts.append(part)
         start += n
     if start != end:

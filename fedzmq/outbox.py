@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Sequence
 
-from .codec import Limits, batch_fits, batchable, encode_batch
+from .codec import Limits, batch_fits, batchable, buffer_bytes, encode_batch
 
 
 class Outbox:
@@ -30,7 +30,7 @@ class Outbox:
         self._send = send
         self.limits = limits
         self._messages: list[list[Any]] = []
-        self._sizes = (0, 0, 0)  # messages, frames, header bytes
+        self._sizes = (0, 0, 0, 0)  # messages, frames, header bytes, buffer bytes
         self._scheduled: asyncio.Handle | None = None
         #: batches sent (of at least two messages), for status and tests
         self.batches = 0
@@ -49,12 +49,12 @@ class Outbox:
             self.flush()
             self._send(list(frames), copy)
             return
-        count, nframes, header_bytes = self._sizes
+        count, nframes, header_bytes, nbytes = self._sizes
         if count and not batch_fits(self._sizes, frames, limits):
             self.flush()
-            count = nframes = header_bytes = 0
+            count = nframes = header_bytes = nbytes = 0
         self._messages.append([frames[0], *map(bytes, frames[1:])] if len(frames) > 1 else [frames[0]])
-        self._sizes = (count + 1, nframes + len(frames), header_bytes + header)
+        self._sizes = (count + 1, nframes + len(frames), header_bytes + header, nbytes + buffer_bytes(frames))
         if self._scheduled is None:
             self._scheduled = asyncio.get_running_loop().call_soon(self.flush)
 
@@ -63,7 +63,7 @@ class Outbox:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        messages, self._messages, self._sizes = self._messages, [], (0, 0, 0)
+        messages, self._messages, self._sizes = self._messages, [], (0, 0, 0, 0)
         if len(messages) == 1:
             self._send(messages[0], False)  # copied already
         elif messages:
@@ -76,7 +76,7 @@ class Outbox:
             self._scheduled.cancel()
             self._scheduled = None
         dropped = len(self._messages)
-        self._messages, self._sizes = [], (0, 0, 0)
+        self._messages, self._sizes = [], (0, 0, 0, 0)
         return dropped
 
 

@@ -83,7 +83,9 @@ BAD_MESSAGES.update({
     "batch count zero": _batch([1, [0, 1]], _PING),
     "batch of another version": _batch([2, [1]], _PING),
     "batch headers past max_items bytes": _batch([1, [1, 1]], _BIG_HEADER, _BIG_HEADER),
-    "batch with a big frame": _batch([1, [2]], tensor_message(shape=(10000,), nbytes=40000)),
+    "batch with a big frame": _batch([1, [2]], tensor_message(shape=(17500,), nbytes=70000)),
+    "batch past 64 KiB of buffers": _batch([1, [2, 2, 2]], *[tensor_message(shape=(7500,), nbytes=30000)] * 3),
+    "batch version true": _batch([True, [1]], _PING),
     "batch envelope garbage": [b"\x92\xc1\xc1", *_PING],
     "batch inside a batch": _batch([1, [2]], _batch([1, [1]], _PING)),
 })

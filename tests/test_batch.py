@@ -17,7 +17,7 @@ import zmq.asyncio
 
 import fedzmq as fz
 from fedzmq.codec import (
-    BATCH_FRAME_BYTES, Limits, ProtocolError, batch_fits, batchable, decode_reply, decode_request, encode_batch,
+    BATCH_BYTES, BATCH_MESSAGE_BYTES, Limits, ProtocolError, batch_fits, batchable, decode_reply, decode_request, encode_batch,
     encode_request, is_batch, split_batch,
 )
 
@@ -42,11 +42,12 @@ def test_a_batch_splits_into_exactly_the_messages_it_was_made_of():
 
 def test_only_small_messages_join_a_batch_and_a_batch_stays_within_one_messages_limits():
     small = encode_request(1, "store", {"out": 1, "value": torch.zeros(16)})
-    big = encode_request(2, "store", {"out": 1, "value": torch.zeros(BATCH_FRAME_BYTES // 4)})
+    big = encode_request(2, "store", {"out": 1, "value": torch.zeros(BATCH_MESSAGE_BYTES // 4)})
     assert batchable(small, LIMITS) and not batchable(big, LIMITS)
     assert not batchable(small, Limits(max_batch=1))
-    assert batch_fits((63, 2, 100), small, LIMITS) and not batch_fits((64, 2, 100), small, LIMITS)
-    assert not batch_fits((1, 2, LIMITS.max_items - 10), small, LIMITS)  # headers total at most max_items bytes
+    assert batch_fits((63, 2, 100, 0), small, LIMITS) and not batch_fits((64, 2, 100, 0), small, LIMITS)
+    assert not batch_fits((1, 2, LIMITS.max_items - 10, 0), small, LIMITS)  # headers: max_items bytes in all
+    assert not batch_fits((1, 2, 100, BATCH_BYTES - 32), small, LIMITS)  # buffers: BATCH_BYTES in all
 
 
 @pytest.mark.parametrize("name", sorted(n for n in BAD_MESSAGES if n.startswith("batch")))
@@ -99,7 +100,7 @@ async def test_a_tensor_changed_right_after_an_op_is_sent_as_it_was(fedzmq_daemo
 async def test_big_and_small_requests_mixed_keep_their_order(fedzmq_daemons):
     [bob] = await fedzmq_daemons("bob")
     worker = bob.worker
-    big = torch.arange(100_000, dtype=torch.float32)  # its frame is past BATCH_FRAME_BYTES: it goes alone
+    big = torch.arange(100_000, dtype=torch.float32)  # past BATCH_MESSAGE_BYTES: it goes alone
     x = await worker.send(torch.zeros(4))
     y = x + 1
     z = x + big[:4]
@@ -186,3 +187,53 @@ async def test_a_heartbeat_answer_never_overtakes_a_reply_waiting_to_leave():
             assert [r.id for r in await _collect(client, 2)] == [3, 4]
         finally:
             client.close()
+
+
+async def test_a_client_with_smaller_limits_reads_the_workers_reply_batches(fedzmq_daemons):
+    """The worker batches replies within its own limits; a client whose limits are smaller still reads
+    them (each reply within its own limits), instead of losing whole batches."""
+    from fedzmq.client.connection import ConnectionSettings
+
+    [bob] = await fedzmq_daemons("bob")
+    settings = ConnectionSettings(limits=Limits(max_batch=8, max_frames=32))
+    async with fz.connect(bob.address, settings=settings) as worker:
+        x = await worker.send(torch.arange(4.0))
+        values = await asyncio.gather(*((x + float(i)).get() for i in range(40)), return_exceptions=True)
+    assert all(torch.equal(v, torch.arange(4.0) + i) for i, v in enumerate(values)), values
+
+
+async def test_the_status_commands_of_one_batch_share_one_snapshot(fedzmq_daemons):
+    """``status`` walks every session; a batch of them must not cost the event loop 64 walks."""
+    [bob] = await fedzmq_daemons("bob")
+    attacker = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.connect(bob.address)
+    try:
+        await attacker.send_multipart(encode_batch([encode_request(i, "status", {}) for i in range(1, 65)]))
+        replies = await _collect(attacker, 64)
+    finally:
+        attacker.close()
+    assert sorted(r.id for r in replies) == list(range(1, 65))
+    assert len({r.result["requests"] for r in replies}) == 1  # one snapshot, taken once
+    assert (await bob.worker.status())["requests"] > replies[0].result["requests"]  # and not kept after
+
+
+async def test_a_broken_batch_of_replies_fails_the_waiting_requests_at_once():
+    """Replies lost in a batch that cannot be read cannot be told apart: every waiting request fails,
+    with the reason, instead of waiting for a deadline that may never come."""
+    from fedzmq.client.connection import Connection
+
+    context = zmq.asyncio.Context.instance()
+    server = context.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    connection = Connection(f"tcp://127.0.0.1:{port}", context=context)
+    try:
+        waiting = connection.submit("info", {"obj": 1})
+        key, *_ = await asyncio.wait_for(server.recv_multipart(), 10)
+        await server.send_multipart([key, msgpack.packb([1, [5]]), b"not enough frames"])
+        with pytest.raises(ProtocolError, match="batch of replies"):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        await connection.close(say_goodbye=False)
+        server.close()

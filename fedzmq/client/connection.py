@@ -97,6 +97,9 @@ class Connection:
         #: requests sent in one pass of the event loop go as one message, once the worker said it reads
         #: batches (``adopt_worker_limits``); until then one by one
         self._outbox = Outbox(self._send_message, dataclasses.replace(self.limits, max_batch=1))
+        #: what a batch of replies may hold: up to the worker's limits where they are above ours (it
+        #: batches within its own; each reply in a batch is still decoded within ``limits``)
+        self._reply_batches = self.limits
         #: RemoteWorkers sharing this connection (one per logical client of the daemon): it closes with the last
         self.users = 1
         self.bytes_sent = 0
@@ -196,7 +199,13 @@ class Connection:
         return future
 
     def _send_message(self, frames: list[Any], copy: bool) -> None:
-        self._pump.send_or_queue(frames, copy=copy or self._copy_frames)
+        """The outbox's send, often from a callback of the loop: a socket that cannot send any more
+        (closed, or its context terminated) fails the waiting requests instead of leaving them waiting."""
+        try:
+            self._pump.send_or_queue(frames, copy=copy or self._copy_frames)
+        except zmq.ZMQError as exc:
+            self._dead = WorkerDeadError(f"cannot send to {self.address}: {exc}")
+            self._fail_all(self._dead)
 
     @property
     def batches_sent(self) -> int:
@@ -228,6 +237,9 @@ class Connection:
         self.limits = dataclasses.replace(mine, **{
             name: min(getattr(mine, name), value) for name, value in worker_limits.items()
             if hasattr(mine, name) and type(value) is int and value > 0})
+        self._reply_batches = dataclasses.replace(self.limits, **{
+            name: max(getattr(mine, name), worker_limits[name]) for name in ("max_batch", "max_frames", "max_items")
+            if type(worker_limits.get(name)) is int and worker_limits[name] > 0})
         # a worker that does not name max_batch predates batches: send it one request per message
         speaks_batches = type(worker_limits.get("max_batch")) is int
         self._outbox.flush()
@@ -256,9 +268,11 @@ class Connection:
             self._resolve(frames)
             return
         try:
-            replies = split_batch(frames, self.limits)
-        except ProtocolError as exc:  # the worker broke the protocol: its replies' requests wait for a deadline
+            replies = split_batch(frames, self._reply_batches)
+        except ProtocolError as exc:  # replies were lost, and which ones cannot be told: fail every request
             log.warning("undecodable batch of replies from %s: %s", self.address, exc)
+            self._fail_all(ProtocolError(f"{self.address} sent a batch of replies that breaks the protocol "
+                                         f"({exc}); the requests waiting on it may or may not have run"))
             return
         for reply_frames in replies:
             self._resolve(reply_frames)

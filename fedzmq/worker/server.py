@@ -15,6 +15,7 @@ else is touched. What a command does is the executor's business (``fedzmq.worker
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -35,7 +36,7 @@ from ..commands import COMMANDS
 from ..errors import FedzmqError, ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
 from ..outbox import Outbox
-from ..pump import Pump
+from ..pump import BUDGET_SECONDS, Pump
 from ..security import KeyGate, SecurityError, address_problem, apply_server_keys, is_loopback_address
 from .binding import Context
 from .config import WorkerConfig
@@ -51,6 +52,10 @@ log = logging.getLogger("fedzmq.worker")
 #: replies whose buffers hold more than this are charged to their session until ZeroMQ has sent them
 #: (pyzmq copies smaller frames anyway; how many of those wait is bounded by the socket's send HWM)
 TRACKED_REPLY_BYTES = 1 << 16
+
+#: requests of one peer accepted in a row before the next peer's turn; a batch of at most this many from
+#: a peer with nothing waiting is accepted at once (see ``Worker._accept``)
+INTAKE_TURN = 4
 
 #: the longest a session's commands run on the event loop before it lets others have it (see
 #: ``Worker._session_loop``; the pump bounds its own batches the same way)
@@ -86,6 +91,15 @@ class Worker:
         self._peers: dict[bytes, Peer] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
         self._tasks: list[asyncio.Task[None]] = []
+        #: sessions with commands to run (or running one), which share ``SESSION_SLICE_SECONDS``
+        self._busy_sessions = 0
+        #: per peer, requests of batches not yet accepted (in order), and the peers' turns (``_take_intake``)
+        self._intake: dict[bytes, collections.deque[tuple[Sequence[Any], bool]]] = {}
+        self._intake_turns: collections.deque[bytes] = collections.deque()
+        self._intake_scheduled = False
+        #: the status snapshot of the intake turn being taken, if one was asked for (see ``status``)
+        self._status: dict[str, Any] | None = None
+        self._status_batch = False
         self._started = time.monotonic()
         self.address: str | None = None
         self.datasets = datasets or {}
@@ -197,6 +211,8 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         self._peers.clear()
+        self._intake.clear()
+        self._intake_turns.clear()
         if self._monitor is not None and self._socket is not None:
             self._socket.disable_monitor()
             self._monitor.close(linger=0)
@@ -235,8 +251,12 @@ class Worker:
         return [s for peer in self._peers.values() for s in peer.sessions.values()]
 
     def status(self) -> dict[str, Any]:
+        """What the daemon holds and has counted. Its sums walk every session, so the ``status`` commands
+        of one batch, or of one pass of ``_take_intake``, share one snapshot."""
+        if self._status is not None:
+            return dict(self._status)
         sessions = self._all_sessions()
-        return {
+        snapshot = {
             **self.ping_info(),
             "uptime": time.monotonic() - self._started,
             "sessions": len(sessions),
@@ -251,6 +271,9 @@ class Worker:
             "auth_accepted": self.key_gate.accepted if self.key_gate else 0,
             **self.counters,
         }
+        if self._status_batch:
+            self._status = dict(snapshot)
+        return snapshot
 
     def reload_keys(self) -> int | None:
         """Re-read the allowed-keys folder (the daemon calls this on SIGHUP)."""
@@ -259,20 +282,72 @@ class Worker:
     # --- the loops -----------------------------------------------------------------------------
 
     def _accept(self, frames: list[Any]) -> None:
-        """Take one message off the socket: a request, or a batch of them (``codec.split_batch``)."""
+        """Take one message off the socket: a request, or a batch of them (``codec.split_batch``).
+
+        A few requests from a peer with nothing waiting are accepted at once. A bigger batch's wait in
+        the peer's intake, accepted ``INTAKE_TURN`` at a time per peer in turn (``_take_intake``): so
+        the pump reads a batch about as cheaply as a lone request, and a peer that sends batches of 64
+        does not make the others' messages wait behind 64 requests each in the socket's queue."""
         key, message = frames[0].bytes, frames[1:]
-        if not is_batch(message):
-            self._accept_request(key, message, False)
+        if is_batch(message):
+            try:
+                requests = split_batch(message, self.config.limits)
+            except ProtocolError as exc:
+                self.counters["requests"] += 1
+                self._malformed(key, exc)
+                return
+            self.counters["batches"] += 1
+            batched = True
+        else:
+            requests, batched = [message], False
+        waiting = self._intake.get(key)
+        if waiting is None and len(requests) <= INTAKE_TURN:
+            self._status_batch = True  # one status snapshot for the batch
+            try:
+                for request_frames in requests:
+                    peer = self._peers.get(key)
+                    self._accept_request(key, request_frames, batched)
+                    if peer is not None and self._peers.get(key) is not peer:  # its connection was ended
+                        break
+            finally:
+                self._status_batch, self._status = False, None
             return
+        if waiting is None:
+            waiting = self._intake[key] = collections.deque()
+            self._intake_turns.append(key)
+        waiting.extend((request, batched) for request in requests)  # after what waits, in order
+        if not self._intake_scheduled:
+            self._intake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._take_intake)
+
+    def _take_intake(self) -> None:
+        """Accept waiting requests, ``INTAKE_TURN`` per peer in turn, for at most the pump's budget per
+        pass of the event loop (the sessions run in between). The ``status`` commands of one pass share
+        one snapshot: it walks every session, and a batch may hold 64 of them."""
+        self._intake_scheduled = False
+        started = time.perf_counter()
+        self._status_batch = True
         try:
-            requests = split_batch(message, self.config.limits)
-        except ProtocolError as exc:
-            self.counters["requests"] += 1
-            self._malformed(key, exc)
-            return
-        self.counters["batches"] += 1
-        for request_frames in requests:
-            self._accept_request(key, request_frames, True)
+            while self._intake_turns and time.perf_counter() - started < BUDGET_SECONDS:
+                key = self._intake_turns.popleft()
+                waiting = self._intake.get(key)
+                for _ in range(min(INTAKE_TURN, len(waiting or ()))):
+                    assert waiting is not None
+                    request_frames, batched = waiting.popleft()
+                    self._accept_request(key, request_frames, batched)
+                    if self._intake.get(key) is not waiting:  # its connection was ended meanwhile
+                        break
+                if waiting is None or self._intake.get(key) is not waiting:
+                    continue  # its connection was ended: what it sent is dropped with it
+                if waiting:
+                    self._intake_turns.append(key)
+                else:
+                    del self._intake[key]
+        finally:
+            self._status_batch, self._status = False, None
+        if self._intake_turns and not self._intake_scheduled:
+            self._intake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._take_intake)
 
     def _accept_request(self, key: bytes, frames: Sequence[Any], batched: bool) -> None:
         """Decode one request; answer control commands, queue the rest on their session."""
@@ -383,20 +458,39 @@ class Worker:
 
     async def _session_loop(self, session: Session) -> None:
         """Run the session's commands in order. Commands that run on the event loop (small ops and
-        fits) do not suspend it, so a session with many queued gives the loop back every
-        ``SESSION_SLICE_SECONDS``: other sessions and the pump run meanwhile."""
-        slice_started = time.perf_counter()
-        while True:
-            if session.queue.empty():
-                request = await session.queue.get()
-                slice_started = time.perf_counter()
-            else:
-                request = session.queue.get_nowait()
-            if request is None or await self._run(session, request):
-                return
-            if time.perf_counter() - slice_started > SESSION_SLICE_SECONDS:
-                await asyncio.sleep(0)
-                slice_started = time.perf_counter()
+        fits) do not suspend it, so a session with many queued gives the loop back after its slice:
+        ``SESSION_SLICE_SECONDS`` shared by the sessions that have work, so that however many busy
+        sessions a peer opens, the others and the pump wait about one slice per pass of the loop."""
+        slice_started, busy = time.perf_counter(), False
+        try:
+            while True:
+                if session.queue.empty():
+                    if busy:
+                        self._busy_sessions -= 1
+                        busy = False
+                    self._flush_replies(session)  # now, not a pass of the loop later
+                    request = await session.queue.get()
+                    slice_started = time.perf_counter()
+                else:
+                    request = session.queue.get_nowait()
+                if not busy:
+                    self._busy_sessions += 1
+                    busy = True
+                if request is None or await self._run(session, request):
+                    return
+                if time.perf_counter() - slice_started > SESSION_SLICE_SECONDS / self._busy_sessions:
+                    self._flush_replies(session)
+                    await asyncio.sleep(0)
+                    slice_started = time.perf_counter()
+        finally:
+            if busy:
+                self._busy_sessions -= 1
+
+    @staticmethod
+    def _flush_replies(session: Session) -> None:
+        """Send the session's waiting replies (it is about to wait, or to let the others run)."""
+        if session.outbox is not None and len(session.outbox):
+            session.outbox.flush()
 
     async def _run(self, session: Session, request: Request) -> bool:
         """Run one queued command and reply; True when it ended the session. (A method of its own so
@@ -489,6 +583,7 @@ class Worker:
         self.counters[counter] += 1
 
     def _end_peer(self, peer: Peer, counter: str) -> None:
+        self._intake.pop(peer.key, None)  # it is gone or stopped reading: what it sent is not run
         for session in list(peer.sessions.values()):
             self._end_session(session, counter)
         self._peers.pop(peer.key, None)
@@ -505,9 +600,13 @@ class Worker:
 
     def _send(self, key: bytes, frames: list[Any], session: Session | None = None,
               track: bool = False) -> zmq.MessageTracker | None:
-        """Send a reply now, after the replies the session has waiting in its outbox (so that they keep
-        their order: a heartbeat's ``last_done`` never arrives before the reply it counts)."""
-        if session is not None and session.outbox is not None and len(session.outbox):
+        """Send a reply: a session's through its outbox, after the replies waiting there (so that they
+        keep their order: a heartbeat's ``last_done`` never arrives before the reply it counts); a reply
+        whose sending must be tracked, now (after those)."""
+        if session is not None and session.outbox is not None:
+            if not track:
+                session.outbox.add(frames)
+                return None
             session.outbox.flush()
         return self._transmit(key, frames, session, track)
 
