@@ -1,11 +1,11 @@
 """Small messages for one peer, gathered while the event loop runs other code and sent as one batch.
 
-An op and the ``get`` of its result, a burst of pipelined ops, the replies a session produced in one
-turn of its loop: each used to be its own ZeroMQ message, and each message costs both sides a send, a
-receive, a wake-up of the I/O thread and one of the event loop (docs/profile.md). An ``Outbox`` keeps
-the messages added during one pass of the event loop and sends them together, as a batch
-(``codec.encode_batch``), when the loop next gets to its callbacks: that is, as soon as the code that
-added them waits for anything. Nothing waits longer than that, and a lone message goes as it is.
+A burst of pipelined ops, the replies a session produced in one turn of its loop: each used to be its
+own ZeroMQ message, and each message costs both sides a send, a receive, a wake-up of the I/O thread
+and one of the event loop (docs/profile.md). An ``Outbox`` sends the first message of a pass of the
+event loop at once (a lone request or reply waits for nothing, and the peer can start on it), keeps
+the others added during that pass, and sends them together, as a batch (``codec.encode_batch``), when
+the loop next gets to its callbacks: as soon as the code that added them waits for anything.
 
 Order is kept: a message that cannot join a batch (a big frame, or the batch is full) first sends what
 waits. Code that sends to the same peer by another path calls ``flush`` first.
@@ -49,20 +49,24 @@ class Outbox:
             self.flush()
             self._send(list(frames), copy)
             return
+        if self._scheduled is None:  # the pass's first message: at once; the pass's others, together after
+            self._scheduled = asyncio.get_running_loop().call_soon(self._end_of_pass)
+            if not self._messages:
+                self._send(list(frames), copy)
+                return
         count, nframes, header_bytes, nbytes = self._sizes
         if count and not batch_fits(self._sizes, frames, limits):
             self.flush()
             count = nframes = header_bytes = nbytes = 0
         self._messages.append([frames[0], *map(bytes, frames[1:])] if len(frames) > 1 else [frames[0]])
         self._sizes = (count + 1, nframes + len(frames), header_bytes + header, nbytes + buffer_bytes(frames))
-        if self._scheduled is None:
-            self._scheduled = asyncio.get_running_loop().call_soon(self.flush)
+
+    def _end_of_pass(self) -> None:
+        self._scheduled = None
+        self.flush()
 
     def flush(self) -> None:
         """Send what waits now: one message alone, several as a batch."""
-        if self._scheduled is not None:
-            self._scheduled.cancel()
-            self._scheduled = None
         messages, self._messages, self._sizes = self._messages, [], (0, 0, 0, 0)
         if len(messages) == 1:
             self._send(messages[0], False)  # copied already

@@ -60,14 +60,16 @@ def test_a_broken_batch_is_refused_whole_or_its_part_fails_alone(name):
 
 # --- the client and a worker ---------------------------------------------------------------------------
 
-async def test_an_op_and_its_get_travel_as_one_message_each_way():
+async def test_the_first_request_of_a_pass_leaves_at_once_and_the_rest_together():
     async with fz.VirtualWorker("w") as server:
         worker = await fz.connect(server.address)
         try:
             x = await worker.send(torch.arange(16.0))
             before = (await worker.status())["batches"]
             sent = worker._connection.batches_sent
-            assert torch.equal(await (x + 1).get(), torch.arange(16.0) + 1)
+            y = x + 1  # the pass's first request: sent now, so the worker can start on it
+            assert worker._connection.batches_sent == sent
+            assert torch.equal(await (y * 2).get(), (torch.arange(16.0) + 1) * 2)  # these two: one message
             assert (await worker.status())["batches"] == before + 1
             assert worker._connection.batches_sent == sent + 1
         finally:

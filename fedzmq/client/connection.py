@@ -177,9 +177,9 @@ class Connection:
                default: Callable[[Any], Any] | None = None) -> asyncio.Future[Reply]:
         """Send a request and return the future of its reply (which may hold an error reply).
 
-        A small request leaves when the event loop next runs its callbacks (when the caller awaits
-        anything), together with the others sent meanwhile (``fedzmq.outbox``); its tensors' bytes are
-        copied now. ``copy``: also copy a big request's tensors (else they must not change until sent).
+        The first request of a pass of the event loop leaves at once; small ones after it in the same
+        pass leave together when the loop next runs its callbacks (when the caller waits for anything;
+        ``fedzmq.outbox``), their tensors' bytes copied now. ``copy``: also copy a big request's tensors (else they must not change until sent).
         ``client``: one of the logical clients the daemon hosts (None: the daemon itself); ``default``:
         the encoder's hook for values it does not know (pointers), if not the connection's."""
         self._ensure_started()
