@@ -17,7 +17,8 @@ import zmq.asyncio
 
 import fedzmq as fz
 from fedzmq.codec import (
-    BATCH_BYTES, BATCH_MESSAGE_BYTES, Limits, ProtocolError, batch_fits, batchable, decode_reply, decode_request, encode_batch,
+    BATCH_BYTES, BATCH_MESSAGE_BYTES, Limits, ProtocolError, batch_fits, batchable, decode_reply, decode_request,
+    encode_batch,
     encode_request, is_batch, split_batch,
 )
 

@@ -179,7 +179,8 @@ class Connection:
 
         The first request of a pass of the event loop leaves at once; small ones after it in the same
         pass leave together when the loop next runs its callbacks (when the caller waits for anything;
-        ``fedzmq.outbox``), their tensors' bytes copied now. ``copy``: also copy a big request's tensors (else they must not change until sent).
+        ``fedzmq.outbox``), their tensors' bytes copied now. ``copy``: also copy a big request's
+        tensors (else they must not change until sent).
         ``client``: one of the logical clients the daemon hosts (None: the daemon itself); ``default``:
         the encoder's hook for values it does not know (pointers), if not the connection's."""
         self._ensure_started()

@@ -312,6 +312,10 @@ class Worker:
             finally:
                 self._status_batch, self._status = False, None
             return
+        if waiting is not None and len(waiting) >= self.config.max_inflight:
+            for request_frames in requests:  # sent faster than served: refused, each (else memory, and the
+                self._refuse_unread(key, request_frames)  # garbage collector's pauses, would grow without end)
+            return
         if waiting is None:
             waiting = self._intake[key] = collections.deque()
             self._intake_turns.append(key)
@@ -319,6 +323,20 @@ class Worker:
         if not self._intake_scheduled:
             self._intake_scheduled = True
             asyncio.get_running_loop().call_soon(self._take_intake)
+
+    def _refuse_unread(self, key: bytes, frames: Sequence[Any]) -> None:
+        """Answer a request that arrived while its connection's intake was full, without running it."""
+        self.counters["requests"] += 1
+        try:
+            request = decode_request(frames, self.config.limits)
+        except Exception as exc:
+            self._malformed(key, exc)
+            return
+        self.counters["throttled"] += 1
+        peer = self._peers.get(key)
+        session = peer.sessions.get(request.client) if peer is not None else None
+        self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} requests of this "
+                     "connection wait to be read (--max-inflight); wait for replies before sending more", session)
 
     def _take_intake(self) -> None:
         """Accept waiting requests, ``INTAKE_TURN`` per peer in turn, for at most the pump's budget per
@@ -583,7 +601,8 @@ class Worker:
         self.counters[counter] += 1
 
     def _end_peer(self, peer: Peer, counter: str) -> None:
-        self._intake.pop(peer.key, None)  # it is gone or stopped reading: what it sent is not run
+        if self._intake.pop(peer.key, None) is not None and peer.key in self._intake_turns:
+            self._intake_turns.remove(peer.key)  # it is gone or stopped reading: what it sent is not run
         for session in list(peer.sessions.values()):
             self._end_session(session, counter)
         self._peers.pop(peer.key, None)
