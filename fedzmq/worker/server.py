@@ -284,8 +284,8 @@ class Worker:
     def _accept(self, frames: list[Any]) -> None:
         """Take one message off the socket: a request, or a batch of them (``codec.split_batch``).
 
-        A few requests from a peer with nothing waiting are accepted at once. A bigger batch's wait in
-        the peer's intake, accepted ``INTAKE_TURN`` at a time per peer in turn (``_take_intake``): so
+        A few requests from a peer with nothing waiting are accepted at once. A bigger batch's requests
+        wait in the peer's intake, accepted ``INTAKE_TURN`` at a time per peer in turn (``_take_intake``): so
         the pump reads a batch about as cheaply as a lone request, and a peer that sends batches of 64
         does not make the others' messages wait behind 64 requests each in the socket's queue."""
         key, message = frames[0].bytes, frames[1:]
@@ -305,9 +305,7 @@ class Worker:
             self._status_batch = True  # one status snapshot for the batch
             try:
                 for request_frames in requests:
-                    peer = self._peers.get(key)
-                    self._accept_request(key, request_frames, batched)
-                    if peer is not None and self._peers.get(key) is not peer:  # its connection was ended
+                    if not self._accept_connected(key, request_frames, batched):
                         break
             finally:
                 self._status_batch, self._status = False, None
@@ -351,12 +349,10 @@ class Worker:
                 waiting = self._intake.get(key)
                 for _ in range(min(INTAKE_TURN, len(waiting or ()))):
                     assert waiting is not None
-                    request_frames, batched = waiting.popleft()
-                    self._accept_request(key, request_frames, batched)
-                    if self._intake.get(key) is not waiting:  # its connection was ended meanwhile
+                    if not self._accept_connected(key, *waiting.popleft()):
                         break
                 if waiting is None or self._intake.get(key) is not waiting:
-                    continue  # its connection was ended: what it sent is dropped with it
+                    continue  # its connection was ended: what it sent is dropped with it (``_end_peer``)
                 if waiting:
                     self._intake_turns.append(key)
                 else:
@@ -366,6 +362,13 @@ class Worker:
         if self._intake_turns and not self._intake_scheduled:
             self._intake_scheduled = True
             asyncio.get_running_loop().call_soon(self._take_intake)
+
+    def _accept_connected(self, key: bytes, frames: Sequence[Any], batched: bool) -> bool:
+        """Accept one request; False if that ended its connection (it stopped reading its replies): the
+        rest of what it sent would only open a session to end it again."""
+        peer = self._peers.get(key)
+        self._accept_request(key, frames, batched)
+        return peer is None or self._peers.get(key) is peer
 
     def _accept_request(self, key: bytes, frames: Sequence[Any], batched: bool) -> None:
         """Decode one request; answer control commands, queue the rest on their session."""
