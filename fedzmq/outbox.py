@@ -49,11 +49,10 @@ class Outbox:
             self.flush()
             self._send(list(frames), copy)
             return
-        if self._scheduled is None:  # the pass's first message: at once; the pass's others, together after
+        if self._scheduled is None:  # the pass's first message (none waits): at once; the pass's others after
             self._scheduled = asyncio.get_running_loop().call_soon(self._end_of_pass)
-            if not self._messages:
-                self._send(list(frames), copy)
-                return
+            self._send(list(frames), copy)
+            return
         count, nframes, header_bytes, nbytes = self._sizes
         if count and not batch_fits(self._sizes, frames, limits):
             self.flush()

@@ -94,8 +94,8 @@ class Connection:
         self.session_resets = 0
         #: the limits in force: ours, lowered to the worker's once it told us (``adopt_worker_limits``)
         self.limits = self.settings.limits
-        #: requests sent in one pass of the event loop go as one message, once the worker said it reads
-        #: batches (``adopt_worker_limits``); until then one by one
+        #: the small requests after the first of a pass of the event loop go as one message, once the
+        #: worker said it reads batches (``adopt_worker_limits``); until then one by one
         self._outbox = Outbox(self._send_message, dataclasses.replace(self.limits, max_batch=1))
         #: what a batch of replies may hold: up to the worker's limits where they are above ours (it
         #: batches within its own; each reply in a batch is still decoded within ``limits``)
