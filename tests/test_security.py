@@ -331,7 +331,11 @@ async def test_optimizer_state_counts_against_the_byte_quota():
         async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota)) as bob:
             remote = await bob.send(model)
             opt = fz.Optims([bob], optim=torch.optim.Adam(model.parameters(), lr=0.1)).get_optim(bob)
-            await remote(await bob.send(torch.randn(2, 100))).sum().backward()
+            # the batch, output and loss are kept: freeing them mid-test would shrink what `held` measured
+            batch = await bob.send(torch.randn(2, 100))
+            output = remote(batch)
+            loss = output.sum()
+            await loss.backward()
             held = (await bob.status())["bytes"]
             if not fits:
                 with pytest.raises(fz.LimitExceeded, match="optimizer's state"):
