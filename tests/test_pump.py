@@ -233,3 +233,51 @@ async def test_a_client_whose_reply_handling_breaks_fails_its_waiting_requests_a
                 connection.submit("ping", {})
         finally:
             await connection.close(say_goodbye=False)
+
+
+async def test_a_peer_sending_faster_than_the_daemon_reads_is_held_back_not_buffered():
+    """The attack: a peer sends messages as fast as it can and never reads, while the daemon's event loop
+    is busy. ZeroMQ's I/O thread reads on regardless; with no receive limit it kept every message in the
+    daemon's memory, without end (a batched flood of cheap requests grew a daemon by about 45 MiB/s).
+    With one, the peer's connection stops being read once a few messages wait, and TCP makes the peer
+    wait: what it can send is bounded by buffers, not by the daemon's memory. Then the daemon serves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedzmq.worker.server import Worker
+
+    worker = Worker("bob")
+    address = worker.bind("tcp://127.0.0.1:0")
+    worker.start()
+    message = b"\x81" + bytes(16 << 10)  # 16 KiB (never decoded: the loop is busy throughout)
+    attempts = 20_000  # 320 MiB
+
+    def flood() -> int:
+        """Send without blocking until the socket takes no more (or the attempts run out)."""
+        context = zmq.Context()
+        sock = plain(context, zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, 100)
+        sock.connect(address)
+        sent, deadline = 0, time.monotonic() + 3.0
+        try:
+            while sent < attempts and time.monotonic() < deadline:
+                try:
+                    sock.send(message, zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    time.sleep(0.0001)
+            return sent
+        finally:
+            sock.close()
+            context.term()
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            flooding = pool.submit(flood)
+            time.sleep(3.5)  # the daemon's loop (this one) is busy: only ZeroMQ's I/O thread runs
+            sent = flooding.result(timeout=30)
+        assert sent < attempts // 4, f"the daemon took {sent} messages of 16 KiB without reading them"
+        async with fz.RemoteWorker(address) as bob:  # and it serves an honest client right after
+            x = await bob.send(torch.arange(4.0))
+            assert torch.equal(await (x * 2).get(), torch.arange(4.0) * 2)
+    finally:
+        await worker.close()

@@ -69,6 +69,12 @@ EVICT_EMPTY_AFTER_INTERVALS = 3
 #: seconds of silence after which a session of a client that announced nothing may be evicted
 EVICT_AFTER_SECONDS = 10.0
 
+#: messages of one connection that may wait unread in ZeroMQ's queue (``RCVHWM``); past them ZeroMQ
+#: stops reading that connection, and TCP holds its sender back. Bounds what a peer sending faster than
+#: the daemon reads costs it in memory (this many messages, of at most ``MAXMSGSIZE`` each) without
+#: slowing one that the daemon keeps up with
+RECEIVE_QUEUE = 64
+
 
 class WorkerNotBound(FedzmqError, RuntimeError):
     """``Worker.start`` was called before ``Worker.bind``."""
@@ -149,7 +155,9 @@ class Worker:
         # queueing without end, and its session is closed
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 2 * config.max_inflight + 64)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        # a peer that sends faster than the daemon reads is held back by TCP, not buffered here without
+        # end: once this many of its messages wait unread, ZeroMQ stops reading its connection
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         # a hard stop far above the codec's limit: frames between the two get a proper error reply,
         # only absurd ones make ZeroMQ drop the connection
         limits = config.limits
