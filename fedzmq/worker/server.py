@@ -386,7 +386,8 @@ class Worker:
         except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
             self._malformed(key, exc)
             return
-        session = self._session_for(key, _user_id(frames[0]), request)
+        user = _user_id(frames[0]) if self.config.secret_key is not None else None  # no keys, no User-Id
+        session = self._session_for(key, user, request)
         if session is None:
             return
         assert session.peer is not None and session.outbox is not None
