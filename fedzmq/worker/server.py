@@ -68,6 +68,9 @@ EVICT_AFTER_INTERVALS = 10
 EVICT_EMPTY_AFTER_INTERVALS = 3
 #: seconds of silence after which a session of a client that announced nothing may be evicted
 EVICT_AFTER_SECONDS = 10.0
+#: after a look for a connection to evict found none, the next look waits this long: the look walks
+#: every connection, and a full daemon would otherwise walk them for each request of each new peer
+EVICT_SCAN_SECONDS = 0.1
 
 #: messages of one connection that may wait unread in ZeroMQ's queue (``RCVHWM``); past them ZeroMQ
 #: stops reading that connection, and TCP holds its sender back. Bounds what a peer sending faster than
@@ -103,6 +106,8 @@ class Worker:
         self._intake: dict[bytes, collections.deque[tuple[Sequence[Any], bool]]] = {}
         self._intake_turns: collections.deque[bytes] = collections.deque()
         self._intake_scheduled = False
+        #: when ``_evict_one`` may next look for a connection to evict (see ``EVICT_SCAN_SECONDS``)
+        self._next_evict_scan = 0.0
         #: the status snapshot of the intake turn being taken, if one was asked for (see ``status``)
         self._status: dict[str, Any] | None = None
         self._status_batch = False
@@ -465,8 +470,12 @@ class Worker:
 
     def _evict_one(self) -> bool:
         """Make room for a new client: end the idle connection that has been silent longest, if it looks
-        gone (one that holds nothing sooner than one holding objects). False if none does."""
+        gone (one that holds nothing sooner than one holding objects). False if none does, and for
+        ``EVICT_SCAN_SECONDS`` after a look that found none (a connection turns gone at its own pace: a
+        new client then waits that much longer for room)."""
         now = time.monotonic()
+        if now < self._next_evict_scan:
+            return False
 
         def silent_for(peer: Peer) -> float:
             return now - peer.last_seen
@@ -479,6 +488,7 @@ class Worker:
 
         candidates = [p for p in self._peers.values() if p.idle and gone(p)]
         if not candidates:
+            self._next_evict_scan = now + EVICT_SCAN_SECONDS
             return False
         victim = max(candidates, key=lambda p: (p.empty, silent_for(p)))
         log.info("connection %s silent for %.1fs: evicted to make room for a new client", victim.key.hex(),
