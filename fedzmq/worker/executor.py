@@ -176,15 +176,14 @@ class Executor:
         watch = _WriteWatch(binding) if command.writes and label else None
         graph = "graph" in command.charges
         assert session.budget is not None
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(default_modes())
-            stack.enter_context(running_under(session.budget))
-            stack.enter_context(session.quota.reserving(reserve, covers_saved=graph))
-            if graph:
-                stack.enter_context(session.quota.charging_saved_tensors())
-            if command.writes is not None:  # even a step that failed half-way may have made some state
-                stack.callback(self._recount_optimizers, binding)
-            result = HANDLERS[command.name](self.context, binding)
+        saved = session.quota.charging_saved_tensors() if graph else contextlib.nullcontext()
+        with default_modes(), running_under(session.budget), \
+                session.quota.reserving(reserve, covers_saved=graph), saved:
+            try:
+                result = HANDLERS[command.name](self.context, binding)
+            finally:
+                if command.writes is not None:  # even a step that failed half-way may have made some state
+                    self._recount_optimizers(binding)
         if watch is not None:
             session.taint.mark(watch.written(), label)
         return result
