@@ -54,7 +54,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=float, help="fraction of workers per round (default 1.0)")
     p.add_argument("--min-workers", type=int, help="updates a round needs to succeed (default 1)")
     p.add_argument("--round-timeout", type=float, help="seconds a round may take (default 60)")
-    p.add_argument("--seed", type=int, help="seed for the model, the split and sampling (default 0)")
+    p.add_argument("--seed", type=int, help="seed for the model, the split, sampling and the shuffles of the daemons "
+                   "these commands launch: a rerun with the same seed repeats the run (default 0)")
     p.add_argument("--out", help="folder for metrics.jsonl, plot.png and checkpoints (default runs/<command>)")
     p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     p.add_argument("--secure-aggregation", action="store_true", default=None,
@@ -260,6 +261,12 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
 
 
+def shuffle_args(seed: int, worker: str) -> list[str]:
+    """The shuffle secret of a daemon these commands launch, from the run's seed: the daemons are the
+    user's own, so the run repeats (a data owner's daemon draws its secret, unknown to coordinators)."""
+    return ["--shuffle-secret", f"fedzmq-{seed}-{worker}"]
+
+
 def run_demo(settings: dict[str, Any]) -> int:
     from .examples import digits
     from .launcher import start_daemons, stop_all
@@ -274,7 +281,8 @@ def run_demo(settings: dict[str, Any]) -> int:
     for worker, counts in split.sizes.items():
         print(f"  {worker}: {sum(counts):4d} samples, per class {counts}")
     started = time.perf_counter()
-    daemon_args = {w: ["--data", f"{digits.DATASET}={p}"] for w, p in split.shards.items()}
+    daemon_args = {w: ["--data", f"{digits.DATASET}={p}", *shuffle_args(settings["seed"], w)]
+                   for w, p in split.shards.items()}
     provisioned = None
     if settings.get("secure"):
         from .security import provision_keys
@@ -335,7 +343,8 @@ def run_simulate(settings: dict[str, Any]) -> int:
     ids = [f"host{k}" for k in range(settings["daemons"])]
     terms = ["--min-batch-size", str(min(population.MIN_ROWS, settings["batch_size"])), "--min-metric-rows", "1"]
     daemons = start_daemons(ids, per_daemon_args={
-        host: ["--clients-from", f"{population.DATASET}={folder}", *terms] for host, folder in zip(ids, data.folders)},
+        host: ["--clients-from", f"{population.DATASET}={folder}", *terms, *shuffle_args(settings["seed"], host)]
+        for host, folder in zip(ids, data.folders)},
         log_dir=str(out / "logs"))
     try:
         model = population.make_model(data.features, data.classes, seed=settings["seed"])

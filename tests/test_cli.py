@@ -115,3 +115,21 @@ def test_strategy_flags_that_cannot_apply_are_refused_before_anything_starts(tmp
         done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and says in done.stderr, (extra, done.stderr)
     assert not (tmp_path / "run").exists(), "nothing ran"
+
+
+@pytest.mark.timeout(240)
+def test_the_demo_run_twice_with_one_seed_gives_the_same_run(tmp_path):
+    """The demo launches its own daemons, so its seed covers their shuffles too: a user who reruns it
+    gets the same losses and accuracies, round by round, to the last bit (before, each daemon drew a
+    secret at start-up and reruns differed from the first round on)."""
+    def run(out):
+        done = subprocess.run([sys.executable, "-m", "fedzmq", "demo", "--rounds", "2", "--no-progress", "--out",
+                               str(out)], capture_output=True, text=True, timeout=200)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["round"], r["train_loss"], r["eval_loss"], r["eval_accuracy"],
+                 sorted((worker, fit["loss"]) for worker, fit in r["fits"].items())) for r in rounds]
+
+    first, second = run(tmp_path / "first"), run(tmp_path / "second")
+    assert len(first) == 2
+    assert first == second
