@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a CurveZMQ key pair (NAME.key public, NAME.key_secret secret)")
     keygen.add_argument("name", help="the key's name, e.g. bob or coordinator")
     keygen.add_argument("--dir", default="keys", help="folder to write the files to (default ./keys)")
+    keygen.add_argument("--force", action="store_true", help="replace a key pair of that name (its old secret key "
+                        "is lost: every side that allowed its public key must be given the new one)")
 
     train = sub.add_parser("train", help="train over running worker daemons")
     train.add_argument("--config", help="TOML file with the settings below (flags win)")
@@ -261,6 +263,13 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
 
 
+def exit_summary(codes: dict[str, int]) -> str:
+    """How the launched daemons ended: 'all 4 daemons exited with 0', or each one's code."""
+    if len(set(codes.values())) == 1:
+        return f"all {len(codes)} daemons exited with {next(iter(codes.values()))}"
+    return "daemons exited with " + ", ".join(f"{name} {code}" for name, code in codes.items())
+
+
 def shuffle_args(seed: int, worker: str) -> list[str]:
     """The shuffle secret of a daemon these commands launch, from the run's seed: the daemons are the
     user's own, so the run repeats (a data owner's daemon draws its secret, unknown to coordinators)."""
@@ -321,7 +330,7 @@ def run_demo(settings: dict[str, Any]) -> int:
     print(f"final test accuracy, centralized training of the same model ({epochs} epochs): "
           f"{central_result['accuracy']:.2%}")
     print(f"difference: {(final['accuracy'] - central_result['accuracy']) * 100:+.2f} points; "
-          f"time {time.perf_counter() - started:.1f}s; daemons exited with {sorted(set(codes.values()))}")
+          f"time {time.perf_counter() - started:.1f}s; {exit_summary(codes)}")
     print(f"plot: {path}   metrics: {out / 'metrics.jsonl'}   checkpoints: {out / 'checkpoints'}")
     (out / "result.json").write_text(json.dumps({"federated_accuracy": final["accuracy"],
                                                  "centralized_accuracy": central_result["accuracy"],
@@ -362,6 +371,7 @@ def run_simulate(settings: dict[str, Any]) -> int:
         seconds = sorted(m.seconds for m in history)
         print(f"\n{len(history[-1].participants)} clients per round; median round {seconds[len(seconds) // 2]:.3f}s; "
               f"final test accuracy {history[-1].eval_accuracy:.2%}; total {time.perf_counter() - started:.1f}s")
+    print(f"metrics: {out / 'metrics.jsonl'}   checkpoints: {out / 'checkpoints'}")
     if federation.stopped_early:
         print(federation.stopped_early)
     return 0
@@ -419,6 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keygen":
         from .security import generate_keypair
 
+        existing = [p for p in (Path(args.dir) / f"{args.name}.key", Path(args.dir) / f"{args.name}.key_secret")
+                    if p.exists()]
+        if existing and not args.force:
+            print(f"fedzmq keygen: {existing[0]} exists; pass --force to replace the key pair (the old secret key "
+                  "is then lost)", file=sys.stderr)
+            return 2
         public, secret = generate_keypair(args.dir, args.name)
         print(f"public key (give it to the other side): {public}\nsecret key (keep it here): {secret}")
         return 0

@@ -133,3 +133,17 @@ def test_the_demo_run_twice_with_one_seed_gives_the_same_run(tmp_path):
     first, second = run(tmp_path / "first"), run(tmp_path / "second")
     assert len(first) == 2
     assert first == second
+
+
+def test_keygen_never_replaces_a_secret_key_unless_told(tmp_path, capsys):
+    """A second ``fedzmq keygen bob`` used to overwrite bob's secret key without a word, locking out
+    every side that allowed the old public key."""
+    from fedzmq.cli import main
+
+    assert main(["keygen", "bob", "--dir", str(tmp_path)]) == 0
+    secret = (tmp_path / "bob.key_secret").read_bytes()
+    assert main(["keygen", "bob", "--dir", str(tmp_path)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "bob.key_secret").read_bytes() == secret
+    assert main(["keygen", "bob", "--dir", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "bob.key_secret").read_bytes() != secret
