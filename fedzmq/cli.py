@@ -57,7 +57,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for the model, the split, sampling and the shuffles of the daemons "
                    "these commands launch: a rerun with the same seed repeats the run (default 0)")
     p.add_argument("--out", help="folder for metrics.jsonl, plot.png and checkpoints (default runs/<command>)")
-    p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", default=None,
+                   help="no progress bar: each round's metrics as one JSON line on stdout instead (for logs)")
     p.add_argument("--secure-aggregation", action="store_true", default=None,
                    help="the coordinator sees only the sum of the updates (Bonawitz et al. secure aggregation)")
     p.add_argument("--dp-epsilon", type=float, help="central differential privacy: noise calibrated so that "
