@@ -194,6 +194,21 @@ def remote_error(remote_type: str, message: str, traceback_text: str = "") -> Re
     return error
 
 
+def compact_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as a worker sends it: file, line and function per frame, then the exception's
+    line. No source lines: Python's own text reads and parses the source of every frame, which cost a
+    daemon several times the command that failed, for whatever failure a peer chose to cause."""
+    lines = ["Traceback (most recent call last):"]
+    frame = exc.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {frame.tb_lineno}, in {code.co_name}')
+        frame = frame.tb_next
+    lines.append(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+                 if type(exc).__module__ not in ("builtins", "__main__") else f"{type(exc).__qualname__}: {exc}")
+    return "\n".join(lines) + "\n"
+
+
 def error_payload(exc: BaseException, traceback_text: str) -> dict[str, Any]:
     """What a worker sends back for an exception (the inverse of ``remote_error``)."""
     if isinstance(exc, RemoteError):  # re-raised failure of an earlier command: keep its identity

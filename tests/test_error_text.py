@@ -69,3 +69,23 @@ async def test_remote_types_keep_their_classes_and_read_once(fedzmq_virtual_work
     # a type this client does not know keeps its name in the text
     unknown = fz.errors.remote_error("OutOfMemoryError", "CUDA out of memory")
     assert type(unknown) is fz.RemoteError and str(unknown) == "OutOfMemoryError: CUDA out of memory"
+
+
+async def test_a_refusal_carries_no_traceback_and_an_error_a_short_one(fedzmq_virtual_workers):
+    """A peer chooses which errors a daemon makes. Python's full traceback text (each frame's source line
+    read and parsed) cost the daemon several times the failed command: in a flood of requests for objects
+    that do not exist, most of the daemon's time. A refusal fedzmq makes on purpose now carries no
+    traceback (its message says what went wrong); another error carries file, line and function per
+    frame, without source lines."""
+    [bob] = await fedzmq_virtual_workers("bob")
+    with pytest.raises(fz.ObjectNotFound) as missing:
+        await bob._request("get", {"obj": 987_654})
+    assert missing.value.remote_traceback == ""
+    a = await bob.send(torch.ones(2, 3))
+    with pytest.raises(RuntimeError) as bad:
+        await (a @ a)
+    text = bad.value.remote_traceback
+    assert text.startswith("Traceback (most recent call last):"), text
+    assert 'File "' in text and ", line " in text and ", in " in text
+    assert "cannot be multiplied" in text.splitlines()[-1]
+    assert "^^^" not in text  # no source lines, so no carets under them

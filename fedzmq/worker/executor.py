@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import time
-import traceback
 from concurrent.futures import Executor as ThreadPool
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from ..budget import Budget, running_under
 from ..codec import Request, encode_error, encode_reply
 from ..commands import COMMANDS, Command
-from ..errors import LimitExceeded, RemoteError, error_payload
+from ..errors import FedzmqError, LimitExceeded, RemoteError, compact_traceback, error_payload
 from ..torchmodes import default_modes
 from .binding import Binding, Context, LiveReply, Made, bind
 from .charges import CHARGES
@@ -235,7 +234,9 @@ class Executor:
                     session.key.hex(), exc_info=exc)
             payload = sanitized(exc, request.id)
         else:
-            text = traceback.format_exc() if self.context.policy.tracebacks else ""
+            # a refusal made on purpose says all in its message; other errors get where they happened
+            unexpected = self.context.policy.tracebacks and not isinstance(exc, FedzmqError)
+            text = compact_traceback(exc) if unexpected else ""
             payload = error_payload(exc, text)
         root = exc.root if isinstance(exc, DependencyError) else payload
         fail_outputs(session, request, root)
