@@ -411,6 +411,28 @@ def _header_id(header: dict[str, Any]) -> int | None:
 
 def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
     """Validate and decode a request. Raises ``ProtocolError`` (with the request id when readable)."""
+    request_id, cmd, client, args = _request_head(frames, limits)
+    try:
+        decoded = _Decoder(frames, limits).decode_all(args)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), request_id) from None
+    problem = COMMANDS[cmd].check_args(decoded)
+    if problem:
+        raise ProtocolError(problem, request_id)
+    return Request(request_id, cmd, decoded, sum(_frame_len(f) for f in frames[1:]), client)
+
+
+def decode_request_head(frames: Sequence[Any], limits: Limits) -> Request:
+    """A request checked as ``decode_request`` checks its header, with only its output ids among its
+    arguments (integers, or lists of them, as sent): what refusing it without running it needs. The
+    rest stays undecoded, so that refusing a flood costs less than running it."""
+    request_id, cmd, client, args = _request_head(frames, limits)
+    outputs = {name: args[name] for name in COMMANDS[cmd].outputs if name in args}
+    return Request(request_id, cmd, outputs, sum(_frame_len(f) for f in frames[1:]), client)
+
+
+def _request_head(frames: Sequence[Any], limits: Limits) -> tuple[int, str, str | None, dict[str, Any]]:
+    """The checked id, command, client and (undecoded) arguments of a request."""
     header = _unpack_header(frames, limits)
     request_id = _header_id(header)
     if request_id is None:
@@ -430,14 +452,7 @@ def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
     args = header.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError("args must be a map", request_id)
-    try:
-        decoded = _Decoder(frames, limits).decode_all(args)
-    except ProtocolError as exc:
-        raise ProtocolError(str(exc), request_id) from None
-    problem = COMMANDS[cmd].check_args(decoded)
-    if problem:
-        raise ProtocolError(problem, request_id)
-    return Request(request_id, cmd, decoded, sum(_frame_len(f) for f in frames[1:]), client)
+    return request_id, cmd, client, args
 
 
 def decode_reply(frames: Sequence[Any], limits: Limits) -> Reply:

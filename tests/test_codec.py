@@ -146,3 +146,22 @@ def test_a_header_of_millions_of_tiny_containers_is_refused_before_they_are_buil
         tracemalloc.stop()
     assert peak < 16 << 20, peak
     assert "header holds more than" in str(refused.value)
+
+
+def test_a_request_head_is_checked_like_the_request_and_keeps_only_its_output_ids():
+    """What the daemon refuses unread (a connection past --max-inflight) is decoded only this far: its
+    header checked as always, its arguments left as sent except the ids its outputs would have had."""
+    from fedzmq.codec import decode_request_head
+
+    frames = encode_request(9, "op", {"op": "add", "args": [torch.ones(3), 1], "kwargs": {}, "out": [41]})
+    head = decode_request_head(frames, LIMITS)
+    assert (head.id, head.cmd, head.client, head.args) == (9, "op", None, {"out": [41]})
+    assert head.nbytes == decode_request(frames, LIMITS).nbytes == 12
+    for bad in ([msgpack.packb({"v": 1, "id": 3, "cmd": "nonsense", "args": {}})],
+                [msgpack.packb({"v": 9, "id": 3, "cmd": "op", "args": {}})],
+                [msgpack.packb({"v": 1, "id": 3, "cmd": "op", "args": [], "x": 1})]):
+        with pytest.raises(ProtocolError) as head_error:
+            decode_request_head(bad, LIMITS)
+        with pytest.raises(ProtocolError) as full_error:
+            decode_request(bad, LIMITS)
+        assert str(head_error.value) == str(full_error.value)

@@ -31,7 +31,8 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ..__about__ import __version__
-from ..codec import PROTOCOL_VERSION, Request, decode_request, encode_error, is_batch, split_batch
+from ..codec import (PROTOCOL_VERSION, Request, decode_request, decode_request_head, encode_error, is_batch,
+                     split_batch)
 from ..commands import COMMANDS
 from ..errors import FedzmqError, ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
@@ -338,8 +339,8 @@ class Worker:
     def _refuse_unread(self, key: bytes, frames: Sequence[Any]) -> None:
         """Answer a request that arrived while its connection's intake was full, without running it."""
         self.counters["requests"] += 1
-        try:
-            request = decode_request(frames, self.config.limits)
+        try:  # its arguments are not decoded: refusing must cost less than running it
+            request = decode_request_head(frames, self.config.limits)
         except Exception as exc:
             self._malformed(key, exc)
             return
