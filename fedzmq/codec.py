@@ -424,11 +424,11 @@ def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
 
 def decode_request_head(frames: Sequence[Any], limits: Limits) -> Request:
     """A request checked as ``decode_request`` checks its header, with only its output ids among its
-    arguments (integers, or lists of them, as sent): what refusing it without running it needs. The
-    rest stays undecoded, so that refusing a flood costs less than running it."""
+    arguments (those that pass the command's own checks, ``Command.output_args``): what refusing it
+    without running it needs. The rest stays undecoded, so that refusing a flood costs less than
+    running it. Its ``args`` are not the command's whole arguments: never run it."""
     request_id, cmd, client, args = _request_head(frames, limits)
-    outputs = {name: args[name] for name in COMMANDS[cmd].outputs if name in args}
-    return Request(request_id, cmd, outputs, sum(_frame_len(f) for f in frames[1:]), client)
+    return Request(request_id, cmd, COMMANDS[cmd].output_args(args), sum(_frame_len(f) for f in frames[1:]), client)
 
 
 def _request_head(frames: Sequence[Any], limits: Limits) -> tuple[int, str, str | None, dict[str, Any]]:

@@ -122,6 +122,12 @@ class Command:
     reads_dataset: bool = False
     loads: bool = False
 
+    def output_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The arguments of ``args`` that name this command's outputs and pass its own checks: the ids a
+        request refused unread has its outputs marked failed under (never ids a full decode refuses)."""
+        checks = {**self.optional, **self.required}
+        return {name: args[name] for name in self.outputs if name in args and checks[name](args[name])}
+
     def check_args(self, args: dict[str, Any]) -> str | None:
         """Return why ``args`` do not fit this command, or None when they do."""
         for name, valid in self.required.items():

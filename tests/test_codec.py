@@ -8,7 +8,7 @@ import torch
 
 from fedzmq.codec import (
     DTYPES, SMALL_FRAME_BYTES, Limits, NodeRef, Ref, StreamInfo, decode_reply, decode_request, encode_error, encode_reply,
-    encode_request,
+    decode_request_head, encode_request,
 )
 from fedzmq.errors import ProtocolError
 from hostile_messages import BAD_MESSAGES, tensor_message
@@ -151,8 +151,6 @@ def test_a_header_of_millions_of_tiny_containers_is_refused_before_they_are_buil
 def test_a_request_head_is_checked_like_the_request_and_keeps_only_its_output_ids():
     """What the daemon refuses unread (a connection past --max-inflight) is decoded only this far: its
     header checked as always, its arguments left as sent except the ids its outputs would have had."""
-    from fedzmq.codec import decode_request_head
-
     frames = encode_request(9, "op", {"op": "add", "args": [torch.ones(3), 1], "kwargs": {}, "out": [41]})
     head = decode_request_head(frames, LIMITS)
     assert (head.id, head.cmd, head.client, head.args) == (9, "op", None, {"out": [41]})
@@ -165,3 +163,8 @@ def test_a_request_head_is_checked_like_the_request_and_keeps_only_its_output_id
         with pytest.raises(ProtocolError) as full_error:
             decode_request(bad, LIMITS)
         assert str(head_error.value) == str(full_error.value)
+    # output ids a full decode refuses are not kept (a refusal marks the ids it keeps as failed)
+    bad_ids = [msgpack.packb({"v": 1, "id": 4, "cmd": "store", "args": {"out": list(range(-5, 100)), "value": 1}})]
+    with pytest.raises(ProtocolError):
+        decode_request(bad_ids, LIMITS)
+    assert decode_request_head(bad_ids, LIMITS).args == {}
