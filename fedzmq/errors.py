@@ -27,6 +27,7 @@ from __future__ import annotations
 import builtins
 import functools
 import re
+from types import TracebackType
 from typing import Any, Callable
 
 #: how a worker names an object of the session in its messages
@@ -195,18 +196,61 @@ def remote_error(remote_type: str, message: str, traceback_text: str = "") -> Re
 
 
 def compact_traceback(exc: BaseException) -> str:
-    """``exc``'s traceback as a worker sends it: file, line and function per frame, then the exception's
-    line. No source lines: Python's own text reads and parses the source of every frame, which cost a
-    daemon several times the command that failed, for whatever failure a peer chose to cause."""
-    lines = ["Traceback (most recent call last):"]
-    frame = exc.__traceback__
-    while frame is not None:
-        code = frame.tb_frame.f_code
-        lines.append(f'  File "{code.co_filename}", line {frame.tb_lineno}, in {code.co_name}')
-        frame = frame.tb_next
-    lines.append(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
-                 if type(exc).__module__ not in ("builtins", "__main__") else f"{type(exc).__qualname__}: {exc}")
+    """``exc``'s traceback as a worker sends it: what Python prints (the chain of causes, each frame's
+    file, line and function, a line repeated many times collapsed, the exception's line) without
+    source lines. Python's own text reads and parses the source of every frame, which cost a daemon
+    several times the command that failed, for whatever failure a peer chose to cause."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain) and len(chain) < MAX_CHAIN:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    lines: list[str] = []
+    for later, part in zip([None, *reversed(chain)], reversed(chain)):
+        if later is not None:
+            lines += ["", "The above exception was the direct cause of the following exception:"
+                      if part.__cause__ is later else "During handling of the above exception, another "
+                      "exception occurred:", ""]
+        lines += _frame_lines(part.__traceback__)
+        lines.append(f"{_qualified_name(type(part))}: {safe_message(part)}")
     return "\n".join(lines) + "\n"
+
+
+#: causes and contexts a worker's traceback follows back from the exception it reports
+MAX_CHAIN = 8
+
+
+def _frame_lines(frame: TracebackType | None) -> list[str]:
+    """One line per frame; a line repeated more than 3 times in a row (a recursion) is said once more
+    with its count, as Python does."""
+    lines = ["Traceback (most recent call last):"] if frame is not None else []
+    previous, repeats = "", 0
+    while frame is not None:
+        line = _frame_line(frame)
+        repeats = repeats + 1 if line == previous else 0
+        if repeats < 3:
+            lines.append(line)
+        previous, frame = line, frame.tb_next
+        if repeats >= 3 and (frame is None or _frame_line(frame) != line):
+            lines.append(f"  [Previous line repeated {repeats - 2} more times]")
+    return lines
+
+
+def _frame_line(frame: TracebackType) -> str:
+    code = frame.tb_frame.f_code
+    return f'  File "{code.co_filename}", line {frame.tb_lineno}, in {code.co_name}'
+
+
+def _qualified_name(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def safe_message(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder when that raises: an error report must not fail in turn."""
+    try:
+        return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    except Exception:
+        return "<exception str() failed>"
 
 
 def error_payload(exc: BaseException, traceback_text: str) -> dict[str, Any]:
@@ -217,6 +261,4 @@ def error_payload(exc: BaseException, traceback_text: str) -> dict[str, Any]:
             "message": exc.remote_message,
             "traceback": exc.remote_traceback or traceback_text,
         }
-    name = type(exc).__name__
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    return {"type": name, "message": message, "traceback": traceback_text}
+    return {"type": type(exc).__name__, "message": safe_message(exc), "traceback": traceback_text}
