@@ -197,7 +197,8 @@ class Federation:
                                extra=dict(outcome.facts))
         metrics.epsilon = outcome.facts.get("epsilon")
         total = sum(f["num_examples"] for f in fits.values())
-        metrics.train_loss = sum(f["loss"] * f["num_examples"] for f in fits.values()) / max(1, total)
+        # exactly rounded (fsum): the same whatever order the fits arrived in, so reruns repeat it
+        metrics.train_loss = math.fsum(f["loss"] * f["num_examples"] for f in fits.values()) / max(1, total)
         if self.evaluate_fn is not None:
             result = self.evaluate_fn(self.model)
             metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")
@@ -234,9 +235,10 @@ class Federation:
         await asyncio.gather(*(one(w) for w in workers if w.alive))
         total = sum(r["samples"] for r in results)
         if total:
-            metrics.worker_eval_loss = sum(r["loss"] * r["samples"] for r in results) / total
+            # exactly rounded (fsum): the results arrive in any order, and reruns must repeat the numbers
+            metrics.worker_eval_loss = math.fsum(r["loss"] * r["samples"] for r in results) / total
             if all(r.get("accuracy") is not None for r in results):
-                metrics.worker_eval_accuracy = sum(r["accuracy"] * r["samples"] for r in results) / total
+                metrics.worker_eval_accuracy = math.fsum(r["accuracy"] * r["samples"] for r in results) / total
 
     def _traffic(self) -> tuple[int, int]:
         hosts = {id(w.host): w.host for w in self.workers}.values()  # hosted clients share their host's connection
