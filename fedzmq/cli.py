@@ -266,6 +266,9 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
 
 def exit_summary(codes: dict[str, int]) -> str:
     """How the launched daemons ended: 'all 4 daemons exited with 0', or each one's code."""
+    if len(codes) == 1:
+        [(name, code)] = codes.items()
+        return f"daemon {name} exited with {code}"
     if len(set(codes.values())) == 1:
         return f"all {len(codes)} daemons exited with {next(iter(codes.values()))}"
     return "daemons exited with " + ", ".join(f"{name} {code}" for name, code in codes.items())

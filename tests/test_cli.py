@@ -147,3 +147,12 @@ def test_keygen_never_replaces_a_secret_key_unless_told(tmp_path, capsys):
     assert (tmp_path / "bob.key_secret").read_bytes() == secret
     assert main(["keygen", "bob", "--dir", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "bob.key_secret").read_bytes() != secret
+
+
+def test_the_demo_says_how_its_daemons_ended_in_words():
+    """It printed the set of exit codes ("daemons exited with [0]"), which read as one daemon."""
+    from fedzmq.cli import exit_summary
+
+    assert exit_summary({"owner0": 0, "owner1": 0, "owner2": 0}) == "all 3 daemons exited with 0"
+    assert exit_summary({"owner0": 0, "owner1": -9}) == "daemons exited with owner0 0, owner1 -9"
+    assert exit_summary({"owner0": 0}) == "daemon owner0 exited with 0"

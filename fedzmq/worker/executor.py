@@ -176,8 +176,8 @@ class Executor:
         graph = "graph" in command.charges
         assert session.budget is not None
         saved = session.quota.charging_saved_tensors() if graph else contextlib.nullcontext()
-        with default_modes(), running_under(session.budget), \
-                session.quota.reserving(reserve, covers_saved=graph), saved:
+        with (default_modes(), running_under(session.budget), session.quota.reserving(reserve, covers_saved=graph),
+              saved):
             try:
                 result = HANDLERS[command.name](self.context, binding)
             finally:

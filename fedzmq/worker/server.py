@@ -73,10 +73,10 @@ EVICT_AFTER_SECONDS = 10.0
 #: every connection, and a full daemon would otherwise walk them for each request of each new peer
 EVICT_SCAN_SECONDS = 0.1
 
-#: messages of one connection that may wait unread in ZeroMQ's queue (``RCVHWM``); past them ZeroMQ
-#: stops reading that connection, and TCP holds its sender back. Bounds what a peer sending faster than
-#: the daemon reads costs it in memory (this many messages, of at most ``MAXMSGSIZE`` each) without
-#: slowing one that the daemon keeps up with
+#: complete messages of one connection that may wait unread in ZeroMQ's queue (``RCVHWM``); past them
+#: ZeroMQ stops reading that connection, and TCP holds its sender back. Bounds in messages what a peer
+#: sending faster than the daemon reads makes it hold (each message's frames are bounded only one by
+#: one, by ``MAXMSGSIZE``: docs/security.md), without slowing a peer the daemon keeps up with
 RECEIVE_QUEUE = 64
 
 
