@@ -89,3 +89,33 @@ async def test_a_refusal_carries_no_traceback_and_an_error_a_short_one(fedzmq_vi
     assert 'File "' in text and ", line " in text and ", in " in text
     assert "cannot be multiplied" in text.splitlines()[-1]
     assert "^^^" not in text  # no source lines, so no carets under them
+
+
+def test_a_workers_traceback_keeps_causes_collapses_recursion_and_survives_a_failing_message():
+    from fedzmq.errors import compact_traceback, error_payload
+
+    def deep(n):
+        return deep(n + 1)
+
+    with pytest.raises(RecursionError) as recursion:
+        deep(0)
+    text = compact_traceback(recursion.value)
+    assert "more times]" in text and len(text.splitlines()) < 20
+
+    try:
+        try:
+            {}["k"]
+        except KeyError as exc:
+            raise ValueError("wrapped") from exc
+    except ValueError as exc:
+        chained = compact_traceback(exc)
+    assert chained.index("KeyError") < chained.index("direct cause") < chained.index("ValueError: wrapped")
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    try:
+        raise Unprintable()
+    except Unprintable as exc:
+        assert error_payload(exc, compact_traceback(exc))["message"] == "<exception str() failed>"
