@@ -206,10 +206,10 @@ def compact_traceback(exc: BaseException) -> str:
         chain.append(current)
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     lines: list[str] = []
-    for later, part in zip([None, *reversed(chain)], reversed(chain)):
-        if later is not None:
+    for earlier, part in zip([None, *reversed(chain)], reversed(chain)):  # the first cause first
+        if earlier is not None:
             lines += ["", "The above exception was the direct cause of the following exception:"
-                      if part.__cause__ is later else "During handling of the above exception, another "
+                      if part.__cause__ is earlier else "During handling of the above exception, another "
                       "exception occurred:", ""]
         lines += _frame_lines(part.__traceback__)
         lines.append(f"{_qualified_name(type(part))}: {safe_message(part)}")
