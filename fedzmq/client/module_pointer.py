@@ -91,7 +91,7 @@ class ModulePointer(Pointer):
                           **fit: Any) -> dict[str, Any]:
         """A round for many of the logical clients this model's daemon hosts, in one trip: each client
         starts from ``load``, trains on its own ``dataset``, and the reply carries ``metrics`` (by client)
-        and either ``sum`` and ``weight`` (``combine``: ``sum(n_i * (x_i - load))`` in float64 and
+        and either ``weighted_sum`` and ``weight`` (``combine``: ``sum(n_i * x_i)`` in float64 and
         ``sum(n_i)``, what a weighted mean needs) or ``states`` (each client's trained state). ``fit``
         takes ``fit``'s keyword arguments (a fresh optimizer per client)."""
         args = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),

@@ -32,14 +32,17 @@ class WeightedMeanAggregator(Aggregator):
     """Streaming sample-weighted mean, folded piece by piece as updates arrive, in any order and
     concurrently.
 
-    Deterministic: the sum it keeps per float entry is ``sum(n_i * (x_i - g))`` (``g`` the global model) in
-    float64, and the mean is ``g + sum / sum(n_i)`` rounded once to the model's dtype. The differences
-    ``x_i - g`` are exact in float64 (computed from float32 values), so the only rounding that depends on
-    the order updates arrive in is float64's, on numbers much smaller than the weights: the same updates
-    give the same model, bit for bit, whatever the arrival order (the chance that they do not, an
-    element's float64 sum landing within its rounding error of a float32 rounding boundary, is of the
-    order of 1e-10 per element and round). Memory: the global model, the float64 sum (two float32
-    copies' worth) and the pieces in flight, whatever the number of workers.
+    Deterministic: the sum it keeps per float entry is ``sum(n_i * x_i)`` in float64, and the mean is
+    ``sum / sum(n_i)`` rounded once more to the model's dtype. Each ``n_i * x_i`` is exact in float64 (a
+    float32 value times a sample count below 2^29), and so is their sum whenever an element's values lie
+    within a factor of about ``2^28 / sum(n_i)`` of each other, as the updates of one model do (they are
+    the global model plus a small step): then the sum, and the model, are the same bit for bit whatever
+    order the updates arrive in. Only where one element's values differ by more than that (near a sign
+    change) can float64 round, and the order then matter, on values far below the float32 result's last
+    bit (the chance that it shows, an element's float64 sum landing within its rounding error of a
+    float32 rounding boundary, is of the order of 1e-10 per element and round). Memory: the global
+    model, the float64 sum (two float32 copies' worth) and the pieces in flight, whatever the number of
+    workers.
 
     ``sums``: where the running sums come from and go back to when this aggregator is gone (a strategy
     keeps one for its rounds): fresh ones cost a page fault per 4 KiB every round."""
@@ -55,19 +58,19 @@ class WeightedMeanAggregator(Aggregator):
         #: They cannot be taken out again (that would need the update in memory), so their elements are
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
-        #: per thread and dtype, two buffers of ``SCRATCH_BLOCK`` elements for the arithmetic of folds
-        #: and of the result (pieces fold on the event loop and on one fold thread at once)
-        self._scratches: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: per thread and dtype, a buffer of ``SCRATCH_BLOCK`` elements for the arithmetic of folds and of
+        #: the result (pieces fold on the event loop and on fold threads at once)
+        self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def _scratch(self, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two buffers of at least ``min(numel, SCRATCH_BLOCK)`` elements that only this thread uses, reused
+    def _scratch(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A buffer of at least ``min(numel, SCRATCH_BLOCK)`` elements that only this thread uses, reused
         (a model of small entries never allocates a whole block)."""
         key = (threading.get_ident(), dtype)
-        buffers = self._scratches.get(key)
+        buffer = self._scratches.get(key)
         wanted = min(numel, SCRATCH_BLOCK)
-        if buffers is None or buffers[0].numel() < wanted:
-            buffers = self._scratches[key] = (torch.empty(wanted, dtype=dtype), torch.empty(wanted, dtype=dtype))
-        return buffers
+        if buffer is None or buffer.numel() < wanted:
+            buffer = self._scratches[key] = torch.empty(wanted, dtype=dtype)
+        return buffer
 
     accepts_sums = True
 
@@ -82,35 +85,30 @@ class WeightedMeanAggregator(Aggregator):
     def _fold(self, name: str, start: int, values: torch.Tensor, weight: int) -> None:
         ref, values = self._check_slice(name, start, values)
         n = values.numel()
-        flat_ref = _piece(ref.reshape(-1), start, n)
-        # the first piece of a float entry that covers all of it writes ``weight * (values - ref)`` into a
-        # sum that is not zeroed first (a reused sum's fill and the add's read of it saved: a model-sized
-        # float64 pass each). ``0 + w * d`` and ``w * d`` round alike; they differ only in the sign of a
-        # zero, where ``d`` is -0, which needs ``ref`` +0, whose mean ``ref + sum / total`` is +0 either way
+        # the first piece of a float entry that covers all of it writes ``weight * values`` into a sum that
+        # is not zeroed first (a reused sum's fill and the add's read of it saved: a model-sized float64
+        # pass each); ``0 + w * x`` and ``w * x`` differ only in the sign of a zero, and the mean of a
+        # zero sum is a zero either way
         first = ref.is_floating_point() and start == 0 and n == ref.numel() and name not in self._acc
         target = _piece(self._sum(name, ref, zeroed=not first).view(-1), start, n)
         if not ref.is_floating_point():
             torch.maximum(target, values.to(ref.dtype), out=target)
             return
-        # block by block through two scratch buffers kept for the round: the same arithmetic as
-        # ``target += weight * (values.to(float64) - ref)``, bit for bit (float32 -> float64 is exact),
-        # with every operation on one dtype (a mixed-dtype one is ~4x slower) and on blocks of
-        # ``SCRATCH_BLOCK`` elements, without a fresh float64 temporary (and its page faults) per piece.
-        # The blocks' views come from ``split`` (one call each, not a slice per block and tensor): at 10^6
-        # parameters the Python around the arithmetic was a third of a fold's cost, at 10^4 most of it
+        # block by block through a scratch buffer kept for the round: ``target += weight * values``, with
+        # ``values`` widened to float64 (exact) first, so each operation has one dtype (a mixed-dtype one
+        # is ~4x slower), and no fresh float64 temporary (and its page faults) per piece. The blocks' views
+        # come from ``split`` (one call each, not a slice per block and tensor)
         try:
-            delta_buffer, ref_buffer = self._scratch(target.dtype, n)
-            blocks = zip(values.split(SCRATCH_BLOCK), flat_ref.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
-                if n > SCRATCH_BLOCK else ((values, flat_ref, target),)
-            for piece, piece_ref, piece_sum in blocks:
-                m = piece.numel()
-                delta, wide_ref = _piece(delta_buffer, 0, m), _piece(ref_buffer, 0, m)
-                delta.copy_(piece)
-                wide_ref.copy_(piece_ref)
+            wide = self._scratch(target.dtype, n)
+            blocks = zip(values.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
+                if n > SCRATCH_BLOCK else ((values, target),)
+            for piece, piece_sum in blocks:
+                widened = _piece(wide, 0, piece.numel())
+                widened.copy_(piece)
                 if first:
-                    torch.mul(delta.sub_(wide_ref), weight, out=piece_sum)
+                    torch.mul(widened, weight, out=piece_sum)
                 else:
-                    piece_sum.add_(delta.sub_(wide_ref), alpha=weight)
+                    piece_sum.add_(widened, alpha=weight)
         except BaseException:
             if first:  # a sum written only in part holds stale values: the next update starts a fresh one
                 del self._acc[name]
@@ -129,28 +127,21 @@ class WeightedMeanAggregator(Aggregator):
         return acc
 
     def _entry_mean(self, name: str, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Elements [lo, hi) of one entry of the mean, flat, in float64 (non-float entries: the max)."""
+        """Elements [lo, hi) of one entry of the mean, flat, in float64 (non-float entries: the max). Elements
+        an update that broke off delivered are divided by the weight of the updates that delivered them."""
         flat_acc = self._acc[name].view(-1)
         hi = flat_acc.numel() if hi is None else hi
-        acc, ref = _piece(flat_acc, lo, hi - lo), _piece(self._global[name].reshape(-1), lo, hi - lo)
-        if not ref.is_floating_point():
+        acc = _piece(flat_acc, lo, hi - lo)
+        if not self._global[name].is_floating_point():
             return acc
         if name not in self._partial:
-            if acc.numel() > SCRATCH_BLOCK:  # (whole entries, for ``mean``: no scratch that big is kept)
-                return ref.to(acc.dtype) + acc / self._total
-            # ``ref.to(acc.dtype) + acc / total``, bit for bit (float32 -> float64 is exact and the sum
-            # commutes), in the scratch buffers instead of three fresh temporaries; the caller copies it
-            out_buffer, ref_buffer = self._scratch(acc.dtype, acc.numel())
-            out = torch.div(acc, self._total, out=out_buffer[:acc.numel()])
-            wide_ref = ref_buffer[:ref.numel()]
-            wide_ref.copy_(ref)
-            return out.add_(wide_ref)
-        weights = torch.full((ref.numel(),), float(self._total), dtype=acc.dtype)
+            return acc / self._total
+        weights = torch.full((acc.numel(),), float(self._total), dtype=acc.dtype)
         for start, length, weight in self._partial[name]:
-            begin, end = max(start, lo), min(start + length, lo + ref.numel())
+            begin, end = max(start, lo), min(start + length, hi)
             if begin < end:
                 weights[begin - lo:end - lo] += weight
-        return ref.to(acc.dtype) + acc / weights
+        return acc / weights
 
     def _check_total(self) -> None:
         self._require_updates()
@@ -168,18 +159,15 @@ class WeightedMeanAggregator(Aggregator):
                         hi = min(lo + SCRATCH_BLOCK, target.numel())
                         _piece(target, lo, hi - lo).copy_(self._entry_mean(name, lo, hi))
                     continue
-                # ``_entry_mean`` block by block, inlined over ``split`` views (``ref + sum / total``, bit
-                # for bit: float32 -> float64 is exact and the sum commutes)
-                flat_acc, flat_ref, n = acc.view(-1), ref.reshape(-1), target.numel()
-                out_buffer, ref_buffer = self._scratch(acc.dtype, n)
-                blocks = zip(flat_acc.split(SCRATCH_BLOCK), flat_ref.split(SCRATCH_BLOCK),
-                             target.split(SCRATCH_BLOCK)) if n > SCRATCH_BLOCK else ((flat_acc, flat_ref, target),)
-                for piece_acc, piece_ref, piece_target in blocks:
-                    m = piece_acc.numel()
-                    out, wide_ref = _piece(out_buffer, 0, m), _piece(ref_buffer, 0, m)
-                    torch.div(piece_acc, self._total, out=out)
-                    wide_ref.copy_(piece_ref)
-                    piece_target.copy_(out.add_(wide_ref))
+                # ``sum / total`` block by block through a float64 scratch buffer, then rounded to the model's
+                # dtype by the copy (the same two roundings as ``_entry_mean(name).to(dtype)``)
+                flat_acc, n = acc.view(-1), target.numel()
+                out_buffer = self._scratch(acc.dtype, n)
+                blocks = zip(flat_acc.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
+                    if n > SCRATCH_BLOCK else ((flat_acc, target),)
+                for piece_acc, piece_target in blocks:
+                    out = _piece(out_buffer, 0, piece_acc.numel())
+                    piece_target.copy_(torch.div(piece_acc, self._total, out=out))
 
     def mean(self) -> State:
         """sum(n_i * x_i) / sum(n_i) per entry in the working dtype (non-float entries: the max, copied)."""
@@ -218,7 +206,7 @@ class _MeanReceiver(UpdateReceiver):
 
 
 class _SumReceiver(_MeanReceiver):
-    """Updates combined where they were trained: their weighted delta sums, added to the running sum."""
+    """Updates combined where they were trained: their weighted sum ``sum(n_i * x_i)``, added to the running sum."""
 
     def __init__(self, aggregator: WeightedMeanAggregator, weight: int, count: int) -> None:
         super().__init__(aggregator, weight)
@@ -241,12 +229,13 @@ class _SumReceiver(_MeanReceiver):
         self.aggregator._count += self.count - 1
 
 
-#: elements of a fold or of the mean computed at once: two float64 scratch buffers of 1 MiB, which stay in
-#: the allocator's heap (no fresh pages to fault in every round). Measured on 2 cores (fold + mean of two
-#: 10^6-parameter updates): 2^17 took ~10% less CPU than 2^16 (half the blocks, so half the Python and
-#: dispatch around four operations a block, which outweighs the scratch no longer fitting in L2) and than
-#: 2^18; 2^19 was twice as slow (4 MiB buffers are fresh mmapped pages every round)
-SCRATCH_BLOCK = 1 << 17
+#: elements of a fold or of the mean computed at once, through one float64 scratch buffer (256 KiB) per
+#: thread that stays in the cache and in the allocator's heap. It is torch's grain size (32768): a block
+#: of it runs on the calling thread, one of 2^16 or more is split across torch's OpenMP threads, whose
+#: start-up and spinning after every operation cost more than they save on these memory-bound passes.
+#: Measured on 2 cores (fold + mean of two 10^6-parameter updates, in process, CPU of all threads,
+#: medians of 40): 2^15 took 3.9-4.6 ms, 2^16 9.9 ms, 2^17 7.9 ms
+SCRATCH_BLOCK = 1 << 15
 
 
 def sum_dtype(ref: torch.Tensor) -> torch.dtype:

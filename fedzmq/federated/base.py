@@ -107,8 +107,8 @@ class Aggregator(abc.ABC):
 
     def receive_sum(self, weight: int, count: int) -> UpdateReceiver:
         """``count`` updates already combined where they were trained (a daemon hosting many clients):
-        their pieces are ``sum(n_i * (x_i - g))`` in float64 (``g`` the global model; non-float entries
-        their maximum), ``weight`` is ``sum(n_i)``. Only for aggregators that ``accepts_sums``."""
+        their pieces are ``sum(n_i * x_i)`` in float64 (non-float entries their maximum), ``weight`` is
+        ``sum(n_i)``. Only for aggregators that ``accepts_sums``."""
         raise NotImplementedError(f"{type(self).__name__} needs each update on its own")
 
     def begin_update(self, num_samples: int) -> None:

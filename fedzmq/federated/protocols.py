@@ -265,7 +265,8 @@ async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], mode
     failed = {c: m["error"] for c, m in metrics.items() if isinstance(m, dict)}
     trained = {c: dict(zip(FIT_METRICS, m)) for c, m in metrics.items() if not isinstance(m, dict)}
     if combine:
-        receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["sum"])] if trained else []
+        receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["weighted_sum"])
+                     ] if trained else []
     else:
         receivers = [(aggregator.receive(int(m["num_examples"])), state)
                      for m, state in zip(trained.values(), reply["states"])]

@@ -67,8 +67,8 @@ def fit_clients(context: Context, binding: Binding) -> Any:
     """One round for many of the logical clients this daemon hosts, in one command: each starts from the
     weights loaded into the module (the round's global model), trains on its own dataset, and its
     trained weights are either kept apart (``combine`` false: one state per client in the reply) or
-    folded into ``sum(n_i * (x_i - g))`` in float64 with ``sum(n_i)`` (``combine``: what a weighted
-    mean needs, exactly; one state whatever the number of clients). Per-client metrics come back as
+    folded into ``sum(n_i * x_i)`` in float64 with ``sum(n_i)`` (``combine``: what a weighted mean needs,
+    exactly; one state whatever the number of clients). Per-client metrics come back as
     ``[loss, samples_seen, num_examples, steps, seconds]`` (or an error), in the clients' order."""
     args, module = binding.args, binding.objects["module"].module
     if "optim" in args:
@@ -116,10 +116,8 @@ def fit_clients(context: Context, binding: Binding) -> Any:
                 sums[name] = tensor.to(torch.float64).mul_(samples)
     for name, tensor in current.items():
         tensor.copy_(start[name])
-        if combine and name in sums and tensor.is_floating_point():
-            sums[name].sub_(start[name], alpha=weight)  # sum(n_i * x_i) - sum(n_i) * g
     if combine:
-        return {"metrics": metrics, "sum": sums, "weight": weight}
+        return {"metrics": metrics, "weighted_sum": sums, "weight": weight}
     return {"metrics": metrics, "states": states}
 
 
