@@ -58,8 +58,8 @@ class WeightedMeanAggregator(Aggregator):
         #: They cannot be taken out again (that would need the update in memory), so their elements are
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
-        #: per thread and dtype, a buffer of ``SCRATCH_BLOCK`` elements for the arithmetic of folds and of
-        #: the result (pieces fold on the event loop and on fold threads at once)
+        #: per thread and dtype, a buffer of ``SCRATCH_BLOCK`` elements that folds widen updates into
+        #: (pieces fold on the event loop and on fold threads)
         self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def _scratch(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -159,15 +159,13 @@ class WeightedMeanAggregator(Aggregator):
                         hi = min(lo + SCRATCH_BLOCK, target.numel())
                         _piece(target, lo, hi - lo).copy_(self._entry_mean(name, lo, hi))
                     continue
-                # ``sum / total`` block by block through a float64 scratch buffer, then rounded to the model's
-                # dtype by the copy (the same two roundings as ``_entry_mean(name).to(dtype)``)
+                # ``sum / total`` block by block, computed in float64 and rounded to the model's dtype as it is
+                # stored (the same two roundings as ``_entry_mean(name).to(dtype)``, without a scratch pass)
                 flat_acc, n = acc.view(-1), target.numel()
-                out_buffer = self._scratch(acc.dtype, n)
                 blocks = zip(flat_acc.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
                     if n > SCRATCH_BLOCK else ((flat_acc, target),)
                 for piece_acc, piece_target in blocks:
-                    out = _piece(out_buffer, 0, piece_acc.numel())
-                    piece_target.copy_(torch.div(piece_acc, self._total, out=out))
+                    torch.div(piece_acc, self._total, out=piece_target)
 
     def mean(self) -> State:
         """sum(n_i * x_i) / sum(n_i) per entry in the working dtype (non-float entries: the max, copied)."""
