@@ -168,11 +168,19 @@ class Pump:
 
     def _send(self, frames: list[Any], copy: bool, track: bool) -> Any:
         """``send_multipart`` without its per-frame flag arithmetic on enums. A multipart message is
-        atomic in libzmq: if its first frame is taken, so are the others."""
+        atomic in libzmq: if its first frame is taken, so are the others.
+
+        Tracked, the tracker covers every frame: pyzmq's covers only the last one, and a last frame
+        small enough to be copied (a bias after its weights) is done at once while the big frames
+        before it still wait to be sent from the caller's memory."""
         send, last = self.socket.send, len(frames) - 1
-        for frame in frames[:last]:
-            send(frame, _MORE_NOBLOCK, copy=copy, track=track)
-        return send(frames[last], _NOBLOCK, copy=copy, track=track)
+        if not track:
+            for frame in frames[:last]:
+                send(frame, _MORE_NOBLOCK, copy=copy)
+            return send(frames[last], _NOBLOCK, copy=copy)
+        trackers = [send(frame, _MORE_NOBLOCK, copy=copy, track=True) for frame in frames[:last]]
+        trackers.append(send(frames[last], _NOBLOCK, copy=copy, track=True))
+        return trackers[0] if len(trackers) == 1 else zmq.MessageTracker(*trackers)
 
     def _receive(self) -> list[zmq.Frame]:
         """``recv_multipart(copy=False)`` reading ``Frame.more`` instead of a ``RCVMORE`` option call per frame."""

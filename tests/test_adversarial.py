@@ -19,7 +19,7 @@ import zmq.asyncio
 from torch import nn
 
 import fedzmq as fz
-from fedzmq.codec import NodeRef, Ref, encode_request
+from fedzmq.codec import NodeRef, Ref, decode_reply, encode_request, is_batch, split_batch
 from fedzmq.security import SecurityError
 from fedzmq.worker.config import WorkerConfig
 from fedzmq.worker.server import Worker
@@ -388,6 +388,51 @@ async def test_a_client_that_stops_reading_cannot_pin_replies(fedzmq_daemons):
     finally:
         attacker.close()
     assert p99(latencies) < 1.0
+
+
+async def replies_of(sock, limits):
+    """The replies in the next message on a raw socket (a batch's parts, or the one reply)."""
+    frames = await asyncio.wait_for(sock.recv_multipart(copy=False), 20)
+    parts = split_batch(frames, limits) if is_batch(frames) else [frames]
+    return [decode_reply(part, limits) for part in parts]
+
+
+async def test_live_weights_in_a_reply_are_sent_before_the_next_command_changes_them(fedzmq_daemons):
+    """``module_state`` replies with the model's own tensors, uncopied, so the session's next command
+    waits until ZeroMQ has sent all of them. A reply whose last frame is small (a bias: ZeroMQ copies
+    it) was taken as sent at once: a pipelined ``module_write`` then changed weights still queued for
+    a slow reader, and the reader got the new bytes as the state it had asked for before the write."""
+    from fedzmq.codec import Limits
+    from fedzmq.modeldesc import describe
+
+    [bob] = await fedzmq_daemons("bob")
+    limits = Limits()
+    model = nn.Linear(2048, 2048)  # weight: 16 MiB, then bias: 8 KiB, the reply's last frame
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    reader.setsockopt(zmq.LINGER, 0)
+    reader.setsockopt(zmq.RCVHWM, 1)
+    reader.setsockopt(zmq.RCVBUF, 4096)
+    reader.connect(bob.address)
+    try:
+        await reader.send_multipart(encode_request(1, "module_put", {"out": 1, "spec": describe(model),
+                                                                     "state": dict(model.state_dict())}))
+        [put] = await replies_of(reader, limits)
+        assert put.ok, put.error
+        await reader.send_multipart(encode_request(2, "module_state", {"obj": 1}))
+        last_mib = model.weight.numel() * 4 - (1 << 20)  # the tail: still queued while the reader waits
+        await reader.send_multipart(encode_request(3, "module_write", {
+            "obj": 1, "name": "weight", "offset": last_mib, "data": torch.zeros(1 << 20, dtype=torch.uint8)}))
+        await asyncio.sleep(1.5)  # the reader reads nothing: the state's bytes wait in the daemon
+        replies = {}
+        while 3 not in replies:
+            replies.update((r.id, r) for r in await replies_of(reader, limits))
+        assert replies[2].ok and replies[3].ok, (replies[2].error, replies[3].error)
+        weight = replies[2].result["weight"]
+        assert torch.equal(weight, torch.ones(2048, 2048)), int((weight != 1).sum())  # the state before the write
+    finally:
+        reader.close()
 
 
 async def test_sessions_of_clients_that_went_away_do_not_lock_out_a_new_one(fedzmq_daemons):
