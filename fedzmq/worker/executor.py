@@ -44,8 +44,10 @@ INLINE_DELETES = 256
 #: as a tiny fit), when its model has at most ``INLINE_FIT_NUMEL`` elements, it trains on at most
 #: ``INLINE_FIT_ROWS`` rows (steps x batch size), and the same fit of the same model last took at most
 #: ``INLINE_FIT_SECONDS`` of the process's CPU (measured, not predicted: a model's cost is the client's to
-#: choose; all threads' CPU, so torch's intra-op threads count, and a loaded machine's waits do not)
-INLINE_FIT_NUMEL = 1 << 15
+#: choose; all threads' CPU, so torch's intra-op threads count, and a loaded machine's waits do not).
+#: ``INLINE_FIT_NUMEL``: 2^20 float32 elements (4 MiB) are about what loading a round's weights copies in
+#: that 2 ms; past it the copy alone would use the budget, so such a model always trains on a torch thread
+INLINE_FIT_NUMEL = 1 << 20
 INLINE_FIT_ROWS = 64
 INLINE_FIT_SECONDS = 0.002
 #: a fit on the event loop that runs this long after all (its measurement no longer holds: denormal
