@@ -965,7 +965,7 @@ def test_fedavg_reuses_a_finished_rounds_sums_and_never_a_live_ones() -> None:
 
 
 def test_a_first_whole_piece_writes_the_sum_without_zeroing_it_and_gives_the_same_bits() -> None:
-    """The first piece covering a whole float entry writes ``n * (x - g)`` over a reused sum's old values
+    """The first piece covering a whole float entry writes ``0 + n * x`` over a reused sum's old values
     (not zeroed first): NaNs left there do not leak, and the mean equals a fresh aggregator's bit for bit,
     signed zeros included (bits compared, not values: ``torch.equal`` takes -0 for +0)."""
     from fedzmq.federated.aggregators import SumRecycler, WeightedMeanAggregator
@@ -984,6 +984,37 @@ def test_a_first_whole_piece_writes_the_sum_without_zeroing_it_and_gives_the_sam
         assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
                            b.view(torch.int32) if b.is_floating_point() else b), k
     assert not reused.result()["w"].isnan().any() and reused.result()["n"].item() == 9
+
+
+def test_a_zero_mean_has_one_sign_whatever_the_order_and_the_cut_of_the_pieces() -> None:
+    """An element that is -0 in every update averages to the same zero, bit for bit, whether its entry
+    comes whole first (the sum written without zeroing), cut in pieces, or after a daemon's combined
+    sum: ``0 + n * x`` everywhere, never ``n * x`` in one path and ``0 + n * x`` in another."""
+    from fedzmq.federated.aggregators import WeightedMeanAggregator
+
+    g = {"w": torch.tensor([0.0, 0.0, 1.0, -3.0])}
+    update = {"w": torch.tensor([-0.0, -0.0, 2.0, -1.0])}
+
+    def bits(aggregator: WeightedMeanAggregator) -> list[int]:
+        out = {"w": torch.empty(4)}
+        aggregator.write_result(out)
+        return out["w"].view(torch.int32).tolist()
+
+    whole = WeightedMeanAggregator(g)
+    for n in (3, 5):
+        whole.add(update, n)
+    sliced = WeightedMeanAggregator(g)
+    for n in (3, 5):
+        receiver = sliced.receive(n)
+        receiver.add_slice("w", 2, update["w"][2:])
+        receiver.add_slice("w", 0, update["w"][:2])
+        receiver.end()
+    summed = WeightedMeanAggregator(g)
+    receiver = summed.receive_sum(8, 2)
+    receiver.add_slice("w", 0, update["w"].double() * 8)
+    receiver.end()
+    assert bits(whole) == bits(sliced) == bits(summed)
+    assert bits(whole)[:2] == [0, 0]  # +0
 
 
 class _SlowReceiver(UpdateReceiver):

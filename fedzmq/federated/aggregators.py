@@ -40,9 +40,10 @@ class WeightedMeanAggregator(Aggregator):
     order the updates arrive in. Only where one element's values differ by more than that (near a sign
     change) can float64 round, and the order then matter, on values far below the float32 result's last
     bit (the chance that it shows, an element's float64 sum landing within its rounding error of a
-    float32 rounding boundary, is of the order of 1e-10 per element and round). Memory: the global
-    model, the float64 sum (two float32 copies' worth) and the pieces in flight, whatever the number of
-    workers.
+    float32 rounding boundary, is of the order of 1e-10 per element and round). That is for float32,
+    float16 and bfloat16 models: a float64 model's ``n_i * x_i`` is itself rounded, so its mean may
+    differ in the last bit from one order to another. Memory: the global model, the float64 sum (two
+    float32 copies' worth) and the pieces in flight, whatever the number of workers.
 
     ``sums``: where the running sums come from and go back to when this aggregator is gone (a strategy
     keeps one for its rounds): fresh ones cost a page fault per 4 KiB every round."""
@@ -85,10 +86,10 @@ class WeightedMeanAggregator(Aggregator):
     def _fold(self, name: str, start: int, values: torch.Tensor, weight: int) -> None:
         ref, values = self._check_slice(name, start, values)
         n = values.numel()
-        # the first piece of a float entry that covers all of it writes ``weight * values`` into a sum that
-        # is not zeroed first (a reused sum's fill and the add's read of it saved: a model-sized float64
-        # pass each); ``0 + w * x`` and ``w * x`` differ only in the sign of a zero, and the mean of a
-        # zero sum is a zero either way
+        # the first piece of a float entry that covers all of it writes ``0 + weight * values`` into a sum
+        # that is not zeroed first (a reused sum's fill and the add's read of it saved: a model-sized
+        # float64 pass each). The ``0 +`` is kept (on the block, in cache): ``w * x`` alone would leave a
+        # -0 where every update has -0, while a sum zeroed first, or cut in pieces, gives +0
         first = ref.is_floating_point() and start == 0 and n == ref.numel() and name not in self._acc
         target = _piece(self._sum(name, ref, zeroed=not first).view(-1), start, n)
         if not ref.is_floating_point():
@@ -106,7 +107,7 @@ class WeightedMeanAggregator(Aggregator):
                 widened = _piece(wide, 0, piece.numel())
                 widened.copy_(piece)
                 if first:
-                    torch.mul(widened, weight, out=piece_sum)
+                    torch.add(widened.mul_(weight), 0.0, out=piece_sum)
                 else:
                     piece_sum.add_(widened, alpha=weight)
         except BaseException:
@@ -232,7 +233,8 @@ class _SumReceiver(_MeanReceiver):
 #: of it runs on the calling thread, one of 2^16 or more is split across torch's OpenMP threads, whose
 #: start-up and spinning after every operation cost more than they save on these memory-bound passes.
 #: Measured on 2 cores (fold + mean of two 10^6-parameter updates, in process, CPU of all threads,
-#: medians of 40): 2^15 took 3.9-4.6 ms, 2^16 9.9 ms, 2^17 7.9 ms
+#: medians of 40): 2^15 took 3.9-4.6 ms, 2^16 9.9 ms, 2^17 7.9 ms. (On a quiet machine with many cores,
+#: blocks this small give up the OpenMP parallelism a mean of a big entry could use; not measured here.)
 SCRATCH_BLOCK = 1 << 15
 
 
