@@ -174,13 +174,13 @@ class Pump:
         small enough to be copied (a bias after its weights) is done at once while the big frames
         before it still wait to be sent from the caller's memory."""
         send, last = self.socket.send, len(frames) - 1
-        if not track:
+        if copy or not track:  # copied frames need no tracker: ZeroMQ holds its own copy at once
             for frame in frames[:last]:
                 send(frame, _MORE_NOBLOCK, copy=copy)
             return send(frames[last], _NOBLOCK, copy=copy)
-        trackers = [send(frame, _MORE_NOBLOCK, copy=copy, track=True) for frame in frames[:last]]
-        trackers.append(send(frames[last], _NOBLOCK, copy=copy, track=True))
-        return trackers[0] if len(trackers) == 1 else zmq.MessageTracker(*trackers)
+        trackers = [_send_tracked(send, frame, _MORE_NOBLOCK) for frame in frames[:last]]
+        trackers.append(_send_tracked(send, frames[last], _NOBLOCK))
+        return zmq.MessageTracker(*(t for t in trackers if t is not None))
 
     def _receive(self) -> list[zmq.Frame]:
         """``recv_multipart(copy=False)`` reading ``Frame.more`` instead of a ``RCVMORE`` option call per frame."""
@@ -204,6 +204,15 @@ class Pump:
         dropped = len(self._backlog)
         self._backlog.clear()
         return dropped
+
+
+def _send_tracked(send: Any, frame: Any, flags: int) -> zmq.MessageTracker | None:
+    """Send one frame without copying, tracked. A ``zmq.Frame`` carries its own tracker (None if it was
+    made untracked): sending it with ``track=True`` would raise midway through a multipart message."""
+    if isinstance(frame, zmq.Frame):
+        send(frame, flags, copy=False)
+        return frame.tracker
+    return cast(zmq.MessageTracker, send(frame, flags, copy=False, track=True))
 
 
 __all__ = ["BUDGET_SECONDS", "MAX_BATCH", "Pump"]

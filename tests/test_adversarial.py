@@ -407,7 +407,7 @@ async def test_live_weights_in_a_reply_are_sent_before_the_next_command_changes_
 
     [bob] = await fedzmq_daemons("bob")
     limits = Limits()
-    model = nn.Linear(2048, 2048)  # weight: 16 MiB, then bias: 8 KiB, the reply's last frame
+    model = nn.Linear(4096, 4096)  # weight: 64 MiB (past any socket buffer), then bias: 16 KiB, the last frame
     with torch.no_grad():
         model.weight.fill_(1.0)
     reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
@@ -430,7 +430,7 @@ async def test_live_weights_in_a_reply_are_sent_before_the_next_command_changes_
             replies.update((r.id, r) for r in await replies_of(reader, limits))
         assert replies[2].ok and replies[3].ok, (replies[2].error, replies[3].error)
         weight = replies[2].result["weight"]
-        assert torch.equal(weight, torch.ones(2048, 2048)), int((weight != 1).sum())  # the state before the write
+        assert torch.equal(weight, torch.ones(4096, 4096)), int((weight != 1).sum())  # the state before the write
     finally:
         reader.close()
 

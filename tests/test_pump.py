@@ -105,6 +105,38 @@ async def test_messages_that_cannot_be_sent_yet_wait_in_order_until_the_peer_is_
         dealer.close()
 
 
+async def test_a_tracked_message_is_done_only_when_all_its_frames_have_left(context):
+    """The tracker covers every frame of a message: a big frame followed by a small one (which pyzmq
+    copies, and whose own tracker is done at once) is not done while the reader does not read. A copied
+    send has no tracker, and a ``zmq.Frame`` in the message keeps its own; neither breaks the message."""
+    router, reader = plain(context, zmq.ROUTER), plain(context, zmq.DEALER)
+    reader.setsockopt(zmq.RCVHWM, 1)
+    reader.setsockopt(zmq.RCVBUF, 4096)
+    reader.connect(f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}")
+    try:
+        reader.send(b"hello")
+        [peer, _] = router.recv_multipart()
+        pump = Pump(router, lambda frames: None)
+        big = bytearray(64 << 20)  # far past loopback's socket buffers: most of it waits in the sender
+        tracker = pump.send([peer, big, b"small"], copy=False, track=True)
+        assert tracker is not None
+        await asyncio.sleep(0.5)
+        assert not tracker.done  # the reader has read nothing: the big frame is still being sent
+        assert [len(f) for f in reader.recv_multipart()] == [64 << 20, 5]
+        deadline = time.monotonic() + 10
+        while not tracker.done and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert tracker.done
+        assert pump.send([peer, b"copied"], copy=True, track=True) is None
+        assert reader.recv_multipart() == [b"copied"]
+        tracker = pump.send([peer, zmq.Frame(b"untracked frame"), bytes(100_000)], copy=False, track=True)
+        assert [len(f) for f in reader.recv_multipart()] == [15, 100_000]
+        assert tracker is not None
+    finally:
+        router.close()
+        reader.close()
+
+
 async def test_a_handler_that_raises_stops_the_pump_with_its_exception(pair):
     router, dealer = pair
 

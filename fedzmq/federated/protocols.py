@@ -27,7 +27,7 @@ from torch import nn
 
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
-from ..errors import ObjectNotFound, RemoteError, RequestTimeout
+from ..errors import ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
 from ..optimizers import DEFAULT_OPTIMIZER
 from .base import Aggregator, Strategy, UpdateReceiver
 
@@ -265,6 +265,9 @@ async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], mode
     failed = {c: m["error"] for c, m in metrics.items() if isinstance(m, dict)}
     trained = {c: dict(zip(FIT_METRICS, m)) for c, m in metrics.items() if not isinstance(m, dict)}
     if combine:
+        if trained and "weighted_sum" not in reply:
+            raise ProtocolError("a daemon combined its clients' updates without 'weighted_sum' (sum(n_i * x_i)): "
+                                "is it another version of fedzmq?")
         receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["weighted_sum"])
                      ] if trained else []
     else:
