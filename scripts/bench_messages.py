@@ -19,6 +19,10 @@ talked to from this process's one event loop:
 
 Blocks of fedzmq and raw alternate (raw, fedzmq, raw, ...) so the load of a shared machine falls on
 both alike; round trips are the median of each block's median, rates the median of the blocks.
+
+A second table gives the CPU per call of both ends (this process with its ZeroMQ I/O thread, and the
+daemon or the raw echo server, from ``/proc``), summed over the timed blocks: on a shared machine, and
+under a virtual machine's CPU steal, the CPU each side spends moves far less than wall time does.
 """
 
 from __future__ import annotations
@@ -56,8 +60,40 @@ async def timed(fn: Callable[[], Awaitable[Any]], n: int) -> float:
     return statistics.median(out)
 
 
-async def run(fz_address: str, raw_address: str, reps: int, profile: str | None,
-              py_spy: tuple[int, str] | None = None) -> list[list[str]]:
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process has used, all its threads (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class CpuPerCall:
+    """CPU per call of this process and of the peer it talks to, summed over blocks of calls: a shared
+    machine's load and CPU steal move wall times far more than the CPU each side spends."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.client = 0.0
+        self.server = 0.0
+
+    async def measure(self, fn: Callable[[], Awaitable[Any]], n: int, server_pid: int) -> float:
+        c0, s0 = time.process_time(), process_cpu(server_pid)
+        median = await timed(fn, n)
+        self.client += time.process_time() - c0
+        self.server += process_cpu(server_pid) - s0
+        self.calls += n
+        return median
+
+    def us(self) -> tuple[float, float]:
+        return self.client / self.calls * 1e6, self.server / self.calls * 1e6
+
+
+async def run(fz_address: str, raw_address: str, reps: int, profile: str | None, pids: tuple[int, int],
+              py_spy: tuple[int, str] | None = None) -> tuple[list[list[str]], list[list[str]]]:
+    """The wall-time table and the CPU table; ``pids``: the daemon's and the raw echo server's."""
     import torch
     import zmq.asyncio
 
@@ -127,11 +163,13 @@ async def run(fz_address: str, raw_address: str, reps: int, profile: str | None,
                     await asyncio.wait_for(spy.wait(), 0.001)
             say(f"daemon stacks of {count} op+get written to {path} (py-spy exit {spy.returncode})")
         res: dict[str, list[float]] = {k: [] for k in ("raw", "op_get", "ping", "raw_pipe", "fz_pipe")}
+        cpu = {k: CpuPerCall() for k in ("raw", "op_get", "ping")}
+        daemon_pid, raw_pid = pids
         for rep in range(reps):
-            res["raw"].append(await timed(raw_rtt, SAMPLES))
-            res["op_get"].append(await timed(op_get, SAMPLES))
-            res["raw"].append(await timed(raw_rtt, SAMPLES))
-            res["ping"].append(await timed(ping, SAMPLES))
+            res["raw"].append(await cpu["raw"].measure(raw_rtt, SAMPLES, raw_pid))
+            res["op_get"].append(await cpu["op_get"].measure(op_get, SAMPLES, daemon_pid))
+            res["raw"].append(await cpu["raw"].measure(raw_rtt, SAMPLES, raw_pid))
+            res["ping"].append(await cpu["ping"].measure(ping, SAMPLES, daemon_pid))
             if rep % 2:
                 res["fz_pipe"].append(await fz_pipelined())
                 res["raw_pipe"].append(await raw_pipelined())
@@ -140,7 +178,13 @@ async def run(fz_address: str, raw_address: str, reps: int, profile: str | None,
                 res["fz_pipe"].append(await fz_pipelined())
         m = {k: statistics.median(v) for k, v in res.items()}
         pipe = m["fz_pipe"] / m["raw_pipe"]
-        return [
+        raw_client, raw_server = cpu["raw"].us()
+        cpu_rows = []
+        for key, what in (("raw", "raw round trip (64 bytes)"), ("op_get", "op+get"), ("ping", "ping")):
+            client, server = cpu[key].us()
+            cpu_rows.append([what, f"{client:.0f}", f"{server:.0f}", f"{client + server:.0f}",
+                             f"{(client + server) / (raw_client + raw_server):.2f}x"])
+        return cpu_rows, [
             ["op+get, 16 floats (await (x + 1).get())", f"{m['op_get'] * 1e6:.0f} us", f"{m['raw'] * 1e6:.0f} us",
              f"{m['op_get'] / m['raw']:.2f}x", "<= 2x", "yes" if m["op_get"] / m["raw"] <= 2 else "NO"],
             ["ping (await worker.ping())", f"{m['ping'] * 1e6:.0f} us", f"{m['raw'] * 1e6:.0f} us",
@@ -178,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         daemon.wait_ready(600.0)  # (importing torch takes minutes on a machine at load 20)
         raw_address = raw.wait_ready(600.0)
         spy = (processes[1].pid, args.py_spy) if args.py_spy else None
-        rows = asyncio.run(supervised(run(processes[1].address, raw_address, args.reps, args.profile, spy),
-                                      processes))
+        cpu_rows, rows = asyncio.run(supervised(run(processes[1].address, raw_address, args.reps, args.profile,
+                                                    (processes[1].pid or 0, processes[0].pid or 0), spy), processes))
         say("\n" + table(["what", "fedzmq", "raw pyzmq", "ratio", "goal", "met"], rows) + "\n")
+        say("CPU per call, summed over the timed blocks (this process with its I/O thread; the server: the "
+            "daemon or the raw echo server, all threads):\n")
+        say(table(["call", "client CPU us", "server CPU us", "both us", "both / raw"], cpu_rows) + "\n")
         say(f"{machine_line()}; {args.reps} interleaved repetitions; 1-min load average before/after: "
             f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
         return 0
