@@ -887,10 +887,21 @@ async def test_a_federation_round_past_the_held_bytes_budget_fails_and_leaves_th
             await w.close()
 
 
-def test_weighted_mean_of_pieces_across_blocks_is_the_float64_formula_bit_for_bit_in_any_order() -> None:
-    """The blocked fold (``SCRATCH_BLOCK``-element steps through scratch buffers, one dtype per operation)
-    gives exactly ``sum(n_i * x_i) / sum(n_i)`` computed whole in float64, for entries bigger
-    than a block, pieces cut at odd places, and any arrival order of the updates and of their pieces."""
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_weighted_mean_of_pieces_across_blocks_is_the_float64_formula_bit_for_bit_in_any_order(torch_threads) -> None:
+    """The blocked fold (blocks through a scratch buffer, one dtype per operation; their size follows
+    torch's thread setting) gives exactly ``sum(n_i * x_i) / sum(n_i)`` computed whole in float64, for
+    entries bigger than a block, pieces cut at odd places, and any arrival order of the updates and of
+    their pieces."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        check_the_blocked_fold_against_the_float64_formula()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_the_blocked_fold_against_the_float64_formula() -> None:
     from fedzmq.federated.aggregators import SCRATCH_BLOCK, WeightedMeanAggregator
 
     gen = torch.Generator().manual_seed(3)

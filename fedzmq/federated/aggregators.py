@@ -59,16 +59,15 @@ class WeightedMeanAggregator(Aggregator):
         #: They cannot be taken out again (that would need the update in memory), so their elements are
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
-        #: per thread and dtype, a buffer of ``SCRATCH_BLOCK`` elements that folds widen updates into
-        #: (pieces fold on the event loop and on fold threads)
+        #: per thread and dtype, a buffer of a block's elements (``block_elements``) that folds widen
+        #: updates into (pieces fold on the event loop and on fold threads)
         self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def _scratch(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A buffer of at least ``min(numel, SCRATCH_BLOCK)`` elements that only this thread uses, reused
+    def _scratch(self, dtype: torch.dtype, wanted: int) -> torch.Tensor:
+        """A buffer of at least ``wanted`` elements (at most a block) that only this thread uses, reused
         (a model of small entries never allocates a whole block)."""
         key = (threading.get_ident(), dtype)
         buffer = self._scratches.get(key)
-        wanted = min(numel, SCRATCH_BLOCK)
         if buffer is None or buffer.numel() < wanted:
             buffer = self._scratches[key] = torch.empty(wanted, dtype=dtype)
         return buffer
@@ -100,9 +99,9 @@ class WeightedMeanAggregator(Aggregator):
         # is ~4x slower), and no fresh float64 temporary (and its page faults) per piece. The blocks' views
         # come from ``split`` (one call each, not a slice per block and tensor)
         try:
-            wide = self._scratch(target.dtype, n)
-            blocks = zip(values.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
-                if n > SCRATCH_BLOCK else ((values, target),)
+            block = block_elements()
+            wide = self._scratch(target.dtype, min(n, block))
+            blocks = zip(values.split(block), target.split(block)) if n > block else ((values, target),)
             for piece, piece_sum in blocks:
                 widened = _piece(wide, 0, piece.numel())
                 widened.copy_(piece)
@@ -152,19 +151,19 @@ class WeightedMeanAggregator(Aggregator):
     def write_result(self, into: State) -> None:
         """The mean, written entry by entry and block by block: never a whole extra model in memory."""
         self._check_total()
+        block = block_elements()
         with torch.no_grad():
             for name, acc in self._acc.items():
                 target, ref = into[name].view(-1), self._global[name]
                 if not ref.is_floating_point() or name in self._partial:
-                    for lo in range(0, target.numel(), SCRATCH_BLOCK):
-                        hi = min(lo + SCRATCH_BLOCK, target.numel())
+                    for lo in range(0, target.numel(), block):
+                        hi = min(lo + block, target.numel())
                         _piece(target, lo, hi - lo).copy_(self._entry_mean(name, lo, hi))
                     continue
                 # ``sum / total`` block by block, computed in float64 and rounded to the model's dtype as it is
                 # stored (the same two roundings as ``_entry_mean(name).to(dtype)``, without a scratch pass)
                 flat_acc, n = acc.view(-1), target.numel()
-                blocks = zip(flat_acc.split(SCRATCH_BLOCK), target.split(SCRATCH_BLOCK)) \
-                    if n > SCRATCH_BLOCK else ((flat_acc, target),)
+                blocks = zip(flat_acc.split(block), target.split(block)) if n > block else ((flat_acc, target),)
                 for piece_acc, piece_target in blocks:
                     torch.div(piece_acc, self._total, out=piece_target)
 
@@ -228,14 +227,23 @@ class _SumReceiver(_MeanReceiver):
         self.aggregator._count += self.count - 1
 
 
-#: elements of a fold or of the mean computed at once, through one float64 scratch buffer (256 KiB) per
-#: thread that stays in the cache and in the allocator's heap. It is torch's grain size (32768): a block
-#: of it runs on the calling thread, one of 2^16 or more is split across torch's OpenMP threads, whose
-#: start-up and spinning after every operation cost more than they save on these memory-bound passes.
-#: Measured on 2 cores (fold + mean of two 10^6-parameter updates, in process, CPU of all threads,
-#: medians of 40): 2^15 took 3.9-4.6 ms, 2^16 9.9 ms, 2^17 7.9 ms. (On a quiet machine with many cores,
-#: blocks this small give up the OpenMP parallelism a mean of a big entry could use; not measured here.)
-SCRATCH_BLOCK = 1 << 15
+#: elements of a fold or of the mean computed at once when torch runs on one thread: 2^17, through a
+#: float64 scratch buffer (1 MiB) per thread that stays in the allocator's heap. Fewer blocks mean less
+#: Python around the arithmetic: fold + mean of two cold 10^6-parameter updates, in process, CPU of all
+#: threads, medians of 40, took 4.3-5.3 ms in blocks of 2^17 and 6.2-8.3 ms in blocks of 2^15.
+SCRATCH_BLOCK = 1 << 17
+#: the block when torch has more threads: its grain size (32768). A block of it runs on the calling
+#: thread; a bigger one is split across torch's OpenMP threads, whose start-up and spinning after every
+#: operation cost more than they save on these memory-bound passes. The same measurement with torch's
+#: default 2 threads on 2 cores: 5.0-5.4 ms in blocks of 2^15, 6.9-9.2 ms in blocks of 2^17 (on a quiet
+#: machine with many cores, blocks this small give up parallelism a big entry could use; not measured)
+GRAIN_BLOCK = 1 << 15
+
+
+def block_elements() -> int:
+    """The elements per block of a fold or a mean, for torch's thread setting as it is now (read, never
+    changed: it is the process's)."""
+    return SCRATCH_BLOCK if torch.get_num_threads() == 1 else GRAIN_BLOCK
 
 
 def sum_dtype(ref: torch.Tensor) -> torch.dtype:
