@@ -107,7 +107,7 @@ class PointerOps:
         ids, self._released = self._released, []
         if not ids or self._connection.closed or not self._connection.alive:
             return
-        self._connection.submit("delete", {"objs": ids}).add_done_callback(_retrieve)
+        self._submit("delete", {"objs": ids}).add_done_callback(_retrieve)  # in this (logical client's) session
 
 
 def _meta_of(pointer: TensorPointer) -> Meta:
