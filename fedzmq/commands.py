@@ -103,6 +103,10 @@ class Command:
       intermediates), ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer),
       ``"graph"`` (what autograd saves, for as long as the graph lives).
     - ``reads_dataset``: it reads the owner's rows (its errors are sanitized).
+    - ``returns_small_outputs``: the reply carries the values of the outputs it made when they are tiny
+      (``fedzmq.worker.executor.SMALL_OUTPUT_BYTES``) and the release policy would let a ``get`` of
+      each take it now: ``await (x + 1).get()`` then needs no second trip (the client uses them only
+      while nothing else was sent to the session since; otherwise it asks with a ``get``).
     - ``loads``: its optional ``load`` argument (a model state the client sent) is copied into its
       module before it runs, as ``module_load`` would: a round's weights in the same trip as its work.
     """
@@ -121,6 +125,7 @@ class Command:
     charges: tuple[str, ...] = ()
     reads_dataset: bool = False
     loads: bool = False
+    returns_small_outputs: bool = False
 
     def output_args(self, args: dict[str, Any]) -> dict[str, Any]:
         """The arguments of ``args`` that name this command's outputs and pass its own checks: the ids a
@@ -170,7 +175,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}, offload="always", refs={"obj": "tensor"},
             releases="obj"),
     Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, offload="large", outputs=("out",),
-            charges=("outputs", "graph")),
+            charges=("outputs", "graph"), returns_small_outputs=True),
     Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
     Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",)),
     # modules

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Callable, cast
 
+import torch
+
+from ..errors import RemoteError
 from ..ops import output_count
 from .connection import Connection
 from .meta import Meta, TensorMeta, op_outputs
@@ -31,6 +34,7 @@ class PointerOps:
 
     _connection: Connection
     _loop: asyncio.AbstractEventLoop | None
+    client: str | None
     _released: list[int]
 
     def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Any]:
@@ -60,9 +64,30 @@ class PointerOps:
         out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
         ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
         ready.add_done_callback(_retrieve)
+        request_id = self._connection.last_ordered[self.client]
         metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
-        pointers = tuple(TensorPointer(self._as_worker(), obj_id, ready, meta) for obj_id, meta in zip(out, metas))
+        pointers = tuple(TensorPointer(self._as_worker(), obj_id, ready, meta, (request_id, index))
+                         for index, (obj_id, meta) in enumerate(zip(out, metas)))
         return pointers if len(pointers) > 1 else pointers[0]
+
+    async def _value_in_reply(self, pointer: TensorPointer, timeout: float | None) -> torch.Tensor | None:
+        """The value the reply of the op that made ``pointer`` carried, if nothing was sent to this session
+        since that op (so nothing can have changed it: a ``get`` sent now would read the same), and if
+        the worker sent it (tiny, and released to a ``get``); None: ask with a ``get``. Each value is
+        handed out once, so two ``get`` never return the same tensor."""
+        assert pointer._made_by is not None
+        request_id, index = pointer._made_by
+        pointer._made_by = None
+        if pointer._deleted or self._connection.last_ordered.get(self.client) != request_id:
+            return None
+        try:
+            values = await self._wait(pointer._ready, timeout)
+        except RemoteError:  # the op failed: the get reports it, as it always has
+            return None
+        if not isinstance(values, list) or not 0 <= index < len(values) or not isinstance(values[index], torch.Tensor):
+            return None  # an older worker, or an output too big or not released: its reply carries none
+        value, values[index] = values[index], None
+        return cast(torch.Tensor, value)
 
     def _grad(self, pointer: TensorPointer) -> TensorPointer:
         out = self._new_id()

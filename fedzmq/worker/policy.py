@@ -46,14 +46,19 @@ class Policy:
         """Whether an op's output is released as it is made (an aggregate scalar of open rows)."""
         return label == Label.ROWS and numel == 1 and op in AGGREGATES and self.private_release == "aggregates"
 
-    def check_release(self, label: Label, how: Release, released: bool, what: str) -> None:
-        """Refuse to let ``what`` (of ``label``) leave as ``how``, unless the terms release it."""
+    def releases(self, label: Label, how: Release, released: bool) -> bool:
+        """Whether the terms let a value of ``label`` leave as ``how`` (``released``: the object was
+        released as it was made, ``released_when_made``)."""
         if not label:
-            return
+            return True
         aggregates = self.private_release == "aggregates"
         if label == Label.ROWS and aggregates and (how != "value" or released):
-            return
-        if how == "masked" and not label & ~(Label.SECURE | (Label.ROWS if aggregates else Label.PUBLIC)):
+            return True
+        return how == "masked" and not label & ~(Label.SECURE | (Label.ROWS if aggregates else Label.PUBLIC))
+
+    def check_release(self, label: Label, how: Release, released: bool, what: str) -> None:
+        """Refuse to let ``what`` (of ``label``) leave as ``how``, unless the terms release it."""
+        if self.releases(label, how, released):
             return
         raise PermissionDenied.new(f"{what} {_REASONS[_worst(label)]}; the data owner's terms do not release it "
                                    f"this way ({_RELEASED[how]})")
