@@ -103,6 +103,10 @@ class Command:
       intermediates), ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer),
       ``"graph"`` (what autograd saves, for as long as the graph lives).
     - ``reads_dataset``: it reads the owner's rows (its errors are sanitized).
+    - ``fails_on_values``: where torch may check values as the command runs, so that whether it fails
+      tells something of them: an op's schema (``"op"``, ``fedzmq.ops.OpSchema.checks_values``) or a
+      model's layers and program (``"module"``, ``fedzmq.modeldesc.checks_values``). Such a call on
+      values the terms keep is refused before it runs, whatever the values.
     - ``returns_small_outputs``: the reply carries the values of the outputs it made when they are tiny
       (``fedzmq.worker.executor.SMALL_OUTPUT_BYTES``) and the release policy would let a ``get`` of
       each take it now: ``await (x + 1).get()`` then needs no second trip (the client uses them only
@@ -125,6 +129,7 @@ class Command:
     charges: tuple[str, ...] = ()
     reads_dataset: bool = False
     loads: bool = False
+    fails_on_values: Literal["op", "module"] | None = None
     returns_small_outputs: bool = False
 
     def output_args(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -175,14 +180,15 @@ COMMANDS: dict[str, Command] = _table(
     Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}, offload="always", refs={"obj": "tensor"},
             releases="obj"),
     Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, offload="large", outputs=("out",),
-            charges=("outputs", "graph"), returns_small_outputs=True),
+            charges=("outputs", "graph"), fails_on_values="op", returns_small_outputs=True),
     Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
     Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",)),
     # modules
     Command("module_put", {"out": ID, "spec": MAP, "state": MAP}, offload="always", outputs=("out",)),
     Command("module_load", {"obj": ID, "state": MAP}, offload="always", refs={"obj": "module"}, writes="module"),
     Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always",
-            outputs=("out",), refs={"obj": "module"}, writes="module", charges=("forward", "graph")),
+            outputs=("out",), refs={"obj": "module"}, writes="module", charges=("forward", "graph"),
+            fails_on_values="module"),
     Command("module_state", {"obj": ID}, offload="always", refs={"obj": "module"}, releases="obj"),
     # big models: one parameter's bytes in chunks, straight into / out of the module
     Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, offload="always",

@@ -230,6 +230,38 @@ class GraphModule(nn.Module):
         raise BadRequest.new("forward program has no output node")
 
 
+#: layers that index with their input's values (an index out of range raises)
+_INDEXING_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def checks_values(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` can fail on the values of its inputs or weights, not only on their
+    shapes: it holds a layer that indexes with them (an embedding), or a program that passes a tensor
+    it computed where an op checks values (``fedzmq.ops.OpSchema.checks_values``). The code of an
+    owner's registered class is the owner's, and is not looked into beyond its layers."""
+    for sub in module.modules():
+        if isinstance(sub, _INDEXING_LAYERS):
+            return True
+        if isinstance(sub, GraphModule) and any(_node_checks_values(node) for node in sub._program):
+            return True
+    return False
+
+
+def _node_checks_values(node: list[Any]) -> bool:
+    op, target, args, kwargs = node
+    if op not in ("call_function", "call_method") or target not in SCHEMAS or not SCHEMAS[target].checks_values:
+        return False
+    schema = SCHEMAS[target]
+    named = list(zip((param for param, _ in schema.params), args)) + list(kwargs.items())
+    return any(param in schema.checks_values and _holds_node(value) for param, value in named)
+
+
+def _holds_node(value: Any) -> bool:
+    if isinstance(value, NodeRef):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_node(v) for v in value)
+
+
 def _get_attr(module: nn.Module, path: str) -> Any:
     owner, _, name = path.rpartition(".")
     holder = module.get_submodule(owner) if owner else module

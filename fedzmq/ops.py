@@ -90,6 +90,10 @@ class OpSchema:
     varargs: str | None = None
     #: an op whose first argument is the tensor, callable as a pointer method (``ptr.sum(dim=1)``)
     method: bool = True
+    #: parameters whose values torch checks as the op runs (an index in range, a class in range, a
+    #: probability in [0, 1]): "all" tensors there, or only "integer" ones (a divisor, for zero). The
+    #: op can fail on those values, not only on shapes, so whether it failed tells something of them
+    checks_values: dict[str, str] = field(default_factory=dict)
 
     def kind_of_keyword(self, name: str) -> str | None:
         if name in self.keyword_only:
@@ -100,8 +104,10 @@ class OpSchema:
 
 
 def _op(fn: Callable[..., Any], *params: tuple[str, str], required: int = 1, keywords: Iterable[str] = (),
-        keyword_only: dict[str, str] | None = None, varargs: str | None = None, method: bool = True) -> OpSchema:
-    return OpSchema(fn, tuple(params), required, frozenset(keywords), dict(keyword_only or {}), varargs, method)
+        keyword_only: dict[str, str] | None = None, varargs: str | None = None, method: bool = True,
+        checks_values: dict[str, str] | None = None) -> OpSchema:
+    return OpSchema(fn, tuple(params), required, frozenset(keywords), dict(keyword_only or {}), varargs, method,
+                    dict(checks_values or {}))
 
 
 def _max(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -126,25 +132,26 @@ def _gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return F.gelu(x, approximate=approximate)
 
 
-def _binary(fn: Callable[..., Any]) -> OpSchema:
-    return _op(fn, ("a", "operand"), ("b", "operand"), required=2)
+def _binary(fn: Callable[..., Any], checks_values: dict[str, str] | None = None) -> OpSchema:
+    return _op(fn, ("a", "operand"), ("b", "operand"), required=2, checks_values=checks_values)
 
 
 def _unary(fn: Callable[..., Any]) -> OpSchema:
     return _op(fn, ("input", "tensor"))
 
 
-def _loss(fn: Callable[..., Any], **keyword_only: str) -> OpSchema:
+def _loss(fn: Callable[..., Any], checks: tuple[str, ...] = (), **keyword_only: str) -> OpSchema:
     return _op(fn, ("input", "tensor"), ("target", "tensor"), required=2, method=False,
-               keyword_only={"reduction": "reduction", **keyword_only})
+               keyword_only={"reduction": "reduction", **keyword_only}, checks_values=dict.fromkeys(checks, "all"))
 
 
 
 SCHEMAS: dict[str, OpSchema] = {
     # arithmetic operators
     **{name: _binary(fn) for name, fn in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
-                                          ("truediv", operator.truediv), ("floordiv", operator.floordiv),
-                                          ("mod", operator.mod), ("pow", operator.pow))},
+                                          ("truediv", operator.truediv), ("pow", operator.pow))},
+    # an integer division by zero raises
+    **{name: _binary(fn, {"b": "integer"}) for name, fn in (("floordiv", operator.floordiv), ("mod", operator.mod))},
     "matmul": _op(operator.matmul, ("a", "tensor"), ("b", "tensor"), required=2),
     "neg": _unary(operator.neg),
     "abs": _unary(torch.abs),
@@ -174,7 +181,8 @@ SCHEMAS: dict[str, OpSchema] = {
     "squeeze": _op(torch.Tensor.squeeze, ("input", "tensor"), ("dim", "ints?"), keywords=("dim",)),
     "unsqueeze": _op(torch.Tensor.unsqueeze, ("input", "tensor"), ("dim", "int"), required=2, keywords=("dim",)),
     "t": _unary(torch.Tensor.t),
-    "getitem": _op(operator.getitem, ("input", "tensor"), ("index", "index"), required=2, method=False),
+    "getitem": _op(operator.getitem, ("input", "tensor"), ("index", "index"), required=2, method=False,
+                   checks_values={"index": "all"}),
     "cat": _op(torch.cat, ("tensors", "tensors"), ("dim", "int"), keywords=("dim",), method=False),
     "stack": _op(torch.stack, ("tensors", "tensors"), ("dim", "int"), keywords=("dim",), method=False),
     "detach": _unary(torch.detach),
@@ -198,9 +206,10 @@ SCHEMAS: dict[str, OpSchema] = {
     # losses
     "mse_loss": _loss(F.mse_loss),
     "l1_loss": _loss(F.l1_loss),
-    "cross_entropy": _loss(F.cross_entropy, weight="tensor?", ignore_index="int", label_smoothing="number"),
-    "nll_loss": _loss(F.nll_loss, weight="tensor?", ignore_index="int"),
-    "binary_cross_entropy": _loss(F.binary_cross_entropy, weight="tensor?"),
+    "cross_entropy": _loss(F.cross_entropy, ("target",), weight="tensor?", ignore_index="int",
+                           label_smoothing="number"),
+    "nll_loss": _loss(F.nll_loss, ("target",), weight="tensor?", ignore_index="int"),
+    "binary_cross_entropy": _loss(F.binary_cross_entropy, ("input", "target"), weight="tensor?"),
     "binary_cross_entropy_with_logits": _loss(F.binary_cross_entropy_with_logits, weight="tensor?",
                                               pos_weight="tensor?"),
 }
@@ -265,6 +274,27 @@ _DESCRIBE = {
     "dtype?": "a dtype or None", "reduction": "'mean', 'sum' or 'none'", "approximate": "'none' or 'tanh'",
     "index": f"an index (ints, slices, None, ..., tensors, lists of up to {MAX_INDEX_LIST} ints)",
 }
+
+
+def value_checked(name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a call of op ``name`` whose values torch checks as it runs, with their parameter's
+    name (``OpSchema.checks_values``); [] for an op not on the allowlist (``check_call`` refuses it)."""
+    schema = SCHEMAS.get(name)
+    if schema is None or not schema.checks_values:
+        return []
+    named = [(param, value) for (param, _), value in zip(schema.params, args)] + list(kwargs.items())
+    return [(param, tensor) for param, value in named if param in schema.checks_values
+            for tensor in _tensors_in(value)
+            if schema.checks_values[param] == "all" or not tensor.is_floating_point()]
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
 
 
 def _type_name(value: Any) -> str:

@@ -25,6 +25,8 @@ from ..budget import Budget, running_under
 from ..codec import DTYPE_NAMES, Request, encode_error, encode_reply
 from ..commands import COMMANDS, Command
 from ..errors import FedzmqError, LimitExceeded, RemoteError, compact_traceback, error_payload
+from ..modeldesc import checks_values
+from ..ops import value_checked
 from ..torchmodes import default_modes
 from .binding import Binding, Context, LiveReply, Made, bind
 from .charges import CHARGES
@@ -89,6 +91,7 @@ class Executor:
         try:
             binding = bind(session, request, command, self.context)
             self._check_release(binding)
+            self._check_failure_disclosed(binding)
             result = await self._run(binding)
             result = self._record(binding, result)
             return encode_reply(request.id, result), isinstance(result, LiveReply)
@@ -119,6 +122,23 @@ class Executor:
             policy.check_release(binding.label, "state", False, f"object {obj_id}")
         else:
             policy.check_release(binding.label, "value", obj_id in taint.released, f"object {obj_id}")
+
+    def _check_failure_disclosed(self, binding: Binding) -> None:
+        """Refuse, before it runs, a call that torch would check labelled values in (``Command.fails_on_values``):
+        its failure or success would be one bit of them, and bits make values (a red team read rows'
+        labels and pixels by bisection on whether ``table[row_value - lo]`` failed). Decided on labels, dtypes
+        and the model's structure only, so the answer is the same whatever the values are."""
+        where = binding.command.fails_on_values
+        if where is None or not binding.label:
+            return
+        policy, taint = self.context.policy, binding.session.taint
+        if where == "op":
+            op = binding.args["op"]
+            for param, tensor in value_checked(op, binding.args["args"], binding.args["kwargs"]):
+                policy.check_failure_disclosed(taint.of_tensor(tensor), f"the {param!r} of {op}")
+        elif checks_values(binding.objects["obj"].module):
+            policy.check_failure_disclosed(binding.label, "the input (or the weights) of a model that indexes "
+                                                          "with its values or checks them")
 
     async def _run(self, binding: Binding) -> Any:
         if self.context.delay:

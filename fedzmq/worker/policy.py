@@ -56,6 +56,20 @@ class Policy:
             return True
         return how == "masked" and not label & ~(Label.SECURE | (Label.ROWS if aggregates else Label.PUBLIC))
 
+    def discloses_failure(self, label: Label) -> bool:
+        """Whether a computation on values of ``label`` may fail where torch checks the values (an index
+        in range, a divisor not zero): its failure tells something of them. Public values may, and rows
+        under ``aggregates``, which releases any aggregate of them already."""
+        return not label or (label == Label.ROWS and self.private_release == "aggregates")
+
+    def check_failure_disclosed(self, label: Label, what: str) -> None:
+        """Refuse, before it runs, a call whose success would tell something of ``what`` (of ``label``)."""
+        if not self.discloses_failure(label):
+            raise PermissionDenied.new(
+                f"{what} {_REASONS[_worst(label)]}; torch checks its values as it runs (an index or class in "
+                "range, a divisor not zero, a probability in [0, 1]), so whether it failed would tell them, "
+                "and the data owner's terms do not release that")
+
     def check_release(self, label: Label, how: Release, released: bool, what: str) -> None:
         """Refuse to let ``what`` (of ``label``) leave as ``how``, unless the terms release it."""
         if self.releases(label, how, released):
