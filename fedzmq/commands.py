@@ -107,10 +107,6 @@ class Command:
       tells something of them: an op's schema (``"op"``, ``fedzmq.ops.OpSchema.checks_values``) or a
       model's layers and program (``"module"``, ``fedzmq.modeldesc.checks_values``). Such a call on
       values the terms keep is refused before it runs, whatever the values.
-    - ``returns_small_outputs``: the reply carries the values of the outputs it made when they are tiny
-      (``fedzmq.worker.executor.SMALL_OUTPUT_BYTES``) and the release policy would let a ``get`` of
-      each take it now: ``await (x + 1).get()`` then needs no second trip (the client uses them only
-      while nothing else was sent to the session since; otherwise it asks with a ``get``).
     - ``loads``: its optional ``load`` argument (a model state the client sent) is copied into its
       module before it runs, as ``module_load`` would: a round's weights in the same trip as its work.
     """
@@ -130,7 +126,6 @@ class Command:
     reads_dataset: bool = False
     loads: bool = False
     fails_on_values: Literal["op", "module"] | None = None
-    returns_small_outputs: bool = False
 
     def output_args(self, args: dict[str, Any]) -> dict[str, Any]:
         """The arguments of ``args`` that name this command's outputs and pass its own checks: the ids a
@@ -180,7 +175,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}, offload="always", refs={"obj": "tensor"},
             releases="obj"),
     Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, offload="large", outputs=("out",),
-            charges=("outputs", "graph"), fails_on_values="op", returns_small_outputs=True),
+            charges=("outputs", "graph"), fails_on_values="op"),
     Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
     Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",)),
     # modules

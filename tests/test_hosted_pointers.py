@@ -37,3 +37,25 @@ async def test_a_hosted_clients_collected_pointer_is_deleted_in_its_own_session(
             await client.close()
     finally:
         await worker.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_closed_hosted_clients_collected_pointer_opens_no_new_session():
+    clients = {f"c{i}": {"toy": Dataset("toy", torch.randn(16, 2), torch.zeros(16, dtype=torch.long))}
+               for i in range(2)}
+    worker = fz.Worker("host", clients=clients)
+    address = worker.bind("tcp://127.0.0.1:0")
+    worker.start()
+    try:
+        async with fz.connect(address) as host:
+            client = (await host.clients())[0]
+            dropped = await client.send(torch.tensor([5.0]))
+            assert (await host.status())["sessions"] == 2
+            await client.close()
+            assert (await host.status())["sessions"] == 1
+            del dropped
+            gc.collect()
+            await asyncio.sleep(RELEASE_DELAY * 5)
+            assert (await host.status())["sessions"] == 1  # the client's session stays gone
+    finally:
+        await worker.close()

@@ -89,9 +89,6 @@ class Connection:
         #: ids of pending requests outside the daemon session's order (control commands, and requests to
         #: the logical clients a daemon hosts); every other pending request runs in session order
         self._control: set[int] = set()
-        #: per session (None: the daemon's own; else the logical client's), the id of the last request sent
-        #: that runs in its order: while it is an op's, nothing can have changed what that op made
-        self.last_ordered: dict[str | None, int] = {}
         #: the worker-side session we talk to; a change means it was reset (restart or expiry)
         self.session: str | None = None
         self.session_resets = 0
@@ -194,8 +191,6 @@ class Connection:
         self._check_size(cmd, frames)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        if not COMMANDS[cmd].control:
-            self.last_ordered[client] = request_id
         if COMMANDS[cmd].control or client is not None:
             # answered out of the daemon session's order: a lost-reply check must not judge it
             self._control.add(request_id)

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-import torch
-
-from ..errors import RemoteError
 from ..ops import output_count
 from .connection import Connection
 from .meta import Meta, TensorMeta, op_outputs
@@ -34,8 +31,8 @@ class PointerOps:
 
     _connection: Connection
     _loop: asyncio.AbstractEventLoop | None
-    client: str | None
     _released: list[int]
+    _closed: bool
 
     def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
@@ -64,30 +61,9 @@ class PointerOps:
         out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
         ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
         ready.add_done_callback(_retrieve)
-        request_id = self._connection.last_ordered[self.client]
         metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
-        pointers = tuple(TensorPointer(self._as_worker(), obj_id, ready, meta, (request_id, index))
-                         for index, (obj_id, meta) in enumerate(zip(out, metas)))
+        pointers = tuple(TensorPointer(self._as_worker(), obj_id, ready, meta) for obj_id, meta in zip(out, metas))
         return pointers if len(pointers) > 1 else pointers[0]
-
-    async def _value_in_reply(self, pointer: TensorPointer, timeout: float | None) -> torch.Tensor | None:
-        """The value the reply of the op that made ``pointer`` carried, if nothing was sent to this session
-        since that op (so nothing can have changed it: a ``get`` sent now would read the same), and if
-        the worker sent it (tiny, and released to a ``get``); None: ask with a ``get``. Each value is
-        handed out once, so two ``get`` never return the same tensor."""
-        assert pointer._made_by is not None
-        request_id, index = pointer._made_by
-        pointer._made_by = None
-        if pointer._deleted or self._connection.last_ordered.get(self.client) != request_id:
-            return None
-        try:
-            values = await self._wait(pointer._ready, timeout)
-        except RemoteError:  # the op failed: the get reports it, as it always has
-            return None
-        if not isinstance(values, list) or not 0 <= index < len(values) or not isinstance(values[index], torch.Tensor):
-            return None  # an older worker, or an output too big or not released: its reply carries none
-        value, values[index] = values[index], None
-        return cast(torch.Tensor, value)
 
     def _grad(self, pointer: TensorPointer) -> TensorPointer:
         out = self._new_id()
@@ -106,7 +82,7 @@ class PointerOps:
         """Called from ``Pointer.__del__``: queue a remote delete. Deletes go out in batches, every
         ``RELEASE_DELAY`` seconds or ``RELEASE_BATCH`` ids, never one message per collected pointer.
         (Order is safe: a pointer is collected only after every command naming it was sent.)"""
-        if self._connection.closed or self._loop is None or self._loop.is_closed():
+        if self._closed or self._connection.closed or self._loop is None or self._loop.is_closed():
             return
         self._released.append(obj_id)
         if len(self._released) >= RELEASE_BATCH:
@@ -130,7 +106,7 @@ class PointerOps:
 
     def _flush_released(self) -> None:
         ids, self._released = self._released, []
-        if not ids or self._connection.closed or not self._connection.alive:
+        if not ids or self._closed or self._connection.closed or not self._connection.alive:
             return
         self._submit("delete", {"objs": ids}).add_done_callback(_retrieve)  # in this (logical client's) session
 

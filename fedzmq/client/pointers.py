@@ -71,24 +71,15 @@ class TensorPointer(Pointer):
     from those (worked out locally on torch's meta device, see ``fedzmq.client.meta``). Otherwise (a
     model's output) they raise ``ShapeUnknown``; ``await ptr.info()`` asks the worker once."""
 
-    __slots__ = ("_meta", "_made_by")
+    __slots__ = ("_meta",)
 
-    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any], meta: Meta = None,
-                 made_by: tuple[int, int] | None = None) -> None:
+    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any], meta: Meta = None) -> None:
         super().__init__(location, obj_id, ready)
         self._meta: Meta = meta
-        #: the request id of the op that made it and its place among the op's outputs: a tiny value
-        #: comes back in that op's reply (``Command.returns_small_outputs``)
-        self._made_by = made_by
 
     async def get(self, timeout: float | None = None) -> torch.Tensor:
         """Copy the tensor here. The remote value stays (the seed's ``get`` moved it; we keep both;
-        ``move`` is the seed's way). A tiny value got right after the op that made it, with nothing else
-        sent to the worker in between, comes from the op's reply: no second trip."""
-        if self._made_by is not None:
-            value = await self.location._value_in_reply(self, timeout)
-            if value is not None:
-                return value
+        ``move`` is the seed's way)."""
         return await self.location._get_tensor(self.id, timeout)
 
     # --- what the client knows of it ---------------------------------------------------------

@@ -48,6 +48,9 @@ class RemoteWorker(Transfers, PointerOps):
                                       server_key=server_key, client_key=client_key)
         self._object_ids = itertools.count(1)
         self._released: list[int] = []
+        #: closed: the session is gone on the worker, and nothing more is sent for it (a pointer collected
+        #: later must not open a new session to delete what is gone already)
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._modules: weakref.WeakKeyDictionary[nn.Module, ModulePointer] = weakref.WeakKeyDictionary()
         self._resets_seen = 0
@@ -65,7 +68,7 @@ class RemoteWorker(Transfers, PointerOps):
         worker._connection = host._connection
         worker._connection.users += 1
         worker._object_ids = itertools.count(1)
-        worker._released, worker._loop = [], None
+        worker._released, worker._loop, worker._closed = [], None, False
         worker._modules = weakref.WeakKeyDictionary()
         worker._resets_seen = host._connection.session_resets
         worker._client_session = None
@@ -105,6 +108,9 @@ class RemoteWorker(Transfers, PointerOps):
     async def close(self) -> None:
         """End the session: the worker frees everything this client made there. The connection closes
         with the last worker that shares it."""
+        if self._closed:
+            return
+        self._closed = True
         self._released.clear()
         connection = self._connection
         connection.users -= 1

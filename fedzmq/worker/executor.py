@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, running_under
-from ..codec import DTYPE_NAMES, Request, encode_error, encode_reply
+from ..codec import Request, encode_error, encode_reply
 from ..commands import COMMANDS, Command
 from ..errors import FedzmqError, LimitExceeded, RemoteError, compact_traceback, error_payload
 from ..modeldesc import checks_values
@@ -55,12 +55,6 @@ INLINE_FIT_SECONDS = 0.002
 #: a fit on the event loop that runs this long after all (its measurement no longer holds: denormal
 #: weights loaded, say) is stopped with an error instead of holding the loop
 INLINE_FIT_DEADLINE = 0.5
-
-#: an op's reply carries its outputs' values when they hold at most this many bytes in all, and are at
-#: most ``SMALL_OUTPUT_COUNT``: about what a reply's header costs, so a pipelined op's reply grows little
-#: while ``await (x + 1).get()`` saves its second trip (``Command.returns_small_outputs``)
-SMALL_OUTPUT_BYTES = 256
-SMALL_OUTPUT_COUNT = 4
 
 CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
@@ -245,35 +239,7 @@ class Executor:
             if binding.command.name == "op" and isinstance(value, torch.Tensor) and \
                     self.context.policy.released_when_made(args["op"], label, value.numel()):
                 session.taint.released.add(obj_id)
-        if binding.command.returns_small_outputs and session.queue.empty():
-            # (a command of the session queued behind this one was sent after it: the client can no
-            # longer use the values, so a pipelined burst's replies do not carry them)
-            small = self.small_outputs(session, ids, values)
-            if small is not None:
-                return small
         return result.result
-
-    def small_outputs(self, session: Session, ids: list[Any], values: list[Any]) -> list[torch.Tensor] | None:
-        """The outputs themselves, for the reply, when they are tiny and a ``get`` of each would be let
-        through now (the same release check, on the same labels); None otherwise. The client uses them
-        for a ``get`` sent right after (``Command.returns_small_outputs``)."""
-        if len(values) > SMALL_OUTPUT_COUNT:
-            return None
-        nbytes = 0
-        for value in values:
-            if not isinstance(value, torch.Tensor) or value.dtype not in DTYPE_NAMES or \
-                    value.layout != torch.strided or value.device.type != "cpu":
-                return None
-            nbytes += value.numel() * value.element_size()
-        if nbytes > SMALL_OUTPUT_BYTES:
-            return None
-        taint = session.taint
-        if taint:
-            policy = self.context.policy
-            if not all(policy.releases(taint.of_tensor(value), "value", obj_id in taint.released)
-                       for obj_id, value in zip(ids, values)):
-                return None
-        return list(values)
 
     def _failed(self, session: Session, request: Request, command: Command, binding: Binding | None,
                 exc: Exception) -> list[Any]:
@@ -391,4 +357,4 @@ def small_fit(binding: Binding) -> bool:
 
 
 __all__ = ["Executor", "INLINE_FIT_DEADLINE", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS",
-           "SMALL_OUTPUT_BYTES", "SMALL_OUTPUT_COUNT", "fail_outputs", "fit_key", "small_fit"]
+           "fail_outputs", "fit_key", "small_fit"]
