@@ -4,9 +4,12 @@ Every test is bounded by pytest-timeout (``timeout`` in pyproject.toml). The exa
 lives in docs/testing.md; tests/test_docs_testing.py runs it."""
 
 import pytest
+import pytest_asyncio
 import torch
 
+import fedzmq as fz
 from fedzmq.testing import write_dataset
+from fedzmq.worker.datasets import Dataset
 
 #: the owner's rows of the adversarial tests (tests/test_adversarial*.py): issue 16's 100 rows of 8 floats
 ROWS, FEATURES = 100, 8
@@ -20,3 +23,18 @@ def secret_rows(tmp_path):
     x = torch.rand(ROWS, FEATURES, generator=generator) * 1000 + 123.456
     y = torch.randint(0, 10, (ROWS,), generator=generator)
     return x, y, write_dataset(tmp_path / "owner.safetensors", x, y)
+
+
+@pytest_asyncio.fixture
+async def hosting_daemon():
+    """An in-process daemon hosting five logical clients ``c0``..``c4`` of 16 toy rows each, on loopback
+    tcp; yields its address."""
+    clients = {f"c{i}": {"toy": Dataset("toy", torch.randn(16, 2), torch.zeros(16, dtype=torch.long))}
+               for i in range(5)}
+    worker = fz.Worker("host", clients=clients)
+    address = worker.bind("tcp://127.0.0.1:0")
+    worker.start()
+    try:
+        yield address
+    finally:
+        await worker.close()
