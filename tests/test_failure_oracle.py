@@ -79,3 +79,18 @@ async def test_a_model_that_indexes_with_its_input_is_refused_rows_it_cannot_rel
     embedding = await worker.send(nn.Sequential(nn.Embedding(3, 2)))
     assert "PermissionDenied" in await outcome(embedding(label))
     assert await outcome(embedding(await worker.send(torch.tensor([1])))) == "ran"  # public indices
+
+
+@pytest.mark.timeout(120)
+async def test_a_daemon_computes_without_subnormal_floats(fedzmq_daemons):
+    """How long an op takes must not tell a value either. A red-team session timed ``sqrt`` of a public
+    tensor scaled by ``(row_value > t) * 1e-40``: subnormal floats are six times slower on this CPU (8
+    against 50 ms), which read rows' labels and pixels exactly by bisection, with no op failing. A
+    daemon flushes subnormals to zero (``torch.set_flush_denormal``, on all its threads), so such a
+    product is 0 whatever the bit, and takes the time of any 0. (No timing is asserted here: the test
+    checks the flush itself.)"""
+    [bob] = await fedzmq_daemons("bob")
+    tiny = (await bob.worker.send(torch.ones(4))) * 1e-40
+    assert torch.equal(await tiny.get(), torch.zeros(4))
+    big = (await bob.worker.send(torch.ones(1 << 16))) * 1e-40  # computed on the daemon's torch threads
+    assert torch.equal(await big.get(), torch.zeros(1 << 16))

@@ -142,6 +142,20 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
     return WorkerConfig(limits=limits, **{k: v for k, v in settings.items() if k in names})
 
 
+def flush_subnormals() -> bool:
+    """Compute with subnormal floats flushed to zero, on this thread and every thread started after it
+    (threads inherit the floating point environment: the torch pool's, OpenMP's). Subnormal arithmetic
+    is several times slower, so how long an op took told a hostile coordinator whether a private value
+    made its operand subnormal: a red-team session read rows' labels and pixels by timing ``sqrt``
+    (docs/security.md). Called first in the daemon's own process only: an in-process ``Worker`` shares
+    its threads with the caller's code. False where the CPU cannot flush (not x86 with SSE3)."""
+    supported = bool(torch.set_flush_denormal(True))
+    if not supported:
+        log.warning("this CPU cannot flush subnormal floats to zero: how long an op takes may tell "
+                    "something of the values it computed on")
+    return supported
+
+
 async def run(settings: dict[str, Any]) -> None:
     config = config_from(settings)
     torch.set_num_threads(max(1, config.threads))  # a daemon shares its machine with the others
@@ -196,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(level=getattr(logging, str(settings.get("log_level", "INFO")).upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    flush_subnormals()  # before any thread starts, so that all inherit it
     try:
         asyncio.run(run(settings))
     except Exception as exc:  # a clear one-line reason instead of a traceback for bind errors and the like
