@@ -411,6 +411,7 @@ def _check_refs(value: Any, position: int) -> None:
 
 def instantiate(spec: Any, state: Mapping[str, Any], registry: ModelRegistry) -> nn.Module:
     """Build a module and load ``state`` into it, checking it against the description first."""
+    _check_no_tensors(spec, "the model description")
     with torch.device("meta"):
         skeleton = build(spec, registry)
     expected = skeleton.state_dict()
@@ -418,6 +419,22 @@ def instantiate(spec: Any, state: Mapping[str, Any], registry: ModelRegistry) ->
     # assign=True adopts the received tensors as the parameters: no copy of the weights is made
     skeleton.load_state_dict(dict(state), strict=True, assign=True)
     return skeleton
+
+
+def _check_no_tensors(value: Any, where: str) -> None:
+    """A description holds plain values only: a tensor in it (a reference the request resolved, as a
+    program's operand or a placeholder's default) would be computed on without being the module's
+    parameter, buffer or input, so no label would follow it to the forward's output. Weights go in the
+    state; data comes as inputs."""
+    if isinstance(value, torch.Tensor):
+        raise BadRequest.new(f"{where} holds no tensors (weights go in the state, data in the inputs), "
+                             "and this one holds one")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_no_tensors(item, where)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_no_tensors(item, where)
 
 
 def check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> None:

@@ -129,3 +129,25 @@ async def test_a_fits_loss_under_secure_aggregation_cannot_be_made_to_report_one
     metrics = await worker._request("fit", {"module": await put_module(worker, spy, {"w": torch.zeros(1)}), **fit})
     guess = metrics["loss"] + 1e4 - base["loss"]
     assert not ((x[:, 5] - guess).abs() < 1e-2).any(), "a fit's loss under secure aggregation was one row's value"
+
+
+async def test_a_model_description_cannot_carry_a_reference_to_the_rows(fedzmq_daemons, secret_rows):
+    """A red-team session put a reference to the rows inside a described model: as a literal operand of a
+    program node (``table[<rows' labels>]``) and as a placeholder's default. The request's references
+    were resolved everywhere, the spec's too, and a module with no parameters carries no label, so the
+    forward's output came back public: ``get`` returned every label and pixel of the dataset. A model
+    description holds no tensors: it is refused when it is put."""
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    labels = await ds.labels()
+    table = await worker.send(torch.arange(10))
+    literal = graph_spec([["placeholder", "x", [], {}], ["call_function", "getitem", [NodeRef(0), Ref(labels.id)], {}],
+                          ["output", "output", [NodeRef(1)], {}]])
+    default = graph_spec([["placeholder", "x", [Ref(labels.id)], {}],
+                          ["call_function", "add", [NodeRef(0), 0], {}], ["output", "output", [NodeRef(1)], {}]])
+    for spec, inputs in ((literal, [Ref(table.id)]), (default, [])):
+        with pytest.raises(fz.BadRequest, match="holds no tensors"):
+            module = await put_module(worker, spec, {})
+            await worker._request("get", {"obj": await call_module(worker, module, *inputs)})
