@@ -22,7 +22,7 @@ device first, so a hostile description cannot make the worker allocate more than
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.fx
@@ -253,13 +253,8 @@ def _node_checks_values(node: list[Any]) -> bool:
         return False
     schema = SCHEMAS[target]
     named = list(zip((param for param, _ in schema.params), args)) + list(kwargs.items())
-    return any(param in schema.checks_values and _holds_node(value) for param, value in named)
-
-
-def _holds_node(value: Any) -> bool:
-    if isinstance(value, NodeRef):
-        return True
-    return isinstance(value, (list, tuple)) and any(_holds_node(v) for v in value)
+    return any(param in schema.checks_values and any(isinstance(leaf, NodeRef) for leaf in _leaves(value))
+               for param, value in named)
 
 
 def _get_attr(module: nn.Module, path: str) -> Any:
@@ -398,15 +393,21 @@ def _check_keywords(position: int, target: str, kwargs: dict[str, Any]) -> None:
             raise BadRequest.new(f"program node {position}: {target} does not take the keyword {key!r}")
 
 
-def _check_refs(value: Any, position: int) -> None:
-    if isinstance(value, NodeRef) and value.index >= position:
-        raise BadRequest.new(f"program node {position} refers to a later node")
+def _leaves(value: Any) -> Iterator[Any]:
+    """The values inside nested lists, tuples and maps (a program node's arguments, a description)."""
     if isinstance(value, (list, tuple)):
-        for v in value:
-            _check_refs(v, position)
+        for item in value:
+            yield from _leaves(item)
     elif isinstance(value, dict):
-        for v in value.values():
-            _check_refs(v, position)
+        for item in value.values():
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+def _check_refs(value: Any, position: int) -> None:
+    if any(isinstance(leaf, NodeRef) and leaf.index >= position for leaf in _leaves(value)):
+        raise BadRequest.new(f"program node {position} refers to a later node")
 
 
 def instantiate(spec: Any, state: Mapping[str, Any], registry: ModelRegistry) -> nn.Module:
@@ -426,15 +427,9 @@ def _check_no_tensors(value: Any, where: str) -> None:
     program's operand or a placeholder's default) would be computed on without being the module's
     parameter, buffer or input, so no label would follow it to the forward's output. Weights go in the
     state; data comes as inputs."""
-    if isinstance(value, torch.Tensor):
+    if any(isinstance(leaf, torch.Tensor) for leaf in _leaves(value)):
         raise BadRequest.new(f"{where} holds no tensors (weights go in the state, data in the inputs), "
                              "and this one holds one")
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _check_no_tensors(item, where)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_no_tensors(item, where)
 
 
 def check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> None:
