@@ -103,6 +103,10 @@ class Command:
       intermediates), ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer),
       ``"graph"`` (what autograd saves, for as long as the graph lives).
     - ``reads_dataset``: it reads the owner's rows (its errors are sanitized).
+    - ``reports_metrics``: its reply carries metrics computed with the model (a loss, an accuracy):
+      released as the rows' part of the owner's terms allows, but they tell the model's weights too,
+      so a model whose weights (or the state it loads) could not leave as a model state is refused
+      before it runs (secure aggregation's label aside: its rounds report their fits' metrics).
     - ``fails_on_values``: where torch may check values as the command runs, so that whether it fails
       tells something of them: an op's schema (``"op"``, ``fedzmq.ops.OpSchema.checks_values``) or a
       model's layers and program (``"module"``, ``fedzmq.modeldesc.checks_values``). Such a call on
@@ -125,6 +129,7 @@ class Command:
     charges: tuple[str, ...] = ()
     reads_dataset: bool = False
     loads: bool = False
+    reports_metrics: bool = False
     fails_on_values: Literal["op", "module"] | None = None
 
     def output_args(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +211,8 @@ COMMANDS: dict[str, Command] = _table(
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT,
              "load": MAP, "reply_state": BOOL, "clients": STRS, "combine": BOOL},
             offload="large", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
-            releases="after", charges=("forward", "state", "clients"), reads_dataset=True, loads=True),
+            releases="after", charges=("forward", "state", "clients"), reads_dataset=True, loads=True,
+            reports_metrics=True),
     # the logical clients a daemon hosts (--clients-from)
     Command("clients"),
     # secure aggregation: one command, four steps (advertise, share_keys, masked_input, unmask)
@@ -215,5 +221,6 @@ COMMANDS: dict[str, Command] = _table(
             releases="masked"),
     Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG, "load": MAP},
             offload="always",
-            refs={"module": "module"}, writes="module", charges=("forward",), reads_dataset=True, loads=True),
+            refs={"module": "module"}, writes="module", charges=("forward",), reads_dataset=True, loads=True,
+            reports_metrics=True),
 )

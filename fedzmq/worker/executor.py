@@ -99,6 +99,12 @@ class Executor:
     # --- the steps ------------------------------------------------------------------------------------
 
     def _check_release(self, binding: Binding) -> None:
+        if binding.command.reports_metrics:
+            # a metric is a function of the weights: one whose weights hold one row's values, loaded from a
+            # pointer, reported them to 1e-5 through its loss (a red-team session's attack)
+            self.context.policy.check_release(binding.label & ~Label.SECURE, "state", False,
+                                              "the model's weights (or the state it loads), which its metrics "
+                                              "would tell,")
         releases = binding.command.releases
         if releases is None:
             return
