@@ -342,11 +342,18 @@ async def views(c: Campaign) -> Any:
 async def loaded(c: Campaign) -> Any:
     async with Attacker(c.target) as a:
         rows = await a.rows(c.target.open_dataset)
-        model = await a.module(nn.Linear(c.target.features, c.target.rows, bias=False))
-        with contextlib.suppress(Denied):
+        initial = nn.Linear(c.target.features, c.target.rows, bias=False)
+        model = await a.module(initial)
+        with contextlib.suppress(Denied):  # refused before it runs: its metrics would tell the weights
             await a.call("evaluate", {"module": model, "dataset": c.target.dataset, "loss": "mse_loss",
                                       "load": {"weight": Ref(rows)}})
-        return await got(c, a.call("module_state", {"obj": model}))
+        try:
+            state = await a.call("module_state", {"obj": model})
+        except Denied:
+            return "refused"
+        if torch.equal(state["weight"], initial.weight.detach()):
+            return "refused"  # nothing was loaded: the weights that come back are the ones sent
+        return "leaked", c.leaked_values(state["weight"])
 
 
 @route("1 taint", "a pointer to protected rows (dataset_tensor)")
