@@ -58,9 +58,9 @@ class Policy:
 
     def discloses_failure(self, label: Label) -> bool:
         """Whether a computation on values of ``label`` may fail where torch checks the values (an index
-        in range, a divisor not zero): its failure tells something of them. Public values may, and rows
-        under ``aggregates``, which releases any aggregate of them already."""
-        return not label or (label == Label.ROWS and self.private_release == "aggregates")
+        in range, a divisor not zero): its failure tells something of them, as much as a model state of
+        that label would (public values, and rows under ``aggregates``, which releases their aggregates)."""
+        return self.releases(label, "state", False)
 
     def check_failure_disclosed(self, label: Label, what: str) -> None:
         """Refuse, before it runs, a call whose success would tell something of ``what`` (of ``label``)."""
