@@ -73,11 +73,13 @@ def start_raw_peers(count: int, log_dir: str) -> list[Any]:
     return procs
 
 
-async def floor_round(socks: Sequence[Any], frames: list[Any], sizes: list[int]) -> Any:
-    """Send to all at once, receive from all at once, average (float32 running sum, then / N)."""
+async def floor_round(socks: Sequence[Any], frames: list[Any], acc: Any) -> Any:
+    """Send to all at once, receive from all at once, average (float32 running sum, then / N). The sum is
+    ``acc``, zeroed, the same memory every round: a fresh one cost a page fault per 4 KiB (about a
+    thousand per round at 10^6 parameters, and the heap churn slowed the fedzmq rounds beside it)."""
     import torch
 
-    acc = torch.zeros(sum(sizes) // 4, dtype=torch.float32)
+    acc.zero_()
     await asyncio.gather(*(s.send_multipart(frames, copy=False) for s in socks))
 
     async def one(sock: Any) -> None:
@@ -131,7 +133,7 @@ async def run_cell(cell: Cell, fz_addresses: Sequence[str], raw_addresses: Seque
     cell.model_bytes = model_bytes(model)
     raw_state = [t.detach().clone().reshape(-1) for t in model.state_dict().values()]
     frames = [memoryview(t.view(torch.uint8).numpy()) for t in raw_state]
-    sizes = [t.numel() * 4 for t in raw_state]
+    acc = torch.zeros(sum(t.numel() for t in raw_state), dtype=torch.float32)
     ctx = zmq.asyncio.Context.instance()
     fit = fz.FitConfig(dataset=SHAPES[cell.params][2], loss="cross_entropy", optimizer={"cls": "SGD", "lr": 0.01},
                        steps=steps, batch_size=4)
@@ -149,7 +151,7 @@ async def run_cell(cell: Cell, fz_addresses: Sequence[str], raw_addresses: Seque
             cell.fit_ms.extend(f["seconds"] * 1e3 for f in metrics.fits.values())
 
         async def floor() -> None:
-            mean = await floor_round(socks, frames, sizes)
+            mean = await floor_round(socks, frames, acc)
             if mean.numel() != cell.exact_params:
                 raise RuntimeError("the floor's average has the wrong size")
 

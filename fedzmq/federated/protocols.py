@@ -35,8 +35,11 @@ from .base import Aggregator, Strategy, UpdateReceiver
 FIT_METRICS = ("loss", "samples_seen", "num_examples", "steps", "seconds")
 
 #: pieces of an update with more elements than this are folded on a thread of their own, off the event
-#: loop (the loop keeps receiving the other workers' replies meanwhile)
-FOLD_INLINE_NUMEL = 1 << 16
+#: loop (the loop keeps receiving the other workers' replies meanwhile). Smaller ones fold on the loop:
+#: ZeroMQ's I/O thread keeps receiving while they do, and on a machine whose cores the daemons share the
+#: hop to a thread and back cost more than it freed (10^6-parameter rounds, A/B in one run: 12.4 against
+#: 11.6 ms at N = 2, 33.5 against 29.4 ms at N = 8; 10^7 the same either way; docs/profile.md)
+FOLD_INLINE_NUMEL = 1 << 21
 
 
 @dataclass(frozen=True)
