@@ -243,6 +243,15 @@ def encode_request(
     return [_pack(header), *encoder.frames]
 
 
+def with_argument(header: bytes, name: str, value: Any) -> bytes:
+    """A request's header (ours, from ``encode_request``) with one more plain argument: how a client turns
+    a request still waiting to leave into another (an op into an op-and-fetch) without encoding its
+    values again."""
+    fields = msgpack.unpackb(header, raw=False, strict_map_key=False)
+    fields["args"][name] = value
+    return _pack(fields)
+
+
 def encode_reply(request_id: int | None, result: Any) -> list[Any]:
     encoder = _Encoder(None)
     body = encoder.encode(result)
@@ -474,6 +483,23 @@ def decode_reply(frames: Sequence[Any], limits: Limits) -> Reply:
         False,
         error={k: str(error.get(k, "")) for k in ("type", "message", "traceback")},
     )
+
+
+def split_fetched(reply: Reply) -> tuple[Reply, Reply]:
+    """The reply of an op sent with ``fetch`` as the op's own and the fetch's (the ``get`` of its output):
+    an error reply is the op's failure, and so both's."""
+    if not reply.ok:
+        return reply, reply
+    result = reply.result
+    if not isinstance(result, dict) or set(result) not in ({"result", "value"}, {"result", "error"}):
+        raise ProtocolError("an op-and-fetch reply needs 'result' and one of 'value' or 'error'", reply.id)
+    op = Reply(reply.id, True, result=result["result"])
+    if "value" in result:
+        return op, Reply(reply.id, True, result=result["value"])
+    error = result["error"]
+    if not isinstance(error, dict):
+        raise ProtocolError("an op-and-fetch reply's 'error' must be a map", reply.id)
+    return op, Reply(reply.id, False, error={k: str(error.get(k, "")) for k in ("type", "message", "traceback")})
 
 
 class _Decoder:

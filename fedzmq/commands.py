@@ -160,6 +160,11 @@ def _table(*commands: Command) -> dict[str, Command]:
     return {c.name: c for c in commands}
 
 
+#: what a daemon offers beyond the protocol's first version, named in its ping; a client uses one only
+#: when its daemon names it. ``"fetch"``: an op and a ``get`` of its output as one command (``op``'s
+#: ``fetch`` argument), which ``await (x + 1).get()`` becomes when nothing was sent between the two.
+FEATURES = ("fetch",)
+
 COMMANDS: dict[str, Command] = _table(
     # liveness and introspection (a client announces its heartbeat interval: silent for many, it is gone)
     Command("ping", {}, {"interval": NUMBER}, control=True),
@@ -179,7 +184,9 @@ COMMANDS: dict[str, Command] = _table(
             writes="stream"),  # a chunk's copy
     Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}, offload="always", refs={"obj": "tensor"},
             releases="obj"),
-    Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, offload="large", outputs=("out",),
+    # ``fetch``: then a ``get`` of its one output, in the same reply (``Executor.execute``)
+    Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, {"fetch": BOOL}, offload="large",
+            outputs=("out",),
             charges=("outputs", "graph"), fails_on_values="op"),
     Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
     Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",)),

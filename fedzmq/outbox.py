@@ -38,9 +38,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._messages)
 
-    def add(self, frames: Sequence[Any], copy: bool = False) -> None:
+    def add(self, frames: Sequence[Any], copy: bool = False, hold: bool = False) -> list[Any] | None:
         """Send ``frames`` with the next batch, or now (after what waits) if it cannot join one
-        (``copy``: whether that send copies the buffers, as ``send`` would).
+        (``copy``: whether that send copies the buffers, as ``send`` would). ``hold``: wait for the end of
+        the pass even as its first message (its sender may still change it: ``rewrite_last``). Returns
+        the message as it waits, or None if it left.
 
         A batched message's buffers are copied now: whoever encoded it may change a tensor as soon as
         this returns, and the batch leaves later (pyzmq would have copied these small frames anyway)."""
@@ -48,17 +50,33 @@ class Outbox:
         if not batchable(frames, limits):
             self.flush()
             self._send(list(frames), copy)
-            return
+            return None
         if self._scheduled is None:  # the pass's first message (none waits): at once; the pass's others after
             self._scheduled = asyncio.get_running_loop().call_soon(self._end_of_pass)
-            self._send(list(frames), copy)
-            return
+            if not hold:
+                self._send(list(frames), copy)
+                return None
         count, nframes, header_bytes, nbytes = self._sizes
         if count and not batch_fits(self._sizes, frames, limits):
             self.flush()
             count = nframes = header_bytes = nbytes = 0
-        self._messages.append([frames[0], *map(bytes, frames[1:])] if len(frames) > 1 else [frames[0]])
+        message = [frames[0], *map(bytes, frames[1:])] if len(frames) > 1 else [frames[0]]
+        self._messages.append(message)
         self._sizes = (count + 1, nframes + len(frames), header_bytes + header, nbytes + buffer_bytes(frames))
+        return message
+
+    def rewrite_last(self, message: list[Any], header: bytes) -> bool:
+        """Give ``message`` (as ``add`` returned it) a new header, if it still waits and is the last to
+        leave, and the batch has room for the header; False, and nothing changed, otherwise."""
+        if not self._messages or self._messages[-1] is not message:
+            return False
+        count, nframes, header_bytes, nbytes = self._sizes
+        header_bytes += len(header) - len(message[0])
+        if header_bytes > self.limits.max_items:  # as ``batchable`` and ``batch_fits`` count headers
+            return False
+        message[0] = header
+        self._sizes = (count, nframes, header_bytes, nbytes)
+        return True
 
     def _end_of_pass(self) -> None:
         self._scheduled = None

@@ -27,13 +27,15 @@ from typing import Any, Callable, Sequence
 import zmq
 import zmq.asyncio
 
-from ..codec import Limits, Reply, decode_reply, encode_request, is_batch, split_batch
+from ..codec import (Limits, Reply, decode_reply, encode_request, is_batch, split_batch, split_fetched,
+                     with_argument)
 from ..commands import COMMANDS
 from ..outbox import Outbox
 from ..pump import Pump
 from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
-    LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, WorkerError, remote_error,
+    LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, WorkerError, error_payload,
+    remote_error,
 )
 from .addresses import check_address, resolve
 
@@ -100,6 +102,13 @@ class Connection:
         #: what a batch of replies may hold: up to the worker's limits where they are above ours (it
         #: batches within its own; each reply in a batch is still decoded within ``limits``)
         self._reply_batches = self.limits
+        #: the worker runs an op and a ``get`` of its output as one command (``commands.FEATURES``)
+        self.fuses_fetch = False
+        #: the last request submitted, when it is an op that may still become an op-and-fetch
+        #: (``fetch_with``): its id, its reply's future and its message as it waits in the outbox
+        self._fusable: tuple[int, asyncio.Future[Reply], list[Any]] | None = None
+        #: op-and-fetch requests: the future of the fetched value's reply, by request id
+        self._fetches: dict[int, asyncio.Future[Reply]] = {}
         #: RemoteWorkers sharing this connection (one per logical client of the daemon): it closes with the last
         self.users = 1
         self.bytes_sent = 0
@@ -174,7 +183,7 @@ class Connection:
     # --- requests ------------------------------------------------------------------------------
 
     def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, client: str | None = None,
-               default: Callable[[Any], Any] | None = None) -> asyncio.Future[Reply]:
+               default: Callable[[Any], Any] | None = None, fusable: bool = False) -> asyncio.Future[Reply]:
         """Send a request and return the future of its reply (which may hold an error reply).
 
         The first request of a pass of the event loop leaves at once; small ones after it in the same
@@ -182,7 +191,9 @@ class Connection:
         ``fedzmq.outbox``), their tensors' bytes copied now. ``copy``: also copy a big request's
         tensors (else they must not change until sent).
         ``client``: one of the logical clients the daemon hosts (None: the daemon itself); ``default``:
-        the encoder's hook for values it does not know (pointers), if not the connection's."""
+        the encoder's hook for values it does not know (pointers), if not the connection's; ``fusable``:
+        an op with one output, held to the end of the pass so that a ``get`` of it may join it
+        (``fetch_with``)."""
         self._ensure_started()
         if self._dead is not None:
             raise WorkerDeadError(str(self._dead))
@@ -195,9 +206,27 @@ class Connection:
             # answered out of the daemon session's order: a lost-reply check must not judge it
             self._control.add(request_id)
             future.add_done_callback(partial(_discard, self._control, request_id))
-        self._outbox.add(frames, copy=copy or self._copy_frames)
+        fusable = fusable and self.fuses_fetch
+        message = self._outbox.add(frames, copy=copy or self._copy_frames, hold=fusable)
+        self._fusable = (request_id, future, message) if fusable and message is not None else None
         self.bytes_sent += sum(len(f) for f in frames)
         return future
+
+    def fetch_with(self, ready: asyncio.Future[Reply]) -> asyncio.Future[Reply] | None:
+        """Make the op whose reply is ``ready`` an op-and-fetch, if it is the last request submitted and
+        still waits to leave: it then runs as the op and a ``get`` of its output one after the other, in
+        one command and one reply. Returns the future of the fetched value's reply; None when the op
+        left already or another request followed it (send a ``get``: its place in the order is now)."""
+        fusable = self._fusable
+        if fusable is None or fusable[1] is not ready:
+            return None
+        self._fusable = None
+        request_id, _, message = fusable
+        if not self._outbox.rewrite_last(message, with_argument(message[0], "fetch", True)):
+            return None
+        fetched: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._fetches[request_id] = fetched
+        return fetched
 
     def _send_message(self, frames: list[Any], copy: bool) -> None:
         """The outbox's send, often from a callback of the loop: a socket that cannot send any more
@@ -231,6 +260,10 @@ class Connection:
                 f"{cmd}: message exceeds the worker's limits (header {len(frames[0])} bytes, "
                 f"{len(frames) - 1} frames, largest frame {max(too_big, default=0)} bytes; limits: "
                 f"{limits.max_header_bytes}, {limits.max_frames}, {limits.max_frame_bytes})")
+
+    def adopt_features(self, features: Any) -> None:
+        """Use what the worker says it offers beyond the protocol's first version (its ping's ``features``)."""
+        self.fuses_fetch = isinstance(features, list) and "fetch" in features
 
     def adopt_worker_limits(self, worker_limits: dict[str, Any]) -> None:
         """Use the smaller of our limits and the worker's, so that both sides agree on chunk sizes."""
@@ -288,6 +321,9 @@ class Connection:
             if broken is not None and not broken.done():
                 broken.set_exception(exc)
             return
+        fetched = self._fetches.pop(reply.id, None) if reply.id is not None else None
+        if fetched is not None:
+            reply = self._hand_fetched(reply, fetched)
         future = self._pending.pop(reply.id, None) if reply.id is not None else None
         if future is None:  # its request was cancelled or timed out
             if not reply.ok and reply.error:
@@ -295,6 +331,17 @@ class Connection:
             return
         if not future.done():
             future.set_result(reply)
+
+    def _hand_fetched(self, reply: Reply, fetched: asyncio.Future[Reply]) -> Reply:
+        """Give an op-and-fetch's fetched value to whoever waits for it; returns the op's own reply."""
+        try:
+            op_reply, fetch_reply = split_fetched(reply)
+        except ProtocolError as exc:
+            log.warning("bad op-and-fetch reply from %s: %s", self.address, exc)
+            op_reply = fetch_reply = Reply(reply.id, False, error=error_payload(exc, ""))
+        if not fetched.done():
+            fetched.set_result(fetch_reply)
+        return op_reply
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval
@@ -354,14 +401,15 @@ class Connection:
     def _fail_ordered(self, which: Callable[[int], bool], why: str) -> None:
         for request_id in [i for i in self._pending if i not in self._control and i != self._heartbeat_id
                            and which(i)]:
-            future = self._pending.pop(request_id, None)
-            if future is not None and not future.done():
-                future.set_exception(WorkerError(f"{self.address}: {why}"))
-                future.add_done_callback(_ignore_result)
+            for future in (self._pending.pop(request_id, None), self._fetches.pop(request_id, None)):
+                if future is not None and not future.done():
+                    future.set_exception(WorkerError(f"{self.address}: {why}"))
+                    future.add_done_callback(_ignore_result)
 
     def _fail_all(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        fetches, self._fetches = self._fetches, {}
+        for future in [*pending.values(), *fetches.values()]:
             if not future.done():
                 future.set_exception(type(error)(str(error)))
                 future.add_done_callback(_ignore_result)  # raised to whoever awaits it; no warning otherwise

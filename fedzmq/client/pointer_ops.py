@@ -34,7 +34,7 @@ class PointerOps:
     _released: list[int]
     _closed: bool
 
-    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Any]:
+    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
 
     async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
@@ -59,7 +59,9 @@ class PointerOps:
 
     def _op(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
-        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True)
+        # one output: a ``get`` of it in this pass of the event loop may join the op (``fetch_with``)
+        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True,
+                             fusable=len(out) == 1)
         ready.add_done_callback(_retrieve)
         metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
         pointers = tuple(TensorPointer(self._as_worker(), obj_id, ready, meta) for obj_id, meta in zip(out, metas))

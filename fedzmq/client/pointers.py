@@ -80,7 +80,7 @@ class TensorPointer(Pointer):
     async def get(self, timeout: float | None = None) -> torch.Tensor:
         """Copy the tensor here. The remote value stays (the seed's ``get`` moved it; we keep both;
         ``move`` is the seed's way)."""
-        return await self.location._get_tensor(self.id, timeout)
+        return await self.location._get_tensor(self.id, timeout, made_by=self._ready)
 
     # --- what the client knows of it ---------------------------------------------------------
 

@@ -51,7 +51,7 @@ class Transfers:
     _connection: "Connection"
     _modules: "weakref.WeakKeyDictionary[nn.Module, ModulePointer]"
 
-    def _submit(self, cmd: str, args: dict[str, Any]) -> asyncio.Future[Any]:
+    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
 
     async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
@@ -152,8 +152,15 @@ class Transfers:
             "write", {"obj": obj_id, "offset": offset, "data": data}), timeout, first=ready)
         return pointer
 
-    async def _get_tensor(self, obj_id: int, timeout: float | None) -> torch.Tensor:
-        result = await self._request("get", {"obj": obj_id}, timeout)
+    async def _get_tensor(self, obj_id: int, timeout: float | None,
+                          made_by: asyncio.Future[Any] | None = None) -> torch.Tensor:
+        """The tensor's value; ``made_by``: the reply future of the op that made it, which this ``get``
+        joins when that op still waits to leave and nothing followed it (``Connection.fetch_with``)."""
+        fetched = self._connection.fetch_with(made_by) if made_by is not None else None
+        if fetched is not None:
+            result = await self._wait(fetched, timeout)
+        else:
+            result = await self._request("get", {"obj": obj_id}, timeout)
         if not isinstance(result, StreamInfo):
             return result
         out = torch.empty(result.shape, dtype=DTYPES[result.dtype])

@@ -31,6 +31,7 @@ class VirtualWorker(RemoteWorker):
         self.id = worker_id
         self.instance = self.server.instance
         self._connection.adopt_worker_limits(self.server.ping_info()["limits"])  # as connect() would
+        self._connection.adopt_features(self.server.ping_info()["features"])
         try:
             asyncio.get_running_loop()
         except RuntimeError:

@@ -86,6 +86,7 @@ class RemoteWorker(Transfers, PointerOps):
         self.id, self.instance = info["id"], info["instance"]
         self._note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
+        self._connection.adopt_features(info.get("features"))
         return self
 
     def _note_session(self, session: str | None) -> None:
@@ -229,13 +230,15 @@ class RemoteWorker(Transfers, PointerOps):
     def _before_request(self) -> None:
         """Hook for subclasses that must start something before the first request."""
 
-    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False) -> asyncio.Future[Any]:
+    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         """Send a request. ``copy=True`` copies its tensors' bytes at once: for requests that return
-        before the worker has them (pipelined ops), so that the caller may change its tensors after."""
+        before the worker has them (pipelined ops), so that the caller may change its tensors after.
+        ``fusable``: an op a ``get`` of its output may join (``Connection.fetch_with``)."""
         self._before_request()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        return self._connection.submit(cmd, args, copy=copy, client=self.client, default=self._to_ref)
+        return self._connection.submit(cmd, args, copy=copy, client=self.client, default=self._to_ref,
+                                       fusable=fusable)
 
     async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         return await self._wait(self._submit(cmd, args), timeout)

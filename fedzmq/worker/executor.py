@@ -24,7 +24,7 @@ import torch
 from ..budget import Budget, running_under
 from ..codec import Request, encode_error, encode_reply
 from ..commands import COMMANDS, Command
-from ..errors import FedzmqError, LimitExceeded, RemoteError, compact_traceback, error_payload
+from ..errors import BadRequest, FedzmqError, LimitExceeded, RemoteError, compact_traceback, error_payload
 from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
@@ -78,7 +78,27 @@ class Executor:
             return encode_error(request.id, error_payload(exc, ""))
 
     async def execute(self, session: Session, request: Request) -> tuple[list[Any], bool]:
-        """Run one queued command; returns the reply's frames and whether they hold live memory."""
+        """Run one queued command; returns the reply's frames and whether they hold live memory.
+
+        An op sent with ``fetch`` is an op and then a ``get`` of its output, run as the two commands
+        would run one after the other (the get bound, checked for release and answered as any get),
+        in one reply: ``{"result": <the op's>, "value": <the get's>}``, or ``"error"`` in place of
+        ``"value"`` when the get failed; the op's own failure is the reply's error, as for any op."""
+        ok, outcome, live = await self._outcome(session, request)
+        if not ok:
+            return encode_error(request.id, outcome), False
+        if request.cmd == "op" and request.args.get("fetch") is True:
+            get = fetch_of(request)
+            if get is None:
+                fetched, value = False, error_payload(BadRequest.new("fetch needs an op with one output"), "")
+            else:
+                fetched, value, live = await self._outcome(session, get)
+            outcome = {"result": outcome, "value" if fetched else "error": value}
+        return encode_reply(request.id, outcome), live
+
+    async def _outcome(self, session: Session, request: Request) -> tuple[bool, Any, bool]:
+        """Run one command: (True, its result, whether that holds live memory) or (False, the error's
+        payload, False)."""
         command = COMMANDS[request.cmd]
         binding: Binding | None = None
         session.budget = Budget(self.context.config.max_command_seconds)
@@ -88,11 +108,11 @@ class Executor:
             self._check_failure_disclosed(binding)
             result = await self._run(binding)
             result = self._record(binding, result)
-            return encode_reply(request.id, result), isinstance(result, LiveReply)
+            return True, result, isinstance(result, LiveReply)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return self._failed(session, request, command, binding, exc), False
+            return False, self._failed(session, request, command, binding, exc), False
         finally:
             session.budget = None
 
@@ -248,7 +268,7 @@ class Executor:
         return result.result
 
     def _failed(self, session: Session, request: Request, command: Command, binding: Binding | None,
-                exc: Exception) -> list[Any]:
+                exc: Exception) -> dict[str, Any]:
         self.counters["errors"] += 1
         if isinstance(exc, LimitExceeded):
             self.counters["limit_errors"] += 1
@@ -268,7 +288,13 @@ class Executor:
             payload = error_payload(exc, text)
         root = exc.root if isinstance(exc, DependencyError) else payload
         fail_outputs(session, request, root)
-        return encode_error(request.id, payload)
+        return payload
+
+
+def fetch_of(request: Request) -> Request | None:
+    """The ``get`` an op sent with ``fetch`` runs after itself: of its one output (None: it has several)."""
+    out = request.args["out"]
+    return Request(request.id, "get", {"obj": out[0]}, client=request.client) if len(out) == 1 else None
 
 
 def fail_outputs(session: Session, request: Request, error: dict[str, str]) -> None:
@@ -362,5 +388,5 @@ def small_fit(binding: Binding) -> bool:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers()) <= INLINE_FIT_NUMEL
 
 
-__all__ = ["Executor", "INLINE_FIT_DEADLINE", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS",
+__all__ = ["Executor", "INLINE_FIT_DEADLINE", "fetch_of", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS",
            "fail_outputs", "fit_key", "small_fit"]

@@ -33,7 +33,7 @@ from zmq.utils.monitor import parse_monitor_message
 from ..__about__ import __version__
 from ..codec import (PROTOCOL_VERSION, Request, decode_request, decode_request_head, encode_error, is_batch,
                      split_batch)
-from ..commands import COMMANDS
+from ..commands import COMMANDS, FEATURES
 from ..errors import FedzmqError, ProtocolError, error_payload
 from ..modeldesc import ModelRegistry
 from ..outbox import Outbox
@@ -259,7 +259,9 @@ class Worker:
         return {"id": self.id, "version": __version__, "protocol": PROTOCOL_VERSION, "instance": self.instance,
                 "limits": {"max_header_bytes": limits.max_header_bytes, "max_frame_bytes": limits.max_frame_bytes,
                            "max_frames": limits.max_frames, "chunk_bytes": limits.chunk_bytes,
-                           "max_items": limits.max_items, "max_batch": limits.max_batch}}
+                           "max_items": limits.max_items, "max_batch": limits.max_batch},
+                # what a client may ask of this daemon beyond the protocol's first version
+                "features": list(FEATURES)}
 
     def _all_sessions(self) -> list[Session]:
         return [s for peer in self._peers.values() for s in peer.sessions.values()]

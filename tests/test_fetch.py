@@ -1,0 +1,156 @@
+"""``await (x + 1).get()`` is one command: the op goes out at the end of the event loop's pass, and a
+``get`` of its output in the same pass, with nothing sent between them, turns it into an op-and-fetch
+(``op``'s ``fetch`` argument). The daemon runs it as the op and then the ``get``, the get bound and
+checked for release like any other, and answers both in one reply. These tests hold it to giving what
+the two commands give, in the same order, with the same refusals and errors, and to leaving the op's
+pointer whole whatever happens to the get."""
+
+import asyncio
+import re
+
+import pytest
+import torch
+
+import fedzmq as fz
+from fedzmq.codec import Reply, split_fetched
+from fedzmq.errors import ProtocolError
+from fedzmq.examples import digits
+
+
+@pytest.fixture
+def shard(tmp_path):
+    return str(digits.prepare(tmp_path / "data", ["bob"], alpha=1.0, seed=2).shards["bob"])
+
+
+async def requests_for(worker: fz.RemoteWorker, calls: int, x: fz.TensorPointer) -> int:
+    """How many requests the daemon decoded for ``calls`` op+get (and the batched deletes after them)."""
+    before = (await worker.status())["requests"]
+    for i in range(calls):
+        assert torch.equal(await (x + i).get(), torch.arange(4.0) + i)
+    await asyncio.sleep(0.1)  # the collected pointers' batched delete leaves
+    return (await worker.status())["requests"] - before - 1  # the status itself
+
+
+@pytest.mark.timeout(60)
+async def test_an_op_and_its_get_are_one_command_with_the_same_value(fedzmq_daemons):
+    [alice] = await fedzmq_daemons("alice")
+    worker = alice.worker
+    x = await worker.send(torch.arange(4.0))
+    assert worker._connection.fuses_fetch  # the daemon says it offers it in its ping
+    fused = await requests_for(worker, 20, x)
+    worker._connection.fuses_fetch = False  # as with a daemon that does not offer it: op, then get
+    plain = await requests_for(worker, 20, x)
+    assert fused <= 22 and plain >= 40, (fused, plain)
+
+
+@pytest.mark.timeout(60)
+async def test_a_get_that_does_not_follow_its_op_at_once_keeps_its_place(fedzmq_daemons):
+    [alice] = await fedzmq_daemons("alice")
+    worker = alice.worker
+    x = await worker.send(torch.arange(4.0))
+    y = x + 1
+    z = y * 10  # sent after y's op and before y's get: y's get goes on its own, after z
+    assert torch.equal(await y.get(), torch.arange(4.0) + 1)
+    assert torch.equal(await z.get(), (torch.arange(4.0) + 1) * 10)
+    later = x + 2
+    await asyncio.sleep(0)  # the op left with the end of that pass: the get is a command of its own
+    assert worker._connection.fetch_with(later._ready) is None
+    assert torch.equal(await later.get(), torch.arange(4.0) + 2)
+
+
+@pytest.mark.timeout(120)
+async def test_a_refused_fetch_is_the_gets_refusal_and_leaves_the_op_made(fedzmq_daemons, shard):
+    [bob] = await fedzmq_daemons("bob", args={"bob": ["--open-data", f"digits={shard}"]})
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    features = await ds.features()
+    with pytest.raises(fz.PermissionDenied) as fused:
+        await (features + 0).get()
+    worker._connection.fuses_fetch = False
+    plain_pointer = features + 0
+    with pytest.raises(fz.PermissionDenied) as plain:
+        await plain_pointer.get()
+    worker._connection.fuses_fetch = True
+    assert re.sub(r"\d+", "N", fused.value.remote_message) == re.sub(r"\d+", "N", plain.value.remote_message)
+    made = features + 0
+    with pytest.raises(fz.PermissionDenied):
+        await made.get()
+    await made  # the op itself ran: its pointer is whole and may be used on
+    assert made.shape == features.shape
+    assert (await made.info())["shape"] == list(features.shape)
+
+
+@pytest.mark.timeout(60)
+async def test_a_failed_op_fails_its_fetch_with_the_ops_error(fedzmq_daemons):
+    [alice] = await fedzmq_daemons("alice")
+    worker = alice.worker
+    x = await worker.send(torch.arange(4.0))
+    bad = x + torch.ones(3)
+    with pytest.raises(fz.RemoteError) as fetched:
+        await bad.get()
+    with pytest.raises(fz.RemoteError) as awaited:
+        await bad
+    assert type(fetched.value) is type(awaited.value)
+    assert "must match the size" in fetched.value.remote_message
+    assert torch.equal(await (x + 1).get(), torch.arange(4.0) + 1)  # the session goes on
+
+
+@pytest.mark.timeout(60)
+async def test_cancelling_a_fused_get_leaves_the_ops_pointer_usable(fedzmq_daemons):
+    [alice] = await fedzmq_daemons("alice")
+    worker = alice.worker
+    x = await worker.send(torch.arange(4.0))
+    made: list[fz.TensorPointer] = []
+
+    async def op_and_get() -> torch.Tensor:
+        made.append(x + 5)
+        return await made[0].get()
+
+    task = asyncio.ensure_future(op_and_get())
+    await asyncio.sleep(0)  # the op and its get were joined, and left
+    assert task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await made[0]  # the op's own reply still came, and its pointer works
+    assert torch.equal(await made[0].get(), torch.arange(4.0) + 5)
+    assert torch.equal(await (made[0] * 2).get(), (torch.arange(4.0) + 5) * 2)
+
+
+@pytest.mark.timeout(60)
+async def test_a_hosted_clients_op_and_get_run_in_its_own_session(hosting_daemon):
+    async with fz.connect(hosting_daemon) as host:
+        client = (await host.clients())[0]
+        mine = await host.send(torch.tensor([1.0, 2.0]))
+        theirs = await client.send(torch.tensor([5.0]))
+        assert mine.id == theirs.id  # the same id, in two sessions
+        assert torch.equal(await (theirs + 1).get(), torch.tensor([6.0]))
+        assert torch.equal(await (mine + 1).get(), torch.tensor([2.0, 3.0]))
+        await client.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_fetch_of_an_op_with_two_outputs_is_refused_and_the_op_still_runs(fedzmq_daemons):
+    """A client that asks for more than ours does (``fetch`` on an op with two outputs) gets a clear
+    error for the fetch, and the op's outputs are made as without it."""
+    [alice] = await fedzmq_daemons("alice")
+    worker = alice.worker
+    x = await worker.send(torch.tensor([[1.0, 5.0], [7.0, 2.0]]))
+    ids = [worker._new_id(), worker._new_id()]
+    reply = await worker._connection.wait(worker._submit(
+        "op", {"op": "max", "args": [x, 1], "kwargs": {}, "out": ids, "fetch": True}))
+    assert reply["result"] is None and reply["error"]["type"] == "BadRequest"
+    assert torch.equal(await worker._request("get", {"obj": ids[0]}), torch.tensor([5.0, 7.0]))
+
+
+def test_an_op_and_fetch_reply_splits_into_the_ops_and_the_gets():
+    op, fetched = split_fetched(Reply(3, True, {"result": None, "value": 7}))
+    assert (op.ok, op.result, fetched.ok, fetched.result) == (True, None, True, 7)
+    op, fetched = split_fetched(Reply(3, True, {"result": None, "error": {"type": "PermissionDenied",
+                                                                          "message": "no"}}))
+    assert op.ok and not fetched.ok and fetched.error == {"type": "PermissionDenied", "message": "no",
+                                                          "traceback": ""}
+    failed = Reply(3, False, error={"type": "BadRequest", "message": "x", "traceback": ""})
+    assert split_fetched(failed) == (failed, failed)
+    for broken in ({"value": 1}, {"result": 1, "value": 1, "error": {}}, {"result": 1, "error": "no"}, [1]):
+        with pytest.raises(ProtocolError):
+            split_fetched(Reply(3, True, broken))
