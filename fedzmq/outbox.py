@@ -72,7 +72,9 @@ class Outbox:
             return False
         count, nframes, header_bytes, nbytes = self._sizes
         header_bytes += len(header) - len(message[0])
-        if header_bytes > self.limits.max_items:  # as ``batchable`` and ``batch_fits`` count headers
+        # the room a batch has for headers (``batch_fits``; a lone message's, ``batchable``), and what
+        # the worker reads of any header
+        if header_bytes > self.limits.max_items or len(header) > self.limits.max_header_bytes:
             return False
         message[0] = header
         self._sizes = (count, nframes, header_bytes, nbytes)

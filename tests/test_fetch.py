@@ -154,3 +154,77 @@ def test_an_op_and_fetch_reply_splits_into_the_ops_and_the_gets():
     for broken in ({"value": 1}, {"result": 1, "value": 1, "error": {}}, {"result": 1, "error": "no"}, [1]):
         with pytest.raises(ProtocolError):
             split_fetched(Reply(3, True, broken))
+
+
+@pytest.fixture
+def daemon_process(tmp_path):
+    """One real daemon the test may restart or start with options (stopped after the test)."""
+    from fedzmq.launcher import DaemonProcess, stop_all
+
+    started: list[DaemonProcess] = []
+
+    def start(*extra: str) -> DaemonProcess:
+        process = DaemonProcess("solo", "tcp://127.0.0.1:0", extra_args=list(extra), log_dir=tmp_path / "logs")
+        process.start(60.0)
+        started.append(process)
+        return process
+
+    yield start
+    stop_all(started)
+
+
+@pytest.mark.timeout(60)
+async def test_a_fused_reply_the_client_cannot_decode_fails_the_get_at_once(daemon_process):
+    """A value bigger than the client takes (its own ``max_frame_bytes``) fails its ``get`` with a
+    ``ProtocolError``, fused or not: a fused get used to wait for ever (found by a review)."""
+    from fedzmq.codec import Limits
+
+    solo = daemon_process()
+    settings = fz.ConnectionSettings(limits=Limits(max_frame_bytes=4096, chunk_bytes=4096))
+    async with fz.connect(solo.address, settings=settings) as worker:
+        x = await worker.send(torch.ones(64))
+        with pytest.raises(ProtocolError):
+            async with asyncio.timeout(10):
+                await (x.reshape(64, 1) * x).get()  # 16 KiB in one frame
+        assert not worker._connection._fetches
+        assert torch.equal(await (x + 1).get(), torch.ones(64) + 1)
+
+
+@pytest.mark.timeout(60)
+async def test_an_op_whose_header_would_pass_the_workers_limit_with_fetch_goes_unfused(daemon_process):
+    """``fetch`` adds 7 bytes to the op's header: an op just under the worker's ``max_header_bytes``
+    goes as it is, with its own get after it, instead of a header the worker refuses unread (and so
+    cannot answer: the op and the get used to wait, found by a review)."""
+    from fedzmq.codec import encode_request, with_argument
+
+    solo = daemon_process("--max-header-bytes", "4096")
+    async with fz.connect(solo.address) as worker:
+        x = await worker.send(torch.ones(4))
+        index = next(n for n in range(4000) if 4090 <= len(encode_request(
+            99, "op", {"op": "add", "args": [fz.codec.Ref(x.id), [0.5] * n], "kwargs": {}, "out": [100]})[0]))
+        y = x.add([0.5] * index)
+        assert len(with_argument(worker._connection._fusable.message[0], "fetch", True)) > 4096
+        with pytest.raises(fz.RemoteError):  # a list is no tensor: the op fails, and its get says so
+            async with asyncio.timeout(10):
+                await y.get()
+
+
+@pytest.mark.timeout(90)
+async def test_a_restarted_daemon_is_asked_again_before_an_op_and_get_are_fused(daemon_process):
+    """A daemon restarted at the same address may be another version: after the session reset the
+    client fuses no op and get until a ping names the feature again (found by a review: an older
+    daemon refused every op with ``fetch``)."""
+    solo = daemon_process()
+    settings = fz.ConnectionSettings(heartbeat_interval=0.1)
+    async with fz.connect(solo.address, settings=settings) as worker:
+        assert worker._connection.fuses_fetch
+        solo.restart(60.0)
+        for _ in range(100):
+            if worker._connection.session_resets:
+                break
+            await asyncio.sleep(0.1)
+        assert worker._connection.session_resets and not worker._connection.fuses_fetch
+        x = await worker.send(torch.ones(2))
+        assert torch.equal(await (x + 1).get(), torch.full((2,), 2.0))  # op, then get
+        assert await worker.refresh() and worker._connection.fuses_fetch
+        assert torch.equal(await (x + 2).get(), torch.full((2,), 3.0))

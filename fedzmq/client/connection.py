@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import zmq
 import zmq.asyncio
@@ -104,9 +104,8 @@ class Connection:
         self._reply_batches = self.limits
         #: the worker runs an op and a ``get`` of its output as one command (``commands.FEATURES``)
         self.fuses_fetch = False
-        #: the last request submitted, when it is an op that may still become an op-and-fetch
-        #: (``fetch_with``): its id, its reply's future and its message as it waits in the outbox
-        self._fusable: tuple[int, asyncio.Future[Reply], list[Any]] | None = None
+        #: the last request submitted, when it is an op that may still become an op-and-fetch (``fetch_with``)
+        self._fusable: _HeldOp | None = None
         #: op-and-fetch requests: the future of the fetched value's reply, by request id
         self._fetches: dict[int, asyncio.Future[Reply]] = {}
         #: RemoteWorkers sharing this connection (one per logical client of the daemon): it closes with the last
@@ -208,7 +207,7 @@ class Connection:
             future.add_done_callback(partial(_discard, self._control, request_id))
         fusable = fusable and self.fuses_fetch
         message = self._outbox.add(frames, copy=copy or self._copy_frames, hold=fusable)
-        self._fusable = (request_id, future, message) if fusable and message is not None else None
+        self._fusable = _HeldOp(request_id, future, message) if fusable and message is not None else None
         self.bytes_sent += sum(len(f) for f in frames)
         return future
 
@@ -217,15 +216,15 @@ class Connection:
         still waits to leave: it then runs as the op and a ``get`` of its output one after the other, in
         one command and one reply. Returns the future of the fetched value's reply; None when the op
         left already or another request followed it (send a ``get``: its place in the order is now)."""
-        fusable = self._fusable
-        if fusable is None or fusable[1] is not ready:
+        held = self._fusable
+        if held is None or held.reply is not ready:
             return None
         self._fusable = None
-        request_id, _, message = fusable
-        if not self._outbox.rewrite_last(message, with_argument(message[0], "fetch", True)):
-            return None
+        header = with_argument(held.message[0], "fetch", True)
+        if len(header) > self.limits.max_header_bytes or not self._outbox.rewrite_last(held.message, header):
+            return None  # a header the worker would refuse unread: the op as it is, then a get
         fetched: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._fetches[request_id] = fetched
+        self._fetches[held.request_id] = fetched
         return fetched
 
     def _send_message(self, frames: list[Any], copy: bool) -> None:
@@ -317,9 +316,10 @@ class Connection:
             reply = decode_reply(frames, self.limits)
         except ProtocolError as exc:  # the worker's reply broke the protocol: a local error
             log.warning("undecodable reply from %s: %s", self.address, exc)
-            broken = self._pending.pop(exc.request_id, None) if exc.request_id is not None else None
-            if broken is not None and not broken.done():
-                broken.set_exception(exc)
+            if exc.request_id is not None:
+                for broken in (self._pending.pop(exc.request_id, None), self._fetches.pop(exc.request_id, None)):
+                    if broken is not None and not broken.done():  # an op-and-fetch's: the op's pointer too
+                        broken.set_exception(exc)
             return
         fetched = self._fetches.pop(reply.id, None) if reply.id is not None else None
         if fetched is not None:
@@ -382,6 +382,7 @@ class Connection:
         self.session = session
         if changed:
             self.session_resets += 1
+            self.fuses_fetch = False  # the worker may be another version now: until a ping names it again
             self._fail_ordered(lambda _: True, "the worker's session was reset (restarted, or idle too long): "
                                                "its objects are gone")
         return changed
@@ -413,6 +414,14 @@ class Connection:
             if not future.done():
                 future.set_exception(type(error)(str(error)))
                 future.add_done_callback(_ignore_result)  # raised to whoever awaits it; no warning otherwise
+
+
+class _HeldOp(NamedTuple):
+    """An op waiting in the outbox that a ``get`` of its output may still join."""
+
+    request_id: int
+    reply: asyncio.Future[Reply]  # the op's own reply's future (its pointers')
+    message: list[Any]  # as it waits in the outbox
 
 
 def unwrap(reply: Reply) -> Any:

@@ -176,6 +176,8 @@ class RemoteWorker(Transfers, PointerOps):
         reset = self._connection.session_resets != self._resets_seen or (
             self.client is not None and before is not None and before != self._client_session)
         self._resets_seen = self._connection.session_resets
+        if self.client is None:
+            self._connection.adopt_features(info.get("features"))  # a restarted worker may be another version
         restarted = (self.instance is not None and info["instance"] != self.instance) or reset
         if restarted:
             self._modules = weakref.WeakKeyDictionary()

@@ -388,5 +388,5 @@ def small_fit(binding: Binding) -> bool:
     return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers()) <= INLINE_FIT_NUMEL
 
 
-__all__ = ["Executor", "INLINE_FIT_DEADLINE", "fetch_of", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS",
-           "fail_outputs", "fit_key", "small_fit"]
+__all__ = ["Executor", "INLINE_FIT_DEADLINE", "INLINE_FIT_NUMEL", "INLINE_FIT_ROWS", "INLINE_FIT_SECONDS",
+           "fail_outputs", "fetch_of", "fit_key", "small_fit"]
