@@ -16,8 +16,8 @@ For every cell (N daemons, a model of P float32 parameters):
   ``--raw-peer ADDRESS``: a ``zmq.asyncio`` ROUTER that sends every message back as it came, zero-copy)
   are sent the model's tensors as frames (``copy=False``) all at once, all N replies (the same bytes)
   are received at once, each added into a float32 running sum as it arrives (``torch.frombuffer`` on
-  the received frames, no copy), and the sum divided by N: a round's traffic and its averaging with
-  nothing else.
+  the received frames, no copy; the same sum every round, zeroed), and the sum divided by N: a
+  round's traffic and its averaging with nothing else.
 
 The table also gives the coordinator's CPU time per round (this process, all its threads; medians),
 which a shared machine's load disturbs less than the wall time.
