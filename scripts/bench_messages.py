@@ -11,8 +11,9 @@ Measured, one ``fedzmq-worker`` daemon and one raw echo server (``bench_core.py 
 talked to from this process's one event loop:
 
 * **op+get**: ``await (x + 1).get()`` on a 16-element float32 tensor ``x`` already on the daemon: the
-  op is sent without waiting (it returns a pointer at once), then ``get`` brings the result back: one
-  round trip's wait. Against one raw round trip of a 64-byte message (the tensor's bytes). Goal: <= 2x.
+  op returns a pointer at once, and the ``get`` asked for in the same pass joins it: one command and
+  one round trip (docs/protocol.md, ``op``'s ``fetch``). Against one raw round trip of a 64-byte
+  message (the tensor's bytes). Goal: <= 2x.
 * **ping**: ``await worker.ping()`` against the same raw round trip (the protocol's floor).
 * **pipelined**: 2,000 ``x + 1`` issued without awaiting, then all awaited; ops/s against raw sending
   2,000 64-byte messages, then receiving the 2,000 echoes (messages/s). Goal: >= 1/3 of raw.
