@@ -220,9 +220,8 @@ class Connection:
         if held is None or held.reply is not ready:
             return None
         self._fusable = None
-        header = with_argument(held.message[0], "fetch", True)
-        if len(header) > self.limits.max_header_bytes or not self._outbox.rewrite_last(held.message, header):
-            return None  # a header the worker would refuse unread: the op as it is, then a get
+        if not self._outbox.rewrite_last(held.message, with_argument(held.message[0], "fetch", True)):
+            return None  # past the worker's header limits: the op as it is, then a get
         fetched: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._fetches[held.request_id] = fetched
         return fetched
