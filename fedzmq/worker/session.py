@@ -19,6 +19,7 @@ from typing import Any
 
 from ..budget import Budget
 from ..codec import Request
+from ..eager import Started
 from ..outbox import Outbox
 from .datasets import Dataset
 from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
@@ -66,8 +67,12 @@ class Session:
     taint: TaintRecord = field(default_factory=TaintRecord)
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
     secure_rounds: dict[int, Any] = field(default_factory=dict)
-    queue: asyncio.Queue[Request | None] = field(default_factory=asyncio.Queue)
+    #: commands to run in order; a command that started at once and then waited (``fedzmq.eager``);
+    #: None: the session ended
+    queue: asyncio.Queue[Request | Started[bool] | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
+    #: the session's task waits for a command with none queued: the next one may run at once
+    parked: bool = False
     #: the id of the request being worked on, if any (reported in heartbeats), and its budget
     running: int | None = None
     budget: Budget | None = None
