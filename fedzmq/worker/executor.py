@@ -189,13 +189,17 @@ class Executor:
 
     def _charge(self, binding: Binding) -> int:
         """Size the command's declared charges and check they fit, before anything is made."""
+        kinds = [kind for kind in binding.command.charges if kind != "graph"]
+        if not kinds:
+            return 0
         with default_modes():
-            parts = {kind: CHARGES[kind](self.context, binding) for kind in binding.command.charges if kind != "graph"}
+            parts = {kind: CHARGES[kind](self.context, binding) for kind in kinds}
         nbytes = sum(parts.values())
-        if nbytes:
+        quota = binding.session.quota
+        if nbytes and nbytes > quota.room():  # the message is written only for a refusal
             what = binding.command.name + (f" ({binding.args['op']})" if binding.command.name == "op" else "")
             detail = "; ".join(f"{CHARGE_NAMES[kind]}: {n}" for kind, n in parts.items() if n)
-            binding.session.quota.check(nbytes, f"{what} ({detail})")
+            quota.check(nbytes, f"{what} ({detail})")
         return nbytes
 
     def _call(self, binding: Binding, reserve: int) -> Any:

@@ -124,20 +124,12 @@ class Quota:
 
     # --- what a command is about to make ---------------------------------------------------------
 
-    @contextlib.contextmanager
-    def reserving(self, nbytes: int, covers_saved: bool = False) -> Iterator[None]:
+    def reserving(self, nbytes: int, covers_saved: bool = False) -> "Reservation":
         """Hold ``nbytes`` against the quota while the block runs (room for what a command will make),
         so that what else the block charges is checked beside it. A reservation that ``covers_saved``
         (a forward's whole footprint) already counts what autograd saves: saved tensors are then held
         without a check of their own, and stay charged when the reservation ends."""
-        token = object()
-        self._reservations[token] = nbytes
-        self._covering_saved += covers_saved
-        try:
-            yield
-        finally:
-            self._reservations.pop(token, None)
-            self._covering_saved -= covers_saved
+        return Reservation(self, nbytes, covers_saved)
 
     @contextlib.contextmanager
     def charging_saved_tensors(self) -> Iterator[None]:
@@ -175,6 +167,23 @@ class Quota:
             self._holder_extra.clear()
             self._reservations.clear()
             self.held = 0
+
+
+class Reservation:
+    """``Quota.reserving``'s block: a class, not a generator, as it is entered for every command."""
+
+    __slots__ = ("quota", "nbytes", "covers_saved")
+
+    def __init__(self, quota: Quota, nbytes: int, covers_saved: bool) -> None:
+        self.quota, self.nbytes, self.covers_saved = quota, nbytes, covers_saved
+
+    def __enter__(self) -> None:
+        self.quota._reservations[self] = self.nbytes
+        self.quota._covering_saved += self.covers_saved
+
+    def __exit__(self, *exc: object) -> None:
+        self.quota._reservations.pop(self, None)
+        self.quota._covering_saved -= self.covers_saved
 
 
 class SavedTensor:
