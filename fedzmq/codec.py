@@ -219,10 +219,22 @@ class _Encoder:
         }
 
 
+#: the dtypes numpy has (bfloat16 and the float8s it has not: their bytes go through a uint8 view)
+_NUMPY_DTYPES = frozenset((torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+                           torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128))
+
+
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a buffer that ZeroMQ can send without copying."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if not tensor.numel():
+        return memoryview(b"")
+    if tensor.dtype in _NUMPY_DTYPES:  # numpy's own view, cast to bytes: two calls fewer through torch
+        return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _pack(header: dict[str, Any]) -> bytes:

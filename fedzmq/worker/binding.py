@@ -140,8 +140,13 @@ def object_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+_PLAIN = frozenset((bool, int, float, str))
+
+
 def _resolve(value: Any, session: Session, tensors: list[torch.Tensor]) -> Any:
     """Replace every ``Ref`` by the session's tensor, collecting the tensors referenced."""
+    if value is None or type(value) in _PLAIN:  # most values: ids, names, flags, numbers
+        return value
     if isinstance(value, Ref):
         obj = session.table.get(value.id, "tensor")
         tensors.append(obj)
