@@ -141,3 +141,47 @@ async def test_an_in_process_worker_answers_them_in_the_order_sent_too():
     async with fz.VirtualWorker("bob") as bob:
         for _ in range(3):
             await answer_order(bob)
+
+
+async def test_a_session_closed_by_a_command_run_at_once_ends_its_task():
+    """``close`` of a session with nothing queued runs in the pump's callback. Its task, parked on the
+    empty queue, must still be told to end (a red-team-style review found it waiting for ever, one
+    leaked task per closed session, each logged by asyncio as destroyed while pending)."""
+    async with fz.Worker("carol") as server:
+        sessions = []
+        for _ in range(5):
+            client = await fz.connect(server.address)
+            await client.send(torch.ones(2))
+            sessions += server._all_sessions()
+            await client.close()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            if all(s.task is not None and s.task.done() for s in sessions):
+                break
+        assert sessions and all(s.task is not None and s.task.done() for s in sessions)
+        assert not server._all_sessions()
+
+
+@pytest.mark.parametrize("after_a_wait", [False, True])
+async def test_a_bug_in_running_a_command_answers_it_and_ends_only_its_session(after_a_wait):
+    """A bug outside a handler (the executor raising) must neither hang the client nor stop the worker,
+    whether it struck before the command first waited (run at once) or after (in the session's task)."""
+    async with fz.Worker("dave") as server:
+        async with fz.connect(server.address) as victim, fz.connect(server.address) as bystander:
+            mine = await bystander.send(torch.arange(3.0))
+            x = await victim.send(torch.ones(2))
+            real = server.executor.execute
+
+            async def broken(session, request):
+                if request.cmd == "op" and session.key == victim_key:
+                    if after_a_wait:
+                        await asyncio.sleep(0)
+                    raise RuntimeError("a bug")
+                return await real(session, request)
+
+            victim_key = next(s.key for s in server._all_sessions() if x.id in s.table.objects)
+            server.executor.execute = broken  # type: ignore[method-assign]
+            with pytest.raises(fz.RemoteError, match="failed running this command"):
+                await asyncio.wait_for(asyncio.ensure_future(x + 1), 10)
+            assert torch.equal(await asyncio.wait_for((mine * 2).get(), 10), torch.arange(3.0) * 2)
+            assert server.counters["sessions_expired"] == 1

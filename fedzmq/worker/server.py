@@ -3,13 +3,20 @@
     socket pump ──decode──► control command? ──yes──► answer at once (ping, heartbeat, status)
                                    │ no
                                    ▼
+           session idle? ──yes──► run it now, in the pump's callback (``fedzmq.eager``) ──► reply
+                                   │ no                        │ it waits (torch thread, big reply)
+                                   ▼                           ▼
                         session queue (FIFO) ──► session task ──► executor (loop or torch thread) ──► reply
 
 The pump (``fedzmq.pump``: the socket driven by the event loop's reader callback, a bounded batch of
-messages per wake-up) never runs torch work, so pings and heartbeats are answered while a session is busy;
-each session has its own task, so one session's commands keep their order and other sessions do not
-wait on it. A message that fails decoding gets an error reply to its sender and is counted; nothing
-else is touched. What a command does is the executor's business (``fedzmq.worker.executor``).
+messages per wake-up) never runs long work: commands that run on the event loop are small by rule
+(``fedzmq.worker.cost``), and everything else goes to a torch thread, so pings and heartbeats are
+answered while a session is busy. A command of a session with nothing queued or running runs as the
+pump reads it, which saves a pass of the loop and a task step per command; one that waits is handed to
+the session's task, and the session's later commands queue behind it. Each session has its own task,
+so one session's commands keep their order and other sessions do not wait on it. A message that fails
+decoding gets an error reply to its sender and is counted; nothing else is touched. What a command does
+is the executor's business (``fedzmq.worker.executor``).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from .cost import Coster, warm_up
 from .datasets import Dataset
 from .executor import Executor, fail_outputs
 from .policy import Policy
-from .session import Peer, Session
+from .session import Peer, Session, StartedCommand
 from .training import Terms
 
 log = logging.getLogger("fedzmq.worker")
@@ -227,8 +234,8 @@ class Worker:
         for session in sessions:  # commands that waited and were never taken up by their task
             while not session.queue.empty():
                 item = session.queue.get_nowait()
-                if isinstance(item, Started):
-                    item.close()
+                if isinstance(item, StartedCommand):
+                    item.rest.close()
         self._tasks = []
         self._peers.clear()
         self._intake.clear()
@@ -435,13 +442,27 @@ class Worker:
         commands queue behind it, so the order is the same."""
         try:
             step = start(self._run(session, request))
-        except Exception:  # a bug in running a command: its session ends, not the daemon
-            log.exception("command %s of session %s failed outside its handler", request.cmd, session.key.hex())
-            if self._live(session):
-                self._end_session(session, "sessions_expired")
+        except Exception as exc:
+            self._crashed(session, request, exc)
             return
         if isinstance(step, Started):
-            session.queue.put_nowait(step)
+            session.queue.put_nowait(StartedCommand(request, step))
+
+    def _crashed(self, session: Session, request: Request, exc: Exception) -> None:
+        """A bug outside the command's handler (whose errors are replies): answer the command with an
+        error that quotes nothing of it, refuse what the session queued after it, and end the session
+        (its objects may be half made); the daemon and the other sessions go on."""
+        log.error("command %s of session %s failed outside its handler", request.cmd, session.key.hex(),
+                  exc_info=exc)
+        if not self._live(session):
+            return
+        assert session.outbox is not None
+        session.outbox.flush()  # what ran before it was answered
+        self._transmit(session.key, encode_error(request.id, {
+            "type": "WorkerError", "message": "the worker failed running this command (its log says why); "
+            "this session was closed", "traceback": ""}), session)
+        self._refuse_queued(session, "the session was closed: the worker failed running an earlier command")
+        self._end_session(session, "sessions_expired")
 
     def _malformed(self, key: bytes, exc: Exception) -> None:
         """Answer a message that could not be decoded, and count it; nothing else is touched."""
@@ -550,7 +571,12 @@ class Worker:
                     busy = True
                 if request is None:
                     return
-                if await (request if isinstance(request, Started) else self._run(session, request)):
+                command = request.request if isinstance(request, StartedCommand) else request
+                try:
+                    if await (request.rest if isinstance(request, StartedCommand) else self._run(session, request)):
+                        return
+                except Exception as exc:
+                    self._crashed(session, command, exc)
                     return
                 if time.perf_counter() - slice_started > SESSION_SLICE_SECONDS / self._busy_sessions:
                     self._flush_replies(session)
@@ -588,9 +614,9 @@ class Worker:
             session.last_done = request.id
             if session.peer is not None:
                 session.peer.touch()
-        if request.cmd == "close":
-            self._end_session(session, "sessions_closed")
+        if request.cmd == "close":  # what it queued is refused first: the None that ends its task comes last
             self._refuse_queued(session, "the session was closed before this command ran")
+            self._end_session(session, "sessions_closed")
             return True
         return not self._live(session)  # ended while it ran (its client stopped reading)
 
@@ -640,8 +666,8 @@ class Worker:
             session.outbox.flush()  # the replies of what ran go first
         while not session.queue.empty():
             request = session.queue.get_nowait()
-            if isinstance(request, Started):  # not so: a command that waited ran before this one
-                request.close()
+            if isinstance(request, StartedCommand):  # not so: a command that waited ran before this one
+                request.rest.close()
             elif request is not None:
                 self._send(session.key, encode_error(request.id, {"type": "WorkerClosedError", "message": why,
                                                                   "traceback": ""}))

@@ -52,6 +52,14 @@ class Peer:
         return all(s.empty for s in self.sessions.values())
 
 
+@dataclass
+class StartedCommand:
+    """A command that was run at once and then waited: the rest of it, for the session's task to await."""
+
+    request: Request
+    rest: Started[bool]
+
+
 @dataclass(eq=False)
 class Session:
     key: bytes
@@ -69,7 +77,7 @@ class Session:
     secure_rounds: dict[int, Any] = field(default_factory=dict)
     #: commands to run in order; a command that started at once and then waited (``fedzmq.eager``);
     #: None: the session ended
-    queue: asyncio.Queue[Request | Started[bool] | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Request | StartedCommand | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     #: the session's task waits for a command with none queued: the next one may run at once
     parked: bool = False
@@ -135,4 +143,4 @@ class Session:
         self.secure_rounds.clear()
 
 
-__all__ = ["Peer", "Session"]
+__all__ = ["Peer", "Session", "StartedCommand"]
