@@ -10,6 +10,9 @@ step itself to what a task would do, and the daemon to answering a mix of both k
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
+import time
 
 import pytest
 import torch
@@ -185,3 +188,56 @@ async def test_a_bug_in_running_a_command_answers_it_and_ends_only_its_session(a
                 await asyncio.wait_for(asyncio.ensure_future(x + 1), 10)
             assert torch.equal(await asyncio.wait_for((mine * 2).get(), 10), torch.arange(3.0) * 2)
             assert server.counters["sessions_expired"] == 1
+
+
+def serve_in_a_thread(worker: fz.Worker, ready: "queue.Queue[str]", stop: threading.Event) -> None:
+    """Serve ``worker`` over loopback tcp on an event loop of its own, as a daemon would (the client's
+    loop must not be the one a slow command holds)."""
+
+    async def serve() -> None:
+        worker.bind("tcp://127.0.0.1:0")
+        async with worker:
+            ready.put(worker.address)
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+
+    asyncio.run(serve())
+
+
+async def test_commands_run_at_once_from_one_message_give_the_loop_back_after_a_slice():
+    """A batch of four commands arrives as one message. Run at once one after the other, four slow
+    ones (an inline fit that turned slow may take up to half a second) would hold the daemon's event
+    loop four times as long as a session's task did, which yields after each slice. Past the slice,
+    the rest of the message goes to the session's queue: a ping that arrived meanwhile is answered
+    after at most two of them (the one run at once, and one the session's task may run before the pump
+    reads again), not after all four."""
+    server = fz.Worker("erin")
+    real = server.executor.execute
+
+    async def slow(session, request):
+        if request.cmd == "op":
+            time.sleep(0.2)  # a command on the loop that turned slow (no await: it holds the loop)
+        return await real(session, request)
+
+    server.executor.execute = slow  # type: ignore[method-assign]
+    ready: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=serve_in_a_thread, args=(server, ready, stop), daemon=True)
+    thread.start()
+    try:
+        address = ready.get(timeout=10)
+        async with fz.connect(address) as busy, fz.connect(address) as other:
+            x = await busy.send(torch.ones(2))
+            await other.ping()
+            answered: list[str] = []
+            ops = [x + i for i in range(4)]  # one pass: one batch message
+            for i, op in enumerate(ops):
+                op._ready.add_done_callback(lambda _, i=i: answered.append(f"op{i}"))
+            await asyncio.sleep(0.1)  # the first op is running and holds the daemon's loop
+            ping = asyncio.ensure_future(other.ping())
+            ping.add_done_callback(lambda _: answered.append("ping"))
+            await asyncio.wait_for(asyncio.gather(ping, *ops), 10)
+            assert answered.index("ping") <= 2, answered
+    finally:
+        stop.set()
+        thread.join(10)

@@ -117,6 +117,9 @@ class Worker:
         self._intake_scheduled = False
         #: when ``_evict_one`` may next look for a connection to evict (see ``EVICT_SCAN_SECONDS``)
         self._next_evict_scan = 0.0
+        #: until when commands may still run at once in the message (or intake turn) being read: past one
+        #: slice, a batch's later commands go to their session's queue (see ``_run_at_once``)
+        self._run_at_once_until = 0.0
         #: the status snapshot of the intake turn being taken, if one was asked for (see ``status``)
         self._status: dict[str, Any] | None = None
         self._status_batch = False
@@ -318,6 +321,7 @@ class Worker:
         the pump reads a batch about as cheaply as a lone request, and a peer that sends batches of 64
         does not make the others' messages wait behind 64 requests each in the socket's queue."""
         key, message = frames[0].bytes, frames[1:]
+        self._run_at_once_until = time.perf_counter() + SESSION_SLICE_SECONDS
         if is_batch(message):
             try:
                 requests = split_batch(message, self.config.limits)
@@ -371,6 +375,7 @@ class Worker:
         one snapshot: it walks every session, and a batch may hold 64 of them."""
         self._intake_scheduled = False
         started = time.perf_counter()
+        self._run_at_once_until = started + SESSION_SLICE_SECONDS
         self._status_batch = True
         try:
             while self._intake_turns and time.perf_counter() - started < BUDGET_SECONDS:
@@ -429,7 +434,7 @@ class Worker:
                          f"would pass its quota of {session.quota.max_bytes} bytes (--max-session-bytes)", session)
         else:
             session.quota.queued += request.nbytes
-            if session.parked and session.queue.empty():
+            if session.parked and session.queue.empty() and time.perf_counter() < self._run_at_once_until:
                 self._run_at_once(session, request)
             else:
                 session.queue.put_nowait(request)
@@ -439,7 +444,9 @@ class Worker:
         instead of waking the session's task for it on the next pass of the event loop (a pass, a queue's
         future and a task step per command: a tenth of a small op's cost on the daemon). Most commands
         never wait; one that does is handed to the session's task where it waits, and the session's later
-        commands queue behind it, so the order is the same."""
+        commands queue behind it, so the order is the same. Only for one slice of each message read (or
+        intake turn): past it, a batch's later commands go to their session's queue, so a batch of slow
+        commands holds the loop no longer than the session's task would, which yields after each slice."""
         try:
             step = start(self._run(session, request))
         except Exception as exc:
