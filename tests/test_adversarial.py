@@ -440,6 +440,49 @@ async def test_live_weights_in_a_reply_are_sent_before_the_next_command_changes_
         reader.close()
 
 
+async def test_a_client_that_never_reads_a_live_reply_loses_only_its_own_session(monkeypatch):
+    """A live reply (the model's own tensors, uncopied) holds the session's next command until ZeroMQ has
+    sent it. A client that stops reading and sends another command must not hold its session for ever:
+    after ``LIVE_REPLY_SECONDS`` the session is closed. Meanwhile another client is served as usual."""
+    from fedzmq.codec import Limits
+    from fedzmq.modeldesc import describe
+    from fedzmq.worker import server as server_module
+
+    monkeypatch.setattr(server_module, "LIVE_REPLY_SECONDS", 1.0)
+    limits = Limits()
+    model = nn.Linear(4096, 4096)  # 64 MiB: past any socket buffer
+    worker = Worker("carol", config=WorkerConfig())
+    worker.bind("tcp://127.0.0.1:0")  # over tcp, replies leave uncopied (inproc copies them)
+    async with worker:
+        reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.setsockopt(zmq.RCVHWM, 1)
+        reader.setsockopt(zmq.RCVBUF, 4096)
+        reader.connect(worker.address)
+        try:
+            await reader.send_multipart(encode_request(1, "module_put", {"out": 1, "spec": describe(model),
+                                                                         "state": dict(model.state_dict())}))
+            [put] = await replies_of(reader, limits)
+            assert put.ok, put.error
+            await reader.send_multipart(encode_request(2, "status", {}))  # its reply, unread, fills the queue
+            await asyncio.sleep(0.2)
+            await reader.send_multipart(encode_request(3, "module_state", {"obj": 1}))  # stuck in the socket
+            await reader.send_multipart(encode_request(4, "module_write", {
+                "obj": 1, "name": "bias", "offset": 0, "data": torch.zeros(16, dtype=torch.uint8)}))
+            async with fz.connect(worker.address) as other:  # the reader reads nothing from here on
+                x = await other.send(torch.arange(3.0))
+                started = time.monotonic()
+                assert torch.equal(await (x + 1).get(), torch.arange(3.0) + 1)
+                assert time.monotonic() - started < 1.0  # not behind the reader's waiting command
+                while worker.status()["sessions_expired"] < 1:
+                    assert time.monotonic() - started < 15, "the reader's session was never closed"
+                    await asyncio.sleep(0.1)
+                assert len(worker._all_sessions()) == 1  # the other client's
+                assert torch.equal(await (x * 2).get(), torch.arange(3.0) * 2)
+        finally:
+            reader.close()
+
+
 async def test_sessions_of_clients_that_went_away_do_not_lock_out_a_new_one(fedzmq_daemons):
     [bob] = await fedzmq_daemons("bob", args=["--max-sessions", "8"])
     gone = []

@@ -61,6 +61,9 @@ log = logging.getLogger("fedzmq.worker")
 #: replies whose buffers hold more than this are charged to their session until ZeroMQ has sent them
 #: (pyzmq copies smaller frames anyway; how many of those wait is bounded by the socket's send HWM)
 TRACKED_REPLY_BYTES = 1 << 16
+#: how long a live reply (a model's own tensors, sent uncopied) may wait unsent before its session is
+#: closed: its client stopped reading, and the session's next command cannot run until it is sent
+LIVE_REPLY_SECONDS = 300.0
 
 #: requests of one peer accepted in a row before the next peer's turn; a batch of at most this many from
 #: a peer with nothing waiting is accepted at once (see ``Worker._accept``)
@@ -602,17 +605,16 @@ class Worker:
     async def _run(self, session: Session, request: Request) -> bool:
         """Run one queued command and reply; True when it ended the session. (A method of its own so
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
+        if session.unsent is not None and not await self._sent(session):
+            return True
         session.running = request.id
         session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
         try:
             frames, live = await self.executor.execute(session, request)
             if live and not self._copy_frames:
-                try:
-                    await self._send_and_wait(session, frames)
-                except RuntimeError as exc:  # its client stopped reading: end the session, not the daemon
-                    log.warning("%s; closing the session", exc)
-                    self._end_session(session, "sessions_expired")
-                    return True
+                tracker = self._send(session.key, frames, session, track=True)
+                if tracker is not None and not tracker.done:
+                    session.unsent = (tracker, time.monotonic() + LIVE_REPLY_SECONDS)
             else:
                 assert session.outbox is not None
                 session.outbox.add(frames)  # with the others this session answers before it next waits
@@ -698,15 +700,24 @@ class Worker:
             self._end_session(session, counter)
         self._peers.pop(peer.key, None)
 
-    async def _send_and_wait(self, session: Session, frames: list[Any], limit: float = 300.0) -> None:
-        """Send without copying and wait until ZeroMQ no longer needs the frames' memory."""
-        tracker = self._send(session.key, frames, session, track=True)
-        deadline, pause = time.monotonic() + limit, 0.0005
-        while tracker is not None and not tracker.done:  # polled: no thread is held by a slow reader
+    async def _sent(self, session: Session) -> bool:
+        """Wait until ZeroMQ has sent the session's last live reply (``LiveReply``: the model's own
+        tensors, uncopied), which the command about to run may change. Waiting here, and not right after
+        the send, leaves the session free between its commands: a federated round's next command comes
+        long after its state left, and runs at once. False if the session ended meanwhile, or was ended
+        because its client has not read the reply for ``LIVE_REPLY_SECONDS``."""
+        assert session.unsent is not None
+        (tracker, deadline), pause = session.unsent, 0.0005
+        while not tracker.done and self._live(session):  # polled: no thread is held by a slow reader
             if time.monotonic() > deadline:
-                raise RuntimeError(f"a reply to session {session.key.hex()} was not sent within {limit:g}s")
+                log.warning("a reply to session %s was not sent within %gs; closing the session",
+                            session.key.hex(), LIVE_REPLY_SECONDS)
+                self._end_session(session, "sessions_expired")
+                return False
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
+        session.unsent = None
+        return self._live(session)
 
     def _send(self, key: bytes, frames: list[Any], session: Session | None = None,
               track: bool = False) -> zmq.MessageTracker | None:
