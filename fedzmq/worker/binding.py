@@ -173,10 +173,4 @@ class Made:
     result: Any = None
 
 
-class LiveReply(dict):
-    """A reply holding live tensors (a module's parameters), sent without copying them: the session
-    runs its next command only once ZeroMQ has sent these bytes, so no later step can change them
-    mid-send. (It saves a model-sized copy per download of a federated round.)"""
-
-
-__all__ = ["Binding", "Context", "LiveReply", "Made", "bind", "object_tensors"]
+__all__ = ["Binding", "Context", "Made", "bind", "object_tensors"]

@@ -28,7 +28,7 @@ from ..errors import BadRequest, FedzmqError, LimitExceeded, RemoteError, compac
 from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
-from .binding import Binding, Context, LiveReply, Made, bind
+from .binding import Binding, Context, Made, bind
 from .charges import CHARGES
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
@@ -77,28 +77,29 @@ class Executor:
         except Exception as exc:
             return encode_error(request.id, error_payload(exc, ""))
 
-    async def execute(self, session: Session, request: Request) -> tuple[list[Any], bool]:
-        """Run one queued command; returns the reply's frames and whether they hold live memory.
+    async def execute(self, session: Session, request: Request) -> list[Any]:
+        """Run one queued command; returns the reply's frames. A tensor in the reply is not copied: its
+        frames are the tensor's own memory (the server keeps the session's next command waiting until
+        ZeroMQ has sent them).
 
         An op sent with ``fetch`` is an op and then a ``get`` of its output, run as the two commands
         would run one after the other (the get bound, checked for release and answered as any get),
         in one reply: ``{"result": <the op's>, "value": <the get's>}``, or ``"error"`` in place of
         ``"value"`` when the get failed; the op's own failure is the reply's error, as for any op."""
-        ok, outcome, live = await self._outcome(session, request)
+        ok, outcome = await self._outcome(session, request)
         if not ok:
-            return encode_error(request.id, outcome), False
+            return encode_error(request.id, outcome)
         if request.cmd == "op" and request.args.get("fetch") is True:
             get = fetch_of(request)
             if get is None:
                 fetched, value = False, error_payload(BadRequest.new("fetch needs an op with one output"), "")
             else:
-                fetched, value, live = await self._outcome(session, get)
+                fetched, value = await self._outcome(session, get)
             outcome = {"result": outcome, "value" if fetched else "error": value}
-        return encode_reply(request.id, outcome), live
+        return encode_reply(request.id, outcome)
 
-    async def _outcome(self, session: Session, request: Request) -> tuple[bool, Any, bool]:
-        """Run one command: (True, its result, whether that holds live memory) or (False, the error's
-        payload, False)."""
+    async def _outcome(self, session: Session, request: Request) -> tuple[bool, Any]:
+        """Run one command: (True, its result) or (False, the error's payload)."""
         command = COMMANDS[request.cmd]
         binding: Binding | None = None
         session.budget = Budget(self.context.config.max_command_seconds)
@@ -108,11 +109,11 @@ class Executor:
             self._check_failure_disclosed(binding)
             result = await self._run(binding)
             result = self._record(binding, result)
-            return True, result, isinstance(result, LiveReply)
+            return True, result
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return False, self._failed(session, request, command, binding, exc), False
+            return False, self._failed(session, request, command, binding, exc)
         finally:
             session.budget = None
 

@@ -58,12 +58,9 @@ from .training import Terms
 
 log = logging.getLogger("fedzmq.worker")
 
-#: replies whose buffers hold more than this are charged to their session until ZeroMQ has sent them
-#: (pyzmq copies smaller frames anyway; how many of those wait is bounded by the socket's send HWM)
-TRACKED_REPLY_BYTES = 1 << 16
-#: how long a live reply (a model's own tensors, sent uncopied) may wait unsent before its session is
-#: closed: its client stopped reading, and the session's next command cannot run until it is sent
-LIVE_REPLY_SECONDS = 300.0
+#: how long a session's next command waits for its replies sent uncopied to leave before the session is
+#: closed: its client stopped reading them (``Worker._sent``)
+UNSENT_REPLY_SECONDS = 300.0
 
 #: requests of one peer accepted in a row before the next peer's turn; a batch of at most this many from
 #: a peer with nothing waiting is accepted at once (see ``Worker._accept``)
@@ -605,19 +602,14 @@ class Worker:
     async def _run(self, session: Session, request: Request) -> bool:
         """Run one queued command and reply; True when it ended the session. (A method of its own so
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
-        if session.unsent is not None and not await self._sent(session):
+        if session.quota.unsent() and not await self._sent(session):
             return True
         session.running = request.id
         session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
         try:
-            frames, live = await self.executor.execute(session, request)
-            if live and not self._copy_frames:
-                tracker = self._send(session.key, frames, session, track=True)
-                if tracker is not None and not tracker.done:
-                    session.unsent = (tracker, time.monotonic() + LIVE_REPLY_SECONDS)
-            else:
-                assert session.outbox is not None
-                session.outbox.add(frames)  # with the others this session answers before it next waits
+            frames = await self.executor.execute(session, request)
+            assert session.outbox is not None
+            session.outbox.add(frames)  # with the others this session answers before it next waits
         finally:
             session.running = None
             session.last_done = request.id
@@ -701,67 +693,60 @@ class Worker:
         self._peers.pop(peer.key, None)
 
     async def _sent(self, session: Session) -> bool:
-        """Wait until ZeroMQ has sent the session's last live reply (``LiveReply``: the model's own
-        tensors, uncopied), which the command about to run may change. Waiting here, and not right after
-        the send, leaves the session free between its commands: a federated round's next command comes
-        long after its state left, and runs at once. False if the session ended meanwhile, or was ended
-        because its client has not read the reply for ``LIVE_REPLY_SECONDS``."""
-        assert session.unsent is not None
-        (tracker, deadline), pause = session.unsent, 0.0005
-        while not tracker.done and self._live(session):  # polled: no thread is held by a slow reader
+        """Wait until ZeroMQ has sent the session's replies that left uncopied. Their frames are the
+        session's objects' own memory (a tensor a ``get`` released, a model's weights), and the command
+        about to run may change it: the bytes a client receives must be the ones released. Waiting here,
+        and not right after each send, leaves the session free between its commands: a federated round's
+        next command comes long after its state left, and runs at once. False if the session ended
+        meanwhile, or was ended because its client read nothing for ``UNSENT_REPLY_SECONDS``."""
+        deadline, pause = time.monotonic() + UNSENT_REPLY_SECONDS, 0.0005
+        while session.quota.unsent() and self._live(session):  # polled: no thread is held by a slow reader
             if time.monotonic() > deadline:
-                log.warning("a reply to session %s was not sent within %gs; closing the session",
-                            session.key.hex(), LIVE_REPLY_SECONDS)
+                log.warning("replies to session %s were not sent within %gs; closing the session",
+                            session.key.hex(), UNSENT_REPLY_SECONDS)
                 self._end_session(session, "sessions_expired")
                 return False
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
-        session.unsent = None
         return self._live(session)
 
-    def _send(self, key: bytes, frames: list[Any], session: Session | None = None,
-              track: bool = False) -> zmq.MessageTracker | None:
+    def _send(self, key: bytes, frames: list[Any], session: Session | None = None) -> None:
         """Send a reply: a session's through its outbox, after the replies waiting there (so that they
-        keep their order: a heartbeat's ``last_done`` never arrives before the reply it counts); a reply
-        whose sending must be tracked, now (after those)."""
+        keep their order: a heartbeat's ``last_done`` never arrives before the reply it counts)."""
         if session is not None and session.outbox is not None:
-            if not track:
-                session.outbox.add(frames)
-                return None
-            session.outbox.flush()
-        return self._transmit(key, frames, session, track)
+            session.outbox.add(frames)
+        else:
+            self._transmit(key, frames, session)
 
     def _transmit_replies(self, session: Session, frames: list[Any], copy: bool) -> None:
         """An outbox's send: one reply, or a batch of them."""
-        self._transmit(session.key, frames, session, False)
+        self._transmit(session.key, frames, session)
 
-    def _transmit(self, key: bytes, frames: list[Any], session: Session | None = None,
-                  track: bool = False) -> zmq.MessageTracker | None:
-        """Send a message without blocking. A reply holding big buffers is charged to its session until
-        ZeroMQ has sent it; a client whose pipe is full (it stopped reading) or gone loses its session."""
+    def _transmit(self, key: bytes, frames: list[Any], session: Session | None = None) -> None:
+        """Send a message without blocking. A reply with frames pyzmq sends uncopied (those of its
+        socket's ``copy_threshold`` or more: it copies smaller ones) is tracked: charged to its session
+        until ZeroMQ has sent it, and the session's next command waits for that (``_sent``). A client
+        whose pipe is full (it stopped reading) or gone loses its session."""
         if self._pump is None:
-            return None
-        nbytes = sum(len(f) for f in frames[1:]) if len(frames) > 1 else 0
-        track = track or (nbytes > TRACKED_REPLY_BYTES and not self._copy_frames)
+            return
+        threshold = self._pump.socket.copy_threshold
+        track = not self._copy_frames and any(len(f) >= threshold for f in frames[1:])
         try:
-            tracker = self._pump.send([key, *frames], copy=self._copy_frames, track=track and not self._copy_frames)
+            tracker = self._pump.send([key, *frames], copy=self._copy_frames, track=track)
         except zmq.Again:
             self.counters["unread_replies"] += 1
             peer = self._peers.get(key)
             if peer is not None:
                 log.warning("connection %s does not read its replies (its pipe is full): closing it", key.hex())
                 self._end_peer(peer, "sessions_expired")
-            return None
+            return
         except zmq.ZMQError:  # the client is gone (EHOSTUNREACH)
             peer = self._peers.get(key)
             if peer is not None and peer.idle:
                 self._end_peer(peer, "sessions_expired")
-            return None
-        if track and isinstance(tracker, zmq.MessageTracker):
-            if session is not None:
-                session.quota.sending(tracker, nbytes)
-            return tracker
-        return None
+            return
+        if track and session is not None and isinstance(tracker, zmq.MessageTracker) and not tracker.done:
+            session.quota.sending(tracker, sum(len(f) for f in frames[1:]))
 
 
 def _user_id(frame: Any) -> str | None:

@@ -17,8 +17,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from ..budget import Budget
 from ..codec import Request
 from ..eager import Started
@@ -95,9 +93,6 @@ class Session:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: replies waiting to leave together (``fedzmq.outbox``); set by the server that made the session
     outbox: Outbox | None = None
-    #: the tracker of a live reply (``LiveReply``) ZeroMQ may still be sending, and the time by which it
-    #: must be sent: the session's next command waits for it (``Worker._sent``), as it may change them
-    unsent: tuple[zmq.MessageTracker, float] | None = None
 
     def __post_init__(self) -> None:
         self.table = ObjectTable(self.max_objects)

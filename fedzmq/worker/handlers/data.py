@@ -13,7 +13,7 @@ from ...errors import BadRequest, LimitExceeded
 from .. import training
 from ..byzantine import parse_attack
 from ..policy import sanitized
-from ..binding import Binding, Context, LiveReply, Made
+from ..binding import Binding, Context, Made
 from .modules import state_reply
 
 log = logging.getLogger("fedzmq.worker")
@@ -58,8 +58,7 @@ def fit(context: Context, binding: Binding) -> Any:
         attack.apply(hosted.module, start)
     hosted.trained_samples = result["num_examples"]
     if args.get("reply_state"):  # the trained weights, in the same trip (released: checked before it ran)
-        return LiveReply({"metrics": result,
-                          "state": state_reply(hosted.module, context.config.limits.chunk_bytes)})
+        return {"metrics": result, "state": state_reply(hosted.module, context.config.limits.chunk_bytes)}
     return result
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from ...codec import DTYPE_NAMES, Ref, StreamInfo
 from ...errors import BadRequest
 from ...modeldesc import check_state, instantiate
-from ..binding import Binding, Context, LiveReply, Made
+from ..binding import Binding, Context, Made
 from ..objects import HostedModule
 from ..taint import storage_key
 
@@ -82,12 +82,13 @@ def _unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tens
 def module_state(context: Context, binding: Binding) -> Any:
     """Parameters and buffers: small ones inline (up to one chunk in all), the others as ``StreamInfo``
     for the client to fetch with ``module_read`` (so no reply exceeds a chunk)."""
-    return LiveReply(state_reply(binding.objects["obj"].module, context.config.limits.chunk_bytes))
+    return state_reply(binding.objects["obj"].module, context.config.limits.chunk_bytes)
 
 
 def state_reply(module: nn.Module, budget: int) -> dict[str, Any]:
-    """A module's state for a reply: entries inline up to ``budget`` bytes in all (live tensors: the reply
-    must be a ``LiveReply``), the others as ``StreamInfo`` to fetch with ``module_read``."""
+    """A module's state for a reply: entries inline up to ``budget`` bytes in all (the parameters
+    themselves, sent uncopied: the session's next command waits until they have left), the others as
+    ``StreamInfo`` to fetch with ``module_read``."""
     result: dict[str, Any] = {}
     for name, tensor in module.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
