@@ -113,6 +113,10 @@ class Command:
       values the terms keep is refused before it runs, whatever the values.
     - ``loads``: its optional ``load`` argument (a model state the client sent) is copied into its
       module before it runs, as ``module_load`` would: a round's weights in the same trip as its work.
+    - ``changes_nothing``: it writes no tensor that exists before it runs (it reads, makes new objects,
+      or drops some). Replies leave uncopied, their frames the objects' own memory, so a command that
+      may change memory first waits until ZeroMQ has sent the session's earlier replies
+      (``Worker._sent``); one that changes nothing need not. Undeclared, a command waits.
     """
 
     name: str
@@ -131,6 +135,7 @@ class Command:
     loads: bool = False
     reports_metrics: bool = False
     fails_on_values: Literal["op", "module"] | None = None
+    changes_nothing: bool = False
 
     def output_args(self, args: dict[str, Any]) -> dict[str, Any]:
         """The arguments of ``args`` that name this command's outputs and pass its own checks: the ids a
@@ -174,44 +179,47 @@ COMMANDS: dict[str, Command] = _table(
     # tests only: refused unless the daemon runs with --fault-injection
     Command("debug_delay", {"seconds": NUMBER}, control=True),
     # tensors
-    Command("store", {"out": ID, "value": VALUE}, outputs=("out",)),
-    Command("get", {"obj": ID}, refs={"obj": "tensor"}, releases="obj"),
-    Command("info", {"obj": ID}, refs={"obj": "tensor"}),
-    Command("delete", {"objs": IDS}, offload="large"),
+    Command("store", {"out": ID, "value": VALUE}, outputs=("out",), changes_nothing=True),
+    Command("get", {"obj": ID}, refs={"obj": "tensor"}, releases="obj", changes_nothing=True),
+    Command("info", {"obj": ID}, refs={"obj": "tensor"}, changes_nothing=True),
+    Command("delete", {"objs": IDS}, offload="large", changes_nothing=True),
     Command("alloc", {"out": ID, "dtype": STR, "shape": LIST}, {"grad": BOOL}, outputs=("out",),
-            charges=("stream",)),
+            charges=("stream",), changes_nothing=True),
     Command("write", {"obj": ID, "offset": NONNEG, "data": VALUE}, offload="always", refs={"obj": "partial"},
             writes="stream"),  # a chunk's copy
     Command("read", {"obj": ID, "offset": NONNEG, "length": NONNEG}, offload="always", refs={"obj": "tensor"},
-            releases="obj"),
+            releases="obj", changes_nothing=True),
     # ``fetch``: then a ``get`` of its one output, in the same reply (``Executor.execute``)
     Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, {"fetch": BOOL}, offload="large",
             outputs=("out",),
-            charges=("outputs", "graph"), fails_on_values="op"),
+            charges=("outputs", "graph"), fails_on_values="op", changes_nothing=True),
     Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
-    Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",)),
+    Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",), changes_nothing=True),
     # modules
-    Command("module_put", {"out": ID, "spec": MAP, "state": MAP}, offload="always", outputs=("out",)),
+    Command("module_put", {"out": ID, "spec": MAP, "state": MAP}, offload="always", outputs=("out",),
+            changes_nothing=True),
     Command("module_load", {"obj": ID, "state": MAP}, offload="always", refs={"obj": "module"}, writes="module"),
     Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always",
             outputs=("out",), refs={"obj": "module"}, writes="module", charges=("forward", "graph"),
             fails_on_values="module"),
-    Command("module_state", {"obj": ID}, offload="always", refs={"obj": "module"}, releases="obj"),
+    Command("module_state", {"obj": ID}, offload="always", refs={"obj": "module"}, releases="obj",
+            changes_nothing=True),
     # big models: one parameter's bytes in chunks, straight into / out of the module
     Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, offload="always",
             refs={"obj": "module"}, writes="module"),
     Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}, offload="always",
-            refs={"obj": "module"}, releases="obj"),
-    Command("module_mode", {"obj": ID, "train": BOOL}, refs={"obj": "module"}),
+            refs={"obj": "module"}, releases="obj", changes_nothing=True),
+    Command("module_mode", {"obj": ID, "train": BOOL}, refs={"obj": "module"}, changes_nothing=True),
     # optimizers
     Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, outputs=("out",),
-            refs={"module": "module"}),
+            refs={"module": "module"}, changes_nothing=True),
     Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}, refs={"obj": "optimizer"}),
     Command("optim_step", {"obj": ID}, offload="always", refs={"obj": "optimizer"}, writes="optimizer",
             charges=("state",)),
     # the data owner's datasets, and training on them
-    Command("datasets", {}, {"query": STR}),
-    Command("dataset_tensor", {"dataset": STR, "part": STR, "out": ID}, outputs=("out",), reads_dataset=True),
+    Command("datasets", {}, {"query": STR}, changes_nothing=True),
+    Command("dataset_tensor", {"dataset": STR, "part": STR, "out": ID}, outputs=("out",), reads_dataset=True,
+            changes_nothing=True),
     # one trip of a federated round: load the global weights (``load``), train, and send the trained
     # state back in the reply (``reply_state``)
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
@@ -221,7 +229,7 @@ COMMANDS: dict[str, Command] = _table(
             releases="after", charges=("forward", "state", "clients"), reads_dataset=True, loads=True,
             reports_metrics=True),
     # the logical clients a daemon hosts (--clients-from)
-    Command("clients"),
+    Command("clients", changes_nothing=True),
     # secure aggregation: one command, four steps (advertise, share_keys, masked_input, unmask)
     Command("secagg", {"step": STR, "round": NONNEG, "payload": VALUE},
             {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always", refs={"module": "module"},

@@ -440,7 +440,7 @@ async def test_live_weights_in_a_reply_are_sent_before_the_next_command_changes_
         reader.close()
 
 
-@pytest.mark.parametrize("how,features", [("get", 4), ("get", 8), ("fetch", 4)])
+@pytest.mark.parametrize("how,features", [("get", 4), ("get", 8), ("fetch", 4), ("get", 64)])
 async def test_a_reply_waiting_to_be_sent_keeps_the_bytes_it_was_released_with(fedzmq_daemons, tmp_path, how,
                                                                                features):
     """A reply of 64 KiB or more leaves without a copy: its frames are the object's own memory. A red
@@ -508,38 +508,52 @@ async def test_a_reply_waiting_to_be_sent_keeps_the_bytes_it_was_released_with(f
         reader.close()
 
 
-async def test_a_session_whose_uncopied_replies_never_leave_is_closed_at_its_next_command(monkeypatch):
-    """A reply sent uncopied holds its session's next command until ZeroMQ has sent it. A client that
-    never reads must not hold its session for ever: its next command waits ``UNSENT_REPLY_SECONDS`` at
-    most, then the session is closed. Meanwhile another client is served as usual. (The reply that never
-    leaves is a tracker whose event is never set: a real reader that stops mid-message makes libzmq 4.3.5
-    abort the process that holds both ends when it closes, zeromq/libzmq#3442.)"""
+async def test_a_session_whose_uncopied_replies_have_not_left_keeps_its_slot_and_its_charge():
+    """A reply's frames of 64 KiB or more leave uncopied, and the session's next command that may change
+    memory waits until ZeroMQ has sent them (one that changes nothing, a ``get``, need not). A red team
+    pinned 257 MiB past every quota in eight turns: a session whose replies were still in ZeroMQ counted
+    as idle, was expired or evicted, and what its replies pinned was charged to nobody while the same
+    client opened a new session. Now such a session is not idle: it is not expired while its client is
+    silent, its writing command waits as long as the reply takes (a slow link may need minutes), and
+    runs once the reply has left. Another client is served meanwhile. (The reply that has not left is a
+    tracker whose event the test sets: a real reader stopping mid-message makes libzmq 4.3.5 abort the
+    process holding both ends when it closes, zeromq/libzmq#3442.)"""
     import threading
 
-    from fedzmq.worker import server as server_module
+    from fedzmq.codec import Limits
 
-    monkeypatch.setattr(server_module, "UNSENT_REPLY_SECONDS", 1.0)
-    worker = Worker("carol", config=WorkerConfig())
+    worker = Worker("carol", config=WorkerConfig(session_timeout=1.0))
     worker.bind("tcp://127.0.0.1:0")
-    async with worker, fz.connect(worker.address) as stuck:
-        x = await stuck.send(torch.arange(3.0))
-        [session] = worker._all_sessions()
-        session.quota.sending(zmq.MessageTracker(threading.Event()), 1 << 20)  # a reply that never leaves
-        waiting = asyncio.ensure_future((x + 1).get())
+    stuck = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    stuck.setsockopt(zmq.LINGER, 0)
+    async with worker:
+        stuck.connect(worker.address)
         try:
+            await stuck.send_multipart(encode_request(1, "store", {"out": 1, "value": torch.arange(3.0)}))
+            await stuck.send_multipart(encode_request(2, "alloc", {"out": 2, "dtype": "float32", "shape": [3]}))
+            replies = {r.id: r for _ in range(2) for r in await replies_of(stuck, Limits())}
+            assert replies[1].ok and replies[2].ok, (replies[1].error, replies[2].error)
+            [session] = worker._all_sessions()
+            left = threading.Event()
+            session.quota.sending(zmq.MessageTracker(left), 1 << 20)  # a reply ZeroMQ has not sent yet
+            await stuck.send_multipart(encode_request(3, "get", {"obj": 1}))  # changes nothing: runs at once
+            [read] = await replies_of(stuck, Limits())
+            assert read.id == 3 and torch.equal(read.result, torch.arange(3.0))
+            await stuck.send_multipart(encode_request(4, "write", {
+                "obj": 2, "offset": 0, "data": torch.arange(3.0).view(torch.uint8)}))  # may change memory: waits
             async with fz.connect(worker.address) as other:
                 y = await other.send(torch.arange(3.0))
                 started = time.monotonic()
-                assert torch.equal(await (y + 1).get(), torch.arange(3.0) + 1)
-                assert time.monotonic() - started < 1.0  # not behind the stuck session's waiting command
-                while worker.status()["sessions_expired"] < 1:
-                    assert time.monotonic() - started < 15, "the stuck session was never closed"
-                    await asyncio.sleep(0.1)
-                assert session not in worker._all_sessions() and not waiting.done()  # dropped, never run
                 assert torch.equal(await (y * 2).get(), torch.arange(3.0) * 2)
+                assert time.monotonic() - started < 1.0  # not behind the waiting command
+            await asyncio.sleep(2.5)  # the stuck client is silent for more than --session-timeout
+            assert any(s is session for s in worker._all_sessions())  # neither expired nor replaced
+            assert not await stuck.poll(0)  # its write has not run: it waits for the reply to leave
+            left.set()
+            [written] = await replies_of(stuck, Limits())
+            assert written.id == 4 and written.ok and written.result == 12, written.error
         finally:
-            waiting.cancel()
-            await asyncio.gather(waiting, return_exceptions=True)
+            stuck.close()
 
 
 async def test_sessions_of_clients_that_went_away_do_not_lock_out_a_new_one(fedzmq_daemons):

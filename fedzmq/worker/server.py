@@ -38,8 +38,8 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ..__about__ import __version__
-from ..codec import (PROTOCOL_VERSION, Request, decode_request, decode_request_head, encode_error, is_batch,
-                     split_batch)
+from ..codec import (PROTOCOL_VERSION, Request, buffer_bytes, decode_request, decode_request_head, encode_error,
+                     is_batch, split_batch)
 from ..commands import COMMANDS, FEATURES
 from ..eager import Started, start
 from ..errors import FedzmqError, ProtocolError, error_payload
@@ -58,9 +58,6 @@ from .training import Terms
 
 log = logging.getLogger("fedzmq.worker")
 
-#: how long a session's next command waits for its replies sent uncopied to leave before the session is
-#: closed: its client stopped reading them (``Worker._sent``)
-UNSENT_REPLY_SECONDS = 300.0
 
 #: requests of one peer accepted in a row before the next peer's turn; a batch of at most this many from
 #: a peer with nothing waiting is accepted at once (see ``Worker._accept``)
@@ -602,11 +599,11 @@ class Worker:
     async def _run(self, session: Session, request: Request) -> bool:
         """Run one queued command and reply; True when it ended the session. (A method of its own so
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
-        if session.quota.unsent() and not await self._sent(session):
-            return True
-        session.running = request.id
-        session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
+        session.running = request.id  # from here (its wait for earlier replies included) it is not idle
         try:
+            if not COMMANDS[request.cmd].changes_nothing and session.quota.unsent() and not await self._sent(session):
+                return True
+            session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
             frames = await self.executor.execute(session, request)
             assert session.outbox is not None
             session.outbox.add(frames)  # with the others this session answers before it next waits
@@ -697,15 +694,11 @@ class Worker:
         session's objects' own memory (a tensor a ``get`` released, a model's weights), and the command
         about to run may change it: the bytes a client receives must be the ones released. Waiting here,
         and not right after each send, leaves the session free between its commands: a federated round's
-        next command comes long after its state left, and runs at once. False if the session ended
-        meanwhile, or was ended because its client read nothing for ``UNSENT_REPLY_SECONDS``."""
-        deadline, pause = time.monotonic() + UNSENT_REPLY_SECONDS, 0.0005
+        next command comes long after its state left, and runs at once. No deadline: a slow link may take
+        minutes, and a session whose replies wait is neither idle nor evicted (``Session.idle``), so what
+        they pin stays charged to it. False if the session ended meanwhile (its client went away)."""
+        pause = 0.0005
         while session.quota.unsent() and self._live(session):  # polled: no thread is held by a slow reader
-            if time.monotonic() > deadline:
-                log.warning("replies to session %s were not sent within %gs; closing the session",
-                            session.key.hex(), UNSENT_REPLY_SECONDS)
-                self._end_session(session, "sessions_expired")
-                return False
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
         return self._live(session)
@@ -730,7 +723,7 @@ class Worker:
         if self._pump is None:
             return
         threshold = self._pump.socket.copy_threshold
-        track = not self._copy_frames and any(len(f) >= threshold for f in frames[1:])
+        track = not self._copy_frames and any(memoryview(f).nbytes >= threshold for f in frames[1:])
         try:
             tracker = self._pump.send([key, *frames], copy=self._copy_frames, track=track)
         except zmq.Again:
@@ -746,7 +739,7 @@ class Worker:
                 self._end_peer(peer, "sessions_expired")
             return
         if track and session is not None and isinstance(tracker, zmq.MessageTracker) and not tracker.done:
-            session.quota.sending(tracker, sum(len(f) for f in frames[1:]))
+            session.quota.sending(tracker, buffer_bytes(frames))
 
 
 def _user_id(frame: Any) -> str | None:

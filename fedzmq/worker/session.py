@@ -100,7 +100,9 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        return self.running is None and self.queue.empty()
+        """Nothing to run and nothing on its way: a session whose uncopied replies ZeroMQ still holds is
+        not idle, so it is not expired or evicted while they pin memory charged to it."""
+        return self.running is None and self.queue.empty() and not self.quota.unsent()
 
     @property
     def empty(self) -> bool:
