@@ -79,8 +79,8 @@ class Executor:
 
     async def execute(self, session: Session, request: Request) -> list[Any]:
         """Run one queued command; returns the reply's frames. A tensor in the reply is not copied: its
-        frames are the tensor's own memory (the server keeps the session's next command waiting until
-        ZeroMQ has sent them).
+        frames are the tensor's own memory (the server holds the session's commands that may change
+        memory until ZeroMQ has sent them: ``Command.changes_nothing``).
 
         An op sent with ``fetch`` is an op and then a ``get`` of its output, run as the two commands
         would run one after the other (the get bound, checked for release and answered as any get),

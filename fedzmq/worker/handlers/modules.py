@@ -87,8 +87,8 @@ def module_state(context: Context, binding: Binding) -> Any:
 
 def state_reply(module: nn.Module, budget: int) -> dict[str, Any]:
     """A module's state for a reply: entries inline up to ``budget`` bytes in all (the parameters
-    themselves, sent uncopied: the session's next command waits until they have left), the others as
-    ``StreamInfo`` to fetch with ``module_read``."""
+    themselves, sent uncopied: a later command that may change them waits until they have left), the
+    others as ``StreamInfo`` to fetch with ``module_read``."""
     result: dict[str, Any] = {}
     for name, tensor in module.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
