@@ -718,8 +718,8 @@ class Worker:
     def _transmit(self, key: bytes, frames: list[Any], session: Session | None = None) -> None:
         """Send a message without blocking. A reply with frames pyzmq sends uncopied (those of its
         socket's ``copy_threshold`` or more: it copies smaller ones) is tracked: charged to its session
-        until ZeroMQ has sent it, and the session's next command waits for that (``_sent``). A client
-        whose pipe is full (it stopped reading) or gone loses its session."""
+        until ZeroMQ has sent it, and the session's commands that may change memory wait for that
+        (``_sent``). A client whose pipe is full (it stopped reading) or gone loses its session."""
         if self._pump is None:
             return
         threshold = self._pump.socket.copy_threshold
