@@ -116,10 +116,15 @@ class Pump:
             self._drain()
 
     def _recheck(self) -> None:
-        """After a send: the send may have taken the descriptor's edge while a message arrived, so
-        look once more, soon. One look per pass of the loop, however many sends (a burst of
-        pipelined requests is thousands); a drain under way looks after each message anyway."""
-        if not self._draining:
+        """After a send: the send may have taken the descriptor's edge while a message arrived, so ask
+        ``ZMQ_EVENTS`` now (as pyzmq's asyncio layer does) and drain soon only if a message waits, or
+        if queued sends have room. With nothing waiting, the descriptor signals the next arrival: a
+        request's send so costs one option call, not a pass of the event loop for a look that finds
+        nothing (a reply is a round trip away). A drain under way looks after each message anyway."""
+        if self._draining or self._scheduled or self.socket.closed:
+            return
+        events = self._events()
+        if events & _POLLIN or (self._backlog and events & _POLLOUT):
             self._schedule()
 
     def _schedule(self) -> None:

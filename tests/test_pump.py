@@ -74,6 +74,26 @@ async def test_an_echo_of_thousands_of_pipelined_messages_loses_none_and_keeps_o
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def test_a_message_that_arrived_before_a_send_took_the_edge_is_still_read(pair):
+    """A message arrives while the loop is busy, and a send (which processes the socket's pending
+    commands) then takes the descriptor's edge before the loop looks: the descriptor will not signal
+    that message again, so the pump must see it through ``ZMQ_EVENTS`` after its send, or never."""
+    router, dealer = pair
+    got = asyncio.get_running_loop().create_future()
+    client = Pump(dealer, lambda frames: got.done() or got.set_result([f.bytes for f in frames]))
+    task = asyncio.create_task(client.run())
+    try:
+        client.send_or_queue([b"hello"])
+        identity, _ = await asyncio.to_thread(router.recv_multipart)
+        router.send_multipart([identity, b"reply"])
+        time.sleep(0.05)  # without yielding: the reply lands in the dealer's queue, its descriptor signals
+        client.send([b"more"])  # ... and this send consumes that signal before the loop looks
+        assert await asyncio.wait_for(got, 5) == [b"reply"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_messages_that_cannot_be_sent_yet_wait_in_order_until_the_peer_is_there(context, tmp_path):
     """With no peer (and IMMEDIATE), a DEALER cannot take a message: the pump keeps it and sends it,
     in order, when the connection comes up. (An ipc endpoint: nobody else can be listening on it.)"""

@@ -13,7 +13,7 @@ import torch
 
 from ..codec import DTYPES, dtype_itemsize
 from ..errors import BadRequest
-from ..ops import MAX_DIMS, check_call
+from ..ops import MAX_DIMS
 from .binding import Binding, Context
 from .cost import check_work
 from .objects import HostedModule, HostedOptimizer
@@ -26,8 +26,7 @@ OPTIMIZER_STATE_COPIES = 3
 def outputs(context: Context, binding: Binding) -> int:
     """An op's outputs, sized on the meta device: checked against the op's schema first."""
     name, args, kwargs = binding.args["op"], binding.args["args"], binding.args["kwargs"]
-    schema = check_call(name, args, kwargs)
-    cost = context.coster.op(name, schema.fn, args, kwargs)
+    cost = context.coster.op(name, args, kwargs)
     binding.cost = cost
     if cost.error is not None:  # the op fails on these shapes: it runs only to say so in torch's words
         return 0

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import flop_registry
 
 from ..errors import BadRequest, LimitExceeded
 from ..modeldesc import ModelRegistry, build
+from ..ops import check_call
 from .objects import HostedModule
 from .taint import storage_key
 
@@ -108,12 +109,17 @@ class Coster:
 
     # --- ops -------------------------------------------------------------------------------------
 
-    def op(self, name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> OpCost:
-        """The cost of ``fn(*args, **kwargs)`` (already checked against its schema)."""
+    def op(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> OpCost:
+        """The cost of op ``name`` on these arguments, checked against the op's schema first
+        (``ops.check_call``, which raises ``BadRequest`` for a call it refuses). Both the check and the
+        cost depend on the arguments' signature only (types and plain values; tensors by shape, strides,
+        dtype and ``requires_grad``), so a call with the signature of one that passed is neither checked
+        nor sized again: a stream of small ops pays for a dictionary lookup, not a schema walk."""
         key = (name, signature(args), signature(kwargs))
         cost = self._ops.lookup(key)
         if cost is None:
-            cost = _measure_op(name, fn, args, kwargs)
+            schema = check_call(name, args, kwargs)
+            cost = _measure_op(name, schema.fn, args, kwargs)
             self._ops.store(key, cost)
         return cost
 
