@@ -109,7 +109,7 @@ class Coster:
 
     # --- ops -------------------------------------------------------------------------------------
 
-    def op(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> OpCost:
+    def op(self, name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> OpCost:
         """The cost of op ``name`` on these arguments, checked against the op's schema first
         (``ops.check_call``, which raises ``BadRequest`` for a call it refuses). Both the check and the
         cost depend on the arguments' signature only (types and plain values; tensors by shape, strides,
