@@ -395,6 +395,34 @@ async def test_a_client_that_stops_reading_cannot_pin_replies(fedzmq_daemons):
     assert p99(latencies) < 1.0
 
 
+@pytest.mark.parametrize("floats, gets", [(16_000, 3000), (5_000, 6000)], ids=["under-64KiB", "batched"])
+async def test_replies_a_client_never_reads_stay_within_its_quota(fedzmq_daemons, floats, gets):
+    """Replies whose frames ZeroMQ copies (each under 64 KiB, alone or in a batch of replies) are the
+    queue's memory, not an object's: a red-team session pinned about 500 MiB per connection with
+    thousands of ``get``s of a tensor just under 64 KiB, never read, past a quota a hundred times
+    smaller. They are charged to the session until ZeroMQ has sent them, as uncopied ones are, so
+    the session's requests are refused once they fill its quota."""
+    quota = 16 << 20
+    [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(quota)])
+    attacker = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.setsockopt(zmq.RCVHWM, 1)
+    attacker.setsockopt(zmq.RCVBUF, 4096)
+    attacker.connect(bob.address)
+    try:
+        async with honest_pings(bob.address) as latencies:
+            before = (await bob.worker.status())["rss_bytes"]
+            await attacker.send_multipart(encode_request(1, "store", {"out": 1, "value": torch.zeros(floats)}))
+            for request_id in range(2, 2 + gets):  # floats * 4 bytes each, about 190 MiB and 115 MiB in all
+                await attacker.send_multipart(encode_request(request_id, "get", {"obj": 1}))
+            await asyncio.sleep(2)
+            grown = (await bob.worker.status())["rss_bytes"] - before
+        assert grown < quota + (48 << 20), f"the daemon grew by {grown >> 20} MiB"
+    finally:
+        attacker.close()
+    assert p99(latencies) < 1.0
+
+
 async def replies_of(sock, limits):
     """The replies in the next message on a raw socket (a batch's parts, or the one reply)."""
     frames = await asyncio.wait_for(sock.recv_multipart(copy=False), 20)
@@ -535,7 +563,7 @@ async def test_a_session_whose_uncopied_replies_have_not_left_keeps_its_slot_and
             assert replies[1].ok and replies[2].ok, (replies[1].error, replies[2].error)
             [session] = worker._all_sessions()
             left = threading.Event()
-            session.quota.sending(zmq.MessageTracker(left), 1 << 20)  # a reply ZeroMQ has not sent yet
+            session.quota.sending(zmq.MessageTracker(left), 1 << 20, of_objects=True)  # not sent yet
             await stuck.send_multipart(encode_request(3, "get", {"obj": 1}))  # changes nothing: runs at once
             [read] = await replies_of(stuck, Limits())
             assert read.id == 3 and torch.equal(read.result, torch.arange(3.0))
@@ -554,6 +582,41 @@ async def test_a_session_whose_uncopied_replies_have_not_left_keeps_its_slot_and
             assert written.id == 4 and written.ok and written.result == 12, written.error
         finally:
             stuck.close()
+
+
+async def test_a_copied_reply_not_yet_sent_is_charged_but_holds_no_command():
+    """A reply made of copies (a batch of small replies, a tensor under 64 KiB) is charged until it
+    has left, but shares no memory with any object: a command that may change memory runs at once
+    behind it, and only the quota sees it (its session is not idle meanwhile)."""
+    import threading
+
+    from fedzmq.codec import Limits
+
+    worker = Worker("carol", config=WorkerConfig(max_session_bytes=4 << 20))
+    worker.bind("tcp://127.0.0.1:0")
+    client = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    async with worker:
+        client.connect(worker.address)
+        try:
+            await client.send_multipart(encode_request(1, "alloc", {"out": 1, "dtype": "float32", "shape": [3]}))
+            [made] = await replies_of(client, Limits())
+            assert made.ok, made.error
+            [session] = worker._all_sessions()
+            left = threading.Event()
+            session.quota.sending(zmq.MessageTracker(left), 3 << 20, of_objects=False)
+            assert session.quota.room() < 1 << 20 and not session.idle
+            await client.send_multipart(encode_request(2, "write", {
+                "obj": 1, "offset": 0, "data": torch.arange(3.0).view(torch.uint8)}))
+            [written] = await replies_of(client, Limits())  # at once: 20 s would fail the test
+            assert written.id == 2 and written.ok and written.result == 12, written.error
+            await client.send_multipart(encode_request(3, "store", {"out": 3, "value": torch.zeros(1 << 18)}))
+            [refused] = await replies_of(client, Limits())  # 1 MiB more than the quota has room for
+            assert not refused.ok and refused.error["type"] == "LimitExceeded", refused.error
+            left.set()
+            assert session.quota.unsent() == 0 and session.idle
+        finally:
+            client.close()
 
 
 async def test_sessions_of_clients_that_went_away_do_not_lock_out_a_new_one(fedzmq_daemons):

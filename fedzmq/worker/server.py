@@ -78,6 +78,14 @@ EVICT_AFTER_SECONDS = 10.0
 #: every connection, and a full daemon would otherwise walk them for each request of each new peer
 EVICT_SCAN_SECONDS = 0.1
 
+#: bytes of copied replies a session may have handed to ZeroMQ beside its quota. A reply's copies are
+#: ZeroMQ's memory until it has sent them, and a client that reads nothing leaves them there: the socket's
+#: send high-water mark alone would let a connection pin 2 x ``--max-inflight`` + 64 replies of just under
+#: 64 KiB (about 500 MiB). So a session's reply that takes its untracked bytes to this is tracked, and charged
+#: with them until it has left (``Worker._transmit``). Tracking costs a reply about 20 us (pyzmq's zero-copy
+#: send and release) or more, on a busy machine: once per this many bytes, not for every reply
+UNTRACKED_REPLY_BYTES = 1 << 20
+
 #: complete messages of one connection that may wait unread in ZeroMQ's queue (``RCVHWM``); past them
 #: ZeroMQ stops reading that connection, and TCP holds its sender back. Bounds in messages what a peer
 #: sending faster than the daemon reads makes it hold (each message's frames are bounded only one by
@@ -601,7 +609,8 @@ class Worker:
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
         session.running = request.id  # from here (its wait for earlier replies included) it is not idle
         try:
-            if not COMMANDS[request.cmd].changes_nothing and session.quota.unsent() and not await self._sent(session):
+            if not COMMANDS[request.cmd].changes_nothing and session.quota.unsent(of_objects=True) and \
+                    not await self._sent(session):
                 return True
             session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
             frames = await self.executor.execute(session, request)
@@ -698,7 +707,7 @@ class Worker:
         minutes, and a session whose replies wait is neither idle nor evicted (``Session.idle``), so what
         they pin stays charged to it. False if the session ended meanwhile (its client went away)."""
         pause = 0.0005
-        while session.quota.unsent() and self._live(session):  # polled: no thread is held by a slow reader
+        while session.quota.unsent(of_objects=True) and self._live(session):  # polled: no thread held by a reader
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
         return self._live(session)
@@ -716,14 +725,23 @@ class Worker:
         self._transmit(session.key, frames, session)
 
     def _transmit(self, key: bytes, frames: list[Any], session: Session | None = None) -> None:
-        """Send a message without blocking. A reply with frames pyzmq sends uncopied (those of its
-        socket's ``copy_threshold`` or more: it copies smaller ones) is tracked: charged to its session
-        until ZeroMQ has sent it, and the session's commands that may change memory wait for that
-        (``_sent``). A client whose pipe is full (it stopped reading) or gone loses its session."""
+        """Send a message without blocking. Frames of the socket's ``copy_threshold`` or more leave
+        uncopied (they are objects' own memory): such a reply is tracked, charged to its session until
+        ZeroMQ has sent it, and the session's commands that may change memory wait for that (``_sent``).
+        Smaller frames are copied; a session's copied replies are charged too, in arrears: once they
+        reach ``UNTRACKED_REPLY_BYTES``, the reply that does is tracked and charged with all of them
+        (ZeroMQ sends in order: when it has left, so have they). So what a client leaves unread stays
+        within its session's quota, whose requests are refused once it is full. A client whose pipe is
+        full (it stopped reading) or gone loses its session."""
         if self._pump is None:
             return
         threshold = self._pump.socket.copy_threshold
-        track = not self._copy_frames and any(memoryview(f).nbytes >= threshold for f in frames[1:])
+        of_objects = not self._copy_frames and any(memoryview(f).nbytes >= threshold for f in frames[1:])
+        nbytes = len(frames[0]) + buffer_bytes(frames)
+        quota = session.quota if session is not None and not self._copy_frames else None
+        track = quota is not None and (of_objects or quota.untracked + nbytes >= UNTRACKED_REPLY_BYTES)
+        if track:  # the last frame leaves last: tracked, its tracker's end is the whole message's
+            frames = [*frames[:-1], _tracked_frame(frames[-1], threshold)]
         try:
             tracker = self._pump.send([key, *frames], copy=self._copy_frames, track=track)
         except zmq.Again:
@@ -738,8 +756,24 @@ class Worker:
             if peer is not None and peer.idle:
                 self._end_peer(peer, "sessions_expired")
             return
-        if track and session is not None and isinstance(tracker, zmq.MessageTracker) and not tracker.done:
-            session.quota.sending(tracker, buffer_bytes(frames))
+        if quota is None:
+            return
+        if not track:
+            quota.untracked += nbytes
+            return
+        if isinstance(tracker, zmq.MessageTracker) and not tracker.done:
+            quota.sending(tracker, quota.untracked + nbytes, of_objects)
+        quota.untracked = 0
+
+
+def _tracked_frame(frame: Any, threshold: int) -> zmq.Frame:
+    """``frame`` to be sent uncopied and tracked. ZeroMQ sends a message's frames in order, so when this,
+    the last one, has left, the copies of the frames before it have too. A frame under ``threshold``
+    that is not our own ``bytes`` (a small tensor's memory) is copied first: pyzmq would have copied it,
+    and a reply of objects' memory makes the session's later commands wait."""
+    if not isinstance(frame, bytes) and memoryview(frame).nbytes < threshold:
+        frame = bytes(frame)
+    return zmq.Frame(frame, copy=False, track=True)
 
 
 def _user_id(frame: Any) -> str | None:
