@@ -371,14 +371,20 @@ async def test_huge_requests_are_refused_without_holding_the_event_loop(fedzmq_d
     assert p99(latencies) < 1.0
 
 
+def slow_reader(address):
+    """A raw client whose replies wait in the daemon: it takes one message at a time into a 4 KiB
+    socket buffer, and reads only when the test says so."""
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(address)
+    return sock
+
+
 async def test_a_client_that_stops_reading_cannot_pin_replies(fedzmq_daemons):
     [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(64 << 20)])
-    context = zmq.asyncio.Context.instance()
-    attacker = context.socket(zmq.DEALER)
-    attacker.setsockopt(zmq.LINGER, 0)
-    attacker.setsockopt(zmq.RCVHWM, 1)
-    attacker.setsockopt(zmq.RCVBUF, 4096)
-    attacker.connect(bob.address)
+    attacker = slow_reader(bob.address)
     try:
         async with honest_pings(bob.address) as latencies:
             big = torch.zeros(4 << 20)  # 16 MiB
@@ -404,11 +410,7 @@ async def test_replies_a_client_never_reads_stay_within_its_quota(fedzmq_daemons
     the session's requests are refused once they fill its quota."""
     quota = 16 << 20
     [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(quota)])
-    attacker = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    attacker.setsockopt(zmq.LINGER, 0)
-    attacker.setsockopt(zmq.RCVHWM, 1)
-    attacker.setsockopt(zmq.RCVBUF, 4096)
-    attacker.connect(bob.address)
+    attacker = slow_reader(bob.address)
     try:
         async with honest_pings(bob.address) as latencies:
             before = (await bob.worker.status())["rss_bytes"]
@@ -443,11 +445,7 @@ async def test_live_weights_in_a_reply_are_sent_before_the_next_command_changes_
     model = nn.Linear(4096, 4096)  # weight: 64 MiB (past any socket buffer), then bias: 16 KiB, the last frame
     with torch.no_grad():
         model.weight.fill_(1.0)
-    reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    reader.setsockopt(zmq.LINGER, 0)
-    reader.setsockopt(zmq.RCVHWM, 1)
-    reader.setsockopt(zmq.RCVBUF, 4096)
-    reader.connect(bob.address)
+    reader = slow_reader(bob.address)
     try:
         await reader.send_multipart(encode_request(1, "module_put", {"out": 1, "spec": describe(model),
                                                                      "state": dict(model.state_dict())}))
@@ -487,11 +485,7 @@ async def test_a_reply_waiting_to_be_sent_keeps_the_bytes_it_was_released_with(f
     save_file({"x": rows, "y": torch.arange(64) % 2}, str(path))
     [bob] = await fedzmq_daemons("bob", args={"bob": ["--open-data", f"rows={path}"]})
     limits, width = Limits(), 64 * features  # the weight: 64 x width float32, 16 KiB per feature
-    reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    reader.setsockopt(zmq.LINGER, 0)
-    reader.setsockopt(zmq.RCVHWM, 1)
-    reader.setsockopt(zmq.RCVBUF, 4096)
-    reader.connect(bob.address)
+    reader = slow_reader(bob.address)
     ids = iter(range(1, 10_000))
 
     async def send(cmd, args):
