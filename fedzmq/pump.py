@@ -123,7 +123,10 @@ class Pump:
         nothing (a reply is a round trip away). A drain under way looks after each message anyway."""
         if self._draining or self._scheduled or self.socket.closed:
             return
-        events = self._events()
+        try:
+            events = self._events()
+        except zmq.ZMQError:  # the context is ending: the send's own error (if any) is the one to see
+            return
         if events & _POLLIN or (self._backlog and events & _POLLOUT):
             self._schedule()
 

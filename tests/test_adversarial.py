@@ -19,7 +19,7 @@ import zmq.asyncio
 from torch import nn
 
 import fedzmq as fz
-from fedzmq.codec import NodeRef, Ref, decode_reply, encode_request, is_batch, split_batch
+from fedzmq.codec import NodeRef, Ref, decode_reply, encode_batch, encode_request, is_batch, split_batch
 from fedzmq.security import SecurityError
 from fedzmq.worker.config import WorkerConfig
 from fedzmq.worker.server import Worker
@@ -401,25 +401,74 @@ async def test_a_client_that_stops_reading_cannot_pin_replies(fedzmq_daemons):
     assert p99(latencies) < 1.0
 
 
-@pytest.mark.parametrize("floats, gets", [(16_000, 3000), (5_000, 6000)], ids=["under-64KiB", "batched"])
-async def test_replies_a_client_never_reads_stay_within_its_quota(fedzmq_daemons, floats, gets):
-    """Replies whose frames ZeroMQ copies (each under 64 KiB, alone or in a batch of replies) are the
-    queue's memory, not an object's: a red-team session pinned about 500 MiB per connection with
-    thousands of ``get``s of a tensor just under 64 KiB, never read, past a quota a hundred times
-    smaller. They are charged to the session until ZeroMQ has sent them, as uncopied ones are, so
-    the session's requests are refused once they fill its quota."""
+async def send_unread(sock, requests, batched):
+    """Send requests (``(cmd, args)`` with their ids) alone or in batch messages of 64 (a client that
+    sends batches gets its replies batched too)."""
+    messages = [encode_request(request_id, cmd, args) for request_id, cmd, args in requests]
+    if not batched:
+        for frames in messages:
+            await sock.send_multipart(frames)
+        return
+    for start in range(0, len(messages), 64):
+        await sock.send_multipart(encode_batch(messages[start:start + 64]))
+
+
+async def gets_one_by_one(sock):  # copied replies just under 64 KiB: about 190 MiB in all
+    await sock.send_multipart(encode_request(1, "store", {"out": 1, "value": torch.zeros(16_000)}))
+    await send_unread(sock, [(i, "get", {"obj": 1}) for i in range(2, 3002)], batched=False)
+
+
+async def gets_batched(sock):  # 5,000 replies of 20 KB, three to a batch message: about 100 MiB
+    await sock.send_multipart(encode_request(1, "store", {"out": 1, "value": torch.zeros(5_000)}))
+    await send_unread(sock, [(i, "get", {"obj": 1}) for i in range(2, 5002)], batched=True)
+
+
+async def close_and_again(sock):  # 30 sessions on one connection, each closed with its replies unread
+    request_id = 0
+    for _ in range(30):
+        requests = [(request_id + 1, "store", {"out": 1, "value": torch.zeros(16_000)})]
+        requests += [(request_id + 2 + i, "get", {"obj": 1}) for i in range(240)]
+        requests.append((request_id + 242, "close", {}))
+        await send_unread(sock, requests, batched=False)
+        request_id += 243
+        await asyncio.sleep(0.2)
+
+
+async def states_pipelined(sock):  # a model of 240 small tensors (7.4 MiB), its state asked for 640 times
+    from fedzmq.modeldesc import describe
+    model = nn.Sequential(*[nn.Linear(127, 127) for _ in range(120)])
+    await sock.send_multipart(encode_request(1, "module_put", {"out": 1, "spec": describe(model),
+                                                               "state": dict(model.state_dict())}))
+    await send_unread(sock, [(i, "module_state", {"obj": 1}) for i in range(2, 642)], batched=True)
+
+
+async def statuses_after_full(sock):  # the quota filled, then 64,000 status commands in batches
+    await gets_one_by_one(sock)
+    await asyncio.sleep(1)
+    await send_unread(sock, [(i, "status", {}) for i in range(10_000, 74_000)], batched=True)
+
+
+@pytest.mark.parametrize("attack", [gets_one_by_one, gets_batched, close_and_again, states_pipelined,
+                                    statuses_after_full], ids=lambda attack: attack.__name__)
+async def test_replies_a_client_never_reads_stay_within_its_quota(fedzmq_daemons, attack):
+    """A client that reads nothing leaves its replies in the daemon, copied ones (each frame under
+    64 KiB) as much as uncopied ones: red-team sessions made a daemon with a 16 MiB quota grow by
+    181 MiB (gets one by one), 3.6 GiB (a model's state pipelined), 439 MiB (sessions closed one after
+    another on one connection) and 150 MiB (commands that are never refused: status, and refusals).
+    What a connection was sent and has not read is its account, kept across its sessions: past a
+    session's quota its requests are refused, and past another MiB dropped."""
     quota = 16 << 20
     [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(quota)])
     attacker = slow_reader(bob.address)
     try:
         async with honest_pings(bob.address) as latencies:
             before = (await bob.worker.status())["rss_bytes"]
-            await attacker.send_multipart(encode_request(1, "store", {"out": 1, "value": torch.zeros(floats)}))
-            for request_id in range(2, 2 + gets):  # floats * 4 bytes each, about 190 MiB and 115 MiB in all
-                await attacker.send_multipart(encode_request(request_id, "get", {"obj": 1}))
+            await attack(attacker)
             await asyncio.sleep(2)
-            grown = (await bob.worker.status())["rss_bytes"] - before
+            status = await bob.worker.status()
+        grown = status["rss_bytes"] - before
         assert grown < quota + (48 << 20), f"the daemon grew by {grown >> 20} MiB"
+        assert status["throttled"] > 0  # the bound came from refusing, not from the attack's size
     finally:
         attacker.close()
     assert p99(latencies) < 1.0
@@ -557,7 +606,7 @@ async def test_a_session_whose_uncopied_replies_have_not_left_keeps_its_slot_and
             assert replies[1].ok and replies[2].ok, (replies[1].error, replies[2].error)
             [session] = worker._all_sessions()
             left = threading.Event()
-            session.quota.sending(zmq.MessageTracker(left), 1 << 20, of_objects=True)  # not sent yet
+            session.quota.sending(zmq.MessageTracker(left), 1 << 20)  # a reply ZeroMQ has not sent yet
             await stuck.send_multipart(encode_request(3, "get", {"obj": 1}))  # changes nothing: runs at once
             [read] = await replies_of(stuck, Limits())
             assert read.id == 3 and torch.equal(read.result, torch.arange(3.0))
@@ -578,37 +627,56 @@ async def test_a_session_whose_uncopied_replies_have_not_left_keeps_its_slot_and
             stuck.close()
 
 
-async def test_a_copied_reply_not_yet_sent_is_charged_but_holds_no_command():
-    """A reply made of copies (a batch of small replies, a tensor under 64 KiB) is charged until it
-    has left, but shares no memory with any object: a command that may change memory runs at once
-    behind it, and only the quota sees it (its session is not idle meanwhile)."""
+async def test_a_connection_owing_replies_is_refused_then_not_answered_and_served_once_they_left():
+    """What a connection was sent and has not read is its account (``Peer.replies``), copies too, kept
+    apart from what its commands wait for: a write runs at once behind a copied reply not yet sent.
+    Past a session's quota the connection's requests are refused, past another MiB not answered at
+    all; once the replies have left it is served again. A session closed while its replies wait leaves
+    its connection's account behind until they have left, and a new session on it starts with it."""
     import threading
 
     from fedzmq.codec import Limits
 
-    worker = Worker("carol", config=WorkerConfig(max_session_bytes=4 << 20))
+    worker = Worker("carol", config=WorkerConfig(max_session_bytes=4 << 20, session_timeout=0.4))
     worker.bind("tcp://127.0.0.1:0")
     client = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
+
+    async def ask(request_id, cmd, args):
+        await client.send_multipart(encode_request(request_id, cmd, args))
+        [reply] = await replies_of(client, Limits())
+        assert reply.id == request_id
+        return reply
+
     async with worker:
         client.connect(worker.address)
         try:
-            await client.send_multipart(encode_request(1, "alloc", {"out": 1, "dtype": "float32", "shape": [3]}))
-            [made] = await replies_of(client, Limits())
-            assert made.ok, made.error
+            assert (await ask(1, "alloc", {"out": 1, "dtype": "float32", "shape": [3]})).ok
             [session] = worker._all_sessions()
-            left = threading.Event()
-            session.quota.sending(zmq.MessageTracker(left), 3 << 20, of_objects=False)
-            assert session.quota.room() < 1 << 20 and not session.idle
-            await client.send_multipart(encode_request(2, "write", {
-                "obj": 1, "offset": 0, "data": torch.arange(3.0).view(torch.uint8)}))
-            [written] = await replies_of(client, Limits())  # at once: 20 s would fail the test
-            assert written.id == 2 and written.ok and written.result == 12, written.error
-            await client.send_multipart(encode_request(3, "store", {"out": 3, "value": torch.zeros(1 << 18)}))
-            [refused] = await replies_of(client, Limits())  # 1 MiB more than the quota has room for
-            assert not refused.ok and refused.error["type"] == "LimitExceeded", refused.error
+            peer, left = session.peer, threading.Event()
+            peer.replies.sent(3 << 20, zmq.MessageTracker(left))  # a copied reply ZeroMQ has not sent
+            written = await ask(2, "write", {"obj": 1, "offset": 0, "data": torch.arange(3.0).view(torch.uint8)})
+            assert written.ok and written.result == 12, written.error  # at once: no object's memory waits
+            peer.replies.sent(3 << 19, zmq.MessageTracker(left))  # 4.5 MiB owed: past the quota
+            for request_id, cmd in ((3, "ping"), (4, "info")):
+                refused = await ask(request_id, cmd, {"obj": 1} if cmd == "info" else {})
+                assert not refused.ok and refused.error["type"] == "LimitExceeded", refused.error
+            peer.replies.sent(1 << 20, zmq.MessageTracker(left))  # past the quota and another MiB
+            await client.send_multipart(encode_request(5, "ping", {}))
+            assert not await client.poll(1000)  # not answered
             left.set()
-            assert session.quota.unsent() == 0 and session.idle
+            assert (await ask(6, "info", {"obj": 1})).ok
+            closing = threading.Event()
+            peer.replies.sent(1 << 20, zmq.MessageTracker(closing))
+            assert (await ask(7, "close", {})).ok
+            assert worker._peers.get(peer.key) is None and worker._owing[peer.key] is peer.replies  # on account
+            assert (await ask(8, "ping", {})).ok  # a new session on the same connection ...
+            assert worker._peers[peer.key].replies is peer.replies  # ... starts with what it owes
+            closing.set()
+            assert (await ask(9, "close", {})).ok
+            async with asyncio.timeout(10):  # its last reply read, the account is gone
+                while peer.key in worker._owing or peer.key in worker._peers:
+                    await asyncio.sleep(0.05)
         finally:
             client.close()
 

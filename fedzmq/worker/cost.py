@@ -263,7 +263,7 @@ def signature(value: Any) -> Hashable:
     if isinstance(value, dict):
         return ("D", *((k, signature(v)) for k, v in value.items()))
     if isinstance(value, slice):
-        return ("S", value.start, value.stop, value.step)
+        return ("S", signature(value.start), signature(value.stop), signature(value.step))
     return (type(value).__name__, value)
 
 

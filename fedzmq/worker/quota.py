@@ -9,9 +9,8 @@
 - what the session's waiting requests carry (charged from decoding until they run);
 - what a running command reserved for what it is about to make (a forward's intermediates, an
   optimizer's first state);
-- reply bytes handed to ZeroMQ that the client has not taken yet, copied or not (a client that stops
-  reading cannot pin replies without limit: ``Worker._transmit`` charges copies in arrears, at most
-  ``UNTRACKED_REPLY_BYTES`` late).
+- reply bytes handed to ZeroMQ that the client has not taken yet (a client that stops reading cannot
+  pin replies without limit).
 """
 
 from __future__ import annotations
@@ -42,11 +41,8 @@ class Quota:
         self._reservations: dict[object, int] = {}
         #: reservations under way that already cover what autograd saves (a forward's footprint)
         self._covering_saved = 0
-        #: replies ZeroMQ still holds: (tracker, bytes, whether they send objects' own memory)
-        self._unsent: list[tuple[zmq.MessageTracker, int, bool]] = []
-        #: bytes of copied replies sent since the last tracked one, charged with the next tracked one
-        #: (``Worker._transmit``)
-        self.untracked = 0
+        #: replies ZeroMQ still holds: (tracker, bytes)
+        self._unsent: list[tuple[zmq.MessageTracker, int]] = []
         # a graph, and the saved tensors it releases, can be freed on the event loop or on a torch
         # thread (reentrant: releasing an object can free a graph)
         self._lock = threading.RLock()
@@ -154,18 +150,15 @@ class Quota:
 
     # --- replies in flight -------------------------------------------------------------------------
 
-    def sending(self, tracker: zmq.MessageTracker, nbytes: int, of_objects: bool) -> None:
-        """A reply of ``nbytes`` was handed to ZeroMQ: charged until ZeroMQ has sent it. ``of_objects``:
-        some of its frames are objects' own memory, sent uncopied (not copies made for the reply)."""
-        self._unsent.append((tracker, nbytes, of_objects))
+    def sending(self, tracker: zmq.MessageTracker, nbytes: int) -> None:
+        """A reply of ``nbytes`` was handed to ZeroMQ: charged until ZeroMQ has sent it."""
+        self._unsent.append((tracker, nbytes))
 
-    def unsent(self, of_objects: bool = False) -> int:
-        """Bytes of replies ZeroMQ has not sent yet; with ``of_objects``, of those that send objects'
-        own memory only (a command that may change memory waits for those: ``Worker._sent``)."""
+    def unsent(self) -> int:
         if not self._unsent:
             return 0
-        self._unsent = [entry for entry in self._unsent if not entry[0].done]
-        return sum(n for _, n, objects in self._unsent if objects or not of_objects)
+        self._unsent = [(t, n) for t, n in self._unsent if not t.done]
+        return sum(n for _, n in self._unsent)
 
     def clear(self) -> None:
         with self._lock:

@@ -53,6 +53,7 @@ from .cost import Coster, warm_up
 from .datasets import Dataset
 from .executor import Executor, fail_outputs
 from .policy import Policy
+from .replies import UNTRACKED_REPLY_BYTES, RepliesOwed
 from .session import Peer, Session, StartedCommand
 from .training import Terms
 
@@ -77,14 +78,6 @@ EVICT_AFTER_SECONDS = 10.0
 #: after a look for a connection to evict found none, the next look waits this long: the look walks
 #: every connection, and a full daemon would otherwise walk them for each request of each new peer
 EVICT_SCAN_SECONDS = 0.1
-
-#: bytes of copied replies a session may have handed to ZeroMQ beside its quota. A reply's copies are
-#: ZeroMQ's memory until it has sent them, and a client that reads nothing leaves them there: the socket's
-#: send high-water mark alone would let a connection pin 2 x ``--max-inflight`` + 64 replies of just under
-#: 64 KiB (about 500 MiB). So a session's reply that takes its untracked bytes to this is tracked, and charged
-#: with them until it has left (``Worker._transmit``). Tracking costs a reply about 20 us (pyzmq's zero-copy
-#: send and release) or more, on a busy machine: once per this many bytes, not for every reply
-UNTRACKED_REPLY_BYTES = 1 << 20
 
 #: complete messages of one connection that may wait unread in ZeroMQ's queue (``RCVHWM``); past them
 #: ZeroMQ stops reading that connection, and TCP holds its sender back. Bounds in messages what a peer
@@ -125,6 +118,8 @@ class Worker:
         #: until when commands may still run at once in the message (or intake turn) being read: past one
         #: slice, a batch's later commands go to their session's queue (see ``_run_at_once``)
         self._run_at_once_until = 0.0
+        #: what connections whose sessions all ended were sent and have not read yet (``_forget``)
+        self._owing: dict[bytes, RepliesOwed] = {}
         #: the status snapshot of the intake turn being taken, if one was asked for (see ``status``)
         self._status: dict[str, Any] | None = None
         self._status_batch = False
@@ -135,7 +130,8 @@ class Worker:
         self.clients = clients or {}
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0,
                          "sessions_evicted": 0, "sessions_refused": 0, "throttled": 0, "limit_errors": 0,
-                         "handshake_failures": 0, "unread_replies": 0, "inline_fits": 0, "batches": 0}
+                         "handshake_failures": 0, "unread_replies": 0, "dropped_unread": 0, "inline_fits": 0,
+                         "batches": 0}
         protected = any(d.policy == "protected" for d in self.datasets.values()) or bool(self.clients)
         tracebacks = config.remote_tracebacks if config.remote_tracebacks is not None else not protected
         secret = config.shuffle_secret.encode() if config.shuffle_secret is not None else secrets.token_bytes(32)
@@ -360,6 +356,29 @@ class Worker:
             self._intake_scheduled = True
             asyncio.get_running_loop().call_soon(self._take_intake)
 
+    def _refuse_owing(self, key: bytes, frames: Sequence[Any], owed: RepliesOwed) -> None:
+        """Refuse a request of a connection that owes more replies than a session's quota, without
+        decoding its arguments; past another ``UNTRACKED_REPLY_BYTES`` of refusals (they are replies
+        it does not read either), drop it unanswered."""
+        self.counters["throttled"] += 1
+        if owed.owed() > self.config.max_session_bytes + UNTRACKED_REPLY_BYTES:
+            self.counters["dropped_unread"] += 1
+            return
+        try:
+            request = decode_request_head(frames, self.config.limits)
+        except Exception as exc:
+            self._malformed(key, exc)
+            return
+        peer = self._peers.get(key)
+        payload = self._owing_error(owed)
+        self._refuse(key, request, payload["type"], payload["message"],
+                     peer.sessions.get(request.client) if peer is not None else None)
+
+    def _owing_error(self, owed: RepliesOwed) -> dict[str, str]:
+        return {"type": "LimitExceeded", "traceback": "", "message": (
+            f"this connection has not read {owed.owed()} bytes of replies, more than a session's quota of "
+            f"{self.config.max_session_bytes} bytes (--max-session-bytes): read them before sending more")}
+
     def _refuse_unread(self, key: bytes, frames: Sequence[Any]) -> None:
         """Answer a request that arrived while its connection's intake was full, without running it."""
         self.counters["requests"] += 1
@@ -410,8 +429,14 @@ class Worker:
         return peer is None or self._peers.get(key) is peer
 
     def _accept_request(self, key: bytes, frames: Sequence[Any], batched: bool) -> None:
-        """Decode one request; answer control commands, queue the rest on their session."""
+        """Decode one request; answer control commands, queue the rest on their session. A connection
+        that owes more replies than a session's quota (it does not read them) is refused, and past
+        another ``UNTRACKED_REPLY_BYTES`` of refusals, not answered: its requests are dropped unread."""
         self.counters["requests"] += 1
+        owed = self._account(key)
+        if owed is not None and owed.owed() > self.config.max_session_bytes:
+            self._refuse_owing(key, frames, owed)
+            return
         try:
             request = decode_request(frames, self.config.limits)
         except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
@@ -527,6 +552,9 @@ class Worker:
                          f"{self.config.max_sessions_per_key} sessions open (--max-sessions-per-key); close one first")
             return None
         peer = self._peers[key] = Peer(key, user=user)
+        owed = self._owing.pop(key, None)
+        if owed is not None:  # what the connection was sent in its earlier sessions and has not read
+            peer.replies = owed
         return peer
 
     def _evict_one(self) -> bool:
@@ -609,12 +637,18 @@ class Worker:
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
         session.running = request.id  # from here (its wait for earlier replies included) it is not idle
         try:
-            if not COMMANDS[request.cmd].changes_nothing and session.quota.unsent(of_objects=True) and \
-                    not await self._sent(session):
+            if not COMMANDS[request.cmd].changes_nothing and session.quota.unsent() and not await self._sent(session):
                 return True
             session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
-            frames = await self.executor.execute(session, request)
+            if session.peer is not None and session.peer.replies.owed() > self.config.max_session_bytes:
+                self.counters["throttled"] += 1
+                payload = self._owing_error(session.peer.replies)  # sent before its connection owed this much
+                fail_outputs(session, request, payload)
+                frames = encode_error(request.id, payload)
+            else:
+                frames = await self.executor.execute(session, request)
             assert session.outbox is not None
+            session.closing = request.cmd == "close"  # its reply carries what the connection owes
             session.outbox.add(frames)  # with the others this session answers before it next waits
         finally:
             session.running = None
@@ -636,6 +670,9 @@ class Worker:
         while True:
             await asyncio.sleep(max(0.05, min(timeout, 10.0) / 4))
             now = time.monotonic()
+            for key, owed in list(self._owing.items()):
+                if not owed.pending():
+                    del self._owing[key]
             for peer in list(self._peers.values()):
                 silent = now - peer.last_seen
                 if peer.idle and silent > self._expiry(peer):
@@ -687,16 +724,30 @@ class Worker:
         peer = self._peers.get(session.key)
         if peer is not None and peer.sessions.get(session.client) is session:
             del peer.sessions[session.client]
-            if not peer.sessions:
-                del self._peers[session.key]
+            self._forget(peer)
         self.counters[counter] += 1
+
+    def _forget(self, peer: Peer) -> None:
+        """Forget a connection with no sessions left. What it was sent and has not read stays on
+        account (``_owing``) until it has left, or its TCP connection has closed (which frees it): a new
+        session on the same connection starts with that account, not with a clean slate."""
+        if peer.sessions or self._peers.get(peer.key) is not peer:
+            return
+        del self._peers[peer.key]
+        if peer.replies.pending():
+            self._owing[peer.key] = peer.replies
+
+    def _account(self, key: bytes) -> RepliesOwed | None:
+        """The account of what connection ``key`` was sent and may not have read, if it has one."""
+        peer = self._peers.get(key)
+        return peer.replies if peer is not None else self._owing.get(key)
 
     def _end_peer(self, peer: Peer, counter: str) -> None:
         if self._intake.pop(peer.key, None) is not None and peer.key in self._intake_turns:
             self._intake_turns.remove(peer.key)  # it is gone or stopped reading: what it sent is not run
         for session in list(peer.sessions.values()):
             self._end_session(session, counter)
-        self._peers.pop(peer.key, None)
+        self._forget(peer)
 
     async def _sent(self, session: Session) -> bool:
         """Wait until ZeroMQ has sent the session's replies that left uncopied. Their frames are the
@@ -707,7 +758,7 @@ class Worker:
         minutes, and a session whose replies wait is neither idle nor evicted (``Session.idle``), so what
         they pin stays charged to it. False if the session ended meanwhile (its client went away)."""
         pause = 0.0005
-        while session.quota.unsent(of_objects=True) and self._live(session):  # polled: no thread held by a reader
+        while session.quota.unsent() and self._live(session):  # polled: no thread is held by a slow reader
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
         return self._live(session)
@@ -728,18 +779,18 @@ class Worker:
         """Send a message without blocking. Frames of the socket's ``copy_threshold`` or more leave
         uncopied (they are objects' own memory): such a reply is tracked, charged to its session until
         ZeroMQ has sent it, and the session's commands that may change memory wait for that (``_sent``).
-        Smaller frames are copied; a session's copied replies are charged too, in arrears: once they
-        reach ``UNTRACKED_REPLY_BYTES``, the reply that does is tracked and charged with all of them
-        (ZeroMQ sends in order: when it has left, so have they). So what a client leaves unread stays
-        within its session's quota, whose requests are refused once it is full. A client whose pipe is
-        full (it stopped reading) or gone loses its session."""
+        Every message to a connection is counted on its account (``Peer.replies``), copied ones in
+        arrears: the one that takes them to ``UNTRACKED_REPLY_BYTES``, and a closing session's, are
+        tracked and carry them. A client whose pipe is full (it stopped reading) or gone loses its
+        sessions."""
         if self._pump is None:
             return
         threshold = self._pump.socket.copy_threshold
         of_objects = not self._copy_frames and any(memoryview(f).nbytes >= threshold for f in frames[1:])
+        owed = None if self._copy_frames else self._account(key)
         nbytes = len(frames[0]) + buffer_bytes(frames)
-        quota = session.quota if session is not None and not self._copy_frames else None
-        track = quota is not None and (of_objects or quota.untracked + nbytes >= UNTRACKED_REPLY_BYTES)
+        track = of_objects or (owed is not None and (owed.needs_tracking(nbytes) or (
+            session is not None and session.closing and owed.untracked > 0)))
         if track:  # the last frame leaves last: tracked, its tracker's end is the whole message's
             frames = [*frames[:-1], _tracked_frame(frames[-1], threshold)]
         try:
@@ -756,14 +807,11 @@ class Worker:
             if peer is not None and peer.idle:
                 self._end_peer(peer, "sessions_expired")
             return
-        if quota is None:
-            return
-        if not track:
-            quota.untracked += nbytes
-            return
-        if isinstance(tracker, zmq.MessageTracker) and not tracker.done:
-            quota.sending(tracker, quota.untracked + nbytes, of_objects)
-        quota.untracked = 0
+        tracked = tracker if isinstance(tracker, zmq.MessageTracker) else None
+        if owed is not None:
+            owed.sent(nbytes, tracked)
+        if of_objects and session is not None and tracked is not None and not tracked.done:
+            session.quota.sending(tracked, buffer_bytes(frames))
 
 
 def _tracked_frame(frame: Any, threshold: int) -> zmq.Frame:

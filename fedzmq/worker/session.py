@@ -24,6 +24,7 @@ from ..outbox import Outbox
 from .datasets import Dataset
 from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
 from .quota import Quota
+from .replies import RepliesOwed
 from .taint import TaintRecord
 
 
@@ -39,13 +40,17 @@ class Peer:
     #: the heartbeat interval the client announced: a client silent for many of them is gone
     interval: float | None = None
     sessions: dict[str | None, "Session"] = field(default_factory=dict)
+    #: what it has been sent and may not have read (``fedzmq.worker.replies``): it outlives its sessions
+    replies: RepliesOwed = field(default_factory=RepliesOwed)
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
 
     @property
     def idle(self) -> bool:
-        return all(s.idle for s in self.sessions.values())
+        """No session has work, and no tracked reply waits to leave: a connection that has not read
+        what it was sent is not expired or evicted (what it owes would be nobody's account)."""
+        return all(s.idle for s in self.sessions.values()) and not self.replies.pending()
 
     @property
     def empty(self) -> bool:
@@ -93,6 +98,9 @@ class Session:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: replies waiting to leave together (``fedzmq.outbox``); set by the server that made the session
     outbox: Outbox | None = None
+    #: the session is answering its ``close``: its last replies carry what its connection owes
+    #: (``Worker._transmit``), so the connection is not forgotten before they have left
+    closing: bool = False
 
     def __post_init__(self) -> None:
         self.table = ObjectTable(self.max_objects)
