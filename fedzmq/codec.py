@@ -21,7 +21,7 @@ import msgpack
 import torch
 
 from .commands import COMMANDS, MAX_ID
-from .errors import ProtocolError
+from .errors import ProtocolError, quoted
 
 PROTOCOL_VERSION = 1
 
@@ -178,7 +178,7 @@ class _Encoder:
             out = {}
             for k, v in value.items():
                 if type(k) is not str or k.startswith("$"):
-                    raise ProtocolError(f"map keys must be strings not starting with '$', got {k!r}")
+                    raise ProtocolError(f"map keys must be strings not starting with '$', got {quoted(k)}")
                 out[k] = self.encode(v, depth + 1)
             return out
         if isinstance(value, slice):
@@ -459,14 +459,14 @@ def _request_head(frames: Sequence[Any], limits: Limits) -> tuple[int, str, str 
     if request_id is None:
         raise ProtocolError("request id missing or not an integer in [0, 2**63)")
     if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.get('v')!r} (this side speaks {PROTOCOL_VERSION})",
-                            request_id)
+        raise ProtocolError(f"unsupported protocol version {quoted(header.get('v'))} "
+                            f"(this side speaks {PROTOCOL_VERSION})", request_id)
     cmd = header.get("cmd")
     if type(cmd) is not str or cmd not in COMMANDS:
-        raise ProtocolError(f"unknown command {cmd!r}", request_id)
+        raise ProtocolError(f"unknown command {quoted(cmd)}", request_id)
     extra = set(header) - {"v", "id", "cmd", "args", "client"}
     if extra:
-        raise ProtocolError(f"unknown header fields {sorted(extra)}", request_id)
+        raise ProtocolError(f"unknown header fields {quoted(sorted(map(str, extra)))}", request_id)
     client = header.get("client")
     if client is not None and (type(client) is not str or not 0 < len(client) <= 256):
         raise ProtocolError("client must be a string of 1 to 256 characters", request_id)
@@ -479,7 +479,7 @@ def _request_head(frames: Sequence[Any], limits: Limits) -> tuple[int, str, str 
 def decode_reply(frames: Sequence[Any], limits: Limits) -> Reply:
     header = _unpack_header(frames, limits)
     if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}", _header_id(header))
+        raise ProtocolError(f"unsupported protocol version {quoted(header.get('v'))}", _header_id(header))
     request_id = header.get("id")
     if request_id is not None and _header_id(header) is None:
         raise ProtocolError("reply id is not an integer")
@@ -555,7 +555,7 @@ class _Decoder:
     @staticmethod
     def _key(key: Any) -> bool:
         if type(key) is not str or key.startswith("$"):
-            raise ProtocolError(f"bad map key {key!r}")
+            raise ProtocolError(f"bad map key {quoted(key)}")
         return True
 
     def tag(self, key: str, body: Any, depth: int) -> Any:
@@ -581,7 +581,7 @@ class _Decoder:
             return Ellipsis
         if key == "$dtype":
             if type(body) is not str or body not in DTYPES:
-                raise ProtocolError(f"dtype {body!r} is not on the allowlist")
+                raise ProtocolError(f"dtype {quoted(body)} is not on the allowlist")
             return DTYPES[body]
         if key == "$stream":
             if (
@@ -595,7 +595,7 @@ class _Decoder:
             ):
                 raise ProtocolError("bad $stream description")
             return StreamInfo(body[0], tuple(body[1]), body[2], body[3])
-        raise ProtocolError(f"unknown tag {key!r}")
+        raise ProtocolError(f"unknown tag {quoted(key)}")
 
     def tensor(self, body: Any) -> torch.Tensor:
         if not isinstance(body, list) or len(body) != 4:
@@ -603,11 +603,11 @@ class _Decoder:
         dtype_name, shape, index, requires_grad = body
         dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
-            raise ProtocolError(f"dtype {dtype_name!r} is not on the allowlist")
+            raise ProtocolError(f"dtype {quoted(dtype_name)} is not on the allowlist")
         if not _is_shape(shape):
             raise ProtocolError("tensor shape must be a list of at most 32 non-negative ints")
         if type(index) is not int or not 1 <= index < len(self.frames):
-            raise ProtocolError(f"tensor frame index {index!r} out of range")
+            raise ProtocolError(f"tensor frame index {quoted(index)} out of range")
         if self.claimed[index]:
             raise ProtocolError(f"frame {index} is claimed twice")
         if type(requires_grad) is not bool:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from .errors import quoted
+
 MAX_ID = 2**63 - 1
 
 Validator = Callable[[Any], bool]
@@ -155,7 +157,7 @@ class Command:
                 continue
             optional = self.optional.get(name)
             if optional is None:
-                return f"{self.name}: unknown argument {name!r}"
+                return f"{self.name}: unknown argument {quoted(name)}"
             if not optional(value):
                 return f"{self.name}: argument {name!r} has a wrong type or value"
         return None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import builtins
 import functools
 import re
+import reprlib
 from types import TracebackType
 from typing import Any, Callable
 
@@ -245,6 +246,26 @@ def _qualified_name(cls: type) -> str:
     return cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: the longest error message a worker sends; what an error quotes of a request is shorter still (``quoted``)
+MAX_ERROR_MESSAGE = 2000
+
+def _quoting() -> reprlib.Repr:
+    """How values from the wire are quoted in error messages: ``reprlib`` cuts strings, bytes and
+    containers before it formats them, so a 4 MiB field costs neither a 16 MiB reply nor its time."""
+    quote = reprlib.Repr()  # its limits are attributes (keywords only from Python 3.12)
+    quote.maxlevel, quote.maxstring, quote.maxother, quote.maxlong = 2, 60, 60, 40
+    quote.maxlist = quote.maxtuple = quote.maxdict = quote.maxset = 6
+    return quote
+
+
+_QUOTE = _quoting()
+
+
+def quoted(value: Any) -> str:
+    """A value a peer sent, quoted in an error message: its repr, cut to a few dozen characters."""
+    return _QUOTE.repr(value)
+
+
 def safe_message(exc: BaseException) -> str:
     """``str(exc)``, or a placeholder when that raises: an error report must not fail in turn."""
     try:
@@ -261,4 +282,7 @@ def error_payload(exc: BaseException, traceback_text: str) -> dict[str, Any]:
             "message": exc.remote_message,
             "traceback": exc.remote_traceback or traceback_text,
         }
-    return {"type": type(exc).__name__, "message": safe_message(exc), "traceback": traceback_text}
+    message = safe_message(exc)
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE] + " [cut]"
+    return {"type": type(exc).__name__, "message": message, "traceback": traceback_text}

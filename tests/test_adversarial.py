@@ -474,6 +474,33 @@ async def test_replies_a_client_never_reads_stay_within_its_quota(fedzmq_daemons
     assert p99(latencies) < 1.0
 
 
+@pytest.mark.parametrize("header", [
+    {"v": 1, "id": 1, "cmd": "\x00" * (1 << 20)},
+    {"v": 1, "id": 1, "cmd": "ping", "args": {}, "x" * (1 << 20): 1},
+    {"v": "\x00" * (1 << 20), "id": 1, "cmd": "ping"},
+    {"v": 1, "id": 1, "cmd": "get", "args": {"obj": {"$" + "\x00" * (1 << 20): 1}}},
+], ids=["command", "field", "version", "tag"])
+async def test_an_error_quotes_little_of_a_request(fedzmq_daemons, header):
+    """An error names what was wrong in a few words: a red team's requests with a command name of 4 MiB
+    of NUL characters got replies of 16 MiB each (its repr, quoted whole), which grew a daemon by
+    1.9 GiB in 6 s on one connection that did not read them, and made the event loop take 20-40 ms
+    per request."""
+    import msgpack
+
+    from fedzmq.codec import Limits
+
+    [bob] = await fedzmq_daemons("bob")
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(bob.address)
+    try:
+        await sock.send(msgpack.packb(header, use_bin_type=True))
+        [reply] = await replies_of(sock, Limits())
+        assert not reply.ok and len(reply.error["message"]) < 400, len(reply.error["message"])
+    finally:
+        sock.close()
+
+
 async def replies_of(sock, limits):
     """The replies in the next message on a raw socket (a batch's parts, or the one reply)."""
     frames = await asyncio.wait_for(sock.recv_multipart(copy=False), 20)
@@ -677,6 +704,43 @@ async def test_a_connection_owing_replies_is_refused_then_not_answered_and_serve
             async with asyncio.timeout(10):  # its last reply read, the account is gone
                 while peer.key in worker._owing or peer.key in worker._peers:
                     await asyncio.sleep(0.05)
+        finally:
+            client.close()
+
+
+async def test_what_a_connection_owes_outlives_an_expired_session_and_counts_without_one():
+    """Copied replies are counted in arrears until a tracked one (at 1 MiB) carries them. A red team
+    let its sessions expire, or be evicted, between turns of replies just under 1 MiB, each new session
+    starting from nothing: 460 MiB per connection in a minute, never refused. The account outlives the
+    session (its arrears forgiven only ten minutes after its last reply), and replies to a connection
+    without a session are counted too."""
+    from fedzmq.codec import Limits
+
+    worker = Worker("carol", config=WorkerConfig(session_timeout=0.5))
+    worker.bind("tcp://127.0.0.1:0")
+    client = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.setsockopt(zmq.ROUTING_ID, b"turns")
+    async with worker:
+        client.connect(worker.address)
+        try:
+            await client.send(b"not a request")  # no session: its error reply is counted all the same
+            [malformed] = await replies_of(client, Limits())
+            assert not malformed.ok and worker._owing[b"turns"].untracked > 0
+            await client.send_multipart(encode_request(1, "store", {"out": 1, "value": torch.zeros(5000)}))
+            for request_id in range(2, 42):  # 40 copied replies of 20 KB, read: 800 KB in arrears
+                await client.send_multipart(encode_request(request_id, "get", {"obj": 1}))
+            for _ in range(41):
+                await replies_of(client, Limits())
+            owed = worker._peers[b"turns"].replies.owed()
+            assert 800_000 < owed < 1 << 20
+            async with asyncio.timeout(10):  # silent past --session-timeout: the session expires
+                while b"turns" in worker._peers:
+                    await asyncio.sleep(0.05)
+            assert worker._owing[b"turns"].owed() == owed  # ... and its account stays
+            await client.send_multipart(encode_request(50, "ping", {}))
+            await replies_of(client, Limits())
+            assert worker._peers[b"turns"].replies.owed() > owed  # the new session starts with it
         finally:
             client.close()
 

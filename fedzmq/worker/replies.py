@@ -19,11 +19,16 @@ is a queue, read from its oldest end.
 from __future__ import annotations
 
 import collections
+import time
 
 import zmq
 
 #: bytes of copied replies a connection may have been sent before one of its replies is tracked
 UNTRACKED_REPLY_BYTES = 1 << 20
+#: seconds after its last reply that a connection without a session is let off its untracked arrears
+#: (at least twice ``--session-timeout``): a connection can so pin less than ``UNTRACKED_REPLY_BYTES``
+#: beside its account once per this long, and the account of a client gone for good is dropped
+ARREARS_FORGIVEN_AFTER = 600.0
 
 
 class RepliesOwed:
@@ -35,6 +40,8 @@ class RepliesOwed:
         self._tracked_bytes = 0
         #: bytes of replies sent untracked since the last tracked one
         self.untracked = 0
+        #: when the last reply was sent (``time.monotonic``)
+        self.last_sent = time.monotonic()
 
     def needs_tracking(self, nbytes: int) -> bool:
         """Whether a reply of ``nbytes`` should be tracked, to carry the arrears."""
@@ -42,6 +49,7 @@ class RepliesOwed:
 
     def sent(self, nbytes: int, tracker: zmq.MessageTracker | None) -> None:
         """A reply of ``nbytes`` was handed to ZeroMQ: tracked (it carries the arrears), or not."""
+        self.last_sent = time.monotonic()
         if tracker is None:
             self.untracked += nbytes
             return
@@ -56,10 +64,16 @@ class RepliesOwed:
             self._tracked_bytes -= self._tracked.popleft()[1]
         return bool(self._tracked)
 
+    def settled(self, forgive_after: float) -> bool:
+        """Whether nothing may wait any more: every tracked reply has left, and no untracked one was sent
+        in the last ``forgive_after`` seconds (arrears can only be known to have left through a later
+        tracked reply; a connection silent that long is let off them)."""
+        return not self.pending() and (not self.untracked or time.monotonic() - self.last_sent > forgive_after)
+
     def owed(self) -> int:
         """Bytes that may still wait in ZeroMQ: tracked replies not sent, and the arrears."""
         self.pending()
         return self._tracked_bytes + self.untracked
 
 
-__all__ = ["RepliesOwed", "UNTRACKED_REPLY_BYTES"]
+__all__ = ["ARREARS_FORGIVEN_AFTER", "RepliesOwed", "UNTRACKED_REPLY_BYTES"]

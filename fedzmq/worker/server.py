@@ -53,7 +53,7 @@ from .cost import Coster, warm_up
 from .datasets import Dataset
 from .executor import Executor, fail_outputs
 from .policy import Policy
-from .replies import UNTRACKED_REPLY_BYTES, RepliesOwed
+from .replies import ARREARS_FORGIVEN_AFTER, UNTRACKED_REPLY_BYTES, RepliesOwed
 from .session import Peer, Session, StartedCommand
 from .training import Terms
 
@@ -118,7 +118,7 @@ class Worker:
         #: until when commands may still run at once in the message (or intake turn) being read: past one
         #: slice, a batch's later commands go to their session's queue (see ``_run_at_once``)
         self._run_at_once_until = 0.0
-        #: what connections whose sessions all ended were sent and have not read yet (``_forget``)
+        #: what connections without a session were sent and may not have read yet (``_forget``, ``_account``)
         self._owing: dict[bytes, RepliesOwed] = {}
         #: the status snapshot of the intake turn being taken, if one was asked for (see ``status``)
         self._status: dict[str, Any] | None = None
@@ -433,7 +433,8 @@ class Worker:
         that owes more replies than a session's quota (it does not read them) is refused, and past
         another ``UNTRACKED_REPLY_BYTES`` of refusals, not answered: its requests are dropped unread."""
         self.counters["requests"] += 1
-        owed = self._account(key)
+        peer = self._peers.get(key)
+        owed = peer.replies if peer is not None else self._owing.get(key)
         if owed is not None and owed.owed() > self.config.max_session_bytes:
             self._refuse_owing(key, frames, owed)
             return
@@ -671,7 +672,7 @@ class Worker:
             await asyncio.sleep(max(0.05, min(timeout, 10.0) / 4))
             now = time.monotonic()
             for key, owed in list(self._owing.items()):
-                if not owed.pending():
+                if owed.settled(forgive_after=self._forgive_after):
                     del self._owing[key]
             for peer in list(self._peers.values()):
                 silent = now - peer.last_seen
@@ -728,19 +729,31 @@ class Worker:
         self.counters[counter] += 1
 
     def _forget(self, peer: Peer) -> None:
-        """Forget a connection with no sessions left. What it was sent and has not read stays on
-        account (``_owing``) until it has left, or its TCP connection has closed (which frees it): a new
-        session on the same connection starts with that account, not with a clean slate."""
+        """Forget a connection with no sessions left. What it was sent and may not have read stays on
+        account (``_owing``) until it has left, or its TCP connection has closed (which frees it), and
+        untracked replies until ``ARREARS_FORGIVEN_AFTER`` after the last one: a new session on the same
+        connection starts with that account, not with a clean slate (a red team otherwise had sessions
+        expired or evicted between replies just under the 1 MiB that gets one tracked)."""
         if peer.sessions or self._peers.get(peer.key) is not peer:
             return
         del self._peers[peer.key]
-        if peer.replies.pending():
+        if not peer.replies.settled(forgive_after=self._forgive_after):
             self._owing[peer.key] = peer.replies
 
-    def _account(self, key: bytes) -> RepliesOwed | None:
-        """The account of what connection ``key`` was sent and may not have read, if it has one."""
+    @property
+    def _forgive_after(self) -> float:
+        return max(ARREARS_FORGIVEN_AFTER, 2 * self.config.session_timeout)
+
+    def _account(self, key: bytes) -> RepliesOwed:
+        """The account of what connection ``key`` was sent and may not have read: its peer's, or, for a
+        connection without a session (refused, or sending what cannot be decoded), one kept aside."""
         peer = self._peers.get(key)
-        return peer.replies if peer is not None else self._owing.get(key)
+        if peer is not None:
+            return peer.replies
+        owed = self._owing.get(key)
+        if owed is None:
+            owed = self._owing[key] = RepliesOwed()
+        return owed
 
     def _end_peer(self, peer: Peer, counter: str) -> None:
         if self._intake.pop(peer.key, None) is not None and peer.key in self._intake_turns:
