@@ -448,17 +448,21 @@ async def statuses_after_full(sock):  # the quota filled, then 64,000 status com
     await send_unread(sock, [(i, "status", {}) for i in range(10_000, 74_000)], batched=True)
 
 
-@pytest.mark.parametrize("attack", [gets_one_by_one, gets_batched, close_and_again, states_pipelined,
-                                    statuses_after_full], ids=lambda attack: attack.__name__)
-async def test_replies_a_client_never_reads_stay_within_its_quota(fedzmq_daemons, attack):
+@pytest.mark.parametrize("attack, limits", [
+    (gets_one_by_one, []), (gets_batched, []), (close_and_again, []), (states_pipelined, []),
+    (statuses_after_full, []), (statuses_after_full, ["--max-inflight", "64"]),
+], ids=["gets_one_by_one", "gets_batched", "close_and_again", "states_pipelined", "statuses_after_full",
+        "statuses_past_a_full_intake"])
+async def test_replies_a_client_never_reads_stay_within_its_quota(fedzmq_daemons, attack, limits):
     """A client that reads nothing leaves its replies in the daemon, copied ones (each frame under
     64 KiB) as much as uncopied ones: red-team sessions made a daemon with a 16 MiB quota grow by
     181 MiB (gets one by one), 3.6 GiB (a model's state pipelined), 439 MiB (sessions closed one after
-    another on one connection) and 150 MiB (commands that are never refused: status, and refusals).
+    another on one connection) and 150 MiB (commands that are never refused: status, and refusals,
+    also those of requests refused unread when the connection's intake is full).
     What a connection was sent and has not read is its account, kept across its sessions: past a
     session's quota its requests are refused, and past another MiB dropped."""
     quota = 16 << 20
-    [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(quota)])
+    [bob] = await fedzmq_daemons("bob", args=["--max-session-bytes", str(quota), *limits])
     attacker = slow_reader(bob.address)
     try:
         async with honest_pings(bob.address) as latencies:
