@@ -801,7 +801,8 @@ class Worker:
         threshold = self._pump.socket.copy_threshold
         of_objects = not self._copy_frames and any(memoryview(f).nbytes >= threshold for f in frames[1:])
         owed = None if self._copy_frames else self._account(key)
-        nbytes = len(frames[0]) + buffer_bytes(frames)
+        buffers = buffer_bytes(frames)
+        nbytes = len(frames[0]) + buffers
         track = of_objects or (owed is not None and (owed.needs_tracking(nbytes) or (
             session is not None and session.closing and owed.untracked > 0)))
         if track:  # the last frame leaves last: tracked, its tracker's end is the whole message's
@@ -824,7 +825,7 @@ class Worker:
         if owed is not None:
             owed.sent(nbytes, tracked)
         if of_objects and session is not None and tracked is not None and not tracked.done:
-            session.quota.sending(tracked, buffer_bytes(frames))
+            session.quota.sending(tracked, buffers)
 
 
 def _tracked_frame(frame: Any, threshold: int) -> zmq.Frame:
