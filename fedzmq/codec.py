@@ -158,6 +158,8 @@ class _Encoder:
         if kind is list and depth < Limits.max_depth:
             # the common case first, scalars without a call each (a batch of ids is thousands of them)
             return [v if v is None or type(v) in _PLAIN else self.encode(v, depth + 1) for v in value]
+        if kind is dict and depth < Limits.max_depth:  # (arguments, replies: mostly scalars too)
+            return self.mapping(value, depth, inline=True)
         if kind is Ref:
             return {"$ref": value.id}
         if isinstance(value, torch.Tensor):
@@ -175,12 +177,7 @@ class _Encoder:
         if isinstance(value, tuple):
             return {"$tuple": [self.encode(v, depth + 1) for v in value]}
         if isinstance(value, dict):
-            out = {}
-            for k, v in value.items():
-                if type(k) is not str or k.startswith("$"):
-                    raise ProtocolError(f"map keys must be strings not starting with '$', got {quoted(k)}")
-                out[k] = self.encode(v, depth + 1)
-            return out
+            return self.mapping(value, depth, inline=False)
         if isinstance(value, slice):
             return {"$slice": [self.encode(value.start), self.encode(value.stop), self.encode(value.step)]}
         if value is Ellipsis:
@@ -202,6 +199,15 @@ class _Encoder:
             if converted is not value:
                 return self.encode(converted, depth + 1)
         raise ProtocolError(f"cannot send a value of type {type(value).__name__}")
+
+    def mapping(self, value: dict[Any, Any], depth: int, inline: bool) -> dict[str, Any]:
+        """A map, its keys checked; with ``inline``, its scalar values taken as they are (no call each)."""
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str or k.startswith("$"):
+                raise ProtocolError(f"map keys must be strings not starting with '$', got {quoted(k)}")
+            out[k] = v if inline and (v is None or type(v) in _PLAIN) else self.encode(v, depth + 1)
+        return out
 
     def tensor(self, tensor: torch.Tensor) -> dict[str, Any]:
         if tensor.dtype not in DTYPE_NAMES:
@@ -405,11 +411,14 @@ def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
     raw = _frame_buffer(frames[0])
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}")
+    # a header of at most half as many bytes as the counter allows cannot trip it: every value takes a
+    # byte, and the counter counts each value twice at most (in its container, and as a container
+    # itself). So most messages go without the hooks, and their Python call per list and map
     counter = _ContainerCounter(limits.max_items)
+    hooks = {"list_hook": counter.seen, "object_hook": counter.seen} if 2 * len(raw) > counter.left else {}
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
-                                 max_array_len=limits.max_items, max_map_len=limits.max_items,
-                                 list_hook=counter.seen, object_hook=counter.seen)
+                                 max_array_len=limits.max_items, max_map_len=limits.max_items, **hooks)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
@@ -529,34 +538,34 @@ class _Decoder:
         return decoded
 
     def decode(self, value: Any, depth: int) -> Any:
-        if depth > self.limits.max_depth:
-            raise ProtocolError(f"value nested deeper than {self.limits.max_depth}")
-        if value is None or type(value) in _PLAIN:
+        """``value`` as msgpack made it (None, bool, int, float, str, bytes, list or dict: exactly these
+        types, never subclasses) with its tags turned into objects, checked."""
+        max_depth = self.limits.max_depth
+        if depth > max_depth:
+            raise ProtocolError(f"value nested deeper than {max_depth}")
+        kind = type(value)
+        if value is None or kind in _PLAIN:
             return value
-        self.items += len(value) if isinstance(value, (list, dict)) else 0
+        if kind is not list and kind is not dict:
+            raise ProtocolError(f"values of type {kind.__name__} are not accepted")
+        self.items += len(value)
         if self.items > self.limits.max_items:
             raise ProtocolError(f"header holds more than {self.limits.max_items} values")
-        inline = depth < self.limits.max_depth  # scalars one level down need no call (and no depth check)
-        if isinstance(value, list):
+        # below the deepest level, scalars one level down need no call (the common case: ids, names,
+        # numbers, flags); at it, any value inside is too deep, and its call says so
+        inline = depth < max_depth
+        if kind is list:
             if inline:
                 return [v if v is None or type(v) in _PLAIN else self.decode(v, depth + 1) for v in value]
             return [self.decode(v, depth + 1) for v in value]
-        if isinstance(value, dict):
-            if len(value) == 1:
-                (key, body), = value.items()
-                if type(key) is str and key.startswith("$"):
-                    return self.tag(key, body, depth)
-            if inline:
-                return {k: v if v is None or type(v) in _PLAIN else self.decode(v, depth + 1)
-                        for k, v in value.items() if self._key(k)}
-            return {k: self.decode(v, depth + 1) for k, v in value.items() if self._key(k)}
-        raise ProtocolError(f"values of type {type(value).__name__} are not accepted")
-
-    @staticmethod
-    def _key(key: Any) -> bool:
-        if type(key) is not str or key.startswith("$"):
-            raise ProtocolError(f"bad map key {quoted(key)}")
-        return True
+        if len(value) == 1:
+            (key, body), = value.items()
+            if type(key) is str and key.startswith("$"):
+                return self.tag(key, body, depth)
+        _check_keys(value)
+        if inline:
+            return {k: v if v is None or type(v) in _PLAIN else self.decode(v, depth + 1) for k, v in value.items()}
+        return {k: self.decode(v, depth + 1) for k, v in value.items()}
 
     def tag(self, key: str, body: Any, depth: int) -> Any:
         if key == "$tensor":
@@ -631,6 +640,13 @@ class _Decoder:
 #: (ZMQ_IN_BATCH_SIZE), which a tensor over the frame would keep alive whole, 20 times the bytes of a
 #: 400-byte tensor, uncharged to any quota
 SMALL_FRAME_BYTES = 8192
+
+
+def _check_keys(mapping: dict[Any, Any]) -> None:
+    """A map's keys are strings that do not start with ``$`` (those are tags)."""
+    for key in mapping:
+        if type(key) is not str or key.startswith("$"):
+            raise ProtocolError(f"bad map key {quoted(key)}")
 
 
 def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

@@ -148,6 +148,38 @@ def test_a_header_of_millions_of_tiny_containers_is_refused_before_they_are_buil
     assert "header holds more than" in str(refused.value)
 
 
+def test_the_container_counter_is_left_out_only_where_it_could_not_stop_anything():
+    """The counter's hooks cost a Python call per list and map, so headers of at most half its allowance
+    in bytes go without them. That is safe because a header cannot count more than twice its bytes:
+    every value, container or not, takes at least one, and is counted once in its container and once
+    more if it is a container. Checked on the densest headers msgpack can write (empty lists, empty
+    maps, maps of one-byte keys and values, lists of one empty list), each of the most bytes that go
+    without hooks; past that the counter runs and stops a bomb of empty lists."""
+    limits = Limits(max_items=1000)
+    allowance = (2 * limits.max_items + 64) // 2
+    counted = []
+
+    def count(container):
+        counted.append(len(container) + 1)
+        return container
+
+    def densest(fill: bytes, per_item: int) -> bytes:
+        count_ = (allowance - 3) // per_item
+        return b"\xdc" + count_.to_bytes(2, "big") + fill * count_
+
+    for header in (densest(b"\x90", 1), densest(b"\x80", 1), densest(b"\x81\xa0\x00", 3),
+                   densest(b"\x91\x90", 2), densest(b"\x00", 1)):
+        assert len(header) <= allowance
+        counted.clear()
+        msgpack.unpackb(header, list_hook=count, object_hook=count, strict_map_key=False)
+        assert sum(counted) <= 2 * len(header) <= 2 * limits.max_items + 64, header[:8]
+    bomb = b"\x84" + msgpack.packb({"v": 1, "id": 3, "cmd": "ping"})[1:] + msgpack.packb("args") + \
+        b"\x81" + msgpack.packb("x") + b"\x92" + (b"\xdc" + (1000).to_bytes(2, "big") + b"\x90" * 1000) * 2
+    assert len(bomb) > allowance
+    with pytest.raises(ProtocolError, match="lists and maps"):
+        decode_request([bomb], limits)
+
+
 def test_a_request_head_is_checked_like_the_request_and_keeps_only_its_output_ids():
     """What the daemon refuses unread (a connection past --max-inflight) is decoded only this far: its
     header checked as always, its arguments left as sent except the ids its outputs would have had."""
