@@ -170,3 +170,32 @@ async def test_gradients_of_private_data_taint_the_model_when_secure_aggregation
         await opt.step()
         with pytest.raises(fz.PermissionDenied):
             await remote.get()
+
+
+async def test_a_round_cannot_spread_the_owners_least_noise_over_survivors_it_will_not_need():
+    """A red team's route: ``--secagg-min-noise`` was checked on the noise multiplier alone, but each
+    worker adds ``sigma * C / sqrt(expected_survivors)`` and the coordinator chooses that count. A round
+    of 65,536 invited ids expecting all of them to survive, with a threshold of 2, had a worker add 181x
+    less noise than the owner's floor; the coordinator's own Sybils (its 4 neighbours) then unmasked its
+    update nearly bare. The floor now holds for the smallest sum the round can release: ``threshold``
+    survivors carry at least ``--secagg-min-noise`` between them."""
+    from fedzmq.secagg import SecAggConfig
+
+    [shard] = _shards(1)
+    async with fz.VirtualWorker("bob", datasets={"d": shard},
+                                config=fz.WorkerConfig(require_secure_aggregation=True, secagg_min_noise=1.0)) as bob:
+        remote = await bob.send(_model())
+        length = sum(p.numel() for p in _model().parameters())
+
+        def config(expected, round_id, threshold=2, n=1 << 16):
+            return SecAggConfig(client_ids=tuple(range(n)), threshold=threshold, vector_length=length, clip=1.0,
+                                ring_bits=64, weight_cap=100.0, noise_multiplier=1.0, expected_survivors=expected,
+                                degree=4, graph_seed=b"s" * 16, round_id=round_id)
+
+        with pytest.raises(fz.PermissionDenied, match="noise"):
+            await bob.secagg("advertise", 1, config(1 << 16, b"r1").to_wire(), module=remote.id, client=0)
+        with pytest.raises(fz.PermissionDenied, match="noise"):  # one survivor past the threshold is too many
+            await bob.secagg("advertise", 2, config(3, b"r2").to_wire(), module=remote.id, client=0)
+        # the noise calibrated to the threshold (the default) meets the floor
+        keys = await bob.secagg("advertise", 3, config(2, b"r3").to_wire(), module=remote.id, client=0)
+        assert keys

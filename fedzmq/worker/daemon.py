@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--secagg-min-clients", type=int, help="join only secure-aggregation rounds of at least this "
                       "many clients (default 3)")
     data.add_argument("--secagg-min-threshold", type=int, help="... whose threshold is at least this (default 2)")
-    data.add_argument("--secagg-min-noise", type=float, help="... that add at least this DP noise multiplier "
-                      "(default 0)")
+    data.add_argument("--secagg-min-noise", type=float, help="... that add at least this DP noise multiplier, "
+                      "also to a sum of only `threshold` survivors (default 0)")
     p.add_argument("--fault-injection", action="store_true", default=None,
                    help="accept the test-only debug_delay command (for test suites; never in production)")
     p.add_argument("--byzantine", metavar="sign-flip|scale=K",

@@ -9,6 +9,8 @@ trained module itself cannot be downloaded either.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +42,14 @@ def float_parameters(module: nn.Module) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0)
 
 
+def smallest_sum_noise(config: SecAggConfig) -> float:
+    """The noise multiplier of the smallest sum a round can release: ``threshold`` survivors, each adding
+    ``sigma * C / sqrt(expected_survivors)``, carry ``sigma * sqrt(threshold / expected_survivors)``
+    between them. The coordinator chooses ``expected_survivors``: set far above the threshold, it would
+    spread the owner's least noise over workers a sum need not have (its own Sybils in their place)."""
+    return config.noise_multiplier * math.sqrt(config.threshold / config.n_expected)
+
+
 def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
     """The data owner's terms for joining a round, checked before any key is made."""
     problems = []
@@ -49,6 +59,10 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
         problems.append(f"threshold {config.threshold} (needs at least {policy.secagg_min_threshold})")
     if config.noise_multiplier < policy.secagg_min_noise:
         problems.append(f"noise multiplier {config.noise_multiplier} (needs at least {policy.secagg_min_noise})")
+    elif policy.secagg_min_noise > 0 and smallest_sum_noise(config) < policy.secagg_min_noise:
+        problems.append(f"noise multiplier {config.noise_multiplier} spread over {config.n_expected} expected "
+                        f"survivors: a sum of the threshold's {config.threshold} would carry "
+                        f"{smallest_sum_noise(config):.4g} (needs at least {policy.secagg_min_noise})")
     if problems:
         raise PermissionDenied.new("this worker's policy refuses the round: " + "; ".join(problems))
 
