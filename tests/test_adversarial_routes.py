@@ -54,9 +54,12 @@ async def test_trained_weights_under_secure_aggregation_cannot_be_laundered_thro
     weight = worker._new_id()
     await worker._request("op", {"op": "t", "args": [Ref(weight_t)], "kwargs": {}, "out": [weight]})
     fresh = await worker.send(nn.Linear(FEATURES, 10))
-    await worker._request("fit", {"module": fresh.id, "dataset": "rows", "loss": "mse_loss", "batch_size": 16,
-                                  "steps": 0, "optimizer": {"cls": "SGD", "lr": 0.0},
-                                  "load": {"weight": Ref(weight)}})
+    with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):  # a fit loading it
+        await worker._request("fit", {"module": fresh.id, "dataset": "rows", "loss": "mse_loss", "batch_size": 16,
+                                      "steps": 0, "optimizer": {"cls": "SGD", "lr": 0.0},
+                                      "load": {"weight": Ref(weight)}})
+    # a load that replaces the fresh weight whole gives it the label of what it copied: still the trained one
+    await worker._request("module_load", {"obj": fresh.id, "state": {"weight": Ref(weight)}})
     with pytest.raises(fz.PermissionDenied):  # not a masked update: refused
         await worker._request("module_state", {"obj": fresh.id})
 
@@ -195,3 +198,57 @@ async def test_metrics_of_a_model_holding_row_values_tell_nothing_the_terms_keep
                 await worker._request(command, args)
         else:
             assert await worker._request(command, args)
+
+
+# --- class 3: metrics of a model trained under secure aggregation --------------------------------------------
+
+def _weight_picker():
+    """``out = linear(x, w) * g + sum(w * sel) + off``: with ``g = 0`` every output is the weight that
+    ``sel`` picks (plus ``off``), so an l1 loss against the labels tells that one weight."""
+    return graph_spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}], ["get_attr", "g", [], {}],
+                       ["get_attr", "sel", [], {}], ["get_attr", "off", [], {}],
+                       ["call_function", "linear", [NodeRef(0), NodeRef(1)], {}],
+                       ["call_method", "reshape", [NodeRef(5), -1], {}],
+                       ["call_function", "mul", [NodeRef(6), NodeRef(2)], {}],
+                       ["call_function", "mul", [NodeRef(1), NodeRef(3)], {}],
+                       ["call_method", "sum", [NodeRef(8)], {}],
+                       ["call_function", "add", [NodeRef(7), NodeRef(9)], {}],
+                       ["call_function", "add", [NodeRef(10), NodeRef(4)], {}],
+                       ["output", "output", [NodeRef(11)], {}]],
+                      params=[("w", (1, FEATURES)), ("g", (1,)), ("sel", (FEATURES,)), ("off", (1,))])
+
+
+async def test_weights_trained_under_secure_aggregation_cannot_be_read_through_metrics(fedzmq_daemons, secret_rows):
+    """A red team's route: train a model, then ask for metrics with a ``load`` of every entry but the
+    trained weight, crafted so that the loss is that weight plus a constant: every weight in ten
+    evaluations, no secure round. A metric is a function of the weights it is computed with, so a
+    model trained here gives metrics only once its every entry was replaced (as a round's load does);
+    a round's flow (the whole global model loaded, then a fit) still reports its fit's loss."""
+    x, y, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--require-secure-aggregation"))
+    worker = bob.worker
+    start = {"w": torch.zeros(1, FEATURES), "g": torch.ones(1), "sel": torch.zeros(FEATURES), "off": torch.zeros(1)}
+    model = await put_module(worker, _weight_picker(), start)
+    train = {"dataset": "rows", "loss": "mse_loss", "batch_size": ROWS, "steps": 1,
+             "optimizer": {"cls": "SGD", "lr": 0.5}}
+    await worker._request("fit", {"module": model, **train})
+    picks = {"g": torch.zeros(1), "sel": torch.eye(FEATURES)[0], "off": torch.full((1,), 100.0)}
+    with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):
+        await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss",
+                                           "batch_size": ROWS, "load": picks})
+    with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):
+        await worker._request("fit", {"module": model, **{**train, "optimizer": {"cls": "SGD", "lr": 0.0}},
+                                      "loss": "l1_loss", "load": picks})
+    with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):  # nor with no load at all
+        await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss"})
+    # what a round does: the whole model replaced (with the load, or loaded before), then metrics
+    every = {**start, "w": torch.full((1, FEATURES), 0.01)}
+    evaluated = await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss",
+                                                   "load": every})
+    assert evaluated["loss"] >= 0
+    await worker._request("fit", {"module": model, **train})  # trained again: its weights are the owner's
+    await worker._request("module_load", {"obj": model, "state": every})
+    fitted = await worker._request("fit", {"module": model, **train})
+    assert fitted["loss"] >= 0 and fitted["steps"] == 1
+    with pytest.raises(fz.PermissionDenied):  # and what that fit trained leaves only masked, as before
+        await worker._request("module_state", {"obj": model})

@@ -19,7 +19,7 @@ from ..errors import ObjectNotFound, PermissionDenied
 from .datasets import Dataset
 from .objects import HostedModule, HostedOptimizer, PartialTensor, module_tensors, optimizer_state
 from .session import Session
-from .taint import Label
+from .taint import Label, storage_key
 
 if TYPE_CHECKING:
     from ..modeldesc import ModelRegistry
@@ -114,14 +114,26 @@ def bind(session: Session, request: Request, command: Command, context: Context)
     if command.name == "dataset_tensor" and dataset is not None and dataset.policy == "protected":
         raise PermissionDenied.new(f"dataset {dataset.name!r} is protected: no pointer to its rows is given out; "
                                    "only the worker's own fit and evaluate of a model read them")
-    label = Label.PUBLIC
-    if session.taint:
-        label = session.taint.of(tensors)
-        for name, value in objects.items():
-            label |= session.taint.of(object_tensors(value))
-            if command.refs[name] == "gradient" and value.grad is not None:
-                label |= session.taint.of_tensor(value.grad)
+    label = references_label(session, command, objects, tensors)
     return Binding(request, command, session, args, objects, tensors, label, dataset)
+
+
+def references_label(session: Session, command: Command, objects: dict[str, Any], tensors: list[torch.Tensor],
+                     leave_out: frozenset[int] = frozenset()) -> Label:
+    """The join of the labels of the tensors and objects a command references, without the storages in
+    ``leave_out`` (those its own load replaces whole, for what it computes after the load)."""
+    taint = session.taint
+    if not taint:
+        return Label.PUBLIC
+    label = taint.of(tensors)
+    for name, value in objects.items():
+        held = object_tensors(value)
+        if leave_out:
+            held = [t for t in held if storage_key(t.untyped_storage()) not in leave_out]
+        label |= taint.of(held)
+        if command.refs[name] == "gradient" and value.grad is not None:
+            label |= taint.of_tensor(value.grad)
+    return label
 
 
 def object_tensors(value: Any) -> list[torch.Tensor]:
@@ -173,4 +185,4 @@ class Made:
     result: Any = None
 
 
-__all__ = ["Binding", "Context", "Made", "bind", "object_tensors"]
+__all__ = ["Binding", "Context", "Made", "bind", "object_tensors", "references_label"]

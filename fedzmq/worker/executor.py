@@ -28,11 +28,11 @@ from ..errors import BadRequest, FedzmqError, LimitExceeded, RemoteError, compac
 from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
-from .binding import Binding, Context, Made, bind
+from .binding import Binding, Context, Made, bind, references_label
 from .charges import CHARGES
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
-from .handlers.modules import load_into
+from .handlers.modules import load_into, whole_copies
 from .objects import DependencyError, HostedModule, HostedOptimizer, module_tensors, optimizer_state, tensors_of
 from .policy import sanitized
 from .session import Session
@@ -121,9 +121,12 @@ class Executor:
 
     def _check_release(self, binding: Binding) -> None:
         if binding.command.reports_metrics:
-            # a metric is a function of the weights: one whose weights hold one row's values, loaded from a
-            # pointer, reported them to 1e-5 through its loss (a red-team session's attack)
-            self.context.policy.check_release(binding.label & ~Label.SECURE, "state", False,
+            # a metric is a function of the weights it is computed with: one whose weights hold one row's
+            # values, loaded from a pointer, reported them to 1e-5 through its loss; one trained under
+            # secure aggregation and loaded with all else crafted, every weight in ten evaluations (two
+            # red-team sessions' attacks). So the weights after the command's own load must be
+            # releasable: a round's, loaded whole (now or before), are; what was trained here is not
+            self.context.policy.check_release(self.metrics_label(binding), "state", False,
                                               "the model's weights (or the state it loads), which its metrics "
                                               "would tell,")
         releases = binding.command.releases
@@ -224,6 +227,7 @@ class Executor:
             load_into(binding.objects["module"].module, binding.args["load"])
             if loading is not None:
                 session.taint.mark(loading.written(), binding.label)
+                self._relabel_loaded(binding)
         label = self.made_label(binding)
         watch = _WriteWatch(binding) if command.writes and label else None
         graph = "graph" in command.charges
@@ -238,6 +242,8 @@ class Executor:
                     self._recount_optimizers(binding)
         if watch is not None:
             session.taint.mark(watch.written(), label)
+            if command.name == "module_load":
+                self._relabel_loaded(binding)
         return result
 
     @staticmethod
@@ -246,6 +252,31 @@ class Executor:
         for name, value in binding.objects.items():
             if isinstance(value, HostedOptimizer):
                 binding.session.recount(binding.request.args[name])
+
+    @staticmethod
+    def metrics_label(binding: Binding) -> Label:
+        """The label of what a fit's or evaluate's metrics are computed from: what it references, with the
+        model's entries that its own ``load`` overwrites whole counted as what overwrites them."""
+        load = _loaded_state(binding)
+        if load is None or not binding.label:
+            return binding.label
+        module, state = load
+        replaced = frozenset(storage_key(entry.untyped_storage()) for entry, _ in whole_copies(module, state))
+        return references_label(binding.session, binding.command, binding.objects, binding.tensors, replaced)
+
+    @staticmethod
+    def _relabel_loaded(binding: Binding) -> None:
+        """After a load: the storages it overwrote whole hold the loaded values, and only their label."""
+        load = _loaded_state(binding)
+        if load is None:
+            return
+        taint = binding.session.taint
+        labels: dict[int, tuple[torch.Tensor, Label]] = {}  # by storage: tied entries join their values' labels
+        for entry, value in whole_copies(*load):
+            key = storage_key(entry.untyped_storage())
+            labels[key] = (entry, labels.get(key, (entry, Label.PUBLIC))[1] | taint.of_tensor(value))
+        for entry, label in labels.values():
+            taint.replace(entry, label)
 
     def made_label(self, binding: Binding) -> Label:
         """The label of what the command writes and makes (``Command.derives``)."""
@@ -294,6 +325,16 @@ class Executor:
         root = exc.root if isinstance(exc, DependencyError) else payload
         fail_outputs(session, request, root)
         return payload
+
+
+def _loaded_state(binding: Binding) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+    """The model a command copies weights into, and those weights: ``module_load``'s ``state``, or the
+    ``load`` of a fit or evaluate (``Command.loads``); None for any other command."""
+    if binding.command.name == "module_load":
+        return binding.objects["obj"].module, binding.args["state"]
+    if binding.command.loads and "load" in binding.args:
+        return binding.objects["module"].module, binding.args["load"]
+    return None
 
 
 def fetch_of(request: Request) -> Request | None:

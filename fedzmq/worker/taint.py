@@ -3,7 +3,10 @@
 Privacy follows storage, not names or object ids: a view, an in-place write, a parameter updated by
 an optimizer step or a buffer updated by a forward pass all share (or change) the bytes of a storage,
 so the label lives there. A value's label is the join of the labels of the storages it holds; a write
-by a command joins the command's input label into every storage it wrote; nothing ever lowers a label.
+by a command joins the command's input label into every storage it wrote. Nothing lowers a label but a
+load that overwrites a storage whole with a copy of other values (``TaintRecord.replace``): nothing of
+what it held is left, so it has their label (a model loaded with a round's global weights is the
+global model again, whatever it was trained on before).
 
 Labels (bits; ``PUBLIC`` is none of them):
 
@@ -82,6 +85,18 @@ class TaintRecord:
                 self._labels[key] = label if old is None else old | label
             if old is None:
                 weakref.finalize(storage, self._forget, key)
+
+    def replace(self, tensor: torch.Tensor, label: Label) -> None:
+        """Give ``tensor``'s storage exactly ``label``: its every byte was just overwritten by a copy of
+        values of that label (``whole_copies``), so nothing it held before is left in it."""
+        storage = tensor.untyped_storage()
+        key = storage_key(storage)
+        with self._lock:
+            old = self._labels.pop(key, None)
+            if label:
+                self._labels[key] = label
+        if label and old is None:
+            weakref.finalize(storage, self._forget, key)
 
     def _forget(self, key: int) -> None:
         with self._lock:

@@ -62,6 +62,22 @@ def load_into(module: nn.Module, state: dict[str, Any]) -> None:
         current[name].copy_(tensor)  # state_dict() entries are detached: no grad mode needed
 
 
+def whole_copies(module: nn.Module, state: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (entry of ``module``, value of ``state``) pairs whose copy (``load_into``) overwrites the
+    entry's storage whole: an entry that is all of its storage, contiguous. After such a copy the
+    storage holds the value and nothing else (an entry that is a view into a bigger storage does not)."""
+    current = module.state_dict()
+    pairs = []
+    for name, value in state.items():
+        entry = current.get(name)
+        if entry is None or not isinstance(value, torch.Tensor) or entry.layout != torch.strided:
+            continue
+        if entry.storage_offset() == 0 and entry.is_contiguous() and \
+                entry.numel() * entry.element_size() == entry.untyped_storage().nbytes():
+            pairs.append((entry, value))
+    return pairs
+
+
 def module_call(context: Context, binding: Binding) -> Any:
     module = binding.objects["obj"].module
     result = module(*binding.args["args"], **binding.args["kwargs"])
