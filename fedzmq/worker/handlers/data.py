@@ -9,7 +9,7 @@ import logging
 import torch
 
 from ... import budget
-from ...errors import BadRequest, LimitExceeded
+from ...errors import BadRequest, LimitExceeded, quoted
 from .. import training
 from ..byzantine import parse_attack
 from ..policy import sanitized
@@ -82,6 +82,7 @@ def fit_clients(context: Context, binding: Binding) -> Any:
     metrics: dict[str, Any] = {}
     states: list[dict[str, Any]] = []
     weight = 0
+    failed: list[tuple[str, str]] = []
     for n, client in enumerate(args["clients"]):
         budget.check()
         if n:  # every client starts from the round's weights
@@ -95,7 +96,9 @@ def fit_clients(context: Context, binding: Binding) -> Any:
         except LimitExceeded:  # out of time: the whole command stops
             raise
         except Exception as exc:  # this client is left out of the round; the others go on
-            log.warning("fit of hosted client %s failed", client, exc_info=exc)
+            # one line per command, below: the coordinator names the clients, as many as it likes
+            log.debug("fit of hosted client %s failed", quoted(client), exc_info=exc)
+            failed.append((client, type(exc).__name__))  # not the exception: its frames hold tensors
             metrics[client] = {"error": sanitized(exc, binding.request.id)}
             continue
         metrics[client] = [result[key] for key in training.METRICS]
@@ -115,6 +118,10 @@ def fit_clients(context: Context, binding: Binding) -> Any:
                 sums[name] = tensor.to(torch.float64).mul_(samples)
     for name, tensor in current.items():
         tensor.copy_(start[name])
+    if failed:
+        first, error = failed[0]
+        log.warning("fit over %d hosted clients: %d failed (the first, %s: %s)", len(args["clients"]), len(failed),
+                    quoted(first), error)
     if combine:
         return {"metrics": metrics, "weighted_sum": sums, "weight": weight}
     return {"metrics": metrics, "states": states}
