@@ -131,3 +131,39 @@ async def test_a_fit_over_many_failing_clients_writes_one_warning_not_one_per_cl
     assert all("error" in reply["metrics"][name] for name in names[1:])
     grown = host.process.log_path.stat().st_size - before
     assert grown < 2000, f"one request grew the daemon's log by {grown} bytes"
+
+
+async def test_a_round_over_hosted_clients_splits_what_one_reply_could_not_carry(fedzmq_daemons, client_shards):
+    """The clients a daemon hosts go in as few trips as their replies allow: each brought back on its
+    own (FedMedian) with a model of 600 entries, six clients were 3,600 tensors and more values in one
+    reply than a message may hold (``Limits.max_items``), and the round failed with the reply undecodable;
+    a simulation of 3,000 clients on one daemon failed so with FedAvg (seven values per client)."""
+    from torch import nn
+
+    from fedzmq.federated.protocols import clients_per_trip
+
+    folders, _ = client_shards
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
+    workers = await _clients([host])
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 4), *(nn.Linear(4, 4) for _ in range(298)), nn.Linear(4, 10))
+        entries = len(model.state_dict())
+        assert entries == 600 and clients_per_trip(entries, combine=False) < len(workers)
+        federation = fz.Federation(workers, model, fz.FitConfig(dataset="digits", steps=1, batch_size=16),
+                                   fz.FedMedian(), round_timeout=120)
+        metrics = await federation.run_round()
+        assert sorted(metrics.participants) == sorted(w.id for w in workers) and not metrics.dropped
+        assert clients_per_trip(entries, combine=True) * 7 < fz.Limits().max_items
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+def test_a_failed_rounds_message_is_short_whatever_the_number_of_workers():
+    dropped = {f"client{i:04d}": "WorkerError: the reply was lost" for i in range(3000)}
+    dropped["other"] = "RequestTimeout: past the round's deadline"
+    message = str(fz.RoundFailed(4, 0, 1, dropped))
+    assert len(message) < 400, message
+    assert "client0000, client0001, client0002 and 2997 more: WorkerError" in message and "other: Request" in message
+    assert len(fz.RoundFailed(4, 0, 1, dropped).dropped) == 3001

@@ -46,11 +46,28 @@ class RoundFailed(FedzmqError):
     """Fewer than ``min_workers`` workers delivered an update; the global model did not change."""
 
     def __init__(self, round_number: int, delivered: int, needed: int, dropped: Mapping[str, str]) -> None:
-        reasons = "; ".join(f"{w}: {why}" for w, why in sorted(dropped.items())) or "no participants"
         super().__init__(f"round {round_number} failed: {delivered} of the {needed} required updates arrived "
-                         f"({reasons})")
+                         f"({why_dropped(dropped)})")
         self.round = round_number
         self.dropped = dict(dropped)
+
+
+def why_dropped(dropped: Mapping[str, str], reasons: int = 5, names: int = 3) -> str:
+    """Who was left out and why, short whatever the number of workers (the whole is ``RoundFailed.dropped``):
+    workers with the same reason together, a few names each, a few reasons. A thousand simulated clients
+    that lost one connection are one reason, not a thousand."""
+    if not dropped:
+        return "no participants"
+    by_reason: dict[str, list[str]] = {}
+    for worker, why in sorted(dropped.items()):
+        by_reason.setdefault(why, []).append(worker)
+    parts = []
+    for why, workers in sorted(by_reason.items(), key=lambda item: -len(item[1]))[:reasons]:
+        more = f" and {len(workers) - names} more" if len(workers) > names else ""
+        parts.append(f"{', '.join(workers[:names])}{more}: {why}")
+    if len(by_reason) > reasons:
+        parts.append(f"{len(by_reason) - reasons} other reasons")
+    return "; ".join(parts)
 
 
 EvaluateFn = Callable[[nn.Module], Mapping[str, float]]

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
+from ..codec import Limits
 from ..errors import ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
 from ..optimizers import DEFAULT_OPTIMIZER
 from .base import Aggregator, Strategy, UpdateReceiver
@@ -247,9 +248,33 @@ def group_by_host(workers: Sequence[RemoteWorker]
     return [w for w in workers if id(w) not in grouped], groups
 
 
+def clients_per_trip(entries: int, combine: bool, limits: Limits | None = None) -> int:
+    """How many hosted clients one fit over clients names, so that its reply stays within half of what
+    one message may carry (``Limits.max_items`` values, ``max_frames`` frames): per client, its metrics
+    (or its error) and, when not combined, its state of ``entries`` tensors."""
+    limits = limits or Limits()
+    values = 8 if combine else 8 + 6 * entries  # a tensor is a map entry, a tag and four values
+    most = (limits.max_items // 2) // values
+    if not combine and entries:
+        most = min(most, (limits.max_frames // 2) // entries)
+    return max(1, most)
+
+
 async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], model: nn.Module, broadcast: Broadcast,
                        fit: Mapping[str, Any], dataset: str, aggregator: Aggregator, fold: "Folder",
                        fits: dict[str, dict[str, Any]], dropped: dict[str, str]) -> None:
+    """Trips for many clients of one daemon, as many per trip as a reply can carry (``clients_per_trip``:
+    3,000 clients in one reply of their metrics were more values than a message may hold), one after
+    the other (the daemon trains them in turn anyway)."""
+    per_trip = clients_per_trip(len(broadcast.state), aggregator.accepts_sums)
+    for start in range(0, len(clients), per_trip):
+        await _clients_group_trip(host, clients[start:start + per_trip], model, broadcast, fit, dataset, aggregator,
+                                  fold, fits, dropped)
+
+
+async def _clients_group_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], model: nn.Module,
+                              broadcast: Broadcast, fit: Mapping[str, Any], dataset: str, aggregator: Aggregator,
+                              fold: "Folder", fits: dict[str, dict[str, Any]], dropped: dict[str, str]) -> None:
     """One trip for many clients of one daemon: their updates combined there when the aggregator takes
     sums, else each brought back and received on its own. Each client's fit metrics go in ``fits``,
     a client whose fit failed (with why) in ``dropped``."""
