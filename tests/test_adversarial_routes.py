@@ -252,3 +252,76 @@ async def test_weights_trained_under_secure_aggregation_cannot_be_read_through_m
     assert fitted["loss"] >= 0 and fitted["steps"] == 1
     with pytest.raises(fz.PermissionDenied):  # and what that fit trained leaves only masked, as before
         await worker._request("module_state", {"obj": model})
+
+
+# --- class 4: a command that fails half-way labels what it wrote all the same ----------------------------------
+
+def _spec(program, params=(), buffers=(), children=()):
+    return {"kind": "graph", "children": [list(c) for c in children], "params": [[n, list(s), True] for n, s in params],
+            "buffers": [[n, list(s), "float32"] for n, s in buffers], "program": program}
+
+
+async def _failed_load(worker, secret):
+    """A load that copies ``secret`` into ``w``, then fails on its next entry (a source overlapping its
+    destination: a transposed view of the model's own buffer, which a forward returned)."""
+    spec = _spec([["get_attr", "b", [], {}], ["call_function", "t", [NodeRef(0)], {}], ["output", "output", [NodeRef(1)], {}]],
+                 params=[("w", (ROWS, FEATURES))], buffers=[("b", (2, 2))])
+    model = await put_module(worker, spec, {"w": torch.zeros(ROWS, FEATURES), "b": torch.zeros(2, 2)})
+    view = await call_module(worker, model)
+    with pytest.raises(fz.RemoteError):
+        await worker._request("module_load", {"obj": model, "state": {"w": Ref(secret), "b": Ref(view)}})
+    return model
+
+
+async def _failed_forward(worker, secret):
+    """A forward that writes the rows into BatchNorm's running mean, then fails: two output ids for one output."""
+    n = ROWS * FEATURES
+    spec = _spec([["placeholder", "x", [], {}], ["placeholder", "z", [], {}],
+                  ["call_method", "reshape", [NodeRef(0), [1, n]], {}],
+                  ["call_function", "cat", [[NodeRef(2), NodeRef(1)]], {}],
+                  ["call_module", "bn", [NodeRef(3)], {}], ["output", "output", [NodeRef(4)], {}]],
+                 children=[("bn", {"kind": "layer", "type": "BatchNorm1d", "kwargs": {"num_features": n, "momentum": 1.0}})])
+    model = await put_module(worker, spec, {"bn.weight": torch.ones(n), "bn.bias": torch.zeros(n),
+                                            "bn.running_mean": torch.zeros(n), "bn.running_var": torch.ones(n),
+                                            "bn.num_batches_tracked": torch.tensor(0)})
+    zeros = (await worker.send(torch.zeros(1, n))).id
+    await worker._request("module_mode", {"obj": model, "train": True})
+    with pytest.raises(fz.RemoteError):
+        await worker._request("module_call", {"obj": model, "args": [Ref(secret), Ref(zeros)], "kwargs": {},
+                                              "out": [worker._new_id(), worker._new_id()]})
+    return model
+
+
+@pytest.mark.parametrize("fails", [_failed_load, _failed_forward], ids=["load", "forward"])
+async def test_rows_written_by_a_command_that_then_failed_keep_their_label(fedzmq_daemons, secret_rows, fails):
+    """Red-team routes: a command that wrote rows into a model and then failed left them with the
+    model's old label (the executor labelled what a command wrote only when it returned), and
+    ``module_state`` gave out all 800 values exactly."""
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=open_args(path))
+    worker = bob.worker
+    [ds] = await worker.datasets()
+    model = await fails(worker, (await ds.features()).id)
+    with pytest.raises(fz.PermissionDenied):
+        await worker._request("module_state", {"obj": model})
+
+
+async def test_weights_trained_by_a_fit_that_then_failed_leave_only_masked(fedzmq_daemons, secret_rows):
+    """A red-team route: a fit with the whole model in its ``load`` (a round's flow, which relabels the
+    model with the load's label) trained, then failed (the per-row metrics of a secure daemon run the
+    model on one row, and its reshape to the whole batch failed): the trained weights kept the load's
+    public label and left in clear."""
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--require-secure-aggregation"))
+    worker = bob.worker
+    spec = _spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}], ["get_attr", "b", [], {}],
+                  ["call_method", "reshape", [NodeRef(0), [ROWS, FEATURES]], {}],
+                  ["call_function", "linear", [NodeRef(3), NodeRef(1), NodeRef(2)], {}],
+                  ["output", "output", [NodeRef(4)], {}]], params=[("w", (10, FEATURES)), ("b", (10,))])
+    model = await put_module(worker, spec, {"w": torch.zeros(10, FEATURES), "b": torch.zeros(10)})
+    with pytest.raises(fz.RemoteError):
+        await worker._request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy", "batch_size": ROWS,
+                                      "steps": 1, "optimizer": {"cls": "SGD", "lr": 1e-3},
+                                      "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
+    with pytest.raises(fz.PermissionDenied):
+        await worker._request("module_state", {"obj": model})

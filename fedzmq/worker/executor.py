@@ -221,29 +221,38 @@ class Executor:
 
     def _run_handler(self, binding: Binding, reserve: int) -> Any:
         session, command = binding.session, binding.command
+        # What a command wrote is labelled even when it then fails (``finally``): a red team loaded rows into
+        # a model, or trained it, or ran a forward that wrote rows into a buffer, and then made the command
+        # fail (an overlapping source, a failing metric, one output id too many): what was written kept
+        # the model's old label, and module_state gave it out. Only a load that completed lowers a label.
         if command.loads and "load" in binding.args:  # the client's weights first, as a module_load would:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
             loading = _WriteWatch(binding) if binding.label else None
-            load_into(binding.objects["module"].module, binding.args["load"])
+            try:
+                load_into(binding.objects["module"].module, binding.args["load"])
+            finally:
+                if loading is not None:
+                    session.taint.mark(loading.written(), binding.label)
             if loading is not None:
-                session.taint.mark(loading.written(), binding.label)
                 self._relabel_loaded(binding)
         label = self.made_label(binding)
         watch = _WriteWatch(binding) if command.writes and label else None
         graph = "graph" in command.charges
         assert session.budget is not None
         saved = session.quota.charging_saved_tensors() if graph else contextlib.nullcontext()
-        with (default_modes(), running_under(session.budget), session.quota.reserving(reserve, covers_saved=graph),
-              saved):
-            try:
-                result = HANDLERS[command.name](self.context, binding)
-            finally:
-                if command.writes is not None:  # even a step that failed half-way may have made some state
-                    self._recount_optimizers(binding)
-        if watch is not None:
-            session.taint.mark(watch.written(), label)
-            if command.name == "module_load":
-                self._relabel_loaded(binding)
+        try:
+            with (default_modes(), running_under(session.budget),
+                  session.quota.reserving(reserve, covers_saved=graph), saved):
+                try:
+                    result = HANDLERS[command.name](self.context, binding)
+                finally:
+                    if command.writes is not None:  # even a step that failed half-way may have made some state
+                        self._recount_optimizers(binding)
+        finally:
+            if watch is not None:
+                session.taint.mark(watch.written(), label)
+        if watch is not None and command.name == "module_load":
+            self._relabel_loaded(binding)
         return result
 
     @staticmethod
