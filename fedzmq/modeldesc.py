@@ -52,8 +52,9 @@ LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "BatchNorm2d": (nn.BatchNorm2d, _NORM),
     "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine", "bias")),
     "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
+    # not ``sparse``: a sparse gradient has no storage for the daemon to label or charge
     "Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                                 "scale_grad_by_freq", "sparse")),
+                                 "scale_grad_by_freq")),
     "Dropout": (nn.Dropout, ("p",)),
     "Dropout1d": (nn.Dropout1d, ("p",)),
     "Dropout2d": (nn.Dropout2d, ("p",)),

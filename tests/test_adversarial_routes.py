@@ -325,3 +325,38 @@ async def test_weights_trained_by_a_fit_that_then_failed_leave_only_masked(fedzm
                                       "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
     with pytest.raises(fz.PermissionDenied):
         await worker._request("module_state", {"obj": model})
+
+
+async def test_a_model_whose_gradient_has_no_storage_is_refused(fedzmq_daemons, secret_rows):
+    """A red-team route: an ``Embedding(sparse=True)`` in a model makes its gradient a sparse tensor,
+    which has no storage to label; looking for one raised in the labelling of a fit's writes, so the fit
+    failed with its trained weights left with the load's public label, and ``module_state`` gave them out
+    on a daemon that requires secure aggregation. Models are built from an allowlist of layers and
+    arguments: ``sparse`` is not on it any more."""
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--require-secure-aggregation"))
+    worker = bob.worker
+    spec = _spec([["placeholder", "x", [], {}], ["get_attr", "w", [], {}], ["get_attr", "b", [], {}],
+                  ["get_attr", "idx", [], {}], ["call_module", "emb", [NodeRef(3)], {}],
+                  ["call_method", "sum", [NodeRef(4)], {}], ["call_function", "mul", [NodeRef(5), 0.0], {}],
+                  ["call_function", "linear", [NodeRef(0), NodeRef(1), NodeRef(2)], {}],
+                  ["call_function", "add", [NodeRef(7), NodeRef(6)], {}], ["output", "output", [NodeRef(8)], {}]],
+                 params=[("w", (10, FEATURES)), ("b", (10,))],
+                 children=[("emb", {"kind": "layer", "type": "Embedding",
+                                    "kwargs": {"num_embeddings": 4, "embedding_dim": 2, "sparse": True}})])
+    spec["buffers"] = [["idx", [2], "int64"]]
+    state = {"w": torch.zeros(10, FEATURES), "b": torch.zeros(10), "idx": torch.tensor([0, 1]),
+             "emb.weight": torch.zeros(4, 2)}
+    with pytest.raises(fz.BadRequest, match="sparse"):
+        await put_module(worker, spec, state)
+    # the same model with a dense embedding trains, and its weights leave only masked
+    spec["children"][0][1]["kwargs"]["sparse"] = False
+    with pytest.raises(fz.BadRequest, match="sparse"):  # not even False: the argument is not on the list
+        await put_module(worker, spec, state)
+    del spec["children"][0][1]["kwargs"]["sparse"]
+    model = await put_module(worker, spec, state)
+    await worker._request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy", "batch_size": ROWS,
+                                  "steps": 1, "optimizer": {"cls": "SGD", "lr": 1e-3},
+                                  "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
+    with pytest.raises(fz.PermissionDenied):
+        await worker._request("module_state", {"obj": model})

@@ -376,7 +376,8 @@ class _WriteWatch:
         self.leaves: list[torch.Tensor] = []
         if self.kind == "graph":  # collected now: backward frees the graph
             self.leaves = _graph_leaves(binding.objects["obj"])
-        self.before = {storage_key(t.untyped_storage()): t._version for t in self._candidates()}
+        self.before = {storage_key(t.untyped_storage()): t._version for t in self._candidates()
+                       if t.layout == torch.strided}
 
     def _candidates(self) -> list[torch.Tensor]:
         objects = self.binding.objects
@@ -395,10 +396,12 @@ class _WriteWatch:
         return [leaf.grad for leaf in self.leaves if leaf.grad is not None]
 
     def written(self) -> list[torch.Tensor]:
+        """What the command wrote; never raises (it runs in the ``finally`` that labels a failed command's
+        writes): a candidate it cannot tell about (no single storage) counts as written."""
         if self.kind in ("graph", "stream"):  # every leaf's gradient; the chunk's stream
             return self._candidates()
         return [t for t in self._candidates()
-                if self.before.get(storage_key(t.untyped_storage())) != t._version]
+                if t.layout != torch.strided or self.before.get(storage_key(t.untyped_storage())) != t._version]
 
 
 def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
