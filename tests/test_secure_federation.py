@@ -199,3 +199,29 @@ async def test_a_round_cannot_spread_the_owners_least_noise_over_survivors_it_wi
         # the noise calibrated to the threshold (the default) meets the floor
         keys = await bob.secagg("advertise", 3, config(2, b"r3").to_wire(), module=remote.id, client=0)
         assert keys
+
+
+async def test_secure_rounds_go_on_when_the_models_entries_are_streamed_in_pieces():
+    """A cold review's find: entries too big for one message are streamed into the model piece by piece,
+    which never overwrites them whole, so from the second round they kept the label of the last fit,
+    and every fit was refused for what its loss would tell (the round failed). Such a fit now runs,
+    its update leaves masked as always, and its loss is withheld (NaN); an entry loaded whole still
+    gives its loss."""
+    limits = fz.Limits(chunk_bytes=4096)
+    workers = [fz.VirtualWorker(f"w{i}", datasets={"d": shard}, settings=TEST_SETTINGS,
+                                config=fz.WorkerConfig(require_secure_aggregation=True, limits=limits))
+               for i, shard in enumerate(_shards(3))]
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 2048), nn.ReLU(), nn.Linear(2048, 2))  # a 40 KiB weight: streamed
+        federation = fz.Federation(workers, model, FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=3)
+        for number in (1, 2, 3):
+            metrics = await federation.run_round()
+            assert len(metrics.participants) == 3 and not metrics.dropped, (number, metrics.dropped)
+        small = fz.Federation(workers, _model(), FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=3)
+        for _ in (1, 2):
+            metrics = await small.run_round()
+        assert all(fit["loss"] == fit["loss"] for fit in metrics.fits.values())  # loaded whole: not NaN
+    finally:
+        for w in workers:
+            await w.close()

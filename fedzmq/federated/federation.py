@@ -213,9 +213,13 @@ class Federation:
                                unreachable=sorted(worker_key(w) for w in unreachable), fits=fits,
                                extra=dict(outcome.facts))
         metrics.epsilon = outcome.facts.get("epsilon")
-        total = sum(f["num_examples"] for f in fits.values())
-        # exactly rounded (fsum): the same whatever order the fits arrived in, so reruns repeat it
-        metrics.train_loss = math.fsum(f["loss"] * f["num_examples"] for f in fits.values()) / max(1, total)
+        # over the fits that told their loss (a secure daemon withholds it, NaN, when it is a function of
+        # weights that leave only masked); exactly rounded (fsum): the same whatever order the fits
+        # arrived in, so reruns repeat it
+        told = [f for f in fits.values() if not math.isnan(f["loss"])]
+        total = sum(f["num_examples"] for f in told)
+        metrics.train_loss = math.fsum(f["loss"] * f["num_examples"] for f in told) / max(1, total) \
+            if told or not fits else math.nan
         if self.evaluate_fn is not None:
             result = self.evaluate_fn(self.model)
             metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")

@@ -28,11 +28,12 @@ from ..errors import BadRequest, FedzmqError, LimitExceeded, RemoteError, compac
 from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
-from .binding import Binding, Context, Made, bind, references_label
+from .binding import Binding, Context, Made, bind
 from .charges import CHARGES
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
-from .handlers.modules import load_into, whole_copies
+from .handlers.modules import load_into
+from .loads import metrics_label, relabel_loaded, withheld_loss
 from .objects import DependencyError, HostedModule, HostedOptimizer, module_tensors, optimizer_state, tensors_of
 from .policy import sanitized
 from .session import Session
@@ -109,6 +110,8 @@ class Executor:
             self._check_failure_disclosed(binding)
             result = await self._run(binding)
             result = self._record(binding, result)
+            if binding.extra.get("withhold_loss"):
+                result = withheld_loss(result)
             return True, result
         except asyncio.CancelledError:
             raise
@@ -126,9 +129,15 @@ class Executor:
             # secure aggregation and loaded with all else crafted, every weight in ten evaluations (two
             # red-team sessions' attacks). So the weights after the command's own load must be
             # releasable: a round's, loaded whole (now or before), are; what was trained here is not
-            self.context.policy.check_release(self.metrics_label(binding), "state", False,
-                                              "the model's weights (or the state it loads), which its metrics "
-                                              "would tell,")
+            label = metrics_label(binding)
+            if binding.command.name == "fit" and label and not label & ~Label.SECURE:
+                # only secure aggregation's label stands in the way (weights trained here, or an entry
+                # streamed in pieces, never overwritten whole): the fit runs, as a round needs, its update
+                # leaves masked as always, and its loss is withheld (``withheld_loss``)
+                binding.extra["withhold_loss"] = True
+            else:
+                self.context.policy.check_release(label, "state", False, "the model's weights (or the state it "
+                                                  "loads), which its metrics would tell,")
         releases = binding.command.releases
         if releases is None:
             return
@@ -234,7 +243,7 @@ class Executor:
                 if loading is not None:
                     session.taint.mark(loading.written(), binding.label)
             if loading is not None:
-                self._relabel_loaded(binding)
+                relabel_loaded(binding)
         label = self.made_label(binding)
         watch = _WriteWatch(binding) if command.writes and label else None
         graph = "graph" in command.charges
@@ -252,7 +261,7 @@ class Executor:
             if watch is not None:
                 session.taint.mark(watch.written(), label)
         if watch is not None and command.name == "module_load":
-            self._relabel_loaded(binding)
+            relabel_loaded(binding)
         return result
 
     @staticmethod
@@ -261,31 +270,6 @@ class Executor:
         for name, value in binding.objects.items():
             if isinstance(value, HostedOptimizer):
                 binding.session.recount(binding.request.args[name])
-
-    @staticmethod
-    def metrics_label(binding: Binding) -> Label:
-        """The label of what a fit's or evaluate's metrics are computed from: what it references, with the
-        model's entries that its own ``load`` overwrites whole counted as what overwrites them."""
-        load = _loaded_state(binding)
-        if load is None or not binding.label:
-            return binding.label
-        module, state = load
-        replaced = frozenset(storage_key(entry.untyped_storage()) for entry, _ in whole_copies(module, state))
-        return references_label(binding.session, binding.command, binding.objects, binding.tensors, replaced)
-
-    @staticmethod
-    def _relabel_loaded(binding: Binding) -> None:
-        """After a load: the storages it overwrote whole hold the loaded values, and only their label."""
-        load = _loaded_state(binding)
-        if load is None:
-            return
-        taint = binding.session.taint
-        labels: dict[int, tuple[torch.Tensor, Label]] = {}  # by storage: tied entries join their values' labels
-        for entry, value in whole_copies(*load):
-            key = storage_key(entry.untyped_storage())
-            labels[key] = (entry, labels.get(key, (entry, Label.PUBLIC))[1] | taint.of_tensor(value))
-        for entry, label in labels.values():
-            taint.replace(entry, label)
 
     def made_label(self, binding: Binding) -> Label:
         """The label of what the command writes and makes (``Command.derives``)."""
@@ -334,16 +318,6 @@ class Executor:
         root = exc.root if isinstance(exc, DependencyError) else payload
         fail_outputs(session, request, root)
         return payload
-
-
-def _loaded_state(binding: Binding) -> tuple[torch.nn.Module, dict[str, Any]] | None:
-    """The model a command copies weights into, and those weights: ``module_load``'s ``state``, or the
-    ``load`` of a fit or evaluate (``Command.loads``); None for any other command."""
-    if binding.command.name == "module_load":
-        return binding.objects["obj"].module, binding.args["state"]
-    if binding.command.loads and "load" in binding.args:
-        return binding.objects["module"].module, binding.args["load"]
-    return None
 
 
 def fetch_of(request: Request) -> Request | None:

@@ -11,7 +11,8 @@ to the label of the value asked for (``fedzmq.worker.taint``):
 | PRIVATE   | no                                        | no                           | no                           |
 
 ``fit`` is the declared release of trained parameters: what it writes is public, or SECURE on a daemon
-that requires secure aggregation. ``evaluate`` releases its metrics. Nothing else lowers a label.
+that requires secure aggregation. ``evaluate`` releases its metrics. A load that overwrites a storage
+whole gives it the label of what it copied (``TaintRecord.replace``). Nothing else lowers a label.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ trained module itself cannot be downloaded either.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
