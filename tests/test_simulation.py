@@ -129,8 +129,10 @@ async def test_a_fit_over_many_failing_clients_writes_one_warning_not_one_per_cl
                                           "reply_state": True, "clients": names, "combine": True})
     assert reply["weight"] > 0 and len(reply["metrics"]) == 501
     assert all("error" in reply["metrics"][name] for name in names[1:])
-    grown = host.process.log_path.stat().st_size - before
-    assert grown < 2000, f"one request grew the daemon's log by {grown} bytes"
+    log = host.process.log_path.read_bytes()[before:].decode()
+    assert len(log) < 2000, f"one request grew the daemon's log by {len(log)} bytes"
+    warnings = [line for line in log.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "501 hosted clients: 500 failed" in warnings[0], log
 
 
 async def test_a_round_over_hosted_clients_splits_what_one_reply_could_not_carry(fedzmq_daemons, client_shards):
@@ -154,7 +156,6 @@ async def test_a_round_over_hosted_clients_splits_what_one_reply_could_not_carry
                                    fz.FedMedian(), round_timeout=120)
         metrics = await federation.run_round()
         assert sorted(metrics.participants) == sorted(w.id for w in workers) and not metrics.dropped
-        assert clients_per_trip(entries, combine=True) * 7 < fz.Limits().max_items
     finally:
         for worker in workers:
             await worker.close()

@@ -199,9 +199,9 @@ class AveragingRound(RoundProtocol):
     """Every participant trains at once; one trip each; updates folded concurrently as they arrive.
 
     Participants that are logical clients of one daemon (``fz.connect_clients``) go in one trip for all
-    of them: the daemon trains each in turn and, when the strategy needs only the weighted sum of the
-    updates, combines them there, exactly (``Aggregator.receive_sum``), so a round of a thousand
-    simulated clients is a few messages."""
+    of them (a few, when one reply could not carry them all: ``clients_per_trip``): the daemon trains
+    each in turn and, when the strategy needs only the weighted sum of the updates, combines them there,
+    exactly (``Aggregator.receive_sum``), so a round of a thousand simulated clients is a few messages."""
 
     async def run(self, context: RoundContext) -> RoundOutcome:
         state = context.model.state_dict()
@@ -223,9 +223,9 @@ class AveragingRound(RoundProtocol):
                 async with asyncio.timeout_at(context.deadline):
                     await clients_trip(host, clients, context.model, broadcast, fit, context.fit.dataset, aggregator,
                                        fold, fits, dropped)
-            except Exception as exc:
+            except Exception as exc:  # its clients not settled yet (earlier trips' stand) are left out
                 why = context.why_left_out(exc)
-                dropped.update({worker_key(w): why for w in clients})
+                dropped.update({key: why for key in map(worker_key, clients) if key not in fits and key not in dropped})
 
         singles, groups = group_by_host(context.participants)
         try:
@@ -253,9 +253,12 @@ def clients_per_trip(entries: int, combine: bool, limits: Limits | None = None) 
     one message may carry (``Limits.max_items`` values, ``max_frames`` frames): per client, its metrics
     (or its error) and, when not combined, its state of ``entries`` tensors."""
     limits = limits or Limits()
-    values = 8 if combine else 8 + 6 * entries  # a tensor is a map entry, a tag and four values
-    most = (limits.max_items // 2) // values
-    if not combine and entries:
+    budget = limits.max_items // 2
+    if combine:  # the one weighted sum, then each client's metrics
+        return max(1, (budget - 6 * entries) // 8)
+    # each client's metrics and its state: a tensor is a map entry, a tag and four values, and a frame
+    most = budget // (8 + 6 * entries)
+    if entries:
         most = min(most, (limits.max_frames // 2) // entries)
     return max(1, most)
 
@@ -292,16 +295,20 @@ async def _clients_group_trip(host: RemoteWorker, clients: Sequence[RemoteWorker
     metrics: dict[str, Any] = reply["metrics"]
     failed = {c: m["error"] for c, m in metrics.items() if isinstance(m, dict)}
     trained = {c: dict(zip(FIT_METRICS, m)) for c, m in metrics.items() if not isinstance(m, dict)}
+    by_client = {w.client: w for w in clients}
+    for client, error in failed.items():
+        if client in by_client:
+            dropped[worker_key(by_client[client])] = f"{error.get('type')}: {error.get('message', '')}"[:200]
     if combine:
         if trained and "weighted_sum" not in reply:
             raise ProtocolError("a daemon combined its clients' updates without 'weighted_sum' (sum(n_i * x_i)): "
                                 "is it another version of fedzmq?")
-        receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["weighted_sum"])
-                     ] if trained else []
+        receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["weighted_sum"],
+                      list(trained))] if trained else []
     else:
-        receivers = [(aggregator.receive(int(m["num_examples"])), state)
-                     for m, state in zip(trained.values(), reply["states"])]
-    for receiver, state in receivers:
+        receivers = [(aggregator.receive(int(metrics["num_examples"])), state, [client])
+                     for (client, metrics), state in zip(trained.items(), reply["states"])]
+    for receiver, state, delivered in receivers:
         try:
             for name, values in state.items():
                 await fold(receiver, name, 0, values)
@@ -309,12 +316,10 @@ async def _clients_group_trip(host: RemoteWorker, clients: Sequence[RemoteWorker
         except BaseException:
             receiver.abort()
             raise
-    for worker in clients:
-        if worker.client in trained:
-            fits[worker_key(worker)] = trained[worker.client]
-        elif worker.client in failed:
-            error = failed[worker.client]
-            dropped[worker_key(worker)] = f"{error.get('type')}: {error.get('message', '')}"[:200]
+        # recorded as soon as folded: a later receiver's failure must not call these dropped
+        for client in delivered:
+            if client in by_client:
+                fits[worker_key(by_client[client])] = trained[client]
 
 
 class CyclicRound(RoundProtocol):

@@ -83,45 +83,47 @@ def fit_clients(context: Context, binding: Binding) -> Any:
     states: list[dict[str, Any]] = []
     weight = 0
     failed: list[tuple[str, str]] = []
-    for n, client in enumerate(args["clients"]):
-        budget.check()
-        if n:  # every client starts from the round's weights
+    try:
+        for n, client in enumerate(args["clients"]):
+            budget.check()
+            if n:  # every client starts from the round's weights
+                for name, tensor in current.items():
+                    tensor.copy_(start[name])
+            try:
+                dataset = context.dataset(binding.session, args["dataset"], client)
+                result = training.fit(trainee, dataset, context.terms, loss=args["loss"], optimizer=args["optimizer"],
+                                      batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
+                                      prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client)
+            except LimitExceeded:  # out of time: the whole command stops
+                raise
+            except Exception as exc:  # this client is left out of the round; the others go on
+                # one line per command, below: the coordinator names the clients, as many as it likes
+                log.debug("fit of hosted client %s failed", quoted(client), exc_info=exc)
+                failed.append((client, type(exc).__name__))  # not the exception: its frames hold tensors
+                metrics[client] = {"error": sanitized(exc, binding.request.id)}
+                continue
+            metrics[client] = [result[key] for key in training.METRICS]
+            if context.config.byzantine is not None:  # test only: every hosted client's update is distorted
+                parse_attack(context.config.byzantine).apply(module, start)
+            if not combine:
+                states.append({name: tensor.clone() for name, tensor in current.items()})
+                continue
+            samples = result["num_examples"]
+            weight += samples
             for name, tensor in current.items():
-                tensor.copy_(start[name])
-        try:
-            dataset = context.dataset(binding.session, args["dataset"], client)
-            result = training.fit(trainee, dataset, context.terms, loss=args["loss"], optimizer=args["optimizer"],
-                                  batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
-                                  prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client)
-        except LimitExceeded:  # out of time: the whole command stops
-            raise
-        except Exception as exc:  # this client is left out of the round; the others go on
-            # one line per command, below: the coordinator names the clients, as many as it likes
-            log.debug("fit of hosted client %s failed", quoted(client), exc_info=exc)
-            failed.append((client, type(exc).__name__))  # not the exception: its frames hold tensors
-            metrics[client] = {"error": sanitized(exc, binding.request.id)}
-            continue
-        metrics[client] = [result[key] for key in training.METRICS]
-        if context.config.byzantine is not None:  # test only: every hosted client's update is distorted
-            parse_attack(context.config.byzantine).apply(module, start)
-        if not combine:
-            states.append({name: tensor.clone() for name, tensor in current.items()})
-            continue
-        samples = result["num_examples"]
-        weight += samples
+                if not tensor.is_floating_point():
+                    sums[name] = tensor.clone() if name not in sums else torch.maximum(sums[name], tensor)
+                elif name in sums:
+                    sums[name].add_(tensor, alpha=samples)
+                else:
+                    sums[name] = tensor.to(torch.float64).mul_(samples)
         for name, tensor in current.items():
-            if not tensor.is_floating_point():
-                sums[name] = tensor.clone() if name not in sums else torch.maximum(sums[name], tensor)
-            elif name in sums:
-                sums[name].add_(tensor, alpha=samples)
-            else:
-                sums[name] = tensor.to(torch.float64).mul_(samples)
-    for name, tensor in current.items():
-        tensor.copy_(start[name])
-    if failed:
-        first, error = failed[0]
-        log.warning("fit over %d hosted clients: %d failed (the first, %s: %s)", len(args["clients"]), len(failed),
-                    quoted(first), error)
+            tensor.copy_(start[name])
+    finally:  # (also when the command stops: out of time, or cancelled)
+        if failed:
+            first, error = failed[0]
+            log.warning("fit over %d hosted clients: %d failed (the first, %s: %s)", len(args["clients"]),
+                        len(failed), quoted(first), error)
     if combine:
         return {"metrics": metrics, "weighted_sum": sums, "weight": weight}
     return {"metrics": metrics, "states": states}
