@@ -161,6 +161,75 @@ async def test_a_round_over_hosted_clients_splits_what_one_reply_could_not_carry
             await worker.close()
 
 
+async def test_trips_are_sized_to_the_limits_the_connection_agreed_on(fedzmq_daemons, client_shards):
+    """A coordinator that decodes fewer values per message (``Limits.max_items``) than the defaults gets
+    smaller trips: sized from the default limits, six clients' states went in one trip whose reply it
+    could not decode, and the round failed."""
+    import dataclasses
+
+    from fedzmq.federated.protocols import clients_per_trip
+
+    folders, _ = client_shards
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
+    settings = dataclasses.replace(TEST_SETTINGS, limits=fz.Limits(max_items=64))
+    workers = await fz.connect_clients(host.address, settings=settings)
+    try:
+        model = torch.nn.Linear(64, 10)
+        assert workers[0].limits.max_items == 64
+        assert clients_per_trip(2, combine=False, limits=workers[0].limits) < len(workers) \
+            <= clients_per_trip(2, combine=False)
+        federation = fz.Federation(workers, model, fz.FitConfig(dataset="digits", steps=1, batch_size=16),
+                                   fz.FedMedian(), round_timeout=120)
+        metrics = await federation.run_round()
+        assert sorted(metrics.participants) == sorted(w.id for w in workers) and not metrics.dropped
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+class _SecondSumRefused(fz.FedAvg):
+    """FedAvg whose round refuses the second combined update it is handed (the second trip's)."""
+
+    def begin_round(self, number, state):
+        aggregator = super().begin_round(number, state)
+        take, handed = aggregator.receive_sum, []
+
+        def receive_sum(weight, count):
+            handed.append(count)
+            if len(handed) == 2:
+                raise ValueError("the second trip's sum is refused")
+            return take(weight, count)
+
+        aggregator.receive_sum = receive_sum
+        return aggregator
+
+
+async def test_a_failed_later_trip_leaves_out_only_its_own_clients(fedzmq_daemons, client_shards):
+    """Clients whose trip delivered stay in the round when a later trip to the same daemon fails; the
+    clients of the failed trip and of the trips after it are left out, with why."""
+    import dataclasses
+
+    from fedzmq.federated.protocols import clients_per_trip
+
+    folders, _ = client_shards
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
+    settings = dataclasses.replace(TEST_SETTINGS, limits=fz.Limits(max_items=64))
+    workers = await fz.connect_clients(host.address, settings=settings)
+    try:
+        per_trip = clients_per_trip(2, combine=True, limits=workers[0].limits)
+        assert 2 * per_trip < len(workers)  # three trips or more: the second fails, the third never goes
+        federation = fz.Federation(workers, torch.nn.Linear(64, 10),
+                                   fz.FitConfig(dataset="digits", steps=1, batch_size=16), _SecondSumRefused(),
+                                   round_timeout=120)
+        metrics = await federation.run_round()
+        assert sorted(metrics.participants) == sorted(w.id for w in workers[:per_trip])
+        assert sorted(metrics.dropped) == sorted(w.id for w in workers[per_trip:])
+        assert all("the second trip's sum is refused" in why for why in metrics.dropped.values()), metrics.dropped
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
 def test_a_failed_rounds_message_is_short_whatever_the_number_of_workers():
     dropped = {f"client{i:04d}": "WorkerError: the reply was lost" for i in range(3000)}
     dropped["other"] = "RequestTimeout: past the round's deadline"

@@ -17,7 +17,7 @@ import torch
 import zmq.asyncio
 from torch import nn
 
-from ..codec import Ref
+from ..codec import Limits, Ref
 from ..errors import RemoteError, WrongWorkerError
 from ..security import KeyPath
 from .connecting import Connecting
@@ -136,6 +136,12 @@ class RemoteWorker(Transfers, PointerOps):
     def alive(self) -> bool:
         """False once the worker missed too many heartbeats (it turns True again if it answers)."""
         return self._connection.alive
+
+    @property
+    def limits(self) -> Limits:
+        """The message limits in force on this worker's connection: ours, lowered to the worker's once
+        it answered. What a reply may carry is bounded by these (a round sizes its trips by them)."""
+        return self._connection.limits
 
     @property
     def bytes_sent(self) -> int:

@@ -266,10 +266,10 @@ def clients_per_trip(entries: int, combine: bool, limits: Limits | None = None) 
 async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], model: nn.Module, broadcast: Broadcast,
                        fit: Mapping[str, Any], dataset: str, aggregator: Aggregator, fold: "Folder",
                        fits: dict[str, dict[str, Any]], dropped: dict[str, str]) -> None:
-    """Trips for many clients of one daemon, as many per trip as a reply can carry (``clients_per_trip``:
-    3,000 clients in one reply of their metrics were more values than a message may hold), one after
-    the other (the daemon trains them in turn anyway)."""
-    per_trip = clients_per_trip(len(broadcast.state), aggregator.accepts_sums)
+    """Trips for many clients of one daemon, as many per trip as a reply can carry within the limits the
+    connection agreed on (``clients_per_trip``: 3,000 clients in one reply of their metrics were more
+    values than a message may hold), one after the other (the daemon trains them in turn anyway)."""
+    per_trip = clients_per_trip(len(broadcast.state), aggregator.accepts_sums, host.limits)
     for start in range(0, len(clients), per_trip):
         await _clients_group_trip(host, clients[start:start + per_trip], model, broadcast, fit, dataset, aggregator,
                                   fold, fits, dropped)
