@@ -187,6 +187,35 @@ async def test_trips_are_sized_to_the_limits_the_connection_agreed_on(fedzmq_dae
             await worker.close()
 
 
+async def test_a_fit_over_more_clients_than_a_reply_can_carry_is_refused_before_it_is_sent(fedzmq_daemons,
+                                                                                             client_shards):
+    """``fit_clients`` by hand over more clients than one reply may carry says so and sends nothing: the
+    reply would be past the connection's limits, undecodable, and the connection dropped."""
+    import dataclasses
+
+    from fedzmq.client.broadcast import Broadcast
+
+    folders, _ = client_shards
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
+    settings = dataclasses.replace(TEST_SETTINGS, limits=fz.Limits(max_items=64))
+    workers = await fz.connect_clients(host.address, settings=settings)
+    try:
+        model = torch.nn.Linear(64, 10)
+        pointer = await workers[0].host.send(model)
+        names = [w.client for w in workers]
+        sent = workers[0].host.bytes_sent
+        with pytest.raises(ValueError, match="more than one reply can carry"):
+            await pointer.fit_clients(names, "digits", combine=False, load=Broadcast(model.state_dict()), steps=1,
+                                      batch_size=16)
+        assert workers[0].host.bytes_sent == sent
+        reply = await pointer.fit_clients(names[:1], "digits", combine=False, load=Broadcast(model.state_dict()),
+                                          steps=1, batch_size=16)
+        assert list(reply["metrics"]) == names[:1] and await workers[0].host.ping()
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
 class _SecondSumRefused(fz.FedAvg):
     """FedAvg whose round refuses the second combined update it is handed (the second trip's)."""
 

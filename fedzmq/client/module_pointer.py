@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..codec import Limits
 from ..optimizers import DEFAULT_OPTIMIZER
 from .broadcast import Broadcast
 from .pointers import DatasetPointer, Pointer, TensorPointer
@@ -20,6 +21,21 @@ from .pointers import DatasetPointer, Pointer, TensorPointer
 if TYPE_CHECKING:
     from .optims import RemoteOptimizer
     from .worker import RemoteWorker
+
+
+def clients_per_trip(entries: int, combine: bool, limits: Limits | None = None) -> int:
+    """How many hosted clients one fit over clients names, so that its reply stays within half of what
+    one message may carry (``Limits.max_items`` values, ``max_frames`` frames): per client, its metrics
+    (or its error) and, when not combined, its state of ``entries`` tensors."""
+    limits = limits or Limits()
+    budget = limits.max_items // 2
+    if combine:  # the one weighted sum, then each client's metrics
+        return max(1, (budget - 6 * entries) // 8)
+    # each client's metrics and its state: a tensor is a map entry, a tag and four values, and a frame
+    most = budget // (8 + 6 * entries)
+    if entries:
+        most = min(most, (limits.max_frames // 2) // entries)
+    return max(1, most)
 
 
 class ModulePointer(Pointer):
@@ -93,12 +109,21 @@ class ModulePointer(Pointer):
         starts from ``load``, trains on its own ``dataset``, and the reply carries ``metrics`` (by client)
         and either ``weighted_sum`` and ``weight`` (``combine``: ``sum(n_i * x_i)`` in float64 and
         ``sum(n_i)``, what a weighted mean needs) or ``states`` (each client's trained state). ``fit``
-        takes ``fit``'s keyword arguments (a fresh optimizer per client)."""
+        takes ``fit``'s keyword arguments (a fresh optimizer per client). More clients than one reply
+        can carry within the connection's limits (``clients_per_trip``) raise ``ValueError`` before
+        anything is sent: a federated round splits them into trips itself."""
         args = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),
                                     fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
                                     fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
         if fit:
             raise TypeError(f"fit_clients() got unexpected arguments {sorted(fit)}")
+        local = self._local()
+        entries = len(local.state_dict()) if local is not None else 0
+        most = clients_per_trip(entries, combine, self.location.limits)
+        if len(clients) > most:
+            each = "their combined update" if combine else f"a state of {entries} entries each"
+            raise ValueError(f"fit_clients: {len(clients)} clients are more than one reply can carry within the "
+                             f"connection's limits ({most}, with {each}); split them into calls of at most {most}")
         args.update(clients=list(clients), combine=combine, reply_state=True)
         reply = await self.location._request("fit", args, timeout)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):

@@ -25,9 +25,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..client.module_pointer import clients_per_trip
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
-from ..codec import Limits
 from ..errors import ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
 from ..optimizers import DEFAULT_OPTIMIZER
 from .base import Aggregator, Strategy, UpdateReceiver
@@ -246,21 +246,6 @@ def group_by_host(workers: Sequence[RemoteWorker]
     groups = [(clients[0].host, clients) for clients in by_host.values() if len(clients) > 1]
     grouped = {id(w) for _, clients in groups for w in clients}
     return [w for w in workers if id(w) not in grouped], groups
-
-
-def clients_per_trip(entries: int, combine: bool, limits: Limits | None = None) -> int:
-    """How many hosted clients one fit over clients names, so that its reply stays within half of what
-    one message may carry (``Limits.max_items`` values, ``max_frames`` frames): per client, its metrics
-    (or its error) and, when not combined, its state of ``entries`` tensors."""
-    limits = limits or Limits()
-    budget = limits.max_items // 2
-    if combine:  # the one weighted sum, then each client's metrics
-        return max(1, (budget - 6 * entries) // 8)
-    # each client's metrics and its state: a tensor is a map entry, a tag and four values, and a frame
-    most = budget // (8 + 6 * entries)
-    if entries:
-        most = min(most, (limits.max_frames // 2) // entries)
-    return max(1, most)
 
 
 async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], model: nn.Module, broadcast: Broadcast,
