@@ -53,6 +53,35 @@ async def test_each_hosted_client_is_a_worker_with_its_own_data_and_session(fedz
             await worker.close()
 
 
+async def test_a_folder_alone_names_the_clients_dataset_after_itself(fedzmq_daemons, client_shards):
+    """``--clients-from shards/`` (the folder alone, as issue 17 writes it): each client's dataset is named
+    after the folder, ``shards``."""
+    import shutil
+
+    folders, _ = client_shards
+    shards = folders[0].parent / "shards"
+    shutil.copytree(folders[0], shards)
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"{shards}/"])
+    workers = await _clients([host])
+    try:
+        assert sorted(w.id for w in workers) == [f"d0-client{i:03d}" for i in range(CLIENTS // 2)]
+        for worker in workers:
+            [ds] = await worker.datasets()
+            assert ds.name == "shards" and ds.info["policy"] == "protected"
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+def test_a_clients_folder_that_is_not_there_is_a_clear_error(tmp_path):
+    from fedzmq.worker.datasets import DatasetError, load_clients
+
+    with pytest.raises(DatasetError, match="not a folder"):
+        load_clients([str(tmp_path / "missing")])
+    with pytest.raises(DatasetError, match="not a folder"):
+        load_clients([f"digits={tmp_path / 'missing'}"])
+
+
 @pytest.mark.parametrize("strategy", [fz.FedAvg, fz.FedMedian], ids=["combined-on-the-daemon", "one-by-one"])
 async def test_a_federation_over_hosted_clients_equals_one_over_the_same_updates(fedzmq_daemons, client_shards,
                                                                                  strategy):

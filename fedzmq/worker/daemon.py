@@ -75,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a protected dataset (.safetensors, .npz, .csv; repeatable)")
     data.add_argument("--open-data", action="append", default=None, metavar="NAME=PATH",
                       help="an open dataset, reachable through pointers (repeatable)")
-    data.add_argument("--clients-from", action="append", default=None, metavar="NAME=DIR",
+    data.add_argument("--clients-from", action="append", default=None, metavar="[NAME=]DIR",
                       help="host one logical client per dataset file in DIR (its id the file's stem), each holding "
-                      "its file as its protected dataset NAME: many clients on one daemon, addressed like separate "
-                      "daemons (fz.connect_clients)")
+                      "its file as its protected dataset NAME (default: DIR's own name): many clients on one "
+                      "daemon, addressed like separate daemons (fz.connect_clients)")
     data.add_argument("--private-release", choices=["aggregates", "none"],
                       help="what computed from open datasets' rows through pointers may leave: nothing (default), "
                       "or aggregate scalars and model state ('aggregates' lets a coordinator read any value, one "

@@ -140,15 +140,14 @@ def parse_data_flags(entries: Sequence[str], open_entries: Sequence[str] = ()) -
 
 
 def load_clients(entries: Sequence[str]) -> dict[str, dict[str, Dataset]]:
-    """``--clients-from NAME=DIR`` entries: every dataset file in DIR is one logical client (its id the
-    file's name without the suffix) holding it as its dataset NAME, protected. One daemon then serves
-    many clients, each with its own data (a simulation on one machine, the same code as production)."""
+    """``--clients-from NAME=DIR`` (or ``DIR`` alone: NAME is then the folder's own name) entries: every
+    dataset file in DIR is one logical client (its id the file's name without the suffix) holding it
+    as its dataset NAME, protected. One daemon then serves many clients, each with its own data (a
+    simulation on one machine, the same code as production)."""
     clients: dict[str, dict[str, Dataset]] = {}
     for entry in entries:
-        name, sep, folder = entry.partition("=")
-        if not sep or not name or not folder:
-            raise DatasetError(f"--clients-from takes NAME=DIR, got {entry!r}")
-        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".safetensors", ".npz", ".csv"))
+        name, folder = clients_entry(entry)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".safetensors", ".npz", ".csv"))
         if not files:
             raise DatasetError(f"--clients-from {entry}: no .safetensors, .npz or .csv files in {folder}")
         for path in files:
@@ -157,3 +156,19 @@ def load_clients(entries: Sequence[str]) -> dict[str, dict[str, Dataset]]:
                 raise DatasetError(f"client {path.stem!r} has two files for dataset {name!r}")
             datasets[name] = load_dataset(name, path)
     return clients
+
+
+def clients_entry(entry: str) -> tuple[str, Path]:
+    """The dataset name and the folder of one ``--clients-from`` entry: ``NAME=DIR``, or a folder alone
+    (a path that is a folder wins over reading ``=`` in it), named after itself."""
+    alone = Path(entry)
+    if alone.is_dir():
+        name, folder = alone.resolve().name, alone
+    else:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise DatasetError(f"--clients-from takes DIR or NAME=DIR; {entry!r} is not a folder")
+        folder = Path(path)
+    if not folder.is_dir():
+        raise DatasetError(f"--clients-from {entry}: {str(folder)!r} is not a folder")
+    return name, folder
