@@ -82,6 +82,29 @@ def test_a_clients_folder_that_is_not_there_is_a_clear_error(tmp_path):
         load_clients([f"digits={tmp_path / 'missing'}"])
 
 
+async def test_connect_to_one_hosted_client_by_name(fedzmq_daemons, client_shards):
+    """``fz.connect(address, client=...)``: one hosted client's worker, alone on its connection; a name the
+    daemon does not host is ``ObjectNotFound`` and leaves no connection open."""
+    folders, _ = client_shards
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
+    everyone = await _clients([host])
+    try:
+        sizes = {w.id: (await w.datasets())[0].samples for w in everyone}
+    finally:
+        for worker in everyone:
+            await worker.close()
+    async with fz.connect(host.address, client="d0-client002", settings=TEST_SETTINGS) as worker:
+        assert worker.id == worker.client == "d0-client002" and worker.host is not worker
+        [ds] = await worker.datasets()
+        assert ds.name == "digits" and ds.samples == sizes["d0-client002"]
+        kept = await worker.send(torch.arange(4.0))
+        assert torch.equal(await kept.get(), torch.arange(4.0))
+    assert worker.host._connection.closed
+    with pytest.raises(fz.ObjectNotFound, match="no-such-client"):
+        await fz.connect(host.address, client="no-such-client", settings=TEST_SETTINGS)
+    assert (await host.worker.status())["sessions"] <= 1  # only the fixture's own connection
+
+
 @pytest.mark.parametrize("strategy", [fz.FedAvg, fz.FedMedian], ids=["combined-on-the-daemon", "one-by-one"])
 async def test_a_federation_over_hosted_clients_equals_one_over_the_same_updates(fedzmq_daemons, client_shards,
                                                                                  strategy):

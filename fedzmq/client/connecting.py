@@ -13,13 +13,27 @@ if TYPE_CHECKING:
 class Connecting:
     """What ``connect`` returns: ``await`` it for a worker, or use it in ``async with``."""
 
-    def __init__(self, worker: RemoteWorker) -> None:
+    def __init__(self, worker: RemoteWorker, client: str | None = None) -> None:
         self._worker = worker
+        #: the hosted client asked for (``connect(..., client=...)``), and its worker once connected
+        self._client = client
+        self._connected: RemoteWorker | None = None
 
     def __await__(self) -> Generator[Any, None, RemoteWorker]:
         return self._connect().__await__()
 
     async def _connect(self) -> RemoteWorker:
+        host = await self._connect_host()
+        if self._client is None:
+            self._connected = host
+            return host
+        try:  # the client's worker holds the connection; the daemon's own handle is not handed out
+            self._connected = await host.hosted_client(self._client)
+        finally:
+            await host.close()
+        return self._connected
+
+    async def _connect_host(self) -> RemoteWorker:
         try:
             return await self._worker.connect()
         except (WorkerError, TimeoutError) as exc:
@@ -34,4 +48,4 @@ class Connecting:
         return await self._connect()
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self._worker.close()
+        await (self._connected or self._worker).close()

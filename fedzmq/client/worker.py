@@ -106,6 +106,18 @@ class RemoteWorker(Transfers, PointerOps):
         ids = await self._request("clients", {}, timeout)
         return [RemoteWorker._hosted_client(self, client) for client in ids]
 
+    async def hosted_client(self, client: str, timeout: float | None = 30.0) -> "RemoteWorker":
+        """The worker of one logical client this daemon hosts, by its id, sharing this worker's
+        connection (as ``clients()`` gives them all). A name the daemon does not host raises
+        ``ObjectNotFound``."""
+        worker = RemoteWorker._hosted_client(self, client)
+        try:
+            worker._note_session((await worker._request("ping", {}, timeout)).get("session"))
+        except BaseException:
+            await worker.close()
+            raise
+        return worker
+
     async def close(self) -> None:
         """End the session: the worker frees everything this client made there. The connection closes
         with the last worker that shares it."""
@@ -286,9 +298,14 @@ class RemoteWorker(Transfers, PointerOps):
         return list(self._modules.items())
 
 
-def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_key: KeyPath | None = None,
-            settings: ConnectionSettings | None = None, context: zmq.asyncio.Context | None = None) -> Connecting:
+def connect(address: str, *, client: str | None = None, server_key: KeyPath | bytes | None = None,
+            client_key: KeyPath | None = None, settings: ConnectionSettings | None = None,
+            context: zmq.asyncio.Context | None = None) -> Connecting:
     """Connect to a worker daemon: ``bob = await fz.connect(addr)`` or ``async with fz.connect(addr) as bob``.
+
+    ``client`` names one logical client of a daemon hosting many (``fedzmq-worker --clients-from``): the
+    worker is then that client, with its own id, dataset and session (``fz.connect_clients`` gives all
+    of them on one connection). A name the daemon does not host raises ``fz.ObjectNotFound``.
 
     With keys (CurveZMQ): ``server_key`` is the daemon's public key (its ``.key`` file or the z85
     text) and ``client_key`` your own ``.key_secret`` file, whose public half the daemon must allow.
@@ -297,7 +314,7 @@ def connect(address: str, *, server_key: KeyPath | bytes | None = None, client_k
     (``"127.0.0.1:5555"``, a port out of range, ...) or one whose host does not resolve raises
     ``fz.AddressError`` at once, instead of waiting ``settings.connect_timeout`` for an answer."""
     return Connecting(RemoteWorker(address, settings=settings, context=context, server_key=server_key,
-                                    client_key=client_key))
+                                    client_key=client_key), client)
 
 
 async def connect_clients(address: str, *, server_key: KeyPath | bytes | None = None,
