@@ -291,8 +291,12 @@ async def _clients_group_trip(host: RemoteWorker, clients: Sequence[RemoteWorker
         receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["weighted_sum"],
                       list(trained))] if trained else []
     else:
-        receivers = [(aggregator.receive(int(metrics["num_examples"])), state, [client])
-                     for (client, metrics), state in zip(trained.items(), reply["states"])]
+        states = reply.get("states")
+        if not isinstance(states, list) or len(states) != len(trained):
+            raise ProtocolError(f"a daemon trained {len(trained)} clients and sent back "
+                                f"{len(states) if isinstance(states, list) else 'no list of'} states")
+        receivers = [(aggregator.receive(int(fit_metrics["num_examples"])), state, [client])
+                     for (client, fit_metrics), state in zip(trained.items(), states)]
     for receiver, state, delivered in receivers:
         try:
             for name, values in state.items():
