@@ -187,7 +187,7 @@ async def test_a_round_cannot_spread_the_owners_least_noise_over_survivors_it_wi
         remote = await bob.send(_model())
         length = sum(p.numel() for p in _model().parameters())
 
-        def config(expected, round_id, threshold=2, n=1 << 16):
+        def config(expected, round_id, threshold=3, n=1 << 16):
             return SecAggConfig(client_ids=tuple(range(n)), threshold=threshold, vector_length=length, clip=1.0,
                                 ring_bits=64, weight_cap=100.0, noise_multiplier=1.0, expected_survivors=expected,
                                 degree=4, graph_seed=b"s" * 16, round_id=round_id)
@@ -195,10 +195,68 @@ async def test_a_round_cannot_spread_the_owners_least_noise_over_survivors_it_wi
         with pytest.raises(fz.PermissionDenied, match="noise"):
             await bob.secagg("advertise", 1, config(1 << 16, b"r1").to_wire(), module=remote.id, client=0)
         with pytest.raises(fz.PermissionDenied, match="noise"):  # one survivor past the threshold is too many
-            await bob.secagg("advertise", 2, config(3, b"r2").to_wire(), module=remote.id, client=0)
+            await bob.secagg("advertise", 2, config(4, b"r2").to_wire(), module=remote.id, client=0)
         # the noise calibrated to the threshold (the default) meets the floor
-        keys = await bob.secagg("advertise", 3, config(2, b"r3").to_wire(), module=remote.id, client=0)
+        keys = await bob.secagg("advertise", 3, config(3, b"r3").to_wire(), module=remote.id, client=0)
         assert keys
+
+
+@pytest.mark.parametrize("n, degree, threshold", [(4, None, 2), (10, None, 5), (64, 8, 4), (64, 8, 2)])
+async def test_a_round_whose_threshold_is_no_majority_of_share_holders_is_refused(n, degree, threshold):
+    """A red-team session's find: with ``threshold`` at most half of the workers holding a worker's
+    shares (all ``n``, or its neighbourhood of ``degree + 1`` in SecAgg+), a coordinator that shows two
+    halves different survivor sets gets ``threshold`` shares of one worker's self-mask seed from one half
+    and of its mask key from the other, and removes every mask from its update. Over a daemon hosting
+    four clients, n = 4 with threshold 2, it read one client's trained update to 8.6e-7 with no Sybil
+    and every client's own checks passing. A worker now joins only a round whose threshold is a strict
+    majority of its share holders: two disjoint sets of that size cannot exist."""
+    from fedzmq.secagg import SecAggConfig
+
+    [shard] = _shards(1)
+    async with fz.VirtualWorker("bob", datasets={"d": shard},
+                                config=fz.WorkerConfig(require_secure_aggregation=True)) as bob:
+        remote = await bob.send(_model())
+        length = sum(p.numel() for p in _model().parameters())
+
+        def config(t, round_id):
+            graph = {"degree": degree, "graph_seed": b"s" * 16} if degree else {}
+            return SecAggConfig(client_ids=tuple(range(n)), threshold=t, vector_length=length, clip=1.0,
+                                round_id=round_id, **graph)
+
+        holders = n if degree is None else degree + 1
+        with pytest.raises(fz.PermissionDenied, match="strict majority"):
+            await bob.secagg("advertise", 1, config(threshold, b"r1").to_wire(), module=remote.id, client=0)
+        assert 2 * threshold <= holders
+        assert await bob.secagg("advertise", 2, config(holders // 2 + 1, b"r2").to_wire(), module=remote.id,
+                                client=0)
+
+
+async def test_a_split_survivor_attack_on_hosted_clients_stops_at_the_first_step(fedzmq_daemons, tmp_path):
+    """The red team's attack as it ran, on a real daemon hosting four clients with the owner's default
+    terms: the coordinator's round of 4 with threshold 2 is refused by every client before any key is
+    made (it went on to unmask client a's update)."""
+    from fedzmq.secagg import SecAggConfig
+    from fedzmq.testing.datasets import write_dataset
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(5)
+    for name in "abcd":
+        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 5, generator=generator),
+                      torch.randint(0, 2, (32,), generator=generator))
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--require-secure-aggregation"])
+    workers = sorted(await fz.connect_clients(host.address, settings=TEST_SETTINGS), key=lambda w: w.id)
+    try:
+        length = sum(p.numel() for p in _model().parameters())
+        config = SecAggConfig(client_ids=(0, 1, 2, 3), threshold=2, vector_length=length, clip=1e3,
+                              weight_cap=1.0, noise_multiplier=0.0, round_id=b"split-survivors!")
+        for i, worker in enumerate(workers):
+            remote = await worker.send(_model())
+            with pytest.raises(fz.PermissionDenied, match="strict majority"):
+                await worker.secagg("advertise", 1, config.to_wire(), module=remote.id, client=i)
+    finally:
+        for worker in workers:
+            await worker.close()
 
 
 async def test_secure_rounds_go_on_when_the_models_entries_are_streamed_in_pieces():

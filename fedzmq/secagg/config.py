@@ -104,7 +104,7 @@ class SecAggConfig:
         if n < 2:
             raise ValueError("secure aggregation needs at least 2 clients")
         check_degree(n, self.degree)
-        points = n if is_complete(n, self.degree) else int(self.degree or 0) + 1
+        points = self.share_holders
         if type(self.threshold) is not int or not 2 <= self.threshold <= points:
             raise ValueError(f"threshold must be an integer in [2, {points}], got {self.threshold!r}")
         if type(self.vector_length) is not int or self.vector_length < 1:
@@ -148,6 +148,12 @@ class SecAggConfig:
     @property
     def n(self) -> int:
         return len(self.client_ids)
+
+    @property
+    def share_holders(self) -> int:
+        """How many clients hold shares of one client's secrets (itself included): all ``n`` in the
+        complete graph, its neighbourhood of ``degree + 1`` in SecAgg+. ``threshold`` of them rebuild one."""
+        return self.n if self.complete else int(self.degree or 0) + 1
 
     @property
     def complete(self) -> bool:

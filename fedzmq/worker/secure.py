@@ -56,6 +56,11 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
         problems.append(f"{config.n} clients (this worker needs at least {policy.secagg_min_clients})")
     if config.threshold < policy.secagg_min_threshold:
         problems.append(f"threshold {config.threshold} (needs at least {policy.secagg_min_threshold})")
+    holders = config.share_holders
+    if 2 * config.threshold <= holders:  # else two disjoint sets of `threshold` holders can exist
+        problems.append(f"threshold {config.threshold} of the {holders} clients holding a client's shares (needs a "
+                        f"strict majority, at least {holders // 2 + 1}: a coordinator telling two halves different "
+                        f"survivors could rebuild both secrets of one client and unmask its update)")
     if config.noise_multiplier < policy.secagg_min_noise:
         problems.append(f"noise multiplier {config.noise_multiplier} (needs at least {policy.secagg_min_noise})")
     elif policy.secagg_min_noise > 0 and smallest_sum_noise(config) < policy.secagg_min_noise:
