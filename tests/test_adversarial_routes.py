@@ -363,3 +363,72 @@ async def test_a_model_whose_gradient_has_no_storage_is_refused(fedzmq_daemons, 
                                   "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
     with pytest.raises(fz.PermissionDenied):
         await worker._request("module_state", {"obj": model})
+
+
+# --- class 5: a fit's sizes and metrics over the rows it really uses --------------------------------------------
+
+async def test_a_fit_over_clients_is_sized_for_its_biggest_shard_not_its_first(fedzmq_daemons, tmp_path):
+    """A red-team session's find: a fit over hosted clients sized its forward (memory and time) for the first
+    client named. A 16-row shard named before a 40,000-row one let the big one's full-batch step run
+    with a charge for 16 rows: 975 MiB past a 64 MiB session quota, where the big client alone is refused."""
+    from fedzmq.testing.datasets import write_dataset
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name, rows in (("a", 16), ("b", 20000)):
+        write_dataset(folder / f"{name}.safetensors", torch.randn(rows, 64, generator=generator),
+                      torch.randint(0, 10, (rows,), generator=generator))
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--max-session-bytes", str(64 << 20)])
+    worker = host.worker
+    model = worker._new_id()
+    hidden = 2048
+    spec = {"kind": "sequential", "children": [
+        ["0", {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 64, "out_features": hidden}}],
+        ["1", {"kind": "layer", "type": "ReLU", "kwargs": {}}],
+        ["2", {"kind": "layer", "type": "Linear", "kwargs": {"in_features": hidden, "out_features": 10}}]]}
+    torch.manual_seed(0)
+    state = {"0.weight": torch.randn(hidden, 64) * 0.01, "0.bias": torch.zeros(hidden),
+             "2.weight": torch.randn(10, hidden) * 0.01, "2.bias": torch.zeros(10)}
+    await worker._request("module_put", {"out": model, "spec": spec, "state": state})
+    args = {"module": model, "dataset": "d", "loss": "cross_entropy", "batch_size": 20000, "steps": 1,
+            "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": True}
+    for clients in (["b"], ["a", "b"], ["a", "nobody", "b"]):
+        with pytest.raises(fz.LimitExceeded, match="forward"):
+            await worker._request("fit", {**args, "clients": clients})
+    with pytest.raises(fz.BadRequest, match="twice"):  # one client many times would repeat its work as often
+        await worker._request("fit", {**args, "batch_size": 16, "clients": ["a", "a"]})
+    reply = await worker._request("fit", {**args, "batch_size": 16, "clients": ["a", "b"]})
+    assert sorted(reply["metrics"]) == ["a", "b"] and await worker.ping()
+
+
+async def test_a_fit_reports_no_loss_over_fewer_rows_than_the_owners_metric_floor(fedzmq_daemons, tmp_path):
+    """A red-team session's find: ``--min-metric-rows`` held for evaluate only. A fit's loss is a metric
+    too: with a zero model and lr 0 on a 20-row dataset it gave mean(y^2) of all 20 rows exactly where
+    the owner allows no metric over fewer than 32 (also under secure aggregation, where it is the one
+    value that leaves unmasked); one step of 16 rows of a bigger dataset gave a loss over 16."""
+    from fedzmq.testing.datasets import write_dataset
+
+    generator = torch.Generator().manual_seed(3)
+    paths = {}
+    for rows in (20, 1000):
+        paths[rows] = write_dataset(tmp_path / f"d{rows}.safetensors", torch.randn(rows, FEATURES, generator=generator),
+                                    torch.rand(rows, generator=generator) * 50 + 10)
+    spec = {"kind": "sequential", "children": [
+        ["lin", {"kind": "layer", "type": "Linear", "kwargs": {"in_features": FEATURES, "out_features": 1}}],
+        ["flat", {"kind": "layer", "type": "Flatten", "kwargs": {"start_dim": 0, "end_dim": -1}}]]}
+    zero = {"lin.weight": torch.zeros(1, FEATURES), "lin.bias": torch.zeros(1)}
+    terms = ["--min-batch-size", "16", "--min-metric-rows", "32"]
+    for n, flags in enumerate(([], ["--require-secure-aggregation"])):
+        [bob] = await fedzmq_daemons(f"bob{n}", args=[*terms, "--data", f"small={paths[20]}", "--data",
+                                                  f"big={paths[1000]}", *flags])
+        worker = bob.worker
+        model = worker._new_id()
+        await worker._request("module_put", {"out": model, "spec": spec, "state": zero})
+        fit = {"module": model, "loss": "mse_loss", "optimizer": {"cls": "SGD", "lr": 0.0}, "load": zero}
+        small = await worker._request("fit", {**fit, "dataset": "small", "batch_size": 20, "epochs": 3})
+        assert small["samples_seen"] == 60 and math.isnan(small["loss"]), (flags, small)
+        one_step = await worker._request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 1})
+        assert one_step["samples_seen"] == 16 and math.isnan(one_step["loss"]), (flags, one_step)
+        two_steps = await worker._request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 2})
+        assert two_steps["samples_seen"] == 32 and math.isfinite(two_steps["loss"]), (flags, two_steps)

@@ -8,6 +8,7 @@ then work on the binding; none of them looks an object up or computes a label ag
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -15,7 +16,7 @@ import torch
 
 from ..codec import Ref, Request
 from ..commands import Command
-from ..errors import ObjectNotFound, PermissionDenied
+from ..errors import BadRequest, ObjectNotFound, PermissionDenied, quoted
 from .datasets import Dataset
 from .objects import HostedModule, HostedOptimizer, PartialTensor, module_tensors, optimizer_state
 from .session import Session
@@ -109,13 +110,40 @@ def bind(session: Session, request: Request, command: Command, context: Context)
     args = {name: _resolve(value, session, tensors) for name, value in request.args.items()}
     dataset = None
     if command.reads_dataset:
-        hosted = request.args.get("clients")  # a fit over many hosted clients: their datasets are alike
-        dataset = context.dataset(session, request.args["dataset"], hosted[0] if hosted else None)
+        hosted = request.args.get("clients")  # a fit over many hosted clients
+        dataset = biggest_dataset(context, session, request.args["dataset"], hosted) if hosted else \
+            context.dataset(session, request.args["dataset"])
     if command.name == "dataset_tensor" and dataset is not None and dataset.policy == "protected":
         raise PermissionDenied.new(f"dataset {dataset.name!r} is protected: no pointer to its rows is given out; "
                                    "only the worker's own fit and evaluate of a model read them")
     label = references_label(session, command, objects, tensors)
     return Binding(request, command, session, args, objects, tensors, label, dataset)
+
+
+def biggest_dataset(context: Context, session: Session, name: str, clients: list[str]) -> Dataset:
+    """The dataset a fit over many hosted clients is sized and checked by: the biggest of the named
+    clients'. A red-team session named a 16-row shard before a 40,000-row one: sized by the first, the
+    big one's full-batch step ran 975 MiB past a 64 MiB session quota. Names the daemon does not host
+    fail later, each on its own; a name given twice is refused (it would repeat that client's work)."""
+    counts = Counter(clients)
+    twice = sorted(client for client, count in counts.items() if count > 1)
+    if twice:
+        raise BadRequest.new(f"a fit over clients names {len(twice)} of them twice or more "
+                             f"(the first: {quoted(twice[0])})")
+    biggest: Dataset | None = None
+    missing: ObjectNotFound | None = None
+    for client in clients:
+        try:
+            found = context.dataset(session, name, client)
+        except ObjectNotFound as exc:
+            missing = missing or exc
+            continue
+        if biggest is None or len(found) > len(biggest):
+            biggest = found
+    if biggest is None:
+        assert missing is not None
+        raise missing
+    return biggest
 
 
 def references_label(session: Session, command: Command, objects: dict[str, Any], tensors: list[torch.Tensor],

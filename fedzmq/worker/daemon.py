@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "or aggregate scalars and model state ('aggregates' lets a coordinator read any value, one "
                       "scalar per request: only for data you would show)")
     data.add_argument("--min-batch-size", type=int, help="the fewest rows one training step may use (default 16)")
-    data.add_argument("--min-metric-rows", type=int, help="the fewest rows evaluate reports metrics over (default 16)")
+    data.add_argument("--min-metric-rows", type=int, help="the fewest rows a metric may cover: evaluate is refused "
+                      "below it, and a fit's loss withheld (NaN) (default 16)")
     data.add_argument("--shuffle-secret", help="this daemon's secret for shuffling fit's rows (default: drawn at "
                       "start-up; set it to repeat runs across restarts)")
     data.add_argument("--remote-tracebacks", action=argparse.BooleanOptionalAction, default=None,

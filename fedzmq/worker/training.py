@@ -206,7 +206,11 @@ def fit(module: nn.Module | Trainee, dataset: Dataset, terms: Terms, *, loss: st
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"training diverged on {dataset.name}: the loss is not finite")
     mean_loss = loss_sum / seen if seen else 0.0
-    if terms.row_metrics:
+    if min(seen, len(dataset)) < terms.min_metric_rows:
+        # the loss is a metric over at most that many distinct rows: withheld, as evaluate refuses one (a
+        # zero model's mse over a 20-row dataset told the mean of its squared labels)
+        mean_loss = math.nan
+    elif terms.row_metrics:
         mean_loss = _row_loss(model, dataset, torch.cat(trained), loss, loss_fn)
     return {"loss": mean_loss, "samples_seen": seen, "num_examples": len(dataset),
             "steps": done, "seconds": time.perf_counter() - started}
