@@ -283,3 +283,73 @@ async def test_secure_rounds_go_on_when_the_models_entries_are_streamed_in_piece
     finally:
         for w in workers:
             await w.close()
+
+
+async def test_a_worker_gives_its_masked_update_to_at_most_its_owners_number_of_rounds():
+    """``--secagg-max-rounds``: a coordinator repeating secure rounds averages their noise away (the privacy
+    loss grows with every round a worker's data takes part in). Each worker gives its masked update to at
+    most that many rounds; the next one leaves it out with why, and the model stays as it was."""
+    workers = _workers(3, require_secure_aggregation=True, secagg_max_rounds=2)
+    try:
+        model = _model()
+        federation = fz.Federation(workers, model, FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=3)
+        for _ in range(2):
+            metrics = await federation.run_round()
+            assert sorted(metrics.participants) == ["w0", "w1", "w2"]
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(fz.RoundFailed) as failed:
+            await federation.run_round()
+        assert all("limit of 2 secure rounds per data holder (--secagg-max-rounds)" in why
+                   for name, why in failed.value.dropped.items() if name != "secure aggregation"), failed.value.dropped
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    finally:
+        for w in workers:
+            await w.close()
+
+
+async def test_the_rounds_a_hosted_client_gave_are_kept_across_a_restart(fedzmq_daemons, tmp_path):
+    """With ``--secagg-ledger``, the rounds counted per hosted client survive a restart of the daemon:
+    a coordinator cannot get a fresh allowance by making the daemon start again."""
+    import json
+
+    from fedzmq.testing.datasets import write_dataset
+
+    folder, ledger = tmp_path / "shards", tmp_path / "ledger.json"
+    folder.mkdir()
+    for i, shard in enumerate(_shards(3)):
+        write_dataset(folder / f"c{i}.safetensors", shard.features, shard.labels)
+    flags = ["--clients-from", f"d={folder}", "--require-secure-aggregation", "--min-batch-size", "16",
+             "--secagg-max-rounds", "1", "--secagg-ledger", str(ledger)]
+    [host] = await fedzmq_daemons("owner", args=flags)
+
+    async def one_round() -> fz.RoundMetrics:
+        workers = await fz.connect_clients(host.address, settings=TEST_SETTINGS)
+        try:
+            return await fz.Federation(workers, _model(), FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=3,
+                                       round_timeout=60).run_round()
+        finally:
+            for worker in workers:
+                await worker.close()
+
+    assert sorted((await one_round()).participants) == ["c0", "c1", "c2"]
+    assert json.loads(ledger.read_text()) == {"version": 1, "rounds": {"c0": 1, "c1": 1, "c2": 1}}
+    await host.restart()
+    with pytest.raises(fz.RoundFailed, match="limit of 1 secure rounds per data holder"):
+        await one_round()
+    assert json.loads(ledger.read_text())["rounds"] == {"c0": 1, "c1": 1, "c2": 1}
+
+
+def test_a_ledger_that_cannot_be_read_stops_the_daemon_from_starting(tmp_path):
+    from fedzmq.worker.ledger import LedgerError, ReleaseLedger
+
+    path = tmp_path / "ledger.json"
+    path.write_text('{"version": 1, "rounds": {"a": -1}}')
+    with pytest.raises(LedgerError, match="not a fedzmq secure rounds ledger"):
+        ReleaseLedger(3, path)
+    ledger = ReleaseLedger(1, tmp_path / "fresh.json")
+    ledger.charge(["a", "b"])
+    with pytest.raises(fz.PermissionDenied, match="client 'a'"):
+        ledger.charge(["a"])
+    ledger.refund(["a"])
+    ledger.charge(["a"])
+    assert ReleaseLedger(1, tmp_path / "fresh.json").used("b") == 1

@@ -18,6 +18,7 @@ from ..codec import Ref, Request
 from ..commands import Command
 from ..errors import BadRequest, ObjectNotFound, PermissionDenied, quoted
 from .datasets import Dataset
+from .ledger import ReleaseLedger
 from .objects import HostedModule, HostedOptimizer, PartialTensor, module_tensors, optimizer_state
 from .session import Session
 from .taint import Label, storage_key
@@ -49,6 +50,8 @@ class Context:
     terms: "Terms"
     #: seconds every queued command waits before it runs (fault injection: a slow worker)
     delay: float = 0.0
+    #: the secure rounds each data holder gave a masked update to (``--secagg-max-rounds``)
+    ledger: ReleaseLedger = field(default_factory=ReleaseLedger)
 
     def dataset(self, session: Session, name: str, client: str | None = None) -> Dataset:
         """Dataset ``name`` of the session's client (or of the daemon), or of ``client`` when a session

@@ -69,6 +69,11 @@ class WorkerConfig:
     secagg_min_threshold: int = 2
     #: the least DP noise (noise multiplier) a round must add for this worker to join (0: none needed)
     secagg_min_noise: float = 0.0
+    #: the most secure rounds each data holder (the daemon's own datasets, each hosted client) may give a
+    #: masked update to (None: no limit); repeated rounds average the noise away (fedzmq.worker.ledger)
+    secagg_max_rounds: int | None = None
+    #: a file keeping those counts across restarts (None: counted from start-up)
+    secagg_ledger: str | None = None
     #: the fewest rows one training step may use (an epoch's smaller remainder is skipped)
     min_batch_size: int = 16
     #: the fewest rows an ``evaluate`` reports metrics over

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--secagg-min-threshold", type=int, help="... whose threshold is at least this (default 2)")
     data.add_argument("--secagg-min-noise", type=float, help="... that add at least this DP noise multiplier, "
                       "also to a sum of only `threshold` survivors (default 0)")
+    data.add_argument("--secagg-max-rounds", type=int, metavar="N", help="give a masked update to at most N secure "
+                      "rounds per data holder (these datasets; each hosted client): repeated rounds average the "
+                      "noise away (default: no limit)")
+    data.add_argument("--secagg-ledger", metavar="FILE", help="keep the secure rounds counted for "
+                      "--secagg-max-rounds in FILE, across restarts (default: counted from start-up)")
     p.add_argument("--fault-injection", action="store_true", default=None,
                    help="accept the test-only debug_delay command (for test suites; never in production)")
     p.add_argument("--byzantine", metavar="sign-flip|scale=K",

@@ -23,6 +23,7 @@ from ..secagg.wire import from_codec, to_codec
 if TYPE_CHECKING:
     from .binding import Binding
     from .config import WorkerConfig
+    from .ledger import ReleaseLedger
 
 #: rounds a session may have under way at once (older ones are forgotten)
 LIVE_ROUNDS = 4
@@ -71,7 +72,7 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
         raise PermissionDenied.new("this worker's policy refuses the round: " + "; ".join(problems))
 
 
-def handle(binding: "Binding", policy: "WorkerConfig") -> Any:
+def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") -> Any:
     """One step of a secure round. ``advertise`` and ``masked_input`` name the module (the executor
     checked that the owner's terms let it leave masked); the others carry protocol messages only."""
     args, session = binding.args, binding.session
@@ -105,7 +106,12 @@ def handle(binding: "Binding", policy: "WorkerConfig") -> Any:
         update.sub_(state.reference)  # in place: the concatenation is already a fresh copy
         # the weight is the worker's own count of the samples it trained on, not the coordinator's word
         weight = float(hosted.trained_samples)
-        return to_codec(state.client.masked_input(update, weight, payload))
+        ledger.charge(hosted.trained_by)  # each holder whose rows trained it gives one more round
+        try:
+            return to_codec(state.client.masked_input(update, weight, payload))
+        except BaseException:  # nothing left: the round is given back
+            ledger.refund(hosted.trained_by)
+            raise
     if step == "unmask":
         answer = state.client.unmask(payload)
         return to_codec(answer)

@@ -52,6 +52,7 @@ from .config import WorkerConfig
 from .cost import Coster, warm_up
 from .datasets import Dataset
 from .executor import Executor, fail_outputs
+from .ledger import ReleaseLedger
 from .policy import Policy
 from .replies import ARREARS_FORGIVEN_AFTER, UNTRACKED_REPLY_BYTES, RepliesOwed
 from .session import Peer, Session, StartedCommand
@@ -141,7 +142,8 @@ class Worker:
             datasets=self.datasets, clients=self.clients, models=models or {}, coster=Coster(models or {}),
             status=self.status, ping=self.ping_info,
             terms=Terms(config.min_batch_size, config.min_metric_rows, config.max_fit_samples, secret,
-                        row_metrics=config.require_secure_aggregation))
+                        row_metrics=config.require_secure_aggregation),
+            ledger=ReleaseLedger(config.secagg_max_rounds, config.secagg_ledger))
         self.executor = Executor(self.context, self._pool, self.counters)
         warm_up()  # the meta kernels load here, not inside the first command on the event loop
         self.key_gate: KeyGate | None = None
