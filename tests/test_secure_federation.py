@@ -259,6 +259,31 @@ async def test_a_split_survivor_attack_on_hosted_clients_stops_at_the_first_step
             await worker.close()
 
 
+async def test_the_clipping_bits_count_against_the_owners_noise_floor():
+    """A red-team session's find: a round with ``clip_bits`` and no noise on them passed a daemon's
+    ``--secagg-min-noise 1.0``. With the other clients' updates known (zero), each round's count of
+    unclipped clients was one exact bit about the worker's update norm for a clip C the coordinator
+    chose: 18 rounds of bisection read the norm to 1.2e-5. The floor now holds for the two releases
+    together, a Gaussian mechanism of multiplier ``(s**-2 + (2 s_b)**-2) ** -1/2`` at the threshold."""
+    from fedzmq.secagg import SecAggConfig
+
+    [shard] = _shards(1)
+    async with fz.VirtualWorker("bob", datasets={"d": shard},
+                                config=fz.WorkerConfig(require_secure_aggregation=True, secagg_min_noise=1.0)) as bob:
+        remote = await bob.send(_model())
+        length = sum(p.numel() for p in _model().parameters())
+
+        def config(sigma, bit_noise, round_id):
+            return SecAggConfig(client_ids=(0, 1, 2), threshold=2, vector_length=length, clip=1.0, weight_cap=1.0,
+                                noise_multiplier=sigma, clip_bits=True, clip_bit_noise=bit_noise, round_id=round_id)
+
+        for number, (sigma, bit_noise) in enumerate([(1.0, 0.0), (1.0, 100.0), (5.0, 0.4)], start=1):
+            with pytest.raises(fz.PermissionDenied, match="clipping bits"):
+                await bob.secagg("advertise", number, config(sigma, bit_noise, b"r%d" % number).to_wire(),
+                                 module=remote.id, client=0)
+        assert await bob.secagg("advertise", 9, config(1.5, 2.0, b"r9").to_wire(), module=remote.id, client=0)
+
+
 async def test_secure_rounds_go_on_when_the_models_entries_are_streamed_in_pieces():
     """A cold review's find: entries too big for one message are streamed into the model piece by piece,
     which never overwrites them whole, so from the second round they kept the label of the last fit,

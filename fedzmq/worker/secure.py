@@ -46,8 +46,18 @@ def smallest_sum_noise(config: SecAggConfig) -> float:
     """The noise multiplier of the smallest sum a round can release: ``threshold`` survivors, each adding
     ``sigma * C / sqrt(expected_survivors)``, carry ``sigma * sqrt(threshold / expected_survivors)``
     between them. The coordinator chooses ``expected_survivors``: set far above the threshold, it would
-    spread the owner's least noise over workers a sum need not have (its own Sybils in their place)."""
-    return config.noise_multiplier * math.sqrt(config.threshold / config.n_expected)
+    spread the owner's least noise over workers a sum need not have (its own Sybils in their place).
+
+    With ``clip_bits`` the round also releases the count of unclipped clients (sensitivity 1/2 per
+    client, noise ``clip_bit_noise`` spread likewise): the two are one Gaussian mechanism of multiplier
+    ``(s**-2 + (2 s_b)**-2) ** -1/2`` (Andrew et al. 2021, Theorem 1), less than either alone, and 0 when
+    the bits carry no noise (each round's count is then one exact bit about the update's norm)."""
+    spread = math.sqrt(config.threshold / config.n_expected)
+    data = config.noise_multiplier * spread
+    if not config.clip_bits:
+        return data
+    bits = 2 * config.clip_bit_noise * spread
+    return (data ** -2 + bits ** -2) ** -0.5 if data > 0 and bits > 0 else 0.0
 
 
 def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
@@ -65,7 +75,8 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
     if config.noise_multiplier < policy.secagg_min_noise:
         problems.append(f"noise multiplier {config.noise_multiplier} (needs at least {policy.secagg_min_noise})")
     elif policy.secagg_min_noise > 0 and smallest_sum_noise(config) < policy.secagg_min_noise:
-        problems.append(f"noise multiplier {config.noise_multiplier} spread over {config.n_expected} expected "
+        bits = f" and the clipping bits' noise {config.clip_bit_noise}" if config.clip_bits else ""
+        problems.append(f"noise multiplier {config.noise_multiplier}{bits} spread over {config.n_expected} expected "
                         f"survivors: a sum of the threshold's {config.threshold} would carry "
                         f"{smallest_sum_noise(config):.4g} (needs at least {policy.secagg_min_noise})")
     if problems:
