@@ -506,3 +506,42 @@ def test_one_million_parameters_eight_clients_is_fast():
     exact = exact_mean(cfg, updates, {i: 1.0 for i in range(n)}, result.survivors)
     assert float((result.mean.double() - exact).abs().max()) <= result.error_bound
     assert elapsed < 15.0, elapsed  # ~0.6 s on the 2-core reference machine, all 8 clients included
+
+
+@pytest.mark.parametrize("n", [5, 7, 9])
+def test_a_client_shown_a_smaller_u1_than_the_others_cannot_be_unmasked_alone(n):
+    """A red-team session's find: with a strict-majority threshold t, a coordinator told client 0 alone
+    that U1 was {0} + A (|A| = t - 1), so it masked with A only; then it told the others B = the rest that
+    A had dropped (they revealed b_0 and A's key shares) and each a in A that the other members of A had
+    (b_0 again, and the rest of A's key shares): every client's own checks passed, and client 0's update
+    came out alone. Survivors now confirm to each other, under their pairwise keys, which clients they
+    masked with, and reveal only with t confirmations of their own U1: here fewer than t clients reveal
+    anything about client 0's self-mask, and none of A's keys can be rebuilt."""
+    t = n // 2 + 1
+    cfg = SecAggConfig(tuple(range(n)), t, 10, clip=10.0)
+    steps = Steps(cfg, make_updates(n, 10, seed=4))
+    steps.keys()
+    routed = steps.shares()
+    group_a, group_b = list(range(1, t)), list(range(t, n))
+    shrunk = dict(routed[0])
+    shrunk["u1"] = [0, *group_a]
+    shrunk["shares"] = [entry for entry in routed[0]["shares"] if entry[0] in group_a]
+    masked = {0: steps.clients[0].masked_input(steps.updates[0], 1.0, shrunk)}
+    for i in range(1, n):
+        masked[i] = steps.clients[i].masked_input(steps.updates[i], 1.0, routed[i])
+    tags = [[i, j, tag] for i, message in masked.items() for j, tag in message["confirm"]]  # all the attacker has
+    views = {i: ([0, *group_b], group_a) for i in group_b}
+    views |= {a: ([0, a, *group_b], [x for x in group_a if x != a]) for a in group_a}
+    answers = {}
+    for i, (u2, dropped) in views.items():
+        request = {"v": 2, "type": "secagg.unmask_request", "u2": sorted(u2), "dropped": sorted(dropped),
+                   "confirm": tags}
+        try:
+            answers[i] = steps.clients[i].unmask(request)
+        except SecAggAborted:
+            continue
+    assert not set(answers) & set(group_b)  # B saw A's "drop" confirmed by fewer than t survivors
+    b0 = [share for answer in answers.values() for j, share in answer["b_shares"] if j == 0]
+    assert len(b0) < t
+    for a in group_a:
+        assert len([s for answer in answers.values() for j, s in answer["s_shares"] if j == a]) < t

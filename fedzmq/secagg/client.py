@@ -17,6 +17,7 @@ longer be secure (fewer than ``threshold`` peers) raises ``SecAggAborted``.
 
 from __future__ import annotations
 
+import hmac
 import math
 import os
 from collections.abc import Mapping
@@ -30,12 +31,12 @@ from . import crypto, shamir
 from .config import SecAggConfig
 from .crypto import CsprngStream
 from .encoding import (
-    CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, encode, pack_shares, pairwise_seed, reduce_ring, share_aad,
-    share_key, unpack_shares,
+    CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, confirm_key, confirm_tag, encode, pack_shares, pairwise_seed,
+    reduce_ring, share_aad, share_key, unpack_shares,
 )
 from .errors import SecAggAborted, SecAggProtocolError
 from .messages import (
-    VERSION, AdvertiseMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg, UnmaskRequestMsg,
+    MAX_LIST, VERSION, AdvertiseMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg, UnmaskRequestMsg,
     as_bytes, as_id, as_id_list, as_pairs, check_message,
 )
 
@@ -95,6 +96,8 @@ class SecAggClient:
         self._own_b_share: shamir.Share | None = None
         self._own_s_share: shamir.Share | None = None
         self._answer: tuple[tuple[int, ...], UnmaskMsg] | None = None
+        #: per peer of U1, the key its word on the round's U1 comes under (``confirm_tag``)
+        self._confirm_keys: dict[int, bytes] = {}
 
     @property
     def stage(self) -> str:
@@ -201,6 +204,8 @@ class SecAggClient:
         assert self._s_sk is not None
         s_key = crypto.private_key(self._s_sk)
         seeds = {j: pairwise_seed(s_key, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
+        confirm_keys = {j: confirm_key(self._enc_keys[j], me, j, cfg) for j in u1 if j != me}
+        confirms = [[j, confirm_tag(key, cfg, me, j, self._shared_view(u1, j))] for j, key in confirm_keys.items()]
 
         # w * clip(x) + noise, quantized into the ring, then masked
         y, self.stats.clamped = encode(x, coefficient, meta, cfg, self._stream)
@@ -213,6 +218,7 @@ class SecAggClient:
 
         self._held.b, self._held.s = held_b, held_s
         self._u1 = u1
+        self._confirm_keys = confirm_keys
         # the secrets are no longer needed by this client: drop them (Python cannot wipe memory, but no
         # reference survives the round)
         self._s_sk = None
@@ -221,7 +227,32 @@ class SecAggClient:
         self._enc_keys = {}
         self._stage = "masked"
         # the vector's own bytes, not a copy of them: a million ring elements per client per round
-        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.data.cast("B")}
+        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.data.cast("B"), "confirm": confirms}
+
+    def _shared_view(self, u1: list[int], peer: int) -> set[int]:
+        """The clients of ``u1`` in ``peer``'s neighbourhood too: the part of this client's U1 that
+        ``peer`` sees as well (all of it with the complete graph)."""
+        return set(u1) if self.config.complete else set(u1) & set(self.config.neighbourhood(peer))
+
+    def _confirmations(self, entries: Any, u2: list[int]) -> int:
+        """How many survivors other than this client confirm, each under the key it shares with this
+        client, that they masked with the same clients of U1 as this one did (within their two
+        neighbourhoods). ``entries`` are ``[from, to, tag]``; those addressed to others are skipped."""
+        if not isinstance(entries, list) or len(entries) > MAX_LIST:
+            raise SecAggProtocolError("confirm must be a list of [from, to, tag]")
+        me, survivors, confirmed = self.client_id, set(u2), set()
+        for entry in entries:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                raise SecAggProtocolError("confirm must be a list of [from, to, tag]")
+            sender, receiver = as_id(entry[0], "confirm"), as_id(entry[1], "confirm")
+            key = self._confirm_keys.get(sender)
+            if receiver != me or sender not in survivors or key is None or sender in confirmed:
+                continue
+            tag = as_bytes(entry[2], "confirm tag", sender, length=32)
+            expected = confirm_tag(key, self.config, sender, me, self._shared_view(self._u1, sender))
+            if hmac.compare_digest(tag, expected):
+                confirmed.add(sender)
+        return len(confirmed)
 
     def _prepare_update(self, update: torch.Tensor, weight: float) -> tuple[np.ndarray, float, np.ndarray]:
         """Check the update and weight; return ``x``, the coefficient ``w * clip factor``, and the meta
@@ -267,7 +298,7 @@ class SecAggClient:
         """
         self._expect("masked", "unmasked")
         cfg, me = self.config, self.client_id
-        msg = check_message(request, "secagg.unmask_request", {"u2", "dropped"})
+        msg = check_message(request, "secagg.unmask_request", {"u2", "dropped", "confirm"})
         u2 = as_id_list(msg["u2"], "u2")
         dropped = as_id_list(msg["dropped"], "dropped")
         both = sorted((set(u2) & set(dropped)) | (set(u2) & self._held.revealed_s)
@@ -281,6 +312,14 @@ class SecAggClient:
             raise SecAggProtocolError("dropped must be exactly u1 minus u2")
         if me not in u2:
             raise SecAggProtocolError("u2 omits this client, which sent its masked input")
+        # the survivors must have masked with the clients this one did: else a coordinator that showed
+        # one client a smaller U1 could get its self-mask from some survivors and its few partners' keys
+        # from the others, and unmask it alone (with a strict-majority threshold, t confirmations of one
+        # U1 leave no room for a second group that reveals otherwise)
+        confirmed = self._confirmations(msg["confirm"], u2)
+        if confirmed + 1 < cfg.threshold:
+            raise SecAggAborted(f"only {confirmed} other survivors confirmed the clients this one masked with, "
+                                f"threshold is {cfg.threshold}", "Unmasking")
         if self._answer is not None:
             if self._answer[0] != tuple(u2):
                 raise SecAggProtocolError("already answered an unmask request with a different survivor set")

@@ -10,7 +10,9 @@ error is each client's rounding, ``<= 1/(2*scale)`` (nearest) or ``< 1/scale`` (
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -151,6 +153,21 @@ def share_key(c_sk: bytes | crypto.X25519PrivateKey, peer_c_pk: bytes, me: int, 
     """The AES-256-GCM key shared by ``me`` and ``peer`` for the encrypted shares (same both ways)."""
     secret = crypto.agree(c_sk, peer_c_pk, peer)
     return crypto.hkdf(secret, salt=config.digest(), info=_info(b"share-encryption", me, peer))
+
+
+def confirm_key(shared: bytes, me: int, peer: int, config: SecAggConfig) -> bytes:
+    """The key ``me`` and ``peer`` confirm their views of the round under (same both ways), derived from
+    the key of their encrypted shares for this one use."""
+    return crypto.hkdf(shared, salt=config.digest(), info=_info(b"view-confirmation", me, peer))
+
+
+def confirm_tag(key: bytes, config: SecAggConfig, sender: int, receiver: int, members: Iterable[int]) -> bytes:
+    """``sender``'s word to ``receiver`` on which clients of their two neighbourhoods it masked its input
+    with (its U1 there), under their ``confirm_key``: the coordinator, which relays it, cannot make one
+    for a set it did not show ``sender``."""
+    ids = sorted(members)
+    message = config.digest() + _PAIR.pack(sender, receiver) + struct.pack(f">{len(ids)}I", *ids)
+    return hmac.new(key, message, hashlib.sha256).digest()
 
 
 def share_aad(config: SecAggConfig, sender: int, receiver: int) -> bytes:

@@ -32,7 +32,7 @@ from typing import Any, Literal, TypedDict
 from .config import MAX_CLIENT_ID
 from .errors import SecAggProtocolError
 
-VERSION = 1
+VERSION = 2
 MAX_LIST = 1 << 16
 
 
@@ -48,9 +48,11 @@ RoutedSharesMsg = TypedDict("RoutedSharesMsg", {
     "v": int, "type": Literal["secagg.routed"], "to": int, "u1": list[int],
     "shares": list[list[Any]]})  # [[from_id, ciphertext], ...]
 MaskedMsg = TypedDict("MaskedMsg", {
-    "v": int, "type": Literal["secagg.masked"], "from": int, "masked": bytes | memoryview})
+    "v": int, "type": Literal["secagg.masked"], "from": int, "masked": bytes | memoryview,
+    "confirm": list[list[Any]]})  # [[to_id, tag], ...]: its word on U1 to each peer of U1
 UnmaskRequestMsg = TypedDict("UnmaskRequestMsg", {
-    "v": int, "type": Literal["secagg.unmask_request"], "u2": list[int], "dropped": list[int]})
+    "v": int, "type": Literal["secagg.unmask_request"], "u2": list[int], "dropped": list[int],
+    "confirm": list[list[Any]]})  # [[from_id, to_id, tag], ...]: the survivors' words to the receiver
 UnmaskMsg = TypedDict("UnmaskMsg", {
     "v": int, "type": Literal["secagg.unmask"], "from": int,
     "b_shares": list[list[Any]],  # [[survivor_id, share], ...]

@@ -95,6 +95,8 @@ class SecAggServer:
         self._dropped: list[int] = []
         self._u2_set: set[int] = set()
         self._dropped_set: set[int] = set()
+        #: each survivor's word to its peers on the U1 it masked with, by receiver: [[from, to, tag], ...]
+        self._confirms: dict[int, list[list[Any]]] = {}
 
     # ---- bookkeeping
 
@@ -228,12 +230,16 @@ class SecAggServer:
         """Add one masked vector into the running ring sum (the vector itself is not kept)."""
         self._expect("masked")
         cfg = self.config
-        msg = check_message(msg, "secagg.masked", {"from", "masked"})
+        msg = check_message(msg, "secagg.masked", {"from", "masked", "confirm"})
         i = as_id(msg["from"], "from")
         if i not in self._shares:
             raise SecAggProtocolError("sent a masked input without being in U1", i)
         if i in self._u2_set:
             raise SecAggProtocolError("sent a masked input twice", i)
+        confirms = as_pairs(msg["confirm"], "confirm", i)
+        if not set(confirms) <= set(self._local(i, self._shares)):
+            raise SecAggProtocolError("confirms U1 to clients outside its U1", i)
+        tags = {j: as_bytes(tag, "confirm tag", i, length=32) for j, (tag,) in confirms.items()}
         data = msg["masked"]
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SecAggProtocolError("masked must be bytes", i)
@@ -247,6 +253,8 @@ class SecAggServer:
         self._sum += y
         self._u2.append(i)
         self._u2_set.add(i)
+        for j, tag in tags.items():
+            self._confirms.setdefault(j, []).append([i, j, tag])
 
     def end_masked(self) -> UnmaskRequestMsg | None:
         """Close round 2; U2 is who sent masked inputs. Send ``request_for(i)`` to each ``i`` in U2; with
@@ -267,7 +275,10 @@ class SecAggServer:
                     raise self._abort(f"only {holders} of client {j}'s neighbourhood sent masked inputs, "
                                       f"threshold is {self.config.threshold}", "MaskedInputCollection")
         self._stage = "unmask"
-        return self.request_for(self._u2[0]) if self.config.complete else None
+        if not self.config.complete:
+            return None
+        every = [entry for j in self._u2 for entry in self._confirms.get(j, ())]
+        return {**self.request_for(self._u2[0]), "confirm": every}
 
     def request_for(self, client_id: int) -> UnmaskRequestMsg:
         """Round 3's request for one survivor: the survivors and the dropped of its neighbourhood (with
@@ -275,10 +286,12 @@ class SecAggServer:
         self._expect("unmask")
         if client_id not in self._u2_set:
             raise SecAggProtocolError("is not in U2", client_id)
+        confirm = list(self._confirms.get(client_id, ()))  # the survivors' words to this client
         if self.config.complete:
-            return {"v": VERSION, "type": "secagg.unmask_request", "u2": list(self._u2), "dropped": list(self._dropped)}
+            return {"v": VERSION, "type": "secagg.unmask_request", "u2": list(self._u2), "dropped": list(self._dropped),
+                    "confirm": confirm}
         return {"v": VERSION, "type": "secagg.unmask_request", "u2": self._local(client_id, self._u2_set),
-                "dropped": self._local(client_id, self._dropped_set)}
+                "dropped": self._local(client_id, self._dropped_set), "confirm": confirm}
 
     def collect_masked(self, msgs: Iterable[MaskedMsg | Mapping[str, Any]]) -> UnmaskRequestMsg | None:
         for msg in msgs:
