@@ -371,6 +371,8 @@ def test_a_ledger_that_cannot_be_read_stops_the_daemon_from_starting(tmp_path):
     path.write_text('{"version": 1, "rounds": {"a": -1}}')
     with pytest.raises(LedgerError, match="not a fedzmq secure rounds ledger"):
         ReleaseLedger(3, path)
+    with pytest.raises(LedgerError, match="cannot write"):
+        ReleaseLedger(3, tmp_path / "no-such-folder" / "ledger.json")
     ledger = ReleaseLedger(1, tmp_path / "fresh.json")
     ledger.charge(["a", "b"])
     with pytest.raises(fz.PermissionDenied, match="client 'a'"):

@@ -42,6 +42,10 @@ class ReleaseLedger:
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()  # secure steps of different sessions may run on different threads
         self._counts: dict[str, int] = self._load() if self.path is not None else {}
+        try:
+            self._save()  # now, so that a ledger the daemon cannot write stops it at start, not mid-round
+        except OSError as exc:
+            raise LedgerError(f"cannot write the secure rounds ledger {self.path}: {exc}") from None
 
     def used(self, holder: str) -> int:
         with self._lock:
