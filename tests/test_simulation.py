@@ -23,6 +23,22 @@ def client_shards(tmp_path):
     return folders, split.test
 
 
+async def _clients_reading_few_values(address):
+    """Workers for a daemon's hosted clients on a connection that decodes at most 64 values a message."""
+    import dataclasses
+
+    settings = dataclasses.replace(TEST_SETTINGS, limits=fz.Limits(max_items=64))
+    return await fz.connect_clients(address, settings=settings)
+
+
+async def _everyone_delivers(workers, model, strategy):
+    """One round over ``workers``: every one of them takes part and none is left out."""
+    federation = fz.Federation(workers, model, fz.FitConfig(dataset="digits", steps=1, batch_size=16), strategy,
+                               round_timeout=120)
+    metrics = await federation.run_round()
+    assert sorted(metrics.participants) == sorted(w.id for w in workers) and not metrics.dropped
+
+
 async def _clients(handles):
     workers = []
     for handle in handles:
@@ -204,10 +220,7 @@ async def test_a_round_over_hosted_clients_splits_what_one_reply_could_not_carry
         model = nn.Sequential(nn.Linear(64, 4), *(nn.Linear(4, 4) for _ in range(298)), nn.Linear(4, 10))
         entries = len(model.state_dict())
         assert entries == 600 and clients_per_trip(entries, combine=False) < len(workers)
-        federation = fz.Federation(workers, model, fz.FitConfig(dataset="digits", steps=1, batch_size=16),
-                                   fz.FedMedian(), round_timeout=120)
-        metrics = await federation.run_round()
-        assert sorted(metrics.participants) == sorted(w.id for w in workers) and not metrics.dropped
+        await _everyone_delivers(workers, model, fz.FedMedian())
     finally:
         for worker in workers:
             await worker.close()
@@ -217,23 +230,16 @@ async def test_trips_are_sized_to_the_limits_the_connection_agreed_on(fedzmq_dae
     """A coordinator that decodes fewer values per message (``Limits.max_items``) than the defaults gets
     smaller trips: sized from the default limits, six clients' states went in one trip whose reply it
     could not decode, and the round failed."""
-    import dataclasses
-
     from fedzmq.federated.protocols import clients_per_trip
 
     folders, _ = client_shards
     [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
-    settings = dataclasses.replace(TEST_SETTINGS, limits=fz.Limits(max_items=64))
-    workers = await fz.connect_clients(host.address, settings=settings)
+    workers = await _clients_reading_few_values(host.address)
     try:
-        model = torch.nn.Linear(64, 10)
         assert workers[0].limits.max_items == 64
         assert clients_per_trip(2, combine=False, limits=workers[0].limits) < len(workers) \
             <= clients_per_trip(2, combine=False)
-        federation = fz.Federation(workers, model, fz.FitConfig(dataset="digits", steps=1, batch_size=16),
-                                   fz.FedMedian(), round_timeout=120)
-        metrics = await federation.run_round()
-        assert sorted(metrics.participants) == sorted(w.id for w in workers) and not metrics.dropped
+        await _everyone_delivers(workers, torch.nn.Linear(64, 10), fz.FedMedian())
     finally:
         for worker in workers:
             await worker.close()
@@ -243,14 +249,11 @@ async def test_a_fit_over_more_clients_than_a_reply_can_carry_is_refused_before_
                                                                                              client_shards):
     """``fit_clients`` by hand over more clients than one reply may carry says so and sends nothing: the
     reply would be past the connection's limits, undecodable, and the connection dropped."""
-    import dataclasses
-
     from fedzmq.client.broadcast import Broadcast
 
     folders, _ = client_shards
     [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
-    settings = dataclasses.replace(TEST_SETTINGS, limits=fz.Limits(max_items=64))
-    workers = await fz.connect_clients(host.address, settings=settings)
+    workers = await _clients_reading_few_values(host.address)
     try:
         model = torch.nn.Linear(64, 10)
         pointer = await workers[0].host.send(model)
@@ -288,14 +291,11 @@ class _SecondSumRefused(fz.FedAvg):
 async def test_a_failed_later_trip_leaves_out_only_its_own_clients(fedzmq_daemons, client_shards):
     """Clients whose trip delivered stay in the round when a later trip to the same daemon fails; the
     clients of the failed trip and of the trips after it are left out, with why."""
-    import dataclasses
-
     from fedzmq.federated.protocols import clients_per_trip
 
     folders, _ = client_shards
     [host] = await fedzmq_daemons("sim", args=["--clients-from", f"digits={folders[0]}"])
-    settings = dataclasses.replace(TEST_SETTINGS, limits=fz.Limits(max_items=64))
-    workers = await fz.connect_clients(host.address, settings=settings)
+    workers = await _clients_reading_few_values(host.address)
     try:
         per_trip = clients_per_trip(2, combine=True, limits=workers[0].limits)
         assert 2 * per_trip < len(workers)  # three trips or more: the second fails, the third never goes
