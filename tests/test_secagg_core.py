@@ -6,6 +6,7 @@ round-tripped through msgpack) or step by step through the client and server obj
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -67,9 +68,16 @@ class Steps:
             self.clients[i].masked_input(self.updates[i], self.weights.get(i, 1.0), self.routed[i]) for i in ids)
         return self.request
 
-    def finish(self, ids=None):
+    def confirm(self, ids=None):
         ids = self.request["u2"] if ids is None else ids
-        return self.server.finish(self.clients[i].unmask(self.request) for i in ids)
+        self.unmask_request = self.server.collect_confirms(self.clients[i].confirm(self.request) for i in ids)
+        return self.unmask_request
+
+    def finish(self, ids=None):
+        if not hasattr(self, "unmask_request"):
+            self.confirm()
+        ids = self.unmask_request["u2"] if ids is None else ids
+        return self.server.finish(self.clients[i].unmask(self.unmask_request) for i in ids)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,7 +346,7 @@ def test_clients_abort_when_told_of_too_few_peers():
     s.masked()
     small = {**s.request, "u2": [0, 1], "dropped": [2, 3]}
     with pytest.raises(SecAggAborted):
-        s.clients[0].unmask(small)
+        s.clients[0].confirm(small)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,20 +362,23 @@ def test_client_never_reveals_both_shares_of_one_client():
     client = s.clients[0]
     # one request listing a client both as survivor and as dropped
     with pytest.raises(SecAggProtocolError, match="both"):
-        client.unmask({**s.request, "u2": [0, 1, 2, 3], "dropped": [3, 4]})
-    answer = client.unmask(s.request)
-    assert client.unmask(s.request) == answer  # the identical request may be repeated
-    # a second request that now calls survivor 3 dropped would reveal its key share too: refused
-    with pytest.raises(SecAggProtocolError, match="both"):
-        client.unmask({**s.request, "u2": [0, 1, 2], "dropped": [3, 4]})
-    # ... and one calling the dropped client a survivor would reveal its self-mask share: refused
-    with pytest.raises(SecAggProtocolError, match="both"):
-        client.unmask({**s.request, "u2": [0, 1, 2, 3, 4], "dropped": []})
+        client.confirm({**s.request, "u2": [0, 1, 2, 3], "dropped": [3, 4]})
+    tags = client.confirm(s.request)
+    assert client.confirm(s.request) == tags  # the identical request may be repeated
+    # a second survivor set (one calling survivor 3 dropped, or the dropped client a survivor): refused
+    for u2, dropped in (([0, 1, 2], [3, 4]), ([0, 1, 2, 3, 4], [])):
+        with pytest.raises(SecAggProtocolError, match="already confirmed"):
+            client.confirm({**s.request, "u2": u2, "dropped": dropped})
     # a request dropping the client itself is refused (it did send its masked input)
     fresh = s.clients[1]
     with pytest.raises(SecAggProtocolError, match="omits this client"):
-        fresh.unmask({**s.request, "u2": [0, 2, 3], "dropped": [1, 4]})
-    result = s.server.finish([answer] + [s.clients[i].unmask(s.request) for i in (1, 2)])
+        fresh.confirm({**s.request, "u2": [0, 2, 3], "dropped": [1, 4]})
+    s.server.collect_confirms([tags] + [s.clients[i].confirm(s.request) for i in (1, 2, 3)])
+    answer = client.unmask(s.server.request_for(0))
+    assert client.unmask(s.server.request_for(0)) == answer
+    with pytest.raises(SecAggProtocolError, match="both"):  # nor at unmasking
+        client.unmask({**s.server.request_for(0), "u2": [0, 1, 2], "dropped": [3, 4]})
+    result = s.server.finish([answer] + [s.clients[i].unmask(s.server.request_for(i)) for i in (1, 2)])
     assert result.survivors == (0, 1, 2, 3)
 
 
@@ -442,7 +453,10 @@ def test_server_validates_messages_before_recording_them():
     with pytest.raises(ValueError, match="non-finite"):
         clients[1].masked_input(torch.full((10,), float("nan")), 1.0, routed[1])
     server.add_masked(clients[1].masked_input(torch.ones(10) * 2, 1.0, routed[1]))
-    request = server.end_masked()
+    confirm_request = server.end_masked()
+    with pytest.raises(SecAggProtocolError, match="without being in U2"):
+        server.add_confirm({**clients[0].confirm(confirm_request), "from": 2})
+    request = server.collect_confirms(clients[i].confirm(confirm_request) for i in (0, 1))
     answer = clients[0].unmask(request)
     with pytest.raises(SecAggProtocolError, match="exactly U2"):
         server.add_unmask({**answer, "s_shares": answer["b_shares"][:1]})
@@ -491,7 +505,9 @@ def test_messages_travel_through_fedzmq_codec_after_to_codec():
     server.add_masked(through_codec(masked))
     for i in (1, 2):
         server.add_masked(through_codec(clients[i].masked_input(update, 1.0, through_codec(routed[i]))))
-    request = through_codec(server.end_masked())
+    confirm_request = through_codec(server.end_masked())
+    request = through_codec(server.collect_confirms(through_codec(clients[i].confirm(confirm_request))
+                                                    for i in range(3)))
     result = server.finish(through_codec(clients[i].unmask(request)) for i in range(3))
     assert float(result.mean.abs().max()) <= result.error_bound
 
@@ -508,40 +524,93 @@ def test_one_million_parameters_eight_clients_is_fast():
     assert elapsed < 15.0, elapsed  # ~0.6 s on the 2-core reference machine, all 8 clients included
 
 
-@pytest.mark.parametrize("n", [5, 7, 9])
-def test_a_client_shown_a_smaller_u1_than_the_others_cannot_be_unmasked_alone(n):
-    """A red-team session's find: with a strict-majority threshold t, a coordinator told client 0 alone
-    that U1 was {0} + A (|A| = t - 1), so it masked with A only; then it told the others B = the rest that
-    A had dropped (they revealed b_0 and A's key shares) and each a in A that the other members of A had
-    (b_0 again, and the rest of A's key shares): every client's own checks passed, and client 0's update
-    came out alone. Survivors now confirm to each other, under their pairwise keys, which clients they
-    masked with, and reveal only with t confirmations of their own U1: here fewer than t clients reveal
-    anything about client 0's self-mask, and none of A's keys can be rebuilt."""
+def _equivocate(n: int, shown_u1: dict[int, list[int]], views: dict[int, tuple[list[int], list[int]]]):
+    """A coordinator showing honest clients different sets: client i masks with ``shown_u1[i]`` (the
+    true U1 otherwise) and is shown ``views[i]`` = (u2, dropped) to confirm and to unmask, with every
+    tag any client made routed to it. Returns, per client, how many shares of its self-mask ("b") and
+    of its key ("s") came out."""
     t = n // 2 + 1
-    cfg = SecAggConfig(tuple(range(n)), t, 10, clip=10.0)
-    steps = Steps(cfg, make_updates(n, 10, seed=4))
+    steps = Steps(SecAggConfig(tuple(range(n)), t, 10, clip=10.0), make_updates(n, 10, seed=4))
     steps.keys()
     routed = steps.shares()
-    group_a, group_b = list(range(1, t)), list(range(t, n))
-    shrunk = dict(routed[0])
-    shrunk["u1"] = [0, *group_a]
-    shrunk["shares"] = [entry for entry in routed[0]["shares"] if entry[0] in group_a]
-    masked = {0: steps.clients[0].masked_input(steps.updates[0], 1.0, shrunk)}
-    for i in range(1, n):
-        masked[i] = steps.clients[i].masked_input(steps.updates[i], 1.0, routed[i])
-    tags = [[i, j, tag] for i, message in masked.items() for j, tag in message["confirm"]]  # all the attacker has
-    views = {i: ([0, *group_b], group_a) for i in group_b}
-    views |= {a: ([0, a, *group_b], [x for x in group_a if x != a]) for a in group_a}
-    answers = {}
+    for i, u1 in shown_u1.items():
+        routed[i] = {**routed[i], "u1": sorted(u1), "shares": [e for e in routed[i]["shares"] if e[0] in u1]}
+    for i in range(n):
+        steps.clients[i].masked_input(steps.updates[i], 1.0, routed[i])
+    tags = []
+    for i, (u2, dropped) in views.items():
+        request = {"v": 2, "type": "secagg.confirm_request", "u2": sorted(u2), "dropped": sorted(dropped)}
+        with contextlib.suppress(SecAggAborted, SecAggProtocolError):
+            tags += [[i, j, tag] for j, tag in steps.clients[i].confirm(request)["tags"]]
+    revealed = {(kind, j): 0 for kind in "bs" for j in range(n)}
     for i, (u2, dropped) in views.items():
         request = {"v": 2, "type": "secagg.unmask_request", "u2": sorted(u2), "dropped": sorted(dropped),
                    "confirm": tags}
         try:
-            answers[i] = steps.clients[i].unmask(request)
-        except SecAggAborted:
+            answer = steps.clients[i].unmask(request)
+        except (SecAggAborted, SecAggProtocolError):
             continue
-    assert not set(answers) & set(group_b)  # B saw A's "drop" confirmed by fewer than t survivors
-    b0 = [share for answer in answers.values() for j, share in answer["b_shares"] if j == 0]
-    assert len(b0) < t
-    for a in group_a:
-        assert len([s for answer in answers.values() for j, s in answer["s_shares"] if j == a]) < t
+        for kind in "bs":
+            for j, _ in answer[f"{kind}_shares"]:
+                revealed[kind, j] += 1
+    return revealed
+
+
+def _spread(drop_from: list[int], revealers: list[int], cap: int, t: int) -> dict[int, set[int]]:
+    """The red team's assignment: each client of ``drop_from`` called dropped by ``t`` revealers, each
+    revealer calling at most ``cap`` of them dropped (so that its u2 keeps its size)."""
+    need = {j: t for j in drop_from}
+    drops: dict[int, set[int]] = {i: set() for i in revealers}
+    for i in sorted(revealers, key=lambda i: (i not in drop_from, i)):
+        for j in sorted(drop_from, key=lambda j: -need[j]):
+            if len(drops[i]) >= cap:
+                break
+            if j != i and need[j] > 0:
+                drops[i].add(j)
+                need[j] -= 1
+    assert not any(need.values())
+    return drops
+
+
+@pytest.mark.parametrize("n", [5, 7, 9])
+def test_a_client_shown_a_smaller_u1_than_the_others_cannot_be_unmasked_alone(n):
+    """A red-team session's find: with a strict-majority threshold t, a coordinator told client 0 alone
+    that U1 was {0} + A (|A| = t - 1), so it masked with A only; then it told the others (B) that A had
+    dropped and each a in A that the other members of A had: client 0's self-mask and A's keys came out,
+    and client 0's update alone. Survivors now commit to the U1 and U2 they are shown and confirm them
+    to each other under pairwise keys; nobody reveals without t confirmations of its own view."""
+    t = n // 2 + 1
+    group_a, group_b = list(range(1, t)), list(range(t, n))
+    views = {i: ([0, *group_b], group_a) for i in group_b}
+    views |= {a: ([0, a, *group_b], [x for x in group_a if x != a]) for a in group_a}
+    revealed = _equivocate(n, {0: [0, *group_a]}, views)
+    assert revealed["b", 0] < t or any(revealed["s", a] < t for a in group_a), revealed
+
+
+@pytest.mark.parametrize("n", [7, 9, 11])
+def test_drop_outs_spread_over_revealers_unmask_no_client_alone(n):
+    """The next red-team round, against U1 confirmations alone: client 0 shown {0} + J (|J| = t - 1), each
+    other client shown all of U1 and a different U2, J's members called dropped by t revealers in all,
+    client 0 kept in every U2. Each revealer's U1 was confirmed, so they revealed client 0's self-mask and
+    J's keys (its update came out alone at n = 7, 9, 11). Confirming the U2 as well binds every revealer
+    to one survivor set."""
+    t = n // 2 + 1
+    others, group_j = list(range(1, n)), list(range(1, t))
+    drops = _spread(group_j, others, len(others) - t, t)
+    views = {i: (sorted(set(range(n)) - drops[i]), sorted(drops[i])) for i in others}
+    revealed = _equivocate(n, {0: [0, *group_j]}, views)
+    assert revealed["b", 0] < t or any(revealed["s", j] < t for j in group_j), revealed
+
+
+@pytest.mark.parametrize("n", [5, 7, 9])
+def test_two_clients_in_every_survivor_set_cannot_be_summed_alone(n):
+    """The same round's other attack, with no U1 equivocation at all: clients 0 and 1 in every revealer's
+    U2, every other client called dropped by t revealers (each revealer dropping a different few). The
+    self-masks of 0 and 1 and every other key came out, and x_0 + x_1, a sum of two (< t). With U2
+    confirmed too, no two revealers' survivor sets differ."""
+    t = n // 2 + 1
+    rest = list(range(2, n))
+    drops = _spread(rest, list(range(n)), n - t, t)
+    views = {i: (sorted(set(range(n)) - drops[i]), sorted(drops[i])) for i in range(n)}
+    revealed = _equivocate(n, {}, views)
+    assert min(revealed["b", 0], revealed["b", 1]) < t or any(revealed["s", r] < t for r in rest), revealed

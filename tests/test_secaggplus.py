@@ -175,16 +175,17 @@ def test_messages_per_client_grow_with_the_degree_not_with_n():
         counts: dict[int, int] = defaultdict(int)
 
         def deliver(to: int, step: str, msg) -> None:
-            for key in ("keys", "u1", "shares", "u2", "dropped"):
+            for key in ("keys", "u1", "shares", "u2", "dropped", "confirm"):
                 counts[to] += len(msg.get(key, ()))
 
         run_round(config(n, degree, threshold, d), updates_for(n, d), deliver=deliver, serialize=False)
         return max(counts.values())
 
     sparse = [per_client(n, 6, 4) for n in (20, 40, 80)]
-    assert sparse[0] == sparse[1] == sparse[2] == 4 * 7 - 1  # keys, u1, u2: 7 entries each, shares: 6
+    # keys, u1, and u2 with the dropped twice (to confirm, to unmask): 7 entries each; shares, tags: 6
+    assert sparse[0] == sparse[1] == sparse[2] == 6 * 7 - 2
     complete = [per_client(n, None, n // 2 + 1) for n in (20, 40)]
-    assert complete == [4 * 20 - 1, 4 * 40 - 1]
+    assert complete == [6 * 20 - 2, 6 * 40 - 2]
 
 
 @pytest.mark.slow

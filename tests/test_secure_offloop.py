@@ -25,6 +25,7 @@ def server_at_unmask(n: int, length: int, drop: int) -> tuple[SecAggServer, list
     updates = {i: torch.randn(length, generator=g) * 0.01 for i in range(n)}  # norms under the clip
     survivors = range(drop, n)
     server.collect_masked(clients[i].masked_input(updates[i], 1.0, routed[i]) for i in survivors)
+    server.collect_confirms(clients[i].confirm(server.confirm_request_for(i)) for i in survivors)
     answers = [clients[i].unmask(server.request_for(i)) for i in survivors]
     return server, answers, torch.stack([updates[i] for i in survivors]).mean(0)
 

@@ -12,7 +12,10 @@ Its round, run by ``Federation``:
    encrypted for each neighbour (while the workers fit: key sharing does not wait for the slowest fit);
 3. the coordinator routes the shares; each worker returns its *masked* update (trained minus global,
    clipped, weighted, noised, quantized, masked);
-4. the coordinator asks the survivors to unmask; from their shares it removes the masks and gets the
+4. the coordinator shows each survivor who survived; each commits to that and confirms it to the other
+   survivors under keys the coordinator does not hold (``confirm``), so that no two survivors reveal
+   for different sets;
+5. the coordinator asks them to unmask; from their shares it removes the masks and gets the
    weighted mean update, which it hands to the wrapped strategy as if it were one worker's model.
 
 Neighbours: with many participants the round is SecAgg+ (Bell et al. 2020): each worker shares keys,
@@ -283,6 +286,17 @@ class SecureRound(RoundProtocol):
         await off_loop(server.end_masked)
         u2 = set(server.u2)
         alive = [w for w in alive if ids[w] in u2]
+        # each survivor commits to the survivor set it is shown and confirms it to the others, under keys
+        # the coordinator does not hold: a worker reveals shares only for a set t of them confirmed
+        confirm_requests = await off_loop(lambda: {w: server.confirm_request_for(ids[w]) for w in alive})
+
+        async def confirm(worker: RemoteWorker) -> None:  # a malformed answer: a drop-out, as for masked inputs
+            server.add_confirm(await worker.secagg("confirm", number, confirm_requests[worker]))
+
+        await each(alive, confirm)
+        await off_loop(server.end_confirm)
+        confirmers = set(server.confirmers)
+        alive = [w for w in alive if ids[w] in confirmers]
         requests = await off_loop(lambda: {w: server.request_for(ids[w]) for w in alive})
         answers = await each(alive, lambda w: w.secagg("unmask", number, requests[w]))
         result = await off_loop(server.finish, answers.values())

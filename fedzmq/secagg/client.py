@@ -6,7 +6,8 @@ The object is a small state machine, one method per round, each callable once in
     adv    = client.advertise()                       # round 0 -> server
     shares = client.share_keys(keys_msg)              # round 1 -> server (ciphertexts for each peer)
     masked = client.masked_input(update, weight, routed_msg)   # round 2 -> server
-    resp   = client.unmask(unmask_request)            # round 3 -> server
+    tags   = client.confirm(confirm_request)          # round 3 -> server (a tag for each survivor)
+    resp   = client.unmask(unmask_request)            # round 4 -> server
 
 It keeps, between rounds, only: its two X25519 secret keys (until it has masked its input), its
 self-mask seed ``b`` (likewise), the peers' public keys, the shares it holds for its peers, and which
@@ -36,11 +37,12 @@ from .encoding import (
 )
 from .errors import SecAggAborted, SecAggProtocolError
 from .messages import (
-    MAX_LIST, VERSION, AdvertiseMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg, UnmaskRequestMsg,
+    MAX_LIST, VERSION, AdvertiseMsg, ConfirmMsg, ConfirmRequestMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg,
+    UnmaskMsg, UnmaskRequestMsg,
     as_bytes, as_id, as_id_list, as_pairs, check_message,
 )
 
-_STAGES = ("new", "advertised", "shared", "masked", "unmasked")
+_STAGES = ("new", "advertised", "shared", "masked", "confirmed", "unmasked")
 
 
 @dataclass
@@ -96,8 +98,11 @@ class SecAggClient:
         self._own_b_share: shamir.Share | None = None
         self._own_s_share: shamir.Share | None = None
         self._answer: tuple[tuple[int, ...], UnmaskMsg] | None = None
-        #: per peer of U1, the key its word on the round's U1 comes under (``confirm_tag``)
+        #: per peer of U1, the key its word on the round's view comes under (``confirm_tag``)
         self._confirm_keys: dict[int, bytes] = {}
+        #: the survivor set and drop-outs this client confirmed (``confirm``), and its answer
+        self._view: tuple[list[int], list[int]] | None = None
+        self._confirmed: ConfirmMsg | None = None
 
     @property
     def stage(self) -> str:
@@ -205,7 +210,6 @@ class SecAggClient:
         s_key = crypto.private_key(self._s_sk)
         seeds = {j: pairwise_seed(s_key, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
         confirm_keys = {j: confirm_key(self._enc_keys[j], me, j, cfg) for j in u1 if j != me}
-        confirms = [[j, confirm_tag(key, cfg, me, j, self._shared_view(u1, j))] for j, key in confirm_keys.items()]
 
         # w * clip(x) + noise, quantized into the ring, then masked
         y, self.stats.clamped = encode(x, coefficient, meta, cfg, self._stream)
@@ -227,17 +231,66 @@ class SecAggClient:
         self._enc_keys = {}
         self._stage = "masked"
         # the vector's own bytes, not a copy of them: a million ring elements per client per round
-        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.data.cast("B"), "confirm": confirms}
+        return {"v": VERSION, "type": "secagg.masked", "from": me, "masked": y.data.cast("B")}
 
-    def _shared_view(self, u1: list[int], peer: int) -> set[int]:
-        """The clients of ``u1`` in ``peer``'s neighbourhood too: the part of this client's U1 that
-        ``peer`` sees as well (all of it with the complete graph)."""
-        return set(u1) if self.config.complete else set(u1) & set(self.config.neighbourhood(peer))
+    # ---- round 3: ConsistencyCheck
+
+    def confirm(self, request: ConfirmRequestMsg | Mapping[str, Any]) -> ConfirmMsg:
+        """Round 3: commit to the survivor set the server shows this client, and tell each survivor of
+        its neighbourhood, under the key only the two of them share, which U1 and U2 this client holds
+        (within their two neighbourhoods). ``unmask`` reveals shares only for this same view, and only
+        when ``threshold - 1`` survivors confirm it: a coordinator that showed clients different U1s or
+        U2s (to get one client's self-mask from some and its partners' keys from others) cannot make
+        ``threshold`` clients reveal for two views, as two disjoint sets of a strict majority do not
+        exist. Repeating the identical request returns the identical answer; another is refused."""
+        self._expect("masked", "confirmed")
+        msg = check_message(request, "secagg.confirm_request", {"u2", "dropped"})
+        u2, dropped = self._checked_view(msg)
+        if self._view is not None:
+            if self._view != (u2, dropped):
+                raise SecAggProtocolError("already confirmed a different survivor set")
+            assert self._confirmed is not None
+            return self._confirmed
+        me = self.client_id
+        tags = [[j, confirm_tag(self._confirm_keys[j], self.config, me, j, *self._views_with(j, u2))]
+                for j in u2 if j != me]
+        self._view = (u2, dropped)
+        self._confirmed = {"v": VERSION, "type": "secagg.confirm", "from": me, "tags": tags}
+        self._stage = "confirmed"
+        return self._confirmed
+
+    def _checked_view(self, msg: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+        """A request's ``u2`` and ``dropped``, after checking them against what this client knows."""
+        me, cfg = self.client_id, self.config
+        u2 = as_id_list(msg["u2"], "u2")
+        dropped = as_id_list(msg["dropped"], "dropped")
+        both = sorted((set(u2) & set(dropped)) | (set(u2) & self._held.revealed_s)
+                      | (set(dropped) & self._held.revealed_b))
+        if both:
+            raise SecAggProtocolError(
+                f"refusing to reveal both the self-mask share and the key share of clients {both}")
+        if not set(u2) <= set(self._u1):
+            raise SecAggProtocolError("u2 names clients outside u1")
+        if set(dropped) != set(self._u1) - set(u2):
+            raise SecAggProtocolError("dropped must be exactly u1 minus u2")
+        if me not in u2:
+            raise SecAggProtocolError("u2 omits this client, which sent its masked input")
+        if len(u2) < cfg.threshold:
+            raise SecAggAborted(f"only {len(u2)} clients sent masked inputs, threshold is {cfg.threshold}", "Unmasking")
+        return sorted(u2), sorted(dropped)
+
+    def _views_with(self, peer: int, u2: list[int]) -> tuple[set[int], set[int]]:
+        """This client's U1 and U2 within ``peer``'s neighbourhood too: what ``peer`` holds of them as
+        well, in an honest round (all of them with the complete graph)."""
+        if self.config.complete:
+            return set(self._u1), set(u2)
+        hood = set(self.config.neighbourhood(peer))
+        return set(self._u1) & hood, set(u2) & hood
 
     def _confirmations(self, entries: Any, u2: list[int]) -> int:
         """How many survivors other than this client confirm, each under the key it shares with this
-        client, that they masked with the same clients of U1 as this one did (within their two
-        neighbourhoods). ``entries`` are ``[from, to, tag]``; those addressed to others are skipped."""
+        client, the very U1 and U2 this client committed to (within their two neighbourhoods).
+        ``entries`` are ``[from, to, tag]``; those addressed to others are skipped."""
         if not isinstance(entries, list) or len(entries) > MAX_LIST:
             raise SecAggProtocolError("confirm must be a list of [from, to, tag]")
         me, survivors, confirmed = self.client_id, set(u2), set()
@@ -249,8 +302,7 @@ class SecAggClient:
             if receiver != me or sender not in survivors or key is None or sender in confirmed:
                 continue
             tag = as_bytes(entry[2], "confirm tag", sender, length=32)
-            expected = confirm_tag(key, self.config, sender, me, self._shared_view(self._u1, sender))
-            if hmac.compare_digest(tag, expected):
+            if hmac.compare_digest(tag, confirm_tag(key, self.config, sender, me, *self._views_with(sender, u2))):
                 confirmed.add(sender)
         return len(confirmed)
 
@@ -285,7 +337,7 @@ class SecAggClient:
             meta.append(bit - 0.5 + noise)
         return flat.numpy(), factor * w, np.array(meta, dtype=np.float64)
 
-    # ---- round 3: Unmasking
+    # ---- round 4: Unmasking
 
     def unmask(self, request: UnmaskRequestMsg | Mapping[str, Any]) -> UnmaskMsg:
         """Round 3: reveal this client's share of ``b_j`` for each survivor j in U2 and its share of
@@ -296,36 +348,18 @@ class SecAggClient:
         reveal both kinds of share of one client. Repeating the identical request returns the identical
         answer (a lost reply can be re-requested); any other second request is refused.
         """
-        self._expect("masked", "unmasked")
+        self._expect("confirmed", "unmasked")
         cfg, me = self.config, self.client_id
         msg = check_message(request, "secagg.unmask_request", {"u2", "dropped", "confirm"})
-        u2 = as_id_list(msg["u2"], "u2")
-        dropped = as_id_list(msg["dropped"], "dropped")
-        both = sorted((set(u2) & set(dropped)) | (set(u2) & self._held.revealed_s)
-                      | (set(dropped) & self._held.revealed_b))
-        if both:
-            raise SecAggProtocolError(
-                f"refusing to reveal both the self-mask share and the key share of clients {both}")
-        if not set(u2) <= set(self._u1):
-            raise SecAggProtocolError("u2 names clients outside u1")
-        if set(dropped) != set(self._u1) - set(u2):
-            raise SecAggProtocolError("dropped must be exactly u1 minus u2")
-        if me not in u2:
-            raise SecAggProtocolError("u2 omits this client, which sent its masked input")
-        # the survivors must have masked with the clients this one did: else a coordinator that showed
-        # one client a smaller U1 could get its self-mask from some survivors and its few partners' keys
-        # from the others, and unmask it alone (with a strict-majority threshold, t confirmations of one
-        # U1 leave no room for a second group that reveals otherwise)
+        u2, dropped = self._checked_view(msg)
+        if (u2, dropped) != self._view:
+            raise SecAggProtocolError("the unmask request's survivor set is not the one this client confirmed")
         confirmed = self._confirmations(msg["confirm"], u2)
         if confirmed + 1 < cfg.threshold:
-            raise SecAggAborted(f"only {confirmed} other survivors confirmed the clients this one masked with, "
-                                f"threshold is {cfg.threshold}", "Unmasking")
+            raise SecAggAborted(f"only {confirmed} other survivors confirmed the survivor set this client "
+                                f"confirmed, threshold is {cfg.threshold}", "Unmasking")
         if self._answer is not None:
-            if self._answer[0] != tuple(u2):
-                raise SecAggProtocolError("already answered an unmask request with a different survivor set")
             return self._answer[1]
-        if len(u2) < cfg.threshold:
-            raise SecAggAborted(f"only {len(u2)} clients sent masked inputs, threshold is {cfg.threshold}", "Unmasking")
         answer: UnmaskMsg = {
             "v": VERSION, "type": "secagg.unmask", "from": me,
             "b_shares": [[j, self._held.b[j].to_bytes()] for j in u2],

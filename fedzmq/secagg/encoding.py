@@ -161,12 +161,14 @@ def confirm_key(shared: bytes, me: int, peer: int, config: SecAggConfig) -> byte
     return crypto.hkdf(shared, salt=config.digest(), info=_info(b"view-confirmation", me, peer))
 
 
-def confirm_tag(key: bytes, config: SecAggConfig, sender: int, receiver: int, members: Iterable[int]) -> bytes:
-    """``sender``'s word to ``receiver`` on which clients of their two neighbourhoods it masked its input
-    with (its U1 there), under their ``confirm_key``: the coordinator, which relays it, cannot make one
-    for a set it did not show ``sender``."""
-    ids = sorted(members)
-    message = config.digest() + _PAIR.pack(sender, receiver) + struct.pack(f">{len(ids)}I", *ids)
+def confirm_tag(key: bytes, config: SecAggConfig, sender: int, receiver: int, u1: Iterable[int],
+                u2: Iterable[int]) -> bytes:
+    """``sender``'s word to ``receiver``, under their ``confirm_key``, on the U1 it masked with and the
+    U2 it was told survived (both within their two neighbourhoods): the coordinator, which relays it,
+    cannot make one for a view it did not show ``sender``."""
+    message = config.digest() + _PAIR.pack(sender, receiver)
+    for ids in (sorted(u1), sorted(u2)):
+        message += struct.pack(f">I{len(ids)}I", len(ids), *ids)
     return hmac.new(key, message, hashlib.sha256).digest()
 
 

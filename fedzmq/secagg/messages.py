@@ -48,8 +48,12 @@ RoutedSharesMsg = TypedDict("RoutedSharesMsg", {
     "v": int, "type": Literal["secagg.routed"], "to": int, "u1": list[int],
     "shares": list[list[Any]]})  # [[from_id, ciphertext], ...]
 MaskedMsg = TypedDict("MaskedMsg", {
-    "v": int, "type": Literal["secagg.masked"], "from": int, "masked": bytes | memoryview,
-    "confirm": list[list[Any]]})  # [[to_id, tag], ...]: its word on U1 to each peer of U1
+    "v": int, "type": Literal["secagg.masked"], "from": int, "masked": bytes | memoryview})
+ConfirmRequestMsg = TypedDict("ConfirmRequestMsg", {
+    "v": int, "type": Literal["secagg.confirm_request"], "u2": list[int], "dropped": list[int]})
+ConfirmMsg = TypedDict("ConfirmMsg", {
+    "v": int, "type": Literal["secagg.confirm"], "from": int,
+    "tags": list[list[Any]]})  # [[to_id, tag], ...]: its word on U1 and U2 to each other survivor
 UnmaskRequestMsg = TypedDict("UnmaskRequestMsg", {
     "v": int, "type": Literal["secagg.unmask_request"], "u2": list[int], "dropped": list[int],
     "confirm": list[list[Any]]})  # [[from_id, to_id, tag], ...]: the survivors' words to the receiver

@@ -6,11 +6,13 @@ step's deadline passes) and a batch form that does both::
     server = SecAggServer(config)
     server.collect_keys(advertise_msgs)     # round 0: send server.keys_for(i) to each i in U0
     routed = server.route_shares(share_msgs)  # round 1: send routed[j] to each j in U1
-    server.collect_masked(masked_msgs)      # round 2: send server.request_for(i) to each i in U2
-    result = server.finish(unmask_msgs)     # round 3: the weighted mean, and nothing else
+    server.collect_masked(masked_msgs)      # round 2: send server.confirm_request_for(i) to each i in U2
+    server.collect_confirms(confirm_msgs)   # round 3: send server.request_for(i) to each i in confirmers
+    result = server.finish(unmask_msgs)     # round 4: the weighted mean, and nothing else
 
-With the complete graph (``config.degree`` None) every client gets the same keys and request, which
-``collect_keys``/``end_advertise`` and ``collect_masked``/``end_masked`` also return (a broadcast); with
+With the complete graph (``config.degree`` None) every client gets the same keys and requests, which
+``collect_keys``/``end_advertise``, ``collect_masked``/``end_masked`` and ``collect_confirms``/``end_confirm``
+also return (a broadcast); with
 SecAgg+ (a ``degree``) those return None and each client gets only its neighbours' keys, shares and
 survivors, so a client's messages hold O(degree) entries, not O(n).
 
@@ -40,8 +42,8 @@ from .config import SecAggConfig
 from .encoding import CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, from_ring, pairwise_seed, reduce_ring
 from .errors import SecAggAborted, SecAggProtocolError
 from .messages import (
-    VERSION, AdvertiseMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg, UnmaskRequestMsg,
-    as_bytes, as_id, as_pairs, check_message,
+    VERSION, AdvertiseMsg, ConfirmMsg, ConfirmRequestMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg,
+    UnmaskRequestMsg, as_bytes, as_id, as_pairs, check_message,
 )
 
 
@@ -95,8 +97,9 @@ class SecAggServer:
         self._dropped: list[int] = []
         self._u2_set: set[int] = set()
         self._dropped_set: set[int] = set()
-        #: each survivor's word to its peers on the U1 it masked with, by receiver: [[from, to, tag], ...]
+        #: the survivors' words to each other on their view (round 3), by receiver: [[from, to, tag], ...]
         self._confirms: dict[int, list[list[Any]]] = {}
+        self._confirmers: set[int] = set()
 
     # ---- bookkeeping
 
@@ -230,16 +233,12 @@ class SecAggServer:
         """Add one masked vector into the running ring sum (the vector itself is not kept)."""
         self._expect("masked")
         cfg = self.config
-        msg = check_message(msg, "secagg.masked", {"from", "masked", "confirm"})
+        msg = check_message(msg, "secagg.masked", {"from", "masked"})
         i = as_id(msg["from"], "from")
         if i not in self._shares:
             raise SecAggProtocolError("sent a masked input without being in U1", i)
         if i in self._u2_set:
             raise SecAggProtocolError("sent a masked input twice", i)
-        confirms = as_pairs(msg["confirm"], "confirm", i)
-        if not set(confirms) <= set(self._local(i, self._shares)):
-            raise SecAggProtocolError("confirms U1 to clients outside its U1", i)
-        tags = {j: as_bytes(tag, "confirm tag", i, length=32) for j, (tag,) in confirms.items()}
         data = msg["masked"]
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SecAggProtocolError("masked must be bytes", i)
@@ -253,12 +252,11 @@ class SecAggServer:
         self._sum += y
         self._u2.append(i)
         self._u2_set.add(i)
-        for j, tag in tags.items():
-            self._confirms.setdefault(j, []).append([i, j, tag])
 
-    def end_masked(self) -> UnmaskRequestMsg | None:
-        """Close round 2; U2 is who sent masked inputs. Send ``request_for(i)`` to each ``i`` in U2; with
-        the complete graph that is the same request for everyone, which is also returned (None with SecAgg+).
+    def end_masked(self) -> ConfirmRequestMsg | None:
+        """Close round 2; U2 is who sent masked inputs. Send ``confirm_request_for(i)`` to each ``i`` in U2;
+        with the complete graph that is the same request for everyone, which is also returned (None with
+        SecAgg+).
 
         With SecAgg+ the round aborts here already if some client of U1 has fewer than ``threshold``
         of its neighbourhood in U2: its secret could never be rebuilt."""
@@ -274,38 +272,88 @@ class SecAggServer:
                 if holders < self.config.threshold:
                     raise self._abort(f"only {holders} of client {j}'s neighbourhood sent masked inputs, "
                                       f"threshold is {self.config.threshold}", "MaskedInputCollection")
+        self._stage = "confirm"
+        return self.confirm_request_for(self._u2[0]) if self.config.complete else None
+
+    def confirm_request_for(self, client_id: int) -> ConfirmRequestMsg:
+        """Round 3's request for one survivor: the survivors and the dropped of its neighbourhood (with
+        the complete graph, all of U2 and all the dropped), which it commits to and confirms to the
+        other survivors."""
+        self._expect("confirm")
+        if client_id not in self._u2_set:
+            raise SecAggProtocolError("is not in U2", client_id)
+        u2, dropped = self._view_of(client_id)
+        return {"v": VERSION, "type": "secagg.confirm_request", "u2": u2, "dropped": dropped}
+
+    def _view_of(self, client_id: int) -> tuple[list[int], list[int]]:
+        """The survivors and the dropped of ``client_id``'s neighbourhood (all of them: complete graph)."""
+        if self.config.complete:
+            return list(self._u2), list(self._dropped)
+        return self._local(client_id, self._u2_set), self._local(client_id, self._dropped_set)
+
+    # ---- round 3: ConsistencyCheck
+
+    def add_confirm(self, msg: ConfirmMsg | Mapping[str, Any]) -> None:
+        """Keep one survivor's tags for the survivors of its neighbourhood, to route them on."""
+        self._expect("confirm")
+        msg = check_message(msg, "secagg.confirm", {"from", "tags"})
+        i = as_id(msg["from"], "from")
+        if i not in self._u2_set:
+            raise SecAggProtocolError("confirmed without being in U2", i)
+        if i in self._confirmers:
+            raise SecAggProtocolError("confirmed twice", i)
+        entries = as_pairs(msg["tags"], "tags", i)
+        if not set(entries) <= set(self._local(i, self._u2_set)) - {i}:
+            raise SecAggProtocolError("sent tags to clients outside the survivors of its neighbourhood", i)
+        for j, (tag,) in entries.items():
+            self._confirms.setdefault(j, []).append([i, j, as_bytes(tag, "tag", i, length=32)])
+        self._confirmers.add(i)
+
+    def end_confirm(self) -> UnmaskRequestMsg | None:
+        """Close round 3. Send ``request_for(i)`` to each ``i`` that confirmed; with the complete graph the
+        returned request carries every tag and serves everyone (None with SecAgg+)."""
+        self._expect("confirm")
+        self._check_count(len(self._confirmers), "confirmed the survivors", "ConsistencyCheck")
         self._stage = "unmask"
         if not self.config.complete:
             return None
+        u2, dropped = self._view_of(self._u2[0])
         every = [entry for j in self._u2 for entry in self._confirms.get(j, ())]
-        return {**self.request_for(self._u2[0]), "confirm": every}
+        return {"v": VERSION, "type": "secagg.unmask_request", "u2": u2, "dropped": dropped, "confirm": every}
+
+    def collect_confirms(self, msgs: Iterable[ConfirmMsg | Mapping[str, Any]]) -> UnmaskRequestMsg | None:
+        for msg in msgs:
+            self.add_confirm(msg)
+        return self.end_confirm()
+
+    @property
+    def confirmers(self) -> list[int]:
+        """The survivors that confirmed their view (round 3): those to ask to unmask."""
+        return sorted(self._confirmers)
 
     def request_for(self, client_id: int) -> UnmaskRequestMsg:
-        """Round 3's request for one survivor: the survivors and the dropped of its neighbourhood (with
-        the complete graph, all of U2 and all the dropped)."""
+        """Round 4's request for one survivor that confirmed: its view again, and the other survivors'
+        tags to it."""
         self._expect("unmask")
-        if client_id not in self._u2_set:
-            raise SecAggProtocolError("is not in U2", client_id)
-        confirm = list(self._confirms.get(client_id, ()))  # the survivors' words to this client
-        if self.config.complete:
-            return {"v": VERSION, "type": "secagg.unmask_request", "u2": list(self._u2), "dropped": list(self._dropped),
-                    "confirm": confirm}
-        return {"v": VERSION, "type": "secagg.unmask_request", "u2": self._local(client_id, self._u2_set),
-                "dropped": self._local(client_id, self._dropped_set), "confirm": confirm}
+        if client_id not in self._confirmers:
+            raise SecAggProtocolError("did not confirm the survivors", client_id)
+        u2, dropped = self._view_of(client_id)
+        return {"v": VERSION, "type": "secagg.unmask_request", "u2": u2, "dropped": dropped,
+                "confirm": list(self._confirms.get(client_id, ()))}
 
-    def collect_masked(self, msgs: Iterable[MaskedMsg | Mapping[str, Any]]) -> UnmaskRequestMsg | None:
+    def collect_masked(self, msgs: Iterable[MaskedMsg | Mapping[str, Any]]) -> ConfirmRequestMsg | None:
         for msg in msgs:
             self.add_masked(msg)
         return self.end_masked()
 
-    # ---- round 3: Unmasking
+    # ---- round 4: Unmasking
 
     def add_unmask(self, msg: UnmaskMsg | Mapping[str, Any]) -> None:
         self._expect("unmask")
         msg = check_message(msg, "secagg.unmask", {"from", "b_shares", "s_shares"})
         i = as_id(msg["from"], "from")
-        if i not in self._u2_set:
-            raise SecAggProtocolError("answered the unmask request without being in U2", i)
+        if i not in self._confirmers:
+            raise SecAggProtocolError("answered the unmask request without having confirmed the survivors", i)
         if i in self._unmask:
             raise SecAggProtocolError("answered the unmask request twice", i)
         b_entries = as_pairs(msg["b_shares"], "b_shares", i)

@@ -66,6 +66,9 @@ def run_round(
     server.collect_masked(
         to_server("masked", clients[i].masked_input(updates[i], weights.get(i, 1.0), send(routed[i], i, "routed")))
         for i in alive)
-    alive = [i for i in server.u2 if i not in drop_before_unmask]
+    server.collect_confirms(
+        to_server("confirm", clients[i].confirm(send(server.confirm_request_for(i), i, "confirm_request")))
+        for i in server.u2)
+    alive = [i for i in server.confirmers if i not in drop_before_unmask]
     return server.finish(
         to_server("unmask", clients[i].unmask(send(server.request_for(i), i, "request"))) for i in alive)

@@ -123,6 +123,8 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         except BaseException:  # nothing left: the round is given back
             ledger.refund(hosted.trained_by)
             raise
+    if step == "confirm":
+        return to_codec(state.client.confirm(payload))
     if step == "unmask":
         answer = state.client.unmask(payload)
         return to_codec(answer)
