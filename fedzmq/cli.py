@@ -354,7 +354,9 @@ def run_simulate(settings: dict[str, Any]) -> int:
     print(f"{data.clients} clients (make_classification, non-IID with Dirichlet alpha={settings['alpha']}, "
           f"{len(data.train[1])} training samples) on {settings['daemons']} daemons")
     ids = [f"host{k}" for k in range(settings["daemons"])]
-    terms = ["--min-batch-size", str(min(population.MIN_ROWS, settings["batch_size"])), "--min-metric-rows", "1"]
+    # the simulation's daemons and its coordinator are one person's: SecAgg+ rounds are welcome
+    terms = ["--min-batch-size", str(min(population.MIN_ROWS, settings["batch_size"])), "--min-metric-rows", "1",
+             "--secagg-allow-sparse"]
     daemons = start_daemons(ids, per_daemon_args={
         host: ["--clients-from", f"{population.DATASET}={folder}", *terms, *shuffle_args(settings["seed"], host)]
         for host, folder in zip(ids, data.folders)},

@@ -72,7 +72,7 @@ async def part_a_size(n: int, root: Path, steps: int, complete_too: bool, trace:
     ids = [f"plus{n}-{k}" for k in range(2)]
     # the daemons' default --session-timeout (60 s): the coordinator's secure-aggregation work runs off its
     # event loop, so heartbeats keep every hosted client's session alive through the longest step
-    terms = ["--min-batch-size", "8", "--min-metric-rows", "1"]
+    terms = ["--min-batch-size", "8", "--min-metric-rows", "1", "--secagg-allow-sparse"]
     daemons = start_daemons(ids, per_daemon_args={
         host: ["--clients-from", f"{population.DATASET}={folder}", *terms] for host, folder in zip(ids, data.folders)},
         log_dir=str(root / f"logs{n}"))

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                               alpha=args.alpha, seed=args.seed)
     chance = max(torch.bincount(data.test[1]).tolist()) / len(data.test[1])
     ids = [f"host{k}" for k in range(args.daemons)]
-    terms = ["--min-batch-size", str(min(8, args.batch_size)), "--min-metric-rows", "1", "--session-timeout", "600"]
+    terms = ["--min-batch-size", str(min(8, args.batch_size)), "--min-metric-rows", "1", "--session-timeout", "600",
+             "--secagg-allow-sparse"]  # the simulation's owner is its coordinator: SecAgg+ is fine
     daemons = start_daemons(ids, per_daemon_args={
         h: ["--clients-from", f"{population.DATASET}={folder}", *terms] for h, folder in zip(ids, data.folders)},
         log_dir=str(out / "logs"))

@@ -88,7 +88,7 @@ async def test_dp_fedavg_over_200_hosted_clients_stays_in_budget_and_learns(fedz
     and amplified by the sampling rate, and the model beats chance (about 25%) by at least 25 points."""
     logging.getLogger("absl").setLevel(logging.ERROR)
     # every shard has at least MIN_ROWS rows: no client refuses to fit, so no round has less noise
-    terms = ["--min-batch-size", str(population.MIN_ROWS), "--min-metric-rows", "1"]
+    terms = ["--min-batch-size", str(population.MIN_ROWS), "--min-metric-rows", "1", "--secagg-allow-sparse"]
     handles = await fedzmq_daemons("pop0", "pop1", args={
         f"pop{k}": ["--clients-from", f"{population.DATASET}={folder}", *terms]
         for k, folder in enumerate(shards.folders)})

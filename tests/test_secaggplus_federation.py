@@ -18,7 +18,7 @@ async def test_a_secure_round_of_100_hosted_clients_runs_secaggplus(fedzmq_daemo
     data = population.prepare(tmp_path / "data", CLIENTS, 2, seed=1)
     # a hosted client's session idles while its daemon works through the other 49 clients' steps: on a
     # loaded machine that can outlast the default 60 s session timeout
-    terms = ["--min-batch-size", "8", "--min-metric-rows", "1", "--session-timeout", "600"]
+    terms = ["--min-batch-size", "8", "--min-metric-rows", "1", "--session-timeout", "600", "--secagg-allow-sparse"]
     handles = await fedzmq_daemons("plus0", "plus1", args={
         f"plus{k}": ["--clients-from", f"{population.DATASET}={folder}", *terms]
         for k, folder in enumerate(data.folders)})

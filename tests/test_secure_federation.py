@@ -182,8 +182,8 @@ async def test_a_round_cannot_spread_the_owners_least_noise_over_survivors_it_wi
     from fedzmq.secagg import SecAggConfig
 
     [shard] = _shards(1)
-    async with fz.VirtualWorker("bob", datasets={"d": shard},
-                                config=fz.WorkerConfig(require_secure_aggregation=True, secagg_min_noise=1.0)) as bob:
+    terms = fz.WorkerConfig(require_secure_aggregation=True, secagg_min_noise=1.0, secagg_allow_sparse=True)
+    async with fz.VirtualWorker("bob", datasets={"d": shard}, config=terms) as bob:
         remote = await bob.send(_model())
         length = sum(p.numel() for p in _model().parameters())
 
@@ -213,8 +213,8 @@ async def test_a_round_whose_threshold_is_no_majority_of_share_holders_is_refuse
     from fedzmq.secagg import SecAggConfig
 
     [shard] = _shards(1)
-    async with fz.VirtualWorker("bob", datasets={"d": shard},
-                                config=fz.WorkerConfig(require_secure_aggregation=True)) as bob:
+    terms = fz.WorkerConfig(require_secure_aggregation=True, secagg_allow_sparse=True)
+    async with fz.VirtualWorker("bob", datasets={"d": shard}, config=terms) as bob:
         remote = await bob.send(_model())
         length = sum(p.numel() for p in _model().parameters())
 
@@ -229,6 +229,29 @@ async def test_a_round_whose_threshold_is_no_majority_of_share_holders_is_refuse
         assert 2 * threshold <= holders
         assert await bob.secagg("advertise", 2, config(holders // 2 + 1, b"r2").to_wire(), module=remote.id,
                                 client=0)
+
+
+async def test_a_worker_joins_secagg_plus_rounds_only_if_its_owner_allows_them():
+    """SecAgg+ confirms survivor sets within neighbourhoods only; a red-team session unmasked one client of
+    an honest-parameters round of 200 through views split across neighbourhoods (with the first version
+    of the check). A worker joins sparse-graph rounds only with ``--secagg-allow-sparse``."""
+    from fedzmq.secagg import SecAggConfig, choose_parameters
+
+    [shard] = _shards(1)
+    length = sum(p.numel() for p in _model().parameters())
+    graph = choose_parameters(200)
+    config = SecAggConfig(client_ids=tuple(range(200)), threshold=graph.threshold, vector_length=length, clip=1.0,
+                          degree=graph.degree, graph_seed=b"g" * 16, round_id=b"sparse round one")
+    for allow in (False, True):
+        terms = fz.WorkerConfig(require_secure_aggregation=True, secagg_allow_sparse=allow)
+        async with fz.VirtualWorker("bob", datasets={"d": shard}, config=terms) as bob:
+            remote = await bob.send(_model())
+            join = bob.secagg("advertise", 1, config.to_wire(), module=remote.id, client=0)
+            if allow:
+                assert await join
+            else:
+                with pytest.raises(fz.PermissionDenied, match="--secagg-allow-sparse"):
+                    await join
 
 
 async def test_a_split_survivor_attack_on_hosted_clients_stops_at_the_first_step(fedzmq_daemons, tmp_path):

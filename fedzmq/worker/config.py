@@ -69,6 +69,9 @@ class WorkerConfig:
     secagg_min_threshold: int = 2
     #: the least DP noise (noise multiplier) a round must add for this worker to join (0: none needed)
     secagg_min_noise: float = 0.0
+    #: join SecAgg+ rounds (a sparse graph): their consistency check holds within neighbourhoods only, so
+    #: a coordinator that equivocates across neighbourhoods is not ruled out (docs/secagg.md)
+    secagg_allow_sparse: bool = False
     #: the most secure rounds each data holder (the daemon's own datasets, each hosted client) may give a
     #: masked update to (None: no limit); repeated rounds average the noise away (fedzmq.worker.ledger)
     secagg_max_rounds: int | None = None

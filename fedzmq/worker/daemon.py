@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--secagg-min-threshold", type=int, help="... whose threshold is at least this (default 2)")
     data.add_argument("--secagg-min-noise", type=float, help="... that add at least this DP noise multiplier, "
                       "also to a sum of only `threshold` survivors (default 0)")
+    data.add_argument("--secagg-allow-sparse", action="store_true", default=None,
+                      help="also join SecAgg+ rounds (a sparse graph, for many clients): they are safe against a "
+                      "coordinator that follows the protocol, not against one that lies to different "
+                      "neighbourhoods (default: complete-graph rounds only)")
     data.add_argument("--secagg-max-rounds", type=int, metavar="N", help="give a masked update to at most N secure "
                       "rounds per data holder (these datasets; each hosted client): repeated rounds average the "
                       "noise away (default: no limit)")

@@ -67,6 +67,9 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
         problems.append(f"{config.n} clients (this worker needs at least {policy.secagg_min_clients})")
     if config.threshold < policy.secagg_min_threshold:
         problems.append(f"threshold {config.threshold} (needs at least {policy.secagg_min_threshold})")
+    if not config.complete and not policy.secagg_allow_sparse:
+        problems.append(f"a sparse graph of degree {config.degree} (SecAgg+), whose views are confirmed within "
+                        "neighbourhoods only (--secagg-allow-sparse to join such rounds)")
     holders = config.share_holders
     if 2 * config.threshold <= holders:  # else two disjoint sets of `threshold` holders can exist
         problems.append(f"threshold {config.threshold} of the {holders} clients holding a client's shares (needs a "
