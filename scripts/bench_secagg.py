@@ -235,7 +235,8 @@ def write_shards(count: int, directory: Path) -> dict[str, list[str]]:
         path = directory / f"w{i}.safetensors"
         save_file({"x": torch.randn(SAMPLES, FEATURES, generator=g),
                    "y": torch.randint(0, FEATURES, (SAMPLES,), generator=g)}, str(path))
-        flags[f"w{i}"] = ["--data", f"tiny={path}"]
+        # the benchmark's own daemons: terms that let its one step of 4 rows run
+        flags[f"w{i}"] = ["--data", f"tiny={path}", "--min-batch-size", str(SAMPLES), "--min-metric-rows", "1"]
     return flags
 
 
@@ -268,8 +269,11 @@ class PhaseClock:
             def route_shares(self, *a: Any, **k: Any) -> Any:
                 return self._timed("shares", super().route_shares, *a, **k)
 
-            def collect_masked(self, *a: Any, **k: Any) -> Any:
-                return self._timed("masked", super().collect_masked, *a, **k)
+            def end_masked(self, *a: Any, **k: Any) -> Any:
+                return self._timed("masked", super().end_masked, *a, **k)
+
+            def end_confirm(self, *a: Any, **k: Any) -> Any:
+                return self._timed("confirm", super().end_confirm, *a, **k)
 
             def finish(self, *a: Any, **k: Any) -> Any:
                 return self._timed("unmask", super().finish, *a, **k)
@@ -286,7 +290,8 @@ class PhaseClock:
         return {"send model + advertise": m["keys"] - started,
                 "share_keys (while the workers fit)": m["shares"] - m["keys.done"],
                 "end of the fits + masked_input": m["masked"] - m["shares.done"],
-                "unmask": m["unmask"] - m["masked.done"],
+                "confirm the survivors": m["confirm"] - m["masked.done"],
+                "unmask": m["unmask"] - m["confirm.done"],
                 "server finish": m["unmask.done"] - m["unmask"],
                 "apply + metrics": ended - m["unmask.done"]}
 
