@@ -288,6 +288,19 @@ def test_dropouts_before_and_after_the_masked_input_step():
     assert float((result.mean.double() - exact).abs().max()) <= result.error_bound
 
 
+def test_a_survivor_that_never_confirms_is_still_in_the_sum():
+    """A client that sent its masked input and then went silent (no confirmation): its input is in the
+    sum, the confirmers reveal its self-mask share with everyone else's, and the mean is exact over all
+    who masked. It cannot unmask (it never committed to a survivor set)."""
+    n, d = 7, 400
+    cfg = SecAggConfig(tuple(range(n)), 4, d, clip=100.0)
+    updates = make_updates(n, d, seed=6)
+    result = run_round(cfg, updates, drop_before_confirm=[5])
+    assert result.survivors == tuple(range(n)) and 5 not in result.responders
+    exact = exact_mean(cfg, updates, {i: 1.0 for i in range(n)}, result.survivors)
+    assert float((result.mean.double() - exact).abs().max()) <= result.error_bound
+
+
 def test_dropouts_at_every_step_at_once():
     n, d = 8, 300
     cfg = SecAggConfig(tuple(range(n)), 3, d, clip=100.0)

@@ -26,6 +26,7 @@ def run_round(
     drop_before_keys: Collection[int] = (),
     drop_before_shares: Collection[int] = (),
     drop_before_masked: Collection[int] = (),
+    drop_before_confirm: Collection[int] = (),
     drop_before_unmask: Collection[int] = (),
     record: Callable[[str, Any], None] | None = None,
     deliver: Callable[[int, str, Any], None] | None = None,
@@ -37,7 +38,8 @@ def run_round(
     ``updates`` and ``weights`` map client ids to their flat update and weight (default 1.0). ``record``,
     if given, is called with ``(step, message)`` for every message the server receives: everything the
     coordinator ever learns, besides the result. ``deliver``, if given, is called with
-    ``(client_id, step, message)`` for every message a client receives (``keys``, ``routed``, ``request``).
+    ``(client_id, step, message)`` for every message a client receives (``keys``, ``routed``,
+    ``confirm_request``, ``request``).
     """
     weights = weights or {}
     noise_seeds = noise_seeds or {}
@@ -68,7 +70,7 @@ def run_round(
         for i in alive)
     server.collect_confirms(
         to_server("confirm", clients[i].confirm(send(server.confirm_request_for(i), i, "confirm_request")))
-        for i in server.u2)
+        for i in server.u2 if i not in drop_before_confirm)
     alive = [i for i in server.confirmers if i not in drop_before_unmask]
     return server.finish(
         to_server("unmask", clients[i].unmask(send(server.request_for(i), i, "request"))) for i in alive)
