@@ -232,7 +232,7 @@ COMMANDS: dict[str, Command] = _table(
             reports_metrics=True),
     # the logical clients a daemon hosts (--clients-from)
     Command("clients", changes_nothing=True),
-    # secure aggregation: one command, four steps (advertise, share_keys, masked_input, unmask)
+    # secure aggregation: one command, five steps (advertise, share_keys, masked_input, confirm, unmask)
     Command("secagg", {"step": STR, "round": NONNEG, "payload": VALUE},
             {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always", refs={"module": "module"},
             releases="masked"),

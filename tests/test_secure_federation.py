@@ -254,6 +254,29 @@ async def test_a_worker_joins_secagg_plus_rounds_only_if_its_owner_allows_them()
                     await join
 
 
+async def test_an_owner_expecting_colluders_demands_a_threshold_that_holds_with_them():
+    """A cold review's find: the strict-majority argument assumes no participant works with the
+    coordinator. One that confirms every view it is shown counts in two groups at once; with n = 5,
+    t = 3 and one such client the review unmasked another client alone. ``--secagg-colluders C``
+    makes a worker demand 2t > share holders + C."""
+    from fedzmq.secagg import SecAggConfig
+
+    [shard] = _shards(1)
+    length = sum(p.numel() for p in _model().parameters())
+    terms = fz.WorkerConfig(require_secure_aggregation=True, secagg_colluders=1)
+    async with fz.VirtualWorker("bob", datasets={"d": shard}, config=terms) as bob:
+        remote = await bob.send(_model())
+
+        def config(t: int, round_id: bytes) -> SecAggConfig:
+            return SecAggConfig(client_ids=tuple(range(5)), threshold=t, vector_length=length, clip=1.0,
+                                round_id=round_id)
+
+        with pytest.raises(fz.PermissionDenied, match="1 of them working with the coordinator, at least 4"):
+            await bob.secagg("advertise", 1, config(3, b"majority only").to_wire(), module=remote.id, client=0)
+        assert await bob.secagg("advertise", 2, config(4, b"holds with one").to_wire(), module=remote.id,
+                                client=0)
+
+
 async def test_a_split_survivor_attack_on_hosted_clients_stops_at_the_first_step(fedzmq_daemons, tmp_path):
     """The red team's attack as it ran, on a real daemon hosting four clients with the owner's default
     terms: the coordinator's round of 4 with threshold 2 is refused by every client before any key is
@@ -347,8 +370,10 @@ async def test_a_worker_gives_its_masked_update_to_at_most_its_owners_number_of_
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(fz.RoundFailed) as failed:
             await federation.run_round()
+        left_out = {name: why for name, why in failed.value.dropped.items() if name != "secure aggregation"}
+        assert set(left_out) == {"w0", "w1", "w2"}
         assert all("limit of 2 secure rounds per data holder (--secagg-max-rounds)" in why
-                   for name, why in failed.value.dropped.items() if name != "secure aggregation"), failed.value.dropped
+                   for why in left_out.values()), left_out
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     finally:
         for w in workers:

@@ -118,7 +118,9 @@ class ModulePointer(Pointer):
         if fit:
             raise TypeError(f"fit_clients() got unexpected arguments {sorted(fit)}")
         local = self._local()
-        entries = len(local.state_dict()) if local is not None else 0
+        if local is None:  # its entries size the reply: without them the trip could be too big to decode
+            raise ReferenceError("the local module this pointer was sent from no longer exists")
+        entries = len(local.state_dict())
         most = clients_per_trip(entries, combine, self.location.limits)
         if len(clients) > most:
             each = "their combined update" if combine else f"a state of {entries} entries each"

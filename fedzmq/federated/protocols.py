@@ -8,7 +8,7 @@ the same way). Three protocols:
   (encoded once, their frames shared by every send) and the trained weights come back in its reply;
   the updates are received concurrently and folded as they arrive.
 - ``CyclicRound``: the seed's mode, the model visiting the participants in turn.
-- ``SecureRound`` (``fedzmq.federated.secure``): secure aggregation's four steps.
+- ``SecureRound`` (``fedzmq.federated.secure``): secure aggregation's five steps.
 
 A protocol never changes the model: it returns a ``RoundOutcome`` whose ``commit()`` writes the new
 global model, which the federation calls only when enough updates arrived.

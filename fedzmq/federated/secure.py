@@ -44,7 +44,7 @@ from torch import nn
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
 from ..errors import ObjectNotFound
-from ..secagg import GraphParameters, SecAggAborted, SecAggConfig, SecAggServer, choose_parameters
+from ..secagg import GraphParameters, SecAggAborted, SecAggConfig, SecAggProtocolError, SecAggServer, choose_parameters
 from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, worker_key
 from .strategies import Aggregator, State, Strategy
 
@@ -172,8 +172,9 @@ class SecureRound(RoundProtocol):
     2. the coordinator relays the keys; each worker's ``share_keys`` and its fit are queued together,
        so the shares go round while the workers train;
     3. each survivor sends its masked update (trained minus global, clipped, weighted, noised,
-       quantized, masked); 4. the survivors unmask, and the coordinator gets the weighted mean update,
-       which the wrapped strategy receives as one update.
+       quantized, masked); 4. each survivor commits to the survivor set it is shown and confirms it to
+       the others (``confirm``); 5. the confirmers unmask, and the coordinator gets the weighted mean
+       update, which the wrapped strategy receives as one update.
     """
 
     def __init__(self, strategy: SecAgg) -> None:
@@ -228,6 +229,19 @@ class SecureRound(RoundProtocol):
             outcomes = await asyncio.gather(*(guarded(w, call) for w in workers))
             return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
 
+        def add_each(add: Callable[[Any], None], messages: dict[RemoteWorker, Any]) -> dict[RemoteWorker, Any]:
+            """The messages ``add`` took; a worker whose message it refused (malformed, or of another
+            version of the protocol) is a drop-out, not the end of the round."""
+            taken = {}
+            for worker, message in messages.items():
+                try:
+                    add(message)
+                except SecAggProtocolError as exc:
+                    dropped[name[ids[worker]]] = context.why_left_out(exc)
+                else:
+                    taken[worker] = message
+            return taken
+
         wire_config = config.to_wire()  # once: it lists every participant
 
         async def advertise(worker: RemoteWorker) -> Any:
@@ -252,7 +266,8 @@ class SecureRound(RoundProtocol):
         # the server's work (checking keys, routing shares, unmasking) grows with n log n and takes seconds
         # at a thousand clients: it runs on a thread, so the event loop keeps answering and sending
         # heartbeats meanwhile (the daemons would otherwise free the sessions: --session-timeout)
-        await off_loop(server.collect_keys, advertised.values())
+        advertised = await off_loop(add_each, server.add_advertise, advertised)
+        await off_loop(server.end_advertise)
         alive = [w for w in participants if w in advertised]
         # key sharing overlaps the local fits: each worker's share_keys is queued in its session before its
         # fit, so the keys and shares go round while the workers train. Each worker gets only its
@@ -262,7 +277,8 @@ class SecureRound(RoundProtocol):
         fitting = {w: asyncio.ensure_future(guarded(w, fit)) for w in alive}
         try:
             shares = await each(alive, lambda w: sharing[w])
-            routed = await off_loop(server.route_shares, shares.values())
+            await off_loop(add_each, server.add_shares, shares)
+            routed = await off_loop(server.end_shares)
             for worker, task in fitting.items():
                 if ids[worker] not in routed:
                     task.cancel()  # out of the round already: its fit no longer matters
@@ -305,12 +321,17 @@ class SecureRound(RoundProtocol):
         for n in result.excluded:
             dropped.setdefault(name[n], "dropped out before sharing its keys")
         survivors = [name[n] for n in result.survivors]
+        # a survivor that failed to confirm or unmask is in the sum all the same: a participant, not
+        # left out; why it fell silent is kept apart
+        silent = {worker: dropped.pop(worker) for worker in survivors if worker in dropped}
         facts: dict[str, Any] = {
             "secure_aggregation": True, "threshold": threshold, "quantization_error_bound": result.error_bound,
             "secagg_degree": graph.degree,  # None: the complete graph
             "survivors": survivors,
             # shared their keys, then dropped out: the survivors' shares removed their masks
-            "dropped_after_sharing": [name[n] for n in result.dropped]}
+            "dropped_after_sharing": [name[n] for n in result.dropped],
+            # sent their masked updates (in the sum), then did not confirm the survivors or unmask
+            "silent_after_masking": silent}
         if result.clip_fraction is not None:
             facts["clipped_fraction"] = max(0.0, 1.0 - result.clip_fraction)
             if facts["clipped_fraction"] > 0:

@@ -106,7 +106,7 @@ class SecAggClient:
 
     @property
     def stage(self) -> str:
-        """``new``, ``advertised``, ``shared``, ``masked`` or ``unmasked``."""
+        """``new``, ``advertised``, ``shared``, ``masked``, ``confirmed`` or ``unmasked``."""
         return self._stage
 
     def _expect(self, *stages: str) -> None:
@@ -340,13 +340,13 @@ class SecAggClient:
     # ---- round 4: Unmasking
 
     def unmask(self, request: UnmaskRequestMsg | Mapping[str, Any]) -> UnmaskMsg:
-        """Round 3: reveal this client's share of ``b_j`` for each survivor j in U2 and its share of
+        """Round 4: reveal this client's share of ``b_j`` for each survivor j in U2 and its share of
         ``s_j``'s secret key for each dropped j in U1 minus U2 — never both for one client.
 
-        The client checks that U2 is a subset of U1 with at least ``threshold`` members including itself,
-        that ``dropped`` is exactly U1 minus U2, and that no answer (this one or an earlier one) would
-        reveal both kinds of share of one client. Repeating the identical request returns the identical
-        answer (a lost reply can be re-requested); any other second request is refused.
+        The request must name the survivor set this client committed to in ``confirm``, and carry
+        ``threshold - 1`` valid tags of other survivors on that same view; the checks of ``confirm`` hold
+        again (and no answer reveals both kinds of share of one client). Repeating the identical request
+        returns the identical answer (a lost reply can be re-requested).
         """
         self._expect("confirmed", "unmasked")
         cfg, me = self.config, self.client_id

@@ -12,14 +12,17 @@ s -> c     ``secagg.keys``        keys: [[id, c_pk, s_pk], ...] (U0, or its part
 c -> s     ``secagg.shares``      from: int, b_commit: bytes[32], shares: [[to_id, ciphertext], ...]
 s -> c     ``secagg.routed``      to: int, u1: [id, ...], shares: [[from_id, ciphertext], ...]
 c -> s     ``secagg.masked``      from: int, masked: bytes (masked_length little-endian ring elements)
-s -> c     ``secagg.unmask_request``  u2: [id, ...], dropped: [id, ...]
+s -> c     ``secagg.confirm_request``  u2: [id, ...], dropped: [id, ...]
+c -> s     ``secagg.confirm``     from: int, tags: [[to_id, tag: bytes[32]], ...] (to_id in U2)
+s -> c     ``secagg.unmask_request``  u2, dropped (as confirmed), confirm: [[from_id, to_id, tag], ...]
 c -> s     ``secagg.unmask``      from: int, b_shares: [[id, share], ...] (id in U2),
                                   s_shares: [[id, share], ...] (id dropped)
 
 With SecAgg+ (``SecAggConfig.degree``) every list a client receives (keys, u1 and the routed shares,
 u2 and dropped) holds only that client and its neighbours, and what it sends names only them.
 
-Every message also carries ``v`` (the protocol version, 1). The parsers below check types, sizes and
+Every message also carries ``v`` (the protocol version, 2: version 1 had no consistency check, and
+the two do not mix). The parsers below check types, sizes and
 duplicates and raise ``SecAggProtocolError`` naming the peer; they never look at content they do not
 understand (unknown fields are an error).
 """

@@ -43,7 +43,7 @@ from .encoding import CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, from_ring, p
 from .errors import SecAggAborted, SecAggProtocolError
 from .messages import (
     VERSION, AdvertiseMsg, ConfirmMsg, ConfirmRequestMsg, KeysMsg, MaskedMsg, RoutedSharesMsg, SharesMsg, UnmaskMsg,
-    UnmaskRequestMsg, as_bytes, as_id, as_pairs, check_message,
+    MAX_LIST, UnmaskRequestMsg, as_bytes, as_id, as_pairs, check_message,
 )
 
 
@@ -105,7 +105,7 @@ class SecAggServer:
 
     @property
     def stage(self) -> str:
-        """``keys``, ``shares``, ``masked``, ``unmask``, ``done`` or ``aborted``."""
+        """``keys``, ``shares``, ``masked``, ``confirm``, ``unmask``, ``done`` or ``aborted``."""
         return "aborted" if self._aborted else self._stage
 
     @property
@@ -265,15 +265,20 @@ class SecAggServer:
         self._u2.sort()
         self._dropped = sorted(set(self._shares) - self._u2_set)
         self._dropped_set = set(self._dropped)
-        if not self.config.complete:
-            survivors = set(self._u2)
-            for j in sorted(self._shares):
-                holders = len(self.config.neighbourhood(j) & survivors)
-                if holders < self.config.threshold:
-                    raise self._abort(f"only {holders} of client {j}'s neighbourhood sent masked inputs, "
-                                      f"threshold is {self.config.threshold}", "MaskedInputCollection")
+        self._check_neighbourhoods(self._u2_set, "sent masked inputs", "MaskedInputCollection")
         self._stage = "confirm"
         return self.confirm_request_for(self._u2[0]) if self.config.complete else None
+
+    def _check_neighbourhoods(self, members: set[int], what: str, step: str) -> None:
+        """With SecAgg+: abort unless every client of U1 has ``threshold`` of ``members`` in its
+        neighbourhood (else its secret could never be rebuilt, and nobody should reveal anything)."""
+        if self.config.complete:
+            return
+        for j in sorted(self._shares):
+            holders = len(self.config.neighbourhood(j) & members)
+            if holders < self.config.threshold:
+                raise self._abort(f"only {holders} of client {j}'s neighbourhood {what}, "
+                                  f"threshold is {self.config.threshold}", step)
 
     def confirm_request_for(self, client_id: int) -> ConfirmRequestMsg:
         """Round 3's request for one survivor: the survivors and the dropped of its neighbourhood (with
@@ -305,17 +310,23 @@ class SecAggServer:
         entries = as_pairs(msg["tags"], "tags", i)
         if not set(entries) <= set(self._local(i, self._u2_set)) - {i}:
             raise SecAggProtocolError("sent tags to clients outside the survivors of its neighbourhood", i)
-        for j, (tag,) in entries.items():
-            self._confirms.setdefault(j, []).append([i, j, as_bytes(tag, "tag", i, length=32)])
+        tags = [(j, as_bytes(tag, "tag", i, length=32)) for j, (tag,) in entries.items()]  # all checked first
+        for j, tag in tags:
+            self._confirms.setdefault(j, []).append([i, j, tag])
         self._confirmers.add(i)
 
     def end_confirm(self) -> UnmaskRequestMsg | None:
-        """Close round 3. Send ``request_for(i)`` to each ``i`` that confirmed; with the complete graph the
-        returned request carries every tag and serves everyone (None with SecAgg+)."""
+        """Close round 3. Send ``request_for(i)`` to each ``i`` that confirmed; with the complete graph of at
+        most 256 clients the returned request carries every tag and serves everyone (else None: it would
+        hold n(n-1) tags).
+
+        With SecAgg+ the round aborts here if some client of U1 has fewer than ``threshold`` confirmers in
+        its neighbourhood: its secret could never be rebuilt, and nobody should reveal anything."""
         self._expect("confirm")
         self._check_count(len(self._confirmers), "confirmed the survivors", "ConsistencyCheck")
+        self._check_neighbourhoods(self._confirmers, "confirmed the survivors", "ConsistencyCheck")
         self._stage = "unmask"
-        if not self.config.complete:
+        if not self.config.complete or len(self._u2) * (len(self._u2) - 1) > MAX_LIST:
             return None
         u2, dropped = self._view_of(self._u2[0])
         every = [entry for j in self._u2 for entry in self._confirms.get(j, ())]
@@ -374,7 +385,7 @@ class SecAggServer:
         self._unmask[i] = (parsed[0], parsed[1])
 
     def finish(self, msgs: Iterable[UnmaskMsg | Mapping[str, Any]] = ()) -> SecAggResult:
-        """Close round 3: reconstruct, unmask, decode. Needs answers from at least ``threshold`` clients."""
+        """Close round 4: reconstruct, unmask, decode. Needs answers from at least ``threshold`` clients."""
         for msg in msgs:
             self.add_unmask(msg)
         self._expect("unmask")

@@ -72,6 +72,9 @@ class WorkerConfig:
     #: join SecAgg+ rounds (a sparse graph): their consistency check holds within neighbourhoods only, so
     #: a coordinator that equivocates across neighbourhoods is not ruled out (docs/secagg.md)
     secagg_allow_sparse: bool = False
+    #: participants that may work with the coordinator: a round's threshold must stay a strict majority
+    #: of share holders with that many of them confirming every view (2t > holders + colluders)
+    secagg_colluders: int = 0
     #: the most secure rounds each data holder (the daemon's own datasets, each hosted client) may give a
     #: masked update to (None: no limit); repeated rounds average the noise away (fedzmq.worker.ledger)
     secagg_max_rounds: int | None = None

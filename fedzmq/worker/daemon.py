@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also join SecAgg+ rounds (a sparse graph, for many clients): they are safe against a "
                       "coordinator that follows the protocol, not against one that lies to different "
                       "neighbourhoods (default: complete-graph rounds only)")
+    data.add_argument("--secagg-colluders", type=int, metavar="C", help="join only secure rounds that hold "
+                      "even if C participants work with the coordinator: 2 * threshold > share holders + C "
+                      "(default 0)")
     data.add_argument("--secagg-max-rounds", type=int, metavar="N", help="give a masked update to at most N secure "
                       "rounds per data holder (these datasets; each hosted client): repeated rounds average the "
                       "noise away (default: no limit)")

@@ -6,7 +6,8 @@ The noise protects one round; a coordinator that repeats rounds averages it away
 says (the privacy loss grows with the rounds a holder's data takes part in). The data owner caps the
 rounds. Counts are kept per data holder: the daemon's own datasets (holder ``""``) and each client it
 hosts (``--clients-from``), across all sessions and connections; with a ledger file, across restarts
-too. A masked update is counted before it leaves and the count given back only if it did not leave.
+too (one file per daemon: two daemons writing one file would overwrite each other's counts). A masked
+update is counted before it leaves and the count given back only if it did not leave.
 """
 
 from __future__ import annotations
@@ -109,11 +110,20 @@ class ReleaseLedger:
         if self.path is None:
             return
         fresh = self.path.with_name(self.path.name + ".new")
-        with open(fresh, "w") as f:
-            json.dump({"version": LEDGER_VERSION, "rounds": self._counts}, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(fresh, self.path)
+        try:
+            with open(fresh, "w") as f:
+                json.dump({"version": LEDGER_VERSION, "rounds": self._counts}, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(fresh, self.path)
+        except BaseException:
+            fresh.unlink(missing_ok=True)
+            raise
+        folder = os.open(self.path.parent, os.O_RDONLY)  # the rename itself reaches the disk
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 __all__ = ["LEDGER_VERSION", "LedgerError", "ReleaseLedger", "holder_name"]

@@ -70,11 +70,14 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
     if not config.complete and not policy.secagg_allow_sparse:
         problems.append(f"a sparse graph of degree {config.degree} (SecAgg+), whose views are confirmed within "
                         "neighbourhoods only (--secagg-allow-sparse to join such rounds)")
-    holders = config.share_holders
-    if 2 * config.threshold <= holders:  # else two disjoint sets of `threshold` holders can exist
-        problems.append(f"threshold {config.threshold} of the {holders} clients holding a client's shares (needs a "
-                        f"strict majority, at least {holders // 2 + 1}: a coordinator telling two halves different "
-                        f"survivors could rebuild both secrets of one client and unmask its update)")
+    holders, colluders = config.share_holders, max(0, policy.secagg_colluders)
+    if 2 * config.threshold <= holders + colluders:  # else two sets of `threshold` confirmers can exist
+        # (colluding participants confirm whatever they are shown: they count in both)
+        with_colluders = f" with {colluders} of them working with the coordinator" if colluders else ""
+        problems.append(f"threshold {config.threshold} of the {holders} clients holding a client's shares "
+                        f"(needs a strict majority{with_colluders}, at least {(holders + colluders) // 2 + 1}: "
+                        f"a coordinator telling two halves different survivors could rebuild both secrets of one "
+                        f"client and unmask its update)")
     if config.noise_multiplier < policy.secagg_min_noise:
         problems.append(f"noise multiplier {config.noise_multiplier} (needs at least {policy.secagg_min_noise})")
     elif policy.secagg_min_noise > 0 and smallest_sum_noise(config) < policy.secagg_min_noise:
