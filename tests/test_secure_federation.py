@@ -428,3 +428,48 @@ def test_a_ledger_that_cannot_be_read_stops_the_daemon_from_starting(tmp_path):
     ledger.refund(["a"])
     ledger.charge(["a"])
     assert ReleaseLedger(1, tmp_path / "fresh.json").used("b") == 1
+
+
+async def _masked_release(worker, remote, number, length):
+    """One secure round by hand, with two in-process peers, up to ``worker``'s masked input of ``remote``:
+    its masked bytes, or the daemon's refusal raised."""
+    from fedzmq.secagg import SecAggClient, SecAggConfig
+
+    config = SecAggConfig(client_ids=(0, 1, 2), threshold=2, vector_length=length, clip=1e3,
+                          round_id=b"budget round %04d" % number)
+    peers = {i: SecAggClient(i, config) for i in (1, 2)}
+    advertised = {0: await worker.secagg("advertise", number, config.to_wire(), module=remote.id, client=0)}
+    advertised |= {i: peer.advertise() for i, peer in peers.items()}
+    keys = {"v": 2, "type": "secagg.keys",
+            "keys": [[j, bytes(a["c_pk"]), bytes(a["s_pk"])] for j, a in sorted(advertised.items())]}
+    shares = {0: await worker.secagg("share_keys", number, keys)} | {i: p.share_keys(keys) for i, p in peers.items()}
+    sealed = {(m["from"], j): ct for m in shares.values() for j, ct in m["shares"]}
+    routed = {"v": 2, "type": "secagg.routed", "to": 0, "u1": [0, 1, 2], "shares": [[j, sealed[j, 0]] for j in (1, 2)]}
+    return await worker.secagg("masked_input", number, routed, module=remote.id)
+
+
+async def test_the_round_budget_counts_every_model_of_a_session_that_read_the_rows(fedzmq_daemons, tmp_path):
+    """A cold review's find: the budget counted the holders whose rows trained the very model released,
+    but a session can move trained values into another model without a fit (a load of its outputs).
+    Every masked update of a session counts each holder whose rows any fit of the session read."""
+    from fedzmq.testing.datasets import write_dataset
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i, shard in enumerate(_shards(3)):
+        write_dataset(folder / f"c{i}.safetensors", shard.features, shard.labels)
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--require-secure-aggregation",
+                                                 "--min-batch-size", "16", "--secagg-max-rounds", "1"])
+    workers = await fz.connect_clients(host.address, settings=TEST_SETTINGS)
+    try:
+        [worker] = [w for w in workers if w.id == "c0"]
+        length = sum(p.numel() for p in _model().parameters())
+        trained = await worker.send(_model())
+        await trained.fit("d", optimizer={"cls": "SGD", "lr": 0.5}, epochs=1, batch_size=16)
+        assert (await _masked_release(worker, trained, 1, length))["masked"]
+        untrained = await worker.send(_model())  # never fit itself: values could have been loaded into it
+        with pytest.raises(fz.PermissionDenied, match="limit of 1 secure rounds per data holder"):
+            await _masked_release(worker, untrained, 2, length)
+    finally:
+        for worker in workers:
+            await worker.close()

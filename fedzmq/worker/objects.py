@@ -57,9 +57,6 @@ class HostedModule:
     meta: nn.Module | None = None
     #: samples the module was last trained on by ``fit`` (a secure round's weight comes from here)
     trained_samples: int = 0
-    #: the data holders whose rows trained it (``""``: the daemon's own datasets; else a hosted client):
-    #: each of them is counted for a masked update of it (``fedzmq.worker.ledger``). Never cleared
-    trained_by: set[str] = field(default_factory=set)
     #: the arguments (``fedzmq.worker.executor.fit_key``) and CPU seconds of its last ``fit`` of given
     #: steps: a fit may run on the event loop only when the same fit was measured fast (``small_fit``)
     last_fit: tuple[str, float] | None = None

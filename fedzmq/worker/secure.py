@@ -123,11 +123,12 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         update.sub_(state.reference)  # in place: the concatenation is already a fresh copy
         # the weight is the worker's own count of the samples it trained on, not the coordinator's word
         weight = float(hosted.trained_samples)
-        ledger.charge(hosted.trained_by)  # each holder whose rows trained it gives one more round
+        holders = set(session.trained_by)  # whose rows any fit of the session read: one more round each
+        ledger.charge(holders)
         try:
             return to_codec(state.client.masked_input(update, weight, payload))
         except BaseException:  # nothing left: the round is given back
-            ledger.refund(hosted.trained_by)
+            ledger.refund(holders)
             raise
     if step == "confirm":
         return to_codec(state.client.confirm(payload))

@@ -80,6 +80,11 @@ class Session:
     taint: TaintRecord = field(default_factory=TaintRecord)
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
     secure_rounds: dict[int, Any] = field(default_factory=dict)
+    #: the data holders whose rows any fit of this session read (``""``: the daemon's own datasets; else
+    #: a hosted client). Every masked update the session gives counts one round for each of them
+    #: (``fedzmq.worker.ledger``): values can move between the session's objects without a fit (a load
+    #: of one model's outputs into another), so a model's own fits would not say whose rows it holds
+    trained_by: set[str] = field(default_factory=set)
     #: commands to run in order; a command that started at once and then waited (``fedzmq.eager``);
     #: None: the session ended
     queue: asyncio.Queue[Request | StartedCommand | None] = field(default_factory=asyncio.Queue)

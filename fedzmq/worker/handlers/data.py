@@ -49,7 +49,7 @@ def fit(context: Context, binding: Binding) -> Any:
     else:
         optimizer = training.make_optimizer(args["optimizer"], hosted.module)  # lives as long as the fit
     attack = parse_attack(context.config.byzantine) if context.config.byzantine is not None else None
-    hosted.trained_by.add(binding.session.client or "")
+    binding.session.trained_by.add(binding.session.client or "")
     start = {k: t.clone() for k, t in hosted.module.state_dict().items()} if attack is not None else {}
     result = training.fit(hosted.module, dataset, context.terms, loss=args["loss"], optimizer=optimizer,
                           batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
@@ -70,8 +70,7 @@ def fit_clients(context: Context, binding: Binding) -> Any:
     folded into ``sum(n_i * x_i)`` in float64 with ``sum(n_i)`` (``combine``: what a weighted mean needs,
     exactly; one state whatever the number of clients). Per-client metrics come back as
     ``[loss, samples_seen, num_examples, steps, seconds]`` (or an error), in the clients' order."""
-    args, hosted = binding.args, binding.objects["module"]
-    module = hosted.module
+    args, module = binding.args, binding.objects["module"].module
     if "optim" in args:
         raise BadRequest.new("a fit over many clients makes a fresh optimizer for each (optimizer={...})")
     if args.get("reply_state") is not True:
@@ -93,7 +92,7 @@ def fit_clients(context: Context, binding: Binding) -> Any:
                     tensor.copy_(start[name])
             try:
                 dataset = context.dataset(binding.session, args["dataset"], client)
-                hosted.trained_by.add(client)
+                binding.session.trained_by.add(client)
                 result = training.fit(trainee, dataset, context.terms, loss=args["loss"], optimizer=args["optimizer"],
                                       batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                                       prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client)
