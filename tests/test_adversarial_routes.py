@@ -309,6 +309,13 @@ async def test_rows_written_by_a_command_that_then_failed_keep_their_label(fedzm
         await worker._request("module_state", {"obj": model})
 
 
+async def _fit_one_step(worker, model):
+    """One full-batch step on the owner's rows, from the round's weights loaded in the same command."""
+    return await worker._request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy",
+                                         "batch_size": ROWS, "steps": 1, "optimizer": {"cls": "SGD", "lr": 1e-3},
+                                         "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
+
+
 async def test_weights_trained_by_a_fit_that_then_failed_leave_only_masked(fedzmq_daemons, secret_rows):
     """A red-team route: a fit with the whole model in its ``load`` (a round's flow, which relabels the
     model with the load's label) trained, then failed (the per-row metrics of a secure daemon run the
@@ -323,9 +330,7 @@ async def test_weights_trained_by_a_fit_that_then_failed_leave_only_masked(fedzm
                   ["output", "output", [NodeRef(4)], {}]], params=[("w", (10, FEATURES)), ("b", (10,))])
     model = await put_module(worker, spec, {"w": torch.zeros(10, FEATURES), "b": torch.zeros(10)})
     with pytest.raises(fz.RemoteError):
-        await worker._request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy", "batch_size": ROWS,
-                                      "steps": 1, "optimizer": {"cls": "SGD", "lr": 1e-3},
-                                      "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
+        await _fit_one_step(worker, model)
     with pytest.raises(fz.PermissionDenied):
         await worker._request("module_state", {"obj": model})
 
@@ -358,9 +363,7 @@ async def test_a_model_whose_gradient_has_no_storage_is_refused(fedzmq_daemons, 
         await put_module(worker, spec, state)
     del spec["children"][0][1]["kwargs"]["sparse"]
     model = await put_module(worker, spec, state)
-    await worker._request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy", "batch_size": ROWS,
-                                  "steps": 1, "optimizer": {"cls": "SGD", "lr": 1e-3},
-                                  "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
+    await _fit_one_step(worker, model)
     with pytest.raises(fz.PermissionDenied):
         await worker._request("module_state", {"obj": model})
 
