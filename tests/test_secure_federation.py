@@ -1,6 +1,8 @@
 """Secure aggregation and DP wired into the workers and the scheduler (issue 5); the protocol's own
 properties (masked vectors uncorrelated with updates, drop-outs, thresholds) are in test_secagg_core."""
 
+import asyncio
+
 import pytest
 import torch
 from torch import nn
@@ -91,6 +93,65 @@ async def test_a_worker_whose_fit_fails_after_sharing_keys_drops_out_and_the_sur
         fz.testing.assert_state_dicts_close(secure, plain, atol=metrics.extra["quantization_error_bound"] + 1e-6)
     finally:
         for w in workers + [failing]:
+            await w.close()
+
+
+class _PeerRewritingOneStep(fz.VirtualWorker):
+    """A real worker whose answer to one step of the secure round is rewritten on its way to the
+    coordinator by ``rewrite``: an outdated or hostile peer, as the coordinator's ``SecAggServer`` sees it."""
+
+    def __init__(self, worker_id, *, step, rewrite, **kwargs):
+        super().__init__(worker_id, **kwargs)
+        self.step, self.rewrite = step, rewrite
+
+    def secagg(self, step, round_number, payload, **extra):
+        answer = super().secagg(step, round_number, payload, **extra)
+        if step != self.step:
+            return answer
+
+        async def rewritten():
+            return self.rewrite(await answer)
+
+        return asyncio.ensure_future(rewritten())
+
+
+def _in_version_1(message):
+    return {**message, "v": 1}
+
+
+def _without_commitment(message):
+    return {field: value for field, value in message.items() if field != "b_commit"}
+
+
+@pytest.mark.parametrize("step, rewrite, why", [
+    ("advertise", _in_version_1, "unsupported secagg message version 1"),
+    ("share_keys", _in_version_1, "unsupported secagg message version 1"),
+    ("share_keys", _without_commitment, "secagg.shares: missing fields ['b_commit'"),
+], ids=["advertise-in-version-1", "shares-in-version-1", "shares-without-commitment"])
+async def test_a_worker_whose_keys_or_shares_the_server_refuses_is_a_drop_out_not_the_end_of_the_round(
+        step, rewrite, why):
+    """The coordinator's ``SecAggServer`` refuses, with ``SecAggProtocolError``, an advertise or shares
+    message that is malformed or of another protocol version (version 1 had no consistency check, and the
+    two do not mix). One outdated or broken peer must not end the round for everyone: its sender is a
+    drop-out with the refusal as its reason, and the survivors' aggregate is exact (its shares never
+    went round, so the survivors never masked against it)."""
+    shards = _shards(4)
+    honest = [fz.VirtualWorker(f"w{i}", datasets={"d": shard}, settings=TEST_SETTINGS)
+              for i, shard in enumerate(shards[:3])]
+    outdated = _PeerRewritingOneStep("w3", step=step, rewrite=rewrite, datasets={"d": shards[3]},
+                                     settings=TEST_SETTINGS)
+    try:
+        plain, secure = _model(), _model()
+        await fz.Federation(honest, plain, FIT, fz.FedAvg(), seed=1).run_round()
+        federation = fz.Federation(honest + [outdated], secure, FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=3),
+                                   seed=1, round_timeout=10)
+        metrics = await federation.run_round()
+        assert metrics.participants == ["w0", "w1", "w2"] and list(metrics.dropped) == ["w3"], metrics.dropped
+        assert "SecAggProtocolError" in metrics.dropped["w3"] and why in metrics.dropped["w3"], metrics.dropped
+        assert metrics.extra["survivors"] == ["w0", "w1", "w2"] and metrics.extra["dropped_after_sharing"] == []
+        fz.testing.assert_state_dicts_close(secure, plain, atol=metrics.extra["quantization_error_bound"] + 1e-6)
+    finally:
+        for w in honest + [outdated]:
             await w.close()
 
 
