@@ -8,6 +8,7 @@ import torch
 
 from fedzmq.codec import Limits, decode_reply, encode_reply
 from fedzmq.secagg import wire
+from fedzmq.secagg.messages import VERSION, check_message
 
 
 def test_a_message_of_many_keys_is_one_frame_and_comes_back_equal() -> None:
@@ -35,3 +36,11 @@ def test_a_large_buffer_travels_in_its_own_frame_without_a_copy() -> None:
 def test_a_malformed_packing_is_refused(value: dict) -> None:
     with pytest.raises(ValueError):
         wire.from_codec(value)
+
+
+def test_a_message_missing_one_field_is_refused_naming_that_field_alone() -> None:
+    """The refusal says what the peer got wrong: the one missing field, not every field of the message
+    (an operator reads it in the round's ``dropped`` reasons)."""
+    message = {"v": VERSION, "type": "secagg.shares", "from": 1, "shares": [], "surplus": 0}
+    with pytest.raises(ValueError, match=r"missing fields \['b_commit'\], unknown fields \['surplus'\]"):
+        check_message(message, "secagg.shares", {"from", "b_commit", "shares"})

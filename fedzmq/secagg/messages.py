@@ -78,10 +78,9 @@ def check_message(msg: Any, kind: str, required: set[str], peer: int | None = No
         raise SecAggProtocolError(f"expected a {kind} message, got {msg.get('type')!r}", peer)
     if msg.get("v") != VERSION:
         raise SecAggProtocolError(f"unsupported secagg message version {msg.get('v')!r}", peer)
-    fields = set(msg)
-    if fields != required | {"v", "type"}:
-        missing = sorted(required | {"v", "type"} - fields)
-        extra = sorted(fields - required - {"v", "type"})
+    fields, expected = set(msg), required | {"v", "type"}
+    if fields != expected:
+        missing, extra = sorted(expected - fields), sorted(fields - expected)
         raise SecAggProtocolError(f"{kind}: missing fields {missing}, unknown fields {extra}", peer)
     return msg
 
