@@ -21,7 +21,7 @@ from __future__ import annotations
 import hmac
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,7 @@ class SecAggClient:
         self._enc_keys: dict[int, bytes] = {}
         self._u0: list[int] = []
         self._u1: list[int] = []
+        self._u1_set: frozenset[int] = frozenset()
         self._held = _Held()
         self._own_b_share: shamir.Share | None = None
         self._own_s_share: shamir.Share | None = None
@@ -221,7 +222,7 @@ class SecAggClient:
         reduce_ring(y, cfg)
 
         self._held.b, self._held.s = held_b, held_s
-        self._u1 = u1
+        self._u1, self._u1_set = u1, frozenset(u1)
         self._confirm_keys = confirm_keys
         # the secrets are no longer needed by this client: drop them (Python cannot wipe memory, but no
         # reference survives the round)
@@ -252,7 +253,8 @@ class SecAggClient:
             assert self._confirmed is not None
             return self._confirmed
         me = self.client_id
-        tags = [[j, confirm_tag(self._confirm_keys[j], self.config, me, j, *self._views_with(j, u2))]
+        survivors = set(u2)
+        tags = [[j, confirm_tag(self._confirm_keys[j], self.config, me, j, *self._views_with(j, survivors))]
                 for j in u2 if j != me]
         self._view = (u2, dropped)
         self._confirmed = {"v": VERSION, "type": "secagg.confirm", "from": me, "tags": tags}
@@ -279,13 +281,14 @@ class SecAggClient:
             raise SecAggAborted(f"only {len(u2)} clients sent masked inputs, threshold is {cfg.threshold}", "Unmasking")
         return sorted(u2), sorted(dropped)
 
-    def _views_with(self, peer: int, u2: list[int]) -> tuple[set[int], set[int]]:
+    def _views_with(self, peer: int, u2: AbstractSet[int]) -> tuple[AbstractSet[int], AbstractSet[int]]:
         """This client's U1 and U2 within ``peer``'s neighbourhood too: what ``peer`` holds of them as
-        well, in an honest round (all of them with the complete graph)."""
+        well, in an honest round (all of them with the complete graph). Called once per survivor: the
+        intersections walk the neighbourhood (k + 1 ids), not U1 and U2 (up to n each)."""
         if self.config.complete:
-            return set(self._u1), set(u2)
-        hood = set(self.config.neighbourhood(peer))
-        return set(self._u1) & hood, set(u2) & hood
+            return self._u1_set, u2
+        hood = self.config.neighbourhood(peer)
+        return hood & self._u1_set, hood & u2
 
     def _confirmations(self, entries: Any, u2: list[int]) -> int:
         """How many survivors other than this client confirm, each under the key it shares with this
@@ -302,7 +305,8 @@ class SecAggClient:
             if receiver != me or sender not in survivors or key is None or sender in confirmed:
                 continue
             tag = as_bytes(entry[2], "confirm tag", sender, length=32)
-            if hmac.compare_digest(tag, confirm_tag(key, self.config, sender, me, *self._views_with(sender, u2))):
+            views = self._views_with(sender, survivors)
+            if hmac.compare_digest(tag, confirm_tag(key, self.config, sender, me, *views)):
                 confirmed.add(sender)
         return len(confirmed)
 

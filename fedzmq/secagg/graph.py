@@ -94,6 +94,9 @@ class NeighbourGraph:
         self._ids = tuple(sorted(client_ids))
         self._order: list[int] = [] if self.complete else ring_order(self._ids, seed)
         self._position = {i: p for p, i in enumerate(self._order)}
+        #: neighbourhoods asked for so far: a round asks for each of them about 2k times (every pair's
+        #: confirmation tags), and at n = 1,000 working them out anew was an eighth of the round's CPU
+        self._hoods: dict[int, frozenset[int]] = {}
 
     def neighbours(self, i: int) -> tuple[int, ...]:
         """``i``'s neighbours, sorted, ``i`` excluded."""
@@ -106,7 +109,10 @@ class NeighbourGraph:
 
     def neighbourhood(self, i: int) -> frozenset[int]:
         """``i`` and its neighbours: the points of ``i``'s Shamir shares."""
-        return frozenset(self.neighbours(i)) | {i}
+        hood = self._hoods.get(i)
+        if hood is None:
+            hood = self._hoods[i] = frozenset(self.neighbours(i)) | {i}
+        return hood
 
 
 # --------------------------------------------------------------------------------------------------
