@@ -6,7 +6,7 @@ another session can neither read, use nor delete them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,12 +47,13 @@ class PartialTensor:
 
 @dataclass
 class HostedModule:
-    """A model a client sent: the module, the description it was built from (to size its forward on
-    the meta device), and the footprints measured so far, by input signature."""
+    """A model a client sent: the module, and the description it was built from (to size its forward on
+    the meta device)."""
 
     module: nn.Module
     spec: dict[str, Any]
-    footprints: dict[Any, Any] = field(default_factory=dict)
+    #: a digest of ``spec``: the worker's cache of forward footprints is keyed by it (made on first use)
+    spec_digest: bytes | None = None
     #: the same module rebuilt on the meta device, for measuring (made on first use)
     meta: nn.Module | None = None
     #: samples the module was last trained on by ``fit`` (a secure round's weight comes from here)
