@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import time
 
 import numpy as np
 import pytest
@@ -525,16 +524,15 @@ def test_messages_travel_through_fedzmq_codec_after_to_codec():
     assert float(result.mean.abs().max()) <= result.error_bound
 
 
-def test_one_million_parameters_eight_clients_is_fast():
+def test_one_million_parameters_eight_clients_two_drop_outs_is_within_the_bound():
+    """A model-sized round (how fast it runs is scripts/bench_secagg.py's business, not a test's)."""
     n, d = 8, 1_000_000
     cfg = SecAggConfig(tuple(range(n)), default_threshold(n), d, clip=10.0)
     updates = make_updates(n, d, seed=11, scale=0.001)
-    start = time.perf_counter()
     result = run_round(cfg, updates, drop_before_masked=[7], drop_before_unmask=[6])
-    elapsed = time.perf_counter() - start
     exact = exact_mean(cfg, updates, {i: 1.0 for i in range(n)}, result.survivors)
+    assert list(result.survivors) == [0, 1, 2, 3, 4, 5, 6]
     assert float((result.mean.double() - exact).abs().max()) <= result.error_bound
-    assert elapsed < 15.0, elapsed  # ~0.6 s on the 2-core reference machine, all 8 clients included
 
 
 def _equivocate(n: int, shown_u1: dict[int, list[int]], views: dict[int, tuple[list[int], list[int]]]):
