@@ -153,6 +153,11 @@ class KeyGate:
         log.info("allowed keys reloaded from %s: %d keys", self.allowed_dir, len(self.allowed))
         return len(self.allowed)
 
+    def allows(self, user_id: str) -> bool:
+        """Whether the client whose ZAP User-Id (its public key in Z85) is ``user_id`` may still be served:
+        keys taken out by a reload are refused on connections made before it too."""
+        return user_id.encode("ascii", "replace") in self.allowed
+
     def callback(self, domain: str, client_key: bytes) -> bool:
         """Called by the ZAP authenticator for every CURVE handshake."""
         if client_key in self.allowed:

@@ -78,6 +78,40 @@ async def test_reloading_the_allowed_keys_takes_effect(secure_daemon, keys):
         await fz.connect(bob.address, settings=QUICK, **mallory_args)
 
 
+async def test_a_revoked_key_loses_its_open_connection_at_the_reload(secure_daemon, keys):
+    """An owner who takes a coordinator's key out of the allowed folder and reloads means "no more":
+    ZAP only sees new handshakes, so a connection made before kept running commands and reading what
+    its session held. From the reload on, its sessions are gone and every request is refused."""
+    bob = secure_daemon
+    shutil.copy(keys["mallory"][0], keys["allowed"])
+    bob.process.send_signal(signal.SIGHUP)
+    mallory_args = {"server_key": keys["server"][0], "client_key": keys["mallory"][1]}
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                mallory = await fz.connect(bob.address, settings=QUICK, **mallory_args)
+                break
+            except fz.WorkerError:
+                await asyncio.sleep(0.2)
+    try:
+        async with fz.connect(bob.address, server_key=keys["server"][0], client_key=keys["alice"][1]) as alice:
+            kept = await mallory.send(torch.arange(4.0))
+            alices = await alice.send(torch.ones(3))
+            (keys["allowed"] / keys["mallory"][0].name).unlink()
+            bob.process.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(20):
+                while (await alice.status())["sessions_revoked"] < 1:
+                    await asyncio.sleep(0.1)
+            with pytest.raises(fz.PermissionDenied, match="no longer allowed"):
+                await kept.get()
+            with pytest.raises(fz.PermissionDenied, match="no longer allowed"):
+                await mallory.send(torch.zeros(2))
+            assert torch.equal(await alices.get(), torch.ones(3))  # the others lose nothing
+            assert (await alice.status())["sessions"] == 1
+    finally:
+        await mallory.close()
+
+
 async def test_encrypted_traffic_does_not_carry_tensor_bytes_in_plaintext(keys):
     """A man in the middle (a tcp relay we control) records every byte: the tensor is not among them."""
     secret = torch.arange(1000, dtype=torch.float64) * 3.14159

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=None, metavar="NAME=module:Class",
                    help="register a model class the data owner installed (repeatable)")
     p.add_argument("--secret-key", help="this daemon's .key_secret file: encrypt and authenticate (CurveZMQ)")
-    p.add_argument("--allowed-keys", help="folder of client .key files allowed to connect (SIGHUP reloads it)")
+    p.add_argument("--allowed-keys", help="folder of client .key files allowed to connect (SIGHUP reloads it; a key "
+                   "taken out loses its open connections too)")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="allow a non-loopback address without keys (anyone who can reach it may connect)")
     p.add_argument("--max-sessions", type=int, help="concurrent client sessions (default 256)")

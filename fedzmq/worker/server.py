@@ -132,7 +132,7 @@ class Worker:
         self.counters = {"requests": 0, "malformed": 0, "errors": 0, "sessions_closed": 0, "sessions_expired": 0,
                          "sessions_evicted": 0, "sessions_refused": 0, "throttled": 0, "limit_errors": 0,
                          "handshake_failures": 0, "unread_replies": 0, "dropped_unread": 0, "inline_fits": 0,
-                         "batches": 0}
+                         "batches": 0, "sessions_revoked": 0}
         protected = any(d.policy == "protected" for d in self.datasets.values()) or bool(self.clients)
         tracebacks = config.remote_tracebacks if config.remote_tracebacks is not None else not protected
         secret = config.shuffle_secret.encode() if config.shuffle_secret is not None else secrets.token_bytes(32)
@@ -311,8 +311,17 @@ class Worker:
         return snapshot
 
     def reload_keys(self) -> int | None:
-        """Re-read the allowed-keys folder (the daemon calls this on SIGHUP)."""
-        return self.key_gate.reload() if self.key_gate else None
+        """Re-read the allowed-keys folder (the daemon calls this on SIGHUP). A key taken out loses its
+        connections' sessions now, and their requests are refused from now on: ZAP sees only new
+        handshakes, and an owner who revokes a key means its open connections too."""
+        if self.key_gate is None:
+            return None
+        allowed = self.key_gate.reload()
+        for peer in list(self._peers.values()):
+            if peer.user is not None and not self.key_gate.allows(peer.user):
+                log.warning("key %s is no longer allowed: ending its connection's sessions", peer.user)
+                self._end_peer(peer, "sessions_revoked")
+        return allowed
 
     # --- the loops -----------------------------------------------------------------------------
 
@@ -446,6 +455,10 @@ class Worker:
             self._malformed(key, exc)
             return
         user = _user_id(frames[0]) if self.config.secret_key is not None else None  # no keys, no User-Id
+        if self.key_gate is not None and (user is None or not self.key_gate.allows(user)):
+            self._refuse(key, request, "PermissionDenied", "this client's key is no longer allowed (the daemon's "
+                         "--allowed-keys were reloaded without it)")
+            return
         session = self._session_for(key, user, request)
         if session is None:
             return
