@@ -3,6 +3,8 @@ the same model description, and never confused between two descriptions."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -40,3 +42,41 @@ def test_footprints_of_other_descriptions_inputs_or_modes_are_their_own() -> Non
     model.module.eval()
     evaluating = coster.forward(model, rows, {}, True)
     assert training is not None and evaluating is not None and evaluating is not training
+
+
+def test_measurements_are_kept_per_client_key() -> None:
+    """How fast a forward is sized must not tell one coordinator which model another one runs: a
+    cache hit is several times faster than a measurement."""
+    coster = Coster({})
+    rows = [torch.empty(8, 16)]
+    alice = coster.forward(hosted(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))), rows, {}, True, scope="alice")
+    mallory = coster.forward(hosted(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))), rows, {}, True,
+                             scope="mallory")
+    alice_again = coster.forward(hosted(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))), rows, {}, True,
+                                 scope="alice")
+    assert mallory is not alice and alice_again is alice and mallory == alice
+
+
+def test_the_cache_keeps_no_value_from_a_request() -> None:
+    """A plain value passed through a model (a string through ``nn.Identity``) was kept in the cache's
+    key: 4,096 entries of 4 MiB strings, uncharged to any session and kept after it closed."""
+    coster = Coster({})
+    big = "x" * 1_000_000
+    before = sys.getrefcount(big)
+    coster.forward(hosted(nn.Identity()), [big], {}, True)
+    assert sys.getrefcount(big) == before
+
+
+def test_a_fit_is_sized_in_training_mode_whatever_mode_the_model_was_left_in() -> None:
+    """A fit trains every module (dropout on, batch norm keeping its batch statistics): a model switched
+    to eval mode before its fit was charged for an evaluation's forward, half of what the fit used."""
+    coster = Coster({})
+    rows = [torch.empty(64, 16)]
+    layers = (nn.Linear(16, 256), nn.Dropout(0.5), nn.BatchNorm1d(256), nn.Linear(256, 4))
+    training = coster.forward(hosted(nn.Sequential(*layers)), rows, {}, True)
+    left_in_eval = hosted(nn.Sequential(*layers))
+    left_in_eval.module.eval()
+    evaluating = coster.forward(left_in_eval, rows, {}, True)
+    as_a_fit = coster.forward(left_in_eval, rows, {}, True, training=True)
+    assert training is not None and evaluating is not None and as_a_fit is not None
+    assert evaluating.nbytes < training.nbytes and as_a_fit.nbytes == training.nbytes

@@ -126,7 +126,7 @@ def _without_commitment(message):
 @pytest.mark.parametrize("step, rewrite, why", [
     ("advertise", _in_version_1, "unsupported secagg message version 1"),
     ("share_keys", _in_version_1, "unsupported secagg message version 1"),
-    ("share_keys", _without_commitment, "secagg.shares: missing fields ['b_commit'"),
+    ("share_keys", _without_commitment, "secagg.shares: missing fields ['b_commit']"),
 ], ids=["advertise-in-version-1", "shares-in-version-1", "shares-without-commitment"])
 async def test_a_worker_whose_keys_or_shares_the_server_refuses_is_a_drop_out_not_the_end_of_the_round(
         step, rewrite, why):

@@ -94,9 +94,6 @@ class NeighbourGraph:
         self._ids = tuple(sorted(client_ids))
         self._order: list[int] = [] if self.complete else ring_order(self._ids, seed)
         self._position = {i: p for p, i in enumerate(self._order)}
-        #: neighbourhoods asked for so far: a round asks for each of them about 2k times (every pair's
-        #: confirmation tags), and at n = 1,000 working them out anew was an eighth of the round's CPU
-        self._hoods: dict[int, frozenset[int]] = {}
 
     def neighbours(self, i: int) -> tuple[int, ...]:
         """``i``'s neighbours, sorted, ``i`` excluded."""
@@ -108,11 +105,15 @@ class NeighbourGraph:
         return tuple(sorted(order[(p + d) % self.n] for d in range(-half, half + 1) if d))
 
     def neighbourhood(self, i: int) -> frozenset[int]:
-        """``i`` and its neighbours: the points of ``i``'s Shamir shares."""
-        hood = self._hoods.get(i)
-        if hood is None:
-            hood = self._hoods[i] = frozenset(self.neighbours(i)) | {i}
-        return hood
+        """``i`` and its neighbours: the points of ``i``'s Shamir shares. Worked out anew each time (a
+        client asks for about 2k of them a round; keeping them would hold O(k^2) ids per client), without
+        the sort ``neighbours`` needs."""
+        if self.complete:
+            if i not in self._ids:
+                raise KeyError(i)
+            return frozenset(self._ids)
+        p, half, order, n = self._position[i], self.degree // 2, self._order, self.n
+        return frozenset(order[(p + d) % n] for d in range(-half, half + 1))
 
 
 # --------------------------------------------------------------------------------------------------

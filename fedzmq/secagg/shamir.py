@@ -25,6 +25,8 @@ CHUNK_BYTES = 15
 ELEMENT_BYTES = 16
 MAX_X = (1 << 32) - 1
 _HEADER = struct.Struct(">IH")
+#: Horner steps between two reductions modulo the prime (``_evaluate``)
+REDUCE_EVERY = 8
 
 
 class ShamirError(SecAggProtocolError):
@@ -83,12 +85,17 @@ def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, Share]:
 
 
 def _evaluate(coefficients: Sequence[int], x: int) -> int:
-    """Horner's rule over the integers, reduced once at the end: the value grows by at most 32 bits a
-    coefficient (1,600 bits at t = 50), which costs less than a reduction per coefficient (2.9 against
-    4.3 us at t = 50)."""
-    acc = 0
+    """Horner's rule, reduced modulo the prime every ``REDUCE_EVERY`` coefficients instead of at each
+    (the value grows by at most 32 bits a coefficient in between): 3.1 against 3.8 us at t = 50, 117
+    against 152 us at t = 2,001. Reduced only at the end, it would cost O(t^2) bits of arithmetic, and a
+    coordinator chooses t."""
+    acc, pending = 0, 0
     for c in reversed(coefficients):
         acc = acc * x + c
+        pending += 1
+        if pending == REDUCE_EVERY:
+            acc %= PRIME
+            pending = 0
     return acc % PRIME
 
 

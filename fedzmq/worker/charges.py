@@ -26,7 +26,7 @@ OPTIMIZER_STATE_COPIES = 3
 def outputs(context: Context, binding: Binding) -> int:
     """An op's outputs, sized on the meta device: checked against the op's schema first."""
     name, args, kwargs = binding.args["op"], binding.args["args"], binding.args["kwargs"]
-    cost = context.coster.op(name, args, kwargs)
+    cost = context.coster.op(name, args, kwargs, scope=binding.session.user)
     binding.cost = cost
     if cost.error is not None:  # the op fails on these shapes: it runs only to say so in torch's words
         return 0
@@ -42,9 +42,11 @@ def forward(context: Context, binding: Binding) -> int:
     again. Also refuses a forward (or one training step) that would run past the time budget."""
     hosted: HostedModule = binding.objects.get("obj") or binding.objects["module"]
     seconds = context.config.max_command_seconds
+    training: bool | None = None  # a call runs in the modules' own modes; a fit trains, an evaluation does not
     if binding.command.name == "module_call":
         inputs, kwargs, grad, passes = binding.args["args"], binding.args["kwargs"], True, 1
     else:
+        training = binding.command.name == "fit"
         dataset = binding.dataset
         assert dataset is not None
         batch = binding.args.get("batch_size", 1024) or 1
@@ -52,7 +54,7 @@ def forward(context: Context, binding: Binding) -> int:
                            dtype=dataset.features.dtype, device="meta")
         inputs, kwargs = [rows], {}
         grad, passes = binding.command.name == "fit", 2 if binding.command.name == "fit" else 1
-    footprint = context.coster.forward(hosted, inputs, kwargs, grad)
+    footprint = context.coster.forward(hosted, inputs, kwargs, grad, training=training, scope=binding.session.user)
     if footprint is None:
         return 0
     check_work(footprint.flops * (1 + passes), seconds, "one forward" + (" and backward" if passes == 2 else ""))

@@ -108,39 +108,49 @@ class Coster:
     def __init__(self, models: ModelRegistry, cache_size: int = 4096) -> None:
         self.models = models
         self._ops = _Cache(cache_size)
-        #: forward footprints by model description and input signature, for every session: the hosted
-        #: clients of a secure round each build the same model, and measuring it anew for each took
-        #: 4-5 ms a client (2 s of a 1,000-client round on each of two daemons). Forwards are sized on
-        #: threads too: the lock keeps the LRU's order consistent
+        #: forward footprints by a digest of (client key, model description, input signature, grad,
+        #: modes), for all the sessions of one client key: the hosted clients of a secure round each
+        #: build the same model, and measuring it anew for each took 4-5 ms a client (2 s of a
+        #: 1,000-client round on each of two daemons). A digest, so that no key holds a request's plain
+        #: values (a 4 MiB string passed through a model would otherwise stay here, uncharged)
         self._forwards = _Cache(cache_size)
-        self._forwards_lock = threading.Lock()
+        #: ops and forwards are sized on torch threads too: the lock keeps the LRUs' order consistent
+        self._lock = threading.Lock()
 
     # --- ops -------------------------------------------------------------------------------------
 
-    def op(self, name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> OpCost:
+    def op(self, name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any],
+           scope: Hashable = None) -> OpCost:
         """The cost of op ``name`` on these arguments, checked against the op's schema first
         (``ops.check_call``, which raises ``BadRequest`` for a call it refuses). Both the check and the
         cost depend on the arguments' signature only (types and plain values; tensors by shape, strides,
         dtype and ``requires_grad``), so a call with the signature of one that passed is neither checked
-        nor sized again: a stream of small ops pays for a dictionary lookup, not a schema walk."""
-        key = (name, signature(args), signature(kwargs))
-        cost = self._ops.lookup(key)
+        nor sized again: a stream of small ops pays for a dictionary lookup, not a schema walk. Entries are
+        kept per ``scope`` (the client's key): how fast a call is sized tells nothing of another
+        coordinator's calls."""
+        key = (scope, name, signature(args), signature(kwargs))
+        with self._lock:
+            cost = self._ops.lookup(key)
         if cost is None:
             schema = check_call(name, args, kwargs)
             cost = _measure_op(name, schema.fn, args, kwargs)
-            self._ops.store(key, cost)
+            with self._lock:
+                self._ops.store(key, cost)
         return cost
 
     # --- forwards --------------------------------------------------------------------------------
 
-    def forward(self, hosted: HostedModule, inputs: Sequence[Any], kwargs: dict[str, Any],
-                grad: bool) -> Footprint | None:
+    def forward(self, hosted: HostedModule, inputs: Sequence[Any], kwargs: dict[str, Any], grad: bool, *,
+                training: bool | None = None, scope: Hashable = None) -> Footprint | None:
         """The footprint of ``hosted``'s forward on inputs like these, or None when it cannot be
         measured (an owner's registered model that does not run on the meta device: its code is the
-        owner's, and what autograd saves is still charged as it is saved)."""
-        modes = tuple(m.training for m in hosted.module.modules())
-        key = (spec_digest(hosted), signature(inputs), signature(kwargs), grad, modes)
-        with self._forwards_lock:
+        owner's, and what autograd saves is still charged as it is saved). ``training``: every module in
+        that mode (what a fit or an evaluation switches to), else each in its own. ``scope``: whose
+        measurements these are (the client's key); a forward is measured once per scope."""
+        modes: Any = training if training is not None else tuple(m.training for m in hosted.module.modules())
+        key = hashlib.sha256(repr((scope, spec_digest(hosted), signature(inputs), signature(kwargs), grad,
+                                   modes)).encode()).digest()
+        with self._lock:
             known = self._forwards.lookup(key)
         if known is not None:
             return known[0]
@@ -151,7 +161,7 @@ class Coster:
             meta = None
         if meta is not None:
             for real, skeleton in zip(hosted.module.modules(), meta.modules()):
-                skeleton.training = real.training
+                skeleton.training = real.training if training is None else training
             meta_inputs, meta_kwargs = _to_meta(inputs), _to_meta(kwargs)
             counter = _Counter()
             try:
@@ -163,7 +173,7 @@ class Coster:
             except Exception as exc:
                 if hosted.spec.get("kind") != "registered":  # the real forward would fail the same way
                     raise _shape_error(exc) from None
-        with self._forwards_lock:
+        with self._lock:
             self._forwards.store(key, (footprint,))  # (None: cannot be measured, which is worth keeping too)
         return footprint
 
