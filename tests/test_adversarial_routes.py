@@ -405,6 +405,35 @@ async def test_a_fit_over_clients_is_sized_for_its_biggest_shard_not_its_first(f
     assert sorted(reply["metrics"]) == ["a", "b"] and await worker.ping()
 
 
+async def test_a_fit_over_clients_whose_rows_differ_in_shape_is_refused(fedzmq_daemons, tmp_path):
+    """A red-team session's find: a fit over hosted clients is sized on one client's rows (the most rows),
+    and a shard of few but wide rows (32 images of 256 x 256 beside 64 of 4 x 4) ran a convolution 2.7 GB
+    past a 16 MiB session quota, where that client alone is refused. Clients of one fit must share a row
+    shape and dtype: the forward sized is the forward run."""
+    from fedzmq.testing.datasets import write_dataset
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_dataset(folder / "small.safetensors", torch.randn(64, 1, 4, 4), torch.randint(0, 2, (64,)))
+    write_dataset(folder / "wide.safetensors", torch.randn(32, 1, 64, 64), torch.randint(0, 2, (32,)))
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--min-batch-size", "1"])
+    worker = host.worker
+    model = worker._new_id()
+    spec = {"kind": "sequential", "children": [
+        ["0", {"kind": "layer", "type": "AdaptiveAvgPool2d", "kwargs": {"output_size": 1}}],
+        ["1", {"kind": "layer", "type": "Flatten", "kwargs": {}}],
+        ["2", {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 1, "out_features": 2}}]]}
+    state = {"2.weight": torch.zeros(2, 1), "2.bias": torch.zeros(2)}
+    await worker._request("module_put", {"out": model, "spec": spec, "state": state})
+    args = {"module": model, "dataset": "d", "loss": "cross_entropy", "batch_size": 8, "steps": 1,
+            "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": True}
+    with pytest.raises(fz.BadRequest, match="row shape"):
+        await worker._request("fit", {**args, "clients": ["small", "wide"]})
+    for alone in ("small", "wide"):  # each alone is sized for what it runs, and runs
+        reply = await worker._request("fit", {**args, "clients": [alone]})
+        assert sorted(reply["metrics"]) == [alone]
+
+
 async def test_a_fit_reports_no_loss_over_fewer_rows_than_the_owners_metric_floor(fedzmq_daemons, tmp_path):
     """A red-team session's find: ``--min-metric-rows`` held for evaluate only. A fit's loss is a metric
     too: with a zero model and lr 0 on a 20-row dataset it gave mean(y^2) of all 20 rows exactly where

@@ -3,7 +3,9 @@ the same model description, and never confused between two descriptions."""
 
 from __future__ import annotations
 
+import gc
 import sys
+import tracemalloc
 
 import torch
 from torch import nn
@@ -80,3 +82,35 @@ def test_a_fit_is_sized_in_training_mode_whatever_mode_the_model_was_left_in() -
     as_a_fit = coster.forward(left_in_eval, rows, {}, True, training=True)
     assert training is not None and evaluating is not None and as_a_fit is not None
     assert evaluating.nbytes < training.nbytes and as_a_fit.nbytes == training.nbytes
+
+
+def test_sizing_ops_keeps_no_request_values_in_the_cache() -> None:
+    """A red team sized 4,096 ``cat``s of 1,024 tensors of 32 dims, each with another out-of-range dim
+    (failed sizings are kept too): 3 GB stayed in the cache's keys, charged to no session. Keys are now
+    digests."""
+    coster = Coster({})
+    tensors = [torch.zeros([1] * 32)] * 256
+    for dim in range(2):  # warm-up: what the first sizings allocate once
+        coster.op("cat", [tensors], {"dim": 100_000 + dim})
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for dim in range(2, 202):
+            coster.op("cat", [tensors], {"dim": 100_000 + dim})
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 200 * 4096, f"{kept} bytes kept for 200 sizings"  # a signature's tuples were ~80 KB each
+
+
+def test_one_keys_sizings_do_not_evict_anothers() -> None:
+    """Each client key has its own LRU: a coordinator filling the cache neither slows another down nor
+    learns, by timing its own lookups, how many new calls the other made."""
+    coster = Coster({}, cache_size=8)
+    x = torch.zeros(3, 4)
+    alices = coster.op("add", [x, 1], {}, scope="alice")
+    for n in range(1, 40):
+        coster.op("add", [torch.zeros(n, 5), 1], {}, scope="mallory")
+    assert coster.op("add", [x, 1], {}, scope="alice") is alices

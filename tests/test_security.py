@@ -112,6 +112,37 @@ async def test_a_revoked_key_loses_its_open_connection_at_the_reload(secure_daem
         await mallory.close()
 
 
+async def test_a_command_running_when_its_key_is_revoked_sends_back_nothing_it_computed(secure_daemon, keys):
+    """A red team revoked a key while its 5000 x 5000 matmul (sent with its get) ran on a torch thread
+    (about a second): the product, 100 MB computed from the session's objects, left after the
+    revocation. Its reply is now a refusal, not the value."""
+    bob = secure_daemon
+    shutil.copy(keys["mallory"][0], keys["allowed"])
+    bob.process.send_signal(signal.SIGHUP)
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                mallory = await fz.connect(bob.address, settings=QUICK, server_key=keys["server"][0],
+                                           client_key=keys["mallory"][1])
+                break
+            except fz.WorkerError:
+                await asyncio.sleep(0.2)
+    try:
+        a = await mallory.send(torch.randn(5000, 5000))
+
+        async def product() -> torch.Tensor:
+            return await (a @ a).get()  # the get joins its op: one command, one reply
+
+        result = asyncio.ensure_future(product())
+        await asyncio.sleep(0.3)  # the product is being computed on the daemon's torch thread
+        (keys["allowed"] / keys["mallory"][0].name).unlink()
+        bob.process.send_signal(signal.SIGHUP)
+        with pytest.raises(fz.PermissionDenied, match="ended while this command ran"):
+            await asyncio.wait_for(result, 60)
+    finally:
+        await mallory.close()
+
+
 async def test_encrypted_traffic_does_not_carry_tensor_bytes_in_plaintext(keys):
     """A man in the middle (a tcp relay we control) records every byte: the tensor is not among them."""
     secret = torch.arange(1000, dtype=torch.float64) * 3.14159

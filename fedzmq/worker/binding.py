@@ -123,11 +123,20 @@ def bind(session: Session, request: Request, command: Command, context: Context)
     return Binding(request, command, session, args, objects, tensors, label, dataset)
 
 
+def row_kind(dataset: Dataset) -> tuple[tuple[int, ...], str, tuple[int, ...], str]:
+    """What a forward over a dataset's rows depends on besides their number: the shape and dtype of a row
+    of its features and of its labels."""
+    features, labels = dataset.features, dataset.labels
+    return (tuple(features.shape[1:]), str(features.dtype), tuple(labels.shape[1:]), str(labels.dtype))
+
+
 def biggest_dataset(context: Context, session: Session, name: str, clients: list[str]) -> Dataset:
     """The dataset a fit over many hosted clients is sized and checked by: the biggest of the named
     clients'. A red-team session named a 16-row shard before a 40,000-row one: sized by the first, the
     big one's full-batch step ran 975 MiB past a 64 MiB session quota. Names the daemon does not host
-    fail later, each on its own; a name given twice is refused (it would repeat that client's work)."""
+    fail later, each on its own; a name given twice is refused (it would repeat that client's work), and
+    so are clients whose rows differ in shape or dtype: the forward is sized on one client's rows, and a
+    shard of few but wide rows (images of 256 x 256 beside 4 x 4) ran 2.7 GB past a 16 MiB quota."""
     counts = Counter(clients)
     twice = sorted(client for client, count in counts.items() if count > 1)
     if twice:
@@ -141,6 +150,9 @@ def biggest_dataset(context: Context, session: Session, name: str, clients: list
         except ObjectNotFound as exc:
             missing = missing or exc
             continue
+        if biggest is not None and row_kind(found) != row_kind(biggest):
+            raise BadRequest.new(f"a fit over clients needs clients whose rows share a row shape and dtype: "
+                                 f"{quoted(client)}'s are {row_kind(found)}, another's {row_kind(biggest)}")
         if biggest is None or len(found) > len(biggest):
             biggest = found
     if biggest is None:

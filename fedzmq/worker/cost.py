@@ -105,17 +105,32 @@ class _Cache(collections.OrderedDict[Hashable, Any]):
 class Coster:
     """Sizes ops and forwards on the meta device, with caches. One per worker."""
 
-    def __init__(self, models: ModelRegistry, cache_size: int = 4096) -> None:
+    def __init__(self, models: ModelRegistry, cache_size: int = 1024, scopes: int = 64) -> None:
         self.models = models
-        self._ops = _Cache(cache_size)
-        #: forward footprints by a digest of (client key, model description, input signature, grad,
-        #: modes), for all the sessions of one client key: the hosted clients of a secure round each
-        #: build the same model, and measuring it anew for each took 4-5 ms a client (2 s of a
-        #: 1,000-client round on each of two daemons). A digest, so that no key holds a request's plain
-        #: values (a 4 MiB string passed through a model would otherwise stay here, uncharged)
-        self._forwards = _Cache(cache_size)
+        self._cache_size = cache_size
+        #: per client key (``scope``; the sessions of one key share them: the hosted clients of a secure
+        #: round each build the same model, and measuring it anew for each took 4-5 ms a client, 2 s of a
+        #: 1,000-client round on each of two daemons), an LRU of ops' costs and one of forwards'
+        #: footprints. Separate LRUs, so that one key's sizing neither evicts another's entries nor tells
+        #: it how many it made; keys are digests, so that no entry holds a request's plain values (a
+        #: ``cat`` of 1,024 tensors of 32 dims, or a string passed through a model, kept megabytes
+        #: uncharged per entry). The least recently used key's caches go first past ``scopes`` keys
+        self._scopes = _Cache(scopes)
         #: ops and forwards are sized on torch threads too: the lock keeps the LRUs' order consistent
         self._lock = threading.Lock()
+
+    def _lookup(self, scope: Hashable, kind: int, key: bytes) -> Any:
+        with self._lock:
+            caches = self._scopes.lookup(scope)
+            return None if caches is None else caches[kind].lookup(key)
+
+    def _store(self, scope: Hashable, kind: int, key: bytes, value: Any) -> None:
+        with self._lock:
+            caches = self._scopes.lookup(scope)
+            if caches is None:
+                caches = (_Cache(self._cache_size), _Cache(self._cache_size))
+                self._scopes.store(scope, caches)
+            caches[kind].store(key, value)
 
     # --- ops -------------------------------------------------------------------------------------
 
@@ -128,14 +143,12 @@ class Coster:
         nor sized again: a stream of small ops pays for a dictionary lookup, not a schema walk. Entries are
         kept per ``scope`` (the client's key): how fast a call is sized tells nothing of another
         coordinator's calls."""
-        key = (scope, name, signature(args), signature(kwargs))
-        with self._lock:
-            cost = self._ops.lookup(key)
+        key = _digest((name, signature(args), signature(kwargs)))
+        cost = self._lookup(scope, _OPS, key)
         if cost is None:
             schema = check_call(name, args, kwargs)
             cost = _measure_op(name, schema.fn, args, kwargs)
-            with self._lock:
-                self._ops.store(key, cost)
+            self._store(scope, _OPS, key, cost)
         return cost
 
     # --- forwards --------------------------------------------------------------------------------
@@ -148,10 +161,8 @@ class Coster:
         that mode (what a fit or an evaluation switches to), else each in its own. ``scope``: whose
         measurements these are (the client's key); a forward is measured once per scope."""
         modes: Any = training if training is not None else tuple(m.training for m in hosted.module.modules())
-        key = hashlib.sha256(repr((scope, spec_digest(hosted), signature(inputs), signature(kwargs), grad,
-                                   modes)).encode()).digest()
-        with self._lock:
-            known = self._forwards.lookup(key)
+        key = _digest((spec_digest(hosted), signature(inputs), signature(kwargs), grad, modes))
+        known = self._lookup(scope, _FORWARDS, key)
         if known is not None:
             return known[0]
         footprint: Footprint | None = None
@@ -173,9 +184,19 @@ class Coster:
             except Exception as exc:
                 if hosted.spec.get("kind") != "registered":  # the real forward would fail the same way
                     raise _shape_error(exc) from None
-        with self._lock:
-            self._forwards.store(key, (footprint,))  # (None: cannot be measured, which is worth keeping too)
+        self._store(scope, _FORWARDS, key, (footprint,))  # (None: cannot be measured, worth keeping too)
         return footprint
+
+
+#: the two caches of a scope: ops' costs and forwards' footprints
+_OPS, _FORWARDS = 0, 1
+
+
+def _digest(key: Any) -> bytes:
+    """A cache key of fixed size (32 bytes) for a signature: ``repr`` is unambiguous over what signatures
+    hold (tuples, ints, floats, strings, bools, None, dtypes), and sha256 keeps a request from choosing
+    another's entry."""
+    return hashlib.sha256(repr(key).encode()).digest()
 
 
 def spec_digest(hosted: HostedModule) -> bytes:

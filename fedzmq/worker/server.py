@@ -317,9 +317,14 @@ class Worker:
         if self.key_gate is None:
             return None
         allowed = self.key_gate.reload()
+        why = "this client's key is no longer allowed (the daemon's --allowed-keys were reloaded without it)"
         for peer in list(self._peers.values()):
             if peer.user is not None and not self.key_gate.allows(peer.user):
                 log.warning("key %s is no longer allowed: ending its connection's sessions", peer.user)
+                for frames, _batched in self._intake.get(peer.key, ()):  # read, not yet queued: refused too
+                    self._refuse_revoked(peer.key, frames)
+                for session in list(peer.sessions.values()):  # queued: each told why, not left to time out
+                    self._refuse_queued(session, why, "PermissionDenied")
                 self._end_peer(peer, "sessions_revoked")
         return allowed
 
@@ -385,6 +390,18 @@ class Worker:
         self._refuse(key, request, payload["type"], payload["message"],
                      peer.sessions.get(request.client) if peer is not None else None)
 
+    def _refuse_revoked(self, key: bytes, frames: Sequence[Any]) -> None:
+        """Refuse a request of a connection whose key was taken out of the allowed keys since it connected,
+        decoding its header's id only (its arguments could be a model's worth of frames)."""
+        self.counters["throttled"] += 1
+        try:
+            request = decode_request_head(frames, self.config.limits)
+        except Exception as exc:
+            self._malformed(key, exc)
+            return
+        self._refuse(key, request, "PermissionDenied", "this client's key is no longer allowed (the daemon's "
+                     "--allowed-keys were reloaded without it)")
+
     def _owing_error(self, owed: RepliesOwed) -> dict[str, str]:
         return {"type": "LimitExceeded", "traceback": "", "message": (
             f"this connection has not read {owed.owed()} bytes of replies, more than a session's quota of "
@@ -449,15 +466,14 @@ class Worker:
         if owed is not None and owed.owed() > self.config.max_session_bytes:
             self._refuse_owing(key, frames, owed)
             return
+        user = _user_id(frames[0]) if self.config.secret_key is not None else None  # no keys, no User-Id
+        if self.key_gate is not None and (user is None or not self.key_gate.allows(user)):
+            self._refuse_revoked(key, frames)
+            return
         try:
             request = decode_request(frames, self.config.limits)
         except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
             self._malformed(key, exc)
-            return
-        user = _user_id(frames[0]) if self.config.secret_key is not None else None  # no keys, no User-Id
-        if self.key_gate is not None and (user is None or not self.key_gate.allows(user)):
-            self._refuse(key, request, "PermissionDenied", "this client's key is no longer allowed (the daemon's "
-                         "--allowed-keys were reloaded without it)")
             return
         session = self._session_for(key, user, request)
         if session is None:
@@ -664,6 +680,12 @@ class Worker:
             else:
                 frames = await self.executor.execute(session, request)
             assert session.outbox is not None
+            if not self._live(session):  # ended while it ran (a revoked key, an expiry): what it computed
+                # from the session's objects does not leave; the connection is told why, in a few words
+                self._send(session.key, encode_error(request.id, {
+                    "type": "PermissionDenied", "traceback": "",
+                    "message": "the session ended while this command ran (its key was revoked, or it expired)"}))
+                return True
             session.closing = request.cmd == "close"  # its reply carries what the connection owes
             session.outbox.add(frames)  # with the others this session answers before it next waits
         finally:
@@ -721,7 +743,7 @@ class Worker:
             log.warning("handshake failed from %s (event %s, %s)", event.get("endpoint"), event.get("event"),
                         event.get("value"))
 
-    def _refuse_queued(self, session: Session, why: str) -> None:
+    def _refuse_queued(self, session: Session, why: str, error_type: str = "WorkerClosedError") -> None:
         if session.outbox is not None:
             session.outbox.flush()  # the replies of what ran go first
         while not session.queue.empty():
@@ -729,7 +751,7 @@ class Worker:
             if isinstance(request, StartedCommand):  # not so: a command that waited ran before this one
                 request.rest.close()
             elif request is not None:
-                self._send(session.key, encode_error(request.id, {"type": "WorkerClosedError", "message": why,
+                self._send(session.key, encode_error(request.id, {"type": error_type, "message": why,
                                                                   "traceback": ""}))
 
     def _end_session(self, session: Session, counter: str) -> None:
@@ -800,8 +822,10 @@ class Worker:
             self._transmit(key, frames, session)
 
     def _transmit_replies(self, session: Session, frames: list[Any], copy: bool) -> None:
-        """An outbox's send: one reply, or a batch of them."""
-        self._transmit(session.key, frames, session)
+        """An outbox's send: one reply, or a batch of them; none for a session that has ended (a close
+        sends its last replies before it ends)."""
+        if self._live(session):
+            self._transmit(session.key, frames, session)
 
     def _transmit(self, key: bytes, frames: list[Any], session: Session | None = None) -> None:
         """Send a message without blocking. Frames of the socket's ``copy_threshold`` or more leave

@@ -73,7 +73,8 @@ def op(context: Context, binding: Binding) -> Any:
     """An allowlisted op (checked against its schema and sized before this runs)."""
     result = OPS[binding.args["op"]](*binding.args["args"], **binding.args["kwargs"])
     if binding.cost is not None and binding.cost.error is not None:  # the meta device refused these shapes
-        raise binding.cost.error
+        error = binding.cost.error  # a copy is raised: the cached one would keep this call's frames alive
+        raise type(error)(*error.args)
     results = list(result) if isinstance(result, tuple) else [result]
     if not all(isinstance(r, torch.Tensor) for r in results):
         raise BadRequest.new(f"{binding.args['op']} returned {[type(r).__name__ for r in results]}, not tensors")
