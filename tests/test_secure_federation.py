@@ -534,3 +534,30 @@ async def test_the_round_budget_counts_every_model_of_a_session_that_read_the_ro
     finally:
         for worker in workers:
             await worker.close()
+
+
+async def test_a_secure_step_stops_at_the_workers_command_time_limit() -> None:
+    """A cold review's find: a coordinator chooses n and the threshold, and a client's share_keys does
+    O(n t) Shamir work (n = 4,000, t = 2,001: seconds; n = 16,000: about a minute) that nothing
+    stopped, past ``--max-command-seconds`` and past the end of its session. The steps now check the
+    command's budget before each neighbour's work, as a fit checks it at each step."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from fedzmq.secagg import SecAggConfig
+    from fedzmq.secagg.messages import VERSION
+
+    def public() -> bytes:
+        return X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+    n = 4000
+    worker = fz.VirtualWorker("victim", config=fz.WorkerConfig(max_command_seconds=0.2))
+    try:
+        model = await worker.send(nn.Linear(2, 1))
+        config = SecAggConfig(tuple(range(n)), n // 2 + 1, 3, clip=1.0)
+        mine = await worker.secagg("advertise", 1, config.to_wire(), module=model.id, client=0)
+        keys = [[0, mine["c_pk"], mine["s_pk"]]] + [[i, public(), public()] for i in range(1, n)]
+        with pytest.raises(fz.LimitExceeded, match="longer than the worker allows"):
+            await worker.secagg("share_keys", 1, {"v": VERSION, "type": "secagg.keys", "keys": keys})
+        assert (await worker.ping())["id"] == "victim"
+    finally:
+        await worker.close()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hmac
 import math
 import os
-from collections.abc import Mapping, Set as AbstractSet
+from collections.abc import Callable, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,10 @@ class _Held:
     revealed_s: set[int] = field(default_factory=set)
 
 
+def _no_checkpoint() -> None:
+    """No time budget: a step runs to its end."""
+
+
 class SecAggClient:
     """One client's side of one secure-aggregation round (Bonawitz et al., CCS 2017, semi-honest).
 
@@ -78,11 +82,16 @@ class SecAggClient:
     the seed knows the noise). Masks and keys always come from ``os.urandom``.
     """
 
-    def __init__(self, client_id: int, config: SecAggConfig, *, noise_seed: bytes | None = None) -> None:
+    def __init__(self, client_id: int, config: SecAggConfig, *, noise_seed: bytes | None = None,
+                 checkpoint: Callable[[], None] | None = None) -> None:
         if client_id not in config.client_ids:
             raise ValueError(f"client {client_id} is not invited to this round")
         self.client_id = client_id
         self.config = config
+        #: called before each neighbour's work in the long steps (keys, Shamir points, masks): a host
+        #: stops a step that runs past its time budget by raising there (the worker's ``budget.check``).
+        #: Steps change this client's state only at their end, so a stopped step leaves it as it was
+        self._checkpoint = checkpoint or _no_checkpoint
         self.stats = ClientStats()
         self._stage = "new"
         self._stream = CsprngStream(noise_seed)
@@ -154,13 +163,18 @@ class SecAggClient:
                                 f"threshold is {cfg.threshold}", "ShareKeys")
         # derive every encryption key first: a bad peer key raises before any state changes
         c_key = crypto.private_key(self._c_sk)
-        enc_keys = {j: share_key(c_key, p.c_pk, me, j, cfg) for j, p in peers.items() if j != me}
+        enc_keys = {}
+        for j, p in peers.items():
+            if j != me:
+                self._checkpoint()
+                enc_keys[j] = share_key(c_key, p.c_pk, me, j, cfg)
         assert self._b is not None and self._s_sk is not None
         points = [j + 1 for j in peers]
-        b_shares = shamir.split(self._b, cfg.threshold, points)
-        s_shares = shamir.split(self._s_sk, cfg.threshold, points)
+        b_shares = shamir.split(self._b, cfg.threshold, points, self._checkpoint)
+        s_shares = shamir.split(self._s_sk, cfg.threshold, points, self._checkpoint)
         out = []
         for j, key in enc_keys.items():
+            self._checkpoint()
             plaintext = pack_shares(me, j, b_shares[j + 1], s_shares[j + 1])
             out.append([j, crypto.aead_encrypt(key, plaintext, share_aad(cfg, me, j))])
         self._peers = peers
@@ -202,6 +216,7 @@ class SecAggClient:
         held_b: dict[int, shamir.Share] = {}
         held_s: dict[int, shamir.Share] = {}
         for j, (blob,) in received.items():
+            self._checkpoint()
             blob = as_bytes(blob, "ciphertext", j, length=CIPHERTEXT_BYTES)
             plaintext = crypto.aead_decrypt(self._enc_keys[j], blob, share_aad(cfg, j, me), j)
             held_b[j], held_s[j] = unpack_shares(plaintext, j, me)
@@ -209,7 +224,11 @@ class SecAggClient:
         held_b[me], held_s[me] = self._own_b_share, self._own_s_share
         assert self._s_sk is not None
         s_key = crypto.private_key(self._s_sk)
-        seeds = {j: pairwise_seed(s_key, self._peers[j].s_pk, me, j, cfg) for j in u1 if j != me}
+        seeds = {}
+        for j in u1:
+            if j != me:
+                self._checkpoint()
+                seeds[j] = pairwise_seed(s_key, self._peers[j].s_pk, me, j, cfg)
         confirm_keys = {j: confirm_key(self._enc_keys[j], me, j, cfg) for j in u1 if j != me}
 
         # w * clip(x) + noise, quantized into the ring, then masked
@@ -218,6 +237,7 @@ class SecAggClient:
         assert self._b is not None
         crypto.add_prg(y, self._b)
         for j, seed in seeds.items():  # + PRG(s_ij) toward higher ids, - toward lower: they cancel in the sum
+            self._checkpoint()
             crypto.add_prg(y, seed, 1 if me < j else -1)
         reduce_ring(y, cfg)
 

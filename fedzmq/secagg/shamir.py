@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import SecAggProtocolError
@@ -70,9 +70,11 @@ def _split_chunks(secret: bytes) -> list[int]:
     return [int.from_bytes(secret[k:k + CHUNK_BYTES], "big") for k in range(0, max(len(secret), 1), CHUNK_BYTES)]
 
 
-def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, Share]:
+def split(secret: bytes, threshold: int, xs: Iterable[int], checkpoint: Callable[[], None] | None = None
+          ) -> dict[int, Share]:
     """Share ``secret`` among the points ``xs`` (distinct, in ``[1, 2**32)``) so that any ``threshold``
-    of the shares recover it."""
+    of the shares recover it. ``checkpoint`` is called before each point's evaluation (O(threshold)
+    each): a caller's way to stop a split that runs too long, by raising."""
     xs = list(xs)
     if len(set(xs)) != len(xs) or any(not (type(x) is int and 1 <= x <= MAX_X) for x in xs):
         raise ValueError("share points must be distinct integers in [1, 2**32)")
@@ -81,7 +83,12 @@ def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, Share]:
     if len(secret) > 0xFFFF:
         raise ValueError("secret too long")
     polys = [[c] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)] for c in _split_chunks(bytes(secret))]
-    return {x: Share(x, len(secret), tuple(_evaluate(p, x) for p in polys)) for x in xs}
+    shares = {}
+    for x in xs:
+        if checkpoint is not None:
+            checkpoint()
+        shares[x] = Share(x, len(secret), tuple(_evaluate(p, x) for p in polys))
+    return shares
 
 
 def _evaluate(coefficients: Sequence[int], x: int) -> int:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .. import budget
 from ..errors import BadRequest, PermissionDenied
 from ..secagg import SecAggClient, SecAggConfig
 from ..secagg.wire import from_codec, to_codec
@@ -105,7 +106,9 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         reference = float_parameters(module).clone()
         if reference.numel() != config.vector_length:
             raise BadRequest.new(f"the round masks {config.vector_length} values, the model has {reference.numel()}")
-        rounds[number] = SecureRound(SecAggClient(args["client"], config), binding.request.args["module"], reference)
+        # the long steps stop at --max-command-seconds, or when the session ends (a revoked key), as a fit does
+        client = SecAggClient(args["client"], config, checkpoint=budget.check)
+        rounds[number] = SecureRound(client, binding.request.args["module"], reference)
         while len(rounds) > LIVE_ROUNDS:
             rounds.pop(min(rounds))
         return to_codec(rounds[number].client.advertise())
