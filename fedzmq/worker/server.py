@@ -749,6 +749,8 @@ class Worker:
         while not session.queue.empty():
             request = session.queue.get_nowait()
             if isinstance(request, StartedCommand):  # not so: a command that waited ran before this one
+                if session.budget is not None:  # it may be running on a torch thread: stop it at its next
+                    session.budget.cancel(why)  # check (closing its rest forgets the budget, not the thread's)
                 request.rest.close()
             elif request is not None:
                 self._send(session.key, encode_error(request.id, {"type": error_type, "message": why,
