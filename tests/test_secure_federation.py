@@ -58,6 +58,17 @@ async def test_secure_aggregate_equals_fedavg_within_the_quantization_error(n):
             await w.close()
 
 
+async def _secure_round_beside_plain(honest, extra):
+    """A plain FedAvg round over ``honest`` and a secure round (threshold 3) over ``honest`` and ``extra``,
+    each from the same starting model: (the secure round's metrics, the plain model, the secure model).
+    With ``extra`` dropped out, the two models agree within the quantization bound."""
+    plain, secure = _model(), _model()
+    await fz.Federation(honest, plain, FIT, fz.FedAvg(), seed=1).run_round()
+    federation = fz.Federation(honest + [extra], secure, FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=3),
+                               seed=1, round_timeout=10)
+    return await federation.run_round(), plain, secure
+
+
 async def test_a_dead_worker_is_left_out_and_the_survivors_aggregate_is_exact():
     workers = _workers(4)
     try:
@@ -82,11 +93,7 @@ async def test_a_worker_whose_fit_fails_after_sharing_keys_drops_out_and_the_sur
     [extra_shard] = _shards(1, seed=5)
     failing = fz.VirtualWorker("w3", datasets={"other": extra_shard}, settings=TEST_SETTINGS)  # no dataset "d"
     try:
-        plain, secure = _model(), _model()
-        await fz.Federation(workers, plain, FIT, fz.FedAvg(), seed=1).run_round()
-        federation = fz.Federation(workers + [failing], secure, FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=3),
-                                   seed=1, round_timeout=10)
-        metrics = await federation.run_round()
+        metrics, plain, secure = await _secure_round_beside_plain(workers, failing)
         assert "w3" in metrics.dropped and metrics.participants == ["w0", "w1", "w2"], metrics.dropped
         assert "dataset" in metrics.dropped["w3"], metrics.dropped  # the fit's own error, not a protocol failure
         assert metrics.extra["dropped_after_sharing"] == ["w3"]  # it shared keys; its masks were removed
@@ -141,11 +148,7 @@ async def test_a_worker_whose_keys_or_shares_the_server_refuses_is_a_drop_out_no
     outdated = _PeerRewritingOneStep("w3", step=step, rewrite=rewrite, datasets={"d": shards[3]},
                                      settings=TEST_SETTINGS)
     try:
-        plain, secure = _model(), _model()
-        await fz.Federation(honest, plain, FIT, fz.FedAvg(), seed=1).run_round()
-        federation = fz.Federation(honest + [outdated], secure, FIT, SecAgg(fz.FedAvg(), clip=100.0, threshold=3),
-                                   seed=1, round_timeout=10)
-        metrics = await federation.run_round()
+        metrics, plain, secure = await _secure_round_beside_plain(honest, outdated)
         assert metrics.participants == ["w0", "w1", "w2"] and list(metrics.dropped) == ["w3"], metrics.dropped
         assert "SecAggProtocolError" in metrics.dropped["w3"] and why in metrics.dropped["w3"], metrics.dropped
         assert metrics.extra["survivors"] == ["w0", "w1", "w2"] and metrics.extra["dropped_after_sharing"] == []
