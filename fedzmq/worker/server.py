@@ -86,6 +86,9 @@ EVICT_SCAN_SECONDS = 0.1
 #: one, by ``MAXMSGSIZE``: docs/security.md), without slowing a peer the daemon keeps up with
 RECEIVE_QUEUE = 64
 
+#: what a connection whose key was taken out of ``--allowed-keys`` since it connected is told
+KEY_REVOKED = "this client's key is no longer allowed (the daemon's --allowed-keys were reloaded without it)"
+
 
 class WorkerNotBound(FedzmqError, RuntimeError):
     """``Worker.start`` was called before ``Worker.bind``."""
@@ -317,14 +320,13 @@ class Worker:
         if self.key_gate is None:
             return None
         allowed = self.key_gate.reload()
-        why = "this client's key is no longer allowed (the daemon's --allowed-keys were reloaded without it)"
         for peer in list(self._peers.values()):
             if peer.user is not None and not self.key_gate.allows(peer.user):
                 log.warning("key %s is no longer allowed: ending its connection's sessions", peer.user)
                 for frames, _batched in self._intake.get(peer.key, ()):  # read, not yet queued: refused too
                     self._refuse_revoked(peer.key, frames)
                 for session in list(peer.sessions.values()):  # queued: each told why, not left to time out
-                    self._refuse_queued(session, why, "PermissionDenied")
+                    self._refuse_queued(session, KEY_REVOKED, "PermissionDenied")
                 self._end_peer(peer, "sessions_revoked")
         return allowed
 
@@ -399,8 +401,7 @@ class Worker:
         except Exception as exc:
             self._malformed(key, exc)
             return
-        self._refuse(key, request, "PermissionDenied", "this client's key is no longer allowed (the daemon's "
-                     "--allowed-keys were reloaded without it)")
+        self._refuse(key, request, "PermissionDenied", KEY_REVOKED)
 
     def _owing_error(self, owed: RepliesOwed) -> dict[str, str]:
         return {"type": "LimitExceeded", "traceback": "", "message": (
