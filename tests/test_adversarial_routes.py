@@ -13,6 +13,7 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.codec import NodeRef, Ref
+from fedzmq.modeldesc import describe
 from test_adversarial import FEATURES, ROWS, call_module, graph_spec, open_args, protected_args, put_module
 
 
@@ -432,6 +433,51 @@ async def test_a_fit_over_clients_whose_rows_differ_in_shape_is_refused(fedzmq_d
     for alone in ("small", "wide"):  # each alone is sized for what it runs, and runs
         reply = await worker._request("fit", {**args, "clients": [alone]})
         assert sorted(reply["metrics"]) == [alone]
+
+
+class _LinearWithBuffer(nn.Module):
+    """A linear model beside a float16 buffer that its forward does not use (its sum is made all the same)."""
+
+    def __init__(self, buffer: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.register_buffer("big", torch.zeros(buffer, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+async def test_a_fit_over_clients_is_charged_for_its_float64_sums_whatever_the_models_dtype(fedzmq_daemons, tmp_path):
+    """A fit over hosted clients with ``combine`` folds every floating point entry into a float64 sum. It was
+    charged as twice the model, which holds for float32 entries only: a model of float16 buffers made sums
+    four times its size, and ran 64 MiB past what its session had room for. Charged as what it makes, it is
+    refused; the same model without the big buffer runs."""
+    from fedzmq.testing.datasets import write_dataset
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_dataset(folder / "a.safetensors", torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    elements = 8 << 20  # 16 MiB of float16; its float64 sum is 64 MiB
+    quota = 2 * elements + 6 * elements + (12 << 20)  # the model, what the old charge asked for, and a margin
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--min-batch-size", "1",
+                                                 "--max-session-bytes", str(quota)])
+    worker = host.worker
+    args = {"dataset": "d", "loss": "cross_entropy", "batch_size": 8, "steps": 1, "clients": ["a"],
+            "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": True}
+
+    async def put(buffer: int) -> int:
+        net = _LinearWithBuffer(buffer)
+        model = worker._new_id()
+        await worker._request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
+        return model
+
+    model = await put(elements)
+    with pytest.raises(fz.LimitExceeded, match="fit"):
+        await worker._request("fit", {**args, "module": model})
+    await worker._request("delete", {"objs": [model]})
+    model = await put(16)
+    reply = await worker._request("fit", {**args, "module": model})
+    assert sorted(reply["metrics"]) == ["a"] and reply["weighted_sum"]["big"].dtype == torch.float64
 
 
 async def test_a_fit_reports_no_loss_over_fewer_rows_than_the_owners_metric_floor(fedzmq_daemons, tmp_path):

@@ -21,6 +21,8 @@ from .objects import HostedModule, HostedOptimizer
 #: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
 #: RMSprop centered with momentum: three)
 OPTIMIZER_STATE_COPIES = 3
+#: the bytes of one element of the float64 sums a fit over many clients folds its clients' weights into
+FLOAT64_BYTES = 8
 
 
 def outputs(context: Context, binding: Binding) -> int:
@@ -78,14 +80,20 @@ def state(context: Context, binding: Binding) -> int:
 
 def clients(context: Context, binding: Binding) -> int:
     """A fit over many hosted clients: the round's starting weights, and either each client's trained
-    state (kept apart) or the float64 sum they fold into."""
+    state (kept apart) or the sums they fold into (``handlers.data.fit_clients``): float64 for a floating
+    point entry, whatever its own dtype (a float16 entry's sum is four times its size), and for another
+    entry its running maximum with the new one ``torch.maximum`` makes beside it."""
     hosted_clients = binding.args.get("clients")
     if not hosted_clients:
         return 0
     hosted: HostedModule = binding.objects["module"]
-    model = sum(t.numel() * t.element_size() for t in hosted.module.state_dict().values())
-    kept = 2 * model if binding.args.get("combine") else len(hosted_clients) * model
-    return model + kept
+    entries = list(hosted.module.state_dict().values())
+    model = sum(t.numel() * t.element_size() for t in entries)
+    if not binding.args.get("combine"):
+        return model + len(hosted_clients) * model
+    sums = sum(t.numel() * FLOAT64_BYTES if t.is_floating_point() else 2 * t.numel() * t.element_size()
+               for t in entries)
+    return model + sums
 
 
 def stream(context: Context, binding: Binding) -> int:
