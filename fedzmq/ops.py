@@ -145,6 +145,31 @@ def _loss(fn: Callable[..., Any], checks: tuple[str, ...] = (), **keyword_only: 
                keyword_only={"reduction": "reduction", **keyword_only}, checks_values=dict.fromkeys(checks, "all"))
 
 
+#: losses computed element by element over the broadcast of the input with the target (and weights)
+ELEMENTWISE_LOSSES = frozenset({"mse_loss", "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"})
+
+
+def check_loss_shapes(name: str, input: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """Refuse an elementwise loss whose target or weights would broadcast its input to a bigger shape.
+    torch computes such a loss inside one call, over the broadcast shape, and returns one value: an
+    (N, 1) input against an (N,) target is N x N terms, built where no sizing sees them (a red team ran
+    1.5 GB past a 1 MiB quota), and rarely the loss meant (torch warns of it). Shapes only."""
+    if name not in ELEMENTWISE_LOSSES or not isinstance(input, torch.Tensor):  # (torch refuses a non-tensor)
+        return
+    for other in others:
+        if not isinstance(other, torch.Tensor):
+            continue
+        try:
+            shape = torch.broadcast_shapes(input.shape, other.shape)
+        except RuntimeError:  # shapes torch refuses itself, with its own error, before computing
+            continue
+        if shape != input.shape:
+            raise BadRequest.new(f"{name}: an input of shape {tuple(input.shape)} would broadcast against a "
+                                 f"target or weight of shape {tuple(other.shape)} to {tuple(shape)}; give the "
+                                 "target the input's shape (a model ending in Linear(..., 1) for labels of "
+                                 "shape (B,): end it with Flatten(0))")
+
+
 
 SCHEMAS: dict[str, OpSchema] = {
     # arithmetic operators
@@ -263,6 +288,8 @@ def check_call(name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, A
     if not any(_holds_tensor(v) for v in (*args, *kwargs.values())):
         raise BadRequest.new(f"{name}: at least one operand must be a tensor (ops compute on tensors, "
                              "not on plain numbers)")
+    if name in ELEMENTWISE_LOSSES:
+        check_loss_shapes(name, args[0], *args[1:2], *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
     return schema
 
 

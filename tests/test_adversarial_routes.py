@@ -510,3 +510,45 @@ async def test_a_fit_reports_no_loss_over_fewer_rows_than_the_owners_metric_floo
         assert one_step["samples_seen"] == 16 and math.isnan(one_step["loss"]), (flags, one_step)
         two_steps = await worker._request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 2})
         assert two_steps["samples_seen"] == 32 and math.isfinite(two_steps["loss"]), (flags, two_steps)
+
+
+# --- class 6: work and memory the sizing did not see ---------------------------------------------------------
+
+async def test_an_elementwise_loss_cannot_broadcast_its_input_against_its_target(fedzmq_daemons):
+    """A red-team session's find: ``mse_loss`` of an (N, 1) input and a (1, N) target is one value, and it
+    was sized as one (its output) while torch built (N, N) inside the one call: at N = 20,000, 1.5 GB past
+    a 1 MiB quota, and l1_loss ran to its end. An elementwise loss's target (and weights) must not
+    broadcast the input to a bigger shape; those of the input's shape, or smaller, still run."""
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(1 << 20)])
+    worker = host.worker
+    column, row = await worker.send(torch.zeros(4000, 1)), await worker.send(torch.zeros(1, 4000))
+    for loss in ("mse_loss", "l1_loss", "binary_cross_entropy_with_logits"):
+        with pytest.raises(fz.BadRequest, match="broadcast"):
+            await worker._op(loss, [column, row], {}).get()
+    weights = await worker.send(torch.ones(1, 4000))
+    with pytest.raises(fz.BadRequest, match="broadcast"):
+        await worker._op("binary_cross_entropy_with_logits", [column, column], {"weight": weights}).get()
+    same = await worker.send(torch.ones(4000, 1))
+    assert float(await worker._op("mse_loss", [column, same], {}).get()) == 1.0
+    assert float(await worker._op("l1_loss", [row, await worker.send(torch.ones(1))], {}).get()) == 1.0
+
+
+async def test_a_fit_whose_output_would_broadcast_against_its_labels_is_refused(fedzmq_daemons, tmp_path):
+    """The same in a fit: a regression model ending in ``Linear(..., 1)`` gives (B, 1) against labels of
+    shape (B,), and ``mse_loss`` built (B, B) in one call: 1.7 GB past a 4 MiB quota at B = 20,000 (and
+    a mean over B^2 pairs, not the loss the user meant). Refused before the loss runs, saying why."""
+    from fedzmq.testing.datasets import write_dataset
+
+    path = write_dataset(tmp_path / "rows.safetensors", torch.randn(4000, 4), torch.randn(4000))
+    [host] = await fedzmq_daemons("owner", args=["--data", f"rows={path}", "--max-session-bytes", str(4 << 20)])
+    worker = host.worker
+    layer = {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 4, "out_features": 1}}
+    state = {"0.weight": torch.zeros(1, 4), "0.bias": torch.zeros(1)}
+    fit = {"dataset": "rows", "loss": "mse_loss", "optimizer": {"cls": "SGD", "lr": 0.01}, "batch_size": 4000,
+           "steps": 1}
+    column = await put_module(worker, {"kind": "sequential", "children": [["0", layer]]}, state)
+    with pytest.raises(fz.BadRequest, match=r"\(4000, 1\) would broadcast .* \(4000,\)"):
+        await worker._request("fit", {**fit, "module": column})
+    flat = ["1", {"kind": "layer", "type": "Flatten", "kwargs": {"start_dim": 0, "end_dim": -1}}]
+    flattened = await put_module(worker, {"kind": "sequential", "children": [["0", layer], flat]}, state)
+    assert (await worker._request("fit", {**fit, "module": flattened}))["samples_seen"] == 4000

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import budget
 from ..errors import BadRequest, LimitExceeded, PermissionDenied
+from ..ops import check_loss_shapes
 from ..optimizers import OPTIMIZERS, PlainSGD, check_hyper, plain_sgd_applies
 from .datasets import Dataset
 
@@ -190,7 +191,9 @@ def fit(module: nn.Module | Trainee, dataset: Dataset, terms: Terms, *, loss: st
             budget.check()
             x, y = features[index], _labels_for(loss, labels[index])
             optimizer.zero_grad()
-            value = loss_fn(model(x), y)
+            out = model(x)
+            check_loss_shapes(loss, out, y)
+            value = loss_fn(out, y)
             objective = value
             if prox_mu:
                 objective = value + (prox_mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -278,7 +281,9 @@ def row_terms(module: nn.Module, loss: str, loss_fn: Any, classify: bool) -> Any
         out = module(row.unsqueeze(0))
         if not isinstance(out, torch.Tensor):
             raise BadRequest.new(f"evaluate needs a model that returns one tensor, not {type(out).__name__}")
-        term = loss_fn(out, _labels_for(loss, label.unsqueeze(0)), reduction="sum")
+        target = _labels_for(loss, label.unsqueeze(0))
+        check_loss_shapes(loss, out, target)
+        term = loss_fn(out, target, reduction="sum")
         if classify and out.dim() == 2:
             return term, (out.argmax(dim=1) == label).sum()
         return term, torch.zeros((), dtype=torch.long)
