@@ -182,7 +182,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("debug_delay", {"seconds": NUMBER}, control=True),
     # tensors
     Command("store", {"out": ID, "value": VALUE}, outputs=("out",), changes_nothing=True),
-    Command("get", {"obj": ID}, refs={"obj": "tensor"}, releases="obj", changes_nothing=True),
+    Command("get", {"obj": ID}, offload="large", refs={"obj": "tensor"}, releases="obj", changes_nothing=True),
     Command("info", {"obj": ID}, refs={"obj": "tensor"}, changes_nothing=True),
     Command("delete", {"objs": IDS}, offload="large", changes_nothing=True),
     Command("alloc", {"out": ID, "dtype": STR, "shape": LIST}, {"grad": BOOL}, outputs=("out",),

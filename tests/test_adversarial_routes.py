@@ -552,3 +552,43 @@ async def test_a_fit_whose_output_would_broadcast_against_its_labels_is_refused(
     flat = ["1", {"kind": "layer", "type": "Flatten", "kwargs": {"start_dim": 0, "end_dim": -1}}]
     flattened = await put_module(worker, {"kind": "sequential", "children": [["0", layer], flat]}, state)
     assert (await worker._request("fit", {**fit, "module": flattened}))["samples_seen"] == 4000
+
+
+async def test_a_pooling_layers_work_counts_its_window(fedzmq_daemons):
+    """A red-team session's find: a forward's work was torch's flop formulas, which have none for pooling:
+    ``MaxPool2d(kernel_size=512, stride=1)`` over one 1024 x 1024 image counted as no work and held the
+    torch thread 30 s past a 2 s limit (another session's op waited as long). A window's work is its
+    size times the outputs; the same layer with a small window runs."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "1"])
+    worker = host.worker
+    image = await worker.send(torch.zeros(1, 1, 512, 512))
+    for layer, kwargs in (("MaxPool2d", {"kernel_size": 256, "stride": 1}),
+                          ("AvgPool2d", {"kernel_size": 256, "stride": 1})):
+        model = await put_module(worker, {"kind": "sequential", "children": [
+            ["0", {"kind": "layer", "type": layer, "kwargs": kwargs}]]}, {})
+        with pytest.raises(fz.LimitExceeded, match="computing"):
+            await worker._request("module_call", {"obj": model, "args": [Ref(image.id)], "kwargs": {},
+                                                  "out": [worker._new_id()]})
+        small = await put_module(worker, {"kind": "sequential", "children": [
+            ["0", {"kind": "layer", "type": layer, "kwargs": {"kernel_size": 2}}]]}, {})
+        await call_module(worker, small, Ref(image.id))
+    assert await worker.ping()
+
+
+async def test_copying_a_view_of_many_dims_is_sized_by_its_dims(fedzmq_daemons):
+    """A red-team session's find: a view permuted over many dims is free to make and slow to copy (about
+    60 ns an element at 24 dims, against 1 for a plain copy), and a ``get`` made its contiguous copy on
+    the event loop: 128 MiB as 27 dims of 2, reversed, held the loop 9 s (the honest client's connection
+    declared the daemon dead). A copy's work now counts its dims, and a get copies on a torch thread: past
+    the time limit it is refused, as a reshape (which copies too) is; a transposed matrix still comes back."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "0.2"])
+    worker = host.worker
+    dims = 24
+    cube = await worker.send(torch.zeros(1 << dims, dtype=torch.uint8))
+    hostile = cube.reshape(*[2] * dims).permute(*reversed(range(dims)))
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await hostile.get()
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await hostile.reshape(-1).get()
+    matrix = torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024)
+    assert torch.equal(await (await worker.send(matrix)).t().get(), matrix.t())

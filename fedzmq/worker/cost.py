@@ -41,6 +41,24 @@ WORK_PER_SECOND = 2e9
 #: an op runs on the event loop only when its inputs and outputs hold at most this many elements
 INLINE_NUMEL = 1 << 10
 
+#: work per element and per dim of reading a view whose elements are out of row-major order over more
+#: than two dims: a copy of it (``contiguous``, ``reshape``, ``cat``, a ``get``'s reply) visits them in
+#: order, and measured here it took about 1 ns an element per dim (2.9 ns at 3 dims, 11 at 9, 63 at 24,
+#: float32), against 1-2 ns for a plain copy. Free to make (``permute``), so a view of 2^27 bytes as 27
+#: dims of 2, reversed, took 9 s to copy in one call that no check can stop
+STRIDED_WORK_PER_DIM = 6
+
+_ATEN = torch.ops.aten
+#: pooling over a window given by its kernel (the argument after the input), 1-d or 2-d on the meta
+#: device (1-d pools run as 2-d): every output element reads the whole window, which torch's flop
+#: formulas leave out (a 512 x 512 window at stride 1 counted as no work, and held a torch thread 30 s)
+_WINDOWED = frozenset({_ATEN.max_pool1d, _ATEN.max_pool2d, _ATEN.max_pool3d, _ATEN.max_pool2d_with_indices,
+                       _ATEN.max_pool3d_with_indices, _ATEN.avg_pool1d, _ATEN.avg_pool2d, _ATEN.avg_pool3d})
+#: pooling to an output size: each output element reads about input / output elements per dim
+_ADAPTIVE = frozenset({_ATEN.adaptive_avg_pool1d, _ATEN.adaptive_avg_pool2d, _ATEN.adaptive_avg_pool3d,
+                       _ATEN._adaptive_avg_pool2d, _ATEN._adaptive_avg_pool3d, _ATEN.adaptive_max_pool1d,
+                       _ATEN.adaptive_max_pool2d, _ATEN.adaptive_max_pool3d})
+
 
 @dataclass(frozen=True)
 class OutputSize:
@@ -214,6 +232,18 @@ def warm_up() -> None:
     F.linear(rows + rows, torch.empty(4, 3, device="meta")).relu().sum()
 
 
+def copy_units(tensor: torch.Tensor) -> int:
+    """Work per element of reading ``tensor`` in row-major order (``STRIDED_WORK_PER_DIM``)."""
+    if tensor.dim() <= 2 or tensor.is_contiguous():
+        return 1
+    return STRIDED_WORK_PER_DIM * tensor.dim()
+
+
+def element_work(tensor: torch.Tensor) -> int:
+    """Work of reading every element of ``tensor`` in row-major order, as a copy of it does."""
+    return tensor.numel() * copy_units(tensor)
+
+
 def work_budget(seconds: float) -> float:
     """The most work (see ``WORK_PER_SECOND``) one command may be admitted with."""
     return seconds * WORK_PER_SECOND
@@ -264,7 +294,7 @@ def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: 
         outputs.append(OutputSize(tuple(out.shape), out.dtype, keys.index(key) if key in keys else None))
     in_numel = sum(t.numel() for t in operands)
     out_numel = sum(o.numel for o in outputs)
-    work = in_numel + out_numel
+    work = sum(element_work(t) for t in operands) + out_numel
     if name in ("matmul", "linear") and len(operands) >= 2:  # every output element is a dot product
         work += out_numel * max(1, operands[0].shape[-1] if operands[0].dim() else 1)
     return OpCost(tuple(outputs), work, in_numel + out_numel)
@@ -316,9 +346,11 @@ def signature(value: Any) -> Hashable:
 
 
 class _Counter(TorchDispatchMode):
-    """Adds up the bytes of every tensor the ops under it make, and their floating point operations
-    (torch's own formulas: matmuls, convolutions, attention). A dispatch mode on this thread only:
-    torch's FlopCounterMode would also install module hooks for every thread of the process."""
+    """Adds up the bytes of every tensor the ops under it make, and their work: torch's own formulas
+    for matmuls, convolutions and attention (floating point operations); for any other op that makes
+    a tensor, its inputs read (``element_work``) and its outputs written, each output element times
+    the window it reads for pooling. A dispatch mode on this thread only: torch's FlopCounterMode would
+    also install module hooks for every thread of the process."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -328,16 +360,32 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {storage_key(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:  # views and aliases of an input make nothing new
-            if isinstance(tensor, torch.Tensor) and storage_key(tensor.untyped_storage()) not in inputs:
-                self.nbytes += tensor.numel() * tensor.element_size()
+        operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {storage_key(t.untyped_storage()) for t in operands}
+        made = [t for t in tree_flatten(out)[0]  # views and aliases of an input make nothing new
+                if isinstance(t, torch.Tensor) and storage_key(t.untyped_storage()) not in inputs]
+        self.nbytes += sum(t.numel() * t.element_size() for t in made)
         formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
             self.flops += int(formula(*args, **kwargs, out_val=out))
+        elif made:
+            window = _window(func.overloadpacket, args)
+            self.flops += sum(element_work(t) for t in operands) + window * sum(t.numel() for t in made)
         return out
 
 
-__all__ = ["Coster", "Footprint", "INLINE_NUMEL", "OpCost", "OutputSize", "WORK_PER_SECOND", "check_work",
-           "signature", "spec_digest", "work_budget"]
+def _window(op: Any, args: Sequence[Any]) -> int:
+    """How many input elements each output element of ``op`` reads: its pooling window, else 1."""
+    if op in _WINDOWED and len(args) > 1:
+        kernel = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]]
+        spatial = 3 if "3d" in op.__name__ else 2 if "2d" in op.__name__ else 1
+        return math.prod(kernel * spatial if len(kernel) == 1 else kernel)
+    if op in _ADAPTIVE and len(args) > 1 and isinstance(args[0], torch.Tensor):
+        sizes = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]]
+        inputs = args[0].shape[-len(sizes):]
+        return math.prod(-(-int(i) // max(1, int(o))) + 1 for i, o in zip(inputs, sizes))
+    return 1
+
+
+__all__ = ["Coster", "Footprint", "INLINE_NUMEL", "OpCost", "OutputSize", "STRIDED_WORK_PER_DIM", "WORK_PER_SECOND",
+           "check_work", "copy_units", "element_work", "signature", "spec_digest", "work_budget"]

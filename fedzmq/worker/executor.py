@@ -195,6 +195,9 @@ class Executor:
             return len(binding.args["objs"]) > INLINE_DELETES
         if binding.command.name == "fit":
             return not small_fit(binding)
+        if binding.command.name == "get":  # its memory is sent as it is, unless a view must be copied in order
+            tensor = binding.objects["obj"]
+            return not tensor.is_contiguous() and tensor.numel() > INLINE_NUMEL
         return sum(t.numel() for t in binding.tensors) > INLINE_NUMEL
 
     def _charge_and_call(self, binding: Binding) -> Any:

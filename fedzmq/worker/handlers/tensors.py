@@ -10,6 +10,7 @@ from ...codec import DTYPE_NAMES, DTYPES, StreamInfo
 from ...errors import BadRequest
 from ...ops import OPS
 from ..binding import Binding, Context, Made
+from ..cost import check_work, copy_units, element_work
 from ..objects import PartialTensor
 
 
@@ -21,10 +22,16 @@ def store(context: Context, binding: Binding) -> Any:
 
 
 def get(context: Context, binding: Binding) -> Any:
+    """The tensor itself (its memory is the reply's), or a copy in row-major order of a view that is
+    not: made here, sized first, and so on a torch thread when it is big (``Executor``), not by the
+    reply's encoding on the event loop. Past ``chunk_bytes``, how to stream it in pieces (``read``)."""
     tensor: torch.Tensor = binding.objects["obj"]
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes > context.config.limits.chunk_bytes:
         return StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, tensor.requires_grad)
+    if not tensor.is_contiguous():
+        check_work(element_work(tensor), context.config.max_command_seconds, "copying this view in order")
+        tensor = tensor.detach().contiguous()
     return tensor.detach().requires_grad_(tensor.requires_grad)
 
 
@@ -66,6 +73,9 @@ def read(context: Context, binding: Binding) -> Any:
     offset, length = binding.args["offset"], binding.args["length"]
     if offset + length > tensor.numel() * tensor.element_size() or length > context.config.limits.chunk_bytes:
         raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
+    # a piece of a view copies at most three times its elements (``byte_range``), each as a copy would
+    elements = 3 * -(-length // tensor.element_size())
+    check_work(elements * copy_units(tensor), context.config.max_command_seconds, "copying this piece in order")
     return byte_range(tensor, offset, length)
 
 
