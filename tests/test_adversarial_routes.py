@@ -592,3 +592,26 @@ async def test_copying_a_view_of_many_dims_is_sized_by_its_dims(fedzmq_daemons):
         await hostile.reshape(-1).get()
     matrix = torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024)
     assert torch.equal(await (await worker.send(matrix)).t().get(), matrix.t())
+
+
+async def test_the_batch_a_fit_or_evaluate_copies_is_charged(fedzmq_daemons, tmp_path):
+    """A red-team session's find: ``fit`` gathers its batch (``features[index]``) and ``evaluate`` clones
+    each, and neither copy was charged (a forward's charge counts what the model makes, not its input):
+    batches of 20,000 rows of 3,072 floats grew the daemon by 240 MiB under a 4 MiB quota. The batch is
+    charged now: too big a batch is refused, a smaller one runs."""
+    from fedzmq.testing.datasets import write_dataset
+
+    path = write_dataset(tmp_path / "rows.safetensors", torch.randn(2000, 1024), torch.randint(0, 2, (2000,)))
+    [host] = await fedzmq_daemons("owner", args=["--data", f"rows={path}", "--max-session-bytes", str(4 << 20)])
+    worker = host.worker
+    model = await put_module(worker, {"kind": "sequential", "children": [
+        ["0", {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 1024, "out_features": 2}}]]},
+        {"0.weight": torch.zeros(2, 1024), "0.bias": torch.zeros(2)})
+    common = {"module": model, "dataset": "rows", "loss": "cross_entropy"}
+    fit = {**common, "optimizer": {"cls": "SGD", "lr": 0.01}, "steps": 1}
+    with pytest.raises(fz.LimitExceeded, match="batch"):
+        await worker._request("fit", {**fit, "batch_size": 2000})  # 8 MB of rows
+    with pytest.raises(fz.LimitExceeded, match="batch"):
+        await worker._request("evaluate", {**common, "batch_size": 2000})
+    assert (await worker._request("fit", {**fit, "batch_size": 256}))["samples_seen"] == 256
+    assert (await worker._request("evaluate", {**common, "batch_size": 256}))["samples"] == 2000

@@ -7,6 +7,7 @@ what the command then stores is charged to the objects that hold it.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -45,22 +46,29 @@ def forward(context: Context, binding: Binding) -> int:
     hosted: HostedModule = binding.objects.get("obj") or binding.objects["module"]
     seconds = context.config.max_command_seconds
     training: bool | None = None  # a call runs in the modules' own modes; a fit trains, an evaluation does not
+    batch_bytes = 0
     if binding.command.name == "module_call":
         inputs, kwargs, grad, passes = binding.args["args"], binding.args["kwargs"], True, 1
     else:
         training = binding.command.name == "fit"
         dataset = binding.dataset
         assert dataset is not None
-        batch = binding.args.get("batch_size", 1024) or 1
-        rows = torch.empty((min(batch, max(1, len(dataset))), *dataset.features.shape[1:]),
-                           dtype=dataset.features.dtype, device="meta")
+        batch = min(binding.args.get("batch_size", 1024) or 1, max(1, len(dataset)))
+        rows = torch.empty((batch, *dataset.features.shape[1:]), dtype=dataset.features.dtype, device="meta")
         inputs, kwargs = [rows], {}
         grad, passes = binding.command.name == "fit", 2 if binding.command.name == "fit" else 1
+        # the batch itself, copied out of the dataset (a fit gathers it, an evaluation clones it), labels too
+        batch_bytes = batch * (_row_bytes(dataset.features) + _row_bytes(dataset.labels))
     footprint = context.coster.forward(hosted, inputs, kwargs, grad, training=training, scope=binding.session.user)
     if footprint is None:
-        return 0
+        return batch_bytes
     check_work(footprint.flops * (1 + passes), seconds, "one forward" + (" and backward" if passes == 2 else ""))
-    return passes * footprint.nbytes
+    return passes * footprint.nbytes + batch_bytes
+
+
+def _row_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of one row (the first dim's element) of a dataset's features or labels."""
+    return math.prod(tensor.shape[1:]) * tensor.element_size()
 
 
 def state(context: Context, binding: Binding) -> int:

@@ -57,7 +57,8 @@ INLINE_FIT_SECONDS = 0.002
 #: weights loaded, say) is stopped with an error instead of holding the loop
 INLINE_FIT_DEADLINE = 0.5
 
-CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
+CHARGE_NAMES = {"outputs": "its outputs",
+                "forward": "the forward's intermediates (and the backward's, in a fit; a fit's or evaluation's batch)",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
                 "clients": "the clients' trained states"}
 
