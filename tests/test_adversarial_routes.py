@@ -615,3 +615,20 @@ async def test_the_batch_a_fit_or_evaluate_copies_is_charged(fedzmq_daemons, tmp
         await worker._request("evaluate", {**common, "batch_size": 2000})
     assert (await worker._request("fit", {**fit, "batch_size": 256}))["samples_seen"] == 256
     assert (await worker._request("evaluate", {**common, "batch_size": 256}))["samples"] == 2000
+
+
+async def test_an_ops_intermediates_are_charged_while_it_runs(fedzmq_daemons):
+    """An op is sized as a forward program's node is (``cost._Counter``): ``cross_entropy`` makes a
+    ``log_softmax`` of its whole input on its way to one value, memory its output's size did not show.
+    Sized by its output alone, it ran with 2 MiB past what a 3 MiB session held room for; now that
+    room is reserved while it runs, and the same op runs where there is room."""
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(3 << 20)])
+    worker = host.worker
+    rows, classes = 512, 1024  # 2 MiB of logits
+    logits = await worker.send(torch.zeros(rows, classes))
+    target = await worker.send(torch.zeros(rows, dtype=torch.long))
+    with pytest.raises(fz.LimitExceeded, match="cross_entropy"):
+        await worker._op("cross_entropy", [logits, target], {}).get()
+    half = await worker._op("getitem", [logits, slice(0, rows // 4)], {})
+    quarter = await worker._op("getitem", [target, slice(0, rows // 4)], {})
+    assert float(await worker._op("cross_entropy", [half, quarter], {}).get()) == pytest.approx(math.log(classes))

@@ -27,7 +27,8 @@ FLOAT64_BYTES = 8
 
 
 def outputs(context: Context, binding: Binding) -> int:
-    """An op's outputs, sized on the meta device: checked against the op's schema first."""
+    """An op's outputs and what it makes on its way, sized on the meta device: checked against the op's
+    schema first."""
     name, args, kwargs = binding.args["op"], binding.args["args"], binding.args["kwargs"]
     cost = context.coster.op(name, args, kwargs, scope=binding.session.user)
     binding.cost = cost
@@ -37,7 +38,7 @@ def outputs(context: Context, binding: Binding) -> int:
     if len(cost.outputs) != len(binding.args["out"]):
         raise BadRequest.new(f"{name} returns {len(cost.outputs)} tensor(s); the request names "
                              f"{len(binding.args['out'])} output(s)")
-    return cost.new_bytes
+    return cost.new_bytes + cost.scratch
 
 
 def forward(context: Context, binding: Binding) -> int:

@@ -86,6 +86,9 @@ class OpCost:
     #: the meta device's error, for shapes the op does not accept: the real op then runs only to raise
     #: torch's own words for it (it fails on the shapes before making anything)
     error: Exception | None = None
+    #: bytes of the tensors the op makes on its way and drops (a composite op's intermediates: the
+    #: ``log_softmax`` inside ``cross_entropy``), held while it runs
+    scratch: int = 0
 
     @property
     def new_bytes(self) -> int:
@@ -275,8 +278,10 @@ def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: 
         return value
 
     meta_args, meta_kwargs = [meta(a) for a in args], {k: meta(v) for k, v in kwargs.items()}
+    counter = _Counter()  # what a forward program's node is counted with: one measure for an op, wherever it runs
     try:
-        result = fn(*meta_args, **meta_kwargs)
+        with counter:
+            result = fn(*meta_args, **meta_kwargs)
     except (BadRequest, LimitExceeded):
         raise
     except Exception as exc:  # shapes that do not fit, or a size that depends on the data
@@ -294,10 +299,10 @@ def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: 
         outputs.append(OutputSize(tuple(out.shape), out.dtype, keys.index(key) if key in keys else None))
     in_numel = sum(t.numel() for t in operands)
     out_numel = sum(o.numel for o in outputs)
-    work = sum(element_work(t) for t in operands) + out_numel
-    if name in ("matmul", "linear") and len(operands) >= 2:  # every output element is a dot product
-        work += out_numel * max(1, operands[0].shape[-1] if operands[0].dim() else 1)
-    return OpCost(tuple(outputs), work, in_numel + out_numel)
+    # at least reading every operand and writing every output, whatever the op decomposed into
+    work = max(counter.flops, sum(element_work(t) for t in operands) + out_numel)
+    made = sum(o.nbytes for o in outputs if o.views is None)
+    return OpCost(tuple(outputs), work, in_numel + out_numel, scratch=max(0, counter.nbytes - made))
 
 
 def _shape_error(exc: Exception) -> Exception:
