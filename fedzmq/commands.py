@@ -102,8 +102,10 @@ class Command:
       label the model will have).
     - ``charges``: what the quota holds while the command runs, beside the objects it stores:
       ``"outputs"`` (sized on the meta device before running), ``"forward"`` (a forward's
-      intermediates), ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer),
-      ``"graph"`` (what autograd saves, for as long as the graph lives).
+      intermediates), ``"batch"`` (the batch a fit or an evaluation copies out of the dataset),
+      ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer), ``"clients"`` (a fit
+      over hosted clients' trained states or sums), ``"graph"`` (what autograd saves, for as long as
+      the graph lives).
     - ``reads_dataset``: it reads the owner's rows (its errors are sanitized).
     - ``reports_metrics``: its reply carries metrics computed with the model (a loss, an accuracy):
       released as the rows' part of the owner's terms allows, but they tell the model's weights too,
@@ -228,7 +230,7 @@ COMMANDS: dict[str, Command] = _table(
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT,
              "load": MAP, "reply_state": BOOL, "clients": STRS, "combine": BOOL},
             offload="large", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
-            releases="after", charges=("forward", "state", "clients"), reads_dataset=True, loads=True,
+            releases="after", charges=("forward", "batch", "state", "clients"), reads_dataset=True, loads=True,
             reports_metrics=True),
     # the logical clients a daemon hosts (--clients-from)
     Command("clients", changes_nothing=True),
@@ -238,6 +240,6 @@ COMMANDS: dict[str, Command] = _table(
             releases="masked"),
     Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG, "load": MAP},
             offload="always",
-            refs={"module": "module"}, writes="module", charges=("forward",), reads_dataset=True, loads=True,
+            refs={"module": "module"}, writes="module", charges=("forward", "batch"), reads_dataset=True, loads=True,
             reports_metrics=True),
 )

@@ -16,7 +16,7 @@ gets a tensor where torch would read it as a size (an error message would print 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -48,7 +48,12 @@ def _is_ints(value: Any) -> bool:
 
 
 def _is_index_item(value: Any) -> bool:
-    if value is None or value is Ellipsis or isinstance(value, torch.Tensor) or _is_int(value) or type(value) is bool:
+    # index tensors of int64 only (a bool mask is refused later: its result's size depends on its values):
+    # torch converts others to int64 expanded to the result's shape, inside the call (a red team's 32
+    # int32 indices of (2048, 1) and (1, 2048) built 1 GB beside a 4 MiB result)
+    if isinstance(value, torch.Tensor):
+        return value.dtype in (torch.int64, torch.bool)
+    if value is None or value is Ellipsis or _is_int(value) or type(value) is bool:
         return True
     if isinstance(value, slice):
         return all(v is None or _is_int(v) for v in (value.start, value.stop, value.step))
@@ -94,6 +99,9 @@ class OpSchema:
     #: probability in [0, 1]): "all" tensors there, or only "integer" ones (a divisor, for zero). The
     #: op can fail on those values, not only on shapes, so whether it failed tells something of them
     checks_values: dict[str, str] = field(default_factory=dict)
+    #: a loss computed element by element over the broadcast of its input with its target and weights
+    #: (``check_loss_shapes``)
+    elementwise_loss: bool = False
 
     def kind_of_keyword(self, name: str) -> str | None:
         if name in self.keyword_only:
@@ -140,13 +148,11 @@ def _unary(fn: Callable[..., Any]) -> OpSchema:
     return _op(fn, ("input", "tensor"))
 
 
-def _loss(fn: Callable[..., Any], checks: tuple[str, ...] = (), **keyword_only: str) -> OpSchema:
-    return _op(fn, ("input", "tensor"), ("target", "tensor"), required=2, method=False,
-               keyword_only={"reduction": "reduction", **keyword_only}, checks_values=dict.fromkeys(checks, "all"))
-
-
-#: losses computed element by element over the broadcast of the input with the target (and weights)
-ELEMENTWISE_LOSSES = frozenset({"mse_loss", "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"})
+def _loss(fn: Callable[..., Any], checks: tuple[str, ...] = (), elementwise: bool = False,
+          **keyword_only: str) -> OpSchema:
+    schema = _op(fn, ("input", "tensor"), ("target", "tensor"), required=2, method=False,
+                 keyword_only={"reduction": "reduction", **keyword_only}, checks_values=dict.fromkeys(checks, "all"))
+    return replace(schema, elementwise_loss=elementwise)
 
 
 def check_loss_shapes(name: str, input: torch.Tensor, *others: torch.Tensor | None) -> None:
@@ -154,8 +160,9 @@ def check_loss_shapes(name: str, input: torch.Tensor, *others: torch.Tensor | No
     torch computes such a loss inside one call, over the broadcast shape, and returns one value: an
     (N, 1) input against an (N,) target is N x N terms, built where no sizing sees them (a red team ran
     1.5 GB past a 1 MiB quota), and rarely the loss meant (torch warns of it). Shapes only."""
-    if name not in ELEMENTWISE_LOSSES or not isinstance(input, torch.Tensor):  # (torch refuses a non-tensor)
-        return
+    schema = SCHEMAS.get(name)
+    if schema is None or not schema.elementwise_loss or not isinstance(input, torch.Tensor):  # (torch refuses
+        return  # a non-tensor itself)
     for other in others:
         if not isinstance(other, torch.Tensor):
             continue
@@ -229,14 +236,14 @@ SCHEMAS: dict[str, OpSchema] = {
     "linear": _op(F.linear, ("input", "tensor"), ("weight", "tensor"), ("bias", "tensor?"), required=2,
                   keywords=("bias",), method=False),
     # losses
-    "mse_loss": _loss(F.mse_loss),
-    "l1_loss": _loss(F.l1_loss),
+    "mse_loss": _loss(F.mse_loss, elementwise=True),
+    "l1_loss": _loss(F.l1_loss, elementwise=True),
     "cross_entropy": _loss(F.cross_entropy, ("target",), weight="tensor?", ignore_index="int",
                            label_smoothing="number"),
     "nll_loss": _loss(F.nll_loss, ("target",), weight="tensor?", ignore_index="int"),
-    "binary_cross_entropy": _loss(F.binary_cross_entropy, ("input", "target"), weight="tensor?"),
-    "binary_cross_entropy_with_logits": _loss(F.binary_cross_entropy_with_logits, weight="tensor?",
-                                              pos_weight="tensor?"),
+    "binary_cross_entropy": _loss(F.binary_cross_entropy, ("input", "target"), elementwise=True, weight="tensor?"),
+    "binary_cross_entropy_with_logits": _loss(F.binary_cross_entropy_with_logits, elementwise=True,
+                                              weight="tensor?", pos_weight="tensor?"),
 }
 
 #: op name -> function, for looking ops up
@@ -288,7 +295,7 @@ def check_call(name: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, A
     if not any(_holds_tensor(v) for v in (*args, *kwargs.values())):
         raise BadRequest.new(f"{name}: at least one operand must be a tensor (ops compute on tensors, "
                              "not on plain numbers)")
-    if name in ELEMENTWISE_LOSSES:
+    if schema.elementwise_loss:
         check_loss_shapes(name, args[0], *args[1:2], *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
     return schema
 
@@ -299,7 +306,7 @@ _DESCRIBE = {
     "ints": f"an int or up to {MAX_DIMS} ints", "ints?": f"None, an int or up to {MAX_DIMS} ints",
     "int|tensor": "an int (a dim) or a tensor", "number": "a number", "bool": "a bool",
     "dtype?": "a dtype or None", "reduction": "'mean', 'sum' or 'none'", "approximate": "'none' or 'tanh'",
-    "index": f"an index (ints, slices, None, ..., tensors, lists of up to {MAX_INDEX_LIST} ints)",
+    "index": f"an index (ints, slices, None, ..., int64 tensors, lists of up to {MAX_INDEX_LIST} ints)",
 }
 
 

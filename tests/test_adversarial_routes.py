@@ -435,13 +435,38 @@ async def test_a_fit_over_clients_whose_rows_differ_in_shape_is_refused(fedzmq_d
         assert sorted(reply["metrics"]) == [alone]
 
 
-class _LinearWithBuffer(nn.Module):
-    """A linear model beside a float16 buffer that its forward does not use (its sum is made all the same)."""
+async def test_a_combining_fit_sums_float64_entries_without_touching_the_model(fedzmq_daemons, tmp_path):
+    """From a cold review: a float64 entry's "sum" was ``tensor.to(torch.float64)``, the model's own tensor
+    (``to`` copies nothing when the dtype is already right), so it was scaled in place and then reset by
+    the next client's start: two clients of 16 rows summed a buffer of ones to 1, not 32."""
+    from fedzmq.testing.datasets import write_dataset
 
-    def __init__(self, buffer: int) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for name in ("a", "b"):
+        write_dataset(folder / f"{name}.safetensors", torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--min-batch-size", "1"])
+    worker = host.worker
+    net = _LinearWithBuffer(3, torch.float64)
+    net.big.fill_(1.0)
+    model = worker._new_id()
+    await worker._request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
+    reply = await worker._request("fit", {
+        "module": model, "dataset": "d", "loss": "cross_entropy", "batch_size": 16, "steps": 1, "clients": ["a", "b"],
+        "optimizer": {"cls": "SGD", "lr": 0.0}, "reply_state": True, "combine": True})
+    assert reply["weight"] == 32
+    assert torch.equal(reply["weighted_sum"]["big"], torch.full((3,), 32.0, dtype=torch.float64))
+    assert torch.equal(reply["weighted_sum"]["linear.weight"], 32 * net.linear.weight.detach().double())
+
+
+class _LinearWithBuffer(nn.Module):
+    """A linear model beside a buffer (float16 unless said) that its forward does not use (its sum is made
+    all the same)."""
+
+    def __init__(self, buffer: int | tuple[int, ...], dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.linear = nn.Linear(4, 2)
-        self.register_buffer("big", torch.zeros(buffer, dtype=torch.float16))
+        self.register_buffer("big", torch.zeros(buffer, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -590,8 +615,14 @@ async def test_copying_a_view_of_many_dims_is_sized_by_its_dims(fedzmq_daemons):
         await hostile.get()
     with pytest.raises(fz.LimitExceeded, match="computing"):
         await hostile.reshape(-1).get()
-    matrix = torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024)
-    assert torch.equal(await (await worker.send(matrix)).t().get(), matrix.t())
+    square = await worker.send(torch.zeros(1 << 26, dtype=torch.uint8))
+    sliced = square.reshape(1 << 13, 1 << 13)[:, ::2].t()  # two dims out of order: 7-22 ns an element
+    for copy in (sliced.get(), sliced.reshape(-1).get()):
+        with pytest.raises(fz.LimitExceeded, match="computing"):
+            await copy
+    matrix = torch.arange(1 << 16, dtype=torch.float32).reshape(256, 256).requires_grad_()
+    back = await (await worker.send(matrix)).t().get()
+    assert torch.equal(back, matrix.t()) and back.requires_grad  # copied in order, still a leaf needing grads
 
 
 async def test_the_batch_a_fit_or_evaluate_copies_is_charged(fedzmq_daemons, tmp_path):
@@ -609,9 +640,10 @@ async def test_the_batch_a_fit_or_evaluate_copies_is_charged(fedzmq_daemons, tmp
         {"0.weight": torch.zeros(2, 1024), "0.bias": torch.zeros(2)})
     common = {"module": model, "dataset": "rows", "loss": "cross_entropy"}
     fit = {**common, "optimizer": {"cls": "SGD", "lr": 0.01}, "steps": 1}
-    with pytest.raises(fz.LimitExceeded, match="batch"):
+    batch = rf"the batch it copies out of the dataset: {2000 * (1024 * 4 + 8)}"  # rows and labels
+    with pytest.raises(fz.LimitExceeded, match=batch):
         await worker._request("fit", {**fit, "batch_size": 2000})  # 8 MB of rows
-    with pytest.raises(fz.LimitExceeded, match="batch"):
+    with pytest.raises(fz.LimitExceeded, match=batch):
         await worker._request("evaluate", {**common, "batch_size": 2000})
     assert (await worker._request("fit", {**fit, "batch_size": 256}))["samples_seen"] == 256
     assert (await worker._request("evaluate", {**common, "batch_size": 256}))["samples"] == 2000
@@ -632,3 +664,119 @@ async def test_an_ops_intermediates_are_charged_while_it_runs(fedzmq_daemons):
     half = await worker._op("getitem", [logits, slice(0, rows // 4)], {})
     quarter = await worker._op("getitem", [target, slice(0, rows // 4)], {})
     assert float(await worker._op("cross_entropy", [half, quarter], {}).get()) == pytest.approx(math.log(classes))
+
+
+# --- class 7: what one call of torch builds or does inside, beyond its output -------------------------------------
+
+def _layer(kind: str, **kwargs) -> dict:
+    return {"kind": "sequential", "children": [["0", {"kind": "layer", "type": kind, "kwargs": kwargs}]]}
+
+
+async def test_a_convolutions_unfolded_input_is_charged(fedzmq_daemons):
+    """A red-team session's find: a float32 convolution of one small image takes torch's slow path,
+    which unfolds the input into a buffer of (channels x kernel) x output positions inside one call:
+    ``Conv2d(kernel_size=(1, 20000), padding=(0, 20000))`` over a 1 x 16 image grew the daemon 1.5 GB
+    under a 4 MiB quota. That buffer is charged now (the most any one call holds at once)."""
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(4 << 20)])
+    worker = host.worker
+    for kind, kernel, padding, image in (("Conv2d", [1, 20000], [0, 20000], (1, 1, 1, 16)),
+                                         ("Conv1d", 20000, 20000, (1, 1, 16))):
+        weight = torch.zeros(1, 1, *([1, 20000] if kind == "Conv2d" else [20000]))
+        model = await put_module(worker, _layer(kind, in_channels=1, out_channels=1, kernel_size=kernel,
+                                                padding=padding, bias=False), {"0.weight": weight})
+        pixels = await worker.send(torch.zeros(image))
+        with pytest.raises(fz.LimitExceeded, match="intermediates"):
+            await call_module(worker, model, Ref(pixels.id))
+        await worker._request("delete", {"objs": [model]})
+    small = await put_module(worker, _layer("Conv2d", in_channels=1, out_channels=2, kernel_size=3, padding=1),
+                             {"0.weight": torch.zeros(2, 1, 3, 3), "0.bias": torch.zeros(2)})
+    await call_module(worker, small, Ref((await worker.send(torch.zeros(1, 1, 8, 8))).id))
+
+
+async def test_index_tensors_must_be_int64(fedzmq_daemons):
+    """A red-team session's find: ``getitem`` with int32 index tensors that broadcast against each other
+    makes torch convert each, expanded to the output's shape, to int64 inside the call: 32 such indices
+    of (2048, 1) and (1, 2048) made a 4 MiB output and 1 GB besides. Index tensors must be int64."""
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(12 << 20)])
+    worker = host.worker
+    x = await worker.send(torch.zeros((1,) * 32, dtype=torch.uint8))
+    column = await worker.send(torch.zeros(2048, 1, dtype=torch.int32))
+    row = await worker.send(torch.zeros(1, 2048, dtype=torch.int32))
+    index = tuple(column if i % 2 == 0 else row for i in range(32))
+    with pytest.raises(fz.BadRequest, match="int64"):
+        await worker._op("getitem", [x, index], {}).get()
+    vector = await worker.send(torch.arange(10.0))
+    picked = await worker._op("getitem", [vector, await worker.send(torch.tensor([1, 3]))], {}).get()
+    assert picked.tolist() == [1.0, 3.0]
+
+
+async def test_what_an_op_builds_inside_is_charged(fedzmq_daemons):
+    """A red-team session's finds, each one op whose output is small and whose call builds much more:
+    ``matmul`` broadcasting both operands' batch dims copies them ((128, 1, 1, 16384) @ (1, 128, 16384, 1):
+    2 GB beside a 64 KiB output); ``sum`` of a bool tensor, or with ``dtype=``, widens the whole input
+    first; a comparison of uint8 with float64 casts the uint8 operand to float64 (1 GB from 128 MiB).
+    Each is charged now and refused under a quota it would pass; the same ops on their own dtype run."""
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(48 << 20)])
+    worker = host.worker
+    a, b = await worker.send(torch.zeros(128, 1, 1, 1024)), await worker.send(torch.zeros(1, 128, 1024, 1))
+    with pytest.raises(fz.LimitExceeded, match="matmul"):  # 2 x 64 MiB of copies for a 64 KiB output
+        await worker._op("matmul", [a, b], {}).get()
+    await worker._request("delete", {"objs": [a.id, b.id]})
+    flags = await worker.send(torch.zeros(8 << 20, dtype=torch.bool))  # 8 MiB, summed as 64 MiB of int64
+    with pytest.raises(fz.LimitExceeded, match="sum"):
+        await worker._op("sum", [flags], {}).get()
+    floats = await worker.send(torch.zeros(4 << 20, dtype=torch.float32))  # 16 MiB, summed as 32 MiB of float64
+    with pytest.raises(fz.LimitExceeded, match="sum"):
+        await worker._op("sum", [floats], {"dtype": torch.float64}).get()
+    await worker._request("delete", {"objs": [flags.id, floats.id]})
+    small = await worker.send(torch.zeros(16 << 20, dtype=torch.uint8))
+    with pytest.raises(fz.LimitExceeded, match="eq"):  # 16 MiB compared as 128 MiB of float64
+        await worker._op("eq", [small, await worker.send(torch.zeros(1, dtype=torch.float64))], {}).get()
+    assert await worker._op("sum", [await worker.send(torch.ones(1024))], {}).get() == 1024
+    ones = await worker.send(torch.ones(4, dtype=torch.uint8))
+    assert (await worker._op("eq", [ones, await worker.send(torch.ones(1, dtype=torch.uint8))], {}).get()).all()
+
+
+async def test_slow_work_per_element_is_counted(fedzmq_daemons):
+    """A red-team session's finds, one call each holding a torch thread seconds past a 0.2 s limit while
+    counted as a cheap op: an integer ``pow`` (up to 63 squarings an element: an outer power of 8,192 x
+    8,192, 3.5 s), and an ``Embedding(max_norm=...)`` forward, which renormalizes every row it looks up
+    one by one in place (4M lookups, 10 s)."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "0.2"])
+    worker = host.worker
+    column = await worker.send(torch.arange(8192).reshape(8192, 1))
+    row = await worker.send(torch.arange(8192).reshape(1, 8192))
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await worker._op("pow", [column, row], {}).get()
+    rows = 1 << 22
+    table = await put_module(worker, _layer("Embedding", num_embeddings=rows, embedding_dim=1, max_norm=1.0),
+                             {"0.weight": torch.zeros(rows, 1)})
+    lookups = await worker.send(torch.randperm(rows))
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await call_module(worker, table, Ref(lookups.id))
+    small = await put_module(worker, _layer("Embedding", num_embeddings=8, embedding_dim=2, max_norm=1.0),
+                             {"0.weight": torch.ones(8, 2)})
+    await call_module(worker, small, Ref((await worker.send(torch.tensor([1, 2]))).id))
+
+
+async def test_loading_weights_from_a_view_out_of_order_is_sized(fedzmq_daemons, tmp_path):
+    """A red-team session's find: ``module_load``, and a fit's or evaluation's ``load=``, copy their
+    tensors into the model, and a view permuted over many dims (128 MiB as 27 dims of 2) took 8 s to copy
+    under a 1 s limit. The copy is sized as any other; loading the same values in order runs."""
+    from fedzmq.testing.datasets import write_dataset
+
+    path = write_dataset(tmp_path / "rows.safetensors", torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    [host] = await fedzmq_daemons("owner", args=["--data", f"rows={path}", "--max-command-seconds", "0.2"])
+    worker = host.worker
+    dims = 24
+    net = _LinearWithBuffer((2,) * dims, torch.uint8)
+    model = worker._new_id()
+    await worker._request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
+    cube = (await worker.send(torch.zeros(1 << dims, dtype=torch.uint8))).reshape(*[2] * dims)
+    hostile = cube.permute(*reversed(range(dims)))  # the buffer's shape, its elements out of order
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await worker._request("module_load", {"obj": model, "state": {"big": Ref(hostile.id)}})
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "cross_entropy",
+                                           "load": {"big": Ref(hostile.id)}})
+    await worker._request("module_load", {"obj": model, "state": {"big": Ref(cube.id)}})

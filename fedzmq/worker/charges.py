@@ -14,9 +14,10 @@ import torch
 
 from ..codec import DTYPES, dtype_itemsize
 from ..errors import BadRequest
-from ..ops import MAX_DIMS
+from ..ops import MAX_DIMS, check_loss_shapes
 from .binding import Binding, Context
 from .cost import check_work
+from .datasets import Dataset
 from .objects import HostedModule, HostedOptimizer
 
 #: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
@@ -43,28 +44,46 @@ def outputs(context: Context, binding: Binding) -> int:
 
 def forward(context: Context, binding: Binding) -> int:
     """A forward pass's intermediates (every tensor it makes), and for ``fit`` its backward's as many
-    again. Also refuses a forward (or one training step) that would run past the time budget."""
+    again. Also refuses a forward (or one training step) that would run past the time budget, and a
+    fit whose model's output would broadcast against its labels in an elementwise loss."""
     hosted: HostedModule = binding.objects.get("obj") or binding.objects["module"]
     seconds = context.config.max_command_seconds
     training: bool | None = None  # a call runs in the modules' own modes; a fit trains, an evaluation does not
-    batch_bytes = 0
     if binding.command.name == "module_call":
         inputs, kwargs, grad, passes = binding.args["args"], binding.args["kwargs"], True, 1
     else:
         training = binding.command.name == "fit"
-        dataset = binding.dataset
-        assert dataset is not None
-        batch = min(binding.args.get("batch_size", 1024) or 1, max(1, len(dataset)))
-        rows = torch.empty((batch, *dataset.features.shape[1:]), dtype=dataset.features.dtype, device="meta")
+        rows = torch.empty((batch_rows(binding), *_dataset(binding).features.shape[1:]),
+                           dtype=_dataset(binding).features.dtype, device="meta")
         inputs, kwargs = [rows], {}
         grad, passes = binding.command.name == "fit", 2 if binding.command.name == "fit" else 1
-        # the batch itself, copied out of the dataset (a fit gathers it, an evaluation clones it), labels too
-        batch_bytes = batch * (_row_bytes(dataset.features) + _row_bytes(dataset.labels))
     footprint = context.coster.forward(hosted, inputs, kwargs, grad, training=training, scope=binding.session.user)
     if footprint is None:
-        return batch_bytes
+        return 0
     check_work(footprint.flops * (1 + passes), seconds, "one forward" + (" and backward" if passes == 2 else ""))
-    return passes * footprint.nbytes + batch_bytes
+    if binding.command.name == "fit" and footprint.output is not None:  # (evaluate pairs each row with its label)
+        labels = _dataset(binding).labels
+        check_loss_shapes(binding.args["loss"], torch.empty(footprint.output, device="meta"),
+                          torch.empty((inputs[0].shape[0], *labels.shape[1:]), device="meta"))
+    return passes * footprint.nbytes
+
+
+def batch(context: Context, binding: Binding) -> int:
+    """The batch a fit gathers (``features[index]``) or an evaluation clones, rows and labels: what the
+    forward's charge does not count (it counts what the model makes). A fit over hosted clients makes
+    one at a time (they share a row shape)."""
+    dataset = _dataset(binding)
+    return batch_rows(binding) * (_row_bytes(dataset.features) + _row_bytes(dataset.labels))
+
+
+def batch_rows(binding: Binding) -> int:
+    """Rows in one batch of a fit or an evaluation: what it asks for, at most the dataset's rows."""
+    return min(binding.args.get("batch_size", 1024) or 1, max(1, len(_dataset(binding))))
+
+
+def _dataset(binding: Binding) -> Dataset:
+    assert binding.dataset is not None
+    return binding.dataset
 
 
 def _row_bytes(tensor: torch.Tensor) -> int:
@@ -102,7 +121,9 @@ def clients(context: Context, binding: Binding) -> int:
         return model + len(hosted_clients) * model
     sums = sum(t.numel() * FLOAT64_BYTES if t.is_floating_point() else 2 * t.numel() * t.element_size()
                for t in entries)
-    return model + sums
+    # adding a client's entry to its float64 sum widens the entry first, a float64 copy of it, one at a time
+    widened = max((t.numel() * FLOAT64_BYTES for t in entries if t.is_floating_point()), default=0)
+    return model + sums + widened
 
 
 def stream(context: Context, binding: Binding) -> int:
@@ -119,7 +140,7 @@ def stream(context: Context, binding: Binding) -> int:
 
 
 CHARGES: dict[str, Callable[[Context, Binding], int]] = {
-    "outputs": outputs, "forward": forward, "state": state, "stream": stream, "clients": clients,
+    "outputs": outputs, "forward": forward, "batch": batch, "state": state, "stream": stream, "clients": clients,
 }
 
-__all__ = ["CHARGES", "OPTIMIZER_STATE_COPIES"]
+__all__ = ["CHARGES", "FLOAT64_BYTES", "OPTIMIZER_STATE_COPIES", "batch_rows"]

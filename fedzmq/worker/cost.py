@@ -14,6 +14,7 @@ cached by signature: the shapes, strides, dtypes and plain arguments of a call. 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import math
 import threading
@@ -41,19 +42,34 @@ WORK_PER_SECOND = 2e9
 #: an op runs on the event loop only when its inputs and outputs hold at most this many elements
 INLINE_NUMEL = 1 << 10
 
-#: work per element and per dim of reading a view whose elements are out of row-major order over more
-#: than two dims: a copy of it (``contiguous``, ``reshape``, ``cat``, a ``get``'s reply) visits them in
-#: order, and measured here it took about 1 ns an element per dim (2.9 ns at 3 dims, 11 at 9, 63 at 24,
-#: float32), against 1-2 ns for a plain copy. Free to make (``permute``), so a view of 2^27 bytes as 27
-#: dims of 2, reversed, took 9 s to copy in one call that no check can stop
-STRIDED_WORK_PER_DIM = 6
+#: work per element and per dim (at least 3) of reading a view whose elements are out of row-major order:
+#: a copy of it (``contiguous``, ``reshape``, ``cat``, a ``get``'s reply) visits them in order, and
+#: measured here it took 3-4 ns an element per dim (6-12 ns for two dims of a sliced transpose, 11.9 at
+#: 3 dims, 63-107 at 24-25 dims; float32), against 1-2 ns for a plain copy. Free to make (``permute``,
+#: slices), so a view of 2^27 bytes as 27 dims of 2, reversed, took 9 s to copy in one call that no
+#: check can stop
+STRIDED_WORK_PER_DIM = 8
+
+#: work per output element of an op torch has no formula for: writing it, where reading an operand's
+#: element costs 1. Measured here on one thread, fresh outputs: 2.1-2.7 ns an element for add, mul,
+#: div, sigmoid, softmax; 3.5-4.5 for exp, log, pow, tanh (one unit is 0.5 ns: ``WORK_PER_SECOND``)
+OUTPUT_WORK = 8
+#: an integer ``pow`` squares up to 63 times an element: 46 ns an element measured
+INTEGER_POW_WORK = 128
+#: ``embedding_renorm_`` (an ``Embedding`` with ``max_norm``) renormalizes the rows it looked up one by one,
+#: 2.5-4 us each, in place (it makes no tensor for the counter to see)
+RENORM_WORK_PER_INDEX = 8192
 
 _ATEN = torch.ops.aten
 #: pooling over a window given by its kernel (the argument after the input), 1-d or 2-d on the meta
 #: device (1-d pools run as 2-d): every output element reads the whole window, which torch's flop
 #: formulas leave out (a 512 x 512 window at stride 1 counted as no work, and held a torch thread 30 s)
-_WINDOWED = frozenset({_ATEN.max_pool1d, _ATEN.max_pool2d, _ATEN.max_pool3d, _ATEN.max_pool2d_with_indices,
-                       _ATEN.max_pool3d_with_indices, _ATEN.avg_pool1d, _ATEN.avg_pool2d, _ATEN.avg_pool3d})
+_WINDOWED: dict[Any, int] = {  # op -> its spatial dims (a kernel given as one int covers each)
+    _ATEN.max_pool1d: 1, _ATEN.avg_pool1d: 1, _ATEN.max_pool2d: 2, _ATEN.max_pool2d_with_indices: 2,
+    _ATEN.avg_pool2d: 2, _ATEN.max_pool3d: 3, _ATEN.max_pool3d_with_indices: 3, _ATEN.avg_pool3d: 3}
+#: calls that convert dtypes themselves (their output is the widened copy: nothing besides)
+_CASTS = frozenset({_ATEN._to_copy, _ATEN.to, _ATEN.copy_, _ATEN.clone, _ATEN.index, _ATEN.embedding,
+                    _ATEN.embedding_dense_backward})
 #: pooling to an output size: each output element reads about input / output elements per dim
 _ADAPTIVE = frozenset({_ATEN.adaptive_avg_pool1d, _ATEN.adaptive_avg_pool2d, _ATEN.adaptive_avg_pool3d,
                        _ATEN._adaptive_avg_pool2d, _ATEN._adaptive_avg_pool3d, _ATEN.adaptive_max_pool1d,
@@ -97,11 +113,13 @@ class OpCost:
 
 @dataclass(frozen=True)
 class Footprint:
-    """A forward pass: bytes of every tensor it makes (an upper bound of what it holds at once), and
-    its floating point operations."""
+    """A forward pass: bytes of every tensor it makes (an upper bound of what it holds at once), its
+    work (``_Counter``), and its output's shape when it is one tensor (a fit checks it against its labels
+    before it runs: ``ops.check_loss_shapes``)."""
 
     nbytes: int
     flops: int
+    output: tuple[int, ...] | None = None
 
 
 class _Cache(collections.OrderedDict[Hashable, Any]):
@@ -198,8 +216,9 @@ class Coster:
             counter = _Counter()
             try:
                 with torch.set_grad_enabled(grad), counter:
-                    meta(*meta_inputs, **meta_kwargs)
-                footprint = Footprint(counter.nbytes, counter.flops)
+                    out = meta(*meta_inputs, **meta_kwargs)
+                footprint = Footprint(counter.nbytes + counter.scratch, counter.flops,
+                                      tuple(out.shape) if isinstance(out, torch.Tensor) else None)
             except (BadRequest, LimitExceeded):
                 raise
             except Exception as exc:
@@ -237,9 +256,9 @@ def warm_up() -> None:
 
 def copy_units(tensor: torch.Tensor) -> int:
     """Work per element of reading ``tensor`` in row-major order (``STRIDED_WORK_PER_DIM``)."""
-    if tensor.dim() <= 2 or tensor.is_contiguous():
+    if tensor.is_contiguous():
         return 1
-    return STRIDED_WORK_PER_DIM * tensor.dim()
+    return STRIDED_WORK_PER_DIM * max(3, tensor.dim())
 
 
 def element_work(tensor: torch.Tensor) -> int:
@@ -299,10 +318,12 @@ def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: 
         outputs.append(OutputSize(tuple(out.shape), out.dtype, keys.index(key) if key in keys else None))
     in_numel = sum(t.numel() for t in operands)
     out_numel = sum(o.numel for o in outputs)
-    # at least reading every operand and writing every output, whatever the op decomposed into
-    work = max(counter.flops, sum(element_work(t) for t in operands) + out_numel)
     made = sum(o.nbytes for o in outputs if o.views is None)
-    return OpCost(tuple(outputs), work, in_numel + out_numel, scratch=max(0, counter.nbytes - made))
+    # an op that makes a tensor reads every operand and writes every output, whatever it decomposed into
+    # (a view of an operand is free: what copies it in order later pays for that)
+    floor = sum(element_work(t) for t in operands) + OUTPUT_WORK * out_numel if made else 0
+    work = max(counter.flops, floor)
+    return OpCost(tuple(outputs), work, in_numel + out_numel, scratch=max(0, counter.nbytes - made) + counter.scratch)
 
 
 def _shape_error(exc: Exception) -> Exception:
@@ -351,40 +372,62 @@ def signature(value: Any) -> Hashable:
 
 
 class _Counter(TorchDispatchMode):
-    """Adds up the bytes of every tensor the ops under it make, and their work: torch's own formulas
-    for matmuls, convolutions and attention (floating point operations); for any other op that makes
-    a tensor, its inputs read (``element_work``) and its outputs written, each output element times
-    the window it reads for pooling. A dispatch mode on this thread only: torch's FlopCounterMode would
-    also install module hooks for every thread of the process."""
+    """Adds up the bytes of every tensor the ops under it make, the most any one call builds inside
+    and drops (``scratch``), and their work: torch's own formulas for matmuls, convolutions and
+    attention (floating point operations); for any other op that makes a tensor, its inputs read
+    (``element_work``) and its outputs written (``OUTPUT_WORK``; an output element of a pooling op reads
+    its whole window). A dispatch mode on this thread only: torch's FlopCounterMode would also install
+    module hooks for every thread of the process."""
 
     def __init__(self) -> None:
         super().__init__()
         self.nbytes = 0
         self.flops = 0
+        self.scratch = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        op = func.overloadpacket
         operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         inputs = {storage_key(t.untyped_storage()) for t in operands}
         made = [t for t in tree_flatten(out)[0]  # views and aliases of an input make nothing new
                 if isinstance(t, torch.Tensor) and storage_key(t.untyped_storage()) not in inputs]
         self.nbytes += sum(t.numel() * t.element_size() for t in made)
-        formula = flop_registry.get(func.overloadpacket)
+        self.scratch = max(self.scratch, _scratch(op, args, operands, made))
+        formula = flop_registry.get(op)
         if formula is not None:
             self.flops += int(formula(*args, **kwargs, out_val=out))
+        elif op is _ATEN.embedding_renorm_ and len(args) > 1:
+            self.flops += args[1].numel() * RENORM_WORK_PER_INDEX
         elif made:
-            window = _window(func.overloadpacket, args)
-            self.flops += sum(element_work(t) for t in operands) + window * sum(t.numel() for t in made)
+            per_output = OUTPUT_WORK * _window(op, args)
+            if op is _ATEN.pow and not made[0].is_floating_point():
+                per_output = INTEGER_POW_WORK
+            self.flops += sum(element_work(t) for t in operands) + per_output * sum(t.numel() for t in made)
         return out
+
+
+def _scratch(op: Any, args: Sequence[Any], operands: list[torch.Tensor], made: list[torch.Tensor]) -> int:
+    """Bytes one call builds inside and drops, which no dispatch shows: a convolution's unfolded input
+    (torch's slow path for one small image: (input channels x kernel) x output positions, per image), and
+    an operand widened to the dtype the call computes in (``sum`` of bools counts in int64, a uint8
+    compared with a float64 is first cast to float64)."""
+    if op is _ATEN.convolution and len(args) > 1 and made:
+        weight, output = args[1], made[0]
+        return output.shape[0] * math.prod(weight.shape[1:]) * math.prod(output.shape[2:]) * weight.element_size()
+    if not made or op in _CASTS:
+        return 0
+    dtypes = [t.dtype for t in (*operands, *made)]
+    wide = functools.reduce(torch.promote_types, dtypes)
+    return sum(t.numel() * wide.itemsize for t in operands if t.dtype != wide and t.numel() > 1)
 
 
 def _window(op: Any, args: Sequence[Any]) -> int:
     """How many input elements each output element of ``op`` reads: its pooling window, else 1."""
     if op in _WINDOWED and len(args) > 1:
         kernel = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]]
-        spatial = 3 if "3d" in op.__name__ else 2 if "2d" in op.__name__ else 1
-        return math.prod(kernel * spatial if len(kernel) == 1 else kernel)
+        return math.prod(kernel * _WINDOWED[op] if len(kernel) == 1 else kernel)
     if op in _ADAPTIVE and len(args) > 1 and isinstance(args[0], torch.Tensor):
         sizes = list(args[1]) if isinstance(args[1], (list, tuple)) else [args[1]]
         inputs = args[0].shape[-len(sizes):]

@@ -57,8 +57,8 @@ INLINE_FIT_SECONDS = 0.002
 #: weights loaded, say) is stopped with an error instead of holding the loop
 INLINE_FIT_DEADLINE = 0.5
 
-CHARGE_NAMES = {"outputs": "its outputs",
-                "forward": "the forward's intermediates (and the backward's, in a fit; a fit's or evaluation's batch)",
+CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
+                "batch": "the batch it copies out of the dataset",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
                 "clients": "the clients' trained states"}
 
@@ -197,8 +197,9 @@ class Executor:
         if binding.command.name == "fit":
             return not small_fit(binding)
         if binding.command.name == "get":  # its memory is sent as it is, unless a view must be copied in order
-            tensor = binding.objects["obj"]
-            return not tensor.is_contiguous() and tensor.numel() > INLINE_NUMEL
+            tensor = binding.objects["obj"]  # (one past a chunk is streamed: its reply says how, at once)
+            return not tensor.is_contiguous() and INLINE_NUMEL < tensor.numel() and \
+                tensor.numel() * tensor.element_size() <= self.context.config.limits.chunk_bytes
         return sum(t.numel() for t in binding.tensors) > INLINE_NUMEL
 
     def _charge_and_call(self, binding: Binding) -> Any:
@@ -242,7 +243,8 @@ class Executor:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
             loading = _WriteWatch(binding) if binding.label else None
             try:
-                load_into(binding.objects["module"].module, binding.args["load"])
+                load_into(binding.objects["module"].module, binding.args["load"],
+                          self.context.config.max_command_seconds)
             finally:
                 if loading is not None:
                     session.taint.mark(loading.written(), binding.label)

@@ -214,23 +214,25 @@ def fit(module: nn.Module | Trainee, dataset: Dataset, terms: Terms, *, loss: st
         # zero model's mse over a 20-row dataset told the mean of its squared labels)
         mean_loss = math.nan
     elif terms.row_metrics:
-        mean_loss = _row_loss(model, dataset, torch.cat(trained), loss, loss_fn)
+        mean_loss = _row_loss(model, dataset, torch.cat(trained), loss, loss_fn, batch_size)
     return {"loss": mean_loss, "samples_seen": seen, "num_examples": len(dataset),
             "steps": done, "seconds": time.perf_counter() - started}
 
 
-def _row_loss(module: nn.Module, dataset: Dataset, index: torch.Tensor, loss: str, loss_fn: Any) -> float:
+def _row_loss(module: nn.Module, dataset: Dataset, index: torch.Tensor, loss: str, loss_fn: Any,
+              batch_size: int) -> float:
     """The trained model's mean loss over the rows of its last epoch, as per-row terms (``row_terms``):
     in eval mode (a row alone has no batch statistics), without gradients, once per fit (a pass per
-    step would cost more than the training on small models)."""
+    step would cost more than the training on small models), a batch at a time (what the fit was
+    charged for: a batch's copy, and a forward over that many rows)."""
     per_row = row_terms(module, loss, loss_fn, False)
     module.train(False)
     total = 0.0
     try:
         with torch.no_grad():
-            for start in range(0, len(index), 1024):
+            for start in range(0, len(index), batch_size):
                 budget.check()
-                chunk = index[start:start + 1024]
+                chunk = index[start:start + batch_size]
                 losses, _ = per_row(dataset.features[chunk], dataset.labels[chunk])
                 total += losses.double().sum().item()
     finally:

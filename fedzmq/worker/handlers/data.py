@@ -118,7 +118,8 @@ def fit_clients(context: Context, binding: Binding) -> Any:
                 elif name in sums:
                     sums[name].add_(tensor, alpha=samples)
                 else:
-                    sums[name] = tensor.to(torch.float64).mul_(samples)
+                    # a copy also when the entry is float64 already (``to`` would return the module's own tensor)
+                    sums[name] = tensor.to(torch.float64, copy=True).mul_(samples)
         for name, tensor in current.items():
             tensor.copy_(start[name])
     finally:  # (also when the command stops: out of time, or cancelled)

@@ -11,6 +11,7 @@ from ...codec import DTYPE_NAMES, Ref, StreamInfo
 from ...errors import BadRequest
 from ...modeldesc import check_state, instantiate
 from ..binding import Binding, Context, Made
+from ..cost import check_work, element_work
 from ..objects import HostedModule
 from ..taint import storage_key
 
@@ -47,17 +48,21 @@ def _adoptable(binding: Binding, tensor: torch.Tensor) -> bool:
 
 def module_load(context: Context, binding: Binding) -> Any:
     """Update some or all parameters and buffers in place (the rest come by ``module_write``)."""
-    load_into(binding.objects["obj"].module, binding.args["state"])
+    load_into(binding.objects["obj"].module, binding.args["state"], context.config.max_command_seconds)
     return None
 
 
-def load_into(module: nn.Module, state: dict[str, Any]) -> None:
-    """Copy ``state`` (some or all entries, checked against the module first) into ``module`` in place."""
+def load_into(module: nn.Module, state: dict[str, Any], seconds: float) -> None:
+    """Copy ``state`` (some or all entries, checked against the module first) into ``module`` in place;
+    refused if the copies would take more than ``seconds`` (a view out of order is slow to copy:
+    ``cost.element_work``; one copy cannot be stopped)."""
     current = module.state_dict()
     unknown = set(state) - set(current)
     if unknown:
         raise BadRequest.new(f"model has no parameters or buffers named {sorted(unknown)}")
     check_state({k: current[k] for k in state}, state)
+    check_work(sum(element_work(t) for t in state.values() if isinstance(t, torch.Tensor)), seconds,
+               "copying these weights in")
     for name, tensor in state.items():
         current[name].copy_(tensor)  # state_dict() entries are detached: no grad mode needed
 

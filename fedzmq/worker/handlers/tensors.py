@@ -29,10 +29,11 @@ def get(context: Context, binding: Binding) -> Any:
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes > context.config.limits.chunk_bytes:
         return StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, tensor.requires_grad)
+    requires_grad = tensor.requires_grad
     if not tensor.is_contiguous():
         check_work(element_work(tensor), context.config.max_command_seconds, "copying this view in order")
         tensor = tensor.detach().contiguous()
-    return tensor.detach().requires_grad_(tensor.requires_grad)
+    return tensor.detach().requires_grad_(requires_grad)
 
 
 def info(context: Context, binding: Binding) -> Any:
