@@ -780,3 +780,114 @@ async def test_loading_weights_from_a_view_out_of_order_is_sized(fedzmq_daemons,
         await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "cross_entropy",
                                            "load": {"big": Ref(hostile.id)}})
     await worker._request("module_load", {"obj": model, "state": {"big": Ref(cube.id)}})
+
+
+async def test_a_backward_stops_at_its_time_limit(fedzmq_daemons):
+    """A third red-team session's find: a ``backward`` ran its whole graph in one call, unsized, and the
+    coordinator's ops are sized one by one: 1,024 one-element slices of a 64 MiB leaf (each free to make),
+    joined and summed, made a backward of 1,024 fills of the whole leaf: 34 s under a 1 s limit. The
+    budget is checked before each node of the graph now; one slice's backward runs."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "1"])
+    worker = host.worker
+    leaf = await worker.send(torch.zeros(1 << 24, requires_grad=True))
+    slices = [await worker._op("getitem", [leaf, slice(i, i + 1)], {}) for i in range(1024)]
+    total = worker._op("sum", [worker._op("cat", [slices], {})], {})
+    with pytest.raises(fz.LimitExceeded, match="ran longer"):
+        await worker._request("backward", {"obj": total.id})
+    one = worker._op("sum", [slices[0]], {})
+    await worker._request("backward", {"obj": one.id})
+    assert float(await worker._op("sum", [leaf.grad], {}).get()) >= 1.0
+
+
+class _Slices(nn.Module):
+    """A model whose forward takes ``k`` one-element slices of one big parameter: each free, each a full
+    fill of the parameter's gradient in the backward."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.w = nn.Parameter(torch.zeros(1 << 24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] + torch.cat([self.w[i:i + 1] for i in range(self.k)]).sum()
+
+
+async def test_a_fit_counts_the_backward_of_its_views(fedzmq_daemons, tmp_path):
+    """The same inside a fit, whose step is sized as its forward's work three times: the slices counted
+    as nothing (36 s under a 1 s limit). A view of a tensor that needs a gradient counts its input's size
+    (its backward fills that much); one slice still trains."""
+    from fedzmq.testing.datasets import write_dataset
+
+    path = write_dataset(tmp_path / "rows.safetensors", torch.zeros(16, 4), torch.zeros(16))
+    [host] = await fedzmq_daemons("owner", args=["--data", f"rows={path}", "--max-command-seconds", "1"])
+    worker = host.worker
+    fit = {"dataset": "rows", "loss": "mse_loss", "batch_size": 16, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.0}}
+    many = await worker.send(_Slices(1024))
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await worker._request("fit", {**fit, "module": many.id})
+    one = await worker.send(_Slices(1))
+    assert (await worker._request("fit", {**fit, "module": one.id}))["samples_seen"] == 16
+
+
+async def test_slow_dtypes_and_hidden_copies_of_matmuls_and_reductions_are_counted(fedzmq_daemons):
+    """A third red-team session's finds: torch's flop formulas do not depend on the dtype, and CPU kernels
+    are far slower for some (an int64 vector product at 34 ns per element, copying an operand besides:
+    7.8 s under 0.5 s and 736 MiB past a quota; float16 matmuls at 0.3 GFLOP/s: 6.5 s under 1 s); ``mean``
+    and ``softmax`` of float16 reduce in float32, a widened copy of the whole input (345 MiB past a
+    quota); and ``getitem`` with 32 broadcast index tensors reads each for every output element (2 s
+    under 0.25 s). Each is refused now; float32 and bfloat16 of the same shapes run."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "2", "--max-session-bytes", str(96 << 20)])
+    worker = host.worker
+    row = await worker.send(torch.ones(1, 1 << 22, dtype=torch.int64))  # 32 MiB
+    column = await worker._op("t", [row], {})
+    with pytest.raises(fz.LimitExceeded, match="matmul"):  # its copy of the operands: 64 MiB
+        await worker._op("matmul", [row, column], {}).get()
+    await worker._request("delete", {"objs": [row.id, column.id]})
+    for dtype, refused in ((torch.float16, True), (torch.float32, False), (torch.bfloat16, False)):
+        a = await worker.send(torch.zeros(224, 2048, dtype=dtype))
+        b = await worker.send(torch.zeros(2048, 2048, dtype=dtype))
+        product = worker._op("matmul", [a, b], {})
+        if refused:
+            with pytest.raises(fz.LimitExceeded, match="computing"):
+                await product.get()
+        else:
+            assert (await product.get()).shape == (224, 2048)
+        await worker._request("delete", {"objs": [a.id, b.id]})
+    halves = await worker.send(torch.zeros(20 << 20, dtype=torch.float16))  # 40 MiB, reduced as 80 MiB
+    with pytest.raises(fz.LimitExceeded, match="mean"):
+        await worker._op("mean", [halves], {}).get()
+    await worker._request("delete", {"objs": [halves.id]})
+    flags = await worker.send(torch.zeros((1,) * 32, dtype=torch.bool))
+    across = await worker.send(torch.zeros(1, 4096, dtype=torch.int64))
+    down = await worker.send(torch.zeros(4096, 1, dtype=torch.int64))
+    with pytest.raises(fz.LimitExceeded, match="computing"):
+        await worker._op("getitem", [flags, tuple(across if i % 2 else down for i in range(32))], {}).get()
+
+
+async def test_an_optimizer_steps_copies_are_charged(fedzmq_daemons):
+    """A third red-team session's find: an ``optim_step`` of Adam with amsgrad, weight decay and
+    ``maximize`` makes about three copies of each parameter on its way, beyond the three of state it is
+    charged for: 114 MiB past a quota with one 64 MiB parameter. They are charged; SGD steps as before."""
+    elements = 1 << 22  # 16 MiB of float32
+    # held: weight, output, gradient (3 x 16 MiB); charged for a step: three copies of state for any optimizer,
+    # and what the step makes: SGD two copies (80 MiB in all, it fits), Adam three (96 MiB, it does not)
+    quota = (3 + 5.5) * 4 * elements
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(int(quota))])
+    worker = host.worker
+    adam = {"cls": "Adam", "lr": 0.1, "amsgrad": True, "weight_decay": 0.1, "maximize": True}
+    for optimizer, refused in ((adam, True), ({"cls": "SGD", "lr": 0.1}, False)):
+        model = await put_module(worker, {"kind": "layer", "type": "Linear", "kwargs": {
+            "in_features": 1, "out_features": elements, "bias": False}}, {"weight": torch.ones(elements, 1)})
+        out = await call_module(worker, model, Ref((await worker.send(torch.ones(1, 1))).id))
+        total = worker._new_id()
+        await worker._request("op", {"op": "sum", "args": [Ref(out)], "kwargs": {}, "out": [total]})
+        await worker._request("backward", {"obj": total})
+        optim, cls = worker._new_id(), optimizer.pop("cls")
+        await worker._request("optim_create", {"out": optim, "cls": cls, "module": model,
+                                               "groups": [{"params": [0], **optimizer}]})
+        if refused:
+            with pytest.raises(fz.LimitExceeded, match="optimizer"):
+                await worker._request("optim_step", {"obj": optim})
+        else:
+            await worker._request("optim_step", {"obj": optim})
+        await worker._request("delete", {"objs": [model, out, total, optim]})

@@ -387,12 +387,14 @@ async def test_a_backward_after_the_weights_changed_in_place_is_refused():
 
 
 async def test_optimizer_state_counts_against_the_byte_quota():
-    """An optimizer's first step needs room for its state (up to 3 copies of the parameters); after it,
-    the state's true size is held against the quota, and deleting the model frees its optimizers too."""
+    """An optimizer's first step needs room for its state (up to 3 copies of the parameters) and for what
+    the step makes on its way (3 copies of the biggest parameter); after it, the state's true size is held
+    against the quota, and deleting the model frees its optimizers too."""
     model = nn.Linear(100, 100)  # 40.4 kB of parameters, counted twice (room for the gradients)
     params = sum(p.numel() * 4 for p in model.parameters())
     weight = model.weight.detach().clone()
-    for quota, fits in ((2 * params + 2 * params, False), (2 * params + 3 * params + 10_000, True)):
+    step = 3 * weight.numel() * 4
+    for quota, fits in ((2 * params + 2 * params, False), (2 * params + 3 * params + step + 10_000, True)):
         async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota)) as bob:
             remote = await bob.send(model)
             opt = fz.Optims([bob], optim=torch.optim.Adam(model.parameters(), lr=0.1)).get_optim(bob)
@@ -412,12 +414,13 @@ async def test_optimizer_state_counts_against_the_byte_quota():
             assert status["bytes"] - held >= 2 * params  # Adam's two moments per parameter
             assert status["objects"] >= 2
             # the quota itself holds the state: what would fit beside the model alone is refused
-            with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):
-                await bob.send(torch.zeros(params * 3 // 8))
+            probe = torch.zeros((params + step + 20_000) // 4)  # more than is left beside the state, less than
+            with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):  # there is once the model is gone
+                await bob.send(probe)
             await remote.delete()
             after = await bob.status()
             assert after["bytes"] <= held - 2 * params + 10_000  # the model and its optimizer's state are gone
-            await bob.send(torch.zeros(params * 3 // 8))  # and the quota has that room again
+            await bob.send(probe)  # and the quota has that room again
             with pytest.raises(fz.ObjectNotFound):
                 await opt.step()
 

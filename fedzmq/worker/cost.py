@@ -59,6 +59,12 @@ INTEGER_POW_WORK = 128
 #: ``embedding_renorm_`` (an ``Embedding`` with ``max_norm``) renormalizes the rows it looked up one by one,
 #: 2.5-4 us each, in place (it makes no tensor for the counter to see)
 RENORM_WORK_PER_INDEX = 8192
+#: work per floating point operation of a matmul or convolution (torch's flop formulas) by dtype, where
+#: torch's CPU kernels are slower than the float32 ones the rate is set for: float16 matmuls ran at
+#: 0.3 GFLOP/s, an int64 (1, K) @ (K, 1) at 34 ns per K (a red team held a torch thread 7-8 s under 0.5 s)
+FLOP_WORK = {torch.float16: 8, torch.float64: 2}
+#: the same for integer dtypes (torch's fallback gemm; it also copies an operand: ``_scratch``)
+INTEGER_FLOP_WORK = 64
 
 _ATEN = torch.ops.aten
 #: pooling over a window given by its kernel (the argument after the input), 1-d or 2-d on the meta
@@ -67,6 +73,7 @@ _ATEN = torch.ops.aten
 _WINDOWED: dict[Any, int] = {  # op -> its spatial dims (a kernel given as one int covers each)
     _ATEN.max_pool1d: 1, _ATEN.avg_pool1d: 1, _ATEN.max_pool2d: 2, _ATEN.max_pool2d_with_indices: 2,
     _ATEN.avg_pool2d: 2, _ATEN.max_pool3d: 3, _ATEN.max_pool3d_with_indices: 3, _ATEN.avg_pool3d: 3}
+_MATMULS = frozenset({_ATEN.mm, _ATEN.bmm, _ATEN.addmm, _ATEN.baddbmm, _ATEN.dot, _ATEN.mv})
 #: calls that convert dtypes themselves (their output is the widened copy: nothing besides)
 _CASTS = frozenset({_ATEN._to_copy, _ATEN.to, _ATEN.copy_, _ATEN.clone, _ATEN.index, _ATEN.embedding,
                     _ATEN.embedding_dense_backward})
@@ -397,29 +404,44 @@ class _Counter(TorchDispatchMode):
         self.scratch = max(self.scratch, _scratch(op, args, operands, made))
         formula = flop_registry.get(op)
         if formula is not None:
-            self.flops += int(formula(*args, **kwargs, out_val=out))
+            self.flops += int(formula(*args, **kwargs, out_val=out)) * _flop_work(operands)
         elif op is _ATEN.embedding_renorm_ and len(args) > 1:
             self.flops += args[1].numel() * RENORM_WORK_PER_INDEX
         elif made:
             per_output = OUTPUT_WORK * _window(op, args)
             if op is _ATEN.pow and not made[0].is_floating_point():
                 per_output = INTEGER_POW_WORK
+            elif op is _ATEN.index:  # every output element reads every index tensor
+                per_output = OUTPUT_WORK * (1 + sum(1 for t in operands[1:]))
             self.flops += sum(element_work(t) for t in operands) + per_output * sum(t.numel() for t in made)
+        elif torch.is_grad_enabled():  # a view: free now, but its backward fills a gradient of its whole input
+            self.flops += OUTPUT_WORK * sum(t.numel() for t in operands if t.requires_grad)
         return out
+
+
+def _flop_work(operands: list[torch.Tensor]) -> int:
+    """Work per floating point operation of a matmul or convolution on these operands' dtype."""
+    dtype = operands[0].dtype if operands else torch.float32
+    return FLOP_WORK.get(dtype, 1) if dtype.is_floating_point else INTEGER_FLOP_WORK
 
 
 def _scratch(op: Any, args: Sequence[Any], operands: list[torch.Tensor], made: list[torch.Tensor]) -> int:
     """Bytes one call builds inside and drops, which no dispatch shows: a convolution's unfolded input
     (torch's slow path for one small image: (input channels x kernel) x output positions, per image), and
     an operand widened to the dtype the call computes in (``sum`` of bools counts in int64, a uint8
-    compared with a float64 is first cast to float64)."""
+    compared with a float64 is first cast to float64, half floats are reduced in float32), and the
+    operands an integer matmul copies."""
     if op is _ATEN.convolution and len(args) > 1 and made:
         weight, output = args[1], made[0]
         return output.shape[0] * math.prod(weight.shape[1:]) * math.prod(output.shape[2:]) * weight.element_size()
     if not made or op in _CASTS:
         return 0
+    if op in _MATMULS and not made[0].is_floating_point():  # the integer gemm copies its operands
+        return sum(t.numel() * t.element_size() for t in operands)
     dtypes = [t.dtype for t in (*operands, *made)]
     wide = functools.reduce(torch.promote_types, dtypes)
+    if wide in (torch.float16, torch.bfloat16):  # CPU kernels reduce and normalize half floats in float32
+        wide = torch.float32
     return sum(t.numel() * wide.itemsize for t in operands if t.dtype != wide and t.numel() > 1)
 
 

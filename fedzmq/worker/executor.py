@@ -33,6 +33,7 @@ from .charges import CHARGES
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
 from .handlers.modules import load_into
+from .handlers.tensors import graph_nodes
 from .loads import metrics_label, relabel_loaded, withheld_loss
 from .objects import DependencyError, HostedModule, HostedOptimizer, module_tensors, optimizer_state, tensors_of
 from .policy import sanitized
@@ -386,16 +387,8 @@ class _WriteWatch:
 
 def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors a backward from ``tensor`` accumulates gradients into."""
-    leaves, seen, stack = [], set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):
-            leaves.append(variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+    leaves = [node.variable for node in graph_nodes(tensor)
+              if isinstance(getattr(node, "variable", None), torch.Tensor)]
     if tensor.grad_fn is None and tensor.requires_grad:
         leaves.append(tensor)
     return leaves
