@@ -411,8 +411,8 @@ class _Counter(TorchDispatchMode):
             per_output = OUTPUT_WORK * _window(op, args)
             if op is _ATEN.pow and not made[0].is_floating_point():
                 per_output = INTEGER_POW_WORK
-            elif op is _ATEN.index:  # every output element reads every index tensor
-                per_output = OUTPUT_WORK * (1 + sum(1 for t in operands[1:]))
+            elif op is _ATEN.index:  # every output element reads every index tensor (the operands after the input)
+                per_output = OUTPUT_WORK * len(operands)
             self.flops += sum(element_work(t) for t in operands) + per_output * sum(t.numel() for t in made)
         elif torch.is_grad_enabled():  # a view: free now, but its backward fills a gradient of its whole input
             self.flops += OUTPUT_WORK * sum(t.numel() for t in operands if t.requires_grad)
