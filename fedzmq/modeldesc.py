@@ -21,6 +21,7 @@ device first, so a hostile description cannot make the worker allocate more than
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Mapping
 
@@ -294,7 +295,7 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
         unknown = set(kwargs) - set(allowed)
         if unknown:
             raise BadRequest.new(f"{name}: unknown arguments {sorted(unknown)}")
-        return cls(**kwargs)
+        return cls(**kwargs, **({"dtype": PARAMETER_DTYPE} if _takes_dtype(cls) else {}))
     if kind == "registered":
         name = spec.get("name")
         if not isinstance(name, str) or name not in registry:
@@ -309,7 +310,8 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
             module.add_module(name, child)
         for entry in spec.get("params") or []:
             name, shape, requires_grad = _triple(entry)
-            module.register_parameter(name, nn.Parameter(torch.empty(shape), requires_grad=bool(requires_grad)))
+            module.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=PARAMETER_DTYPE),
+                                                         requires_grad=bool(requires_grad)))
         for entry in spec.get("buffers") or []:
             name, shape, dtype = _triple(entry)
             if dtype not in DTYPES:
@@ -317,6 +319,17 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
             module.register_buffer(name, torch.empty(shape, dtype=DTYPES[dtype]))
         return module
     raise BadRequest.new(f"unknown model description kind {kind!r}")
+
+
+#: the dtype a description's layers and parameters are built in. Named, not left to torch's default dtype:
+#: that is the process's, and an in-process worker builds on its torch threads while its caller's thread
+#: may have changed it for a moment (a model built in float64 then refused its own float32 weights)
+PARAMETER_DTYPE = torch.float32
+
+
+def _takes_dtype(cls: type[nn.Module]) -> bool:
+    """Whether the layer makes tensors of its own (it takes ``dtype=``, as torch's factory arguments go)."""
+    return "dtype" in inspect.signature(cls.__init__).parameters
 
 
 def _plain_kwargs(kwargs: Any) -> dict[str, Any]:

@@ -85,6 +85,8 @@ class Connection:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: the tear-down once ``close`` started it (it finishes even when that close is cancelled)
+        self._closing: asyncio.Future[None] | None = None
         self._last_heard = time.monotonic()
         self._dead: WorkerDeadError | None = None
         self._heartbeat_id: int | None = None
@@ -161,21 +163,33 @@ class Connection:
         return self._dead is None
 
     async def close(self, say_goodbye: bool = True) -> None:
-        """End the session: the worker frees its objects. Waits briefly for the worker's answer."""
+        """End the session: the worker frees its objects. Waits briefly for the worker's answer.
+
+        A close that is cancelled (a deadline around it, or around an ``async with``'s exit) still
+        closes: the tear-down runs whatever happens to the goodbye, on a task of its own that a later
+        ``close()`` waits for, so no heartbeat keeps the session alive and no socket stays open."""
         if self._socket is None:
             return
-        if say_goodbye and self._tasks and self._dead is None:
-            with contextlib.suppress(Exception):  # a worker that does not answer at once is gone or busy
-                await self.request("close", {}, timeout=GOODBYE_SECONDS)
-            if self._socket is None:  # closed by another caller meanwhile
-                return
+        if self._closing is None:
+            try:
+                if say_goodbye and self._tasks and self._dead is None:
+                    with contextlib.suppress(Exception):  # a worker that does not answer at once is gone or busy
+                        await self.request("close", {}, timeout=GOODBYE_SECONDS)
+            finally:
+                if self._closing is None and self._socket is not None:
+                    self._closing = asyncio.ensure_future(self._tear_down())
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+
+    async def _tear_down(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # the reader leaves the socket's descriptor
         self._tasks = []
         self._fail_all(WorkerClosedError(f"connection to {self.address} was closed"))
         self._outbox.drop()
         self._pump.drop_backlog()
+        assert self._socket is not None
         self._socket.close(linger=0)
         self._socket = None
 

@@ -8,6 +8,7 @@ and its state (Adam's moments, say) stays on bob across sends of the model.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Iterable
 
 import torch
@@ -47,10 +48,21 @@ class RemoteOptimizer:
             hyper = {k: _plain(v) for k, v in group.items() if k in allowed and v is not None}
             groups.append({"params": [index[id(p)] for p in group["params"]], **hyper})
         obj_id = self.worker._new_id()
-        await self.worker._request("optim_create", {"out": obj_id, "cls": self._name, "module": module.id,
-                                                    "groups": groups})
+        created = self.worker._submit("optim_create", {"out": obj_id, "cls": self._name, "module": module.id,
+                                                       "groups": groups})
+        # known before the reply: a use that comes meanwhile (another coroutine's, or a retry after this
+        # one was cancelled) runs on this optimizer, after its creation in the session's order, instead
+        # of making a second one the client would never free
         self._remote_id, self._module = obj_id, module
+        created.add_done_callback(lambda future: self._forget_unless_made(obj_id, future))
+        await self.worker._wait(asyncio.shield(created))
         return obj_id
+
+    def _forget_unless_made(self, obj_id: int, created: "asyncio.Future[Any]") -> None:
+        """The next use makes the optimizer anew if this creation failed (or never got its answer)."""
+        failed = created.cancelled() or created.exception() is not None or not created.result().ok
+        if failed and self._remote_id == obj_id:
+            self._remote_id = self._module = None
 
     def _find_module(self) -> tuple[ModulePointer, dict[int, int]]:
         wanted = {id(p) for group in self._template.param_groups for p in group["params"]}

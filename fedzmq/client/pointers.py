@@ -41,7 +41,9 @@ class Pointer:
         location._pointers[obj_id] = self  # so that the worker's errors can name this pointer
 
     def __await__(self) -> Generator[Any, None, Any]:
-        yield from self.location._wait(self._ready).__await__()
+        # shielded: the creation's future is the pointer's, shared by every awaiter and by later awaits;
+        # cancelling one awaiter (a timeout) must not cancel it for the others
+        yield from self.location._wait(asyncio.shield(self._ready)).__await__()
         return self
 
     async def delete(self) -> None:
@@ -59,7 +61,8 @@ class Pointer:
         return f"<{type(self).__name__} {self.id} on {self.location.id!r}>"
 
     def __repr__(self) -> str:
-        state = "pending" if not self._ready.done() else ("failed" if self._ready.exception() else "ready")
+        ready = self._ready
+        state = "pending" if not ready.done() else "failed" if ready.cancelled() or ready.exception() else "ready"
         return f"{self.describe()[:-1]} ({state})>"
 
 

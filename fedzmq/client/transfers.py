@@ -50,6 +50,8 @@ LANDING_THREADS = 2
 class Transfers:
     _connection: "Connection"
     _modules: "weakref.WeakKeyDictionary[nn.Module, ModulePointer]"
+    #: the sends of a model to this worker under way, each resolved when it ends
+    _module_sends: "dict[nn.Module, asyncio.Future[None]]"
 
     def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
@@ -175,6 +177,19 @@ class Transfers:
     # --- modules -------------------------------------------------------------------------------
 
     async def _send_module(self, module: nn.Module, timeout: float | None) -> ModulePointer:
+        """Sends of one model to this worker, one after the other: two coroutines sending it at once (its
+        first send, say) get what two sends in a row give, one remote copy that the second loads into."""
+        while (under_way := self._module_sends.get(module)) is not None:
+            await asyncio.shield(under_way)  # resolved however that send ends
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._module_sends[module] = done
+        try:
+            return await self._send_module_now(module, timeout)
+        finally:
+            del self._module_sends[module]
+            done.set_result(None)
+
+    async def _send_module_now(self, module: nn.Module, timeout: float | None) -> ModulePointer:
         """Small entries travel inline (one chunk's worth in all); big ones as streams: into the
         existing remote module (``module_write``) or as objects the new module adopts (``module_put``)."""
         state = module.state_dict()

@@ -40,15 +40,18 @@ class VirtualWorker(RemoteWorker):
             self.server.start()
 
     def _before_request(self) -> None:
-        self.server.start()
+        if not self._closed:  # once closed, the request fails as on any closed worker (WorkerClosedError)
+            self.server.start()
 
     async def __aenter__(self) -> "VirtualWorker":
         self.server.start()
         return self
 
     async def close(self) -> None:
-        await super().close()
-        await self.server.close()
+        try:
+            await super().close()
+        finally:  # a close that was cancelled still stops the in-process daemon
+            await self.server.close()
 
     def __await__(self) -> Generator[Any, None, "VirtualWorker"]:
         async def ready() -> VirtualWorker:

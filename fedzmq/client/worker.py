@@ -53,6 +53,7 @@ class RemoteWorker(Transfers, PointerOps):
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._modules: weakref.WeakKeyDictionary[nn.Module, ModulePointer] = weakref.WeakKeyDictionary()
+        self._module_sends: dict[nn.Module, asyncio.Future[None]] = {}
         self._resets_seen = 0
         #: this logical client's session on the daemon (the daemon's own session is the connection's)
         self._client_session: str | None = None
@@ -69,7 +70,7 @@ class RemoteWorker(Transfers, PointerOps):
         worker._connection.users += 1
         worker._object_ids = itertools.count(1)
         worker._released, worker._loop, worker._closed = [], None, False
-        worker._modules = weakref.WeakKeyDictionary()
+        worker._modules, worker._module_sends = weakref.WeakKeyDictionary(), {}
         worker._resets_seen = host._connection.session_resets
         worker._client_session = None
         worker._pointers = weakref.WeakValueDictionary()
@@ -121,18 +122,24 @@ class RemoteWorker(Transfers, PointerOps):
     async def close(self) -> None:
         """End the session: the worker frees everything this client made there. The connection closes
         with the last worker that shares it."""
+        connection = self._connection
         if self._closed:
+            if connection.users <= 0:  # a close that was cancelled may still be tearing the connection down
+                await connection.close(say_goodbye=False)
             return
         self._closed = True
         self._released.clear()
-        connection = self._connection
         connection.users -= 1
         last = connection.users <= 0  # decided now: clients closed together must not all close the connection
-        if self.client is not None and not connection.closed and connection.alive:
-            with contextlib.suppress(Exception):
-                await self._request("close", {}, timeout=GOODBYE_SECONDS)
-        if last:
-            await connection.close()
+        said_goodbye = False
+        try:
+            if self.client is not None and not connection.closed and connection.alive:
+                with contextlib.suppress(Exception):
+                    await self._request("close", {}, timeout=GOODBYE_SECONDS)
+            said_goodbye = True
+        finally:  # cancelled or not, the last user closes the connection (without waiting on a goodbye if cancelled)
+            if last:
+                await connection.close(say_goodbye=said_goodbye)
 
     async def __aenter__(self) -> "RemoteWorker":
         """Connect (if not yet connected) and close on leaving: ``async with RemoteWorker(addr) as bob``

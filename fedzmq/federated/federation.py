@@ -223,15 +223,20 @@ class Federation:
         if self.evaluate_fn is not None:
             result = self.evaluate_fn(self.model)
             metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")
-        if self.evaluate_on_workers:
-            await self._evaluate_on_workers(metrics, [w for w in selected if worker_key(w) in fits])
-        sent_after, received_after = self._traffic()
-        metrics.bytes_sent, metrics.bytes_received = sent_after - sent_before, received_after - received_before
-        metrics.seconds = time.perf_counter() - started
-        metrics.transfer_mb_per_s = (metrics.bytes_sent + metrics.bytes_received) / 1e6 / max(metrics.seconds, 1e-9)
-        self.history.append(metrics)
-        if self.checkpoint_dir:
-            self._save_checkpoint()
+        try:
+            if self.evaluate_on_workers:
+                await self._evaluate_on_workers(metrics, [w for w in selected if worker_key(w) in fits])
+        finally:  # the new model is in place: the round is recorded and checkpointed even when its evaluation
+            # on the workers was cancelled (a deadline around run_round) or failed, so that ``round``,
+            # ``history`` and the checkpoint never disagree
+            sent_after, received_after = self._traffic()
+            metrics.bytes_sent, metrics.bytes_received = sent_after - sent_before, received_after - received_before
+            metrics.seconds = time.perf_counter() - started
+            metrics.transfer_mb_per_s = (metrics.bytes_sent + metrics.bytes_received) / 1e6 / max(metrics.seconds,
+                                                                                                   1e-9)
+            self.history.append(metrics)
+            if self.checkpoint_dir:
+                self._save_checkpoint()
         return metrics
 
     async def _evaluate_on_workers(self, metrics: RoundMetrics, workers: Sequence[RemoteWorker]) -> None:

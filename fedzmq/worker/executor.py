@@ -244,8 +244,9 @@ class Executor:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
             loading = _WriteWatch(binding) if binding.label else None
             try:
-                load_into(binding.objects["module"].module, binding.args["load"],
-                          self.context.config.max_command_seconds)
+                with default_modes():
+                    load_into(binding.objects["module"].module, binding.args["load"],
+                              self.context.config.max_command_seconds)
             finally:
                 if loading is not None:
                     session.taint.mark(loading.written(), binding.label)

@@ -47,6 +47,7 @@ from ..modeldesc import ModelRegistry
 from ..outbox import Outbox
 from ..pump import BUDGET_SECONDS, Pump
 from ..security import KeyGate, SecurityError, address_problem, apply_server_keys, is_loopback_address
+from ..torchmodes import default_modes
 from .binding import Context
 from .config import WorkerConfig
 from .cost import Coster, warm_up
@@ -472,7 +473,8 @@ class Worker:
             self._refuse_revoked(key, frames)
             return
         try:
-            request = decode_request(frames, self.config.limits)
+            with default_modes():  # in process, the caller's thread: its inference mode would mark the tensors
+                request = decode_request(frames, self.config.limits)
         except Exception as exc:  # a decoder bug must not stop the daemon: report it as malformed
             self._malformed(key, exc)
             return
