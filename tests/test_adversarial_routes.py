@@ -5,7 +5,9 @@ attacker writes it, against a real daemon subprocess, and asserts what the data 
 The shared helpers come from tests/test_adversarial.py, the owner's rows (``secret_rows``) from tests/conftest.py.
 """
 
+import asyncio
 import math
+import time
 
 import pytest
 import torch
@@ -225,8 +227,9 @@ async def test_weights_trained_under_secure_aggregation_cannot_be_read_through_m
     """A red team's route: train a model, then ask for metrics with a ``load`` of every entry but the
     trained weight, crafted so that the loss is that weight plus a constant: every weight in ten
     evaluations, no secure round. A metric is a function of the weights it is computed with, so a
-    model trained here gives metrics only once its every entry was replaced (as a round's load does);
-    a round's flow (the whole global model loaded, then a fit) still reports its fit's loss."""
+    model trained here gives metrics only once its every entry was replaced (as a round's load does).
+    (A fit's loss over protected rows is withheld under secure aggregation whatever its weights:
+    ``test_a_fits_loss_cannot_be_differenced_down_to_one_row``.)"""
     x, y, path = secret_rows
     [bob] = await fedzmq_daemons("bob", args=protected_args(path, "--require-secure-aggregation"))
     worker = bob.worker
@@ -253,7 +256,7 @@ async def test_weights_trained_under_secure_aggregation_cannot_be_read_through_m
     await worker._request("fit", {"module": model, **train})  # trained again: its weights are the owner's
     await worker._request("module_load", {"obj": model, "state": every})
     fitted = await worker._request("fit", {"module": model, **train})
-    assert fitted["loss"] >= 0 and fitted["steps"] == 1  # loaded whole: its loss is told
+    assert math.isnan(fitted["loss"]) and fitted["steps"] == 1  # loaded whole, it trains; its loss stays here
     with pytest.raises(fz.PermissionDenied):  # and what that fit trained leaves only masked, as before
         await worker._request("module_state", {"obj": model})
 
@@ -534,7 +537,9 @@ async def test_a_fit_reports_no_loss_over_fewer_rows_than_the_owners_metric_floo
         one_step = await worker._request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 1})
         assert one_step["samples_seen"] == 16 and math.isnan(one_step["loss"]), (flags, one_step)
         two_steps = await worker._request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 2})
-        assert two_steps["samples_seen"] == 32 and math.isfinite(two_steps["loss"]), (flags, two_steps)
+        # over enough rows: told without secure aggregation; with it, a fit over protected rows tells no loss
+        told = math.isnan(two_steps["loss"]) if flags else math.isfinite(two_steps["loss"])
+        assert two_steps["samples_seen"] == 32 and told, (flags, two_steps)
 
 
 # --- class 6: work and memory the sizing did not see ---------------------------------------------------------
@@ -891,3 +896,81 @@ async def test_an_optimizer_steps_copies_are_charged(fedzmq_daemons):
         else:
             await worker._request("optim_step", {"obj": optim})
         await worker._request("delete", {"objs": [model, out, total, optim]})
+
+
+# --- class 8: a fourth red team (5 Dec 2026, afternoon) ----------------------------------------------------
+
+def _feature_picker(j: int | None) -> nn.Module:
+    """Sequential(Linear(8, 1), Flatten(0)) whose output is feature j (or 0)."""
+    net = nn.Sequential(nn.Linear(FEATURES, 1), nn.Flatten(0))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.zero_()
+        if j is not None:
+            net[0].weight[0, j] = 1.0
+    return net
+
+
+async def test_a_fits_loss_cannot_be_differenced_down_to_one_row(fedzmq_daemons, secret_rows):
+    """The shuffle's order depended on the daemon's secret and the client's seed only, and a step takes
+    the order's first ``batch_size`` rows: fits of batch 16 and 17 with one seed covered sets differing
+    by one row, and ``17 * L17 - 16 * L16`` was its own loss term. With a zero model (mse) that is the
+    row's squared label, with ``x -> x[:, j]`` it is ``(x_j - y)^2``: a whole protected row in 18 fits
+    on a daemon requiring secure aggregation, where the loss was the one value left unmasked. Now a fit
+    over protected rows there reports no loss, and the batch size is part of the shuffle's seed."""
+    x, y, path = secret_rows
+    for flags in ((), ("--require-secure-aggregation",)):
+        [bob] = await fedzmq_daemons(f"bob{len(flags)}", args=protected_args(path, *flags))
+        worker = bob.worker
+
+        async def loss(j: int | None, batch: int) -> float:
+            net = _feature_picker(j)
+            model = await put_module(worker, describe(net), net.state_dict())  # fresh and public
+            metrics = await worker._request("fit", {"module": model, "dataset": "rows", "loss": "mse_loss",
+                                                    "batch_size": batch, "steps": 1, "seed": 1234,
+                                                    "optimizer": {"cls": "SGD", "lr": 0.0}})
+            await worker._request("delete", {"objs": [model]})
+            return metrics["loss"]
+
+        label = 17 * await loss(None, 17) - 16 * await loss(None, 16)
+        feature = 17 * await loss(0, 17) - 16 * await loss(0, 16)
+        if flags:
+            assert math.isnan(label) and math.isnan(feature)
+            continue
+        # without secure aggregation the trained weights leave anyway (the owner's terms); the loss is
+        # still no single row's term
+        guess_y = math.sqrt(max(label, 0.0))
+        guess_x = guess_y + math.sqrt(max(feature, 0.0))
+        one_row = ((x[:, 0] - guess_x).abs() < 1e-2) & ((y.float() - guess_y).abs() < 1e-3)
+        assert not one_row.any(), "two fits' losses differenced down to one row"
+
+
+def _nested_calls(depth: int, fan_out: int) -> dict:
+    """A described model of ``depth`` graph modules, each calling its child ``fan_out`` times."""
+    if depth == 0:
+        return {"kind": "layer", "type": "ReLU", "kwargs": {}}
+    program = [["placeholder", "x", [], {}]] + [["call_module", "c", [NodeRef(0)], {}] for _ in range(fan_out)]
+    program += [["output", "output", [NodeRef(fan_out)], {}]]
+    return {"kind": "graph", "children": [["c", _nested_calls(depth - 1, fan_out)]], "params": [], "buffers": [],
+            "program": program}
+
+
+async def test_sizing_a_forward_keeps_to_the_commands_time_limit(fedzmq_daemons):
+    """A forward is sized on the meta device before it runs, and that sizing ran outside the command's
+    time budget: 8 nested modules each calling its child 8 times (8^8 calls, cheap one by one) held the
+    torch thread past 20 s under a 2 s limit (by the red team's estimate, for over an hour), and every
+    other session's forward waited behind it."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "2"])
+    attacker = host.worker
+    model = await put_module(attacker, _nested_calls(8, 8), {})
+    x = await attacker.send(torch.ones(4))
+    call = asyncio.ensure_future(call_module(attacker, model, Ref(x.id)))
+    await asyncio.sleep(0.5)
+    async with fz.connect(host.address) as honest:
+        started = time.monotonic()
+        net = await honest.send(nn.Linear(4, 2))
+        await asyncio.wait_for(net(await honest.send(torch.ones(8, 4))).get(), 20)
+        waited = time.monotonic() - started
+    with pytest.raises(fz.LimitExceeded, match="longer than the worker allows"):
+        await asyncio.wait_for(call, 20)
+    assert waited < 5, f"an honest forward waited {waited:.1f} s behind a command limited to 2 s"

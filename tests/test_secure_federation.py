@@ -2,6 +2,7 @@
 properties (masked vectors uncorrelated with updates, drop-outs, thresholds) are in test_secagg_core."""
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -398,8 +399,8 @@ async def test_secure_rounds_go_on_when_the_models_entries_are_streamed_in_piece
     """A cold review's find: entries too big for one message are streamed into the model piece by piece,
     which never overwrites them whole, so from the second round they kept the label of the last fit,
     and every fit was refused for what its loss would tell (the round failed). Such a fit now runs,
-    its update leaves masked as always, and its loss is withheld (NaN); an entry loaded whole still
-    gives its loss."""
+    its update leaves masked as always, and its loss is withheld (NaN), as every fit's over protected
+    rows under secure aggregation now is."""
     limits = fz.Limits(chunk_bytes=4096)
     workers = [fz.VirtualWorker(f"w{i}", datasets={"d": shard}, settings=TEST_SETTINGS,
                                 config=fz.WorkerConfig(require_secure_aggregation=True, limits=limits))
@@ -414,7 +415,7 @@ async def test_secure_rounds_go_on_when_the_models_entries_are_streamed_in_piece
         small = fz.Federation(workers, _model(), FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=3)
         for _ in (1, 2):
             metrics = await small.run_round()
-        assert all(fit["loss"] == fit["loss"] for fit in metrics.fits.values())  # loaded whole: not NaN
+        assert all(math.isnan(fit["loss"]) for fit in metrics.fits.values())  # withheld, loaded whole or not
     finally:
         for w in workers:
             await w.close()

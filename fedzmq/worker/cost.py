@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from .. import budget
 from ..errors import BadRequest, LimitExceeded
 from ..modeldesc import ModelRegistry, build
 from ..ops import check_call
@@ -393,6 +394,7 @@ class _Counter(TorchDispatchMode):
         self.scratch = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        budget.check()  # each call is cheap on the meta device; how many a description makes is not
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         op = func.overloadpacket

@@ -132,7 +132,14 @@ class Executor:
             # red-team sessions' attacks). So the weights after the command's own load must be
             # releasable: a round's, loaded whole (now or before), are; what was trained here is not
             label = metrics_label(binding)
-            if binding.command.name == "fit" and label and not label & ~Label.SECURE:
+            if binding.command.name == "fit" and self.context.policy.require_secure_aggregation and \
+                    binding.dataset is not None and binding.data_label & Label.PRIVATE:
+                # under secure aggregation a fit's loss over protected rows never leaves: the coordinator
+                # chooses which rows a fit covers (batch size, steps, seed), and losses of overlapping row
+                # sets differ by single rows' terms (a red team read whole rows from two fits of batch 16
+                # and 17; with unnested sets it is a linear system of about one fit per row)
+                binding.extra["withhold_loss"] = True
+            elif binding.command.name == "fit" and label and not label & ~Label.SECURE:
                 # only secure aggregation's label stands in the way (weights trained here, or an entry
                 # streamed in pieces, never overwritten whole): the fit runs, as a round needs, its update
                 # leaves masked as always, and its loss is withheld (``withheld_loss``)
@@ -211,7 +218,10 @@ class Executor:
         kinds = [kind for kind in binding.command.charges if kind != "graph"]
         if not kinds:
             return 0
-        with default_modes():
+        assert binding.session.budget is not None
+        # under the command's time budget: sizing a forward runs its program on the meta device, and a
+        # description of nested modules each calling its child 8 times made 8^8 calls (hours of a torch thread)
+        with default_modes(), running_under(binding.session.budget):
             parts = {kind: CHARGES[kind](self.context, binding) for kind in kinds}
         nbytes = sum(parts.values())
         quota = binding.session.quota
