@@ -41,6 +41,11 @@ _NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
 _MAXPOOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
 _AVGPOOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
 
+#: the dtype a description's layers and parameters are built in. Named, not left to torch's default dtype:
+#: that is the process's, and an in-process worker builds on its torch threads while its caller's thread
+#: may have changed it for a moment (a model built in float64 then refused its own float32 weights)
+PARAMETER_DTYPE = torch.float32
+
 #: standard layers a worker builds: name -> (class, its constructor arguments, read off an instance by
 #: attribute of the same name; "bias" is read as "has a bias"). ``inplace`` is never one of them: a
 #: layer working in place could change the data owner's dataset, so the worker builds every layer
@@ -78,6 +83,9 @@ LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Softmax": (nn.Softmax, ("dim",)),
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
 }
+#: the layers that make tensors of their own (they take ``dtype=``, as torch's factory arguments go)
+TAKES_DTYPE = frozenset(name for name, (cls, _) in LAYERS.items()
+                        if "dtype" in inspect.signature(cls.__init__).parameters)
 _LAYER_NAMES = {cls: name for name, (cls, _) in LAYERS.items()}
 
 
@@ -295,7 +303,7 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
         unknown = set(kwargs) - set(allowed)
         if unknown:
             raise BadRequest.new(f"{name}: unknown arguments {sorted(unknown)}")
-        return cls(**kwargs, **({"dtype": PARAMETER_DTYPE} if _takes_dtype(cls) else {}))
+        return cls(**kwargs, **({"dtype": PARAMETER_DTYPE} if name in TAKES_DTYPE else {}))
     if kind == "registered":
         name = spec.get("name")
         if not isinstance(name, str) or name not in registry:
@@ -319,17 +327,6 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
             module.register_buffer(name, torch.empty(shape, dtype=DTYPES[dtype]))
         return module
     raise BadRequest.new(f"unknown model description kind {kind!r}")
-
-
-#: the dtype a description's layers and parameters are built in. Named, not left to torch's default dtype:
-#: that is the process's, and an in-process worker builds on its torch threads while its caller's thread
-#: may have changed it for a moment (a model built in float64 then refused its own float32 weights)
-PARAMETER_DTYPE = torch.float32
-
-
-def _takes_dtype(cls: type[nn.Module]) -> bool:
-    """Whether the layer makes tensors of its own (it takes ``dtype=``, as torch's factory arguments go)."""
-    return "dtype" in inspect.signature(cls.__init__).parameters
 
 
 def _plain_kwargs(kwargs: Any) -> dict[str, Any]:

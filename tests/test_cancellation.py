@@ -194,3 +194,51 @@ async def test_a_round_cancelled_while_it_evaluates_is_recorded_with_its_model(t
                                                      federation.model.state_dict().values()))
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(60)
+async def test_a_round_whose_own_evaluation_fails_is_recorded_with_its_model(tmp_path):
+    """From a cold review of the fix above: a coordinator-side ``evaluate`` that raises after the commit
+    left the round counted and its model in place, but not in ``history`` nor checkpointed."""
+    workers = [fz.VirtualWorker(f"w{i}", config=fz.WorkerConfig(min_batch_size=1, min_metric_rows=1),
+                                datasets={"toy": _datasets(i)["toy"]}) for i in range(2)]
+    calls = []
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the held-out set is missing")
+        return {"loss": 0.0}
+
+    try:
+        fit = fz.FitConfig(dataset="toy", batch_size=16)
+        federation = fz.Federation(workers, nn.Linear(6, 3), fit, evaluate=evaluate,
+                                   checkpoint_dir=str(tmp_path / "ckpt"))
+        await federation.run_round()
+        with pytest.raises(RuntimeError, match="held-out"):
+            await federation.run_round()
+        resumed = fz.Federation(workers, nn.Linear(6, 3), fit, checkpoint_dir=str(tmp_path / "ckpt"))
+        assert federation.round == len(federation.history) == resumed.round == 2
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+
+
+async def _optimizer_errors(worker: fz.RemoteWorker, concurrently: bool) -> list[str]:
+    model = nn.Linear(3, 1)
+    pointer = await worker.send(model)
+    await pointer.delete()  # gone on the worker; the client still thinks it was sent
+    opt = fz.Optims([worker], optim=optim.SGD(model.parameters(), lr=0.1)).get_optim(worker)
+    if concurrently:
+        results = await asyncio.gather(opt.zero_grad(), opt.zero_grad(), return_exceptions=True)
+    else:
+        results = [(await asyncio.gather(opt.zero_grad(), return_exceptions=True))[0] for _ in range(2)]
+    return [f"{type(r).__name__}: {r}".replace(repr(worker.id), "<worker>") for r in results]
+
+
+@pytest.mark.timeout(60)
+async def test_uses_of_an_optimizer_whose_creation_fails_tell_the_same_error_at_once_or_in_turn(
+        fedzmq_virtual_workers):
+    """From the cold review: the second of two concurrent uses was sent on the new optimizer's id and
+    said ``object 2 was never made``, an id the user never saw; in turn, both tell the creation's error."""
+    in_turn, at_once = await fedzmq_virtual_workers("bob-in-turn", "bob-at-once")
+    assert await _optimizer_errors(at_once, True) == await _optimizer_errors(in_turn, False)

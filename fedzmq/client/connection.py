@@ -86,7 +86,7 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         #: the tear-down once ``close`` started it (it finishes even when that close is cancelled)
-        self._closing: asyncio.Future[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._last_heard = time.monotonic()
         self._dead: WorkerDeadError | None = None
         self._heartbeat_id: int | None = None
@@ -179,19 +179,24 @@ class Connection:
                 if self._closing is None and self._socket is not None:
                     self._closing = asyncio.ensure_future(self._tear_down())
         if self._closing is not None:
+            if self._closing.cancelled() and self._socket is not None:  # the tear-down itself was cancelled
+                self._closing = asyncio.ensure_future(self._tear_down())
             await asyncio.shield(self._closing)
 
     async def _tear_down(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # the reader leaves the socket's descriptor
-        self._tasks = []
-        self._fail_all(WorkerClosedError(f"connection to {self.address} was closed"))
-        self._outbox.drop()
-        self._pump.drop_backlog()
-        assert self._socket is not None
-        self._socket.close(linger=0)
-        self._socket = None
+        """Stop the receive and heartbeat tasks, fail what still waits for a reply, close the socket."""
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)  # the reader leaves the socket's descriptor
+        finally:  # even when cancelled itself (the loop shutting down cancels every task)
+            self._tasks = []
+            self._fail_all(WorkerClosedError(f"connection to {self.address} was closed"))
+            self._outbox.drop()
+            self._pump.drop_backlog()
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
 
     # --- requests ------------------------------------------------------------------------------
 

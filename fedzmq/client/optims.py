@@ -9,6 +9,7 @@ and its state (Adam's moments, say) stays on bob across sends of the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Iterable
 
 import torch
@@ -31,6 +32,8 @@ class RemoteOptimizer:
         self._name = name
         self._remote_id: int | None = None
         self._module: ModulePointer | None = None
+        #: the reply future of the last creation sent (a use that comes before it is answered waits for it)
+        self._creating: asyncio.Future[Any] | None = None
 
     async def zero_grad(self, set_to_none: bool = True) -> None:
         await self.worker._request("optim_zero_grad", {"obj": await self._ensure(), "set_to_none": set_to_none})
@@ -40,6 +43,10 @@ class RemoteOptimizer:
 
     async def _ensure(self) -> int:
         module, index = self._find_module()
+        creating = self._creating
+        if creating is not None and not creating.done():  # another use's creation is under way: its outcome
+            with contextlib.suppress(Exception):  # first, as in a sequential run (a failure is that use's to tell)
+                await asyncio.shield(creating)
         if self._remote_id is not None and self._module is module:
             return self._remote_id
         allowed = OPTIMIZERS[self._name][1]
@@ -51,9 +58,9 @@ class RemoteOptimizer:
         created = self.worker._submit("optim_create", {"out": obj_id, "cls": self._name, "module": module.id,
                                                        "groups": groups})
         # known before the reply: a use that comes meanwhile (another coroutine's, or a retry after this
-        # one was cancelled) runs on this optimizer, after its creation in the session's order, instead
-        # of making a second one the client would never free
-        self._remote_id, self._module = obj_id, module
+        # one was cancelled) waits for it and runs on this optimizer, instead of making a second one the
+        # client would never free; if the creation fails, that use tries again, as it would in turn
+        self._remote_id, self._module, self._creating = obj_id, module, created
         created.add_done_callback(lambda future: self._forget_unless_made(obj_id, future))
         await self.worker._wait(asyncio.shield(created))
         return obj_id

@@ -8,6 +8,7 @@ from typing import Any, Generator
 
 import zmq.asyncio
 
+from ..errors import WorkerClosedError
 from ..modeldesc import ModelRegistry
 from ..worker import Worker, WorkerConfig
 from ..worker.datasets import Dataset
@@ -28,6 +29,7 @@ class VirtualWorker(RemoteWorker):
         self.server = Worker(worker_id, config=config, models=models, datasets=datasets, context=context)
         address = self.server.bind(f"inproc://fedzmq-{worker_id}-{uuid.uuid4().hex}")
         super().__init__(address, settings=settings, context=context)
+        self._server_closing: asyncio.Future[None] | None = None
         self.id = worker_id
         self.instance = self.server.instance
         self._connection.adopt_worker_limits(self.server.ping_info()["limits"])  # as connect() would
@@ -44,14 +46,18 @@ class VirtualWorker(RemoteWorker):
             self.server.start()
 
     async def __aenter__(self) -> "VirtualWorker":
+        if self._closed:
+            raise WorkerClosedError(f"in-process worker {self.id!r} was closed")
         self.server.start()
         return self
 
     async def close(self) -> None:
         try:
             await super().close()
-        finally:  # a close that was cancelled still stops the in-process daemon
-            await self.server.close()
+        finally:  # a close that was cancelled (even twice) still stops the in-process daemon
+            if self._server_closing is None:
+                self._server_closing = asyncio.ensure_future(self.server.close())
+            await asyncio.shield(self._server_closing)
 
     def __await__(self) -> Generator[Any, None, "VirtualWorker"]:
         async def ready() -> VirtualWorker:

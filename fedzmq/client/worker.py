@@ -131,15 +131,15 @@ class RemoteWorker(Transfers, PointerOps):
         self._released.clear()
         connection.users -= 1
         last = connection.users <= 0  # decided now: clients closed together must not all close the connection
-        said_goodbye = False
+        cancelled = True
         try:
             if self.client is not None and not connection.closed and connection.alive:
                 with contextlib.suppress(Exception):
                     await self._request("close", {}, timeout=GOODBYE_SECONDS)
-            said_goodbye = True
+            cancelled = False
         finally:  # cancelled or not, the last user closes the connection (without waiting on a goodbye if cancelled)
             if last:
-                await connection.close(say_goodbye=said_goodbye)
+                await connection.close(say_goodbye=not cancelled)
 
     async def __aenter__(self) -> "RemoteWorker":
         """Connect (if not yet connected) and close on leaving: ``async with RemoteWorker(addr) as bob``

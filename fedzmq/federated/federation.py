@@ -220,10 +220,10 @@ class Federation:
         total = sum(f["num_examples"] for f in told)
         metrics.train_loss = math.fsum(f["loss"] * f["num_examples"] for f in told) / max(1, total) \
             if told or not fits else math.nan
-        if self.evaluate_fn is not None:
-            result = self.evaluate_fn(self.model)
-            metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")
         try:
+            if self.evaluate_fn is not None:
+                result = self.evaluate_fn(self.model)
+                metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")
             if self.evaluate_on_workers:
                 await self._evaluate_on_workers(metrics, [w for w in selected if worker_key(w) in fits])
         finally:  # the new model is in place: the round is recorded and checkpointed even when its evaluation
