@@ -974,3 +974,23 @@ async def test_sizing_a_forward_keeps_to_the_commands_time_limit(fedzmq_daemons)
     with pytest.raises(fz.LimitExceeded, match="longer than the worker allows"):
         await asyncio.wait_for(call, 20)
     assert waited < 5, f"an honest forward waited {waited:.1f} s behind a command limited to 2 s"
+
+
+async def test_a_flood_of_failing_commands_holds_little(fedzmq_daemons):
+    """Every id a failed command would have made is remembered, so that a later use tells the first
+    failure, and none is charged to the session: a red team's 100,000 failed reshapes, each with 1.8 KB
+    of torch's words and a traceback kept, grew a daemon by 280 MB under a 16 MiB quota. A session now
+    keeps the last 4,096 failures, each with its type and the start of its message."""
+    quota, failures, chunk = 16 << 20, 20_000, 2_000
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    x = await worker.send(torch.ones(4))
+    before = await worker.status()
+    shape = [2**61 + i for i in range(31)]  # 31 dims of 19 digits: torch quotes them all
+    for start in range(0, failures, chunk):
+        replies = await asyncio.gather(*(worker._submit("op", {
+            "op": "reshape", "args": [Ref(x.id), *shape, start + i], "kwargs": {}, "out": [worker._new_id()]})
+            for i in range(chunk)))
+        assert all(not r.ok and "invalid for input" in r.error["message"] for r in replies)
+    grown = (await worker.status())["rss_bytes"] - before["rss_bytes"]
+    assert grown < quota, f"{failures} failed ops grew the daemon by {grown >> 20} MiB"

@@ -15,6 +15,15 @@ from torch import nn
 from ..errors import BadRequest, LimitExceeded, ObjectNotFound, RemoteError
 
 
+#: failures a session remembers, the oldest forgotten first (a later use of a forgotten one is told only
+#: that the object does not exist), each with its error's type and the first ``FAILURE_MESSAGE_CHARS`` of
+#: its message, no traceback (the failed command's own reply had them whole). They are not charged to
+#: the session's quota, so they must stay small: a red team's 100,000 failed reshapes, each with 1.8 KB
+#: of torch's words and a traceback, had held 280 MB of a daemon under a 16 MiB quota
+FAILURES_KEPT = 4096
+FAILURE_MESSAGE_CHARS = 300
+
+
 @dataclass
 class FailedObject:
     """Stands where a failed command's output would be, so that later uses report the first failure."""
@@ -133,11 +142,13 @@ class ObjectTable:
         self.objects[obj_id] = value
 
     def fail(self, obj_id: int, error: dict[str, str]) -> None:
-        """Remember that ``obj_id`` was never made (the oldest failures go first past the limit)."""
+        """Remember that ``obj_id`` was never made, with its error's type and the start of its message
+        (the oldest failures go first past ``FAILURES_KEPT``)."""
         if obj_id in self.objects:
             return
-        self.failures[obj_id] = FailedObject(error)
-        while len(self.failures) > self.max_objects:
+        self.failures[obj_id] = FailedObject({"type": error["type"],
+                                              "message": error["message"][:FAILURE_MESSAGE_CHARS]})
+        while len(self.failures) > min(self.max_objects, FAILURES_KEPT):
             self.failures.pop(next(iter(self.failures)))
 
     def pop(self, obj_id: int) -> bool:
