@@ -237,7 +237,7 @@ COMMANDS: dict[str, Command] = _table(
     # secure aggregation: one command, five steps (advertise, share_keys, masked_input, confirm, unmask)
     Command("secagg", {"step": STR, "round": NONNEG, "payload": VALUE},
             {"module": ID, "client": NONNEG, "weight": NUMBER}, offload="always", refs={"module": "module"},
-            releases="masked"),
+            releases="masked", charges=("secure",)),
     Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG, "load": MAP},
             offload="always",
             refs={"module": "module"}, writes="module", charges=("forward", "batch"), reads_dataset=True, loads=True,

@@ -994,3 +994,32 @@ async def test_a_flood_of_failing_commands_holds_little(fedzmq_daemons):
         assert all(not r.ok and "invalid for input" in r.error["message"] for r in replies)
     grown = (await worker.status())["rss_bytes"] - before["rss_bytes"]
     assert grown < quota, f"{failures} failed ops grew the daemon by {grown >> 20} MiB"
+
+
+async def test_a_secure_rounds_copies_of_the_model_are_charged(fedzmq_daemons):
+    """``advertise`` keeps a float32 copy of the model's float entries for the round (up to four rounds
+    live per session), and ``masked_input`` makes another and a ring vector; none was charged: four
+    rounds of a 30 MiB float16 model grew a daemon by 240 MiB under a 64 MiB quota (a red team's find).
+    Now each round's copy is held against the session's quota, and a step without room is refused."""
+    from fedzmq.secagg import SecAggConfig
+    from fedzmq.secagg.wire import to_codec
+
+    elements, mib = 1 << 20, 1 << 20  # a float32 buffer of 4 MiB
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(16 * mib)])
+    worker = host.worker
+    spec = {"kind": "container", "children": [], "params": [], "buffers": [["b", [elements], "float32"]]}
+    model = await put_module(worker, spec, {"b": torch.ones(elements)})
+
+    async def advertise(number: int) -> None:
+        config = SecAggConfig(client_ids=(0, 1, 2), threshold=2, vector_length=elements, clip=1.0,
+                              round_id=b"r%d" % number)
+        await worker._request("secagg", {"step": "advertise", "round": number, "module": model, "client": 0,
+                                         "payload": to_codec(config.to_wire())})
+
+    held = [(await worker.status())["bytes"]]
+    for number in (1, 2):  # each needs 8 MiB while it runs and keeps 4
+        await advertise(number)
+        held.append((await worker.status())["bytes"])
+    assert [b - held[0] for b in held] == [0, 4 * mib, 8 * mib]
+    with pytest.raises(fz.LimitExceeded, match="secure round"):
+        await advertise(3)  # 12 MiB held: no room for its 8

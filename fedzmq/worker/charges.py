@@ -151,8 +151,27 @@ def stream(context: Context, binding: Binding) -> int:
     return numel * dtype_itemsize(dtype)
 
 
+#: bytes of one element of the float32 copies a secure round makes of the model's float entries, and of
+#: the ring vector a masked input is (``uint64`` past 32 ring bits)
+FLOAT32_BYTES, RING_BYTES = 4, 8
+
+
+def secure(context: Context, binding: Binding) -> int:
+    """A secure round's copies of the model: ``advertise`` makes a float32 copy of its float entries (one
+    more of each on the way, for those not float32 already), which the round keeps to mask the update
+    against (held for the session: ``worker.secure``); ``masked_input`` makes the update the same way
+    and the ring vector that masks it."""
+    step = binding.args["step"]
+    if step not in ("advertise", "masked_input") or "module" not in binding.objects:
+        return 0
+    hosted: HostedModule = binding.objects["module"]
+    elements = sum(t.numel() for t in hosted.module.state_dict().values() if t.is_floating_point())
+    return elements * (2 * FLOAT32_BYTES + (RING_BYTES if step == "masked_input" else 0))
+
+
 CHARGES: dict[str, Callable[[Context, Binding], int]] = {
     "outputs": outputs, "forward": forward, "batch": batch, "state": state, "stream": stream, "clients": clients,
+    "secure": secure,
 }
 
 __all__ = ["CHARGES", "FLOAT64_BYTES", "OPTIMIZER_STATE_COPIES", "OPTIMIZER_STEP_COPIES", "batch_rows"]

@@ -61,7 +61,7 @@ INLINE_FIT_DEADLINE = 0.5
 CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
                 "batch": "the batch it copies out of the dataset",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
-                "clients": "the clients' trained states"}
+                "clients": "the clients' trained states", "secure": "the secure round's copies of the model"}
 
 
 class Executor:

@@ -37,6 +37,11 @@ class SecureRound:
     reference: torch.Tensor  # the module's float parameters when the round began, flat
 
 
+def round_holder(number: int) -> int:
+    """The quota holder of a secure round's copy of the model: below every object id (those are >= 0)."""
+    return -1 - number
+
+
 def float_parameters(module: nn.Module) -> torch.Tensor:
     """The module's floating-point parameters and buffers, flattened in state_dict order."""
     parts = [t.detach().reshape(-1).float() for t in module.state_dict().values() if t.is_floating_point()]
@@ -103,14 +108,21 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         module = hosted.module
         config = SecAggConfig.from_wire(from_codec(args["payload"]))
         check_policy(config, policy)
-        reference = float_parameters(module).clone()
+        reference = float_parameters(module)  # a fresh copy (torch.cat's), held for the round below
         if reference.numel() != config.vector_length:
             raise BadRequest.new(f"the round masks {config.vector_length} values, the model has {reference.numel()}")
         # the long steps stop at --max-command-seconds, or when the session ends (a revoked key), as a fit does
         client = SecAggClient(args["client"], config, checkpoint=budget.check)
+        if number in rounds:
+            session.quota.drop(round_holder(number))
         rounds[number] = SecureRound(client, binding.request.args["module"], reference)
+        # charged as the session's objects are (the command's reservation sized it): four live rounds of a
+        # 30 MiB float16 model had held 240 MiB beside a 64 MiB quota that never saw them
+        session.quota.hold(round_holder(number), [reference])
         while len(rounds) > LIVE_ROUNDS:
-            rounds.pop(min(rounds))
+            oldest = min(rounds)
+            rounds.pop(oldest)
+            session.quota.drop(round_holder(oldest))
         return to_codec(rounds[number].client.advertise())
     state = rounds.get(number)
     if state is None:
