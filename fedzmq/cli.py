@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .client.addresses import check_address
-from .errors import AddressError
+from .errors import AddressError, WorkerError
 from .federated.base import Strategy
 from .federated.fedbuff import STALENESS, FedBuff
 from .federated.federation import Federation, FitConfig, RoundFailed
@@ -120,11 +120,25 @@ DEFAULTS: dict[str, Any] = {"rounds": 40, "strategy": "fedavg", "local_epochs": 
                             "seed": 0, "no_progress": False, "model": "mlp", "hidden": 64, "strategy_args": {}}
 
 
+#: TOML keys spelled as the repeatable flag is (``--worker``), for the setting it fills (``workers``)
+CONFIG_ALIASES = {"worker": "workers", "server_key": "server_keys"}
+
+
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    """DEFAULTS, then the ``--config`` TOML file, then the flags given. A key of the file that names no
+    setting is an error: a typo (``local_epoch``) used to be ignored, and the run took the default."""
     settings = dict(DEFAULTS)
     if getattr(args, "config", None):
         with open(args.config, "rb") as f:
-            settings.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+            given = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+        given = {CONFIG_ALIASES.get(k, k): v for k, v in given.items()}
+        known = (set(vars(args)) | set(DEFAULTS)) - {"command", "config"}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise SystemExit(f"fedzmq {args.command}: {args.config} has keys that are no settings: "
+                             f"{', '.join(unknown)} (settings are the flags' names with underscores: "
+                             f"{', '.join(sorted(known))})")
+        settings.update(given)
     settings.update({k: v for k, v in vars(args).items() if v is not None})
     settings.setdefault("out", f"runs/{args.command}")
     return settings
@@ -220,6 +234,7 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
                  hosted_clients: bool = False) -> Federation:
     """Train ``model`` over the daemons at ``addresses`` (with ``hosted_clients``: over every logical client
     they host, ``--clients-from``)."""
+    from .client.connecting import Connecting
     from .client.worker import RemoteWorker
 
     out = Path(settings["out"])
@@ -234,7 +249,7 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
     workers = [RemoteWorker(a, **(keys[n] if keys else {})) for n, a in enumerate(addresses)]
     try:
         # connected together, and closed together (Ctrl-C stops every wait at once, not one after another)
-        await asyncio.gather(*(w.connect() for w in workers))
+        await asyncio.gather(*(Connecting(w) for w in workers))  # (a worker that does not answer: what to check)
         if hosted_clients:
             hosts, workers = workers, [c for clients in await asyncio.gather(*(h.clients() for h in workers))
                                        for c in clients]
@@ -461,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AddressError as exc:  # a host that does not resolve (a malformed address is caught before)
         print(f"fedzmq: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:  # a daemon that does not answer, or died: one line saying so, not a traceback
+        print(f"fedzmq: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedzmq: interrupted; the last finished round is in the checkpoint", file=sys.stderr)
         return 130

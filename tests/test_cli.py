@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from fedzmq.cli import build_parser, main, settings_from
 from fedzmq.examples import digits
 from fedzmq.federated import checkpoint
 from fedzmq.launcher import start_daemons, stop_all
@@ -156,3 +157,41 @@ def test_the_demo_says_how_its_daemons_ended_in_words():
     assert exit_summary({"owner0": 0, "owner1": 0, "owner2": 0}) == "all 3 daemons exited with 0"
     assert exit_summary({"owner0": 0, "owner1": -9}) == "daemons exited with owner0 0, owner1 -9"
     assert exit_summary({"owner0": 0}) == "daemon owner0 exited with 0"
+
+
+@pytest.mark.timeout(60)
+def test_a_config_key_that_is_no_setting_is_refused_and_worker_names_the_addresses(tmp_path, capsys):
+    """A newcomer's finds: ``local_epoch = 5`` (a typo) was ignored and the run took the default, and
+    ``worker = [...]``, spelled as the flag is, was not read (only ``workers``)."""
+    config = tmp_path / "run.toml"
+    config.write_text('worker = ["tcp://127.0.0.1:9"]\nlocal_epoch = 5\n')
+    with pytest.raises(SystemExit, match="no settings: local_epoch"):
+        main(["train", "--config", str(config)])
+    config.write_text('worker = ["tcp://127.0.0.1:9"]\nlocal_epochs = 5\n')
+    settings = settings_from(build_parser().parse_args(["train", "--config", str(config)]))
+    assert settings["workers"] == ["tcp://127.0.0.1:9"] and settings["local_epochs"] == 5
+
+
+@pytest.mark.timeout(60)
+def test_train_against_an_address_where_nothing_answers_says_so_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fedzmq", "train", "--worker", "tcp://127.0.0.1:9", "--dataset", "d",
+                             "--in-features", "4", "--classes", "2", "--rounds", "1", "--no-progress",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Nothing answered at tcp://127.0.0.1:9: is the daemon running" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_daemon_finds_the_owners_model_module_in_its_working_directory(tmp_path, monkeypatch):
+    """``fedzmq-worker --model branch=mymodels:Branch`` run next to ``mymodels.py``: the console
+    script's path lacks the working directory, and the import failed."""
+    from fedzmq.worker.daemon import model_registry
+
+    (tmp_path / "owner_models_for_test.py").write_text("from torch import nn\nclass Branch(nn.Linear):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    registry = model_registry(["branch=owner_models_for_test:Branch"])
+    assert registry["branch"].__name__ == "Branch"
+    with pytest.raises(SystemExit, match="--model nope=owner_models_for_test:Nope: AttributeError"):
+        model_registry(["nope=owner_models_for_test:Nope"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -37,6 +38,8 @@ from .base import Strategy
 from .metrics import RoundMetrics
 from .protocols import FitConfig, RoundContext, RoundOutcome, reason, worker_key
 from .strategies import FedAvg
+
+log = logging.getLogger("fedzmq.federated")
 
 #: how long a worker that stopped answering gets to answer again before a round leaves it out
 PROBE_SECONDS = 1.0
@@ -139,6 +142,7 @@ class Federation:
                 stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
                 if stop is not None:
                     self.stopped_early = f"stopped before round {self.round + 1}: {stop}"
+                    log.warning("%s", self.stopped_early)  # (a run of no round at all is otherwise silent)
                     break
                 metrics = await self.run_round()
                 if on_round is not None:

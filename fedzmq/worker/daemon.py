@@ -134,14 +134,22 @@ def load_settings(argv: Sequence[str] | None) -> dict[str, Any]:
 
 
 def model_registry(entries: Sequence[str]) -> dict[str, Callable[..., nn.Module]]:
-    """Import the model classes the data owner named. This runs the owner's installed code, not wire bytes."""
+    """Import the model classes the data owner named. This runs the owner's installed code, not wire bytes.
+    Modules are looked for in the working directory first, as ``python -m`` does (the ``fedzmq-worker``
+    script's own path does not have it: ``--model branch=mymodels:Branch`` next to ``mymodels.py`` failed)."""
     registry: dict[str, Callable[..., nn.Module]] = {}
+    if entries and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for entry in entries:
         name, _, target = entry.partition("=")
         module_name, _, attr = target.partition(":")
         if not name or not module_name or not attr:
             raise SystemExit(f"--model takes NAME=module:Class, got {entry!r}")
-        registry[name] = getattr(importlib.import_module(module_name), attr)
+        try:
+            registry[name] = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SystemExit(f"--model {entry}: {type(exc).__name__}: {exc} (looked in {os.getcwd()} "
+                             "and the installed packages)") from None
     return registry
 
 
