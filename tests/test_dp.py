@@ -244,3 +244,15 @@ def test_gaussian_noise_helper():
     t = gaussian_noise((300, 100), 2.0, stream=CsprngStream(b"\x05" * 32))
     assert t.shape == (300, 100) and t.dtype == torch.float32
     assert float(t.std()) == pytest.approx(2.0, rel=0.02)
+
+
+def test_the_accountant_keeps_dp_accountings_order_warnings_out(caplog):
+    """dp-accounting warned once per fractional Renyi order it left out: dozens of lines before a
+    README example's answer, none of them actionable."""
+    import logging
+
+    from fedzmq.secagg.dp import compute_epsilon
+
+    with caplog.at_level(logging.WARNING):
+        epsilon = compute_epsilon(0.7, 0.1, 40, 1e-5)
+    assert epsilon > 0 and not [r for r in caplog.records if r.name == "absl"]

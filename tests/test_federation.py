@@ -310,3 +310,29 @@ async def test_the_same_updates_give_the_same_model_bit_for_bit_whatever_their_a
     await resumed.run(3)
     for name, value in finals[0].items():
         assert torch.equal(value, resumed_model.state_dict()[name]), name
+
+
+def test_a_csv_with_a_row_of_column_names_loads_and_one_of_words_says_which_file(tmp_path):
+    """A newcomer's CSV with a header row stopped the daemon with numpy's words, naming no file."""
+    from fedzmq.worker.datasets import DatasetError, load_dataset
+
+    (tmp_path / "named.csv").write_text("f0,f1,label\n1.5,2,0\n3,4.5,1\n")
+    table = load_dataset("named", tmp_path / "named.csv")
+    assert len(table) == 2 and table.labels.tolist() == [0, 1] and table.features[1].tolist() == [3.0, 4.5]
+    (tmp_path / "words.csv").write_text("1,2,0\nthree,4,1\n")
+    with pytest.raises(DatasetError, match="words.csv is not a table of numbers"):
+        load_dataset("words", tmp_path / "words.csv")
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"epochs": 1, "steps": 5}, "epochs or steps, not both"),
+    ({"epochs": -1}, "epochs must be an int >= 1"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    ({"optimizer": {"cls": "adam"}}, "'adam' is not one a worker makes"),
+    ({"optimizer": {"cls": "SGD", "learning_rate": 0.1}}, "does not take"),
+])
+def test_a_fit_config_a_worker_would_refuse_is_refused_when_made(kwargs, says):
+    """A newcomer's finds: these failed only at the first round, on every worker (and epochs with steps
+    silently trained the steps)."""
+    with pytest.raises(ValueError, match=says):
+        fz.FitConfig(dataset="d", **kwargs)

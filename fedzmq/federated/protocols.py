@@ -28,8 +28,8 @@ from torch import nn
 from ..client.module_pointer import clients_per_trip
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
-from ..errors import ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
-from ..optimizers import DEFAULT_OPTIMIZER
+from ..errors import BadRequest, ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
+from ..optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS, check_hyper
 from .base import Aggregator, Strategy, UpdateReceiver
 
 #: a fit's metrics, as a fit over many hosted clients lists them for each (``fedzmq.worker.training.METRICS``)
@@ -59,6 +59,25 @@ class FitConfig:
     #: local optimizer steps per round, instead of epochs
     steps: int | None = None
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        """Checked here, where the mistake is made, not at the first round on every worker."""
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("FitConfig takes epochs or steps, not both")
+        if self.epochs is not None and (type(self.epochs) is not int or self.epochs < 1):
+            raise ValueError(f"FitConfig epochs must be an int >= 1, got {self.epochs!r}")
+        if self.steps is not None and (type(self.steps) is not int or self.steps < 0):
+            raise ValueError(f"FitConfig steps must be an int >= 0, got {self.steps!r}")
+        if type(self.batch_size) is not int or self.batch_size < 1:
+            raise ValueError(f"FitConfig batch_size must be an int >= 1, got {self.batch_size!r}")
+        hyper = dict(self.optimizer)
+        name = hyper.pop("cls", None)
+        if name not in OPTIMIZERS:
+            raise ValueError(f"FitConfig optimizer {name!r} is not one a worker makes: {', '.join(OPTIMIZERS)}")
+        try:
+            check_hyper(name, hyper)
+        except BadRequest as exc:
+            raise ValueError(f"FitConfig optimizer: {exc}") from None
 
 
 @dataclass

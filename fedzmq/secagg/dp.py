@@ -20,9 +20,11 @@ Install it with ``pip install dp-accounting`` (the ``privacy`` extra).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -135,7 +137,8 @@ class PrivacyAccountant:
             raise ValueError("rounds must be a non-negative integer")
         if rounds:
             dpa = _dp_accounting()
-            self._accountant.compose(dpa.SelfComposedDpEvent(_event(sigma, q), rounds))
+            with quiet_orders():
+                self._accountant.compose(dpa.SelfComposedDpEvent(_event(sigma, q), rounds))
             self._rounds += rounds
             self._history.append((sigma, q, rounds))
         return self
@@ -148,7 +151,8 @@ class PrivacyAccountant:
         """Epsilon spent so far at ``delta`` (0 before any round; ``inf`` if a round had no noise)."""
         if self._rounds == 0:
             return 0.0
-        return float(self._accountant.get_epsilon(delta))
+        with quiet_orders():
+            return float(self._accountant.get_epsilon(delta))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data to checkpoint; ``load_state_dict`` replays it."""
@@ -165,6 +169,24 @@ class PrivacyAccountant:
     def __repr__(self) -> str:
         return (f"PrivacyAccountant(noise_multiplier={self.noise_multiplier}, sampling_rate={self.sampling_rate},"
                 f" delta={self.delta}, method={self.method!r}, rounds={self._rounds})")
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def quiet_orders() -> Iterator[None]:
+    """dp-accounting warns (through absl) about each fractional Renyi order it cannot evaluate, and then
+    leaves it out, which only makes its epsilon a looser upper bound: dozens of lines per call, none of
+    them a user can act on. Kept out while the block runs (the absl logger itself is left as it was)."""
+    logger, quiet = logging.getLogger("absl"), _BelowError()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _check_params(noise_multiplier: float, sampling_rate: float, delta: float) -> None:
@@ -199,7 +221,8 @@ def noise_multiplier_for_epsilon(target_epsilon: float, delta: float, rounds: in
             lambda s: dpa.SelfComposedDpEvent(_event(s, sampling_rate), rounds),
             target_epsilon, delta, bracket_interval=bracket, tol=tol)
 
-    sigma = calibrate("rdp", dpa.LowerEndpointAndGuess(1e-3, 1.0))
+    with quiet_orders():
+        sigma = calibrate("rdp", dpa.LowerEndpointAndGuess(1e-3, 1.0))
     if method == "pld":
         # PLD needs at most RDP's sigma (RDP's epsilon is an upper bound). Search below it, but never near
         # sigma -> 0, where a privacy loss distribution becomes huge.
@@ -209,7 +232,8 @@ def noise_multiplier_for_epsilon(target_epsilon: float, delta: float, rounds: in
             if compute_epsilon(low, sampling_rate, rounds, delta, method="pld") > target_epsilon:
                 break
             low /= 2
-        sigma = calibrate("pld", dpa.ExplicitBracketInterval(low, high))
+        with quiet_orders():
+            sigma = calibrate("pld", dpa.ExplicitBracketInterval(low, high))
     sigma = float(sigma) + tol
     # the search guarantees |sigma - sigma*| <= tol; step up until the budget is met for certain
     while compute_epsilon(sigma, sampling_rate, rounds, delta, method=method) > target_epsilon:

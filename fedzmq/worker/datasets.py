@@ -85,6 +85,21 @@ def _pick(arrays: dict[str, Any], names: tuple[str, ...], path: Path) -> Any:
     raise DatasetError(f"{path}: needs an array named one of {names}, found {sorted(arrays)}")
 
 
+def _csv_table(name: str, path: Path) -> np.ndarray:
+    """A CSV file's numbers, one row per sample with its label last; a first row of column names (any
+    cell that is not a number) is skipped."""
+    with path.open() as f:
+        first = f.readline()
+    try:
+        [float(cell) for cell in first.split(",")]
+        header = 0
+    except ValueError:
+        header = 1
+    try:
+        return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2, skiprows=header)
+    except ValueError as exc:
+        raise DatasetError(f"dataset {name}: {path} is not a table of numbers (label last): {exc}") from None
+
 def load_dataset(name: str, path: str | Path, policy: DataPolicy = "protected") -> Dataset:
     """Load one dataset file; raises ``DatasetError`` with the reason."""
     path = Path(path)
@@ -104,7 +119,7 @@ def load_dataset(name: str, path: str | Path, policy: DataPolicy = "protected") 
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
     elif suffix == ".csv":
-        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+        table = _csv_table(name, path)
         labels = table[:, -1]
         arrays = {"x": torch.from_numpy(table[:, :-1].copy()),
                   "y": torch.from_numpy(labels.astype(np.int64) if np.all(labels == labels.round()) else labels)}
