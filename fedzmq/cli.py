@@ -11,12 +11,13 @@ import argparse
 import asyncio
 import inspect
 import json
+import math
 import shutil
 import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -28,6 +29,9 @@ from .federated.federation import Federation, FitConfig, RoundFailed
 from .federated.metrics import RoundMetrics, plot, summary_table
 from .federated.strategies import STRATEGIES
 from .optimizers import DEFAULT_OPTIMIZER
+
+if TYPE_CHECKING:
+    from .client.worker import RemoteWorker
 
 #: the strategies ``--strategy`` names: every synchronous one of ``make_strategy``, and FedBuff, whose rounds
 #: are asynchronous (a round is one publication of K updates; ``Federation.run`` runs either)
@@ -254,6 +258,8 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
             hosts, workers = workers, [c for clients in await asyncio.gather(*(h.clients() for h in workers))
                                        for c in clients]
             await asyncio.gather(*(h.close() for h in hosts))  # the clients hold the connections now
+        else:
+            await check_datasets(workers, dataset, settings)
         strategy = _strategy(settings)
         steps = settings.get("local_steps")
         fit = FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
@@ -277,6 +283,28 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
         return federation
     finally:
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+
+
+async def check_datasets(workers: Sequence[RemoteWorker], dataset: str, settings: dict[str, Any]) -> None:
+    """Refuse, before the first round, a run whose model cannot take a worker's rows: the daemons list
+    their datasets' shapes (public), while a forward that fails on protected rows may only say that
+    it failed (a newcomer's --in-features 32 on 64 features got a withheld message every round)."""
+    for worker in workers:
+        listing = {d.name: d for d in await worker.datasets()}
+        found = listing.get(dataset)
+        if found is None:
+            hosts = len(await worker.clients())
+            hint = (f"; it hosts {hosts} logical clients (--clients-from), whose datasets fedzmq simulate or "
+                    "fz.connect_clients reach") if hosts else ""
+            raise SystemExit(f"fedzmq train: no dataset {dataset!r} on {worker.id!r} (it has: "
+                             f"{', '.join(sorted(listing)) or 'none'}){hint}")
+        features = math.prod(found.feature_shape)
+        if features != settings["in_features"]:
+            raise SystemExit(f"fedzmq train: the rows of {dataset!r} on {worker.id!r} have {features} features; "
+                             f"--in-features is {settings['in_features']}")
+        if found.num_classes is not None and found.num_classes > settings["classes"]:
+            raise SystemExit(f"fedzmq train: {dataset!r} on {worker.id!r} has labels up to {found.num_classes - 1}; "
+                             f"--classes is {settings['classes']}")
 
 
 def exit_summary(codes: dict[str, int]) -> str:

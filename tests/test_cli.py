@@ -195,3 +195,22 @@ def test_a_daemon_finds_the_owners_model_module_in_its_working_directory(tmp_pat
     assert registry["branch"].__name__ == "Branch"
     with pytest.raises(SystemExit, match="--model nope=owner_models_for_test:Nope: AttributeError"):
         model_registry(["nope=owner_models_for_test:Nope"])
+
+
+@pytest.mark.timeout(120)
+def test_train_with_a_model_that_cannot_take_the_rows_says_so_before_a_round(tmp_path):
+    """A newcomer's --in-features 32 on digits' 64 features got a withheld message (a forward on
+    protected rows may only say it failed) in every round: the datasets' shapes are public, so the
+    mismatch is named before anything trains; so is a dataset the daemon does not have."""
+    split = digits.prepare(tmp_path / "data", ["bob"])
+    daemons = start_daemons(["bob"], per_daemon_args={"bob": ["--data", f"{digits.DATASET}={split.shards['bob']}"]})
+    try:
+        base = [sys.executable, "-m", "fedzmq", "train", "--worker", daemons[0].address, "--classes", "10",
+                "--rounds", "1", "--no-progress", "--out", str(tmp_path / "run")]
+        for extra, says in ((["--dataset", digits.DATASET, "--in-features", "32"], "have 64 features; --in-features is 32"),
+                            (["--dataset", "nope", "--in-features", "64"], "no dataset 'nope' on 'bob'")):
+            done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and says in done.stderr, (extra, done.stderr[-500:])
+            assert "Traceback" not in done.stderr
+    finally:
+        stop_all(daemons)
