@@ -298,11 +298,12 @@ async def check_datasets(workers: Sequence[RemoteWorker], dataset: str, settings
                     "fz.connect_clients reach") if hosts else ""
             raise SystemExit(f"fedzmq train: no dataset {dataset!r} on {worker.id!r} (it has: "
                              f"{', '.join(sorted(listing)) or 'none'}){hint}")
-        features = math.prod(found.feature_shape)
-        if features != settings["in_features"]:
+        features, wanted = math.prod(found.feature_shape), settings.get("in_features")
+        if wanted is not None and features != wanted:  # (the demo and simulate size their models themselves)
             raise SystemExit(f"fedzmq train: the rows of {dataset!r} on {worker.id!r} have {features} features; "
-                             f"--in-features is {settings['in_features']}")
-        if found.num_classes is not None and found.num_classes > settings["classes"]:
+                             f"--in-features is {wanted}")
+        if found.num_classes is not None and settings.get("classes") is not None and \
+                found.num_classes > settings["classes"]:
             raise SystemExit(f"fedzmq train: {dataset!r} on {worker.id!r} has labels up to {found.num_classes - 1}; "
                              f"--classes is {settings['classes']}")
 
