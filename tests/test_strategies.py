@@ -1089,3 +1089,12 @@ def test_a_first_fold_that_fails_leaves_no_stale_sum_behind():
         aggregator.add({"w": torch.ones(6, device="meta")}, 3)
     aggregator.add({"w": torch.full((6,), 2.0)}, 1)
     assert torch.equal(aggregator.result()["w"], torch.full((6,), 2.0))
+
+
+def test_a_federation_too_small_for_its_strategy_is_refused_when_made():
+    """A newcomer's Bulyan over 2 workers trained a round, then failed: it needs 4f + 3 updates."""
+    workers = [fz.VirtualWorker(f"w{i}") for i in range(2)]
+    fit = fz.FitConfig(dataset="d")
+    with pytest.raises(ValueError, match="Bulyan needs at least 3 updates a round; this federation has 2 workers"):
+        fz.Federation(workers, torch.nn.Linear(2, 2), fit, fz.Bulyan())
+    assert fz.Federation(workers, torch.nn.Linear(2, 2), fit, fz.FedAvg()).strategy.min_updates == 1

@@ -184,6 +184,12 @@ class Strategy(abc.ABC):
     #: computed from the sum secure aggregation reveals. ``SecAgg`` refuses every strategy that does not say so.
     aggregates_weighted_mean: bool = False
 
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates a round of this strategy can aggregate (a federation with fewer workers is
+        refused when made, not after its first round has trained)."""
+        return 1
+
     def configure_fit(self, round_number: int) -> dict[str, Any]:
         """Extra arguments for every participant's local fit this round. Default none."""
         return {}

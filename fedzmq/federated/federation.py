@@ -114,6 +114,9 @@ class Federation:
         self.model = model
         self.fit_config = fit
         self.strategy = strategy or FedAvg()
+        if len(self.workers) < self.strategy.min_updates:
+            raise ValueError(f"{type(self.strategy).__name__} needs at least {self.strategy.min_updates} updates a "
+                             f"round; this federation has {len(self.workers)} workers")
         self.fraction = fraction
         self.sampling = sampling
         self.min_workers = min_workers

@@ -194,6 +194,10 @@ class Bulyan(Strategy):
         self.num_malicious_clients = _check_malicious(num_malicious_clients)
         self.max_held_bytes = _check_budget(max_held_bytes)
 
+    @property
+    def min_updates(self) -> int:
+        return 4 * self.num_malicious_clients + 3
+
     def _select(self, updates: Sequence[State], names: Sequence[str]) -> list[int]:
         return bulyan_select(pairwise_sq_distances(updates, names), self.num_malicious_clients)
 
