@@ -294,6 +294,9 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
     if not isinstance(spec, dict):
         raise BadRequest.new("a model description must be a map")
     kind = spec.get("kind")
+    unknown_keys = set(spec) - DESCRIPTION_KEYS.get(kind, set(spec))  # (an unknown kind is refused below)
+    if unknown_keys:  # kept with the model, so nothing it does not use (a red team's 3 MiB "note" in each)
+        raise BadRequest.new(f"a {kind} description has no {sorted(unknown_keys)}")
     if kind == "layer":
         name = spec.get("type")
         if name not in LAYERS:
@@ -327,6 +330,15 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
             module.register_buffer(name, torch.empty(shape, dtype=DTYPES[dtype]))
         return module
     raise BadRequest.new(f"unknown model description kind {kind!r}")
+
+
+#: the keys each kind of description has
+DESCRIPTION_KEYS: dict[Any, set[str]] = {
+    "layer": {"kind", "type", "kwargs"}, "registered": {"kind", "name", "kwargs"},
+    "sequential": {"kind", "children"},
+    "container": {"kind", "children", "params", "buffers"},
+    "graph": {"kind", "children", "params", "buffers", "program"},
+}
 
 
 def _plain_kwargs(kwargs: Any) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from .graph import NeighbourGraph, check_degree, is_complete
 
 PROTOCOL = b"fedzmq-secagg/1"
 MAX_CLIENT_ID = (1 << 32) - 2  # Shamir points are client_id + 1 < 2**32
+#: the most clients a round may invite (what the messages' lists may hold, ``messages.MAX_LIST``)
+MAX_CLIENTS = 1 << 16
 Rounding = Literal["nearest", "stochastic"]
 
 
@@ -95,6 +97,8 @@ class SecAggConfig:
 
     def __post_init__(self) -> None:
         ids = tuple(self.client_ids)
+        if len(ids) > MAX_CLIENTS:  # checked first: each id below costs a daemon time and memory
+            raise ValueError(f"a round may invite at most {MAX_CLIENTS} clients, not {len(ids)}")
         if any(type(i) is not int or not 0 <= i <= MAX_CLIENT_ID for i in ids):
             raise ValueError(f"client ids must be integers in [0, {MAX_CLIENT_ID}]")
         if len(set(ids)) != len(ids):

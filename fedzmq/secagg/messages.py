@@ -32,11 +32,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
-from .config import MAX_CLIENT_ID
+from .config import MAX_CLIENT_ID, MAX_CLIENTS
 from .errors import SecAggProtocolError
 
 VERSION = 2
-MAX_LIST = 1 << 16
+MAX_LIST = MAX_CLIENTS
 
 
 # Functional TypedDict syntax, because "from" is a Python keyword.

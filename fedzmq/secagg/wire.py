@@ -16,6 +16,8 @@ from typing import Any
 import msgpack
 import torch
 
+from .messages import MAX_LIST
+
 
 def pack(msg: Any) -> bytes:
     """Plain msgpack (bin type for bytes; no extension types, no pickle)."""
@@ -42,6 +44,13 @@ PACKED_KEY = "secagg.packed"
 BIG_KEY = "secagg.big"
 #: the msgpack extension type code of a reference to a large buffer (4-byte big-endian index)
 BIG_EXT = 1
+#: the most bytes a packed message may have: a round of ``MAX_LIST`` clients' ciphertexts fits. Unpacked,
+#: a byte becomes at most about eight (a list's slot for a one-byte int), what a daemon charges for it
+#: (``worker.charges.secure``); without a cap, 12 MB of empty lists held a daemon's event loop 5 s
+#: (msgpack keeps the GIL) and grew it by 850 MiB (a red team's find)
+PACKED_MAX_BYTES = 8 << 20
+#: the most lists and maps a packed message may unpack into (a message holds a few per peer)
+PACKED_MAX_CONTAINERS = 4 * MAX_LIST
 
 
 def to_codec(value: Any) -> Any:
@@ -99,8 +108,21 @@ def from_codec(value: Any) -> Any:
                 raise ValueError("malformed packed secure-aggregation message")
             return big[index].contiguous().numpy().data.toreadonly()
 
+        if packed.numel() > PACKED_MAX_BYTES:
+            raise ValueError(f"packed secure-aggregation message of {packed.numel()} bytes, over {PACKED_MAX_BYTES}")
+        containers = 0
+
+        def counted(container: Any) -> Any:  # stops msgpack once too many lists and maps were built
+            nonlocal containers
+            containers += 1
+            if containers > PACKED_MAX_CONTAINERS:
+                raise ValueError(f"packed secure-aggregation message of more than {PACKED_MAX_CONTAINERS} lists")
+            return container
+
         return msgpack.unpackb(packed.contiguous().numpy().tobytes(), raw=False, strict_map_key=True,
-                               use_list=True, ext_hook=ext_hook)
+                               use_list=True, ext_hook=ext_hook, list_hook=counted, object_hook=counted,
+                               max_array_len=MAX_LIST, max_map_len=MAX_LIST, max_bin_len=VIEW_ABOVE,
+                               max_str_len=VIEW_ABOVE, max_ext_len=4)
     if _is_bytes_tensor(value):
         array = value.contiguous().numpy()
         return array.data.toreadonly() if array.nbytes > VIEW_ABOVE else array.tobytes()
