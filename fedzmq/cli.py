@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 CLI_STRATEGIES: dict[str, type[Strategy]] = {**STRATEGIES, "fedbuff": FedBuff}
 
 #: flags (and TOML keys) that are a strategy's constructor arguments; each applies to the strategies that take it
-STRATEGY_FLAGS = ("buffer_size", "staleness", "max_staleness", "server_learning_rate")
+STRATEGY_FLAGS = ("buffer_size", "staleness", "max_staleness", "server_learning_rate", "server_momentum",
+                  "proximal_mu")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -50,6 +51,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-staleness", type=int, help="fedbuff: drop updates staler than this (default: keep all)")
     p.add_argument("--server-learning-rate", type=float, help="fedbuff and fedavgm: the server's step on the "
                    "round's mean (default 1.0)")
+    p.add_argument("--server-momentum", type=float, help="fedavgm: the server's momentum (default 0.0)")
+    p.add_argument("--proximal-mu", type=float, help="fedprox: the proximal term's weight mu (default 0.01); the "
+                   "other strategies' arguments go in strategy_args of a --config file")
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 2)")
     p.add_argument("--local-steps", type=int, help="local steps per round instead of epochs (0: no training, the "
                    "round trip alone, to measure the framework)")
@@ -148,7 +152,7 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _base_strategy(settings: dict[str, Any]) -> Strategy:
+def base_strategy(settings: dict[str, Any]) -> Strategy:
     """The strategy ``--strategy`` names, with its arguments: ``strategy_args`` of the TOML file, and the
     strategy flags given (they win). A flag the strategy does not take is an error, not silently ignored."""
     name = str(settings["strategy"]).lower()
@@ -168,7 +172,7 @@ def _base_strategy(settings: dict[str, Any]) -> Strategy:
 def strategy_problem(settings: dict[str, Any]) -> str | None:
     """Why the strategy settings cannot run (checked before any daemon starts), or None."""
     try:
-        strategy = _base_strategy(settings)
+        strategy = base_strategy(settings)
         if settings.get("secure_aggregation") or settings.get("dp_epsilon") is not None:
             from .federated.secure import SecAgg
 
@@ -180,7 +184,7 @@ def strategy_problem(settings: dict[str, Any]) -> str | None:
 
 def _strategy(settings: dict[str, Any]) -> Any:
     """The strategy the flags name, wrapped in secure aggregation (and DP) when asked."""
-    strategy = _base_strategy(settings)
+    strategy = base_strategy(settings)
     epsilon = settings.get("dp_epsilon")
     if not settings.get("secure_aggregation") and epsilon is None:
         return strategy

@@ -214,3 +214,17 @@ def test_train_with_a_model_that_cannot_take_the_rows_says_so_before_a_round(tmp
             assert "Traceback" not in done.stderr
     finally:
         stop_all(daemons)
+
+
+def test_fedprox_and_fedavgm_take_their_arguments_as_flags():
+    """A newcomer's --proximal-mu was an unrecognized argument, and --strategy fedavgm from flags was
+    plain FedAvg (no --server-momentum)."""
+    from fedzmq.cli import base_strategy
+
+    def strategy(*argv: str):
+        return base_strategy(settings_from(build_parser().parse_args(["train", *argv])))
+
+    assert strategy("--strategy", "fedprox", "--proximal-mu", "0.1").proximal_mu == 0.1
+    assert strategy("--strategy", "fedavgm", "--server-momentum", "0.9").server_momentum == 0.9
+    with pytest.raises(ValueError, match="--proximal-mu does not apply to --strategy fedavg"):
+        strategy("--strategy", "fedavg", "--proximal-mu", "0.1")
