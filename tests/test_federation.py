@@ -336,3 +336,14 @@ def test_a_fit_config_a_worker_would_refuse_is_refused_when_made(kwargs, says):
     silently trained the steps)."""
     with pytest.raises(ValueError, match=says):
         fz.FitConfig(dataset="d", **kwargs)
+
+
+async def test_resuming_a_checkpoint_of_another_model_says_which_checkpoint(tmp_path):
+    """A newcomer resumed with a different model and got torch's size-mismatch error, which does not
+    say that the checkpoint folder is the cause."""
+    from fedzmq.federated import checkpoint
+
+    checkpoint.save(tmp_path / "ckpt", checkpoint.Checkpoint(3, torch.nn.Linear(4, 2).state_dict(), {}, []))
+    with pytest.raises(ValueError, match="the checkpoint of round 3 in .*ckpt is of another model"):
+        fz.Federation([fz.VirtualWorker("bob-ckpt")], torch.nn.Linear(5, 2), fz.FitConfig(dataset="d"),
+                      checkpoint_dir=str(tmp_path / "ckpt"))

@@ -289,7 +289,11 @@ class Federation:
         found = ckpt.load_latest(directory)
         if found is None:
             return
-        self.model.load_state_dict(found.model)
+        try:
+            self.model.load_state_dict(found.model)
+        except RuntimeError as exc:  # torch's words alone did not say where the other model came from
+            raise ValueError(f"the checkpoint of round {found.round} in {directory} is of another model "
+                             f"(give this run its own checkpoint_dir, or remove that one): {exc}") from None
         self.strategy.load_state_dict(found.strategy)
         self.round = found.round
         self.history = [RoundMetrics.from_dict(h) for h in found.history]
