@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 
 import numpy as np
 import pytest
@@ -625,3 +626,41 @@ def test_two_clients_in_every_survivor_set_cannot_be_summed_alone(n):
     views = {i: (sorted(set(range(n)) - drops[i]), sorted(drops[i])) for i in range(n)}
     revealed = _equivocate(n, {}, views)
     assert min(revealed["b", 0], revealed["b", 1]) < t or any(revealed["s", r] < t for r in rest), revealed
+
+
+# ---------------------------------------------------------------------------------------------------
+# a hostile coordinator's work: every step's loops keep to the checkpoint (the daemon's time budget)
+
+
+def test_repeated_confirmations_are_checked_once_and_every_entry_reaches_the_checkpoint():
+    """A red team's unmask request carried one survivor's wrong tag 65,536 times: each was checked
+    again, with U1 and U2 sorted anew, and the loop had no checkpoint (9 s under a 4 s budget on a
+    daemon). A sender is checked once, the view packed once, and every entry is a checkpoint."""
+    n, calls = 5, []
+    steps = Steps(SecAggConfig(tuple(range(n)), 3, 10, clip=10.0), make_updates(n, 10, seed=4))
+    client = steps.clients[0] = SecAggClient(0, steps.cfg, checkpoint=lambda: calls.append(1))  # a daemon's: budget
+    steps.keys()
+    steps.shares()
+    request = steps.masked()
+    for i in range(n):
+        steps.clients[i].confirm(request)
+    calls.clear()
+    bogus = [[1, 0, b"\0" * 32]] * 65_536
+    started = time.perf_counter()
+    with pytest.raises(SecAggAborted):
+        client.unmask({"v": 2, "type": "secagg.unmask_request", "u2": request["u2"], "dropped": request["dropped"],
+                       "confirm": bogus})
+    assert len(calls) >= len(bogus) and time.perf_counter() - started < 5
+
+
+def test_keys_of_a_round_of_many_clients_are_checked_against_a_set():
+    """``share_keys`` asked, for each of 65,536 relayed keys, whether its client was invited, of a tuple
+    of 65,536 ids, before any checkpoint (15 s under a 2 s budget on a daemon)."""
+    n = 1 << 16
+    calls: list[int] = []
+    client = SecAggClient(0, SecAggConfig(tuple(range(n)), n // 2 + 1, 2, clip=1.0), checkpoint=lambda: calls.append(1))
+    client.advertise()
+    started = time.perf_counter()
+    with pytest.raises(SecAggProtocolError, match="own keys unchanged"):
+        client.share_keys({"v": 2, "type": "secagg.keys", "keys": [[j, b"\1" * 32, b"\2" * 32] for j in range(n)]})
+    assert len(calls) >= n and time.perf_counter() - started < 5

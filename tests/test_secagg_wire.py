@@ -44,3 +44,25 @@ def test_a_message_missing_one_field_is_refused_naming_that_field_alone() -> Non
     message = {"v": VERSION, "type": "secagg.shares", "from": 1, "shares": [], "surplus": 0}
     with pytest.raises(ValueError, match=r"missing fields \['b_commit'\], unknown fields \['surplus'\]"):
         check_message(message, "secagg.shares", {"from", "b_commit", "shares"})
+
+
+def test_a_packed_message_refers_to_each_big_buffer_once_and_holds_few_values():
+    """A red team's 7.9 MB of 6-byte references to one big buffer unpacked into a numpy array and two
+    views each: 1 GiB on a daemon. A buffer is one value of a message; a message's values are capped."""
+    import msgpack
+    import torch
+
+    from fedzmq.secagg.wire import BIG_EXT, BIG_KEY, PACKED_KEY, PACKED_MAX_VALUES, from_codec
+
+    ref = msgpack.ExtType(BIG_EXT, (0).to_bytes(4, "big"))
+    big = [torch.zeros(1, dtype=torch.uint8)]
+
+    def message(value) -> dict:
+        packed = msgpack.packb(value, use_bin_type=True)
+        return {PACKED_KEY: torch.frombuffer(bytearray(packed), dtype=torch.uint8), BIG_KEY: big}
+
+    assert bytes(from_codec(message([ref]))[0]) == b"\0"
+    with pytest.raises(ValueError, match="malformed"):
+        from_codec(message([ref, ref]))
+    with pytest.raises(ValueError, match=f"more than {PACKED_MAX_VALUES} values"):
+        from_codec(message([[1] * 60_000] * 10))

@@ -33,7 +33,7 @@ from .config import SecAggConfig
 from .crypto import CsprngStream
 from .encoding import (
     CIPHERTEXT_BYTES, SECRET_BYTES, b_commitment, confirm_key, confirm_tag, encode, pack_shares, pairwise_seed,
-    reduce_ring, share_aad, share_key, unpack_shares,
+    reduce_ring, share_aad, share_key, unpack_shares, view_bytes,
 )
 from .errors import SecAggAborted, SecAggProtocolError
 from .messages import (
@@ -84,7 +84,7 @@ class SecAggClient:
 
     def __init__(self, client_id: int, config: SecAggConfig, *, noise_seed: bytes | None = None,
                  checkpoint: Callable[[], None] | None = None) -> None:
-        if client_id not in config.client_ids:
+        if client_id not in config.invited:
             raise ValueError(f"client {client_id} is not invited to this round")
         self.client_id = client_id
         self.config = config
@@ -110,6 +110,8 @@ class SecAggClient:
         self._answer: tuple[tuple[int, ...], UnmaskMsg] | None = None
         #: per peer of U1, the key its word on the round's view comes under (``confirm_tag``)
         self._confirm_keys: dict[int, bytes] = {}
+        #: the complete graph's one view of a survivor set, packed (``_view_bytes``): the set and its bytes
+        self._whole_view: tuple[AbstractSet[int], bytes] | None = None
         #: the survivor set and drop-outs this client confirmed (``confirm``), and its answer
         self._view: tuple[list[int], list[int]] | None = None
         self._confirmed: ConfirmMsg | None = None
@@ -148,7 +150,8 @@ class SecAggClient:
         peers: dict[int, _PeerKeys] = {}
         hood = None if cfg.complete else cfg.neighbourhood(me)
         for cid, (c_pk, s_pk) in sorted(entries.items()):
-            if cid not in cfg.client_ids:
+            self._checkpoint()
+            if cid not in cfg.invited:
                 raise SecAggProtocolError(f"keys list names client {cid}, who is not invited")
             if hood is not None and cid not in hood:
                 raise SecAggProtocolError(f"keys list names client {cid}, who is not a neighbour of client {me}")
@@ -274,8 +277,11 @@ class SecAggClient:
             return self._confirmed
         me = self.client_id
         survivors = set(u2)
-        tags = [[j, confirm_tag(self._confirm_keys[j], self.config, me, j, *self._views_with(j, survivors))]
-                for j in u2 if j != me]
+        tags = []
+        for j in u2:
+            if j != me:
+                self._checkpoint()
+                tags.append([j, confirm_tag(self._confirm_keys[j], self.config, me, j, self._view_bytes(j, survivors))])
         self._view = (u2, dropped)
         self._confirmed = {"v": VERSION, "type": "secagg.confirm", "from": me, "tags": tags}
         self._stage = "confirmed"
@@ -301,14 +307,18 @@ class SecAggClient:
             raise SecAggAborted(f"only {len(u2)} clients sent masked inputs, threshold is {cfg.threshold}", "Unmasking")
         return sorted(u2), sorted(dropped)
 
-    def _views_with(self, peer: int, u2: AbstractSet[int]) -> tuple[AbstractSet[int], AbstractSet[int]]:
-        """This client's U1 and U2 within ``peer``'s neighbourhood too: what ``peer`` holds of them as
-        well, in an honest round (all of them with the complete graph). Called once per survivor: the
-        intersections walk the neighbourhood (k + 1 ids), not U1 and U2 (up to n each)."""
+    def _view_bytes(self, peer: int, u2: AbstractSet[int]) -> bytes:
+        """This client's U1 and U2 within ``peer``'s neighbourhood too (``view_bytes``): what ``peer``
+        holds of them as well, in an honest round (all of them with the complete graph, packed once per
+        ``u2`` and kept). Per peer with SecAgg+: the intersections walk the neighbourhood (k + 1 ids),
+        not U1 and U2 (up to n each)."""
         if self.config.complete:
-            return self._u1_set, u2
+            cached = self._whole_view
+            if cached is None or cached[0] is not u2:
+                cached = self._whole_view = (u2, view_bytes(self._u1_set, u2))
+            return cached[1]
         hood = self.config.neighbourhood(peer)
-        return hood & self._u1_set, hood & u2
+        return view_bytes(hood & self._u1_set, hood & u2)
 
     def _confirmations(self, entries: Any, u2: list[int]) -> int:
         """How many survivors other than this client confirm, each under the key it shares with this
@@ -316,17 +326,18 @@ class SecAggClient:
         ``entries`` are ``[from, to, tag]``; those addressed to others are skipped."""
         if not isinstance(entries, list) or len(entries) > MAX_LIST:
             raise SecAggProtocolError("confirm must be a list of [from, to, tag]")
-        me, survivors, confirmed = self.client_id, set(u2), set()
+        me, survivors, confirmed, seen = self.client_id, set(u2), set(), set()
         for entry in entries:
+            self._checkpoint()
             if not isinstance(entry, (list, tuple)) or len(entry) != 3:
                 raise SecAggProtocolError("confirm must be a list of [from, to, tag]")
             sender, receiver = as_id(entry[0], "confirm"), as_id(entry[1], "confirm")
             key = self._confirm_keys.get(sender)
-            if receiver != me or sender not in survivors or key is None or sender in confirmed:
-                continue
+            if receiver != me or sender not in survivors or key is None or sender in seen:
+                continue  # one tag a sender, right or wrong: a wrong one repeated was checked every time
+            seen.add(sender)
             tag = as_bytes(entry[2], "confirm tag", sender, length=32)
-            views = self._views_with(sender, survivors)
-            if hmac.compare_digest(tag, confirm_tag(key, self.config, sender, me, *views)):
+            if hmac.compare_digest(tag, confirm_tag(key, self.config, sender, me, self._view_bytes(sender, survivors))):
                 confirmed.add(sender)
         return len(confirmed)
 

@@ -94,6 +94,7 @@ class SecAggConfig:
     graph_seed: bytes = b""
     _graph: NeighbourGraph | None = field(init=False, repr=False, compare=False, default=None)
     _digest: bytes = field(init=False, repr=False, compare=False, default=b"")
+    _invited: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
         ids = tuple(self.client_ids)
@@ -104,6 +105,7 @@ class SecAggConfig:
         if len(set(ids)) != len(ids):
             raise ValueError("client ids must be distinct")
         object.__setattr__(self, "client_ids", tuple(sorted(ids)))
+        object.__setattr__(self, "_invited", frozenset(ids))
         n = len(ids)
         if n < 2:
             raise ValueError("secure aggregation needs at least 2 clients")
@@ -148,6 +150,12 @@ class SecAggConfig:
         object.__setattr__(self, "_digest", self._compute_digest())
 
     # ---- derived quantities
+
+    @property
+    def invited(self) -> frozenset[int]:
+        """``client_ids`` as a set: asking whether a client is invited must not walk them (65,536 such
+        questions about a round of 65,536 made one step take 15 s)."""
+        return self._invited
 
     @property
     def n(self) -> int:

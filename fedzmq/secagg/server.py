@@ -142,7 +142,7 @@ class SecAggServer:
         self._expect("keys")
         msg = check_message(msg, "secagg.advertise", {"from", "c_pk", "s_pk"})
         i = as_id(msg["from"], "from")
-        if i not in self.config.client_ids:
+        if i not in self.config.invited:
             raise SecAggProtocolError("not invited to this round", i)
         if i in self._keys:
             raise SecAggProtocolError("advertised twice", i)

@@ -45,12 +45,16 @@ BIG_KEY = "secagg.big"
 #: the msgpack extension type code of a reference to a large buffer (4-byte big-endian index)
 BIG_EXT = 1
 #: the most bytes a packed message may have: a round of ``MAX_LIST`` clients' ciphertexts fits. Unpacked,
-#: a byte becomes at most about eight (a list's slot for a one-byte int), what a daemon charges for it
-#: (``worker.charges.secure``); without a cap, 12 MB of empty lists held a daemon's event loop 5 s
-#: (msgpack keeps the GIL) and grew it by 850 MiB (a red team's find)
+#: it is at most its values (``PACKED_MAX_VALUES``, each a Python object) and the bytes of its strings,
+#: what a daemon charges for it (``worker.charges.secure``); without a cap, 12 MB of empty lists held a
+#: daemon's event loop 5 s (msgpack keeps the GIL) and grew it by 850 MiB (a red team's find)
 PACKED_MAX_BYTES = 8 << 20
 #: the most lists and maps a packed message may unpack into (a message holds a few per peer)
 PACKED_MAX_CONTAINERS = 4 * MAX_LIST
+#: the most values (list items, map keys and values) a packed message may unpack into: a few per peer.
+#: Values, not bytes, are what unpacking multiplies: a 6-byte reference to a big buffer became a numpy
+#: array and two views, and a red team's 7.9 MB of them grew a daemon by 1 GiB
+PACKED_MAX_VALUES = 8 * MAX_LIST
 
 
 def to_codec(value: Any) -> Any:
@@ -102,21 +106,27 @@ def from_codec(value: Any) -> Any:
                 or not all(_is_bytes_tensor(t) for t in big):
             raise ValueError("malformed packed secure-aggregation message")
 
+        referenced: set[int] = set()
+
         def ext_hook(code: int, data: bytes) -> Any:
             index = int.from_bytes(data, "big") if code == BIG_EXT and len(data) == 4 else -1
-            if not 0 <= index < len(big):
+            if not 0 <= index < len(big) or index in referenced:  # each buffer is one value of the message
                 raise ValueError("malformed packed secure-aggregation message")
+            referenced.add(index)
             return big[index].contiguous().numpy().data.toreadonly()
 
         if packed.numel() > PACKED_MAX_BYTES:
             raise ValueError(f"packed secure-aggregation message of {packed.numel()} bytes, over {PACKED_MAX_BYTES}")
-        containers = 0
+        containers = values = 0
 
-        def counted(container: Any) -> Any:  # stops msgpack once too many lists and maps were built
-            nonlocal containers
+        def counted(container: Any) -> Any:  # stops msgpack once too many lists, maps or values were built
+            nonlocal containers, values
             containers += 1
+            values += len(container) * (2 if isinstance(container, dict) else 1)
             if containers > PACKED_MAX_CONTAINERS:
                 raise ValueError(f"packed secure-aggregation message of more than {PACKED_MAX_CONTAINERS} lists")
+            if values > PACKED_MAX_VALUES:
+                raise ValueError(f"packed secure-aggregation message of more than {PACKED_MAX_VALUES} values")
             return container
 
         return msgpack.unpackb(packed.contiguous().numpy().tobytes(), raw=False, strict_map_key=True,

@@ -15,7 +15,7 @@ import torch
 from ..codec import DTYPES, dtype_itemsize
 from ..errors import BadRequest
 from ..ops import MAX_DIMS, check_loss_shapes
-from ..secagg.wire import PACKED_KEY
+from ..secagg.wire import PACKED_KEY, PACKED_MAX_VALUES
 from .binding import Binding, Context
 from .cost import check_work
 from .datasets import Dataset
@@ -155,19 +155,23 @@ def stream(context: Context, binding: Binding) -> int:
 #: bytes of one element of the float32 copies a secure round makes of the model's float entries, and of
 #: the ring vector a masked input is (``uint64`` past 32 ring bits)
 FLOAT32_BYTES, RING_BYTES = 4, 8
-#: the most memory a byte of a packed secure-aggregation message unpacks into (``secagg.wire``)
-UNPACKED_PER_PACKED_BYTE = 8
+#: what unpacking a packed secure-aggregation message (``secagg.wire``) may make: each of its values a
+#: Python object (a one-character string outside Latin-1: 76 bytes; a list's slot for it: 8 more), and
+#: each of its bytes twice more (a string's characters, a copy of the frame)
+BYTES_PER_UNPACKED_VALUE, UNPACKED_PER_PACKED_BYTE = 128, 2
 
 
 def secure(context: Context, binding: Binding) -> int:
-    """A secure round's step: its message unpacked (up to ``UNPACKED_PER_PACKED_BYTE`` bytes a packed byte),
-    and its copies of the model: ``advertise`` makes a float32 copy of its float entries (one more of
-    each on the way, for those not float32 already), which the round keeps to mask the update against
-    (held for the session, with the round's state for its clients: ``worker.secure``); ``masked_input``
-    makes the update the same way and the ring vector that masks it."""
+    """A secure round's step: its message unpacked (its values' objects, at most one a packed byte and
+    ``PACKED_MAX_VALUES``, and its bytes twice more), and its copies of the model: ``advertise`` makes
+    a float32 copy of its float entries (one more of each on the way, for those not float32 already),
+    which the round keeps to mask the update against (held for the session, with the round's state for
+    its clients: ``worker.secure``); ``masked_input`` makes the update the same way and the ring vector
+    that masks it."""
     step, payload = binding.args["step"], binding.args["payload"]
     packed = payload.get(PACKED_KEY) if isinstance(payload, dict) else None
-    unpacked = UNPACKED_PER_PACKED_BYTE * packed.numel() if isinstance(packed, torch.Tensor) else 0
+    size = packed.numel() if isinstance(packed, torch.Tensor) else 0
+    unpacked = BYTES_PER_UNPACKED_VALUE * min(size, PACKED_MAX_VALUES) + UNPACKED_PER_PACKED_BYTE * size
     if step not in ("advertise", "masked_input") or "module" not in binding.objects:
         return unpacked
     hosted: HostedModule = binding.objects["module"]
