@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import inspect
 import json
-import math
 import shutil
 import sys
 import time
@@ -142,10 +141,10 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         given = {CONFIG_ALIASES.get(k, k): v for k, v in given.items()}
         known = (set(vars(args)) | set(DEFAULTS)) - {"command", "config"}
         unknown = sorted(set(given) - known)
-        if unknown:
-            raise SystemExit(f"fedzmq {args.command}: {args.config} has keys that are no settings: "
-                             f"{', '.join(unknown)} (settings are the flags' names with underscores: "
-                             f"{', '.join(sorted(known))})")
+        if unknown:  # a usage error, as a flag that does not exist is (exit code 2)
+            print(f"fedzmq {args.command}: {args.config} has keys that are no settings: {', '.join(unknown)} "
+                  f"(settings are the flags' names with underscores: {', '.join(sorted(known))})", file=sys.stderr)
+            raise SystemExit(2)
         settings.update(given)
     settings.update({k: v for k, v in vars(args).items() if v is not None})
     settings.setdefault("out", f"runs/{args.command}")
@@ -300,16 +299,17 @@ async def check_datasets(workers: Sequence[RemoteWorker], dataset: str, settings
             hosts = len(await worker.clients())
             hint = (f"; it hosts {hosts} logical clients (--clients-from), whose datasets fedzmq simulate or "
                     "fz.connect_clients reach") if hosts else ""
-            raise SystemExit(f"fedzmq train: no dataset {dataset!r} on {worker.id!r} (it has: "
+            raise SystemExit(f"fedzmq {settings['command']}: no dataset {dataset!r} on {worker.id!r} (it has: "
                              f"{', '.join(sorted(listing)) or 'none'}){hint}")
-        features, wanted = math.prod(found.feature_shape), settings.get("in_features")
-        if wanted is not None and features != wanted:  # (the demo and simulate size their models themselves)
-            raise SystemExit(f"fedzmq train: the rows of {dataset!r} on {worker.id!r} have {features} features; "
-                             f"--in-features is {wanted}")
+        shape, wanted = tuple(found.feature_shape), settings.get("in_features")
+        if wanted is not None and shape != (wanted,):  # (the demo and simulate size their models themselves)
+            what = f"{shape[0]} features" if len(shape) == 1 else f"shape {shape} (the models here take flat rows)"
+            raise SystemExit(f"fedzmq {settings['command']}: the rows of {dataset!r} on {worker.id!r} have "
+                             f"{what}; --in-features is {wanted}")
         if found.num_classes is not None and settings.get("classes") is not None and \
                 found.num_classes > settings["classes"]:
-            raise SystemExit(f"fedzmq train: {dataset!r} on {worker.id!r} has labels up to {found.num_classes - 1}; "
-                             f"--classes is {settings['classes']}")
+            raise SystemExit(f"fedzmq {settings['command']}: {dataset!r} on {worker.id!r} has labels up to "
+                             f"{found.num_classes - 1}; --classes is {settings['classes']}")
 
 
 def exit_summary(codes: dict[str, int]) -> str:

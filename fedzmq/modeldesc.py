@@ -294,7 +294,8 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
     if not isinstance(spec, dict):
         raise BadRequest.new("a model description must be a map")
     kind = spec.get("kind")
-    unknown_keys = set(spec) - DESCRIPTION_KEYS.get(kind, set(spec))  # (an unknown kind is refused below)
+    known = DESCRIPTION_KEYS.get(kind, set(spec)) if isinstance(kind, str) else set(spec)  # (a bad kind: below)
+    unknown_keys = set(spec) - known
     if unknown_keys:  # kept with the model, so nothing it does not use (a red team's 3 MiB "note" in each)
         raise BadRequest.new(f"a {kind} description has no {sorted(unknown_keys)}")
     if kind == "layer":

@@ -1023,10 +1023,11 @@ async def test_a_secure_rounds_copies_of_the_model_are_charged(fedzmq_daemons):
                                          "payload": to_codec(config.to_wire())})
 
     held = [(await worker.status())["bytes"]]
-    for number in (1, 2):  # each needs 8 MiB while it runs and keeps 4, and 2 KiB for each of its 3 clients
+    for number in (1, 2):  # each needs 8 MiB while it runs and keeps 4, and 64 B an invited id, 2 KiB a peer
         await advertise(number)
         held.append((await worker.status())["bytes"])
-    assert [b - held[0] for b in held] == [0, 4 * mib + 3 * 2048, 8 * mib + 6 * 2048]
+    state = 3 * 64 + 2 * 2048
+    assert [b - held[0] for b in held] == [0, 4 * mib + state, 8 * mib + 2 * state]
     with pytest.raises(fz.LimitExceeded, match="secure round"):
         await advertise(3)  # 12 MiB held: no room for its 8
 
@@ -1074,7 +1075,7 @@ async def test_a_secure_rounds_message_is_unpacked_within_limits(fedzmq_daemons)
     held = (await worker.status())["bytes"]
     await worker._request("secagg", {"step": "advertise", "round": 2, "module": model, "client": 0,
                                      "payload": _advertise_payload(range(1000))})
-    assert (await worker.status())["bytes"] - held >= 1000 * 2048  # the round's state for its clients
+    assert (await worker.status())["bytes"] - held >= 1000 * 64 + 999 * 2048  # the round's state for its clients
     from fedzmq.secagg import SecAggConfig
 
     with pytest.raises(ValueError, match="at most 65536 clients"):  # however the ids arrive

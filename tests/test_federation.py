@@ -319,6 +319,8 @@ def test_a_csv_with_a_row_of_column_names_loads_and_one_of_words_says_which_file
     (tmp_path / "named.csv").write_text("f0,f1,label\n1.5,2,0\n3,4.5,1\n")
     table = load_dataset("named", tmp_path / "named.csv")
     assert len(table) == 2 and table.labels.tolist() == [0, 1] and table.features[1].tolist() == [3.0, 4.5]
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf1,2,0\n3,4,1\n")  # "CSV UTF-8": a byte-order mark first
+    assert len(load_dataset("excel", tmp_path / "excel.csv")) == 2
     (tmp_path / "words.csv").write_text("1,2,0\nthree,4,1\n")
     with pytest.raises(DatasetError, match="words.csv is not a table of numbers"):
         load_dataset("words", tmp_path / "words.csv")

@@ -565,3 +565,41 @@ async def test_a_secure_step_stops_at_the_workers_command_time_limit() -> None:
         assert (await worker.ping())["id"] == "victim"
     finally:
         await worker.close()
+
+
+async def test_a_finished_secure_rounds_copy_of_the_model_is_uncharged():
+    """A cold review's find: a round's float32 copy of the model stayed charged until the round aged
+    out, four copies in steady state: a federation of a 4 MiB model under a 40 MiB quota failed at
+    round 3. The copy is released once the masked input is made."""
+    g = torch.Generator().manual_seed(0)
+    features = 1024  # Linear(1024, 1024): 4 MiB
+    workers = [fz.VirtualWorker(f"w{i}", settings=TEST_SETTINGS, config=fz.WorkerConfig(max_session_bytes=40 << 20),
+                                datasets={"d": Dataset("d", torch.randn(64, features, generator=g),
+                                                       torch.randint(0, features, (64,), generator=g))})
+               for i in range(3)]
+    fit = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.01}, steps=1, batch_size=16)
+    try:
+        federation = fz.Federation(workers, nn.Linear(features, features), fit, SecAgg(fz.FedAvg(), clip=100.0),
+                                   seed=1)
+        await federation.run(6)
+        assert federation.round == 6 and all(len(m.participants) == 3 for m in federation.history)
+    finally:
+        for w in workers:
+            await w.close()
+
+
+async def test_a_second_secure_federation_over_the_same_workers_starts_at_round_one():
+    """A cold review's find: the first federation left rounds 2-5 live in each daemon session; the
+    second advertised its round 1 beside them, and the eviction of the smallest round number evicted
+    the round just made (KeyError). The oldest round goes now."""
+    workers = [fz.VirtualWorker(f"w{i}", datasets={"d": shard}, settings=TEST_SETTINGS)
+               for i, shard in enumerate(_shards(3))]
+    try:
+        first = fz.Federation(workers, _model(), FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=1)
+        await first.run(5)
+        second = fz.Federation(workers, _model(), FIT, SecAgg(fz.FedAvg(), clip=100.0), seed=2)
+        metrics = await second.run_round()
+        assert first.round == 5 and len(metrics.participants) == 3 and not metrics.dropped
+    finally:
+        for w in workers:
+            await w.close()

@@ -1091,10 +1091,20 @@ def test_a_first_fold_that_fails_leaves_no_stale_sum_behind():
     assert torch.equal(aggregator.result()["w"], torch.full((6,), 2.0))
 
 
-def test_a_federation_too_small_for_its_strategy_is_refused_when_made():
+async def test_a_federation_too_small_for_its_strategy_is_refused_when_made():
     """A newcomer's Bulyan over 2 workers trained a round, then failed: it needs 4f + 3 updates."""
-    workers = [fz.VirtualWorker(f"w{i}") for i in range(2)]
+    workers = [fz.VirtualWorker(f"w{i}") for i in range(8)]
     fit = fz.FitConfig(dataset="d")
-    with pytest.raises(ValueError, match="Bulyan needs at least 3 updates a round; this federation has 2 workers"):
-        fz.Federation(workers, torch.nn.Linear(2, 2), fit, fz.Bulyan())
-    assert fz.Federation(workers, torch.nn.Linear(2, 2), fit, fz.FedAvg()).strategy.min_updates == 1
+    try:
+        _refused_when_made(workers, fit)
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
+def _refused_when_made(workers: list, fit: fz.FitConfig) -> None:
+    with pytest.raises(ValueError, match="Bulyan needs at least 3 updates a round; this federation takes 2 of its 2"):
+        fz.Federation(workers[:2], torch.nn.Linear(2, 2), fit, fz.Bulyan())
+    with pytest.raises(ValueError, match="needs at least 7 updates a round; this federation takes 4 of its 8"):
+        fz.Federation(workers, torch.nn.Linear(2, 2), fit, fz.Bulyan(num_malicious_clients=1), fraction=0.5)
+    assert fz.Federation(workers, torch.nn.Linear(2, 2), fit, fz.Bulyan(num_malicious_clients=1)).round == 0

@@ -114,9 +114,11 @@ class Federation:
         self.model = model
         self.fit_config = fit
         self.strategy = strategy or FedAvg()
-        if len(self.workers) < self.strategy.min_updates:
+        selected = min(len(self.workers), max(min_workers, math.ceil(fraction * len(self.workers))))
+        if selected < self.strategy.min_updates:
             raise ValueError(f"{type(self.strategy).__name__} needs at least {self.strategy.min_updates} updates a "
-                             f"round; this federation has {len(self.workers)} workers")
+                             f"round; this federation takes {selected} of its {len(self.workers)} workers a round "
+                             "(fraction, min_workers)")
         self.fraction = fraction
         self.sampling = sampling
         self.min_workers = min_workers

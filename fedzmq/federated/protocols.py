@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,8 +29,8 @@ from torch import nn
 from ..client.module_pointer import clients_per_trip
 from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
-from ..errors import BadRequest, ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
-from ..optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS, check_hyper
+from ..errors import ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
+from ..optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 from .base import Aggregator, Strategy, UpdateReceiver
 
 #: a fit's metrics, as a fit over many hosted clients lists them for each (``fedzmq.worker.training.METRICS``)
@@ -64,20 +65,20 @@ class FitConfig:
         """Checked here, where the mistake is made, not at the first round on every worker."""
         if self.epochs is not None and self.steps is not None:
             raise ValueError("FitConfig takes epochs or steps, not both")
-        if self.epochs is not None and (type(self.epochs) is not int or self.epochs < 1):
-            raise ValueError(f"FitConfig epochs must be an int >= 1, got {self.epochs!r}")
-        if self.steps is not None and (type(self.steps) is not int or self.steps < 0):
-            raise ValueError(f"FitConfig steps must be an int >= 0, got {self.steps!r}")
-        if type(self.batch_size) is not int or self.batch_size < 1:
-            raise ValueError(f"FitConfig batch_size must be an int >= 1, got {self.batch_size!r}")
+        for name, least in (("epochs", 1), ("steps", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None:  # numpy's integers are ints here too; the wire gets Python's
+                if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+                    raise ValueError(f"FitConfig {name} must be an int >= {least}, got {value!r}")
+                object.__setattr__(self, name, int(value))
         hyper = dict(self.optimizer)
-        name = hyper.pop("cls", None)
-        if name not in OPTIMIZERS:
-            raise ValueError(f"FitConfig optimizer {name!r} is not one a worker makes: {', '.join(OPTIMIZERS)}")
-        try:
-            check_hyper(name, hyper)
-        except BadRequest as exc:
-            raise ValueError(f"FitConfig optimizer: {exc}") from None
+        cls = hyper.pop("cls", None)
+        if cls not in OPTIMIZERS:
+            raise ValueError(f"FitConfig optimizer {cls!r} is not one a worker makes: {', '.join(OPTIMIZERS)}")
+        unknown = set(hyper) - OPTIMIZERS[cls][1]
+        if unknown:
+            raise ValueError(f"FitConfig optimizer: {cls} does not take {sorted(unknown)} "
+                             f"(allowed: {sorted(OPTIMIZERS[cls][1])})")
 
 
 @dataclass

@@ -135,11 +135,11 @@ def load_settings(argv: Sequence[str] | None) -> dict[str, Any]:
 
 def model_registry(entries: Sequence[str]) -> dict[str, Callable[..., nn.Module]]:
     """Import the model classes the data owner named. This runs the owner's installed code, not wire bytes.
-    Modules are looked for in the working directory first, as ``python -m`` does (the ``fedzmq-worker``
+    Modules are looked for in the working directory too, as ``python -m`` does (the ``fedzmq-worker``
     script's own path does not have it: ``--model branch=mymodels:Branch`` next to ``mymodels.py`` failed)."""
     registry: dict[str, Callable[..., nn.Module]] = {}
     if entries and os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())  # after the installed packages: a file here cannot shadow one of them
     for entry in entries:
         name, _, target = entry.partition("=")
         module_name, _, attr = target.partition(":")

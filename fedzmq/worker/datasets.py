@@ -85,18 +85,22 @@ def _pick(arrays: dict[str, Any], names: tuple[str, ...], path: Path) -> Any:
     raise DatasetError(f"{path}: needs an array named one of {names}, found {sorted(arrays)}")
 
 
-def _csv_table(name: str, path: Path) -> np.ndarray:
-    """A CSV file's numbers, one row per sample with its label last; a first row of column names (any
-    cell that is not a number) is skipped."""
-    with path.open() as f:
-        first = f.readline()
+def _is_number(cell: str) -> bool:
     try:
-        [float(cell) for cell in first.split(",")]
-        header = 0
+        float(cell)
     except ValueError:
-        header = 1
+        return False
+    return True
+
+
+def _csv_table(name: str, path: Path) -> np.ndarray:
+    """A CSV file's numbers, one row per sample with its label last; a first row of column names (no cell
+    a number) is skipped. A byte-order mark (a spreadsheet's "CSV UTF-8") is not part of the first cell."""
+    with path.open(encoding="utf-8-sig") as f:
+        first = f.readline()
+    header = int(not any(_is_number(cell) for cell in first.split(",")))
     try:
-        return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2, skiprows=header)
+        return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2, skiprows=header, encoding="utf-8-sig")
     except ValueError as exc:
         raise DatasetError(f"dataset {name}: {path} is not a table of numbers (label last): {exc}") from None
 

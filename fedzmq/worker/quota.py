@@ -72,8 +72,11 @@ class Quota:
     # --- holders -------------------------------------------------------------------------------
 
     def hold(self, holder: int, tensors: list[torch.Tensor], extra: int = 0) -> None:
-        """Charge ``holder`` (an object id) for the storages of ``tensors`` and ``extra`` bytes."""
+        """Charge ``holder`` (an object id) for the storages of ``tensors`` and ``extra`` bytes (instead of
+        what it held before, if anything)."""
         with self._lock:
+            if holder in self._holder_storages:
+                self.drop(holder)
             keys = []
             for tensor in tensors:
                 storage = tensor.untyped_storage()

@@ -28,16 +28,26 @@ if TYPE_CHECKING:
 
 #: rounds a session may have under way at once (older ones are forgotten)
 LIVE_ROUNDS = 4
-#: what a round keeps per client it invites, charged to the session: the id, and per peer its public keys,
-#: the shares it holds and the keys derived (about 1.5 KB measured), rounded up
-ROUND_BYTES_PER_CLIENT = 2048
+#: what a round keeps, charged to the session: per client it invites (its id), and per peer it shares
+#: with (all the others, or a SecAgg+ round's neighbours: their public keys, the shares this client holds,
+#: the keys derived; about 1.1 KB measured), rounded up
+ROUND_BYTES_PER_INVITED, ROUND_BYTES_PER_PEER = 64, 2048
 
 
 @dataclass
 class SecureRound:
     client: SecAggClient
     module_id: int
-    reference: torch.Tensor  # the module's float parameters when the round began, flat
+    #: the module's float parameters when the round began, flat; released once the masked input is made
+    reference: torch.Tensor
+    #: what the round's state for its clients is charged (``round_bytes``)
+    state_bytes: int
+
+
+def round_bytes(config: SecAggConfig) -> int:
+    """What a round keeps of its clients: their ids, and per peer keys and shares."""
+    peers = len(config.client_ids) - 1 if config.complete else min(config.degree or 0, len(config.client_ids) - 1)
+    return len(config.client_ids) * ROUND_BYTES_PER_INVITED + peers * ROUND_BYTES_PER_PEER
 
 
 def round_holder(number: int) -> int:
@@ -120,15 +130,15 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
             del rounds[number]
         # what the round keeps of its clients (their ids, and per peer its keys and shares as they come):
         # four rounds of 4M client ids each had held 770 MiB uncharged (a red team's find)
-        for_clients = len(config.client_ids) * ROUND_BYTES_PER_CLIENT
+        for_clients = round_bytes(config)
         session.quota.check(for_clients, "a secure round's state for its clients")
         client = SecAggClient(args["client"], config, checkpoint=budget.check)
-        rounds[number] = SecureRound(client, binding.request.args["module"], reference)
+        rounds[number] = SecureRound(client, binding.request.args["module"], reference, for_clients)
         # charged as the session's objects are (the command's reservation sized the copy): four live rounds
         # of a 30 MiB float16 model had held 240 MiB beside a 64 MiB quota that never saw them
         session.quota.hold(round_holder(number), [reference], extra=for_clients)
-        while len(rounds) > LIVE_ROUNDS:
-            oldest = min(rounds)
+        while len(rounds) > LIVE_ROUNDS:  # the oldest go (not the smallest number: that may be this one)
+            oldest = next(iter(rounds))
             rounds.pop(oldest)
             session.quota.drop(round_holder(oldest))
         return to_codec(rounds[number].client.advertise())
@@ -149,10 +159,16 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         holders = set(session.trained_by)  # whose rows any fit of the session read: one more round each
         ledger.charge(holders)
         try:
-            return to_codec(state.client.masked_input(update, weight, payload))
+            masked = state.client.masked_input(update, weight, payload)
         except BaseException:  # nothing left: the round is given back
             ledger.refund(holders)
             raise
+        # the copy of the model has done its work: uncharged now, not when the round ages out (a federation
+        # of 4 MiB models under a 40 MiB quota had stopped at its third round)
+        state.reference = torch.empty(0)
+        session.quota.drop(round_holder(number))
+        session.quota.hold(round_holder(number), [], extra=state.state_bytes)
+        return to_codec(masked)
     if step == "confirm":
         return to_codec(state.client.confirm(payload))
     if step == "unmask":
