@@ -218,10 +218,12 @@ class Executor:
         kinds = [kind for kind in binding.command.charges if kind != "graph"]
         if not kinds:
             return 0
-        assert binding.session.budget is not None
+        budget = binding.session.budget
+        if budget is None:  # its session ended (and its command was given up) before a torch thread took it
+            raise LimitExceeded.new("the command was stopped: its session ended")
         # under the command's time budget: sizing a forward runs its program on the meta device, and a
         # description of nested modules each calling its child 8 times made 8^8 calls (hours of a torch thread)
-        with default_modes(), running_under(binding.session.budget):
+        with default_modes(), running_under(budget):
             parts = {kind: CHARGES[kind](self.context, binding) for kind in kinds}
         nbytes = sum(parts.values())
         quota = binding.session.quota
