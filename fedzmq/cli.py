@@ -473,7 +473,8 @@ def run_train(settings: dict[str, Any]) -> int:
     if last is not None and last.eval_accuracy is not None:
         print(f"final test accuracy: {last.eval_accuracy:.2%}")
     if last is not None and last.worker_eval_accuracy is not None:
-        print(f"final accuracy on the workers' own data (sample-weighted): {last.worker_eval_accuracy:.2%}")
+        print(f"final accuracy on the last round's {len(last.participants)} participants' own data "
+              f"(sample-weighted): {last.worker_eval_accuracy:.2%}")
     print(f"plot: {plot(federation.history, Path(settings['out']) / 'plot.png')}")
     return 0
 

@@ -268,7 +268,7 @@ async def test_train_says_when_it_starts_afresh_and_resumes_only_when_asked(fedz
         return result.stdout
 
     first = await train()
-    assert "starting afresh" not in first and "final accuracy on the workers' own data" in first
+    assert "starting afresh" not in first and "participants' own data (sample-weighted)" in first
     again = await train("--lr", "0.05")
     assert "starting afresh: the checkpoints of a previous run" in again and "--resume" in again
     assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -349,3 +349,15 @@ async def test_resuming_a_checkpoint_of_another_model_says_which_checkpoint(tmp_
     with pytest.raises(ValueError, match="the checkpoint of round 3 in .*ckpt is of another model"):
         fz.Federation([fz.VirtualWorker("bob-ckpt")], torch.nn.Linear(5, 2), fz.FitConfig(dataset="d"),
                       checkpoint_dir=str(tmp_path / "ckpt"))
+
+
+def test_the_summary_shows_the_participants_own_evaluation_when_there_is_one():
+    """A newcomer's run evaluated on the workers every round, and the table showed '-' for it."""
+    from fedzmq.federated.metrics import RoundMetrics, summary_table
+
+    metrics = RoundMetrics(round=1, participants=["a"], dropped={}, selected=["a"], unreachable=[], fits={},
+                           extra={})
+    assert "workers' acc" not in summary_table([metrics])
+    metrics.worker_eval_accuracy = 0.9
+    table = summary_table([metrics])
+    assert "workers' acc" in table and "90.00%" in table

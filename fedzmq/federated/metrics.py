@@ -52,12 +52,15 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def summary_table(history: Sequence[RoundMetrics]) -> str:
-    """A plain-text table, one row per round."""
-    rows = [("round", "workers", "dropped", "train loss", "eval loss", "eval acc", "seconds", "MB out", "MB in")]
+    """A plain-text table, one row per round; with the participants' own evaluation (``evaluate_on_workers``)
+    when the rounds have one."""
+    on_workers = any(m.worker_eval_accuracy is not None for m in history)
+    rows = [("round", "workers", "dropped", "train loss", "eval loss", "eval acc",
+             *(("workers' acc",) if on_workers else ()), "seconds", "MB out", "MB in")]
     for m in history:
         rows.append((str(m.round), str(len(m.participants)), ",".join(sorted(m.dropped)) or "-",
-                     _fmt(m.train_loss, "{:.4f}"), _fmt(m.eval_loss, "{:.4f}"),
-                     _fmt(m.eval_accuracy, "{:.2%}"), f"{m.seconds:.2f}",
+                     _fmt(m.train_loss, "{:.4f}"), _fmt(m.eval_loss, "{:.4f}"), _fmt(m.eval_accuracy, "{:.2%}"),
+                     *((_fmt(m.worker_eval_accuracy, "{:.2%}"),) if on_workers else ()), f"{m.seconds:.2f}",
                      f"{m.bytes_sent / 1e6:.2f}", f"{m.bytes_received / 1e6:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
