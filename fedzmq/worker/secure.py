@@ -124,7 +124,6 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         reference = float_parameters(module)  # a fresh copy (torch.cat's), held for the round below
         if reference.numel() != config.vector_length:
             raise BadRequest.new(f"the round masks {config.vector_length} values, the model has {reference.numel()}")
-        # the long steps stop at --max-command-seconds, or when the session ends (a revoked key), as a fit does
         if number in rounds:
             session.quota.drop(round_holder(number))
             del rounds[number]
@@ -132,6 +131,7 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         # four rounds of 4M client ids each had held 770 MiB uncharged (a red team's find)
         for_clients = round_bytes(config)
         session.quota.check(for_clients, "a secure round's state for its clients")
+        # the long steps stop at --max-command-seconds, or when the session ends (a revoked key), as a fit does
         client = SecAggClient(args["client"], config, checkpoint=budget.check)
         rounds[number] = SecureRound(client, binding.request.args["module"], reference, for_clients)
         # charged as the session's objects are (the command's reservation sized the copy): four live rounds
@@ -166,8 +166,7 @@ def handle(binding: "Binding", policy: "WorkerConfig", ledger: "ReleaseLedger") 
         # the copy of the model has done its work: uncharged now, not when the round ages out (a federation
         # of 4 MiB models under a 40 MiB quota had stopped at its third round)
         state.reference = torch.empty(0)
-        session.quota.drop(round_holder(number))
-        session.quota.hold(round_holder(number), [], extra=state.state_bytes)
+        session.quota.hold(round_holder(number), [], extra=state.state_bytes)  # (in place of what it held)
         return to_codec(masked)
     if step == "confirm":
         return to_codec(state.client.confirm(payload))
