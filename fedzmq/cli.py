@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .client.addresses import check_address
-from .errors import AddressError, WorkerError
+from .errors import AddressError, CheckpointMismatch, WorkerError
 from .federated.base import Strategy
 from .federated.fedbuff import STALENESS, FedBuff
 from .federated.federation import Federation, FitConfig, RoundFailed
@@ -59,6 +59,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="local minibatch size (default 32)")
     p.add_argument("--lr", type=float, help="local SGD learning rate (default 0.1)")
     p.add_argument("--fraction", type=float, help="fraction of workers per round (default 1.0)")
+    p.add_argument("--sampling", choices=("fixed", "poisson"), help="fixed: exactly fraction x workers each round "
+                   "(the default); poisson: each worker independently with probability --fraction, the sampling "
+                   "under which --dp-epsilon's accounting may claim amplification")
     p.add_argument("--min-workers", type=int, help="updates a round needs to succeed (default 1)")
     p.add_argument("--round-timeout", type=float, help="seconds a round may take (default 60)")
     p.add_argument("--seed", type=int, help="seed for the model, the split, sampling and the shuffles of the daemons "
@@ -122,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULTS: dict[str, Any] = {"rounds": 40, "strategy": "fedavg", "local_epochs": 2, "local_steps": None,
-                            "batch_size": 32, "lr": DEFAULT_OPTIMIZER["lr"], "fraction": 1.0, "min_workers": 1,
+                            "batch_size": 32, "lr": DEFAULT_OPTIMIZER["lr"], "fraction": 1.0, "sampling": "fixed",
+                            "min_workers": 1,
                             "round_timeout": 60.0,
                             "seed": 0, "no_progress": False, "model": "mlp", "hidden": 64, "strategy_args": {}}
 
@@ -194,9 +198,11 @@ def _strategy(settings: dict[str, Any]) -> Any:
         return SecAgg(strategy, clip=settings.get("clip"))  # None: no clipping, the exact mean
     from .secagg import noise_multiplier_for_epsilon
 
-    sigma = noise_multiplier_for_epsilon(epsilon, delta, settings["rounds"], 1.0)
+    # amplification by sampling only under Poisson sampling (Federation.sampling_rate says why)
+    rate = settings["fraction"] if settings["sampling"] == "poisson" else 1.0
+    sigma = noise_multiplier_for_epsilon(epsilon, delta, settings["rounds"], rate)
     print(f"differential privacy: noise multiplier {sigma:.3f} for epsilon {epsilon} at delta {delta} over "
-          f"{settings['rounds']} rounds", file=sys.stderr)
+          f"{settings['rounds']} rounds at sampling rate {rate:g}", file=sys.stderr)
     return SecAgg(strategy, clip=settings.get("clip") or 1.0, noise_multiplier=sigma, delta=delta,
                   target_epsilon=epsilon)
 
@@ -269,6 +275,7 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
                         epochs=None if steps is not None else settings["local_epochs"], steps=steps,
                         batch_size=settings["batch_size"])
         federation = Federation(workers, model, fit, strategy, fraction=settings["fraction"],
+                                sampling=settings["sampling"],
                                 min_workers=settings["min_workers"], round_timeout=settings["round_timeout"],
                                 seed=settings["seed"], checkpoint_dir=str(checkpoints), evaluate=evaluate,
                                 evaluate_on_workers=evaluate is None)
@@ -328,6 +335,14 @@ def shuffle_args(seed: int, worker: str) -> list[str]:
     return ["--shuffle-secret", f"fedzmq-{seed}-{worker}"]
 
 
+def privacy_spent(federation: Federation, settings: dict[str, Any]) -> str:
+    """``, epsilon spent E at delta D`` after a DP run (what its rounds cost together), else nothing."""
+    epsilon = federation.history[-1].epsilon if federation.history else None
+    if epsilon is None:
+        return ""
+    return f", epsilon spent {epsilon:.2f} at delta {settings.get('dp_delta') or 1e-5}"
+
+
 def run_demo(settings: dict[str, Any]) -> int:
     from .examples import digits
     from .launcher import start_daemons, stop_all
@@ -376,9 +391,8 @@ def run_demo(settings: dict[str, Any]) -> int:
     if federation.stopped_early:
         print(federation.stopped_early)
     label = federation.strategy.name if hasattr(federation.strategy, "name") else settings["strategy"]
-    eps = federation.history[-1].epsilon if federation.history else None
-    privacy = f", epsilon {eps:.2f} at delta {settings.get('dp_delta') or 1e-5}" if eps is not None else ""
-    print(f"final test accuracy, federated ({label}, {federation.round} rounds{privacy}): {final['accuracy']:.2%}")
+    print(f"final test accuracy, federated ({label}, {federation.round} rounds{privacy_spent(federation, settings)}): "
+          f"{final['accuracy']:.2%}")
     print(f"final test accuracy, centralized training of the same model ({epochs} epochs): "
           f"{central_result['accuracy']:.2%}")
     print(f"difference: {(final['accuracy'] - central_result['accuracy']) * 100:+.2f} points; "
@@ -423,8 +437,9 @@ def run_simulate(settings: dict[str, Any]) -> int:
     print(summary_table(history))
     if history:
         seconds = sorted(m.seconds for m in history)
-        print(f"\n{len(history[-1].participants)} clients per round; median round {seconds[len(seconds) // 2]:.3f}s; "
-              f"final test accuracy {history[-1].eval_accuracy:.2%}; total {time.perf_counter() - started:.1f}s")
+        print(f"\n{len(history[-1].participants)} clients in the last round; median round "
+              f"{seconds[len(seconds) // 2]:.3f}s; final test accuracy {history[-1].eval_accuracy:.2%}"
+              f"{privacy_spent(federation, settings)}; total {time.perf_counter() - started:.1f}s")
     print(f"metrics: {out / 'metrics.jsonl'}   checkpoints: {out / 'checkpoints'}")
     if federation.stopped_early:
         print(federation.stopped_early)
@@ -507,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RoundFailed as exc:
         print(f"fedzmq: {exc}", file=sys.stderr)
         return 1
+    except CheckpointMismatch as exc:  # --resume (or --out) pointing at another run's checkpoints
+        print(f"fedzmq {args.command}: {exc}", file=sys.stderr)
+        return 2
     except AddressError as exc:  # a host that does not resolve (a malformed address is caught before)
         print(f"fedzmq: {exc}", file=sys.stderr)
         return 2

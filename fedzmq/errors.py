@@ -87,6 +87,12 @@ class HeldBytesExceeded(FedzmqError):
     the round's result, so a round never silently aggregates only the updates that fitted."""
 
 
+class CheckpointMismatch(FedzmqError, ValueError):
+    """A run was pointed at a checkpoint folder written by another run: another model (its entries or
+    shapes differ) or another strategy (whose server state would be dropped or misread). The message
+    names the checkpoint and what differs; give the run its own checkpoint folder."""
+
+
 class RemoteError(FedzmqError):
     """A command failed on the worker. ``remote_type``, ``remote_message`` and
     ``remote_traceback`` are the worker's own words (the client names the pointers it knows in the

@@ -229,3 +229,44 @@ def test_fedprox_and_fedavgm_take_their_arguments_as_flags():
     assert strategy("--strategy", "fedavgm", "--server-momentum", "0.9").server_momentum == 0.9
     with pytest.raises(ValueError, match="--proximal-mu does not apply to --strategy fedavg"):
         strategy("--strategy", "fedavg", "--proximal-mu", "0.1")
+
+
+@pytest.mark.timeout(240)
+def test_resuming_with_another_strategy_is_refused_in_one_line(tmp_path):
+    """A newcomer resumed a FedAdam run with ``--strategy fedavg``: the checkpoint's server state was
+    silently dropped and the run went on as if it were one training. Refused, naming both strategies."""
+    out = tmp_path / "run"
+    common = [sys.executable, "-m", "fedzmq", "demo", "--workers", "2", "--local-steps", "1", "--no-progress",
+              "--out", str(out)]
+    first = subprocess.run([*common, "--rounds", "1", "--strategy", "fedadam"], capture_output=True, text=True,
+                           timeout=200)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([*common, "--rounds", "2", "--strategy", "fedavg", "--resume"], capture_output=True,
+                           text=True, timeout=200)
+    assert again.returncode == 2, again.stdout[-1000:] + again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
+    assert "written by strategy fedadam" in again.stderr and "this run's is fedavg" in again.stderr
+    assert checkpoint.load_latest(out / "checkpoints").round == 1  # the first run's checkpoint is untouched
+
+
+@pytest.mark.timeout(240)
+def test_simulate_with_dp_and_poisson_sampling_says_the_epsilon_it_spent(tmp_path):
+    """A newcomer's ``simulate --dp-epsilon 8`` printed the noise but never the epsilon reached, and
+    Poisson sampling (the one under which amplification may be claimed) had no flag."""
+    done = subprocess.run([sys.executable, "-m", "fedzmq", "simulate", "--clients", "40", "--daemons", "1",
+                           "--rounds", "2", "--local-steps", "1", "--fraction", "0.5", "--sampling", "poisson",
+                           "--dp-epsilon", "8", "--no-progress", "--out", str(tmp_path / "sim")],
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "sampling rate 0.5" in done.stderr  # the noise is calibrated for the amplification Poisson allows
+    spent = [line for line in done.stdout.splitlines() if "epsilon spent" in line]
+    assert spent, done.stdout[-2000:]
+    epsilon = float(spent[0].split("epsilon spent ")[1].split()[0])
+    assert 0 < epsilon <= 8
+
+
+def test_the_sampling_flag_reaches_the_federation_and_refuses_other_words():
+    assert settings_from(build_parser().parse_args(["train", "--sampling", "poisson"]))["sampling"] == "poisson"
+    assert settings_from(build_parser().parse_args(["train"]))["sampling"] == "fixed"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--sampling", "bernoulli"])

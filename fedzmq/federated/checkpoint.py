@@ -27,6 +27,9 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     strategy: dict[str, Any]
     history: list[dict[str, Any]]
+    #: the strategy's ``name`` (e.g. ``fedadam``, ``secagg(fedavg)``): a run resumed under another strategy
+    #: would drop or misread its server state. None in checkpoints written before it was recorded
+    strategy_name: str | None = None
 
 
 def _split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -46,7 +49,8 @@ def save(directory: str | os.PathLike[str], checkpoint: Checkpoint, keep: int = 
                   str(staging / "model.safetensors"))
         tensors, plain = _split(checkpoint.strategy)
         save_file(tensors, str(staging / "strategy.safetensors"))
-        meta = {"round": checkpoint.round, "strategy": plain, "history": checkpoint.history}
+        meta = {"round": checkpoint.round, "strategy": plain, "history": checkpoint.history,
+                "strategy_name": checkpoint.strategy_name}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -71,5 +75,5 @@ def load_latest(directory: str | os.PathLike[str]) -> Checkpoint | None:
         meta = json.loads(meta_path.read_text())
         strategy = {**meta.get("strategy", {}), **load_file(str(folder / "strategy.safetensors"))}
         return Checkpoint(int(meta["round"]), load_file(str(folder / "model.safetensors")), strategy,
-                          list(meta.get("history", [])))
+                          list(meta.get("history", [])), meta.get("strategy_name"))
     return None

@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from torch import nn
 
 from ..client.worker import RemoteWorker
-from ..errors import FedzmqError
+from ..errors import CheckpointMismatch, FedzmqError
 from . import checkpoint as ckpt
 from .base import Strategy
 from .metrics import RoundMetrics
@@ -285,17 +285,22 @@ class Federation:
         assert self.checkpoint_dir is not None
         ckpt.save(self.checkpoint_dir, ckpt.Checkpoint(
             round=self.round, model=self.model.state_dict(), strategy=self.strategy.state_dict(),
-            history=[dataclasses.asdict(m) for m in self.history]))
+            history=[dataclasses.asdict(m) for m in self.history], strategy_name=self.strategy.name))
 
     def _resume(self, directory: str) -> None:
         found = ckpt.load_latest(directory)
         if found is None:
             return
+        elsewhere = "give this run its own checkpoint_dir, or remove that one"
+        if found.strategy_name is not None and found.strategy_name != self.strategy.name:
+            raise CheckpointMismatch(f"the checkpoint of round {found.round} in {directory} was written by strategy "
+                                     f"{found.strategy_name}; this run's is {self.strategy.name} (resume with that "
+                                     f"strategy, or {elsewhere})")
         try:
             self.model.load_state_dict(found.model)
         except RuntimeError as exc:  # torch's words alone did not say where the other model came from
-            raise ValueError(f"the checkpoint of round {found.round} in {directory} is of another model "
-                             f"(give this run its own checkpoint_dir, or remove that one): {exc}") from None
+            raise CheckpointMismatch(f"the checkpoint of round {found.round} in {directory} is of another model "
+                                     f"({elsewhere}): {exc}") from None
         self.strategy.load_state_dict(found.strategy)
         self.round = found.round
         self.history = [RoundMetrics.from_dict(h) for h in found.history]
