@@ -104,8 +104,9 @@ class Command:
       ``"outputs"`` (sized on the meta device before running), ``"forward"`` (a forward's
       intermediates), ``"batch"`` (the batch a fit or an evaluation copies out of the dataset),
       ``"state"`` (an optimizer's first state), ``"stream"`` (a stream's buffer), ``"clients"`` (a fit
-      over hosted clients' trained states or sums), ``"graph"`` (what autograd saves, for as long as
-      the graph lives).
+      over hosted clients' trained states or sums), ``"copies"`` (a model's entries sent by reference
+      that it copies), ``"gradient"`` (the copy of a gradient), ``"secure"`` (a secure round's copies of the
+      model), ``"graph"`` (what autograd saves, for as long as the graph lives).
     - ``reads_dataset``: it reads the owner's rows (its errors are sanitized).
     - ``reports_metrics``: its reply carries metrics computed with the model (a loss, an accuracy):
       released as the rows' part of the owner's terms allows, but they tell the model's weights too,
@@ -198,10 +199,11 @@ COMMANDS: dict[str, Command] = _table(
             outputs=("out",),
             charges=("outputs", "graph"), fails_on_values="op", changes_nothing=True),
     Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
-    Command("grad", {"obj": ID, "out": ID}, refs={"obj": "gradient"}, outputs=("out",), changes_nothing=True),
+    Command("grad", {"obj": ID, "out": ID}, offload="large", refs={"obj": "gradient"}, outputs=("out",),
+            changes_nothing=True, charges=("gradient",)),
     # modules
     Command("module_put", {"out": ID, "spec": MAP, "state": MAP}, offload="always", outputs=("out",),
-            changes_nothing=True),
+            changes_nothing=True, charges=("copies",)),
     Command("module_load", {"obj": ID, "state": MAP}, offload="always", refs={"obj": "module"}, writes="module"),
     Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always",
             outputs=("out",), refs={"obj": "module"}, writes="module", charges=("forward", "graph"),
@@ -215,9 +217,11 @@ COMMANDS: dict[str, Command] = _table(
             refs={"obj": "module"}, releases="obj", changes_nothing=True),
     Command("module_mode", {"obj": ID, "train": BOOL}, refs={"obj": "module"}, changes_nothing=True),
     # optimizers
-    Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, outputs=("out",),
-            refs={"module": "module"}, changes_nothing=True),
-    Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}, refs={"obj": "optimizer"}),
+    # made and zeroed on a torch thread: Adagrad fills its state when made, and zeroing gradients in place
+    # writes every one (work the size of the model)
+    Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, offload="always",
+            outputs=("out",), refs={"module": "module"}, changes_nothing=True, charges=("state",)),
+    Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}, offload="always", refs={"obj": "optimizer"}),
     Command("optim_step", {"obj": ID}, offload="always", refs={"obj": "optimizer"}, writes="optimizer",
             charges=("state",)),
     # the data owner's datasets, and training on them

@@ -50,9 +50,11 @@ def _is_ints(value: Any) -> bool:
 def _is_index_item(value: Any) -> bool:
     # index tensors of int64 only (a bool mask is refused later: its result's size depends on its values):
     # torch converts others to int64 expanded to the result's shape, inside the call (a red team's 32
-    # int32 indices of (2048, 1) and (1, 2048) built 1 GB beside a 4 MiB result)
+    # int32 indices of (2048, 1) and (1, 2048) built 1 GB beside a 4 MiB result). Not 0-dim: torch's meta
+    # kernel reads its value (``.item()``), so such an index cannot be sized before it runs (with four
+    # broadcasting index tensors beside it, a 2 KB request made 483 MiB under a 16 MiB quota); an int does it
     if isinstance(value, torch.Tensor):
-        return value.dtype in (torch.int64, torch.bool)
+        return value.dtype in (torch.int64, torch.bool) and value.dim() > 0
     if value is None or value is Ellipsis or _is_int(value) or type(value) is bool:
         return True
     if isinstance(value, slice):
@@ -306,7 +308,8 @@ _DESCRIBE = {
     "ints": f"an int or up to {MAX_DIMS} ints", "ints?": f"None, an int or up to {MAX_DIMS} ints",
     "int|tensor": "an int (a dim) or a tensor", "number": "a number", "bool": "a bool",
     "dtype?": "a dtype or None", "reduction": "'mean', 'sum' or 'none'", "approximate": "'none' or 'tanh'",
-    "index": f"an index (ints, slices, None, ..., int64 tensors, lists of up to {MAX_INDEX_LIST} ints)",
+    "index": f"an index (ints, slices, None, ..., int64 tensors of 1 or more dims (not 0-dim: use an int), lists of "
+             f"up to {MAX_INDEX_LIST} ints)",
 }
 
 

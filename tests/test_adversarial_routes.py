@@ -335,8 +335,11 @@ async def test_weights_trained_by_a_fit_that_then_failed_leave_only_masked(fedzm
     model = await put_module(worker, spec, {"w": torch.zeros(10, FEATURES), "b": torch.zeros(10)})
     with pytest.raises(fz.RemoteError):
         await _fit_one_step(worker, model)
-    with pytest.raises(fz.PermissionDenied):
-        await worker._request("module_state", {"obj": model})
+    try:  # the trained weights are withheld; or, now that the per-row pass is sized before the fit runs
+        state = await worker._request("module_state", {"obj": model})  # (row by row), it never trained
+    except fz.PermissionDenied:
+        return
+    assert torch.equal(state["w"], torch.zeros(10, FEATURES)) and torch.equal(state["b"], torch.zeros(10))
 
 
 async def test_a_model_whose_gradient_has_no_storage_is_refused(fedzmq_daemons, secret_rows):
@@ -1098,3 +1101,149 @@ async def test_a_models_description_and_python_objects_are_charged(fedzmq_daemon
         for _ in range(40):
             await put_module(worker, many, {})
     assert (await worker.status())["rss_bytes"] - before["rss_bytes"] < quota
+
+
+# --- class 10: what a command makes is sized as it will run (a fifth red team) ----------------------------
+
+async def _grown_past(worker, quota: int, request: dict, command: str, error: type) -> int:
+    """Run ``command`` expecting ``error``; return how far the daemon's peak memory rose above where it stood."""
+    before = await worker.status()
+    with pytest.raises(error):
+        await worker._request(command, request)
+    return (await worker.status())["peak_rss_bytes"] - max(before["peak_rss_bytes"], before["rss_bytes"])
+
+
+async def test_an_index_with_a_0_dim_tensor_is_refused_before_it_runs(fedzmq_daemons):
+    """Torch's meta kernel of ``x[tensor(0), A0, ..., A3]`` calls ``.item()``, so the op was not sized (no
+    bytes, no work), ran on the event loop (its operands are small) and only then raised the meta device's
+    error: a 2 KB request made 483 MiB under a 16 MiB quota and held every session 2.6 s. A 0-dim index
+    tensor is refused (index with an int), and an op the meta device cannot size does not run."""
+    quota = 16 << 20
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota), "--max-command-seconds", "1"])
+    worker = host.worker
+    k = 100  # the index tensors broadcast to k^4 = 10^8 elements: 95 MiB of bools
+    x = torch.zeros(1, 1, 1, 1, 1, dtype=torch.bool)
+    index = (torch.tensor(0), *(torch.zeros(*[k if d == i else 1 for d in range(4)], dtype=torch.int64)
+                                for i in range(4)))
+    grown = await _grown_past(worker, quota, {"op": "getitem", "args": [x, index], "kwargs": {},
+                                              "out": [worker._new_id()]}, "op", fz.BadRequest)
+    assert grown < quota, f"a refused index grew the daemon by {grown >> 20} MiB"
+    with pytest.raises(fz.BadRequest, match="0-dim"):
+        await worker._request("op", {"op": "getitem", "args": [torch.arange(4.0), torch.tensor(1)], "kwargs": {},
+                                     "out": [worker._new_id()]})
+    assert await (await worker.send(torch.arange(4.0)))[1].get() == 1.0  # an int index is the way
+
+
+def _broadcasting_rows_spec(k: int, features: int) -> dict:
+    """A model whose forward concatenates its input with a buffer of k rows and sums them: one (B + k, F)
+    tensor for a batch, but a (1 + k, F) copy of the buffer for every row when run row by row."""
+    return {"kind": "graph", "children": [], "params": [], "buffers": [["W", [k, features], "float32"]],
+            "program": [["placeholder", "x", [], {}], ["get_attr", "W", [], {}],
+                        ["call_function", "cat", [[NodeRef(0), NodeRef(1)]], {}],
+                        ["call_method", "sum", [NodeRef(2)], {"dim": 0, "keepdim": True}],
+                        ["output", "output", [NodeRef(3)], {}]]}
+
+
+def _row_scaled_matmul_spec(n: int) -> dict:
+    """``matmul(W * x.sum(), W)``: one n x n matmul for a batch (its sum is one number), one per row row by row."""
+    return {"kind": "graph", "children": [], "params": [], "buffers": [["W", [n, n], "float32"]],
+            "program": [["placeholder", "x", [], {}], ["get_attr", "W", [], {}],
+                        ["call_method", "sum", [NodeRef(0)], {}],
+                        ["call_function", "mul", [NodeRef(1), NodeRef(2)], {}],
+                        ["call_function", "matmul", [NodeRef(3), NodeRef(1)], {}],
+                        ["call_method", "sum", [NodeRef(4)], {"dim": 0}],
+                        ["call_method", "reshape", [NodeRef(5), 1, -1], {}],
+                        ["output", "output", [NodeRef(6)], {}]]}
+
+
+async def test_an_evaluation_is_sized_row_by_row_as_it_runs(fedzmq_daemons, tmp_path):
+    """An evaluation runs the model on one row at a time (vmapped over the batch, so that no row's metric
+    depends on another row), and was sized as one batched forward: what the batch computes once (a
+    buffer's concatenation, a matmul scaled by the batch's sum) is made once per row. A red team's 256
+    rows beside a 4 MiB buffer grew a daemon by 1 GiB under a 16 MiB quota, and 512 rows of a 768 x 768
+    matmul held a torch thread 3.3 s under a 1 s limit. It is now sized as it runs."""
+    from safetensors.torch import save_file
+
+    quota, rows, features = 16 << 20, 256, 8
+    path = tmp_path / "rows.safetensors"
+    save_file({"x": torch.rand(rows, features), "y": torch.randint(0, features, (rows,))}, str(path))
+    [host] = await fedzmq_daemons("owner", args=["--open-data", f"rows={path}", "--max-session-bytes", str(quota),
+                                                 "--max-command-seconds", "1"])
+    worker = host.worker
+    k = 1 << 15  # a 1 MiB buffer: 256 MiB of copies row by row
+    model = await put_module(worker, _broadcasting_rows_spec(k, features), {"W": torch.zeros(k, features)})
+    evaluate = {"module": model, "dataset": "rows", "loss": "cross_entropy", "batch_size": rows}
+    grown = await _grown_past(worker, quota, evaluate, "evaluate", fz.LimitExceeded)
+    assert grown < quota, f"an evaluation grew the daemon by {grown >> 20} MiB"
+    small = await put_module(worker, _broadcasting_rows_spec(4, features), {"W": torch.zeros(4, features)})
+    assert (await worker._request("evaluate", {**evaluate, "module": small}))["samples"] == rows  # room for this
+    n = 256  # a 256 x 256 matmul per row: 2 x 256^3 x 256 rows = 8.6 GFLOP in one call
+    scaled = await put_module(worker, _row_scaled_matmul_spec(n), {"W": torch.full((n, n), 1e-3)})
+    with pytest.raises(fz.LimitExceeded):
+        await worker._request("evaluate", {**evaluate, "module": scaled, "loss": "mse_loss"})
+
+
+async def test_an_optimizer_takes_each_parameter_once_and_is_charged_what_it_makes(fedzmq_daemons):
+    """``optim_create`` took one parameter index thousands of times (torch only warns), and every later
+    command on the optimizer repeated its work per duplicate: Adagrad over one 4 MiB parameter listed
+    12,000 times held the event loop 9.9 s as it was made, and its step held a torch thread 17.8 s under
+    a 2 s limit. Duplicates are refused, and what Adagrad makes when created (its state) is charged."""
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(11 << 20)])
+    worker = host.worker
+    model = await worker.send(nn.Linear(1024, 1024))  # a 4 MiB weight (8 MiB held: room for less than 4 more)
+    for groups in ([{"params": [0] * 1000, "lr": 0.01}], [{"params": [0], "lr": 0.1}, {"params": [0, 1]}]):
+        with pytest.raises(fz.BadRequest, match="more than once"):
+            await worker._request("optim_create", {"out": worker._new_id(), "cls": "SGD", "module": model.id,
+                                                   "groups": groups})
+    with pytest.raises(fz.LimitExceeded):  # Adagrad's sums: another 4 MiB
+        await worker._request("optim_create", {"out": worker._new_id(), "cls": "Adagrad", "module": model.id,
+                                               "groups": [{"params": [0, 1], "lr": 0.01}]})
+    await worker._request("optim_create", {"out": worker._new_id(), "cls": "SGD", "module": model.id,
+                                           "groups": [{"params": [0, 1], "lr": 0.01}]})
+
+
+async def test_a_models_entries_named_by_reference_are_copied_within_the_quota(fedzmq_daemons):
+    """``module_put`` copies an entry sent by reference when its memory cannot become the parameter (a
+    view of it is another object), and copied one per entry, before the description was checked and
+    uncharged: one 4 MiB tensor named by 250 entries grew a daemon by 1 GiB under a 16 MiB quota. An
+    object named twice is copied once, and the copies are charged before they are made."""
+    quota = 16 << 20
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    base = await worker.send(torch.zeros(1 << 20))
+    views = [worker._new_id() for _ in range(8)]
+    for i, view in enumerate(views):  # free to make: views share their storage
+        await worker._request("op", {"op": "reshape", "args": [Ref(base.id), [1024, 1024 + 0 * i]], "kwargs": {},
+                                     "out": [view]})
+    relu = {"kind": "layer", "type": "ReLU"}
+    grown = await _grown_past(worker, quota, {"out": worker._new_id(), "spec": relu,
+                                              "state": {f"p{i}": Ref(views[0]) for i in range(250)}},
+                              "module_put", fz.BadRequest)
+    assert grown < quota, f"one object named 250 times grew the daemon by {grown >> 20} MiB"
+    grown = await _grown_past(worker, quota, {"out": worker._new_id(), "spec": relu,
+                                              "state": {f"p{i}": Ref(view) for i, view in enumerate(views)}},
+                              "module_put", fz.LimitExceeded)  # 8 distinct views: 32 MiB of copies
+    assert grown < quota, f"8 views copied grew the daemon by {grown >> 20} MiB"
+
+
+async def test_a_gradients_copy_is_charged_before_it_is_made(fedzmq_daemons):
+    """``grad`` copied a whole gradient on the event loop, unsized, and its copy was refused only once
+    made (a 512 MiB gradient held every session 0.2-0.4 s a call). A big one is copied on a torch
+    thread, and charged before it is made."""
+    quota = 160 << 20
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    leaf = await worker.send(torch.zeros(16 << 20, requires_grad=True))  # 64 MiB, and its gradient 64 MiB more
+    total = worker._new_id()
+    await worker._request("op", {"op": "sum", "args": [Ref(leaf.id)], "kwargs": {}, "out": [total]})
+    await worker._request("backward", {"obj": total})
+    grown = await _grown_past(worker, quota, {"obj": leaf.id, "out": worker._new_id()}, "grad", fz.LimitExceeded)
+    assert grown < 32 << 20, f"a refused copy of a gradient grew the daemon by {grown >> 20} MiB"
+    await worker._request("delete", {"objs": [total]})
+    small = await worker.send(torch.zeros(4, requires_grad=True))
+    total = worker._new_id()
+    await worker._request("op", {"op": "sum", "args": [Ref(small.id)], "kwargs": {}, "out": [total]})
+    await worker._request("backward", {"obj": total})
+    copy = worker._new_id()
+    await worker._request("grad", {"obj": small.id, "out": copy})
+    assert torch.equal(await worker._request("get", {"obj": copy}), torch.ones(4))

@@ -12,13 +12,14 @@ from typing import Callable
 
 import torch
 
-from ..codec import DTYPES, dtype_itemsize
+from ..codec import DTYPES, Ref, dtype_itemsize
 from ..errors import BadRequest
 from ..ops import MAX_DIMS, check_loss_shapes
 from ..secagg.wire import PACKED_KEY, PACKED_MAX_VALUES
 from .binding import Binding, Context
-from .cost import check_work
+from .cost import check_work, element_work
 from .datasets import Dataset
+from .handlers.modules import adoptable
 from .objects import HostedModule, HostedOptimizer
 
 #: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
@@ -28,6 +29,12 @@ OPTIMIZER_STATE_COPIES = 3
 #: ``maximize``, the first momentum buffer)
 OPTIMIZER_STEP_COPIES = 3
 SGD_STEP_COPIES = 2
+#: copies of each parameter an allowlisted optimizer fills when it is made (the others make their state at
+#: their first step, charged then): Adagrad's running sums
+CREATED_STATE_COPIES = {"Adagrad": 1}
+#: work (``cost.WORK_PER_SECOND`` units) of one optimizer step per element it steps: Adam's reads and writes
+#: of the parameter, its gradient and two moments, with a square root and a division, at most
+STEP_WORK_PER_ELEMENT = 32
 #: the bytes of one element of the float64 sums a fit over many clients folds its clients' weights into
 FLOAT64_BYTES = 8
 
@@ -62,15 +69,26 @@ def forward(context: Context, binding: Binding) -> int:
                            dtype=_dataset(binding).features.dtype, device="meta")
         inputs, kwargs = [rows], {}
         grad, passes = binding.command.name == "fit", 2 if binding.command.name == "fit" else 1
-    footprint = context.coster.forward(hosted, inputs, kwargs, grad, training=training, scope=binding.session.user)
+    scope = binding.session.user
+    # an evaluation runs the model a row at a time; so does a fit's reported loss where the owner's terms
+    # want per-row metrics (``training._row_loss``), after its training, a batch at a time
+    per_row = binding.command.name == "evaluate"
+    footprint = context.coster.forward(hosted, inputs, kwargs, grad, training=training, scope=scope, per_row=per_row)
     if footprint is None:
         return 0
-    check_work(footprint.flops * (1 + passes), seconds, "one forward" + (" and backward" if passes == 2 else ""))
+    check_work(footprint.flops * (1 + passes), seconds,
+               "one forward" + (" and backward" if passes == 2 else "") + (" row by row" if per_row else ""))
     if binding.command.name == "fit" and footprint.output is not None:  # (evaluate pairs each row with its label)
         labels = _dataset(binding).labels
         check_loss_shapes(binding.args["loss"], torch.empty(footprint.output, device="meta"),
                           torch.empty((inputs[0].shape[0], *labels.shape[1:]), device="meta"))
-    return passes * footprint.nbytes
+    held = passes * footprint.nbytes
+    if binding.command.name == "fit" and context.terms.row_metrics:
+        rows_alone = context.coster.forward(hosted, inputs, kwargs, False, training=False, scope=scope, per_row=True)
+        if rows_alone is not None:
+            check_work(rows_alone.flops * 2, seconds, "the trained model's loss row by row")
+            held = max(held, rows_alone.nbytes)
+    return held
 
 
 def batch(context: Context, binding: Binding) -> int:
@@ -102,6 +120,8 @@ def state(context: Context, binding: Binding) -> int:
     on its way, parameter by parameter (torch's single-tensor path on CPU): Adam with amsgrad, weight
     decay and ``maximize`` made about three more copies of a parameter (a red team ran 114 MiB past a
     quota with one 64 MiB parameter)."""
+    if binding.command.name == "optim_create":
+        return created_state(binding)
     optimizer = binding.objects.get("obj") or binding.objects.get("optim")
     if isinstance(optimizer, HostedOptimizer):
         opt = optimizer.optimizer
@@ -116,7 +136,42 @@ def state(context: Context, binding: Binding) -> int:
     name = binding.args.get("optimizer", {}).get("cls") if not isinstance(optimizer, HostedOptimizer) \
         else optimizer.optimizer.__class__.__name__
     step = SGD_STEP_COPIES if name in ("SGD", "PlainSGD") else OPTIMIZER_STEP_COPIES
+    check_work(STEP_WORK_PER_ELEMENT * sum(p.numel() for p in stepped), context.config.max_command_seconds,
+               "one optimizer step")
     return OPTIMIZER_STATE_COPIES * sum(p.numel() * p.element_size() for p in fresh) + step * largest
+
+
+def created_state(binding: Binding) -> int:
+    """The state an optimizer fills when it is made (``CREATED_STATE_COPIES``), for the parameters its
+    groups list (each counted once: ``handlers.optim.optim_create`` refuses one listed twice)."""
+    params = list(binding.objects["module"].module.parameters())
+    listed = {i for group in binding.args["groups"] if isinstance(group, dict) and isinstance(group.get("params"), list)
+              for i in group["params"] if type(i) is int and 0 <= i < len(params)}
+    copies = CREATED_STATE_COPIES.get(binding.args["cls"], 0)
+    return copies * sum(params[i].numel() * params[i].element_size() for i in listed)
+
+
+def copies(context: Context, binding: Binding) -> int:
+    """``module_put``: the entries sent by reference whose memory the model cannot adopt
+    (``handlers.modules.adoptable``) are copied, each object once: sized, and their copying's time
+    checked, before any is made (one 4 MiB view named by 250 entries made 250 copies, 1 GiB under a
+    16 MiB quota, before the description was checked)."""
+    named = {raw.id: binding.args["state"][name] for name, raw in binding.request.args["state"].items()
+             if isinstance(raw, Ref)}
+    copied = [t for t in named.values() if isinstance(t, torch.Tensor) and not adoptable(binding, t)]
+    check_work(sum(element_work(t) for t in copied), context.config.max_command_seconds,
+               "copying the entries sent by reference")
+    return sum(t.numel() * t.element_size() for t in copied)
+
+
+def gradient(context: Context, binding: Binding) -> int:
+    """``grad``: the copy of a leaf's gradient (its copy was refused only once made, and made on the event
+    loop: a 512 MiB gradient held every session 0.2-0.4 s a call)."""
+    grad = binding.objects["obj"].grad
+    if grad is None:
+        return 0
+    check_work(element_work(grad), context.config.max_command_seconds, "copying the gradient")
+    return grad.numel() * grad.element_size()
 
 
 def clients(context: Context, binding: Binding) -> int:
@@ -181,7 +236,8 @@ def secure(context: Context, binding: Binding) -> int:
 
 CHARGES: dict[str, Callable[[Context, Binding], int]] = {
     "outputs": outputs, "forward": forward, "batch": batch, "state": state, "stream": stream, "clients": clients,
-    "secure": secure,
+    "secure": secure, "copies": copies, "gradient": gradient,
 }
 
-__all__ = ["CHARGES", "FLOAT64_BYTES", "OPTIMIZER_STATE_COPIES", "OPTIMIZER_STEP_COPIES", "batch_rows"]
+__all__ = ["CHARGES", "CREATED_STATE_COPIES", "FLOAT64_BYTES", "OPTIMIZER_STATE_COPIES", "OPTIMIZER_STEP_COPIES",
+           "STEP_WORK_PER_ELEMENT", "batch_rows", "created_state"]

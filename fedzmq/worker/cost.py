@@ -201,14 +201,17 @@ class Coster:
     # --- forwards --------------------------------------------------------------------------------
 
     def forward(self, hosted: HostedModule, inputs: Sequence[Any], kwargs: dict[str, Any], grad: bool, *,
-                training: bool | None = None, scope: Hashable = None) -> Footprint | None:
+                training: bool | None = None, scope: Hashable = None, per_row: bool = False) -> Footprint | None:
         """The footprint of ``hosted``'s forward on inputs like these, or None when it cannot be
         measured (an owner's registered model that does not run on the meta device: its code is the
         owner's, and what autograd saves is still charged as it is saved). ``training``: every module in
         that mode (what a fit or an evaluation switches to), else each in its own. ``scope``: whose
-        measurements these are (the client's key); a forward is measured once per scope."""
+        measurements these are (the client's key); a forward is measured once per scope. ``per_row``:
+        the forward as a metric runs it, one row of the batch at a time (``training.row_terms``, vmapped):
+        what a batch computes once (a buffer's concatenation, a matmul scaled by the batch's sum) is
+        then made once per row (a red team's 256 rows beside a 4 MiB buffer: 1 GiB, sized as 4 MiB)."""
         modes: Any = training if training is not None else tuple(m.training for m in hosted.module.modules())
-        key = _digest((spec_digest(hosted), signature(inputs), signature(kwargs), grad, modes))
+        key = _digest((spec_digest(hosted), signature(inputs), signature(kwargs), grad, modes, per_row))
         known = self._lookup(scope, _FORWARDS, key)
         if known is not None:
             return known[0]
@@ -222,9 +225,10 @@ class Coster:
                 skeleton.training = real.training if training is None else training
             meta_inputs, meta_kwargs = _to_meta(inputs), _to_meta(kwargs)
             counter = _Counter()
+            call = meta if not per_row else torch.func.vmap(lambda row: meta(row.unsqueeze(0)), randomness="error")
             try:
                 with torch.set_grad_enabled(grad), counter:
-                    out = meta(*meta_inputs, **meta_kwargs)
+                    out = call(*meta_inputs, **meta_kwargs)
                 footprint = Footprint(counter.nbytes + counter.scratch, counter.flops,
                                       tuple(out.shape) if isinstance(out, torch.Tensor) else None)
             except (BadRequest, LimitExceeded):
@@ -336,12 +340,17 @@ def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: 
 
 def _shape_error(exc: Exception) -> Exception:
     """The meta run's error, as the real run would raise it: it speaks of shapes and dtypes only (a
-    meta tensor holds no values), so its message may go back to the client."""
+    meta tensor holds no values), so its message may go back to the client. An error of the meta device
+    itself (a kernel that reads a value, ``.item()``, or has no meta version) is a ``BadRequest``: such a
+    call cannot be sized, so it is refused, not run (an op whose sizing failed runs to raise torch's own
+    words: an index with a 0-dim tensor beside four broadcasting ones made 483 MiB under a 16 MiB quota)."""
     message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-    if isinstance(exc, NotImplementedError) or "data dependent" in message or "data-dependent" in message:
-        return BadRequest.new("the size of this result depends on the data's values, so it cannot be known "
-                              "before running; such operations are refused (index with ints, slices or "
-                              "integer tensors instead of a boolean mask)")
+    cannot_size = "data dependent" in message or "data-dependent" in message or "meta tensor" in message \
+        or "'Meta'" in message
+    if isinstance(exc, NotImplementedError) or cannot_size:
+        return BadRequest.new("this call cannot be sized before it runs (its result's size, or its kernel, depends "
+                              "on the data's values); such operations are refused (index with ints, slices or "
+                              "integer tensors of one or more dims instead of a boolean mask)")
     if type(exc) in (RuntimeError, ValueError, IndexError, TypeError):
         return type(exc)(message)
     return RuntimeError(message)

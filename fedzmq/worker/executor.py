@@ -61,7 +61,8 @@ INLINE_FIT_DEADLINE = 0.5
 CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
                 "batch": "the batch it copies out of the dataset",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
-                "clients": "the clients' trained states", "secure": "the secure round's copies of the model"}
+                "clients": "the clients' trained states", "secure": "the secure round's copies of the model",
+                "copies": "the copies of entries it cannot adopt", "gradient": "the gradient's copy"}
 
 
 class Executor:
@@ -204,6 +205,9 @@ class Executor:
             return len(binding.args["objs"]) > INLINE_DELETES
         if binding.command.name == "fit":
             return not small_fit(binding)
+        if binding.command.name == "grad":  # a copy of the whole gradient
+            gradient = binding.objects["obj"].grad
+            return gradient is not None and gradient.numel() > INLINE_NUMEL
         if binding.command.name == "get":  # its memory is sent as it is, unless a view must be copied in order
             tensor = binding.objects["obj"]  # (one past a chunk is streamed: its reply says how, at once)
             return not tensor.is_contiguous() and INLINE_NUMEL < tensor.numel() and \

@@ -24,12 +24,17 @@ def module_put(context: Context, binding: Binding) -> Any:
     session = binding.session
     state: dict[str, Any] = {}
     handed_over = []
+    copies: dict[Any, torch.Tensor] = {}  # an object named by many entries is copied once (``charges.copies``)
     for name, raw in binding.request.args["state"].items():
         value = binding.args["state"][name]
         if isinstance(raw, Ref):
             handed_over.append(raw.id)
-            if not _adoptable(binding, value):
-                value = value.detach().clone()
+            if not isinstance(value, torch.Tensor):
+                raise BadRequest.new(f"state entry {name!r} names object {raw.id}, which is not a tensor")
+            if not adoptable(binding, value):
+                if raw.id not in copies:
+                    copies[raw.id] = value.detach().clone()
+                value = copies[raw.id]
         state[name] = value
     session.table.check_new(binding.request.args["out"])
     module = instantiate(binding.args["spec"], state, context.models)
@@ -37,9 +42,11 @@ def module_put(context: Context, binding: Binding) -> Any:
     return Made([HostedModule(module, binding.args["spec"])])
 
 
-def _adoptable(binding: Binding, tensor: torch.Tensor) -> bool:
+def adoptable(binding: Binding, tensor: Any) -> bool:
     """A tensor's memory may become a parameter only if this object alone holds its storage, whole, and
     it is public (never an owner's dataset, nor anything computed from one)."""
+    if not isinstance(tensor, torch.Tensor):
+        return False
     session = binding.session
     whole = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return whole and tensor.is_contiguous() and session.quota.holders_of(tensor) <= 1 \

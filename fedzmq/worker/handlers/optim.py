@@ -16,7 +16,7 @@ def optim_create(context: Context, binding: Binding) -> Any:
         raise UnknownCommand.new(f"optimizer {name!r} is not on the allowlist {sorted(OPTIMIZERS)}")
     cls, allowed = OPTIMIZERS[name]
     params = list(binding.objects["module"].module.parameters())
-    groups = []
+    groups, listed = [], set()
     for group in binding.args["groups"]:
         if not isinstance(group, dict) or not isinstance(group.get("params"), list):
             raise BadRequest.new("each parameter group must be a map with a 'params' list")
@@ -25,6 +25,13 @@ def optim_create(context: Context, binding: Binding) -> Any:
         indexes = group["params"]
         if not all(type(i) is int and 0 <= i < len(params) for i in indexes):
             raise BadRequest.new(f"parameter indexes must be in [0, {len(params)})")
+        # each parameter once in all: torch only warns of one listed twice in a group, and the optimizer then
+        # repeats its work per listing (one 4 MiB parameter listed 12,000 times: a step of 17.8 s)
+        twice = sorted({i for i in indexes if i in listed} | {i for i in set(indexes) if indexes.count(i) > 1})
+        if twice:
+            raise BadRequest.new(f"parameter indexes {twice[:10]} are listed more than once (each parameter goes in "
+                                 "one group, once)")
+        listed.update(indexes)
         groups.append({"params": [params[i] for i in indexes], **hyper})
     return Made([HostedOptimizer(cls(groups), binding.request.args["module"])])  # type: ignore[call-arg]
 
