@@ -14,9 +14,10 @@ from .client.pointers import Broadcast, DatasetPointer, FitUpdate, ModulePointer
 from .client.worker import RemoteWorker, VirtualWorker, connect, connect_clients
 from .codec import Limits
 from .errors import (
-    AddressError, BadRequest, CheckpointMismatch, FedzmqError, HeldBytesExceeded, LimitExceeded, ModelDescriptionError,
-    ObjectNotFound, PermissionDenied, ProtocolError, RemoteError, RemoteProtocolError, RequestTimeout, ShapeUnknown,
-    UnknownCommand, WorkerClosedError, WorkerDeadError, WorkerError, WrongWorkerError,
+    AddressError, BadRequest, CheckpointMismatch, FedzmqError, HandshakeFailed, HandshakeRefused, HeldBytesExceeded,
+    LimitExceeded, ModelDescriptionError, ObjectNotFound, PermissionDenied, ProtocolError, RemoteError,
+    RemoteProtocolError, RequestTimeout, ShapeUnknown, UnknownCommand, WorkerClosedError, WorkerDeadError, WorkerError,
+    WrongWorkerError,
 )
 from .federated import (
     Bulyan, Cyclic, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedBuff, Federation, FedMedian, FedProx, FedTrimmedAvg,
@@ -35,9 +36,9 @@ __all__ = [
     "FedTrimmedAvg", "FedYogi", "Federation", "FitConfig", "Krum", "RoundFailed", "RoundMetrics", "SecAgg", "Strategy",
     "make_strategy",
     # errors
-    "AddressError", "BadRequest", "CheckpointMismatch", "FedzmqError", "HeldBytesExceeded", "LimitExceeded",
-    "ModelDescriptionError", "ObjectNotFound", "PermissionDenied", "ProtocolError", "RemoteError",
-    "RemoteProtocolError", "RequestTimeout", "ShapeUnknown", "UnknownCommand", "WorkerClosedError", "WorkerDeadError",
-    "WorkerError", "WrongWorkerError",
+    "AddressError", "BadRequest", "CheckpointMismatch", "FedzmqError", "HandshakeFailed", "HandshakeRefused",
+    "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError", "ObjectNotFound", "PermissionDenied",
+    "ProtocolError", "RemoteError", "RemoteProtocolError", "RequestTimeout", "ShapeUnknown", "UnknownCommand",
+    "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
     "__version__",
 ]

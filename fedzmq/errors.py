@@ -7,7 +7,9 @@ Catch at the level you care about:
     ├── AddressError(FedzmqError, ValueError): an address is malformed or its host does not resolve
     ├── WorkerError            the daemon could not be used
     │   ├── WorkerDeadError    it stopped answering heartbeats (dead, hung or unreachable)
-    │   └── RequestTimeout     it is alive but did not answer within the deadline you gave
+    │   ├── RequestTimeout     it is alive but did not answer within the deadline you gave
+    │   └── HandshakeFailed    connecting failed in ZeroMQ's handshake: keys on one side only, a wrong server key
+    │       └── HandshakeRefused  the daemon refused this client's key
     ├── ModelDescriptionError  a model cannot be described as data for a worker
     ├── WrongWorkerError       an operation mixes objects that live on different workers
     ├── ShapeUnknown(FedzmqError, LookupError): a pointer's shape is not known here (``await ptr.info()``)
@@ -66,6 +68,17 @@ class RequestTimeout(WorkerError, TimeoutError):
 
 class WorkerClosedError(WorkerError):
     """The client side of the connection was closed; no more requests can be made."""
+
+
+class HandshakeFailed(WorkerError):
+    """``connect`` reached a peer but ZeroMQ's handshake with it failed in a way that trying again does not
+    mend: keys on one side only, or a ``server_key`` that is not the daemon's. Raised at once, instead of
+    waiting the connect timeout; the message says what to check."""
+
+
+class HandshakeRefused(HandshakeFailed):
+    """The daemon refused this client's key (ZAP): its public half is not, or no longer, in the daemon's
+    ``--allowed-keys`` folder."""
 
 
 class ModelDescriptionError(FedzmqError):
