@@ -178,9 +178,11 @@ def apply_server_keys(socket: zmq.Socket, secret_file: KeyPath) -> bytes:
     return public
 
 
-def apply_client_keys(socket: zmq.Socket, server_key: KeyPath | bytes, client_key: KeyPath) -> None:
-    """Make ``socket`` a CURVE client of the server whose public key is ``server_key``."""
+def apply_client_keys(socket: zmq.Socket, server_key: KeyPath | bytes, client_key: KeyPath) -> bytes:
+    """Make ``socket`` a CURVE client of the server whose public key is ``server_key``; returns the client's
+    public key."""
     public, secret = load_keypair(client_key)
     socket.curve_serverkey = load_public_key(server_key)
     socket.curve_publickey = public
     socket.curve_secretkey = secret
+    return public

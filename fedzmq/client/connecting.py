@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Generator
 
-from ..errors import WorkerError
+from ..errors import HandshakeFailed, WorkerError
 
 if TYPE_CHECKING:
     from .worker import RemoteWorker
@@ -36,6 +36,9 @@ class Connecting:
     async def _connect_host(self) -> RemoteWorker:
         try:
             return await self._worker.connect()
+        except HandshakeFailed:  # it says what to check already
+            await self._worker._connection.close(say_goodbye=False)
+            raise
         except (WorkerError, TimeoutError) as exc:
             await self._worker._connection.close(say_goodbye=False)
             raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "

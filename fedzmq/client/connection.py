@@ -38,6 +38,7 @@ from ..errors import (
     remote_error,
 )
 from .addresses import check_address, resolve
+from .handshake import HandshakeWatch
 
 log = logging.getLogger("fedzmq.client")
 
@@ -78,9 +79,13 @@ class Connection:
         if (server_key is None) != (client_key is None):
             self._socket.close(linger=0)
             raise SecurityError("pass both server_key (the daemon's public key) and client_key (your .key_secret)")
+        #: this client's public key (Z85), or None without keys
+        self._client_key = None
         if server_key is not None and client_key is not None:
-            apply_client_keys(self._socket, server_key, client_key)
+            self._client_key = apply_client_keys(self._socket, server_key, client_key)
         self._socket_connected = False  # connected by ``open`` once the host resolved, or by the first request
+        #: the socket's monitor from ``open`` until the handshake succeeded or failed
+        self._handshake: HandshakeWatch | None = None
         self._copy_frames = address.startswith("inproc://")
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
@@ -119,11 +124,15 @@ class Connection:
 
     async def open(self, timeout: float | None = None) -> None:
         """Check that the address's host name resolves (``AddressError`` at once if not, instead of a
-        connect that waits its whole timeout), then connect the socket. Requests connect it too, unchecked."""
+        connect that waits its whole timeout), then connect the socket, watching its handshake: one that
+        fails for good (a refused key, keys on one side only) fails the requests then waiting with
+        ``HandshakeFailed`` at once. Requests connect the socket too, unchecked."""
         if self._socket is None:
             raise WorkerClosedError(f"connection to {self.address} is closed")
         if not self._socket_connected:
             await resolve(self.address, timeout)
+            if not self._copy_frames:  # inproc has no handshake
+                self._handshake = HandshakeWatch(self._socket, self.address, self._client_key)
             self._connect_socket()
 
     def _connect_socket(self) -> None:
@@ -142,6 +151,19 @@ class Connection:
             receiving.add_done_callback(self._on_receiving_ended)
             self._tasks = [receiving,
                            asyncio.create_task(self._heartbeat_loop(), name=f"fedzmq-heartbeat-{self.address}")]
+            if self._handshake is not None:
+                self._tasks.append(asyncio.create_task(self._watch_handshake(self._handshake),
+                                                       name=f"fedzmq-handshake-{self.address}"))
+
+    async def _watch_handshake(self, watch: HandshakeWatch) -> None:
+        """Until the handshake's outcome; a failed one fails what waits (``connect``'s ping) with its reason."""
+        try:
+            failure = await watch.outcome()
+        finally:
+            watch.close()
+            self._handshake = None
+        if failure is not None:
+            self._fail_all(failure)
 
     def _on_receiving_ended(self, task: asyncio.Task[None]) -> None:
         """Replies are no longer read (a bug in handling one): fail what waits now, not after the
@@ -194,6 +216,9 @@ class Connection:
             self._fail_all(WorkerClosedError(f"connection to {self.address} was closed"))
             self._outbox.drop()
             self._pump.drop_backlog()
+            if self._handshake is not None:  # its task never ran
+                self._handshake.close()
+                self._handshake = None
             if self._socket is not None:
                 self._socket.close(linger=0)
                 self._socket = None
