@@ -59,22 +59,22 @@ async def test_a_client_key_the_daemon_does_not_allow_is_refused_at_once(fedzmq_
 
 @pytest.fixture
 def keyed_daemon(tmp_path):
-    """A daemon of our own whose allowed-keys folder the test changes: ``(daemon, allowed folder)``."""
+    """A daemon of our own whose allowed-keys folder the test changes: ``(daemon, its public key file,
+    its allowed-keys folder)``."""
     server = generate_keypair(tmp_path / "keys", "server")
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     daemon = DaemonProcess("carol", extra_args=["--secret-key", str(server[1]), "--allowed-keys", str(allowed)],
                            log_dir=tmp_path)
     daemon.start()
-    daemon.server_key = server[0]
-    yield daemon, allowed
+    yield daemon, server[0], allowed
     assert daemon.stop() == 0, daemon.log_tail()
 
 
 @pytest.mark.timeout(120)
 async def test_a_revoked_client_key_is_refused_at_once(keyed_daemon, strangers):
-    carol, allowed = keyed_daemon
-    mallory = {"server_key": carol.server_key, "client_key": strangers["mallory"][1]}
+    carol, server_key, allowed = keyed_daemon
+    mallory = {"server_key": server_key, "client_key": strangers["mallory"][1]}
     shutil.copy(strangers["mallory"][0], allowed)
     carol.process.send_signal(signal.SIGHUP)
     async with asyncio.timeout(30):
