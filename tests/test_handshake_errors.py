@@ -3,8 +3,9 @@
 A daemon that refuses the client's key, a server key that is not the daemon's, or keys on one side
 only used to look like silence: ``connect`` waited its whole timeout (10 s by default) and then asked
 whether the daemon was running. Each case now fails within a second or so with its own message; a
-daemon that is not there still waits the timeout. The connects here use the default settings, so "fast"
-means well under their 10 s timeout.
+daemon that is not there still waits the timeout. The connects here use the default settings (a 10 s
+connect timeout): a failure not told from silence would come as ``RequestTimeout`` after those 10 s, so
+the tests assert the error's type and words, never a time.
 """
 
 import asyncio
@@ -23,10 +24,6 @@ from fedzmq.client.connection import ConnectionSettings
 from fedzmq.launcher import DaemonProcess
 from fedzmq.security import generate_keypair
 
-#: seconds within which a failed handshake must be reported (the default connect timeout is 10 s)
-FAST = 5.0
-
-
 @pytest.fixture
 def strangers(tmp_path):
     """Key pairs no daemon knows: a client's ("mallory") and a server's ("other")."""
@@ -34,12 +31,11 @@ def strangers(tmp_path):
             "other": generate_keypair(tmp_path / "strangers", "other")}
 
 
-async def _failed_connect(address: str, **kwargs) -> tuple[Exception, float]:
-    """The error ``connect`` raises, and the seconds it took."""
-    started = time.monotonic()
+async def _failed_connect(address: str, **kwargs) -> Exception:
+    """The error ``connect`` raises."""
     with pytest.raises(fz.WorkerError) as caught:
         await fz.connect(address, **kwargs)
-    return caught.value, time.monotonic() - started
+    return caught.value
 
 
 def _public_z85(key_file) -> str:
@@ -49,9 +45,8 @@ def _public_z85(key_file) -> str:
 @pytest.mark.timeout(90)
 async def test_a_client_key_the_daemon_does_not_allow_is_refused_at_once(fedzmq_daemons_module, strangers):
     [bob] = await fedzmq_daemons_module("bob", keys=True)
-    error, seconds = await _failed_connect(bob.address, server_key=bob.server_key,
+    error = await _failed_connect(bob.address, server_key=bob.server_key,
                                            client_key=strangers["mallory"][1])
-    assert seconds < FAST, (seconds, error)
     assert isinstance(error, fz.HandshakeRefused), repr(error)
     assert "refused this client key" in str(error) and "allowed-keys" in str(error)
     assert _public_z85(strangers["mallory"][0]) in str(error) and bob.address in str(error)
@@ -89,41 +84,36 @@ async def test_a_revoked_client_key_is_refused_at_once(keyed_daemon, strangers):
     carol.process.send_signal(signal.SIGHUP)
     async with asyncio.timeout(60):
         while True:  # a connect before the reload still gets in
-            started = time.monotonic()
             try:
                 await (await fz.connect(carol.address, **mallory)).close()
             except fz.HandshakeRefused as refused:
-                seconds, error = time.monotonic() - started, refused
+                error = refused
                 break
             await asyncio.sleep(0.1)
-    assert seconds < FAST, seconds
     assert "refused this client key" in str(error) and _public_z85(strangers["mallory"][0]) in str(error)
 
 
 @pytest.mark.timeout(90)
-async def test_a_server_key_that_is_not_the_daemons_fails_fast(fedzmq_daemons_module, strangers):
+async def test_a_server_key_that_is_not_the_daemons_is_named(fedzmq_daemons_module, strangers):
     [bob] = await fedzmq_daemons_module("bob", keys=True)
-    error, seconds = await _failed_connect(bob.address, server_key=strangers["other"][0], client_key=bob.client_key)
-    assert seconds < FAST, (seconds, error)
+    error = await _failed_connect(bob.address, server_key=strangers["other"][0], client_key=bob.client_key)
     assert isinstance(error, fz.HandshakeFailed) and not isinstance(error, fz.HandshakeRefused), repr(error)
     assert "server_key" in str(error) and bob.address in str(error), str(error)
 
 
 @pytest.mark.timeout(90)
-async def test_a_client_without_keys_fails_fast_against_a_daemon_with_keys(fedzmq_daemons_module):
+async def test_a_client_without_keys_is_told_the_daemon_uses_keys(fedzmq_daemons_module):
     [bob] = await fedzmq_daemons_module("bob", keys=True)
-    error, seconds = await _failed_connect(bob.address)
-    assert seconds < FAST, (seconds, error)
+    error = await _failed_connect(bob.address)
     assert isinstance(error, fz.HandshakeFailed) and not isinstance(error, fz.HandshakeRefused), repr(error)
     assert "uses keys" in str(error) and "server_key" in str(error) and bob.address in str(error), str(error)
 
 
 @pytest.mark.timeout(90)
-async def test_a_client_with_keys_fails_fast_against_a_daemon_without(fedzmq_daemons_module, strangers):
+async def test_a_client_with_keys_is_told_the_daemon_uses_none(fedzmq_daemons_module, strangers):
     [dave] = await fedzmq_daemons_module("dave")
-    error, seconds = await _failed_connect(dave.address, server_key=strangers["other"][0],
+    error = await _failed_connect(dave.address, server_key=strangers["other"][0],
                                            client_key=strangers["mallory"][1])
-    assert seconds < FAST, (seconds, error)
     assert isinstance(error, fz.HandshakeFailed) and not isinstance(error, fz.HandshakeRefused), repr(error)
     assert "does not use keys" in str(error) and dave.address in str(error), str(error)
 
@@ -133,10 +123,10 @@ async def test_no_daemon_still_waits_the_connect_timeout_and_says_what_to_check(
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    error, seconds = await _failed_connect(address, settings=ConnectionSettings(connect_timeout=1.0))
+    error = await _failed_connect(address, settings=ConnectionSettings(connect_timeout=1.0))
     assert not isinstance(error, fz.HandshakeFailed), repr(error)
+    assert isinstance(error, fz.RequestTimeout), repr(error)
     assert "Nothing answered at" in str(error) and "is the daemon running" in str(error), str(error)
-    assert seconds >= 0.9, seconds
 
 
 # --- nothing left behind ---------------------------------------------------------------------------------
