@@ -86,7 +86,7 @@ class WeightedMeanAggregator(Aggregator):
         return _SumReceiver(self, weight, count)
 
     def _fold(self, name: str, start: int, values: torch.Tensor, weight: int) -> None:
-        ref, values = self._check_slice(name, start, values)
+        ref, values = self.check_slice(name, start, values)
         n = values.numel()
         # the first piece of a float entry that covers all of it writes ``0 + weight * values`` into a sum
         # that is not zeroed first (a reused sum's fill and the add's read of it saved: a model-sized
@@ -216,7 +216,7 @@ class _SumReceiver(_MeanReceiver):
 
     def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
         aggregator = self.aggregator
-        ref, values = aggregator._check_slice(name, start, values)
+        ref, values = aggregator.check_slice(name, start, values)
         acc = aggregator._sum(name, ref)
         target = acc.view(-1)[start:start + values.numel()]
         if ref.is_floating_point():
@@ -372,7 +372,7 @@ class _PendingReceiver(UpdateReceiver):
         self.closed = False
 
     def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
-        ref, flat = self.aggregator._check_slice(name, start, values)
+        ref, flat = self.aggregator.check_slice(name, start, values)
         self.pending.add(ref, name, start, flat)
 
     def end(self) -> None:

@@ -104,7 +104,7 @@ class BufferedAsyncRounds(RoundProtocol):
             for name, tensor in publication.state.items():
                 model[name].copy_(tensor)
             self._committed = publication.version
-            self.strategy._version = publication.version
+            self.strategy.version = publication.version
             self._forget_unused()
 
         return RoundOutcome(publication.fits, publication.dropped, commit=commit,

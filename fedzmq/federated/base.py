@@ -161,8 +161,9 @@ class Aggregator(abc.ABC):
             if state[k].shape != ref.shape:
                 raise ValueError(f"update's {k!r} has shape {tuple(state[k].shape)}, expected {tuple(ref.shape)}")
 
-    def _check_slice(self, name: str, start: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the global entry, the values flattened), after checking the slice fits in the entry."""
+    def check_slice(self, name: str, start: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the global entry, the values flattened), after checking the slice fits in the entry: for the
+        ``UpdateReceiver``s of aggregators, before they fold a slice in (``ValueError`` if it does not fit)."""
         ref = self._global.get(name)
         if ref is None:
             raise ValueError(f"update entry {name!r} is not in the global model")

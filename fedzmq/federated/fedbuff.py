@@ -115,7 +115,7 @@ class DeltaReceiver(UpdateReceiver):
         self.elements: dict[str, int] = {}
 
     def add_slice(self, name: str, start: int, values: torch.Tensor) -> None:
-        ref, flat = self.aggregator._check_slice(name, start, values)
+        ref, flat = self.aggregator.check_slice(name, start, values)
         base = self.base[name].reshape(-1)[start:start + flat.numel()]
         if name not in self.delta:
             dtype = work_dtype(ref) if ref.is_floating_point() else ref.dtype
@@ -167,8 +167,9 @@ class FedBuff(Strategy):
         self.server_learning_rate = float(server_learning_rate)
         self.max_staleness = max_staleness
         self._protocol: "BufferedAsyncRounds | None" = None
-        #: the version of the last model published (the federation's round number)
-        self._version = 0
+        #: the version of the last model published (the federation's round number); set by its round
+        #: protocol (``fedzmq.federated.asyncround``) when the federation commits a publication
+        self.version = 0
 
     def weight(self, staleness: int) -> float:
         """The weight of an update ``staleness`` versions old."""
@@ -189,12 +190,12 @@ class FedBuff(Strategy):
     def state_dict(self) -> dict[str, Any]:
         """{"strategy": "fedbuff", "version": n}. Updates in flight or in the open buffer are not saved:
         a resumed run starts a fresh buffer from the checkpointed model."""
-        return {"strategy": self.name, "version": self._version}
+        return {"strategy": self.name, "version": self.version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("strategy", self.name) != self.name:
             raise ValueError(f"state of {state['strategy']!r} cannot be loaded into {self.name!r}")
-        self._version = int(state.get("version", 0))
+        self.version = int(state.get("version", 0))
 
     def __repr__(self) -> str:
         staleness = self.staleness if isinstance(self.staleness, str) else getattr(self.staleness, "__name__", "fn")
