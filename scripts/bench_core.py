@@ -266,9 +266,9 @@ async def fz_pipelined_gets(pointer: Any, in_flight: int, total: int) -> float:
 async def delete_kept(worker: Any, kept: list[Any]) -> None:
     """Delete held result pointers in one request (outside the timed regions)."""
     if kept:
-        await worker._request("delete", {"objs": [p.id for p in kept]})
+        await worker.request("delete", {"objs": [p.id for p in kept]})
         for p in kept:
-            p._deleted = True
+            p.mark_deleted()
         kept.clear()
 
 

@@ -40,7 +40,7 @@ FIT = fz.FitConfig(dataset=digits.DATASET, optimizer={"cls": "SGD", "lr": 0.1}, 
 
 
 async def set_delay(worker: fz.RemoteWorker, seconds: float) -> None:
-    await worker._request("debug_delay", {"seconds": float(seconds)}, timeout=30.0)  # the test kit's slow()
+    await worker.request("debug_delay", {"seconds": float(seconds)}, timeout=30.0)  # the test kit's slow()
 
 
 async def timed_round(workers: list[fz.RemoteWorker], reps: int = 3) -> float:

@@ -44,14 +44,14 @@ def graph_spec(program, params=()):
 
 
 async def put_module(worker, spec, state):
-    out = worker._new_id()
-    await worker._request("module_put", {"out": out, "spec": spec, "state": state})
+    out = worker.new_id()
+    await worker.request("module_put", {"out": out, "spec": spec, "state": state})
     return out
 
 
 async def call_module(worker, module_id, *inputs):
-    out = worker._new_id()
-    await worker._request("module_call", {"obj": module_id, "args": list(inputs), "kwargs": {}, "out": [out]})
+    out = worker.new_id()
+    await worker.request("module_call", {"obj": module_id, "args": list(inputs), "kwargs": {}, "out": [out]})
     return out
 
 
@@ -66,11 +66,11 @@ def rows_times_w_spec():
 async def sgd_step_on(worker, module, features):
     """A forward of ``module`` on ``features``, a backward, and one SGD step with lr 1 (raw commands)."""
     loss = await call_module(worker, module, Ref(features.id))
-    await worker._request("backward", {"obj": loss})
-    optim = worker._new_id()
-    await worker._request("optim_create", {"out": optim, "cls": "SGD", "module": module,
-                                           "groups": [{"params": [0], "lr": 1.0}]})
-    await worker._request("optim_step", {"obj": optim})
+    await worker.request("backward", {"obj": loss})
+    optim = worker.new_id()
+    await worker.request("optim_create", {"out": optim, "cls": "SGD", "module": module,
+                                          "groups": [{"params": [0], "lr": 1.0}]})
+    await worker.request("optim_step", {"obj": optim})
 
 
 def no_value_of(rows, text):
@@ -142,9 +142,9 @@ async def test_a_gradient_and_a_step_of_a_parameter_shaped_like_the_rows_are_pri
     await sgd_step_on(worker, module, features)
     for attempt in ({"obj": module},):  # the parameter after one step is -x
         with pytest.raises(fz.PermissionDenied):
-            await worker._request("module_state", attempt)
+            await worker.request("module_state", attempt)
     with pytest.raises(fz.PermissionDenied):
-        await worker._request("module_read", {"obj": module, "name": "w", "offset": 0, "length": 64})
+        await worker.request("module_read", {"obj": module, "name": "w", "offset": 0, "length": 64})
     # the same through a plain leaf tensor and its gradient
     w = await worker.send(torch.zeros(ROWS, FEATURES, requires_grad=True))
     total = (w * features).sum()
@@ -166,7 +166,7 @@ async def test_module_put_never_adopts_memory_another_object_views(fedzmq_daemon
     await view
     spec = rows_times_w_spec()
     module = await put_module(worker, spec, {"w": Ref(tensor.id)})  # the attacker hands over the viewed tensor
-    tensor._deleted = True
+    tensor.mark_deleted()
     await sgd_step_on(worker, module, features)
     assert torch.equal(await view.get(), original.reshape(-1))  # the view did not become the trained weight
 
@@ -182,9 +182,9 @@ async def test_out_keyword_cannot_write_the_owners_dataset_for_any_session(fedzm
     with pytest.raises(fz.BadRequest, match="out"):
         await put_module(worker, graph_spec(poison), {})
     with pytest.raises(fz.BadRequest, match="out"):  # the op command refuses the same, by the same schema
-        out = worker._new_id()
-        await worker._request("op", {"op": "mul", "args": [Ref(features.id), 0.0], "kwargs": {"out": Ref(features.id)},
-                                     "out": [out]})
+        out = worker.new_id()
+        await worker.request("op", {"op": "mul", "args": [Ref(features.id), 0.0], "kwargs": {"out": Ref(features.id)},
+                                    "out": [out]})
     # a fresh session sees the owner's rows as they were: a model that computes their mean, evaluated
     async with fz.connect(bob.address) as fresh:
         [fresh_ds] = await fresh.datasets()
@@ -211,7 +211,7 @@ async def test_errors_of_commands_on_private_data_carry_no_value(fedzmq_daemons,
     errors = []
     for attempt in (lambda: public[index].get(),                                  # IndexError quoting it
                     lambda: features.reshape(index).get(),                        # a tensor as a size
-                    lambda: worker._op("cross_entropy", [features, (features * 1).long()], {}).get()):
+                    lambda: worker.run_op("cross_entropy", [features, (features * 1).long()], {}).get()):
         with pytest.raises(fz.RemoteError) as info:
             await attempt()
         errors.append(info.value)
@@ -247,8 +247,8 @@ async def test_data_dependent_shapes_never_leave(fedzmq_daemons, secret_rows):
     with pytest.raises(fz.BadRequest, match="depends on the data"):
         await (await worker.send(torch.ones(FEATURES)))[public_mask]
     with pytest.raises(fz.RemoteError):
-        await worker._request("info", {"obj": selected.id})
-    shapes = await worker._request("info", {"obj": (features * 2).id})
+        await worker.request("info", {"obj": selected.id})
+    shapes = await worker.request("info", {"obj": (features * 2).id})
     assert shapes["shape"] == [ROWS, FEATURES]  # data-independent shapes are fine
 
 
@@ -269,7 +269,7 @@ async def test_a_protected_dataset_is_reachable_by_no_command(fedzmq_daemons, se
     worker = bob.worker
     for part in ("features", "labels"):
         with pytest.raises(fz.PermissionDenied, match="protected"):
-            await worker._request("dataset_tensor", {"dataset": "rows", "part": part, "out": worker._new_id()})
+            await worker.request("dataset_tensor", {"dataset": "rows", "part": part, "out": worker.new_id()})
     remote = await worker.send(nn.Linear(FEATURES, 10))
     with pytest.raises(fz.PermissionDenied, match="min-batch-size"):  # one step on a few rows is refused
         await remote.fit("rows", batch_size=1, steps=1)

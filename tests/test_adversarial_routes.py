@@ -36,15 +36,15 @@ async def test_weights_loaded_by_a_fit_or_evaluate_keep_the_label_of_what_they_w
         model = nn.Linear(FEATURES, ROWS, bias=False)
         remote = await worker.send(model)
         with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):
-            await worker._request(command, {"module": remote.id, "dataset": "rows", "loss": "mse_loss",
-                                            "load": {"weight": Ref(features.id)}, **extra})
-        state = await worker._request("module_state", {"obj": remote.id})
+            await worker.request(command, {"module": remote.id, "dataset": "rows", "loss": "mse_loss",
+                                           "load": {"weight": Ref(features.id)}, **extra})
+        state = await worker.request("module_state", {"obj": remote.id})
         assert torch.equal(state["weight"], model.weight.detach())  # the sent weights, not the rows
-        await worker._request("module_load", {"obj": remote.id, "state": {"weight": Ref(features.id)}})
+        await worker.request("module_load", {"obj": remote.id, "state": {"weight": Ref(features.id)}})
         with pytest.raises(fz.PermissionDenied):
-            await worker._request("module_state", {"obj": remote.id})
+            await worker.request("module_state", {"obj": remote.id})
         with pytest.raises(fz.PermissionDenied):
-            await worker._request("module_read", {"obj": remote.id, "name": "weight", "offset": 0, "length": 64})
+            await worker.request("module_read", {"obj": remote.id, "name": "weight", "offset": 0, "length": 64})
 
 
 async def test_trained_weights_under_secure_aggregation_cannot_be_laundered_through_a_load(
@@ -56,17 +56,17 @@ async def test_trained_weights_under_secure_aggregation_cannot_be_laundered_thro
     await trained.fit("rows", batch_size=16, steps=2)
     # the trained weight, read out by a forward on the identity (its label: masked only)
     weight_t = await call_module(worker, trained.id, Ref((await worker.send(torch.eye(FEATURES))).id))
-    weight = worker._new_id()
-    await worker._request("op", {"op": "t", "args": [Ref(weight_t)], "kwargs": {}, "out": [weight]})
+    weight = worker.new_id()
+    await worker.request("op", {"op": "t", "args": [Ref(weight_t)], "kwargs": {}, "out": [weight]})
     fresh = await worker.send(nn.Linear(FEATURES, 10))
-    fitted = await worker._request("fit", {"module": fresh.id, "dataset": "rows", "loss": "mse_loss",
-                                           "batch_size": 16, "steps": 0, "optimizer": {"cls": "SGD", "lr": 0.0},
-                                           "load": {"weight": Ref(weight)}})
+    fitted = await worker.request("fit", {"module": fresh.id, "dataset": "rows", "loss": "mse_loss",
+                                          "batch_size": 16, "steps": 0, "optimizer": {"cls": "SGD", "lr": 0.0},
+                                          "load": {"weight": Ref(weight)}})
     assert math.isnan(fitted["loss"])  # a fit loading it runs, and its loss is withheld
     # a load that replaces the fresh weight whole gives it the label of what it copied: still the trained one
-    await worker._request("module_load", {"obj": fresh.id, "state": {"weight": Ref(weight)}})
+    await worker.request("module_load", {"obj": fresh.id, "state": {"weight": Ref(weight)}})
     with pytest.raises(fz.PermissionDenied):  # not a masked update: refused
-        await worker._request("module_state", {"obj": fresh.id})
+        await worker.request("module_state", {"obj": fresh.id})
 
 
 # --- class 2: a metric over many rows that a crafted model makes one row's value ---------------------------
@@ -93,13 +93,13 @@ async def test_an_evaluation_over_many_rows_cannot_be_made_to_report_one_row(fed
                                                     ["call_method", "sum", [NodeRef(1), 1], {}],
                                                     ["call_function", "add", [NodeRef(2), 1000.0], {}],
                                                     ["output", "output", [NodeRef(3)], {}]]), {})
-    base = await worker._request("evaluate", {"module": constant, "dataset": "rows", "loss": "l1_loss",
-                                              "batch_size": ROWS})
+    base = await worker.request("evaluate", {"module": constant, "dataset": "rows", "loss": "l1_loss",
+                                             "batch_size": ROWS})
     mean_label = 1000.0 - base["loss"]
     row, column = 37, 5
     spy = await put_module(worker, _row_spy(row, column), {})
-    metrics = await worker._request("evaluate", {"module": spy, "dataset": "rows", "loss": "l1_loss",
-                                                 "batch_size": ROWS})
+    metrics = await worker.request("evaluate", {"module": spy, "dataset": "rows", "loss": "l1_loss",
+                                                "batch_size": ROWS})
     guess = metrics["loss"] + mean_label  # l1 = x[row, column] - mean(y) when every output is that value
     assert abs(guess - x[row, column].item()) > 1.0, "one row's value came back from a metric over 100 rows"
     # a label through broadcasting: an output of 100 values per row against the batch's 100 labels
@@ -110,8 +110,8 @@ async def test_an_evaluation_over_many_rows_cannot_be_made_to_report_one_row(fed
                                                       ["call_function", "add", [NodeRef(3), NodeRef(1)], {}],
                                                       ["output", "output", [NodeRef(4)], {}]],
                                                      params=[("w", (ROWS,))]), {"w": weights})
-        return (await worker._request("evaluate", {"module": module, "dataset": "rows", "loss": "mse_loss",
-                                                   "batch_size": ROWS}))["loss"]
+        return (await worker.request("evaluate", {"module": module, "dataset": "rows", "loss": "mse_loss",
+                                                  "batch_size": ROWS}))["loss"]
     picker = torch.zeros(ROWS)
     picker[row] = 1000.0
     label = (1e6 + await spread(torch.zeros(ROWS)) - await spread(picker)) / 2000  # if labels pair by position
@@ -137,11 +137,11 @@ async def test_a_fits_loss_under_secure_aggregation_cannot_be_made_to_report_one
                 ["call_method", "sum", [NodeRef(1), 1], {}], ["call_function", "add", [NodeRef(2), 1e4], {}],
                 ["output", "output", [NodeRef(3)], {}]]
     fit = {"dataset": "rows", "loss": "l1_loss", "batch_size": ROWS, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.0}}
-    base = await worker._request("fit", {"module": await put_module(worker, with_w(constant), {"w": torch.zeros(1)}),
-                                         **fit})
+    base = await worker.request("fit", {"module": await put_module(worker, with_w(constant), {"w": torch.zeros(1)}),
+                                        **fit})
     spy = _row_spy(0, 5)
     spy = with_w(spy["program"])
-    metrics = await worker._request("fit", {"module": await put_module(worker, spy, {"w": torch.zeros(1)}), **fit})
+    metrics = await worker.request("fit", {"module": await put_module(worker, spy, {"w": torch.zeros(1)}), **fit})
     guess = metrics["loss"] + 1e4 - base["loss"]
     assert not ((x[:, 5] - guess).abs() < 1e-2).any(), "a fit's loss under secure aggregation was one row's value"
 
@@ -165,7 +165,7 @@ async def test_a_model_description_cannot_carry_a_reference_to_the_rows(fedzmq_d
     for spec, inputs in ((literal, [Ref(table.id)]), (default, [])):
         with pytest.raises(fz.BadRequest, match="holds no tensors"):
             module = await put_module(worker, spec, {})
-            await worker._request("get", {"obj": await call_module(worker, module, *inputs)})
+            await worker.request("get", {"obj": await call_module(worker, module, *inputs)})
 
 
 @pytest.mark.parametrize("release", ["none", "aggregates"])
@@ -182,7 +182,7 @@ async def test_metrics_of_a_model_holding_row_values_tell_nothing_the_terms_keep
     [ds] = await worker.datasets()
     row = (await ds.features())[0]
     one_value = row * (await worker.send(torch.eye(FEATURES)[FEATURES - 1]))  # the row's last value, alone
-    planted = worker._op("cat", [[one_value, await worker.send(torch.zeros(2))]], {})  # a bias for ten classes
+    planted = worker.run_op("cat", [[one_value, await worker.send(torch.zeros(2))]], {})  # a bias for ten classes
     model = nn.Linear(FEATURES, 10)
     nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
     remote = await worker.send(model)
@@ -193,16 +193,16 @@ async def test_metrics_of_a_model_holding_row_values_tell_nothing_the_terms_keep
     for command, args in attacks:
         if release == "none":
             with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):
-                await worker._request(command, args)
+                await worker.request(command, args)
         else:
-            assert await worker._request(command, args)
-    await worker._request("module_load", {"obj": remote.id, "state": {"bias": Ref(planted.id)}})
+            assert await worker.request(command, args)
+    await worker.request("module_load", {"obj": remote.id, "state": {"bias": Ref(planted.id)}})
     for command, args in (("evaluate", evaluate), ("fit", fit)):
         if release == "none":
             with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):
-                await worker._request(command, args)
+                await worker.request(command, args)
         else:
-            assert await worker._request(command, args)
+            assert await worker.request(command, args)
 
 
 # --- class 3: metrics of a model trained under secure aggregation --------------------------------------------
@@ -237,28 +237,28 @@ async def test_weights_trained_under_secure_aggregation_cannot_be_read_through_m
     model = await put_module(worker, _weight_picker(), start)
     train = {"dataset": "rows", "loss": "mse_loss", "batch_size": ROWS, "steps": 1,
              "optimizer": {"cls": "SGD", "lr": 0.5}}
-    await worker._request("fit", {"module": model, **train})
+    await worker.request("fit", {"module": model, **train})
     picks = {"g": torch.zeros(1), "sel": torch.eye(FEATURES)[0], "off": torch.full((1,), 100.0)}
     with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):
-        await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss",
-                                           "batch_size": ROWS, "load": picks})
+        await worker.request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss",
+                                          "batch_size": ROWS, "load": picks})
     # a fit runs (a secure round needs it; its update leaves masked), but its loss is withheld
-    fitted = await worker._request("fit", {"module": model, **{**train, "optimizer": {"cls": "SGD", "lr": 0.0}},
-                                           "loss": "l1_loss", "load": picks})
+    fitted = await worker.request("fit", {"module": model, **{**train, "optimizer": {"cls": "SGD", "lr": 0.0}},
+                                          "loss": "l1_loss", "load": picks})
     assert math.isnan(fitted["loss"]) and fitted["steps"] == 1
     with pytest.raises(fz.PermissionDenied, match="which its metrics would tell"):  # nor with no load at all
-        await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss"})
+        await worker.request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss"})
     # what a round does: the whole model replaced (with the load, or loaded before), then metrics
     every = {**start, "w": torch.full((1, FEATURES), 0.01)}
-    evaluated = await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss",
-                                                   "load": every})
+    evaluated = await worker.request("evaluate", {"module": model, "dataset": "rows", "loss": "l1_loss",
+                                                  "load": every})
     assert evaluated["loss"] >= 0
-    await worker._request("fit", {"module": model, **train})  # trained again: its weights are the owner's
-    await worker._request("module_load", {"obj": model, "state": every})
-    fitted = await worker._request("fit", {"module": model, **train})
+    await worker.request("fit", {"module": model, **train})  # trained again: its weights are the owner's
+    await worker.request("module_load", {"obj": model, "state": every})
+    fitted = await worker.request("fit", {"module": model, **train})
     assert math.isnan(fitted["loss"]) and fitted["steps"] == 1  # loaded whole, it trains; its loss stays here
     with pytest.raises(fz.PermissionDenied):  # and what that fit trained leaves only masked, as before
-        await worker._request("module_state", {"obj": model})
+        await worker.request("module_state", {"obj": model})
 
 
 # --- class 4: a command that fails half-way labels what it wrote all the same ----------------------------------
@@ -276,7 +276,7 @@ async def _failed_load(worker, secret):
     model = await put_module(worker, spec, {"w": torch.zeros(ROWS, FEATURES), "b": torch.zeros(2, 2)})
     view = await call_module(worker, model)
     with pytest.raises(fz.RemoteError):
-        await worker._request("module_load", {"obj": model, "state": {"w": Ref(secret), "b": Ref(view)}})
+        await worker.request("module_load", {"obj": model, "state": {"w": Ref(secret), "b": Ref(view)}})
     return model
 
 
@@ -292,10 +292,10 @@ async def _failed_forward(worker, secret):
                                             "bn.running_mean": torch.zeros(n), "bn.running_var": torch.ones(n),
                                             "bn.num_batches_tracked": torch.tensor(0)})
     zeros = (await worker.send(torch.zeros(1, n))).id
-    await worker._request("module_mode", {"obj": model, "train": True})
+    await worker.request("module_mode", {"obj": model, "train": True})
     with pytest.raises(fz.RemoteError):
-        await worker._request("module_call", {"obj": model, "args": [Ref(secret), Ref(zeros)], "kwargs": {},
-                                              "out": [worker._new_id(), worker._new_id()]})
+        await worker.request("module_call", {"obj": model, "args": [Ref(secret), Ref(zeros)], "kwargs": {},
+                                             "out": [worker.new_id(), worker.new_id()]})
     return model
 
 
@@ -310,14 +310,14 @@ async def test_rows_written_by_a_command_that_then_failed_keep_their_label(fedzm
     [ds] = await worker.datasets()
     model = await fails(worker, (await ds.features()).id)
     with pytest.raises(fz.PermissionDenied):
-        await worker._request("module_state", {"obj": model})
+        await worker.request("module_state", {"obj": model})
 
 
 async def _fit_one_step(worker, model):
     """One full-batch step on the owner's rows, from the round's weights loaded in the same command."""
-    return await worker._request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy",
-                                         "batch_size": ROWS, "steps": 1, "optimizer": {"cls": "SGD", "lr": 1e-3},
-                                         "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
+    return await worker.request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy",
+                                        "batch_size": ROWS, "steps": 1, "optimizer": {"cls": "SGD", "lr": 1e-3},
+                                        "load": {"w": torch.full((10, FEATURES), 0.01), "b": torch.zeros(10)}})
 
 
 async def test_weights_trained_by_a_fit_that_then_failed_leave_only_masked(fedzmq_daemons, secret_rows):
@@ -372,7 +372,7 @@ async def test_a_model_whose_gradient_has_no_storage_is_refused(fedzmq_daemons, 
     model = await put_module(worker, spec, state)
     await _fit_one_step(worker, model)
     with pytest.raises(fz.PermissionDenied):
-        await worker._request("module_state", {"obj": model})
+        await worker.request("module_state", {"obj": model})
 
 
 # --- class 5: a fit's sizes and metrics over the rows it really uses --------------------------------------------
@@ -391,7 +391,7 @@ async def test_a_fit_over_clients_is_sized_for_its_biggest_shard_not_its_first(f
                       torch.randint(0, 10, (rows,), generator=generator))
     [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--max-session-bytes", str(64 << 20)])
     worker = host.worker
-    model = worker._new_id()
+    model = worker.new_id()
     hidden = 2048
     spec = {"kind": "sequential", "children": [
         ["0", {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 64, "out_features": hidden}}],
@@ -400,15 +400,15 @@ async def test_a_fit_over_clients_is_sized_for_its_biggest_shard_not_its_first(f
     torch.manual_seed(0)
     state = {"0.weight": torch.randn(hidden, 64) * 0.01, "0.bias": torch.zeros(hidden),
              "2.weight": torch.randn(10, hidden) * 0.01, "2.bias": torch.zeros(10)}
-    await worker._request("module_put", {"out": model, "spec": spec, "state": state})
+    await worker.request("module_put", {"out": model, "spec": spec, "state": state})
     args = {"module": model, "dataset": "d", "loss": "cross_entropy", "batch_size": 20000, "steps": 1,
             "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": True}
     for clients in (["b"], ["a", "b"], ["a", "nobody", "b"]):
         with pytest.raises(fz.LimitExceeded, match="forward"):
-            await worker._request("fit", {**args, "clients": clients})
+            await worker.request("fit", {**args, "clients": clients})
     with pytest.raises(fz.BadRequest, match="twice"):  # one client many times would repeat its work as often
-        await worker._request("fit", {**args, "batch_size": 16, "clients": ["a", "a"]})
-    reply = await worker._request("fit", {**args, "batch_size": 16, "clients": ["a", "b"]})
+        await worker.request("fit", {**args, "batch_size": 16, "clients": ["a", "a"]})
+    reply = await worker.request("fit", {**args, "batch_size": 16, "clients": ["a", "b"]})
     assert sorted(reply["metrics"]) == ["a", "b"] and await worker.ping()
 
 
@@ -425,19 +425,19 @@ async def test_a_fit_over_clients_whose_rows_differ_in_shape_is_refused(fedzmq_d
     write_dataset(folder / "wide.safetensors", torch.randn(32, 1, 64, 64), torch.randint(0, 2, (32,)))
     [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--min-batch-size", "1"])
     worker = host.worker
-    model = worker._new_id()
+    model = worker.new_id()
     spec = {"kind": "sequential", "children": [
         ["0", {"kind": "layer", "type": "AdaptiveAvgPool2d", "kwargs": {"output_size": 1}}],
         ["1", {"kind": "layer", "type": "Flatten", "kwargs": {}}],
         ["2", {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 1, "out_features": 2}}]]}
     state = {"2.weight": torch.zeros(2, 1), "2.bias": torch.zeros(2)}
-    await worker._request("module_put", {"out": model, "spec": spec, "state": state})
+    await worker.request("module_put", {"out": model, "spec": spec, "state": state})
     args = {"module": model, "dataset": "d", "loss": "cross_entropy", "batch_size": 8, "steps": 1,
             "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": True}
     with pytest.raises(fz.BadRequest, match="row shape"):
-        await worker._request("fit", {**args, "clients": ["small", "wide"]})
+        await worker.request("fit", {**args, "clients": ["small", "wide"]})
     for alone in ("small", "wide"):  # each alone is sized for what it runs, and runs
-        reply = await worker._request("fit", {**args, "clients": [alone]})
+        reply = await worker.request("fit", {**args, "clients": [alone]})
         assert sorted(reply["metrics"]) == [alone]
 
 
@@ -455,9 +455,9 @@ async def test_a_combining_fit_sums_float64_entries_without_touching_the_model(f
     worker = host.worker
     net = _LinearWithBuffer(3, torch.float64)
     net.big.fill_(1.0)
-    model = worker._new_id()
-    await worker._request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
-    reply = await worker._request("fit", {
+    model = worker.new_id()
+    await worker.request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
+    reply = await worker.request("fit", {
         "module": model, "dataset": "d", "loss": "cross_entropy", "batch_size": 16, "steps": 1, "clients": ["a", "b"],
         "optimizer": {"cls": "SGD", "lr": 0.0}, "reply_state": True, "combine": True})
     assert reply["weight"] == 32
@@ -498,16 +498,16 @@ async def test_a_fit_over_clients_is_charged_for_its_float64_sums_whatever_the_m
 
     async def put(buffer: int) -> int:
         net = _LinearWithBuffer(buffer)
-        model = worker._new_id()
-        await worker._request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
+        model = worker.new_id()
+        await worker.request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
         return model
 
     model = await put(elements)
     with pytest.raises(fz.LimitExceeded, match="fit"):
-        await worker._request("fit", {**args, "module": model})
-    await worker._request("delete", {"objs": [model]})
+        await worker.request("fit", {**args, "module": model})
+    await worker.request("delete", {"objs": [model]})
     model = await put(16)
-    reply = await worker._request("fit", {**args, "module": model})
+    reply = await worker.request("fit", {**args, "module": model})
     assert sorted(reply["metrics"]) == ["a"] and reply["weighted_sum"]["big"].dtype == torch.float64
 
 
@@ -532,14 +532,14 @@ async def test_a_fit_reports_no_loss_over_fewer_rows_than_the_owners_metric_floo
         [bob] = await fedzmq_daemons(f"bob{n}", args=[*terms, "--data", f"small={paths[20]}", "--data",
                                                   f"big={paths[1000]}", *flags])
         worker = bob.worker
-        model = worker._new_id()
-        await worker._request("module_put", {"out": model, "spec": spec, "state": zero})
+        model = worker.new_id()
+        await worker.request("module_put", {"out": model, "spec": spec, "state": zero})
         fit = {"module": model, "loss": "mse_loss", "optimizer": {"cls": "SGD", "lr": 0.0}, "load": zero}
-        small = await worker._request("fit", {**fit, "dataset": "small", "batch_size": 20, "epochs": 3})
+        small = await worker.request("fit", {**fit, "dataset": "small", "batch_size": 20, "epochs": 3})
         assert small["samples_seen"] == 60 and math.isnan(small["loss"]), (flags, small)
-        one_step = await worker._request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 1})
+        one_step = await worker.request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 1})
         assert one_step["samples_seen"] == 16 and math.isnan(one_step["loss"]), (flags, one_step)
-        two_steps = await worker._request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 2})
+        two_steps = await worker.request("fit", {**fit, "dataset": "big", "batch_size": 16, "steps": 2})
         # over enough rows: told without secure aggregation; with it, a fit over protected rows tells no loss
         told = math.isnan(two_steps["loss"]) if flags else math.isfinite(two_steps["loss"])
         assert two_steps["samples_seen"] == 32 and told, (flags, two_steps)
@@ -557,13 +557,13 @@ async def test_an_elementwise_loss_cannot_broadcast_its_input_against_its_target
     column, row = await worker.send(torch.zeros(4000, 1)), await worker.send(torch.zeros(1, 4000))
     for loss in ("mse_loss", "l1_loss", "binary_cross_entropy_with_logits"):
         with pytest.raises(fz.BadRequest, match="broadcast"):
-            await worker._op(loss, [column, row], {}).get()
+            await worker.run_op(loss, [column, row], {}).get()
     weights = await worker.send(torch.ones(1, 4000))
     with pytest.raises(fz.BadRequest, match="broadcast"):
-        await worker._op("binary_cross_entropy_with_logits", [column, column], {"weight": weights}).get()
+        await worker.run_op("binary_cross_entropy_with_logits", [column, column], {"weight": weights}).get()
     same = await worker.send(torch.ones(4000, 1))
-    assert float(await worker._op("mse_loss", [column, same], {}).get()) == 1.0
-    assert float(await worker._op("l1_loss", [row, await worker.send(torch.ones(1))], {}).get()) == 1.0
+    assert float(await worker.run_op("mse_loss", [column, same], {}).get()) == 1.0
+    assert float(await worker.run_op("l1_loss", [row, await worker.send(torch.ones(1))], {}).get()) == 1.0
 
 
 async def test_a_fit_whose_output_would_broadcast_against_its_labels_is_refused(fedzmq_daemons, tmp_path):
@@ -581,10 +581,10 @@ async def test_a_fit_whose_output_would_broadcast_against_its_labels_is_refused(
            "steps": 1}
     column = await put_module(worker, {"kind": "sequential", "children": [["0", layer]]}, state)
     with pytest.raises(fz.BadRequest, match=r"\(4000, 1\) would broadcast .* \(4000,\)"):
-        await worker._request("fit", {**fit, "module": column})
+        await worker.request("fit", {**fit, "module": column})
     flat = ["1", {"kind": "layer", "type": "Flatten", "kwargs": {"start_dim": 0, "end_dim": -1}}]
     flattened = await put_module(worker, {"kind": "sequential", "children": [["0", layer], flat]}, state)
-    assert (await worker._request("fit", {**fit, "module": flattened}))["samples_seen"] == 4000
+    assert (await worker.request("fit", {**fit, "module": flattened}))["samples_seen"] == 4000
 
 
 async def test_a_pooling_layers_work_counts_its_window(fedzmq_daemons):
@@ -600,8 +600,8 @@ async def test_a_pooling_layers_work_counts_its_window(fedzmq_daemons):
         model = await put_module(worker, {"kind": "sequential", "children": [
             ["0", {"kind": "layer", "type": layer, "kwargs": kwargs}]]}, {})
         with pytest.raises(fz.LimitExceeded, match="computing"):
-            await worker._request("module_call", {"obj": model, "args": [Ref(image.id)], "kwargs": {},
-                                                  "out": [worker._new_id()]})
+            await worker.request("module_call", {"obj": model, "args": [Ref(image.id)], "kwargs": {},
+                                                 "out": [worker.new_id()]})
         small = await put_module(worker, {"kind": "sequential", "children": [
             ["0", {"kind": "layer", "type": layer, "kwargs": {"kernel_size": 2}}]]}, {})
         await call_module(worker, small, Ref(image.id))
@@ -650,11 +650,11 @@ async def test_the_batch_a_fit_or_evaluate_copies_is_charged(fedzmq_daemons, tmp
     fit = {**common, "optimizer": {"cls": "SGD", "lr": 0.01}, "steps": 1}
     batch = rf"the batch it copies out of the dataset: {2000 * (1024 * 4 + 8)}"  # rows and labels
     with pytest.raises(fz.LimitExceeded, match=batch):
-        await worker._request("fit", {**fit, "batch_size": 2000})  # 8 MB of rows
+        await worker.request("fit", {**fit, "batch_size": 2000})  # 8 MB of rows
     with pytest.raises(fz.LimitExceeded, match=batch):
-        await worker._request("evaluate", {**common, "batch_size": 2000})
-    assert (await worker._request("fit", {**fit, "batch_size": 256}))["samples_seen"] == 256
-    assert (await worker._request("evaluate", {**common, "batch_size": 256}))["samples"] == 2000
+        await worker.request("evaluate", {**common, "batch_size": 2000})
+    assert (await worker.request("fit", {**fit, "batch_size": 256}))["samples_seen"] == 256
+    assert (await worker.request("evaluate", {**common, "batch_size": 256}))["samples"] == 2000
 
 
 async def test_an_ops_intermediates_are_charged_while_it_runs(fedzmq_daemons):
@@ -668,10 +668,10 @@ async def test_an_ops_intermediates_are_charged_while_it_runs(fedzmq_daemons):
     logits = await worker.send(torch.zeros(rows, classes))
     target = await worker.send(torch.zeros(rows, dtype=torch.long))
     with pytest.raises(fz.LimitExceeded, match="cross_entropy"):
-        await worker._op("cross_entropy", [logits, target], {}).get()
-    half = await worker._op("getitem", [logits, slice(0, rows // 4)], {})
-    quarter = await worker._op("getitem", [target, slice(0, rows // 4)], {})
-    assert float(await worker._op("cross_entropy", [half, quarter], {}).get()) == pytest.approx(math.log(classes))
+        await worker.run_op("cross_entropy", [logits, target], {}).get()
+    half = await worker.run_op("getitem", [logits, slice(0, rows // 4)], {})
+    quarter = await worker.run_op("getitem", [target, slice(0, rows // 4)], {})
+    assert float(await worker.run_op("cross_entropy", [half, quarter], {}).get()) == pytest.approx(math.log(classes))
 
 
 # --- class 7: what one call of torch builds or does inside, beyond its output -------------------------------------
@@ -695,7 +695,7 @@ async def test_a_convolutions_unfolded_input_is_charged(fedzmq_daemons):
         pixels = await worker.send(torch.zeros(image))
         with pytest.raises(fz.LimitExceeded, match="intermediates"):
             await call_module(worker, model, Ref(pixels.id))
-        await worker._request("delete", {"objs": [model]})
+        await worker.request("delete", {"objs": [model]})
     small = await put_module(worker, _layer("Conv2d", in_channels=1, out_channels=2, kernel_size=3, padding=1),
                              {"0.weight": torch.zeros(2, 1, 3, 3), "0.bias": torch.zeros(2)})
     await call_module(worker, small, Ref((await worker.send(torch.zeros(1, 1, 8, 8))).id))
@@ -712,9 +712,9 @@ async def test_index_tensors_must_be_int64(fedzmq_daemons):
     row = await worker.send(torch.zeros(1, 2048, dtype=torch.int32))
     index = tuple(column if i % 2 == 0 else row for i in range(32))
     with pytest.raises(fz.BadRequest, match="int64"):
-        await worker._op("getitem", [x, index], {}).get()
+        await worker.run_op("getitem", [x, index], {}).get()
     vector = await worker.send(torch.arange(10.0))
-    picked = await worker._op("getitem", [vector, await worker.send(torch.tensor([1, 3]))], {}).get()
+    picked = await worker.run_op("getitem", [vector, await worker.send(torch.tensor([1, 3]))], {}).get()
     assert picked.tolist() == [1.0, 3.0]
 
 
@@ -728,21 +728,21 @@ async def test_what_an_op_builds_inside_is_charged(fedzmq_daemons):
     worker = host.worker
     a, b = await worker.send(torch.zeros(128, 1, 1, 1024)), await worker.send(torch.zeros(1, 128, 1024, 1))
     with pytest.raises(fz.LimitExceeded, match="matmul"):  # 2 x 64 MiB of copies for a 64 KiB output
-        await worker._op("matmul", [a, b], {}).get()
-    await worker._request("delete", {"objs": [a.id, b.id]})
+        await worker.run_op("matmul", [a, b], {}).get()
+    await worker.request("delete", {"objs": [a.id, b.id]})
     flags = await worker.send(torch.zeros(8 << 20, dtype=torch.bool))  # 8 MiB, summed as 64 MiB of int64
     with pytest.raises(fz.LimitExceeded, match="sum"):
-        await worker._op("sum", [flags], {}).get()
+        await worker.run_op("sum", [flags], {}).get()
     floats = await worker.send(torch.zeros(4 << 20, dtype=torch.float32))  # 16 MiB, summed as 32 MiB of float64
     with pytest.raises(fz.LimitExceeded, match="sum"):
-        await worker._op("sum", [floats], {"dtype": torch.float64}).get()
-    await worker._request("delete", {"objs": [flags.id, floats.id]})
+        await worker.run_op("sum", [floats], {"dtype": torch.float64}).get()
+    await worker.request("delete", {"objs": [flags.id, floats.id]})
     small = await worker.send(torch.zeros(16 << 20, dtype=torch.uint8))
     with pytest.raises(fz.LimitExceeded, match="eq"):  # 16 MiB compared as 128 MiB of float64
-        await worker._op("eq", [small, await worker.send(torch.zeros(1, dtype=torch.float64))], {}).get()
-    assert await worker._op("sum", [await worker.send(torch.ones(1024))], {}).get() == 1024
+        await worker.run_op("eq", [small, await worker.send(torch.zeros(1, dtype=torch.float64))], {}).get()
+    assert await worker.run_op("sum", [await worker.send(torch.ones(1024))], {}).get() == 1024
     ones = await worker.send(torch.ones(4, dtype=torch.uint8))
-    assert (await worker._op("eq", [ones, await worker.send(torch.ones(1, dtype=torch.uint8))], {}).get()).all()
+    assert (await worker.run_op("eq", [ones, await worker.send(torch.ones(1, dtype=torch.uint8))], {}).get()).all()
 
 
 async def test_slow_work_per_element_is_counted(fedzmq_daemons):
@@ -755,7 +755,7 @@ async def test_slow_work_per_element_is_counted(fedzmq_daemons):
     column = await worker.send(torch.arange(8192).reshape(8192, 1))
     row = await worker.send(torch.arange(8192).reshape(1, 8192))
     with pytest.raises(fz.LimitExceeded, match="computing"):
-        await worker._op("pow", [column, row], {}).get()
+        await worker.run_op("pow", [column, row], {}).get()
     rows = 1 << 22
     table = await put_module(worker, _layer("Embedding", num_embeddings=rows, embedding_dim=1, max_norm=1.0),
                              {"0.weight": torch.zeros(rows, 1)})
@@ -778,16 +778,16 @@ async def test_loading_weights_from_a_view_out_of_order_is_sized(fedzmq_daemons,
     worker = host.worker
     dims = 24
     net = _LinearWithBuffer((2,) * dims, torch.uint8)
-    model = worker._new_id()
-    await worker._request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
+    model = worker.new_id()
+    await worker.request("module_put", {"out": model, "spec": describe(net), "state": net.state_dict()})
     cube = (await worker.send(torch.zeros(1 << dims, dtype=torch.uint8))).reshape(*[2] * dims)
     hostile = cube.permute(*reversed(range(dims)))  # the buffer's shape, its elements out of order
     with pytest.raises(fz.LimitExceeded, match="computing"):
-        await worker._request("module_load", {"obj": model, "state": {"big": Ref(hostile.id)}})
+        await worker.request("module_load", {"obj": model, "state": {"big": Ref(hostile.id)}})
     with pytest.raises(fz.LimitExceeded, match="computing"):
-        await worker._request("evaluate", {"module": model, "dataset": "rows", "loss": "cross_entropy",
-                                           "load": {"big": Ref(hostile.id)}})
-    await worker._request("module_load", {"obj": model, "state": {"big": Ref(cube.id)}})
+        await worker.request("evaluate", {"module": model, "dataset": "rows", "loss": "cross_entropy",
+                                          "load": {"big": Ref(hostile.id)}})
+    await worker.request("module_load", {"obj": model, "state": {"big": Ref(cube.id)}})
 
 
 async def test_a_backward_stops_at_its_time_limit(fedzmq_daemons):
@@ -798,13 +798,13 @@ async def test_a_backward_stops_at_its_time_limit(fedzmq_daemons):
     [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "1"])
     worker = host.worker
     leaf = await worker.send(torch.zeros(1 << 24, requires_grad=True))
-    slices = [await worker._op("getitem", [leaf, slice(i, i + 1)], {}) for i in range(1024)]
-    total = worker._op("sum", [worker._op("cat", [slices], {})], {})
+    slices = [await worker.run_op("getitem", [leaf, slice(i, i + 1)], {}) for i in range(1024)]
+    total = worker.run_op("sum", [worker.run_op("cat", [slices], {})], {})
     with pytest.raises(fz.LimitExceeded, match="ran longer"):
-        await worker._request("backward", {"obj": total.id})
-    one = worker._op("sum", [slices[0]], {})
-    await worker._request("backward", {"obj": one.id})
-    assert float(await worker._op("sum", [leaf.grad], {}).get()) >= 1.0
+        await worker.request("backward", {"obj": total.id})
+    one = worker.run_op("sum", [slices[0]], {})
+    await worker.request("backward", {"obj": one.id})
+    assert float(await worker.run_op("sum", [leaf.grad], {}).get()) >= 1.0
 
 
 class _Slices(nn.Module):
@@ -832,9 +832,9 @@ async def test_a_fit_counts_the_backward_of_its_views(fedzmq_daemons, tmp_path):
     fit = {"dataset": "rows", "loss": "mse_loss", "batch_size": 16, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.0}}
     many = await worker.send(_Slices(1024))
     with pytest.raises(fz.LimitExceeded, match="computing"):
-        await worker._request("fit", {**fit, "module": many.id})
+        await worker.request("fit", {**fit, "module": many.id})
     one = await worker.send(_Slices(1))
-    assert (await worker._request("fit", {**fit, "module": one.id}))["samples_seen"] == 16
+    assert (await worker.request("fit", {**fit, "module": one.id}))["samples_seen"] == 16
 
 
 async def test_slow_dtypes_and_hidden_copies_of_matmuls_and_reductions_are_counted(fedzmq_daemons):
@@ -847,29 +847,29 @@ async def test_slow_dtypes_and_hidden_copies_of_matmuls_and_reductions_are_count
     [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "2", "--max-session-bytes", str(96 << 20)])
     worker = host.worker
     row = await worker.send(torch.ones(1, 1 << 22, dtype=torch.int64))  # 32 MiB
-    column = await worker._op("t", [row], {})
+    column = await worker.run_op("t", [row], {})
     with pytest.raises(fz.LimitExceeded, match="matmul"):  # its copy of the operands: 64 MiB
-        await worker._op("matmul", [row, column], {}).get()
-    await worker._request("delete", {"objs": [row.id, column.id]})
+        await worker.run_op("matmul", [row, column], {}).get()
+    await worker.request("delete", {"objs": [row.id, column.id]})
     for dtype, refused in ((torch.float16, True), (torch.float32, False), (torch.bfloat16, False)):
         a = await worker.send(torch.zeros(224, 2048, dtype=dtype))
         b = await worker.send(torch.zeros(2048, 2048, dtype=dtype))
-        product = worker._op("matmul", [a, b], {})
+        product = worker.run_op("matmul", [a, b], {})
         if refused:
             with pytest.raises(fz.LimitExceeded, match="computing"):
                 await product.get()
         else:
             assert (await product.get()).shape == (224, 2048)
-        await worker._request("delete", {"objs": [a.id, b.id]})
+        await worker.request("delete", {"objs": [a.id, b.id]})
     halves = await worker.send(torch.zeros(20 << 20, dtype=torch.float16))  # 40 MiB, reduced as 80 MiB
     with pytest.raises(fz.LimitExceeded, match="mean"):
-        await worker._op("mean", [halves], {}).get()
-    await worker._request("delete", {"objs": [halves.id]})
+        await worker.run_op("mean", [halves], {}).get()
+    await worker.request("delete", {"objs": [halves.id]})
     flags = await worker.send(torch.zeros((1,) * 32, dtype=torch.bool))
     across = await worker.send(torch.zeros(1, 4096, dtype=torch.int64))
     down = await worker.send(torch.zeros(4096, 1, dtype=torch.int64))
     with pytest.raises(fz.LimitExceeded, match="computing"):
-        await worker._op("getitem", [flags, tuple(across if i % 2 else down for i in range(32))], {}).get()
+        await worker.run_op("getitem", [flags, tuple(across if i % 2 else down for i in range(32))], {}).get()
 
 
 async def test_an_optimizer_steps_copies_are_charged(fedzmq_daemons):
@@ -887,18 +887,18 @@ async def test_an_optimizer_steps_copies_are_charged(fedzmq_daemons):
         model = await put_module(worker, {"kind": "layer", "type": "Linear", "kwargs": {
             "in_features": 1, "out_features": elements, "bias": False}}, {"weight": torch.ones(elements, 1)})
         out = await call_module(worker, model, Ref((await worker.send(torch.ones(1, 1))).id))
-        total = worker._new_id()
-        await worker._request("op", {"op": "sum", "args": [Ref(out)], "kwargs": {}, "out": [total]})
-        await worker._request("backward", {"obj": total})
-        optim, cls = worker._new_id(), optimizer.pop("cls")
-        await worker._request("optim_create", {"out": optim, "cls": cls, "module": model,
-                                               "groups": [{"params": [0], **optimizer}]})
+        total = worker.new_id()
+        await worker.request("op", {"op": "sum", "args": [Ref(out)], "kwargs": {}, "out": [total]})
+        await worker.request("backward", {"obj": total})
+        optim, cls = worker.new_id(), optimizer.pop("cls")
+        await worker.request("optim_create", {"out": optim, "cls": cls, "module": model,
+                                              "groups": [{"params": [0], **optimizer}]})
         if refused:
             with pytest.raises(fz.LimitExceeded, match="optimizer"):
-                await worker._request("optim_step", {"obj": optim})
+                await worker.request("optim_step", {"obj": optim})
         else:
-            await worker._request("optim_step", {"obj": optim})
-        await worker._request("delete", {"objs": [model, out, total, optim]})
+            await worker.request("optim_step", {"obj": optim})
+        await worker.request("delete", {"objs": [model, out, total, optim]})
 
 
 # --- class 8: a fourth red team (5 Dec 2026, afternoon) ----------------------------------------------------
@@ -929,10 +929,10 @@ async def test_a_fits_loss_cannot_be_differenced_down_to_one_row(fedzmq_daemons,
         async def loss(j: int | None, batch: int) -> float:
             net = _feature_picker(j)
             model = await put_module(worker, describe(net), net.state_dict())  # fresh and public
-            metrics = await worker._request("fit", {"module": model, "dataset": "rows", "loss": "mse_loss",
-                                                    "batch_size": batch, "steps": 1, "seed": 1234,
-                                                    "optimizer": {"cls": "SGD", "lr": 0.0}})
-            await worker._request("delete", {"objs": [model]})
+            metrics = await worker.request("fit", {"module": model, "dataset": "rows", "loss": "mse_loss",
+                                                   "batch_size": batch, "steps": 1, "seed": 1234,
+                                                   "optimizer": {"cls": "SGD", "lr": 0.0}})
+            await worker.request("delete", {"objs": [model]})
             return metrics["loss"]
 
         label = 17 * await loss(None, 17) - 16 * await loss(None, 16)
@@ -994,8 +994,8 @@ async def test_a_flood_of_failing_commands_holds_little(fedzmq_daemons):
         """RSS growth of ``count`` failed ops (ids from ``start``)."""
         before = (await worker.status())["rss_bytes"]
         for first in range(start, start + count, chunk):
-            replies = await asyncio.gather(*(worker._submit("op", {
-                "op": "reshape", "args": [Ref(x.id), *shape, first + i], "kwargs": {}, "out": [worker._new_id()]})
+            replies = await asyncio.gather(*(worker.submit("op", {
+                "op": "reshape", "args": [Ref(x.id), *shape, first + i], "kwargs": {}, "out": [worker.new_id()]})
                 for i in range(chunk)))
             assert all(not r.ok and "invalid for input" in r.error["message"] for r in replies)
         return (await worker.status())["rss_bytes"] - before
@@ -1022,8 +1022,8 @@ async def test_a_secure_rounds_copies_of_the_model_are_charged(fedzmq_daemons):
     async def advertise(number: int) -> None:
         config = SecAggConfig(client_ids=(0, 1, 2), threshold=2, vector_length=elements, clip=1.0,
                               round_id=b"r%d" % number)
-        await worker._request("secagg", {"step": "advertise", "round": number, "module": model, "client": 0,
-                                         "payload": to_codec(config.to_wire())})
+        await worker.request("secagg", {"step": "advertise", "round": number, "module": model, "client": 0,
+                                        "payload": to_codec(config.to_wire())})
 
     held = [(await worker.status())["bytes"]]
     for number in (1, 2):  # each needs 8 MiB while it runs and keeps 4, and 64 B an invited id, 2 KiB a peer
@@ -1071,13 +1071,13 @@ async def test_a_secure_rounds_message_is_unpacked_within_limits(fedzmq_daemons)
                           (_advertise_payload(range(70_000)), "exceeds max_array_len")):
         started = time.monotonic()
         with pytest.raises(fz.RemoteError, match=says):
-            await worker._request("secagg", {"step": "advertise", "round": 1, "module": model, "client": 0,
-                                             "payload": payload})
+            await worker.request("secagg", {"step": "advertise", "round": 1, "module": model, "client": 0,
+                                            "payload": payload})
         assert time.monotonic() - started < 2
     assert (await worker.status())["rss_bytes"] - before["rss_bytes"] < 48 << 20
     held = (await worker.status())["bytes"]
-    await worker._request("secagg", {"step": "advertise", "round": 2, "module": model, "client": 0,
-                                     "payload": _advertise_payload(range(1000))})
+    await worker.request("secagg", {"step": "advertise", "round": 2, "module": model, "client": 0,
+                                    "payload": _advertise_payload(range(1000))})
     assert (await worker.status())["bytes"] - held >= 1000 * 64 + 999 * 2048  # the round's state for its clients
     from fedzmq.secagg import SecAggConfig
 

@@ -121,7 +121,7 @@ async def test_oversized_frame_is_refused_by_the_client_and_by_the_daemon(fedzmq
     [bob] = await fedzmq_daemons("bob", args=["--max-frame-bytes", "4096"])
     # the client learned the daemon's limits at connect time and refuses locally
     with pytest.raises(fz.LimitExceeded, match="limits"):
-        await bob.worker._request("store", {"out": 1, "value": torch.zeros(2048)})
+        await bob.worker.request("store", {"out": 1, "value": torch.zeros(2048)})
     # a peer that ignores them gets an error reply naming its request
     raw = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)

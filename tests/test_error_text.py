@@ -63,7 +63,7 @@ async def test_remote_types_keep_their_classes_and_read_once(fedzmq_virtual_work
     gone = await bob.send(torch.zeros(1))
     await gone.delete()
     with pytest.raises(KeyError) as missing:
-        await bob._request("get", {"obj": gone.id})
+        await bob.request("get", {"obj": gone.id})
     assert isinstance(missing.value, fz.ObjectNotFound)
     assert headline(missing.value).count("ObjectNotFound") == 1
     # a type this client does not know keeps its name in the text
@@ -79,7 +79,7 @@ async def test_a_refusal_carries_no_traceback_and_an_error_a_short_one(fedzmq_vi
     frame, without source lines."""
     [bob] = await fedzmq_virtual_workers("bob")
     with pytest.raises(fz.ObjectNotFound) as missing:
-        await bob._request("get", {"obj": 987_654})
+        await bob.request("get", {"obj": 987_654})
     assert missing.value.remote_traceback == ""
     a = await bob.send(torch.ones(2, 3))
     with pytest.raises(RuntimeError) as bad:

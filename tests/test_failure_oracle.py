@@ -39,14 +39,15 @@ async def test_whether_an_op_fails_tells_nothing_of_rows_the_terms_keep(fedzmq_d
     label = labels[0:1]  # one row's class, 0-9
     table = await worker.send(torch.zeros(5))
     # the red team's oracle: table[label - lo] fails exactly when the label is outside [lo - 5, lo + 5)
-    answers = {await outcome(worker._op("getitem", [table, label - lo], {})) for lo in (-100, 0, 4, 100)}
+    answers = {await outcome(worker.run_op("getitem", [table, label - lo], {})) for lo in (-100, 0, 4, 100)}
     assert len(answers) == 1 and "PermissionDenied" in answers.pop()
     logits = await worker.send(torch.zeros(1, 3))  # three classes: a label above 2 is out of range
     attacks = {
-        "a target class": worker._op("cross_entropy", [logits, label], {}),
-        "an nll target": worker._op("nll_loss", [logits, label], {}),
-        "an integer divisor": worker._op("floordiv", [await worker.send(torch.ones(1, dtype=torch.long)), label], {}),
-        "a probability": worker._op("binary_cross_entropy", [features[0:1, 0:4], torch.zeros(1, 4)], {}),
+        "a target class": worker.run_op("cross_entropy", [logits, label], {}),
+        "an nll target": worker.run_op("nll_loss", [logits, label], {}),
+        "an integer divisor": worker.run_op("floordiv", [await worker.send(torch.ones(1, dtype=torch.long)), label],
+                                            {}),
+        "a probability": worker.run_op("binary_cross_entropy", [features[0:1, 0:4], torch.zeros(1, 4)], {}),
     }
     for name, pointer in attacks.items():
         assert "PermissionDenied" in await outcome(pointer), name
@@ -66,7 +67,7 @@ async def test_aggregates_release_keeps_the_seed_loss(fedzmq_daemons, shard):
     [ds] = await bob.worker.datasets()
     features, labels = await ds.features(), await ds.labels()
     remote = await bob.worker.send(digits.make_model())
-    loss = bob.worker._op("cross_entropy", [remote(features), labels], {})
+    loss = bob.worker.run_op("cross_entropy", [remote(features), labels], {})
     assert 0 < (await loss.get()).item() < 10
 
 

@@ -105,7 +105,7 @@ async def test_a_slow_worker_does_not_hold_back_publication() -> None:
     workers = _workers(4, fault_injection=True)
     slow = workers[3]
     try:
-        await slow._request("debug_delay", {"seconds": 30.0}, timeout=10.0)
+        await slow.request("debug_delay", {"seconds": 30.0}, timeout=10.0)
         federation = fz.Federation(workers, _model(), FIT, fz.FedBuff(buffer_size=3), round_timeout=60)
         history = await federation.run(3)
         assert [m.round for m in history] == [1, 2, 3]
@@ -113,7 +113,7 @@ async def test_a_slow_worker_does_not_hold_back_publication() -> None:
         assert contributors == {"w0", "w1", "w2"}  # published three times without the slow worker's update
         assert all(len(m.extra["updates"]) == 3 for m in history)
     finally:
-        await slow._request("debug_delay", {"seconds": 0.0}, timeout=10.0)
+        await slow.request("debug_delay", {"seconds": 0.0}, timeout=10.0)
         for worker in workers:
             await worker.close()
 

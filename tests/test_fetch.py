@@ -135,11 +135,11 @@ async def test_a_fetch_of_an_op_with_two_outputs_is_refused_and_the_op_still_run
     [alice] = await fedzmq_daemons("alice")
     worker = alice.worker
     x = await worker.send(torch.tensor([[1.0, 5.0], [7.0, 2.0]]))
-    ids = [worker._new_id(), worker._new_id()]
-    reply = await worker._connection.wait(worker._submit(
+    ids = [worker.new_id(), worker.new_id()]
+    reply = await worker._connection.wait(worker.submit(
         "op", {"op": "max", "args": [x, 1], "kwargs": {}, "out": ids, "fetch": True}))
     assert reply["result"] is None and reply["error"]["type"] == "BadRequest"
-    assert torch.equal(await worker._request("get", {"obj": ids[0]}), torch.tensor([5.0, 7.0]))
+    assert torch.equal(await worker.request("get", {"obj": ids[0]}), torch.tensor([5.0, 7.0]))
 
 
 def test_an_op_and_fetch_reply_splits_into_the_ops_and_the_gets():

@@ -29,8 +29,8 @@ async def check_meta_without_round_trips(bob: fz.RemoteWorker) -> None:
         "pointer index": (pa[(pa.argmax(dim=1))], a[a.argmax(dim=1)]),
         "dtype": ((pa > 0).long(), (a > 0).long()),
         "reshape": (pa.reshape(2, 10).t(), a.reshape(2, 10).t()),
-        "cat": (bob._op("cat", [[pa, pa * 2]], {"dim": 1}), torch.cat([a, a * 2], dim=1)),
-        "loss": (bob._op("cross_entropy", [pa, torch.tensor([0, 1, 2, 3, 0])], {}),
+        "cat": (bob.run_op("cat", [[pa, pa * 2]], {"dim": 1}), torch.cat([a, a * 2], dim=1)),
+        "loss": (bob.run_op("cross_entropy", [pa, torch.tensor([0, 1, 2, 3, 0])], {}),
                  torch.nn.functional.cross_entropy(a, torch.tensor([0, 1, 2, 3, 0]))),
     }
     values, indices = pa.max(dim=1)
@@ -98,7 +98,7 @@ async def check_move(bob: fz.RemoteWorker, alice: fz.RemoteWorker, elsewhere: fz
     assert (moved.shape, moved.dtype) == (x.shape, x.dtype)
     assert torch.equal(await moved.get(), x.detach())
     with pytest.raises(fz.ObjectNotFound):  # the source is deleted, as the seed's move does
-        await bob._request("get", {"obj": source_id})
+        await bob.request("get", {"obj": source_id})
     loss = (moved * moved).sum()  # still a leaf that wants a gradient, on its new worker
     await loss.backward()
     assert torch.allclose(await moved.grad.get(), 2 * x.detach())
@@ -137,7 +137,7 @@ async def check_remote_leaf_gradient(bob: fz.RemoteWorker) -> None:
     w, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     pw, pb, px, py = [await bob.send(t) for t in (w, b, x, y)]
-    loss = bob._op("cross_entropy", [px @ pw + pb, py], {})
+    loss = bob.run_op("cross_entropy", [px @ pw + pb, py], {})
     await loss.backward()
     torch.nn.functional.cross_entropy(x @ w + b, y).backward()
     grad_w, grad_b = pw.grad, pb.grad
@@ -145,7 +145,7 @@ async def check_remote_leaf_gradient(bob: fz.RemoteWorker) -> None:
     assert torch.allclose(await grad_w.get(), w.grad, atol=1e-6)
     assert torch.allclose(await grad_b.get(), b.grad, atol=1e-6)
     # a snapshot: a second backward accumulates on the worker, as in torch, and a new grad pointer shows it
-    loss2 = bob._op("cross_entropy", [px @ pw + pb, py], {})
+    loss2 = bob.run_op("cross_entropy", [px @ pw + pb, py], {})
     await loss2.backward()
     assert torch.allclose(await grad_w.get(), w.grad, atol=1e-6)
     assert torch.allclose(await pw.grad.get(), 2 * w.grad, atol=1e-6)

@@ -74,23 +74,23 @@ async def test_cat_stack_and_losses(fedzmq_virtual_workers):
     [bob] = await fedzmq_virtual_workers("bob")
     logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
     pl, py = await bob.send(logits), await bob.send(labels)
-    cat = bob._op("cat", [[pl, pl]], {"dim": 0})
+    cat = bob.run_op("cat", [[pl, pl]], {"dim": 0})
     assert torch.equal(await cat.get(), torch.cat([logits, logits]))
-    stack = bob._op("stack", [[pl, pl]], {})
+    stack = bob.run_op("stack", [[pl, pl]], {})
     assert torch.equal(await stack.get(), torch.stack([logits, logits]))
     for name, expected in {
         "cross_entropy": F.cross_entropy(logits, labels),
         "nll_loss": F.nll_loss(logits.log_softmax(1), labels),
     }.items():
         arg = pl.log_softmax(dim=1) if name == "nll_loss" else pl
-        assert torch.allclose(await bob._op(name, [arg, py], {}).get(), expected)
+        assert torch.allclose(await bob.run_op(name, [arg, py], {}).get(), expected)
     probs, targets = torch.rand(5), torch.randint(0, 2, (5,)).float()
     pp, pt = await bob.send(probs), await bob.send(targets)
-    assert torch.allclose(await bob._op("mse_loss", [pp, pt], {}).get(), F.mse_loss(probs, targets))
-    assert torch.allclose(await bob._op("l1_loss", [pp, pt], {}).get(), F.l1_loss(probs, targets))
-    assert torch.allclose(await bob._op("binary_cross_entropy", [pp, pt], {}).get(),
+    assert torch.allclose(await bob.run_op("mse_loss", [pp, pt], {}).get(), F.mse_loss(probs, targets))
+    assert torch.allclose(await bob.run_op("l1_loss", [pp, pt], {}).get(), F.l1_loss(probs, targets))
+    assert torch.allclose(await bob.run_op("binary_cross_entropy", [pp, pt], {}).get(),
                           F.binary_cross_entropy(probs, targets))
-    assert torch.allclose(await bob._op("binary_cross_entropy_with_logits", [pp, pt], {}).get(),
+    assert torch.allclose(await bob.run_op("binary_cross_entropy_with_logits", [pp, pt], {}).get(),
                           F.binary_cross_entropy_with_logits(probs, targets))
 
 
@@ -115,16 +115,16 @@ async def test_remote_shape_mismatch_raises_locally_with_remote_traceback(fedzmq
 async def test_unknown_object_and_unknown_op_are_specific_errors(fedzmq_virtual_workers):
     [bob] = await fedzmq_virtual_workers("bob")
     with pytest.raises(fz.ObjectNotFound):
-        await bob._request("get", {"obj": 424242})
+        await bob.request("get", {"obj": 424242})
     a = await bob.send(torch.ones(2))
     with pytest.raises(fz.UnknownCommand):
-        await bob._op("system", [a], {})
+        await bob.run_op("system", [a], {})
 
 
 async def test_a_request_the_worker_cannot_decode_is_a_protocol_error_from_the_remote(fedzmq_virtual_workers):
     [bob] = await fedzmq_virtual_workers("bob")
     with pytest.raises(fz.ProtocolError) as info:
-        await bob._request("read", {"obj": 1})  # missing offset and length: refused by the decoder
+        await bob.request("read", {"obj": 1})  # missing offset and length: refused by the decoder
     assert isinstance(info.value, fz.RemoteError) and info.value.remote_type == "ProtocolError"
     assert "offset" in info.value.remote_message
     assert (await bob.ping())  # the session goes on
@@ -308,8 +308,8 @@ async def test_sessions_are_isolated_from_each_other():
         mine = await bob.send(torch.ones(3))
         async with fz.connect(bob.address) as other:
             with pytest.raises(fz.ObjectNotFound):
-                await other._request("get", {"obj": mine.id})
-            await other._request("delete", {"objs": [mine.id]})
+                await other.request("get", {"obj": mine.id})
+            await other.request("delete", {"objs": [mine.id]})
             assert (await other.status())["sessions"] == 2
         assert torch.equal(await mine.get(), torch.ones(3))
 

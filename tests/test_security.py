@@ -247,8 +247,8 @@ async def test_every_route_to_private_data_is_refused(fedzmq_daemons, owner_data
         "a clone": features.clone().detach(),
         "a model's output on it": (await bob.worker.send(nn.Linear(64, 64)))(features),
         "a max (one record's value)": features.amax(),
-        "a concatenation with public data": bob.worker._op("cat", [[features[0:1],
-                                                                    await bob.worker.send(torch.zeros(1, 64))]], {}),
+        "a concatenation with public data": bob.worker.run_op("cat", [[features[0:1],
+                                                                       await bob.worker.send(torch.zeros(1, 64))]], {}),
     }
     for name, pointer in routes.items():
         with pytest.raises(fz.PermissionDenied):
@@ -266,7 +266,7 @@ async def test_aggregates_parameters_and_metrics_are_released(fedzmq_daemons, ow
     features, labels = await ds.features(), await ds.labels()
     model = digits.make_model()
     remote = await bob.worker.send(model)
-    loss = bob.worker._op("cross_entropy", [remote(features), labels], {})
+    loss = bob.worker.run_op("cross_entropy", [remote(features), labels], {})
     assert 0 < (await loss.get()).item() < 10  # the seed's loss.get()
     assert (await features.mean().get()).numel() == 1
     await loss.backward()
@@ -545,8 +545,8 @@ async def test_requests_waiting_in_the_queue_count_against_the_byte_quota():
         remote = await bob.send(model)
         fit = asyncio.ensure_future(remote.fit("d", epochs=30, batch_size=16))  # keeps the session busy
         await asyncio.sleep(0.05)
-        waiting = [bob._submit("store", {"out": 10_000 + i, "value": torch.zeros(64 * 1024)}) for i in range(20)]
-        results = await asyncio.gather(*(bob._wait(w) for w in waiting), return_exceptions=True)
+        waiting = [bob.submit("store", {"out": 10_000 + i, "value": torch.zeros(64 * 1024)}) for i in range(20)]
+        results = await asyncio.gather(*(bob.wait_reply(w) for w in waiting), return_exceptions=True)
         refused = [r for r in results if isinstance(r, fz.LimitExceeded)]
         assert refused and "waiting requests" in str(refused[0])  # 20 x 256 kB would pass 2 MiB
         await fit

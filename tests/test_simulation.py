@@ -62,7 +62,7 @@ async def test_each_hosted_client_is_a_worker_with_its_own_data_and_session(fedz
         kept = await first.send(torch.arange(3.0))
         assert torch.equal(await kept.get(), torch.arange(3.0))
         with pytest.raises(fz.ObjectNotFound):  # sessions are apart: another client's ids are not there
-            await second._request("get", {"obj": kept.id})
+            await second.request("get", {"obj": kept.id})
         assert (await host.worker.status())["clients"] == CLIENTS // 2
     finally:
         for worker in workers:
@@ -192,9 +192,9 @@ async def test_a_fit_over_many_failing_clients_writes_one_warning_not_one_per_cl
     model = await worker.send(torch.nn.Linear(64, 10))
     before = host.process.log_path.stat().st_size
     names = ["d0-client000"] + [f"nobody{i}" for i in range(500)]
-    reply = await worker._request("fit", {"module": model.id, "dataset": "digits", "loss": "cross_entropy",
-                                          "batch_size": 16, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.1},
-                                          "reply_state": True, "clients": names, "combine": True})
+    reply = await worker.request("fit", {"module": model.id, "dataset": "digits", "loss": "cross_entropy",
+                                         "batch_size": 16, "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.1},
+                                         "reply_state": True, "clients": names, "combine": True})
     assert reply["weight"] > 0 and len(reply["metrics"]) == 501
     assert all("error" in reply["metrics"][name] for name in names[1:])
     log = host.process.log_path.read_bytes()[before:].decode()

@@ -19,8 +19,8 @@ from .broadcast import Broadcast
 from .pointers import DatasetPointer, Pointer, TensorPointer
 
 if TYPE_CHECKING:
+    from .host import PointerHost
     from .optims import RemoteOptimizer
-    from .worker import RemoteWorker
 
 
 def clients_per_trip(entries: int, combine: bool, limits: Limits | None = None) -> int:
@@ -43,7 +43,7 @@ class ModulePointer(Pointer):
 
     __slots__ = ("_local",)
 
-    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any], local: nn.Module) -> None:
+    def __init__(self, location: "PointerHost", obj_id: int, ready: asyncio.Future[Any], local: nn.Module) -> None:
         super().__init__(location, obj_id, ready)
         self._local = weakref.ref(local)
 
@@ -53,7 +53,7 @@ class ModulePointer(Pointer):
 
     def __call__(self, *args: Any, **kwargs: Any) -> TensorPointer:
         """Run forward on the worker; returns a pointer to the output at once."""
-        return self.location._module_call(self, list(args), kwargs)
+        return self.location.call_module(self, list(args), kwargs)
 
     forward = __call__
 
@@ -65,7 +65,7 @@ class ModulePointer(Pointer):
         # each piece lands straight in the local tensor (no second copy of the model), written through a
         # detached view: no grad mode is needed, and none may be held across the awaits of this loop
         local = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
-        async for name, start, values in self.location._module_slices(self, timeout):
+        async for name, start, values in self.location.module_slices(self, timeout):
             local[name].view(-1)[start:start + values.numel()].copy_(values)
         return module
 
@@ -84,7 +84,7 @@ class ModulePointer(Pointer):
         cannot choose which rows share a batch. Returns ``{"loss", "samples_seen", "num_examples",
         "steps", "seconds"}``."""
         args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
-        return await self.location._request("fit", args, timeout)
+        return await self.location.request("fit", args, timeout)
 
     async def fit_and_fetch(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
                             optimizer: "dict[str, Any] | RemoteOptimizer | None" = None, epochs: int | None = None,
@@ -96,11 +96,11 @@ class ModulePointer(Pointer):
         ``FitUpdate``: the metrics, and the trained state as pieces to fold or copy as they arrive."""
         args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
         args["reply_state"] = True
-        reply = await self.location._request("fit", args, timeout)
+        reply = await self.location.request("fit", args, timeout)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit with {type(reply).__name__}, not metrics and a state")
-        return FitUpdate(reply["metrics"], self.location._state_pieces(self, reply.get("state") or {}, timeout))
+        return FitUpdate(reply["metrics"], self.location.state_pieces(self, reply.get("state") or {}, timeout))
 
     async def fit_clients(self, clients: "Sequence[str]", dataset: str, *, combine: bool,
                           load: "Mapping[str, torch.Tensor] | Broadcast", timeout: float | None = None,
@@ -127,7 +127,7 @@ class ModulePointer(Pointer):
             raise ValueError(f"fit_clients: {len(clients)} clients are more than one reply can carry within the "
                              f"connection's limits ({most}, with {each}); split them into calls of at most {most}")
         args.update(clients=list(clients), combine=combine, reply_state=True)
-        reply = await self.location._request("fit", args, timeout)
+        reply = await self.location.request("fit", args, timeout)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit over clients with {type(reply).__name__}")
@@ -139,8 +139,8 @@ class ModulePointer(Pointer):
         load is sent and its future returned at once, so the next command can follow it without a round
         trip (``await`` the future for the load's own outcome)."""
         broadcast = state if isinstance(state, Broadcast) else Broadcast(state)
-        inline = await self.location._stream_into(self, broadcast, timeout)
-        return self.location._submit("module_load", {"obj": self.id, "state": inline})
+        inline = await self.location.stream_into(self, broadcast, timeout)
+        return self.location.submit("module_load", {"obj": self.id, "state": inline})
 
     async def _fit_args(self, dataset: "DatasetPointer | str", loss: str,
                         optimizer: "dict[str, Any] | RemoteOptimizer | None", epochs: int | None, steps: int | None,
@@ -161,10 +161,10 @@ class ModulePointer(Pointer):
                 from ..errors import WrongWorkerError
                 raise WrongWorkerError(f"that optimizer lives on {optimizer.worker.id!r}, the model on "
                                        f"{self.location.id!r}")
-            args["optim"] = await optimizer._ensure()
+            args["optim"] = await optimizer.remote_id()
         if load is not None:
             broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
-            args["load"] = await self.location._stream_into(self, broadcast, timeout)
+            args["load"] = await self.location.stream_into(self, broadcast, timeout)
         return args
 
     async def evaluate(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
@@ -176,11 +176,11 @@ class ModulePointer(Pointer):
                                 "dataset": _dataset_name(self.location, dataset)}
         if load is not None:
             broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
-            args["load"] = await self.location._stream_into(self, broadcast, timeout)
-        return await self.location._request("evaluate", args, timeout)
+            args["load"] = await self.location.stream_into(self, broadcast, timeout)
+        return await self.location.request("evaluate", args, timeout)
 
     async def train(self, mode: bool = True) -> None:
-        await self.location._request("module_mode", {"obj": self.id, "train": mode})
+        await self.location.request("module_mode", {"obj": self.id, "train": mode})
 
     async def eval_mode(self) -> None:
         """Put the remote module in evaluation mode: ``train(False)``."""
@@ -198,7 +198,7 @@ class FitUpdate:
     pieces: AsyncIterator[tuple[str, int, torch.Tensor]]
 
 
-def _dataset_name(worker: "RemoteWorker", dataset: "DatasetPointer | str") -> str:
+def _dataset_name(worker: "PointerHost", dataset: "DatasetPointer | str") -> str:
     if isinstance(dataset, DatasetPointer):
         if dataset.location is not worker:
             from ..errors import WrongWorkerError

@@ -36,12 +36,14 @@ class RemoteOptimizer:
         self._creating: asyncio.Future[Any] | None = None
 
     async def zero_grad(self, set_to_none: bool = True) -> None:
-        await self.worker._request("optim_zero_grad", {"obj": await self._ensure(), "set_to_none": set_to_none})
+        await self.worker.request("optim_zero_grad", {"obj": await self.remote_id(), "set_to_none": set_to_none})
 
     async def step(self) -> None:
-        await self.worker._request("optim_step", {"obj": await self._ensure()})
+        await self.worker.request("optim_step", {"obj": await self.remote_id()})
 
-    async def _ensure(self) -> int:
+    async def remote_id(self) -> int:
+        """The optimizer's object id on its worker, made there first if it is not yet (after the model it
+        trains was sent, or sent anew): ``ModulePointer.fit(optimizer=...)`` names it in its request."""
         module, index = self._find_module()
         creating = self._creating
         if creating is not None and not creating.done():  # another use's creation is under way: its outcome
@@ -54,15 +56,15 @@ class RemoteOptimizer:
         for group in self._template.param_groups:
             hyper = {k: _plain(v) for k, v in group.items() if k in allowed and v is not None}
             groups.append({"params": [index[id(p)] for p in group["params"]], **hyper})
-        obj_id = self.worker._new_id()
-        created = self.worker._submit("optim_create", {"out": obj_id, "cls": self._name, "module": module.id,
-                                                       "groups": groups})
+        obj_id = self.worker.new_id()
+        created = self.worker.submit("optim_create", {"out": obj_id, "cls": self._name, "module": module.id,
+                                                      "groups": groups})
         # known before the reply: a use that comes meanwhile (another coroutine's, or a retry after this
         # one was cancelled) waits for it and runs on this optimizer, instead of making a second one the
         # client would never free; if the creation fails, that use tries again, as it would in turn
         self._remote_id, self._module, self._creating = obj_id, module, created
         created.add_done_callback(lambda future: self._forget_unless_made(obj_id, future))
-        await self.worker._wait(asyncio.shield(created))
+        await self.worker.wait_reply(asyncio.shield(created))
         return obj_id
 
     def _forget_unless_made(self, obj_id: int, created: "asyncio.Future[Any]") -> None:
@@ -73,7 +75,7 @@ class RemoteOptimizer:
 
     def _find_module(self) -> tuple[ModulePointer, dict[int, int]]:
         wanted = {id(p) for group in self._template.param_groups for p in group["params"]}
-        for local, pointer in self.worker._modules_sent():
+        for local, pointer in self.worker.sent_modules():
             index = {id(p): i for i, p in enumerate(local.parameters())}
             if wanted <= index.keys():
                 return pointer, index

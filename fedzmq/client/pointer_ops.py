@@ -1,8 +1,10 @@
 """What pointers ask of their worker: ops, gradients, forward calls, dataset tensors, and batched deletes.
 
 ``PointerOps`` is a base class of ``RemoteWorker`` (as ``Transfers`` is); it uses the worker's
-``_submit``/``_wait`` (requests), ``_new_id`` (object ids), ``_to_ref`` (references), ``_connection``
+``submit``/``wait_reply`` (requests), ``new_id`` (object ids), ``_to_ref`` (references), ``_connection``
 and ``_loop``. Each method sends its command and returns the result's pointer at once (pipelining).
+Its public methods are part of the pointers' interface (``fedzmq.client.host.PointerHost``), not for
+normal code.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ class PointerOps:
     _released: list[int]
     _closed: bool
 
-    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
+    def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
 
-    async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
+    async def wait_reply(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
         raise NotImplementedError
 
-    def _new_id(self) -> int:
+    def new_id(self) -> int:
         raise NotImplementedError
 
     def _to_ref(self, value: Any) -> Any:
@@ -50,37 +52,41 @@ class PointerOps:
         """This object as the RemoteWorker it is a base of (pointers name their worker)."""
         return cast("RemoteWorker", self)
 
-    async def _dataset_tensor(self, name: str, part: str, meta: TensorMeta | None = None) -> TensorPointer:
-        out = self._new_id()
-        ready = self._submit("dataset_tensor", {"dataset": name, "part": part, "out": out})
+    async def dataset_tensor(self, name: str, part: str, meta: TensorMeta | None = None) -> TensorPointer:
+        """A pointer to dataset ``name``'s ``part`` (``"features"`` or ``"labels"``), once the worker made it."""
+        out = self.new_id()
+        ready = self.submit("dataset_tensor", {"dataset": name, "part": part, "out": out})
         pointer = TensorPointer(self._as_worker(), out, ready, meta)
-        await self._wait(ready)
+        await self.wait_reply(ready)
         return pointer
 
-    def _op(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        out = [self._new_id() for _ in range(output_count(op, args, kwargs))]
+    def run_op(self, op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Send op ``op`` (``fedzmq.ops``); its output's pointer (a tuple for several), returned at once."""
+        out = [self.new_id() for _ in range(output_count(op, args, kwargs))]
         # one output: a ``get`` of it in this pass of the event loop may join the op (``fetch_with``)
-        ready = self._submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True,
-                             fusable=len(out) == 1)
+        ready = self.submit("op", {"op": op, "args": args, "kwargs": kwargs, "out": out}, copy=True,
+                            fusable=len(out) == 1)
         ready.add_done_callback(_retrieve)
         metas = op_outputs(op, args, kwargs, len(out), TensorPointer, _meta_of)
         pointers = tuple(TensorPointer(self._as_worker(), obj_id, ready, meta) for obj_id, meta in zip(out, metas))
         return pointers if len(pointers) > 1 else pointers[0]
 
-    def _grad(self, pointer: TensorPointer) -> TensorPointer:
-        out = self._new_id()
-        ready = self._submit("grad", {"obj": self._to_ref(pointer).id, "out": out})
+    def grad_of(self, pointer: TensorPointer) -> TensorPointer:
+        """A pointer to the gradient of the leaf ``pointer`` stands for, as it is now, returned at once."""
+        out = self.new_id()
+        ready = self.submit("grad", {"obj": self._to_ref(pointer).id, "out": out})
         ready.add_done_callback(_retrieve)
-        return TensorPointer(self._as_worker(), out, ready, pointer._meta)  # a gradient has its leaf's shape and dtype
+        return TensorPointer(self._as_worker(), out, ready, pointer.meta)  # a gradient has its leaf's shape and dtype
 
-    def _module_call(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
-        out = self._new_id()
-        ready = self._submit("module_call", {"obj": module.id, "args": args, "kwargs": kwargs, "out": [out]},
-                             copy=True)
+    def call_module(self, module: ModulePointer, args: list[Any], kwargs: dict[str, Any]) -> TensorPointer:
+        """Run the remote model's forward; its output's pointer, returned at once."""
+        out = self.new_id()
+        ready = self.submit("module_call", {"obj": module.id, "args": args, "kwargs": kwargs, "out": [out]},
+                            copy=True)
         ready.add_done_callback(_retrieve)
         return TensorPointer(self._as_worker(), out, ready)
 
-    def _release(self, obj_id: int) -> None:
+    def release(self, obj_id: int) -> None:
         """Called from ``Pointer.__del__``: queue a remote delete. Deletes go out in batches, every
         ``RELEASE_DELAY`` seconds or ``RELEASE_BATCH`` ids, never one message per collected pointer.
         (Order is safe: a pointer is collected only after every command naming it was sent.)"""
@@ -110,8 +116,8 @@ class PointerOps:
         ids, self._released = self._released, []
         if not ids or self._closed or self._connection.closed or not self._connection.alive:
             return
-        self._submit("delete", {"objs": ids}).add_done_callback(_retrieve)  # in this (logical client's) session
+        self.submit("delete", {"objs": ids}).add_done_callback(_retrieve)  # in this (logical client's) session
 
 
 def _meta_of(pointer: TensorPointer) -> Meta:
-    return pointer._meta
+    return pointer.meta

@@ -23,38 +23,51 @@ from .broadcast import Broadcast
 from .meta import Meta, TensorMeta, known
 
 if TYPE_CHECKING:
+    from .host import PointerHost
     from .worker import RemoteWorker
 
 __all__ = ["Broadcast", "DatasetPointer", "FitUpdate", "ModulePointer", "Pointer", "TensorPointer"]
 
 
 class Pointer:
-    """Base of all pointers: an object id in ``location``'s session, and the future of its creation."""
+    """Base of all pointers: an object id in ``location``'s session, and the future of its creation.
+    What a pointer does goes through ``location``'s pointer interface (``fedzmq.client.host.PointerHost``)."""
 
     __slots__ = ("location", "id", "_ready", "_deleted", "__weakref__")
 
-    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any]) -> None:
+    def __init__(self, location: "PointerHost", obj_id: int, ready: asyncio.Future[Any]) -> None:
         self.location = location
         self.id = obj_id
         self._ready = ready
         self._deleted = False
-        location._pointers[obj_id] = self  # so that the worker's errors can name this pointer
+        location.register_pointer(self)  # so that the worker's errors can name this pointer
 
     def __await__(self) -> Generator[Any, None, Any]:
         # shielded: the creation's future is the pointer's, shared by every awaiter and by later awaits;
         # cancelling one awaiter (a timeout) must not cancel it for the others
-        yield from self.location._wait(asyncio.shield(self._ready)).__await__()
+        yield from self.location.wait_reply(asyncio.shield(self._ready)).__await__()
         return self
 
     async def delete(self) -> None:
         """Delete the value on the worker now (otherwise it goes when the pointer is collected)."""
         if not self._deleted:
             self._deleted = True
-            await self.location._request("delete", {"objs": [self.id]})
+            await self.location.request("delete", {"objs": [self.id]})
 
     def __del__(self) -> None:
         if not self._deleted:
-            self.location._release(self.id)
+            self.location.release(self.id)
+
+    @property
+    def deleted(self) -> bool:
+        """True once the value is gone from the worker's session: ``delete`` was called, or the worker
+        dropped it itself (``mark_deleted``)."""
+        return self._deleted
+
+    def mark_deleted(self) -> None:
+        """Record that the worker dropped the value itself (a model it was sent for adopted it): nothing is
+        deleted, now or when this pointer is collected."""
+        self._deleted = True
 
     def describe(self) -> str:
         """How errors name this pointer (where the worker says ``object 3``): ``<TensorPointer 3 on 'bob'>``."""
@@ -76,16 +89,23 @@ class TensorPointer(Pointer):
 
     __slots__ = ("_meta",)
 
-    def __init__(self, location: "RemoteWorker", obj_id: int, ready: asyncio.Future[Any], meta: Meta = None) -> None:
+    def __init__(self, location: "PointerHost", obj_id: int, ready: asyncio.Future[Any], meta: Meta = None) -> None:
         super().__init__(location, obj_id, ready)
         self._meta: Meta = meta
 
     async def get(self, timeout: float | None = None) -> torch.Tensor:
         """Copy the tensor here. The remote value stays (the seed's ``get`` moved it; we keep both;
         ``move`` is the seed's way)."""
-        return await self.location._get_tensor(self.id, timeout, made_by=self._ready)
+        return await self.location.fetch_tensor(self.id, timeout, made_by=self._ready)
 
     # --- what the client knows of it ---------------------------------------------------------
+
+    @property
+    def meta(self) -> Meta:
+        """What the client knows of the value's shape and dtype, as it stands, without working anything out:
+        a ``TensorMeta``, a pending op it can be worked out from, or None (``fedzmq.client.meta``). An op's
+        or a gradient's pointer starts from its inputs' (``shape`` and ``dtype`` are the way to read it)."""
+        return self._meta
 
     def _known(self) -> TensorMeta:
         meta = known(self._meta)
@@ -122,7 +142,7 @@ class TensorPointer(Pointer):
     async def info(self, timeout: float | None = None) -> dict[str, Any]:
         """Ask the worker: ``{"shape", "dtype", "requires_grad", "nbytes"}`` (never values, and never
         refused: shapes do not depend on data). The pointer remembers the shape and dtype."""
-        result = await self.location._request("info", {"obj": self.id}, timeout)
+        result = await self.location.request("info", {"obj": self.id}, timeout)
         self._meta = TensorMeta(torch.Size(result["shape"]), DTYPES[result["dtype"]])
         return result
 
@@ -149,17 +169,17 @@ class TensorPointer(Pointer):
         args: dict[str, Any] = {"obj": self.id}
         if gradient is not None:
             args["grad"] = gradient
-        await self.location._request("backward", args)  # awaited: the gradient's bytes are sent by then
+        await self.location.request("backward", args)  # awaited: the gradient's bytes are sent by then
 
     @property
     def grad(self) -> "TensorPointer":
         """A pointer to this leaf's gradient on the worker, as it is now (a snapshot: later backward
         passes do not change it): ``await ptr.grad.get()``. Refused like any value whose data the
         owner does not release (a gradient of private data is private)."""
-        return self.location._grad(self)
+        return self.location.grad_of(self)
 
     def __getitem__(self, index: Any) -> "TensorPointer":
-        return self.location._op("getitem", [self, index], {})
+        return self.location.run_op("getitem", [self, index], {})
 
     def __bool__(self) -> bool:
         raise TypeError("a TensorPointer has no truth value here; use `await ptr.get()` to bring the value back")
@@ -173,8 +193,8 @@ class TensorPointer(Pointer):
 def _operator(op: str, swapped: bool) -> Any:
     def method(self: TensorPointer, other: Any = None) -> Any:
         if op in ("neg", "abs"):
-            return self.location._op(op, [self], {})
-        return self.location._op(op, [other, self] if swapped else [self, other], {})
+            return self.location.run_op(op, [self], {})
+        return self.location.run_op(op, [other, self] if swapped else [self, other], {})
 
     method.__name__ = f"__{op}__"
     return method
@@ -182,7 +202,7 @@ def _operator(op: str, swapped: bool) -> Any:
 
 def _method(op: str) -> Any:
     def method(self: TensorPointer, *args: Any, **kwargs: Any) -> Any:
-        return self.location._op(op, [self, *args], kwargs)
+        return self.location.run_op(op, [self, *args], kwargs)
 
     method.__name__ = op
     method.__doc__ = f"Remote ``{op}`` (see fedzmq.ops.OPS); returns a pointer at once."
@@ -201,7 +221,7 @@ class DatasetPointer:
 
     __slots__ = ("location", "name", "info")
 
-    def __init__(self, location: "RemoteWorker", info: dict[str, Any]) -> None:
+    def __init__(self, location: "PointerHost", info: dict[str, Any]) -> None:
         self.location = location
         self.name: str = info["name"]
         self.info = info
@@ -209,10 +229,10 @@ class DatasetPointer:
     async def features(self) -> TensorPointer:
         """A pointer to the features, for computing on the worker; ``get`` of it (or of anything but an
         aggregate computed from it) is refused with ``PermissionDenied``."""
-        return await self.location._dataset_tensor(self.name, "features", self._meta("feature"))
+        return await self.location.dataset_tensor(self.name, "features", self._meta("feature"))
 
     async def labels(self) -> TensorPointer:
-        return await self.location._dataset_tensor(self.name, "labels", self._meta("label"))
+        return await self.location.dataset_tensor(self.name, "labels", self._meta("label"))
 
     def _meta(self, part: str) -> TensorMeta | None:
         """A part's shape and dtype from the dataset's description (None if the worker did not give them)."""

@@ -6,8 +6,9 @@ connect time) travels as a stream of pieces of at most ``STREAM_PIECE_BYTES``: a
 the pieces in flight, and a broken stream fails cleanly (the partial object is deleted with its
 pointer, or with the session).
 
-``Transfers`` is a base class of ``RemoteWorker``; it uses the worker's ``_submit``/``_wait``
-(requests), ``_new_id`` (object ids), ``_connection`` (limits) and ``_modules`` (models sent).
+``Transfers`` is a base class of ``RemoteWorker``; it uses the worker's ``submit``/``wait_reply``
+(requests), ``new_id`` (object ids), ``_connection`` (limits) and ``_modules`` (models sent). Its public
+methods are part of the pointers' interface (``fedzmq.client.host.PointerHost``), not for normal code.
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ class Transfers:
     #: the sends of a model to this worker under way, each resolved when it ends
     _module_sends: "dict[nn.Module, asyncio.Future[None]]"
 
-    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
+    def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
 
-    async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
+    async def wait_reply(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
         raise NotImplementedError
 
-    async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+    async def request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         raise NotImplementedError
 
-    def _new_id(self) -> int:
+    def new_id(self) -> int:
         raise NotImplementedError
 
     def _as_worker(self) -> "RemoteWorker":
@@ -82,13 +83,13 @@ class Transfers:
         for future in window:
             future.add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
         for offset in range(0, data.numel(), chunk):
-            window.append(self._submit(*request(offset, data[offset:offset + chunk])))
+            window.append(self.submit(*request(offset, data[offset:offset + chunk])))
             window[-1].add_done_callback(retrieve_error)
             if len(window) >= STREAM_WINDOW:
-                await self._wait(window.pop(0), timeout)
+                await self.wait_reply(window.pop(0), timeout)
                 self._connection.note_progress()
         for future in window:
-            await self._wait(future, timeout)
+            await self.wait_reply(future, timeout)
 
     async def _download(self, nbytes: int, request: Callable[[int, int], tuple[str, dict[str, Any]]],
                         land: Callable[[int, torch.Tensor], Awaitable[Any] | None], timeout: float | None) -> None:
@@ -100,7 +101,7 @@ class Transfers:
         landing: list[asyncio.Future[Any]] = []
 
         async def arrived(start: int, length: int, future: asyncio.Future[Any]) -> None:
-            data = await self._wait(future, timeout)
+            data = await self.wait_reply(future, timeout)
             if not (isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.dim() == 1
                     and data.numel() == length):
                 raise ProtocolError(f"the worker answered a read of {length} bytes at {start} with "
@@ -115,7 +116,7 @@ class Transfers:
         try:
             for offset in range(0, nbytes, chunk):
                 length = min(chunk, nbytes - offset)
-                future = self._submit(*request(offset, length))
+                future = self.submit(*request(offset, length))
                 future.add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
                 window.append((offset, length, future))
                 if len(window) >= STREAM_WINDOW:
@@ -136,33 +137,33 @@ class Transfers:
     # --- tensors -------------------------------------------------------------------------------
 
     async def _send_tensor(self, tensor: torch.Tensor, timeout: float | None) -> TensorPointer:
-        obj_id = self._new_id()
+        obj_id = self.new_id()
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes <= self._connection.limits.chunk_bytes:
-            ready = self._submit("store", {"out": obj_id, "value": tensor})
+            ready = self.submit("store", {"out": obj_id, "value": tensor})
             pointer = TensorPointer(self._as_worker(), obj_id, ready, TensorMeta.of(tensor))
-            await self._wait(ready, timeout)
+            await self.wait_reply(ready, timeout)
             return pointer
         if tensor.dtype not in DTYPE_NAMES:
             raise TypeError(f"dtype {tensor.dtype} cannot be sent")
         # a stream: allocate on the worker, then write the bytes in chunks (a broken stream leaves a
         # partial object that the pointer's collection, or the session's end, deletes)
-        ready = self._submit("alloc", {"out": obj_id, "dtype": DTYPE_NAMES[tensor.dtype],
-                                       "shape": list(tensor.shape), "grad": tensor.requires_grad})
+        ready = self.submit("alloc", {"out": obj_id, "dtype": DTYPE_NAMES[tensor.dtype],
+                                      "shape": list(tensor.shape), "grad": tensor.requires_grad})
         pointer = TensorPointer(self._as_worker(), obj_id, ready, TensorMeta.of(tensor))
         await self._upload(_flat_bytes(tensor), lambda offset, data: (
             "write", {"obj": obj_id, "offset": offset, "data": data}), timeout, first=ready)
         return pointer
 
-    async def _get_tensor(self, obj_id: int, timeout: float | None,
-                          made_by: asyncio.Future[Any] | None = None) -> torch.Tensor:
+    async def fetch_tensor(self, obj_id: int, timeout: float | None,
+                           made_by: asyncio.Future[Any] | None = None) -> torch.Tensor:
         """The tensor's value; ``made_by``: the reply future of the op that made it, which this ``get``
         joins when that op still waits to leave and nothing followed it (``Connection.fetch_with``)."""
         fetched = self._connection.fetch_with(made_by) if made_by is not None else None
         if fetched is not None:
-            result = await self._wait(fetched, timeout)
+            result = await self.wait_reply(fetched, timeout)
         else:
-            result = await self._request("get", {"obj": obj_id}, timeout)
+            result = await self.request("get", {"obj": obj_id}, timeout)
         if not isinstance(result, StreamInfo):
             return result
         out = torch.empty(result.shape, dtype=DTYPES[result.dtype])
@@ -203,12 +204,12 @@ class Transfers:
                 budget -= nbytes
         streamed = {k: v for k, v in state.items() if k not in inline}
         known = self._modules.get(module)
-        if known is not None and not known._deleted:
-            loaded = self._submit("module_load", {"obj": known.id, "state": inline})
+        if known is not None and not known.deleted:
+            loaded = self.submit("module_load", {"obj": known.id, "state": inline})
             loaded.add_done_callback(retrieve_error)
             for name, tensor in streamed.items():
                 await self._upload(_flat_bytes(tensor), partial(_module_write, known.id, name), timeout)
-            await self._wait(loaded, timeout)
+            await self.wait_reply(loaded, timeout)
             return known
         spec = describe(module)
         parts: dict[str, Any] = dict(inline)
@@ -216,18 +217,18 @@ class Transfers:
         for name, tensor in streamed.items():
             uploads.append(await self._send_tensor(tensor, timeout))
             parts[name] = uploads[-1]
-        obj_id = self._new_id()
-        ready = self._submit("module_put", {"out": obj_id, "spec": spec, "state": parts})
+        obj_id = self.new_id()
+        ready = self.submit("module_put", {"out": obj_id, "spec": spec, "state": parts})
         pointer = ModulePointer(self._as_worker(), obj_id, ready, module)
-        await self._wait(ready, timeout)  # on failure the uploads are deleted with their pointers
+        await self.wait_reply(ready, timeout)  # on failure the uploads are deleted with their pointers
         for upload in uploads:  # the module adopted them: the worker dropped them from the session
-            upload._deleted = True
+            upload.mark_deleted()
         if not module.training:
             await pointer.train(False)
         self._modules[module] = pointer
         return pointer
 
-    async def _stream_into(self, pointer: ModulePointer, broadcast: "Broadcast", timeout: float | None) -> Any:
+    async def stream_into(self, pointer: ModulePointer, broadcast: "Broadcast", timeout: float | None) -> Any:
         """Stream a broadcast's big entries straight into the remote model (``module_write``); returns its
         inline part, to go in the same request as the fit that loads it."""
         broadcast = broadcast.for_chunk(self._connection.limits.chunk_bytes)
@@ -235,16 +236,16 @@ class Transfers:
             await self._upload(_flat_bytes(tensor), partial(_module_write, pointer.id, name), timeout)
         return broadcast.inline
 
-    async def _module_slices(self, pointer: ModulePointer,
-                             timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+    async def module_slices(self, pointer: ModulePointer,
+                            timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
         """The remote module's parameters and buffers as (name, first element, flat values) pieces:
         small entries whole, big ones chunk by chunk, so no caller needs a whole copy in memory."""
-        state = await self._request("module_state", {"obj": pointer.id}, timeout)
-        async for piece in self._state_pieces(pointer, state, timeout):
+        state = await self.request("module_state", {"obj": pointer.id}, timeout)
+        async for piece in self.state_pieces(pointer, state, timeout):
             yield piece
 
-    async def _state_pieces(self, pointer: ModulePointer, state: dict[str, Any],
-                            timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+    async def state_pieces(self, pointer: ModulePointer, state: dict[str, Any],
+                           timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
         """A module state a reply carried (``module_state``, or a fit's ``reply_state``) as pieces: the
         inline entries as they are, the ``StreamInfo`` ones fetched chunk by chunk with ``module_read``."""
         if not isinstance(state, dict):

@@ -83,7 +83,7 @@ class RemoteWorker(Transfers, PointerOps):
         ``AddressError`` at once (a malformed one did when this object was made)."""
         timeout = self._connection.settings.connect_timeout
         await self._connection.open(timeout)
-        info = await self._request("ping", self._connection.announce(), timeout=timeout)
+        info = await self.request("ping", self._connection.announce(), timeout=timeout)
         self.id, self.instance = info["id"], info["instance"]
         self._note_session(info.get("session"))
         self._connection.adopt_worker_limits(info.get("limits") or {})
@@ -104,7 +104,7 @@ class RemoteWorker(Transfers, PointerOps):
         its own id, dataset and session, all sharing this worker's connection (one socket, one heartbeat).
         Use them as separate workers: a ``Federation`` over them is the simulation of that many clients,
         with the same code as production. Close them (or this worker) when done."""
-        ids = await self._request("clients", {}, timeout)
+        ids = await self.request("clients", {}, timeout)
         return [RemoteWorker._hosted_client(self, client) for client in ids]
 
     async def hosted_client(self, client: str, timeout: float | None = 30.0) -> "RemoteWorker":
@@ -113,7 +113,7 @@ class RemoteWorker(Transfers, PointerOps):
         ``ObjectNotFound``."""
         worker = RemoteWorker._hosted_client(self, client)
         try:
-            worker._note_session((await worker._request("ping", {}, timeout)).get("session"))
+            worker._note_session((await worker.request("ping", {}, timeout)).get("session"))
         except BaseException:
             await worker.close()
             raise
@@ -135,7 +135,7 @@ class RemoteWorker(Transfers, PointerOps):
         try:
             if self.client is not None and not connection.closed and connection.alive:
                 with contextlib.suppress(Exception):
-                    await self._request("close", {}, timeout=GOODBYE_SECONDS)
+                    await self.request("close", {}, timeout=GOODBYE_SECONDS)
             cancelled = False
         finally:  # cancelled or not, the last user closes the connection (without waiting on a goodbye if cancelled)
             if last:
@@ -176,26 +176,26 @@ class RemoteWorker(Transfers, PointerOps):
     # --- public API ----------------------------------------------------------------------------
 
     async def ping(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        return await self._request("ping", self._connection.announce(), timeout)
+        return await self.request("ping", self._connection.announce(), timeout)
 
     async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """Id, version, sessions, objects and bytes held, uptime and counters of the worker."""
-        return await self._request("status", {}, timeout)
+        return await self.request("status", {}, timeout)
 
     async def datasets(self, timeout: float | None = 30.0) -> list[DatasetPointer]:
         """The datasets this worker's owner made available (names, sizes, shapes; never values)."""
-        return [DatasetPointer(self, info) for info in await self._request("datasets", {}, timeout)]
+        return [DatasetPointer(self, info) for info in await self.request("datasets", {}, timeout)]
 
     async def search(self, query: str, timeout: float | None = 30.0) -> list[DatasetPointer]:
         """Datasets whose name, tags or description contain ``query`` (case-insensitive)."""
-        return [DatasetPointer(self, info) for info in await self._request("datasets", {"query": query}, timeout)]
+        return [DatasetPointer(self, info) for info in await self.request("datasets", {"query": query}, timeout)]
 
     async def refresh(self, timeout: float | None = 10.0) -> bool:
         """Ping the worker; if it restarted since we last saw it, forget what we had sent to the old one.
 
         Returns True when it restarted. Used by the scheduler to re-send models to a worker that
         came back after a crash."""
-        info = await self._request("ping", self._connection.announce(), timeout)
+        info = await self.request("ping", self._connection.announce(), timeout)
         before = self._client_session
         self._note_session(info.get("session"))
         reset = self._connection.session_resets != self._resets_seen or (
@@ -217,7 +217,7 @@ class RemoteWorker(Transfers, PointerOps):
             self._resets_seen = self._connection.session_resets
             self._modules = weakref.WeakKeyDictionary()
         pointer = self._modules.get(model)
-        return pointer if pointer is not None and not pointer._deleted else None
+        return pointer if pointer is not None and not pointer.deleted else None
 
     def forget(self, model: nn.Module) -> None:
         """Forget that ``model`` was sent here (its copy is gone): the next ``send`` builds it anew."""
@@ -229,11 +229,11 @@ class RemoteWorker(Transfers, PointerOps):
         secure-aggregation message data (``fedzmq.secagg.messages``)."""
         from ..secagg.wire import from_codec, to_codec
 
-        future = self._submit("secagg", {"step": step, "round": round_number, "payload": to_codec(payload), **extra})
+        future = self.submit("secagg", {"step": step, "round": round_number, "payload": to_codec(payload), **extra})
         future.add_done_callback(_retrieve)
 
         async def answer() -> Any:
-            return from_codec(await self._wait(future))
+            return from_codec(await self.wait_reply(future))
 
         return asyncio.ensure_future(answer())
 
@@ -252,26 +252,31 @@ class RemoteWorker(Transfers, PointerOps):
             return await self._send_module(obj, timeout)
         raise TypeError(f"can send a torch.Tensor or an nn.Module, not {type(obj).__name__}")
 
-    # --- internals used by pointers ------------------------------------------------------------
+    # --- the pointers' interface (``fedzmq.client.host.PointerHost``), not for normal code --------
 
     def _before_request(self) -> None:
         """Hook for subclasses that must start something before the first request."""
 
-    def _submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
-        """Send a request. ``copy=True`` copies its tensors' bytes at once: for requests that return
+    def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
+        """Send command ``cmd`` in this worker's session without waiting; returns the reply's future (for
+        ``wait_reply``). ``copy=True`` copies its tensors' bytes at once: for requests that return
         before the worker has them (pipelined ops), so that the caller may change its tensors after.
-        ``fusable``: an op a ``get`` of its output may join (``Connection.fetch_with``)."""
+        ``fusable``: an op a ``get`` of its output may join (``Connection.fetch_with``).
+        Pointers' interface (``PointerHost``), not for normal code."""
         self._before_request()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._connection.submit(cmd, args, copy=copy, client=self.client, default=self._to_ref,
                                        fusable=fusable)
 
-    async def _request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
-        return await self._wait(self._submit(cmd, args), timeout)
+    async def request(self, cmd: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        """Send command ``cmd`` and wait for its result (``submit``, then ``wait_reply``).
+        Pointers' interface (``PointerHost``), not for normal code."""
+        return await self.wait_reply(self.submit(cmd, args), timeout)
 
-    async def _wait(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
-        """The reply's result, or its remote error naming the pointers the worker called "object N"."""
+    async def wait_reply(self, future: asyncio.Future[Any], timeout: float | None = None) -> Any:
+        """The reply's result, or its remote error naming the pointers the worker called "object N".
+        Pointers' interface (``PointerHost``), not for normal code."""
         try:
             return await self._connection.wait(future, timeout)
         except RemoteError as exc:
@@ -279,6 +284,11 @@ class RemoteWorker(Transfers, PointerOps):
             if named is exc:
                 raise
             raise named from None
+
+    def register_pointer(self, pointer: Pointer) -> None:
+        """Remember a new pointer (weakly), so that the worker's errors about its object name it.
+        Pointers' interface (``PointerHost``), not for normal code."""
+        self._pointers[pointer.id] = pointer
 
     def _pointer_name(self, obj_id: int) -> str | None:
         pointer = self._pointers.get(obj_id)
@@ -291,17 +301,20 @@ class RemoteWorker(Transfers, PointerOps):
                 raise WrongWorkerError(
                     f"{value!r} lives on {value.location.id!r}, but this operation runs on {self.id!r}; "
                     f"move the value first (await ptr.get(), then send it)")
-            if value._deleted:
+            if value.deleted:
                 raise ValueError(f"{value!r} was deleted")
             return Ref(value.id)
         if isinstance(value, nn.Module):
             raise TypeError("pass a ModulePointer (await worker.send(model)), not a local module")
         return value
 
-    def _new_id(self) -> int:
+    def new_id(self) -> int:
+        """A fresh object id in this session. Pointers' interface (``PointerHost``), not for normal code."""
         return next(self._object_ids)
 
-    def _modules_sent(self) -> list[tuple[nn.Module, ModulePointer]]:
+    def sent_modules(self) -> list[tuple[nn.Module, ModulePointer]]:
+        """The local models sent here, with their pointers (a remote optimizer finds its model among them).
+        Pointers' interface (``PointerHost``), not for normal code."""
         return list(self._modules.items())
 
 

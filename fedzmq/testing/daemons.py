@@ -108,7 +108,7 @@ class DaemonHandle:
     async def slow(self, seconds: float) -> None:
         """Delay every later command of this daemon by ``seconds`` (0 to stop). Pings stay prompt."""
         assert self.worker is not None
-        await self.worker._request("debug_delay", {"seconds": float(seconds)}, timeout=10.0)
+        await self.worker.request("debug_delay", {"seconds": float(seconds)}, timeout=10.0)
         self.delay = float(seconds)
 
     async def wait_answering(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -134,7 +134,7 @@ class DaemonHandle:
         if self.delay and self.process.running:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.wait_answering(5.0), 6.0)
-                await self.worker._request("debug_delay", {"seconds": 0.0}, timeout=2.0)
+                await self.worker.request("debug_delay", {"seconds": 0.0}, timeout=2.0)
                 self.delay = 0.0
         await self.worker._connection.close(say_goodbye=self.process.running)
 
