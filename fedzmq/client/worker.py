@@ -141,6 +141,13 @@ class RemoteWorker(Transfers, PointerOps):
             if last:
                 await connection.close(say_goodbye=not cancelled)
 
+    async def close_connection(self, say_goodbye: bool = True) -> None:
+        """Close this worker's connection now, whatever other workers share it, and without the bookkeeping
+        of ``close``: for a test harness's tear-down, or a connect that failed. With ``say_goodbye=False``
+        nothing more is sent, not even the goodbye that ends the session (the daemon's session then
+        expires on its own). Normal code calls ``close``."""
+        await self._connection.close(say_goodbye=say_goodbye)
+
     async def __aenter__(self) -> "RemoteWorker":
         """Connect (if not yet connected) and close on leaving: ``async with RemoteWorker(addr) as bob``
         means the same as ``async with fz.connect(addr) as bob``."""

@@ -66,7 +66,7 @@ class DaemonHandle:
         try:
             await asyncio.wait_for(worker.connect(), timeout)
         except BaseException:
-            await worker._connection.close(say_goodbye=False)
+            await worker.close_connection(say_goodbye=False)
             raise
         self.worker = worker
         return worker
@@ -136,7 +136,7 @@ class DaemonHandle:
                 await asyncio.wait_for(self.wait_answering(5.0), 6.0)
                 await self.worker.request("debug_delay", {"seconds": 0.0}, timeout=2.0)
                 self.delay = 0.0
-        await self.worker._connection.close(say_goodbye=self.process.running)
+        await self.worker.close_connection(say_goodbye=self.process.running)
 
     async def close(self) -> int | None:
         """Close the connection and stop the daemon (SIGTERM); returns its exit code."""
