@@ -336,7 +336,7 @@ async def test_weights_trained_by_a_fit_that_then_failed_leave_only_masked(fedzm
     with pytest.raises(fz.RemoteError):
         await _fit_one_step(worker, model)
     try:  # the trained weights are withheld; or, now that the per-row pass is sized before the fit runs
-        state = await worker._request("module_state", {"obj": model})  # (row by row), it never trained
+        state = await worker.request("module_state", {"obj": model})  # (row by row), it never trained
     except fz.PermissionDenied:
         return
     assert torch.equal(state["w"], torch.zeros(10, FEATURES)) and torch.equal(state["b"], torch.zeros(10))
@@ -1109,7 +1109,7 @@ async def _grown_past(worker, quota: int, request: dict, command: str, error: ty
     """Run ``command`` expecting ``error``; return how far the daemon's peak memory rose above where it stood."""
     before = await worker.status()
     with pytest.raises(error):
-        await worker._request(command, request)
+        await worker.request(command, request)
     return (await worker.status())["peak_rss_bytes"] - max(before["peak_rss_bytes"], before["rss_bytes"])
 
 
@@ -1126,11 +1126,11 @@ async def test_an_index_with_a_0_dim_tensor_is_refused_before_it_runs(fedzmq_dae
     index = (torch.tensor(0), *(torch.zeros(*[k if d == i else 1 for d in range(4)], dtype=torch.int64)
                                 for i in range(4)))
     grown = await _grown_past(worker, quota, {"op": "getitem", "args": [x, index], "kwargs": {},
-                                              "out": [worker._new_id()]}, "op", fz.BadRequest)
+                                              "out": [worker.new_id()]}, "op", fz.BadRequest)
     assert grown < quota, f"a refused index grew the daemon by {grown >> 20} MiB"
     with pytest.raises(fz.BadRequest, match="0-dim"):
-        await worker._request("op", {"op": "getitem", "args": [torch.arange(4.0), torch.tensor(1)], "kwargs": {},
-                                     "out": [worker._new_id()]})
+        await worker.request("op", {"op": "getitem", "args": [torch.arange(4.0), torch.tensor(1)], "kwargs": {},
+                                     "out": [worker.new_id()]})
     assert await (await worker.send(torch.arange(4.0)))[1].get() == 1.0  # an int index is the way
 
 
@@ -1176,11 +1176,11 @@ async def test_an_evaluation_is_sized_row_by_row_as_it_runs(fedzmq_daemons, tmp_
     grown = await _grown_past(worker, quota, evaluate, "evaluate", fz.LimitExceeded)
     assert grown < quota, f"an evaluation grew the daemon by {grown >> 20} MiB"
     small = await put_module(worker, _broadcasting_rows_spec(4, features), {"W": torch.zeros(4, features)})
-    assert (await worker._request("evaluate", {**evaluate, "module": small}))["samples"] == rows  # room for this
+    assert (await worker.request("evaluate", {**evaluate, "module": small}))["samples"] == rows  # room for this
     n = 256  # a 256 x 256 matmul per row: 2 x 256^3 x 256 rows = 8.6 GFLOP in one call
     scaled = await put_module(worker, _row_scaled_matmul_spec(n), {"W": torch.full((n, n), 1e-3)})
     with pytest.raises(fz.LimitExceeded):
-        await worker._request("evaluate", {**evaluate, "module": scaled, "loss": "mse_loss"})
+        await worker.request("evaluate", {**evaluate, "module": scaled, "loss": "mse_loss"})
 
 
 async def test_an_optimizer_takes_each_parameter_once_and_is_charged_what_it_makes(fedzmq_daemons):
@@ -1193,12 +1193,12 @@ async def test_an_optimizer_takes_each_parameter_once_and_is_charged_what_it_mak
     model = await worker.send(nn.Linear(1024, 1024))  # a 4 MiB weight (8 MiB held: room for less than 4 more)
     for groups in ([{"params": [0] * 1000, "lr": 0.01}], [{"params": [0], "lr": 0.1}, {"params": [0, 1]}]):
         with pytest.raises(fz.BadRequest, match="more than once"):
-            await worker._request("optim_create", {"out": worker._new_id(), "cls": "SGD", "module": model.id,
+            await worker.request("optim_create", {"out": worker.new_id(), "cls": "SGD", "module": model.id,
                                                    "groups": groups})
     with pytest.raises(fz.LimitExceeded):  # Adagrad's sums: another 4 MiB
-        await worker._request("optim_create", {"out": worker._new_id(), "cls": "Adagrad", "module": model.id,
+        await worker.request("optim_create", {"out": worker.new_id(), "cls": "Adagrad", "module": model.id,
                                                "groups": [{"params": [0, 1], "lr": 0.01}]})
-    await worker._request("optim_create", {"out": worker._new_id(), "cls": "SGD", "module": model.id,
+    await worker.request("optim_create", {"out": worker.new_id(), "cls": "SGD", "module": model.id,
                                            "groups": [{"params": [0, 1], "lr": 0.01}]})
 
 
@@ -1211,16 +1211,16 @@ async def test_a_models_entries_named_by_reference_are_copied_within_the_quota(f
     [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
     worker = host.worker
     base = await worker.send(torch.zeros(1 << 20))
-    views = [worker._new_id() for _ in range(8)]
+    views = [worker.new_id() for _ in range(8)]
     for i, view in enumerate(views):  # free to make: views share their storage
-        await worker._request("op", {"op": "reshape", "args": [Ref(base.id), [1024, 1024 + 0 * i]], "kwargs": {},
+        await worker.request("op", {"op": "reshape", "args": [Ref(base.id), [1024, 1024 + 0 * i]], "kwargs": {},
                                      "out": [view]})
     relu = {"kind": "layer", "type": "ReLU"}
-    grown = await _grown_past(worker, quota, {"out": worker._new_id(), "spec": relu,
+    grown = await _grown_past(worker, quota, {"out": worker.new_id(), "spec": relu,
                                               "state": {f"p{i}": Ref(views[0]) for i in range(250)}},
                               "module_put", fz.BadRequest)
     assert grown < quota, f"one object named 250 times grew the daemon by {grown >> 20} MiB"
-    grown = await _grown_past(worker, quota, {"out": worker._new_id(), "spec": relu,
+    grown = await _grown_past(worker, quota, {"out": worker.new_id(), "spec": relu,
                                               "state": {f"p{i}": Ref(view) for i, view in enumerate(views)}},
                               "module_put", fz.LimitExceeded)  # 8 distinct views: 32 MiB of copies
     assert grown < quota, f"8 views copied grew the daemon by {grown >> 20} MiB"
@@ -1234,16 +1234,16 @@ async def test_a_gradients_copy_is_charged_before_it_is_made(fedzmq_daemons):
     [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
     worker = host.worker
     leaf = await worker.send(torch.zeros(16 << 20, requires_grad=True))  # 64 MiB, and its gradient 64 MiB more
-    total = worker._new_id()
-    await worker._request("op", {"op": "sum", "args": [Ref(leaf.id)], "kwargs": {}, "out": [total]})
-    await worker._request("backward", {"obj": total})
-    grown = await _grown_past(worker, quota, {"obj": leaf.id, "out": worker._new_id()}, "grad", fz.LimitExceeded)
+    total = worker.new_id()
+    await worker.request("op", {"op": "sum", "args": [Ref(leaf.id)], "kwargs": {}, "out": [total]})
+    await worker.request("backward", {"obj": total})
+    grown = await _grown_past(worker, quota, {"obj": leaf.id, "out": worker.new_id()}, "grad", fz.LimitExceeded)
     assert grown < 32 << 20, f"a refused copy of a gradient grew the daemon by {grown >> 20} MiB"
-    await worker._request("delete", {"objs": [total]})
+    await worker.request("delete", {"objs": [total]})
     small = await worker.send(torch.zeros(4, requires_grad=True))
-    total = worker._new_id()
-    await worker._request("op", {"op": "sum", "args": [Ref(small.id)], "kwargs": {}, "out": [total]})
-    await worker._request("backward", {"obj": total})
-    copy = worker._new_id()
-    await worker._request("grad", {"obj": small.id, "out": copy})
-    assert torch.equal(await worker._request("get", {"obj": copy}), torch.ones(4))
+    total = worker.new_id()
+    await worker.request("op", {"op": "sum", "args": [Ref(small.id)], "kwargs": {}, "out": [total]})
+    await worker.request("backward", {"obj": total})
+    copy = worker.new_id()
+    await worker.request("grad", {"obj": small.id, "out": copy})
+    assert torch.equal(await worker.request("get", {"obj": copy}), torch.ones(4))

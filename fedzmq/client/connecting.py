@@ -37,14 +37,14 @@ class Connecting:
         try:
             return await self._worker.connect()
         except HandshakeFailed:  # it says what to check already
-            await self._worker._connection.close(say_goodbye=False)
+            await self._worker.close_connection(say_goodbye=False)
             raise
         except (WorkerError, TimeoutError) as exc:
-            await self._worker._connection.close(say_goodbye=False)
+            await self._worker.close_connection(say_goodbye=False)
             raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "
                             "uses keys, are server_key and client_key right and is your key allowed?") from None
         except BaseException:
-            await self._worker._connection.close(say_goodbye=False)
+            await self._worker.close_connection(say_goodbye=False)
             raise
 
     async def __aenter__(self) -> RemoteWorker:
