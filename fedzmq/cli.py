@@ -24,7 +24,7 @@ from .client.addresses import check_address
 from .errors import AddressError, CheckpointMismatch, WorkerError
 from .federated.base import Strategy
 from .federated.fedbuff import STALENESS, FedBuff
-from .federated.federation import Federation, FitConfig, RoundFailed
+from .federated.federation import Federation, FitConfig, RoundFailed, sampling_rate
 from .federated.metrics import RoundMetrics, plot, summary_table
 from .federated.strategies import STRATEGIES
 from .optimizers import DEFAULT_OPTIMIZER
@@ -198,8 +198,7 @@ def _strategy(settings: dict[str, Any]) -> Any:
         return SecAgg(strategy, clip=settings.get("clip"))  # None: no clipping, the exact mean
     from .secagg import noise_multiplier_for_epsilon
 
-    # amplification by sampling only under Poisson sampling (Federation.sampling_rate says why)
-    rate = settings["fraction"] if settings["sampling"] == "poisson" else 1.0
+    rate = sampling_rate(settings["sampling"], settings["fraction"])  # what the run's accountant amplifies by
     sigma = noise_multiplier_for_epsilon(epsilon, delta, settings["rounds"], rate)
     print(f"differential privacy: noise multiplier {sigma:.3f} for epsilon {epsilon} at delta {delta} over "
           f"{settings['rounds']} rounds at sampling rate {rate:g}", file=sys.stderr)
@@ -487,6 +486,8 @@ def run_train(settings: dict[str, Any]) -> int:
     last = federation.history[-1] if federation.history else None
     if last is not None and last.eval_accuracy is not None:
         print(f"final test accuracy: {last.eval_accuracy:.2%}")
+    if privacy_spent(federation, settings):
+        print(privacy_spent(federation, settings).removeprefix(", "))
     if last is not None and last.worker_eval_accuracy is not None:
         print(f"final accuracy on the last round's {len(last.participants)} participants' own data "
               f"(sample-weighted): {last.worker_eval_accuracy:.2%}")

@@ -217,11 +217,11 @@ COMMANDS: dict[str, Command] = _table(
             refs={"obj": "module"}, releases="obj", changes_nothing=True),
     Command("module_mode", {"obj": ID, "train": BOOL}, refs={"obj": "module"}, changes_nothing=True),
     # optimizers
-    # made and zeroed on a torch thread: Adagrad fills its state when made, and zeroing gradients in place
-    # writes every one (work the size of the model)
-    Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, offload="always",
+    # made and zeroed on a torch thread when big (``Executor._large``): Adagrad fills its state when made, and
+    # zeroing gradients in place writes every one (work the size of the model)
+    Command("optim_create", {"out": ID, "cls": STR, "module": ID, "groups": LIST}, offload="large",
             outputs=("out",), refs={"module": "module"}, changes_nothing=True, charges=("state",)),
-    Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}, offload="always", refs={"obj": "optimizer"}),
+    Command("optim_zero_grad", {"obj": ID}, {"set_to_none": BOOL}, offload="large", refs={"obj": "optimizer"}),
     Command("optim_step", {"obj": ID}, offload="always", refs={"obj": "optimizer"}, writes="optimizer",
             charges=("state",)),
     # the data owner's datasets, and training on them

@@ -755,7 +755,7 @@ async def test_sessions_of_clients_that_went_away_do_not_lock_out_a_new_one(fedz
     for _ in range(7):  # with the fixture's own session, the worker is full
         client = await fz.connect(bob.address)
         await client.send(torch.ones(3))  # not empty: each holds an object
-        await client._connection.close(say_goodbye=False)  # vanish: no close command, no more heartbeats
+        await client.close_connection(say_goodbye=False)  # vanish: no close command, no more heartbeats
         gone.append(client)
     started = time.perf_counter()
     async with asyncio.timeout(20):

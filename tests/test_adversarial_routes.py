@@ -271,7 +271,8 @@ def _spec(program, params=(), buffers=(), children=()):
 async def _failed_load(worker, secret):
     """A load that copies ``secret`` into ``w``, then fails on its next entry (a source overlapping its
     destination: a transposed view of the model's own buffer, which a forward returned)."""
-    spec = _spec([["get_attr", "b", [], {}], ["call_function", "t", [NodeRef(0)], {}], ["output", "output", [NodeRef(1)], {}]],
+    spec = _spec([["get_attr", "b", [], {}], ["call_function", "t", [NodeRef(0)], {}],
+                  ["output", "output", [NodeRef(1)], {}]],
                  params=[("w", (ROWS, FEATURES))], buffers=[("b", (2, 2))])
     model = await put_module(worker, spec, {"w": torch.zeros(ROWS, FEATURES), "b": torch.zeros(2, 2)})
     view = await call_module(worker, model)

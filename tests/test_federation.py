@@ -361,3 +361,57 @@ def test_the_summary_shows_the_participants_own_evaluation_when_there_is_one():
     metrics.worker_eval_accuracy = 0.9
     table = summary_table([metrics])
     assert "workers' acc" in table and "90.00%" in table
+
+
+def _toy_workers(n: int) -> list:
+    from fedzmq.worker.datasets import Dataset
+
+    config = fz.WorkerConfig(min_batch_size=1, min_metric_rows=1, shuffle_secret="fixed")
+    workers = []
+    for i in range(n):
+        x = torch.randn(32, 4, generator=torch.Generator().manual_seed(i))
+        workers.append(fz.VirtualWorker(f"toy{i}", config=config, datasets={"toy": Dataset("toy", x, x.argmax(1))}))
+    return workers
+
+
+@pytest.mark.timeout(60)
+async def test_a_users_own_strategy_without_a_name_checkpoints_and_resumes(tmp_path):
+    """``Strategy`` declares ``name`` without a value: a user's own strategy need not give one, and
+    checkpoints (which record the strategy's name) failed after its first round. Its class name stands in."""
+    class Averaging(fz.Strategy):
+        aggregates_weighted_mean = True
+
+        def begin_round(self, round_number, global_state):
+            return fz.FedAvg().begin_round(round_number, global_state)
+
+    workers = _toy_workers(2)
+    try:
+        fit = fz.FitConfig(dataset="toy", steps=1, batch_size=8)
+        first = fz.Federation(workers, nn.Linear(4, 4), fit, Averaging(), checkpoint_dir=str(tmp_path / "ckpt"))
+        await first.run(1)
+        again = fz.Federation(workers, nn.Linear(4, 4), fit, Averaging(), checkpoint_dir=str(tmp_path / "ckpt"))
+        assert again.resumed_from == 1
+        with pytest.raises(fz.CheckpointMismatch, match="written by strategy Averaging; this run's is fedavg"):
+            fz.Federation(workers, nn.Linear(4, 4), fit, fz.FedAvg(), checkpoint_dir=str(tmp_path / "ckpt"))
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(60)
+async def test_a_poisson_draw_of_too_few_workers_is_a_round_that_changes_nothing(tmp_path):
+    """Under Poisson sampling each worker takes part independently, so a round may draw fewer than
+    ``min_workers``: the run used to stop there (RoundFailed, and the CLI exited with 1). Such a round is
+    recorded with the model as it was: nothing is released, so nothing is spent."""
+    workers = _toy_workers(2)
+    try:
+        model = nn.Linear(4, 4)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        federation = fz.Federation(workers, model, fz.FitConfig(dataset="toy", steps=1, batch_size=8),
+                                   fraction=1e-9, sampling="poisson", checkpoint_dir=str(tmp_path / "ckpt"))
+        history = await federation.run(3)
+        assert [m.participants for m in history] == [[], [], []]
+        assert all("drew 0 of 2 workers" in m.extra["skipped"] for m in history)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert federation.round == 3
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))

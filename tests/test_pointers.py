@@ -334,7 +334,7 @@ async def test_idle_session_expires_and_frees_objects():
         await asyncio.sleep(1.0)  # bob's own session heartbeats; the silent one does not
         status = await bob.status()
         assert status["objects"] == 0 and status["sessions_expired"] >= 1
-        await silent._connection.close(say_goodbye=False)
+        await silent.close_connection(say_goodbye=False)
 
 
 async def test_pipelined_commands_of_a_session_run_in_order(fedzmq_virtual_workers):

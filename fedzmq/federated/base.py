@@ -180,6 +180,7 @@ class Aggregator(abc.ABC):
 class Strategy(abc.ABC):
     """One federated algorithm: per-round fit arguments, an aggregator per round, and checkpointable state."""
 
+    #: a short name (``fedavg``); a user's own strategy may leave it out (``strategy_name``)
     name: str
     #: True if the new model depends on the round's updates only through their sample-weighted mean, so it can be
     #: computed from the sum secure aggregation reveals. ``SecAgg`` refuses every strategy that does not say so.
@@ -232,3 +233,8 @@ class Strategy(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def strategy_name(strategy: Strategy) -> str:
+    """The strategy's ``name``, or its class's name when it gives none (a user's own subclass need not)."""
+    return getattr(strategy, "name", None) or type(strategy).__name__

@@ -34,7 +34,7 @@ from torch import nn
 from ..client.worker import RemoteWorker
 from ..errors import CheckpointMismatch, FedzmqError
 from . import checkpoint as ckpt
-from .base import Strategy
+from .base import Strategy, strategy_name
 from .metrics import RoundMetrics
 from .protocols import FitConfig, RoundContext, RoundOutcome, reason, worker_key
 from .strategies import FedAvg
@@ -75,6 +75,13 @@ def why_dropped(dropped: Mapping[str, str], reasons: int = 5, names: int = 3) ->
 
 EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
 Sampling = Literal["fixed", "poisson"]
+
+
+def sampling_rate(sampling: Sampling, fraction: float) -> float:
+    """The probability with which each client takes part in a round independently of the others: ``fraction``
+    under Poisson sampling, else 1.0 (``Federation.sampling_rate`` says why); what DP's noise is calibrated
+    for and its accountant amplifies by."""
+    return fraction if sampling == "poisson" else 1.0
 
 
 class Federation:
@@ -166,7 +173,7 @@ class Federation:
         independently of the others. That is ``fraction`` under Poisson sampling; under fixed-size sampling
         it is 1.0, because a fixed-size sample is not the Poisson sampling the accountant's amplification
         assumes: the guarantee claimed is then that of every client in every round (an upper bound)."""
-        return self.fraction if self.sampling == "poisson" else 1.0
+        return sampling_rate(self.sampling, self.fraction)
 
     async def run_round(self) -> RoundMetrics:
         """One round: select, run the participants' trips, commit, record (see the module's docstring)."""
@@ -174,6 +181,15 @@ class Federation:
         started = time.perf_counter()
         sent_before, received_before = self._traffic()
         selected, unreachable = await self.select(number)
+        needed = max(self.min_workers, self.strategy.min_updates)
+        if self.sampling == "poisson" and len(selected) < needed:
+            # each worker drawn independently: a round may draw too few. It is recorded with the model as it
+            # was (nothing is released, so no privacy is spent), rather than ending the run
+            skipped = RoundOutcome({}, {}, commit=lambda: None, facts={
+                "skipped": f"Poisson sampling drew {len(selected)} of {len(self.workers) - len(unreachable)} "
+                           f"workers, fewer than the {needed} a round needs",
+                "epsilon": self.history[-1].epsilon if self.history else None})
+            return await self._record(number, started, sent_before, received_before, selected, unreachable, skipped)
         loop = asyncio.get_running_loop()
         context = RoundContext(number=number, participants=selected, model=self.model, strategy=self.strategy,
                                fit=self.fit_config, deadline=loop.time() + self.round_timeout,
@@ -228,7 +244,7 @@ class Federation:
         told = [f for f in fits.values() if not math.isnan(f["loss"])]
         total = sum(f["num_examples"] for f in told)
         metrics.train_loss = math.fsum(f["loss"] * f["num_examples"] for f in told) / max(1, total) \
-            if told or not fits else math.nan
+            if told else math.nan  # (none: a secure round's, or a round that drew no one)
         try:
             if self.evaluate_fn is not None:
                 result = self.evaluate_fn(self.model)
@@ -285,17 +301,18 @@ class Federation:
         assert self.checkpoint_dir is not None
         ckpt.save(self.checkpoint_dir, ckpt.Checkpoint(
             round=self.round, model=self.model.state_dict(), strategy=self.strategy.state_dict(),
-            history=[dataclasses.asdict(m) for m in self.history], strategy_name=self.strategy.name))
+            history=[dataclasses.asdict(m) for m in self.history], strategy_name=strategy_name(self.strategy)))
 
     def _resume(self, directory: str) -> None:
         found = ckpt.load_latest(directory)
         if found is None:
             return
         elsewhere = "give this run its own checkpoint_dir, or remove that one"
-        if found.strategy_name is not None and found.strategy_name != self.strategy.name:
+        name = strategy_name(self.strategy)
+        if found.strategy_name is not None and found.strategy_name != name:
             raise CheckpointMismatch(f"the checkpoint of round {found.round} in {directory} was written by strategy "
-                                     f"{found.strategy_name}; this run's is {self.strategy.name} (resume with that "
-                                     f"strategy, or {elsewhere})")
+                                     f"{found.strategy_name}; this run's is {name} (resume with that strategy, or "
+                                     f"{elsewhere})")
         try:
             self.model.load_state_dict(found.model)
         except RuntimeError as exc:  # torch's words alone did not say where the other model came from
@@ -307,4 +324,4 @@ class Federation:
         self.resumed_from = found.round
 
 
-__all__ = ["FitConfig", "Federation", "RoundFailed"]
+__all__ = ["FitConfig", "Federation", "RoundFailed", "sampling_rate"]

@@ -29,7 +29,7 @@ from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
 from .binding import Binding, Context, Made, bind
-from .charges import CHARGES
+from .charges import CHARGES, created_state
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
 from .handlers.modules import load_into
@@ -58,7 +58,8 @@ INLINE_FIT_SECONDS = 0.002
 #: weights loaded, say) is stopped with an error instead of holding the loop
 INLINE_FIT_DEADLINE = 0.5
 
-CHARGE_NAMES = {"outputs": "its outputs", "forward": "the forward's intermediates (and the backward's, in a fit)",
+CHARGE_NAMES = {"outputs": "its outputs",
+                "forward": "the forward's intermediates (row by row, in an evaluation; and the backward's, in a fit)",
                 "batch": "the batch it copies out of the dataset",
                 "state": "the optimizer's state", "stream": "the stream's buffer",
                 "clients": "the clients' trained states", "secure": "the secure round's copies of the model",
@@ -205,6 +206,12 @@ class Executor:
             return len(binding.args["objs"]) > INLINE_DELETES
         if binding.command.name == "fit":
             return not small_fit(binding)
+        if binding.command.name == "optim_create":  # Adagrad fills its state when made
+            return created_state(binding) > INLINE_NUMEL
+        if binding.command.name == "optim_zero_grad":  # zeroed in place, every gradient written
+            groups = binding.objects["obj"].optimizer.param_groups
+            return binding.args.get("set_to_none", True) is False and \
+                sum(p.grad.numel() for g in groups for p in g["params"] if p.grad is not None) > INLINE_NUMEL
         if binding.command.name == "grad":  # a copy of the whole gradient
             gradient = binding.objects["obj"].grad
             return gradient is not None and gradient.numel() > INLINE_NUMEL
