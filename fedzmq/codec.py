@@ -434,6 +434,14 @@ def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
     return header
 
 
+def check_header_values(header: bytes, limits: Limits) -> None:
+    """``ProtocolError`` if a header holds more values than a peer with ``limits`` reads. A peer stops
+    reading such a header before it knows the request's id, so its error can name no request: a sender
+    checks its own headers first (only a header of more than ``limits.max_items`` bytes can hold that many)."""
+    if len(header) > limits.max_items:
+        _unpack_header([header], limits)
+
+
 def _header_id(header: dict[str, Any]) -> int | None:
     value = header.get("id")
     return value if type(value) is int and 0 <= value <= MAX_ID else None

@@ -136,6 +136,17 @@ async def test_oversized_frame_is_refused_by_the_client_and_by_the_daemon(fedzmq
     assert torch.equal(await (await bob.worker.send(big)).get(), big)
 
 
+@pytest.mark.timeout(60)
+async def test_a_header_with_more_values_than_the_daemon_reads_is_refused_by_the_client(fedzmq_daemons):
+    """A header past the daemon's value limit fails while msgpack reads it, before its request id is
+    known, so the daemon's error names no request, and the client's ``request`` waited for ever (a
+    reviewer's find). The client checks its own header as the daemon would, and refuses it at once."""
+    [bob] = await fedzmq_daemons("bob")
+    with pytest.raises(fz.LimitExceeded, match="max_items"):
+        await bob.worker.request("delete", {"objs": list(range(1, 40_000))})
+    assert await bob.worker.request("delete", {"objs": list(range(1, 1_000))}) == 0  # within the limit: as before
+
+
 async def test_ping_is_answered_while_torch_work_runs(fedzmq_daemons):
     [bob] = await fedzmq_daemons("bob")
     a = await bob.worker.send(torch.randn(1500, 1500))

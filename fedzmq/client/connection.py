@@ -27,8 +27,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import zmq
 import zmq.asyncio
 
-from ..codec import (Limits, Reply, decode_reply, encode_request, is_batch, split_batch, split_fetched,
-                     with_argument)
+from ..codec import (Limits, Reply, check_header_values, decode_reply, encode_request, is_batch, split_batch,
+                     split_fetched, with_argument)
 from ..commands import COMMANDS
 from ..outbox import Outbox
 from ..pump import Pump
@@ -302,6 +302,11 @@ class Connection:
                 f"{cmd}: message exceeds the worker's limits (header {len(frames[0])} bytes, "
                 f"{len(frames) - 1} frames, largest frame {max(too_big, default=0)} bytes; limits: "
                 f"{limits.max_header_bytes}, {limits.max_frames}, {limits.max_frame_bytes})")
+        try:  # (the worker could not name this request in its error: it would wait for ever)
+            check_header_values(frames[0], limits)
+        except ProtocolError as exc:
+            raise LimitExceeded.new(f"{cmd}: message exceeds the worker's limits: {exc} "
+                                    f"(max_items {limits.max_items})") from None
 
     def adopt_features(self, features: Any) -> None:
         """Use what the worker says it offers beyond the protocol's first version (its ping's ``features``)."""
