@@ -122,6 +122,10 @@ class Command:
       or drops some). Replies leave uncopied, their frames the objects' own memory, so a command that
       may change memory first waits until ZeroMQ has sent the session's earlier replies
       (``Worker._sent``); one that changes nothing need not. Undeclared, a command waits.
+    - ``frees``: it drops objects (``delete``): it waits as a command that changes memory does, since
+      an unsent reply's frames may be a dropped object's memory, charged to the session only while the
+      object is (a 64 KiB slice of a 16 MiB tensor replied to a client that stopped reading, then
+      deleted, kept 16 MiB charged 64 KiB: 1.9 GiB under a 32 MiB quota after 150 of them).
     """
 
     name: str
@@ -141,6 +145,12 @@ class Command:
     reports_metrics: bool = False
     fails_on_values: Literal["op", "module"] | None = None
     changes_nothing: bool = False
+    frees: bool = False
+
+    @property
+    def waits_for_replies(self) -> bool:
+        """Whether it runs only once the session's replies that left uncopied have been sent."""
+        return not self.changes_nothing or self.frees
 
     def output_args(self, args: dict[str, Any]) -> dict[str, Any]:
         """The arguments of ``args`` that name this command's outputs and pass its own checks: the ids a
@@ -187,7 +197,7 @@ COMMANDS: dict[str, Command] = _table(
     Command("store", {"out": ID, "value": VALUE}, outputs=("out",), changes_nothing=True),
     Command("get", {"obj": ID}, offload="large", refs={"obj": "tensor"}, releases="obj", changes_nothing=True),
     Command("info", {"obj": ID}, refs={"obj": "tensor"}, changes_nothing=True),
-    Command("delete", {"objs": IDS}, offload="large", changes_nothing=True),
+    Command("delete", {"objs": IDS}, offload="large", changes_nothing=True, frees=True),
     Command("alloc", {"out": ID, "dtype": STR, "shape": LIST}, {"grad": BOOL}, outputs=("out",),
             charges=("stream",), changes_nothing=True),
     Command("write", {"obj": ID, "offset": NONNEG, "data": VALUE}, offload="always", refs={"obj": "partial"},

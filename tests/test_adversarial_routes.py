@@ -1248,3 +1248,112 @@ async def test_a_gradients_copy_is_charged_before_it_is_made(fedzmq_daemons):
     copy = worker.new_id()
     await worker.request("grad", {"obj": small.id, "out": copy})
     assert torch.equal(await worker.request("get", {"obj": copy}), torch.ones(4))
+
+
+# --- class 11: what runs beside the sizing (a red team on class 10) ---------------------------------------
+
+async def test_an_op_whose_shapes_fail_on_the_meta_device_does_not_run(fedzmq_daemons):
+    """An op the meta device refused ran once anyway, unsized, to raise torch's own words: CPU's matmul
+    of (3072, 1, 8, 3) by (1, 3072, 4, 8) expands both batch dims (2 GiB) before it checks the inner ones,
+    and a 0.66 MiB request grew a daemon by 2 GiB under a 16 MiB quota. The meta device's error is raised
+    instead (torch's words too, of shapes only)."""
+    quota = 16 << 20
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    a, b = torch.zeros(3072, 1, 8, 3), torch.zeros(1, 3072, 4, 8)
+    grown = await _grown_past(worker, quota, {"op": "matmul", "args": [a, b], "kwargs": {},
+                                              "out": [worker.new_id()]}, "op", RuntimeError)
+    assert grown < quota, f"a matmul refused on its shapes grew the daemon by {grown >> 20} MiB"
+
+
+def _reshapes_spec(n: int, rows: int, cols: int) -> dict:
+    """A forward that reshapes its buffer ``n`` ways: views of a contiguous buffer, copies of a transposed one."""
+    program: list = [["placeholder", "x", [], {}], ["get_attr", "b", [], {}]]
+    for i in range(n):
+        program.append(["call_method", "reshape", [NodeRef(1), [(rows * cols) >> i, 1 << i]], {}])
+    program.append(["call_function", "add", [NodeRef(0), 1.0], {}])
+    program.append(["output", "output", [NodeRef(len(program) - 1)], {}])
+    return {"kind": "graph", "children": [], "params": [], "buffers": [["b", [rows, cols], "float32"]],
+            "program": program}
+
+
+async def test_a_models_entries_are_laid_out_in_order_whatever_they_were_copied_from(fedzmq_daemons):
+    """A model's entry copied from a transposed view kept the view's strides, while its forwards were
+    sized on a twin built from the description (in order): there a reshape is a free view, on the real
+    entry a copy (24 reshapes of a 64 MiB buffer: 1.4 GiB under a 256 MiB quota); and a fit over hosted
+    clients copied such entries on the event loop to reply (7 s). Entries are copied in order."""
+    quota = 64 << 20
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    rows, cols = 4096, 1024  # 16 MiB
+    source = await worker.send(torch.zeros(cols, rows))
+    transposed = worker.new_id()
+    await worker.request("op", {"op": "t", "args": [Ref(source.id)], "kwargs": {}, "out": [transposed]})
+    model = await put_module(worker, _reshapes_spec(8, rows, cols), {"b": Ref(transposed)})
+    await worker.request("delete", {"objs": [source.id]})
+    before = await worker.status()
+    out = await call_module(worker, model, Ref((await worker.send(torch.zeros(2))).id))
+    assert torch.equal(await worker.request("get", {"obj": out}), torch.ones(2))
+    after = await worker.status()
+    grown = after["peak_rss_bytes"] - max(before["peak_rss_bytes"], before["rss_bytes"])
+    assert grown < quota // 2, f"8 reshapes of the model's buffer grew the daemon by {grown >> 20} MiB"
+
+
+async def test_an_optimizers_python_objects_are_charged(fedzmq_daemons):
+    """An optimizer was charged its state's storages only: Adagrad keeps two tensors and a dict per
+    parameter (1.6 KB measured), charged 8 bytes for a one-element one, and 800 of them over a model of
+    1,800 one-element parameters grew a daemon by 2.2 GiB under a 16 MiB quota. Each parameter an
+    optimizer steps is charged what its Python objects take."""
+    quota = 16 << 20
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    count = 1000
+    one = await worker.send(torch.zeros(1))
+    spec = {"kind": "container", "children": [], "params": [[f"p{i}", [1], True] for i in range(count)],
+            "buffers": []}
+    model = await put_module(worker, spec, {f"p{i}": Ref(one.id) for i in range(count)})
+    before = await worker.status()
+    with pytest.raises(fz.LimitExceeded):
+        for _ in range(60):  # (before: all 60 made, 96 MB)
+            await worker.request("optim_create", {"out": worker.new_id(), "cls": "Adagrad", "module": model,
+                                                  "groups": [{"params": list(range(count)), "lr": 0.1}]})
+    grown = (await worker.status())["rss_bytes"] - before["rss_bytes"]
+    assert grown < 2 * quota, f"optimizers grew the daemon by {grown >> 20} MiB"
+
+
+@pytest.mark.timeout(120)
+async def test_a_reply_left_unread_holds_no_more_than_it_is_charged(fedzmq_daemons):
+    """A reply leaves uncopied (its frames are the object's memory) and is charged its frames' bytes until
+    ZeroMQ has sent it, but a frame keeps its whole storage alive: a ``get`` of a 64 KiB slice of a 16 MiB
+    tensor, left unread by a client that stopped reading, then a ``delete``, kept 16 MiB charged 64 KiB;
+    150 of them grew a daemon by 1.9 GiB under a 32 MiB quota. A small view of a big storage is now
+    copied into its reply."""
+    import zmq
+    import zmq.asyncio
+
+    from fedzmq.codec import encode_request
+
+    quota = 32 << 20
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    silent = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.setsockopt(zmq.RCVHWM, 1)
+    silent.setsockopt(zmq.RCVBUF, 4096)
+    silent.connect(host.address)
+    try:
+        before = (await host.worker.status())["rss_bytes"]
+        request = 1
+        for i in range(40):  # (before: 640 MiB held)
+            big, view = 1_000 + i, 100_000 + i
+            for command, args in (("store", {"out": big, "value": torch.full((4 << 20,), float(i))}),
+                                  ("op", {"op": "getitem", "args": [Ref(big), slice(0, 16384)], "kwargs": {},
+                                          "out": [view]}),
+                                  ("get", {"obj": view}), ("delete", {"objs": [big, view]})):
+                await silent.send_multipart(encode_request(request, command, args))
+                request += 1
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        grown = (await host.worker.status())["rss_bytes"] - before
+    finally:
+        silent.close(linger=0)
+    assert grown < 2 * quota, f"40 unread replies of small views grew the daemon by {grown >> 20} MiB"

@@ -53,7 +53,7 @@ async def test_remote_types_keep_their_classes_and_read_once(fedzmq_virtual_work
         await bad
     line = headline(info.value)
     assert line.startswith("fedzmq.errors.RemoteRuntimeError: ") and line.count("RuntimeError") == 1, line
-    assert "cannot be multiplied" in line
+    assert "must have same reduction dim" in line
     assert "Remote traceback" in str(info.value)  # the worker's traceback still follows
     # a later use of the failed value names the pointer that was never made
     with pytest.raises(RuntimeError) as info:
@@ -87,7 +87,7 @@ async def test_a_refusal_carries_no_traceback_and_an_error_a_short_one(fedzmq_vi
     text = bad.value.remote_traceback
     assert text.startswith("Traceback (most recent call last):"), text
     assert 'File "' in text and ", line " in text and ", in " in text
-    assert "cannot be multiplied" in text.splitlines()[-1]
+    assert "must have same reduction dim" in text.splitlines()[-1]
     assert "^^^" not in text  # no source lines, so no carets under them
 
 

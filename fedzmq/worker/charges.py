@@ -20,7 +20,7 @@ from .binding import Binding, Context
 from .cost import check_work, element_work
 from .datasets import Dataset
 from .handlers.modules import adoptable
-from .objects import HostedModule, HostedOptimizer
+from .objects import BYTES_PER_OPTIMIZED_PARAMETER, HostedModule, HostedOptimizer
 
 #: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
 #: RMSprop centered with momentum: three)
@@ -45,7 +45,7 @@ def outputs(context: Context, binding: Binding) -> int:
     name, args, kwargs = binding.args["op"], binding.args["args"], binding.args["kwargs"]
     cost = context.coster.op(name, args, kwargs, scope=binding.session.user)
     binding.cost = cost
-    if cost.error is not None:  # the op fails on these shapes: it runs only to say so in torch's words
+    if cost.error is not None:  # the op fails on these shapes: it does not run (``handlers.tensors.op``)
         return 0
     check_work(cost.work, context.config.max_command_seconds, name)
     if len(cost.outputs) != len(binding.args["out"]):
@@ -148,7 +148,8 @@ def created_state(binding: Binding) -> int:
     listed = {i for group in binding.args["groups"] if isinstance(group, dict) and isinstance(group.get("params"), list)
               for i in group["params"] if type(i) is int and 0 <= i < len(params)}
     copies = CREATED_STATE_COPIES.get(binding.args["cls"], 0)
-    return copies * sum(params[i].numel() * params[i].element_size() for i in listed)
+    return copies * sum(params[i].numel() * params[i].element_size() for i in listed) + \
+        BYTES_PER_OPTIMIZED_PARAMETER * len(listed)
 
 
 def copies(context: Context, binding: Binding) -> int:

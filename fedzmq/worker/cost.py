@@ -344,7 +344,9 @@ def _shape_error(exc: Exception) -> Exception:
     itself (a kernel that reads a value, ``.item()``, or has no meta version) is a ``BadRequest``: such a
     call cannot be sized, so it is refused, not run (an op whose sizing failed runs to raise torch's own
     words: an index with a 0-dim tensor beside four broadcasting ones made 483 MiB under a 16 MiB quota)."""
-    message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if len(message) > 500:  # its start and its end (what went wrong is often said last, after the shapes)
+        message = f"{message[:240]} ... {message[-240:]}"
     cannot_size = "data dependent" in message or "data-dependent" in message or "meta tensor" in message \
         or "'Meta'" in message
     if isinstance(exc, NotImplementedError) or cannot_size:

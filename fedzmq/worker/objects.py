@@ -194,6 +194,17 @@ def description_bytes(value: Any) -> int:
     return BYTES_PER_DESCRIPTION_VALUE
 
 
+#: what an optimizer's Python objects take per parameter it steps, beside its state's storages: the state's
+#: dict and tensor objects (Adagrad's two: 1.6 KB measured for a one-element parameter), rounded up.
+#: Uncharged, 800 Adagrads over 1,800 one-element parameters had held 2.2 GiB under a 16 MiB quota
+BYTES_PER_OPTIMIZED_PARAMETER = 2048
+
+
+def optimized_parameters(optimizer: Any) -> int:
+    """How many parameters ``optimizer``'s groups list."""
+    return sum(len(group["params"]) for group in optimizer.param_groups)
+
+
 def extra_bytes(value: Any) -> int:
     """What an object is charged besides its storages: room for gradients, an optimizer's state, a
     model's Python objects and the description it keeps."""
@@ -205,7 +216,8 @@ def extra_bytes(value: Any) -> int:
     if isinstance(value, PartialTensor) and value.requires_grad:
         return value.tensor.numel() * value.tensor.element_size()
     if isinstance(value, HostedOptimizer):  # its state (momentum, moments); the parameters are the module's
-        return sum(t.untyped_storage().nbytes() for t in optimizer_state(value.optimizer))
+        return sum(t.untyped_storage().nbytes() for t in optimizer_state(value.optimizer)) + \
+            BYTES_PER_OPTIMIZED_PARAMETER * optimized_parameters(value.optimizer)
     return 0
 
 
@@ -225,4 +237,5 @@ def module_tensors(module: nn.Module, grads: bool = True) -> list[torch.Tensor]:
 
 
 __all__ = ["DependencyError", "FailedObject", "HostedModule", "HostedOptimizer", "ObjectTable", "PartialTensor",
-           "extra_bytes", "kind_name", "module_tensors", "optimizer_state", "tensors_of"]
+           "extra_bytes", "kind_name", "module_tensors", "optimized_parameters", "optimizer_state", "tensors_of",
+           "BYTES_PER_OPTIMIZED_PARAMETER"]

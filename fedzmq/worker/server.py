@@ -672,7 +672,7 @@ class Worker:
         that the request and its reply, a whole model say, are not kept alive until the next one.)"""
         session.running = request.id  # from here (its wait for earlier replies included) it is not idle
         try:
-            if not COMMANDS[request.cmd].changes_nothing and session.quota.unsent() and not await self._sent(session):
+            if COMMANDS[request.cmd].waits_for_replies and session.quota.unsent() and not await self._sent(session):
                 return True
             session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
             if session.peer is not None and session.peer.replies.owed() > self.config.max_session_bytes:

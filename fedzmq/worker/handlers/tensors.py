@@ -83,10 +83,13 @@ def read(context: Context, binding: Binding) -> Any:
 
 def op(context: Context, binding: Binding) -> Any:
     """An allowlisted op (checked against its schema and sized before this runs)."""
-    result = OPS[binding.args["op"]](*binding.args["args"], **binding.args["kwargs"])
     if binding.cost is not None and binding.cost.error is not None:  # the meta device refused these shapes
+        # raised without running: an op refused on the meta device is unsized, and running it for torch's
+        # CPU words made what it made before failing (a matmul expanding both batch dims: 2 GiB, then
+        # its shape error). The meta kernel's words are torch's too, of shapes and dtypes only
         error = binding.cost.error  # a copy is raised: the cached one would keep this call's frames alive
         raise type(error)(*error.args)
+    result = OPS[binding.args["op"]](*binding.args["args"], **binding.args["kwargs"])
     results = list(result) if isinstance(result, tuple) else [result]
     if not all(isinstance(r, torch.Tensor) for r in results):
         raise BadRequest.new(f"{binding.args['op']} returned {[type(r).__name__ for r in results]}, not tensors")
