@@ -15,6 +15,7 @@ from fedzmq.client.connection import ConnectionSettings
 from fedzmq.examples import digits
 from fedzmq.launcher import DaemonProcess
 from fedzmq.security import generate_keypair
+from fedzmq.worker.objects import BYTES_PER_OPTIMIZED_PARAMETER
 
 QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=5, connect_timeout=3.0)
 
@@ -406,7 +407,8 @@ async def test_optimizer_state_counts_against_the_byte_quota():
     params = sum(p.numel() * 4 for p in model.parameters())
     weight = model.weight.detach().clone()
     step = 3 * weight.numel() * 4
-    for quota, fits in ((2 * params + 2 * params, False), (2 * params + 3 * params + step + 10_000, True)):
+    objects = 2 * BYTES_PER_OPTIMIZED_PARAMETER  # the optimizer's Python objects for its two parameters
+    for quota, fits in ((2 * params + 2 * params, False), (2 * params + 3 * params + step + objects + 10_000, True)):
         async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota)) as bob:
             remote = await bob.send(model)
             opt = fz.Optims([bob], optim=torch.optim.Adam(model.parameters(), lr=0.1)).get_optim(bob)
