@@ -29,7 +29,7 @@ from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
 from .binding import Binding, Context, Made, bind
-from .charges import CHARGES, created_state
+from .charges import CHARGES, CREATED_STATE_COPIES
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
 from .handlers.modules import load_into
@@ -206,8 +206,8 @@ class Executor:
             return len(binding.args["objs"]) > INLINE_DELETES
         if binding.command.name == "fit":
             return not small_fit(binding)
-        if binding.command.name == "optim_create":  # Adagrad fills its state when made
-            return created_state(binding) > INLINE_NUMEL
+        if binding.command.name == "optim_create":  # Adagrad fills its state when made; the others make none
+            return binding.args.get("cls") in CREATED_STATE_COPIES
         if binding.command.name == "optim_zero_grad":  # zeroed in place, every gradient written
             groups = binding.objects["obj"].optimizer.param_groups
             return binding.args.get("set_to_none", True) is False and \
