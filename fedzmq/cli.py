@@ -22,7 +22,7 @@ import torch
 
 from .client.addresses import check_address
 from .errors import AddressError, CheckpointMismatch, WorkerError
-from .federated.base import Strategy
+from .federated.base import Strategy, strategy_name
 from .federated.fedbuff import STALENESS, FedBuff
 from .federated.federation import Federation, FitConfig, RoundFailed, sampling_rate
 from .federated.metrics import RoundMetrics, plot, summary_table
@@ -389,7 +389,7 @@ def run_demo(settings: dict[str, Any]) -> int:
     print()
     if federation.stopped_early:
         print(federation.stopped_early)
-    label = federation.strategy.name if hasattr(federation.strategy, "name") else settings["strategy"]
+    label = strategy_name(federation.strategy)
     print(f"final test accuracy, federated ({label}, {federation.round} rounds{privacy_spent(federation, settings)}): "
           f"{final['accuracy']:.2%}")
     print(f"final test accuracy, centralized training of the same model ({epochs} epochs): "
@@ -486,8 +486,9 @@ def run_train(settings: dict[str, Any]) -> int:
     last = federation.history[-1] if federation.history else None
     if last is not None and last.eval_accuracy is not None:
         print(f"final test accuracy: {last.eval_accuracy:.2%}")
-    if privacy_spent(federation, settings):
-        print(privacy_spent(federation, settings).removeprefix(", "))
+    privacy = privacy_spent(federation, settings)
+    if privacy:
+        print(privacy.removeprefix(", "))
     if last is not None and last.worker_eval_accuracy is not None:
         print(f"final accuracy on the last round's {len(last.participants)} participants' own data "
               f"(sample-weighted): {last.worker_eval_accuracy:.2%}")
