@@ -31,6 +31,13 @@ class Budget:
         #: what set the limit, for the error message
         self.source = source
 
+    def start(self) -> None:
+        """Count the command's seconds from now: called when a torch thread takes it. Its wait for the thread
+        (behind other sessions' commands, each within its own limit) is not its running: counted from when
+        its session began it, an honest fit queued behind another session's fit that ran to the limit was
+        stopped half-way, and one session made another's commands fail."""
+        self.deadline = time.monotonic() + self.seconds
+
     def cancel(self, why: str) -> None:
         """Ask the command to stop at its next check (its session closed or expired)."""
         self.cancelled = why

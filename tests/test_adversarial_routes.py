@@ -6,6 +6,7 @@ The shared helpers come from tests/test_adversarial.py, the owner's rows (``secr
 """
 
 import asyncio
+import contextlib
 import math
 import time
 
@@ -1357,3 +1358,37 @@ async def test_a_reply_left_unread_holds_no_more_than_it_is_charged(fedzmq_daemo
     finally:
         silent.close(linger=0)
     assert grown < 2 * quota, f"40 unread replies of small views grew the daemon by {grown >> 20} MiB"
+
+
+# --- waiting for the torch thread is not running ---------------------------------------------------------
+
+async def test_a_command_waiting_for_the_torch_thread_keeps_its_whole_time_budget(fedzmq_daemons, secret_rows):
+    """A command's time budget started when its session began it, before it waited for the daemon's torch
+    thread: behind another session's fit that ran to the limit, an honest fit well inside the limit found
+    most of its time spent in the queue and was stopped half-way (``LimitExceeded``), so one session made
+    another's commands fail. The budget now starts when a torch thread takes the command."""
+    _, _, path = secret_rows
+    limit = 2.0
+    [host] = await fedzmq_daemons("owner", args=open_args(path, "--max-command-seconds", str(limit),
+                                                         "--threads", "1"))
+    honest = host.worker
+    model = await honest.send(nn.Sequential(nn.Linear(FEATURES, 256), nn.ReLU(), nn.Linear(256, 10)))
+    steps = 50
+    while True:  # as many steps as run for about a third of the limit alone, on this machine now
+        started = time.perf_counter()
+        await model.fit("rows", steps=steps, batch_size=16)
+        took = time.perf_counter() - started
+        if took > limit / 4 or steps > 10 ** 6:
+            break
+        steps = int(steps * min(8.0, limit / 3 / max(took, 1e-3)))
+    attacker = await fz.connect(host.address)
+    hog = await attacker.send(nn.Sequential(nn.Linear(FEATURES, 256), nn.ReLU(), nn.Linear(256, 10)))
+    running = asyncio.ensure_future(hog.fit("rows", epochs=10 ** 5, batch_size=16))
+    try:
+        await asyncio.sleep(limit / 10)  # the hog holds the torch thread now, to its limit
+        result = await model.fit("rows", steps=steps, batch_size=16)  # waits for it, then runs in its own time
+        assert result["steps"] == steps and result["samples_seen"] == steps * 16
+    finally:
+        with contextlib.suppress(fz.LimitExceeded):  # stopped at its own limit (or by its session's end)
+            await running
+        await attacker.close()

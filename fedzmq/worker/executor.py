@@ -195,7 +195,7 @@ class Executor:
                                             "the limit for a fit on the event loop")
         reserve = self._charge(binding)  # small inputs: sizing them is cheap enough for the event loop
         if binding.cost is not None and binding.cost.numel > INLINE_NUMEL:  # a small op with a big output
-            return await loop.run_in_executor(self.pool, self._call, binding, reserve)
+            return await loop.run_in_executor(self.pool, self._call_on_thread, binding, reserve)
         result = self._call(binding, reserve)
         if command.name == "fit":
             self.counters["inline_fits"] += 1
@@ -222,7 +222,20 @@ class Executor:
         return sum(t.numel() for t in binding.tensors) > INLINE_NUMEL
 
     def _charge_and_call(self, binding: Binding) -> Any:
+        self._start_budget(binding)
         return self._call(binding, self._charge(binding))
+
+    def _call_on_thread(self, binding: Binding, reserve: int) -> Any:
+        self._start_budget(binding)
+        return self._call(binding, reserve)
+
+    @staticmethod
+    def _start_budget(binding: Binding) -> None:
+        """A command's seconds count from when a torch thread takes it (``Budget.start``); a session that
+        ended while it waited has no budget any more, and ``_charge`` or the handler stops it."""
+        budget = binding.session.budget
+        if budget is not None:
+            budget.start()
 
     def _charge(self, binding: Binding) -> int:
         """Size the command's declared charges and check they fit, before anything is made."""
