@@ -55,6 +55,7 @@ from .datasets import Dataset
 from .executor import Executor, fail_outputs
 from .ledger import ReleaseLedger
 from .policy import Policy
+from .reaper import Reaper
 from .replies import ARREARS_FORGIVEN_AFTER, UNTRACKED_REPLY_BYTES, RepliesOwed
 from .session import Peer, Session, StartedCommand
 from .training import Terms
@@ -111,6 +112,7 @@ class Worker:
         self._copy_frames = False
         self._peers: dict[bytes, Peer] = {}
         self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
+        self._reaper = Reaper(worker_id)
         self._tasks: list[asyncio.Task[None]] = []
         #: sessions with commands to run (or running one), which share ``SESSION_SLICE_SECONDS``
         self._busy_sessions = 0
@@ -259,6 +261,7 @@ class Worker:
             self._socket.close(linger=0)
             self._socket = self._pump = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reaper.close()  # what the sessions held is freed, on its thread
 
     def _close_key_gate(self) -> None:
         if self.key_gate is not None:
@@ -566,7 +569,7 @@ class Worker:
         config = self.config
         session = peer.sessions[request.client] = Session(
             key, user=user, client=request.client, peer=peer, max_objects=config.max_objects,
-            max_bytes=config.max_session_bytes,
+            max_bytes=config.max_session_bytes, free=self._reaper.free,
             datasets=self.datasets if request.client is None else self.clients[request.client])
         # replies go one by one until the client shows it reads batches (by sending one)
         session.outbox = Outbox(partial(self._transmit_replies, session),
