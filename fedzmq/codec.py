@@ -434,10 +434,17 @@ def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
     return header
 
 
-def check_header_values(header: bytes, limits: Limits) -> None:
-    """``ProtocolError`` if a header holds more values than a peer with ``limits`` reads. A peer stops
-    reading such a header before it knows the request's id, so its error can name no request: a sender
-    checks its own headers first (only a header of more than ``limits.max_items`` bytes can hold that many)."""
+def check_message(frames: Sequence[Any], limits: Limits) -> None:
+    """``ProtocolError`` if a peer with ``limits`` would refuse this message (its header's bytes or values,
+    its frames' number or size). A peer stops reading such a message before it knows which request it
+    answers or asks, so its error can name none: each side checks what it sends (a request that waited
+    for ever; a reply of 4,800 tensors that dropped the connection). Cheap: the values are counted only
+    in a header of more than ``limits.max_items`` bytes, the only kind that can hold that many."""
+    header = frames[0]
+    largest = max((_frame_len(f) for f in frames[1:]), default=0)
+    if len(header) > limits.max_header_bytes or len(frames) - 1 > limits.max_frames or largest > limits.max_frame_bytes:
+        raise ProtocolError(f"header of {len(header)} bytes, {len(frames) - 1} frames, largest frame {largest} bytes "
+                            f"(limits: {limits.max_header_bytes}, {limits.max_frames}, {limits.max_frame_bytes})")
     if len(header) > limits.max_items:
         _unpack_header([header], limits)
 

@@ -88,6 +88,12 @@ class Command:
     - ``refs``: the arguments that name objects, with the kind each must be (``"gradient"``: a
       tensor whose gradient the command reads). The executor looks them up once, before the handler
       runs; a request's label is the join of theirs and of every tensor it references.
+    - ``takes_refs``: the arguments that may reference the session's tensors (``codec.Ref``) anywhere
+      inside them, as inputs: an op's and a forward's arguments, a state loaded or put, a backward's
+      gradient. A reference anywhere else is refused before the command runs: a secure step's payload,
+      a stream's chunk and a stored value take bytes from the wire (a red team built a secure step's
+      message around one byte of the owner's rows, and read every byte from whether the step failed as
+      "not invited" or as "too few peers").
     - ``writes``: what the command may change besides its outputs: ``"module"`` (the module named
       by the ``obj``/``module`` argument: its parameters, buffers and gradients, and a fit's
       optimizer's state), ``"optimizer"`` (its module's parameters and its own state), ``"graph"``
@@ -136,6 +142,7 @@ class Command:
     #: argument names that hold ids of objects this command creates (a failed command marks them failed)
     outputs: tuple[str, ...] = ()
     refs: dict[str, str] = field(default_factory=dict)
+    takes_refs: tuple[str, ...] = ()
     writes: Literal["module", "optimizer", "graph", "stream"] | None = None
     derives: Literal["inputs", "trained"] = "inputs"
     releases: str | None = None
@@ -206,17 +213,20 @@ COMMANDS: dict[str, Command] = _table(
             releases="obj", changes_nothing=True),
     # ``fetch``: then a ``get`` of its one output, in the same reply (``Executor.execute``)
     Command("op", {"op": STR, "args": LIST, "kwargs": MAP, "out": IDS}, {"fetch": BOOL}, offload="large",
-            outputs=("out",),
+            outputs=("out",), takes_refs=("args", "kwargs"),
             charges=("outputs", "graph"), fails_on_values="op", changes_nothing=True),
-    Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, writes="graph"),
+    Command("backward", {"obj": ID}, {"grad": VALUE}, offload="always", refs={"obj": "tensor"}, takes_refs=("grad",),
+            writes="graph"),
     Command("grad", {"obj": ID, "out": ID}, offload="large", refs={"obj": "gradient"}, outputs=("out",),
             changes_nothing=True, charges=("gradient",)),
     # modules
     Command("module_put", {"out": ID, "spec": MAP, "state": MAP}, offload="always", outputs=("out",),
-            changes_nothing=True, charges=("copies",)),
-    Command("module_load", {"obj": ID, "state": MAP}, offload="always", refs={"obj": "module"}, writes="module"),
+            takes_refs=("state",), changes_nothing=True, charges=("copies",)),
+    Command("module_load", {"obj": ID, "state": MAP}, offload="always", refs={"obj": "module"}, takes_refs=("state",),
+            writes="module"),
     Command("module_call", {"obj": ID, "args": LIST, "kwargs": MAP, "out": IDS}, offload="always",
-            outputs=("out",), refs={"obj": "module"}, writes="module", charges=("forward", "graph"),
+            outputs=("out",), refs={"obj": "module"}, takes_refs=("args", "kwargs"), writes="module",
+            charges=("forward", "graph"),
             fails_on_values="module"),
     Command("module_state", {"obj": ID}, offload="always", refs={"obj": "module"}, releases="obj",
             changes_nothing=True),
@@ -243,7 +253,8 @@ COMMANDS: dict[str, Command] = _table(
     Command("fit", {"module": ID, "dataset": STR, "loss": STR, "batch_size": NONNEG},
             {"optimizer": MAP, "optim": ID, "epochs": NONNEG, "steps": NONNEG, "prox_mu": NUMBER, "seed": INT,
              "load": MAP, "reply_state": BOOL, "clients": STRS, "combine": BOOL},
-            offload="large", refs={"module": "module", "optim": "optimizer"}, writes="module", derives="trained",
+            offload="large", refs={"module": "module", "optim": "optimizer"}, takes_refs=("load",), writes="module",
+            derives="trained",
             releases="after", charges=("forward", "batch", "state", "clients"), reads_dataset=True, loads=True,
             reports_metrics=True),
     # the logical clients a daemon hosts (--clients-from)
@@ -254,6 +265,7 @@ COMMANDS: dict[str, Command] = _table(
             releases="masked", charges=("secure",)),
     Command("evaluate", {"module": ID, "dataset": STR, "loss": STR}, {"batch_size": NONNEG, "load": MAP},
             offload="always",
-            refs={"module": "module"}, writes="module", charges=("forward", "batch"), reads_dataset=True, loads=True,
+            refs={"module": "module"}, takes_refs=("load",), writes="module", charges=("forward", "batch"),
+            reads_dataset=True, loads=True,
             reports_metrics=True),
 )

@@ -151,8 +151,9 @@ async def test_a_model_description_cannot_carry_a_reference_to_the_rows(fedzmq_d
     """A red-team session put a reference to the rows inside a described model: as a literal operand of a
     program node (``table[<rows' labels>]``) and as a placeholder's default. The request's references
     were resolved everywhere, the spec's too, and a module with no parameters carries no label, so the
-    forward's output came back public: ``get`` returned every label and pixel of the dataset. A model
-    description holds no tensors: it is refused when it is put."""
+    forward's output came back public: ``get`` returned every label and pixel of the dataset. A reference
+    is resolved only where a command takes objects (``Command.takes_refs``: a model's ``state``, not its
+    ``spec``), and a description holds no tensors: it is refused when it is put."""
     x, y, path = secret_rows
     [bob] = await fedzmq_daemons("bob", args=open_args(path))
     worker = bob.worker
@@ -164,7 +165,7 @@ async def test_a_model_description_cannot_carry_a_reference_to_the_rows(fedzmq_d
     default = graph_spec([["placeholder", "x", [Ref(labels.id)], {}],
                           ["call_function", "add", [NodeRef(0), 0], {}], ["output", "output", [NodeRef(1)], {}]])
     for spec, inputs in ((literal, [Ref(table.id)]), (default, [])):
-        with pytest.raises(fz.BadRequest, match="holds no tensors"):
+        with pytest.raises(fz.BadRequest, match="'spec' cannot name an object"):
             module = await put_module(worker, spec, {})
             await worker.request("get", {"obj": await call_module(worker, module, *inputs)})
 
@@ -1433,3 +1434,155 @@ async def test_freeing_what_a_session_held_does_not_hold_the_event_loop(fedzmq_d
     finally:
         if not closed:
             await attacker.close()
+
+
+# --- references name objects only where a command reads objects ------------------------------------------
+
+async def test_a_secure_steps_payload_cannot_be_built_from_the_rows(fedzmq_daemons, tmp_path):
+    """A secure step's payload is a message from the other clients, and the daemon resolved references
+    (``Ref``) anywhere in a request: a red team built a ``secagg.keys`` message whose one client id was
+    a byte of the owner's open rows (``getitem``, ``cat``), and ``share_keys`` failed as "not invited" or
+    as "too few peers" as that byte's bit was 0 or 1: every byte of the rows in 8 rounds, under
+    ``--private-release none``, and a model trained under secure aggregation read to 6e-6 the same way.
+    A reference is resolved only in the arguments that take objects (an op's and a forward's inputs,
+    states loaded or put, a backward's gradient); anywhere else it is refused before anything runs."""
+    import msgpack
+    from safetensors.torch import save_file
+
+    from fedzmq.secagg import SecAggConfig
+    from fedzmq.secagg.messages import VERSION
+    from fedzmq.secagg.wire import PACKED_KEY, from_codec, to_codec
+
+    path = tmp_path / "pixels.safetensors"
+    save_file({"x": torch.randint(0, 256, (32, 16), dtype=torch.uint8), "y": torch.zeros(32, dtype=torch.long)},
+              str(path))
+    [host] = await fedzmq_daemons("owner", args=["--open-data", f"img={path}"])
+    worker = host.worker
+    features = worker.new_id()
+    await worker.request("dataset_tensor", {"dataset": "img", "part": "features", "out": features})
+    with pytest.raises(fz.PermissionDenied):
+        await worker.request("get", {"obj": features})
+    model = await worker.send(nn.Linear(1, 1))
+    me, invited = 1000, [1000] + [v for v in range(256) if v & 1]
+    config = SecAggConfig(client_ids=tuple(invited), threshold=len(invited) // 2 + 1, vector_length=2, clip=1.0)
+    advertised = from_codec(await worker.request("secagg", {"step": "advertise", "round": 1, "module": model.id,
+                                                           "client": me, "payload": to_codec(config.to_wire())}))
+    packed = msgpack.packb({"v": VERSION, "type": "secagg.keys", "keys": [
+        [200, bytes(32), bytes(32)], [me, bytes(advertised["c_pk"]), bytes(advertised["s_pk"])]]}, use_bin_type=True)
+    at = packed.index(b"\x93\xcc\xc8") + 2  # the byte of client id 200
+    prefix = await worker.send(torch.frombuffer(bytearray(packed[:at]), dtype=torch.uint8))
+    suffix = await worker.send(torch.frombuffer(bytearray(packed[at + 1:]), dtype=torch.uint8))
+    byte, message = worker.new_id(), worker.new_id()
+    await worker.request("op", {"op": "getitem", "args": [Ref(features), (0, slice(0, 1))], "kwargs": {}, "out": [byte]})
+    await worker.request("op", {"op": "cat", "args": [[Ref(prefix.id), Ref(byte), Ref(suffix.id)]], "kwargs": {},
+                                "out": [message]})
+    for step in ("share_keys", "confirm", "unmask"):
+        with pytest.raises(fz.BadRequest, match="cannot name an object"):
+            await worker.request("secagg", {"step": step, "round": 1, "payload": {PACKED_KEY: Ref(message)}})
+    # nor a stream's chunk, a model entry's chunk, or a stored value: each takes bytes from the wire
+    stream = worker.new_id()
+    await worker.request("alloc", {"out": stream, "dtype": "uint8", "shape": [1]})
+    with pytest.raises(fz.BadRequest, match="cannot name an object"):
+        await worker.request("write", {"obj": stream, "offset": 0, "data": Ref(byte)})
+    with pytest.raises(fz.BadRequest, match="cannot name an object"):
+        await worker.request("module_write", {"obj": model.id, "name": "bias", "offset": 0, "data": Ref(byte)})
+    with pytest.raises(fz.BadRequest, match="cannot name an object"):
+        await worker.request("store", {"out": worker.new_id(), "value": [Ref(byte)]})
+
+
+async def test_a_streams_chunk_is_at_most_a_chunk_and_sized_before_its_copy(fedzmq_daemons):
+    """A ``write`` or ``module_write`` chunk was one uninterruptible copy of any size, never sized: by
+    reference to a 1 GiB object (refused now, above) it held a torch thread 0.9 s under a 0.1 s limit.
+    A chunk is at most ``--chunk-bytes``, and its copy's work is checked before it runs."""
+    [host] = await fedzmq_daemons("owner", args=["--chunk-bytes", str(1 << 20)])
+    worker = host.worker
+    stream = worker.new_id()
+    await worker.request("alloc", {"out": stream, "dtype": "uint8", "shape": [4 << 20]})
+    with pytest.raises(fz.BadRequest, match="chunk"):
+        await worker.request("write", {"obj": stream, "offset": 0, "data": torch.zeros(2 << 20, dtype=torch.uint8)})
+    assert await worker.request("write", {"obj": stream, "offset": 0, "data": torch.ones(1 << 20, dtype=torch.uint8)}) \
+        == 1 << 20
+    model = await worker.send(nn.Linear(1024, 1024))
+    with pytest.raises(fz.BadRequest, match="chunk"):
+        await worker.request("module_write", {"obj": model.id, "name": "weight", "offset": 0,
+                                              "data": torch.zeros(2 << 20, dtype=torch.uint8)})
+
+
+async def test_a_fit_over_clients_kept_apart_replies_no_more_tensors_than_a_reply_may_carry(fedzmq_daemons, tmp_path):
+    """A fit over hosted clients with their states kept apart (``combine`` false) replies one state per
+    client: clients x entries tensors, each cloned and then encoded on the event loop (about 15 us each),
+    each a Python object and a frame beside its bytes, the only part charged. A red team's 64 clients of a
+    2,201-entry model held every session's pings 2-4 s and grew the daemon by 262 MiB under a 16 MiB
+    quota, for a reply no client could read (a message carries at most ``max_frames`` tensors). Such a
+    fit is refused before it runs, and each kept-apart entry is charged its object besides its bytes."""
+    from fedzmq.testing.datasets import write_dataset
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    clients = [f"c{i:02d}" for i in range(48)]
+    for name in clients:
+        write_dataset(folder / f"{name}.safetensors", torch.randn(16, 1, generator=generator),
+                      torch.randn(16, 1, generator=generator))
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}"])
+    worker = host.worker
+    entries = 100  # 48 x 100 = 4,800 tensors in one reply: more than a message carries (4,096 frames)
+    model = worker.new_id()
+    linear = {"kind": "layer", "type": "Linear", "kwargs": {"in_features": 1, "out_features": 1}}
+    spec = {"kind": "sequential", "children": [[str(i), linear] for i in range(entries // 2)]}
+    state = {f"{i}.{name}": torch.ones(1, 1) if name == "weight" else torch.zeros(1)
+             for i in range(entries // 2) for name in ("weight", "bias")}
+    await worker.request("module_put", {"out": model, "spec": spec, "state": state})
+    args = {"module": model, "dataset": "d", "loss": "mse_loss", "batch_size": 16, "steps": 1,
+            "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": False}
+    with pytest.raises(fz.BadRequest, match="combine"):
+        await worker.request("fit", {**args, "clients": clients})
+    reply = await worker.request("fit", {**args, "clients": clients[:16]})  # 1,600 tensors: fits a message
+    assert len(reply["states"]) == 16 and len(reply["states"][0]) == entries
+    reply = await worker.request("fit", {**args, "clients": clients, "combine": True})  # one state, whatever N
+    assert sorted(reply["metrics"]) == clients
+
+
+# --- work as measured: calls slower than one unit an element read are counted as they run --------------
+
+async def test_calls_slower_than_elementwise_work_are_sized_as_measured(fedzmq_daemons):
+    """The cost model counted one unit (0.5 ns) per element read and 8 per element written. Measured
+    (a sweep of every allowlisted op, loss and layer across dtypes: ``fedzmq.worker.opwork``), some calls
+    run far slower: float16 ``binary_cross_entropy`` reduced to one value 30 ns an element (60 times what
+    it was sized; a red team held a torch thread 8 s under a 1 s limit), a 1x1 convolution over a million
+    tiny images 67 times. They are counted per call and dtype as measured; an ordinary add of the same
+    size is still admitted."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "0.1", "--max-session-bytes", str(1 << 30)])
+    worker = host.worker
+    n = 1 << 22
+    probabilities = await worker.send(torch.full((n,), 0.5, dtype=torch.float16))
+    with pytest.raises(fz.LimitExceeded, match="binary_cross_entropy"):
+        await worker.request("op", {"op": "binary_cross_entropy", "args": [Ref(probabilities.id), Ref(probabilities.id)],
+                                    "kwargs": {}, "out": [worker.new_id()]})
+    ones = await worker.send(torch.ones(n))
+    assert torch.equal(await (ones + ones).get(), torch.full((n,), 2.0))  # 2 ms measured, sized 21 ms
+    images = await worker.send(torch.zeros(1 << 20, 1, 4))
+    model = await put_module(worker, {"kind": "layer", "type": "Conv1d",
+                                      "kwargs": {"in_channels": 1, "out_channels": 1, "kernel_size": 1}},
+                             {"weight": torch.ones(1, 1, 1), "bias": torch.zeros(1)})
+    with pytest.raises(fz.LimitExceeded):
+        await call_module(worker, model, Ref(images.id))
+
+
+async def test_a_fits_loss_is_sized_with_its_forward(fedzmq_daemons, tmp_path):
+    """A fit was sized by its model's forward (and backward) alone; the loss after it was not sized at
+    all: ``cross_entropy`` over two classes (a log-softmax over rows of two, 22 ns an element) made one
+    step of a ``Linear(1, 2)`` run ten times what it was admitted for. The loss is sized with the
+    forward, on the meta device, from the model's output and the dataset's labels."""
+    from fedzmq.testing.datasets import write_dataset
+
+    rows = 1 << 18
+    path = write_dataset(tmp_path / "rows.safetensors", torch.randn(rows, 1), torch.randint(0, 2, (rows,)))
+    [host] = await fedzmq_daemons("owner", args=["--open-data", f"rows={path}", "--max-command-seconds", "0.01"])
+    worker = host.worker
+    model = await worker.send(nn.Linear(1, 2))
+    fit = {"module": model.id, "dataset": "rows", "batch_size": rows, "steps": 1,
+           "optimizer": {"cls": "SGD", "lr": 0.01}}
+    with pytest.raises(fz.LimitExceeded, match="loss"):
+        await worker.request("fit", {**fit, "loss": "cross_entropy"})
+    assert (await worker.request("fit", {**fit, "batch_size": 64, "loss": "cross_entropy"}))["steps"] == 1

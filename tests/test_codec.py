@@ -200,3 +200,19 @@ def test_a_request_head_is_checked_like_the_request_and_keeps_only_its_output_id
     with pytest.raises(ProtocolError):
         decode_request(bad_ids, LIMITS)
     assert decode_request_head(bad_ids, LIMITS).args == {}
+
+
+def test_a_sender_checks_its_message_against_the_limits_its_peer_reads():
+    """A peer stops reading a message over its limits before it knows which request the message asks or
+    answers, so it can name none in its error; each side checks what it sends (``check_message``): a
+    client's request that waited for ever, a daemon's reply of 4,800 tensors that dropped the connection."""
+    from fedzmq.codec import check_message, encode_reply
+
+    limits = Limits(max_frames=8, max_items=64)
+    check_message(encode_reply(1, {"state": {f"p{i}": torch.ones(1) for i in range(8)}}), limits)
+    with pytest.raises(ProtocolError, match="9 frames"):
+        check_message(encode_reply(1, {"state": {f"p{i}": torch.ones(1) for i in range(9)}}), limits)
+    with pytest.raises(ProtocolError, match="values"):
+        check_message(encode_reply(1, {"ids": [[i] * 10 for i in range(20)]}), limits)
+    with pytest.raises(ProtocolError, match="header of"):
+        check_message(encode_reply(1, "x" * 5000), Limits(max_header_bytes=4096))

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import zmq
 import zmq.asyncio
 
-from ..codec import (Limits, Reply, check_header_values, decode_reply, encode_request, is_batch, split_batch,
+from ..codec import (Limits, Reply, check_message, decode_reply, encode_request, is_batch, split_batch,
                      split_fetched, with_argument)
 from ..commands import COMMANDS
 from ..outbox import Outbox
@@ -294,19 +294,13 @@ class Connection:
         self._last_heard = time.monotonic()
 
     def _check_size(self, cmd: str, frames: list[Any]) -> None:
-        """Refuse locally what the worker would refuse, instead of waiting for its error."""
-        limits = self.limits
-        too_big = [len(f) for f in frames[1:] if len(f) > limits.max_frame_bytes]
-        if len(frames[0]) > limits.max_header_bytes or too_big or len(frames) - 1 > limits.max_frames:
-            raise LimitExceeded.new(
-                f"{cmd}: message exceeds the worker's limits (header {len(frames[0])} bytes, "
-                f"{len(frames) - 1} frames, largest frame {max(too_big, default=0)} bytes; limits: "
-                f"{limits.max_header_bytes}, {limits.max_frames}, {limits.max_frame_bytes})")
-        try:  # (the worker could not name this request in its error: it would wait for ever)
-            check_header_values(frames[0], limits)
+        """Refuse locally what the worker would refuse, instead of waiting for its error (it could not
+        name this request in its error: the request would wait for ever)."""
+        try:
+            check_message(frames, self.limits)
         except ProtocolError as exc:
             raise LimitExceeded.new(f"{cmd}: message exceeds the worker's limits: {exc} "
-                                    f"(max_items {limits.max_items})") from None
+                                    f"(max_items {self.limits.max_items})") from None
 
     def adopt_features(self, features: Any) -> None:
         """Use what the worker says it offers beyond the protocol's first version (its ping's ``features``)."""

@@ -110,7 +110,8 @@ def bind(session: Session, request: Request, command: Command, context: Context)
     objects = {name: table.get(request.args[name], kind) for name, kind in command.refs.items()
                if name in request.args}
     tensors: list[torch.Tensor] = []
-    args = {name: _resolve(value, session, tensors) for name, value in request.args.items()}
+    args = {name: _resolve(value, session, tensors) if name in command.takes_refs else _no_refs(name, value, command)
+            for name, value in request.args.items()}
     dataset = None
     if command.reads_dataset:
         hosted = request.args.get("clients")  # a fit over many hosted clients
@@ -217,6 +218,27 @@ def _resolve(value: Any, session: Session, tensors: list[torch.Tensor]) -> Any:
     return value
 
 
+
+
+def _no_refs(name: str, value: Any, command: Command) -> Any:
+    """``value`` as it is, unless it holds a reference (``Command.takes_refs``)."""
+    if value is None or type(value) in _PLAIN:
+        return value
+    if isinstance(value, Ref) or (isinstance(value, (list, tuple, dict)) and _holds_ref(value)):
+        where = f" (only {', '.join(command.takes_refs)} can)" if command.takes_refs else ""
+        raise BadRequest.new(f"{command.name}'s {name!r} cannot name an object{where}: it takes values sent with "
+                             "the request")
+    return value
+
+
+def _holds_ref(value: Any) -> bool:
+    if isinstance(value, Ref):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_ref(v) for v in value if v is not None and type(v) not in _PLAIN)
+    if isinstance(value, dict):
+        return any(_holds_ref(v) for v in value.values() if v is not None and type(v) not in _PLAIN)
+    return False
 
 
 @dataclass

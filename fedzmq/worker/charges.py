@@ -8,19 +8,20 @@ what the command then stores is charged to the objects that hold it.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
 from ..codec import DTYPES, Ref, dtype_itemsize
-from ..errors import BadRequest
+from ..errors import BadRequest, LimitExceeded
 from ..ops import MAX_DIMS, check_loss_shapes
 from ..secagg.wire import PACKED_KEY, PACKED_MAX_VALUES
 from .binding import Binding, Context
-from .cost import check_work, element_work
+from .cost import Footprint, check_work, element_work
 from .datasets import Dataset
 from .handlers.modules import adoptable
 from .objects import BYTES_PER_OPTIMIZED_PARAMETER, HostedModule, HostedOptimizer
+from .training import loss_function
 
 #: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
 #: RMSprop centered with momentum: three)
@@ -35,6 +36,9 @@ CREATED_STATE_COPIES = {"Adagrad": 1}
 #: work (``cost.WORK_PER_SECOND`` units) of one optimizer step per element it steps: Adam's reads and writes
 #: of the parameter, its gradient and two moments, with a square root and a division, at most
 STEP_WORK_PER_ELEMENT = 32
+#: what a tensor costs beside its bytes, once made and once in a reply (torch's and Python's objects, its
+#: frame and its header entry): a red team's 141,000 one-element clones in one reply grew a daemon by 1.9 KB each
+TENSOR_OBJECT_BYTES = 2048
 #: the bytes of one element of the float64 sums a fit over many clients folds its clients' weights into
 FLOAT64_BYTES = 8
 
@@ -76,8 +80,9 @@ def forward(context: Context, binding: Binding) -> int:
     footprint = context.coster.forward(hosted, inputs, kwargs, grad, training=training, scope=scope, per_row=per_row)
     if footprint is None:
         return 0
-    check_work(footprint.flops * (1 + passes), seconds,
-               "one forward" + (" and backward" if passes == 2 else "") + (" row by row" if per_row else ""))
+    loss = loss_work(context, binding, footprint, scope) if binding.command.name != "module_call" else 0
+    check_work((footprint.flops + loss) * (1 + passes), seconds, "one forward" + (" and its loss" if loss else "")
+               + (" and backward" if passes == 2 else "") + (" row by row" if per_row else ""))
     if binding.command.name == "fit" and footprint.output is not None:  # (evaluate pairs each row with its label)
         labels = _dataset(binding).labels
         check_loss_shapes(binding.args["loss"], torch.empty(footprint.output, device="meta"),
@@ -89,6 +94,25 @@ def forward(context: Context, binding: Binding) -> int:
             check_work(rows_alone.flops * 2, seconds, "the trained model's loss row by row")
             held = max(held, rows_alone.nbytes)
     return held
+
+
+def loss_work(context: Context, binding: Binding, footprint: Footprint, scope: Hashable) -> int:
+    """The work of a fit's or an evaluation's loss over one batch: the model's output against the
+    dataset's labels, measured on the meta device (``cross_entropy`` over two classes runs a log-softmax
+    at 22 ns an element: unsized, a fit's step ran ten times what it was admitted for). 0 when the
+    model's output is not one tensor (the loss then fails as it runs, with its own error)."""
+    if footprint.output is None or footprint.output_dtype is None or not footprint.output:
+        return 0
+    labels = _dataset(binding).labels
+    output = torch.empty(footprint.output, dtype=footprint.output_dtype, device="meta")
+    target = torch.empty((footprint.output[0], *labels.shape[1:]), dtype=labels.dtype, device="meta")
+    name = binding.args["loss"]
+    try:
+        return context.coster.call_work(loss_function(name), name, [output, target], scope)
+    except LimitExceeded:
+        raise
+    except Exception:  # a loss that does not take this output and these labels fails as it runs, as before
+        return 0
 
 
 def batch(context: Context, binding: Binding) -> int:
@@ -186,8 +210,8 @@ def clients(context: Context, binding: Binding) -> int:
     hosted: HostedModule = binding.objects["module"]
     entries = list(hosted.module.state_dict().values())
     model = sum(t.numel() * t.element_size() for t in entries)
-    if not binding.args.get("combine"):
-        return model + len(hosted_clients) * model
+    if not binding.args.get("combine"):  # each client's entries cloned: their bytes, and each a tensor object
+        return model + len(hosted_clients) * (model + TENSOR_OBJECT_BYTES * len(entries))
     sums = sum(t.numel() * FLOAT64_BYTES if t.is_floating_point() else 2 * t.numel() * t.element_size()
                for t in entries)
     # adding a client's entry to its float64 sum widens the entry first, a float64 copy of it, one at a time
@@ -241,4 +265,4 @@ CHARGES: dict[str, Callable[[Context, Binding], int]] = {
 }
 
 __all__ = ["CHARGES", "CREATED_STATE_COPIES", "FLOAT64_BYTES", "OPTIMIZER_STATE_COPIES", "OPTIMIZER_STEP_COPIES",
-           "STEP_WORK_PER_ELEMENT", "batch_rows", "created_state"]
+           "STEP_WORK_PER_ELEMENT", "TENSOR_OBJECT_BYTES", "batch_rows", "created_state"]

@@ -33,6 +33,7 @@ from ..errors import BadRequest, LimitExceeded
 from ..modeldesc import ModelRegistry, build
 from ..ops import check_call
 from .objects import HostedModule
+from .opwork import op_work
 from .taint import storage_key
 
 #: work a torch thread is assumed to do per second: element operations of simple ops, or floating
@@ -74,6 +75,8 @@ _ATEN = torch.ops.aten
 _WINDOWED: dict[Any, int] = {  # op -> its spatial dims (a kernel given as one int covers each)
     _ATEN.max_pool1d: 1, _ATEN.avg_pool1d: 1, _ATEN.max_pool2d: 2, _ATEN.max_pool2d_with_indices: 2,
     _ATEN.avg_pool2d: 2, _ATEN.max_pool3d: 3, _ATEN.max_pool3d_with_indices: 3, _ATEN.avg_pool3d: 3}
+#: calls whose measured cost grows with the rows they normalize (``opwork``: writes per row)
+_NORMALIZED = frozenset({_ATEN._softmax, _ATEN._log_softmax})
 _MATMULS = frozenset({_ATEN.mm, _ATEN.bmm, _ATEN.addmm, _ATEN.baddbmm, _ATEN.dot, _ATEN.mv})
 #: calls that convert dtypes themselves (their output is the widened copy: nothing besides)
 _CASTS = frozenset({_ATEN._to_copy, _ATEN.to, _ATEN.copy_, _ATEN.clone, _ATEN.index, _ATEN.embedding,
@@ -128,6 +131,7 @@ class Footprint:
     nbytes: int
     flops: int
     output: tuple[int, ...] | None = None
+    output_dtype: torch.dtype | None = None
 
 
 class _Cache(collections.OrderedDict[Hashable, Any]):
@@ -229,8 +233,9 @@ class Coster:
             try:
                 with torch.set_grad_enabled(grad), counter:
                     out = call(*meta_inputs, **meta_kwargs)
-                footprint = Footprint(counter.nbytes + counter.scratch, counter.flops,
-                                      tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+                one = isinstance(out, torch.Tensor)
+                footprint = Footprint(counter.nbytes + counter.scratch, counter.flops, tuple(out.shape) if one else None,
+                                      out.dtype if one else None)
             except (BadRequest, LimitExceeded):
                 raise
             except Exception as exc:
@@ -238,6 +243,20 @@ class Coster:
                     raise _shape_error(exc) from None
         self._store(scope, _FORWARDS, key, (footprint,))  # (None: cannot be measured, worth keeping too)
         return footprint
+
+
+    def call_work(self, fn: Callable[..., Any], name: str, args: Sequence[Any], scope: Hashable = None) -> int:
+        """The work of ``fn(*args)`` (a loss on a forward's output and the labels: ``name`` says which),
+        measured on the meta device on tensors like ``args`` and kept per ``scope`` as forwards are."""
+        key = _digest(("call", name, signature(args)))
+        known = self._lookup(scope, _FORWARDS, key)
+        if known is not None:
+            return int(known[0])
+        counter = _Counter()
+        with torch.no_grad(), counter:  # (a call that fails raises its own error; nothing is kept)
+            fn(*_to_meta(args))
+        self._store(scope, _FORWARDS, key, (counter.flops,))
+        return counter.flops
 
 
 #: the two caches of a scope: ops' costs and forwards' footprints
@@ -285,8 +304,10 @@ def work_budget(seconds: float) -> float:
 
 def check_work(work: float, seconds: float, what: str) -> None:
     if work > work_budget(seconds):
-        raise LimitExceeded.new(f"{what} would take about {work / WORK_PER_SECOND:.0f} s of computing, more than "
-                                f"the {seconds:g} s a command may run (--max-command-seconds)")
+        needed = work / WORK_PER_SECOND
+        about = f"{needed:.0f}" if needed >= 10 else f"{needed:.2g}"
+        raise LimitExceeded.new(f"{what} would take about {about} s of computing, more than the {seconds:g} s a "
+                                "command may run (--max-command-seconds)")
 
 
 def _meta_module(hosted: HostedModule, models: ModelRegistry) -> nn.Module:
@@ -416,20 +437,38 @@ class _Counter(TorchDispatchMode):
         self.nbytes += sum(t.numel() * t.element_size() for t in made)
         self.scratch = max(self.scratch, _scratch(op, args, operands, made))
         formula = flop_registry.get(op)
-        if formula is not None:
-            self.flops += int(formula(*args, **kwargs, out_val=out)) * _flop_work(operands)
-        elif op is _ATEN.embedding_renorm_ and len(args) > 1:
+        if op is _ATEN.embedding_renorm_ and len(args) > 1:
             self.flops += args[1].numel() * RENORM_WORK_PER_INDEX
-        elif made:
-            per_output = OUTPUT_WORK * _window(op, args)
-            if op is _ATEN.pow and not made[0].is_floating_point():
-                per_output = INTEGER_POW_WORK
-            elif op is _ATEN.index:  # every output element reads every index tensor (the operands after the input)
-                per_output = OUTPUT_WORK * len(operands)
-            self.flops += sum(element_work(t) for t in operands) + per_output * sum(t.numel() for t in made)
+        elif made or formula is not None:
+            self.flops += _call_work(op, args, kwargs, out, operands, made, formula)
+        elif op.__name__.endswith("_") and operands:  # in place (dropout's mask): it writes its first operand
+            self.flops += OUTPUT_WORK * operands[0].numel()
         elif torch.is_grad_enabled():  # a view: free now, but its backward fills a gradient of its whole input
             self.flops += OUTPUT_WORK * sum(t.numel() for t in operands if t.requires_grad)
         return out
+
+
+def _call_work(op: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any, operands: list[torch.Tensor],
+               made: list[torch.Tensor], formula: Any) -> int:
+    """One call's work: its operands read and its outputs written, each times the call's measured
+    multiplier (``opwork``), and for a matmul or convolution torch's flop formula (times its own), whichever
+    is more (a 1x1 convolution over a million tiny images does few flops and runs 67 ns an element)."""
+    reads, writes, flops = op_work(op, operands, made)
+    per_output = OUTPUT_WORK * _window(op, args)
+    if made and op is _ATEN.pow and not made[0].is_floating_point():
+        per_output = INTEGER_POW_WORK
+    elif op is _ATEN.index:  # every output element reads every index tensor (the operands after the input)
+        per_output = OUTPUT_WORK * len(operands)
+    read = sum(element_work(t) for t in operands)
+    written = per_output * sum(t.numel() for t in made)
+    if op in _NORMALIZED and made and len(args) > 1 and made[0].dim():  # the measured part is per row
+        rows = made[0].numel() // max(1, made[0].shape[args[1]])
+        units = reads * read + written + writes * OUTPUT_WORK * rows
+    else:
+        units = reads * read + writes * written
+    if formula is not None:
+        units = max(units, flops * int(formula(*args, **kwargs, out_val=out)) * _flop_work(operands))
+    return math.ceil(units)
 
 
 def _flop_work(operands: list[torch.Tensor]) -> int:

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from ..budget import Budget, running_under
-from ..codec import Request, encode_error, encode_reply
+from ..codec import Request, check_message, encode_error, encode_reply
 from ..commands import COMMANDS, Command
-from ..errors import BadRequest, FedzmqError, LimitExceeded, RemoteError, compact_traceback, error_payload
+from ..errors import (BadRequest, FedzmqError, LimitExceeded, ProtocolError, RemoteError, compact_traceback,
+                      error_payload)
 from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
@@ -101,7 +102,13 @@ class Executor:
             else:
                 fetched, value = await self._outcome(session, get)
             outcome = {"result": outcome, "value" if fetched else "error": value}
-        return encode_reply(request.id, outcome)
+        frames = encode_reply(request.id, outcome)
+        try:  # a reply the client would refuse to read could name no request: it would drop the connection
+            check_message(frames, self.context.config.limits)
+        except ProtocolError as exc:
+            return encode_error(request.id, error_payload(LimitExceeded.new(
+                f"the reply of {request.cmd} is more than one message carries: {exc}; ask for less at a time"), ""))
+        return frames
 
     async def _outcome(self, session: Session, request: Request) -> tuple[bool, Any]:
         """Run one command: (True, its result) or (False, the error's payload)."""

@@ -14,6 +14,7 @@ from ..binding import Binding, Context, Made
 from ..cost import check_work, element_work
 from ..objects import HostedModule
 from ..taint import storage_key
+from .tensors import check_chunk
 
 
 def module_put(context: Context, binding: Binding) -> Any:
@@ -142,8 +143,7 @@ def _entry_bytes(binding: Binding) -> torch.Tensor:
 
 def module_write(context: Context, binding: Binding) -> Any:
     target, data, offset = _entry_bytes(binding), binding.args["data"], binding.args["offset"]
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
-        raise BadRequest.new("module_write takes a flat uint8 tensor of bytes")
+    check_chunk(context, data, "module_write")
     if offset + data.numel() > target.numel():
         raise BadRequest.new(f"chunk of {data.numel()} bytes at {offset} runs past {binding.args['name']!r}")
     target[offset: offset + data.numel()].copy_(data)

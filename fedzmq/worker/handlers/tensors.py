@@ -54,11 +54,22 @@ def alloc(context: Context, binding: Binding) -> Any:
     return Made([PartialTensor(tensor, requires_grad=bool(binding.args.get("grad")))])
 
 
+def check_chunk(context: Context, data: Any, command: str) -> None:
+    """A stream's chunk (``write``, ``module_write``) is a flat uint8 tensor of at most ``--chunk-bytes``,
+    and its copy fits the command's time: one copy cannot be stopped half-way."""
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise BadRequest.new(f"{command} takes a flat uint8 tensor of bytes")
+    chunk_bytes = context.config.limits.chunk_bytes
+    if data.numel() > chunk_bytes:
+        raise BadRequest.new(f"a chunk of {data.numel()} bytes is more than this worker's chunk size "
+                             f"({chunk_bytes} bytes, --chunk-bytes)")
+    check_work(element_work(data), context.config.max_command_seconds, "copying this chunk")
+
+
 def write(context: Context, binding: Binding) -> Any:
     partial: PartialTensor = binding.objects["obj"]
     data, offset = binding.args["data"], binding.args["offset"]
-    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
-        raise BadRequest.new("write takes a flat uint8 tensor of bytes")
+    check_chunk(context, data, "write")
     target = partial.flat_bytes
     if offset != partial.written or partial.written + data.numel() > target.numel():
         raise BadRequest.new(f"chunk at offset {offset} of {data.numel()} bytes does not continue "
@@ -75,8 +86,8 @@ def read(context: Context, binding: Binding) -> Any:
     offset, length = binding.args["offset"], binding.args["length"]
     if offset + length > tensor.numel() * tensor.element_size() or length > context.config.limits.chunk_bytes:
         raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
-    # a piece of a view copies at most three times its elements (``byte_range``), each as a copy would
-    elements = 3 * -(-length // tensor.element_size())
+    # a piece of a view copies its elements (``byte_range``; two more at most, for its ends' bytes)
+    elements = -(-length // tensor.element_size()) + 2
     check_work(elements * copy_units(tensor), context.config.max_command_seconds, "copying this piece in order")
     return byte_range(tensor, offset, length)
 
@@ -150,18 +161,36 @@ def byte_range(tensor: torch.Tensor, offset: int, length: int) -> torch.Tensor:
 
 
 def _element_range(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Elements ``start`` to ``stop`` of ``tensor`` in row-major order, as a contiguous 1-D tensor. A
-    range within one or two rows of the first dimension descends into those rows; a range over more
-    rows copies them, which is at most three times the range (every row inside it is whole)."""
+    """Elements ``start`` to ``stop`` of ``tensor`` in row-major order, as a contiguous 1-D tensor: a view
+    of a contiguous tensor, else a copy of exactly those elements. (It was a slice of a copy of the whole
+    rows the range spans, up to three times the range, and a reply's frame keeps all of its storage
+    alive while charged its own bytes: a red team's unread reads held four times their quota.)"""
     if tensor.is_contiguous():
         return tensor.reshape(-1)[start:stop]
-    if stop <= start:
-        return tensor.new_empty(0)
-    if tensor.dim() == 1:
-        return tensor[start:stop].contiguous()
+    out = tensor.new_empty(max(0, stop - start))
+    if stop > start:
+        _copy_range(tensor, start, stop, out)
+    return out
+
+
+def _copy_range(tensor: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
+    """Copy elements ``start`` to ``stop`` (row-major) of ``tensor`` into the contiguous ``out``: the whole
+    rows of the first dimension in one copy, a partial first and last row by descending into them."""
+    if tensor.dim() <= 1 or tensor.is_contiguous():
+        out.copy_(tensor.reshape(-1)[start:stop])
+        return
     row = tensor[0].numel()
-    first, last = start // row, -(-stop // row)
-    if last - first > 2:
-        return tensor[first:last].contiguous().view(-1)[start - first * row: stop - first * row]
-    return torch.cat([_element_range(tensor[r], max(start - r * row, 0), min(stop - r * row, row))
-                      for r in range(first, last)])
+    if start // row == (stop - 1) // row:  # within one row
+        first = start // row
+        _copy_range(tensor[first], start - first * row, stop - first * row, out)
+        return
+    whole_from, whole_to = -(-start // row), stop // row
+    at = whole_from * row - start
+    if at:
+        _copy_range(tensor[whole_from - 1], row - at, row, out[:at])
+    if whole_to > whole_from:
+        rows = tensor[whole_from:whole_to]
+        out[at: at + rows.numel()].view(rows.shape).copy_(rows)
+        at += rows.numel()
+    if at < out.numel():
+        _copy_range(tensor[whole_to], 0, out.numel() - at, out[at:])
