@@ -234,8 +234,8 @@ class Coster:
                 with torch.set_grad_enabled(grad), counter:
                     out = call(*meta_inputs, **meta_kwargs)
                 one = isinstance(out, torch.Tensor)
-                footprint = Footprint(counter.nbytes + counter.scratch, counter.flops, tuple(out.shape) if one else None,
-                                      out.dtype if one else None)
+                footprint = Footprint(counter.nbytes + counter.scratch, counter.flops,
+                                      tuple(out.shape) if one else None, out.dtype if one else None)
             except (BadRequest, LimitExceeded):
                 raise
             except Exception as exc:
