@@ -13,9 +13,11 @@ The default dtype is not among them: torch keeps it per process, not per thread.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, NamedTuple
+from typing import Any, ContextManager, Coroutine, Generator, Generic, NamedTuple, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class TorchModes(NamedTuple):
@@ -61,4 +63,41 @@ def default_modes() -> ContextManager[Any]:
     return stack
 
 
-__all__ = ["DEFAULT_MODES", "TorchModes", "default_modes", "restore", "snapshot"]
+async def in_default_modes(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` with every one of its synchronous steps in the default modes (``default_modes``
+    entered before it resumes, left when it awaits); a coroutine itself, so it can be awaited or made a
+    task. The caller's modes never reach it: a round awaited inside ``torch.inference_mode()``, or run
+    while another coroutine holds that mode across an await, made the strategy's kept state (sums,
+    momentum, moments) inference tensors, and every later round failed. The caller's own code between
+    its awaits keeps the caller's modes."""
+    return await _StepsInDefaultModes(coroutine)
+
+
+class _StepsInDefaultModes(Generic[T]):
+    """The awaitable behind ``in_default_modes``: it drives the coroutine step by step, as a task would."""
+
+    __slots__ = ("coroutine",)
+
+    def __init__(self, coroutine: Coroutine[Any, Any, T]) -> None:
+        self.coroutine = coroutine
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        coroutine, value, error = self.coroutine, None, None
+        try:
+            while True:
+                try:
+                    with default_modes():
+                        waited = coroutine.send(value) if error is None else coroutine.throw(error)
+                except StopIteration as done:
+                    return done.value
+                try:
+                    value, error = (yield waited), None
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # (cancellation, thrown in by the task) goes on to the coroutine
+                    value, error = None, exc
+        finally:
+            coroutine.close()  # (a no-op once it has returned)
+
+
+__all__ = ["DEFAULT_MODES", "TorchModes", "default_modes", "in_default_modes", "restore", "snapshot"]

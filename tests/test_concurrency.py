@@ -200,3 +200,51 @@ async def test_models_built_by_an_in_process_worker_are_float32_whatever_a_neigh
     finally:
         stop.set()
         await neighbour
+
+
+def _round_workers(prefix: str) -> list[fz.VirtualWorker]:
+    config = fz.WorkerConfig(min_batch_size=1, min_metric_rows=1, shuffle_secret="fixed")
+    workers = []
+    for i in range(3):
+        generator = torch.Generator().manual_seed(i)
+        x = torch.randn(24, 4, generator=generator)
+        workers.append(fz.VirtualWorker(f"{prefix}{i}", config=config, datasets={"d": Dataset("d", x, x[:, :3].argmax(1))}))
+    return workers
+
+
+async def _three_rounds(strategy: Any, prefix: str, first_round_mode: Any) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    workers = _round_workers(prefix)
+    federation = fz.Federation(workers, model, fz.FitConfig("d", "cross_entropy", batch_size=8, steps=2,
+                                                            optimizer={"cls": "SGD", "lr": 0.1}), strategy)
+    try:
+        for number in range(3):
+            if number == 0 and first_round_mode is not None:
+                with first_round_mode:  # the caller's mode, held around the await of a whole round
+                    await federation.run_round()
+            else:
+                await federation.run_round()
+    finally:
+        await federation.close()
+        for worker in workers:
+            await worker.close()
+    return [v.clone() for v in model.state_dict().values()]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("strategy", ["FedAvg", "FedAvgM", "FedAdam", "SecAgg"])
+async def test_a_round_under_the_callers_inference_mode_leaves_later_rounds_as_they_would_be(strategy):
+    """The state a strategy keeps between rounds (FedAvg's recycled sums, FedAvgM's momentum, FedAdam's
+    moments, a secure round's) was made under whatever mode the event loop's thread had: a round awaited
+    inside ``torch.inference_mode()`` made inference tensors, and every later round, run with no mode at
+    all, failed ("Inplace update to inference tensor outside InferenceMode"; found by a session attacking
+    these promises). The coordinator's own torch work runs in the default modes, like a worker's."""
+    def make() -> Any:
+        return {"FedAvg": fz.FedAvg, "FedAvgM": lambda: fz.FedAvgM(server_momentum=0.9), "FedAdam": fz.FedAdam,
+                "SecAgg": lambda: fz.SecAgg(fz.FedAvg())}[strategy]()
+
+    expected = await _three_rounds(make(), "plain", None)
+    for mode in (torch.inference_mode(), torch.no_grad()):
+        got = await _three_rounds(make(), "moded", mode)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got)), mode

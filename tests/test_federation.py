@@ -415,3 +415,31 @@ async def test_a_poisson_draw_of_too_few_workers_is_a_round_that_changes_nothing
         assert federation.round == 3
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(120)
+async def test_async_callbacks_are_awaited_and_a_federation_closes_with_async_with(fedzmq_virtual_workers):
+    """An ``async def`` evaluation gave ``AttributeError: 'coroutine' object has no attribute 'get'`` after
+    the round had committed, and an ``async def`` ``on_round`` never ran (a warning only); a Federation
+    could not be used with ``async with`` (found by a session trying the API as users write it)."""
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(40, 2)
+    workers = await fedzmq_virtual_workers("bob", "alice", datasets={
+        "bob": {"d": Dataset("d", x[:20], (x[:20, 0] > 0).long())},
+        "alice": {"d": Dataset("d", x[20:], (x[20:, 0] > 0).long())}})
+    seen: list[int] = []
+
+    async def evaluate(model: nn.Module) -> dict[str, float]:
+        await asyncio.sleep(0)
+        return {"loss": 1.5, "accuracy": 0.25}
+
+    async def on_round(metrics: fz.RoundMetrics) -> None:
+        await asyncio.sleep(0)
+        seen.append(metrics.round)
+
+    torch.manual_seed(0)
+    config = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.5}, steps=1, batch_size=20)
+    async with fz.Federation(workers, nn.Linear(2, 2), config, evaluate=evaluate) as federation:
+        history = await federation.run(2, on_round=on_round)
+    assert seen == [1, 2] and [m.eval_accuracy for m in history] == [0.25, 0.25]

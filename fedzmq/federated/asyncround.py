@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..client.pointers import Broadcast
 from ..client.worker import RemoteWorker
+from ..torchmodes import in_default_modes
 from .base import State
 from .fedbuff import BufferAggregator, DeltaReceiver
 from .protocols import Folder, RoundContext, RoundOutcome, RoundProtocol, fit_trip, reason, worker_key
@@ -80,7 +81,7 @@ class BufferedAsyncRounds(RoundProtocol):
         for worker in context.participants:
             trip = self._trips.get(worker_key(worker))
             if trip is None or trip.done():
-                self._trips[worker_key(worker)] = asyncio.create_task(self._trip(worker),
+                self._trips[worker_key(worker)] = asyncio.create_task(in_default_modes(self._trip(worker)),
                                                                        name=f"fedbuff-{worker_key(worker)}")
         try:
             async with asyncio.timeout_at(context.deadline):

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import math
 import random
 import time
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Literal, Mapping, Sequence
 
 from torch import nn
 
 from ..client.worker import RemoteWorker
 from ..errors import CheckpointMismatch, FedzmqError
+from ..torchmodes import in_default_modes
 from . import checkpoint as ckpt
 from .base import Strategy, strategy_name
 from .metrics import RoundMetrics
@@ -73,7 +75,7 @@ def why_dropped(dropped: Mapping[str, str], reasons: int = 5, names: int = 3) ->
     return "; ".join(parts)
 
 
-EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
+EvaluateFn = Callable[[nn.Module], "Mapping[str, float] | Awaitable[Mapping[str, float]]"]
 Sampling = Literal["fixed", "poisson"]
 
 
@@ -90,10 +92,10 @@ class Federation:
     ``fit`` says what every participant's local training does; ``strategy`` (default ``FedAvg()``) how
     the updates become the next model. Per round, a seeded random ``fraction`` of the live workers
     takes part (at least ``min_workers``, and a round with fewer updates fails), within
-    ``round_timeout`` seconds. ``evaluate`` (a function of the model returning ``{"loss", "accuracy"}``)
-    runs on the coordinator after every round, on a held-out set you keep; ``evaluate_on_workers``
-    also evaluates the new model on the participants' own data (``eval_dataset``, default the fit's),
-    reported as sample-weighted aggregates. With ``checkpoint_dir`` the run resumes where a previous
+    ``round_timeout`` seconds. ``evaluate`` (a function, or an ``async def``, of the model returning
+    ``{"loss", "accuracy"}``) runs on the coordinator after every round, on a held-out set you keep;
+    ``evaluate_on_workers`` also evaluates the new model on the participants' own data (``eval_dataset``,
+    default the fit's), reported as sample-weighted aggregates. With ``checkpoint_dir`` the run resumes where a previous
     one stopped. ``run()`` returns the history: one ``RoundMetrics`` per round.
 
     ``sampling``: ``"fixed"`` (default) takes exactly ``max(min_workers, ceil(fraction * live))`` workers,
@@ -145,10 +147,11 @@ class Federation:
 
     # --- running -------------------------------------------------------------------------------
 
-    async def run(self, rounds: int, on_round: Callable[[RoundMetrics], None] | None = None) -> list[RoundMetrics]:
+    async def run(self, rounds: int, on_round: Callable[[RoundMetrics], Any] | None = None) -> list[RoundMetrics]:
         """Run rounds until ``rounds`` are done in total (a resumed federation continues its count);
-        returns the history, one ``RoundMetrics`` per round. Work the strategy keeps going between rounds
-        (FedBuff's trips) is stopped when it returns."""
+        returns the history, one ``RoundMetrics`` per round. ``on_round`` (a function or an ``async def``)
+        is called with each round's metrics. Work the strategy keeps going between rounds (FedBuff's trips)
+        is stopped when it returns."""
         try:
             while self.round < rounds:
                 stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
@@ -158,15 +161,24 @@ class Federation:
                     break
                 metrics = await self.run_round()
                 if on_round is not None:
-                    on_round(metrics)
+                    called = on_round(metrics)
+                    if inspect.isawaitable(called):  # an ``async def`` callback
+                        await called
         finally:
             await self.close()
         return self.history
 
     async def close(self) -> None:
         """Stop what the strategy's round protocol keeps going between rounds (FedBuff's trips in flight;
-        nothing for synchronous rounds). ``run`` does it; call it after using ``run_round`` on its own."""
+        nothing for synchronous rounds). ``run`` does it; call it after using ``run_round`` on its own, or
+        use the federation as ``async with fz.Federation(...) as federation:``."""
         await self.strategy.round_protocol().close()
+
+    async def __aenter__(self) -> "Federation":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     def sampling_rate(self) -> float:
         """``q`` for a DP accountant: the probability with which each worker takes part in a round,
@@ -176,7 +188,11 @@ class Federation:
         return sampling_rate(self.sampling, self.fraction)
 
     async def run_round(self) -> RoundMetrics:
-        """One round: select, run the participants' trips, commit, record (see the module's docstring)."""
+        """One round: select, run the participants' trips, commit, record (see the module's docstring).
+        It computes in torch's default modes whatever modes its caller holds (``in_default_modes``)."""
+        return await in_default_modes(self._run_round())
+
+    async def _run_round(self) -> RoundMetrics:
         number = self.round + 1
         started = time.perf_counter()
         sent_before, received_before = self._traffic()
@@ -225,7 +241,7 @@ class Federation:
             except Exception:  # still unreachable: the round leaves it out
                 pass
 
-        await asyncio.gather(*(one(w) for w in workers))
+        await asyncio.gather(*(in_default_modes(one(w)) for w in workers))
 
     async def _record(self, number: int, started: float, sent_before: int, received_before: int,
                       selected: Sequence[RemoteWorker], unreachable: Sequence[RemoteWorker],
@@ -248,6 +264,8 @@ class Federation:
         try:
             if self.evaluate_fn is not None:
                 result = self.evaluate_fn(self.model)
+                if inspect.isawaitable(result):  # an ``async def`` evaluation
+                    result = await result
                 metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")
             if self.evaluate_on_workers:
                 await self._evaluate_on_workers(metrics, [w for w in selected if worker_key(w) in fits])
@@ -283,7 +301,7 @@ class Federation:
                 metrics.extra.setdefault("eval_dropped", {})[worker_key(worker)] = reason(exc, deadline,
                                                                                          self.round_timeout)
 
-        await asyncio.gather(*(one(w) for w in workers if w.alive))
+        await asyncio.gather(*(in_default_modes(one(w)) for w in workers if w.alive))
         total = sum(r["samples"] for r in results)
         if total:
             # exactly rounded (fsum): the results arrive in any order, and reruns must repeat the numbers

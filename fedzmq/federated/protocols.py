@@ -31,6 +31,7 @@ from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
 from ..errors import ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
 from ..optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+from ..torchmodes import in_default_modes
 from .base import Aggregator, Strategy, UpdateReceiver
 
 #: a fit's metrics, as a fit over many hosted clients lists them for each (``fedzmq.worker.training.METRICS``)
@@ -249,8 +250,9 @@ class AveragingRound(RoundProtocol):
 
         singles, groups = group_by_host(context.participants)
         try:
-            await asyncio.gather(*(one(w) for w in singles),
-                                 *(hosted_clients(host, clients) for host, clients in groups))
+            # each a task of its own: in the default modes, as the round is (``Federation.run_round``)
+            await asyncio.gather(*(in_default_modes(one(w)) for w in singles),
+                                 *(in_default_modes(hosted_clients(host, clients)) for host, clients in groups))
         finally:
             await fold.close()
         return RoundOutcome(fits, dropped, commit=lambda: aggregator.write_result(context.model.state_dict()))

@@ -45,6 +45,7 @@ from ..client.pointers import Broadcast, ModulePointer
 from ..client.worker import RemoteWorker
 from ..errors import ObjectNotFound
 from ..secagg import GraphParameters, SecAggAborted, SecAggConfig, SecAggProtocolError, SecAggServer, choose_parameters
+from ..torchmodes import in_default_modes
 from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, worker_key
 from .strategies import Aggregator, State, Strategy
 
@@ -226,7 +227,7 @@ class SecureRound(RoundProtocol):
             return False, None
 
         async def each(workers: Sequence[RemoteWorker], call: Callable[[RemoteWorker], Awaitable[Any]]) -> dict:
-            outcomes = await asyncio.gather(*(guarded(w, call) for w in workers))
+            outcomes = await asyncio.gather(*(in_default_modes(guarded(w, call)) for w in workers))
             return {w: answer for w, (ok, answer) in zip(workers, outcomes) if ok}
 
         def add_each(add: Callable[[Any], None], messages: dict[RemoteWorker, Any]) -> dict[RemoteWorker, Any]:
@@ -274,7 +275,7 @@ class SecureRound(RoundProtocol):
         # neighbours' keys (all of U0's with the complete graph)
         keys = await off_loop(lambda: {w: server.keys_for(ids[w]) for w in alive})
         sharing = {w: w.secagg("share_keys", number, keys[w]) for w in alive}
-        fitting = {w: asyncio.ensure_future(guarded(w, fit)) for w in alive}
+        fitting = {w: asyncio.ensure_future(in_default_modes(guarded(w, fit))) for w in alive}
         try:
             shares = await each(alive, lambda w: sharing[w])
             await off_loop(add_each, server.add_shares, shares)
@@ -394,7 +395,7 @@ async def _dataset_sizes(workers: Sequence[RemoteWorker], dataset: str) -> Mappi
         except Exception:
             return 1
 
-    sizes = await asyncio.gather(*(size(w) for w in workers))
+    sizes = await asyncio.gather(*(in_default_modes(size(w)) for w in workers))
     return dict(zip(workers, sizes)) or {None: 1}  # type: ignore[dict-item]
 
 
