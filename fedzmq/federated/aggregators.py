@@ -15,6 +15,7 @@ The interface and the conventions they share are in base.py.
 from __future__ import annotations
 
 import abc
+import hashlib
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -448,11 +449,21 @@ class HeldUpdatesAggregator(_PendingAggregator):
         self._updates.append(state)
         self._samples.append(num_samples)
 
+    def _put_in_content_order(self) -> None:
+        """Order the held updates by their content, not by when they arrived: a rule that breaks a tie by
+        position (Krum's first lowest score) or sums what it keeps in order would otherwise give another
+        model when the same updates come in another order (two runs from the same seeds differed by 0.05)."""
+        keys = [(content_digest(update), samples) for update, samples in zip(self._updates, self._samples)]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        self._updates = [self._updates[i] for i in order]
+        self._samples = [self._samples[i] for i in order]
+
     def write_result(self, into: State) -> None:
         self._require_updates()
         if self._refused is not None:
             raise HeldBytesExceeded(f"the round cannot be aggregated without the updates it refused: {self._refused}")
         if self._kept is None:
+            self._put_in_content_order()
             names = [k for k, ref in self._global.items() if ref.is_floating_point()]
             self._kept = self._select(self._updates, names)
         kept = [self._updates[i] for i in self._kept]
@@ -463,6 +474,17 @@ class HeldUpdatesAggregator(_PendingAggregator):
                     into[name].copy_(self._reduce([u[name].to(work_dtype(ref)) for u in kept], samples))
                 else:
                     into[name].copy_(torch.stack([u[name] for u in kept]).amax(dim=0))
+
+
+def content_digest(state: State) -> bytes:
+    """A digest of a state's entries, names and bytes in name order: the same for equal states, whatever
+    object holds them."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
+    return digest.digest()
 
 
 class CyclicAggregator(_PendingAggregator):
