@@ -242,3 +242,29 @@ async def test_uses_of_an_optimizer_whose_creation_fails_tell_the_same_error_at_
     said ``object 2 was never made``, an id the user never saw; in turn, both tell the creation's error."""
     in_turn, at_once = await fedzmq_virtual_workers("bob-in-turn", "bob-at-once")
     assert await _optimizer_errors(at_once, True) == await _optimizer_errors(in_turn, False)
+
+
+@pytest.mark.timeout(120)
+async def test_a_deadline_that_fires_always_raises_even_as_the_reply_arrives(fedzmq_daemons):
+    """``asyncio.wait_for`` on Python 3.11 returns a reply that arrives as it is cancelled, losing the
+    cancellation (CPython gh-86296): under ``asyncio.timeout``, 7 of 150 connects returned a live worker
+    after the deadline had fired, which nobody then held (its session and tasks kept running). A request
+    waits under ``asyncio.timeout`` itself now, so a deadline that fired raises ``TimeoutError``."""
+    [bob] = await fedzmq_daemons("bob")
+    swallowed = 0
+    for i in range(90):
+        seconds = 0.0005 * (i % 30 + 1)
+        worker = None
+        try:
+            async with asyncio.timeout(seconds) as deadline:
+                if i % 2:
+                    worker = await fz.connect(bob.address)
+                else:
+                    await bob.worker.status()
+        except TimeoutError:
+            continue
+        if deadline.expired():
+            swallowed += 1
+        if worker is not None:
+            await worker.close()
+    assert swallowed == 0

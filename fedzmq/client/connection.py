@@ -325,8 +325,15 @@ class Connection:
         return await self.wait(self.submit(cmd, args), timeout)
 
     async def wait(self, future: asyncio.Future[Reply], timeout: float | None = None) -> Any:
+        """The reply's result (or its error raised), within ``timeout`` seconds. ``asyncio.timeout``, not
+        ``wait_for``: on Python 3.11, a ``wait_for`` cancelled just as its reply arrives returns the reply and
+        loses the cancellation (CPython gh-86296), so a connect under a deadline returned a live worker
+        nobody held, its session and tasks left running."""
+        if not timeout:
+            return unwrap(await future)
         try:
-            reply = await asyncio.wait_for(asyncio.shield(future), timeout) if timeout else await future
+            async with asyncio.timeout(timeout):
+                reply = await asyncio.shield(future)
         except TimeoutError:
             raise RequestTimeout(f"no reply from {self.address} within {timeout}s") from None
         return unwrap(reply)
