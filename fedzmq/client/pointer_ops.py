@@ -35,6 +35,15 @@ class PointerOps:
     _loop: asyncio.AbstractEventLoop | None
     _released: list[int]
     _closed: bool
+    client: str | None
+
+    @property
+    def _session_ended(self) -> bool:
+        """Whether this handle's session on the daemon is over: its connection closed, or it is a hosted
+        client's and was closed. A closed handle of the daemon itself (``connect_clients`` closes it as its
+        clients take the connection over) keeps a session as long as the connection: rounds send their
+        model there, and its releases must still go out (six federations left six models behind)."""
+        return self._connection.closed or (self._closed and self.client is not None)
 
     def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
@@ -90,7 +99,7 @@ class PointerOps:
         """Called from ``Pointer.__del__``: queue a remote delete. Deletes go out in batches, every
         ``RELEASE_DELAY`` seconds or ``RELEASE_BATCH`` ids, never one message per collected pointer.
         (Order is safe: a pointer is collected only after every command naming it was sent.)"""
-        if self._closed or self._connection.closed or self._loop is None or self._loop.is_closed():
+        if self._session_ended or self._loop is None or self._loop.is_closed():
             return
         self._released.append(obj_id)
         if len(self._released) >= RELEASE_BATCH:
@@ -114,7 +123,7 @@ class PointerOps:
 
     def _flush_released(self) -> None:
         ids, self._released = self._released, []
-        if not ids or self._closed or self._connection.closed or not self._connection.alive:
+        if not ids or self._session_ended or not self._connection.alive:
             return
         self.submit("delete", {"objs": ids}).add_done_callback(_retrieve)  # in this (logical client's) session
 
