@@ -1586,3 +1586,21 @@ async def test_a_fits_loss_is_sized_with_its_forward(fedzmq_daemons, tmp_path):
     with pytest.raises(fz.LimitExceeded, match="loss"):
         await worker.request("fit", {**fit, "loss": "cross_entropy"})
     assert (await worker.request("fit", {**fit, "batch_size": 64, "loss": "cross_entropy"}))["steps"] == 1
+
+
+async def test_a_call_over_several_dtypes_is_counted_at_its_dearest_and_softmax_rows_at_their_rate(fedzmq_daemons):
+    """A call was counted at one dtype class's rate, half floats' when any operand was one: ``remainder``
+    of a float16 tensor by a float64 one computes in float64 and ran 8-14 times what it was sized (a red
+    team's, on the table above). It is counted at the dearest of its classes. And half floats' softmax row
+    rests on a strided dim (63 ns an element): it refused an honest float16 softmax over 1,000 logits a
+    row, which runs at float32's rate (found by the same red team): over the innermost dim it counts as
+    float32."""
+    [host] = await fedzmq_daemons("owner", args=["--max-command-seconds", "0.05", "--max-session-bytes", str(1 << 30)])
+    worker = host.worker
+    n = 1 << 22
+    halves, doubles = await worker.send(torch.ones(n, dtype=torch.float16)), await worker.send(torch.ones(n).double())
+    with pytest.raises(fz.LimitExceeded, match="mod"):
+        await worker.request("op", {"op": "mod", "args": [Ref(halves.id), Ref(doubles.id)], "kwargs": {},
+                                    "out": [worker.new_id()]})
+    logits = await worker.send(torch.zeros(2048, 1000, dtype=torch.float16))
+    assert (await logits.softmax(dim=1).get()).shape == (2048, 1000)

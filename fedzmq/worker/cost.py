@@ -453,7 +453,9 @@ def _call_work(op: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any, o
     """One call's work: its operands read and its outputs written, each times the call's measured
     multiplier (``opwork``), and for a matmul or convolution torch's flop formula (times its own), whichever
     is more (a 1x1 convolution over a million tiny images does few flops and runs 67 ns an element)."""
-    reads, writes, flops = op_work(op, operands, made)
+    normalized = op in _NORMALIZED and bool(made) and len(args) > 1 and made[0].dim() > 0
+    innermost = normalized and all(size == 1 for size in made[0].shape[args[1] % made[0].dim() + 1:])
+    reads, writes, flops = op_work(op, operands, made, innermost)
     per_output = OUTPUT_WORK * _window(op, args)
     if made and op is _ATEN.pow and not made[0].is_floating_point():
         per_output = INTEGER_POW_WORK
@@ -461,7 +463,7 @@ def _call_work(op: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any, o
         per_output = OUTPUT_WORK * len(operands)
     read = sum(element_work(t) for t in operands)
     written = per_output * sum(t.numel() for t in made)
-    if op in _NORMALIZED and made and len(args) > 1 and made[0].dim():  # the measured part is per row
+    if normalized:  # the measured part is per row
         rows = made[0].numel() // max(1, made[0].shape[args[1]])
         units = reads * read + written + writes * OUTPUT_WORK * rows
     else:
