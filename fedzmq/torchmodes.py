@@ -13,7 +13,8 @@ The default dtype is not among them: torch keeps it per process, not per thread.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Coroutine, Generator, Generic, NamedTuple, TypeVar
+from collections.abc import Coroutine as CoroutineABC
+from typing import Any, ContextManager, Coroutine, Generator, NamedTuple, TypeVar
 
 import torch
 
@@ -63,41 +64,47 @@ def default_modes() -> ContextManager[Any]:
     return stack
 
 
-async def in_default_modes(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run ``coroutine`` with every one of its synchronous steps in the default modes (``default_modes``
-    entered before it resumes, left when it awaits); a coroutine itself, so it can be awaited or made a
-    task. The caller's modes never reach it: a round awaited inside ``torch.inference_mode()``, or run
-    while another coroutine holds that mode across an await, made the strategy's kept state (sums,
-    momentum, moments) inference tensors, and every later round failed. The caller's own code between
-    its awaits keeps the caller's modes."""
-    return await _StepsInDefaultModes(coroutine)
+def in_default_modes(coroutine: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
+    """``coroutine`` with every one of its synchronous steps run in the default modes (``default_modes``
+    entered before it resumes, left when it awaits): a coroutine itself, to await or to make a task of.
+    The caller's modes never reach it: a round awaited inside ``torch.inference_mode()``, or run while
+    another coroutine holds that mode across an await, made the strategy's kept state (sums, momentum,
+    moments) inference tensors, and every later round failed. The caller's own code between its awaits
+    keeps the caller's modes."""
+    return _StepsInDefaultModes(coroutine)
 
 
-class _StepsInDefaultModes(Generic[T]):
-    """The awaitable behind ``in_default_modes``: it drives the coroutine step by step, as a task would."""
+class _StepsInDefaultModes(CoroutineABC[Any, Any, T]):
+    """The coroutine ``in_default_modes`` returns: each ``send`` and ``throw`` (a step, as a task drives
+    it) goes to the wrapped coroutine inside ``default_modes``; ``close`` closes it, started or not."""
 
-    __slots__ = ("coroutine",)
+    __slots__ = ("_coroutine",)
 
     def __init__(self, coroutine: Coroutine[Any, Any, T]) -> None:
-        self.coroutine = coroutine
+        self._coroutine = coroutine
+
+    def send(self, value: Any) -> Any:
+        with default_modes():
+            return self._coroutine.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        with default_modes():
+            if val is None and tb is None:
+                return self._coroutine.throw(typ)
+            return self._coroutine.throw(typ, val, tb)  # (the old three-argument form)
+
+    def close(self) -> None:
+        self._coroutine.close()
 
     def __await__(self) -> Generator[Any, Any, T]:
-        coroutine, value, error = self.coroutine, None, None
-        try:
-            while True:
-                try:
-                    with default_modes():
-                        waited = coroutine.send(value) if error is None else coroutine.throw(error)
-                except StopIteration as done:
-                    return done.value
-                try:
-                    value, error = (yield waited), None
-                except GeneratorExit:
-                    raise
-                except BaseException as exc:  # (cancellation, thrown in by the task) goes on to the coroutine
-                    value, error = None, exc
-        finally:
-            coroutine.close()  # (a no-op once it has returned)
+        # an iterator driven by send and throw, as a generator is
+        return self
+
+    def __iter__(self) -> "_StepsInDefaultModes[T]":
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
 
 
 __all__ = ["DEFAULT_MODES", "TorchModes", "default_modes", "in_default_modes", "restore", "snapshot"]
