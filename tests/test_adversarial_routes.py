@@ -1604,3 +1604,57 @@ async def test_a_call_over_several_dtypes_is_counted_at_its_dearest_and_softmax_
                                     "out": [worker.new_id()]})
     logits = await worker.send(torch.zeros(2048, 1000, dtype=torch.float16))
     assert (await logits.softmax(dim=1).get()).shape == (2048, 1000)
+
+
+# --- the torch thread takes each key's commands in turn ----------------------------------------------------
+
+@pytest.mark.timeout(180)
+async def test_one_key_with_many_connections_does_not_starve_another_keys_commands(tmp_path):
+    """The torch thread took commands first come, first served: one allowed key's k connections, each
+    keeping a fit running to the command limit (legitimate, one at a time per session), made another
+    key's small op wait about k times the limit (a red team's 12 connections: 12 s under a 1 s limit;
+    at the default 300 s limit, hours). The thread now takes the waiting commands of each client key in
+    turn, so another key waits for at most the command running and one of each other key's."""
+    import shutil
+
+    from fedzmq.launcher import DaemonProcess
+    from fedzmq.security import generate_keypair
+    from fedzmq.testing.datasets import write_dataset
+
+    server = generate_keypair(tmp_path / "keys", "server")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    keys = {name: generate_keypair(tmp_path / "keys", name) for name in ("hog", "honest")}
+    for public, _ in keys.values():
+        shutil.copy(public, allowed)
+    path = write_dataset(tmp_path / "rows.safetensors", torch.randn(4096, 64), torch.randn(4096, 1))
+    limit, hogs = 1.0, 5
+    daemon = DaemonProcess("owner", extra_args=["--secret-key", str(server[1]), "--allowed-keys", str(allowed),
+                                                "--open-data", f"rows={path}", "--max-command-seconds", str(limit)],
+                           log_dir=tmp_path)
+    daemon.start()
+    stop = asyncio.Event()
+
+    async def hog() -> None:
+        async with fz.connect(daemon.address, server_key=server[0], client_key=keys["hog"][1]) as worker:
+            model = await worker.send(nn.Linear(64, 1))
+            while not stop.is_set():
+                with contextlib.suppress(fz.LimitExceeded):  # stopped at the limit: and again
+                    await model.fit("rows", loss="mse_loss", steps=100_000, batch_size=64)
+
+    try:
+        running = [asyncio.ensure_future(hog()) for _ in range(hogs)]
+        async with fz.connect(daemon.address, server_key=server[0], client_key=keys["honest"][1]) as honest:
+            values = await honest.send(torch.ones(1 << 16))  # 2^16 elements: the op runs on the torch thread
+            await asyncio.sleep(2 * limit)  # every hog's fit queued or running
+            waits = []
+            for _ in range(3):
+                started = time.perf_counter()
+                assert torch.equal(await (values + 1).get(), torch.full((1 << 16,), 2.0))
+                waits.append(time.perf_counter() - started)
+        stop.set()
+        await asyncio.gather(*running)
+        assert max(waits) < 2.5 * limit, f"another key's op waited {max(waits):.1f} s behind {hogs} connections"
+    finally:
+        stop.set()
+        assert daemon.stop() == 0, daemon.log_tail()

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import time
-from concurrent.futures import Executor as ThreadPool
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from ..ops import value_checked
 from ..torchmodes import default_modes
 from .binding import Binding, Context, Made, bind
 from .charges import CHARGES, CREATED_STATE_COPIES
+from .fairpool import FairPool
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
 from .handlers.modules import load_into
@@ -68,7 +68,7 @@ CHARGE_NAMES = {"outputs": "its outputs",
 
 
 class Executor:
-    def __init__(self, context: Context, pool: ThreadPool, counters: dict[str, int]) -> None:
+    def __init__(self, context: Context, pool: FairPool, counters: dict[str, int]) -> None:
         self.context = context
         self.pool = pool
         self.counters = counters
@@ -194,15 +194,15 @@ class Executor:
     async def _run(self, binding: Binding) -> Any:
         if self.context.delay:
             await asyncio.sleep(self.context.delay)
-        command, loop = binding.command, asyncio.get_running_loop()
+        command = binding.command
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
-            return await loop.run_in_executor(self.pool, self._charge_and_call, binding)
+            return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.name == "fit":  # measured fast; if that no longer holds, it stops soon, with an error
             binding.session.budget = Budget(min(self.context.config.max_command_seconds, INLINE_FIT_DEADLINE),
                                             "the limit for a fit on the event loop")
         reserve = self._charge(binding)  # small inputs: sizing them is cheap enough for the event loop
         if binding.cost is not None and binding.cost.numel > INLINE_NUMEL:  # a small op with a big output
-            return await loop.run_in_executor(self.pool, self._call_on_thread, binding, reserve)
+            return await self.pool.run(turn_key(binding.session), self._call_on_thread, binding, reserve)
         result = self._call(binding, reserve)
         if command.name == "fit":
             self.counters["inline_fits"] += 1
@@ -445,6 +445,12 @@ def fit_key(binding: Binding) -> str:
     the shuffle's seed and whether the state comes back."""
     return repr(sorted((k, v) for k, v in binding.request.args.items()
                        if k not in ("load", "seed", "reply_state", "module")))
+
+
+def turn_key(session: Session) -> object:
+    """Whose turn a session's torch work waits for (``FairPool``): its client key's, or without keys its
+    connection's."""
+    return session.user if session.user is not None else session.key
 
 
 def small_fit(binding: Binding) -> bool:

@@ -29,7 +29,6 @@ import os
 import secrets
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Sequence, cast
 
@@ -53,6 +52,7 @@ from .config import WorkerConfig
 from .cost import Coster, warm_up
 from .datasets import Dataset
 from .executor import Executor, fail_outputs
+from .fairpool import FairPool
 from .ledger import ReleaseLedger
 from .policy import Policy
 from .reaper import Reaper
@@ -111,7 +111,7 @@ class Worker:
         self._pump: Pump | None = None
         self._copy_frames = False
         self._peers: dict[bytes, Peer] = {}
-        self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=f"fedzmq-{worker_id}")
+        self._pool = FairPool(config.threads, f"fedzmq-{worker_id}")
         self._reaper = Reaper(worker_id)
         self._tasks: list[asyncio.Task[None]] = []
         #: sessions with commands to run (or running one), which share ``SESSION_SLICE_SECONDS``
@@ -260,7 +260,7 @@ class Worker:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = self._pump = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self._reaper.close()  # what the sessions held is freed, on its thread
 
     def _close_key_gate(self) -> None:

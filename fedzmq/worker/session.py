@@ -22,7 +22,7 @@ from ..codec import Request
 from ..eager import Started
 from ..outbox import Outbox
 from .datasets import Dataset
-from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
+from .objects import HostedModule, HostedOptimizer, ObjectTable, extra_bytes, tensors_of
 from .quota import Quota
 from .replies import RepliesOwed
 from .taint import TaintRecord
@@ -141,8 +141,9 @@ class Session:
         deleted, dropped = 0, []
         for obj_id in obj_ids:
             value = self.table.objects.get(obj_id)
-            if value is not None:
-                dropped.append(value)
+            if isinstance(value, (HostedModule, HostedOptimizer)):  # many Python objects: freed off the loop
+                dropped.append(value)  # (a tensor is freed here: what its graph saved is uncharged as it goes,
+                # so the session's room is back when the delete answers)
             deleted += self.table.pop(obj_id)
             self.quota.drop(obj_id)
             self.taint.released.discard(obj_id)

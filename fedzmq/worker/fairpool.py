@@ -1,0 +1,79 @@
+"""The daemon's torch threads, shared fairly between its clients' keys.
+
+A session runs one command at a time, but a client key may hold many sessions (``--max-sessions-per-key``
+connections), and a thread pool takes work first come, first served: one key's connections, each keeping
+a fit running to ``--max-command-seconds`` (legitimate), made another key's small op wait about as many
+times the limit as they were (a red team's 12 connections: 12 s under a 1 s limit; hours at the default
+limit). ``FairPool`` keeps a queue of waiting work per key and gives a free thread to the keys in turn
+(round robin), so a key waits for the work running and at most one piece of each other key's.
+
+Without CurveZMQ keys every connection is a key of its own: anyone who can reach such a daemon can open
+connections, and there is nothing to tell them apart by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, Hashable
+
+Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class FairPool:
+    """``threads`` threads running the work ``run`` is given, each key's oldest first, keys in turn."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._threads = threads
+        self._running = 0
+        #: the keys with work waiting, in the order they get their next turn (a dict keeps insertion order)
+        self._waiting: dict[Hashable, collections.deque[Job]] = {}
+
+    async def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on a thread when ``key``'s turn comes; its result or its exception. A caller
+        cancelled while its work waits takes it out of the queue; once running, the work runs to its end
+        (a thread cannot be stopped: the budget it checks stops it)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.setdefault(key, collections.deque()).append((fn, args, future))
+        self._start_waiting(loop)
+        return await future
+
+    def _start_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._running < self._threads and self._waiting:
+            key = next(iter(self._waiting))
+            queue = self._waiting.pop(key)
+            fn, args, future = queue.popleft()
+            if queue:  # its next piece waits for the other keys' turns
+                self._waiting[key] = queue
+            if future.done():  # its caller was cancelled while it waited
+                continue
+            self._running += 1
+            self._executor.submit(fn, *args).add_done_callback(partial(self._on_thread_done, loop, future))
+
+    def _on_thread_done(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], ran: Future[Any]) -> None:
+        loop.call_soon_threadsafe(self._finished, loop, ran, waiter)  # (on the thread that ran it)
+
+    def _finished(self, loop: asyncio.AbstractEventLoop, ran: Future[Any], waiter: asyncio.Future[Any]) -> None:
+        self._running -= 1
+        if not waiter.done():
+            error = ran.exception()
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(ran.result())
+        self._start_waiting(loop)
+
+    def shutdown(self) -> None:
+        """Fail what waits (its sessions are ending), and let the running work finish on its own."""
+        for queue in self._waiting.values():
+            for _, _, future in queue:
+                future.cancel()
+        self._waiting.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["FairPool"]
