@@ -36,7 +36,8 @@ from .handlers import HANDLERS
 from .handlers.modules import load_into
 from .handlers.tensors import graph_nodes
 from .loads import metrics_label, relabel_loaded, withheld_loss
-from .objects import DependencyError, HostedModule, HostedOptimizer, module_tensors, optimizer_state, tensors_of
+from .objects import (DependencyError, HostedModule, HostedOptimizer, costly_to_free, module_tensors,
+                      optimizer_state, tensors_of)
 from .policy import sanitized
 from .session import Session
 from .taint import Label, storage_key
@@ -209,8 +210,10 @@ class Executor:
         return result
 
     def _large(self, binding: Binding) -> bool:
-        if binding.command.name == "delete":
-            return len(binding.args["objs"]) > INLINE_DELETES
+        if binding.command.name == "delete":  # freeing takes a while: many objects, or big ones
+            objects = binding.session.table.objects
+            return len(binding.args["objs"]) > INLINE_DELETES or \
+                any(costly_to_free(objects.get(obj_id)) for obj_id in binding.args["objs"])
         if binding.command.name == "fit":
             return not small_fit(binding)
         if binding.command.name == "optim_create":  # Adagrad fills its state when made; the others make none

@@ -163,6 +163,16 @@ class ObjectTable:
         self.failures.clear()
 
 
+def costly_to_free(value: Any) -> bool:
+    """Whether freeing ``value`` is work worth a torch thread: a model or an optimizer (an optimizer over
+    2,000 one-element parameters holds 4,000 state tensors and their dicts: 256 of them held the event
+    loop 0.75 s as a delete freed them), or a tensor with an autograd graph (a million nodes, freed with
+    the last tensor that leads to them)."""
+    if isinstance(value, (HostedModule, HostedOptimizer)):
+        return True
+    return isinstance(value, torch.Tensor) and value.grad_fn is not None
+
+
 def tensors_of(value: Any) -> list[torch.Tensor]:
     """The tensors an object's data lives in: a tensor (or a stream), a module's parameters and buffers.
     An optimizer's state is charged by size instead (``extra_bytes``), as it grows."""
@@ -237,5 +247,5 @@ def module_tensors(module: nn.Module, grads: bool = True) -> list[torch.Tensor]:
 
 
 __all__ = ["DependencyError", "FailedObject", "HostedModule", "HostedOptimizer", "ObjectTable", "PartialTensor",
-           "extra_bytes", "kind_name", "module_tensors", "optimized_parameters", "optimizer_state", "tensors_of",
-           "BYTES_PER_OPTIMIZED_PARAMETER"]
+           "costly_to_free", "extra_bytes", "kind_name", "module_tensors", "optimized_parameters", "optimizer_state",
+           "tensors_of", "BYTES_PER_OPTIMIZED_PARAMETER"]

@@ -22,7 +22,7 @@ from ..codec import Request
 from ..eager import Started
 from ..outbox import Outbox
 from .datasets import Dataset
-from .objects import HostedModule, HostedOptimizer, ObjectTable, extra_bytes, tensors_of
+from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
 from .quota import Quota
 from .replies import RepliesOwed
 from .taint import TaintRecord
@@ -138,16 +138,11 @@ class Session:
         modules = {i for i in obj_ids if isinstance(self.table.objects.get(i), HostedModule)}
         if modules:
             obj_ids = list(obj_ids) + [i for i in self.table.optimizers_over(modules) if i not in obj_ids]
-        deleted, dropped = 0, []
-        for obj_id in obj_ids:
-            value = self.table.objects.get(obj_id)
-            if isinstance(value, (HostedModule, HostedOptimizer)):  # many Python objects: freed off the loop
-                dropped.append(value)  # (a tensor is freed here: what its graph saved is uncharged as it goes,
-                # so the session's room is back when the delete answers)
+        deleted = 0
+        for obj_id in obj_ids:  # (a delete that frees much runs on a torch thread: ``costly_to_free``)
             deleted += self.table.pop(obj_id)
             self.quota.drop(obj_id)
             self.taint.released.discard(obj_id)
-        self.let_go(dropped)
         return deleted
 
     def recount(self, obj_id: int) -> None:
