@@ -1658,3 +1658,28 @@ async def test_one_key_with_many_connections_does_not_starve_another_keys_comman
     finally:
         stop.set()
         assert daemon.stop() == 0, daemon.log_tail()
+
+
+async def test_an_autograd_graphs_nodes_are_charged_to_the_tensor_that_keeps_them(fedzmq_daemons):
+    """Only what autograd saves was charged, not its nodes (about 550 bytes each): a model of 1,800
+    chained adds of a constant (which save nothing), called again and again on its own output with the
+    older outputs deleted, kept a million nodes alive under one object, 607 MiB under a 16 MiB quota (a
+    red team's). A stored tensor is charged for the nodes its graph keeps alive: its command's, and its
+    inputs' (an upper bound), so such a chain is refused long before."""
+    quota, chain = 4 << 20, 600
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    program = [["placeholder", "x", [], {}]] + [["call_function", "add", [NodeRef(i), 1], {}] for i in range(chain)]
+    model = await put_module(worker, graph_spec(program + [["output", "output", [NodeRef(chain)], {}]]), {})
+    x = await worker.send(torch.zeros(1).requires_grad_(True))
+    held = (await worker.status())["bytes"]
+    previous, calls = x.id, 0
+    with pytest.raises(fz.LimitExceeded, match="autograd graph"):
+        for calls in range(1, 101):  # 100 calls: 60,000 nodes, 33 MB (9,000 fit the quota)
+            out = await call_module(worker, model, Ref(previous))
+            if previous != x.id:
+                await worker.request("delete", {"objs": [previous]})
+            previous = out
+    assert calls < 20
+    await worker.request("delete", {"objs": [previous]})
+    assert (await worker.status())["bytes"] == held  # the model and x once the chain is gone

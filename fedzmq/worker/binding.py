@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -220,6 +220,20 @@ def _resolve(value: Any, session: Session, tensors: list[torch.Tensor]) -> Any:
 
 
 
+def ref_ids(value: Any) -> Iterator[int]:
+    """The object ids a request's arguments reference (``Ref``), anywhere inside them."""
+    if isinstance(value, Ref):
+        yield value.id
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if item is not None and type(item) not in _PLAIN:
+                yield from ref_ids(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            if item is not None and type(item) not in _PLAIN:
+                yield from ref_ids(item)
+
+
 def _no_refs(name: str, value: Any, command: Command) -> Any:
     """``value`` as it is, unless it holds a reference (``Command.takes_refs``)."""
     if value is None or type(value) in _PLAIN:
@@ -250,4 +264,4 @@ class Made:
     result: Any = None
 
 
-__all__ = ["Binding", "Context", "Made", "bind", "object_tensors", "references_label"]
+__all__ = ["Binding", "Context", "Made", "bind", "object_tensors", "ref_ids", "references_label"]

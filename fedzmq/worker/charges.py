@@ -80,6 +80,7 @@ def forward(context: Context, binding: Binding) -> int:
     footprint = context.coster.forward(hosted, inputs, kwargs, grad, training=training, scope=scope, per_row=per_row)
     if footprint is None:
         return 0
+    binding.extra["calls"] = footprint.calls  # the nodes its output's graph gains (``Session.put``)
     loss = loss_work(context, binding, footprint, scope) if binding.command.name != "module_call" else 0
     check_work((footprint.flops + loss) * (1 + passes), seconds, "one forward" + (" and its loss" if loss else "")
                + (" and backward" if passes == 2 else "") + (" row by row" if per_row else ""))

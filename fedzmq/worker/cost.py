@@ -116,6 +116,8 @@ class OpCost:
     #: bytes of the tensors the op makes on its way and drops (a composite op's intermediates: the
     #: ``log_softmax`` inside ``cross_entropy``), held while it runs
     scratch: int = 0
+    #: aten calls it makes: at least the autograd nodes its output's graph gains
+    calls: int = 1
 
     @property
     def new_bytes(self) -> int:
@@ -132,6 +134,8 @@ class Footprint:
     flops: int
     output: tuple[int, ...] | None = None
     output_dtype: torch.dtype | None = None
+    #: aten calls it makes: at least the autograd nodes its output's graph gains
+    calls: int = 1
 
 
 class _Cache(collections.OrderedDict[Hashable, Any]):
@@ -235,7 +239,8 @@ class Coster:
                     out = call(*meta_inputs, **meta_kwargs)
                 one = isinstance(out, torch.Tensor)
                 footprint = Footprint(counter.nbytes + counter.scratch, counter.flops,
-                                      tuple(out.shape) if one else None, out.dtype if one else None)
+                                      tuple(out.shape) if one else None, out.dtype if one else None,
+                                      max(1, counter.calls))
             except (BadRequest, LimitExceeded):
                 raise
             except Exception as exc:
@@ -356,7 +361,8 @@ def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: 
     # (a view of an operand is free: what copies it in order later pays for that)
     floor = sum(element_work(t) for t in operands) + OUTPUT_WORK * out_numel if made else 0
     work = max(counter.flops, floor)
-    return OpCost(tuple(outputs), work, in_numel + out_numel, scratch=max(0, counter.nbytes - made) + counter.scratch)
+    return OpCost(tuple(outputs), work, in_numel + out_numel, scratch=max(0, counter.nbytes - made) + counter.scratch,
+                  calls=max(1, counter.calls))
 
 
 def _shape_error(exc: Exception) -> Exception:
@@ -424,9 +430,11 @@ class _Counter(TorchDispatchMode):
         self.nbytes = 0
         self.flops = 0
         self.scratch = 0
+        self.calls = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         budget.check()  # each call is cheap on the meta device; how many a description makes is not
+        self.calls += 1
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         op = func.overloadpacket

@@ -28,7 +28,7 @@ from ..errors import (BadRequest, FedzmqError, LimitExceeded, ProtocolError, Rem
 from ..modeldesc import checks_values
 from ..ops import value_checked
 from ..torchmodes import default_modes
-from .binding import Binding, Context, Made, bind
+from .binding import Binding, Context, Made, bind, ref_ids
 from .charges import CHARGES, CREATED_STATE_COPIES
 from .fairpool import FairPool
 from .cost import INLINE_NUMEL
@@ -342,8 +342,11 @@ class Executor:
             raise RuntimeError(f"{binding.command.name} made {len(result.values)} objects for {len(ids)} ids")
         label = self.made_label(binding)
         values, result.values = result.values, []  # the thread's future still holds ``result``: not them
+        made = binding.cost.calls if binding.cost is not None else binding.extra.get("calls", 1)
+        inputs = list(ref_ids(args))
         for obj_id, value in zip(ids, values):
-            session.put(obj_id, value)
+            graph = isinstance(value, torch.Tensor) and value.grad_fn is not None
+            session.put(obj_id, value, session.graph_nodes_of(made, inputs) if graph else 0)
             session.taint.mark(tensors_of(value), label)
             if binding.command.name == "op" and isinstance(value, torch.Tensor) and \
                     self.context.policy.released_when_made(args["op"], label, value.numel()):
