@@ -94,7 +94,8 @@ class _StepsInDefaultModes(CoroutineABC[Any, Any, T]):
             return self._coroutine.throw(typ, val, tb)  # (the old three-argument form)
 
     def close(self) -> None:
-        self._coroutine.close()
+        with default_modes():  # its ``finally`` blocks run as its steps do
+            self._coroutine.close()
 
     def __await__(self) -> Generator[Any, Any, T]:
         # an iterator driven by send and throw, as a generator is

@@ -248,3 +248,29 @@ async def test_a_round_under_the_callers_inference_mode_leaves_later_rounds_as_t
     for mode in (torch.inference_mode(), torch.no_grad()):
         got = await _three_rounds(make(), "moded", mode)
         assert all(torch.equal(a, b) for a, b in zip(expected, got)), mode
+
+
+@pytest.mark.timeout(60)
+async def test_a_value_received_while_a_neighbour_holds_inference_mode_is_an_ordinary_tensor(fedzmq_daemons):
+    """Replies are decoded by the connection's receive task, in whatever modes the event loop's thread had
+    at that moment: a value fetched while another coroutine held ``torch.inference_mode()`` across an
+    await came back an inference tensor, which cannot be changed in place or saved for a backward pass
+    outside that mode (a cold review's find). Replies are decoded in the default modes."""
+    [bob] = await fedzmq_daemons("bob")
+    values = await bob.worker.send(torch.arange(4.0))
+    stop = asyncio.Event()
+
+    async def neighbour() -> None:
+        while not stop.is_set():
+            with torch.inference_mode():  # held across an await: what fedzmq must not inherit
+                await asyncio.sleep(0)
+
+    running = asyncio.ensure_future(neighbour())
+    try:
+        for _ in range(50):
+            got = await values.get()
+            assert not got.is_inference()
+            got.add_(1)  # an inference tensor refuses this outside inference mode
+    finally:
+        stop.set()
+        await running

@@ -32,6 +32,7 @@ from ..codec import (Limits, Reply, check_message, decode_reply, encode_request,
 from ..commands import COMMANDS
 from ..outbox import Outbox
 from ..pump import Pump
+from ..torchmodes import default_modes
 from ..security import KeyPath, SecurityError, apply_client_keys
 from ..errors import (
     LimitExceeded, ProtocolError, RequestTimeout, WorkerClosedError, WorkerDeadError, WorkerError, error_payload,
@@ -362,7 +363,8 @@ class Connection:
     def _resolve(self, frames: Sequence[Any]) -> None:
         """Decode one reply and hand it to the request waiting for it."""
         try:
-            reply = decode_reply(frames, self.limits)
+            with default_modes():  # tensors made in the default modes, whatever a coroutine holds meanwhile
+                reply = decode_reply(frames, self.limits)  # (an inference tensor can be neither trained nor folded)
         except ProtocolError as exc:  # the worker's reply broke the protocol: a local error
             log.warning("undecodable reply from %s: %s", self.address, exc)
             if exc.request_id is not None:

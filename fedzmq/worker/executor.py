@@ -46,6 +46,9 @@ log = logging.getLogger("fedzmq.worker")
 
 #: a ``delete`` of more ids than this runs on a torch thread (freeing many objects takes a while)
 INLINE_DELETES = 256
+#: the autograd nodes charged for a forward that could not be sized (an owner's registered model that does
+#: not run on the meta device)
+UNSIZED_FORWARD_NODES = 256
 #: a fit runs on the event loop, without the hop to a torch thread and back (which costs about as much
 #: as a tiny fit), when its model has at most ``INLINE_FIT_NUMEL`` elements, it trains on at most
 #: ``INLINE_FIT_ROWS`` rows (steps x batch size), and the same fit of the same model last took at most
@@ -342,11 +345,11 @@ class Executor:
             raise RuntimeError(f"{binding.command.name} made {len(result.values)} objects for {len(ids)} ids")
         label = self.made_label(binding)
         values, result.values = result.values, []  # the thread's future still holds ``result``: not them
-        made = binding.cost.calls if binding.cost is not None else binding.extra.get("calls", 1)
-        inputs = list(ref_ids(args))
+        made = binding.cost.calls if binding.cost is not None else binding.extra.get("calls", UNSIZED_FORWARD_NODES)
+        inputs = set(ref_ids(args))
         for obj_id, value in zip(ids, values):
             graph = isinstance(value, torch.Tensor) and value.grad_fn is not None
-            session.put(obj_id, value, session.graph_nodes_of(made, inputs) if graph else 0)
+            session.put(obj_id, value, made if graph else 0, inputs)
             session.taint.mark(tensors_of(value), label)
             if binding.command.name == "op" and isinstance(value, torch.Tensor) and \
                     self.context.policy.released_when_made(args["op"], label, value.numel()):

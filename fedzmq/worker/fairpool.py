@@ -29,46 +29,78 @@ class FairPool:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
         self._threads = threads
         self._running = 0
+        self._closed = False
         #: the keys with work waiting, in the order they get their next turn (a dict keeps insertion order)
         self._waiting: dict[Hashable, collections.deque[Job]] = {}
 
     async def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on a thread when ``key``'s turn comes; its result or its exception. A caller
-        cancelled while its work waits takes it out of the queue; once running, the work runs to its end
-        (a thread cannot be stopped: the budget it checks stops it)."""
+        cancelled while its work waits takes it out of the queue (with what it holds: a session's
+        objects, uncharged once the session ended); once running, the work runs to its end (a thread
+        cannot be stopped: the budget it checks stops it)."""
+        if self._closed:
+            raise RuntimeError("the worker's torch threads are shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.setdefault(key, collections.deque()).append((fn, args, future))
+        job: Job = (fn, args, future)
+        self._waiting.setdefault(key, collections.deque()).append(job)
         self._start_waiting(loop)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._forget(key, job)
+            raise
+
+    def _forget(self, key: Hashable, job: Job) -> None:
+        queue = self._waiting.get(key)
+        if queue is None:
+            return
+        try:
+            queue.remove(job)
+        except ValueError:  # it was running (or ran) already
+            return
+        if not queue:
+            del self._waiting[key]
 
     def _start_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
-        while self._running < self._threads and self._waiting:
+        while self._running < self._threads and self._waiting and not self._closed:
             key = next(iter(self._waiting))
             queue = self._waiting.pop(key)
             fn, args, future = queue.popleft()
             if queue:  # its next piece waits for the other keys' turns
                 self._waiting[key] = queue
-            if future.done():  # its caller was cancelled while it waited
+            if future.done():
                 continue
-            self._running += 1
             self._executor.submit(fn, *args).add_done_callback(partial(self._on_thread_done, loop, future))
+            self._running += 1
 
     def _on_thread_done(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Any], ran: Future[Any]) -> None:
-        loop.call_soon_threadsafe(self._finished, loop, ran, waiter)  # (on the thread that ran it)
+        try:  # (on the thread that ran it)
+            loop.call_soon_threadsafe(self._finished, loop, ran, waiter)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
 
     def _finished(self, loop: asyncio.AbstractEventLoop, ran: Future[Any], waiter: asyncio.Future[Any]) -> None:
         self._running -= 1
-        if not waiter.done():
+        try:
+            if waiter.done():
+                return
+            if ran.cancelled():
+                waiter.cancel()
+                return
             error = ran.exception()
-            if error is not None:
-                waiter.set_exception(error)
-            else:
+            if error is None:
                 waiter.set_result(ran.result())
-        self._start_waiting(loop)
+            elif isinstance(error, (StopIteration, StopAsyncIteration)):  # a future refuses these as errors
+                waiter.set_exception(RuntimeError(f"the work raised {type(error).__name__}"))
+            else:
+                waiter.set_exception(error)
+        finally:  # whatever happened to this waiter, the thread is free for the next key
+            self._start_waiting(loop)
 
     def shutdown(self) -> None:
         """Fail what waits (its sessions are ending), and let the running work finish on its own."""
+        self._closed = True
         for queue in self._waiting.values():
             for _, _, future in queue:
                 future.cancel()

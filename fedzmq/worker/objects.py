@@ -103,8 +103,6 @@ class ObjectTable:
         self.max_objects = max_objects
         self.objects: dict[int, Any] = {}
         self.failures: dict[int, FailedObject] = {}
-        #: the autograd nodes a stored tensor's graph keeps alive (an upper bound), by id
-        self.graph_nodes: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -155,7 +153,6 @@ class ObjectTable:
 
     def pop(self, obj_id: int) -> bool:
         """Forget ``obj_id`` (object or failure); True if it was there."""
-        self.graph_nodes.pop(obj_id, None)
         return self.objects.pop(obj_id, None) is not None or self.failures.pop(obj_id, None) is not None
 
     def optimizers_over(self, module_ids: set[int]) -> list[int]:
@@ -164,7 +161,6 @@ class ObjectTable:
     def clear(self) -> None:
         self.objects.clear()
         self.failures.clear()
-        self.graph_nodes.clear()
 
 
 def costly_to_free(value: Any) -> bool:

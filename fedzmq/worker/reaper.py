@@ -23,15 +23,22 @@ class Reaper:
 
     def __init__(self, name: str) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fedzmq-{name}-free")
+        self._closed = False
 
     def free(self, objects: list[Any]) -> None:
-        """Drop ``objects`` (the caller gives up its references) on the reaper's thread."""
-        if objects:
-            self._pool.submit(drop_one_at_a_time, objects)
+        """Drop ``objects`` (the caller gives up its references) on the reaper's thread (here, once closed)."""
+        if not objects:
+            return
+        if self._closed:
+            objects.clear()
+            return
+        self._pool.submit(drop_one_at_a_time, objects)
 
     def close(self) -> None:
-        """Free what is still queued, then stop the thread."""
-        self._pool.shutdown(wait=True)
+        """Stop taking objects; the thread frees what it was given, then ends (not waited for here: the
+        caller is an event loop)."""
+        self._closed = True
+        self._pool.shutdown(wait=False)
 
 
 def drop_one_at_a_time(objects: list[Any]) -> None:

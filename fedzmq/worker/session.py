@@ -15,13 +15,14 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..budget import Budget
 from ..codec import Request
 from ..eager import Started
 from ..outbox import Outbox
 from .datasets import Dataset
+from .graphs import GraphLedger
 from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
 from .quota import Quota
 from .replies import RepliesOwed
@@ -82,6 +83,8 @@ class Session:
     max_bytes: int = 8 << 30
     table: ObjectTable = field(init=False)
     quota: Quota = field(init=False)
+    #: the autograd nodes its stored tensors keep alive, each charged to one of them
+    graphs: GraphLedger = field(default_factory=GraphLedger)
     taint: TaintRecord = field(default_factory=TaintRecord)
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
     secure_rounds: dict[int, Any] = field(default_factory=dict)
@@ -129,25 +132,18 @@ class Session:
         """Holds nothing: evicting it loses the client nothing but its session id."""
         return not self.table.objects and not self.table.failures and not self.secure_rounds
 
-    def put(self, obj_id: int, value: Any, graph_nodes: int = 0) -> None:
-        """Store an object, within the session's object and byte quotas. ``graph_nodes``: the autograd
-        nodes a tensor's graph keeps alive (``graph_nodes_of``), charged ``GRAPH_NODE_BYTES`` each."""
+    def put(self, obj_id: int, value: Any, made_nodes: int = 0, inputs: Iterable[int] = ()) -> None:
+        """Store an object, within the session's object and byte quotas. A tensor with an autograd graph
+        made with ``made_nodes`` nodes from the stored tensors ``inputs`` is charged ``GRAPH_NODE_BYTES``
+        a node (``fedzmq.worker.graphs``)."""
         self.table.check_new(obj_id)
-        tensors, extra = tensors_of(value), extra_bytes(value) + GRAPH_NODE_BYTES * graph_nodes
+        tensors, extra = tensors_of(value), extra_bytes(value) + GRAPH_NODE_BYTES * made_nodes
         self.quota.check(extra + self.quota.new_bytes(tensors), f"storing object {obj_id}" + (
-            f" (its autograd graph: {graph_nodes} nodes)" if graph_nodes else ""))
+            f" (its autograd graph's {made_nodes} nodes)" if made_nodes else ""))
         self.table.add(obj_id, value)
-        if graph_nodes:
-            self.table.graph_nodes[obj_id] = graph_nodes
+        if made_nodes:
+            self.graphs.add(obj_id, made_nodes, inputs)
         self.quota.hold(obj_id, tensors, extra)
-
-    def graph_nodes_of(self, made: int, inputs: list[int]) -> int:
-        """The nodes an output's graph keeps alive: the ``made`` ones its command adds, and all of its
-        input objects' (a sum: nodes two inputs share count twice, an upper bound). Only what autograd
-        saves was charged: a model of 1,800 chained adds, called again and again on its own output with
-        the older outputs deleted, kept a million nodes of 550 bytes alive under one object (607 MiB
-        under a 16 MiB quota)."""
-        return made + sum(self.table.graph_nodes.get(obj_id, 0) for obj_id in inputs)
 
     def delete(self, obj_ids: list[int]) -> int:
         """Delete objects, and with a module the optimizers over it: they would keep its parameters
@@ -160,6 +156,10 @@ class Session:
             deleted += self.table.pop(obj_id)
             self.quota.drop(obj_id)
             self.taint.released.discard(obj_id)
+            heir = self.graphs.remove(obj_id)
+            if heir is not None:  # its graph's nodes live on through a tensor computed from it: charged there
+                nodes = GRAPH_NODE_BYTES * self.graphs.nodes[heir]
+                self.quota.recharge(heir, extra_bytes(self.table.objects[heir]) + nodes)
         return deleted
 
     def recount(self, obj_id: int) -> None:
@@ -175,6 +175,7 @@ class Session:
             self.budget.cancel("its session ended")
         held = [*self.table.objects.values(), *self.secure_rounds.values()]
         self.table.clear()
+        self.graphs.clear()
         self.quota.clear()
         self.taint.clear()
         self.secure_rounds.clear()
