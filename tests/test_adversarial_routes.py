@@ -1578,7 +1578,7 @@ async def test_a_fits_loss_is_sized_with_its_forward(fedzmq_daemons, tmp_path):
 
     rows = 1 << 18
     path = write_dataset(tmp_path / "rows.safetensors", torch.randn(rows, 1), torch.randint(0, 2, (rows,)))
-    [host] = await fedzmq_daemons("owner", args=["--open-data", f"rows={path}", "--max-command-seconds", "0.01"])
+    [host] = await fedzmq_daemons("owner", args=["--open-data", f"rows={path}", "--max-command-seconds", "0.03"])
     worker = host.worker
     model = await worker.send(nn.Linear(1, 2))
     fit = {"module": model.id, "dataset": "rows", "batch_size": rows, "steps": 1,
