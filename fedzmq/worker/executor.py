@@ -345,11 +345,16 @@ class Executor:
             raise RuntimeError(f"{binding.command.name} made {len(result.values)} objects for {len(ids)} ids")
         label = self.made_label(binding)
         values, result.values = result.values, []  # the thread's future still holds ``result``: not them
-        made = binding.cost.calls if binding.cost is not None else binding.extra.get("calls", UNSIZED_FORWARD_NODES)
-        inputs = set(ref_ids(args))
+        inputs: set[int] | None = None  # found only for an output with a graph (not on the hot path)
         for obj_id, value in zip(ids, values):
-            graph = isinstance(value, torch.Tensor) and value.grad_fn is not None
-            session.put(obj_id, value, made if graph else 0, inputs)
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                if inputs is None:
+                    inputs = set(ref_ids(args))
+                made = binding.cost.calls if binding.cost is not None else \
+                    binding.extra.get("calls", UNSIZED_FORWARD_NODES)
+                session.put(obj_id, value, made, inputs)
+            else:
+                session.put(obj_id, value)
             session.taint.mark(tensors_of(value), label)
             if binding.command.name == "op" and isinstance(value, torch.Tensor) and \
                     self.context.policy.released_when_made(args["op"], label, value.numel()):
