@@ -238,21 +238,11 @@ def _no_refs(name: str, value: Any, command: Command) -> Any:
     """``value`` as it is, unless it holds a reference (``Command.takes_refs``)."""
     if value is None or type(value) in _PLAIN:
         return value
-    if isinstance(value, Ref) or (isinstance(value, (list, tuple, dict)) and _holds_ref(value)):
+    if next(ref_ids(value), None) is not None:
         where = f" (only {', '.join(command.takes_refs)} can)" if command.takes_refs else ""
         raise BadRequest.new(f"{command.name}'s {name!r} cannot name an object{where}: it takes values sent with "
                              "the request")
     return value
-
-
-def _holds_ref(value: Any) -> bool:
-    if isinstance(value, Ref):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_holds_ref(v) for v in value if v is not None and type(v) not in _PLAIN)
-    if isinstance(value, dict):
-        return any(_holds_ref(v) for v in value.values() if v is not None and type(v) not in _PLAIN)
-    return False
 
 
 @dataclass
