@@ -90,6 +90,9 @@ class StreamInfo:
     shape: tuple[int, ...]
     nbytes: int
     requires_grad: bool
+    #: a model entry's kept read (``fedzmq.worker.kept``): ``module_read`` with this ``stream`` reads the
+    #: entry as the reply saw it, whatever the session sent since; None: read the object as it is
+    stream: int | None = None
 
 
 @dataclass
@@ -185,7 +188,8 @@ class _Encoder:
         if isinstance(value, torch.dtype):
             return {"$dtype": DTYPE_NAMES[value]}
         if isinstance(value, StreamInfo):
-            return {"$stream": [value.dtype, list(value.shape), value.nbytes, value.requires_grad]}
+            body = [value.dtype, list(value.shape), value.nbytes, value.requires_grad]
+            return {"$stream": body if value.stream is None else [*body, value.stream]}
         if isinstance(value, bool):  # bool subclasses and numpy bools before ints: bool is an int
             return bool(value)
         if isinstance(value, int):  # IntEnum and other int subclasses
@@ -610,15 +614,16 @@ class _Decoder:
         if key == "$stream":
             if (
                 not isinstance(body, list)
-                or len(body) != 4
+                or len(body) not in (4, 5)
                 or type(body[0]) is not str
                 or body[0] not in DTYPES
                 or not _is_shape(body[1])
                 or type(body[2]) is not int
                 or type(body[3]) is not bool
+                or (len(body) == 5 and (type(body[4]) is not int or not 0 <= body[4] <= MAX_ID))
             ):
                 raise ProtocolError("bad $stream description")
-            return StreamInfo(body[0], tuple(body[1]), body[2], body[3])
+            return StreamInfo(body[0], tuple(body[1]), body[2], body[3], body[4] if len(body) == 5 else None)
         raise ProtocolError(f"unknown tag {quoted(key)}")
 
     def tensor(self, body: Any) -> torch.Tensor:

@@ -233,7 +233,8 @@ COMMANDS: dict[str, Command] = _table(
     # big models: one parameter's bytes in chunks, straight into / out of the module
     Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, offload="always",
             refs={"obj": "module"}, writes="module"),
-    Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}, offload="always",
+    Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}, {"stream": ID},
+            offload="always",
             refs={"obj": "module"}, releases="obj", changes_nothing=True),
     Command("module_mode", {"obj": ID, "train": BOOL}, refs={"obj": "module"}, changes_nothing=True),
     # optimizers

@@ -14,6 +14,7 @@ methods are part of the pointers' interface (``fedzmq.client.host.PointerHost``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from functools import partial
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, cast
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
-from ..errors import ProtocolError
+from ..errors import FedzmqError, ProtocolError
 from ..modeldesc import describe
 from .meta import TensorMeta
 from .pointers import Broadcast, ModulePointer, TensorPointer
@@ -271,20 +272,30 @@ class Transfers:
 
     async def _fetch_entry(self, pointer: ModulePointer, name: str, info: StreamInfo,
                            pieces: "asyncio.Queue[tuple[int, torch.Tensor] | None]", timeout: float | None) -> None:
-        """Download one streamed model entry into ``pieces`` (then None, also when it fails)."""
+        """Download one streamed model entry into ``pieces`` (then None, also when it fails). The worker
+        keeps the entry as its reply saw it until the read's last byte (``info.stream``): a download
+        that stops early says so with a read of nothing at the end, so nothing stays kept for it."""
+        read = partial(_module_read, pointer.id, name, info.stream)
+        finished = False
         try:
-            await self._download(info.nbytes, partial(_module_read, pointer.id, name),
-                                 lambda offset, data: pieces.put_nowait((offset, data)), timeout)
+            await self._download(info.nbytes, read, lambda offset, data: pieces.put_nowait((offset, data)), timeout)
+            finished = True
         finally:
             pieces.put_nowait(None)
+            if not finished and info.stream is not None and info.nbytes:
+                with contextlib.suppress(FedzmqError):  # (closed: the session's end lets the read go)
+                    self.submit(*read(info.nbytes, 0)).add_done_callback(retrieve_error)
 
 
 def _module_write(obj_id: int, name: str, offset: int, data: torch.Tensor) -> tuple[str, dict[str, Any]]:
     return "module_write", {"obj": obj_id, "name": name, "offset": offset, "data": data}
 
 
-def _module_read(obj_id: int, name: str, offset: int, length: int) -> tuple[str, dict[str, Any]]:
-    return "module_read", {"obj": obj_id, "name": name, "offset": offset, "length": length}
+def _module_read(obj_id: int, name: str, stream: int | None, offset: int, length: int) -> tuple[str, dict[str, Any]]:
+    args = {"obj": obj_id, "name": name, "offset": offset, "length": length}
+    if stream is not None:  # the entry as the reply that reported it saw it (``fedzmq.worker.kept``)
+        args["stream"] = stream
+    return "module_read", args
 
 
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:

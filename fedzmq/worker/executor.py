@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -289,6 +289,8 @@ class Executor:
         # a model, or trained it, or ran a forward that wrote rows into a buffer, and then made the command
         # fail (an overlapping source, a failing metric, one output id too many): what was written kept
         # the model's old label, and module_state gave it out. Only a load that completed lowers a label.
+        if command.writes in ("module", "optimizer") and session.kept:  # a model's entries a read has yet to fetch
+            session.kept.keep_before_write(may_write(binding), self.context.config.max_command_seconds)
         if command.loads and "load" in binding.args:  # the client's weights first, as a module_load would:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
             loading = _WriteWatch(binding) if binding.label else None
@@ -419,20 +421,7 @@ class _WriteWatch:
                        if t.layout == torch.strided}
 
     def _candidates(self) -> list[torch.Tensor]:
-        objects = self.binding.objects
-        if self.kind == "module":
-            hosted = objects.get("obj") or objects["module"]
-            tensors = module_tensors(hosted.module)
-            if isinstance(objects.get("optim"), HostedOptimizer):
-                tensors += optimizer_state(objects["optim"].optimizer)
-            return tensors
-        if self.kind == "optimizer":
-            optimizer = objects["obj"].optimizer
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            return params + [p.grad for p in params if p.grad is not None] + optimizer_state(optimizer)
-        if self.kind == "stream":
-            return [objects["obj"].tensor]
-        return [leaf.grad for leaf in self.leaves if leaf.grad is not None]
+        return may_write(self.binding, self.leaves)
 
     def written(self) -> list[torch.Tensor]:
         """What the command wrote; never raises (it runs in the ``finally`` that labels a failed command's
@@ -441,6 +430,25 @@ class _WriteWatch:
             return self._candidates()
         return [t for t in self._candidates()
                 if t.layout != torch.strided or self.before.get(storage_key(t.untyped_storage())) != t._version]
+
+
+def may_write(binding: Binding, leaves: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """The tensors a command may write in place (``Command.writes``); for a backward, the gradients of
+    ``leaves`` (``_graph_leaves``, found before it runs)."""
+    objects, kind = binding.objects, binding.command.writes
+    if kind == "module":
+        hosted = objects.get("obj") or objects["module"]
+        tensors = module_tensors(hosted.module)
+        if isinstance(objects.get("optim"), HostedOptimizer):
+            tensors += optimizer_state(objects["optim"].optimizer)
+        return tensors
+    if kind == "optimizer":
+        optimizer = objects["obj"].optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return params + [p.grad for p in params if p.grad is not None] + optimizer_state(optimizer)
+    if kind == "stream":
+        return [objects["obj"].tensor]
+    return [leaf.grad for leaf in leaves if leaf.grad is not None]
 
 
 def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@
   costs nothing beside what it views, and keeps it alive); holders are objects and the tensors autograd
   saved for a backward pass, which live as long as their graph;
 - what objects are charged besides their storages (room for gradients, an optimizer's state);
+- copies of model entries kept for a read in progress (``fedzmq.worker.kept``);
 - what the session's waiting requests carry (charged from decoding until they run);
 - what a running command reserved for what it is about to make (a forward's intermediates, an
   optimizer's first state);
@@ -19,7 +20,7 @@ import contextlib
 import threading
 import traceback
 import weakref
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 import torch
 import zmq
 
@@ -32,9 +33,10 @@ class Quota:
         self.max_bytes = max_bytes
         #: storage key -> [holders, bytes]
         self._storages: dict[int, list[int]] = {}
-        #: holder (object id) -> the storage keys it holds, and bytes charged to it beside them
-        self._holder_storages: dict[int, list[int]] = {}
-        self._holder_extra: dict[int, int] = {}
+        #: holder (an object id; a kept read's ``("kept", token)``) -> the storage keys it holds, and bytes
+        #: charged to it beside them
+        self._holder_storages: dict[Hashable, list[int]] = {}
+        self._holder_extra: dict[Hashable, int] = {}
         self.held = 0
         #: bytes of requests waiting in the session's queue
         self.queued = 0
@@ -71,7 +73,7 @@ class Quota:
 
     # --- holders -------------------------------------------------------------------------------
 
-    def hold(self, holder: int, tensors: list[torch.Tensor], extra: int = 0) -> None:
+    def hold(self, holder: Hashable, tensors: list[torch.Tensor], extra: int = 0) -> None:
         """Charge ``holder`` (an object id) for the storages of ``tensors`` and ``extra`` bytes (instead of
         what it held before, if anything)."""
         with self._lock:
@@ -88,14 +90,14 @@ class Quota:
             self._holder_extra[holder] = extra
             self.held += extra
 
-    def recharge(self, holder: int, extra: int) -> None:
+    def recharge(self, holder: Hashable, extra: int) -> None:
         """Charge ``holder`` anew for what it holds beside its storages (an optimizer after a step)."""
         with self._lock:
             if holder in self._holder_extra:
                 self.held += extra - self._holder_extra[holder]
                 self._holder_extra[holder] = extra
 
-    def drop(self, holder: int) -> None:
+    def drop(self, holder: Hashable) -> None:
         """``holder`` is gone: uncharge its extra bytes, and its storages with their last holder."""
         with self._lock:
             self.held -= self._holder_extra.pop(holder, 0)

@@ -23,6 +23,7 @@ from ..eager import Started
 from ..outbox import Outbox
 from .datasets import Dataset
 from .graphs import GraphLedger
+from .kept import KeptReads
 from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
 from .quota import Quota
 from .replies import RepliesOwed
@@ -83,6 +84,8 @@ class Session:
     max_bytes: int = 8 << 30
     table: ObjectTable = field(init=False)
     quota: Quota = field(init=False)
+    #: model entries replies reported as streams, kept as they were until read (``fedzmq.worker.kept``)
+    kept: KeptReads = field(init=False)
     #: the autograd nodes its stored tensors keep alive, each charged to one of them
     graphs: GraphLedger = field(default_factory=GraphLedger)
     taint: TaintRecord = field(default_factory=TaintRecord)
@@ -120,6 +123,7 @@ class Session:
     def __post_init__(self) -> None:
         self.table = ObjectTable(self.max_objects)
         self.quota = Quota(self.max_bytes)
+        self.kept = KeptReads(self.quota)
 
     @property
     def idle(self) -> bool:
@@ -160,6 +164,7 @@ class Session:
             if heir is not None:  # its graph's nodes live on through a tensor computed from it: charged there
                 nodes = GRAPH_NODE_BYTES * self.graphs.nodes[heir]
                 self.quota.recharge(heir, extra_bytes(self.table.objects[heir]) + nodes)
+        self.kept.forget(obj_ids)
         return deleted
 
     def recount(self, obj_id: int) -> None:
@@ -173,7 +178,7 @@ class Session:
         are uncharged and let go."""
         if self.budget is not None:
             self.budget.cancel("its session ended")
-        held = [*self.table.objects.values(), *self.secure_rounds.values()]
+        held = [*self.table.objects.values(), *self.secure_rounds.values(), *self.kept.clear()]
         self.table.clear()
         self.graphs.clear()
         self.quota.clear()

@@ -59,7 +59,8 @@ def fit(context: Context, binding: Binding) -> Any:
         attack.apply(hosted.module, start)
     hosted.trained_samples = result["num_examples"]
     if args.get("reply_state"):  # the trained weights, in the same trip (released: checked before it ran)
-        return {"metrics": result, "state": state_reply(hosted.module, context.config.limits.chunk_bytes)}
+        return {"metrics": result,
+                "state": state_reply(binding, "module", context.config.limits.chunk_bytes)}
     return result
 
 

@@ -113,13 +113,15 @@ def _unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tens
 def module_state(context: Context, binding: Binding) -> Any:
     """Parameters and buffers: small ones inline (up to one chunk in all), the others as ``StreamInfo``
     for the client to fetch with ``module_read`` (so no reply exceeds a chunk)."""
-    return state_reply(binding.objects["obj"].module, context.config.limits.chunk_bytes)
+    return state_reply(binding, "obj", context.config.limits.chunk_bytes)
 
 
-def state_reply(module: nn.Module, budget: int) -> dict[str, Any]:
-    """A module's state for a reply: entries inline up to ``budget`` bytes in all (the parameters
-    themselves, sent uncopied: a later command that may change them waits until they have left), the
-    others as ``StreamInfo`` to fetch with ``module_read``."""
+def state_reply(binding: Binding, arg: str, budget: int) -> dict[str, Any]:
+    """The state of the model the command's ``arg`` names, for a reply: entries inline up to ``budget``
+    bytes in all (the parameters themselves, sent uncopied: a later command that may change them waits
+    until they have left), the others as ``StreamInfo`` to fetch with ``module_read``, each a read the
+    session keeps as the entry is now (``fedzmq.worker.kept``)."""
+    module, obj_id = binding.objects[arg].module, binding.request.args[arg]
     result: dict[str, Any] = {}
     for name, tensor in module.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -127,7 +129,8 @@ def state_reply(module: nn.Module, budget: int) -> dict[str, Any]:
             result[name] = tensor.detach()
             budget -= nbytes
         else:
-            result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False)
+            token = binding.session.kept.report(obj_id, module, name, tensor)
+            result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False, token)
     return result
 
 
@@ -151,9 +154,18 @@ def module_write(context: Context, binding: Binding) -> Any:
 
 
 def module_read(context: Context, binding: Binding) -> Any:
-    source, offset, length = _entry_bytes(binding), binding.args["offset"], binding.args["length"]
+    """Bytes of one entry: of the model as it is, or with ``stream``, of the entry as the reply that
+    reported it saw it (a copy, if a command wrote it since). A kept read ends with its last byte's read
+    (a read of nothing at its end gives it up)."""
+    offset, length, token = binding.args["offset"], binding.args["length"], binding.args.get("stream")
+    kept = None
+    if token is not None:
+        kept = binding.session.kept.read(token, binding.request.args["obj"], binding.args["name"])
+    source = kept.copy if kept is not None and kept.copy is not None else _entry_bytes(binding)
     if offset + length > source.numel() or length > context.config.limits.chunk_bytes:
         raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
+    if kept is not None and offset + length == kept.nbytes:
+        binding.session.kept.end(kept.token)
     return source[offset: offset + length].clone()  # a snapshot: later steps must not change what is sent
 
 

@@ -1,0 +1,188 @@
+"""A model's state read in pieces is one read (docs/api.md, "fz.Limits"): an entry bigger than a chunk is
+fetched by ``module_read`` commands after the reply that reports it, so a command on the same model sent
+meanwhile (another coroutine's load, fit or optimizer step) must not show through. Concurrent code gives
+what the same code run in order gives, on in-process workers and on daemons alike."""
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.worker.datasets import Dataset
+
+pytestmark = pytest.mark.timeout(120)
+
+#: both sides' chunk: the model's 64x64 weight (16 KiB) streams in four pieces
+LIMITS = fz.Limits(chunk_bytes=4096)
+SETTINGS = fz.ConnectionSettings(limits=LIMITS)
+CHUNK_ARGS = ["--chunk-bytes", "4096"]
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(params=["virtual", "daemon"])
+async def bob(request, fedzmq_daemons):
+    if request.param == "virtual":
+        async with fz.VirtualWorker("bob", settings=SETTINGS, config=fz.WorkerConfig(limits=LIMITS),
+                                    datasets={"toy": Dataset("toy", torch.randn(32, 64),
+                                                             torch.randint(0, 3, (32,)))}) as worker:
+            yield worker
+    else:
+        [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
+        yield handle.worker
+
+
+async def test_a_state_read_in_pieces_is_not_changed_by_a_load_sent_meanwhile(bob):
+    model = _model()
+    remote = await bob.send(model)
+    before = _snapshot(model)
+    changed = {k: v + 1 for k, v in before.items()}
+
+    async def load() -> None:
+        await (await remote.load(changed))
+
+    await asyncio.gather(remote.get(), load())  # the get first: it reads the state before the load
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name}: the read saw the load sent after it"
+    assert torch.equal((await remote.get()).state_dict()["0.weight"], changed["0.weight"])  # and then the load ran
+
+
+async def test_a_state_read_in_pieces_is_not_changed_by_an_optimizer_step_sent_meanwhile(bob):
+    model = _model()
+    remote = await bob.send(model)
+    x = await bob.send(torch.randn(8, 64))
+    opt = fz.Optims([bob], optim=torch.optim.SGD(model.parameters(), lr=0.5)).get_optim(bob)
+    await (remote(x) ** 2).sum().backward()
+    await opt.step()  # the remote optimizer exists: the next step goes out at once
+    before = _snapshot(await remote.get())
+
+    await asyncio.gather(remote.get(), opt.step())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name}: the read saw the step sent after it"
+    after = (await remote.get()).state_dict()
+    assert not torch.equal(after["0.weight"], before["0.weight"])  # the step ran, after the read
+
+
+async def _read_state(worker, remote) -> dict[str, torch.Tensor]:
+    """The remote model's state as whole flat tensors, from the pieces a read brings."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    async for name, start, values in worker.module_slices(remote):
+        assert start == sum(p.numel() for p in pieces.get(name, []))
+        pieces.setdefault(name, []).append(values.clone())
+    return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+
+async def test_reads_racing_optimizer_steps_see_what_the_same_code_run_in_order_sees(bob):
+    """A dozen coroutines read a model and step its optimizer: every read equals the read at the same
+    place of the same code run one call after the other."""
+
+    async def run(concurrently: bool) -> list[dict[str, torch.Tensor]]:
+        model = _model()
+        remote = await bob.send(model)
+        x = await bob.send(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)))
+        opt = fz.Optims([bob], optim=torch.optim.SGD(model.parameters(), lr=0.01)).get_optim(bob)
+        await (remote(x) ** 2).sum().backward()
+        await opt.step()
+
+        async def read() -> dict[str, torch.Tensor]:
+            return await _read_state(bob, remote)
+
+        async def step() -> None:
+            await opt.step()
+
+        jobs = [job for _ in range(4) for job in (read, step, read)]
+        if concurrently:
+            results = await asyncio.gather(*(job() for job in jobs))
+        else:
+            results = [await job() for job in jobs]
+        return [r for r in results if r is not None]
+
+    in_order, concurrent = await run(False), await run(True)
+    assert len(in_order) == len(concurrent) == 8
+    for n, (expected, got) in enumerate(zip(in_order, concurrent)):
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), f"read {n}, {name}: not what the code run in order read"
+
+
+async def test_a_write_that_cannot_keep_the_read_state_fails_whole_and_the_read_completes(fedzmq_daemons):
+    """Keeping the unread entries costs the session their bytes: without room, the write is refused before
+    it changes anything, and the read still gets the state it asked for."""
+    quota = 200_000
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=[*CHUNK_ARGS, "--max-session-bytes", str(quota)])
+    bob = handle.worker
+    model = _model()
+    remote = await bob.send(model)
+    before = await _read_state(bob, remote)
+    held = (await bob.status())["bytes"]
+    elements = (quota - held - 12_000) // 4  # leaves less room than the 16 KiB weight
+    column, row = await bob.send(torch.zeros(100, 1)), await bob.send(torch.zeros(1, elements // 100))
+    filler = column + row  # made there: an upload would need room for its pieces in flight
+    await filler
+
+    async def read() -> dict[str, torch.Tensor]:
+        return await _read_state(bob, remote)
+
+    async def load() -> None:
+        await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+
+    got, refused = await asyncio.gather(read(), load(), return_exceptions=True)
+    assert isinstance(refused, fz.LimitExceeded), refused
+    assert "read in progress" in str(refused)
+    for name in before:
+        assert torch.equal(got[name], before[name])
+    after = await _read_state(bob, remote)
+    for name in before:
+        assert torch.equal(after[name], before[name]), f"{name}: the refused load wrote"
+    del filler, column, row
+
+
+async def test_unread_streams_are_bounded_and_a_deleted_model_frees_them(fedzmq_daemons):
+    """A client that asks for states and never reads them holds nothing for them but the copies a write
+    made, charged; deleting the model lets those go, and a late read is refused."""
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
+    bob = handle.worker
+    model = _model()
+    remote = await bob.send(model)
+    held = (await bob.status())["bytes"]
+    for _ in range(1500):  # past MAX_KEPT: the oldest are dropped
+        state = await bob.request("module_state", {"obj": remote.id})
+    assert (await bob.status())["bytes"] == held  # reported, not copied
+    weight = model.state_dict()["0.weight"]
+    await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+    copies = (await bob.status())["bytes"] - held
+    assert 0 < copies <= 1024 * weight.numel() * 4  # one copy per kept read of the weight, at most MAX_KEPT
+    info = state["0.weight"]
+    read = {"obj": remote.id, "name": "0.weight", "offset": 0, "length": 4096, "stream": info.stream}
+    first = await bob.request("module_read", read)
+    assert torch.equal(first.view(torch.float32), weight.reshape(-1)[:1024])  # as it was before the load
+    await bob.request("delete", {"objs": [remote.id]})
+    remote.mark_deleted()
+    assert (await bob.status())["bytes"] == 0
+    with pytest.raises((fz.ObjectNotFound, fz.BadRequest)):
+        await bob.request("module_read", read)
+
+
+async def test_a_read_given_up_part_way_keeps_nothing(fedzmq_daemons):
+    """A client that stops reading a state part-way (an error, a cancelled round) says so: a later write
+    copies nothing for it."""
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
+    bob = handle.worker
+    model = _model()
+    remote = await bob.send(model)
+    held = (await bob.status())["bytes"]
+    async with contextlib.aclosing(bob.module_slices(remote)) as pieces:
+        async for name, _start, _values in pieces:
+            if name == "0.weight":
+                break  # after its first piece
+    await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+    assert (await bob.status())["bytes"] == held
