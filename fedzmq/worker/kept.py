@@ -89,23 +89,33 @@ class KeptReads:
     def keep_before_write(self, tensors: Iterable[torch.Tensor], seconds: float) -> None:
         """Copy every kept entry whose storage is among ``tensors``' (what a command may write), before it
         writes. ``LimitExceeded`` (nothing written yet) when the copies do not fit the session's quota or
-        the command's time."""
+        the command's time. Reads of one entry not copied yet all saw its value since the last write to
+        it: they share one copy, charged once (the quota charges by storage)."""
+        written = {storage_key(t.untyped_storage()) for t in tensors if t.layout == torch.strided}
+        entries: dict[tuple[int, str, int], list[KeptRead]] = {}
         with self._lock:
-            if not self._reads:
-                return
-            written = {storage_key(t.untyped_storage()) for t in tensors if t.layout == torch.strided}
-            for token, kept in list(self._reads.items()):
-                if kept.copy is not None or kept.storage not in written:
-                    continue
-                module = kept.module()
-                live = module.state_dict().get(kept.name) if module is not None else None
-                if live is None:  # (its model was deleted: ``forget`` drops such reads)
-                    continue
-                what = f"keeping {kept.name!r} as a read in progress reported it (stream {token})"
-                check_work(element_work(live), seconds, what)
-                self._quota.check(kept.nbytes, what)
-                kept.copy = live.detach().clone(memory_format=torch.contiguous_format).view(-1).view(torch.uint8)
-                self._quota.hold(("kept", token), [kept.copy])
+            for kept in self._reads.values():
+                if kept.copy is None and kept.storage in written:
+                    entries.setdefault((kept.obj_id, kept.name, kept.storage), []).append(kept)
+        lives = []
+        for reads in entries.values():
+            module = reads[0].module()
+            live = module.state_dict().get(reads[0].name) if module is not None else None
+            if live is not None:  # (else its model was deleted: ``forget`` drops such reads)
+                lives.append((live, reads))
+        if not lives:
+            return
+        names = sorted({reads[0].name for _, reads in lives})
+        what = f"keeping {', '.join(map(repr, names))} as a read in progress saw {'them' if len(names) > 1 else 'it'}"
+        check_work(sum(element_work(live) for live, _ in lives), seconds, what)
+        self._quota.check(sum(reads[0].nbytes for _, reads in lives), what)
+        for live, reads in lives:  # (outside the lock: the session's end must not wait for a copy)
+            copy = live.detach().clone(memory_format=torch.contiguous_format).view(-1).view(torch.uint8)
+            with self._lock:
+                for kept in reads:
+                    if self._reads.get(kept.token) is kept:  # (not ended meanwhile)
+                        kept.copy = copy
+                        self._quota.hold(("kept", kept.token), [copy])
 
     def forget(self, obj_ids: Iterable[int]) -> None:
         """Objects were deleted: their reads end (a late read of one is refused, clearly)."""
