@@ -5,6 +5,7 @@ what the same code run in order gives, on in-process workers and on daemons alik
 
 import asyncio
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -186,3 +187,21 @@ async def test_a_read_given_up_part_way_keeps_nothing(fedzmq_daemons):
                 break  # after its first piece
     await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
     assert (await bob.status())["bytes"] == held
+
+
+async def test_a_fitted_state_dropped_unread_keeps_nothing():
+    """A fit's reply whose pieces are never iterated (a round cancelled after the fit, say): its streamed
+    entries are given up when it is dropped, so a later write copies nothing for it."""
+    data = {"toy": Dataset("toy", torch.randn(32, 64), torch.randint(0, 3, (32,)))}
+    async with fz.VirtualWorker("bob", settings=SETTINGS, config=fz.WorkerConfig(limits=LIMITS),
+                                datasets=data) as bob:
+        model = _model()
+        remote = await bob.send(model)
+        update = await remote.fit_and_fetch("toy", steps=1, batch_size=16)
+        assert update.metrics["steps"] == 1
+        del update
+        gc.collect()
+        await bob.ping()  # the give-up went out before it
+        held = (await bob.status())["bytes"]
+        await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+        assert (await bob.status())["bytes"] == held

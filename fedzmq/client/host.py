@@ -123,7 +123,8 @@ class PointerHost(Protocol):
     def state_pieces(self, pointer: ModulePointer, state: dict[str, Any],
                      timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
         """A model state a reply carried, as ``(name, first element, flat values)`` pieces (streamed
-        entries fetched as they are iterated). Pointers' interface, not for normal code."""
+        entries fetched as they are iterated; those it will not read, given up: ``StatePieces``).
+        Pointers' interface, not for normal code."""
         ...
 
     def sent_modules(self) -> list[tuple[nn.Module, ModulePointer]]:

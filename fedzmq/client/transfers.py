@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, cast
 
 import torch
 from torch import nn
@@ -242,33 +242,52 @@ class Transfers:
         """The remote module's parameters and buffers as (name, first element, flat values) pieces:
         small entries whole, big ones chunk by chunk, so no caller needs a whole copy in memory."""
         state = await self.request("module_state", {"obj": pointer.id}, timeout)
-        async for piece in self.state_pieces(pointer, state, timeout):
-            yield piece
+        async with contextlib.aclosing(self.state_pieces(pointer, state, timeout)) as pieces:
+            async for piece in pieces:
+                yield piece
 
-    async def state_pieces(self, pointer: ModulePointer, state: dict[str, Any],
-                           timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+    def state_pieces(self, pointer: ModulePointer, state: dict[str, Any],
+                     timeout: float | None = None) -> "StatePieces":
         """A module state a reply carried (``module_state``, or a fit's ``reply_state``) as pieces: the
         inline entries as they are, the ``StreamInfo`` ones fetched chunk by chunk with ``module_read``."""
         if not isinstance(state, dict):
             raise ProtocolError(f"the worker answered with {type(state).__name__} where a model state belongs")
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                yield name, 0, value.reshape(-1)
-                continue
-            if not isinstance(value, StreamInfo):
-                raise ProtocolError(f"the worker sent {type(value).__name__} for model entry {name!r}")
-            dtype = DTYPES[value.dtype]
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            pieces: asyncio.Queue[tuple[int, torch.Tensor] | None] = asyncio.Queue()
-            task = asyncio.ensure_future(self._fetch_entry(pointer, name, value, pieces, timeout))
-            try:
-                while (piece := await pieces.get()) is not None:
-                    yield name, piece[0] // itemsize, piece[1].view(dtype)
-            finally:
-                if not task.done():
-                    task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            task.result()  # a failed download raises here
+        return StatePieces(self, pointer, state, timeout)
+
+    async def read_pieces(self, pointer: ModulePointer, state: dict[str, Any], timeout: float | None,
+                          unread: dict[str, StreamInfo]) -> AsyncGenerator[tuple[str, int, torch.Tensor], None]:
+        """``StatePieces``' generator. ``unread``: the streamed entries whose reads the worker keeps and no
+        download has started; given up (``give_up_reads``) when the generator ends before them."""
+        try:
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    yield name, 0, value.reshape(-1)
+                    continue
+                if not isinstance(value, StreamInfo):
+                    raise ProtocolError(f"the worker sent {type(value).__name__} for model entry {name!r}")
+                unread.pop(name, None)  # its download ends its kept read, however it ends
+                dtype = DTYPES[value.dtype]
+                itemsize = torch.empty((), dtype=dtype).element_size()
+                pieces: asyncio.Queue[tuple[int, torch.Tensor] | None] = asyncio.Queue()
+                task = asyncio.ensure_future(self._fetch_entry(pointer, name, value, pieces, timeout))
+                try:
+                    while (piece := await pieces.get()) is not None:
+                        yield name, piece[0] // itemsize, piece[1].view(dtype)
+                finally:
+                    if not task.done():
+                        task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                task.result()  # a failed download raises here
+        finally:
+            self.give_up_reads(pointer.id, unread)
+
+    def give_up_reads(self, obj_id: int, unread: dict[str, StreamInfo]) -> None:
+        """Say that the streamed entries in ``unread`` will not be read (a read of nothing at each one's
+        end), so the worker keeps nothing for them; empties ``unread``."""
+        while unread:
+            name, info = unread.popitem()
+            with contextlib.suppress(FedzmqError):  # (closed: the session's end lets the read go)
+                self.submit(*_module_read(obj_id, name, info.stream, info.nbytes, 0)).add_done_callback(retrieve_error)
 
     async def _fetch_entry(self, pointer: ModulePointer, name: str, info: StreamInfo,
                            pieces: "asyncio.Queue[tuple[int, torch.Tensor] | None]", timeout: float | None) -> None:
@@ -283,8 +302,38 @@ class Transfers:
         finally:
             pieces.put_nowait(None)
             if not finished and info.stream is not None and info.nbytes:
-                with contextlib.suppress(FedzmqError):  # (closed: the session's end lets the read go)
-                    self.submit(*read(info.nbytes, 0)).add_done_callback(retrieve_error)
+                self.give_up_reads(pointer.id, {name: info})
+
+
+class StatePieces:
+    """A model state a reply carried, as ``(name, first element, flat values)`` pieces, the streamed entries
+    fetched as they are iterated (iterate it once). The worker keeps each streamed entry as the reply saw
+    it until it is read (``fedzmq.worker.kept``): entries this will not read, because it was closed
+    part-way or dropped without being iterated, are given up, so the worker keeps nothing for them."""
+
+    def __init__(self, host: Transfers, pointer: ModulePointer, state: dict[str, Any], timeout: float | None) -> None:
+        unread = {name: value for name, value in state.items()
+                  if isinstance(value, StreamInfo) and value.stream is not None and value.nbytes}
+        self._pieces = host.read_pieces(pointer, state, timeout, unread)
+        if unread:  # dropped unread: its generator never ran, and so never gives them up itself
+            weakref.finalize(self, _give_up_later, asyncio.get_running_loop(), host, pointer.id, unread)
+
+    def __aiter__(self) -> "StatePieces":
+        return self
+
+    async def __anext__(self) -> tuple[str, int, torch.Tensor]:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+
+
+def _give_up_later(loop: asyncio.AbstractEventLoop, host: Transfers, obj_id: int,
+                   unread: dict[str, StreamInfo]) -> None:
+    """``give_up_reads`` on the event loop's thread (a collection can run on any thread)."""
+    if unread:
+        with contextlib.suppress(RuntimeError):  # the loop closed: so did the connection
+            loop.call_soon_threadsafe(host.give_up_reads, obj_id, unread)
 
 
 def _module_write(obj_id: int, name: str, offset: int, data: torch.Tensor) -> tuple[str, dict[str, Any]]:
