@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 import fedzmq as fz
+from fedzmq.codec import Ref
+from fedzmq.modeldesc import describe
 from fedzmq.worker.datasets import Dataset
 
 pytestmark = pytest.mark.timeout(120)
@@ -205,3 +207,81 @@ async def test_a_fitted_state_dropped_unread_keeps_nothing():
         held = (await bob.status())["bytes"]
         await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
         assert (await bob.status())["bytes"] == held
+
+
+# --- a red team's attacks on the kept reads themselves ----------------------------------------------------
+
+
+async def test_kept_reads_hold_no_copy_of_their_entry_names(fedzmq_daemons):
+    """``state_dict`` makes an entry's name anew on every call: a kept read that held it kept 1,024 copies
+    of a 1.5 MiB name per session, uncharged (1.5 GiB of daemon memory, ``status()["bytes"]`` unmoved)."""
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
+    bob = handle.worker
+    name = "n" * (1 << 20)
+    weight = await bob.send(torch.zeros(1025))  # 4,100 bytes: past one chunk, so the entry streams
+    spec = {"kind": "container", "params": [], "buffers": [],
+            "children": [["c", {"kind": "container", "children": [], "params": [[name, [1025], True]], "buffers": []}]]}
+    model = bob.new_id()
+    await bob.request("module_put", {"out": model, "spec": spec, "state": {"c." + name: Ref(weight.id)}})
+    weight.mark_deleted()  # the model adopted it
+    before = (await bob.status())["rss_bytes"]
+    for _ in range(40):
+        states = await asyncio.gather(*(bob.request("module_state", {"obj": model}) for _ in range(8)))
+        assert states[-1]["c." + name].stream is not None
+        del states
+    grown = (await bob.status())["rss_bytes"] - before
+    assert grown < 100 << 20, f"the daemon grew by {grown >> 20} MiB for 320 kept reads"
+
+
+async def test_keeping_many_small_entries_is_sized_and_stays_within_the_time_limit(fedzmq_daemons):
+    """A model of 2,000 tiny entries, its state reported 1,024 times unread, then a write of one entry: the
+    keep listed the model's entries once per kept read (3.3 s under a 0.5 s limit, the torch thread held
+    from every session)."""
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS,
+                                    args=[*CHUNK_ARGS, "--max-command-seconds", "0.5", "--threads", "1"])
+    bob = handle.worker
+    net = nn.Sequential(nn.Linear(1024, 1, bias=False), *[nn.BatchNorm1d(1) for _ in range(400)])
+    first, one = await bob.send(torch.zeros(1, 1024)), await bob.send(torch.zeros(1))
+    count = await bob.send(torch.zeros((), dtype=torch.int64))
+    state = {k: Ref(first.id if k == "0.weight" else count.id if k.endswith("num_batches_tracked") else one.id)
+             for k in net.state_dict()}
+    model = bob.new_id()
+    await bob.request("module_put", {"out": model, "spec": describe(net), "state": state})
+    reported = await bob.request("module_state", {"obj": model})  # entry 0 fills the inline budget
+    assert sum(not isinstance(v, torch.Tensor) for v in reported.values()) == 2000  # the last 1,024 kept
+    started = asyncio.get_running_loop().time()
+    try:
+        await bob.request("module_load", {"obj": model, "state": {"1.weight": torch.ones(1)}})
+    except fz.LimitExceeded:
+        pass  # refused for the time its copies would take: as good
+    assert asyncio.get_running_loop().time() - started < 1.5
+
+
+async def test_copies_for_kept_reads_are_checked_beside_what_the_command_will_make(fedzmq_daemons):
+    """A forward that writes (module_call) reserves room for its output; the kept copies were checked
+    against the same room before the reservation was entered, and both ran: output and copy held past the
+    quota until the output's store was refused."""
+    mib = 1 << 20
+    quota = 9 * mib
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=[*CHUNK_ARGS, "--max-session-bytes", str(quota)])
+    bob = handle.worker
+    frozen = nn.Linear(1024, 256, bias=False).requires_grad_(False)  # 1 MiB, no autograd graph
+    weight = await bob.send(frozen.weight.detach())
+    model = bob.new_id()
+    await bob.request("module_put", {"out": model, "spec": describe(frozen), "state": {"weight": Ref(weight.id)}})
+    weight.mark_deleted()
+    x = await bob.send(torch.zeros(1024, 1024))  # 4 MiB in, 1 MiB out
+    held = (await bob.status())["bytes"]
+    room = quota - held
+    pad = (room - int(1.5 * mib)) // 4  # leave room for the output or the copy, not both
+    column, row = await bob.send(torch.zeros(64, 1)), await bob.send(torch.zeros(1, pad // 64))
+    filler = column + row
+    await filler
+    held = (await bob.status())["bytes"]
+    info = (await bob.request("module_state", {"obj": model}))["weight"]
+    assert info.stream is not None
+    with pytest.raises(fz.LimitExceeded) as refused:
+        await bob.request("module_call", {"obj": model, "args": [Ref(x.id)], "kwargs": {}, "out": [bob.new_id()]})
+    assert "keeping" in str(refused.value)  # refused before the forward ran
+    assert (await bob.status())["bytes"] == held
+    del filler, column, row

@@ -290,7 +290,9 @@ class Executor:
         # fail (an overlapping source, a failing metric, one output id too many): what was written kept
         # the model's old label, and module_state gave it out. Only a load that completed lowers a label.
         if command.writes in ("module", "optimizer") and session.kept:  # a model's entries a read has yet to fetch
-            session.kept.keep_before_write(may_write(binding), self.context.config.max_command_seconds)
+            assert session.budget is not None
+            with running_under(session.budget), session.quota.reserving(reserve):  # (beside what it will make)
+                session.kept.keep_before_write(may_write(binding), self.context.config.max_command_seconds)
         if command.loads and "load" in binding.args:  # the client's weights first, as a module_load would:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
             loading = _WriteWatch(binding) if binding.label else None

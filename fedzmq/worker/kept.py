@@ -24,6 +24,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .. import budget
 from ..errors import BadRequest
 from .cost import check_work, element_work
 from .quota import Quota
@@ -32,6 +33,9 @@ from .taint import storage_key
 #: kept reads per session: an honest client reads each at once, so only a client that never reads
 #: reaches this, and loses its oldest
 MAX_KEPT = 1024
+#: the work (``fedzmq.worker.cost``) of one entry's copy besides its elements: the torch call and the
+#: Python around it, about 20 us (a model of 2,000 one-element entries is 2,000 copies)
+COPY_CALL_WORK = 40_000
 
 
 @dataclass
@@ -40,7 +44,9 @@ class KeptRead:
 
     token: int
     obj_id: int
-    name: str
+    #: the entry's place in its model's ``state_dict``. Not its name: ``state_dict`` makes its names
+    #: anew on every call, and a red team kept 1,024 copies of a 1.5 MiB one per session, uncharged
+    index: int
     nbytes: int
     #: the entry's storage when it was reported: a write to it copies the entry first
     storage: int
@@ -62,21 +68,24 @@ class KeptReads:
     def __bool__(self) -> bool:
         return bool(self._reads)
 
-    def report(self, obj_id: int, module: nn.Module, name: str, tensor: torch.Tensor) -> int:
-        """Keep a read of ``module``'s entry ``name`` (``tensor``) as it is now; returns its token."""
+    def report(self, obj_id: int, module: nn.Module, index: int, tensor: torch.Tensor) -> int:
+        """Keep a read of ``module``'s entry number ``index`` of its ``state_dict`` (``tensor``) as it is
+        now; returns its token."""
         with self._lock:
             token, self._next = self._next, self._next + 1
-            self._reads[token] = KeptRead(token, obj_id, name, tensor.numel() * tensor.element_size(),
+            self._reads[token] = KeptRead(token, obj_id, index, tensor.numel() * tensor.element_size(),
                                           storage_key(tensor.untyped_storage()), weakref.ref(module))
             while len(self._reads) > MAX_KEPT:
                 self._end(next(iter(self._reads)))
         return token
 
-    def read(self, token: int, obj_id: int, name: str) -> KeptRead:
-        """The kept read ``token`` of entry ``name`` of object ``obj_id``; ``BadRequest`` if there is none."""
+    def read(self, token: int, obj_id: int, module: nn.Module, name: str) -> KeptRead:
+        """The kept read ``token`` of entry ``name`` of object ``obj_id`` (``module``); ``BadRequest`` if
+        there is none."""
         with self._lock:
             kept = self._reads.get(token)
-        if kept is None or kept.obj_id != obj_id or kept.name != name:
+        names = list(module.state_dict()) if kept is not None and kept.obj_id == obj_id else []
+        if kept is None or kept.index >= len(names) or names[kept.index] != name:
             raise BadRequest.new(f"no read of {name!r} of object {obj_id} is kept under stream {token}: it was read "
                                  f"to its end, its model was deleted, or more than {MAX_KEPT} reads came after it")
         return kept
@@ -89,27 +98,33 @@ class KeptReads:
     def keep_before_write(self, tensors: Iterable[torch.Tensor], seconds: float) -> None:
         """Copy every kept entry whose storage is among ``tensors``' (what a command may write), before it
         writes. ``LimitExceeded`` (nothing written yet) when the copies do not fit the session's quota or
-        the command's time. Reads of one entry not copied yet all saw its value since the last write to
-        it: they share one copy, charged once (the quota charges by storage)."""
+        the command's time. Run under the command's budget and reservation (``Executor``), so a copy
+        stops at a small fit's deadline and is checked beside what the command is about to make. Reads of
+        one entry not copied yet all saw its value since the last write to it: they share one copy,
+        charged once (the quota charges by storage)."""
         written = {storage_key(t.untyped_storage()) for t in tensors if t.layout == torch.strided}
-        entries: dict[tuple[int, str, int], list[KeptRead]] = {}
+        entries: dict[tuple[int, int, int], list[KeptRead]] = {}
         with self._lock:
             for kept in self._reads.values():
                 if kept.copy is None and kept.storage in written:
-                    entries.setdefault((kept.obj_id, kept.name, kept.storage), []).append(kept)
+                    entries.setdefault((kept.obj_id, kept.index, kept.storage), []).append(kept)
+        states: dict[int, list[torch.Tensor]] = {}  # each model's entries, listed once (not once per read)
         lives = []
-        for reads in entries.values():
+        for (obj_id, index, _), reads in entries.items():
             module = reads[0].module()
-            live = module.state_dict().get(reads[0].name) if module is not None else None
-            if live is not None:  # (else its model was deleted: ``forget`` drops such reads)
-                lives.append((live, reads))
+            if module is None:  # (its model was deleted: ``forget`` drops such reads)
+                continue
+            if obj_id not in states:
+                states[obj_id] = list(module.state_dict().values())
+            if index < len(states[obj_id]):
+                lives.append((states[obj_id][index], reads))
         if not lives:
             return
-        names = sorted({reads[0].name for _, reads in lives})
-        what = f"keeping {', '.join(map(repr, names))} as a read in progress saw {'them' if len(names) > 1 else 'it'}"
-        check_work(sum(element_work(live) for live, _ in lives), seconds, what)
+        what = f"keeping {len(lives)} model entries as a read in progress saw them"
+        check_work(sum(element_work(live) + COPY_CALL_WORK for live, _ in lives), seconds, what)
         self._quota.check(sum(reads[0].nbytes for _, reads in lives), what)
         for live, reads in lives:  # (outside the lock: the session's end must not wait for a copy)
+            budget.check()  # (on the event loop, a small fit's deadline)
             copy = live.detach().clone(memory_format=torch.contiguous_format).view(-1).view(torch.uint8)
             with self._lock:
                 for kept in reads:

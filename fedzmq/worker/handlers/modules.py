@@ -123,13 +123,13 @@ def state_reply(binding: Binding, arg: str, budget: int) -> dict[str, Any]:
     session keeps as the entry is now (``fedzmq.worker.kept``)."""
     module, obj_id = binding.objects[arg].module, binding.request.args[arg]
     result: dict[str, Any] = {}
-    for name, tensor in module.state_dict().items():
+    for index, (name, tensor) in enumerate(module.state_dict().items()):
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes <= budget and tensor.is_contiguous():
             result[name] = tensor.detach()
             budget -= nbytes
         else:
-            token = binding.session.kept.report(obj_id, module, name, tensor)
+            token = binding.session.kept.report(obj_id, module, index, tensor)
             result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False, token)
     return result
 
@@ -160,7 +160,8 @@ def module_read(context: Context, binding: Binding) -> Any:
     offset, length, token = binding.args["offset"], binding.args["length"], binding.args.get("stream")
     kept = None
     if token is not None:
-        kept = binding.session.kept.read(token, binding.request.args["obj"], binding.args["name"])
+        kept = binding.session.kept.read(token, binding.request.args["obj"], binding.objects["obj"].module,
+                                         binding.args["name"])
     source = kept.copy if kept is not None and kept.copy is not None else _entry_bytes(binding)
     if offset + length > source.numel() or length > context.config.limits.chunk_bytes:
         raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
