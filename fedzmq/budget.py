@@ -57,6 +57,14 @@ class Budget:
 _CURRENT: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("fedzmq_budget", default=None)
 
 
+def seconds_left(limit: float) -> float:
+    """The seconds a piece of work that cannot be stopped may be admitted for: ``limit``, or less when the
+    running command has less left. Two such pieces in one command (a kept entry's copies, then a load's)
+    each checked against the whole limit could run for twice it."""
+    budget = _CURRENT.get()
+    return limit if budget is None else max(0.0, min(limit, budget.remaining))
+
+
 class running_under:  # noqa: N801 (used as a function: ``with running_under(budget):``)
     """Make ``budget`` the one ``check()`` reads while the block runs (on this thread). A class, not a
     generator: it is entered for every command, and a generator's context manager costs three times as
@@ -81,4 +89,4 @@ def check() -> None:
         budget.check()
 
 
-__all__ = ["Budget", "check", "running_under"]
+__all__ = ["Budget", "check", "running_under", "seconds_left"]

@@ -15,6 +15,7 @@ import fedzmq as fz
 from fedzmq.codec import Ref
 from fedzmq.modeldesc import describe
 from fedzmq.worker.datasets import Dataset
+from fedzmq.worker.kept import KEPT_READ_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -149,21 +150,22 @@ async def test_a_write_that_cannot_keep_the_read_state_fails_whole_and_the_read_
     del filler, column, row
 
 
-async def test_unread_streams_are_bounded_and_a_deleted_model_frees_them(fedzmq_daemons):
-    """A client that asks for states and never reads them holds nothing for them but the copies a write
-    made, charged; deleting the model lets those go, and a late read is refused."""
+async def test_unread_streams_are_charged_and_a_deleted_model_frees_them(fedzmq_daemons):
+    """A client that asks for states and never reads them holds their bookkeeping and the copies a write
+    made, all charged (the reads of one entry share one copy); deleting the model lets them go, and a late
+    read is refused."""
     [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
     bob = handle.worker
     model = _model()
     remote = await bob.send(model)
     held = (await bob.status())["bytes"]
-    for _ in range(1500):  # past MAX_KEPT: the oldest are dropped
+    for _ in range(1500):
         state = await bob.request("module_state", {"obj": remote.id})
-    assert (await bob.status())["bytes"] == held  # reported, not copied
+    assert (await bob.status())["bytes"] == held + 1500 * KEPT_READ_BYTES  # reported, not copied
     weight = model.state_dict()["0.weight"]
     await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
-    copies = (await bob.status())["bytes"] - held
-    assert copies == weight.numel() * 4  # the kept reads of the weight (1,024 of them) share one copy
+    copies = (await bob.status())["bytes"] - held - 1500 * KEPT_READ_BYTES
+    assert copies == weight.numel() * 4  # the 1,500 kept reads of the weight share one copy
     info = state["0.weight"]
     read = {"obj": remote.id, "name": "0.weight", "offset": 0, "length": 4096, "stream": info.stream}
     first = await bob.request("module_read", read)
@@ -199,14 +201,13 @@ async def test_a_fitted_state_dropped_unread_keeps_nothing():
                                 datasets=data) as bob:
         model = _model()
         remote = await bob.send(model)
+        held = (await bob.status())["bytes"]
         update = await remote.fit_and_fetch("toy", steps=1, batch_size=16)
         assert update.metrics["steps"] == 1
         del update
-        gc.collect()
-        await bob.ping()  # the give-up went out before it
-        held = (await bob.status())["bytes"]
+        gc.collect()  # (its give-up goes out on the loop's next pass: before the load)
         await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
-        assert (await bob.status())["bytes"] == held
+        assert (await bob.status())["bytes"] == held  # no copy, and no read kept
 
 
 # --- a red team's attacks on the kept reads themselves ----------------------------------------------------
@@ -277,11 +278,61 @@ async def test_copies_for_kept_reads_are_checked_beside_what_the_command_will_ma
     column, row = await bob.send(torch.zeros(64, 1)), await bob.send(torch.zeros(1, pad // 64))
     filler = column + row
     await filler
-    held = (await bob.status())["bytes"]
     info = (await bob.request("module_state", {"obj": model}))["weight"]
     assert info.stream is not None
+    held = (await bob.status())["bytes"]
     with pytest.raises(fz.LimitExceeded) as refused:
         await bob.request("module_call", {"obj": model, "args": [Ref(x.id)], "kwargs": {}, "out": [bob.new_id()]})
     assert "keeping" in str(refused.value)  # refused before the forward ran
     assert (await bob.status())["bytes"] == held
     del filler, column, row
+
+
+async def test_concurrent_reads_of_a_model_of_thousands_of_streamed_entries_all_complete(bob):
+    """A reply can report more entries than a fixed count of kept reads allowed (1,024: a model of 600
+    small layers past one chunk evicted its own first entries), and three reads at once of it must
+    each complete, as three in a row do."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(600)])
+    remote = await bob.send(model)
+    expected = {k: v.reshape(-1) for k, v in model.state_dict().items()}
+    reads = await asyncio.gather(*(_read_state(bob, remote) for _ in range(3)))
+    for got in reads:
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+
+
+async def test_a_state_read_its_caller_stopped_waiting_for_keeps_nothing(fedzmq_daemons):
+    """A read that timed out, or was cancelled, while its request waited behind slow work: its reply comes
+    after nobody waits for it, and the reads it reports are given up then (a round's straggler left a
+    copy of the model's big entries per round, charged until the session ended)."""
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
+    bob = handle.worker
+    model = _model()
+    remote = await bob.send(model)
+    a = await bob.send(torch.randn(384, 384))
+
+    async def slow_work() -> None:  # queued ahead of the read, in the same session
+        product = a
+        for _ in range(30):
+            product = (product @ a) / 384
+        await product
+
+    for stop in ("timeout", "cancel"):
+        work = asyncio.ensure_future(slow_work())
+        await asyncio.sleep(0)  # its ops have left
+        if stop == "timeout":
+            with pytest.raises(fz.RequestTimeout):
+                await remote.get(timeout=0.01)
+        else:
+            read = asyncio.ensure_future(remote.get())
+            await asyncio.sleep(0.01)
+            read.cancel()
+            await asyncio.gather(read, return_exceptions=True)
+        await work
+        for _ in range(2):  # commands of the session's own queue: the first's reply comes after the read's, and
+            await bob.request("datasets", {})  # the second after the give-up that reply set off
+        before = (await bob.status())["bytes"]
+        await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+        assert (await bob.status())["bytes"] == before, f"after a {stop}: a kept read was left and copied"

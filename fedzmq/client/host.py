@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..codec import Limits
     from .broadcast import Broadcast
     from .meta import TensorMeta
+    from .transfers import StatePieces
     from .module_pointer import ModulePointer
     from .pointers import Pointer, TensorPointer
 
@@ -114,6 +115,11 @@ class PointerHost(Protocol):
         request that loads it. Pointers' interface, not for normal code."""
         ...
 
+    async def request_state(self, cmd: str, args: dict[str, Any], obj_id: int, timeout: float | None) -> Any:
+        """``request``, for a request whose reply carries model ``obj_id``'s state: its streamed entries
+        are given up if the caller stops waiting. Pointers' interface, not for normal code."""
+        ...
+
     def module_slices(self, pointer: ModulePointer,
                       timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
         """The remote model's parameters and buffers as ``(name, first element, flat values)`` pieces.
@@ -121,7 +127,7 @@ class PointerHost(Protocol):
         ...
 
     def state_pieces(self, pointer: ModulePointer, state: dict[str, Any],
-                     timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+                     timeout: float | None = None) -> "StatePieces":
         """A model state a reply carried, as ``(name, first element, flat values)`` pieces (streamed
         entries fetched as they are iterated; those it will not read, given up: ``StatePieces``).
         Pointers' interface, not for normal code."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from .pointers import DatasetPointer, Pointer, TensorPointer
 
 if TYPE_CHECKING:
     from .host import PointerHost
+    from .transfers import StatePieces
     from .optims import RemoteOptimizer
 
 
@@ -96,7 +97,7 @@ class ModulePointer(Pointer):
         ``FitUpdate``: the metrics, and the trained state as pieces to fold or copy as they arrive."""
         args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
         args["reply_state"] = True
-        reply = await self.location.request("fit", args, timeout)
+        reply = await self.location.request_state("fit", args, self.id, timeout)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit with {type(reply).__name__}, not metrics and a state")
@@ -195,7 +196,8 @@ class FitUpdate:
     ``(name, first element, flat values)`` pieces, fetched as they are iterated (iterate it once)."""
 
     metrics: dict[str, Any]
-    pieces: AsyncIterator[tuple[str, int, torch.Tensor]]
+    #: iterate it once; close it (``aclose``, or ``contextlib.aclosing``) to give up what is left unread
+    pieces: "StatePieces"
 
 
 def _dataset_name(worker: "PointerHost", dataset: "DatasetPointer | str") -> str:

@@ -241,7 +241,7 @@ class Transfers:
                             timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
         """The remote module's parameters and buffers as (name, first element, flat values) pieces:
         small entries whole, big ones chunk by chunk, so no caller needs a whole copy in memory."""
-        state = await self.request("module_state", {"obj": pointer.id}, timeout)
+        state = await self.request_state("module_state", {"obj": pointer.id}, pointer.id, timeout)
         async with contextlib.aclosing(self.state_pieces(pointer, state, timeout)) as pieces:
             async for piece in pieces:
                 yield piece
@@ -280,6 +280,28 @@ class Transfers:
                 task.result()  # a failed download raises here
         finally:
             self.give_up_reads(pointer.id, unread)
+
+    async def request_state(self, cmd: str, args: dict[str, Any], obj_id: int, timeout: float | None) -> Any:
+        """A request whose reply carries the state of model ``obj_id`` (``module_state``, a fit with
+        ``reply_state``). The worker keeps that state's streamed entries until they are read, so a caller
+        that stops waiting (cancelled, or timed out) gives them up once the reply comes."""
+        future = self.submit(cmd, args)
+        try:
+            return await self.wait_reply(asyncio.shield(future), timeout)  # (taken even if nobody waits)
+        except BaseException:
+            future.add_done_callback(partial(self._give_up_reply, obj_id))
+            raise
+
+    def _give_up_reply(self, obj_id: int, future: asyncio.Future[Any]) -> None:
+        """``give_up_reads`` for every kept read in a state reply nobody waits for any more."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        reply = future.result()
+        result = reply.result if reply.ok else None
+        state = result.get("state") if isinstance(result, dict) and isinstance(result.get("state"), dict) else result
+        if isinstance(state, dict):
+            self.give_up_reads(obj_id, {name: value for name, value in state.items()
+                                        if isinstance(value, StreamInfo) and value.stream is not None and value.nbytes})
 
     def give_up_reads(self, obj_id: int, unread: dict[str, StreamInfo]) -> None:
         """Say that the streamed entries in ``unread`` will not be read (a read of nothing at each one's

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -177,8 +178,9 @@ async def fit_trip(worker: RemoteWorker, model: nn.Module, broadcast: Broadcast,
             worker.forget(model)
     receiver = receive(int(update.metrics["num_examples"]))
     try:
-        async for name, start, values in update.pieces:
-            await fold(receiver, name, start, values)
+        async with contextlib.aclosing(update.pieces) as pieces:  # (what a failed fold leaves unread is given up)
+            async for name, start, values in pieces:
+                await fold(receiver, name, start, values)
         receiver.end()
     except BaseException:
         receiver.abort()

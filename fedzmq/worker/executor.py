@@ -289,15 +289,15 @@ class Executor:
         # a model, or trained it, or ran a forward that wrote rows into a buffer, and then made the command
         # fail (an overlapping source, a failing metric, one output id too many): what was written kept
         # the model's old label, and module_state gave it out. Only a load that completed lowers a label.
-        if command.writes in ("module", "optimizer") and session.kept:  # a model's entries a read has yet to fetch
-            assert session.budget is not None
+        assert session.budget is not None
+        if command.writes in ("module", "optimizer") and session.kept.uncopied:  # entries a read has yet to fetch
             with running_under(session.budget), session.quota.reserving(reserve):  # (beside what it will make)
                 session.kept.keep_before_write(may_write(binding), self.context.config.max_command_seconds)
         if command.loads and "load" in binding.args:  # the client's weights first, as a module_load would:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
             loading = _WriteWatch(binding) if binding.label else None
             try:
-                with default_modes():
+                with default_modes(), running_under(session.budget):
                     load_into(binding.objects["module"].module, binding.args["load"],
                               self.context.config.max_command_seconds)
             finally:
@@ -308,7 +308,6 @@ class Executor:
         label = self.made_label(binding)
         watch = _WriteWatch(binding) if command.writes and label else None
         graph = "graph" in command.charges
-        assert session.budget is not None
         saved = session.quota.charging_saved_tensors() if graph else contextlib.nullcontext()
         try:
             with (default_modes(), running_under(session.budget),

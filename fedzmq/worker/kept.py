@@ -9,17 +9,20 @@ been read, a command about to write that entry (``Command.writes``) first copies
 session like any object, and the read's pieces come from the copy. Without such a write nothing is
 copied: the pieces are read from the model itself, as before.
 
-A read the client gives up is ended by a read of nothing at its end (``offset == nbytes``); at most
-``MAX_KEPT`` are kept per session (the oldest go first); a deleted model's are dropped.
+Reads of one entry reported since its last write all see the same bytes, so they share one
+``KeptEntry``: a write copies each entry once, however many reads wait on it, and looks only at the
+entries not copied yet (at most one per model entry). Each kept read's bookkeeping is charged
+``KEPT_READ_BYTES``; the session's quota is the only bound on how many it keeps. A read the client gives
+up is ended by a read of nothing at its end (``offset == nbytes``); deleting the model ends its reads.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -30,19 +33,21 @@ from .cost import check_work, element_work
 from .quota import Quota
 from .taint import storage_key
 
-#: kept reads per session: an honest client reads each at once, so only a client that never reads
-#: reaches this, and loses its oldest
-MAX_KEPT = 1024
+#: bytes charged for one kept read's bookkeeping (its token's slots in two dicts and a set; about 200)
+KEPT_READ_BYTES = 256
 #: the work (``fedzmq.worker.cost``) of one entry's copy besides its elements: the torch call and the
 #: Python around it, about 20 us (a model of 2,000 one-element entries is 2,000 copies)
 COPY_CALL_WORK = 40_000
+#: the quota holder of the reads' bookkeeping (copies are held under ``("kept", entry number)``)
+_BOOKKEEPING = ("kept", "reads")
 
 
-@dataclass
-class KeptRead:
-    """One streamed entry of one reply."""
+@dataclass(eq=False)
+class KeptEntry:
+    """One model entry as the reads reported since its last write saw it."""
 
-    token: int
+    #: this entry's number in its session: its copy's quota holder is ``("kept", key)``
+    key: int
     obj_id: int
     #: the entry's place in its model's ``state_dict``. Not its name: ``state_dict`` makes its names
     #: anew on every call, and a red team kept 1,024 copies of a 1.5 MiB one per session, uncharged
@@ -51,6 +56,8 @@ class KeptRead:
     #: the entry's storage when it was reported: a write to it copies the entry first
     storage: int
     module: "weakref.ref[nn.Module]"
+    #: the kept reads that read it
+    readers: int = 0
     #: the entry's bytes as they were, once a write made a copy necessary (flat uint8)
     copy: torch.Tensor | None = None
 
@@ -61,95 +68,126 @@ class KeptReads:
 
     def __init__(self, quota: Quota) -> None:
         self._quota = quota
-        self._reads: OrderedDict[int, KeptRead] = OrderedDict()
-        self._next = 1
+        self._reads: dict[int, KeptEntry] = {}
+        #: the tokens of each model's reads (deleting a model ends them)
+        self._by_object: dict[int, set[int]] = {}
+        #: the entries reads wait on that no write has copied yet, by (model, entry index)
+        self._uncopied: dict[tuple[int, int], KeptEntry] = {}
+        self._tokens = itertools.count(1)
+        self._keys = itertools.count(1)
         self._lock = threading.Lock()
 
-    def __bool__(self) -> bool:
-        return bool(self._reads)
+    @property
+    def uncopied(self) -> bool:
+        """Whether a write may have entries to copy first."""
+        return bool(self._uncopied)
 
-    def report(self, obj_id: int, module: nn.Module, index: int, tensor: torch.Tensor) -> int:
-        """Keep a read of ``module``'s entry number ``index`` of its ``state_dict`` (``tensor``) as it is
-        now; returns its token."""
+    def report(self, obj_id: int, module: nn.Module, entries: Sequence[tuple[int, torch.Tensor]]) -> list[int]:
+        """Keep reads of ``module``'s entries ``(index in its state_dict, tensor)`` as they are now; returns
+        their tokens. ``LimitExceeded`` if their bookkeeping does not fit the session's quota."""
+        self._quota.check(KEPT_READ_BYTES * len(entries), f"keeping reads of {len(entries)} model entries")
+        tokens = []
         with self._lock:
-            token, self._next = self._next, self._next + 1
-            self._reads[token] = KeptRead(token, obj_id, index, tensor.numel() * tensor.element_size(),
-                                          storage_key(tensor.untyped_storage()), weakref.ref(module))
-            while len(self._reads) > MAX_KEPT:
-                self._end(next(iter(self._reads)))
-        return token
+            for index, tensor in entries:
+                storage = storage_key(tensor.untyped_storage())
+                entry = self._uncopied.get((obj_id, index))
+                if entry is None or entry.storage != storage:
+                    entry = KeptEntry(next(self._keys), obj_id, index, tensor.numel() * tensor.element_size(),
+                                      storage, weakref.ref(module))
+                    self._uncopied[(obj_id, index)] = entry
+                entry.readers += 1
+                token = next(self._tokens)
+                self._reads[token] = entry
+                self._by_object.setdefault(obj_id, set()).add(token)
+                tokens.append(token)
+            self._charge_bookkeeping()
+        return tokens
 
-    def read(self, token: int, obj_id: int, module: nn.Module, name: str) -> KeptRead:
-        """The kept read ``token`` of entry ``name`` of object ``obj_id`` (``module``); ``BadRequest`` if
-        there is none."""
+    def read(self, token: int, obj_id: int, names: list[str], name: str) -> KeptEntry:
+        """The entry kept read ``token`` reads, which must be entry ``name`` of object ``obj_id`` (whose
+        ``state_dict`` names are ``names``); ``BadRequest`` if there is none."""
         with self._lock:
-            kept = self._reads.get(token)
-        names = list(module.state_dict()) if kept is not None and kept.obj_id == obj_id else []
-        if kept is None or kept.index >= len(names) or names[kept.index] != name:
+            entry = self._reads.get(token)
+        if entry is None or entry.obj_id != obj_id or entry.index >= len(names) or names[entry.index] != name:
             raise BadRequest.new(f"no read of {name!r} of object {obj_id} is kept under stream {token}: it was read "
-                                 f"to its end, its model was deleted, or more than {MAX_KEPT} reads came after it")
-        return kept
+                                 "to its end or given up, or its model was deleted")
+        return entry
 
     def end(self, token: int) -> None:
-        """The read's last byte was read (or the client gave it up): its copy, if any, is let go."""
+        """The read's last byte was read (or the client gave it up): its entry's copy, if it was the
+        entry's last read, is let go."""
         with self._lock:
             self._end(token)
+            self._charge_bookkeeping()
 
     def keep_before_write(self, tensors: Iterable[torch.Tensor], seconds: float) -> None:
         """Copy every kept entry whose storage is among ``tensors``' (what a command may write), before it
         writes. ``LimitExceeded`` (nothing written yet) when the copies do not fit the session's quota or
         the command's time. Run under the command's budget and reservation (``Executor``), so a copy
-        stops at a small fit's deadline and is checked beside what the command is about to make. Reads of
-        one entry not copied yet all saw its value since the last write to it: they share one copy,
-        charged once (the quota charges by storage)."""
+        stops at a small fit's deadline and is checked beside what the command is about to make."""
         written = {storage_key(t.untyped_storage()) for t in tensors if t.layout == torch.strided}
-        entries: dict[tuple[int, int, int], list[KeptRead]] = {}
         with self._lock:
-            for kept in self._reads.values():
-                if kept.copy is None and kept.storage in written:
-                    entries.setdefault((kept.obj_id, kept.index, kept.storage), []).append(kept)
-        states: dict[int, list[torch.Tensor]] = {}  # each model's entries, listed once (not once per read)
+            pending = [entry for entry in self._uncopied.values() if entry.storage in written]
+        states: dict[int, list[torch.Tensor]] = {}  # each model's entries, listed once
         lives = []
-        for (obj_id, index, _), reads in entries.items():
-            module = reads[0].module()
-            if module is None:  # (its model was deleted: ``forget`` drops such reads)
+        for entry in pending:
+            module = entry.module()
+            if module is None:  # (its model was deleted: ``forget`` ends its reads)
                 continue
-            if obj_id not in states:
-                states[obj_id] = list(module.state_dict().values())
-            if index < len(states[obj_id]):
-                lives.append((states[obj_id][index], reads))
+            if entry.obj_id not in states:
+                states[entry.obj_id] = list(module.state_dict().values())
+            if entry.index < len(states[entry.obj_id]):
+                lives.append((states[entry.obj_id][entry.index], entry))
         if not lives:
             return
         what = f"keeping {len(lives)} model entries as a read in progress saw them"
-        check_work(sum(element_work(live) + COPY_CALL_WORK for live, _ in lives), seconds, what)
-        self._quota.check(sum(reads[0].nbytes for _, reads in lives), what)
-        for live, reads in lives:  # (outside the lock: the session's end must not wait for a copy)
+        check_work(sum(element_work(live) + COPY_CALL_WORK for live, _ in lives), budget.seconds_left(seconds), what)
+        self._quota.check(sum(entry.nbytes for _, entry in lives), what)
+        for live, entry in lives:  # (outside the lock: the session's end must not wait for a copy)
             budget.check()  # (on the event loop, a small fit's deadline)
             copy = live.detach().clone(memory_format=torch.contiguous_format).view(-1).view(torch.uint8)
             with self._lock:
-                for kept in reads:
-                    if self._reads.get(kept.token) is kept:  # (not ended meanwhile)
-                        kept.copy = copy
-                        self._quota.hold(("kept", kept.token), [copy])
+                if self._uncopied.get((entry.obj_id, entry.index)) is entry:  # (its reads not ended meanwhile)
+                    del self._uncopied[(entry.obj_id, entry.index)]
+                    entry.copy = copy
+                    self._quota.hold(("kept", entry.key), [copy])
 
     def forget(self, obj_ids: Iterable[int]) -> None:
         """Objects were deleted: their reads end (a late read of one is refused, clearly)."""
-        gone = set(obj_ids)
         with self._lock:
-            for token in [t for t, kept in self._reads.items() if kept.obj_id in gone]:
-                self._end(token)
+            for obj_id in obj_ids:
+                for token in list(self._by_object.get(obj_id, ())):
+                    self._end(token)
+            self._charge_bookkeeping()
 
     def clear(self) -> list[torch.Tensor]:
         """The session ended: every read ends. Returns the copies, to be let go off the event loop."""
         with self._lock:
-            copies = [kept.copy for kept in self._reads.values() if kept.copy is not None]
+            copies = list({id(e.copy): e.copy for e in self._reads.values() if e.copy is not None}.values())
             self._reads.clear()
+            self._by_object.clear()
+            self._uncopied.clear()
         return copies
 
     def _end(self, token: int) -> None:
-        kept = self._reads.pop(token, None)
-        if kept is not None and kept.copy is not None:
-            self._quota.drop(("kept", token))
+        entry = self._reads.pop(token, None)
+        if entry is None:
+            return
+        tokens = self._by_object[entry.obj_id]
+        tokens.discard(token)
+        if not tokens:
+            del self._by_object[entry.obj_id]
+        entry.readers -= 1
+        if entry.readers:
+            return
+        if self._uncopied.get((entry.obj_id, entry.index)) is entry:
+            del self._uncopied[(entry.obj_id, entry.index)]
+        if entry.copy is not None:
+            self._quota.drop(("kept", entry.key))
+            entry.copy = None
+
+    def _charge_bookkeeping(self) -> None:
+        self._quota.hold(_BOOKKEEPING, [], KEPT_READ_BYTES * len(self._reads))
 
 
-__all__ = ["MAX_KEPT", "KeptRead", "KeptReads"]
+__all__ = ["COPY_CALL_WORK", "KEPT_READ_BYTES", "KeptEntry", "KeptReads"]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import budget
 from ...codec import DTYPE_NAMES, Ref, StreamInfo
 from ...errors import BadRequest
 from ...modeldesc import check_state, instantiate
@@ -71,8 +72,8 @@ def load_into(module: nn.Module, state: dict[str, Any], seconds: float) -> None:
     if unknown:
         raise BadRequest.new(f"model has no parameters or buffers named {sorted(unknown)}")
     check_state({k: current[k] for k in state}, state)
-    check_work(sum(element_work(t) for t in state.values() if isinstance(t, torch.Tensor)), seconds,
-               "copying these weights in")
+    check_work(sum(element_work(t) for t in state.values() if isinstance(t, torch.Tensor)),
+               budget.seconds_left(seconds), "copying these weights in")
     for name, tensor in state.items():
         current[name].copy_(tensor)  # state_dict() entries are detached: no grad mode needed
 
@@ -116,27 +117,32 @@ def module_state(context: Context, binding: Binding) -> Any:
     return state_reply(binding, "obj", context.config.limits.chunk_bytes)
 
 
-def state_reply(binding: Binding, arg: str, budget: int) -> dict[str, Any]:
-    """The state of the model the command's ``arg`` names, for a reply: entries inline up to ``budget``
+def state_reply(binding: Binding, arg: str, inline_bytes: int) -> dict[str, Any]:
+    """The state of the model the command's ``arg`` names, for a reply: entries inline up to ``inline_bytes``
     bytes in all (the parameters themselves, sent uncopied: a later command that may change them waits
     until they have left), the others as ``StreamInfo`` to fetch with ``module_read``, each a read the
     session keeps as the entry is now (``fedzmq.worker.kept``)."""
     module, obj_id = binding.objects[arg].module, binding.request.args[arg]
     result: dict[str, Any] = {}
+    streamed: list[tuple[str, int, torch.Tensor]] = []
     for index, (name, tensor) in enumerate(module.state_dict().items()):
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes <= budget and tensor.is_contiguous():
+        if nbytes <= inline_bytes and tensor.is_contiguous():
             result[name] = tensor.detach()
-            budget -= nbytes
+            inline_bytes -= nbytes
         else:
-            token = binding.session.kept.report(obj_id, module, index, tensor)
-            result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False, token)
+            result[name] = None  # (the entries keep their order)
+            streamed.append((name, index, tensor))
+    tokens = binding.session.kept.report(obj_id, module, [(index, tensor) for _, index, tensor in streamed])
+    for (name, _, tensor), token in zip(streamed, tokens):
+        nbytes = tensor.numel() * tensor.element_size()
+        result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False, token)
     return result
 
 
-def _entry_bytes(binding: Binding) -> torch.Tensor:
+def _entry_bytes(binding: Binding, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     name = binding.args["name"]
-    tensor = binding.objects["obj"].module.state_dict().get(name)
+    tensor = (state if state is not None else binding.objects["obj"].module.state_dict()).get(name)
     if tensor is None:
         raise BadRequest.new(f"model has no parameter or buffer named {name!r}")
     if not tensor.is_contiguous():
@@ -158,15 +164,15 @@ def module_read(context: Context, binding: Binding) -> Any:
     reported it saw it (a copy, if a command wrote it since). A kept read ends with its last byte's read
     (a read of nothing at its end gives it up)."""
     offset, length, token = binding.args["offset"], binding.args["length"], binding.args.get("stream")
+    state = binding.objects["obj"].module.state_dict()  # (listed once per read: a model can have thousands)
     kept = None
     if token is not None:
-        kept = binding.session.kept.read(token, binding.request.args["obj"], binding.objects["obj"].module,
-                                         binding.args["name"])
-    source = kept.copy if kept is not None and kept.copy is not None else _entry_bytes(binding)
+        kept = binding.session.kept.read(token, binding.request.args["obj"], list(state), binding.args["name"])
+    source = kept.copy if kept is not None and kept.copy is not None else _entry_bytes(binding, state)
     if offset + length > source.numel() or length > context.config.limits.chunk_bytes:
         raise BadRequest.new(f"read of {length} bytes at {offset} is out of range or above the chunk size")
-    if kept is not None and offset + length == kept.nbytes:
-        binding.session.kept.end(kept.token)
+    if token is not None and kept is not None and offset + length == kept.nbytes:
+        binding.session.kept.end(token)
     return source[offset: offset + length].clone()  # a snapshot: later steps must not change what is sent
 
 
