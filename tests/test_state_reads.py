@@ -15,7 +15,7 @@ import fedzmq as fz
 from fedzmq.codec import Ref
 from fedzmq.modeldesc import describe
 from fedzmq.worker.datasets import Dataset
-from fedzmq.worker.kept import KEPT_READ_BYTES
+from fedzmq.worker.kept import KEPT_READ_BYTES, MAX_KEPT_READS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -336,3 +336,26 @@ async def test_a_state_read_its_caller_stopped_waiting_for_keeps_nothing(fedzmq_
         before = (await bob.status())["bytes"]
         await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
         assert (await bob.status())["bytes"] == before, f"after a {stop}: a kept read was left and copied"
+
+
+async def test_a_session_keeps_a_bounded_number_of_reads_and_a_delete_ends_them(fedzmq_daemons):
+    """A client that asks for states and reads none: past MAX_KEPT_READS its state requests are refused,
+    clearly, and deleting the model ends every read (the quota alone allowed 33 million, whose ending on
+    a delete or at the session's end took seconds)."""
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
+    bob = handle.worker
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(600)])
+    remote = await bob.send(model)
+    held = (await bob.status())["bytes"]
+    reported = 0
+    with pytest.raises(fz.LimitExceeded) as refused:
+        for _ in range(MAX_KEPT_READS):
+            state = await bob.request("module_state", {"obj": remote.id})
+            reported += sum(not isinstance(v, torch.Tensor) for v in state.values())
+    assert "at most" in str(refused.value)
+    assert MAX_KEPT_READS - 1200 < reported <= MAX_KEPT_READS
+    assert (await bob.status())["bytes"] == held + reported * KEPT_READ_BYTES
+    await bob.request("delete", {"objs": [remote.id]})
+    remote.mark_deleted()
+    assert (await bob.status())["bytes"] == 0

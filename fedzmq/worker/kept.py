@@ -12,8 +12,10 @@ copied: the pieces are read from the model itself, as before.
 Reads of one entry reported since its last write all see the same bytes, so they share one
 ``KeptEntry``: a write copies each entry once, however many reads wait on it, and looks only at the
 entries not copied yet (at most one per model entry). Each kept read's bookkeeping is charged
-``KEPT_READ_BYTES``; the session's quota is the only bound on how many it keeps. A read the client gives
-up is ended by a read of nothing at its end (``offset == nbytes``); deleting the model ends its reads.
+``KEPT_READ_BYTES``, and a session keeps at most ``MAX_KEPT_READS`` (a reply that would pass it is
+refused: ending reads one by one, a delete or the session's end, must stay quick). A read the client
+gives up is ended by a read of nothing at its end (``offset == nbytes``); deleting the model ends its
+reads.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ import torch
 from torch import nn
 
 from .. import budget
-from ..errors import BadRequest
+from ..errors import BadRequest, LimitExceeded
 from .cost import check_work, element_work
 from .quota import Quota
 from .taint import storage_key
 
 #: bytes charged for one kept read's bookkeeping (its token's slots in two dicts and a set; about 200)
 KEPT_READ_BYTES = 256
+#: kept reads one session may have: dozens of the biggest replies at once (a reply's header holds at
+#: most 16,384 values, and a reported entry takes six), and few enough that ending them all, on a
+#: delete of their model or at the session's end on the event loop, takes milliseconds
+MAX_KEPT_READS = 1 << 16
 #: the work (``fedzmq.worker.cost``) of one entry's copy besides its elements: the torch call and the
 #: Python around it, about 20 us (a model of 2,000 one-element entries is 2,000 copies)
 COPY_CALL_WORK = 40_000
@@ -85,9 +91,13 @@ class KeptReads:
     def report(self, obj_id: int, module: nn.Module, entries: Sequence[tuple[int, torch.Tensor]]) -> list[int]:
         """Keep reads of ``module``'s entries ``(index in its state_dict, tensor)`` as they are now; returns
         their tokens. ``LimitExceeded`` if their bookkeeping does not fit the session's quota."""
-        self._quota.check(KEPT_READ_BYTES * len(entries), f"keeping reads of {len(entries)} model entries")
+        what = f"keeping reads of {len(entries)} model entries"
+        self._quota.check(KEPT_READ_BYTES * len(entries), what)
         tokens = []
         with self._lock:
+            if len(self._reads) + len(entries) > MAX_KEPT_READS:
+                raise LimitExceeded.new(f"{what}: the session keeps {len(self._reads)} reads not made yet, and at most "
+                                        f"{MAX_KEPT_READS} (read the entries of the states it was sent, or close them)")
             for index, tensor in entries:
                 storage = storage_key(tensor.untyped_storage())
                 entry = self._uncopied.get((obj_id, index))
@@ -190,4 +200,4 @@ class KeptReads:
         self._quota.hold(_BOOKKEEPING, [], KEPT_READ_BYTES * len(self._reads))
 
 
-__all__ = ["COPY_CALL_WORK", "KEPT_READ_BYTES", "KeptEntry", "KeptReads"]
+__all__ = ["COPY_CALL_WORK", "KEPT_READ_BYTES", "MAX_KEPT_READS", "KeptEntry", "KeptReads"]
