@@ -12,7 +12,8 @@ copied: the pieces are read from the model itself, as before.
 Reads of one entry reported since its last write all see the same bytes, so they share one
 ``KeptEntry``: a write copies each entry once, however many reads wait on it, and looks only at the
 entries not copied yet (at most one per model entry). Each kept read's bookkeeping is charged
-``KEPT_READ_BYTES``, and a session keeps at most ``MAX_KEPT_READS`` (a reply that would pass it is
+``KEPT_READ_BYTES`` (at the most it has kept since it last kept none: its tables do not shrink), and a
+session keeps at most ``MAX_KEPT_READS`` (a reply that would pass it is
 refused: ending reads one by one, a delete or the session's end, must stay quick). A read the client
 gives up is ended by a read of nothing at its end (``offset == nbytes``); deleting the model ends its
 reads.
@@ -75,6 +76,9 @@ class KeptReads:
     def __init__(self, quota: Quota) -> None:
         self._quota = quota
         self._reads: dict[int, KeptEntry] = {}
+        #: the most reads kept since the tables were last made anew: what they take (a dict does not
+        #: shrink as it empties), and so what the session is charged for
+        self._high_water = 0
         #: the tokens of each model's reads (deleting a model ends them)
         self._by_object: dict[int, set[int]] = {}
         #: the entries reads wait on that no write has copied yet, by (model, entry index)
@@ -110,6 +114,7 @@ class KeptReads:
                 self._reads[token] = entry
                 self._by_object.setdefault(obj_id, set()).add(token)
                 tokens.append(token)
+            self._high_water = max(self._high_water, len(self._reads))
             self._charge_bookkeeping()
         return tokens
 
@@ -197,7 +202,10 @@ class KeptReads:
             entry.copy = None
 
     def _charge_bookkeeping(self) -> None:
-        self._quota.hold(_BOOKKEEPING, [], KEPT_READ_BYTES * len(self._reads))
+        """Charge the tables at their largest since made; made anew (and so freed) once no read is left."""
+        if not self._reads and self._high_water:
+            self._reads, self._by_object, self._uncopied, self._high_water = {}, {}, {}, 0
+        self._quota.hold(_BOOKKEEPING, [], KEPT_READ_BYTES * self._high_water)
 
 
 __all__ = ["COPY_CALL_WORK", "KEPT_READ_BYTES", "MAX_KEPT_READS", "KeptEntry", "KeptReads"]
