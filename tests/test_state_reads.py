@@ -77,6 +77,40 @@ async def test_a_state_read_in_pieces_is_not_changed_by_an_optimizer_step_sent_m
     assert not torch.equal(after["0.weight"], before["0.weight"])  # the step ran, after the read
 
 
+async def test_a_read_sent_while_a_load_is_being_sent_sees_all_of_it(bob):
+    """A load of a model with an entry past one chunk is several commands (the entry's pieces, then the
+    load of the rest): a read sent while they go out came between them and saw the new weight with the
+    old biases. It waits for the load, as the same code run in order reads after it."""
+    model = _model()
+    remote = await bob.send(model)
+    changed = {k: v + 1 for k, v in _snapshot(model).items()}
+
+    async def load() -> None:
+        await (await remote.load(changed))
+
+    _, got = await asyncio.gather(load(), _read_state(bob, remote))  # the load first
+    for name, tensor in changed.items():
+        assert torch.equal(got[name], tensor.reshape(-1)), f"{name}: the read came between the load's commands"
+
+
+async def test_two_loads_and_a_read_sent_at_once_give_what_they_give_in_order(fedzmq_daemons):
+    """Two loads and a read of one model sent from three coroutines: the read sees the loads sent before
+    it, whole, as in order."""
+    [handle] = await fedzmq_daemons("bob", settings=SETTINGS, args=CHUNK_ARGS)
+    bob = handle.worker
+    model = _model()
+    remote = await bob.send(model)
+    first = {k: torch.full_like(v, 1.0) for k, v in model.state_dict().items()}
+    second = {k: torch.full_like(v, 2.0) for k, v in model.state_dict().items()}
+
+    async def load(state) -> None:
+        await (await remote.load(state))
+
+    _, _, got = await asyncio.gather(load(first), load(second), _read_state(bob, remote))
+    for name, tensor in got.items():
+        assert torch.equal(tensor, second[name].reshape(-1)), f"{name}: not the second load's"
+
+
 async def _read_state(worker, remote) -> dict[str, torch.Tensor]:
     """The remote model's state as whole flat tensors, from the pieces a read brings."""
     pieces: dict[str, list[torch.Tensor]] = {}

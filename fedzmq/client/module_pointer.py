@@ -42,11 +42,22 @@ def clients_per_trip(entries: int, combine: bool, limits: Limits | None = None) 
 class ModulePointer(Pointer):
     """A model on a worker, bound to the local module it was sent from."""
 
-    __slots__ = ("_local",)
+    __slots__ = ("_local", "writing")
 
     def __init__(self, location: "PointerHost", obj_id: int, ready: asyncio.Future[Any], local: nn.Module) -> None:
         super().__init__(location, obj_id, ready)
         self._local = weakref.ref(local)
+        #: held while a write of this model is sent: its entries bigger than a chunk go in pieces, then the
+        #: command that loads the rest. A command on the model sent by the coroutine methods here waits for
+        #: it (``settled``), so it sees all of that write or none of it, as the same code run in order does.
+        #: (``remote(x)`` returns its pointer at once, and so does not wait.)
+        self.writing = asyncio.Lock()
+
+    async def settled(self) -> None:
+        """Wait until no write of this model is being sent (``writing``); the caller's next command,
+        sent without awaiting anything else, comes after all of it."""
+        async with self.writing:
+            pass
 
     @property
     def local(self) -> nn.Module | None:
@@ -163,9 +174,11 @@ class ModulePointer(Pointer):
                 raise WrongWorkerError(f"that optimizer lives on {optimizer.worker.id!r}, the model on "
                                        f"{self.location.id!r}")
             args["optim"] = await optimizer.remote_id()
-        if load is not None:
+        if load is not None:  # (last: the caller sends the fit without awaiting anything in between)
             broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
             args["load"] = await self.location.stream_into(self, broadcast, timeout)
+        else:
+            await self.settled()
         return args
 
     async def evaluate(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
@@ -175,7 +188,9 @@ class ModulePointer(Pointer):
         ``load`` (a state dict, or a ``Broadcast``) is loaded into the remote model first, in the same trip."""
         args: dict[str, Any] = {"module": self.id, "loss": loss, "batch_size": batch_size,
                                 "dataset": _dataset_name(self.location, dataset)}
-        if load is not None:
+        if load is None:
+            await self.settled()
+        else:
             broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
             args["load"] = await self.location.stream_into(self, broadcast, timeout)
         return await self.location.request("evaluate", args, timeout)

@@ -39,7 +39,10 @@ class RemoteOptimizer:
         await self.worker.request("optim_zero_grad", {"obj": await self.remote_id(), "set_to_none": set_to_none})
 
     async def step(self) -> None:
-        await self.worker.request("optim_step", {"obj": await self.remote_id()})
+        obj_id = await self.remote_id()
+        if self._module is not None:  # a write of its model being sent: the step comes after all of it
+            await self._module.settled()
+        await self.worker.request("optim_step", {"obj": obj_id})
 
     async def remote_id(self) -> int:
         """The optimizer's object id on its worker, made there first if it is not yet (after the model it

@@ -206,10 +206,11 @@ class Transfers:
         streamed = {k: v for k, v in state.items() if k not in inline}
         known = self._modules.get(module)
         if known is not None and not known.deleted:
-            loaded = self.submit("module_load", {"obj": known.id, "state": inline})
-            loaded.add_done_callback(retrieve_error)
-            for name, tensor in streamed.items():
-                await self._upload(_flat_bytes(tensor), partial(_module_write, known.id, name), timeout)
+            async with known.writing:  # (the model's other commands come before all of it or after)
+                loaded = self.submit("module_load", {"obj": known.id, "state": inline})
+                loaded.add_done_callback(retrieve_error)
+                for name, tensor in streamed.items():
+                    await self._upload(_flat_bytes(tensor), partial(_module_write, known.id, name), timeout)
             await self.wait_reply(loaded, timeout)
             return known
         spec = describe(module)
@@ -231,16 +232,20 @@ class Transfers:
 
     async def stream_into(self, pointer: ModulePointer, broadcast: "Broadcast", timeout: float | None) -> Any:
         """Stream a broadcast's big entries straight into the remote model (``module_write``); returns its
-        inline part, to go in the same request as the fit that loads it."""
+        inline part, to go in the same request as the fit that loads it, which the caller sends without
+        awaiting anything else: the model's ``writing`` lock, held meanwhile, keeps the model's other
+        commands from coming between the pieces and that request."""
         broadcast = broadcast.for_chunk(self._connection.limits.chunk_bytes)
-        for name, tensor in broadcast.streamed.items():
-            await self._upload(_flat_bytes(tensor), partial(_module_write, pointer.id, name), timeout)
+        async with pointer.writing:
+            for name, tensor in broadcast.streamed.items():
+                await self._upload(_flat_bytes(tensor), partial(_module_write, pointer.id, name), timeout)
         return broadcast.inline
 
     async def module_slices(self, pointer: ModulePointer,
                             timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
         """The remote module's parameters and buffers as (name, first element, flat values) pieces:
         small entries whole, big ones chunk by chunk, so no caller needs a whole copy in memory."""
+        await pointer.settled()  # (a write being sent: read all of it)
         state = await self.request_state("module_state", {"obj": pointer.id}, pointer.id, timeout)
         async with contextlib.aclosing(self.state_pieces(pointer, state, timeout)) as pieces:
             async for piece in pieces:
