@@ -305,8 +305,7 @@ class Transfers:
         result = reply.result if reply.ok else None
         state = result.get("state") if isinstance(result, dict) and isinstance(result.get("state"), dict) else result
         if isinstance(state, dict):
-            self.give_up_reads(obj_id, {name: value for name, value in state.items()
-                                        if isinstance(value, StreamInfo) and value.stream is not None and value.nbytes})
+            self.give_up_reads(obj_id, kept_reads(state))
 
     def give_up_reads(self, obj_id: int, unread: dict[str, StreamInfo]) -> None:
         """Say that the streamed entries in ``unread`` will not be read (a read of nothing at each one's
@@ -332,6 +331,12 @@ class Transfers:
                 self.give_up_reads(pointer.id, {name: info})
 
 
+def kept_reads(state: dict[str, Any]) -> dict[str, StreamInfo]:
+    """The entries of a state reply whose reads the worker keeps until they are read or given up."""
+    return {name: value for name, value in state.items()
+            if isinstance(value, StreamInfo) and value.stream is not None and value.nbytes}
+
+
 class StatePieces:
     """A model state a reply carried, as ``(name, first element, flat values)`` pieces, the streamed entries
     fetched as they are iterated (iterate it once). The worker keeps each streamed entry as the reply saw
@@ -339,8 +344,7 @@ class StatePieces:
     part-way or dropped without being iterated, are given up, so the worker keeps nothing for them."""
 
     def __init__(self, host: Transfers, pointer: ModulePointer, state: dict[str, Any], timeout: float | None) -> None:
-        unread = {name: value for name, value in state.items()
-                  if isinstance(value, StreamInfo) and value.stream is not None and value.nbytes}
+        unread = kept_reads(state)
         self._pieces = host.read_pieces(pointer, state, timeout, unread)
         if unread:  # dropped unread: its generator never ran, and so never gives them up itself
             weakref.finalize(self, _give_up_later, asyncio.get_running_loop(), host, pointer.id, unread)

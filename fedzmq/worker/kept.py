@@ -180,8 +180,7 @@ class KeptReads:
         with self._lock:
             copies = list({id(e.copy): e.copy for e in self._reads.values() if e.copy is not None}.values())
             self._reads.clear()
-            self._by_object.clear()
-            self._uncopied.clear()
+            self._charge_bookkeeping()  # (the tables made anew, their charge back to nothing)
         return copies
 
     def _end(self, token: int) -> None:
