@@ -346,6 +346,28 @@ async def test_what_autograd_keeps_for_the_backward_pass_counts_against_the_byte
         await bob.send(torch.zeros(800_000))
 
 
+async def test_saved_tensors_are_charged_whichever_operand_needs_the_gradient():
+    """Only an op that autograd may record can save tensors, so only such an op installs the charging
+    hooks (an op's cost records whether an operand requires gradients). ``x * w`` with only ``w`` needing
+    one saves ``x``: deleting ``x`` leaves its storage charged to the graph. The same op on tensors that
+    need no gradient saves nothing."""
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=10_000_000)) as bob:
+        x = await bob.send(torch.randn(250_000))
+        w = await bob.send(torch.randn(250_000, requires_grad=True))
+        plain = await bob.send(torch.randn(250_000))
+        held = (await bob.status())["bytes"]
+        y = x * plain  # no graph: nothing saved
+        await y
+        await y.delete()
+        assert (await bob.status())["bytes"] == held
+        y = x * w
+        await y
+        await x.delete()
+        assert (await bob.status())["bytes"] == held + 1_000_000 + GRAPH_NODE_BYTES  # x stays for w's gradient
+        await y.delete()
+        assert (await bob.status())["bytes"] == held - 1_000_000
+
+
 async def test_a_graph_without_a_backward_pass_is_freed_with_its_output():
     """An op that saves its own output (exp) for the backward pass: deleting the output frees the graph
     and its charge, with no backward (a validation loss computed with gradients on)."""

@@ -118,6 +118,9 @@ class OpCost:
     scratch: int = 0
     #: aten calls it makes: at least the autograd nodes its output's graph gains
     calls: int = 1
+    #: whether autograd may record it (an operand requires gradients): only then can it save tensors for a
+    #: backward, which the quota must charge (``Quota.charging_saved_tensors``)
+    records_graph: bool = True
 
     @property
     def new_bytes(self) -> int:
@@ -362,7 +365,7 @@ def _measure_op(name: str, fn: Callable[..., Any], args: Sequence[Any], kwargs: 
     floor = sum(element_work(t) for t in operands) + OUTPUT_WORK * out_numel if made else 0
     work = max(counter.flops, floor)
     return OpCost(tuple(outputs), work, in_numel + out_numel, scratch=max(0, counter.nbytes - made) + counter.scratch,
-                  calls=max(1, counter.calls))
+                  calls=max(1, counter.calls), records_graph=any(t.requires_grad for t in operands))
 
 
 def _shape_error(exc: Exception) -> Exception:

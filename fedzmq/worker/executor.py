@@ -307,7 +307,9 @@ class Executor:
                 relabel_loaded(binding)
         label = self.made_label(binding)
         watch = _WriteWatch(binding) if command.writes and label else None
-        graph = "graph" in command.charges
+        # what autograd saves is charged where a graph may be recorded: not for an op on tensors that need no
+        # gradient (the operands' ``requires_grad`` is part of the signature its cost is kept under)
+        graph = "graph" in command.charges and (binding.cost is None or binding.cost.records_graph)
         saved = session.quota.charging_saved_tensors() if graph else contextlib.nullcontext()
         try:
             with (default_modes(), running_under(session.budget),
