@@ -617,7 +617,7 @@ class _Decoder:
                 or len(body) not in (4, 5)
                 or type(body[0]) is not str
                 or body[0] not in DTYPES
-                or not _is_shape(body[1])
+                or not is_shape(body[1])
                 or type(body[2]) is not int
                 or type(body[3]) is not bool
                 or (len(body) == 5 and (type(body[4]) is not int or not 0 <= body[4] <= MAX_ID))
@@ -633,7 +633,7 @@ class _Decoder:
         dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
             raise ProtocolError(f"dtype {quoted(dtype_name)} is not on the allowlist")
-        if not _is_shape(shape):
+        if not is_shape(shape):
             raise ProtocolError("tensor shape must be a list of at most 32 non-negative ints")
         if type(index) is not int or not 1 <= index < len(self.frames):
             raise ProtocolError(f"tensor frame index {quoted(index)} out of range")
@@ -680,7 +680,7 @@ def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) ->
     return tensor if len(shape) == 1 else tensor.view(tuple(shape))
 
 
-def _is_shape(shape: Any) -> bool:
+def is_shape(shape: Any) -> bool:
     return (
         isinstance(shape, list)
         and len(shape) <= MAX_DIMS

@@ -231,7 +231,8 @@ COMMANDS: dict[str, Command] = _table(
     Command("module_state", {"obj": ID}, offload="always", refs={"obj": "module"}, releases="obj",
             changes_nothing=True),
     # big models: one parameter's bytes in chunks, straight into / out of the module
-    Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, offload="always",
+    Command("module_write", {"obj": ID, "name": STR, "offset": NONNEG, "data": VALUE}, {"entries": MAP},
+            offload="always",
             refs={"obj": "module"}, writes="module"),
     Command("module_read", {"obj": ID, "name": STR, "offset": NONNEG, "length": NONNEG}, {"stream": ID},
             offload="always",

@@ -53,7 +53,7 @@ async def test_a_state_read_in_pieces_is_not_changed_by_a_load_sent_meanwhile(bo
     changed = {k: v + 1 for k, v in before.items()}
 
     async def load() -> None:
-        await (await remote.load(changed))
+        await remote.load(changed)
 
     await asyncio.gather(remote.get(), load())  # the get first: it reads the state before the load
     for name, tensor in model.state_dict().items():
@@ -86,7 +86,7 @@ async def test_a_read_sent_while_a_load_is_being_sent_sees_all_of_it(bob):
     changed = {k: v + 1 for k, v in _snapshot(model).items()}
 
     async def load() -> None:
-        await (await remote.load(changed))
+        await remote.load(changed)
 
     _, got = await asyncio.gather(load(), _read_state(bob, remote))  # the load first
     for name, tensor in changed.items():
@@ -104,7 +104,7 @@ async def test_two_loads_and_a_read_sent_at_once_give_what_they_give_in_order(fe
     second = {k: torch.full_like(v, 2.0) for k, v in model.state_dict().items()}
 
     async def load(state) -> None:
-        await (await remote.load(state))
+        await remote.load(state)
 
     _, _, got = await asyncio.gather(load(first), load(second), _read_state(bob, remote))
     for name, tensor in got.items():
@@ -171,7 +171,7 @@ async def test_a_write_that_cannot_keep_the_read_state_fails_whole_and_the_read_
         return await _read_state(bob, remote)
 
     async def load() -> None:
-        await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+        await remote.load({k: v + 1 for k, v in model.state_dict().items()})
 
     got, refused = await asyncio.gather(read(), load(), return_exceptions=True)
     assert isinstance(refused, fz.LimitExceeded), refused
@@ -197,7 +197,7 @@ async def test_unread_streams_are_charged_and_a_deleted_model_frees_them(fedzmq_
         state = await bob.request("module_state", {"obj": remote.id})
     assert (await bob.status())["bytes"] == held + 1500 * KEPT_READ_BYTES  # reported, not copied
     weight = model.state_dict()["0.weight"]
-    await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+    await remote.load({k: v + 1 for k, v in model.state_dict().items()})
     copies = (await bob.status())["bytes"] - held - 1500 * KEPT_READ_BYTES
     assert copies == weight.numel() * 4  # the 1,500 kept reads of the weight share one copy
     info = state["0.weight"]
@@ -223,7 +223,7 @@ async def test_a_read_given_up_part_way_keeps_nothing(fedzmq_daemons):
         async for name, _start, _values in pieces:
             if name == "0.weight":
                 break  # after its first piece
-    await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+    await remote.load({k: v + 1 for k, v in model.state_dict().items()})
     assert (await bob.status())["bytes"] == held
 
 
@@ -240,7 +240,7 @@ async def test_a_fitted_state_dropped_unread_keeps_nothing():
         assert update.metrics["steps"] == 1
         del update
         gc.collect()  # (its give-up goes out on the loop's next pass: before the load)
-        await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+        await remote.load({k: v + 1 for k, v in model.state_dict().items()})
         assert (await bob.status())["bytes"] == held  # no copy, and no read kept
 
 
@@ -368,7 +368,7 @@ async def test_a_state_read_its_caller_stopped_waiting_for_keeps_nothing(fedzmq_
         for _ in range(2):  # commands of the session's own queue: the first's reply comes after the read's, and
             await bob.request("datasets", {})  # the second after the give-up that reply set off
         before = (await bob.status())["bytes"]
-        await (await remote.load({k: v + 1 for k, v in model.state_dict().items()}))
+        await remote.load({k: v + 1 for k, v in model.state_dict().items()})
         assert (await bob.status())["bytes"] == before, f"after a {stop}: a kept read was left and copied"
 
 

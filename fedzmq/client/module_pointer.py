@@ -145,14 +145,24 @@ class ModulePointer(Pointer):
             raise ProtocolError(f"the worker answered a fit over clients with {type(reply).__name__}")
         return reply
 
-    async def load(self, state: "Mapping[str, torch.Tensor] | Broadcast",
-                   timeout: float | None = None) -> "asyncio.Future[Any]":
-        """Load weights into the remote model in place, pipelined: big entries are streamed first, then the
-        load is sent and its future returned at once, so the next command can follow it without a round
-        trip (``await`` the future for the load's own outcome)."""
+    async def load(self, state: "Mapping[str, torch.Tensor] | Broadcast", timeout: float | None = None) -> None:
+        """Load weights into the remote model in place (some or all of its entries), as ``load_state_dict``
+        does: a name the model does not have, or an entry of another dtype or shape, raises the worker's
+        ``BadRequest``, and then nothing is loaded."""
+        await (await self.start_load(state, timeout))
+
+    async def start_load(self, state: "Mapping[str, torch.Tensor] | Broadcast",
+                         timeout: float | None = None) -> "asyncio.Task[None]":
+        """``load``, pipelined: big entries are streamed first, then the load is sent and a task for its
+        outcome returned at once (awaiting it raises the load's refusal), so that the next command can
+        follow without a round trip."""
         broadcast = state if isinstance(state, Broadcast) else Broadcast(state)
         inline = await self.location.stream_into(self, broadcast, timeout)
-        return self.location.submit("module_load", {"obj": self.id, "state": inline})
+        loaded = self.location.submit("module_load", {"obj": self.id, "state": inline})
+        return asyncio.ensure_future(self._outcome(loaded, timeout))
+
+    async def _outcome(self, future: "asyncio.Future[Any]", timeout: float | None) -> None:
+        await self.location.wait_reply(future, timeout)
 
     async def _fit_args(self, dataset: "DatasetPointer | str", loss: str,
                         optimizer: "dict[str, Any] | RemoteOptimizer | None", epochs: int | None, steps: int | None,

@@ -76,14 +76,15 @@ class Transfers:
         return min(STREAM_PIECE_BYTES, self._connection.limits.chunk_bytes)
 
     async def _upload(self, data: torch.Tensor, request: Callable[[int, torch.Tensor], tuple[str, dict[str, Any]]],
-                      timeout: float | None, first: asyncio.Future[Any] | None = None) -> None:
-        """Send ``data`` (flat bytes) in pieces, ``request(offset, piece)`` naming each command, with at most
-        ``STREAM_WINDOW`` unanswered: neither side holds more than the object plus the pieces in flight."""
+                      timeout: float | None, first: asyncio.Future[Any] | None = None, start: int = 0) -> None:
+        """Send ``data`` (flat bytes) from byte ``start`` on in pieces, ``request(offset, piece)`` naming each
+        command, with at most ``STREAM_WINDOW`` unanswered: neither side holds more than the object plus the
+        pieces in flight."""
         chunk = self._piece_bytes()
         window: list[asyncio.Future[Any]] = [first] if first is not None else []
         for future in window:
             future.add_done_callback(retrieve_error)  # a late error after a timeout is not "never retrieved"
-        for offset in range(0, data.numel(), chunk):
+        for offset in range(start, data.numel(), chunk):
             window.append(self.submit(*request(offset, data[offset:offset + chunk])))
             window[-1].add_done_callback(retrieve_error)
             if len(window) >= STREAM_WINDOW:
@@ -205,13 +206,8 @@ class Transfers:
                 budget -= nbytes
         streamed = {k: v for k, v in state.items() if k not in inline}
         known = self._modules.get(module)
-        if known is not None and not known.deleted:
-            async with known.writing:  # (the model's other commands come before all of it or after)
-                loaded = self.submit("module_load", {"obj": known.id, "state": inline})
-                loaded.add_done_callback(retrieve_error)
-                for name, tensor in streamed.items():
-                    await self._upload(_flat_bytes(tensor), partial(_module_write, known.id, name), timeout)
-            await self.wait_reply(loaded, timeout)
+        if known is not None and not known.deleted:  # a load of the model the worker has: one write
+            await known.load(Broadcast(state, chunk), timeout)
             return known
         spec = describe(module)
         parts: dict[str, Any] = dict(inline)
@@ -232,14 +228,51 @@ class Transfers:
 
     async def stream_into(self, pointer: ModulePointer, broadcast: "Broadcast", timeout: float | None) -> Any:
         """Stream a broadcast's big entries straight into the remote model (``module_write``); returns its
-        inline part, to go in the same request as the fit that loads it, which the caller sends without
-        awaiting anything else: the model's ``writing`` lock, held meanwhile, keeps the model's other
-        commands from coming between the pieces and that request."""
+        inline part, to go in the same request as the command that loads it (a ``module_load``, or the fit
+        or evaluation that loads it first), which the caller sends without awaiting anything else: the
+        model's ``writing`` lock, held meanwhile, keeps the model's other commands from coming between the
+        pieces and that request.
+
+        A write in pieces is one write. Its first piece carries every entry's dtype and shape, and is
+        answered before another leaves: a state the model cannot take changes nothing. Once that piece is
+        sent, the write is finished even if the caller is cancelled (its other pieces, then a
+        ``module_load`` of its small entries in place of the caller's command) before the cancellation
+        goes on: the model is never left part old, part new."""
         broadcast = broadcast.for_chunk(self._connection.limits.chunk_bytes)
         async with pointer.writing:
-            for name, tensor in broadcast.streamed.items():
-                await self._upload(_flat_bytes(tensor), partial(_module_write, pointer.id, name), timeout)
+            if not broadcast.streamed:
+                return broadcast.inline
+            entries = {name: [DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape),
+                              name in broadcast.streamed] for name, tensor in broadcast.state.items()}
+            name, tensor = next(iter(broadcast.streamed.items()))
+            data = _flat_bytes(tensor)
+            first = self.submit("module_write", {"obj": pointer.id, "name": name, "offset": 0,
+                                                 "data": data[:self._piece_bytes()], "entries": entries})
+            first.add_done_callback(retrieve_error)
+            streaming = asyncio.ensure_future(self._write_streamed(pointer, broadcast, first, data, timeout))
+            cancelled = False
+            while True:
+                try:
+                    await asyncio.shield(streaming)
+                    break
+                except asyncio.CancelledError:
+                    if streaming.cancelled():
+                        raise
+                    cancelled = True  # finish the write first
+            if cancelled:
+                self.submit("module_load", {"obj": pointer.id, "state": broadcast.inline}).add_done_callback(
+                    retrieve_error)
+                raise asyncio.CancelledError
         return broadcast.inline
+
+    async def _write_streamed(self, pointer: ModulePointer, broadcast: "Broadcast", first: asyncio.Future[Any],
+                              data: torch.Tensor, timeout: float | None) -> None:
+        """``stream_into``'s pieces after the ``first`` (the first entry's, whose bytes are ``data``): none
+        leaves before the worker has checked the entries the first carried."""
+        await self.wait_reply(first, timeout)
+        for index, (name, tensor) in enumerate(broadcast.streamed.items()):
+            await self._upload(data if index == 0 else _flat_bytes(tensor), partial(_module_write, pointer.id, name),
+                               timeout, start=self._piece_bytes() if index == 0 else 0)
 
     async def module_slices(self, pointer: ModulePointer,
                             timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:

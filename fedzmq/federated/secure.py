@@ -248,7 +248,7 @@ class SecureRound(RoundProtocol):
         async def advertise(worker: RemoteWorker) -> Any:
             for attempt in (1, 2):
                 remote = pointers[worker] = await hosted_model(worker, context.model)
-                loaded = await remote.load(broadcast)  # pipelined: the configuration follows at once
+                loaded = await remote.start_load(broadcast)  # pipelined: the configuration follows at once
                 keys = worker.secagg("advertise", number, wire_config, module=remote.id, client=ids[worker])
                 try:
                     await loaded

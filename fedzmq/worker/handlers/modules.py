@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ... import budget
-from ...codec import DTYPE_NAMES, Ref, StreamInfo
-from ...errors import BadRequest
+from ...codec import DTYPE_NAMES, Ref, StreamInfo, is_shape
+from ...errors import BadRequest, quoted
 from ...modeldesc import check_state, instantiate
 from ..binding import Binding, Context, Made
 from ..cost import check_work, element_work
@@ -151,12 +151,40 @@ def _entry_bytes(binding: Binding, state: dict[str, torch.Tensor] | None = None)
 
 
 def module_write(context: Context, binding: Binding) -> Any:
+    """One piece of an entry's bytes, written in place. A write in pieces sends, with its first piece, the
+    dtype and shape of every entry it will load (``entries``: the streamed ones and those its last command
+    carries), checked here before anything is written: the pieces are raw bytes, and an entry of another
+    dtype or shape would be written reinterpreted, or in part."""
+    if "entries" in binding.args:
+        check_entries(binding.objects["obj"].module, binding.args["entries"])
     target, data, offset = _entry_bytes(binding), binding.args["data"], binding.args["offset"]
     check_chunk(context, data, "module_write")
     if offset + data.numel() > target.numel():
         raise BadRequest.new(f"chunk of {data.numel()} bytes at {offset} runs past {binding.args['name']!r}")
     target[offset: offset + data.numel()].copy_(data)
     return None
+
+
+def check_entries(module: nn.Module, entries: dict[str, Any]) -> None:
+    """``BadRequest`` unless every entry (``name: [dtype, shape, streamed]``) names one of the module's
+    parameters or buffers, of that dtype and shape, and a streamed one is in order in memory (its bytes
+    are written straight in): the checks a load makes of a state (``load_into``), made of a state whose
+    big entries will arrive in pieces."""
+    current = module.state_dict()
+    unknown = sorted(set(entries) - set(current))
+    if unknown:
+        raise BadRequest.new(f"model has no parameters or buffers named {unknown}")
+    for name, entry in entries.items():
+        if not (isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is str and is_shape(entry[1])
+                and type(entry[2]) is bool):
+            raise BadRequest.new(f"entry {quoted(name)} of a write must be [dtype, shape, streamed]")
+        dtype, shape, streamed = entry
+        tensor = current[name]
+        if DTYPE_NAMES.get(tensor.dtype) != dtype or list(tensor.shape) != shape:
+            raise BadRequest.new(f"model state {name!r}: got {tuple(shape)} {quoted(dtype)}, the model has "
+                                 f"{tuple(tensor.shape)} {DTYPE_NAMES.get(tensor.dtype, tensor.dtype)}")
+        if streamed and not tensor.is_contiguous():
+            raise BadRequest.new(f"{name!r} is not contiguous and cannot be streamed")
 
 
 def module_read(context: Context, binding: Binding) -> Any:
