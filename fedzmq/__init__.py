@@ -16,8 +16,8 @@ from .codec import Limits
 from .errors import (
     AddressError, BadRequest, CheckpointMismatch, FedzmqError, HandshakeFailed, HandshakeRefused, HeldBytesExceeded,
     LimitExceeded, ModelDescriptionError, ObjectNotFound, PermissionDenied, ProtocolError, RemoteError,
-    RemoteProtocolError, RequestTimeout, ShapeUnknown, UnknownCommand, WorkerClosedError, WorkerDeadError, WorkerError,
-    WrongWorkerError,
+    RemoteProtocolError, RemoteWorkerClosedError, RequestTimeout, ShapeUnknown, UnknownCommand, WorkerClosedError,
+    WorkerDeadError, WorkerError, WrongWorkerError,
 )
 from .federated import (
     Bulyan, Cyclic, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedBuff, Federation, FedMedian, FedProx, FedTrimmedAvg,
@@ -38,7 +38,7 @@ __all__ = [
     # errors
     "AddressError", "BadRequest", "CheckpointMismatch", "FedzmqError", "HandshakeFailed", "HandshakeRefused",
     "HeldBytesExceeded", "LimitExceeded", "ModelDescriptionError", "ObjectNotFound", "PermissionDenied",
-    "ProtocolError", "RemoteError", "RemoteProtocolError", "RequestTimeout", "ShapeUnknown", "UnknownCommand",
-    "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
+    "ProtocolError", "RemoteError", "RemoteProtocolError", "RemoteWorkerClosedError", "RequestTimeout",
+    "ShapeUnknown", "UnknownCommand", "WorkerClosedError", "WorkerDeadError", "WorkerError", "WrongWorkerError",
     "__version__",
 ]

@@ -8,6 +8,7 @@ Catch at the level you care about:
     ├── WorkerError            the daemon could not be used
     │   ├── WorkerDeadError    it stopped answering heartbeats (dead, hung or unreachable)
     │   ├── RequestTimeout     it is alive but did not answer within the deadline you gave
+    │   ├── WorkerClosedError  the worker was closed (here, or its session on the daemon before the command ran)
     │   └── HandshakeFailed    connecting failed in ZeroMQ's handshake: keys on one side only, a wrong server key
     │       └── HandshakeRefused  the daemon refused this client's key
     ├── ModelDescriptionError  a model cannot be described as data for a worker
@@ -17,6 +18,7 @@ Catch at the level you care about:
     └── RemoteError            the daemon ran the command and it failed there
         ├── ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, ...
         ├── RemoteProtocolError(RemoteError, ProtocolError): the daemon could not decode our request
+        ├── RemoteWorkerClosedError(RemoteError, WorkerClosedError): the session closed before it ran
         └── RemoteValueError(RemoteError, ValueError), ... for built-in exception types
 
 A ``RemoteError`` carries the remote type name, message and traceback text. Like Ray's
@@ -181,11 +183,17 @@ class RemoteProtocolError(RemoteError, ProtocolError):
     ``except ProtocolError:`` catches both a bad reply and a request the worker refused to decode)."""
 
 
+class RemoteWorkerClosedError(RemoteError, WorkerClosedError):
+    """The worker refused a command because its session had closed before it ran (the commands queued
+    behind a close): ``except WorkerClosedError:`` catches it as it catches the client's own refusal."""
+
+
 _FEDZMQ_REMOTE_TYPES: dict[str, type[RemoteError]] = {
     cls.__name__: cls
     for cls in (ObjectNotFound, PermissionDenied, LimitExceeded, UnknownCommand, BadRequest)
 }
 _FEDZMQ_REMOTE_TYPES["ProtocolError"] = RemoteProtocolError
+_FEDZMQ_REMOTE_TYPES["WorkerClosedError"] = RemoteWorkerClosedError
 
 
 @functools.cache

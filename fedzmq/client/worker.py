@@ -18,7 +18,7 @@ import zmq.asyncio
 from torch import nn
 
 from ..codec import Limits, Ref
-from ..errors import RemoteError, WrongWorkerError
+from ..errors import RemoteError, WorkerClosedError, WrongWorkerError
 from ..security import KeyPath
 from .connecting import Connecting
 from .connection import GOODBYE_SECONDS, Connection, ConnectionSettings
@@ -134,8 +134,8 @@ class RemoteWorker(Transfers, PointerOps):
         cancelled = True
         try:
             if self.client is not None and not connection.closed and connection.alive:
-                with contextlib.suppress(Exception):
-                    await self.request("close", {}, timeout=GOODBYE_SECONDS)
+                with contextlib.suppress(Exception):  # (``submit`` refuses a closed client's commands)
+                    await self.wait_reply(connection.submit("close", {}, client=self.client), GOODBYE_SECONDS)
             cancelled = False
         finally:  # cancelled or not, the last user closes the connection (without waiting on a goodbye if cancelled)
             if last:
@@ -270,6 +270,10 @@ class RemoteWorker(Transfers, PointerOps):
         before the worker has them (pipelined ops), so that the caller may change its tensors after.
         ``fusable``: an op a ``get`` of its output may join (``Connection.fetch_with``).
         Pointers' interface (``PointerHost``), not for normal code."""
+        if self._closed and self.client is not None:  # its connection stays open for the other clients: the
+            # daemon would open a new session for it. (The daemon's own session, which the clients' rounds
+            # send their model to, lasts as long as the connection: its handle still sends while they hold it.)
+            raise WorkerClosedError(f"hosted client {self.client!r} was closed")
         self._before_request()
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
