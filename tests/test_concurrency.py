@@ -274,3 +274,30 @@ async def test_a_value_received_while_a_neighbour_holds_inference_mode_is_an_ord
     finally:
         stop.set()
         await running
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["virtual", "daemon"])
+async def test_a_streamed_value_received_under_inference_mode_is_an_ordinary_tensor(fedzmq_daemons, where):
+    """A value bigger than a chunk comes back in pieces, copied on threads into a tensor the client makes
+    first: made in the caller's coroutine, it was an inference tensor while a neighbour held (or the
+    caller itself awaited inside) ``torch.inference_mode()``, and the copies, outside that mode, failed
+    (a session breaking the concurrency promise found it). It is made in the default modes."""
+    limits = fz.Limits(chunk_bytes=4096)
+    if where == "virtual":
+        worker = fz.VirtualWorker("bob", config=fz.WorkerConfig(limits=limits), settings=fz.ConnectionSettings(
+            limits=limits))
+    else:
+        [handle] = await fedzmq_daemons("bob", settings=fz.ConnectionSettings(limits=limits),
+                                        args=["--chunk-bytes", "4096"])
+        worker = handle.worker
+    expected = torch.arange(5000, dtype=torch.float32)  # 20,000 bytes: five pieces
+    try:
+        values = await worker.send(expected)
+        with torch.inference_mode():
+            got = await values.get()
+        assert torch.equal(got, expected) and not got.is_inference()
+        got.add_(1)
+    finally:
+        if where == "virtual":
+            await worker.close()

@@ -110,3 +110,26 @@ async def test_a_write_cancelled_part_way_is_whole_or_not_at_all(bob, how):
         assert values in ({0.0}, {1.0}), f"{how} cancelled after {delay} s left the model torn: {values}"
         await remote.delete()
     assert "cancelled" in seen
+
+
+async def test_a_model_read_cancelled_part_way_is_whole_or_not_at_all(bob):
+    """``ModulePointer.get`` lands each piece straight in the local model (no second copy of it): cancelled
+    between two pieces, it left the local model part old, part new. Once a piece has landed it finishes."""
+    seen = set()
+    for delay in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008):
+        model = _model()
+        model.load_state_dict(_filled(model, 0.0))
+        remote = await bob.send(model)
+        model.load_state_dict(_filled(model, 7.0))
+        task = asyncio.ensure_future(remote.get())
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+            seen.add("done")
+        except asyncio.CancelledError:
+            seen.add("cancelled")
+        values = {float(v) for tensor in model.state_dict().values() for v in tensor.unique()}
+        assert values in ({0.0}, {7.0}), f"get cancelled after {delay} s left the local model torn: {values}"
+        await remote.delete()
+    assert "cancelled" in seen

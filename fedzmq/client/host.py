@@ -13,7 +13,7 @@ what users call in normal code: ``send``, pointer operations and ``get`` are.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ class PointerHost(Protocol):
         ...
 
     def module_slices(self, pointer: ModulePointer,
-                      timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+                      timeout: float | None = None) -> AsyncGenerator[tuple[str, int, torch.Tensor], None]:
         """The remote model's parameters and buffers as ``(name, first element, flat values)`` pieces.
         Pointers' interface, not for normal code."""
         ...

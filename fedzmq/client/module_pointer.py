@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -16,6 +17,7 @@ from torch import nn
 from ..codec import Limits
 from ..optimizers import DEFAULT_OPTIMIZER
 from .broadcast import Broadcast
+from .finishing import finish_once_begun
 from .pointers import DatasetPointer, Pointer, TensorPointer
 
 if TYPE_CHECKING:
@@ -70,15 +72,33 @@ class ModulePointer(Pointer):
     forward = __call__
 
     async def get(self, timeout: float | None = None) -> nn.Module:
-        """Copy the remote parameters and buffers into the local module, in place, and return it."""
+        """Copy the remote parameters and buffers into the local module, in place, and return it. Cancelled
+        once a piece has landed, it finishes first: the local model is never left part old, part new."""
         module = self._local()
         if module is None:
             raise ReferenceError("the local module this pointer was sent from no longer exists")
         # each piece lands straight in the local tensor (no second copy of the model), written through a
         # detached view: no grad mode is needed, and none may be held across the awaits of this loop
         local = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}
-        async for name, start, values in self.location.module_slices(self, timeout):
+        pieces = self.location.module_slices(self, timeout)
+
+        def land(piece: tuple[str, int, torch.Tensor]) -> None:
+            name, start, values = piece
             local[name].view(-1)[start:start + values.numel()].copy_(values)
+
+        async def land_the_rest() -> None:
+            async with contextlib.aclosing(pieces):
+                async for piece in pieces:
+                    land(piece)
+
+        try:  # the read is asked for in this coroutine's own step, so it comes before what it sends next
+            first = await anext(pieces, None)
+        except BaseException:
+            await pieces.aclose()
+            raise
+        if first is not None:
+            land(first)
+            await finish_once_begun(asyncio.ensure_future(land_the_rest()), lambda: True)
         return module
 
     async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, cast
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Awaitable, Callable, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ from torch import nn
 from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
 from ..errors import FedzmqError, ProtocolError
 from ..modeldesc import describe
+from ..torchmodes import default_modes
+from .finishing import finish_once_begun
 from .meta import TensorMeta
 from .pointers import Broadcast, ModulePointer, TensorPointer
 
@@ -168,14 +170,15 @@ class Transfers:
             result = await self.request("get", {"obj": obj_id}, timeout)
         if not isinstance(result, StreamInfo):
             return result
-        out = torch.empty(result.shape, dtype=DTYPES[result.dtype])
-        target = _flat_bytes(out)
+        with default_modes():  # not the caller's modes: inference tensors would refuse the copies (threads' modes)
+            out = torch.empty(result.shape, dtype=DTYPES[result.dtype])
+            target = _flat_bytes(out)
         loop = asyncio.get_running_loop()
         await self._download(result.nbytes, lambda offset, length: (
             "read", {"obj": obj_id, "offset": offset, "length": length}),
-            lambda offset, data: loop.run_in_executor(None, target[offset:offset + data.numel()].copy_, data),
-            timeout)
-        return out.requires_grad_(result.requires_grad)
+            lambda offset, data: loop.run_in_executor(None, _copy_into, target, offset, data), timeout)
+        with default_modes():
+            return out.requires_grad_(result.requires_grad)
 
     # --- modules -------------------------------------------------------------------------------
 
@@ -250,19 +253,13 @@ class Transfers:
                                                  "data": data[:self._piece_bytes()], "entries": entries})
             first.add_done_callback(retrieve_error)
             streaming = asyncio.ensure_future(self._write_streamed(pointer, broadcast, first, data, timeout))
-            cancelled = False
-            while True:
-                try:
-                    await asyncio.shield(streaming)
-                    break
-                except asyncio.CancelledError:
-                    if streaming.cancelled():
-                        raise
-                    cancelled = True  # finish the write first
-            if cancelled:
-                self.submit("module_load", {"obj": pointer.id, "state": broadcast.inline}).add_done_callback(
-                    retrieve_error)
-                raise asyncio.CancelledError
+            try:
+                await finish_once_begun(streaming, lambda: True)  # (its first piece is sent)
+            except asyncio.CancelledError:
+                if streaming.done() and not streaming.cancelled() and streaming.exception() is None:
+                    self.submit("module_load", {"obj": pointer.id, "state": broadcast.inline}).add_done_callback(
+                        retrieve_error)
+                raise
         return broadcast.inline
 
     async def _write_streamed(self, pointer: ModulePointer, broadcast: "Broadcast", first: asyncio.Future[Any],
@@ -275,7 +272,7 @@ class Transfers:
                                timeout, start=self._piece_bytes() if index == 0 else 0)
 
     async def module_slices(self, pointer: ModulePointer,
-                            timeout: float | None = None) -> AsyncIterator[tuple[str, int, torch.Tensor]]:
+                            timeout: float | None = None) -> AsyncGenerator[tuple[str, int, torch.Tensor], None]:
         """The remote module's parameters and buffers as (name, first element, flat values) pieces:
         small entries whole, big ones chunk by chunk, so no caller needs a whole copy in memory."""
         await pointer.settled()  # (a write being sent: read all of it)
@@ -417,6 +414,11 @@ def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
         0, dtype=torch.uint8)
 
 
+
+
+def _copy_into(target: torch.Tensor, offset: int, data: torch.Tensor) -> None:
+    """Land a downloaded piece at ``offset`` of ``target`` (on a thread, in its default modes: the view too)."""
+    target[offset:offset + data.numel()].copy_(data)
 
 
 def retrieve_error(future: asyncio.Future[Any]) -> None:
