@@ -268,3 +268,33 @@ async def test_a_deadline_that_fires_always_raises_even_as_the_reply_arrives(fed
         if worker is not None:
             await worker.close()
     assert swallowed == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["virtual", "daemon"])
+async def test_a_cancelled_move_leaves_the_value_somewhere(fedzmq_daemons, where):
+    """``move`` is a get, a send and a delete of the source. Cancelled while the delete was awaited, the
+    delete ran, the destination's pointer never reached the caller, and its collection deleted the copy
+    there: the value was gone from both workers. Once the destination has it, the move completes."""
+    if where == "virtual":
+        source, destination = fz.VirtualWorker("a"), fz.VirtualWorker("b")
+    else:
+        handles = await fedzmq_daemons("a", "b")
+        source, destination = handles[0].worker, handles[1].worker
+    try:
+        for pause in range(40):
+            value = torch.arange(10.0) + pause
+            pointer = await source.send(value)
+            task = asyncio.ensure_future(pointer.move(destination))
+            for _ in range(pause):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                moved = await task
+            except asyncio.CancelledError:
+                assert torch.equal(await pointer.get(), value), f"cancelled at {pause}: not left on the source"
+            else:
+                assert torch.equal(await moved.get(), value), f"moved at {pause}: not on the destination"
+    finally:
+        if where == "virtual":
+            await asyncio.gather(source.close(), destination.close())

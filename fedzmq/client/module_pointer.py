@@ -17,7 +17,7 @@ from torch import nn
 from ..codec import Limits
 from ..optimizers import DEFAULT_OPTIMIZER
 from .broadcast import Broadcast
-from .finishing import finish_once_begun
+from .futures import finish_once_begun
 from .pointers import DatasetPointer, Pointer, TensorPointer
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from .connection import Connection
 from .meta import Meta, TensorMeta, op_outputs
 from .module_pointer import ModulePointer
 from .pointers import TensorPointer
-from .transfers import retrieve_error as _retrieve
+from .futures import retrieve_error as _retrieve
 
 if TYPE_CHECKING:
     from .worker import RemoteWorker

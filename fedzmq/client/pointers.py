@@ -20,6 +20,7 @@ from ..codec import DTYPES
 from ..errors import ShapeUnknown
 from ..ops import METHODS, OPERATORS
 from .broadcast import Broadcast
+from .futures import retrieve_error
 from .meta import Meta, TensorMeta, known
 
 if TYPE_CHECKING:
@@ -158,11 +159,16 @@ class TensorPointer(Pointer):
         returns the pointer on ``destination`` (this one is then deleted). The value passes through this
         client, as ``get`` then ``send``, so the source's daemon decides whether it may leave: data it does
         not release raises ``PermissionDenied`` and stays where it is. ``requires_grad`` travels with it.
-        A pointer already on ``destination`` is returned as it is."""
+        A pointer already on ``destination`` is returned as it is. Cancelled before the destination has the
+        value, the move leaves it on the source; once the destination has it, the move completes: the
+        source's delete is sent, before anything sent after the move, but not awaited (a cancellation while
+        awaiting it dropped the new pointer, and with it the destination's copy)."""
         if destination is self.location:
             return self
         moved = await destination.send(await self.get(timeout), timeout)
-        await self.delete()
+        if not self._deleted:
+            self._deleted = True
+            self.location.submit("delete", {"objs": [self.id]}).add_done_callback(retrieve_error)
         return moved
 
     async def backward(self, gradient: "torch.Tensor | TensorPointer | None" = None) -> None:

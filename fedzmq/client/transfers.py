@@ -26,7 +26,7 @@ from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
 from ..errors import FedzmqError, ProtocolError
 from ..modeldesc import describe
 from ..torchmodes import default_modes
-from .finishing import finish_once_begun
+from .futures import finish_once_begun, retrieve_error
 from .meta import TensorMeta
 from .pointers import Broadcast, ModulePointer, TensorPointer
 
@@ -419,9 +419,3 @@ def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
 def _copy_into(target: torch.Tensor, offset: int, data: torch.Tensor) -> None:
     """Land a downloaded piece at ``offset`` of ``target`` (on a thread, in its default modes: the view too)."""
     target[offset:offset + data.numel()].copy_(data)
-
-
-def retrieve_error(future: asyncio.Future[Any]) -> None:
-    """Mark a pipelined future's error as seen: it is raised where its pointer is awaited, if ever."""
-    if not future.cancelled():
-        future.exception()

@@ -24,7 +24,8 @@ from .connecting import Connecting
 from .connection import GOODBYE_SECONDS, Connection, ConnectionSettings
 from .pointer_ops import RELEASE_BATCH, RELEASE_DELAY, PointerOps
 from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
-from .transfers import Transfers, retrieve_error as _retrieve
+from .futures import retrieve_error as _retrieve
+from .transfers import Transfers
 
 __all__ = ["RELEASE_BATCH", "RELEASE_DELAY", "RemoteWorker", "VirtualWorker", "connect", "connect_clients"]
 

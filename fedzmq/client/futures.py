@@ -1,4 +1,5 @@
-"""Work in pieces that must not stop half-way: once it has begun changing something, it finishes.
+"""Futures of work the client does not await at once: errors marked as seen, and work in pieces that must
+not stop half-way.
 
 A model written to a worker in pieces, or a worker's model read into a local one piece by piece, is
 left part old and part new if its coroutine is cancelled between two pieces. Taking a copy first would
@@ -9,9 +10,15 @@ that comes once the first piece may have landed waits for the last, and goes on 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+
+
+def retrieve_error(future: "asyncio.Future[Any]") -> None:
+    """Mark a pipelined future's error as seen: it is raised where its pointer is awaited, if ever."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def finish_once_begun(task: "asyncio.Future[T]", begun: Callable[[], bool]) -> T:
@@ -35,4 +42,4 @@ async def finish_once_begun(task: "asyncio.Future[T]", begun: Callable[[], bool]
     return result
 
 
-__all__ = ["finish_once_begun"]
+__all__ = ["finish_once_begun", "retrieve_error"]
