@@ -44,10 +44,15 @@ class SecureRound:
     state_bytes: int
 
 
+def peer_count(config: SecAggConfig) -> int:
+    """The most peers a client of the round shares keys and masks with: all the others, or a SecAgg+
+    round's neighbours."""
+    return len(config.client_ids) - 1 if config.complete else min(config.degree or 0, len(config.client_ids) - 1)
+
+
 def round_bytes(config: SecAggConfig) -> int:
     """What a round keeps of its clients: their ids, and per peer keys and shares."""
-    peers = len(config.client_ids) - 1 if config.complete else min(config.degree or 0, len(config.client_ids) - 1)
-    return len(config.client_ids) * ROUND_BYTES_PER_INVITED + peers * ROUND_BYTES_PER_PEER
+    return len(config.client_ids) * ROUND_BYTES_PER_INVITED + peer_count(config) * ROUND_BYTES_PER_PEER
 
 
 def round_holder(number: int) -> int:
