@@ -7,8 +7,11 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 import fedzmq as fz
+from fedzmq.codec import Ref
+from fedzmq.modeldesc import describe
 from test_adversarial import put_module
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,3 +43,38 @@ async def test_a_secure_steps_masking_is_sized_before_it_runs(fedzmq_daemons):
     with pytest.raises(fz.LimitExceeded, match="would take about"):  # (before: "ran longer than", after 2 s)
         await worker.secagg("masked_input", 0, routed, module=model)
     assert time.monotonic() - started < 3 * limit
+
+
+class Echo(nn.Module):
+    """A forward that returns its own weight ``times`` times."""
+
+    def __init__(self, numel: int, times: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(numel))
+        self.times = times
+
+    def forward(self, x):
+        return (self.w,) * self.times
+
+
+async def test_a_forwards_copies_of_its_parameters_are_sized_before_they_are_made(fedzmq_daemons):
+    """``module_call`` copies each output that is one of the model's parameters (a stored tensor must not
+    change under its pointer when a step changes the weight in place), after the forward was sized on the
+    meta device, where returning a parameter makes nothing: a 32 MiB weight returned 64 times made 2 GiB
+    under a 256 MiB quota before the quota saw them. The copies are now sized with the forward."""
+    quota, numel, times = 64 << 20, 2 << 20, 64  # an 8 MiB weight, 512 MiB of copies
+    [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
+    worker = host.worker
+    x = await worker.send(torch.zeros(1))
+    model = await put_module(worker, describe(Echo(numel, times)), {"w": torch.zeros(numel)})
+    before = await worker.status()
+    with pytest.raises(fz.LimitExceeded, match="quota"):
+        await worker.request("module_call", {"obj": model, "args": [Ref(x.id)], "kwargs": {},
+                                             "out": [worker.new_id() for _ in range(times)]})
+    grown = (await worker.status())["peak_rss_bytes"] - max(before["peak_rss_bytes"], before["rss_bytes"])
+    assert grown < quota, f"a refused forward made {grown >> 20} MiB"  # (before: 512 MiB)
+    # within the quota such a forward runs as before: each output its own copy, not the weight
+    twice = await put_module(worker, describe(Echo(numel, 2)), {"w": torch.zeros(numel)})
+    outs = [worker.new_id(), worker.new_id()]
+    await worker.request("module_call", {"obj": twice, "args": [Ref(x.id)], "kwargs": {}, "out": outs})
+    assert (await worker.status())["bytes"] - before["bytes"] >= 3 * 4 * numel  # the weight and two copies

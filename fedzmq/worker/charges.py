@@ -83,13 +83,16 @@ def forward(context: Context, binding: Binding) -> int:
         return 0
     binding.extra["calls"] = footprint.calls  # the nodes its output's graph gains (``Session.put``)
     loss = loss_work(context, binding, footprint, scope) if binding.command.name != "module_call" else 0
-    check_work((footprint.flops + loss) * (1 + passes), seconds, "one forward" + (" and its loss" if loss else "")
-               + (" and backward" if passes == 2 else "") + (" row by row" if per_row else ""))
+    # a call stores its outputs, copying those that are the model's parameters (a fit or an evaluation does not)
+    copied, copy_work = (footprint.copied, footprint.copy_work) if binding.command.name == "module_call" else (0, 0)
+    check_work((footprint.flops + loss) * (1 + passes) + copy_work, seconds, "one forward"
+               + (" and its loss" if loss else "") + (" and backward" if passes == 2 else "")
+               + (" row by row" if per_row else "") + (" and copies of its parameters" if copied else ""))
     if binding.command.name == "fit" and footprint.output is not None:  # (evaluate pairs each row with its label)
         labels = _dataset(binding).labels
         check_loss_shapes(binding.args["loss"], torch.empty(footprint.output, device="meta"),
                           torch.empty((inputs[0].shape[0], *labels.shape[1:]), device="meta"))
-    held = passes * footprint.nbytes
+    held = passes * footprint.nbytes + copied
     if binding.command.name == "fit" and context.terms.row_metrics:
         rows_alone = context.coster.forward(hosted, inputs, kwargs, False, training=False, scope=scope, per_row=True)
         if rows_alone is not None:

@@ -139,6 +139,10 @@ class Footprint:
     output_dtype: torch.dtype | None = None
     #: aten calls it makes: at least the autograd nodes its output's graph gains
     calls: int = 1
+    #: bytes and work of the copies ``module_call`` makes of its outputs that are the module's parameters
+    #: (``parameter_copies``)
+    copied: int = 0
+    copy_work: int = 0
 
 
 class _Cache(collections.OrderedDict[Hashable, Any]):
@@ -241,9 +245,10 @@ class Coster:
                 with torch.set_grad_enabled(grad), counter:
                     out = call(*meta_inputs, **meta_kwargs)
                 one = isinstance(out, torch.Tensor)
+                copies = parameter_copies(meta, out)
                 footprint = Footprint(counter.nbytes + counter.scratch, counter.flops,
                                       tuple(out.shape) if one else None, out.dtype if one else None,
-                                      max(1, counter.calls))
+                                      max(1, counter.calls), copies.nbytes, copies.flops)
             except (BadRequest, LimitExceeded):
                 raise
             except Exception as exc:
@@ -284,6 +289,21 @@ def spec_digest(hosted: HostedModule) -> bytes:
     if hosted.spec_digest is None:
         hosted.spec_digest = hashlib.sha256(repr(hosted.spec).encode()).digest()
     return hosted.spec_digest
+
+
+def parameter_copies(module: nn.Module, out: Any) -> _Counter:
+    """The copies of a forward's outputs that are ``module``'s parameters or views of them, which
+    ``module_call`` makes (a stored tensor must not change under its pointer when a step changes its
+    parameter in place: ``handlers.modules.unshared``), measured as any call is. On the meta device
+    returning a parameter makes nothing: a 32 MiB weight returned 64 times made 2 GiB of copies under a
+    256 MiB quota before the quota saw them (a red team's find)."""
+    storages = {storage_key(p.untyped_storage()) for p in module.parameters()}
+    counter = _Counter()
+    with torch.no_grad(), counter:
+        for output in out if isinstance(out, tuple) else (out,):
+            if isinstance(output, torch.Tensor) and storage_key(output.untyped_storage()) in storages:
+                output.clone()
+    return counter
 
 
 def warm_up() -> None:
@@ -523,4 +543,4 @@ def _window(op: Any, args: Sequence[Any]) -> int:
 
 
 __all__ = ["Coster", "Footprint", "INLINE_NUMEL", "OpCost", "OutputSize", "STRIDED_WORK_PER_DIM", "WORK_PER_SECOND",
-           "check_work", "copy_units", "element_work", "signature", "spec_digest", "work_budget"]
+           "check_work", "copy_units", "element_work", "parameter_copies", "signature", "spec_digest", "work_budget"]

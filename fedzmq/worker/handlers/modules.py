@@ -101,12 +101,14 @@ def module_call(context: Context, binding: Binding) -> Any:
     if len(outputs) != len(binding.args["out"]) or not all(isinstance(o, torch.Tensor) for o in outputs):
         raise BadRequest.new(f"forward returned {len(outputs)} value(s) of type {[type(o).__name__ for o in outputs]}; "
                              f"the request expected {len(binding.args['out'])} tensor(s)")
-    return Made(_unshared(outputs, module))
+    return Made(unshared(outputs, module))
 
 
-def _unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tensor]:
+def unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tensor]:
     """Outputs that are the module's own parameters (a forward returning ``self.weight``) are copied:
-    a stored tensor must not change under its pointer, and a step changes parameters in place."""
+    a stored tensor must not change under its pointer, and a step changes parameters in place. Each
+    output its own copy, so that no two stored outputs alias either; sized and charged with the forward,
+    before it runs (``cost.parameter_copies``)."""
     storages = {storage_key(p.untyped_storage()) for p in module.parameters()}
     return [o.clone() if storage_key(o.untyped_storage()) in storages else o for o in outputs]
 
