@@ -12,7 +12,7 @@ from torch import nn
 import fedzmq as fz
 from fedzmq.codec import Ref
 from fedzmq.modeldesc import describe
-from test_adversarial import put_module
+from test_adversarial import protected_args, put_module
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,3 +78,27 @@ async def test_a_forwards_copies_of_its_parameters_are_sized_before_they_are_mad
     outs = [worker.new_id(), worker.new_id()]
     await worker.request("module_call", {"obj": twice, "args": [Ref(x.id)], "kwargs": {}, "out": outs})
     assert (await worker.status())["bytes"] - before["bytes"] >= 3 * 4 * numel  # the weight and two copies
+
+
+async def test_a_refused_fit_keeps_nothing_of_its_request(fedzmq_daemons, secret_rows):
+    """A fit of given steps records what decides its cost on its model (``small_fit``: whether the next
+    such fit may run on the event loop), in a ``finally``, even when its handler refuses it. That record
+    was the repr of its arguments: an optimizer hyper-parameter SGD does not take, 4 MB of NULs, kept
+    16 MB on each model, uncharged (24 models: 451 MiB under a 16 MiB quota). It is now a digest."""
+    _, _, path = secret_rows
+    quota, models, pad = 16 << 20, 24, (4 << 20) - 4096
+    [host] = await fedzmq_daemons("owner", args=protected_args(path, "--max-session-bytes", str(quota)))
+    worker = host.worker
+    spec = describe(nn.Linear(8, 10))
+    state = {"weight": torch.zeros(10, 8), "bias": torch.zeros(10)}
+    before = await worker.status()
+    for _ in range(models):
+        model = await put_module(worker, spec, state)
+        with pytest.raises(fz.BadRequest, match="pad"):
+            await worker.request("fit", {"module": model, "dataset": "rows", "loss": "cross_entropy",
+                                         "batch_size": 16, "steps": 1,
+                                         "optimizer": {"cls": "SGD", "lr": 0.1, "pad": "\0" * pad}})
+    grown = (await worker.status())["rss_bytes"] - before["rss_bytes"]
+    # (before: 16 MB a model, 451 MiB. Handling 24 requests of 4 MB leaves 35-75 MiB in malloc's arenas,
+    # however many more follow; with a 10-byte pad, 4 MiB)
+    assert grown < 8 * quota, f"{models} refused fits grew the daemon by {grown >> 20} MiB"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -465,11 +466,13 @@ def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 
-def fit_key(binding: Binding) -> str:
+def fit_key(binding: Binding) -> bytes:
     """What decides a fit's cost besides its model's weights: every argument but the weights loaded,
-    the shuffle's seed and whether the state comes back."""
-    return repr(sorted((k, v) for k, v in binding.request.args.items()
-                       if k not in ("load", "seed", "reply_state", "module")))
+    the shuffle's seed and whether the state comes back. A digest of them (32 bytes): the key is kept on
+    the model, for refused fits too, and their text was whatever the request held (an optimizer
+    hyper-parameter no optimizer takes, 4 MB of NULs, kept as 16 MB of repr on each model, uncharged)."""
+    return hashlib.sha256(repr(sorted((k, v) for k, v in binding.request.args.items()
+                                      if k not in ("load", "seed", "reply_state", "module"))).encode()).digest()
 
 
 def turn_key(session: Session) -> object:

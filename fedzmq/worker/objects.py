@@ -67,9 +67,9 @@ class HostedModule:
     meta: nn.Module | None = None
     #: samples the module was last trained on by ``fit`` (a secure round's weight comes from here)
     trained_samples: int = 0
-    #: the arguments (``fedzmq.worker.executor.fit_key``) and CPU seconds of its last ``fit`` of given
-    #: steps: a fit may run on the event loop only when the same fit was measured fast (``small_fit``)
-    last_fit: tuple[str, float] | None = None
+    #: a digest of the arguments (``fedzmq.worker.executor.fit_key``) and CPU seconds of its last ``fit`` of
+    #: given steps: a fit may run on the event loop only when the same fit was measured fast (``small_fit``)
+    last_fit: tuple[bytes, float] | None = None
 
 
 @dataclass
