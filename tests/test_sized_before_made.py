@@ -45,6 +45,46 @@ async def test_a_secure_steps_masking_is_sized_before_it_runs(fedzmq_daemons):
     assert time.monotonic() - started < 3 * limit
 
 
+def test_a_maskings_long_loops_reach_the_checkpoint_at_every_block():
+    """Beside the sizing (which rests on constants measured on one machine), a masking stops where it runs
+    long: ``encode`` and each PRG mask call the client's checkpoint (the worker's ``budget.check``) every
+    block, not only between peers, where a 32M-value masking first reached it after 1.2 s. A step stopped
+    there leaves the client as it was, so it can be asked again."""
+    from fedzmq.secagg import SecAggClient, SecAggConfig
+    from fedzmq.secagg.server import SecAggServer
+
+    class Stopped(Exception):
+        pass
+
+    calls, allowed = [], [10 ** 9]
+
+    def checkpoint() -> None:
+        calls.append(None)
+        if len(calls) > allowed[0]:
+            raise Stopped
+
+    length = 1 << 20  # 16 blocks of the encoding and of each of the three masks
+    config = SecAggConfig(client_ids=(0, 1, 2), threshold=2, vector_length=length, clip=1.0, noise_multiplier=1.0)
+    clients = {0: SecAggClient(0, config, checkpoint=checkpoint), 1: SecAggClient(1, config),
+               2: SecAggClient(2, config)}
+    server = SecAggServer(config)
+    for client in clients.values():
+        server.add_advertise(client.advertise())
+    server.end_advertise()
+    for i, client in clients.items():
+        server.add_shares(client.share_keys(server.keys_for(i)))
+    routed = server.end_shares()
+    update = torch.randn(length, generator=torch.Generator().manual_seed(0))
+    calls.clear()
+    allowed[0] = 8  # past the 6 calls between peers (two shares, two seeds, two masks): inside the long loops
+    with pytest.raises(Stopped):
+        clients[0].masked_input(update, 1.0, routed[0])
+    assert clients[0].stage == "shared"
+    allowed[0], calls[:] = 10 ** 9, []
+    clients[0].masked_input(update, 1.0, routed[0])
+    assert clients[0].stage == "masked" and len(calls) >= 4 * 16
+
+
 class Echo(nn.Module):
     """A forward that returns its own weight ``times`` times."""
 

@@ -88,8 +88,9 @@ class SecAggClient:
             raise ValueError(f"client {client_id} is not invited to this round")
         self.client_id = client_id
         self.config = config
-        #: called before each neighbour's work in the long steps (keys, Shamir points, masks): a host
-        #: stops a step that runs past its time budget by raising there (the worker's ``budget.check``).
+        #: called before each neighbour's work in the long steps (keys, Shamir points) and each block of
+        #: the encoding and the masks: a host stops a step that runs past its time budget by raising there
+        #: (the worker's ``budget.check``).
         #: Steps change this client's state only at their end, so a stopped step leaves it as it was
         self._checkpoint = checkpoint or _no_checkpoint
         self.stats = ClientStats()
@@ -235,13 +236,12 @@ class SecAggClient:
         confirm_keys = {j: confirm_key(self._enc_keys[j], me, j, cfg) for j in u1 if j != me}
 
         # w * clip(x) + noise, quantized into the ring, then masked
-        y, self.stats.clamped = encode(x, coefficient, meta, cfg, self._stream)
+        y, self.stats.clamped = encode(x, coefficient, meta, cfg, self._stream, self._checkpoint)
         del x
         assert self._b is not None
-        crypto.add_prg(y, self._b)
+        crypto.add_prg(y, self._b, checkpoint=self._checkpoint)
         for j, seed in seeds.items():  # + PRG(s_ij) toward higher ids, - toward lower: they cancel in the sum
-            self._checkpoint()
-            crypto.add_prg(y, seed, 1 if me < j else -1)
+            crypto.add_prg(y, seed, 1 if me < j else -1, self._checkpoint)
         reduce_ring(y, cfg)
 
         self._held.b, self._held.s = held_b, held_s

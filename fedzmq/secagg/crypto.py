@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -122,12 +123,13 @@ def prg(seed: bytes, length: int, dtype: np.dtype | type = np.uint32) -> np.ndar
     return _keystream(encryptor, length * dtype.itemsize).view(dtype)
 
 
-def add_prg(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
+def add_prg(target: np.ndarray, seed: bytes, sign: int = 1, checkpoint: Callable[[], None] | None = None) -> None:
     """``target += sign * prg(seed, target.size, target.dtype)`` in the ring, in place.
 
     The same keystream as ``prg``, made and added block by block: each block is still in the CPU's cache
     when it is added, and no mask-sized array is ever allocated. A client adds one mask per peer plus its
     self-mask to a vector of a million ring elements every round, so this is most of its masking cost.
+    ``checkpoint`` is called before each block: a host stops a mask over a big model there by raising.
     """
     if len(seed) != KEY_BYTES:
         raise ValueError("PRG seeds are 32 bytes")
@@ -143,6 +145,8 @@ def add_prg(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
     zeros = bytes(_BLOCK)
     combine = np.add if sign > 0 else np.subtract
     for start in range(0, target.size, per_block):
+        if checkpoint is not None:
+            checkpoint()
         part = target[start:start + per_block]
         nbytes = part.size * dtype.itemsize
         encryptor.update_into(zeros if nbytes == _BLOCK else zeros[:nbytes], view[:nbytes + 15])
