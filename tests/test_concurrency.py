@@ -301,3 +301,22 @@ async def test_a_streamed_value_received_under_inference_mode_is_an_ordinary_ten
     finally:
         if where == "virtual":
             await worker.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_tensor_changed_while_it_is_sent_arrives_whole(fedzmq_daemons):
+    """A big tensor's bytes leave uncopied, read by ZeroMQ after the send is under way: another coroutine's
+    in-place change between two awaits of the send made the daemon store a mixture, with values neither
+    version held (0.5: half the bytes of 1.0, half of 0.0). Run in order, the send gives all 0 or all 1."""
+    [bob] = await fedzmq_daemons("bob")
+    for pause in range(12):
+        tensor = torch.zeros(4 << 20)  # 16 MiB: one message, sent uncopied
+
+        async def change() -> None:
+            for _ in range(pause):
+                await asyncio.sleep(0)
+            tensor.add_(1)
+
+        pointer, _ = await asyncio.gather(bob.worker.send(tensor), change())
+        values = set((await pointer.get()).unique().tolist())
+        assert values in ({0.0}, {1.0}), f"changed after {pause} passes: the daemon stored {sorted(values)}"

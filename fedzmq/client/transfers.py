@@ -141,6 +141,18 @@ class Transfers:
     # --- tensors -------------------------------------------------------------------------------
 
     async def _send_tensor(self, tensor: torch.Tensor, timeout: float | None) -> TensorPointer:
+        """The tensor's bytes leave uncopied (ZeroMQ reads its memory after ``submit`` returns): changed in
+        place meanwhile (by another coroutine, between two awaits of this send), the worker could store it
+        part old, part new. Then a copy of what it is now is sent instead, as if the change came first."""
+        version = tensor._version
+        pointer = await self._send_tensor_once(tensor, timeout)
+        if tensor._version == version:
+            return pointer
+        with default_modes():
+            now = tensor.detach().clone().requires_grad_(tensor.requires_grad)
+        return await self._send_tensor_once(now, timeout)
+
+    async def _send_tensor_once(self, tensor: torch.Tensor, timeout: float | None) -> TensorPointer:
         obj_id = self.new_id()
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes <= self._connection.limits.chunk_bytes:
