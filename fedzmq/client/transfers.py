@@ -144,6 +144,9 @@ class Transfers:
         """The tensor's bytes leave uncopied (ZeroMQ reads its memory after ``submit`` returns): changed in
         place meanwhile (by another coroutine, between two awaits of this send), the worker could store it
         part old, part new. Then a copy of what it is now is sent instead, as if the change came first."""
+        if tensor.is_inference():  # it keeps no version counter to tell a change by: a copy, taken now
+            with default_modes():
+                tensor = tensor.clone()
         version = tensor._version
         pointer = await self._send_tensor_once(tensor, timeout)
         if tensor._version == version:
