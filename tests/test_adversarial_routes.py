@@ -147,6 +147,21 @@ async def test_a_fits_loss_under_secure_aggregation_cannot_be_made_to_report_one
     assert not ((x[:, 5] - guess).abs() < 1e-2).any(), "a fit's loss under secure aggregation was one row's value"
 
 
+async def test_a_fits_loss_over_open_rows_under_secure_aggregation_follows_the_open_terms(fedzmq_daemons, secret_rows):
+    """Under ``--require-secure-aggregation`` a fit's loss is withheld (NaN), as docs/security.md says, for
+    the open datasets too under ``--private-release none`` ("fit and evaluate release what they release
+    under protected"): a red team's fit of a fresh model on open rows reported its loss (0.73), where the
+    same fit on protected rows gave NaN. Under ``aggregates``, which releases open rows' losses, it comes
+    back."""
+    x, y, path = secret_rows
+    for name, terms, withheld in (("none", [], True), ("aggregates", ["--private-release", "aggregates"], False)):
+        [bob] = await fedzmq_daemons(name, args=[*open_args(path), "--require-secure-aggregation", *terms])
+        torch.manual_seed(0)
+        remote = await bob.worker.send(nn.Linear(x.shape[1], 10))
+        metrics = await remote.fit("rows", loss="cross_entropy", batch_size=ROWS, steps=1)
+        assert math.isnan(metrics["loss"]) == withheld, (name, metrics["loss"])
+
+
 async def test_a_model_description_cannot_carry_a_reference_to_the_rows(fedzmq_daemons, secret_rows):
     """A red-team session put a reference to the rows inside a described model: as a literal operand of a
     program node (``table[<rows' labels>]``) and as a placeholder's default. The request's references

@@ -147,11 +147,13 @@ class Executor:
             # releasable: a round's, loaded whole (now or before), are; what was trained here is not
             label = metrics_label(binding)
             if binding.command.name == "fit" and self.context.policy.require_secure_aggregation and \
-                    binding.dataset is not None and binding.data_label & Label.PRIVATE:
+                    binding.dataset is not None and not self.context.policy.releases(binding.data_label, "state",
+                                                                                     False):
                 # under secure aggregation a fit's loss over protected rows never leaves: the coordinator
                 # chooses which rows a fit covers (batch size, steps, seed), and losses of overlapping row
                 # sets differ by single rows' terms (a red team read whole rows from two fits of batch 16
-                # and 17; with unnested sets it is a linear system of about one fit per row)
+                # and 17; with unnested sets it is a linear system of about one fit per row). Open rows too,
+                # unless the terms release their aggregates (``--private-release aggregates``)
                 binding.extra["withhold_loss"] = True
             elif binding.command.name == "fit" and label and not label & ~Label.SECURE:
                 # only secure aggregation's label stands in the way (weights trained here, or an entry
