@@ -16,8 +16,11 @@ from fedzmq.examples import digits
 from fedzmq.launcher import DaemonProcess
 from fedzmq.security import generate_keypair
 from fedzmq.worker.objects import BYTES_PER_OPTIMIZED_PARAMETER
+from fedzmq.worker.graphs import GRAPH_LEAF_BYTES, LEAF_SET_BYTES
 from fedzmq.worker.session import GRAPH_NODE_BYTES
 
+#: what a graph's set of one leaf takes beside the leaf's storage and gradient (tests/test_graph_leaves.py)
+LEAF = GRAPH_LEAF_BYTES + LEAF_SET_BYTES
 QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=5, connect_timeout=3.0)
 
 
@@ -337,12 +340,15 @@ async def test_what_autograd_keeps_for_the_backward_pass_counts_against_the_byte
         await total
         await y.delete()
         await x.delete()
-        # x's storage, held by the graph, and the sum with its graph's two nodes (abs, sum)
-        assert (await bob.status())["bytes"] == 1_000_000 + 4 + 2 * GRAPH_NODE_BYTES
+        # x's storage, saved by the graph and its leaf, with room for its gradient and a leaf's bookkeeping
+        # (tests/test_graph_leaves.py), and the sum with its graph's two nodes (abs, sum)
+        assert (await bob.status())["bytes"] == 2_000_000 + 4 + 2 * GRAPH_NODE_BYTES + LEAF
         with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):
-            await bob.send(torch.zeros(800_000))  # 3.2 MB beside the 1 MB the graph holds
-        await total.backward()  # frees the graph (its nodes stay charged to the sum: an upper bound)
-        assert (await bob.status())["bytes"] == 4 + 2 * GRAPH_NODE_BYTES
+            await bob.send(torch.zeros(800_000))  # 3.2 MB beside the 2 MB the graph holds
+        await total.backward()  # frees what the graph saved, not its leaf x (which now has a gradient)
+        assert (await bob.status())["bytes"] == 2_000_000 + 4 + 2 * GRAPH_NODE_BYTES + LEAF
+        await total.delete()  # the last tensor that leads to x: x and its gradient go
+        assert (await bob.status())["bytes"] == 0
         await bob.send(torch.zeros(800_000))
 
 
@@ -363,7 +369,7 @@ async def test_saved_tensors_are_charged_whichever_operand_needs_the_gradient():
         y = x * w
         await y
         await x.delete()
-        assert (await bob.status())["bytes"] == held + 1_000_000 + GRAPH_NODE_BYTES  # x stays for w's gradient
+        assert (await bob.status())["bytes"] == held + 1_000_000 + GRAPH_NODE_BYTES + LEAF  # x stays for w's gradient
         await y.delete()
         assert (await bob.status())["bytes"] == held - 1_000_000
 
@@ -377,7 +383,8 @@ async def test_a_graph_without_a_backward_pass_is_freed_with_its_output():
         for _ in range(3):
             y = x.exp()
             await y
-            assert (await bob.status())["bytes"] == held + 1_000_000 + 2 * GRAPH_NODE_BYTES  # its graph: 2 aten calls
+            # its graph: 2 aten calls, and its leaf x
+            assert (await bob.status())["bytes"] == held + 1_000_000 + 2 * GRAPH_NODE_BYTES + LEAF
             await y.delete()
             assert (await bob.status())["bytes"] == held
 
@@ -432,6 +439,7 @@ async def test_optimizer_state_counts_against_the_byte_quota():
     weight = model.weight.detach().clone()
     step = 3 * weight.numel() * 4
     objects = 2 * BYTES_PER_OPTIMIZED_PARAMETER  # the optimizer's Python objects for its two parameters
+    objects += 2 * GRAPH_LEAF_BYTES + LEAF_SET_BYTES  # the output's graph keeps the two parameters (leaves)
     for quota, fits in ((2 * params + 2 * params, False), (2 * params + 3 * params + step + objects + 10_000, True)):
         async with fz.VirtualWorker("bob", config=fz.WorkerConfig(max_session_bytes=quota)) as bob:
             remote = await bob.send(model)
@@ -456,6 +464,9 @@ async def test_optimizer_state_counts_against_the_byte_quota():
             with pytest.raises(fz.LimitExceeded, match="max-session-bytes"):  # there is once the model is gone
                 await bob.send(probe)
             await remote.delete()
+            # the output's and the loss's graphs reach the parameters and their gradients: those go with them
+            await output.delete()
+            await loss.delete()
             after = await bob.status()
             assert after["bytes"] <= held - 2 * params + 10_000  # the model and its optimizer's state are gone
             await bob.send(probe)  # and the quota has that room again

@@ -216,19 +216,26 @@ def optimized_parameters(optimizer: Any) -> int:
 
 
 def extra_bytes(value: Any) -> int:
-    """What an object is charged besides its storages: room for gradients, an optimizer's state, a
-    model's Python objects and the description it keeps."""
-    if isinstance(value, HostedModule):  # room for the gradients to come
-        return sum(p.numel() * p.element_size() for p in value.module.parameters()) + \
-            BYTES_PER_SUBMODULE * sum(1 for _ in value.module.modules()) + description_bytes(value.spec)
-    if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
-        return value.numel() * value.element_size()  # room for its gradient
-    if isinstance(value, PartialTensor) and value.requires_grad:
-        return value.tensor.numel() * value.tensor.element_size()
+    """What an object is charged besides its storages and its gradients' room (``gradient_rooms``): an
+    optimizer's state, a model's Python objects and the description it keeps."""
+    if isinstance(value, HostedModule):
+        return BYTES_PER_SUBMODULE * sum(1 for _ in value.module.modules()) + description_bytes(value.spec)
     if isinstance(value, HostedOptimizer):  # its state (momentum, moments); the parameters are the module's
         return sum(t.untyped_storage().nbytes() for t in optimizer_state(value.optimizer)) + \
             BYTES_PER_OPTIMIZED_PARAMETER * optimized_parameters(value.optimizer)
     return 0
+
+
+def gradient_rooms(value: Any) -> list[torch.Tensor]:
+    """The leaves whose gradients (to come) an object is charged room for, by leaf
+    (``fedzmq.worker.quota.gradient_key``): a graph that reaches them keeps the same room."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.requires_grad and value.is_leaf else []
+    if isinstance(value, HostedModule):
+        return list(value.module.parameters())
+    if isinstance(value, PartialTensor) and value.requires_grad:
+        return [value.tensor]
+    return []
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -247,5 +254,5 @@ def module_tensors(module: nn.Module, grads: bool = True) -> list[torch.Tensor]:
 
 
 __all__ = ["DependencyError", "FailedObject", "HostedModule", "HostedOptimizer", "ObjectTable", "PartialTensor",
-           "costly_to_free", "extra_bytes", "kind_name", "module_tensors", "optimized_parameters", "optimizer_state",
-           "tensors_of", "BYTES_PER_OPTIMIZED_PARAMETER"]
+           "costly_to_free", "extra_bytes", "gradient_rooms", "kind_name", "module_tensors", "optimized_parameters",
+           "optimizer_state", "tensors_of", "BYTES_PER_OPTIMIZED_PARAMETER"]

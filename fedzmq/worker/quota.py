@@ -3,9 +3,12 @@
 ``room()`` is the only number every check uses: the quota, less
 
 - what the session's objects hold, charged **by storage**, once however many holders share it (a view
-  costs nothing beside what it views, and keeps it alive); holders are objects and the tensors autograd
-  saved for a backward pass, which live as long as their graph;
-- what objects are charged besides their storages (room for gradients, an optimizer's state);
+  costs nothing beside what it views, and keeps it alive); holders are objects, the tensors autograd
+  saved for a backward pass, which live as long as their graph, and the leaves a stored tensor's graph
+  reaches (``fedzmq.worker.graphs``);
+- room for the gradients of leaves (a model's parameters, a tensor that requires one), charged like a
+  storage: once per leaf, however many holders keep it (its object, the graphs that reach it);
+- what objects are charged besides (an optimizer's state, a model's Python objects, a graph's nodes);
 - copies of model entries kept for a read in progress (``fedzmq.worker.kept``);
 - what the session's waiting requests carry (charged from decoding until they run);
 - what a running command reserved for what it is about to make (a forward's intermediates, an
@@ -20,7 +23,7 @@ import contextlib
 import threading
 import traceback
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 import torch
 import zmq
 
@@ -31,11 +34,11 @@ from .taint import storage_key
 class Quota:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        #: storage key -> [holders, bytes]
-        self._storages: dict[int, list[int]] = {}
-        #: holder (an object id; a kept read's ``("kept", token)``) -> the storage keys it holds, and bytes
-        #: charged to it beside them
-        self._holder_storages: dict[Hashable, list[int]] = {}
+        #: storage key (or a leaf's ``gradient_key``) -> [holders, bytes]
+        self._storages: dict[Hashable, list[int]] = {}
+        #: holder (an object id; a kept read's ``("kept", token)``; a graph's ``LeafSet``) -> the storage
+        #: keys it holds, and bytes charged to it beside them
+        self._holder_storages: dict[Hashable, dict[Hashable, None]] = {}
         self._holder_extra: dict[Hashable, int] = {}
         self.held = 0
         #: bytes of requests waiting in the session's queue
@@ -61,31 +64,50 @@ class Quota:
             raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
                                     f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.held} held")
 
-    def new_bytes(self, tensors: list[torch.Tensor]) -> int:
-        """What holding ``tensors`` would add: the bytes of their storages not held yet."""
-        seen: dict[int, int] = {}
+    def new_bytes(self, tensors: list[torch.Tensor], gradients: Sequence[torch.Tensor] = (),
+                  keyed: Sequence[tuple[Hashable, int]] = ()) -> int:
+        """What holding ``tensors``, room for the gradients of ``gradients`` and the ``keyed`` charges would
+        add: the bytes of those not held yet."""
+        seen: dict[Hashable, int] = dict(keyed)
+        for key in seen.keys() & self._storages.keys():
+            del seen[key]
         for tensor in tensors:
             storage = tensor.untyped_storage()
             key = storage_key(storage)
             if key not in self._storages:
                 seen[key] = storage.nbytes()
+        for leaf in gradients:
+            room = gradient_key(leaf)
+            if room not in self._storages:
+                seen[room] = room[-1]
         return sum(seen.values())
 
     # --- holders -------------------------------------------------------------------------------
 
-    def hold(self, holder: Hashable, tensors: list[torch.Tensor], extra: int = 0) -> None:
-        """Charge ``holder`` (an object id) for the storages of ``tensors`` and ``extra`` bytes (instead of
-        what it held before, if anything)."""
+    def hold(self, holder: Hashable, tensors: list[torch.Tensor], extra: int = 0,
+             gradients: Sequence[torch.Tensor] = (), keyed: Sequence[tuple[Hashable, int]] = ()) -> None:
+        """Charge ``holder`` (an object id) for the storages of ``tensors``, room for the gradients of the
+        leaves ``gradients``, ``extra`` bytes, and ``keyed``: (key, bytes) charged once whichever holders
+        hold the key, like a storage (instead of what it held before, if anything)."""
         with self._lock:
             if holder in self._holder_storages:
                 self.drop(holder)
-            keys = []
+            keys: dict[Hashable, None] = {}  # (a dict: a model's or a graph's thousands of keys, each once)
             for tensor in tensors:
                 storage = tensor.untyped_storage()
                 key = storage_key(storage)
                 if key not in keys:
-                    keys.append(key)
+                    keys[key] = None
                     self._hold_storage(key, storage.nbytes())
+            for leaf in gradients:
+                room = gradient_key(leaf)
+                if room not in keys:
+                    keys[room] = None
+                    self._hold_storage(room, room[-1])
+            for other, nbytes in keyed:
+                if other not in keys:
+                    keys[other] = None
+                    self._hold_storage(other, nbytes)
             self._holder_storages[holder] = keys
             self._holder_extra[holder] = extra
             self.held += extra
@@ -109,7 +131,7 @@ class Quota:
         users = self._storages.get(storage_key(tensor.untyped_storage()))
         return users[0] if users else 0
 
-    def _hold_storage(self, key: int, nbytes: int) -> None:
+    def _hold_storage(self, key: Hashable, nbytes: int) -> None:
         users = self._storages.get(key)
         if users is None:
             self._storages[key] = [1, nbytes]
@@ -117,7 +139,7 @@ class Quota:
         else:
             users[0] += 1
 
-    def _release_storage(self, key: int) -> None:
+    def _release_storage(self, key: Hashable) -> None:
         with self._lock:
             users = self._storages.get(key)
             if users is None:  # cleared meanwhile
@@ -174,6 +196,13 @@ class Quota:
             self.held = 0
 
 
+def gradient_key(leaf: torch.Tensor) -> tuple[str, int, int, int]:
+    """The key of the room for ``leaf``'s gradient among the quota's storages: one per leaf (its storage,
+    where in it, its bytes, the last), whichever holder keeps it."""
+    nbytes = leaf.numel() * leaf.element_size()
+    return ("gradient", storage_key(leaf.untyped_storage()), int(leaf.storage_offset()), nbytes)
+
+
 class Reservation:
     """``Quota.reserving``'s block: a class, not a generator, as it is entered for every command."""
 
@@ -223,4 +252,4 @@ class SavedTensor:
         return self.tensor
 
 
-__all__ = ["Quota", "SavedTensor"]
+__all__ = ["Quota", "SavedTensor", "gradient_key"]

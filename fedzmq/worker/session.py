@@ -24,7 +24,7 @@ from ..outbox import Outbox
 from .datasets import Dataset
 from .graphs import GraphLedger
 from .kept import KeptReads
-from .objects import HostedModule, ObjectTable, extra_bytes, tensors_of
+from .objects import HostedModule, ObjectTable, extra_bytes, gradient_rooms, tensors_of
 from .quota import Quota
 from .replies import RepliesOwed
 from .taint import TaintRecord
@@ -86,8 +86,9 @@ class Session:
     quota: Quota = field(init=False)
     #: model entries replies reported as streams, kept as they were until read (``fedzmq.worker.kept``)
     kept: KeptReads = field(init=False)
-    #: the autograd nodes its stored tensors keep alive, each charged to one of them
-    graphs: GraphLedger = field(default_factory=GraphLedger)
+    #: the autograd nodes its stored tensors keep alive, each charged to one of them, and the leaves their
+    #: graphs reach, charged to all of them
+    graphs: GraphLedger = field(init=False)
     taint: TaintRecord = field(default_factory=TaintRecord)
     #: secure-aggregation rounds under way (fedzmq.worker.secure)
     secure_rounds: dict[int, Any] = field(default_factory=dict)
@@ -123,6 +124,7 @@ class Session:
     def __post_init__(self) -> None:
         self.table = ObjectTable(self.max_objects)
         self.quota = Quota(self.max_bytes)
+        self.graphs = GraphLedger(self.quota)
         self.kept = KeptReads(self.quota)
 
     @property
@@ -136,17 +138,24 @@ class Session:
         """Holds nothing: evicting it loses the client nothing but its session id."""
         return not self.table.objects and not self.table.failures and not self.secure_rounds
 
-    def put(self, obj_id: int, value: Any, made_nodes: int = 0, inputs: Iterable[int] = ()) -> None:
+    def put(self, obj_id: int, value: Any, made_nodes: int | None = None, inputs: Iterable[int] = ()) -> None:
         """Store an object, within the session's object and byte quotas. A tensor with an autograd graph
-        made with ``made_nodes`` nodes from the stored tensors ``inputs`` is charged ``GRAPH_NODE_BYTES``
-        a node (``fedzmq.worker.graphs``)."""
+        (``made_nodes`` not None) made with ``made_nodes`` nodes from the stored tensors ``inputs`` is
+        charged ``GRAPH_NODE_BYTES`` a node, and holds the leaves its graph reaches
+        (``fedzmq.worker.graphs``)."""
         self.table.check_new(obj_id)
-        tensors, extra = tensors_of(value), extra_bytes(value) + GRAPH_NODE_BYTES * made_nodes
-        self.quota.check(extra + self.quota.new_bytes(tensors), f"storing object {obj_id}" + (
-            f" (its autograd graph's {made_nodes} nodes)" if made_nodes else ""))
+        tensors, gradients, extra = tensors_of(value), gradient_rooms(value), extra_bytes(value)
+        if made_nodes is None:
+            self.quota.check(extra + self.quota.new_bytes(tensors, gradients), f"storing object {obj_id}")
+            self.table.add(obj_id, value)
+            self.quota.hold(obj_id, tensors, extra, gradients)
+            return
+        extra += GRAPH_NODE_BYTES * made_nodes
+        leaves = self.graphs.leaves_of(value)
+        self.quota.check(extra + self.quota.new_bytes(tensors) + self.graphs.new_bytes(leaves),
+                         f"storing object {obj_id} (its autograd graph's {made_nodes} nodes and leaves)")
         self.table.add(obj_id, value)
-        if made_nodes:
-            self.graphs.add(obj_id, made_nodes, inputs)
+        self.graphs.add(obj_id, made_nodes, inputs, value, leaves)
         self.quota.hold(obj_id, tensors, extra)
 
     def delete(self, obj_ids: list[int]) -> int:
