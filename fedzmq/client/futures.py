@@ -1,16 +1,12 @@
-"""Futures of work the client does not await at once: errors marked as seen, and work in pieces that must
-not stop half-way.
-
-A model written to a worker in pieces, or a worker's model read into a local one piece by piece, is
-left part old and part new if its coroutine is cancelled between two pieces. Taking a copy first would
-make it all or nothing, at the price of a second copy of the model in memory; instead, a cancellation
-that comes once the first piece may have landed waits for the last, and goes on after.
+"""Futures of work the client does not await at once: errors marked as seen, and local work in pieces
+that must not stop half-way (a worker's model read into a local one piece by piece is left part old,
+part new if cancelled between two pieces; taking a copy first would cost a second copy of the model).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -21,9 +17,9 @@ def retrieve_error(future: "asyncio.Future[Any]") -> None:
         future.exception()
 
 
-async def finish_once_begun(task: "asyncio.Future[T]", begun: Callable[[], bool]) -> T:
-    """``await task``; a cancellation that comes once ``begun()`` is true lets the task finish first (its
-    result is then dropped, its error raised), and is raised after; one that comes before cancels it."""
+async def finish(task: "asyncio.Future[T]") -> T:
+    """``await task``; a cancellation lets the task finish first, then goes on (raised from the task's error,
+    if it failed: the cancellation is never lost)."""
     cancelled = False
     while True:
         try:
@@ -32,14 +28,14 @@ async def finish_once_begun(task: "asyncio.Future[T]", begun: Callable[[], bool]
         except asyncio.CancelledError:
             if task.cancelled():
                 raise
-            if not begun():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)  # its own clean-up, before ours goes on
-                raise
             cancelled = True
+        except BaseException as exc:
+            if cancelled:
+                raise asyncio.CancelledError() from exc
+            raise
     if cancelled:
         raise asyncio.CancelledError
     return result
 
 
-__all__ = ["finish_once_begun", "retrieve_error"]
+__all__ = ["finish", "retrieve_error"]

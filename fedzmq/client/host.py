@@ -110,9 +110,14 @@ class PointerHost(Protocol):
         the op that made it, which the fetch may join. Pointers' interface, not for normal code."""
         ...
 
-    async def stream_into(self, pointer: ModulePointer, broadcast: Broadcast, timeout: float | None) -> Any:
-        """Stream a broadcast's big entries into the remote model; returns its inline part, to go in the
-        request that loads it. Pointers' interface, not for normal code."""
+    async def stream_into(self, pointer: ModulePointer, broadcast: Broadcast, timeout: float | None) -> Broadcast:
+        """Stream a broadcast's big entries into the remote model; returns it as split for this worker (its
+        ``inline`` part goes in the request that loads it). Pointers' interface, not for normal code."""
+        ...
+
+    def discard(self, pointer: ModulePointer) -> None:
+        """Delete a remote model whose write in pieces did not finish, and forget it was sent (its next send
+        builds it anew). Pointers' interface, not for normal code."""
         ...
 
     async def request_state(self, cmd: str, args: dict[str, Any], obj_id: int, timeout: float | None) -> Any:

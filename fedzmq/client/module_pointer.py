@@ -9,16 +9,19 @@ import asyncio
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from ..codec import Limits
+from ..errors import RemoteError
 from ..optimizers import DEFAULT_OPTIMIZER
 from .broadcast import Broadcast
-from .futures import finish_once_begun
+from .futures import finish
 from .pointers import DatasetPointer, Pointer, TensorPointer
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .host import PointerHost
@@ -98,7 +101,7 @@ class ModulePointer(Pointer):
             raise
         if first is not None:
             land(first)
-            await finish_once_begun(asyncio.ensure_future(land_the_rest()), lambda: True)
+            await finish(asyncio.ensure_future(land_the_rest()))
         return module
 
     async def fit(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
@@ -115,8 +118,9 @@ class ModulePointer(Pointer):
         ``seed`` repeats a run's shuffle on this daemon; the daemon mixes it with its own secret, so it
         cannot choose which rows share a batch. Returns ``{"loss", "samples_seen", "num_examples",
         "steps", "seconds"}``."""
-        args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
-        return await self.location.request("fit", args, timeout)
+        args, wrote = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load,
+                                           timeout)
+        return await self._after_write(self.location.request("fit", args, timeout), wrote)
 
     async def fit_and_fetch(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
                             optimizer: "dict[str, Any] | RemoteOptimizer | None" = None, epochs: int | None = None,
@@ -126,9 +130,10 @@ class ModulePointer(Pointer):
         """``fit``, with the trained weights coming back in the same trip (one request and one reply per
         worker for a federated round of a small model; big entries follow as streams). Returns a
         ``FitUpdate``: the metrics, and the trained state as pieces to fold or copy as they arrive."""
-        args = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load, timeout)
+        args, wrote = await self._fit_args(dataset, loss, optimizer, epochs, steps, batch_size, prox_mu, seed, load,
+                                           timeout)
         args["reply_state"] = True
-        reply = await self.location.request_state("fit", args, self.id, timeout)
+        reply = await self._after_write(self.location.request_state("fit", args, self.id, timeout), wrote)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit with {type(reply).__name__}, not metrics and a state")
@@ -144,9 +149,9 @@ class ModulePointer(Pointer):
         takes ``fit``'s keyword arguments (a fresh optimizer per client). More clients than one reply
         can carry within the connection's limits (``clients_per_trip``) raise ``ValueError`` before
         anything is sent: a federated round splits them into trips itself."""
-        args = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),
-                                    fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
-                                    fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
+        args, wrote = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),
+                                           fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
+                                           fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
         if fit:
             raise TypeError(f"fit_clients() got unexpected arguments {sorted(fit)}")
         local = self._local()
@@ -159,7 +164,7 @@ class ModulePointer(Pointer):
             raise ValueError(f"fit_clients: {len(clients)} clients are more than one reply can carry within the "
                              f"connection's limits ({most}, with {each}); split them into calls of at most {most}")
         args.update(clients=list(clients), combine=combine, reply_state=True)
-        reply = await self.location.request("fit", args, timeout)
+        reply = await self._after_write(self.location.request("fit", args, timeout), wrote)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit over clients with {type(reply).__name__}")
@@ -177,17 +182,27 @@ class ModulePointer(Pointer):
         outcome returned at once (awaiting it raises the load's refusal), so that the next command can
         follow without a round trip."""
         broadcast = state if isinstance(state, Broadcast) else Broadcast(state)
-        inline = await self.location.stream_into(self, broadcast, timeout)
-        loaded = self.location.submit("module_load", {"obj": self.id, "state": inline})
-        return asyncio.ensure_future(self._outcome(loaded, timeout))
+        split = await self.location.stream_into(self, broadcast, timeout)
+        loaded = self.location.submit("module_load", {"obj": self.id, "state": split.inline})
+        return asyncio.ensure_future(self._after_write(self.location.wait_reply(loaded, timeout), bool(split.streamed)))
 
-    async def _outcome(self, future: "asyncio.Future[Any]", timeout: float | None) -> None:
-        await self.location.wait_reply(future, timeout)
+    async def _after_write(self, request: "Awaitable[T]", wrote: bool) -> T:
+        """The outcome of the command that ends a write (a load, or a fit or evaluation that loads first):
+        refused after big entries were written in pieces, it leaves the model part old, part new (the small
+        entries it carried not loaded), and the model is discarded (``Transfers.discard``)."""
+        try:
+            return await request
+        except RemoteError:
+            if wrote:
+                self.location.discard(self)
+            raise
 
     async def _fit_args(self, dataset: "DatasetPointer | str", loss: str,
                         optimizer: "dict[str, Any] | RemoteOptimizer | None", epochs: int | None, steps: int | None,
                         batch_size: int, prox_mu: float, seed: int,
-                        load: "Mapping[str, torch.Tensor] | Broadcast | None", timeout: float | None) -> dict[str, Any]:
+                        load: "Mapping[str, torch.Tensor] | Broadcast | None",
+                        timeout: float | None) -> tuple[dict[str, Any], bool]:
+        """A fit's arguments, and whether a load among them was written in pieces first."""
         args: dict[str, Any] = {"module": self.id, "dataset": _dataset_name(self.location, dataset), "loss": loss,
                                 "batch_size": batch_size, "seed": seed}
         if steps is not None:
@@ -205,11 +220,12 @@ class ModulePointer(Pointer):
                                        f"{self.location.id!r}")
             args["optim"] = await optimizer.remote_id()
         if load is not None:  # (last: the caller sends the fit without awaiting anything in between)
-            broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
-            args["load"] = await self.location.stream_into(self, broadcast, timeout)
-        else:
-            await self.settled()
-        return args
+            split = await self.location.stream_into(self, load if isinstance(load, Broadcast) else Broadcast(load),
+                                                    timeout)
+            args["load"] = split.inline
+            return args, bool(split.streamed)
+        await self.settled()
+        return args, False
 
     async def evaluate(self, dataset: "DatasetPointer | str", *, loss: str = "cross_entropy",
                        batch_size: int = 1024, load: "Mapping[str, torch.Tensor] | Broadcast | None" = None,
@@ -218,12 +234,14 @@ class ModulePointer(Pointer):
         ``load`` (a state dict, or a ``Broadcast``) is loaded into the remote model first, in the same trip."""
         args: dict[str, Any] = {"module": self.id, "loss": loss, "batch_size": batch_size,
                                 "dataset": _dataset_name(self.location, dataset)}
+        wrote = False
         if load is None:
             await self.settled()
         else:
-            broadcast = load if isinstance(load, Broadcast) else Broadcast(load)
-            args["load"] = await self.location.stream_into(self, broadcast, timeout)
-        return await self.location.request("evaluate", args, timeout)
+            split = await self.location.stream_into(self, load if isinstance(load, Broadcast) else Broadcast(load),
+                                                    timeout)
+            args["load"], wrote = split.inline, bool(split.streamed)
+        return await self._after_write(self.location.request("evaluate", args, timeout), wrote)
 
     async def train(self, mode: bool = True) -> None:
         await self.location.request("module_mode", {"obj": self.id, "train": mode})

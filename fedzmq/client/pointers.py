@@ -12,12 +12,13 @@ are in ``fedzmq.client.module_pointer``, ``Broadcast`` in ``fedzmq.client.broadc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any, Generator
 
 import torch
 
 from ..codec import DTYPES
-from ..errors import ShapeUnknown
+from ..errors import ShapeUnknown, WorkerError
 from ..ops import METHODS, OPERATORS
 from .broadcast import Broadcast
 from .futures import retrieve_error
@@ -168,7 +169,8 @@ class TensorPointer(Pointer):
         moved = await destination.send(await self.get(timeout), timeout)
         if not self._deleted:
             self._deleted = True
-            self.location.submit("delete", {"objs": [self.id]}).add_done_callback(retrieve_error)
+            with contextlib.suppress(WorkerError):  # (the source is gone: its copy went with its session)
+                self.location.submit("delete", {"objs": [self.id]}).add_done_callback(retrieve_error)
         return moved
 
     async def backward(self, gradient: "torch.Tensor | TensorPointer | None" = None) -> None:

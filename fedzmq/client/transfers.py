@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ..codec import DTYPE_NAMES, DTYPES, StreamInfo, tensor_buffer
-from ..errors import FedzmqError, ProtocolError
+from ..errors import FedzmqError, ProtocolError, RemoteError
 from ..modeldesc import describe
 from ..torchmodes import default_modes
-from .futures import finish_once_begun, retrieve_error
+from .futures import retrieve_error
 from .meta import TensorMeta
 from .pointers import Broadcast, ModulePointer, TensorPointer
 
@@ -226,7 +226,9 @@ class Transfers:
         known = self._modules.get(module)
         if known is not None and not known.deleted:  # a load of the model the worker has: one write
             await known.load(Broadcast(state, chunk), timeout)
-            return known
+            if not known.deleted:
+                return known
+            # (a write that did not finish discarded it: it is sent anew, whole)
         spec = describe(module)
         parts: dict[str, Any] = dict(inline)
         uploads = []
@@ -244,22 +246,23 @@ class Transfers:
         self._modules[module] = pointer
         return pointer
 
-    async def stream_into(self, pointer: ModulePointer, broadcast: "Broadcast", timeout: float | None) -> Any:
-        """Stream a broadcast's big entries straight into the remote model (``module_write``); returns its
-        inline part, to go in the same request as the command that loads it (a ``module_load``, or the fit
-        or evaluation that loads it first), which the caller sends without awaiting anything else: the
+    async def stream_into(self, pointer: ModulePointer, broadcast: "Broadcast", timeout: float | None) -> "Broadcast":
+        """Stream a broadcast's big entries straight into the remote model (``module_write``); returns it as
+        split for this worker, whose ``inline`` part goes in the same request as the command that loads it (a
+        ``module_load``, or the fit or evaluation that loads it first), which the caller sends without
+        awaiting anything else (and a refusal of which leaves the model torn when ``streamed``: the caller
+        then ``discard``s it): the
         model's ``writing`` lock, held meanwhile, keeps the model's other commands from coming between the
         pieces and that request.
 
         A write in pieces is one write. Its first piece carries every entry's dtype and shape, and is
-        answered before another leaves: a state the model cannot take changes nothing. Once that piece is
-        sent, the write is finished even if the caller is cancelled (its other pieces, then a
-        ``module_load`` of its small entries in place of the caller's command) before the cancellation
-        goes on: the model is never left part old, part new."""
+        answered before another leaves: a state the model cannot take changes nothing. A write that stops
+        after that (cancelled, a deadline, a lost connection) would leave the model part old, part new: the
+        remote model is then discarded (``discard``), and the next send of the model sends it whole."""
         broadcast = broadcast.for_chunk(self._connection.limits.chunk_bytes)
         async with pointer.writing:
             if not broadcast.streamed:
-                return broadcast.inline
+                return broadcast
             entries = {name: [DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape),
                               name in broadcast.streamed] for name, tensor in broadcast.state.items()}
             name, tensor = next(iter(broadcast.streamed.items()))
@@ -267,24 +270,42 @@ class Transfers:
             first = self.submit("module_write", {"obj": pointer.id, "name": name, "offset": 0,
                                                  "data": data[:self._piece_bytes()], "entries": entries})
             first.add_done_callback(retrieve_error)
-            streaming = asyncio.ensure_future(self._write_streamed(pointer, broadcast, first, data, timeout))
             try:
-                await finish_once_begun(streaming, lambda: True)  # (its first piece is sent)
-            except asyncio.CancelledError:
-                if streaming.done() and not streaming.cancelled() and streaming.exception() is None:
-                    self.submit("module_load", {"obj": pointer.id, "state": broadcast.inline}).add_done_callback(
-                        retrieve_error)
+                await self.wait_reply(first, timeout)  # none other leaves before the entries are checked
+            except RemoteError:  # refused: it wrote nothing
                 raise
-        return broadcast.inline
+            except BaseException:  # (cancelled, or no answer in time: it may have written)
+                self.discard(pointer)
+                raise
+            await self._write_streamed(pointer, broadcast, data, timeout)
+        return broadcast
 
-    async def _write_streamed(self, pointer: ModulePointer, broadcast: "Broadcast", first: asyncio.Future[Any],
-                              data: torch.Tensor, timeout: float | None) -> None:
-        """``stream_into``'s pieces after the ``first`` (the first entry's, whose bytes are ``data``): none
-        leaves before the worker has checked the entries the first carried."""
-        await self.wait_reply(first, timeout)
-        for index, (name, tensor) in enumerate(broadcast.streamed.items()):
-            await self._upload(data if index == 0 else _flat_bytes(tensor), partial(_module_write, pointer.id, name),
-                               timeout, start=self._piece_bytes() if index == 0 else 0)
+    def discard(self, pointer: ModulePointer) -> None:
+        """Delete a remote model whose write in pieces did not finish (its state is part old, part new), and
+        forget it was sent: later commands on its pointer fail with ``ObjectNotFound``, and the next send of
+        the model (a federated round's, say) builds it anew, whole. The delete is sent, not awaited."""
+        if pointer.deleted:
+            return
+        pointer.mark_deleted()
+        local = pointer.local
+        if local is not None and self._modules.get(local) is pointer:
+            del self._modules[local]
+        with contextlib.suppress(FedzmqError):  # (a closed connection: the model goes with the session)
+            self.submit("delete", {"objs": [pointer.id]}).add_done_callback(retrieve_error)
+
+    async def _write_streamed(self, pointer: ModulePointer, broadcast: "Broadcast", data: torch.Tensor,
+                              timeout: float | None) -> None:
+        """``stream_into``'s pieces after the first (the first entry's, whose bytes are ``data``), which the
+        worker took: stopped part-way (cancelled, a deadline, a refusal, a lost connection), they leave the
+        model part old, part new, and it is discarded."""
+        try:
+            for index, (name, tensor) in enumerate(broadcast.streamed.items()):
+                await self._upload(data if index == 0 else _flat_bytes(tensor),
+                                   partial(_module_write, pointer.id, name), timeout,
+                                   start=self._piece_bytes() if index == 0 else 0)
+        except BaseException:
+            self.discard(pointer)
+            raise
 
     async def module_slices(self, pointer: ModulePointer,
                             timeout: float | None = None) -> AsyncGenerator[tuple[str, int, torch.Tensor], None]:

@@ -249,16 +249,23 @@ class SecureRound(RoundProtocol):
             for attempt in (1, 2):
                 remote = pointers[worker] = await hosted_model(worker, context.model)
                 loaded = await remote.start_load(broadcast)  # pipelined: the configuration follows at once
-                keys = worker.secagg("advertise", number, wire_config, module=remote.id, client=ids[worker])
+                try:
+                    keys = worker.secagg("advertise", number, wire_config, module=remote.id, client=ids[worker])
+                except BaseException:
+                    loaded.cancel()
+                    await asyncio.gather(loaded, return_exceptions=True)
+                    raise
                 try:
                     await loaded
                     return await keys
                 except ObjectNotFound:  # its copy of the model is gone (as in fit_trip): send it again
-                    keys.cancel()
-                    await asyncio.gather(keys, return_exceptions=True)
                     if attempt == 2:
                         raise
                     worker.forget(context.model)
+                finally:  # whichever of the two is still pending (the other failed) is not left behind
+                    for pending in (loaded, keys):
+                        pending.cancel()
+                    await asyncio.gather(loaded, keys, return_exceptions=True)
 
         async def fit(worker: RemoteWorker) -> None:
             fits[name[ids[worker]]] = await pointers[worker].fit(context.fit.dataset, **fit_kwargs)
