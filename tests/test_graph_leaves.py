@@ -198,6 +198,29 @@ def test_a_chain_of_ops_shares_one_leaf_set_and_each_new_leaf_adds_one():
     assert session.graphs.leaf_sets() == 0
 
 
+def test_an_op_reaching_only_its_inputs_leaves_shares_its_inputs_set():
+    """``h = h + w`` step after step (a recurrent cell, a model called on its own output) reaches no leaf
+    its input's graph did not: each step made a set of its own and was charged its bookkeeping (1,681
+    bytes a step against 657 for ``h + 1``, 8,001 sets over 8,000 steps: a cold review's find). It
+    shares the input's set."""
+    session = Session(key=b"k")
+    w = torch.randn(4, requires_grad=True)
+    session.put(1, w)
+    h = torch.zeros(4) + w
+    session.put(2, h, 1, [1])
+    held = session.quota.held
+    previous = 2
+    for i in range(3, 1003):
+        h = h + w
+        session.put(i, h, 1, [previous, 1])
+        session.delete([previous])
+        previous = i
+    assert session.graphs.leaf_sets() == 1
+    assert session.quota.held == held + GRAPH_NODE_BYTES * 1000
+    session.delete([previous, 1])
+    assert session.quota.held == 0
+
+
 def test_a_graph_ledger_alone_hands_its_nodes_on():
     """The node counts' rule is unchanged: a deleted tensor's nodes pass to one computed from it."""
     ledger = GraphLedger(Quota(1 << 20))

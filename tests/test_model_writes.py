@@ -141,3 +141,17 @@ async def test_a_model_read_cancelled_part_way_is_whole_or_not_at_all(bob):
         assert values in ({0.0}, {7.0}), f"get cancelled after {delay} s left the local model torn: {values}"
         await remote.delete()
     assert "cancelled" in seen
+
+
+async def test_a_fit_over_clients_refused_on_the_client_writes_nothing(bob):
+    """``fit_clients`` checked its keywords, its local model and its number of clients after it had
+    streamed the load's big entries: a mistyped keyword left the model part new (a cold review's find).
+    They are checked before anything is sent."""
+    model = _model()
+    model.load_state_dict(_filled(model, 0.0))
+    remote = await bob.send(model)
+    with pytest.raises(TypeError, match="unexpected"):
+        await remote.fit_clients(["c0"], "toy", combine=True, load=_filled(model, 1.0), batch_sise=16)
+    assert not remote.deleted
+    values = {float(v) for tensor in (await remote.get()).state_dict().values() for v in tensor.unique()}
+    assert values == {0.0}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..codec import Limits
-from ..errors import RemoteError
+from ..errors import RemoteError, RequestTimeout, WorkerError
 from ..optimizers import DEFAULT_OPTIMIZER
 from .broadcast import Broadcast
 from .futures import finish
@@ -149,11 +149,9 @@ class ModulePointer(Pointer):
         takes ``fit``'s keyword arguments (a fresh optimizer per client). More clients than one reply
         can carry within the connection's limits (``clients_per_trip``) raise ``ValueError`` before
         anything is sent: a federated round splits them into trips itself."""
-        args, wrote = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),
-                                           fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
-                                           fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
-        if fit:
-            raise TypeError(f"fit_clients() got unexpected arguments {sorted(fit)}")
+        known = ("loss", "optimizer", "epochs", "steps", "batch_size", "prox_mu", "seed")
+        if set(fit) - set(known):  # (checked before anything is sent, as the others below)
+            raise TypeError(f"fit_clients() got unexpected arguments {sorted(set(fit) - set(known))}")
         local = self._local()
         if local is None:  # its entries size the reply: without them the trip could be too big to decode
             raise ReferenceError("the local module this pointer was sent from no longer exists")
@@ -163,6 +161,9 @@ class ModulePointer(Pointer):
             each = "their combined update" if combine else f"a state of {entries} entries each"
             raise ValueError(f"fit_clients: {len(clients)} clients are more than one reply can carry within the "
                              f"connection's limits ({most}, with {each}); split them into calls of at most {most}")
+        args, wrote = await self._fit_args(dataset, fit.pop("loss", "cross_entropy"), fit.pop("optimizer", None),
+                                           fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
+                                           fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
         args.update(clients=list(clients), combine=combine, reply_state=True)
         reply = await self._after_write(self.location.request("fit", args, timeout), wrote)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
@@ -192,7 +193,9 @@ class ModulePointer(Pointer):
         entries it carried not loaded), and the model is discarded (``Transfers.discard``)."""
         try:
             return await request
-        except RemoteError:
+        except RequestTimeout:  # sent: the worker runs it whole, answered or not
+            raise
+        except (RemoteError, WorkerError):  # refused, or the connection went before the answer
             if wrote:
                 self.location.discard(self)
             raise

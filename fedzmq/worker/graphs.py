@@ -65,12 +65,15 @@ class LeafSet:
     stored tensors whose graphs reach exactly them. ``parents``: the sets of the stored tensors the graph
     was computed from, kept (one use each) as long as this set is."""
 
-    __slots__ = ("leaves", "parents", "users", "anchor")
+    __slots__ = ("leaves", "keys", "parents", "users", "anchor")
 
     def __init__(self, leaves: tuple[torch.Tensor, ...], parents: tuple["LeafSet", ...], anchor: Any = None) -> None:
         #: the leaves this set holds itself, until it is held (then None: the quota keeps their keys, and
         #: the set never keeps a leaf alive, the graph does)
         self.leaves: tuple[torch.Tensor, ...] | None = leaves
+        #: their ``leaf_key``s: an op reaching only leaves its one stored input's set holds itself (``h = h + w``
+        #: in a loop) shares that set
+        self.keys = frozenset(leaf_key(t) for t in leaves)
         self.parents = parents
         #: the stored tensors and the sets that use this one
         self.users = 0
@@ -128,6 +131,10 @@ class GraphLedger:
                     stack.append(node)
         if not leaves and len(parents) <= 1:
             return next(iter(parents.values()), None)
+        if len(parents) == 1:  # leaves its one input's set holds already (the same weight, step after step)
+            parent = next(iter(parents.values()))
+            if parent is not None and all(leaf_key(t) in parent.keys for t in leaves.values()):
+                return parent
         if len(leaves) == 1 and not parents:  # an op on a stored leaf (and constants)
             alone = self._alone.get(accumulator)
             return alone if alone is not None else LeafSet(tuple(leaves.values()), (), accumulator)
@@ -181,7 +188,7 @@ class GraphLedger:
             if known is not None:
                 known[1] -= 1
                 if known[1] == 0:
-                    del self._known[root]
+                    self._known.pop(root, None)  # (a session's clear may have emptied it meanwhile)
             if leaves is not None:
                 self._release(leaves)
         nodes = self.nodes.pop(obj_id, None)
