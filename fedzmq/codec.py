@@ -41,6 +41,10 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_DIMS = 32
 
 
+#: the smallest ``Limits.chunk_bytes`` (and frame and header limit) either side accepts
+MIN_CHUNK_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class Limits:
     """Sizes the decoder accepts. Both sides use them; the daemon's are flags of ``fedzmq-worker``."""
@@ -60,8 +64,8 @@ class Limits:
     max_batch: int = 64
 
     def __post_init__(self) -> None:
-        if self.max_frame_bytes < 4096 or self.max_header_bytes < 4096 or self.chunk_bytes < 4096:
-            raise ValueError("frame, header and chunk limits must be at least 4096 bytes")
+        if min(self.max_frame_bytes, self.max_header_bytes, self.chunk_bytes) < MIN_CHUNK_BYTES:
+            raise ValueError(f"frame, header and chunk limits must be at least {MIN_CHUNK_BYTES} bytes")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         # chunks end on element boundaries of any dtype (8 bytes at most), and fit in one frame

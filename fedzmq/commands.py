@@ -194,8 +194,8 @@ FEATURES = ("fetch",)
 
 COMMANDS: dict[str, Command] = _table(
     # liveness and introspection (a client announces its heartbeat interval: silent for many, it is gone)
-    Command("ping", {}, {"interval": NUMBER}, control=True),
-    Command("heartbeat", {}, {"interval": NUMBER}, control=True),
+    Command("ping", {}, {"interval": NUMBER, "chunk_bytes": NONNEG}, control=True),
+    Command("heartbeat", {}, {"interval": NUMBER, "chunk_bytes": NONNEG}, control=True),
     Command("status", control=True),
     Command("close"),
     # tests only: refused unless the daemon runs with --fault-injection

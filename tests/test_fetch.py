@@ -176,12 +176,15 @@ def daemon_process(tmp_path):
 @pytest.mark.timeout(60)
 async def test_a_fused_reply_the_client_cannot_decode_fails_the_get_at_once(daemon_process):
     """A value bigger than the client takes (its own ``max_frame_bytes``) fails its ``get`` with a
-    ``ProtocolError``, fused or not: a fused get used to wait for ever (found by a review)."""
+    ``ProtocolError``, fused or not: a fused get used to wait for ever (found by a review). (A client
+    tells the worker the pieces it reads, and gets bigger values streamed: here it claims more than it
+    reads, so that the worker sends a reply it cannot decode.)"""
     from fedzmq.codec import Limits
 
     solo = daemon_process()
     settings = fz.ConnectionSettings(limits=Limits(max_frame_bytes=4096, chunk_bytes=4096))
     async with fz.connect(solo.address, settings=settings) as worker:
+        await worker.request("ping", {"chunk_bytes": 1 << 20})
         x = await worker.send(torch.ones(64))
         with pytest.raises(ProtocolError):
             async with asyncio.timeout(10):

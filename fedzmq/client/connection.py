@@ -287,8 +287,9 @@ class Connection:
 
     def announce(self) -> dict[str, Any]:
         """What a ping or heartbeat tells the worker about us: how often we send heartbeats, so it can
-        tell a client that is gone (silent for many of them) from one that is quietly waiting."""
-        return {"interval": self.settings.heartbeat_interval}
+        tell a client that is gone (silent for many of them) from one that is quietly waiting, and the
+        biggest piece we read (a reply's tensor past it comes as a stream)."""
+        return {"interval": self.settings.heartbeat_interval, "chunk_bytes": self.settings.limits.chunk_bytes}
 
     def note_progress(self) -> None:
         """A stream's chunk was acknowledged: the worker is alive (no heartbeat needed meanwhile)."""

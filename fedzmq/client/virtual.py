@@ -13,6 +13,7 @@ from ..modeldesc import ModelRegistry
 from ..worker import Worker, WorkerConfig
 from ..worker.datasets import Dataset
 from .connection import ConnectionSettings
+from .futures import retrieve_error
 from .worker import RemoteWorker
 
 
@@ -30,6 +31,7 @@ class VirtualWorker(RemoteWorker):
         address = self.server.bind(f"inproc://fedzmq-{worker_id}-{uuid.uuid4().hex}")
         super().__init__(address, settings=settings, context=context)
         self._server_closing: asyncio.Future[None] | None = None
+        self._announced = False
         self.id = worker_id
         self.instance = self.server.instance
         self._connection.adopt_worker_limits(self.server.ping_info()["limits"])  # as connect() would
@@ -44,6 +46,9 @@ class VirtualWorker(RemoteWorker):
     def _before_request(self) -> None:
         if not self._closed:  # once closed, the request fails as on any closed worker (WorkerClosedError)
             self.server.start()
+            if not self._announced:  # what connect()'s ping tells a daemon (the pieces this client reads)
+                self._announced = True
+                self._connection.submit("ping", self._connection.announce()).add_done_callback(retrieve_error)
 
     async def __aenter__(self) -> "VirtualWorker":
         if self._closed:

@@ -233,8 +233,9 @@ class Executor:
             return gradient is not None and gradient.numel() > INLINE_NUMEL
         if binding.command.name == "get":  # its memory is sent as it is, unless a view must be copied in order
             tensor = binding.objects["obj"]  # (one past a chunk is streamed: its reply says how, at once)
+            chunk = binding.session.reply_chunk(self.context.config.limits.chunk_bytes)
             return not tensor.is_contiguous() and INLINE_NUMEL < tensor.numel() and \
-                tensor.numel() * tensor.element_size() <= self.context.config.limits.chunk_bytes
+                tensor.numel() * tensor.element_size() <= chunk
         return sum(t.numel() for t in binding.tensors) > INLINE_NUMEL
 
     def _charge_and_call(self, binding: Binding) -> Any:

@@ -46,6 +46,9 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     #: the heartbeat interval the client announced: a client silent for many of them is gone
     interval: float | None = None
+    #: the biggest piece the client said it reads (its ``Limits.chunk_bytes``): replies' tensors past it
+    #: go as streams (``Session.reply_chunk``)
+    chunk_bytes: int | None = None
     sessions: dict[str | None, "Session"] = field(default_factory=dict)
     #: what it has been sent and may not have read (``fedzmq.worker.replies``): it outlives its sessions
     replies: RepliesOwed = field(default_factory=RepliesOwed)
@@ -126,6 +129,13 @@ class Session:
         self.quota = Quota(self.max_bytes)
         self.graphs = GraphLedger(self.quota)
         self.kept = KeptReads(self.quota)
+
+    def reply_chunk(self, chunk_bytes: int) -> int:
+        """The biggest tensor a reply to this session carries in one piece: the worker's ``chunk_bytes``, or
+        less if the client said it reads less (``ping``'s ``chunk_bytes``: a client with a smaller
+        ``max_frame_bytes`` refused every reply between the two, and could name none of them)."""
+        peer = self.peer
+        return chunk_bytes if peer is None or peer.chunk_bytes is None else min(chunk_bytes, peer.chunk_bytes)
 
     @property
     def idle(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...codec import MIN_CHUNK_BYTES
 from ...errors import BadRequest, PermissionDenied
 from ..binding import Binding, Context
 
@@ -20,9 +21,13 @@ def heartbeat(context: Context, binding: Binding) -> Any:
 
 
 def _note_interval(binding: Binding) -> None:
-    """A client says how often it sends heartbeats: silent for many of them, it is gone."""
+    """A client says how often it sends heartbeats (silent for many of them, it is gone), and the biggest
+    piece it reads."""
     interval = binding.args.get("interval")
     peer = binding.session.peer
+    chunk = binding.args.get("chunk_bytes")
+    if chunk is not None and chunk >= MIN_CHUNK_BYTES and peer is not None:
+        peer.chunk_bytes = chunk
     if interval is not None and 0 < interval <= 3600 and peer is not None:
         peer.interval = float(interval)
 

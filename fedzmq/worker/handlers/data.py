@@ -60,7 +60,8 @@ def fit(context: Context, binding: Binding) -> Any:
     hosted.trained_samples = result["num_examples"]
     if args.get("reply_state"):  # the trained weights, in the same trip (released: checked before it ran)
         return {"metrics": result,
-                "state": state_reply(binding, "module", context.config.limits.chunk_bytes)}
+                "state": state_reply(binding, "module",
+                                     binding.session.reply_chunk(context.config.limits.chunk_bytes))}
     return result
 
 

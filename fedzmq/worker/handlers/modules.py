@@ -116,7 +116,7 @@ def unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tenso
 def module_state(context: Context, binding: Binding) -> Any:
     """Parameters and buffers: small ones inline (up to one chunk in all), the others as ``StreamInfo``
     for the client to fetch with ``module_read`` (so no reply exceeds a chunk)."""
-    return state_reply(binding, "obj", context.config.limits.chunk_bytes)
+    return state_reply(binding, "obj", binding.session.reply_chunk(context.config.limits.chunk_bytes))
 
 
 def state_reply(binding: Binding, arg: str, inline_bytes: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def get(context: Context, binding: Binding) -> Any:
     reply's encoding on the event loop. Past ``chunk_bytes``, how to stream it in pieces (``read``)."""
     tensor: torch.Tensor = binding.objects["obj"]
     nbytes = tensor.numel() * tensor.element_size()
-    if nbytes > context.config.limits.chunk_bytes:
+    if nbytes > binding.session.reply_chunk(context.config.limits.chunk_bytes):
         return StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, tensor.requires_grad)
     requires_grad = tensor.requires_grad
     if not tensor.is_contiguous():
