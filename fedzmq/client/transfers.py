@@ -226,9 +226,7 @@ class Transfers:
         known = self._modules.get(module)
         if known is not None and not known.deleted:  # a load of the model the worker has: one write
             await known.load(Broadcast(state, chunk), timeout)
-            if not known.deleted:
-                return known
-            # (a write that did not finish discarded it: it is sent anew, whole)
+            return known
         spec = describe(module)
         parts: dict[str, Any] = dict(inline)
         uploads = []
@@ -250,10 +248,9 @@ class Transfers:
         """Stream a broadcast's big entries straight into the remote model (``module_write``); returns it as
         split for this worker, whose ``inline`` part goes in the same request as the command that loads it (a
         ``module_load``, or the fit or evaluation that loads it first), which the caller sends without
-        awaiting anything else (and a refusal of which leaves the model torn when ``streamed``: the caller
-        then ``discard``s it): the
-        model's ``writing`` lock, held meanwhile, keeps the model's other commands from coming between the
-        pieces and that request.
+        awaiting anything else: the model's ``writing`` lock, held meanwhile, keeps the model's other
+        commands from coming between the pieces and that request. (A refusal of that request leaves the
+        model torn when ``streamed``: the caller then ``discard``s it.)
 
         A write in pieces is one write. Its first piece carries every entry's dtype and shape, and is
         answered before another leaves: a state the model cannot take changes nothing. A write that stops
