@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -293,6 +294,7 @@ async def bench_round(daemons: int, params: int, rounds: int) -> dict[str, float
                 s.close(linger=0)
     finally:
         stop_all(handles)
+        shutil.rmtree(data_dir, ignore_errors=True)
     return {"round": statistics.median(times), "raw": statistics.median(raw_times), "peak": max(peaks)}
 
 

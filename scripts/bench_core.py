@@ -48,7 +48,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from benchkit import ServerDied, raw_dealer, run_raw_server, supervised, table  # noqa: E402  (scripts/ is on sys.path)
+from benchkit import (  # noqa: E402  (scripts/ is on sys.path)
+    ServerDied, raw_dealer, run_raw_server, supervised, table, tidy_scratch)
 
 RAW_PAYLOAD = 64  # bytes: about the size of a fedzmq op request header
 MiB = 1 << 20
@@ -579,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]  # 1-minute load: other work on the machine skews the numbers
     log_dir = tempfile.mkdtemp(prefix="fedzmq-bench-")
+    ok = False
     processes: list[DaemonProcess] = []
     try:
         say("starting the fedzmq worker daemon and the raw echo server ...")
@@ -604,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                            "rows": [dict(zip(["measurement", "fedzmq", "raw", "ratio", "target", "met"], r.cells()))
                                     for r in rows + diag],
                            "details": details, "table": text}, f, indent=1, default=str)
+        ok = True
         return 0
     except KeyboardInterrupt:
         say("\ninterrupted: stopping the servers")
@@ -616,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = {k: v for k, v in codes.items() if v not in (0, -signal.SIGTERM)}
         if bad:
             say(f"warning: servers exited with {bad}; logs in {log_dir}")
+        tidy_scratch(log_dir, ok and not bad)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from benchkit import ServerDied, raw_dealer, run_raw_server, supervised, table  # scripts/ is on sys.path
+from benchkit import ServerDied, raw_dealer, run_raw_server, supervised, table, tidy_scratch  # scripts/ is on sys.path
 
 MB = 1e6
 TIME_TARGET = 1.5  # fedzmq round / raw transfer, at 10^7 parameters
@@ -535,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     log_dir = tempfile.mkdtemp(prefix="fedzmq-bench-fed-")
+    ok = False
     processes: list[DaemonProcess] = []
     try:
         say(f"starting {count} fedzmq worker daemons and {count} raw servers (logs in {log_dir}) ...")
@@ -564,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                            "cells": [{**c.__dict__, "ratio": c.ratio, "mem_copies": c.mem_copies,
                                       "time_met": c.time_met, "mem_met": c.mem_met} for c in cells],
                            "table": text}, f, indent=1)
+        ok = True
         return 0
     except KeyboardInterrupt:
         say("\ninterrupted: stopping the daemons")
@@ -579,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"note: {', '.join(killed)} did not exit within 10 s of SIGTERM and were killed (SIGKILL)")
         if bad:
             say(f"warning: processes exited with {bad}; logs in {log_dir}")
+        tidy_scratch(log_dir, ok and not bad)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import tempfile
 import time
 from typing import Any, Awaitable, Callable
 
-from benchkit import ServerDied, raw_dealer, supervised, table  # scripts/ is on sys.path
+from benchkit import ServerDied, raw_dealer, supervised, table, tidy_scratch  # scripts/ is on sys.path
 from bench_core import start_raw_echo
 from bench_federated import machine_line
 
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     load_before = os.getloadavg()[0]
     log_dir = tempfile.mkdtemp(prefix="fedzmq-bench-msg-")
+    ok = False
     processes: list[Any] = []
     try:
         raw = start_raw_echo(log_dir)
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         say(table(["call", "client CPU us", "server CPU us", "both us", "both / raw"], cpu_rows) + "\n")
         say(f"{machine_line()}; {args.reps} interleaved repetitions; 1-min load average before/after: "
             f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
+        ok = True
         return 0
     except KeyboardInterrupt:
         return 130
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop_all(processes)
+        tidy_scratch(log_dir, ok)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from benchkit import ServerDied, raw_dealer, run_raw_server, supervised, table  # scripts/ is on sys.path
+from benchkit import ServerDied, raw_dealer, run_raw_server, supervised, table, tidy_scratch  # scripts/ is on sys.path
 from bench_federated import SHAPES, fmt_params, machine_line, make_model, model_bytes, write_datasets
 
 GOALS = {10**4: 3.0, 10**6: 1.5, 10**7: 1.5}  # fedzmq / floor, issue 17
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     count = max(n for n, _ in plan)
     load_before = os.getloadavg()[0]
     log_dir = tempfile.mkdtemp(prefix="fedzmq-bench-rounds-")
+    ok = False
     processes: list[Any] = []
     started = time.monotonic()
     try:
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{load_before:.1f}/{os.getloadavg()[0]:.1f}; {time.monotonic() - started:.0f} s")
         met = sum(c.met for c in cells)
         say(f"goals met in {met} of {len(cells)} cells")
+        ok = True
         return 0
     except KeyboardInterrupt:
         say("\ninterrupted")
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop_all(processes)
+        tidy_scratch(log_dir, ok)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchkit import ServerDied, raw_dealer, supervised, table  # scripts/ is on sys.path
+from benchkit import ServerDied, raw_dealer, supervised, table, tidy_scratch  # scripts/ is on sys.path
 from bench_federated import machine_line
 from bench_rounds import floor_round, start_raw_peers
 
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     load_before = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="fedzmq-bench-sim-")
+    ok = False
     processes: list[Any] = []
     results, flower = [], {}
     try:
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             say(table(["fit path", "CPU ms per client (median pass)", "/ torch optimizer", "CPU ms (fastest pass)",
                        "/ torch optimizer"], fit_cost()))
             say(f"\n1-min load average before/after: {load:.1f}/{os.getloadavg()[0]:.1f}")
+        ok = True
         return 0
     except KeyboardInterrupt:
         return 130
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop_all(processes)
+        tidy_scratch(work, ok)
 
 
 if __name__ == "__main__":

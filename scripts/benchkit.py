@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import sys
 from typing import Any, Awaitable, Callable, Sequence
 
 
@@ -37,6 +39,15 @@ async def supervised(work: Awaitable[Any], processes: Sequence[Any]) -> Any:
             if not task.done():
                 task.cancel()
         await asyncio.gather(watcher, main_task, return_exceptions=True)
+
+
+def tidy_scratch(path: str, ok: bool) -> None:
+    """Remove a run's scratch folder (daemons' logs, generated datasets: a simulation's are tens of MB) once
+    its servers have stopped, if the run went well; after a failure keep it, and say where, for the logs."""
+    if ok:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        print(f"logs kept in {path}", file=sys.stderr)
 
 
 def raw_dealer(ctx: Any, address: str) -> Any:
