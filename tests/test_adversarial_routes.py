@@ -1325,10 +1325,10 @@ async def test_an_optimizers_python_objects_are_charged(fedzmq_daemons):
     [host] = await fedzmq_daemons("owner", args=["--max-session-bytes", str(quota)])
     worker = host.worker
     count = 1000
-    one = await worker.send(torch.zeros(1))
+    ones = await asyncio.gather(*(worker.send(torch.zeros(1)) for _ in range(count)))  # (one object per entry)
     spec = {"kind": "container", "children": [], "params": [[f"p{i}", [1], True] for i in range(count)],
             "buffers": []}
-    model = await put_module(worker, spec, {f"p{i}": Ref(one.id) for i in range(count)})
+    model = await put_module(worker, spec, {f"p{i}": Ref(one.id) for i, one in enumerate(ones)})
     before = await worker.status()
     with pytest.raises(fz.LimitExceeded):
         for _ in range(60):  # (before: all 60 made, 96 MB)
@@ -1425,12 +1425,13 @@ async def test_freeing_what_a_session_held_does_not_hold_the_event_loop(fedzmq_d
     closed = False
     try:
         params = 2000
-        one = await attacker.send(torch.zeros(1))
+        # each entry its own object (a state naming one object twice is refused)
+        ones = await asyncio.gather(*(attacker.send(torch.zeros(1)) for _ in range(params)))
         spec = {"kind": "container", "children": [], "params": [[f"p{i}", [1], True] for i in range(params)],
                 "buffers": []}
         model = attacker.new_id()
         await attacker.request("module_put", {"out": model, "spec": spec,
-                                              "state": {f"p{i}": Ref(one.id) for i in range(params)}})
+                                              "state": {f"p{i}": Ref(one.id) for i, one in enumerate(ones)}})
         optimizers = []
         for _ in range(20):
             batch = [attacker.new_id() for _ in range(30)]

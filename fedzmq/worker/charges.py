@@ -19,7 +19,7 @@ from ..secagg.wire import PACKED_KEY, PACKED_MAX_VALUES
 from .binding import Binding, Context
 from .cost import Footprint, check_work, element_work
 from .datasets import Dataset
-from .handlers.modules import adoptable
+from .handlers.modules import adoptable, check_named_once
 from .objects import BYTES_PER_OPTIMIZED_PARAMETER, HostedModule, HostedOptimizer
 from .secure import peer_count
 from .training import loss_function
@@ -183,9 +183,10 @@ def created_state(binding: Binding) -> int:
 
 def copies(context: Context, binding: Binding) -> int:
     """``module_put``: the entries sent by reference whose memory the model cannot adopt
-    (``handlers.modules.adoptable``) are copied, each object once: sized, and their copying's time
-    checked, before any is made (one 4 MiB view named by 250 entries made 250 copies, 1 GiB under a
-    16 MiB quota, before the description was checked)."""
+    (``handlers.modules.adoptable``) are copied (each object named by one entry: ``check_named_once``):
+    sized, and their copying's time checked, before any is made (one 4 MiB view named by 250 entries made
+    250 copies, 1 GiB under a 16 MiB quota, before the description was checked)."""
+    check_named_once(binding)  # (refused before anything is sized: each object is named by one entry)
     named = {raw.id: binding.args["state"][name] for name, raw in binding.request.args["state"].items()
              if isinstance(raw, Ref)}
     copied = [t for t in named.values() if isinstance(t, torch.Tensor) and not adoptable(binding, t)]

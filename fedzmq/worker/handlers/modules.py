@@ -26,24 +26,37 @@ def module_put(context: Context, binding: Binding) -> Any:
     session = binding.session
     state: dict[str, Any] = {}
     handed_over = []
-    copies: dict[Any, torch.Tensor] = {}  # an object named by many entries is copied once (``charges.copies``)
+    check_named_once(binding)
     for name, raw in binding.request.args["state"].items():
         value = binding.args["state"][name]
         if isinstance(raw, Ref):
             handed_over.append(raw.id)
             if not isinstance(value, torch.Tensor):
                 raise BadRequest.new(f"state entry {name!r} names object {raw.id}, which is not a tensor")
-            if not adoptable(binding, value):
-                if raw.id not in copies:  # in order, whatever the source's strides: the model's forwards are
-                    # sized on a twin built from the description, whose entries are in order (a transposed
-                    # entry made every reshape a copy: 1.4 GiB under a 256 MiB quota)
-                    copies[raw.id] = value.detach().clone(memory_format=torch.contiguous_format)
-                value = copies[raw.id]
+            if not adoptable(binding, value):  # in order, whatever the source's strides: the model's forwards
+                # are sized on a twin built from the description, whose entries are in order (a transposed
+                # entry made every reshape a copy: 1.4 GiB under a 256 MiB quota)
+                value = value.detach().clone(memory_format=torch.contiguous_format)
         state[name] = value
     session.table.check_new(binding.request.args["out"])
     module = instantiate(binding.args["spec"], state, context.models)
     session.delete(handed_over)
     return Made([HostedModule(module, binding.args["spec"])])
+
+
+def check_named_once(binding: Binding) -> None:
+    """``BadRequest`` if two entries of a ``module_put``'s state name one object. Each entry becomes its own
+    parameter (a leaf, with a gradient of its own) over the memory it names, and the quota charges a
+    storage, and the room for a leaf's gradient, once per storage (``quota.gradient_key``): a red team
+    named one 1 MiB object in 128 entries, and a backward made 128 gradients under a 16 MiB quota, charged
+    1 MiB. A client sends each entry as its own value; tied weights arrive as two."""
+    seen: dict[int, str] = {}
+    for name, raw in binding.request.args["state"].items():
+        if isinstance(raw, Ref):
+            if raw.id in seen:
+                raise BadRequest.new(f"state entries {quoted(seen[raw.id])} and {quoted(name)} name the same object "
+                                     f"{raw.id}: each entry of a model is its own parameter, sent as its own value")
+            seen[raw.id] = name
 
 
 def adoptable(binding: Binding, tensor: Any) -> bool:
