@@ -13,6 +13,7 @@ from torch import nn
 import fedzmq as fz
 from fedzmq.codec import Ref
 from fedzmq.modeldesc import describe
+from fedzmq.testing.datasets import write_dataset
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,3 +57,25 @@ async def test_one_object_named_by_many_entries_of_a_model_charges_each_paramete
     charged = (await worker.status())["bytes"]
     assert charged <= 16 * MB
     assert grown < 48 * MB, f"the daemon grew {grown / MB:.0f} MiB under a 16 MiB quota (charged {charged / MB:.1f})"
+
+
+async def test_a_fit_over_hosted_clients_keeps_to_the_pieces_its_client_reads(fedzmq_daemons, tmp_path):
+    """A client with smaller messages than its worker's says so in its ping (``chunk_bytes``), and the worker's
+    replies keep to it (``Session.reply_chunk``): ``get``, ``module_state`` and a fit's ``reply_state`` do. A fit
+    over hosted clients does not: its weighted sums (and its states kept apart) go inline, and the client
+    cannot read the reply (a 32 KiB frame to a client reading 4 KiB: ``ProtocolError``), so the round's
+    training is lost to it. They should come as streams, as a fit's ``reply_state`` does."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 64, generator=generator),
+                      torch.randint(0, 10, (32,), generator=generator))
+    small = fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))
+    [host] = await fedzmq_daemons("sim", settings=small, args=["--clients-from", f"d={folder}"])
+    worker = host.worker
+    model = await worker.send(nn.Linear(64, 64))  # a 16 KiB weight: its float64 sum is 32 KiB
+    args = {"module": model.id, "dataset": "d", "loss": "cross_entropy", "batch_size": 16, "steps": 1,
+            "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": True, "clients": ["a", "b"]}
+    reply = await worker.request("fit", args)
+    assert reply["weight"] == 64 and set(reply["weighted_sum"]) == {"weight", "bias"}
