@@ -59,6 +59,8 @@ async def test_one_object_named_by_many_entries_of_a_model_charges_each_paramete
     assert grown < 48 * MB, f"the daemon grew {grown / MB:.0f} MiB under a 16 MiB quota (charged {charged / MB:.1f})"
 
 
+@pytest.mark.xfail(strict=True, raises=fz.ProtocolError, reason="known gap (docs/protocol.md, fit_clients): a fit over "
+                   "hosted clients replies its sums inline, whatever piece size its client announced")
 async def test_a_fit_over_hosted_clients_keeps_to_the_pieces_its_client_reads(fedzmq_daemons, tmp_path):
     """A client with smaller messages than its worker's says so in its ping (``chunk_bytes``), and the worker's
     replies keep to it (``Session.reply_chunk``): ``get``, ``module_state`` and a fit's ``reply_state`` do. A fit
