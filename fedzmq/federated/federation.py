@@ -79,6 +79,13 @@ EvaluateFn = Callable[[nn.Module], "Mapping[str, float] | Awaitable[Mapping[str,
 Sampling = Literal["fixed", "poisson"]
 
 
+def fixed_sample_size(fraction: float, live: int, min_workers: int) -> int:
+    """How many of ``live`` workers a ``sampling="fixed"`` round takes: Flower's count for ``fraction_fit``,
+    ``max(int(fraction * live), min_workers)`` (rounded down, as Flower's ``num_fit_clients``: users moving from
+    Flower get the rounds they had), and never more than there are."""
+    return min(live, max(min_workers, int(fraction * live)))
+
+
 def sampling_rate(sampling: Sampling, fraction: float) -> float:
     """The probability with which each client takes part in a round independently of the others: ``fraction``
     under Poisson sampling, else 1.0 (``Federation.sampling_rate`` says why); what DP's noise is calibrated
@@ -98,7 +105,7 @@ class Federation:
     default the fit's), reported as sample-weighted aggregates. With ``checkpoint_dir`` the run resumes where a previous
     one stopped. ``run()`` returns the history: one ``RoundMetrics`` per round.
 
-    ``sampling``: ``"fixed"`` (default) takes exactly ``max(min_workers, ceil(fraction * live))`` workers,
+    ``sampling``: ``"fixed"`` (default) takes exactly ``max(min_workers, int(fraction * live))`` workers (Flower's count),
     drawn without replacement from a generator seeded with ``seed`` and the round number (reproducible).
     ``"poisson"`` takes each live worker independently with probability ``fraction`` (so the number varies
     from round to round, and may fall below ``min_workers``: that round then fails), drawn from the
@@ -123,7 +130,7 @@ class Federation:
         self.model = model
         self.fit_config = fit
         self.strategy = strategy or FedAvg()
-        selected = min(len(self.workers), max(min_workers, math.ceil(fraction * len(self.workers))))
+        selected = fixed_sample_size(fraction, len(self.workers), min_workers)
         if selected < self.strategy.min_updates:
             raise ValueError(f"{type(self.strategy).__name__} needs at least {self.strategy.min_updates} updates a "
                              f"round; this federation takes {selected} of its {len(self.workers)} workers a round "
@@ -228,7 +235,7 @@ class Federation:
         if self.sampling == "poisson":
             draw = random.SystemRandom()  # unpredictable: amplification by sampling needs a hidden draw
             return [w for w in alive if draw.random() < self.fraction], unreachable
-        wanted = max(self.min_workers, math.ceil(self.fraction * len(alive)))
+        wanted = fixed_sample_size(self.fraction, len(alive), self.min_workers)
         if wanted >= len(alive):
             return alive, unreachable
         return random.Random(f"{self.seed}:{round_number}").sample(alive, wanted), unreachable

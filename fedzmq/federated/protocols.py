@@ -357,9 +357,5 @@ class CyclicRound(RoundProtocol):
         return RoundOutcome(fits, dropped, commit=lambda: aggregator.write_result(context.model.state_dict()))
 
 
-def participants_needed(fraction: float, alive: int, min_workers: int) -> int:
-    return max(min_workers, math.ceil(fraction * alive))
-
-
 __all__ = ["AveragingRound", "FitConfig", "Folder", "RoundContext", "RoundOutcome", "RoundProtocol",
            "CyclicRound", "fit_trip", "hosted_model", "reason", "worker_key"]
