@@ -14,6 +14,9 @@ import torch
 
 import fedzmq as fz
 from fedzmq.federated.aggregators import content_digest
+from fedzmq.secagg.dp import AdaptiveClipping
+from fedzmq.worker import training
+from fedzmq.worker.datasets import Dataset
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,7 +104,7 @@ def _in_content_order(updates: list[tuple[dict[str, torch.Tensor], int]]) -> lis
 
 
 def test_bulyan_and_krum_break_ties_in_content_order_where_flower_breaks_them_in_arrival_order() -> None:
-    """Bulyan with f <= 2 always ends on such a tie (its last pick is among 2f + 1 updates, scored by one
+    """Bulyan with f = 1 or 2 always ends on such a tie (its last pick is among 2f + 1 updates, scored by one
     neighbour each), so Flower's Bulyan depends on the order the results came in; fedzmq's does not.
     Fed in fedzmq's content order, Flower gives fedzmq's model exactly:
     ``Bulyan(num_malicious_clients=1, to_keep=0).aggregate_fit(1, results, [])`` with the results in that
@@ -113,4 +116,58 @@ def test_bulyan_and_krum_break_ties_in_content_order_where_flower_breaks_them_in
     assert fz.Bulyan(num_malicious_clients=1).aggregate(1, zero, updates[::-1])["w"].item() == ours
     assert [u[0]["w"].item() for u in _in_content_order(updates)] != SEVEN  # the two orders differ
     text = " ".join(DOCS.read_text().split())
-    assert "Bulyan with f ≤ 2 meets such a tie" in text
+    assert "Bulyan with f = 1 or 2 meets such a tie" in text
+
+
+def test_fedprox_adds_the_squared_distance_that_flower_states() -> None:
+    """Flower's FedProx only sends ``proximal_mu``; its docstring states the term (mu/2)·||w − w_global||², while
+    its example code sums unsquared per-tensor norms. fedzmq's worker adds the stated term: two full-batch SGD
+    steps on y = w·x (MSE) give w2 = w1 − lr·(∇L(w1) + mu·(w1 − w0)), computed here by hand in float64."""
+    x = torch.linspace(-1, 1, 16).unsqueeze(1)
+    y = 3 * x
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    lr, mu = 0.1, 2.0
+    training.fit(model, Dataset("d", x, y), training.Terms(min_batch=4, shuffle_key=b"k"), loss="mse_loss",
+                 optimizer={"cls": "SGD", "lr": lr}, batch_size=16, epochs=None, steps=2, prox_mu=mu, seed=0)
+    xs, ys = x.double().squeeze(1), y.double().squeeze(1)
+
+    def grad(w: float) -> float:
+        return float((2 * (w * xs - ys) * xs).mean())
+
+    w0 = 0.5
+    w1 = w0 - lr * grad(w0)
+    w2 = w1 - lr * (grad(w1) + mu * (w1 - w0))
+    unsquared = w1 - lr * (grad(w1) + mu / 2 * (1.0 if w1 > w0 else -1.0))  # Flower's example code's term
+    assert model.weight.item() == pytest.approx(w2, abs=1e-6)
+    assert abs(w2 - unsquared) > 1e-2
+
+
+#: ``DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), noise_multiplier=0.0, num_sampled_clients=4,
+#: initial_clipping_norm=0.1, target_clipped_quantile=0.5, clip_norm_lr=0.2, clipped_count_stddev=0.0)``,
+#: ``aggregate_fit`` of four updates of norm 10 (all clipped): Flower's clip norm afterwards. Flower counts the
+#: clipped updates where Andrew et al. (2021) count those at most C, so its C shrinks when every update is clipped
+FLOWER_CLIP_AFTER_ALL_CLIPPED = 0.09048374180359596
+
+
+def test_adaptive_clipping_grows_the_clip_when_every_update_is_clipped_where_flower_shrinks_it() -> None:
+    """fedzmq's AdaptiveClipping is Andrew et al.'s geometric rule on the fraction of updates at most C: none at
+    most C moves C from 0.1 up to 0.1·e^0.1. Flower 1.42's adaptive clipping wrappers move it down to 0.1·e^-0.1.
+    The documentation says so."""
+    clipping = AdaptiveClipping(clip=0.1, target_quantile=0.5, learning_rate=0.2)
+    assert clipping.update(0.0) == pytest.approx(0.1 * 1.1051709180756477)
+    assert FLOWER_CLIP_AFTER_ALL_CLIPPED == pytest.approx(0.1 / 1.1051709180756477)
+    text = " ".join(DOCS.read_text().split())
+    assert "Flower's adaptive clipping counts the clipped updates" in text
+
+
+def test_the_round_loop_beside_flowers_is_documented() -> None:
+    """What a round does around the strategy differs from Flower's server loop (flwr/server/server.py,
+    client_manager.py): the defaults of min_workers and Flower's min_fit_clients / min_available_clients, a
+    round with too few updates (Flower: the model stays and the run goes on; fedzmq: RoundFailed), and who
+    evaluates (Flower: a fraction_evaluate sample of every available client; fedzmq: the round's participants)."""
+    text = " ".join(DOCS.read_text().split())
+    for statement in ("`min_fit_clients=2`", "`accept_failures`", "`fraction_evaluate`", "`RoundFailed`",
+                      "`fit_metrics_aggregation_fn`"):
+        assert statement in text, statement
