@@ -105,8 +105,9 @@ class Federation:
     default the fit's), reported as sample-weighted aggregates. With ``checkpoint_dir`` the run resumes where a previous
     one stopped. ``run()`` returns the history: one ``RoundMetrics`` per round.
 
-    ``sampling``: ``"fixed"`` (default) takes exactly ``max(min_workers, int(fraction * live))`` workers (Flower's count),
-    drawn without replacement from a generator seeded with ``seed`` and the round number (reproducible).
+    ``sampling``: ``"fixed"`` (default) takes exactly ``max(min_workers, int(fraction * live))`` workers
+    (Flower's count for ``fraction_fit``), drawn without replacement from a generator seeded with ``seed``
+    and the round number (reproducible).
     ``"poisson"`` takes each live worker independently with probability ``fraction`` (so the number varies
     from round to round, and may fall below ``min_workers``: that round then fails), drawn from the
     operating system's random source: this is the sampling under which a DP accountant may claim

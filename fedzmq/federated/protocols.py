@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
