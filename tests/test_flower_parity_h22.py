@@ -171,3 +171,16 @@ def test_the_round_loop_beside_flowers_is_documented() -> None:
     for statement in ("`min_fit_clients=2`", "`accept_failures`", "`fraction_evaluate`", "`RoundFailed`",
                       "`fit_metrics_aggregation_fn`"):
         assert statement in text, statement
+
+
+def test_fedavgm_whose_first_aggregated_round_is_not_round_one_starts_its_momentum_there() -> None:
+    """Flower's FedAvgM sets its momentum only in round 1: when round 1 aggregated nothing (every client failed),
+    ``FedAvgM(initial_parameters=..., server_momentum=0.9).aggregate_fit(2, results, [])`` raises
+    ``AssertionError: Momentum should have been created on round 1.``. fedzmq's momentum starts at zero in the
+    first round it aggregates, whatever its number: round 2 then gives round 1's model, x − η·(x − x̄)."""
+    momentum = fz.FedAvgM(server_learning_rate=0.7, server_momentum=0.9)
+    x = {"w": torch.zeros(2)}
+    second = momentum.aggregate(2, x, [({"w": torch.ones(2)}, 1)])
+    assert torch.allclose(second["w"], torch.full((2,), 0.7))
+    text = " ".join(DOCS.read_text().split())
+    assert "Momentum should have been created on round 1" in text
