@@ -184,3 +184,18 @@ def test_fedavgm_whose_first_aggregated_round_is_not_round_one_starts_its_moment
     assert torch.allclose(second["w"], torch.full((2,), 0.7))
     text = " ".join(DOCS.read_text().split())
     assert "Momentum should have been created on round 1" in text
+
+
+#: Flower 1.42's SecAgg+ encoding of one value (``quantize([np.array([v])], 8.0, 4194304)`` then ``dequantize``,
+#: the defaults of ``SecAggPlusWorkflow``: clipping_range=8.0, quantization_range=2^22): values beyond ±8 come
+#: back as ±8, and the step is 16 / 2^22 = 3.8e-6
+FLOWER_SECAGGPLUS_ROUND_TRIP = {10.0: 8.0, -9.5: -8.0}
+
+
+def test_secure_aggregation_beside_flowers_secaggplus_is_documented() -> None:
+    """Flower's SecAgg+ quantizes each client's parameters (times num_examples / max_weight, max_weight=1000),
+    clipped to ±8 per value; fedzmq's SecAgg without DP sums updates in a 64-bit ring with exact sample weights.
+    A parameter of 10 comes out of Flower's secure mean as 8; the documentation says so."""
+    assert FLOWER_SECAGGPLUS_ROUND_TRIP[10.0] != 10.0
+    text = " ".join(DOCS.read_text().split())
+    assert "`SecAggPlusWorkflow`" in text and "`max_weight=1000`" in text
