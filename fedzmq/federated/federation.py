@@ -150,6 +150,9 @@ class Federation:
         self.resumed_from: int | None = None
         #: why ``run`` stopped before its last round (a privacy budget), if it did
         self.stopped_early: str | None = None
+        #: one round at a time: a round reads ``round`` and the model when it starts and writes them when it
+        #: commits, so two coroutines' rounds of one federation must run one after the other
+        self._one_round_at_a_time = asyncio.Lock()
         if checkpoint_dir:
             self._resume(checkpoint_dir)
 
@@ -197,8 +200,11 @@ class Federation:
 
     async def run_round(self) -> RoundMetrics:
         """One round: select, run the participants' trips, commit, record (see the module's docstring).
-        It computes in torch's default modes whatever modes its caller holds (``in_default_modes``)."""
-        return await in_default_modes(self._run_round())
+        It computes in torch's default modes whatever modes its caller holds (``in_default_modes``).
+        Rounds of one federation run one after the other: two coroutines' ``run_round`` calls are two
+        rounds, as they would be awaited in turn (not two round 1s from the same model)."""
+        async with self._one_round_at_a_time:
+            return await in_default_modes(self._run_round())
 
     async def _run_round(self) -> RoundMetrics:
         number = self.round + 1
