@@ -60,3 +60,71 @@ async def test_two_concurrent_run_rounds_on_one_federation_are_two_rounds(name):
     assert concurrent.round == 2 and [m.round for m in concurrent.history] == [1, 2]
     for key, value in sequential.model.state_dict().items():
         assert torch.equal(concurrent.model.state_dict()[key], value), key
+
+
+async def _round_beside(user_code, concurrent: bool) -> tuple[object, dict[str, torch.Tensor]]:
+    """A first round, then ``user_code(worker 0, model)`` beside (or before) a second round, then a third."""
+    workers = _workers()
+    try:
+        async with _federation(workers, fz.FedAvg()) as federation:
+            await federation.run_round()
+            if concurrent:
+                _, seen = await asyncio.gather(federation.run_round(), user_code(workers[0], federation.model))
+            else:
+                seen = await user_code(workers[0], federation.model)
+                await federation.run_round()
+            await federation.run_round()
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+    return seen, {k: v.clone() for k, v in federation.model.state_dict().items()}
+
+
+async def _evaluate_there(worker: fz.VirtualWorker, model: nn.Module) -> float:
+    remote = await worker.send(model)
+    return (await remote.evaluate("toy"))["loss"]
+
+
+def _get_back_after(passes: int):
+    async def get_back(worker: fz.VirtualWorker, model: nn.Module) -> None:
+        for _ in range(passes):
+            await asyncio.sleep(0)
+        remote = await worker.send(model)
+        await remote.get()
+
+    return get_back
+
+
+@pytest.mark.timeout(120)
+async def test_send_then_get_of_the_federations_model_beside_a_round_leaves_the_global_model_alone():
+    """``await (await worker.send(model)).get()`` sends the model and copies the same weights back: a no-op
+    run before or after a round. Beside a round it is not: ``send`` returns the very remote copy the
+    round trains (``RemoteWorker.hosted``), the round's fit lands between the send and the get, and the get
+    writes that worker's locally trained weights into the federation's global model."""
+    _, sequential = await _round_beside(_get_back_after(0), concurrent=False)
+    differ = []
+    for passes in range(0, 12, 3):  # where the round's trip falls between the send and the get
+        _, concurrent = await _round_beside(_get_back_after(passes), concurrent=True)
+        differ += [passes] if any(not torch.equal(concurrent[k], v) for k, v in sequential.items()) else []
+    assert not differ, f"the global model changed when the get started after {differ} passes of the event loop"
+
+
+@pytest.mark.timeout(120)
+async def test_send_then_evaluate_of_the_federations_model_beside_a_round_evaluates_that_model():
+    """``evaluate`` after ``send(model)`` evaluates the model sent (before a round: the old global model;
+    after: the new one). Beside a round it evaluated a third model: the worker's own locally trained
+    weights, which the round's fit left in the remote copy it shares with the user's send."""
+    before, _ = await _round_beside(_evaluate_there, concurrent=False)
+
+    async def after_a_round(worker: fz.VirtualWorker, model: nn.Module) -> float:
+        return await _evaluate_there(worker, model)
+
+    workers = _workers()
+    try:
+        async with _federation(workers, fz.FedAvg()) as federation:
+            await federation.run_round()
+            await federation.run_round()
+            after = await after_a_round(workers[0], federation.model)
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+    beside, _ = await _round_beside(_evaluate_there, concurrent=True)
+    assert beside in (before, after)
