@@ -128,3 +128,34 @@ async def test_send_then_evaluate_of_the_federations_model_beside_a_round_evalua
         await asyncio.gather(*(w.close() for w in workers))
     beside, _ = await _round_beside(_evaluate_there, concurrent=True)
     assert beside in (before, after)
+
+
+async def _run_twice(name: str, concurrent: bool) -> tuple[fz.Federation, list[object]]:
+    workers = _workers()
+    strategy = fz.FedBuff(buffer_size=2) if name == "fedbuff" else _strategy(name)
+    try:
+        federation = _federation(workers, strategy)
+        if concurrent:
+            runs = list(await asyncio.gather(federation.run(3), federation.run(3), return_exceptions=True))
+        else:
+            runs = [await federation.run(3), await federation.run(3)]
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+    return federation, runs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["fedavg", "fedbuff"])
+async def test_two_concurrent_runs_to_the_same_total_run_that_many_rounds(name):
+    """``run(3)`` runs rounds until 3 are done *in total*; run twice in a row the second does nothing.
+    Gathered, the two ran 4 rounds (each checked ``round < 3`` before waiting for the other's round; on
+    main, 6 entries of history for rounds 1..3), and under FedBuff one run's ``close`` stopped the
+    trips the other's round was waiting for (RoundFailed)."""
+    sequential, seq_runs = await _run_twice(name, concurrent=False)
+    concurrent, con_runs = await _run_twice(name, concurrent=True)
+    assert [len(r) for r in seq_runs if isinstance(r, list)] == [3, 3]
+    assert all(isinstance(r, list) for r in con_runs), con_runs
+    assert concurrent.round == 3 and [m.round for m in concurrent.history] == [1, 2, 3]
+    if name != "fedbuff":  # (FedBuff's updates fold in the order they arrive: not the same model twice)
+        for key, value in sequential.model.state_dict().items():
+            assert torch.equal(concurrent.model.state_dict()[key], value), key
