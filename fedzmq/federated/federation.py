@@ -164,13 +164,7 @@ class Federation:
         is called with each round's metrics. Work the strategy keeps going between rounds (FedBuff's trips)
         is stopped when it returns."""
         try:
-            while self.round < rounds:
-                stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
-                if stop is not None:
-                    self.stopped_early = f"stopped before round {self.round + 1}: {stop}"
-                    log.warning("%s", self.stopped_early)  # (a run of no round at all is otherwise silent)
-                    break
-                metrics = await self.run_round()
+            while (metrics := await self._round_until(rounds)) is not None:
                 if on_round is not None:
                     called = on_round(metrics)
                     if inspect.isawaitable(called):  # an ``async def`` callback
@@ -179,11 +173,27 @@ class Federation:
             await self.close()
         return self.history
 
+    async def _round_until(self, rounds: int) -> RoundMetrics | None:
+        """The next round, if fewer than ``rounds`` are done and the strategy lets it run, else None: decided
+        in turn with the other coroutines' rounds (a check made before waiting for another's round would run
+        one round too many)."""
+        async with self._one_round_at_a_time:
+            if self.round >= rounds:
+                return None
+            stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
+            if stop is not None:
+                self.stopped_early = f"stopped before round {self.round + 1}: {stop}"
+                log.warning("%s", self.stopped_early)  # (a run of no round at all is otherwise silent)
+                return None
+            return await in_default_modes(self._run_round())
+
     async def close(self) -> None:
         """Stop what the strategy's round protocol keeps going between rounds (FedBuff's trips in flight;
         nothing for synchronous rounds). ``run`` does it; call it after using ``run_round`` on its own, or
-        use the federation as ``async with fz.Federation(...) as federation:``."""
-        await self.strategy.round_protocol().close()
+        use the federation as ``async with fz.Federation(...) as federation:``. It waits for a round under
+        way in another coroutine (whose trips it would otherwise stop) to end first."""
+        async with self._one_round_at_a_time:
+            await self.strategy.round_protocol().close()
 
     async def __aenter__(self) -> "Federation":
         return self
