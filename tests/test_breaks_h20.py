@@ -181,3 +181,16 @@ async def test_two_concurrent_runs_to_the_same_total_run_that_many_rounds(name):
     if name != "fedbuff":  # (FedBuff's updates fold in the order they arrive: not the same model twice)
         for key, value in sequential.model.state_dict().items():
             assert torch.equal(concurrent.model.state_dict()[key], value), key
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_listed_twice_is_refused_not_counted_twice():
+    """``Federation([alice, alice, bob], ...)`` (a list built by hand, or two daemons with one id) was
+    accepted: each round fitted alice twice and folded both updates, so her data weighed double in the
+    model while ``participants`` listed her once. Bad input gets a clear error and loses nothing."""
+    workers = _workers()
+    try:
+        with pytest.raises(ValueError, match="w0"):
+            _federation([workers[0], workers[0], workers[1]], fz.FedAvg())
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
