@@ -152,7 +152,7 @@ class BufferedAsyncRounds(RoundProtocol):
             deadline = asyncio.get_running_loop().time() + context.round_timeout
             try:
                 async with asyncio.timeout_at(deadline):
-                    metrics = await fit_trip(worker, context.model, broadcast, fit, context.fit.dataset,
+                    metrics = await fit_trip(worker, context.remote_model, broadcast, fit, context.fit.dataset,
                                              receive, self._fold)
                 delta = arrived[0]
             except Exception as exc:  # this worker is out until a round selects it again

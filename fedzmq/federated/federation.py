@@ -38,7 +38,7 @@ from ..torchmodes import in_default_modes
 from . import checkpoint as ckpt
 from .base import Strategy, strategy_name
 from .metrics import RoundMetrics
-from .protocols import FitConfig, RoundContext, RoundOutcome, reason, worker_key
+from .protocols import FitConfig, RoundContext, RoundOutcome, reason, remote_twin, worker_key
 from .strategies import FedAvg
 
 log = logging.getLogger("fedzmq.federated")
@@ -129,6 +129,8 @@ class Federation:
             raise ValueError("sampling must be 'fixed' or 'poisson'")
         self.workers = list(workers)
         self.model = model
+        #: the module the rounds' remote copies are sent as: not ``model``, whose remote copy is the user's
+        self._remote = remote_twin(model)
         self.fit_config = fit
         self.strategy = strategy or FedAvg()
         selected = fixed_sample_size(fraction, len(self.workers), min_workers)
@@ -232,7 +234,7 @@ class Federation:
             return await self._record(number, started, sent_before, received_before, selected, unreachable, skipped)
         loop = asyncio.get_running_loop()
         context = RoundContext(number=number, participants=selected, model=self.model, strategy=self.strategy,
-                               fit=self.fit_config, deadline=loop.time() + self.round_timeout,
+                               remote=self._remote, fit=self.fit_config, deadline=loop.time() + self.round_timeout,
                                round_timeout=self.round_timeout, seed=self.seed,
                                sampling_rate=self.sampling_rate(),
                                expected_participants=(self.fraction * len(self.workers)
@@ -319,7 +321,7 @@ class Federation:
         async def one(worker: RemoteWorker) -> None:
             try:
                 async with asyncio.timeout_at(deadline):
-                    remote = await hosted_model(worker, self.model)
+                    remote = await hosted_model(worker, self._remote)
                     results.append(await remote.evaluate(self.eval_dataset, loss=self.fit_config.loss, load=broadcast))
             except Exception as exc:
                 metrics.extra.setdefault("eval_dropped", {})[worker_key(worker)] = reason(exc, deadline,

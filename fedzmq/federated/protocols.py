@@ -19,6 +19,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import copy
+import itertools
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -103,6 +105,13 @@ class RoundContext:
     #: DP rounds divide their noised sum by it (McMahan et al. 2018's fixed-denominator estimator), so the
     #: model depends on the clients' data only through that sum, not through how many took part
     expected_participants: float | None = None
+    #: what the round's remote copies of the model are sent as (``remote_twin``): None for ``model`` itself
+    remote: nn.Module | None = None
+
+    @property
+    def remote_model(self) -> nn.Module:
+        """The module whose remote copy on each worker the round trains (``hosted_model``)."""
+        return self.remote if self.remote is not None else self.model
 
     def fit_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of every participant's fit this round (the strategy's extras included)."""
@@ -150,6 +159,16 @@ def reason(exc: BaseException, deadline: float, round_timeout: float) -> str:
         message, name = str(exc), type(exc).__name__
     first = message.splitlines()[0][:200] if message else ""
     return f"{name}: {first}" if first else name
+
+
+def remote_twin(model: nn.Module) -> nn.Module:
+    """Another module object over the very same parameters and buffers as ``model`` (no copy of them): a
+    federation sends its rounds' remote copies as this, so they are not the copy a user's own
+    ``worker.send(model)`` loads and returns. A round's fit leaves a worker's locally trained weights in its
+    remote copy; had the user's pointer been that copy, a ``get`` or an ``evaluate`` after the user's send
+    could see them (a ``get`` even wrote them into the global model)."""
+    shared: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo=shared)
 
 
 def worker_key(worker: RemoteWorker) -> str:
@@ -235,7 +254,7 @@ class AveragingRound(RoundProtocol):
         async def one(worker: RemoteWorker) -> None:
             try:
                 async with asyncio.timeout_at(context.deadline):
-                    fits[worker_key(worker)] = await fit_trip(worker, context.model, broadcast, fit,
+                    fits[worker_key(worker)] = await fit_trip(worker, context.remote_model, broadcast, fit,
                                                               context.fit.dataset, aggregator.receive, fold)
             except Exception as exc:  # one worker's failure only removes it from this round
                 dropped[worker_key(worker)] = context.why_left_out(exc)
@@ -243,8 +262,8 @@ class AveragingRound(RoundProtocol):
         async def hosted_clients(host: RemoteWorker, clients: list[RemoteWorker]) -> None:
             try:
                 async with asyncio.timeout_at(context.deadline):
-                    await clients_trip(host, clients, context.model, broadcast, fit, context.fit.dataset, aggregator,
-                                       fold, fits, dropped)
+                    await clients_trip(host, clients, context.remote_model, broadcast, fit, context.fit.dataset,
+                                       aggregator, fold, fits, dropped)
             except Exception as exc:  # its clients not settled yet (earlier trips' stand) are left out
                 why = context.why_left_out(exc)
                 dropped.update({key: why for key in map(worker_key, clients) if key not in fits and key not in dropped})
@@ -347,7 +366,7 @@ class CyclicRound(RoundProtocol):
                 try:
                     async with asyncio.timeout_at(context.deadline):
                         broadcast = Broadcast(aggregator.current_model())  # type: ignore[attr-defined]
-                        fits[worker_key(worker)] = await fit_trip(worker, context.model, broadcast, fit,
+                        fits[worker_key(worker)] = await fit_trip(worker, context.remote_model, broadcast, fit,
                                                                   context.fit.dataset, aggregator.receive, fold)
                 except Exception as exc:
                     dropped[worker_key(worker)] = context.why_left_out(exc)
@@ -357,4 +376,4 @@ class CyclicRound(RoundProtocol):
 
 
 __all__ = ["AveragingRound", "FitConfig", "Folder", "RoundContext", "RoundOutcome", "RoundProtocol",
-           "CyclicRound", "fit_trip", "hosted_model", "reason", "worker_key"]
+           "CyclicRound", "fit_trip", "hosted_model", "reason", "remote_twin", "worker_key"]

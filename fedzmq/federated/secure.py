@@ -247,7 +247,7 @@ class SecureRound(RoundProtocol):
 
         async def advertise(worker: RemoteWorker) -> Any:
             for attempt in (1, 2):
-                remote = pointers[worker] = await hosted_model(worker, context.model)
+                remote = pointers[worker] = await hosted_model(worker, context.remote_model)
                 loaded = await remote.start_load(broadcast)  # pipelined: the configuration follows at once
                 try:
                     keys = worker.secagg("advertise", number, wire_config, module=remote.id, client=ids[worker])
@@ -261,7 +261,7 @@ class SecureRound(RoundProtocol):
                 except ObjectNotFound:  # its copy of the model is gone (as in fit_trip): send it again
                     if attempt == 2:
                         raise
-                    worker.forget(context.model)
+                    worker.forget(context.remote_model)
                 finally:  # whichever of the two is still pending (the other failed) is not left behind
                     for pending in (loaded, keys):
                         pending.cancel()
