@@ -22,6 +22,7 @@ trips.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 import logging
@@ -73,6 +74,15 @@ def why_dropped(dropped: Mapping[str, str], reasons: int = 5, names: int = 3) ->
     if len(by_reason) > reasons:
         parts.append(f"{len(by_reason) - reasons} other reasons")
     return "; ".join(parts)
+
+
+def refuse_repeated_workers(workers: Sequence[RemoteWorker]) -> None:
+    """``ValueError`` naming the workers listed more than once (by id): a round fits each entry, so a repeated
+    one's data would weigh double in the model while its metrics, keyed by id, count it once."""
+    repeated = sorted(k for k, n in collections.Counter(worker_key(w) for w in workers).items() if n > 1)
+    if repeated:
+        raise ValueError(f"a federation's workers must be distinct; listed more than once (by id): "
+                         f"{', '.join(repeated)}")
 
 
 EvaluateFn = Callable[[nn.Module], "Mapping[str, float] | Awaitable[Mapping[str, float]]"]
@@ -128,6 +138,7 @@ class Federation:
         if sampling not in ("fixed", "poisson"):
             raise ValueError("sampling must be 'fixed' or 'poisson'")
         self.workers = list(workers)
+        refuse_repeated_workers(self.workers)
         self.model = model
         #: the module the rounds' remote copies are sent as: not ``model``, whose remote copy is the user's
         self._remote = remote_twin(model)
