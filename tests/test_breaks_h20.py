@@ -194,3 +194,54 @@ async def test_a_worker_listed_twice_is_refused_not_counted_twice():
             _federation([workers[0], workers[0], workers[1]], fz.FedAvg())
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+def _tensor_evaluate(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What many users write: torch's own 0-d tensors, no ``.item()``."""
+    x = _data(99).features
+    with torch.no_grad():
+        logits = model(x)
+    target = x[:, :3].argmax(1)
+    return {"loss": nn.functional.cross_entropy(logits, target),
+            "accuracy": (logits.argmax(1) == target).float().mean()}
+
+
+@pytest.mark.timeout(60)
+async def test_an_evaluate_returning_tensors_is_recorded_and_checkpointed(tmp_path):
+    """``evaluate=`` returning 0-d tensors: the round committed, was put in ``history``, then the checkpoint's
+    JSON could not take the tensors (TypeError: Object of type Tensor is not JSON serializable): ``round`` 1,
+    no checkpoint, contrary to "federation.round, history and the checkpoint always agree"."""
+    workers = _workers()
+    try:
+        torch.manual_seed(0)
+        federation = fz.Federation(workers, nn.Linear(8, 3), fz.FitConfig(dataset="toy", steps=2, batch_size=16),
+                                   evaluate=_tensor_evaluate, checkpoint_dir=str(tmp_path))
+        metrics = await federation.run_round()
+        expected = _tensor_evaluate(federation.model)
+        assert metrics.eval_loss == expected["loss"].item() and isinstance(metrics.eval_loss, float)
+        assert metrics.eval_accuracy == expected["accuracy"].item()
+        resumed = fz.Federation(workers, nn.Linear(8, 3), fz.FitConfig(dataset="toy", steps=2, batch_size=16),
+                                checkpoint_dir=str(tmp_path))
+        assert resumed.round == federation.round == 1
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(60)
+async def test_an_evaluate_returning_no_number_leaves_round_history_and_checkpoint_agreeing(tmp_path):
+    """An ``evaluate`` whose result is no number (per-class accuracies, say) fails the round after its commit:
+    the round must still be checkpointed (docs/api.md), and the error say that the evaluation's result is at
+    fault (on main: the checkpoint's JSON TypeError, and no checkpoint)."""
+    workers = _workers()
+    try:
+        torch.manual_seed(0)
+        federation = fz.Federation(workers, nn.Linear(8, 3), fz.FitConfig(dataset="toy", steps=2, batch_size=16),
+                                   evaluate=lambda model: {"loss": 0.5, "accuracy": torch.tensor([0.25, 0.75])},
+                                   checkpoint_dir=str(tmp_path))
+        with pytest.raises(TypeError, match="evaluate"):
+            await federation.run_round()
+        resumed = fz.Federation(workers, nn.Linear(8, 3), fz.FitConfig(dataset="toy", steps=2, batch_size=16),
+                                checkpoint_dir=str(tmp_path))
+        assert federation.round == len(federation.history) == resumed.round == 1
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
