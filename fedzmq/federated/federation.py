@@ -85,6 +85,19 @@ def refuse_repeated_workers(workers: Sequence[RemoteWorker]) -> None:
                          f"{', '.join(repeated)}")
 
 
+def evaluated(result: Mapping[str, Any], key: str) -> float | None:
+    """One number of what ``evaluate=`` returned, as a float: a 0-d tensor or a numpy scalar (what a loss
+    computed with torch is, without ``.item()``) is one, and the round's checkpoint (JSON) takes only
+    Python numbers. ``TypeError`` saying so for anything that is no single number."""
+    value = result.get(key)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"evaluate= returned {key}={value!r}, which is not a number") from exc
+
+
 EvaluateFn = Callable[[nn.Module], "Mapping[str, float] | Awaitable[Mapping[str, float]]"]
 Sampling = Literal["fixed", "poisson"]
 
@@ -303,7 +316,7 @@ class Federation:
                 result = self.evaluate_fn(self.model)
                 if inspect.isawaitable(result):  # an ``async def`` evaluation
                     result = await result
-                metrics.eval_loss, metrics.eval_accuracy = result.get("loss"), result.get("accuracy")
+                metrics.eval_loss, metrics.eval_accuracy = evaluated(result, "loss"), evaluated(result, "accuracy")
             if self.evaluate_on_workers:
                 await self._evaluate_on_workers(metrics, [w for w in selected if worker_key(w) in fits])
         finally:  # the new model is in place: the round is recorded and checkpointed even when its evaluation
