@@ -245,3 +245,38 @@ async def test_an_evaluate_returning_no_number_leaves_round_history_and_checkpoi
         assert federation.round == len(federation.history) == resumed.round == 1
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+def _hosted_data() -> dict[str, dict[str, Dataset]]:
+    out = {}
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(32, 4, generator=g)
+        out[f"c{i}"] = {"toy": Dataset("toy", x, x[:, :2].argmax(1))}
+    return out
+
+
+@pytest.mark.timeout(60)
+async def test_a_closed_hosted_client_is_left_out_of_later_rounds_as_a_closed_worker_is():
+    """A worker closed while a federation still lists it is left out of the next round with
+    ``WorkerClosedError`` (its commands are refused). A hosted client closed the same way went on being
+    trained and counted: the round trains its host's clients in one trip through the host's session,
+    which never asked whether the client's own worker was closed."""
+    host = fz.Worker("host", config=CONFIG, clients=_hosted_data())
+    address = host.bind("tcp://127.0.0.1:0")
+    host.start()
+    try:
+        clients = await fz.connect_clients(address)
+        try:
+            torch.manual_seed(0)
+            federation = fz.Federation(clients, nn.Linear(4, 2), fz.FitConfig(dataset="toy", batch_size=8), seed=1)
+            await federation.run_round()
+            closed = next(c for c in clients if c.id == "c0")
+            await closed.close()
+            metrics = await federation.run_round()
+            assert "c0" not in metrics.participants
+            assert "WorkerClosedError" in metrics.dropped.get("c0", "")
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+    finally:
+        await host.close()
