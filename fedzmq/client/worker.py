@@ -160,6 +160,12 @@ class RemoteWorker(Transfers, PointerOps):
         await self.close()
 
     @property
+    def closed(self) -> bool:
+        """True once ``close`` was called: the worker takes no more commands (a hosted client's are refused
+        even while its connection stays open for the other clients)."""
+        return self._closed
+
+    @property
     def alive(self) -> bool:
         """False once the worker missed too many heartbeats (it turns True again if it answers)."""
         return self._connection.alive

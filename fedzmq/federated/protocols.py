@@ -296,6 +296,10 @@ async def clients_trip(host: RemoteWorker, clients: Sequence[RemoteWorker], mode
     """Trips for many clients of one daemon, as many per trip as a reply can carry within the limits the
     connection agreed on (``clients_per_trip``: 3,000 clients in one reply of their metrics were more
     values than a message may hold), one after the other (the daemon trains them in turn anyway)."""
+    for client in [c for c in clients if c.closed]:  # (its own commands would be refused: the host's must not
+        # train it in their stead)
+        dropped[worker_key(client)] = f"WorkerClosedError: hosted client {client.client!r} was closed"
+    clients = [c for c in clients if not c.closed]
     per_trip = clients_per_trip(len(broadcast.state), aggregator.accepts_sums, host.limits)
     for start in range(0, len(clients), per_trip):
         await _clients_group_trip(host, clients[start:start + per_trip], model, broadcast, fit, dataset, aggregator,
