@@ -280,3 +280,18 @@ async def test_a_closed_hosted_client_is_left_out_of_later_rounds_as_a_closed_wo
             await asyncio.gather(*(c.close() for c in clients))
     finally:
         await host.close()
+
+
+@pytest.mark.parametrize("strategy, hint", [(fz.FedAvg, r"fz\.FedAvg\(\)"), (fz.Krum, r"fz\.Krum\(\)"),
+                                            ("fedavg", r"make_strategy\('fedavg'\)")])
+@pytest.mark.timeout(30)
+async def test_a_strategy_class_or_name_instead_of_a_strategy_is_a_clear_error(strategy, hint):
+    """``fz.Federation(workers, model, fit, fz.FedAvg)`` (the class, not an instance) raised
+    ``TypeError: '<' not supported between instances of 'int' and 'property'``, and a name
+    ``AttributeError: 'str' object has no attribute 'min_updates'``: neither says what is wrong."""
+    workers = _workers()
+    try:
+        with pytest.raises(TypeError, match=hint):
+            fz.Federation(workers, nn.Linear(8, 3), fz.FitConfig(dataset="toy"), strategy)
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
