@@ -76,6 +76,19 @@ def why_dropped(dropped: Mapping[str, str], reasons: int = 5, names: int = 3) ->
     return "; ".join(parts)
 
 
+def refuse_non_strategy(strategy: object) -> None:
+    """``TypeError`` saying what to pass instead of a strategy's class or name (the class failed further on,
+    comparing a number with a property; the name, missing an attribute)."""
+    if isinstance(strategy, Strategy):
+        return
+    if isinstance(strategy, type) and issubclass(strategy, Strategy):
+        raise TypeError(f"strategy must be a strategy, not its class: pass fz.{strategy.__name__}(), not "
+                        f"fz.{strategy.__name__}")
+    if isinstance(strategy, str):
+        raise TypeError(f"strategy must be a strategy, not a name: pass fz.make_strategy({strategy!r})")
+    raise TypeError(f"strategy must be a fz.Strategy (fz.FedAvg(), ...), not {type(strategy).__name__}")
+
+
 def refuse_repeated_workers(workers: Sequence[RemoteWorker]) -> None:
     """``ValueError`` naming the workers listed more than once (by id): a round fits each entry, so a repeated
     one's data would weigh double in the model while its metrics, keyed by id, count it once."""
@@ -156,7 +169,8 @@ class Federation:
         #: the module the rounds' remote copies are sent as: not ``model``, whose remote copy is the user's
         self._remote = remote_twin(model)
         self.fit_config = fit
-        self.strategy = strategy or FedAvg()
+        self.strategy = strategy if strategy is not None else FedAvg()
+        refuse_non_strategy(self.strategy)
         selected = fixed_sample_size(fraction, len(self.workers), min_workers)
         if selected < self.strategy.min_updates:
             raise ValueError(f"{type(self.strategy).__name__} needs at least {self.strategy.min_updates} updates a "
