@@ -3,6 +3,8 @@ coroutines must give what the same code gives run one call after the other (docs
 code gives exactly the results of the same code run sequentially)."""
 
 import asyncio
+import gc
+import warnings
 
 import pytest
 import torch
@@ -295,3 +297,28 @@ async def test_a_strategy_class_or_name_instead_of_a_strategy_is_a_clear_error(s
             fz.Federation(workers, nn.Linear(8, 3), fz.FitConfig(dataset="toy"), strategy)
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(60)
+async def test_connect_can_be_made_a_task_and_a_task_cancelled_before_it_ran_leaves_no_socket():
+    """``asyncio.create_task(fz.connect(address))`` (or a TaskGroup's: how one connects to many daemons at
+    once) raised ``TypeError: a coroutine was expected, got <...Connecting object>``, and the socket the
+    ``Connecting`` had opened was left to the garbage collector (``ResourceWarning: Unclosed socket``)."""
+    host = fz.Worker("h20-connect", config=CONFIG)
+    address = host.bind("tcp://127.0.0.1:0")
+    host.start()
+    try:
+        worker = await asyncio.create_task(fz.connect(address))
+        assert worker.id == "h20-connect"
+        await worker.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            task = asyncio.create_task(fz.connect(address))
+            task.cancel()  # before it ran: nothing will ever connect
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del task
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+    finally:
+        await host.close()
