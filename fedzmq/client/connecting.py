@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generator
+from collections.abc import Coroutine as CoroutineABC
+from typing import TYPE_CHECKING, Any, Coroutine, Generator
 
 from ..errors import HandshakeFailed, WorkerError
 
@@ -10,17 +11,40 @@ if TYPE_CHECKING:
     from .worker import RemoteWorker
 
 
-class Connecting:
-    """What ``connect`` returns: ``await`` it for a worker, or use it in ``async with``."""
+class Connecting(CoroutineABC[Any, Any, "RemoteWorker"]):
+    """What ``connect`` returns: ``await`` it for a worker, use it in ``async with``, or make it a task
+    (``asyncio.create_task``, a ``TaskGroup``'s): it is a coroutine. One cancelled or closed before it ran
+    closes the socket its worker opened at once (nothing will ever connect it)."""
 
     def __init__(self, worker: RemoteWorker, client: str | None = None) -> None:
         self._worker = worker
         #: the hosted client asked for (``connect(..., client=...)``), and its worker once connected
         self._client = client
         self._connected: RemoteWorker | None = None
+        #: the connecting coroutine, once a task (or an ``await``) started it
+        self._running: Coroutine[Any, Any, RemoteWorker] | None = None
+
+    def _coroutine(self) -> Coroutine[Any, Any, RemoteWorker]:
+        if self._running is None:
+            self._running = self._connect()
+        return self._running
 
     def __await__(self) -> Generator[Any, None, RemoteWorker]:
-        return self._connect().__await__()
+        return self._coroutine().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coroutine().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._running is None:  # cancelled before it ran (a task cancelled at once)
+            self._worker.discard_unused()
+        return self._coroutine().throw(typ, val, tb)
+
+    def close(self) -> None:
+        if self._running is None:
+            self._worker.discard_unused()
+            return
+        self._running.close()
 
     async def _connect(self) -> RemoteWorker:
         host = await self._connect_host()

@@ -206,6 +206,17 @@ class Connection:
                 self._closing = asyncio.ensure_future(self._tear_down())
             await asyncio.shield(self._closing)
 
+    def discard_unused(self) -> None:
+        """Close the socket now if nothing was ever started on it (no task, no request, no close under way);
+        else leave it to ``close``."""
+        if self._socket is None or self._tasks or self._pending or self._closing is not None:
+            return
+        if self._handshake is not None:
+            self._handshake.close()
+            self._handshake = None
+        self._socket.close(linger=0)
+        self._socket = None
+
     async def _tear_down(self) -> None:
         """Stop the receive and heartbeat tasks, fail what still waits for a reply, close the socket."""
         try:

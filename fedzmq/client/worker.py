@@ -149,6 +149,11 @@ class RemoteWorker(Transfers, PointerOps):
         expires on its own). Normal code calls ``close``."""
         await self._connection.close(say_goodbye=say_goodbye)
 
+    def discard_unused(self) -> None:
+        """Close the socket of a worker never connected nor used (a ``connect`` cancelled before it ran),
+        at once: without a running loop's help, as a coroutine cancelled before it ran has none to give."""
+        self._connection.discard_unused()
+
     async def __aenter__(self) -> "RemoteWorker":
         """Connect (if not yet connected) and close on leaving: ``async with RemoteWorker(addr) as bob``
         means the same as ``async with fz.connect(addr) as bob``."""
