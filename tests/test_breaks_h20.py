@@ -326,3 +326,27 @@ async def test_connect_can_be_made_a_task_and_a_task_cancelled_before_it_ran_lea
         assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
     finally:
         await host.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_remote_optimizer_of_a_model_a_federation_also_trains_steps_the_users_copy():
+    """A guard for the rounds' own remote copy (``remote_twin``), not a break of main: a remote optimizer
+    finds its model on the worker by its parameters, so the rounds' copy must not hold the same
+    ``Parameter`` objects, or the user's ``opt.step()`` could step the rounds' copy instead of theirs."""
+    workers = _workers()
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 3)
+        federation = fz.Federation(workers, model, fz.FitConfig(dataset="toy", steps=2, batch_size=16))
+        await federation.run_round()  # (its copy is the first the worker lists)
+        remote = await workers[0].send(model)
+        sent = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = fz.Optims([workers[0]], optim=torch.optim.SGD(model.parameters(), lr=0.5)).get_optim(workers[0])
+        await optimizer.zero_grad()
+        x = await workers[0].send(torch.ones(4, 8))
+        await remote(x).pow(2).mean().backward()
+        await optimizer.step()
+        await remote.get()
+        assert not torch.equal(model.weight.detach(), sent["weight"])
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
