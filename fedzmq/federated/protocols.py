@@ -20,7 +20,6 @@ import abc
 import asyncio
 import contextlib
 import copy
-import itertools
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -162,12 +161,16 @@ def reason(exc: BaseException, deadline: float, round_timeout: float) -> str:
 
 
 def remote_twin(model: nn.Module) -> nn.Module:
-    """Another module object over the very same parameters and buffers as ``model`` (no copy of them): a
+    """Another module object over the same memory as ``model``'s parameters and buffers (no copy of them): a
     federation sends its rounds' remote copies as this, so they are not the copy a user's own
     ``worker.send(model)`` loads and returns. A round's fit leaves a worker's locally trained weights in its
     remote copy; had the user's pointer been that copy, a ``get`` or an ``evaluate`` after the user's send
-    could see them (a ``get`` even wrote them into the global model)."""
-    shared: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    could see them (a ``get`` even wrote them into the global model). Its parameters are other ``Parameter``
+    objects (over the same storage), so a remote optimizer of ``model``'s parameters, which finds its model
+    by them, still finds the user's copy and not the rounds'."""
+    shared: dict[int, object] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                                 for p in model.parameters()}
+    shared.update({id(b): b for b in model.buffers()})
     return copy.deepcopy(model, memo=shared)
 
 
