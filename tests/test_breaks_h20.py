@@ -350,3 +350,35 @@ async def test_a_remote_optimizer_of_a_model_a_federation_also_trains_steps_the_
         assert not torch.equal(model.weight.detach(), sent["weight"])
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(180)
+async def test_fedbuff_rounds_that_fail_min_workers_leave_nothing_in_the_next_model():
+    """FedBuff with ``min_workers=2``, one fast worker and one slow: the fast one fills the buffer
+    (``buffer_size=2``) alone, so the federation raises ``RoundFailed`` ("the model does not change";
+    its message says "1 of the 2 required updates arrived (no participants)": 2 updates did, from one
+    participant). But the protocol had sealed that publication and went on from it: the next buffers
+    start from models never committed, and the round that finally commits publishes version 15, made of
+    an update trained from version 14, i.e. of the fourteen publications the federation had refused."""
+    fast = fz.VirtualWorker("fast", config=CONFIG, datasets={"toy": _data(0)})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 8, generator=g)
+    slow = fz.VirtualWorker("slow", config=CONFIG, datasets={"toy": Dataset("toy", x, x[:, :3].argmax(1))})
+    try:
+        torch.manual_seed(0)
+        async with fz.Federation([fast, slow], nn.Linear(8, 3), fz.FitConfig(dataset="toy", epochs=1, batch_size=16),
+                                 fz.FedBuff(buffer_size=2), min_workers=2, round_timeout=60) as federation:
+            failures: list[str] = []
+            for _ in range(400):
+                try:
+                    metrics = await federation.run_round()
+                    break
+                except fz.RoundFailed as exc:
+                    failures.append(str(exc))
+            else:
+                pytest.fail("no round committed")
+        assert metrics.extra["version"] == metrics.round == 1
+        assert all(update["version"] == 0 for update in metrics.extra["updates"]), metrics.extra["updates"]
+        assert not any("no participants" in f for f in failures), failures[:1]
+    finally:
+        await asyncio.gather(fast.close(), slow.close())
