@@ -1,0 +1,45 @@
+"""A newcomer's first mistakes through the Python API must say what went wrong (session h21).
+
+`fedzmq train` checks a model against the daemons' public dataset shapes before the first round
+(cli.check_datasets), but `fz.Federation`, the API the README teaches, did not: a model whose input
+width is not the dataset's came back from every worker as "RuntimeError in a command that computed on
+private data; the message is withheld", although the daemon found the mismatch on the meta device,
+from shapes alone, before reading a row. A message made from shapes quotes no data, so it may leave.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.worker.datasets import Dataset
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _toy(n: int = 64) -> Dataset:
+    """Eight features, three classes: the protected dataset every test here trains on."""
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+    return Dataset("toy", x, x[:, :3].argmax(1))
+
+
+async def _first_round_failure(model: nn.Module) -> str:
+    """Why the one worker was left out of round 1 of a FedAvg run of ``model`` on the toy dataset."""
+    async with fz.VirtualWorker("bob", datasets={"toy": _toy()}) as bob:
+        federation = fz.Federation([bob], model, fz.FitConfig(dataset="toy"), round_timeout=30)
+        with pytest.raises(fz.RoundFailed) as failed:
+            await federation.run(rounds=1)
+    return failed.value.dropped["bob"]
+
+
+async def test_a_model_of_the_wrong_input_width_is_named_not_withheld():
+    reason = await _first_round_failure(nn.Linear(20, 3))
+    assert "withheld" not in reason, reason
+    assert "RuntimeError" in reason and "[20, 3]" in reason and "8]" in reason, reason
+
+
+async def test_the_same_model_on_the_right_width_still_trains():
+    async with fz.VirtualWorker("bob", datasets={"toy": _toy()}) as bob:
+        federation = fz.Federation([bob], nn.Linear(8, 3), fz.FitConfig(dataset="toy"), round_timeout=30)
+        [metrics] = await federation.run(rounds=1)
+    assert metrics.participants == ["bob"]
