@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from .. import budget
-from ..errors import BadRequest, LimitExceeded
+from ..errors import BadRequest, LimitExceeded, RemoteError, remote_error
 from ..modeldesc import ModelRegistry, build
 from ..ops import check_call
 from .objects import HostedModule
@@ -253,7 +253,7 @@ class Coster:
                 raise
             except Exception as exc:
                 if hosted.spec.get("kind") != "registered":  # the real forward would fail the same way
-                    raise _shape_error(exc) from None
+                    raise _forward_shape_error(exc) from None
         self._store(scope, _FORWARDS, key, (footprint,))  # (None: cannot be measured, worth keeping too)
         return footprint
 
@@ -406,6 +406,18 @@ def _shape_error(exc: Exception) -> Exception:
     if type(exc) in (RuntimeError, ValueError, IndexError, TypeError):
         return type(exc)(message)
     return RuntimeError(message)
+
+
+def _forward_shape_error(exc: Exception) -> RemoteError:
+    """A described model's meta forward that failed, as a refusal made from public facts: the model and
+    the batch's shape are the client's and the dataset's shape is listed to every client, so the words
+    may leave even from a fit on protected rows, where torch's own errors are withheld (a newcomer's
+    ``nn.Linear(20, 3)`` on 8 features got only "RuntimeError ... the message is withheld").
+    It keeps the built-in type: a ``RemoteRuntimeError`` is a ``RuntimeError`` on both sides."""
+    error = _shape_error(exc)
+    if isinstance(error, RemoteError):
+        return error
+    return remote_error(type(error).__name__, f"the model does not fit these inputs' shapes: {error}")
 
 
 def _meta_tensor(tensor: torch.Tensor) -> torch.Tensor:
