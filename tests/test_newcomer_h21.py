@@ -43,3 +43,11 @@ async def test_the_same_model_on_the_right_width_still_trains():
         federation = fz.Federation([bob], nn.Linear(8, 3), fz.FitConfig(dataset="toy"), round_timeout=30)
         [metrics] = await federation.run(rounds=1)
     assert metrics.participants == ["bob"]
+
+
+async def test_a_model_with_fewer_outputs_than_the_listed_classes_is_named_not_withheld():
+    """Labels up to 2 against 2 outputs: torch's "Target 2 is out of bounds" quotes a label, so it is
+    withheld; but the dataset's class count is listed to every client, so the daemon can say it first."""
+    reason = await _first_round_failure(nn.Linear(8, 2))
+    assert "withheld" not in reason, reason
+    assert "3 classes" in reason and "2 outputs" in reason, reason
