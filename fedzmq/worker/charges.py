@@ -92,6 +92,7 @@ def forward(context: Context, binding: Binding) -> int:
         labels = _dataset(binding).labels
         check_loss_shapes(binding.args["loss"], torch.empty(footprint.output, device="meta"),
                           torch.empty((inputs[0].shape[0], *labels.shape[1:]), device="meta"))
+        check_classes(binding.args["loss"], footprint.output, _dataset(binding))
     held = passes * footprint.nbytes + copied
     if binding.command.name == "fit" and context.terms.row_metrics:
         rows_alone = context.coster.forward(hosted, inputs, kwargs, False, training=False, scope=scope, per_row=True)
@@ -99,6 +100,23 @@ def forward(context: Context, binding: Binding) -> int:
             check_work(rows_alone.flops * 2, seconds, "the trained model's loss row by row")
             held = max(held, rows_alone.nbytes)
     return held
+
+
+#: the losses whose target is a class index along the output's dim 1
+CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
+
+
+def check_classes(loss: str, output: tuple[int, ...], dataset: Dataset) -> None:
+    """Refuse, before a row is read, a classifier with fewer outputs than the dataset's classes. torch's
+    own error ("Target 7 is out of bounds") quotes a label, so on protected rows it is withheld and the
+    client learns nothing; the class count is listed to every client (``datasets``), so saying it is not."""
+    if loss not in CLASS_INDEX_LOSSES or len(output) < 2:
+        return
+    classes = dataset.info()["num_classes"]
+    if classes is not None and output[1] < classes:
+        raise BadRequest.new(f"{loss}: the model gives {output[1]} outputs per row, and dataset "
+                             f"{dataset.name!r} has {classes} classes (labels 0 to {classes - 1}); end the model "
+                             f"with {classes} outputs")
 
 
 def loss_work(context: Context, binding: Binding, footprint: Footprint, scope: Hashable) -> int:
