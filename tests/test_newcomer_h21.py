@@ -51,3 +51,14 @@ async def test_a_model_with_fewer_outputs_than_the_listed_classes_is_named_not_w
     reason = await _first_round_failure(nn.Linear(8, 2))
     assert "withheld" not in reason, reason
     assert "3 classes" in reason and "2 outputs" in reason, reason
+
+
+@pytest.mark.parametrize("which", ["server_key", "client_key"])
+async def test_a_key_file_that_does_not_exist_is_named_as_missing(tmp_path, which):
+    """A typo in a key's path read "Invalid certificate file", as if the file were corrupt."""
+    from fedzmq.security import SecurityError, generate_keypair
+
+    public, secret = generate_keypair(tmp_path, "real")
+    keys = {"server_key": public, "client_key": secret, which: tmp_path / "typo.key"}
+    with pytest.raises(SecurityError, match="no file at .*typo.key.*fedzmq keygen"):
+        await fz.connect("tcp://127.0.0.1:9", **keys)
