@@ -69,8 +69,17 @@ def provision_keys(directory: KeyPath, daemon_ids: list[str], client_name: str =
     return Provisioned(servers, client, allowed)
 
 
+def _require_file(path: KeyPath, what: str) -> None:
+    """Say a key file is missing as such: pyzmq reads a missing file as "Invalid certificate file",
+    which sent a newcomer with a typo in the path looking for a corrupt key."""
+    if not Path(os.fsdecode(path)).is_file():
+        raise SecurityError(f"no file at {os.fsdecode(path)!r} ({what}); check the path, or write a key pair "
+                            "with 'fedzmq keygen NAME --dir DIR'")
+
+
 def load_keypair(secret_file: KeyPath) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` file."""
+    _require_file(secret_file, "a .key_secret file was expected")
     try:
         public, secret = zmq.auth.load_certificate(str(secret_file))
     except (OSError, ValueError) as exc:
@@ -84,6 +93,7 @@ def load_public_key(key: KeyPath | bytes) -> bytes:
     """A public key given as z85 bytes (40 characters) or as a ``.key``/``.key_secret`` file."""
     if isinstance(key, bytes) and len(key) == 40:
         return key
+    _require_file(key, "a public .key file was expected")
     try:
         public, _ = zmq.auth.load_certificate(os.fsdecode(key))
     except (OSError, ValueError) as exc:
