@@ -62,3 +62,13 @@ async def test_a_key_file_that_does_not_exist_is_named_as_missing(tmp_path, whic
     keys = {"server_key": public, "client_key": secret, which: tmp_path / "typo.key"}
     with pytest.raises(SecurityError, match="no file at .*typo.key.*fedzmq keygen"):
         await fz.connect("tcp://127.0.0.1:9", **keys)
+
+
+def test_a_resume_already_past_rounds_says_nothing_will_train():
+    """`fedzmq train --resume --rounds 3` on a run checkpointed at round 45 printed "training to round 3"
+    and then trained nothing."""
+    from fedzmq.cli import resume_note
+
+    assert resume_note(45, 3) == ("resumed from the checkpoint of round 45; it is past --rounds 3, so nothing "
+                                  "is trained (raise --rounds to go on)")
+    assert resume_note(2, 5) == "resumed from the checkpoint of round 2; training to round 5"
