@@ -279,8 +279,7 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
                                 seed=settings["seed"], checkpoint_dir=str(checkpoints), evaluate=evaluate,
                                 evaluate_on_workers=evaluate is None)
         if federation.resumed_from:
-            print(f"resumed from the checkpoint of round {federation.resumed_from}; training to round "
-                  f"{settings['rounds']}")
+            print(resume_note(federation.resumed_from, settings["rounds"]))
         # the checkpoint's history is the record: the JSON lines are rewritten from it, so a round is
         # never listed twice or lost, wherever a previous coordinator was killed
         (out / "metrics.jsonl").write_text("".join(m.to_json() + "\n" for m in federation.history))
@@ -292,6 +291,15 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
         return federation
     finally:
         await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+
+
+def resume_note(resumed_from: int, rounds: int) -> str:
+    """What a resumed run will do: ``--rounds`` counts rounds in all, so a checkpoint at or past it trains
+    nothing, which "training to round 3" after round 45 did not say."""
+    head = f"resumed from the checkpoint of round {resumed_from}"
+    if resumed_from >= rounds:
+        return f"{head}; that is already --rounds {rounds} or more, so nothing is trained (raise --rounds to go on)"
+    return f"{head}; training to round {rounds}"
 
 
 async def check_datasets(workers: Sequence[RemoteWorker], dataset: str, settings: dict[str, Any]) -> None:

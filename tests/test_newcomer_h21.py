@@ -69,6 +69,6 @@ def test_a_resume_already_past_rounds_says_nothing_will_train():
     and then trained nothing."""
     from fedzmq.cli import resume_note
 
-    assert resume_note(45, 3) == ("resumed from the checkpoint of round 45; it is past --rounds 3, so nothing "
-                                  "is trained (raise --rounds to go on)")
+    assert resume_note(45, 3) == ("resumed from the checkpoint of round 45; that is already --rounds 3 or more, "
+                                  "so nothing is trained (raise --rounds to go on)")
     assert resume_note(2, 5) == "resumed from the checkpoint of round 2; training to round 5"
