@@ -69,7 +69,7 @@ def provision_keys(directory: KeyPath, daemon_ids: list[str], client_name: str =
     return Provisioned(servers, client, allowed)
 
 
-def _require_file(path: KeyPath, what: str) -> None:
+def _require_file(path: KeyPath | bytes, what: str) -> None:
     """Say a key file is missing as such: pyzmq reads a missing file as "Invalid certificate file",
     which sent a newcomer with a typo in the path looking for a corrupt key."""
     if not Path(os.fsdecode(path)).is_file():
