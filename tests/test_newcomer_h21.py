@@ -72,3 +72,16 @@ def test_a_resume_already_past_rounds_says_nothing_will_train():
     assert resume_note(45, 3) == ("resumed from the checkpoint of round 45; that is already --rounds 3 or more, "
                                   "so nothing is trained (raise --rounds to go on)")
     assert resume_note(2, 5) == "resumed from the checkpoint of round 2; training to round 5"
+
+
+async def test_rows_of_another_dtype_than_the_model_are_named_not_withheld():
+    """Images saved as uint8 against a float model: torch's meta kernels of a matmul do not check dtypes,
+    so the sizing passed, the real forward failed on the rows, and its words were withheld. The dtypes
+    are public (``datasets`` lists feature_dtype)."""
+    x = torch.randint(0, 255, (64, 8), dtype=torch.uint8)
+    async with fz.VirtualWorker("bob", datasets={"toy": Dataset("toy", x, x[:, :3].argmax(1))}) as bob:
+        federation = fz.Federation([bob], nn.Linear(8, 3), fz.FitConfig(dataset="toy"), round_timeout=30)
+        with pytest.raises(fz.RoundFailed) as failed:
+            await federation.run(rounds=1)
+    reason = failed.value.dropped["bob"]
+    assert "withheld" not in reason and "uint8" in reason and "float32" in reason, reason
