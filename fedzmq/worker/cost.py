@@ -417,7 +417,7 @@ def _forward_shape_error(exc: Exception) -> RemoteError:
     error = _shape_error(exc)
     if isinstance(error, RemoteError):
         return error
-    return remote_error(type(error).__name__, f"the model does not fit these inputs' shapes: {error}")
+    return remote_error(type(error).__name__, f"the model does not fit these inputs' shapes or dtypes: {error}")
 
 
 def _meta_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -471,9 +471,10 @@ class _Counter(TorchDispatchMode):
         budget.check()  # each call is cheap on the meta device; how many a description makes is not
         self.calls += 1
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         op = func.overloadpacket
         operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        _check_same_dtype(op, operands)
+        out = func(*args, **kwargs)
         inputs = {storage_key(t.untyped_storage()) for t in operands}
         made = [t for t in tree_flatten(out)[0]  # views and aliases of an input make nothing new
                 if isinstance(t, torch.Tensor) and storage_key(t.untyped_storage()) not in inputs]
@@ -489,6 +490,22 @@ class _Counter(TorchDispatchMode):
         elif torch.is_grad_enabled():  # a view: free now, but its backward fills a gradient of its whole input
             self.flops += OUTPUT_WORK * sum(t.numel() for t in operands if t.requires_grad)
         return out
+
+
+#: ops whose CPU kernels refuse operands of different dtypes, where the meta kernels do not check
+_SAME_DTYPE_OPS = frozenset({_ATEN.mm, _ATEN.addmm, _ATEN.bmm, _ATEN.baddbmm, _ATEN.convolution})
+
+
+def _check_same_dtype(op: Any, operands: Sequence[torch.Tensor]) -> None:
+    """Refuse on the meta device what the CPU kernel would: a float model's matmul on uint8 rows passed
+    the sizing and failed on the rows, where its words were withheld; dtypes are public (``datasets``
+    lists a dataset's feature_dtype), so this error may leave."""
+    if op not in _SAME_DTYPE_OPS:
+        return
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in operands})
+    if len(dtypes) > 1:
+        raise RuntimeError(f"{op.__name__} of tensors of different dtypes ({' and '.join(dtypes)}): give the "
+                           "inputs the model's dtype (rows saved as float32 for a float32 model)")
 
 
 def _call_work(op: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any, operands: list[torch.Tensor],
