@@ -542,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedzmq: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fedzmq: interrupted; the last finished round is in the checkpoint", file=sys.stderr)
+        print("fedzmq: interrupted; every round that finished is in the checkpoint (--resume goes on from it; "
+              "there is none if no round finished)", file=sys.stderr)
         return 130
 
 
