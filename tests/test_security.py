@@ -22,6 +22,9 @@ from fedzmq.worker.session import GRAPH_NODE_BYTES
 #: what a graph's set of one leaf takes beside the leaf's storage and gradient (tests/test_graph_leaves.py)
 LEAF = GRAPH_LEAF_BYTES + LEAF_SET_BYTES
 QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=5, connect_timeout=3.0)
+#: QUICK, but a daemon may be silent for 10 s before it counts as dead: a 100 MB send and a product on a
+#: loaded machine kept one silent past QUICK's 1 s (``WorkerDeadError`` instead of the refusal under test)
+PATIENT = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=50, connect_timeout=3.0)
 
 
 @pytest.fixture
@@ -127,7 +130,7 @@ async def test_a_command_running_when_its_key_is_revoked_sends_back_nothing_it_c
     async with asyncio.timeout(20):
         while True:
             try:
-                mallory = await fz.connect(bob.address, settings=QUICK, server_key=keys["server"][0],
+                mallory = await fz.connect(bob.address, settings=PATIENT, server_key=keys["server"][0],
                                            client_key=keys["mallory"][1])
                 break
             except fz.WorkerError:
