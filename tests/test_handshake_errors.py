@@ -17,6 +17,7 @@ import socket
 import time
 
 import pytest
+import zmq
 import zmq.auth
 
 import fedzmq as fz
@@ -179,3 +180,13 @@ async def test_connects_that_fail_succeed_or_are_cancelled_leave_no_task_or_sock
                     await result.close()
             assert _tasks_for(bob.address) == tasks, name
     assert await _fds_after_close(fds) <= fds
+
+
+def test_a_failed_handshake_is_logged_in_words():
+    """The daemon's log said "handshake failed from b'tcp://127.0.0.1:5761' (event 32768, 400)": the
+    endpoint is pyzmq's bytes (and the daemon's own address, not the client's), the event a bare number."""
+    from fedzmq.worker.server import describe_endpoint, describe_event
+
+    assert describe_endpoint(b"tcp://127.0.0.1:5761") == "tcp://127.0.0.1:5761"
+    assert describe_event(zmq.EVENT_HANDSHAKE_FAILED_AUTH) == "HANDSHAKE_FAILED_AUTH"
+    assert describe_event(12345678) == "12345678"

@@ -746,8 +746,8 @@ class Worker:
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             self.counters["handshake_failures"] += 1
-            log.warning("handshake failed from %s (event %s, %s)", event.get("endpoint"), event.get("event"),
-                        event.get("value"))
+            log.warning("a client's handshake failed on %s (%s, %s)", describe_endpoint(event.get("endpoint")),
+                        describe_event(event.get("event")), event.get("value"))
 
     def _refuse_queued(self, session: Session, why: str, error_type: str = "WorkerClosedError") -> None:
         if session.outbox is not None:
@@ -914,4 +914,16 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
+def describe_endpoint(endpoint: Any) -> str:
+    """A monitor event's endpoint as text (pyzmq gives bytes): the daemon's own address the event came on."""
+    return endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint)
+
+
+def describe_event(event: Any) -> str:
+    """A monitor event's number by its ZeroMQ name (``HANDSHAKE_FAILED_AUTH``), for a log a person reads."""
+    names = {member.value: member.name for member in zmq.Event}
+    return names.get(event) or str(event)
+
+
 __all__ = ["Worker", "peak_rss_bytes"]
+
