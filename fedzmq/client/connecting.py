@@ -66,7 +66,8 @@ class Connecting(CoroutineABC[Any, Any, "RemoteWorker"]):
         except (WorkerError, TimeoutError) as exc:
             await self._worker.close_connection(say_goodbye=False)
             raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "
-                            "uses keys, are server_key and client_key right and is your key allowed?") from None
+                            "uses keys, are server_key and client_key right (--server-key and --client-key on the "
+                            "command line) and is your key allowed?") from None
         except BaseException:
             await self._worker.close_connection(say_goodbye=False)
             raise

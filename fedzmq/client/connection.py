@@ -79,7 +79,8 @@ class Connection:
         self._socket.setsockopt(zmq.ROUTING_ID, os.urandom(16))  # the session key: unguessable
         if (server_key is None) != (client_key is None):
             self._socket.close(linger=0)
-            raise SecurityError("pass both server_key (the daemon's public key) and client_key (your .key_secret)")
+            raise SecurityError("pass both server_key (the daemon's public key) and client_key (your .key_secret); "
+                                "on the command line, --server-key and --client-key")
         #: this client's public key (Z85), or None without keys
         self._client_key = None
         if server_key is not None and client_key is not None:
