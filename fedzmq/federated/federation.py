@@ -39,7 +39,7 @@ from ..torchmodes import in_default_modes
 from . import checkpoint as ckpt
 from .base import Strategy, strategy_name
 from .metrics import RoundMetrics
-from .protocols import FitConfig, RoundContext, RoundOutcome, reason, remote_twin, worker_key
+from .protocols import FitConfig, RoundContext, RoundOutcome, reason, remote_twin, twin_layout, worker_key
 from .strategies import FedAvg
 
 log = logging.getLogger("fedzmq.federated")
@@ -168,6 +168,8 @@ class Federation:
         self.model = model
         #: the module the rounds' remote copies are sent as: not ``model``, whose remote copy is the user's
         self._remote = remote_twin(model)
+        #: what ``_remote`` was made over (``twin_layout``): a round remakes it when the model changed since
+        self._remote_layout = twin_layout(model)
         self.fit_config = fit
         self.strategy = strategy if strategy is not None else FedAvg()
         refuse_non_strategy(self.strategy)
@@ -256,6 +258,15 @@ class Federation:
         async with self._one_round_at_a_time:
             return await in_default_modes(self._run_round())
 
+    def _rounds_twin(self) -> nn.Module:
+        """The module the rounds' remote copies are sent as (``remote_twin``), made anew when the model changed
+        since it was made (a layer replaced, ``model.double()``, ``federation.model`` set): the twin of the
+        model as it was would be sent, and its description would refuse the round's weights."""
+        layout = twin_layout(self.model)
+        if layout != self._remote_layout:
+            self._remote, self._remote_layout = remote_twin(self.model), layout
+        return self._remote
+
     async def _run_round(self) -> RoundMetrics:
         number = self.round + 1
         started = time.perf_counter()
@@ -272,8 +283,9 @@ class Federation:
             return await self._record(number, started, sent_before, received_before, selected, unreachable, skipped)
         loop = asyncio.get_running_loop()
         context = RoundContext(number=number, participants=selected, model=self.model, strategy=self.strategy,
-                               remote=self._remote, fit=self.fit_config, deadline=loop.time() + self.round_timeout,
-                               round_timeout=self.round_timeout, seed=self.seed,
+                               remote=self._rounds_twin(), fit=self.fit_config,
+                               deadline=loop.time() + self.round_timeout, round_timeout=self.round_timeout,
+                               seed=self.seed,
                                sampling_rate=self.sampling_rate(),
                                expected_participants=(self.fraction * len(self.workers)
                                                       if self.sampling == "poisson" else None))

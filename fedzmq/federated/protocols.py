@@ -167,11 +167,36 @@ def remote_twin(model: nn.Module) -> nn.Module:
     remote copy; had the user's pointer been that copy, a ``get`` or an ``evaluate`` after the user's send
     could see them (a ``get`` even wrote them into the global model). Its parameters are other ``Parameter``
     objects (over the same storage), so a remote optimizer of ``model``'s parameters, which finds its model
-    by them, still finds the user's copy and not the rounds'."""
-    shared: dict[int, object] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-                                 for p in model.parameters()}
-    shared.update({id(b): b for b in model.buffers()})
-    return copy.deepcopy(model, memo=shared)
+    by them, still finds the user's copy and not the rounds'.
+
+    Each submodule is copied shallowly, not deep-copied: a model holding something no deep copy takes (a
+    lock, a file) is a model a send takes, and its other attributes (a big tensor that is no buffer) are
+    shared, not copied. Tied parameters and shared submodules stay tied and shared."""
+    params = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    return _twin_of(model, params, {})
+
+
+def _twin_of(module: nn.Module, params: dict[int, nn.Parameter], made: dict[int, nn.Module]) -> nn.Module:
+    """``module``'s twin (see ``remote_twin``), made once per module object (``made``)."""
+    if id(module) in made:
+        return made[id(module)]
+    twin = copy.copy(module)
+    made[id(module)] = twin
+    vars(twin)["_parameters"] = {n: None if p is None else params[id(p)] for n, p in module._parameters.items()}
+    vars(twin)["_buffers"] = dict(module._buffers)
+    vars(twin)["_modules"] = {n: None if c is None else _twin_of(c, params, made) for n, c in module._modules.items()}
+    return twin
+
+
+def twin_layout(model: nn.Module) -> list[tuple[Any, ...]]:
+    """What a remote twin was made over: each submodule, and its parameters' and buffers' objects, memory,
+    dtype and ``requires_grad``. It changes when the user replaces a layer or a parameter, or converts the
+    model (``model.double()`` gives its parameters new memory); a load (``load_state_dict``) or a round's
+    commit, which write in place, leave it as it was."""
+    return [(name, id(m), [(n, id(p), p.data_ptr(), p.dtype, p.requires_grad) for n, p in m._parameters.items()
+                           if p is not None],
+             [(n, id(b)) for n, b in m._buffers.items() if b is not None])
+            for name, m in model.named_modules(remove_duplicate=False)]
 
 
 def worker_key(worker: RemoteWorker) -> str:
@@ -383,4 +408,4 @@ class CyclicRound(RoundProtocol):
 
 
 __all__ = ["AveragingRound", "FitConfig", "Folder", "RoundContext", "RoundOutcome", "RoundProtocol",
-           "CyclicRound", "fit_trip", "hosted_model", "reason", "remote_twin", "worker_key"]
+           "CyclicRound", "fit_trip", "hosted_model", "reason", "remote_twin", "twin_layout", "worker_key"]
