@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import inspect
 import logging
 import math
 import random
 import time
-from typing import Any, Awaitable, Callable, Literal, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, Sequence
 
 from torch import nn
 
@@ -195,6 +196,8 @@ class Federation:
         #: one round at a time: a round reads ``round`` and the model when it starts and writes them when it
         #: commits, so two coroutines' rounds of one federation must run one after the other
         self._one_round_at_a_time = asyncio.Lock()
+        #: the task holding that lock: an ``evaluate=`` (which runs inside a round) asking for it would wait forever
+        self._round_task: asyncio.Task[Any] | None = None
         if checkpoint_dir:
             self._resume(checkpoint_dir)
 
@@ -219,7 +222,7 @@ class Federation:
         """The next round, if fewer than ``rounds`` are done and the strategy lets it run, else None: decided
         in turn with the other coroutines' rounds (a check made before waiting for another's round would run
         one round too many)."""
-        async with self._one_round_at_a_time:
+        async with self._in_turn():
             if self.round >= rounds:
                 return None
             stop = self.strategy.stop_reason(self.round + 1, self.sampling_rate())
@@ -233,9 +236,31 @@ class Federation:
         """Stop what the strategy's round protocol keeps going between rounds (FedBuff's trips in flight;
         nothing for synchronous rounds). ``run`` does it; call it after using ``run_round`` on its own, or
         use the federation as ``async with fz.Federation(...) as federation:``. It waits for a round under
-        way in another coroutine (whose trips it would otherwise stop) to end first."""
-        async with self._one_round_at_a_time:
+        way in another coroutine (whose trips it would otherwise stop) to end first; called inside a round
+        (by its ``evaluate=``), it stops them at once, as it did before rounds took turns."""
+        if self._inside_round():
             await self.strategy.round_protocol().close()
+            return
+        async with self._in_turn():
+            await self.strategy.round_protocol().close()
+
+    def _inside_round(self) -> bool:
+        """Whether this task holds the one-round lock (it is running a round, and this is its ``evaluate=``)."""
+        return self._round_task is not None and self._round_task is asyncio.current_task()
+
+    @contextlib.asynccontextmanager
+    async def _in_turn(self) -> AsyncIterator[None]:
+        """The one-round lock, held by this task. Asked for by the task holding it (an ``evaluate=`` running a
+        round of its own federation), it would wait for itself forever: a ``RuntimeError`` says so."""
+        if self._inside_round():
+            raise RuntimeError("a round of this federation was asked for inside one of its rounds (its "
+                               "evaluate=), which it would wait for forever")
+        async with self._one_round_at_a_time:
+            self._round_task = asyncio.current_task()
+            try:
+                yield
+            finally:
+                self._round_task = None
 
     async def __aenter__(self) -> "Federation":
         return self
@@ -255,7 +280,7 @@ class Federation:
         It computes in torch's default modes whatever modes its caller holds (``in_default_modes``).
         Rounds of one federation run one after the other: two coroutines' ``run_round`` calls are two
         rounds, as they would be awaited in turn (not two round 1s from the same model)."""
-        async with self._one_round_at_a_time:
+        async with self._in_turn():
             return await in_default_modes(self._run_round())
 
     def _rounds_twin(self) -> nn.Module:
