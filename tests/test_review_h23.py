@@ -135,3 +135,21 @@ async def test_an_evaluate_that_runs_a_round_of_its_own_federation_is_refused_no
 
     federation = await _round_evaluated_by(nested)
     assert federation.round == 1
+
+
+class Doubled(nn.Module):
+    """A parametrization (``torch.nn.utils.parametrize``): the stored weight is half the one used."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 2
+
+
+@pytest.mark.timeout(60)
+async def test_a_parametrized_model_rounds():
+    """A parametrized module refuses ``copy.copy`` and pickling (only its ``state_dict`` serializes): a twin
+    made with them made ``Federation(model)`` raise where the model rounds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Doubled())
+    federation = await _one_round(model)
+    assert len(federation.history[-1].participants) == 2
