@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import copy
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -180,7 +179,8 @@ def _twin_of(module: nn.Module, params: dict[int, nn.Parameter], made: dict[int,
     """``module``'s twin (see ``remote_twin``), made once per module object (``made``)."""
     if id(module) in made:
         return made[id(module)]
-    twin = copy.copy(module)
+    twin = object.__new__(type(module))  # (not ``copy.copy``: a parametrized module refuses to be pickled)
+    vars(twin).update(vars(module))
     made[id(module)] = twin
     vars(twin)["_parameters"] = {n: None if p is None else params[id(p)] for n, p in module._parameters.items()}
     vars(twin)["_buffers"] = dict(module._buffers)
