@@ -153,3 +153,26 @@ async def test_a_parametrized_model_rounds():
     torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Doubled())
     federation = await _one_round(model)
     assert len(federation.history[-1].participants) == 2
+
+
+@pytest.mark.xfail(strict=True, reason="known cost (docs/api.md, Federation): the rounds' remote copy of the model is "
+                   "their own, so a worker the user also sent the model to holds two")
+@pytest.mark.timeout(60)
+async def test_a_worker_the_user_also_sent_the_model_to_takes_part_within_the_quota_it_had():
+    """Before the rounds' twin a round trained the user's own remote copy: a worker whose session quota
+    held one copy of a 2 MiB model, the fit's optimizer state and intermediates (16 MiB) took part after
+    ``worker.send(model)``. With the twin it holds two copies and is left out with ``LimitExceeded``."""
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    config = fz.WorkerConfig(min_batch_size=1, min_metric_rows=1, shuffle_secret="fixed", max_session_bytes=16 << 20)
+    workers = [fz.VirtualWorker(f"w{i}", config=config, datasets={"toy": Dataset("toy", x, x[:, :3].argmax(1))})
+               for i in range(2)]
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 3))
+        await workers[0].send(model)
+        fit = fz.FitConfig(dataset="toy", steps=1, batch_size=16)
+        federation = fz.Federation(workers, model, fit, round_timeout=60)
+        metrics = await federation.run_round()
+        assert sorted(metrics.participants) == ["w0", "w1"], metrics.dropped
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
