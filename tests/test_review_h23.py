@@ -176,3 +176,22 @@ async def test_a_worker_the_user_also_sent_the_model_to_takes_part_within_the_qu
         assert sorted(metrics.participants) == ["w0", "w1"], metrics.dropped
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(60)
+async def test_a_connect_awaited_twice_gives_its_worker_again():
+    """``conn = fz.connect(address)``, ``await conn`` twice: before ``Connecting`` became a coroutine each
+    ``await`` connected (or found connected) its worker and returned it; now the second raised
+    ``RuntimeError: cannot reuse already awaited coroutine``."""
+    host = fz.Worker("h23-connect", config=CONFIG)
+    address = host.bind("tcp://127.0.0.1:0")
+    host.start()
+    try:
+        connecting = fz.connect(address)
+        worker = await connecting
+        try:
+            assert await connecting is worker
+        finally:
+            await worker.close()
+    finally:
+        await host.close()
