@@ -30,7 +30,10 @@ class Connecting(CoroutineABC[Any, Any, "RemoteWorker"]):
         return self._running
 
     def __await__(self) -> Generator[Any, None, RemoteWorker]:
+        if self._connected is not None:  # awaited again once connected: its worker, as before it was a coroutine
+            return _ready(self._connected).__await__()
         return self._coroutine().__await__()
+
 
     def send(self, value: Any) -> Any:
         return self._coroutine().send(value)
@@ -77,3 +80,8 @@ class Connecting(CoroutineABC[Any, Any, "RemoteWorker"]):
 
     async def __aexit__(self, *exc: Any) -> None:
         await (self._connected or self._worker).close()
+
+
+async def _ready(worker: RemoteWorker) -> RemoteWorker:
+    """A worker already connected, as an awaitable: what a ``Connecting`` awaited again gives."""
+    return worker
