@@ -31,7 +31,7 @@ from torch import nn
 
 from . import budget
 from .codec import DTYPES, NodeRef
-from .errors import BadRequest, ModelDescriptionError
+from .errors import BadRequest, ModelDescriptionError, quoted
 from .ops import KINDS, METHODS, OP_NAMES, OPS, SCHEMAS, check_call
 
 
@@ -112,7 +112,15 @@ ModelRegistry = Mapping[str, Callable[..., nn.Module]]
 
 
 def describe(module: nn.Module) -> dict[str, Any]:
-    """The description of ``module`` that a worker can rebuild, or ``ModelDescriptionError``."""
+    """The description of ``module`` that a worker can rebuild, or ``ModelDescriptionError``. Its parameters
+    frozen with ``requires_grad_(False)`` are named in ``frozen``: the worker builds them frozen, so a fit
+    leaves them as they are, as torch's optimizers do (a layer's own description has no flag for it)."""
+    spec = _describe(module)
+    frozen = [name for name, parameter in module.named_parameters() if not parameter.requires_grad]
+    return {**spec, "frozen": frozen} if frozen else spec
+
+
+def _describe(module: nn.Module) -> dict[str, Any]:
     registered = getattr(type(module), "fedzmq_name", None)
     if registered:
         return {"kind": "registered", "name": registered, "kwargs": dict(getattr(module, "fedzmq_kwargs", {}))}
@@ -120,7 +128,7 @@ def describe(module: nn.Module) -> dict[str, Any]:
         name = _LAYER_NAMES[type(module)]
         return {"kind": "layer", "type": name, "kwargs": layer_kwargs(module, LAYERS[name][1])}
     if type(module) is nn.Sequential:
-        return {"kind": "sequential", "children": [[n, describe(c)] for n, c in module.named_children()]}
+        return {"kind": "sequential", "children": [[n, _describe(c)] for n, c in module.named_children()]}
     return _describe_graph(module)
 
 
@@ -133,7 +141,7 @@ def _describe_container(module: nn.Module) -> dict[str, Any]:
     children = []
     for name, child in module.named_children():
         if type(child) in _LAYER_NAMES or type(child) is nn.Sequential or getattr(type(child), "fedzmq_name", None):
-            children.append([name, describe(child)])
+            children.append([name, _describe(child)])
         else:
             children.append([name, _describe_container(child)])
     return {
@@ -290,7 +298,30 @@ def _resolve(value: Any, values: list[Any]) -> Any:
 
 
 def build(spec: Any, registry: ModelRegistry) -> nn.Module:
-    """Build the module a description names (parameters uninitialized: call on the meta device)."""
+    """Build the module a description names (parameters uninitialized: call on the meta device), with the
+    parameters it names in ``frozen`` not requiring gradients."""
+    module = _build(spec, registry)
+    freeze(module, spec.get("frozen"))
+    return module
+
+
+def freeze(module: nn.Module, frozen: Any) -> None:
+    """Stop the parameters ``frozen`` names requiring gradients (a description's ``frozen``: None or a list
+    of distinct names of ``module``'s parameters, each checked: it comes from the client)."""
+    if frozen is None:
+        return
+    parameters = dict(module.named_parameters())
+    if not isinstance(frozen, list) or not all(isinstance(name, str) for name in frozen):
+        raise BadRequest.new("a description's frozen must be a list of parameter names")
+    if len(set(frozen)) != len(frozen):
+        raise BadRequest.new("a description's frozen names a parameter twice")
+    for name in frozen:
+        if name not in parameters:
+            raise BadRequest.new(f"a description's frozen names {quoted(name)}, which is no parameter of the model")
+        parameters[name].requires_grad_(False)
+
+
+def _build(spec: Any, registry: ModelRegistry) -> nn.Module:
     if not isinstance(spec, dict):
         raise BadRequest.new("a model description must be a map")
     kind = spec.get("kind")
@@ -335,10 +366,10 @@ def build(spec: Any, registry: ModelRegistry) -> nn.Module:
 
 #: the keys each kind of description has
 DESCRIPTION_KEYS: dict[Any, set[str]] = {
-    "layer": {"kind", "type", "kwargs"}, "registered": {"kind", "name", "kwargs"},
-    "sequential": {"kind", "children"},
-    "container": {"kind", "children", "params", "buffers"},
-    "graph": {"kind", "children", "params", "buffers", "program"},
+    "layer": {"kind", "type", "kwargs", "frozen"}, "registered": {"kind", "name", "kwargs", "frozen"},
+    "sequential": {"kind", "children", "frozen"},
+    "container": {"kind", "children", "params", "buffers", "frozen"},
+    "graph": {"kind", "children", "params", "buffers", "program", "frozen"},
 }
 
 
