@@ -1,0 +1,79 @@
+"""Red team of the refusals that keep their words on protected rows (session h24).
+
+Three refusals were made to leave a daemon whole even from a command on protected rows, because they
+are built from public facts (shapes, dtypes, the dataset listing): a described model's meta-forward
+error, the meta sizing's mixed-dtype check, and a fit whose classifier has fewer outputs than the listed
+classes. No released word was found to depend on a row, a label or a trained weight (the meta run holds
+none); what is here are the cases the new checks left to torch's withheld words, though the facts that
+decide them are as public.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.worker.datasets import Dataset
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _toy(features: torch.Tensor | None = None) -> Dataset:
+    """Eight features, three classes (labels 0 to 2): protected, as every --data dataset is by default."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) if features is None else features
+    return Dataset("toy", x, x[:, :3].float().argmax(1))
+
+
+async def test_an_evaluation_with_fewer_outputs_than_the_listed_classes_is_named_not_withheld():
+    """`fit` refuses a classifier of 2 outputs on a dataset listed with 3 classes, before a row is read;
+    `evaluate` of the same model still ran, met torch's "Target 2 is out of bounds" (a label), and gave
+    only "RuntimeError ... the message is withheld". The class count is as public for an evaluation."""
+    async with fz.VirtualWorker("bob", datasets={"toy": _toy()}) as bob:
+        model = await bob.send(nn.Linear(8, 2))
+        with pytest.raises(fz.RemoteError) as failed:
+            await model.evaluate("toy")
+    message = str(failed.value)
+    assert "withheld" not in message and "3 classes" in message and "2 outputs" in message, message
+
+
+async def test_the_evaluation_of_a_model_with_the_listed_classes_still_runs():
+    async with fz.VirtualWorker("bob", datasets={"toy": _toy()}) as bob:
+        model = await bob.send(nn.Linear(8, 3))
+        metrics = await model.evaluate("toy")
+        wide = await bob.send(nn.Linear(8, 5))  # more outputs than classes: torch takes it, and so does fedzmq
+        assert (await wide.evaluate("toy"))["samples"] == 64
+    assert metrics["samples"] == 64
+
+
+class _Scores(nn.Module):
+    """One score per row: the rows times a weight vector (``x @ v``), which torch runs as a matrix-vector
+    product (``aten.mv``), not the ``mm`` the mixed-dtype check looks at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.v
+
+
+async def test_a_matrix_vector_product_of_rows_of_another_dtype_is_named_not_withheld():
+    """uint8 rows against a float model's matmul are named since the meta sizing checks dtypes; the
+    same rows times a float weight vector (``aten.mv``: the meta kernel does not check dtypes, the CPU
+    kernel does) passed the sizing, failed on the rows and came back withheld."""
+    x = torch.randint(0, 255, (64, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows = Dataset("toy", x, x[:, 0].float())
+    async with fz.VirtualWorker("bob", datasets={"toy": rows}) as bob:
+        model = await bob.send(_Scores())
+        with pytest.raises(fz.RemoteError) as failed:
+            await model.fit("toy", loss="mse_loss", optimizer={"cls": "SGD", "lr": 0.1})
+    message = str(failed.value)
+    assert "withheld" not in message and "uint8" in message and "float32" in message, message
+
+
+async def test_a_matrix_vector_product_of_one_dtype_still_trains():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    async with fz.VirtualWorker("bob", datasets={"toy": Dataset("toy", x, x[:, 0])}) as bob:
+        model = await bob.send(_Scores())
+        result = await model.fit("toy", loss="mse_loss", optimizer={"cls": "SGD", "lr": 0.1})
+    assert result["num_examples"] == 64
