@@ -492,8 +492,10 @@ class _Counter(TorchDispatchMode):
         return out
 
 
-#: ops whose CPU kernels refuse operands of different dtypes, where the meta kernels do not check
-_SAME_DTYPE_OPS = frozenset({_ATEN.mm, _ATEN.addmm, _ATEN.bmm, _ATEN.baddbmm, _ATEN.convolution})
+#: ops whose CPU kernels refuse operands of different dtypes, where the meta kernels do not check (``mv``
+#: and ``addmv``: a matrix times a vector, ``x @ v`` of uint8 rows and a float weight vector)
+_SAME_DTYPE_OPS = frozenset({_ATEN.mm, _ATEN.addmm, _ATEN.bmm, _ATEN.baddbmm, _ATEN.mv, _ATEN.addmv,
+                             _ATEN.convolution})
 
 
 def _check_same_dtype(op: Any, operands: Sequence[torch.Tensor]) -> None:
