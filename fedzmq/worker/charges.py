@@ -93,6 +93,8 @@ def forward(context: Context, binding: Binding) -> int:
         check_loss_shapes(binding.args["loss"], torch.empty(footprint.output, device="meta"),
                           torch.empty((inputs[0].shape[0], *labels.shape[1:]), device="meta"))
         check_classes(binding.args["loss"], footprint.output, _dataset(binding))
+    elif binding.command.name == "evaluate" and footprint.output is not None:  # measured row by row: (rows, 1, ...)
+        check_classes(binding.args["loss"], footprint.output[1:], _dataset(binding))
     held = passes * footprint.nbytes + copied
     if binding.command.name == "fit" and context.terms.row_metrics:
         rows_alone = context.coster.forward(hosted, inputs, kwargs, False, training=False, scope=scope, per_row=True)
@@ -107,7 +109,8 @@ CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 
 
 def check_classes(loss: str, output: tuple[int, ...], dataset: Dataset) -> None:
-    """Refuse, before a row is read, a classifier with fewer outputs than the dataset's classes. torch's
+    """Refuse, before a row is read, a classifier with fewer outputs than the dataset's classes (a fit's,
+    or an evaluation's: the same "Target 2 is out of bounds" was withheld from it). torch's
     own error ("Target 7 is out of bounds") quotes a label, so on protected rows it is withheld and the
     client learns nothing; the class count is listed to every client (``datasets``), so saying it is not."""
     if loss not in CLASS_INDEX_LOSSES or len(output) < 2:
