@@ -104,8 +104,15 @@ def make_optimizer(spec: dict[str, Any], module: nn.Module | Trainee) -> Any:
 
 
 def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
+    """A batch's labels as ``loss_name`` takes them. Integer and bool class labels go to a class-index loss
+    as int64: torch's ``cross_entropy`` takes int64 or uint8 targets and evaluation's ``gather`` int64 or
+    int32, so uint8 labels trained and failed every evaluation, int32 ones the other way round, with
+    torch's words withheld on protected rows."""
     if loss_name in ("mse_loss", "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"):
         return labels.float()
+    if loss_name in ("cross_entropy", "nll_loss") and not labels.dtype.is_floating_point \
+            and not labels.dtype.is_complex and labels.dtype != torch.int64:
+        return labels.long()
     return labels
 
 
