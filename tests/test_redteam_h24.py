@@ -92,3 +92,29 @@ async def test_class_labels_of_any_integer_dtype_both_train_and_evaluate(dtype):
         trained = await model.fit("toy", optimizer={"cls": "SGD", "lr": 0.1})
         metrics = await model.evaluate("toy")
     assert trained["num_examples"] == 64 and metrics["samples"] == 64 and metrics["accuracy"] is not None
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss"])
+async def test_float_class_labels_are_named_not_withheld(loss):
+    """Class indices saved as float32 (an .npz of np.float32 labels): ``datasets`` lists them as float32
+    with no num_classes, the class-count check skips them, and fit and evaluate met torch's "expected
+    target dtype to be Long or Byte, but got Float" (or gather's), withheld. The label dtype and shape are
+    listed to every client, so the daemon can say it before a row is read."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    async with fz.VirtualWorker("bob", datasets={"toy": Dataset("toy", x, x[:, :3].argmax(1).float())}) as bob:
+        model = await bob.send(nn.Linear(8, 3))
+        for attempt in (model.fit("toy", loss=loss, optimizer={"cls": "SGD", "lr": 0.1}),
+                        model.evaluate("toy", loss=loss)):
+            with pytest.raises(fz.RemoteError) as failed:
+                await attempt
+            message = str(failed.value)
+            assert "withheld" not in message and "float32" in message and "int64" in message, message
+
+
+async def test_class_probabilities_of_the_outputs_shape_still_train_with_cross_entropy():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    soft = torch.softmax(x[:, :3], dim=1)
+    async with fz.VirtualWorker("bob", datasets={"toy": Dataset("toy", x, soft)}) as bob:
+        model = await bob.send(nn.Linear(8, 3))
+        trained = await model.fit("toy", optimizer={"cls": "SGD", "lr": 0.1})
+    assert trained["num_examples"] == 64
