@@ -115,11 +115,28 @@ def check_classes(loss: str, output: tuple[int, ...], dataset: Dataset) -> None:
     client learns nothing; the class count is listed to every client (``datasets``), so saying it is not."""
     if loss not in CLASS_INDEX_LOSSES or len(output) < 2:
         return
+    check_class_labels(loss, output, dataset)
     classes = dataset.info()["num_classes"]
     if classes is not None and output[1] < classes:
         raise BadRequest.new(f"{loss}: the model gives {output[1]} outputs per row, and dataset "
                              f"{dataset.name!r} has {classes} classes (labels 0 to {classes - 1}); end the model "
                              f"with {classes} outputs")
+
+
+def check_class_labels(loss: str, output: tuple[int, ...], dataset: Dataset) -> None:
+    """Refuse float labels where ``loss`` reads class indices: ``nll_loss`` always, ``cross_entropy`` unless
+    they are class probabilities of the output's shape. torch's words ("expected target dtype to be Long")
+    are withheld on protected rows; the labels' dtype and shape are listed to every client (``datasets``)."""
+    labels = dataset.labels
+    if not labels.dtype.is_floating_point:
+        return
+    row = list(labels.shape[1:])
+    if loss == "cross_entropy" and tuple(row) == tuple(output[1:]):
+        return
+    dtype = str(labels.dtype).removeprefix("torch.")
+    probabilities = f", or class probabilities of shape {list(output[1:])}" if loss == "cross_entropy" else ""
+    raise BadRequest.new(f"{loss}: dataset {dataset.name!r} has {dtype} labels of shape {row}; it takes class "
+                         f"indices as integers (labels saved as int64){probabilities}")
 
 
 def loss_work(context: Context, binding: Binding, footprint: Footprint, scope: Hashable) -> int:
