@@ -22,7 +22,7 @@ from .datasets import Dataset
 from .handlers.modules import adoptable, check_named_once
 from .objects import BYTES_PER_OPTIMIZED_PARAMETER, HostedModule, HostedOptimizer
 from .secure import peer_count
-from .training import loss_function
+from .training import loss_function, widens_labels
 
 #: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
 #: RMSprop centered with momentum: three)
@@ -163,7 +163,12 @@ def batch(context: Context, binding: Binding) -> int:
     forward's charge does not count (it counts what the model makes). A fit over hosted clients makes
     one at a time (they share a row shape)."""
     dataset = _dataset(binding)
-    return batch_rows(binding) * (_row_bytes(dataset.features) + _row_bytes(dataset.labels))
+    labels = dataset.labels
+    # integer labels of another dtype reach a class-index loss as an int64 copy (``training._labels_for``):
+    # uint8 masks of 256 x 256 in a batch of 1024 are 512 MiB more
+    widened = math.prod(labels.shape[1:]) * torch.int64.itemsize if widens_labels(binding.args["loss"], labels.dtype) \
+        else 0
+    return batch_rows(binding) * (_row_bytes(dataset.features) + _row_bytes(labels) + widened)
 
 
 def batch_rows(binding: Binding) -> int:

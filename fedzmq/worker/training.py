@@ -110,10 +110,15 @@ def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
     torch's words withheld on protected rows."""
     if loss_name in ("mse_loss", "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"):
         return labels.float()
-    if loss_name in ("cross_entropy", "nll_loss") and not labels.dtype.is_floating_point \
-            and not labels.dtype.is_complex and labels.dtype != torch.int64:
+    if widens_labels(loss_name, labels.dtype):
         return labels.long()
     return labels
+
+
+def widens_labels(loss_name: str, dtype: torch.dtype) -> bool:
+    """Whether labels of ``dtype`` go to ``loss_name`` as an int64 copy (``_labels_for``; charged as a batch's)."""
+    return loss_name in ("cross_entropy", "nll_loss") and not dtype.is_floating_point and not dtype.is_complex \
+        and dtype != torch.int64
 
 
 def shuffle_seed(terms: Terms, dataset: Dataset, client_seed: int, batch_size: int, salt: str = "") -> int:
