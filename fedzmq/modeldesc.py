@@ -252,6 +252,18 @@ class GraphModule(nn.Module):
 _INDEXING_LAYERS = (nn.Embedding, nn.EmbeddingBag)
 
 
+def holds_registered(spec: Any) -> bool:
+    """Whether a description names an owner's registered class anywhere in it: that class's code, and so
+    its errors' words, are the owner's, not made from the description's public facts alone."""
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("kind") == "registered":
+        return True
+    children = spec.get("children")
+    return isinstance(children, list) and any(isinstance(entry, list) and len(entry) == 2 and holds_registered(entry[1])
+                                              for entry in children)
+
+
 def checks_values(module: nn.Module) -> bool:
     """Whether a forward of ``module`` can fail on the values of its inputs or weights, not only on their
     shapes: it holds a layer that indexes with them (an embedding), or a program that passes a tensor

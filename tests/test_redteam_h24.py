@@ -118,3 +118,32 @@ async def test_class_probabilities_of_the_outputs_shape_still_train_with_cross_e
         model = await bob.send(nn.Linear(8, 3))
         trained = await model.fit("toy", optimizer={"cls": "SGD", "lr": 0.1})
     assert trained["num_examples"] == 64
+
+
+class OwnersLayer(nn.Module):
+    """An owner's registered class whose forward fails with words of its own (say, a statistic of its rows
+    it holds): they are the owner's, not made from the description's public facts."""
+
+    fedzmq_name = "owners-layer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fedzmq_kwargs: dict[str, int] = {}
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the owner's own words: 41.5")
+
+
+async def test_an_owners_registered_class_inside_a_description_keeps_its_failure_withheld():
+    """A described model's forward that fails on the meta device is refused in words that may leave even
+    from protected rows (they are the model's and the batch's shapes). Not when an owner's registered
+    class inside it made the failure: its words are the owner's code's, and stay withheld."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=generator)
+    rows = Dataset("toy", x, x[:, :3].argmax(1))
+    async with fz.VirtualWorker("bob", datasets={"toy": rows}, models={"owners-layer": OwnersLayer}) as bob:
+        remote = await bob.send(nn.Sequential(OwnersLayer(), nn.ReLU()))
+        with pytest.raises(Exception) as caught:
+            await remote.fit("toy", steps=1, batch_size=16)
+        assert "41.5" not in str(caught.value), caught.value

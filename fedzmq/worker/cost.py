@@ -30,7 +30,7 @@ from torch.utils.flop_counter import flop_registry
 
 from .. import budget
 from ..errors import BadRequest, LimitExceeded, RemoteError, remote_error
-from ..modeldesc import ModelRegistry, build
+from ..modeldesc import ModelRegistry, build, holds_registered
 from ..ops import check_call
 from .objects import HostedModule
 from .opwork import op_work
@@ -252,8 +252,10 @@ class Coster:
             except (BadRequest, LimitExceeded):
                 raise
             except Exception as exc:
-                if hosted.spec.get("kind") != "registered":  # the real forward would fail the same way
-                    raise _forward_shape_error(exc) from None
+                if hosted.spec.get("kind") != "registered":  # (an owner's class alone is measured by running it)
+                    # the real forward would fail the same way; its words may leave when they are made of public
+                    # facts only, not when an owner's class inside the description made them
+                    raise (_shape_error(exc) if holds_registered(hosted.spec) else _forward_shape_error(exc)) from None
         self._store(scope, _FORWARDS, key, (footprint,))  # (None: cannot be measured, worth keeping too)
         return footprint
 
