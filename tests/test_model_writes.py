@@ -155,3 +155,23 @@ async def test_a_fit_over_clients_refused_on_the_client_writes_nothing(bob):
     assert not remote.deleted
     values = {float(v) for tensor in (await remote.get()).state_dict().values() for v in tensor.unique()}
     assert values == {0.0}
+
+
+async def test_a_load_whose_outcome_task_is_cancelled_before_it_ran_leaves_no_coroutine_unawaited():
+    """``start_load`` returns a task for the load's outcome; cancelled before its first step (``load``
+    cancelled right after sending, as a cancellation sweep found), the reply's wait it was handed was
+    never awaited: "coroutine 'RemoteWorker.wait_reply' was never awaited". It makes that wait itself."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with fz.VirtualWorker("w") as worker:
+            remote = await worker.send(nn.Linear(2, 2))
+            outcome = await remote.start_load(nn.Linear(2, 2).state_dict())
+            outcome.cancel()
+            await asyncio.wait([outcome])
+            assert outcome.cancelled()
+            del outcome
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]

@@ -185,7 +185,11 @@ class ModulePointer(Pointer):
         broadcast = state if isinstance(state, Broadcast) else Broadcast(state)
         split = await self.location.stream_into(self, broadcast, timeout)
         loaded = self.location.submit("module_load", {"obj": self.id, "state": split.inline})
-        return asyncio.ensure_future(self._after_write(self.location.wait_reply(loaded, timeout), bool(split.streamed)))
+
+        async def outcome() -> None:  # the reply's wait made in the task: one cancelled before it ran leaves none
+            await self._after_write(self.location.wait_reply(loaded, timeout), bool(split.streamed))
+
+        return asyncio.ensure_future(outcome())
 
     async def _after_write(self, request: "Awaitable[T]", wrote: bool) -> T:
         """The outcome of the command that ends a write (a load, or a fit or evaluation that loads first):
