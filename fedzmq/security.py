@@ -90,15 +90,26 @@ def load_keypair(secret_file: KeyPath) -> tuple[bytes, bytes]:
 
 
 def load_public_key(key: KeyPath | bytes) -> bytes:
-    """A public key given as z85 bytes (40 characters) or as a ``.key``/``.key_secret`` file."""
+    """A public key given as z85 bytes (40 characters) or as a public ``.key`` file (never a secret one)."""
     if isinstance(key, bytes) and len(key) == 40:
         return key
     _require_file(key, "a public .key file was expected")
     try:
-        public, _ = zmq.auth.load_certificate(os.fsdecode(key))
+        public, secret = zmq.auth.load_certificate(os.fsdecode(key))
     except (OSError, ValueError) as exc:
         raise SecurityError(f"cannot read a public key from {key!r}: {exc}") from None
+    if secret:
+        raise SecurityError(_secret_file_refusal(Path(os.fsdecode(key))))
     return public
+
+
+def _secret_file_refusal(path: Path) -> str:
+    """Why a secret key file is refused where a public key is asked for: it would work (the file holds the
+    public key too), and so hide that a secret left the machine it belongs to."""
+    public_name = path.name.removesuffix("_secret")
+    owner = public_name.removesuffix(".key")
+    return (f"{path} holds a secret key, which must stay on the machine it belongs to; pass {owner}'s public "
+            f".key file instead ({public_name}, written beside it by 'fedzmq keygen')")
 
 
 def load_allowed_keys(directory: KeyPath) -> set[bytes]:

@@ -190,3 +190,16 @@ def test_a_failed_handshake_is_logged_in_words():
     assert describe_endpoint(b"tcp://127.0.0.1:5761") == "tcp://127.0.0.1:5761"
     assert describe_event(zmq.EVENT_HANDSHAKE_FAILED_AUTH) == "HANDSHAKE_FAILED_AUTH"
     assert describe_event(12345678) == "12345678"
+
+
+@pytest.mark.timeout(30)
+async def test_a_daemons_secret_key_file_given_as_server_key_is_refused(tmp_path):
+    """A coordinator that passed the daemon's ``.key_secret`` as ``server_key`` connected as if nothing
+    were wrong: it works (the file holds the public key too), so the slip that copied a daemon's
+    secret to the coordinator's machine went unnoticed. It is refused before any socket is made."""
+    from fedzmq.security import SecurityError
+
+    daemon_public, daemon_secret = generate_keypair(tmp_path, "bob")
+    _, client_secret = generate_keypair(tmp_path, "coordinator")
+    with pytest.raises(SecurityError, match=r"bob\.key_secret.*secret.*bob's public \.key"):
+        await fz.connect("tcp://127.0.0.1:9", server_key=daemon_secret, client_key=client_secret)
