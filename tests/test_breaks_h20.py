@@ -353,8 +353,6 @@ async def test_a_remote_optimizer_of_a_model_a_federation_also_trains_steps_the_
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(strict=True, reason="known gap (docs/strategies.md, FedBuff): a publication refused for "
-                   "min_workers is not taken back; the next one is built on it")
 async def test_fedbuff_rounds_that_fail_min_workers_leave_nothing_in_the_next_model():
     """FedBuff with ``min_workers=2``, one fast worker and one slow: the fast one fills the buffer
     (``buffer_size=2``) alone, so the federation raises ``RoundFailed`` ("the model does not change";

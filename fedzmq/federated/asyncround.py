@@ -11,7 +11,9 @@
   re-dispatched from now on get it), and the publication is queued for the federation, whose ``run_round``
   returns it as the round's outcome (``RoundMetrics.extra["updates"]``: one record per update);
 - the round's deadline passing with no publication ready leaves the outcome empty (the federation's
-  ``RoundFailed``); the buffer and the trips go on.
+  ``RoundFailed``); the buffer and the trips go on;
+- a publication the federation refuses (fewer than ``min_workers`` distinct workers in it) is taken back
+  with everything built on it, and the protocol goes on from the committed model (``_take_back``).
 
 The federation's model is changed only by ``RoundOutcome.commit``. Each version still in use by a trip
 is kept (one model copy per version in flight). ``close()`` cancels the trips: ``Federation.run`` calls it
@@ -57,6 +59,8 @@ class BufferedAsyncRounds(RoundProtocol):
         #: the version the federation's model holds, and the newest one sealed (ahead while queued)
         self._committed = -1
         self._version = -1
+        #: the version of the publication ``run`` last returned (taken back if the federation did not commit it)
+        self._returned = -1
         self._states: dict[int, State] = {}
         self._broadcasts: dict[int, Broadcast] = {}
         self._in_use: collections.Counter[int] = collections.Counter()
@@ -74,8 +78,10 @@ class BufferedAsyncRounds(RoundProtocol):
 
     async def run(self, context: RoundContext) -> RoundOutcome:
         if self._committed != context.number - 1 or self._buffer is None:
-            await self.close()  # first round, a resumed run, or a round the federation did not commit
+            await self.close()  # first round, a resumed run, or a run whose federation moved on without us
             self._start(context)
+        elif self._returned > self._committed:
+            self._take_back()  # the publication last returned was neither committed nor refused (its commit raised)
         self._context = context
         assert self._changed is not None
         for worker in context.participants:
@@ -97,6 +103,7 @@ class BufferedAsyncRounds(RoundProtocol):
             return RoundOutcome({}, dropped, commit=lambda: None,
                                 facts={"buffered": self._buffer.count if self._buffer else 0})
         publication = self._ready.popleft()
+        self._returned = publication.version
         publication.dropped.update(self._dropped)
         self._dropped = {}
 
@@ -108,13 +115,30 @@ class BufferedAsyncRounds(RoundProtocol):
             self.strategy.version = publication.version
             self._forget_unused()
 
-        return RoundOutcome(publication.fits, publication.dropped, commit=commit,
+        return RoundOutcome(publication.fits, publication.dropped, commit=commit, refuse=self._take_back,
                             facts={"version": publication.version, "buffer_size": self.strategy.buffer_size,
                                    "updates": publication.updates})
 
+    def _take_back(self) -> None:
+        """The federation refused a publication (too few workers in it): forget it and everything built on it
+        (later publications, the open buffer's updates, trips trained from it; those trips' updates are
+        dropped when they arrive, and their workers re-dispatched), and go on from the committed model, so
+        the next publication is made of updates of models the federation holds."""
+        assert self._changed is not None
+        for version in [v for v in self._states if v > self._committed]:
+            del self._states[version]
+            self._broadcasts.pop(version, None)
+            self._in_use.pop(version, None)
+        for record in self._updates:
+            self._dropped[record["worker"]] = "its update was built on a publication the federation refused"
+        self._version = self._returned = self._committed
+        self._ready.clear()
+        self._buffer = self.strategy.begin_round(self._committed + 1, self._states[self._committed])
+        self._updates, self._fits = [], {}
+
     def _start(self, context: RoundContext) -> None:
         version = context.number - 1
-        self._committed = self._version = version
+        self._committed = self._version = self._returned = version
         self._states = {version: {k: v.detach().clone() for k, v in context.model.state_dict().items()}}
         self._broadcasts, self._in_use = {}, collections.Counter()
         self._buffer = self.strategy.begin_round(context.number, self._states[version])
@@ -160,8 +184,10 @@ class BufferedAsyncRounds(RoundProtocol):
                 self._changed.set()
                 return
             finally:
-                self._in_use[version] -= 1
-            self._arrived(key, version, delta, metrics, fit["seed"])
+                if self._states.get(version) is base:
+                    self._in_use[version] -= 1
+            if self._states.get(version) is base:  # else it trained from a publication taken back
+                self._arrived(key, version, delta, metrics, fit["seed"])
 
     def _receiver(self, base: State, complete: Callable[[State], Any], num_samples: int) -> DeltaReceiver:
         """Keeps the update's move from ``base``; ``_arrived`` weighs and folds it, with its staleness then."""

@@ -53,8 +53,9 @@ class RoundFailed(FedzmqError):
     """Fewer than ``min_workers`` workers delivered an update; the global model did not change."""
 
     def __init__(self, round_number: int, delivered: int, needed: int, dropped: Mapping[str, str]) -> None:
-        super().__init__(f"round {round_number} failed: {delivered} of the {needed} required updates arrived "
-                         f"({why_dropped(dropped)})")
+        left_out = why_dropped(dropped) if dropped or not delivered else "no participant was left out"
+        super().__init__(f"round {round_number} failed: updates from {delivered} of the {needed} required workers "
+                         f"arrived ({left_out})")
         self.round = round_number
         self.dropped = dict(dropped)
 
@@ -316,6 +317,7 @@ class Federation:
                                                       if self.sampling == "poisson" else None))
         outcome = await self.strategy.round_protocol().run(context)
         if len(outcome.fits) < self.min_workers:
+            outcome.refuse()
             raise RoundFailed(number, len(outcome.fits), self.min_workers, outcome.dropped)
         outcome.commit()
         return await self._record(number, started, sent_before, received_before, selected, unreachable, outcome)

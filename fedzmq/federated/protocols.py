@@ -134,6 +134,9 @@ class RoundOutcome:
     dropped: dict[str, str]
     commit: Callable[[], None]
     facts: dict[str, Any] = field(default_factory=dict)
+    #: called instead of ``commit`` when the federation refuses the round (too few updates), so a protocol
+    #: that keeps work going between rounds (FedBuff) does not build on a model that was never committed
+    refuse: Callable[[], None] = lambda: None
 
 
 class RoundProtocol(abc.ABC):
