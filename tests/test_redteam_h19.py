@@ -59,14 +59,12 @@ async def test_one_object_named_by_many_entries_of_a_model_charges_each_paramete
     assert grown < 48 * MB, f"the daemon grew {grown / MB:.0f} MiB under a 16 MiB quota (charged {charged / MB:.1f})"
 
 
-@pytest.mark.xfail(strict=True, raises=fz.ProtocolError, reason="known gap (docs/protocol.md, fit_clients): a fit over "
-                   "hosted clients replies its sums inline, whatever piece size its client announced")
 async def test_a_fit_over_hosted_clients_keeps_to_the_pieces_its_client_reads(fedzmq_daemons, tmp_path):
     """A client with smaller messages than its worker's says so in its ping (``chunk_bytes``), and the worker's
     replies keep to it (``Session.reply_chunk``): ``get``, ``module_state`` and a fit's ``reply_state`` do. A fit
     over hosted clients does not: its weighted sums (and its states kept apart) go inline, and the client
     cannot read the reply (a 32 KiB frame to a client reading 4 KiB: ``ProtocolError``), so the round's
-    training is lost to it. They should come as streams, as a fit's ``reply_state`` does."""
+    training was lost to it. They come as streams now, as a fit's ``reply_state`` does."""
     folder = tmp_path / "shards"
     folder.mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -81,3 +79,33 @@ async def test_a_fit_over_hosted_clients_keeps_to_the_pieces_its_client_reads(fe
             "optimizer": {"cls": "SGD", "lr": 0.01}, "reply_state": True, "combine": True, "clients": ["a", "b"]}
     reply = await worker.request("fit", args)
     assert reply["weight"] == 64 and set(reply["weighted_sum"]) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])  # sums combined on the daemon, or each state apart
+async def test_a_round_over_hosted_clients_reading_small_pieces_equals_the_round_with_big_ones(fedzmq_daemons,
+                                                                                                tmp_path, strategy):
+    """The same round over two hosted clients, read by a coordinator taking 4 KiB pieces and by one taking the
+    default: the streamed sums (or states) are the same numbers, bit for bit."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 64, generator=generator),
+                      torch.randint(0, 10, (32,), generator=generator))
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"d={folder}"])
+    models = []
+    for settings in (None, fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))):
+        workers = await fz.connect_clients(host.address, settings=settings)
+        try:
+            torch.manual_seed(0)
+            model = nn.Linear(64, 64)  # a 16 KiB weight: more than one 4 KiB piece, as float32 and as float64
+            federation = fz.Federation(workers, model, fz.FitConfig(dataset="d", batch_size=16, steps=1),
+                                       fz.make_strategy(strategy), seed=3)
+            metrics = await federation.run_round()
+            assert len(metrics.participants) == 2 and not metrics.dropped, metrics
+            models.append(model.state_dict())
+        finally:
+            for worker in workers:
+                await worker.close()
+    for name, tensor in models[0].items():
+        assert torch.equal(tensor, models[1][name]), name

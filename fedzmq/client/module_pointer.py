@@ -145,7 +145,8 @@ class ModulePointer(Pointer):
         """A round for many of the logical clients this model's daemon hosts, in one trip: each client
         starts from ``load``, trains on its own ``dataset``, and the reply carries ``metrics`` (by client)
         and either ``weighted_sum`` and ``weight`` (``combine``: ``sum(n_i * x_i)`` in float64 and
-        ``sum(n_i)``, what a weighted mean needs) or ``states`` (each client's trained state). ``fit``
+        ``sum(n_i)``, what a weighted mean needs) or ``states`` (each client's trained state); entries past the
+        piece size this client reads are ``StreamInfo``, read with ``state_pieces`` of this pointer. ``fit``
         takes ``fit``'s keyword arguments (a fresh optimizer per client). More clients than one reply
         can carry within the connection's limits (``clients_per_trip``) raise ``ValueError`` before
         anything is sent: a federated round splits them into trips itself."""
@@ -165,7 +166,7 @@ class ModulePointer(Pointer):
                                            fit.pop("epochs", None), fit.pop("steps", None), fit.pop("batch_size", 32),
                                            fit.pop("prox_mu", 0.0), fit.pop("seed", 0), load, timeout)
         args.update(clients=list(clients), combine=combine, reply_state=True)
-        reply = await self._after_write(self.location.request("fit", args, timeout), wrote)
+        reply = await self._after_write(self.location.request_state("fit", args, self.id, timeout), wrote)
         if not isinstance(reply, dict) or not isinstance(reply.get("metrics"), dict):
             from ..errors import ProtocolError
             raise ProtocolError(f"the worker answered a fit over clients with {type(reply).__name__}")

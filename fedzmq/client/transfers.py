@@ -365,9 +365,7 @@ class Transfers:
         if future.cancelled() or future.exception() is not None:
             return
         reply = future.result()
-        result = reply.result if reply.ok else None
-        state = result.get("state") if isinstance(result, dict) and isinstance(result.get("state"), dict) else result
-        if isinstance(state, dict):
+        for state in reply_states(reply.result if reply.ok else None):
             self.give_up_reads(obj_id, kept_reads(state))
 
     def give_up_reads(self, obj_id: int, unread: dict[str, StreamInfo]) -> None:
@@ -392,6 +390,16 @@ class Transfers:
             pieces.put_nowait(None)
             if not finished and info.stream is not None and info.nbytes:
                 self.give_up_reads(pointer.id, {name: info})
+
+
+def reply_states(result: Any) -> list[dict[str, Any]]:
+    """The model states a reply carries: ``module_state``'s result itself, a fit's ``state``, a fit over hosted
+    clients' ``weighted_sum`` or each of its ``states``."""
+    if not isinstance(result, dict):
+        return []
+    found = [result.get("state"), result.get("weighted_sum"), *(result.get("states") or [])]
+    states = [state for state in found if isinstance(state, dict)]
+    return states if states or "metrics" in result else [result]
 
 
 def kept_reads(state: dict[str, Any]) -> dict[str, StreamInfo]:

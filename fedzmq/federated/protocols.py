@@ -374,10 +374,13 @@ async def _clients_group_trip(host: RemoteWorker, clients: Sequence[RemoteWorker
                                 f"{len(states) if isinstance(states, list) else 'no list of'} states")
         receivers = [(aggregator.receive(int(fit_metrics["num_examples"])), state, [client])
                      for (client, fit_metrics), state in zip(trained.items(), states)]
-    for receiver, state, delivered in receivers:
+    # every state's pieces made now: those a failure leaves unread are given up, so the daemon keeps none
+    pieces = [(receiver, host.state_pieces(pointer, state), delivered) for receiver, state, delivered in receivers]
+    for receiver, state_pieces, delivered in pieces:
         try:
-            for name, values in state.items():
-                await fold(receiver, name, 0, values)
+            async with contextlib.aclosing(state_pieces) as entries:
+                async for name, start, values in entries:
+                    await fold(receiver, name, start, values)
             receiver.end()
         except BaseException:
             receiver.abort()

@@ -99,9 +99,7 @@ class KeptReads:
         self._quota.check(KEPT_READ_BYTES * len(entries), what)
         tokens = []
         with self._lock:
-            if len(self._reads) + len(entries) > MAX_KEPT_READS:
-                raise LimitExceeded.new(f"{what}: the session keeps {len(self._reads)} reads not made yet, and at most "
-                                        f"{MAX_KEPT_READS} (read the entries of the states it was sent, or close them)")
+            self._check_count(len(entries), what)
             for index, tensor in entries:
                 storage = storage_key(tensor.untyped_storage())
                 entry = self._uncopied.get((obj_id, index))
@@ -109,14 +107,42 @@ class KeptReads:
                     entry = KeptEntry(next(self._keys), obj_id, index, tensor.numel() * tensor.element_size(),
                                       storage, weakref.ref(module))
                     self._uncopied[(obj_id, index)] = entry
-                entry.readers += 1
-                token = next(self._tokens)
-                self._reads[token] = entry
-                self._by_object.setdefault(obj_id, set()).add(token)
-                tokens.append(token)
-            self._high_water = max(self._high_water, len(self._reads))
+                tokens.append(self._add_read(entry))
             self._charge_bookkeeping()
         return tokens
+
+    def report_made(self, obj_id: int, module: nn.Module, entries: Sequence[tuple[int, torch.Tensor]]) -> list[int]:
+        """Keep reads of tensors a command made for its reply, which no model holds (a fit over hosted
+        clients: their weighted sums, or each client's trained state), under the indexes of ``module``'s
+        entries they stand for. Each is its own copy from the start (no write can change it), charged to
+        the session until its read ends; ``LimitExceeded`` if the session has no room for them."""
+        what = f"keeping {len(entries)} entries made for the reply until they are read"
+        copies = [tensor.detach().contiguous().view(-1).view(torch.uint8) for _, tensor in entries]
+        self._quota.check(KEPT_READ_BYTES * len(entries) + sum(copy.numel() for copy in copies), what)
+        tokens = []
+        with self._lock:
+            self._check_count(len(entries), what)
+            for (index, _), copy in zip(entries, copies):
+                entry = KeptEntry(next(self._keys), obj_id, index, copy.numel(), storage_key(copy.untyped_storage()),
+                                  weakref.ref(module), copy=copy)
+                self._quota.hold(("kept", entry.key), [copy])
+                tokens.append(self._add_read(entry))
+            self._charge_bookkeeping()
+        return tokens
+
+    def _check_count(self, more: int, what: str) -> None:
+        if len(self._reads) + more > MAX_KEPT_READS:
+            raise LimitExceeded.new(f"{what}: the session keeps {len(self._reads)} reads not made yet, and at most "
+                                    f"{MAX_KEPT_READS} (read the entries of the states it was sent, or close them)")
+
+    def _add_read(self, entry: KeptEntry) -> int:
+        """One more read of ``entry``: its token."""
+        entry.readers += 1
+        token = next(self._tokens)
+        self._reads[token] = entry
+        self._by_object.setdefault(entry.obj_id, set()).add(token)
+        self._high_water = max(self._high_water, len(self._reads))
+        return token
 
     def read(self, token: int, obj_id: int, names: list[str], name: str) -> KeptEntry:
         """The entry kept read ``token`` reads, which must be entry ``name`` of object ``obj_id`` (whose

@@ -14,7 +14,7 @@ from .. import training
 from ..byzantine import parse_attack
 from ..policy import sanitized
 from ..binding import Binding, Context, Made
-from .modules import state_reply
+from .modules import InlineRoom, entries_reply, state_reply
 
 log = logging.getLogger("fedzmq.worker")
 
@@ -131,9 +131,13 @@ def fit_clients(context: Context, binding: Binding) -> Any:
             first, error = failed[0]
             log.warning("fit over %d hosted clients: %d failed (the first, %s: %s)", len(args["clients"]),
                         len(failed), quoted(first), error)
+    # streamed past the piece size the client reads, as a fit's ``reply_state`` is (read from the model's id)
+    room = InlineRoom(binding.session.reply_chunk(context.config.limits.chunk_bytes))
     if combine:
-        return {"metrics": metrics, "weighted_sum": sums, "weight": weight}
-    return {"metrics": metrics, "states": states}
+        return {"metrics": metrics, "weighted_sum": entries_reply(binding, "module", sums, room, made=True),
+                "weight": weight}
+    return {"metrics": metrics,
+            "states": [entries_reply(binding, "module", state, room, made=True) for state in states]}
 
 
 #: values a tensor takes in a reply's header beside its shape's (its entry's name, ``{"$tensor": [dtype,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -137,18 +138,43 @@ def state_reply(binding: Binding, arg: str, inline_bytes: int) -> dict[str, Any]
     bytes in all (the parameters themselves, sent uncopied: a later command that may change them waits
     until they have left), the others as ``StreamInfo`` to fetch with ``module_read``, each a read the
     session keeps as the entry is now (``fedzmq.worker.kept``)."""
+    module = binding.objects[arg].module
+    return entries_reply(binding, arg, module.state_dict(), InlineRoom(inline_bytes), made=False)
+
+
+@dataclass
+class InlineRoom:
+    """The bytes of tensors a reply may still carry inline (the rest go as streams); one per reply, shared
+    by the states in it."""
+
+    bytes: int
+
+    def take(self, tensor: torch.Tensor) -> bool:
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > self.bytes or not tensor.is_contiguous():
+            return False
+        self.bytes -= nbytes
+        return True
+
+
+def entries_reply(binding: Binding, arg: str, state: dict[str, torch.Tensor], room: InlineRoom, *,
+                  made: bool) -> dict[str, Any]:
+    """``state`` for a reply: as many entries inline as ``room`` takes, the others as ``StreamInfo``.
+    ``state`` is the model's own (``made`` false: reads kept as the entries are now, copied only if a write
+    comes first) or tensors the command made under the model's entry names (a fit over hosted clients'
+    sums: each kept as it is, read from ``module_read`` of the model ``arg`` names)."""
     module, obj_id = binding.objects[arg].module, binding.request.args[arg]
     result: dict[str, Any] = {}
     streamed: list[tuple[str, int, torch.Tensor]] = []
-    for index, (name, tensor) in enumerate(module.state_dict().items()):
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes <= inline_bytes and tensor.is_contiguous():
+    indexes = {name: index for index, name in enumerate(module.state_dict())} if made else {}
+    for index, (name, tensor) in enumerate(state.items()):
+        if room.take(tensor):
             result[name] = tensor.detach()
-            inline_bytes -= nbytes
         else:
             result[name] = None  # (the entries keep their order)
-            streamed.append((name, index, tensor))
-    tokens = binding.session.kept.report(obj_id, module, [(index, tensor) for _, index, tensor in streamed])
+            streamed.append((name, indexes[name] if made else index, tensor))
+    report = binding.session.kept.report_made if made else binding.session.kept.report
+    tokens = report(obj_id, module, [(index, tensor) for _, index, tensor in streamed])
     for (name, _, tensor), token in zip(streamed, tokens):
         nbytes = tensor.numel() * tensor.element_size()
         result[name] = StreamInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), nbytes, False, token)
