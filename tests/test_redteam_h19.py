@@ -29,6 +29,17 @@ def rss_bytes(pid: int | None) -> int:
     raise AssertionError("no VmRSS")
 
 
+def two_shards(tmp_path: Path) -> Path:
+    """A folder of two hosted clients' datasets (``a`` and ``b``: 32 rows of 64 features, 10 classes)."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 64, generator=generator),
+                      torch.randint(0, 10, (32,), generator=generator))
+    return folder
+
+
 def tied_stack(layers: int, width: int) -> nn.Module:
     return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
 
@@ -65,12 +76,7 @@ async def test_a_fit_over_hosted_clients_keeps_to_the_pieces_its_client_reads(fe
     over hosted clients does not: its weighted sums (and its states kept apart) go inline, and the client
     cannot read the reply (a 32 KiB frame to a client reading 4 KiB: ``ProtocolError``), so the round's
     training was lost to it. They come as streams now, as a fit's ``reply_state`` does."""
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for name in ("a", "b"):
-        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 64, generator=generator),
-                      torch.randint(0, 10, (32,), generator=generator))
+    folder = two_shards(tmp_path)
     small = fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))
     [host] = await fedzmq_daemons("sim", settings=small, args=["--clients-from", f"d={folder}"])
     worker = host.worker
@@ -86,12 +92,7 @@ async def test_a_round_over_hosted_clients_reading_small_pieces_equals_the_round
                                                                                                 tmp_path, strategy):
     """The same round over two hosted clients, read by a coordinator taking 4 KiB pieces and by one taking the
     default: the streamed sums (or states) are the same numbers, bit for bit."""
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for name in ("a", "b"):
-        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 64, generator=generator),
-                      torch.randint(0, 10, (32,), generator=generator))
+    folder = two_shards(tmp_path)
     [host] = await fedzmq_daemons("sim", args=["--clients-from", f"d={folder}"])
     models = []
     for settings in (None, fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))):
