@@ -28,6 +28,7 @@ from torch import nn
 
 from ..client.module_pointer import clients_per_trip
 from ..client.pointers import Broadcast, ModulePointer
+from ..client.transfers import StatePieces
 from ..client.worker import RemoteWorker
 from ..errors import ObjectNotFound, ProtocolError, RemoteError, RequestTimeout
 from ..optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
@@ -225,16 +226,21 @@ async def fit_trip(worker: RemoteWorker, model: nn.Module, broadcast: Broadcast,
             if attempt == 2:
                 raise
             worker.forget(model)
-    receiver = receive(int(update.metrics["num_examples"]))
+    await fold_update(receive(int(update.metrics["num_examples"])), update.pieces, fold)
+    return update.metrics
+
+
+async def fold_update(receiver: UpdateReceiver, pieces: StatePieces, fold: "Folder") -> None:
+    """Fold one update's pieces into ``receiver`` and end it; on a failure abort it (what is left unread of
+    the pieces is given up, so the daemon keeps nothing for it)."""
     try:
-        async with contextlib.aclosing(update.pieces) as pieces:  # (what a failed fold leaves unread is given up)
-            async for name, start, values in pieces:
+        async with contextlib.aclosing(pieces) as entries:
+            async for name, start, values in entries:
                 await fold(receiver, name, start, values)
         receiver.end()
     except BaseException:
         receiver.abort()
         raise
-    return update.metrics
 
 
 class Folder:
@@ -377,14 +383,7 @@ async def _clients_group_trip(host: RemoteWorker, clients: Sequence[RemoteWorker
     # every state's pieces made now: those a failure leaves unread are given up, so the daemon keeps none
     pieces = [(receiver, host.state_pieces(pointer, state), delivered) for receiver, state, delivered in receivers]
     for receiver, state_pieces, delivered in pieces:
-        try:
-            async with contextlib.aclosing(state_pieces) as entries:
-                async for name, start, values in entries:
-                    await fold(receiver, name, start, values)
-            receiver.end()
-        except BaseException:
-            receiver.abort()
-            raise
+        await fold_update(receiver, state_pieces, fold)
         # recorded as soon as folded: a later receiver's failure must not call these dropped
         for client in delivered:
             if client in by_client:
