@@ -395,3 +395,20 @@ async def test_a_session_keeps_a_bounded_number_of_reads_and_a_delete_ends_them(
     await bob.request("delete", {"objs": [other.id]})
     other.mark_deleted()
     assert (await bob.status())["bytes"] == 0
+
+
+def test_entries_a_command_made_are_held_in_place_of_its_reservation_not_beside_it():
+    """A fit over hosted clients reserves room for the sums it makes; reporting them as kept reads must
+    not charge them a second time beside that reservation (a session at a tight quota would lose the round's
+    training to a refusal after it ran), and once the reservation ends they stay charged until read."""
+    from fedzmq.worker.kept import KeptReads
+    from fedzmq.worker.quota import Quota
+
+    sums = torch.zeros(4096, dtype=torch.float64)  # 32 KiB
+    quota = Quota(sums.numel() * 8 + KEPT_READ_BYTES)
+    kept = KeptReads(quota)
+    with quota.reserving(sums.numel() * 8):
+        [token] = kept.report_made(1, nn.Linear(2, 2), [(0, sums)])
+    assert quota.held >= sums.numel() * 8
+    kept.end(token)
+    assert quota.held < sums.numel() * 8

@@ -115,10 +115,12 @@ class KeptReads:
         """Keep reads of tensors a command made for its reply, which no model holds (a fit over hosted
         clients: their weighted sums, or each client's trained state), under the indexes of ``module``'s
         entries they stand for. Each is its own copy from the start (no write can change it), charged to
-        the session until its read ends; ``LimitExceeded`` if the session has no room for them."""
+        the session until its read ends. Their bytes are not checked again: the command's reservation (its
+        charge, ``fedzmq.worker.charges``) counted them, and their hold takes its place when it ends;
+        ``LimitExceeded`` if the reads' bookkeeping has no room."""
         what = f"keeping {len(entries)} entries made for the reply until they are read"
         copies = [tensor.detach().contiguous().view(-1).view(torch.uint8) for _, tensor in entries]
-        self._quota.check(KEPT_READ_BYTES * len(entries) + sum(copy.numel() for copy in copies), what)
+        self._quota.check(KEPT_READ_BYTES * len(entries), what)
         tokens = []
         with self._lock:
             self._check_count(len(entries), what)
