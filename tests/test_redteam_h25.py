@@ -1,0 +1,93 @@
+"""Red team h25: a hostile coordinator with an allowed key against real daemons (docs/security.md).
+
+Each test is an attack that broke the daemon's guarantees on main, written as the check that it holds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.codec import Ref
+from conftest import FEATURES  # the owner's rows of the secret_rows fixture
+
+pytestmark = pytest.mark.timeout(120)
+
+#: the owner's real terms (the test kit's daemons start with relaxed ones, for tiny test data)
+OWNER_TERMS = ["--min-batch-size", "16", "--min-metric-rows", "16"]
+
+
+async def test_batchnorm_running_stats_a_forward_wrote_from_open_rows_keep_their_label(fedzmq_daemons, secret_rows):
+    """A BatchNorm's running mean and variance are written by torch's kernel without moving their version
+    counters, so the executor's write watch never saw them: only ``num_batches_tracked`` (a Python ``add_``)
+    was labelled with the rows. A load of that one entry, whole, gave it back the public label, and the
+    model then left with the running mean of the rows it saw: a batch of one row twice is that row, exactly,
+    under ``--private-release none``."""
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=["--open-data", f"rows={path}", *OWNER_TERMS])
+    [ds] = await bob.worker.datasets()
+    features = await ds.features()
+    norm = nn.BatchNorm1d(FEATURES, momentum=1.0, affine=False)
+    remote = await bob.worker.send(norm)
+    await remote(features[[3, 3]])  # row 3, twice: the batch mean is the row
+    with pytest.raises(fz.PermissionDenied):
+        await remote.get()  # refused on main too: num_batches_tracked carries the rows' label
+    await remote.load({"num_batches_tracked": torch.tensor(0)})  # overwritten whole: that entry is public again
+    with pytest.raises(fz.PermissionDenied):
+        await remote.get()
+    assert not torch.equal(norm.running_mean, x[3]), "row 3 left in the running mean"
+
+
+async def test_batchnorm_running_stats_of_a_fit_under_secure_aggregation_leave_only_masked(fedzmq_daemons,
+                                                                                          secret_rows):
+    """On a daemon that requires secure aggregation, a fit writes a BatchNorm's running statistics from the
+    protected rows; they were never labelled (their writes do not move a version counter). Loading the
+    trained weights and ``num_batches_tracked`` back whole, and dropping the gradients, left a model whose
+    state the daemon gave out: the mean and variance of a batch of the owner's rows, unmasked."""
+    x, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=["--data", f"rows={path}", *OWNER_TERMS, "--require-secure-aggregation"])
+    worker = bob.worker
+    model = nn.Sequential(nn.BatchNorm1d(FEATURES, momentum=1.0, affine=False), nn.Linear(FEATURES, 1), nn.Flatten(0))
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    remote = await worker.send(model)
+    await remote.fit("rows", loss="mse_loss", optimizer={"cls": "SGD", "lr": 0.1}, batch_size=16, steps=1)
+    await remote.load({name: start[name] for name in ("1.weight", "1.bias", "0.num_batches_tracked")})
+    optimizer = worker.new_id()
+    await worker.request("optim_create", {"out": optimizer, "cls": "SGD", "module": remote.id,
+                                          "groups": [{"params": [0, 1], "lr": 0.1}]})
+    await worker.request("optim_zero_grad", {"obj": optimizer, "set_to_none": True})
+    with pytest.raises(fz.PermissionDenied):
+        state = await worker.request("module_state", {"obj": remote.id})
+        mean = state["0.running_mean"]
+        assert torch.equal(mean, start["0.running_mean"]), f"a batch mean of the rows left: {mean} (rows ~{x.mean(0)})"
+
+
+async def test_a_buffer_a_forward_returns_is_not_a_window_on_the_model(fedzmq_daemons, secret_rows):
+    """A forward that returns a buffer (``get_attr`` as an output) stored the module's own tensor (only
+    parameters were copied, ``unshared``): a pointer that a later fit writes through. Under secure
+    aggregation the fit's BatchNorm statistics of the protected rows then read back through the pointer
+    (here even when the fit failed after its forward)."""
+    _, _, path = secret_rows
+    [bob] = await fedzmq_daemons("bob", args=["--data", f"rows={path}", *OWNER_TERMS, "--require-secure-aggregation"])
+    worker = bob.worker
+
+    class Window(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(FEATURES, momentum=1.0)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.bn(x), self.bn.running_mean
+
+    remote = await worker.send(Window())
+    public = await worker.send(torch.zeros(16, FEATURES))
+    out, window = worker.new_id(), worker.new_id()
+    await worker.request("module_call", {"obj": remote.id, "args": [Ref(public.id)], "kwargs": {}, "out": [out, window]})
+    with pytest.raises(fz.RemoteError):  # two outputs: the fit fails after its forward wrote the statistics
+        await worker.request("fit", {"module": remote.id, "dataset": "rows", "loss": "mse_loss", "batch_size": 16,
+                                     "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.1}})
+    with pytest.raises(fz.PermissionDenied):
+        seen = await worker.request("get", {"obj": window})
+        assert torch.equal(seen, torch.zeros(FEATURES)), f"a batch mean of the rows left: {seen}"
