@@ -20,6 +20,7 @@ import time
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from ..budget import Budget, running_under
 from ..codec import Request, check_message, encode_error, encode_reply
@@ -416,7 +417,8 @@ def _unbound(session: Session, request: Request) -> Binding:
 
 class _WriteWatch:
     """What a command wrote, among the tensors its ``Command.writes`` says it may write: those whose
-    storage is new or whose version counter moved (every in-place write bumps it, views share it)."""
+    storage is new or whose version counter moved (every in-place write bumps it, views share it), and the
+    running statistics of a norm layer whose ``num_batches_tracked`` moved (``running_stats``)."""
 
     def __init__(self, binding: Binding) -> None:
         self.binding = binding
@@ -430,13 +432,35 @@ class _WriteWatch:
     def _candidates(self) -> list[torch.Tensor]:
         return may_write(self.binding, self.leaves)
 
+    def _moved(self, tensor: torch.Tensor) -> bool:
+        return tensor.layout != torch.strided or self.before.get(storage_key(tensor.untyped_storage())) != tensor._version
+
     def written(self) -> list[torch.Tensor]:
         """What the command wrote; never raises (it runs in the ``finally`` that labels a failed command's
         writes): a candidate it cannot tell about (no single storage) counts as written."""
         if self.kind in ("graph", "stream"):  # every leaf's gradient; the chunk's stream
             return self._candidates()
-        return [t for t in self._candidates()
-                if t.layout != torch.strided or self.before.get(storage_key(t.untyped_storage())) != t._version]
+        written = [t for t in self._candidates() if self._moved(t)]
+        if self.kind == "module":
+            hosted = self.binding.objects.get("obj") or self.binding.objects["module"]
+            written += [stat for tracker, stats in running_stats(hosted.module) if self._moved(tracker)
+                        for stat in stats]
+        return written
+
+
+def running_stats(module: nn.Module) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Each norm layer's ``num_batches_tracked`` with the running statistics a forward in training mode
+    updates beside it. torch's batch-norm kernel writes ``running_mean`` and ``running_var`` without moving
+    their version counters (``num_batches_tracked``, a Python ``add_``, moves its own), so a write watch
+    that reads version counters only missed them: a red team (h25) read a row of open data exactly from a
+    running mean under ``--private-release none``, and a batch's mean of protected rows under secure
+    aggregation, once ``num_batches_tracked`` was loaded back whole."""
+    found = []
+    for sub in module.modules():
+        tracker = getattr(sub, "num_batches_tracked", None)
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and isinstance(tracker, torch.Tensor):
+            found.append((tracker, [t for t in (sub.running_mean, sub.running_var) if isinstance(t, torch.Tensor)]))
+    return found
 
 
 def may_write(binding: Binding, leaves: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
