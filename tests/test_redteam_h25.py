@@ -84,7 +84,8 @@ async def test_a_buffer_a_forward_returns_is_not_a_window_on_the_model(fedzmq_da
     remote = await worker.send(Window())
     public = await worker.send(torch.zeros(16, FEATURES))
     out, window = worker.new_id(), worker.new_id()
-    await worker.request("module_call", {"obj": remote.id, "args": [Ref(public.id)], "kwargs": {}, "out": [out, window]})
+    await worker.request("module_call", {"obj": remote.id, "args": [Ref(public.id)], "kwargs": {},
+                                         "out": [out, window]})
     with pytest.raises(fz.RemoteError):  # two outputs: the fit fails after its forward wrote the statistics
         await worker.request("fit", {"module": remote.id, "dataset": "rows", "loss": "mse_loss", "batch_size": 16,
                                      "steps": 1, "optimizer": {"cls": "SGD", "lr": 0.1}})

@@ -433,7 +433,8 @@ class _WriteWatch:
         return may_write(self.binding, self.leaves)
 
     def _moved(self, tensor: torch.Tensor) -> bool:
-        return tensor.layout != torch.strided or self.before.get(storage_key(tensor.untyped_storage())) != tensor._version
+        key = storage_key(tensor.untyped_storage()) if tensor.layout == torch.strided else None
+        return key is None or self.before.get(key) != tensor._version
 
     def written(self) -> list[torch.Tensor]:
         """What the command wrote; never raises (it runs in the ``finally`` that labels a failed command's
