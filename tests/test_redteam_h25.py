@@ -5,18 +5,24 @@ Each test is an attack that broke the daemon's guarantees on main, written as th
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import fedzmq as fz
 from fedzmq.codec import Ref
+from fedzmq.testing.datasets import write_dataset
 from conftest import FEATURES  # the owner's rows of the secret_rows fixture
 
 pytestmark = pytest.mark.timeout(120)
 
 #: the owner's real terms (the test kit's daemons start with relaxed ones, for tiny test data)
 OWNER_TERMS = ["--min-batch-size", "16", "--min-metric-rows", "16"]
+
+MB = 1 << 20
 
 
 async def test_batchnorm_running_stats_a_forward_wrote_from_open_rows_keep_their_label(fedzmq_daemons, secret_rows):
@@ -92,3 +98,51 @@ async def test_a_buffer_a_forward_returns_is_not_a_window_on_the_model(fedzmq_da
     with pytest.raises(fz.PermissionDenied):
         seen = await worker.request("get", {"obj": window})
         assert torch.equal(seen, torch.zeros(FEATURES)), f"a batch mean of the rows left: {seen}"
+
+
+def _peak_growth(pid: int | None, before: int) -> int:
+    """How far the daemon's peak resident memory (``VmHWM``) rose above ``before`` (its ``VmRSS`` then)."""
+    assert pid is not None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 - before
+    raise AssertionError("no VmHWM")
+
+
+def _rss(pid: int | None) -> int:
+    assert pid is not None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class _Wide(nn.Module):
+    """One weight broadcast over each row: an output of 256 x 256 per row, as a segmentation model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(256, 256))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(-1, 1, 1) * self.w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+async def test_a_fits_loss_and_its_float_copy_of_the_labels_are_charged(fedzmq_daemons, tmp_path, dtype):
+    """A fit is charged its forward and backward (twice the forward's tensors) and its batch, but not its
+    loss: ``mse_loss`` makes the difference of output and target and its backward another tensor of the
+    output's size, and labels of another dtype than float32 reach an elementwise loss as a float32 copy
+    (``training._labels_for``). A fit of 512 rows of 256 x 256 outputs admitted under a 400 MiB quota
+    grew the daemon by 645 MiB (float32 labels), and under 330 MiB by 549 MiB (uint8 masks)."""
+    rows = 512
+    labels = torch.randint(0, 2, (rows, 256, 256), generator=torch.Generator().manual_seed(0)).to(dtype)
+    path = write_dataset(tmp_path / "masks.safetensors", torch.randn(rows, 1), labels)
+    quota = (400 if dtype == torch.float32 else 330) * MB
+    [bob] = await fedzmq_daemons("bob", args=["--data", f"masks={path}", "--max-session-bytes", str(quota)])
+    remote = await bob.worker.send(_Wide())
+    before = _rss(bob.pid)
+    with contextlib.suppress(fz.LimitExceeded):  # refused within the quota: what should happen
+        await remote.fit("masks", loss="mse_loss", optimizer={"cls": "SGD", "lr": 0.0}, batch_size=rows, steps=1)
+    grown = _peak_growth(bob.pid, before)
+    assert grown <= quota + 32 * MB, f"the daemon grew {grown / MB:.0f} MiB under a {quota / MB:.0f} MiB quota"
