@@ -22,7 +22,7 @@ from .datasets import Dataset
 from .handlers.modules import adoptable, check_named_once
 from .objects import BYTES_PER_OPTIMIZED_PARAMETER, HostedModule, HostedOptimizer
 from .secure import peer_count
-from .training import loss_function, widens_labels
+from .training import label_copy_dtype, loss_function
 
 #: the most state an allowlisted optimizer keeps per parameter, in copies of it (Adam with amsgrad,
 #: RMSprop centered with momentum: three)
@@ -95,13 +95,27 @@ def forward(context: Context, binding: Binding) -> int:
         check_classes(binding.args["loss"], footprint.output, _dataset(binding))
     elif binding.command.name == "evaluate" and footprint.output is not None:  # measured row by row: (rows, 1, ...)
         check_classes(binding.args["loss"], footprint.output[1:], _dataset(binding))
-    held = passes * footprint.nbytes + copied
+    held = passes * footprint.nbytes + copied + loss_bytes(binding, footprint, passes)
     if binding.command.name == "fit" and context.terms.row_metrics:
         rows_alone = context.coster.forward(hosted, inputs, kwargs, False, training=False, scope=scope, per_row=True)
         if rows_alone is not None:
             check_work(rows_alone.flops * 2, seconds, "the trained model's loss row by row")
             held = max(held, rows_alone.nbytes)
     return held
+
+
+#: tensors of the output's size a loss makes, per pass: its own intermediate (mse's difference, cross-entropy's
+#: log-softmax) and, in a fit, its backward's gradient of the output
+LOSS_COPIES = 1
+
+
+def loss_bytes(binding: Binding, footprint: Footprint, passes: int) -> int:
+    """What a fit's or an evaluation's loss makes beside the forward's tensors (``LOSS_COPIES`` of the output
+    per pass): uncharged, a fit of 512 outputs of 256 x 256 under ``mse_loss`` grew a daemon 260 MiB past
+    its quota (red team h25). Nothing for a call, which computes no loss."""
+    if binding.command.name == "module_call" or footprint.output is None or footprint.output_dtype is None:
+        return 0
+    return LOSS_COPIES * passes * math.prod(footprint.output) * footprint.output_dtype.itemsize
 
 
 #: the losses whose target is a class index along the output's dim 1
@@ -164,10 +178,11 @@ def batch(context: Context, binding: Binding) -> int:
     one at a time (they share a row shape)."""
     dataset = _dataset(binding)
     labels = dataset.labels
-    # integer labels of another dtype reach a class-index loss as an int64 copy (``training._labels_for``):
-    # uint8 masks of 256 x 256 in a batch of 1024 are 512 MiB more
-    widened = math.prod(labels.shape[1:]) * torch.int64.itemsize if widens_labels(binding.args["loss"], labels.dtype) \
-        else 0
+    # labels reach the loss as a copy of another dtype (``training._labels_for``): integer class labels as int64,
+    # any but float32 ones of an elementwise loss as float32 (uint8 masks of 256 x 256 in a batch of 1024 are
+    # 512 MiB more as int64, 256 MiB as float32)
+    copy = label_copy_dtype(binding.args["loss"], labels.dtype)
+    widened = math.prod(labels.shape[1:]) * copy.itemsize if copy is not None else 0
     return batch_rows(binding) * (_row_bytes(dataset.features) + _row_bytes(labels) + widened)
 
 

@@ -108,11 +108,22 @@ def _labels_for(loss_name: str, labels: torch.Tensor) -> torch.Tensor:
     as int64: torch's ``cross_entropy`` takes int64 or uint8 targets and evaluation's ``gather`` int64 or
     int32, so uint8 labels trained and failed every evaluation, int32 ones the other way round, with
     torch's words withheld on protected rows."""
-    if loss_name in ("mse_loss", "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"):
-        return labels.float()
-    if widens_labels(loss_name, labels.dtype):
-        return labels.long()
-    return labels
+    copy = label_copy_dtype(loss_name, labels.dtype)
+    return labels if copy is None else labels.to(copy)
+
+
+#: the losses that take labels as float32 values of the output's shape
+ELEMENTWISE_LOSSES = frozenset({"mse_loss", "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"})
+
+
+def label_copy_dtype(loss_name: str, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of the copy of labels of ``dtype`` that ``loss_name`` takes (``_labels_for``), or None when it
+    takes them as they are: a float32 copy for an elementwise loss, an int64 one of integer class labels
+    for a class-index loss. Charged as a batch's (``charges.batch``): uint8 masks become four times their
+    size as float32 targets (a red team's fit grew a daemon past its quota with them, h25)."""
+    if loss_name in ELEMENTWISE_LOSSES:
+        return torch.float32 if dtype != torch.float32 else None
+    return torch.int64 if widens_labels(loss_name, dtype) else None
 
 
 def widens_labels(loss_name: str, dtype: torch.dtype) -> bool:
