@@ -146,3 +146,21 @@ async def test_a_fits_loss_and_its_float_copy_of_the_labels_are_charged(fedzmq_d
         await remote.fit("masks", loss="mse_loss", optimizer={"cls": "SGD", "lr": 0.0}, batch_size=rows, steps=1)
     grown = _peak_growth(bob.pid, before)
     assert grown <= quota + 32 * MB, f"the daemon grew {grown / MB:.0f} MiB under a {quota / MB:.0f} MiB quota"
+
+
+async def test_a_fedprox_fits_anchor_is_charged(fedzmq_daemons, tmp_path):
+    """FedProx (``prox_mu``) keeps a copy of every trained parameter for the fit (its anchor) and, for the
+    backward, each parameter's difference from it: two copies of the model no charge counted. A 64 MiB
+    model under Adam (amsgrad) admitted under a 540 MiB quota held 588 MiB with ``prox_mu``."""
+    rows = 64
+    path = write_dataset(tmp_path / "d.safetensors", torch.randn(rows, 4096), torch.randn(rows, 4096))
+    quota = 540 * MB
+    [bob] = await fedzmq_daemons("bob", args=["--data", f"d={path}", "--max-session-bytes", str(quota)])
+    model = nn.Linear(4096, 4096, bias=False)  # 64 MiB
+    remote = await bob.worker.send(model)
+    before = _rss(bob.pid)
+    with contextlib.suppress(fz.LimitExceeded):  # refused within the quota: what should happen
+        await remote.fit("d", loss="mse_loss", batch_size=16, steps=1, prox_mu=0.1,
+                         optimizer={"cls": "Adam", "lr": 0.0, "amsgrad": True, "weight_decay": 0.1, "maximize": True})
+    held = _peak_growth(bob.pid, before) + model.weight.numel() * 4
+    assert held <= quota + 16 * MB, f"the session held {held / MB:.0f} MiB under a {quota / MB:.0f} MiB quota"
