@@ -68,7 +68,7 @@ INLINE_FIT_DEADLINE = 0.5
 CHARGE_NAMES = {"outputs": "its outputs",
                 "forward": "the forward's intermediates (row by row, in an evaluation; and the backward's, in a fit)",
                 "batch": "the batch it copies out of the dataset",
-                "state": "the optimizer's state", "stream": "the stream's buffer",
+                "state": "the optimizer's state (and FedProx's anchor)", "stream": "the stream's buffer",
                 "clients": "the clients' trained states", "secure": "the secure round's copies of the model",
                 "copies": "the copies of entries it cannot adopt", "gradient": "the gradient's copy"}
 
