@@ -286,14 +286,15 @@ def _spec(program, params=(), buffers=(), children=()):
 
 
 async def _failed_load(worker, secret):
-    """A load that copies ``secret`` into ``w``, then fails on its next entry (a source overlapping its
-    destination: a transposed view of the model's own buffer, which a forward returned)."""
+    """A load that copies ``secret`` into ``w``, then failed on its next entry (a source overlapping its
+    destination: a transposed view of the model's own buffer, which a forward returned). A forward's output
+    over a buffer is now a copy (``unshared``), so the load may succeed: the rows are in ``w`` either way."""
     spec = _spec([["get_attr", "b", [], {}], ["call_function", "t", [NodeRef(0)], {}],
                   ["output", "output", [NodeRef(1)], {}]],
                  params=[("w", (ROWS, FEATURES))], buffers=[("b", (2, 2))])
     model = await put_module(worker, spec, {"w": torch.zeros(ROWS, FEATURES), "b": torch.zeros(2, 2)})
     view = await call_module(worker, model)
-    with pytest.raises(fz.RemoteError):
+    with contextlib.suppress(fz.RemoteError):
         await worker.request("module_load", {"obj": model, "state": {"w": Ref(secret), "b": Ref(view)}})
     return model
 
@@ -327,8 +328,11 @@ async def test_rows_written_by_a_command_that_then_failed_keep_their_label(fedzm
     worker = bob.worker
     [ds] = await worker.datasets()
     model = await fails(worker, (await ds.features()).id)
-    with pytest.raises(fz.PermissionDenied):
-        await worker.request("module_state", {"obj": model})
+    # refused; or, where the command failed before it wrote (out of time on a loaded host), no row in it
+    with contextlib.suppress(fz.PermissionDenied):
+        state = await worker.request("module_state", {"obj": model})
+        leaked = {name for name, value in state.items() if torch.isin(value.float(), x.float()).any()}
+        assert not leaked, f"rows left through {leaked}"
 
 
 async def _fit_one_step(worker, model):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -293,13 +294,19 @@ def spec_digest(hosted: HostedModule) -> bytes:
     return hosted.spec_digest
 
 
+def own_storages(module: nn.Module) -> set[int]:
+    """The storages of ``module``'s parameters and buffers: what a step or a train-mode forward (a batch
+    norm's running statistics) changes in place, so an output over one is copied before it is stored."""
+    return {storage_key(t.untyped_storage()) for t in itertools.chain(module.parameters(), module.buffers())}
+
+
 def parameter_copies(module: nn.Module, out: Any) -> _Counter:
-    """The copies of a forward's outputs that are ``module``'s parameters or views of them, which
-    ``module_call`` makes (a stored tensor must not change under its pointer when a step changes its
-    parameter in place: ``handlers.modules.unshared``), measured as any call is. On the meta device
+    """The copies of a forward's outputs that are ``module``'s parameters or buffers or views of them, which
+    ``module_call`` makes (a stored tensor must not change under its pointer when a step or a forward changes
+    them in place: ``handlers.modules.unshared``), measured as any call is. On the meta device
     returning a parameter makes nothing: a 32 MiB weight returned 64 times made 2 GiB of copies under a
     256 MiB quota before the quota saw them (a red team's find)."""
-    storages = {storage_key(p.untyped_storage()) for p in module.parameters()}
+    storages = own_storages(module)
     counter = _Counter()
     with torch.no_grad(), counter:
         for output in out if isinstance(out, tuple) else (out,):

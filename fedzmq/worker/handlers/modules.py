@@ -13,7 +13,7 @@ from ...codec import DTYPE_NAMES, Ref, StreamInfo, is_shape
 from ...errors import BadRequest, quoted
 from ...modeldesc import check_state, instantiate
 from ..binding import Binding, Context, Made
-from ..cost import check_work, element_work
+from ..cost import check_work, element_work, own_storages
 from ..objects import HostedModule
 from ..taint import storage_key
 from .tensors import check_chunk
@@ -119,11 +119,11 @@ def module_call(context: Context, binding: Binding) -> Any:
 
 
 def unshared(outputs: list[torch.Tensor], module: nn.Module) -> list[torch.Tensor]:
-    """Outputs that are the module's own parameters (a forward returning ``self.weight``) are copied:
-    a stored tensor must not change under its pointer, and a step changes parameters in place. Each
-    output its own copy, so that no two stored outputs alias either; sized and charged with the forward,
-    before it runs (``cost.parameter_copies``)."""
-    storages = {storage_key(p.untyped_storage()) for p in module.parameters()}
+    """Outputs that are the module's own parameters or buffers (a forward returning ``self.weight``, or a
+    batch norm's ``running_mean``) are copied: a stored tensor must not change under its pointer, and a
+    step or a train-mode forward changes them in place. Each output its own copy, so that no two stored
+    outputs alias either; sized and charged with the forward, before it runs (``cost.parameter_copies``)."""
+    storages = own_storages(module)
     return [o.clone() if storage_key(o.untyped_storage()) in storages else o for o in outputs]
 
 
