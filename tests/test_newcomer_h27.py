@@ -1,0 +1,69 @@
+"""A data owner's IT operator and a strategy researcher, new to fedzmq (newcomer h27), against real daemons.
+
+Each test is what the docs promise an operator (docs/security.md) or a strategy author (docs/strategies.md),
+checked the way they would find out otherwise: on a daemon of their own."""
+
+import asyncio
+import shutil
+import signal
+
+import pytest
+import torch
+
+import fedzmq as fz
+from fedzmq.client.connection import ConnectionSettings
+from fedzmq.launcher import DaemonProcess
+from fedzmq.security import generate_keypair
+
+QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=25, connect_timeout=3.0)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A daemon key pair, two allowed coordinators (alice stays, mallory is revoked) and the allowed folder."""
+    folder = tmp_path / "keys"
+    keys = {name: generate_keypair(folder, name) for name in ("server", "alice", "mallory")}
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(keys["alice"][0], allowed)
+    shutil.copy(keys["mallory"][0], allowed)
+    return {**keys, "allowed": allowed}
+
+
+@pytest.fixture
+def secure_daemon(keys, tmp_path):
+    daemon = DaemonProcess("bob", extra_args=["--secret-key", str(keys["server"][1]),
+                                              "--allowed-keys", str(keys["allowed"])], log_dir=tmp_path)
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0, daemon.log_tail()
+
+
+@pytest.mark.timeout(90)
+async def test_a_key_taken_out_is_revoked_even_when_another_file_in_the_folder_is_unreadable(secure_daemon, keys):
+    """An operator revokes a coordinator by taking its .key out of --allowed-keys and sending SIGHUP
+    (docs/security.md). If any other file there could not be read (a half-copied key, a typo), the reload
+    failed as a whole and kept every key it had: the revoked coordinator went on connecting and running
+    commands, and only an ERROR line in the log said so. A reload now never allows more than the folder's
+    readable keys: the unreadable file is left out, and the revocation takes effect."""
+    bob = secure_daemon
+    as_alice = {"server_key": keys["server"][0], "client_key": keys["alice"][1]}
+    as_mallory = {"server_key": keys["server"][0], "client_key": keys["mallory"][1]}
+    mallory = await fz.connect(bob.address, settings=QUICK, **as_mallory)
+    try:
+        kept = await mallory.send(torch.arange(4.0))
+        async with fz.connect(bob.address, settings=QUICK, **as_alice) as alice:
+            (keys["allowed"] / "new-partner.key").write_text("not a key: copied half-way\n")
+            (keys["allowed"] / keys["mallory"][0].name).unlink()
+            bob.process.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(20):
+                while (await alice.status())["sessions_revoked"] < 1:
+                    await asyncio.sleep(0.1)
+            with pytest.raises(fz.PermissionDenied, match="no longer allowed"):
+                await kept.get()
+            with pytest.raises(fz.HandshakeRefused):
+                await fz.connect(bob.address, settings=QUICK, **as_mallory)
+            assert (await alice.ping())["id"] == "bob"  # the keys it could read still get in
+    finally:
+        await mallory.close()
+    assert "new-partner.key" in bob.log_tail()  # the operator is told which file was left out
