@@ -113,13 +113,27 @@ def _secret_file_refusal(path: Path) -> str:
 
 
 def load_allowed_keys(directory: KeyPath) -> set[bytes]:
+    """Every key of the folder, for a daemon starting: one that cannot be read stops it (``SecurityError``)."""
+    keys, problems = read_allowed_keys(directory)
+    if problems:
+        raise SecurityError(problems[0])
+    return keys
+
+
+def read_allowed_keys(directory: KeyPath) -> tuple[set[bytes], list[str]]:
+    """The public keys of the folder's readable ``.key`` files, and why each other file (or the folder) was
+    left out. A reload uses this: a broken file must not keep a key the owner took out (fail closed)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise SecurityError(f"allowed-keys folder {directory} does not exist")
-    keys = set()
+        return set(), [f"allowed-keys folder {directory} does not exist"]
+    keys: set[bytes] = set()
+    problems: list[str] = []
     for path in sorted(directory.glob("*.key")):
-        keys.add(load_public_key(path))
-    return keys
+        try:
+            keys.add(load_public_key(path))
+        except SecurityError as exc:
+            problems.append(str(exc))
+    return keys, problems
 
 
 def address_problem(address: str) -> str | None:
@@ -169,8 +183,12 @@ class KeyGate:
         self._authenticator.stop()
 
     def reload(self) -> int:
-        """Read the allowed-keys folder again (SIGHUP); returns how many keys are allowed now."""
-        self.allowed = load_allowed_keys(self.allowed_dir)
+        """Read the allowed-keys folder again (SIGHUP); returns how many keys are allowed now. Only the keys it
+        can read are allowed from now on: a file it cannot read (or a missing folder) is logged and left out,
+        so a key the owner took out is revoked whatever else is in the folder."""
+        self.allowed, problems = read_allowed_keys(self.allowed_dir)
+        for problem in problems:
+            log.error("reloading the allowed keys: %s; it is left out (allows nobody)", problem)
         log.info("allowed keys reloaded from %s: %d keys", self.allowed_dir, len(self.allowed))
         return len(self.allowed)
 

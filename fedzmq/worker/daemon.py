@@ -221,7 +221,7 @@ async def run(settings: dict[str, Any]) -> None:
 def _reload_keys(worker: Worker) -> None:
     try:
         count = worker.reload_keys()
-    except Exception as exc:  # a broken folder keeps the keys we had
+    except Exception as exc:  # reload() leaves unreadable files out itself; anything else is logged here
         log.error("could not reload the allowed keys: %s", exc)
         return
     if count is None:
