@@ -12,6 +12,8 @@ import torch
 
 import fedzmq as fz
 from fedzmq.client.connection import ConnectionSettings
+from fedzmq.federated.aggregators import ServerStepAggregator
+from fedzmq.federated.base import Aggregator
 from fedzmq.launcher import DaemonProcess
 from fedzmq.security import generate_keypair
 
@@ -67,3 +69,51 @@ async def test_a_key_taken_out_is_revoked_even_when_another_file_in_the_folder_i
     finally:
         await mallory.close()
     assert "new-partner.key" in bob.log_tail()  # the operator is told which file was left out
+
+
+class _ServerStepMean(fz.Strategy):
+    """A researcher's own strategy, written as fedzmq.federated.base says one may be: no ``name`` (the class's
+    name stands for it), the weighted mean and a server learning rate, declared ``aggregates_weighted_mean``."""
+
+    aggregates_weighted_mean = True
+
+    def __init__(self, server_learning_rate: float = 1.0) -> None:
+        self.server_learning_rate = server_learning_rate
+
+    def begin_round(self, round_number: int, global_state: dict[str, torch.Tensor]) -> Aggregator:
+        return ServerStepAggregator(global_state, self._step)
+
+    def _step(self, x: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v + self.server_learning_rate * (mean[k] - v)).to(v.dtype) for k, v in x.items()}
+
+
+@pytest.mark.timeout(90)
+async def test_secure_aggregation_wraps_a_users_own_strategy_that_gives_no_name(tmp_path):
+    """docs/strategies.md: SecAgg accepts any strategy that declares ``aggregates_weighted_mean``, and a
+    user's own strategy need not give a ``name`` (``strategy_name`` falls back to its class's). SecAgg read
+    ``inner.name`` and raised AttributeError for such a strategy. Its secure round must give what the plain
+    round of the same strategy gives (the sum is exact to about 1e-12 without clipping)."""
+    from torch import nn
+
+    from fedzmq.worker.datasets import Dataset
+
+    def rows(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(48, 4, generator=g)
+        return x, (x[:, 0] > 0).long()
+
+    workers = [fz.VirtualWorker(f"w{i}", datasets={"d": Dataset("d", *rows(i))}) for i in range(3)]
+    try:
+        fit = fz.FitConfig(dataset="d", epochs=1, batch_size=16)
+        models = []
+        for strategy in (_ServerStepMean(0.5), fz.SecAgg(_ServerStepMean(0.5))):
+            torch.manual_seed(0)
+            model = nn.Linear(4, 2)
+            federation = fz.Federation(workers, model, fit, strategy, min_workers=3,
+                                       checkpoint_dir=tmp_path / type(strategy).__name__)
+            await federation.run(rounds=1)
+            models.append(model.state_dict())
+        for name, plain in models[0].items():
+            assert torch.allclose(models[1][name], plain, atol=1e-6), name
+    finally:
+        await asyncio.gather(*(worker.close() for worker in workers))
