@@ -46,6 +46,7 @@ from ..client.worker import RemoteWorker
 from ..errors import ObjectNotFound
 from ..secagg import GraphParameters, SecAggAborted, SecAggConfig, SecAggProtocolError, SecAggServer, choose_parameters
 from ..torchmodes import in_default_modes
+from .base import strategy_name
 from .protocols import RoundContext, RoundOutcome, RoundProtocol, hosted_model, worker_key
 from .strategies import Aggregator, State, Strategy
 
@@ -88,15 +89,15 @@ class SecAgg(Strategy):
         if isinstance(inner, SecAgg) or not inner.aggregates_weighted_mean:
             raise ValueError(f"{type(inner).__name__} does not aggregate a weighted sum: it needs each update on its "
                              "own (to sort, compare or chain them), and secure aggregation reveals only the masked "
-                             "sum of the updates. SecAgg can wrap FedAvg, FedProx, FedAvgM, FedAdam, FedYogi or "
-                             "FedAdagrad")
+                             "sum of the updates. SecAgg can wrap FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, "
+                             "FedAdagrad, or a strategy of your own that declares aggregates_weighted_mean = True")
         if clip is not None and not clip > 0:
             raise ValueError(f"clip must be > 0 or None, got {clip}")
         if expected_survivors is not None and not 0 < expected_survivors <= 1:
             raise ValueError(f"expected_survivors must be a fraction in (0, 1] or None, got {expected_survivors}")
         self.expected_survivors = expected_survivors
         self.inner = inner
-        self.name = f"secagg({inner.name})"
+        self.name = f"secagg({strategy_name(inner)})"
         dp = noise_multiplier > 0
         #: None: no clipping (a bound far above any real update, in a 64-bit ring)
         self.clip = clip if clip is not None or not dp else 1.0
