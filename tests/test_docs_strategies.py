@@ -19,7 +19,7 @@ BLOCKS = re.findall(r"^```python\n(.*?)^```", TEXT, re.S | re.M)
 
 
 def test_the_page_has_its_examples() -> None:
-    assert len(BLOCKS) == 7
+    assert len(BLOCKS) == 8
     assert "aggregate(1, global_state, updates)" in BLOCKS[0] and "HeldBytesExceeded" in "".join(BLOCKS)
 
 
