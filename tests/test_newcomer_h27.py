@@ -6,6 +6,8 @@ checked the way they would find out otherwise: on a daemon of their own."""
 import asyncio
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,3 +119,23 @@ async def test_secure_aggregation_wraps_a_users_own_strategy_that_gives_no_name(
             assert torch.allclose(models[1][name], plain, atol=1e-6), name
     finally:
         await asyncio.gather(*(worker.close() for worker in workers))
+
+
+@pytest.mark.timeout(90)
+def test_a_misspelt_setting_in_a_daemons_config_file_stops_it_instead_of_loosening_the_terms(tmp_path):
+    """An owner who writes the terms in a --config file (workers/bob.toml: "any flag of fedzmq-worker, with
+    underscores") and misspells one (min_batch_sise = 64) got a daemon that served with the default of 16
+    rows per step, saying nothing. ``fedzmq train --config`` already refuses keys that are no settings; the
+    daemon now does too, naming the key, before it binds or loads anything."""
+    config = tmp_path / "bob.toml"
+    config.write_text('id = "bob"\nbind = "tcp://127.0.0.1:0"\nmin_batch_sise = 64\n')
+    process = subprocess.Popen([sys.executable, "-m", "fedzmq.worker", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the daemon served with a misspelt setting: {out.strip()}")
+    assert process.returncode == 2, (out, err)
+    assert "min_batch_sise" in err and "ready at" not in out
