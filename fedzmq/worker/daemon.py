@@ -120,12 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: settings a --config file may give beside the flags' own names: a flag's old spelling
+_CONFIG_ALIASES = {"max_message_bytes"}
+
+
 def load_settings(argv: Sequence[str] | None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     settings: dict[str, Any] = {}
     if args.config:
         with open(args.config, "rb") as f:
             settings.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+        # a misspelt key would leave that term at its default (min_batch_sise = 64 served 16-row steps): refuse it,
+        # as a flag that does not exist is refused
+        unknown = sorted(set(settings) - (set(vars(args)) - {"config"}) - _CONFIG_ALIASES)
+        if unknown:
+            parser.error(f"{args.config} has keys that are no settings: {', '.join(unknown)} "
+                         "(the flags' names, with underscores)")
     settings.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     for required in ("id", "bind"):
         if not settings.get(required):
