@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -139,3 +140,32 @@ def test_a_misspelt_setting_in_a_daemons_config_file_stops_it_instead_of_looseni
         pytest.fail(f"the daemon served with a misspelt setting: {out.strip()}")
     assert process.returncode == 2, (out, err)
     assert "min_batch_sise" in err and "ready at" not in out
+
+
+class _NestedStateMean(_ServerStepMean):
+    """A researcher's server state kept the natural way, a dict of tensors per name, which a checkpoint's JSON
+    part cannot hold (the built-in strategies flatten theirs: ``momentum.w``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum": {"w": torch.zeros(2)}}
+
+
+@pytest.mark.timeout(60)
+async def test_a_strategy_state_a_checkpoint_cannot_keep_is_refused_before_a_round_not_after_it(tmp_path):
+    """A strategy whose state_dict nests tensors trained a whole round, committed it (``round`` 1), then
+    failed writing the checkpoint with "Object of type Tensor is not JSON serializable": the round, the
+    history and the checkpoint disagreed, which api.md says never happens, and the message named no entry.
+    A federation with ``checkpoint_dir`` now checks the strategy's state when it is made, naming the entry."""
+    from torch import nn
+
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(32, 4)
+    worker = fz.VirtualWorker("w0", datasets={"d": Dataset("d", x, (x[:, 0] > 0).long())})
+    try:
+        with pytest.raises(TypeError, match="'momentum'"):
+            fz.Federation([worker], nn.Linear(4, 2), fz.FitConfig(dataset="d", batch_size=16), _NestedStateMean(),
+                          checkpoint_dir=tmp_path / "ckpt")
+        assert not list((tmp_path / "ckpt").glob("round-*"))
+    finally:
+        await worker.close()
