@@ -38,8 +38,24 @@ def _split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, plain
 
 
+def check_strategy_state(state: dict[str, Any]) -> None:
+    """``TypeError`` naming the first entry of a strategy's ``state_dict`` a checkpoint cannot keep: each must be a
+    tensor or a JSON value (numbers, strings, booleans, None, and lists or dicts of those). A federation checks
+    this when it is made, so that a user's strategy is not found out only after a round was committed."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"the strategy's state entry {key!r} cannot be checkpointed ({exc}): give each tensor an "
+                            "entry of its own (e.g. 'momentum.w'), and the rest as numbers, strings, lists or dicts"
+                            ) from None
+
+
 def save(directory: str | os.PathLike[str], checkpoint: Checkpoint, keep: int = 2) -> Path:
     """Write a checkpoint atomically and keep only the newest ``keep`` ones."""
+    check_strategy_state(checkpoint.strategy)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{checkpoint.round:06d}"

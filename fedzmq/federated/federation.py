@@ -185,6 +185,8 @@ class Federation:
         self.min_workers = min_workers
         self.round_timeout = round_timeout
         self.seed = seed
+        if checkpoint_dir:  # before anything trains: a state found unsavable after a commit would leave the
+            ckpt.check_strategy_state(self.strategy.state_dict())  # round, history and checkpoint disagreeing
         self.checkpoint_dir = checkpoint_dir
         self.evaluate_fn = evaluate
         self.evaluate_on_workers = evaluate_on_workers
