@@ -169,3 +169,25 @@ async def test_a_strategy_state_a_checkpoint_cannot_keep_is_refused_before_a_rou
         assert not list((tmp_path / "ckpt").glob("round-*"))
     finally:
         await worker.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("line", ['insecure = "false"', 'min_batch_size = "64"', 'private_release = "aggregate"',
+                                  'data = "records=records.safetensors"'])
+def test_a_setting_of_the_wrong_type_in_a_daemons_config_file_stops_it(tmp_path, line):
+    """TOML values skip argparse's types and choices: ``insecure = "false"`` (a string, so true) served
+    on 0.0.0.0 without keys, open to anyone who can reach the port; a quoted number or a choice that is none
+    started a daemon that failed later or read the setting otherwise. Each must stop the daemon, naming the
+    key, as the same value given as a flag would."""
+    config = tmp_path / "bob.toml"
+    config.write_text(f'id = "bob"\nbind = "tcp://127.0.0.1:0"\n{line}\n')
+    process = subprocess.Popen([sys.executable, "-m", "fedzmq.worker", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the daemon served with {line}: {out.strip()}")
+    assert process.returncode == 2, (out, err)
+    assert line.split(" =")[0] in err and "ready at" not in out
