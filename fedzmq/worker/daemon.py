@@ -120,8 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: settings a --config file may give beside the flags' own names: a flag's old spelling
-_CONFIG_ALIASES = {"max_message_bytes"}
+#: settings a --config file may give beside the flags' own names: a flag's old spelling, and the flag it is
+_CONFIG_ALIASES = {"max_message_bytes": "max_frame_bytes"}
+
+
+def _config_value_problem(action: argparse.Action, value: Any) -> str | None:
+    """Why a --config value is not what its flag takes, or None. TOML values skip argparse's types and choices:
+    ``insecure = "false"`` is a non-empty string, so true, and served without keys on any address."""
+    if action.nargs == 0:  # a switch: store_true, or --x/--no-x
+        return None if isinstance(value, bool) else "give true or false, unquoted"
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else 'give a list of strings, e.g. ["name=path"]'
+    number = action.type in (int, float)
+    wanted: tuple[type, ...] = (int,) if action.type is int else (int, float) if number else (str,)
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        return "give a whole number, unquoted" if action.type is int else "give a number, unquoted" if number \
+            else "give a string"
+    if action.choices is not None and value not in action.choices:
+        return f"give one of {', '.join(map(repr, action.choices))}"
+    return None
 
 
 def load_settings(argv: Sequence[str] | None) -> dict[str, Any]:
@@ -133,10 +151,15 @@ def load_settings(argv: Sequence[str] | None) -> dict[str, Any]:
             settings.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
         # a misspelt key would leave that term at its default (min_batch_sise = 64 served 16-row steps): refuse it,
         # as a flag that does not exist is refused
-        unknown = sorted(set(settings) - (set(vars(args)) - {"config"}) - _CONFIG_ALIASES)
+        unknown = sorted(set(settings) - (set(vars(args)) - {"config"}) - set(_CONFIG_ALIASES))
         if unknown:
             parser.error(f"{args.config} has keys that are no settings: {', '.join(unknown)} "
                          "(the flags' names, with underscores)")
+        actions = {action.dest: action for action in parser._actions}
+        for key, value in settings.items():
+            problem = _config_value_problem(actions[_CONFIG_ALIASES.get(key, key)], value)
+            if problem:
+                parser.error(f"{args.config}: {key} = {value!r}: {problem}")
     settings.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     for required in ("id", "bind"):
         if not settings.get(required):
