@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 class Connecting(CoroutineABC[Any, Any, "RemoteWorker"]):
     """What ``connect`` returns: ``await`` it for a worker, use it in ``async with``, or make it a task
     (``asyncio.create_task``, a ``TaskGroup``'s): it is a coroutine. One cancelled or closed before it ran
-    closes the socket its worker opened at once (nothing will ever connect it)."""
+    closes the socket its worker opened at once (nothing will ever connect it); one cancelled once its ping
+    left sends the goodbye that ends the session the ping opened, without waiting for its answer."""
 
     def __init__(self, worker: RemoteWorker, client: str | None = None) -> None:
         self._worker = worker
@@ -71,8 +72,8 @@ class Connecting(CoroutineABC[Any, Any, "RemoteWorker"]):
             raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "
                             "uses keys, are server_key and client_key right (--server-key and --client-key on the "
                             "command line) and is your key allowed?") from None
-        except BaseException:
-            await self._worker.close_connection(say_goodbye=False)
+        except BaseException:  # cancelled: a daemon its ping reached opened a session for it
+            await self._worker.give_up_connection()
             raise
 
     async def __aenter__(self) -> RemoteWorker:

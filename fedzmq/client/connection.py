@@ -39,6 +39,7 @@ from ..errors import (
     remote_error,
 )
 from .addresses import check_address, resolve
+from .futures import retrieve_error as _retrieve
 from .handshake import HandshakeWatch
 
 log = logging.getLogger("fedzmq.client")
@@ -95,6 +96,8 @@ class Connection:
         #: the tear-down once ``close`` started it (it finishes even when that close is cancelled)
         self._closing: asyncio.Task[None] | None = None
         self._last_heard = time.monotonic()
+        #: how long ZeroMQ may still deliver what was sent once the socket is closed (``give_up``'s goodbye)
+        self._linger_ms = 0
         self._dead: WorkerDeadError | None = None
         self._heartbeat_id: int | None = None
         #: ids of pending requests outside the daemon session's order (control commands, and requests to
@@ -207,6 +210,19 @@ class Connection:
                 self._closing = asyncio.ensure_future(self._tear_down())
             await asyncio.shield(self._closing)
 
+    async def give_up(self) -> None:
+        """Close the connection of a connect that was given up (cancelled, a deadline): once its ping left, the
+        daemon opened a session for it, which only a goodbye ends (else it stays until --session-timeout, and
+        counts against --max-sessions and --max-sessions-per-key). The goodbye is queued, not awaited, and
+        ZeroMQ may deliver it (and the ping, if that still waits for the daemon) for up to
+        ``GOODBYE_SECONDS`` after the socket is closed: a deadline is not stretched by it."""
+        if self._socket is not None and self._closing is None and self._tasks and self._dead is None:
+            with contextlib.suppress(WorkerError):  # (a socket that cannot send: nothing reached the daemon)
+                self.submit("close", {}).add_done_callback(_retrieve)
+                self._outbox.flush()
+                self._linger_ms = int(GOODBYE_SECONDS * 1000)
+        await self.close(say_goodbye=False)
+
     def discard_unused(self) -> None:
         """Close the socket now if nothing was ever started on it (no task, no request, no close under way);
         else leave it to ``close``."""
@@ -233,7 +249,7 @@ class Connection:
                 self._handshake.close()
                 self._handshake = None
             if self._socket is not None:
-                self._socket.close(linger=0)
+                self._socket.close(linger=self._linger_ms)
                 self._socket = None
 
     # --- requests ------------------------------------------------------------------------------

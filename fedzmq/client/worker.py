@@ -149,6 +149,11 @@ class RemoteWorker(Transfers, PointerOps):
         expires on its own). Normal code calls ``close``."""
         await self._connection.close(say_goodbye=say_goodbye)
 
+    async def give_up_connection(self) -> None:
+        """Close the connection of a ``connect`` that was cancelled: the goodbye that ends the session its ping
+        opened on the daemon is sent, not awaited (``Connection.give_up``)."""
+        await self._connection.give_up()
+
     def discard_unused(self) -> None:
         """Close the socket of a worker never connected nor used (a ``connect`` cancelled before it ran),
         at once: without a running loop's help, as a coroutine cancelled before it ran has none to give."""
