@@ -102,3 +102,91 @@ async def test_a_workers_dropout_leaves_the_callers_seeded_random_stream_alone(f
     finally:
         if where == "virtual":
             await worker.close()
+
+
+SMALL_LIMITS = fz.Limits(chunk_bytes=4096)
+
+
+def _two_big_layers(value: float) -> nn.Module:
+    """Two 64x64 layers: each weight (16 KiB) goes in pieces over a 4 KiB chunk, the biases inline."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(value)
+    return model
+
+
+def _values(model: nn.Module) -> set[float]:
+    return {float(v) for tensor in model.state_dict().values() for v in tensor.unique()}
+
+
+async def _small_chunk_workers(fedzmq_daemons, where: str, count: int) -> tuple[list[fz.RemoteWorker], list]:
+    """``count`` workers whose messages carry at most 4 KiB of tensor (so models stream), and what to close."""
+    settings = fz.ConnectionSettings(limits=SMALL_LIMITS, connect_timeout=30.0)
+    if where == "daemon":
+        handles = await fedzmq_daemons(*[f"w{i}" for i in range(count)], settings=settings,
+                                       args=["--chunk-bytes", "4096"])
+        return [h.worker for h in handles], []
+    workers = [fz.VirtualWorker(f"w{i}", settings=settings, config=fz.WorkerConfig(limits=SMALL_LIMITS))
+               for i in range(count)]
+    return workers, workers
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["virtual", "daemon"])
+async def test_a_send_of_a_model_beside_a_get_of_it_is_not_torn(fedzmq_daemons, where):
+    """``remote.get()`` lands the remote weights in the local model piece by piece, across awaits; a send of
+    that model started meanwhile (another coroutine's ``worker.send(model)``, which reads the local tensors as
+    it streams them) is not held back: it reads pieces the get has landed and pieces it has not, and the
+    worker's model ends part old, part new ({0.0, 1.0}). In order, get then send gives all 1.0 and send then
+    get all 0.0. docs/api.md: sends and gets of one model see all of a write or none; no command sees a torn
+    model; concurrent code gives what the same code gives run sequentially."""
+    [bob], closing = await _small_chunk_workers(fedzmq_daemons, where, 1)
+    try:
+        torn = []
+        for passes in range(0, 12, 2):
+            model = _two_big_layers(1.0)
+            remote = await bob.send(model)   # the worker's copy: all 1.0
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(0.0)     # the local one: all 0.0
+            getting = asyncio.ensure_future(remote.get())
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            await asyncio.gather(getting, bob.send(model))
+            await remote.get()
+            if _values(model) not in ({0.0}, {1.0}):
+                torn.append((passes, sorted(_values(model))))
+            await remote.delete()
+        assert not torn, f"a send beside a get left the worker's model torn (passes, values): {torn}"
+    finally:
+        for worker in closing:
+            await worker.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_send_to_one_worker_beside_a_get_from_another_is_not_torn(fedzmq_daemons):
+    """The same race across two workers: the model fetched from bob (``bob_copy.get()``, landing in the local
+    model piece by piece) while another coroutine sends that model to alice. In order alice gets bob's
+    weights (get then send) or the local ones (send then get); concurrently she got a mixture."""
+    (bob, alice), closing = await _small_chunk_workers(fedzmq_daemons, "virtual", 2)
+    try:
+        torn = []
+        for passes in range(0, 12, 2):
+            model = _two_big_layers(1.0)
+            on_bob = await bob.send(model)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(0.0)
+            on_alice = await alice.send(model)
+            getting = asyncio.ensure_future(on_bob.get())
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            await asyncio.gather(getting, alice.send(model))
+            await on_alice.get()
+            if _values(model) not in ({0.0}, {1.0}):
+                torn.append((passes, sorted(_values(model))))
+        assert not torn, f"a send to alice beside a get from bob left alice's model torn: {torn}"
+    finally:
+        for worker in closing:
+            await worker.close()
