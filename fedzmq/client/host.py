@@ -13,7 +13,7 @@ what users call in normal code: ``send``, pointer operations and ``get`` are.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncContextManager, AsyncGenerator, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -136,6 +136,12 @@ class PointerHost(Protocol):
         """A model state a reply carried, as ``(name, first element, flat values)`` pieces (streamed
         entries fetched as they are iterated; those it will not read, given up: ``StatePieces``).
         Pointers' interface, not for normal code."""
+        ...
+
+    def module_turn(self, module: nn.Module) -> AsyncContextManager[None]:
+        """Held while a send of ``module`` to this worker reads the local model, or a ``get`` writes into it:
+        one at a time, so a send never streams a model a get has part landed. Pointers' interface, not for
+        normal code."""
         ...
 
     def sent_modules(self) -> list[tuple[nn.Module, ModulePointer]]:

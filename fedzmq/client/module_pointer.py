@@ -80,6 +80,11 @@ class ModulePointer(Pointer):
         module = self._local()
         if module is None:
             raise ReferenceError("the local module this pointer was sent from no longer exists")
+        async with self.location.module_turn(module):  # no send of the model to this worker reads it meanwhile
+            return await self._land_remote_state(module, timeout)
+
+    async def _land_remote_state(self, module: nn.Module, timeout: float | None) -> nn.Module:
+        """``get``'s work, in its turn: the remote entries copied into ``module``'s tensors as they arrive."""
         # each piece lands straight in the local tensor (no second copy of the model), written through a
         # detached view: no grad mode is needed, and none may be held across the awaits of this loop
         local = {name: tensor.detach() for name, tensor in module.state_dict(keep_vars=True).items()}

@@ -200,12 +200,20 @@ class Transfers:
     async def _send_module(self, module: nn.Module, timeout: float | None) -> ModulePointer:
         """Sends of one model to this worker, one after the other: two coroutines sending it at once (its
         first send, say) get what two sends in a row give, one remote copy that the second loads into."""
+        async with self.module_turn(module):
+            return await self._send_module_now(module, timeout)
+
+    @contextlib.asynccontextmanager
+    async def module_turn(self, module: nn.Module) -> AsyncGenerator[None, None]:
+        """One send of ``module`` to this worker, or one ``get`` of its copy here, at a time: a send streams
+        the local tensors as they are, across awaits, and a get lands the remote ones in them piece by
+        piece, so a send beside a get read a model part old, part new, and the worker kept it torn."""
         while (under_way := self._module_sends.get(module)) is not None:
-            await asyncio.shield(under_way)  # resolved however that send ends
+            await asyncio.shield(under_way)  # resolved however that turn ends
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._module_sends[module] = done
         try:
-            return await self._send_module_now(module, timeout)
+            yield
         finally:
             del self._module_sends[module]
             done.set_result(None)
