@@ -190,3 +190,43 @@ async def test_a_send_to_one_worker_beside_a_get_from_another_is_not_torn(fedzmq
     finally:
         for worker in closing:
             await worker.close()
+
+
+async def _tasks_settle_to(expected: set[asyncio.Task]) -> set[str]:
+    """The names of the tasks beyond ``expected`` once they are gone, or after ``SETTLE_SECONDS``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_SECONDS
+    while True:
+        extra = {t.get_name() for t in asyncio.all_tasks() - expected - {asyncio.current_task()} if not t.done()}
+        if not extra or loop.time() > deadline:
+            return extra
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["virtual", "daemon"])
+async def test_a_close_whose_deadline_is_already_spent_still_closes(fedzmq_daemons, where):
+    """``await asyncio.wait_for(worker.close(), timeout=remaining)`` with the remaining time at 0 (a shutdown
+    budget spent), or a ``TaskGroup``'s close task cancelled in the pass that made it: the close coroutine is
+    cancelled before its first step, so nothing of it runs. The worker stays open, its heartbeat task keeps
+    the daemon's session and objects alive for ever (an in-process worker keeps serving). docs/api.md: a
+    close cut short by a deadline or ``cancel()`` still closes; ``connect`` was made to handle exactly this
+    case (cancelled before it ran)."""
+    before = set(asyncio.all_tasks())
+    if where == "daemon":
+        [bob] = await fedzmq_daemons("bob")
+        before = set(asyncio.all_tasks())
+        baseline = (await bob.worker.status())["sessions"]
+        worker: fz.RemoteWorker = await fz.connect(bob.address)
+    else:
+        worker = fz.VirtualWorker("v")
+    await worker.send(torch.ones(4))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(worker.close(), timeout=0)
+    try:
+        assert worker.closed, "a close cancelled before it ran left the worker open"
+        assert not await _tasks_settle_to(before), "its connection's tasks still run"
+        if where == "daemon":
+            assert await _sessions_settle_to(bob.worker, baseline) == baseline, "its session stays on the daemon"
+    finally:
+        await worker.close()
