@@ -224,8 +224,8 @@ async def test_a_close_whose_deadline_is_already_spent_still_closes(fedzmq_daemo
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(worker.close(), timeout=0)
     try:
-        assert worker.closed, "a close cancelled before it ran left the worker open"
         assert not await _tasks_settle_to(before), "its connection's tasks still run"
+        assert worker.closed, "a close cancelled before it ran left the worker open"
         if where == "daemon":
             assert await _sessions_settle_to(bob.worker, baseline) == baseline, "its session stays on the daemon"
     finally:
