@@ -56,9 +56,9 @@ class VirtualWorker(RemoteWorker):
         self.server.start()
         return self
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         try:
-            await super().close()
+            await super()._close()
         finally:  # a close that was cancelled (even twice) still stops the in-process daemon
             if self._server_closing is None:
                 self._server_closing = asyncio.ensure_future(self.server.close())

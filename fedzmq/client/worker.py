@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import weakref
-from typing import Any
+from typing import Any, Coroutine
 
 import torch
 import zmq.asyncio
@@ -24,7 +24,7 @@ from .connecting import Connecting
 from .connection import GOODBYE_SECONDS, Connection, ConnectionSettings
 from .pointer_ops import RELEASE_BATCH, RELEASE_DELAY, PointerOps
 from .pointers import DatasetPointer, ModulePointer, Pointer, TensorPointer
-from .futures import retrieve_error as _retrieve
+from .futures import RunsEvenIfCancelledFirst, retrieve_error as _retrieve
 from .transfers import Transfers
 
 __all__ = ["RELEASE_BATCH", "RELEASE_DELAY", "RemoteWorker", "VirtualWorker", "connect", "connect_clients"]
@@ -120,9 +120,14 @@ class RemoteWorker(Transfers, PointerOps):
             raise
         return worker
 
-    async def close(self) -> None:
+    def close(self) -> Coroutine[Any, Any, None]:
         """End the session: the worker frees everything this client made there. The connection closes
-        with the last worker that shares it."""
+        with the last worker that shares it. A coroutine that closes even when cancelled before its first
+        step (``asyncio.wait_for(worker.close(), 0)``): it then runs on a task of its own."""
+        return RunsEvenIfCancelledFirst(self._close())
+
+    async def _close(self) -> None:
+        """``close``'s work (an in-process worker adds the stop of its daemon)."""
         connection = self._connection
         if self._closed:
             if connection.users <= 0:  # a close that was cancelled may still be tearing the connection down
