@@ -230,3 +230,39 @@ async def test_a_close_whose_deadline_is_already_spent_still_closes(fedzmq_daemo
             assert await _sessions_settle_to(bob.worker, baseline) == baseline, "its session stays on the daemon"
     finally:
         await worker.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["virtual", "daemon"])
+async def test_a_state_changed_after_start_load_returned_is_not_what_the_worker_loads(fedzmq_daemons, where):
+    """``await remote.start_load(state)`` "sends the load and returns a task for its outcome at once": the
+    call that sends has returned, so the caller may reuse its tensors (as it may an op's arguments). But an
+    entry that goes inline (under ``chunk_bytes``) and of 64 KiB or more leaves uncopied: ZeroMQ reads its
+    memory after the call returned, and a daemon loaded the changed values, or a mixture ({1.0, 2.0});
+    an in-process worker (whose frames are copied) loads what was passed. In order: all 1.0."""
+    if where == "daemon":
+        [handle] = await fedzmq_daemons("bob")
+        worker = handle.worker
+    else:
+        worker = fz.VirtualWorker("bob")
+    try:
+        changed = []
+        for trial in range(6):
+            model = nn.Linear(1024, 1024)  # a 4 MiB weight: inline, and sent without a copy
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(0.0)
+            remote = await worker.send(model)
+            new = {name: torch.full_like(value, 1.0) for name, value in model.state_dict().items()}
+            outcome = await remote.start_load(new)
+            for tensor in new.values():
+                tensor.fill_(2.0)  # after the call that sends returned
+            await outcome
+            await remote.get()
+            if _values(model) != {1.0}:
+                changed.append((trial, sorted(_values(model))))
+            await remote.delete()
+        assert not changed, f"the worker loaded values changed after start_load returned: {changed}"
+    finally:
+        if where == "virtual":
+            await worker.close()
