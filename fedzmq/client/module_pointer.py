@@ -187,10 +187,14 @@ class ModulePointer(Pointer):
                          timeout: float | None = None) -> "asyncio.Task[None]":
         """``load``, pipelined: big entries are streamed first, then the load is sent and a task for its
         outcome returned at once (awaiting it raises the load's refusal), so that the next command can
-        follow without a round trip."""
+        follow without a round trip. The inline entries of a plain ``state`` are copied as the load is sent (as
+        an op's arguments are), so the caller may change them once this returns: sent as they were, ZeroMQ
+        read them later, and a daemon loaded what they had become, even a mixture of their bytes. A
+        ``Broadcast`` is sent as it is (encoded once for many workers): keep it unchanged until the outcome."""
         broadcast = state if isinstance(state, Broadcast) else Broadcast(state)
         split = await self.location.stream_into(self, broadcast, timeout)
-        loaded = self.location.submit("module_load", {"obj": self.id, "state": split.inline})
+        loaded = self.location.submit("module_load", {"obj": self.id, "state": split.inline},
+                                      copy=not isinstance(state, Broadcast))
 
         async def outcome() -> None:  # the reply's wait made in the task: one cancelled before it ran leaves none
             await self._after_write(self.location.wait_reply(loaded, timeout), bool(split.streamed))
