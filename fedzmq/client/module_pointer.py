@@ -197,16 +197,24 @@ class ModulePointer(Pointer):
                                       copy=not isinstance(state, Broadcast))
 
         async def outcome() -> None:  # the reply's wait made in the task: one cancelled before it ran leaves none
-            await self._after_write(self.location.wait_reply(loaded, timeout), bool(split.streamed))
+            await self._after_write(self.location.wait_reply(loaded, timeout), bool(split.streamed),
+                                    uncopied=isinstance(state, Broadcast))
 
         return asyncio.ensure_future(outcome())
 
-    async def _after_write(self, request: "Awaitable[T]", wrote: bool) -> T:
+    async def _after_write(self, request: "Awaitable[T]", wrote: bool, uncopied: bool = False) -> T:
         """The outcome of the command that ends a write (a load, or a fit or evaluation that loads first):
         refused after big entries were written in pieces, it leaves the model part old, part new (the small
-        entries it carried not loaded), and the model is discarded (``Transfers.discard``)."""
+        entries it carried not loaded), and the model is discarded (``Transfers.discard``). ``uncopied``: the
+        request's inline entries left without a copy (a ``Broadcast``'s, a send's): cancelled, the caller
+        goes on and may change them while ZeroMQ still reads them (local training after a deadline), so the
+        model, which would load them part old, part new, is discarded too."""
         try:
             return await request
+        except asyncio.CancelledError:
+            if uncopied:
+                self.location.discard(self)
+            raise
         except RequestTimeout:  # sent: the worker runs it whole, answered or not
             raise
         except (RemoteError, WorkerError):  # refused, or the connection went before the answer
