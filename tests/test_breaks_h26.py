@@ -302,3 +302,41 @@ async def test_a_send_of_a_model_cancelled_after_it_left_leaves_no_torn_model_wh
             torn.append((passes, sorted(_values(model))))
         await remote.delete()
     assert not torn, f"a cancelled send left the worker's model torn (passes, values): {torn}"
+
+
+@pytest.mark.timeout(120)
+async def test_an_evaluate_that_loads_cancelled_after_it_left_loads_the_state_as_it_was_passed(
+        fedzmq_daemons, tmp_path):
+    """``remote.evaluate(ds, load=state)`` (and ``fit``'s ``load=``) sends ``state``'s entries under a chunk
+    inline and uncopied; cancelled once the request left, the call returns, and a caller that then changes
+    ``state`` in place (reusing its buffers) had the worker load part the state passed, part the changed one
+    ({1.0, 2.0}) and keep it, its pointer whole. As an op's arguments are, a plain state is taken as it was
+    when the call was made."""
+    from fedzmq.testing import write_dataset
+
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+    path = write_dataset(tmp_path / "toy.safetensors", x, (x[:, 0] > 0).long())
+    [handle] = await fedzmq_daemons("bob", datasets={"bob": {"toy": path}})
+    bob = handle.worker
+    torn = []
+    for passes in range(10):
+        model = nn.Linear(1024, 64)  # a 256 KiB weight: inline, and sent without a copy
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(0.0)
+        remote = await bob.send(model)
+        state = {name: torch.full_like(value, 1.0) for name, value in model.state_dict().items()}
+        evaluating = asyncio.ensure_future(remote.evaluate("toy", load=state))
+        for _ in range(passes):
+            await asyncio.sleep(0)
+        evaluating.cancel()
+        await asyncio.gather(evaluating, return_exceptions=True)
+        for tensor in state.values():
+            tensor.fill_(2.0)  # the caller reuses its buffers
+        if remote.deleted:
+            continue
+        await remote.get()
+        if _values(model) not in ({0.0}, {1.0}):
+            torn.append((passes, sorted(_values(model))))
+        await remote.delete()
+    assert not torn, f"a cancelled evaluate(load=) left the worker's model torn (passes, values): {torn}"
