@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Mapping, Sequence, TypeVar
 import torch
 from torch import nn
 
-from ..codec import Limits
+from ..codec import Encoded, Limits
 from ..errors import RemoteError, RequestTimeout, WorkerError
 from ..optimizers import DEFAULT_OPTIMIZER
 from .broadcast import Broadcast
@@ -247,7 +247,7 @@ class ModulePointer(Pointer):
         if load is not None:  # (last: the caller sends the fit without awaiting anything in between)
             split = await self.location.stream_into(self, load if isinstance(load, Broadcast) else Broadcast(load),
                                                     timeout)
-            args["load"] = split.inline
+            args["load"] = _inline_taken(load, split)
             return args, bool(split.streamed)
         await self.settled()
         return args, False
@@ -265,7 +265,7 @@ class ModulePointer(Pointer):
         else:
             split = await self.location.stream_into(self, load if isinstance(load, Broadcast) else Broadcast(load),
                                                     timeout)
-            args["load"], wrote = split.inline, bool(split.streamed)
+            args["load"], wrote = _inline_taken(load, split), bool(split.streamed)
         return await self._after_write(self.location.request("evaluate", args, timeout), wrote)
 
     async def train(self, mode: bool = True) -> None:
@@ -286,6 +286,15 @@ class FitUpdate:
     metrics: dict[str, Any]
     #: iterate it once; close it (``aclose``, or ``contextlib.aclosing``) to give up what is left unread
     pieces: "StatePieces"
+
+
+def _inline_taken(load: "Mapping[str, torch.Tensor] | Broadcast", split: Broadcast) -> Encoded:
+    """The inline entries of a fit's or an evaluation's ``load``: a plain state's copied now, as an op's
+    arguments are (they left uncopied, and a caller that reused its buffers after a cancellation had the
+    worker load a mixture); a ``Broadcast``'s as they are (encoded once for many workers)."""
+    if isinstance(load, Broadcast):
+        return split.inline
+    return Encoded({name: tensor.clone() for name, tensor in split.state.items() if name not in split.streamed})
 
 
 def _dataset_name(worker: "PointerHost", dataset: "DatasetPointer | str") -> str:
