@@ -181,7 +181,13 @@ class ModulePointer(Pointer):
         """Load weights into the remote model in place (some or all of its entries), as ``load_state_dict``
         does: a name the model does not have, or an entry of another dtype or shape, raises the worker's
         ``BadRequest``, and then nothing is loaded."""
-        await (await self.start_load(state, timeout))
+        outcome = await self.start_load(state, timeout)
+        try:
+            await outcome
+        except asyncio.CancelledError:  # (its outcome task may be cancelled before it ran, and not see it)
+            if isinstance(state, Broadcast) and not (outcome.done() and not outcome.cancelled()):
+                self.location.discard(self)  # its uncopied entries may yet be read changed: see _after_write
+            raise
 
     async def start_load(self, state: "Mapping[str, torch.Tensor] | Broadcast",
                          timeout: float | None = None) -> "asyncio.Task[None]":
