@@ -78,7 +78,9 @@ async def _dropout_forwards(worker: fz.RemoteWorker, remote: fz.ModulePointer, x
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", ["daemon", "virtual"])
+@pytest.mark.parametrize("where", ["daemon", pytest.param("virtual", marks=pytest.mark.xfail(
+    strict=True, reason="open (h26): an in-process worker draws from the process's global torch generator; "
+                        "it needs a generator of its own for its commands (fedzmq/worker/executor.py)"))])
 async def test_a_workers_dropout_leaves_the_callers_seeded_random_stream_alone(fedzmq_daemons, where):
     """A ``VirtualWorker`` is the daemon's code in this process, and its dropout draws from this process's
     global torch generator: a coroutine's seeded ``torch.randn`` around its awaits gives other numbers when a
@@ -165,6 +167,8 @@ async def test_a_send_of_a_model_beside_a_get_of_it_is_not_torn(fedzmq_daemons, 
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason="open (h26): module_turn orders a get and a send of one model on one "
+                                       "worker only; across workers it needs a turn kept with the local model")
 async def test_a_send_to_one_worker_beside_a_get_from_another_is_not_torn(fedzmq_daemons):
     """The same race across two workers: the model fetched from bob (``bob_copy.get()``, landing in the local
     model piece by piece) while another coroutine sends that model to alice. In order alice gets bob's
