@@ -344,3 +344,45 @@ async def test_an_evaluate_that_loads_cancelled_after_it_left_loads_the_state_as
             torn.append((passes, sorted(_values(model))))
         await remote.delete()
     assert not torn, f"a cancelled evaluate(load=) left the worker's model torn (passes, values): {torn}"
+
+
+async def _meta_device_neighbour(stop: asyncio.Event) -> None:
+    """A coroutine building a big model without memory, ``with torch.device("meta"):`` held across its awaits:
+    the thread's default device is meta whenever another coroutine runs meanwhile."""
+    while not stop.is_set():
+        with torch.device("meta"):
+            await asyncio.sleep(0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["virtual", "daemon"])
+async def test_a_neighbours_default_device_does_not_reach_fedzmqs_own_tensors(fedzmq_daemons, where):
+    """``with torch.device("meta"):`` is thread-local torch state like grad mode: a neighbour holding it across
+    an await made fedzmq's own tensors meta ones. A streamed ``get`` (the client allocates the destination)
+    raised "can't convert meta device type tensor to numpy"; an in-process worker's commands (run on the
+    caller's thread) failed "outside their handler". ``default_modes`` left the default device alone.
+    The user's own tensors are made before the neighbour starts."""
+    limits = fz.Limits(chunk_bytes=4096)
+    if where == "daemon":
+        [handle] = await fedzmq_daemons("bob", settings=fz.ConnectionSettings(limits=limits),
+                                        args=["--chunk-bytes", "4096"])
+        worker = handle.worker
+    else:
+        worker = fz.VirtualWorker("bob", config=fz.WorkerConfig(limits=limits),
+                                  settings=fz.ConnectionSettings(limits=limits))
+    values, model = torch.arange(5000.0), nn.Linear(64, 64)  # 20,000 bytes: a streamed get
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    stop = asyncio.Event()
+    neighbour = asyncio.ensure_future(_meta_device_neighbour(stop))
+    try:
+        pointer = await worker.send(values)
+        assert torch.equal(await pointer.get(), values)
+        assert torch.equal(await (pointer * 2).get(), values * 2)
+        remote = await worker.send(model)
+        await remote.get()
+        assert all(torch.equal(model.state_dict()[name], value) for name, value in expected.items())
+    finally:
+        stop.set()
+        await neighbour
+        if where == "virtual":
+            await worker.close()
