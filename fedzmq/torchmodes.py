@@ -53,14 +53,18 @@ def restore(modes: TorchModes) -> None:
 
 
 def default_modes() -> ContextManager[Any]:
-    """Grad mode on, inference mode and autocast off, for one synchronous block; free when they already
-    are (the common case, and the one on a daemon's own threads)."""
-    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu"):
+    """Grad mode on, inference mode and autocast off, and the CPU as the default device, for one synchronous
+    block; free when they already are (the common case, and the one on a daemon's own threads). The default
+    device is thread-local too (``with torch.device("meta"):``, a TorchFunctionMode): held across an await
+    by another coroutine, it made fedzmq's own tensors meta ones."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu") \
+            and torch.get_default_device().type == "cpu":
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
     stack.enter_context(torch.autocast("cpu", enabled=False))
+    stack.enter_context(torch.device("cpu"))
     return stack
 
 
