@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Coroutine as CoroutineABC
 from typing import TYPE_CHECKING, Any, Coroutine, Generator
 
-from ..errors import HandshakeFailed, WorkerError
+from ..errors import HandshakeFailed, RemoteError, WorkerError
 
 if TYPE_CHECKING:
     from .worker import RemoteWorker
@@ -72,6 +72,9 @@ class Connecting(CoroutineABC[Any, Any, "RemoteWorker"]):
             raise type(exc)(f"{exc}. Nothing answered at {self._worker.address}: is the daemon running, and if it "
                             "uses keys, are server_key and client_key right (--server-key and --client-key on the "
                             "command line) and is your key allowed?") from None
+        except RemoteError:  # the daemon refused the session (--max-sessions, a revoked key): none to end
+            await self._worker.close_connection(say_goodbye=False)
+            raise
         except BaseException:  # cancelled: a daemon its ping reached opened a session for it
             await self._worker.give_up_connection()
             raise

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the class of argparse's ``action="append"`` (a repeatable flag), found through its public API
+APPEND_ACTION = type(argparse.ArgumentParser().add_argument("--flag", action="append"))
+
 #: settings a --config file may give beside the flags' own names: a flag's old spelling, and the flag it is
 _CONFIG_ALIASES = {"max_message_bytes": "max_frame_bytes"}
 
@@ -129,7 +132,7 @@ def _config_value_problem(action: argparse.Action, value: Any) -> str | None:
     ``insecure = "false"`` is a non-empty string, so true, and served without keys on any address."""
     if action.nargs == 0:  # a switch: store_true, or --x/--no-x
         return None if isinstance(value, bool) else "give true or false, unquoted"
-    if isinstance(action, argparse._AppendAction):  # a repeatable flag
+    if isinstance(action, APPEND_ACTION):  # a repeatable flag
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return None if ok else 'give a list of strings, e.g. ["name=path"]'
     number = action.type in (int, float)
