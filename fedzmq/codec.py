@@ -417,13 +417,14 @@ def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
     if not frames:
         raise ProtocolError("empty message")
     raw = _frame_buffer(frames[0])
-    if len(raw) > limits.max_header_bytes:
-        raise ProtocolError(f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}")
+    raw_bytes = len(raw)
+    if raw_bytes > limits.max_header_bytes:
+        raise ProtocolError(f"header of {raw_bytes} bytes exceeds the limit of {limits.max_header_bytes}")
     # a header of at most half as many bytes as the counter allows cannot trip it: every value takes a
     # byte, and the counter counts each value twice at most (in its container, and as a container
     # itself). So most messages go without the hooks, and their Python call per list and map
     counter = _ContainerCounter(limits.max_items)
-    hooks = {"list_hook": counter.seen, "object_hook": counter.seen} if 2 * len(raw) > counter.left else {}
+    hooks = {"list_hook": counter.seen, "object_hook": counter.seen} if 2 * raw_bytes > counter.left else {}
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
                                  max_array_len=limits.max_items, max_map_len=limits.max_items, **hooks)
@@ -431,7 +432,7 @@ def _unpack_header(frames: Sequence[Any], limits: Limits) -> dict[str, Any]:
         raise
     except Exception as exc:  # msgpack raises several types for bad input; all mean the same here
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:  # (msgpack makes plain dicts)
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     if len(frames) - 1 > limits.max_frames:
         raise ProtocolError(f"too many frames: {len(frames) - 1} > {limits.max_frames}", _header_id(header))
@@ -448,12 +449,12 @@ def check_message(frames: Sequence[Any], limits: Limits) -> None:
     answers or asks, so its error can name none: each side checks what it sends (a request that waited
     for ever; a reply of 4,800 tensors that dropped the connection). Cheap: the values are counted only
     in a header of more than ``limits.max_items`` bytes, the only kind that can hold that many."""
-    header = frames[0]
-    largest = max((_frame_len(f) for f in frames[1:]), default=0)
-    if len(header) > limits.max_header_bytes or len(frames) - 1 > limits.max_frames or largest > limits.max_frame_bytes:
-        raise ProtocolError(f"header of {len(header)} bytes, {len(frames) - 1} frames, largest frame {largest} bytes "
+    header, header_bytes = frames[0], len(frames[0])
+    largest = max(map(_frame_len, frames[1:]), default=0)
+    if header_bytes > limits.max_header_bytes or len(frames) - 1 > limits.max_frames or largest > limits.max_frame_bytes:
+        raise ProtocolError(f"header of {header_bytes} bytes, {len(frames) - 1} frames, largest frame {largest} bytes "
                             f"(limits: {limits.max_header_bytes}, {limits.max_frames}, {limits.max_frame_bytes})")
-    if len(header) > limits.max_items:
+    if header_bytes > limits.max_items:
         _unpack_header([header], limits)
 
 
@@ -472,7 +473,7 @@ def decode_request(frames: Sequence[Any], limits: Limits) -> Request:
     problem = COMMANDS[cmd].check_args(decoded)
     if problem:
         raise ProtocolError(problem, request_id)
-    return Request(request_id, cmd, decoded, sum(_frame_len(f) for f in frames[1:]), client)
+    return Request(request_id, cmd, decoded, buffer_bytes(frames), client)
 
 
 def decode_request_head(frames: Sequence[Any], limits: Limits) -> Request:
@@ -481,7 +482,7 @@ def decode_request_head(frames: Sequence[Any], limits: Limits) -> Request:
     without running it needs. The rest stays undecoded, so that refusing a flood costs less than
     running it. Its ``args`` are not the command's whole arguments: never run it."""
     request_id, cmd, client, args = _request_head(frames, limits)
-    return Request(request_id, cmd, COMMANDS[cmd].output_args(args), sum(_frame_len(f) for f in frames[1:]), client)
+    return Request(request_id, cmd, COMMANDS[cmd].output_args(args), buffer_bytes(frames), client)
 
 
 def _request_head(frames: Sequence[Any], limits: Limits) -> tuple[int, str, str | None, dict[str, Any]]:
@@ -571,7 +572,8 @@ class _Decoder:
             return value
         if kind is not list and kind is not dict:
             raise ProtocolError(f"values of type {kind.__name__} are not accepted")
-        self.items += len(value)
+        size = len(value)
+        self.items += size
         if self.items > self.limits.max_items:
             raise ProtocolError(f"header holds more than {self.limits.max_items} values")
         # below the deepest level, scalars one level down need no call (the common case: ids, names,
@@ -581,14 +583,16 @@ class _Decoder:
             if inline:
                 return [v if v is None or type(v) in _PLAIN else self.decode(v, depth + 1) for v in value]
             return [self.decode(v, depth + 1) for v in value]
-        if len(value) == 1:
+        if size == 1:
             (key, body), = value.items()
             if type(key) is str and key.startswith("$"):
                 return self.tag(key, body, depth)
-        _check_keys(value)
-        if inline:
-            return {k: v if v is None or type(v) in _PLAIN else self.decode(v, depth + 1) for k, v in value.items()}
-        return {k: self.decode(v, depth + 1) for k, v in value.items()}
+        out = {}
+        for key, item in value.items():  # (a loop, not a comprehension: one call fewer per map)
+            if type(key) is not str or key.startswith("$"):  # keys are strings; only a tag's starts with $
+                raise ProtocolError(f"bad map key {quoted(key)}")
+            out[key] = item if inline and (item is None or type(item) in _PLAIN) else self.decode(item, depth + 1)
+        return out
 
     def tag(self, key: str, body: Any, depth: int) -> Any:
         if key == "$tensor":
@@ -666,21 +670,15 @@ class _Decoder:
 SMALL_FRAME_BYTES = 8192
 
 
-def _check_keys(mapping: dict[Any, Any]) -> None:
-    """A map's keys are strings that do not start with ``$`` (those are tags)."""
-    for key in mapping:
-        if type(key) is not str or key.startswith("$"):
-            raise ProtocolError(f"bad map key {quoted(key)}")
-
-
 def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
     """A tensor over ``buffer`` without copying it, unless it is small (``SMALL_FRAME_BYTES``); a fresh
     empty tensor when there are no bytes."""
-    if len(buffer) == 0:
+    size = len(buffer)
+    if size == 0:
         return torch.empty(tuple(shape), dtype=dtype)
     # a small one's own memory is a bytearray copy that the tensor keeps alive: a third of what a
     # clone costs (no call through torch's dispatcher), on every small tensor received
-    tensor = torch.frombuffer(bytearray(buffer) if len(buffer) <= SMALL_FRAME_BYTES else buffer, dtype=dtype)
+    tensor = torch.frombuffer(bytearray(buffer) if size <= SMALL_FRAME_BYTES else buffer, dtype=dtype)
     return tensor if len(shape) == 1 else tensor.view(tuple(shape))
 
 
