@@ -147,11 +147,17 @@ def _rebased(body: Any, offset: int) -> Any:
 
 #: types sent as they are (exactly these types: subclasses such as IntEnum or numpy scalars are converted)
 _PLAIN = frozenset((bool, int, float, str))
+#: the other types the encoder encodes itself (exactly these): an encoder's ``default`` hook is tried first
+#: on a value of any other type, and a subclass of these reaches their checks when the hook keeps it
+_ENCODED = frozenset((list, dict, tuple, slice, type(Ellipsis), torch.Tensor, torch.dtype, Ref, NodeRef, StreamInfo,
+                      Encoded, type(None)))
 
 
 @dataclass
 class _Encoder:
-    """Turns a Python value into msgpack-able data plus buffer frames."""
+    """Turns a Python value into msgpack-able data plus buffer frames. ``default``: the hook that turns
+    the values the codec does not know (a client's pointers) into ones it does; it returns any other
+    value as it is."""
 
     default: Callable[[Any], Any] | None
     frames: list[Any] = field(default_factory=list)
@@ -169,6 +175,10 @@ class _Encoder:
             return self.mapping(value, depth, inline=True)
         if kind is Ref:
             return {"$ref": value.id}
+        if self.default is not None and kind not in _ENCODED:  # a pointer, before a dozen checks it fails
+            converted = self.default(value)
+            if converted is not value:
+                return self.encode(converted, depth + 1)
         if isinstance(value, torch.Tensor):
             return self.tensor(value)
         if isinstance(value, Encoded):
@@ -202,10 +212,6 @@ class _Encoder:
             return float(value)
         if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
             return self.encode(value.item(), depth + 1)  # numpy scalars
-        if self.default is not None:
-            converted = self.default(value)
-            if converted is not value:
-                return self.encode(converted, depth + 1)
         raise ProtocolError(f"cannot send a value of type {type(value).__name__}")
 
     def mapping(self, value: dict[Any, Any], depth: int, inline: bool) -> dict[str, Any]:
