@@ -110,7 +110,8 @@ def bind(session: Session, request: Request, command: Command, context: Context)
     objects = {name: table.get(request.args[name], kind) for name, kind in command.refs.items()
                if name in request.args}
     tensors: list[torch.Tensor] = []
-    args = {name: _resolve(value, session, tensors) if name in command.takes_refs else _no_refs(name, value, command)
+    args = {name: value if value is None or type(value) in _PLAIN  # (most: ids, names, flags, numbers)
+            else _resolve(value, session, tensors) if name in command.takes_refs else _no_refs(name, value, command)
             for name, value in request.args.items()}
     dataset = None
     if command.reads_dataset:
@@ -200,21 +201,23 @@ _PLAIN = frozenset((bool, int, float, str))
 
 
 def _resolve(value: Any, session: Session, tensors: list[torch.Tensor]) -> Any:
-    """Replace every ``Ref`` by the session's tensor, collecting the tensors referenced."""
-    if value is None or type(value) in _PLAIN:  # most values: ids, names, flags, numbers
+    """Replace every ``Ref`` by the session's tensor, collecting the tensors referenced. The arguments are
+    as the decoder made them: containers of exactly these types, whose scalars need no call each."""
+    kind = type(value)
+    if value is None or kind in _PLAIN:  # most values: ids, names, flags, numbers
         return value
-    if isinstance(value, Ref):
+    if kind is Ref:
         obj = session.table.get(value.id, "tensor")
         tensors.append(obj)
         return obj
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, list):
-        return [_resolve(v, session, tensors) for v in value]
-    if isinstance(value, tuple):
+    if kind is list:
+        return [v if v is None or type(v) in _PLAIN else _resolve(v, session, tensors) for v in value]
+    if kind is dict:
+        return {k: v if v is None or type(v) in _PLAIN else _resolve(v, session, tensors) for k, v in value.items()}
+    if kind is tuple:
         return tuple(_resolve(v, session, tensors) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve(v, session, tensors) for k, v in value.items()}
+    if isinstance(value, (Ref, list, tuple, dict)):  # a subclass (the decoder makes none): its refs would stay
+        raise BadRequest.new(f"arguments cannot hold a {kind.__name__}")
     return value
 
 
