@@ -446,16 +446,23 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+#: the scalars a signature takes with their type, the common case first
+_SCALARS = frozenset((bool, int, float, str, type(None)))
+
+
 def signature(value: Any) -> Hashable:
     """A hashable description of an argument structure: tensors by shape, strides, dtype and whether they
     require gradients (never their values), plain values with their type (``1``, ``1.0`` and ``True``
-    hash alike, but give different dtypes)."""
+    hash alike, but give different dtypes). (``map``, not generators: one call fewer per item, on every op.)"""
+    kind = type(value)
+    if kind in _SCALARS:
+        return (kind.__name__, value)
     if isinstance(value, torch.Tensor):
         return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(signature(v) for v in value))
+        return (kind.__name__, *map(signature, value))
     if isinstance(value, dict):
-        return ("D", *((k, signature(v)) for k, v in value.items()))
+        return ("D", *zip(value.keys(), map(signature, value.values())))
     if isinstance(value, slice):
         return ("S", signature(value.start), signature(value.stop), signature(value.step))
     return (type(value).__name__, value)
