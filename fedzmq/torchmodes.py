@@ -52,6 +52,10 @@ def restore(modes: TorchModes) -> None:
     torch.set_default_dtype(modes.default_dtype)
 
 
+#: what ``default_modes`` gives when the modes are already the default: it holds nothing, so one serves all
+_UNCHANGED = contextlib.nullcontext()
+
+
 def default_modes() -> ContextManager[Any]:
     """Grad mode on, inference mode and autocast off, and the CPU as the default device, for one synchronous
     block; free when they already are (the common case, and the one on a daemon's own threads). The default
@@ -59,7 +63,7 @@ def default_modes() -> ContextManager[Any]:
     by another coroutine, it made fedzmq's own tensors meta ones."""
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu") \
             and torch.get_default_device().type == "cpu":
-        return contextlib.nullcontext()
+        return _UNCHANGED
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())

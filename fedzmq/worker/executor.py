@@ -65,6 +65,10 @@ INLINE_FIT_SECONDS = 0.002
 #: weights loaded, say) is stopped with an error instead of holding the loop
 INLINE_FIT_DEADLINE = 0.5
 
+#: the context of a command that records no graph in place of ``Quota.charging_saved_tensors`` (it holds nothing,
+#: so one serves all)
+_NO_SAVED_TENSORS = contextlib.nullcontext()
+
 CHARGE_NAMES = {"outputs": "its outputs",
                 "forward": "the forward's intermediates (row by row, in an evaluation; and the backward's, in a fit)",
                 "batch": "the batch it copies out of the dataset",
@@ -315,7 +319,7 @@ class Executor:
         # what autograd saves is charged where a graph may be recorded: not for an op on tensors that need no
         # gradient (the operands' ``requires_grad`` is part of the signature its cost is kept under)
         graph = "graph" in command.charges and (binding.cost is None or binding.cost.records_graph)
-        saved = session.quota.charging_saved_tensors() if graph else contextlib.nullcontext()
+        saved = session.quota.charging_saved_tensors() if graph else _NO_SAVED_TENSORS
         try:
             with (default_modes(), running_under(session.budget),
                   session.quota.reserving(reserve, covers_saved=graph), saved):
