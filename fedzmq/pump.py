@@ -172,7 +172,7 @@ class Pump:
         self._schedule()  # more may wait: come back after the loop's other ready callbacks
 
     def _events(self) -> int:
-        return cast(int, self.socket.getsockopt(_EVENTS))
+        return self.socket.getsockopt(_EVENTS)  # type: ignore[return-value]  # (an int; not cast: a call each time)
 
     def _send(self, frames: list[Any], copy: bool, track: bool) -> Any:
         """``send_multipart`` without its per-frame flag arithmetic on enums. A multipart message is

@@ -281,7 +281,7 @@ class Connection:
         fusable = fusable and self.fuses_fetch
         message = self._outbox.add(frames, copy=copy or self._copy_frames, hold=fusable)
         self._fusable = _HeldOp(request_id, future, message) if fusable and message is not None else None
-        self.bytes_sent += sum(len(f) for f in frames)
+        self.bytes_sent += sum(map(len, frames))
         return future
 
     def fetch_with(self, ready: asyncio.Future[Reply]) -> asyncio.Future[Reply] | None:
@@ -372,7 +372,7 @@ class Connection:
 
     def _dispatch(self, frames: list[Any]) -> None:
         self._last_heard = time.monotonic()
-        self.bytes_received += sum(len(f.buffer) for f in frames)
+        self.bytes_received += sum(map(len, frames))  # (a zmq.Frame's len is its bytes)
         if self._dead is not None:
             log.info("worker at %s answers again", self.address)
             self._dead = None
