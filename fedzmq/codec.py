@@ -457,7 +457,8 @@ def check_message(frames: Sequence[Any], limits: Limits) -> None:
     in a header of more than ``limits.max_items`` bytes, the only kind that can hold that many."""
     header, header_bytes = frames[0], len(frames[0])
     largest = max(map(_frame_len, frames[1:]), default=0)
-    if header_bytes > limits.max_header_bytes or len(frames) - 1 > limits.max_frames or largest > limits.max_frame_bytes:
+    if (header_bytes > limits.max_header_bytes or len(frames) - 1 > limits.max_frames
+            or largest > limits.max_frame_bytes):
         raise ProtocolError(f"header of {header_bytes} bytes, {len(frames) - 1} frames, largest frame {largest} bytes "
                             f"(limits: {limits.max_header_bytes}, {limits.max_frames}, {limits.max_frame_bytes})")
     if header_bytes > limits.max_items:

@@ -114,12 +114,18 @@ def op_outputs(op: str, args: list[Any], kwargs: dict[str, Any], count: int, poi
     the arguments stand for their ``meta_of(pointer)``; local tensors for their own meta. Cheap: it only
     notes the inputs' meta (a few microseconds, on the path of every pipelined op)."""
     depth = [0]
-    stripped_args = [_strip(value, pointer_type, meta_of, depth) for value in args]
+    # scalars (the 1 of x + 1) as they are, without a call and its type checks each
+    stripped_args = [value if type(value) in _SCALARS else _strip(value, pointer_type, meta_of, depth)
+                     for value in args]
     stripped_kwargs = {k: _strip(v, pointer_type, meta_of, depth) for k, v in kwargs.items()} if kwargs else kwargs
     pending = OpMeta(op, stripped_args, stripped_kwargs, depth[0] + 1)
     if pending.depth > MAX_PENDING:
         pending.resolve()
     return [pending] if count == 1 else [OpOutput(pending, index) for index in range(count)]
+
+
+#: arguments that hold no pointer and no tensor
+_SCALARS = frozenset((bool, int, float, str, type(None)))
 
 
 def _strip(value: Any, pointer_type: type, meta_of: Callable[[Any], Meta], depth: list[int]) -> Any:
