@@ -188,3 +188,17 @@ async def test_an_expired_session_is_noticed_and_the_model_sent_again():
         assert again is not first
         assert torch.allclose(await again(await worker.send(torch.ones(1, 2))).get(), model(torch.ones(1, 2)))
         await worker.close()
+
+
+async def test_a_daemon_stopped_cleanly_tells_its_clients_what_it_will_not_answer(fedzmq_daemons):
+    """A daemon stopped with SIGTERM said nothing: its clients learned it from silent heartbeats, about
+    10 s later (a round's worker dropped as ``WorkerDeadError: silent for 10.8s``, found by a newcomer).
+    The requests it took and will not answer now get a ``RemoteWorkerClosedError`` saying it is stopping."""
+    [bob] = await fedzmq_daemons("bob")
+    await bob.slow(30)  # the next command waits on the daemon
+    task = asyncio.ensure_future(bob.worker.send(torch.ones(3)))
+    await asyncio.sleep(0.2)
+    bob.process.signal_stop()
+    with pytest.raises(fz.RemoteWorkerClosedError, match="bob is stopping"):
+        await asyncio.wait_for(task, 20)
+    assert await asyncio.to_thread(bob.process.process.wait, 20) == 0

@@ -98,6 +98,8 @@ class Connection:
         self._last_heard = time.monotonic()
         #: how long ZeroMQ may still deliver what was sent once the socket is closed (``give_up``'s goodbye)
         self._linger_ms = 0
+        #: ``close`` sent the goodbye that ends the worker's session: no request may follow it
+        self._said_goodbye = False
         self._dead: WorkerDeadError | None = None
         self._heartbeat_id: int | None = None
         #: ids of pending requests outside the daemon session's order (control commands, and requests to
@@ -200,6 +202,9 @@ class Connection:
         if self._closing is None:
             try:
                 if say_goodbye and self._tasks and self._dead is None:
+                    # nothing may follow the goodbye: the worker would open a new session for it, where the
+                    # objects it names are gone (ObjectNotFound instead of WorkerClosedError)
+                    self._said_goodbye = True
                     with contextlib.suppress(Exception):  # a worker that does not answer at once is gone or busy
                         await self.request("close", {}, timeout=GOODBYE_SECONDS)
             finally:
@@ -269,6 +274,8 @@ class Connection:
         self._ensure_started()
         if self._dead is not None:
             raise WorkerDeadError(str(self._dead))
+        if self._said_goodbye and cmd != "close":
+            raise WorkerClosedError(f"connection to {self.address} is closing")
         request_id = next(self._ids)
         frames = encode_request(request_id, cmd, args, default or self._encode_default, client)
         self._check_size(cmd, frames)

@@ -252,6 +252,7 @@ async def run(settings: dict[str, Any]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # we are on our way out: a repeated signal changes nothing
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
+    worker.say_stopping()
     await worker.close()
 
 

@@ -78,6 +78,8 @@ EVICT_AFTER_INTERVALS = 10
 EVICT_EMPTY_AFTER_INTERVALS = 3
 #: seconds of silence after which a session of a client that announced nothing may be evicted
 EVICT_AFTER_SECONDS = 10.0
+#: how long ZeroMQ may still deliver, once the worker closed, the refusals of what it will not answer
+FAREWELL_SECONDS = 0.5
 #: after a look for a connection to evict found none, the next look waits this long: the look walks
 #: every connection, and a full daemon would otherwise walk them for each request of each new peer
 EVICT_SCAN_SECONDS = 0.1
@@ -114,6 +116,8 @@ class Worker:
         self._pool = FairPool(config.threads, f"fedzmq-{worker_id}")
         self._reaper = Reaper(worker_id)
         self._tasks: list[asyncio.Task[None]] = []
+        #: ``say_stopping`` answered what will not run: ``close`` lets ZeroMQ deliver it
+        self._farewell = False
         #: sessions with commands to run (or running one), which share ``SESSION_SLICE_SECONDS``
         self._busy_sessions = 0
         #: per peer, requests of batches not yet accepted (in order), and the peers' turns (``_take_intake``)
@@ -235,6 +239,16 @@ class Worker:
         finally:
             await self.close()
 
+    def say_stopping(self) -> None:
+        """Answer every command taken and not answered yet with ``WorkerClosedError`` ("worker ... is
+        stopping"), before ``close``: a daemon stopped by a signal, whose clients would otherwise learn it
+        from silent heartbeats, seconds later (a round's worker dropped as dead). ``close`` then gives
+        ZeroMQ ``FAREWELL_SECONDS`` to deliver them."""
+        why = f"worker {self.id} is stopping; this command did not finish"
+        for session in self._all_sessions():
+            self._refuse_unanswered(session, why)
+        self._farewell = True
+
     async def close(self) -> None:
         sessions = self._all_sessions()
         for session in sessions:
@@ -257,8 +271,8 @@ class Worker:
             self._monitor.close(linger=0)
             self._monitor = None
         self._close_key_gate()
-        if self._socket is not None:
-            self._socket.close(linger=0)
+        if self._socket is not None:  # (ZeroMQ may still deliver those refusals for a moment)
+            self._socket.close(linger=int(FAREWELL_SECONDS * 1000) if self._farewell else 0)
             self._socket = self._pump = None
         self._pool.shutdown()
         self._reaper.close()  # what the sessions held is freed, on its thread
@@ -748,6 +762,16 @@ class Worker:
             self.counters["handshake_failures"] += 1
             log.warning("a client's handshake failed on %s (%s, %s)", describe_endpoint(event.get("endpoint")),
                         describe_event(event.get("event")), event.get("value"))
+
+    def _refuse_unanswered(self, session: Session, why: str) -> None:
+        """Answer the command running and those queued with ``WorkerClosedError``: the worker is closing, and
+        its clients would otherwise learn it from silent heartbeats, seconds later."""
+        if session.running is not None:
+            if session.outbox is not None:
+                session.outbox.flush()  # the replies of what ran go first
+            self._send(session.key, encode_error(session.running, {"type": "WorkerClosedError", "message": why,
+                                                                   "traceback": ""}))
+        self._refuse_queued(session, why)
 
     def _refuse_queued(self, session: Session, why: str, error_type: str = "WorkerClosedError") -> None:
         if session.outbox is not None:
