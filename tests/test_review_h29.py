@@ -1,0 +1,67 @@
+"""Review h29: bugs found in the review of 7c9b456..5929c22, each written as the check that should hold."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.testing.datasets import write_dataset
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def two_shards(tmp_path: Path) -> Path:
+    """A folder of two hosted clients' datasets (``a`` and ``b``: 32 rows of 64 features, 10 classes)."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 64, generator=generator),
+                      torch.randint(0, 10, (32,), generator=generator))
+    return folder
+
+
+async def settled_bytes(worker: fz.RemoteWorker, want: int) -> int:
+    """The daemon's charged bytes once they reach ``want`` (the give-ups are sent without a wait), or after
+    a bounded number of polls, whatever they are then."""
+    held = (await worker.status())["bytes"]
+    for _ in range(50):
+        if held <= want:
+            break
+        await asyncio.sleep(0.1)
+        held = (await worker.status())["bytes"]
+    return held
+
+
+async def test_a_held_updates_refusal_over_hosted_clients_gives_up_the_states_streamed_to_it(fedzmq_daemons,
+                                                                                                tmp_path):
+    """A round over hosted clients whose aggregator holds every update (FedMedian) and refuses the second with
+    ``HeldBytesExceeded``: the daemon made each client's trained state for the reply and keeps its streamed
+    entries (their own copies, charged to the session) until they are read. ``_clients_group_trip`` asks the
+    aggregator for every receiver before it makes any ``StatePieces`` (whose end or collection gives the
+    unread up), so a refusal there leaves every state's copies kept on the daemon until the session ends."""
+    folder = two_shards(tmp_path)
+    small = fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))  # the 16 KiB weight is streamed
+    [host] = await fedzmq_daemons("sim", args=["--clients-from", f"d={folder}"])
+    workers = await fz.connect_clients(host.address, settings=small)
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(64, 64)
+        fit = fz.FitConfig(dataset="d", batch_size=16, steps=1)
+        held = fz.Federation(workers, model, fit, fz.make_strategy("fedmedian"), seed=3)
+        await held.run_round()  # the hosted model is made; nothing is kept once its states are read
+        baseline = (await workers[0].status())["bytes"]
+        one_update = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        refusing = fz.Federation(workers, model, fit, fz.FedMedian(max_held_bytes=one_update + 1), seed=4)
+        with pytest.raises((fz.RoundFailed, fz.HeldBytesExceeded)):
+            await refusing.run_round()
+        left = await settled_bytes(workers[0], baseline)
+        assert left <= baseline, f"the daemon still holds {left - baseline} bytes of states nobody will read"
+    finally:
+        for worker in workers:
+            await worker.close()
