@@ -424,6 +424,7 @@ class StatePieces:
 
     def __init__(self, host: Transfers, pointer: ModulePointer, state: dict[str, Any], timeout: float | None) -> None:
         unread = kept_reads(state)
+        self._host, self._obj_id, self._unread = host, pointer.id, unread
         self._pieces = host.read_pieces(pointer, state, timeout, unread)
         if unread:  # dropped unread: its generator never ran, and so never gives them up itself
             weakref.finalize(self, _give_up_later, asyncio.get_running_loop(), host, pointer.id, unread)
@@ -435,7 +436,11 @@ class StatePieces:
         return await self._pieces.__anext__()
 
     async def aclose(self) -> None:
+        """End the pieces now, giving up what is unread: a generator closed before it ran never reaches its
+        own give-up, and waiting for the collection left the daemon holding the entries while a traceback
+        (or a caller keeping it) kept this alive."""
         await self._pieces.aclose()
+        self._host.give_up_reads(self._obj_id, self._unread)
 
 
 def _give_up_later(loop: asyncio.AbstractEventLoop, host: Transfers, obj_id: int,

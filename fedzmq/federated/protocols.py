@@ -367,22 +367,41 @@ async def _clients_group_trip(host: RemoteWorker, clients: Sequence[RemoteWorker
     for client, error in failed.items():
         if client in by_client:
             dropped[worker_key(by_client[client])] = f"{error.get('type')}: {error.get('message', '')}"[:200]
+    pieces = [host.state_pieces(pointer, state) for state in _reply_states(reply, combine)]
+    try:  # every state's pieces made first: those a failure leaves unread are given up, so the daemon keeps none
+        await _fold_clients(reply, pieces, trained, by_client, aggregator, fold, fits)
+    finally:
+        for state_pieces in pieces:
+            await state_pieces.aclose()
+
+
+def _reply_states(reply: dict[str, Any], combine: bool) -> list[Any]:
+    """The states a fit over hosted clients sent back: its weighted sum, or each client's state."""
+    if combine:
+        return [reply["weighted_sum"]] if "weighted_sum" in reply else []
+    states = reply.get("states")
+    return states if isinstance(states, list) else []
+
+
+async def _fold_clients(reply: dict[str, Any], pieces: list[StatePieces], trained: dict[str, dict[str, Any]],
+                        by_client: dict[str | None, RemoteWorker], aggregator: Aggregator, fold: "Folder",
+                        fits: dict[str, dict[str, Any]]) -> None:
+    """Receive and fold the states of a fit over hosted clients (``pieces``, in the reply's order)."""
+    combine = aggregator.accepts_sums
     if combine:
         if trained and "weighted_sum" not in reply:
             raise ProtocolError("a daemon combined its clients' updates without 'weighted_sum' (sum(n_i * x_i)): "
                                 "is it another version of fedzmq?")
-        receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), reply["weighted_sum"],
+        receivers = [(aggregator.receive_sum(int(reply["weight"]), len(trained)), pieces[0],
                       list(trained))] if trained else []
     else:
         states = reply.get("states")
         if not isinstance(states, list) or len(states) != len(trained):
             raise ProtocolError(f"a daemon trained {len(trained)} clients and sent back "
                                 f"{len(states) if isinstance(states, list) else 'no list of'} states")
-        receivers = [(aggregator.receive(int(fit_metrics["num_examples"])), state, [client])
-                     for (client, fit_metrics), state in zip(trained.items(), states)]
-    # every state's pieces made now: those a failure leaves unread are given up, so the daemon keeps none
-    pieces = [(receiver, host.state_pieces(pointer, state), delivered) for receiver, state, delivered in receivers]
-    for receiver, state_pieces, delivered in pieces:
+        receivers = [(aggregator.receive(int(fit_metrics["num_examples"])), state_pieces, [client])
+                     for (client, fit_metrics), state_pieces in zip(trained.items(), pieces)]
+    for receiver, state_pieces, delivered in receivers:
         await fold_update(receiver, state_pieces, fold)
         # recorded as soon as folded: a later receiver's failure must not call these dropped
         for client in delivered:
