@@ -65,3 +65,36 @@ async def test_a_held_updates_refusal_over_hosted_clients_gives_up_the_states_st
     finally:
         for worker in workers:
             await worker.close()
+
+
+class Scored(nn.Module):
+    """A model with a top-level buffer named ``metrics`` (a running score kept with the weights), streamed
+    past a 4 KiB piece."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("metrics", torch.zeros(4096))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.metrics[:4]
+
+
+async def test_a_timed_out_get_of_a_model_with_an_entry_named_metrics_gives_up_its_kept_reads(fedzmq_daemons):
+    """``Transfers.reply_states`` (new) tells a fit-over-clients reply from a model state by a ``metrics`` key, and
+    a model whose state_dict has one (a buffer named ``metrics``) has its ``module_state`` reply taken for a fit's
+    with no states in it: a get that times out gives up nothing, and the daemon keeps the streamed entries' reads
+    (and any copy a later write makes of them) until the session ends. Before, a state reply was given up whole."""
+    small = fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))
+    [host] = await fedzmq_daemons("bob", settings=small, args=["--fault-injection"])
+    worker = host.worker
+    pointer = await worker.send(Scored())
+    await worker.request("debug_delay", {"seconds": 1.0})
+    with pytest.raises(fz.RequestTimeout):
+        await pointer.get(timeout=0.3)
+    await worker.request("debug_delay", {"seconds": 0.0})
+    baseline = (await worker.status())["bytes"]
+    await worker.request("module_write", {"obj": pointer.id, "name": "metrics", "offset": 0,
+                                          "data": torch.ones(16, dtype=torch.uint8)})  # a kept read is copied now
+    left = await settled_bytes(worker, baseline)
+    assert left <= baseline, f"the daemon copied {left - baseline} bytes for a read nobody will make"
