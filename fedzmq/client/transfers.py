@@ -365,15 +365,15 @@ class Transfers:
         try:
             return await self.wait_reply(asyncio.shield(future), timeout)  # (taken even if nobody waits)
         except BaseException:
-            future.add_done_callback(partial(self._give_up_reply, obj_id))
+            future.add_done_callback(partial(self._give_up_reply, obj_id, cmd))
             raise
 
-    def _give_up_reply(self, obj_id: int, future: asyncio.Future[Any]) -> None:
+    def _give_up_reply(self, obj_id: int, cmd: str, future: asyncio.Future[Any]) -> None:
         """``give_up_reads`` for every kept read in a state reply nobody waits for any more."""
         if future.cancelled() or future.exception() is not None:
             return
         reply = future.result()
-        for state in reply_states(reply.result if reply.ok else None):
+        for state in reply_states(cmd, reply.result if reply.ok else None):
             self.give_up_reads(obj_id, kept_reads(state))
 
     def give_up_reads(self, obj_id: int, unread: dict[str, StreamInfo]) -> None:
@@ -400,14 +400,16 @@ class Transfers:
                 self.give_up_reads(pointer.id, {name: info})
 
 
-def reply_states(result: Any) -> list[dict[str, Any]]:
-    """The model states a reply carries: ``module_state``'s result itself, a fit's ``state``, a fit over hosted
-    clients' ``weighted_sum`` or each of its ``states``."""
+def reply_states(cmd: str, result: Any) -> list[dict[str, Any]]:
+    """The model states a reply to ``cmd`` carries: ``module_state``'s result itself, a fit's ``state``, a fit
+    over hosted clients' ``weighted_sum`` or each of its ``states``. Told apart by the command, not by the
+    result's keys: a model's own entries can be named ``state`` or ``metrics``."""
     if not isinstance(result, dict):
         return []
+    if cmd == "module_state":
+        return [result]
     found = [result.get("state"), result.get("weighted_sum"), *(result.get("states") or [])]
-    states = [state for state in found if isinstance(state, dict)]
-    return states if states or "metrics" in result else [result]
+    return [state for state in found if isinstance(state, dict)]
 
 
 def kept_reads(state: dict[str, Any]) -> dict[str, StreamInfo]:
