@@ -1,0 +1,37 @@
+"""Red team h30: a hostile coordinator with an allowed key against real daemons (docs/security.md).
+
+Each test is an attack that broke the daemon's guarantees on main, written as the check that it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fedzmq as fz
+from fedzmq.testing.datasets import write_dataset
+from test_redteam_h25 import MB, _peak_growth, _rss, _Wide
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("loss", ["l1_loss", "binary_cross_entropy"])
+async def test_a_fits_loss_is_charged_what_that_loss_makes(fedzmq_daemons, tmp_path, loss):
+    """A fit is charged one tensor of the output's size for its loss (``charges.LOSS_COPIES``), what
+    ``mse_loss`` makes; ``l1_loss`` makes three (the difference, its absolute value, and the backward's
+    sign of it) and ``binary_cross_entropy`` two. A fit of 512 rows of 256 x 256 outputs charged 641 MiB
+    and admitted under a 660 MiB quota grew the daemon by 900 MiB (``l1_loss``) and 773 MiB
+    (``binary_cross_entropy``); ``mse_loss`` grew it by 645 MiB."""
+    rows = 512
+    labels = torch.randint(0, 2, (rows, 256, 256), generator=torch.Generator().manual_seed(0)).float()
+    path = write_dataset(tmp_path / "masks.safetensors", torch.rand(rows, 1), labels)
+    quota = 660 * MB
+    [bob] = await fedzmq_daemons("bob", args=["--data", f"masks={path}", "--max-session-bytes", str(quota)])
+    remote = await bob.worker.send(_Wide())
+    before = _rss(bob.pid)
+    with contextlib.suppress(fz.LimitExceeded):  # refused within the quota: what should happen
+        await remote.fit("masks", loss=loss, optimizer={"cls": "SGD", "lr": 0.0}, batch_size=rows, steps=1)
+    grown = _peak_growth(bob.pid, before)
+    assert grown <= quota + 32 * MB, f"the daemon grew {grown / MB:.0f} MiB under a {quota / MB:.0f} MiB quota"
