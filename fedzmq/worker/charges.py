@@ -107,15 +107,20 @@ def forward(context: Context, binding: Binding) -> int:
 #: tensors of the output's size a loss makes, per pass: its own intermediate (mse's difference, cross-entropy's
 #: log-softmax) and, in a fit, its backward's gradient of the output
 LOSS_COPIES = 1
+#: the losses that make more than ``LOSS_COPIES`` per pass: ``l1_loss`` the difference and its absolute value
+#: (and its backward the difference's sign), ``binary_cross_entropy`` its logs' terms. Charged one copy, a fit
+#: of 512 outputs of 256 x 256 grew a daemon 257 and 130 MiB past its quota (red team h30)
+LOSS_COPIES_OF = {"l1_loss": 2, "binary_cross_entropy": 2}
 
 
 def loss_bytes(binding: Binding, footprint: Footprint, passes: int) -> int:
     """What a fit's or an evaluation's loss makes beside the forward's tensors (``LOSS_COPIES`` of the output
-    per pass): uncharged, a fit of 512 outputs of 256 x 256 under ``mse_loss`` grew a daemon 260 MiB past
+    per pass, or its loss's ``LOSS_COPIES_OF``): uncharged, a fit of 512 outputs of 256 x 256 under ``mse_loss`` grew a daemon 260 MiB past
     its quota (red team h25). Nothing for a call, which computes no loss."""
     if binding.command.name == "module_call" or footprint.output is None or footprint.output_dtype is None:
         return 0
-    return LOSS_COPIES * passes * math.prod(footprint.output) * footprint.output_dtype.itemsize
+    copies = LOSS_COPIES_OF.get(binding.args["loss"], LOSS_COPIES)
+    return copies * passes * math.prod(footprint.output) * footprint.output_dtype.itemsize
 
 
 #: the losses whose target is a class index along the output's dim 1
