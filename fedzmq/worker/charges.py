@@ -20,6 +20,7 @@ from .binding import Binding, Context
 from .cost import Footprint, check_work, element_work
 from .datasets import Dataset
 from .handlers.modules import adoptable, check_named_once
+from .kept import KEPT_READ_BYTES
 from .objects import BYTES_PER_OPTIMIZED_PARAMETER, HostedModule, HostedOptimizer
 from .secure import peer_count
 from .training import label_copy_dtype, loss_function
@@ -294,10 +295,12 @@ def clients(context: Context, binding: Binding) -> int:
     hosted: HostedModule = binding.objects["module"]
     entries = list(hosted.module.state_dict().values())
     model = sum(t.numel() * t.element_size() for t in entries)
-    if not binding.args.get("combine"):  # each client's entries cloned: their bytes, and each a tensor object
+    # each client's entries cloned: their bytes, and each a tensor object (more than a kept read's bookkeeping)
+    if not binding.args.get("combine"):
         return model + len(hosted_clients) * (model + TENSOR_OBJECT_BYTES * len(entries))
+    # (and a kept read's bookkeeping per entry, should the sums stream: ``KeptReads.report_made`` checks neither)
     sums = sum(t.numel() * FLOAT64_BYTES if t.is_floating_point() else 2 * t.numel() * t.element_size()
-               for t in entries)
+               for t in entries) + KEPT_READ_BYTES * len(entries)
     # adding a client's entry to its float64 sum widens the entry first, a float64 copy of it, one at a time
     widened = max((t.numel() * FLOAT64_BYTES for t in entries if t.is_floating_point()), default=0)
     return model + sums + widened

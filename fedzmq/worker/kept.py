@@ -115,12 +115,14 @@ class KeptReads:
         """Keep reads of tensors a command made for its reply, which no model holds (a fit over hosted
         clients: their weighted sums, or each client's trained state), under the indexes of ``module``'s
         entries they stand for. Each is its own copy from the start (no write can change it), charged to
-        the session until its read ends. Their bytes are not checked again: the command's reservation (its
-        charge, ``fedzmq.worker.charges``) counted them, and their hold takes its place when it ends;
-        ``LimitExceeded`` if the reads' bookkeeping has no room."""
+        the session until its read ends. Neither their bytes nor their bookkeeping are checked again: the
+        command's reservation (its charge, ``fedzmq.worker.charges.clients``) counted both, and their hold takes
+        its place when it ends. A check here stood beside that reservation and beside the holds of the states
+        reported before (a fit over hosted clients reports one per client): a round admitted at a tight quota
+        trained every client, then failed, its first states left charged under tokens no reply carried (red
+        team h30). ``LimitExceeded`` only past ``MAX_KEPT_READS``."""
         what = f"keeping {len(entries)} entries made for the reply until they are read"
         copies = [tensor.detach().contiguous().view(-1).view(torch.uint8) for _, tensor in entries]
-        self._quota.check(KEPT_READ_BYTES * len(entries), what)
         tokens = []
         with self._lock:
             self._check_count(len(entries), what)
