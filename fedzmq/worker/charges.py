@@ -116,8 +116,8 @@ LOSS_COPIES_OF = {"l1_loss": 2, "binary_cross_entropy": 2}
 
 def loss_bytes(binding: Binding, footprint: Footprint, passes: int) -> int:
     """What a fit's or an evaluation's loss makes beside the forward's tensors (``LOSS_COPIES`` of the output
-    per pass, or its loss's ``LOSS_COPIES_OF``): uncharged, a fit of 512 outputs of 256 x 256 under ``mse_loss`` grew a daemon 260 MiB past
-    its quota (red team h25). Nothing for a call, which computes no loss."""
+    per pass, or its loss's ``LOSS_COPIES_OF``): uncharged, a fit of 512 outputs of 256 x 256 under
+    ``mse_loss`` grew a daemon 260 MiB past its quota (red team h25). Nothing for a call, which computes no loss."""
     if binding.command.name == "module_call" or footprint.output is None or footprint.output_dtype is None:
         return 0
     copies = LOSS_COPIES_OF.get(binding.args["loss"], LOSS_COPIES)
