@@ -62,3 +62,21 @@ async def test_a_fit_over_hosted_clients_admitted_keeps_every_clients_state_it_t
         assert (await worker.status())["bytes"] == held
     else:
         assert len(reply["states"]) == 2
+
+
+@pytest.mark.parametrize("loss", ["binary_cross_entropy_with_logits"])
+async def test_an_evaluations_loss_is_charged_what_it_makes(fedzmq_daemons, tmp_path, loss):
+    """An evaluation is charged its forward row by row and one tensor of the output's size for its loss; under
+    ``binary_cross_entropy_with_logits`` an evaluation of 256 rows of 256 x 256 outputs, charged 192 MiB and
+    admitted under a 256 MiB quota, grew the daemon by 644 MiB."""
+    rows = 256
+    labels = torch.randint(0, 2, (rows, 256, 256), generator=torch.Generator().manual_seed(0)).float()
+    path = write_dataset(tmp_path / "masks.safetensors", torch.rand(rows, 1), labels)
+    quota = 256 * MB
+    [bob] = await fedzmq_daemons("bob", args=["--data", f"masks={path}", "--max-session-bytes", str(quota)])
+    remote = await bob.worker.send(_Wide())
+    before = _rss(bob.pid)
+    with contextlib.suppress(fz.LimitExceeded):  # refused within the quota: what should happen
+        await remote.evaluate("masks", loss=loss)
+    grown = _peak_growth(bob.pid, before)
+    assert grown <= quota + 32 * MB, f"the daemon grew {grown / MB:.0f} MiB under a {quota / MB:.0f} MiB quota"
