@@ -112,15 +112,22 @@ LOSS_COPIES = 1
 #: (and its backward the difference's sign), ``binary_cross_entropy`` its logs' terms. Charged one copy, a fit
 #: of 512 outputs of 256 x 256 grew a daemon 257 and 130 MiB past its quota (red team h30)
 LOSS_COPIES_OF = {"l1_loss": 2, "binary_cross_entropy": 2}
+#: the same for an evaluation, whose loss runs under ``torch.func.vmap`` (``training.row_terms``): a composite
+#: loss is taken apart there into ops each of which makes a tensor of the output's size. Measured (red team
+#: h30): charged one copy, an evaluation under ``binary_cross_entropy_with_logits`` of 256 outputs of 256 x 256
+#: grew a daemon 452 MiB past its quota (seven copies more), under ``mse_loss`` and ``l1_loss`` by one more
+EVAL_LOSS_COPIES_OF = {"binary_cross_entropy_with_logits": 9, "mse_loss": 3, "l1_loss": 3, "binary_cross_entropy": 2}
 
 
 def loss_bytes(binding: Binding, footprint: Footprint, passes: int) -> int:
     """What a fit's or an evaluation's loss makes beside the forward's tensors (``LOSS_COPIES`` of the output
-    per pass, or its loss's ``LOSS_COPIES_OF``): uncharged, a fit of 512 outputs of 256 x 256 under
-    ``mse_loss`` grew a daemon 260 MiB past its quota (red team h25). Nothing for a call, which computes no loss."""
+    per pass, or its loss's ``LOSS_COPIES_OF`` or ``EVAL_LOSS_COPIES_OF``): uncharged, a fit of 512 outputs of
+    256 x 256 under ``mse_loss`` grew a daemon 260 MiB past its quota (red team h25). Nothing for a call, which
+    computes no loss."""
     if binding.command.name == "module_call" or footprint.output is None or footprint.output_dtype is None:
         return 0
-    copies = LOSS_COPIES_OF.get(binding.args["loss"], LOSS_COPIES)
+    table = EVAL_LOSS_COPIES_OF if binding.command.name == "evaluate" else LOSS_COPIES_OF
+    copies = table.get(binding.args["loss"], LOSS_COPIES)
     return copies * passes * math.prod(footprint.output) * footprint.output_dtype.itemsize
 
 
