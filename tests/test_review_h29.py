@@ -11,19 +11,9 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.testing.datasets import write_dataset
+from test_redteam_h19 import two_shards
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def two_shards(tmp_path: Path) -> Path:
-    """A folder of two hosted clients' datasets (``a`` and ``b``: 32 rows of 64 features, 10 classes)."""
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for name in ("a", "b"):
-        write_dataset(folder / f"{name}.safetensors", torch.randn(32, 64, generator=generator),
-                      torch.randint(0, 10, (32,), generator=generator))
-    return folder
 
 
 async def settled_bytes(worker: fz.RemoteWorker, want: int) -> int:
@@ -88,7 +78,8 @@ async def test_a_timed_out_get_of_a_model_with_an_entry_named_metrics_gives_up_i
     small = fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))
     [host] = await fedzmq_daemons("bob", settings=small, args=["--fault-injection"])
     worker = host.worker
-    pointer = await worker.send(Scored())
+    model = Scored()  # (kept: a get copies into the local module, which must still exist)
+    pointer = await worker.send(model)
     await worker.request("debug_delay", {"seconds": 1.0})
     with pytest.raises(fz.RequestTimeout):
         await pointer.get(timeout=0.3)
@@ -98,3 +89,31 @@ async def test_a_timed_out_get_of_a_model_with_an_entry_named_metrics_gives_up_i
                                           "data": torch.ones(16, dtype=torch.uint8)})  # a kept read is copied now
     left = await settled_bytes(worker, baseline)
     assert left <= baseline, f"the daemon copied {left - baseline} bytes for a read nobody will make"
+
+
+async def test_a_held_updates_refusal_of_a_daemons_update_gives_up_its_streamed_state(fedzmq_daemons, tmp_path):
+    """The same refusal on plain daemons (``fit_trip``): the aggregator refused the second update before its
+    pieces were read, and nothing closed them; the daemon kept the streamed entries until the pieces were
+    collected, which a traceback held off."""
+    path = two_shards(tmp_path) / "a.safetensors"
+    small = fz.ConnectionSettings(limits=fz.Limits(max_frame_bytes=4096))  # the 16 KiB weight is streamed
+    daemons = await fedzmq_daemons("bob", "alice", args=["--data", f"d={path}", "--min-batch-size", "1",
+                                                         "--min-metric-rows", "1"])
+    workers = [await fz.connect(d.address, settings=small) for d in daemons]
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(64, 64)
+        fit = fz.FitConfig(dataset="d", batch_size=16, steps=1)
+        await fz.Federation(workers, model, fit, fz.make_strategy("fedmedian"), seed=3).run_round()
+        baselines = [(await w.status())["bytes"] for w in workers]
+        one_update = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        refusing = fz.Federation(workers, model, fit, fz.FedMedian(max_held_bytes=one_update + 1), seed=4)
+        with pytest.raises((fz.RoundFailed, fz.HeldBytesExceeded)) as refused:
+            await refusing.run_round()
+        for worker, baseline in zip(workers, baselines):
+            left = await settled_bytes(worker, 2 * baseline)
+            assert left <= 2 * baseline, f"{worker.id} still holds {left - 2 * baseline} bytes nobody will read"
+        del refused
+    finally:
+        for worker in workers:
+            await worker.close()

@@ -186,8 +186,10 @@ class BufferedAsyncRounds(RoundProtocol):
             finally:
                 if self._states.get(version) is base:
                     self._in_use[version] -= 1
-            if self._states.get(version) is base:  # else it trained from a publication taken back
+            if self._states.get(version) is base:
                 self._arrived(key, version, delta, metrics, fit["seed"])
+            else:
+                self._dropped[key] = "trained from a publication the federation refused; re-dispatched"
 
     def _receiver(self, base: State, complete: Callable[[State], Any], num_samples: int) -> DeltaReceiver:
         """Keeps the update's move from ``base``; ``_arrived`` weighs and folds it, with its staleness then."""

@@ -226,7 +226,12 @@ async def fit_trip(worker: RemoteWorker, model: nn.Module, broadcast: Broadcast,
             if attempt == 2:
                 raise
             worker.forget(model)
-    await fold_update(receive(int(update.metrics["num_examples"])), update.pieces, fold)
+    try:
+        receiver = receive(int(update.metrics["num_examples"]))
+    except BaseException:  # (refused before any piece is read: a strategy's held-bytes limit, say)
+        await update.pieces.aclose()  # the daemon keeps nothing for what will not be read
+        raise
+    await fold_update(receiver, update.pieces, fold)
     return update.metrics
 
 

@@ -461,10 +461,12 @@ def running_stats(module: nn.Module) -> list[tuple[torch.Tensor, list[torch.Tens
     running mean under ``--private-release none``, and a batch's mean of protected rows under secure
     aggregation, once ``num_batches_tracked`` was loaded back whole."""
     found = []
-    for sub in module.modules():
+    for sub in module.modules():  # (by their attributes: torch's norm layers share no public base class)
         tracker = getattr(sub, "num_batches_tracked", None)
-        if isinstance(sub, nn.modules.batchnorm._NormBase) and isinstance(tracker, torch.Tensor):
-            found.append((tracker, [t for t in (sub.running_mean, sub.running_var) if isinstance(t, torch.Tensor)]))
+        stats = [t for t in (getattr(sub, "running_mean", None), getattr(sub, "running_var", None))
+                 if isinstance(t, torch.Tensor)]
+        if isinstance(tracker, torch.Tensor) and stats:
+            found.append((tracker, stats))
     return found
 
 
