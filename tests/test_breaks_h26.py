@@ -16,6 +16,19 @@ import fedzmq as fz
 SETTLE_SECONDS = 5.0
 
 
+def zeroed(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter 0 (the state sent first; a later state of ones tells the two apart)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(0.0)
+    return model
+
+
+def ones_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state of ``model``'s entries, every value 1."""
+    return {name: torch.full_like(value, 1.0) for name, value in model.state_dict().items()}
+
+
 async def _sessions_settle_to(observer: fz.RemoteWorker, expected: int) -> int:
     """The daemon's session count once it reaches ``expected``, or what it is after ``SETTLE_SECONDS``."""
     loop = asyncio.get_running_loop()
@@ -255,12 +268,9 @@ async def test_a_state_changed_after_start_load_returned_is_not_what_the_worker_
     try:
         changed = []
         for trial in range(6):
-            model = nn.Linear(1024, 1024)  # a 4 MiB weight: inline, and sent without a copy
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter.fill_(0.0)
+            model = zeroed(nn.Linear(1024, 1024))  # a 4 MiB weight: inline, and sent without a copy
             remote = await worker.send(model)
-            new = {name: torch.full_like(value, 1.0) for name, value in model.state_dict().items()}
+            new = ones_state(model)
             outcome = await remote.start_load(new)
             for tensor in new.values():
                 tensor.fill_(2.0)  # after the call that sends returned
@@ -286,10 +296,7 @@ async def test_a_send_of_a_model_cancelled_after_it_left_leaves_no_torn_model_wh
     bob = handle.worker
     torn = []
     for passes in range(10):
-        model = nn.Linear(1024, 1024)  # a 4 MiB weight: inline, and sent without a copy
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.fill_(0.0)
+        model = zeroed(nn.Linear(1024, 1024))  # a 4 MiB weight: inline, and sent without a copy
         remote = await bob.send(model)
         with torch.no_grad():
             for parameter in model.parameters():
@@ -327,12 +334,9 @@ async def test_an_evaluate_that_loads_cancelled_after_it_left_loads_the_state_as
     bob = handle.worker
     torn = []
     for passes in range(10):
-        model = nn.Linear(1024, 64)  # a 256 KiB weight: inline, and sent without a copy
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.fill_(0.0)
+        model = zeroed(nn.Linear(1024, 64))  # a 256 KiB weight: inline, and sent without a copy
         remote = await bob.send(model)
-        state = {name: torch.full_like(value, 1.0) for name, value in model.state_dict().items()}
+        state = ones_state(model)
         evaluating = asyncio.ensure_future(remote.evaluate("toy", load=state))
         for _ in range(passes):
             await asyncio.sleep(0)

@@ -23,6 +23,22 @@ from fedzmq.security import generate_keypair
 QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=25, connect_timeout=3.0)
 
 
+def daemon_with_config(tmp_path, line: str) -> tuple[int, str, str]:
+    """Run ``fedzmq-worker --config`` with a config file of an id, a bind and ``line``: its exit code, stdout
+    and stderr (a daemon that served instead of stopping fails the test)."""
+    config = tmp_path / "bob.toml"
+    config.write_text(f'id = "bob"\nbind = "tcp://127.0.0.1:0"\n{line}\n')
+    process = subprocess.Popen([sys.executable, "-m", "fedzmq.worker", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the daemon served with {line}: {out.strip()}")
+    return process.returncode, out, err
+
+
 @pytest.fixture
 def keys(tmp_path):
     """A daemon key pair, two allowed coordinators (alice stays, mallory is revoked) and the allowed folder."""
@@ -128,17 +144,8 @@ def test_a_misspelt_setting_in_a_daemons_config_file_stops_it_instead_of_looseni
     underscores") and misspells one (min_batch_sise = 64) got a daemon that served with the default of 16
     rows per step, saying nothing. ``fedzmq train --config`` already refuses keys that are no settings; the
     daemon now does too, naming the key, before it binds or loads anything."""
-    config = tmp_path / "bob.toml"
-    config.write_text('id = "bob"\nbind = "tcp://127.0.0.1:0"\nmin_batch_sise = 64\n')
-    process = subprocess.Popen([sys.executable, "-m", "fedzmq.worker", "--config", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(f"the daemon served with a misspelt setting: {out.strip()}")
-    assert process.returncode == 2, (out, err)
+    code, out, err = daemon_with_config(tmp_path, "min_batch_sise = 64")
+    assert code == 2, (out, err)
     assert "min_batch_sise" in err and "ready at" not in out
 
 
@@ -179,15 +186,6 @@ def test_a_setting_of_the_wrong_type_in_a_daemons_config_file_stops_it(tmp_path,
     on 0.0.0.0 without keys, open to anyone who can reach the port; a quoted number or a choice that is none
     started a daemon that failed later or read the setting otherwise. Each must stop the daemon, naming the
     key, as the same value given as a flag would."""
-    config = tmp_path / "bob.toml"
-    config.write_text(f'id = "bob"\nbind = "tcp://127.0.0.1:0"\n{line}\n')
-    process = subprocess.Popen([sys.executable, "-m", "fedzmq.worker", "--config", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(f"the daemon served with {line}: {out.strip()}")
-    assert process.returncode == 2, (out, err)
+    code, out, err = daemon_with_config(tmp_path, line)
+    assert code == 2, (out, err)
     assert line.split(" =")[0] in err and "ready at" not in out
