@@ -277,6 +277,26 @@ def checks_values(module: nn.Module) -> bool:
     return False
 
 
+#: layers whose forward draws from torch's default generator (in training mode)
+_DRAWING_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+#: the classes a description builds besides an owner's registered ones
+_BUILT_CLASSES = frozenset({*(cls for cls, _ in LAYERS.values()), nn.Sequential, GraphModule, nn.Module})
+
+
+def draws_random(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` may draw from torch's default generator: it holds a dropout layer, a
+    program op that draws (``fedzmq.ops.OpSchema.draws_random``), or an owner's registered class (whose code
+    is the owner's, and is not looked into)."""
+    for sub in module.modules():
+        if isinstance(sub, _DRAWING_LAYERS) or type(sub) not in _BUILT_CLASSES:
+            return True
+        if isinstance(sub, GraphModule) and any(
+                op in ("call_function", "call_method") and target in SCHEMAS and SCHEMAS[target].draws_random
+                for op, target, _, _ in sub._program):
+            return True
+    return False
+
+
 def _node_checks_values(node: list[Any]) -> bool:
     op, target, args, kwargs = node
     if op not in ("call_function", "call_method") or target not in SCHEMAS or not SCHEMAS[target].checks_values:

@@ -104,6 +104,9 @@ class OpSchema:
     #: a loss computed element by element over the broadcast of its input with its target and weights
     #: (``check_loss_shapes``)
     elementwise_loss: bool = False
+    #: draws from torch's default generator (dropout): an in-process worker runs it with its own generator
+    #: state (``fedzmq.worker.randomness``)
+    draws_random: bool = False
 
     def kind_of_keyword(self, name: str) -> str | None:
         if name in self.keyword_only:
@@ -115,9 +118,9 @@ class OpSchema:
 
 def _op(fn: Callable[..., Any], *params: tuple[str, str], required: int = 1, keywords: Iterable[str] = (),
         keyword_only: dict[str, str] | None = None, varargs: str | None = None, method: bool = True,
-        checks_values: dict[str, str] | None = None) -> OpSchema:
+        checks_values: dict[str, str] | None = None, draws_random: bool = False) -> OpSchema:
     return OpSchema(fn, tuple(params), required, frozenset(keywords), dict(keyword_only or {}), varargs, method,
-                    dict(checks_values or {}))
+                    dict(checks_values or {}), draws_random=draws_random)
 
 
 def _max(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -234,7 +237,8 @@ SCHEMAS: dict[str, OpSchema] = {
     "log_softmax": _op(F.log_softmax, ("input", "tensor"), ("dim", "int"), keywords=("dim",),
                        keyword_only={"dtype": "dtype?"}),
     "gelu": _op(_gelu, ("input", "tensor"), keyword_only={"approximate": "approximate"}),
-    "dropout": _op(_dropout, ("input", "tensor"), ("p", "number"), ("training", "bool"), keywords=("p", "training")),
+    "dropout": _op(_dropout, ("input", "tensor"), ("p", "number"), ("training", "bool"), keywords=("p", "training"),
+                   draws_random=True),
     "linear": _op(F.linear, ("input", "tensor"), ("weight", "tensor"), ("bias", "tensor?"), required=2,
                   keywords=("bias",), method=False),
     # losses

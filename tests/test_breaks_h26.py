@@ -94,9 +94,7 @@ async def _dropout_forwards(worker: fz.RemoteWorker, remote: fz.ModulePointer, x
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", ["daemon", pytest.param("virtual", marks=pytest.mark.xfail(
-    strict=True, reason="open (h26): an in-process worker draws from the process's global torch generator; "
-                        "it needs a generator of its own for its commands (fedzmq/worker/executor.py)"))])
+@pytest.mark.parametrize("where", ["daemon", "virtual"])
 async def test_a_workers_dropout_leaves_the_callers_seeded_random_stream_alone(fedzmq_daemons, where):
     """A ``VirtualWorker`` is the daemon's code in this process, and its dropout draws from this process's
     global torch generator: a coroutine's seeded ``torch.randn`` around its awaits gives other numbers when a

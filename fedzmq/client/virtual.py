@@ -27,7 +27,8 @@ class VirtualWorker(RemoteWorker):
                  datasets: "dict[str, Dataset] | None" = None, settings: ConnectionSettings | None = None,
                  context: zmq.asyncio.Context | None = None) -> None:
         context = context or zmq.asyncio.Context.instance()
-        self.server = Worker(worker_id, config=config, models=models, datasets=datasets, context=context)
+        self.server = Worker(worker_id, config=config, models=models, datasets=datasets, context=context,
+                             in_process=True)
         address = self.server.bind(f"inproc://fedzmq-{worker_id}-{uuid.uuid4().hex}")
         super().__init__(address, settings=settings, context=context)
         self._server_closing: asyncio.Future[None] | None = None

@@ -41,6 +41,7 @@ from .loads import metrics_label, relabel_loaded, withheld_loss
 from .objects import (DependencyError, HostedModule, HostedOptimizer, costly_to_free, module_tensors,
                       optimizer_state, tensors_of)
 from .policy import sanitized
+from .randomness import OwnGenerator, may_draw
 from .session import Session
 from .taint import Label, storage_key
 
@@ -68,6 +69,8 @@ INLINE_FIT_DEADLINE = 0.5
 #: the context of a command that records no graph in place of ``Quota.charging_saved_tensors`` (it holds nothing,
 #: so one serves all)
 _NO_SAVED_TENSORS = contextlib.nullcontext()
+#: a command that draws nothing, or a daemon's: the process's default generator as it is
+_SAME_GENERATOR = contextlib.nullcontext()
 
 CHARGE_NAMES = {"outputs": "its outputs",
                 "forward": "the forward's intermediates (row by row, in an evaluation; and the backward's, in a fit)",
@@ -78,10 +81,14 @@ CHARGE_NAMES = {"outputs": "its outputs",
 
 
 class Executor:
-    def __init__(self, context: Context, pool: FairPool, counters: dict[str, int]) -> None:
+    def __init__(self, context: Context, pool: FairPool, counters: dict[str, int],
+                 own_generator: OwnGenerator | None = None) -> None:
         self.context = context
         self.pool = pool
         self.counters = counters
+        #: an in-process worker's random state (``fedzmq.worker.randomness``); None in a daemon, whose
+        #: process's default generator is its own
+        self.own_generator = own_generator
         missing = [name for name in COMMANDS if name not in HANDLERS]
         if missing:
             raise RuntimeError(f"no handler for commands {missing}")
@@ -207,6 +214,10 @@ class Executor:
         if self.context.delay:
             await asyncio.sleep(self.context.delay)
         command = binding.command
+        if self.own_generator is not None and may_draw(command, binding):
+            # on the event loop's thread, with the worker's own random state: the caller's coroutines, which
+            # share the process's generator, cannot run (and draw) while it is swapped in
+            return self._call(binding, self._charge(binding))
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
             return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.name == "fit":  # measured fast; if that no longer holds, it stops soon, with an error
@@ -320,9 +331,11 @@ class Executor:
         # gradient (the operands' ``requires_grad`` is part of the signature its cost is kept under)
         graph = "graph" in command.charges and (binding.cost is None or binding.cost.records_graph)
         saved = session.quota.charging_saved_tensors() if graph else _NO_SAVED_TENSORS
+        generator = self.own_generator if self.own_generator is not None and may_draw(command, binding) \
+            else _SAME_GENERATOR
         try:
             with (default_modes(), running_under(session.budget),
-                  session.quota.reserving(reserve, covers_saved=graph), saved):
+                  session.quota.reserving(reserve, covers_saved=graph), saved, generator):
                 try:
                     result = HANDLERS[command.name](self.context, binding)
                 finally:

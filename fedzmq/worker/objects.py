@@ -70,6 +70,9 @@ class HostedModule:
     #: a digest of the arguments (``fedzmq.worker.executor.fit_key``) and CPU seconds of its last ``fit`` of
     #: given steps: a fit may run on the event loop only when the same fit was measured fast (``small_fit``)
     last_fit: tuple[bytes, float] | None = None
+    #: whether its forward may draw from torch's default generator (``fedzmq.modeldesc.draws_random``; found on
+    #: first use: a built module's layers do not change)
+    draws: bool | None = None
 
 
 @dataclass

@@ -53,6 +53,7 @@ from .cost import Coster, warm_up
 from .datasets import Dataset
 from .executor import Executor, fail_outputs
 from .fairpool import FairPool
+from .randomness import OwnGenerator
 from .ledger import ReleaseLedger
 from .policy import Policy
 from .reaper import Reaper
@@ -104,7 +105,9 @@ class Worker:
     def __init__(self, worker_id: str, *, config: WorkerConfig | None = None,
                  models: ModelRegistry | None = None, datasets: dict[str, Dataset] | None = None,
                  clients: dict[str, dict[str, Dataset]] | None = None,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, in_process: bool = False) -> None:
+        """``in_process``: the worker shares its caller's process (``VirtualWorker``), so it keeps a random
+        state of its own (``fedzmq.worker.randomness``)."""
         self.id = worker_id
         self.config = config = config or WorkerConfig()
         self.instance = uuid.uuid4().hex
@@ -154,7 +157,7 @@ class Worker:
             terms=Terms(config.min_batch_size, config.min_metric_rows, config.max_fit_samples, secret,
                         row_metrics=config.require_secure_aggregation),
             ledger=ReleaseLedger(config.secagg_max_rounds, config.secagg_ledger))
-        self.executor = Executor(self.context, self._pool, self.counters)
+        self.executor = Executor(self.context, self._pool, self.counters, OwnGenerator() if in_process else None)
         warm_up()  # the meta kernels load here, not inside the first command on the event loop
         self.key_gate: KeyGate | None = None
         self.public_key: bytes | None = None

@@ -1,0 +1,73 @@
+"""An in-process worker's random numbers: a generator state of its own, never its caller's stream.
+
+torch's dropout (and any module that draws without a ``generator=``) draws from the process's one default
+CPU generator. A daemon owns its process, so that generator is the daemon's. A ``VirtualWorker`` runs the
+daemon's code in its caller's process: a remote dropout drawn between a coroutine's seeded draws moved the
+caller's stream, and the worker's masks depended on what the caller had drawn, so the same code gave other
+numbers on a virtual worker than sequentially or on a daemon (docs/api.md promises the same).
+
+``OwnGenerator`` keeps the in-process worker's state apart: a command that may draw (``may_draw``) runs with
+it swapped into the default generator and the caller's put back after. It starts where a fresh process's
+generator starts, so a fresh virtual worker draws the masks a fresh daemon draws. The swap is only sound
+while nothing else runs in the process: such a command runs on the event loop's thread (``Executor``), where
+its caller's coroutines cannot run meanwhile; on a torch thread, a coroutine drawing at the same time would
+take the worker's numbers.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import torch
+
+from ..commands import Command
+from ..modeldesc import draws_random
+from ..ops import SCHEMAS
+from .binding import Binding
+from .objects import HostedModule
+
+#: commands that run a model's forward, and the argument naming the model: they may draw when the model does
+#: (``fedzmq.modeldesc.draws_random``: dropout, or an owner's registered module)
+FORWARD_COMMANDS = {"module_call": "obj", "fit": "module", "evaluate": "module"}
+
+
+def may_draw(command: Command, binding: Binding) -> bool:
+    """Whether running ``binding`` may draw random numbers from the process's default generator: an op whose
+    schema says it draws, or a forward of a model that may."""
+    if command.name == "op":
+        schema = SCHEMAS.get(binding.args["op"])
+        return schema is not None and schema.draws_random
+    role = FORWARD_COMMANDS.get(command.name)
+    if role is None:
+        return False
+    hosted: HostedModule = binding.objects[role]
+    if hosted.draws is None:
+        hosted.draws = draws_random(hosted.module)
+    return hosted.draws
+
+
+class OwnGenerator:
+    """A default-generator state of the worker's own, swapped in for the ``with`` block (not re-entrant: one
+    command at a time runs under it, on the event loop's thread)."""
+
+    __slots__ = ("_state", "_callers")
+
+    def __init__(self) -> None:
+        self._state = torch.Generator().get_state()  # where a fresh process's default generator starts
+        self._callers: torch.Tensor | None = None
+
+    def __enter__(self) -> None:
+        generator = torch.default_generator
+        self._callers = generator.get_state()
+        generator.set_state(self._state)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        generator = torch.default_generator
+        self._state = generator.get_state()
+        assert self._callers is not None
+        generator.set_state(self._callers)
+        self._callers = None
+
+
+__all__ = ["FORWARD_COMMANDS", "OwnGenerator", "may_draw"]
