@@ -7,6 +7,7 @@ on a virtual worker than on a daemon. Each check here runs a remote command that
 local draws and compares them with the same draws made without it."""
 
 import asyncio
+import copy
 from typing import Awaitable, Callable
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import fedzmq as fz
+from fedzmq.testing import write_dataset
 from fedzmq.worker.datasets import Dataset
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,3 +110,58 @@ async def test_a_virtual_workers_masks_do_not_depend_on_what_its_caller_drew():
             outputs.append([await model(x).get() for _ in range(3)])
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
     assert not torch.equal(outputs[0][0], outputs[0][1])  # the masks do change between calls
+
+
+SECRET = "random-test"
+
+
+async def _fitted_twice(worker: fz.RemoteWorker, start: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """The states two fits of ``start`` with one seed give, with a forward through dropout between them."""
+    states = []
+    for _ in range(2):
+        local = copy.deepcopy(start)
+        remote = await worker.send(local)
+        await remote.fit("toy", steps=3, batch_size=16, seed=7)
+        await remote(await worker.send(torch.ones(2, 8))).get()  # draws from the worker's stream
+        states.append({k: v.clone() for k, v in (await remote.get()).state_dict().items()})
+        await remote.delete()
+    return states
+
+
+async def test_a_seeded_fit_of_a_dropout_model_is_the_same_on_daemons_and_virtual_workers(fedzmq_daemons, tmp_path):
+    """A fit's dropout masks come from its seed (mixed with the owner's shuffle secret, as its shuffle):
+    two fresh daemons with one ``--shuffle-secret``, a virtual worker with the same secret, and a repeat
+    of the fit on each after other draws all train the same model, bit for bit. Before, a daemon drew them
+    from its process's generator, which torch seeds at random at start-up."""
+    torch.manual_seed(3)
+    start = _dropout_model(8)
+    data = _dataset()
+    path = write_dataset(tmp_path / "toy.safetensors", data.features, data.labels)
+    daemons = await fedzmq_daemons("bob", "carol", datasets={"bob": {"toy": path}, "carol": {"toy": path}},
+                                   args=["--shuffle-secret", SECRET])
+    results = [await _fitted_twice(handle.worker, start) for handle in daemons]
+    async with fz.VirtualWorker("dave", datasets={"toy": data}, config=fz.WorkerConfig(shuffle_secret=SECRET)) as dave:
+        results.append(await _fitted_twice(dave, start))
+    first = results[0][0]
+    assert any(not torch.equal(first[k], start.state_dict()[k]) for k in first)  # it trained
+    for states in results:
+        for state in states:
+            assert all(torch.equal(state[k], first[k]) for k in first)
+
+
+async def test_two_federated_runs_of_a_dropout_model_on_fresh_daemons_are_equal_bit_for_bit(fedzmq_daemons, tmp_path):
+    """The determinism promise (docs/api.md) with a model that has dropout: the same federation run twice,
+    each on daemons started for it (so each process's generator was seeded anew at random by torch)."""
+    data = _dataset()
+    path = write_dataset(tmp_path / "toy.safetensors", data.features, data.labels)
+    finals = []
+    for ids in (("bob", "carol"), ("dan", "erin")):
+        handles = await fedzmq_daemons(*ids, datasets={i: {"toy": path} for i in ids},
+                                       args=["--shuffle-secret", SECRET])
+        torch.manual_seed(5)
+        model = _dropout_model(8)
+        federation = fz.Federation([h.worker for h in handles], model,
+                                   fz.FitConfig(dataset="toy", steps=2, batch_size=16), seed=1)
+        await federation.run(2)
+        finals.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

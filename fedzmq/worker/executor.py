@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from .loads import metrics_label, relabel_loaded, withheld_loss
 from .objects import (DependencyError, HostedModule, HostedOptimizer, costly_to_free, module_tensors,
                       optimizer_state, tensors_of)
 from .policy import sanitized
-from .randomness import OwnGenerator, may_draw
+from .randomness import GENERATOR_TURN, OwnGenerator, may_draw
 from .session import Session
 from .taint import Label, storage_key
 
@@ -214,10 +214,11 @@ class Executor:
         if self.context.delay:
             await asyncio.sleep(self.context.delay)
         command = binding.command
-        if self.own_generator is not None and may_draw(command, binding):
-            # on the event loop's thread, with the worker's own random state: the caller's coroutines, which
-            # share the process's generator, cannot run (and draw) while it is swapped in
-            return self._call(binding, self._charge(binding))
+        if may_draw(command, binding):  # (``fedzmq.worker.randomness``)
+            if self.own_generator is not None:  # on the event loop's thread, where the caller's coroutines
+                return self._call(binding, self._charge(binding))  # cannot draw while its state is swapped in
+            # a daemon's: on a torch thread, in the generator's turn (which the event loop must never wait for)
+            return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
             return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.name == "fit":  # measured fast; if that no longer holds, it stops soon, with an error
@@ -331,8 +332,7 @@ class Executor:
         # gradient (the operands' ``requires_grad`` is part of the signature its cost is kept under)
         graph = "graph" in command.charges and (binding.cost is None or binding.cost.records_graph)
         saved = session.quota.charging_saved_tensors() if graph else _NO_SAVED_TENSORS
-        generator = self.own_generator if self.own_generator is not None and may_draw(command, binding) \
-            else _SAME_GENERATOR
+        generator = self._generator_for(binding)
         try:
             with (default_modes(), running_under(session.budget),
                   session.quota.reserving(reserve, covers_saved=graph), saved, generator):
@@ -347,6 +347,13 @@ class Executor:
         if watch is not None and command.name == "module_load":
             relabel_loaded(binding)
         return result
+
+    def _generator_for(self, binding: Binding) -> ContextManager[Any]:
+        """What a command that may draw holds while it runs: an in-process worker's own state, or a daemon's
+        turn of its process's generator; nothing for the others."""
+        if not may_draw(binding.command, binding):
+            return _SAME_GENERATOR
+        return self.own_generator if self.own_generator is not None else GENERATOR_TURN
 
     @staticmethod
     def _recount_optimizers(binding: Binding) -> None:

@@ -12,11 +12,22 @@ generator starts, so a fresh virtual worker draws the masks a fresh daemon draws
 while nothing else runs in the process: such a command runs on the event loop's thread (``Executor``), where
 its caller's coroutines cannot run meanwhile; on a torch thread, a coroutine drawing at the same time would
 take the worker's numbers.
+
+A fit draws from a state seeded from its own seed (``seeded_draws``, mixed with the owner's shuffle secret as
+its shuffle is), on daemons and in-process workers alike: the same fit trains the same model whatever ran
+before it. torch seeds a process's generator at random when it starts, so without this two runs of one
+federation on fresh daemons differed from their first dropout mask. On a daemon, commands that may draw
+run on its torch threads and take turns on ``GENERATOR_TURN`` (a process has one default generator), so
+a fit's seeded stream is not drawn from by another session meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import threading
 from types import TracebackType
+from typing import Iterator
 
 import torch
 
@@ -38,12 +49,37 @@ def may_draw(command: Command, binding: Binding) -> bool:
         schema = SCHEMAS.get(binding.args["op"])
         return schema is not None and schema.draws_random
     role = FORWARD_COMMANDS.get(command.name)
-    if role is None:
-        return False
-    hosted: HostedModule = binding.objects[role]
+    return role is not None and module_draws(binding.objects[role])
+
+
+def module_draws(hosted: HostedModule) -> bool:
+    """Whether a forward of the hosted model may draw (found once: a built model's layers do not change)."""
     if hosted.draws is None:
         hosted.draws = draws_random(hosted.module)
     return hosted.draws
+
+
+#: the turn of the process's one default generator among a daemon's torch threads (the process's, as the
+#: generator is: two workers embedded in one process share both)
+GENERATOR_TURN = threading.Lock()
+
+
+def draws_seed(shuffle_seed: int) -> int:
+    """The seed of a fit's draws (dropout), made from the seed of its shuffle: as secret, not the same."""
+    digest = hashlib.sha256(b"fedzmq fit draws:" + shuffle_seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_draws(seed: int) -> Iterator[None]:
+    """The default generator seeded with ``seed`` for the block, and as it was after it."""
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
 
 
 class OwnGenerator:
@@ -70,4 +106,5 @@ class OwnGenerator:
         self._callers = None
 
 
-__all__ = ["FORWARD_COMMANDS", "OwnGenerator", "may_draw"]
+__all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "OwnGenerator", "draws_seed", "may_draw", "module_draws",
+           "seeded_draws"]

@@ -10,6 +10,7 @@ Long work stops at its budget (``fedzmq.budget``): checked at every step and eve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -26,6 +27,7 @@ from ..errors import BadRequest, LimitExceeded, PermissionDenied
 from ..ops import check_loss_shapes
 from ..optimizers import OPTIMIZERS, PlainSGD, check_hyper, plain_sgd_applies
 from .datasets import Dataset
+from .randomness import draws_seed, seeded_draws
 
 #: losses ``fit`` and ``evaluate`` accept, by name
 LOSSES = {
@@ -187,12 +189,13 @@ METRICS = ("loss", "samples_seen", "num_examples", "steps", "seconds")
 
 def fit(module: nn.Module | Trainee, dataset: Dataset, terms: Terms, *, loss: str,
         optimizer: Any, batch_size: int, epochs: int | None, steps: int | None,
-        prox_mu: float, seed: int, salt: str = "") -> dict[str, Any]:
+        prox_mu: float, seed: int, salt: str = "", draws: bool = False) -> dict[str, Any]:
     """Minibatch training of ``module`` on ``dataset``. FedProx adds (mu/2)·||w − w_start||² to the loss.
     ``optimizer`` is one, or its description (made only when there is a step to take). A ``Trainee``
-    (a module prepared once for many fits) saves each fit its walks of the module."""
+    (a module prepared once for many fits) saves each fit its walks of the module. ``draws``: the model
+    may draw random numbers (``fedzmq.worker.randomness``); they come from a state seeded as the shuffle is,
+    so the same fit draws the same dropout masks whatever ran before it."""
     trainee = module if isinstance(module, Trainee) else Trainee(module)
-    model = trainee.module
     if len(dataset) == 0:
         raise BadRequest.new(f"dataset {dataset.name} is empty")
     loss_fn = loss_function(loss)
@@ -201,9 +204,17 @@ def fit(module: nn.Module | Trainee, dataset: Dataset, terms: Terms, *, loss: st
         return {"loss": 0.0, "samples_seen": 0, "num_examples": len(dataset), "steps": 0, "seconds": 0.0}
     if isinstance(optimizer, dict):
         optimizer = make_optimizer(optimizer, trainee)
-    params = trainee.trainable
+    shuffle = shuffle_seed(terms, dataset, seed, batch_size, salt)
+    with seeded_draws(draws_seed(shuffle)) if draws else contextlib.nullcontext():
+        return _train(trainee, dataset, terms, loss, loss_fn, optimizer, batch_size, total_steps, prox_mu,
+                      torch.Generator().manual_seed(shuffle))
+
+
+def _train(trainee: Trainee, dataset: Dataset, terms: Terms, loss: str, loss_fn: Any, optimizer: Any,
+           batch_size: int, total_steps: int, prox_mu: float, generator: torch.Generator) -> dict[str, Any]:
+    """``fit``'s steps, once it is planned and its optimizer made; ``generator`` shuffles the rows."""
+    model, params = trainee.module, trainee.trainable
     anchor = [p.detach().clone() for p in params] if prox_mu else []
-    generator = torch.Generator().manual_seed(shuffle_seed(terms, dataset, seed, batch_size, salt))
     trainee.train()
     started = time.perf_counter()
     loss_sum, seen, done = 0.0, 0, 0

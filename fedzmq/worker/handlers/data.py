@@ -13,6 +13,7 @@ from ...errors import BadRequest, LimitExceeded, quoted
 from .. import training
 from ..byzantine import parse_attack
 from ..policy import sanitized
+from ..randomness import module_draws
 from ..binding import Binding, Context, Made
 from .modules import InlineRoom, entries_reply, state_reply
 
@@ -54,7 +55,7 @@ def fit(context: Context, binding: Binding) -> Any:
     result = training.fit(hosted.module, dataset, context.terms, loss=args["loss"], optimizer=optimizer,
                           batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
                           prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0),
-                          salt=binding.session.client or "")
+                          salt=binding.session.client or "", draws=module_draws(hosted))
     if attack is not None:  # a test-only hostile daemon (--byzantine): the update it returns is distorted
         attack.apply(hosted.module, start)
     hosted.trained_samples = result["num_examples"]
@@ -83,6 +84,7 @@ def fit_clients(context: Context, binding: Binding) -> Any:
         check_states_reply(context, len(args["clients"]), current)
     start = {name: tensor.clone() for name, tensor in current.items()}
     trainee = training.Trainee(module)  # its walks of the module once, for all the clients
+    draws = module_draws(binding.objects["module"])
     sums: dict[str, torch.Tensor] = {}
     metrics: dict[str, Any] = {}
     states: list[dict[str, Any]] = []
@@ -99,7 +101,8 @@ def fit_clients(context: Context, binding: Binding) -> Any:
                 binding.session.trained_by.add(client)
                 result = training.fit(trainee, dataset, context.terms, loss=args["loss"], optimizer=args["optimizer"],
                                       batch_size=args["batch_size"], epochs=args.get("epochs"), steps=args.get("steps"),
-                                      prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client)
+                                      prox_mu=float(args.get("prox_mu", 0.0)), seed=args.get("seed", 0), salt=client,
+                                      draws=draws)
             except LimitExceeded:  # out of time: the whole command stops
                 raise
             except Exception as exc:  # this client is left out of the round; the others go on
