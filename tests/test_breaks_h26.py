@@ -181,8 +181,6 @@ async def test_a_send_of_a_model_beside_a_get_of_it_is_not_torn(fedzmq_daemons, 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="open (h26): module_turn orders a get and a send of one model on one "
-                                       "worker only; across workers it needs a turn kept with the local model")
 async def test_a_send_to_one_worker_beside_a_get_from_another_is_not_torn(fedzmq_daemons):
     """The same race across two workers: the model fetched from bob (``bob_copy.get()``, landing in the local
     model piece by piece) while another coroutine sends that model to alice. In order alice gets bob's

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Awaitable, Callable, cast
+from typing import TYPE_CHECKING, Any, AsyncContextManager, AsyncGenerator, Awaitable, Callable, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from ..torchmodes import default_modes
 from .futures import retrieve_error
 from .meta import TensorMeta
 from .pointers import Broadcast, ModulePointer, TensorPointer
+from .turns import model_turn
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -55,7 +56,6 @@ class Transfers:
     _connection: "Connection"
     _modules: "weakref.WeakKeyDictionary[nn.Module, ModulePointer]"
     #: the sends of a model to this worker under way, each resolved when it ends
-    _module_sends: "dict[nn.Module, asyncio.Future[None]]"
 
     def submit(self, cmd: str, args: dict[str, Any], copy: bool = False, fusable: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError
@@ -203,20 +203,9 @@ class Transfers:
         async with self.module_turn(module):
             return await self._send_module_now(module, timeout)
 
-    @contextlib.asynccontextmanager
-    async def module_turn(self, module: nn.Module) -> AsyncGenerator[None, None]:
-        """One send of ``module`` to this worker, or one ``get`` of its copy here, at a time: a send streams
-        the local tensors as they are, across awaits, and a get lands the remote ones in them piece by
-        piece, so a send beside a get read a model part old, part new, and the worker kept it torn."""
-        while (under_way := self._module_sends.get(module)) is not None:
-            await asyncio.shield(under_way)  # resolved however that turn ends
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._module_sends[module] = done
-        try:
-            yield
-        finally:
-            del self._module_sends[module]
-            done.set_result(None)
+    def module_turn(self, module: nn.Module) -> AsyncContextManager[None]:
+        """One send of ``module`` (to any worker), or one ``get`` into it, at a time (``fedzmq.client.turns``)."""
+        return model_turn(module)
 
     async def _send_module_now(self, module: nn.Module, timeout: float | None) -> ModulePointer:
         """Small entries travel inline (one chunk's worth in all); big ones as streams: into the

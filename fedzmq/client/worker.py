@@ -54,7 +54,6 @@ class RemoteWorker(Transfers, PointerOps):
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._modules: weakref.WeakKeyDictionary[nn.Module, ModulePointer] = weakref.WeakKeyDictionary()
-        self._module_sends: dict[nn.Module, asyncio.Future[None]] = {}
         self._resets_seen = 0
         #: this logical client's session on the daemon (the daemon's own session is the connection's)
         self._client_session: str | None = None
@@ -71,7 +70,7 @@ class RemoteWorker(Transfers, PointerOps):
         worker._connection.users += 1
         worker._object_ids = itertools.count(1)
         worker._released, worker._loop, worker._closed = [], None, False
-        worker._modules, worker._module_sends = weakref.WeakKeyDictionary(), {}
+        worker._modules = weakref.WeakKeyDictionary()
         worker._resets_seen = host._connection.session_resets
         worker._client_session = None
         worker._pointers = weakref.WeakValueDictionary()
