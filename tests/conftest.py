@@ -3,16 +3,49 @@
 Every test is bounded by pytest-timeout (``timeout`` in pyproject.toml). The example user project
 lives in docs/testing.md; tests/test_docs_testing.py runs it."""
 
+import shutil
+
 import pytest
 import pytest_asyncio
 import torch
 
 import fedzmq as fz
+from fedzmq.launcher import DaemonProcess
+from fedzmq.security import generate_keypair
 from fedzmq.testing import write_dataset
 from fedzmq.worker.datasets import Dataset
 
 #: the owner's rows of the adversarial tests (tests/test_adversarial*.py): issue 16's 100 rows of 8 floats
 ROWS, FEATURES = 100, 8
+
+
+@pytest.fixture
+def allowed_names():
+    """The coordinators whose keys ``keys`` puts in the allowed folder (a test module may override it)."""
+    return ("alice",)
+
+
+@pytest.fixture
+def keys(tmp_path, allowed_names):
+    """A daemon key pair (``server``), two coordinators' (``alice``, ``mallory``), each ``(public, secret)``
+    paths, and the allowed-keys folder (``allowed``) holding ``allowed_names``' public keys."""
+    folder = tmp_path / "keys"
+    made = {name: generate_keypair(folder, name) for name in ("server", "alice", "mallory")}
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    for name in allowed_names:
+        shutil.copy(made[name][0], allowed)
+    return {**made, "allowed": allowed}
+
+
+@pytest.fixture
+def secure_daemon(keys, tmp_path):
+    """A daemon ``bob`` that runs with ``keys`` (the plugin's fixture connects without keys)."""
+    daemon = DaemonProcess("bob", extra_args=["--secret-key", str(keys["server"][1]),
+                                              "--allowed-keys", str(keys["allowed"])], log_dir=tmp_path)
+    daemon.start()
+    yield daemon
+    assert daemon.stop() == 0, daemon.log_tail()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ Each test is what the docs promise an operator (docs/security.md) or a strategy 
 checked the way they would find out otherwise: on a daemon of their own."""
 
 import asyncio
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +16,6 @@ import fedzmq as fz
 from fedzmq.client.connection import ConnectionSettings
 from fedzmq.federated.aggregators import ServerStepAggregator
 from fedzmq.federated.base import Aggregator
-from fedzmq.launcher import DaemonProcess
-from fedzmq.security import generate_keypair
 
 QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=25, connect_timeout=3.0)
 
@@ -40,24 +37,9 @@ def daemon_with_config(tmp_path, line: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def keys(tmp_path):
-    """A daemon key pair, two allowed coordinators (alice stays, mallory is revoked) and the allowed folder."""
-    folder = tmp_path / "keys"
-    keys = {name: generate_keypair(folder, name) for name in ("server", "alice", "mallory")}
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    shutil.copy(keys["alice"][0], allowed)
-    shutil.copy(keys["mallory"][0], allowed)
-    return {**keys, "allowed": allowed}
-
-
-@pytest.fixture
-def secure_daemon(keys, tmp_path):
-    daemon = DaemonProcess("bob", extra_args=["--secret-key", str(keys["server"][1]),
-                                              "--allowed-keys", str(keys["allowed"])], log_dir=tmp_path)
-    daemon.start()
-    yield daemon
-    assert daemon.stop() == 0, daemon.log_tail()
+def allowed_names():
+    """Both coordinators allowed at first: alice stays, mallory is revoked."""
+    return ("alice", "mallory")
 
 
 @pytest.mark.timeout(90)

@@ -13,8 +13,6 @@ from torch import nn
 import fedzmq as fz
 from fedzmq.client.connection import ConnectionSettings
 from fedzmq.examples import digits
-from fedzmq.launcher import DaemonProcess
-from fedzmq.security import generate_keypair
 from fedzmq.worker.objects import BYTES_PER_OPTIMIZED_PARAMETER
 from fedzmq.worker.graphs import GRAPH_LEAF_BYTES, LEAF_SET_BYTES
 from fedzmq.worker.session import GRAPH_NODE_BYTES
@@ -27,27 +25,6 @@ QUICK = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=5, connect
 PATIENT = ConnectionSettings(heartbeat_interval=0.2, heartbeat_liveness=50, connect_timeout=3.0)
 
 
-@pytest.fixture
-def keys(tmp_path):
-    """A daemon key pair, an allowed client, an unknown client, and the allowed-keys folder."""
-    folder = tmp_path / "keys"
-    server = generate_keypair(folder, "server")
-    alice = generate_keypair(folder, "alice")
-    mallory = generate_keypair(folder, "mallory")
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    shutil.copy(alice[0], allowed)
-    return {"server": server, "alice": alice, "mallory": mallory, "allowed": allowed}
-
-
-@pytest.fixture
-def secure_daemon(keys, tmp_path):
-    """A daemon that runs with keys (the plugin's fixture connects without keys, so we start it here)."""
-    daemon = DaemonProcess("bob", extra_args=["--secret-key", str(keys["server"][1]),
-                                              "--allowed-keys", str(keys["allowed"])], log_dir=tmp_path)
-    daemon.start()
-    yield daemon
-    assert daemon.stop() == 0, daemon.log_tail()
 
 
 async def test_only_allowed_keys_get_commands_run(secure_daemon, keys):
