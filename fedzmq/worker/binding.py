@@ -85,6 +85,8 @@ class Binding:
     #: what the executor measured before running (an op's output sizes)
     cost: "OpCost | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: it may draw from torch's default generator (``fedzmq.worker.randomness.may_draw``; the executor sets it)
+    draws: bool = False
 
     @property
     def data_label(self) -> Label:

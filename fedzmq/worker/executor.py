@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 import time
-from typing import Any, ContextManager, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from .loads import metrics_label, relabel_loaded, withheld_loss
 from .objects import (DependencyError, HostedModule, HostedOptimizer, costly_to_free, module_tensors,
                       optimizer_state, tensors_of)
 from .policy import sanitized
-from .randomness import GENERATOR_TURN, OwnGenerator, may_draw
+from .randomness import GENERATOR_TURN, MAY_DRAW, OwnGenerator, may_draw
 from .session import Session
 from .taint import Label, storage_key
 
@@ -69,8 +69,6 @@ INLINE_FIT_DEADLINE = 0.5
 #: the context of a command that records no graph in place of ``Quota.charging_saved_tensors`` (it holds nothing,
 #: so one serves all)
 _NO_SAVED_TENSORS = contextlib.nullcontext()
-#: a command that draws nothing, or a daemon's: the process's default generator as it is
-_SAME_GENERATOR = contextlib.nullcontext()
 
 CHARGE_NAMES = {"outputs": "its outputs",
                 "forward": "the forward's intermediates (row by row, in an evaluation; and the backward's, in a fit)",
@@ -214,7 +212,8 @@ class Executor:
         if self.context.delay:
             await asyncio.sleep(self.context.delay)
         command = binding.command
-        if may_draw(command, binding):  # (``fedzmq.worker.randomness``)
+        if command.name in MAY_DRAW and may_draw(command, binding):  # (``fedzmq.worker.randomness``)
+            binding.draws = True
             if self.own_generator is not None:  # on the event loop's thread, where the caller's coroutines
                 return self._call(binding, self._charge(binding))  # cannot draw while its state is swapped in
             # a daemon's: on a torch thread, in the generator's turn (which the event loop must never wait for)
@@ -332,12 +331,12 @@ class Executor:
         # gradient (the operands' ``requires_grad`` is part of the signature its cost is kept under)
         graph = "graph" in command.charges and (binding.cost is None or binding.cost.records_graph)
         saved = session.quota.charging_saved_tensors() if graph else _NO_SAVED_TENSORS
-        generator = self._generator_for(binding)
         try:
             with (default_modes(), running_under(session.budget),
-                  session.quota.reserving(reserve, covers_saved=graph), saved, generator):
+                  session.quota.reserving(reserve, covers_saved=graph), saved):
                 try:
-                    result = HANDLERS[command.name](self.context, binding)
+                    result = HANDLERS[command.name](self.context, binding) if not binding.draws else \
+                        self._drawing(binding)
                 finally:
                     if command.writes is not None:  # even a step that failed half-way may have made some state
                         self._recount_optimizers(binding)
@@ -348,12 +347,11 @@ class Executor:
             relabel_loaded(binding)
         return result
 
-    def _generator_for(self, binding: Binding) -> ContextManager[Any]:
-        """What a command that may draw holds while it runs: an in-process worker's own state, or a daemon's
-        turn of its process's generator; nothing for the others."""
-        if not may_draw(binding.command, binding):
-            return _SAME_GENERATOR
-        return self.own_generator if self.own_generator is not None else GENERATOR_TURN
+    def _drawing(self, binding: Binding) -> Any:
+        """The handler of a command that may draw, holding an in-process worker's own random state or a daemon's
+        turn of its process's generator (``fedzmq.worker.randomness``)."""
+        with self.own_generator if self.own_generator is not None else GENERATOR_TURN:
+            return HANDLERS[binding.command.name](self.context, binding)
 
     @staticmethod
     def _recount_optimizers(binding: Binding) -> None:

@@ -40,6 +40,8 @@ from .objects import HostedModule
 #: commands that run a model's forward, and the argument naming the model: they may draw when the model does
 #: (``fedzmq.modeldesc.draws_random``: dropout, or an owner's registered module)
 FORWARD_COMMANDS = {"module_call": "obj", "fit": "module", "evaluate": "module"}
+#: the commands that may draw at all: ``may_draw`` answers for the others without being called
+MAY_DRAW = frozenset({"op", *FORWARD_COMMANDS})
 
 
 def may_draw(command: Command, binding: Binding) -> bool:
@@ -106,5 +108,5 @@ class OwnGenerator:
         self._callers = None
 
 
-__all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "OwnGenerator", "draws_seed", "may_draw", "module_draws",
+__all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "MAY_DRAW", "OwnGenerator", "draws_seed", "may_draw", "module_draws",
            "seeded_draws"]
