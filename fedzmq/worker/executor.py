@@ -326,14 +326,19 @@ class Executor:
             if loading is not None:
                 relabel_loaded(binding)
         label = self.made_label(binding)
-        watch = _WriteWatch(binding) if command.writes and label else None
+        # a backward's gradients are computed from what its graph saved, as it is now: labelled by them too
+        # (``Quota.reading_saved_tensors``), whatever the root's label; nothing to find in an unlabelled session
+        reads_saved = command.writes == "graph" and bool(session.taint)
+        watch = _WriteWatch(binding) if command.writes and (label or reads_saved) else None
         # what autograd saves is charged where a graph may be recorded: not for an op on tensors that need no
         # gradient (the operands' ``requires_grad`` is part of the signature its cost is kept under)
         graph = "graph" in command.charges and (binding.cost is None or binding.cost.records_graph)
         saved = session.quota.charging_saved_tensors() if graph else _NO_SAVED_TENSORS
+        unpacked: list[torch.Tensor] = []
+        reading = session.quota.reading_saved_tensors(unpacked) if reads_saved else _NO_SAVED_TENSORS
         try:
             with (default_modes(), running_under(session.budget),
-                  session.quota.reserving(reserve, covers_saved=graph), saved):
+                  session.quota.reserving(reserve, covers_saved=graph), saved, reading):
                 try:
                     result = HANDLERS[command.name](self.context, binding) if not binding.draws else \
                         self._drawing(binding)
@@ -342,7 +347,7 @@ class Executor:
                         self._recount_optimizers(binding)
         finally:
             if watch is not None:
-                session.taint.mark(watch.written(), label)
+                session.taint.mark(watch.written(), label | session.taint.of(unpacked))
         if watch is not None and command.name == "module_load":
             relabel_loaded(binding)
         return result

@@ -48,6 +48,8 @@ class Quota:
         self._covering_saved = 0
         #: replies ZeroMQ still holds: (tracker, bytes)
         self._unsent: list[tuple[zmq.MessageTracker, int]] = []
+        #: while a backward runs (``reading_saved_tensors``): the saved tensors it read
+        self.unpacked: list[torch.Tensor] | None = None
         # a graph, and the saved tensors it releases, can be freed on the event loop or on a torch
         # thread (reentrant: releasing an object can free a graph)
         self._lock = threading.RLock()
@@ -175,6 +177,19 @@ class Quota:
                 traceback.clear_frames(exc.__traceback__)
                 raise
 
+    @contextlib.contextmanager
+    def reading_saved_tensors(self, into: list[torch.Tensor]) -> Iterator[None]:
+        """Collect into ``into`` the tensors autograd saved that a backward pass reads while the block runs.
+        A gradient is computed from them, and they may have changed since the graph saved them without
+        autograd noticing: torch's batch-norm kernel writes ``running_var`` without moving its version
+        counter, so a graph saved in eval mode backpropagated through the variance a later fit over rows
+        wrote, and the gradient left with the label of the graph's root (made before the rows came)."""
+        self.unpacked = into
+        try:
+            yield
+        finally:
+            self.unpacked = None
+
     # --- replies in flight -------------------------------------------------------------------------
 
     def sending(self, tracker: zmq.MessageTracker, nbytes: int) -> None:
@@ -224,10 +239,11 @@ class SavedTensor:
     """A tensor autograd saved for a backward pass, held against the quota until the graph that saved it
     is freed (after ``backward``, or with the last output that leads to it)."""
 
-    __slots__ = ("tensor", "version", "__weakref__")
+    __slots__ = ("tensor", "version", "quota", "__weakref__")
 
     def __init__(self, quota: Quota, tensor: torch.Tensor) -> None:
         self.version = tensor._version
+        self.quota = quota  # (its finalizer below keeps it alive as long anyway)
         if tensor.layout != torch.strided:  # sparse: no single storage to charge (a gradient, never big data)
             self.tensor = tensor.detach()
             return
@@ -249,6 +265,8 @@ class SavedTensor:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                f"inplace operation: a tensor of shape {tuple(self.tensor.shape)} is at version "
                                f"{self.tensor._version}, saved at version {self.version}")
+        if self.quota.unpacked is not None:  # a backward's gradients are computed from it: its label counts
+            self.quota.unpacked.append(self.tensor)
         return self.tensor
 
 
