@@ -114,3 +114,66 @@ async def test_a_graph_made_before_a_fit_does_not_carry_the_fits_statistics_out_
         variance = gradient[0].double() ** -2 - EPS
         leaked = torch.allclose(variance.float(), x.var(0), rtol=1e-3)
         assert not leaked, f"the protected rows' variance left unmasked: {variance.tolist()} (rows: {x.var(0).tolist()})"
+
+
+class _FirstRow(nn.Module):
+    """Every output is the batch's first row times ``p``, plus ``b``: one step of SGD from zero moves ``p`` by
+    that row times what it moves ``b`` by, so the update is one of the owner's rows, whole."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(features))
+        self.b = nn.Parameter(torch.zeros(()))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[:, 0] * 0 + ((rows[0] * self.p).sum() + self.b)
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: a worker cannot tell what the other participants trained; only "
+                                       "DP noise (--secagg-min-noise, 0 by default) bounds this (h31)")
+async def test_a_secure_round_of_real_clients_does_not_give_one_clients_update_alone(fedzmq_daemons, tmp_path):
+    """A secure round of three real clients of one owner, each with its own keys, the owner's default terms
+    (three clients, a strict majority, no noise floor), nothing forged and no participant working with the
+    coordinator: the coordinator trains client a, and fits b and c with a learning rate of 0. Their updates
+    are exactly 0 at full weight (the weight is each worker's own sample count), so the round's sum is a's
+    update alone, unmasked: with a model that moves its weights by the batch's first row, a whole row of a's
+    protected shard. ``--secagg-min-clients`` promises a sum of that many clients' updates; it is one."""
+    from fedzmq.secagg import SecAggConfig
+    from fedzmq.secagg.server import SecAggServer
+    from fedzmq.testing.datasets import write_dataset
+    from fedzmq.testing.plugin import TEST_SETTINGS
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(11)
+    shards = {}
+    for name in "abc":
+        shards[name] = torch.rand(32, FEATURES, generator=generator) * 1000 + 123.456
+        write_dataset(folder / f"{name}.safetensors", shards[name], torch.randint(0, 10, (32,), generator=generator))
+    [host] = await fedzmq_daemons("owner", args=["--clients-from", f"d={folder}", "--require-secure-aggregation",
+                                                 *OWNER_TERMS])
+    workers = sorted(await fz.connect_clients(host.address, settings=TEST_SETTINGS), key=lambda w: w.id)
+    try:
+        length = FEATURES + 1
+        config = SecAggConfig(client_ids=(0, 1, 2), threshold=2, vector_length=length, clip=1e6, ring_bits=64,
+                              round_id=b"one of three")
+        server = SecAggServer(config)
+        remotes = [await worker.send(_FirstRow(FEATURES)) for worker in workers]
+        advertised = [await w.secagg("advertise", 1, config.to_wire(), module=r.id, client=i)
+                      for i, (w, r) in enumerate(zip(workers, remotes))]
+        keys = server.collect_keys(advertised)
+        routed = server.route_shares([await w.secagg("share_keys", 1, keys, client=i) for i, w in enumerate(workers)])
+        for i, remote in enumerate(remotes):  # a trains; b and c "train" with a learning rate of 0
+            await remote.fit("d", loss="mse_loss", optimizer={"cls": "SGD", "lr": 1e-3 if i == 0 else 0.0},
+                             batch_size=16, steps=1)
+        request = server.collect_masked([await w.secagg("masked_input", 1, routed[i], module=r.id, client=i)
+                                         for i, (w, r) in enumerate(zip(workers, remotes))])
+        server.collect_confirms([await w.secagg("confirm", 1, request, client=i) for i, w in enumerate(workers)])
+        result = server.finish([await w.secagg("unmask", 1, server.request_for(i), client=i)
+                                for i, w in enumerate(workers)])
+        row = result.weighted_sum[:FEATURES].double() / result.weighted_sum[FEATURES].double()
+        error = (shards["a"].double() - row).abs().max(1).values.min().item()
+        assert error > 1.0, f"a row of client a's protected shard left a secure round of three, to {error:.2g}: {row}"
+    finally:
+        for worker in workers:
+            await worker.close()
