@@ -265,8 +265,8 @@ class SavedTensor:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                f"inplace operation: a tensor of shape {tuple(self.tensor.shape)} is at version "
                                f"{self.tensor._version}, saved at version {self.version}")
-        if self.quota.unpacked is not None:  # a backward's gradients are computed from it: its label counts
-            self.quota.unpacked.append(self.tensor)
+        if self.quota.unpacked is not None and self.tensor.layout == torch.strided:  # a backward's gradients are
+            self.quota.unpacked.append(self.tensor)  # computed from it: its label counts (only strided ones have one)
         return self.tensor
 
 
