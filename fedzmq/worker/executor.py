@@ -333,12 +333,13 @@ class Executor:
         # what autograd saves is charged where a graph may be recorded: not for an op on tensors that need no
         # gradient (the operands' ``requires_grad`` is part of the signature its cost is kept under)
         graph = "graph" in command.charges and (binding.cost is None or binding.cost.records_graph)
-        saved = session.quota.charging_saved_tensors() if graph else _NO_SAVED_TENSORS
         unpacked: list[torch.Tensor] = []
-        reading = session.quota.reading_saved_tensors(unpacked) if reads_saved else _NO_SAVED_TENSORS
+        # (a backward records no graph and is charged nothing: one context serves both, as no-op for the others)
+        saved = session.quota.charging_saved_tensors() if graph else \
+            session.quota.reading_saved_tensors(unpacked) if reads_saved else _NO_SAVED_TENSORS
         try:
             with (default_modes(), running_under(session.budget),
-                  session.quota.reserving(reserve, covers_saved=graph), saved, reading):
+                  session.quota.reserving(reserve, covers_saved=graph), saved):
                 try:
                     result = HANDLERS[command.name](self.context, binding) if not binding.draws else \
                         self._drawing(binding)
