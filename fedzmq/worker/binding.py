@@ -52,6 +52,8 @@ class Context:
     delay: float = 0.0
     #: the secure rounds each data holder gave a masked update to (``--secagg-max-rounds``)
     ledger: ReleaseLedger = field(default_factory=ReleaseLedger)
+    #: the evaluations each data holder answered (``--max-evaluations``)
+    evaluations: ReleaseLedger = field(default_factory=ReleaseLedger)
 
     def dataset(self, session: Session, name: str, client: str | None = None) -> Dataset:
         """Dataset ``name`` of the session's client (or of the daemon), or of ``client`` when a session

@@ -84,6 +84,9 @@ class WorkerConfig:
     min_batch_size: int = 16
     #: the fewest rows an ``evaluate`` reports metrics over
     min_metric_rows: int = 16
+    #: the most evaluations each data holder answers (None: no limit), counted from start-up across sessions:
+    #: a coordinator chooses the model, so each evaluation answers a question of its choice about the rows
+    max_evaluations: int | None = None
     #: the daemon's secret for shuffling a fit's rows (None: drawn at start-up); a client's seed
     #: repeats a run on this daemon but cannot choose which rows share a batch
     shuffle_secret: str | None = None

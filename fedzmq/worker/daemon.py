@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--secagg-colluders", type=int, metavar="C", help="join only secure rounds that hold "
                       "even if C participants work with the coordinator: 2 * threshold > share holders + C "
                       "(default 0)")
+    data.add_argument("--max-evaluations", type=int, metavar="N", help="answer at most N evaluate commands per "
+                      "data holder (these datasets; each hosted client), counted from start-up: each answers a "
+                      "question of the coordinator's choice about the rows (default: no limit)")
     data.add_argument("--secagg-max-rounds", type=int, metavar="N", help="give a masked update to at most N secure "
                       "rounds per data holder (these datasets; each hosted client): repeated rounds average the "
                       "noise away (default: no limit)")

@@ -34,19 +34,24 @@ def holder_name(holder: str) -> str:
 
 
 class ReleaseLedger:
-    """Masked updates given per data holder, within ``max_rounds`` each (None: no limit, only counted)."""
+    """Releases given per data holder, within ``max_rounds`` each (None: no limit, only counted): by default
+    masked updates of secure rounds; ``what``, ``flag`` and ``why`` name another kind of release in messages
+    (the evaluations of ``--max-evaluations``)."""
 
-    def __init__(self, max_rounds: int | None = None, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, max_rounds: int | None = None, path: str | os.PathLike[str] | None = None, *,
+                 what: str = "secure rounds", flag: str = "--secagg-max-rounds",
+                 why: str = "more rounds would average its privacy noise away") -> None:
         if max_rounds is not None and max_rounds < 0:
-            raise ValueError("--secagg-max-rounds must be 0 or more")
+            raise ValueError(f"{flag} must be 0 or more")
         self.max_rounds = max_rounds
+        self.what, self.flag, self.why = what, flag, why
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()  # secure steps of different sessions may run on different threads
         self._counts: dict[str, int] = self._load() if self.path is not None else {}
         try:
             self._save()  # now, so that a ledger the daemon cannot write stops it at start, not mid-round
         except OSError as exc:
-            raise LedgerError(f"cannot write the secure rounds ledger {self.path}: {exc}") from None
+            raise LedgerError(f"cannot write the {self.what} ledger {self.path}: {exc}") from None
 
     def used(self, holder: str) -> int:
         with self._lock:
@@ -61,8 +66,8 @@ class ReleaseLedger:
                 spent = [h for h in wanted if self._counts.get(h, 0) >= self.max_rounds]
                 if spent:
                     raise PermissionDenied.new(
-                        f"the limit of {self.max_rounds} secure rounds per data holder (--secagg-max-rounds) is "
-                        f"reached for {holder_name(spent[0])}: more rounds would average its privacy noise away")
+                        f"the limit of {self.max_rounds} {self.what} per data holder ({self.flag}) is "
+                        f"reached for {holder_name(spent[0])}: {self.why}")
             for holder in wanted:
                 self._counts[holder] = self._counts.get(holder, 0) + 1
             try:
@@ -92,7 +97,7 @@ class ReleaseLedger:
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            raise LedgerError(f"cannot read the secure rounds ledger {self.path}: {exc}") from None
+            raise LedgerError(f"cannot read the {self.what} ledger {self.path}: {exc}") from None
         try:
             data = json.loads(text)
         except ValueError:
@@ -100,7 +105,7 @@ class ReleaseLedger:
         rounds = data.get("rounds") if isinstance(data, dict) and data.get("version") == LEDGER_VERSION else None
         if not isinstance(rounds, dict) or not all(type(k) is str and type(v) is int and v >= 0
                                                    for k, v in rounds.items()):
-            raise LedgerError(f"{self.path} is not a fedzmq secure rounds ledger (version {LEDGER_VERSION}); "
+            raise LedgerError(f"{self.path} is not a fedzmq {self.what} ledger (version {LEDGER_VERSION}); "
                               "move it away only if you mean to forget what it counted")
         return dict(rounds)
 

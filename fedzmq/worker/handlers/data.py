@@ -164,6 +164,8 @@ def check_states_reply(context: Context, clients: int, state: dict[str, torch.Te
 
 def evaluate(context: Context, binding: Binding) -> Any:
     assert binding.dataset is not None
+    # counted before the rows are read, failed evaluations too: whether one failed is a bit of the rows
+    context.evaluations.charge([binding.session.client or ""])
     return training.evaluate(binding.objects["module"].module, binding.dataset, context.terms,
                              loss=binding.args["loss"], batch_size=binding.args.get("batch_size", 1024))
 

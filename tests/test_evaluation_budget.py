@@ -1,0 +1,54 @@
+"""``--max-evaluations``: how many evaluations each data holder of a daemon answers.
+
+Each ``evaluate`` releases a sum over rows of per-row terms, and a coordinator chooses the model, so it
+chooses the question: counting queries by bisection read rows' values (a red team, h31, read a whole
+8-feature protected row in 12 evaluations under the default terms). The owner caps the evaluations per
+data holder, across sessions and connections, as ``--secagg-max-rounds`` caps secure rounds."""
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.testing import write_dataset
+from fedzmq.worker.datasets import Dataset
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _rows() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    return x, (x[:, 0] > 0).long()
+
+
+async def test_a_daemon_answers_at_most_max_evaluations_per_data_holder_across_connections(fedzmq_daemons,
+                                                                                           tmp_path):
+    path = write_dataset(tmp_path / "rows.safetensors", *_rows())
+    [bob] = await fedzmq_daemons("bob", datasets={"bob": {"rows": path}}, args=["--max-evaluations", "2"])
+    model = nn.Linear(4, 2)
+    first = await bob.worker.send(model)
+    assert (await first.evaluate("rows"))["samples"] == 64
+    async with fz.connect(bob.address) as other:  # another session, another connection: the same holder
+        second = await other.send(model)
+        await second.evaluate("rows")
+        with pytest.raises(fz.PermissionDenied, match="--max-evaluations"):
+            await second.evaluate("rows")
+    with pytest.raises(fz.PermissionDenied, match="2 evaluations per data holder"):
+        await first.evaluate("rows")
+    assert (await first.fit("rows", steps=1, batch_size=16))["steps"] == 1  # training goes on
+
+
+async def test_an_in_process_workers_evaluations_are_counted_too():
+    config = fz.WorkerConfig(max_evaluations=1)
+    async with fz.VirtualWorker("bob", config=config, datasets={"rows": Dataset("rows", *_rows())}) as bob:
+        remote = await bob.send(nn.Linear(4, 2))
+        await remote.evaluate("rows")
+        with pytest.raises(fz.PermissionDenied, match="--max-evaluations"):
+            await remote.evaluate("rows")
+
+
+async def test_without_the_flag_evaluations_are_not_limited():
+    async with fz.VirtualWorker("bob", datasets={"rows": Dataset("rows", *_rows())}) as bob:
+        remote = await bob.send(nn.Linear(4, 2))
+        for _ in range(5):
+            await remote.evaluate("rows")
