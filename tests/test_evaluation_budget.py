@@ -52,3 +52,23 @@ async def test_without_the_flag_evaluations_are_not_limited():
         remote = await bob.send(nn.Linear(4, 2))
         for _ in range(5):
             await remote.evaluate("rows")
+
+
+def test_a_daemon_requiring_secure_aggregation_without_a_noise_floor_says_what_that_leaves_open():
+    """h31: under --require-secure-aggregation with the default terms, a coordinator that fits the other
+    participants with lr 0 reads one client's update from a secure round (a strict xfail in
+    tests/test_redteam_h31.py); the operator is told at start-up, with the flags that bound it."""
+    from fedzmq.worker.config import WorkerConfig
+    from fedzmq.worker.daemon import terms_warnings
+
+    open_terms = terms_warnings(WorkerConfig(require_secure_aggregation=True))
+    assert any("--secagg-min-noise" in w for w in open_terms)
+    assert any("--secagg-max-rounds" in w for w in open_terms)
+    assert not terms_warnings(WorkerConfig(require_secure_aggregation=True, secagg_min_noise=1.0,
+                                           secagg_max_rounds=50))
+    assert not terms_warnings(WorkerConfig())
+
+
+async def test_the_daemon_logs_those_warnings_at_start(fedzmq_daemons):
+    [bob] = await fedzmq_daemons("bob", args=["--require-secure-aggregation"])
+    assert "WARNING" in bob.log_tail() and "--secagg-min-noise" in bob.log_tail()

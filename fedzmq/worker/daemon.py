@@ -204,6 +204,19 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
     return WorkerConfig(limits=limits, **{k: v for k, v in settings.items() if k in names})
 
 
+def terms_warnings(config: WorkerConfig) -> list[str]:
+    """What the owner's terms leave open that an operator would expect them to close (logged at start)."""
+    warnings = []
+    if config.require_secure_aggregation and not config.secagg_min_noise:
+        warnings.append("--require-secure-aggregation without --secagg-min-noise: the coordinator chooses what "
+                        "the other participants train (a learning rate of 0 makes their updates zero), so a "
+                        "secure round can be one participant's update alone; set a noise floor (docs/security.md)")
+    if config.require_secure_aggregation and config.secagg_max_rounds is None:
+        warnings.append("--require-secure-aggregation without --secagg-max-rounds: repeated rounds average "
+                        "the noise away (docs/secagg.md)")
+    return warnings
+
+
 def flush_subnormals() -> bool:
     """Compute with subnormal floats flushed to zero, on this thread and every thread started after it
     (threads inherit the floating point environment: the torch pool's, OpenMP's). Subnormal arithmetic
@@ -239,6 +252,8 @@ async def run(settings: dict[str, Any]) -> None:
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
     if config.byzantine is not None:
         log.warning("worker %s is HOSTILE (test only): every fit returns a %s update", worker.id, config.byzantine)
+    for warning in terms_warnings(config):
+        log.warning("worker %s: %s", worker.id, warning)
     log.info("worker %s serving on %s with datasets %s%s", worker.id, address,
              {name: len(d) for name, d in datasets.items()} or "none",
              f" and {len(clients)} hosted clients" if clients else "")
