@@ -36,7 +36,7 @@ from torch import nn
 
 from ..client.worker import RemoteWorker
 from ..errors import CheckpointMismatch, FedzmqError
-from ..torchmodes import in_default_modes
+from ..torchmodes import default_modes, in_default_modes
 from . import checkpoint as ckpt
 from .base import Strategy, strategy_name
 from .metrics import RoundMetrics
@@ -202,7 +202,10 @@ class Federation:
         #: the task holding that lock: an ``evaluate=`` (which runs inside a round) asking for it would wait forever
         self._round_task: asyncio.Task[Any] | None = None
         if checkpoint_dir:
-            self._resume(checkpoint_dir)
+            # in the default modes, as a round's own work: a strategy state loaded while another coroutine holds
+            # inference mode across an await became inference tensors, and every later round failed to update them
+            with default_modes():
+                self._resume(checkpoint_dir)
 
     # --- running -------------------------------------------------------------------------------
 
