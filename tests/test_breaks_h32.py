@@ -80,3 +80,46 @@ async def test_a_federation_resumed_while_a_neighbour_holds_inference_mode_runs_
         await asyncio.gather(*(w.close() for w in workers))
     for key, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def _rows(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = _data(seed)
+    return data.features, data.labels
+
+
+def _secure_federations(workers: list) -> list[fz.Federation]:
+    """Two secure federations of their own models over the same workers (the same sessions)."""
+    made = []
+    for seed, inner in ((1, fz.FedAvg()), (2, fz.FedAdam())):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        made.append(fz.Federation(workers, model, fz.FitConfig(dataset="toy", epochs=1, batch_size=16),
+                                  fz.SecAgg(inner), seed=seed, round_timeout=60))
+    return made
+
+
+@pytest.mark.timeout(180)
+async def test_two_secure_federations_over_the_same_daemons_at_once_equal_one_after_the_other(fedzmq_daemons,
+                                                                                              tmp_path):
+    """``SecAgg(FedAvg())`` and ``SecAgg(FedAdam())`` federations of two models over the same three daemons:
+    run one after the other, each trains its two rounds; run at once (``gather(a.run(2), b.run(2))``),
+    round 1 of both failed (``RoundFailed``: "the relayed keys do not include this client's own keys
+    unchanged", "round 1 masks module 2, not 1"). A daemon's session keeps its secure rounds by the
+    federation's round number (``fedzmq/worker/secure.py``), so the two federations' round 1 overwrite each
+    other's keys and module on every worker. Two plain federations over the same workers at once already
+    equal the sequential runs (tests/test_cancel_rounds.py); secure ones must too."""
+    from fedzmq.testing import write_dataset
+
+    ids = ["w0", "w1", "w2"]
+    paths = {w: {"toy": write_dataset(tmp_path / f"{w}.safetensors", *_rows(i))} for i, w in enumerate(ids)}
+    handles = await fedzmq_daemons(*ids, datasets=paths, args=["--shuffle-secret", "fixed"])
+    workers = [h.worker for h in handles]
+    sequential = _secure_federations(workers)
+    for federation in sequential:
+        await federation.run(2)
+    concurrent = _secure_federations(workers)
+    await asyncio.gather(*(federation.run(2) for federation in concurrent))
+    for one, other in zip(sequential, concurrent):
+        assert [m.participants for m in other.history] == [m.participants for m in one.history]
+        for key, value in one.model.state_dict().items():
+            assert torch.equal(other.model.state_dict()[key], value), key
