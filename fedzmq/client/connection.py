@@ -124,6 +124,10 @@ class Connection:
         self._fetches: dict[int, asyncio.Future[Reply]] = {}
         #: RemoteWorkers sharing this connection (one per logical client of the daemon): it closes with the last
         self.users = 1
+        #: the numbers the secure-aggregation rounds of this connection's sessions go by on the daemon, which
+        #: keeps a session's rounds by that number: unique here, so two federations' round 1 over the same
+        #: sessions at once are two rounds, not one whose keys and module each overwrites
+        self.secure_round_numbers = itertools.count(1)
         self.bytes_sent = 0
         self.bytes_received = 0
 

@@ -251,6 +251,12 @@ class RemoteWorker(Transfers, PointerOps):
         """Forget that ``model`` was sent here (its copy is gone): the next ``send`` builds it anew."""
         self._modules.pop(model, None)
 
+    def secure_round_number(self) -> int:
+        """A number for one secure-aggregation round on this worker, used by no other round of any session of
+        its connection: the daemon keeps a session's secure rounds by it, and two federations over the same
+        workers at once are both at round 1 (their own numbering) while their secure rounds are under way."""
+        return next(self._connection.secure_round_numbers)
+
     def secagg(self, step: str, round_number: int, payload: Any, **extra: Any) -> "asyncio.Future[Any]":
         """Submit one step of a secure-aggregation round now (it takes its place in this worker's queue, so
         steps can be pipelined with other commands); await the returned future for the step's answer, as

@@ -195,6 +195,9 @@ class SecureRound(RoundProtocol):
         float_names = [k for k, v in model_state.items() if v.is_floating_point()]
         length = sum(model_state[k].numel() for k in float_names)
         ids = {worker: n for n, worker in enumerate(participants)}
+        # what each worker's session calls this round: not the federation's round number, which another
+        # federation's secure round over the same sessions at once has too (each overwrote the other's keys)
+        on_worker = {worker: worker.secure_round_number() for worker in participants}
         name = {n: worker_key(w) for w, n in ids.items()}
         if len(participants) < 2:
             raise SecAggAborted(f"{len(participants)} participants: secure aggregation needs at least 2", "select")
@@ -251,7 +254,8 @@ class SecureRound(RoundProtocol):
                 remote = pointers[worker] = await hosted_model(worker, context.remote_model)
                 loaded = await remote.start_load(broadcast)  # pipelined: the configuration follows at once
                 try:
-                    keys = worker.secagg("advertise", number, wire_config, module=remote.id, client=ids[worker])
+                    keys = worker.secagg("advertise", on_worker[worker], wire_config, module=remote.id,
+                                         client=ids[worker])
                 except BaseException:
                     loaded.cancel()
                     await asyncio.gather(loaded, return_exceptions=True)
@@ -282,7 +286,7 @@ class SecureRound(RoundProtocol):
         # fit, so the keys and shares go round while the workers train. Each worker gets only its
         # neighbours' keys (all of U0's with the complete graph)
         keys = await off_loop(lambda: {w: server.keys_for(ids[w]) for w in alive})
-        sharing = {w: w.secagg("share_keys", number, keys[w]) for w in alive}
+        sharing = {w: w.secagg("share_keys", on_worker[w], keys[w]) for w in alive}
         fitting = {w: asyncio.ensure_future(in_default_modes(guarded(w, fit))) for w in alive}
         try:
             shares = await each(alive, lambda w: sharing[w])
@@ -304,7 +308,7 @@ class SecureRound(RoundProtocol):
             """Its masked vector, added into the server's ring sum as it arrives (a numpy add, cheap on the
             loop) and dropped: the coordinator never holds a thousand of them at once. A malformed one
             changes nothing in the server, and its sender is left out as a drop-out."""
-            server.add_masked(await worker.secagg("masked_input", number, routed[ids[worker]],
+            server.add_masked(await worker.secagg("masked_input", on_worker[worker], routed[ids[worker]],
                                                   module=pointers[worker].id))
 
         await each(alive, masked_input)
@@ -316,14 +320,14 @@ class SecureRound(RoundProtocol):
         confirm_requests = await off_loop(lambda: {w: server.confirm_request_for(ids[w]) for w in alive})
 
         async def confirm(worker: RemoteWorker) -> None:  # a malformed answer: a drop-out, as for masked inputs
-            server.add_confirm(await worker.secagg("confirm", number, confirm_requests[worker]))
+            server.add_confirm(await worker.secagg("confirm", on_worker[worker], confirm_requests[worker]))
 
         await each(alive, confirm)
         await off_loop(server.end_confirm)
         confirmers = set(server.confirmers)
         alive = [w for w in alive if ids[w] in confirmers]
         requests = await off_loop(lambda: {w: server.request_for(ids[w]) for w in alive})
-        answers = await each(alive, lambda w: w.secagg("unmask", number, requests[w]))
+        answers = await each(alive, lambda w: w.secagg("unmask", on_worker[w], requests[w]))
         result = await off_loop(server.finish, answers.values())
         for n in result.dropped:  # sent shares, then vanished before their masked input counted
             dropped.setdefault(name[n], "dropped out before its masked update arrived")
