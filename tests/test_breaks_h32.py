@@ -123,3 +123,34 @@ async def test_two_secure_federations_over_the_same_daemons_at_once_equal_one_af
         assert [m.participants for m in other.history] == [m.participants for m in one.history]
         for key, value in one.model.state_dict().items():
             assert torch.equal(other.model.state_dict()[key], value), key
+
+
+async def _secure_bytes_held(cancel_after: int | None) -> list[tuple[int, int]]:
+    """What each worker holds (objects, bytes) after three secure rounds, round 2 first cancelled after
+    ``cancel_after`` passes of the event loop and run again (None: never cancelled)."""
+    workers = _workers()
+    try:
+        federation = fz.Federation(workers, _model(), fz.FitConfig(dataset="toy", epochs=1, batch_size=16),
+                                   fz.SecAgg(fz.FedAvg()), seed=5, round_timeout=60)
+        await federation.run_round()
+        if cancel_after is not None:
+            task = asyncio.ensure_future(federation.run_round())
+            for _ in range(cancel_after):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        while federation.round < 3:
+            await federation.run_round()
+        return [(status["objects"], status["bytes"]) for status in [await w.status() for w in workers]]
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(120)
+async def test_a_secure_round_cancelled_and_run_again_holds_no_more_than_one_never_cancelled():
+    """Secure rounds go by a number of their own on each session (so that two federations' round 1 are two
+    rounds); a round cancelled and run again must go by the same one, so that its session replaces the
+    cancelled round's state, copy of the model included, instead of holding it until it ages out."""
+    uninterrupted = await _secure_bytes_held(None)
+    for passes in (200, 1500):
+        assert await _secure_bytes_held(passes) == uninterrupted, passes
