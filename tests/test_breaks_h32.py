@@ -154,3 +154,37 @@ async def test_a_secure_round_cancelled_and_run_again_holds_no_more_than_one_nev
     uninterrupted = await _secure_bytes_held(None)
     for passes in (200, 1500):
         assert await _secure_bytes_held(passes) == uninterrupted, passes
+
+
+async def _two_federations_sharing_one_secure_strategy(concurrent: bool) -> list[dict[str, torch.Tensor]]:
+    """Two federations of their own models over the same in-process workers, given one ``SecAgg(FedAvg())``
+    (stateless: FedAvg keeps nothing between rounds), run one after the other or at once."""
+    workers = _workers()
+    strategy = fz.SecAgg(fz.FedAvg())
+    try:
+        federations = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+            federations.append(fz.Federation(workers, model, fz.FitConfig(dataset="toy", epochs=1, batch_size=16),
+                                             strategy, seed=seed, round_timeout=60))
+        if concurrent:
+            await asyncio.gather(*(federation.run(2) for federation in federations))
+        else:
+            for federation in federations:
+                await federation.run(2)
+        return [{k: v.clone() for k, v in f.model.state_dict().items()} for f in federations]
+    finally:
+        await asyncio.gather(*(w.close() for w in workers))
+
+
+@pytest.mark.timeout(120)
+async def test_two_federations_sharing_one_secure_strategy_at_once_equal_one_after_the_other():
+    """The number a secure round goes by on a session is kept per federation, not per strategy object: two
+    federations given the same ``SecAgg(FedAvg())`` at once are two rounds on each session, as two
+    federations with a strategy each are."""
+    sequential = await _two_federations_sharing_one_secure_strategy(concurrent=False)
+    concurrent = await _two_federations_sharing_one_secure_strategy(concurrent=True)
+    for one, other in zip(sequential, concurrent):
+        for key, value in one.items():
+            assert torch.equal(other[key], value), key
