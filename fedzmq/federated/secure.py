@@ -110,19 +110,23 @@ class SecAgg(Strategy):
         if dp:
             from ..secagg import PrivacyAccountant
             self.accountant = PrivacyAccountant(noise_multiplier, 1.0, delta)
-        #: per worker, the federation's round its last secure round was and the number it went by there
-        self._on_workers: weakref.WeakKeyDictionary[RemoteWorker, tuple[int, int]] = weakref.WeakKeyDictionary()
+        #: per federation (the module its rounds send) and worker, the federation's round its last secure round
+        #: was and the number it went by on the worker's session
+        self._on_workers: weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary[RemoteWorker, tuple[int, int]]]
+        self._on_workers = weakref.WeakKeyDictionary()
 
-    def number_on(self, worker: RemoteWorker, round_number: int) -> int:
-        """What ``worker``'s session calls this federation's round ``round_number``: a number no other round
-        of its connection's sessions goes by (another federation's round 1 at once is another round), the
-        same again when the round is run again (cancelled, then retried): its session then replaces the
-        cancelled round's state instead of keeping it, and its copy of the model, until it ages out."""
-        last = self._on_workers.get(worker)
+    def number_on(self, worker: RemoteWorker, model: nn.Module, round_number: int) -> int:
+        """What ``worker``'s session calls round ``round_number`` of the federation whose rounds send ``model``:
+        a number no other round of its connection's sessions goes by (another federation's round 1 at once,
+        even one sharing this strategy, is another round), the same again when the round is run again
+        (cancelled, then retried): its session then replaces the cancelled round's state instead of keeping
+        it, and its copy of the model, until it ages out."""
+        numbers = self._on_workers.setdefault(model, weakref.WeakKeyDictionary())
+        last = numbers.get(worker)
         if last is not None and last[0] == round_number:
             return last[1]
         number = worker.secure_round_number()
-        self._on_workers[worker] = (round_number, number)
+        numbers[worker] = (round_number, number)
         return number
 
     def graph_for(self, n: int) -> GraphParameters:
@@ -212,7 +216,7 @@ class SecureRound(RoundProtocol):
         ids = {worker: n for n, worker in enumerate(participants)}
         # what each worker's session calls this round: not the federation's round number, which another
         # federation's secure round over the same sessions at once has too (each overwrote the other's keys)
-        on_worker = {worker: strategy.number_on(worker, number) for worker in participants}
+        on_worker = {worker: strategy.number_on(worker, context.remote_model, number) for worker in participants}
         name = {n: worker_key(w) for w, n in ids.items()}
         if len(participants) < 2:
             raise SecAggAborted(f"{len(participants)} participants: secure aggregation needs at least 2", "select")
