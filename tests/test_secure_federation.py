@@ -603,3 +603,25 @@ async def test_a_second_secure_federation_over_the_same_workers_starts_at_round_
     finally:
         for w in workers:
             await w.close()
+
+
+async def test_an_owner_can_ask_for_noise_that_holds_even_when_every_other_participant_is_the_coordinators():
+    """h31: ``--secagg-min-noise`` holds for a sum of ``threshold`` honest participants, but a coordinator that
+    fits the other real participants with lr 0 (or runs Sybils) leaves one worker's update with its own
+    share of the noise alone, ``sigma / sqrt(expected_survivors)``. ``--secagg-own-noise`` puts the floor on
+    that share: a round spreading the noise thinner is refused before any key is made."""
+    from fedzmq.secagg import SecAggConfig
+
+    [shard] = _shards(1)
+    terms = fz.WorkerConfig(require_secure_aggregation=True, secagg_own_noise=1.0)
+    async with fz.VirtualWorker("bob", datasets={"d": shard}, config=terms) as bob:
+        remote = await bob.send(_model())
+        length = sum(p.numel() for p in _model().parameters())
+
+        def config(sigma, round_id):
+            return SecAggConfig(client_ids=tuple(range(4)), threshold=3, vector_length=length, clip=1.0,
+                                noise_multiplier=sigma, expected_survivors=4, round_id=round_id)
+
+        with pytest.raises(fz.PermissionDenied, match="own share"):  # 1.5 / sqrt(4) = 0.75 alone
+            await bob.secagg("advertise", 1, config(1.5, b"r1").to_wire(), module=remote.id, client=0)
+        assert await bob.secagg("advertise", 2, config(2.0, b"r2").to_wire(), module=remote.id, client=0)

@@ -69,6 +69,10 @@ class WorkerConfig:
     secagg_min_threshold: int = 2
     #: the least DP noise (noise multiplier) a round must add for this worker to join (0: none needed)
     secagg_min_noise: float = 0.0
+    #: the least noise multiplier this worker's own share of a round's noise must carry alone
+    #: (``sigma / sqrt(expected survivors)``): it holds when every other participant is the coordinator's
+    #: (Sybils, or real clients it trained to nothing); a round spreading the noise thinner is refused
+    secagg_own_noise: float = 0.0
     #: join SecAgg+ rounds (a sparse graph): their consistency check holds within neighbourhoods only, so
     #: a coordinator that equivocates across neighbourhoods is not ruled out (docs/secagg.md)
     secagg_allow_sparse: bool = False

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--secagg-colluders", type=int, metavar="C", help="join only secure rounds that hold "
                       "even if C participants work with the coordinator: 2 * threshold > share holders + C "
                       "(default 0)")
+    data.add_argument("--secagg-own-noise", type=float, metavar="S", help="join only secure rounds in which this "
+                      "worker's own share of the noise has a multiplier of at least S: it holds even when every "
+                      "other participant is the coordinator's (default 0)")
     data.add_argument("--max-evaluations", type=int, metavar="N", help="answer at most N evaluate commands per "
                       "data holder (these datasets; each hosted client), counted from start-up: each answers a "
                       "question of the coordinator's choice about the rows (default: no limit)")
@@ -207,10 +210,11 @@ def config_from(settings: dict[str, Any]) -> WorkerConfig:
 def terms_warnings(config: WorkerConfig) -> list[str]:
     """What the owner's terms leave open that an operator would expect them to close (logged at start)."""
     warnings = []
-    if config.require_secure_aggregation and not config.secagg_min_noise:
+    if config.require_secure_aggregation and not config.secagg_min_noise and not config.secagg_own_noise:
         warnings.append("--require-secure-aggregation without --secagg-min-noise: the coordinator chooses what "
                         "the other participants train (a learning rate of 0 makes their updates zero), so a "
-                        "secure round can be one participant's update alone; set a noise floor (docs/security.md)")
+                        "secure round can be one participant's update alone; set a noise floor, --secagg-own-noise "
+                        "for one that holds then too (docs/security.md)")
     if config.require_secure_aggregation and config.secagg_max_rounds is None:
         warnings.append("--require-secure-aggregation without --secagg-max-rounds: repeated rounds average "
                         "the noise away (docs/secagg.md)")

@@ -66,7 +66,7 @@ def float_parameters(module: nn.Module) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0)
 
 
-def smallest_sum_noise(config: SecAggConfig) -> float:
+def smallest_sum_noise(config: SecAggConfig, honest: int | None = None) -> float:
     """The noise multiplier of the smallest sum a round can release: ``threshold`` survivors, each adding
     ``sigma * C / sqrt(expected_survivors)``, carry ``sigma * sqrt(threshold / expected_survivors)``
     between them. The coordinator chooses ``expected_survivors``: set far above the threshold, it would
@@ -75,8 +75,11 @@ def smallest_sum_noise(config: SecAggConfig) -> float:
     With ``clip_bits`` the round also releases the count of unclipped clients (sensitivity 1/2 per
     client, noise ``clip_bit_noise`` spread likewise): the two are one Gaussian mechanism of multiplier
     ``(s**-2 + (2 s_b)**-2) ** -1/2`` (Andrew et al. 2021, Theorem 1), less than either alone, and 0 when
-    the bits carry no noise (each round's count is then one exact bit about the update's norm)."""
-    spread = math.sqrt(config.threshold / config.n_expected)
+    the bits carry no noise (each round's count is then one exact bit about the update's norm).
+
+    ``honest``: the participants whose noise the sum carries, in place of ``threshold`` (1: this worker's own
+    share alone, when every other participant is the coordinator's: ``--secagg-own-noise``)."""
+    spread = math.sqrt((config.threshold if honest is None else honest) / config.n_expected)
     data = config.noise_multiplier * spread
     if not config.clip_bits:
         return data
@@ -109,6 +112,12 @@ def check_policy(config: SecAggConfig, policy: "WorkerConfig") -> None:
         problems.append(f"noise multiplier {config.noise_multiplier}{bits} spread over {config.n_expected} expected "
                         f"survivors: a sum of the threshold's {config.threshold} would carry "
                         f"{smallest_sum_noise(config):.4g} (needs at least {policy.secagg_min_noise})")
+    own = smallest_sum_noise(config, honest=1)
+    if policy.secagg_own_noise > 0 and own < policy.secagg_own_noise:
+        problems.append(f"noise multiplier {config.noise_multiplier} spread over {config.n_expected} expected "
+                        f"survivors leaves this worker's own share {own:.4g}, which is all its update carries when "
+                        f"the others are the coordinator's (needs at least {policy.secagg_own_noise}, "
+                        "--secagg-own-noise)")
     if problems:
         raise PermissionDenied.new("this worker's policy refuses the round: " + "; ".join(problems))
 
