@@ -72,3 +72,14 @@ def test_a_daemon_requiring_secure_aggregation_without_a_noise_floor_says_what_t
 async def test_the_daemon_logs_those_warnings_at_start(fedzmq_daemons):
     [bob] = await fedzmq_daemons("bob", args=["--require-secure-aggregation"])
     assert "WARNING" in bob.log_tail() and "--secagg-min-noise" in bob.log_tail()
+
+
+async def test_an_evaluations_ledger_keeps_the_counts_across_restarts(tmp_path):
+    ledger = tmp_path / "evaluations.json"
+    config = fz.WorkerConfig(max_evaluations=1, evaluations_ledger=str(ledger))
+    datasets = {"rows": Dataset("rows", *_rows())}
+    async with fz.VirtualWorker("bob", config=config, datasets=datasets) as bob:
+        await (await bob.send(nn.Linear(4, 2))).evaluate("rows")
+    async with fz.VirtualWorker("bob", config=config, datasets=datasets) as bob:  # the daemon restarted
+        with pytest.raises(fz.PermissionDenied, match="--max-evaluations"):
+            await (await bob.send(nn.Linear(4, 2))).evaluate("rows")

@@ -91,6 +91,8 @@ class WorkerConfig:
     #: the most evaluations each data holder answers (None: no limit), counted from start-up across sessions:
     #: a coordinator chooses the model, so each evaluation answers a question of its choice about the rows
     max_evaluations: int | None = None
+    #: a file keeping those counts across restarts (None: counted from start-up)
+    evaluations_ledger: str | None = None
     #: the daemon's secret for shuffling a fit's rows (None: drawn at start-up); a client's seed
     #: repeats a run on this daemon but cannot choose which rows share a batch
     shuffle_secret: str | None = None

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-evaluations", type=int, metavar="N", help="answer at most N evaluate commands per "
                       "data holder (these datasets; each hosted client), counted from start-up: each answers a "
                       "question of the coordinator's choice about the rows (default: no limit)")
+    data.add_argument("--evaluations-ledger", metavar="FILE", help="keep the evaluations counted for "
+                      "--max-evaluations in FILE, across restarts (default: counted from start-up)")
     data.add_argument("--secagg-max-rounds", type=int, metavar="N", help="give a masked update to at most N secure "
                       "rounds per data holder (these datasets; each hosted client): repeated rounds average the "
                       "noise away (default: no limit)")

@@ -157,7 +157,8 @@ class Worker:
             terms=Terms(config.min_batch_size, config.min_metric_rows, config.max_fit_samples, secret,
                         row_metrics=config.require_secure_aggregation),
             ledger=ReleaseLedger(config.secagg_max_rounds, config.secagg_ledger),
-            evaluations=ReleaseLedger(config.max_evaluations, what="evaluations", flag="--max-evaluations",
+            evaluations=ReleaseLedger(config.max_evaluations, config.evaluations_ledger, what="evaluations",
+                                      flag="--max-evaluations",
                                       why="each one answers a question of the coordinator's choice about its rows"))
         self.executor = Executor(self.context, self._pool, self.counters, OwnGenerator() if in_process else None)
         warm_up()  # the meta kernels load here, not inside the first command on the event loop
