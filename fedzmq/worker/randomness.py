@@ -7,8 +7,8 @@ caller's stream, and the worker's masks depended on what the caller had drawn, s
 numbers on a virtual worker than sequentially or on a daemon (docs/api.md promises the same).
 
 ``OwnGenerator`` keeps the in-process worker's state apart: a command that may draw (``may_draw``) runs with
-it swapped into the default generator and the caller's put back after. It starts where a fresh process's
-generator starts, so a fresh virtual worker draws the masks a fresh daemon draws. The swap is only sound
+it swapped into the default generator and the caller's put back after. It starts at torch's fixed default
+seed (a fresh ``torch.Generator()``), so every fresh virtual worker draws the same masks. The swap is only sound
 while nothing else runs in the process: such a command runs on the event loop's thread (``Executor``), where
 its caller's coroutines cannot run meanwhile; on a torch thread, a coroutine drawing at the same time would
 take the worker's numbers.
@@ -91,7 +91,7 @@ class OwnGenerator:
     __slots__ = ("_state", "_callers")
 
     def __init__(self) -> None:
-        self._state = torch.Generator().get_state()  # where a fresh process's default generator starts
+        self._state = torch.Generator().get_state()  # torch's fixed default seed (a process's is drawn at random)
         self._callers: torch.Tensor | None = None
 
     def __enter__(self) -> None:
