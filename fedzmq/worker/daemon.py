@@ -21,6 +21,7 @@ import tomllib
 from typing import Any, Callable, Sequence
 
 import torch
+import zmq.asyncio
 from torch import nn
 
 from ..codec import Limits
@@ -300,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a clear one-line reason instead of a traceback for bind errors and the like
         print(f"fedzmq-worker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    # The last replies (say_stopping's "is stopping") may still sit in ZeroMQ's I/O thread: terminating
+    # the context waits for them, up to the socket's linger (FAREWELL_SECONDS). os._exit alone killed that
+    # thread with them, and a loaded host's clients then learnt of the stop from silent heartbeats.
+    zmq.asyncio.Context.instance().destroy(linger=0)  # sockets closed already keep their own linger
     # everything is closed: skip the interpreter's slow final garbage collection (about a second with
     # torch loaded; many daemons stopping together on few cores would otherwise time out)
     logging.shutdown()
