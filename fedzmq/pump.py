@@ -190,6 +190,17 @@ class Pump:
         trackers.append(_send_tracked(send, frames[last], _NOBLOCK))
         return zmq.MessageTracker(*(t for t in trackers if t is not None))
 
+    def take_waiting(self, limit: int) -> list[list[zmq.Frame]]:
+        """Read, without blocking, up to ``limit`` messages that wait in the socket now: a service on its
+        way out answers them instead of leaving their senders to find out from silence."""
+        taken: list[list[zmq.Frame]] = []
+        while len(taken) < limit and not self.socket.closed:
+            try:
+                taken.append(self._receive())
+            except zmq.Again:
+                break
+        return taken
+
     def _receive(self) -> list[zmq.Frame]:
         """``recv_multipart(copy=False)`` reading ``Frame.more`` instead of a ``RCVMORE`` option call per frame."""
         recv = self.socket.recv

@@ -44,3 +44,28 @@ async def test_a_closed_hosted_client_refuses_work_and_leaves_nothing_behind(hos
     async with fz.connect(hosting_daemon) as host:
         assert (await host.status())["objects"] == 0
     await asyncio.gather(*(client.close() for client in clients[1:]))
+
+
+async def test_a_stopping_worker_answers_the_requests_it_read_and_had_not_queued_yet():
+    """``say_stopping`` answered the commands of sessions, but not those of a batch the pump had read and
+    left in the connection's intake (a batch is accepted a few requests per turn): those were dropped at
+    the close, and their callers learned of the stop from silent heartbeats, seconds later."""
+    async with fz.Worker("erin") as server:
+        client = await fz.connect(server.address, settings=fz.ConnectionSettings(heartbeat_interval=5.0))
+        try:
+            x = await client.send(torch.ones(3))
+            replies = [asyncio.ensure_future((x + i).get()) for i in range(300)]  # sent as batches
+            for _ in range(1000):
+                await asyncio.sleep(0)
+                if server.status()["batches"]:
+                    break
+            assert server.status()["batches"], "no batch was read: the test proves nothing"
+            server.say_stopping()
+            await server.close()
+            outcomes = await asyncio.wait_for(asyncio.gather(*replies, return_exceptions=True), 3)
+        finally:
+            await client.close()
+    refused = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert refused, "every request ran before the stop: the test proves nothing"
+    assert all(isinstance(outcome, fz.WorkerClosedError) for outcome in refused), \
+        {f"{type(outcome).__name__}: {outcome}" for outcome in refused}

@@ -68,6 +68,9 @@ log = logging.getLogger("fedzmq.worker")
 #: a peer with nothing waiting is accepted at once (see ``Worker._accept``)
 INTAKE_TURN = 4
 
+#: the most messages waiting in the socket a stopping worker reads to answer "is stopping"
+STOPPING_READS = 1024
+
 #: the longest a session's commands run on the event loop before it lets others have it (see
 #: ``Worker._session_loop``; the pump bounds its own batches the same way)
 SESSION_SLICE_SECONDS = 0.005
@@ -247,12 +250,27 @@ class Worker:
 
     def say_stopping(self) -> None:
         """Answer every command taken and not answered yet with ``WorkerClosedError`` ("worker ... is
-        stopping"), before ``close``: a daemon stopped by a signal, whose clients would otherwise learn it
-        from silent heartbeats, seconds later (a round's worker dropped as dead). ``close`` then gives
-        ZeroMQ ``FAREWELL_SECONDS`` to deliver them."""
+        stopping"), before ``close``: those of sessions, those read in a batch and not queued yet, and
+        those waiting in the socket (up to ``STOPPING_READS`` messages). A daemon stopped by a signal
+        does this: its clients would otherwise learn it from silent heartbeats, seconds later (a round's
+        worker dropped as dead). ``close`` then gives ZeroMQ ``FAREWELL_SECONDS`` to deliver them."""
         why = f"worker {self.id} is stopping; this command did not finish"
         for session in self._all_sessions():
             self._refuse_unanswered(session, why)
+        for key, waiting in self._intake.items():  # read from a batch, not yet queued on a session
+            for frames, _batched in waiting:
+                self._refuse_unqueued(key, frames, "WorkerClosedError", why)
+        self._intake.clear()
+        self._intake_turns.clear()
+        if self._pump is not None:  # arrived, not read yet (bounded: a flood must not hold the stop)
+            for identity, *message in self._pump.take_waiting(STOPPING_READS):
+                try:
+                    requests = split_batch(message, self.config.limits) if is_batch(message) else [message]
+                except ProtocolError as exc:
+                    self._malformed(identity.bytes, exc)
+                    continue
+                for frames in requests:
+                    self._refuse_unqueued(identity.bytes, frames, "WorkerClosedError", why)
         self._farewell = True
 
     async def close(self) -> None:
@@ -417,15 +435,20 @@ class Worker:
                      peer.sessions.get(request.client) if peer is not None else None)
 
     def _refuse_revoked(self, key: bytes, frames: Sequence[Any]) -> None:
-        """Refuse a request of a connection whose key was taken out of the allowed keys since it connected,
-        decoding its header's id only (its arguments could be a model's worth of frames)."""
+        """Refuse a request of a connection whose key was taken out of the allowed keys since it connected."""
         self.counters["throttled"] += 1
+        self._refuse_unqueued(key, frames, "PermissionDenied", KEY_REVOKED)
+
+    def _refuse_unqueued(self, key: bytes, frames: Sequence[Any], error_type: str, message: str) -> None:
+        """Refuse a request read but never queued on a session, decoding its header's id only (its
+        arguments could be a model's worth of frames)."""
         try:
             request = decode_request_head(frames, self.config.limits)
         except Exception as exc:
             self._malformed(key, exc)
             return
-        self._refuse(key, request, "PermissionDenied", KEY_REVOKED)
+        peer = self._peers.get(key)
+        self._refuse(key, request, error_type, message, peer.sessions.get(request.client) if peer else None)
 
     def _owing_error(self, owed: RepliesOwed) -> dict[str, str]:
         return {"type": "LimitExceeded", "traceback": "", "message": (
