@@ -139,9 +139,8 @@ class PointerHost(Protocol):
         ...
 
     def module_turn(self, module: nn.Module) -> AsyncContextManager[None]:
-        """Held while a send of ``module`` to this worker reads the local model, or a ``get`` writes into it:
-        one at a time, so a send never streams a model a get has part landed. Pointers' interface, not for
-        normal code."""
+        """Held while a ``get`` writes into ``module``: alone, so no send of it (to any worker) streams a model
+        a get has part landed. Pointers' interface, not for normal code."""
         ...
 
     def sent_modules(self) -> list[tuple[nn.Module, ModulePointer]]:

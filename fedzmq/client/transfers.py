@@ -199,12 +199,13 @@ class Transfers:
 
     async def _send_module(self, module: nn.Module, timeout: float | None) -> ModulePointer:
         """Sends of one model to this worker, one after the other: two coroutines sending it at once (its
-        first send, say) get what two sends in a row give, one remote copy that the second loads into."""
-        async with self.module_turn(module):
+        first send, say) get what two sends in a row give, one remote copy that the second loads into. Sends of
+        it to other workers go on meanwhile (they only read it); a get into it waits (``fedzmq.client.turns``)."""
+        async with model_turn(module, sending_to=self):
             return await self._send_module_now(module, timeout)
 
     def module_turn(self, module: nn.Module) -> AsyncContextManager[None]:
-        """One send of ``module`` (to any worker), or one ``get`` into it, at a time (``fedzmq.client.turns``)."""
+        """A ``get`` into ``module``: alone, no send of it to any worker meanwhile (``fedzmq.client.turns``)."""
         return model_turn(module)
 
     async def _send_module_now(self, module: nn.Module, timeout: float | None) -> ModulePointer:

@@ -1,5 +1,5 @@
-"""Turns of a local model: one send that reads it, or one ``get`` that lands in it, at a time, whatever the
-workers.
+"""Turns of a local model: one ``get`` that lands in it at a time, and no send that reads it meanwhile; sends
+to different workers share it (they only read), a worker's own sends go one at a time.
 
 A send streams the model's local tensors as they are, across awaits, and a ``get`` lands a worker's copy in
 them piece by piece: a send beside a get of the same local model read a model part old, part new, and the
@@ -7,6 +7,9 @@ worker it went to kept it torn. The local model is one object for every worker t
 from bob beside a send to alice tore alice's copy), so its turn is kept with the model, not with a worker:
 in a table keyed weakly by the model (a model nobody holds has no turn left) within its event loop (a turn
 is an asyncio future, which belongs to one loop). It is process-wide state, as the model it guards is.
+
+Sends to two workers do not wait for each other: a federation's first round sends the model to every worker
+at once, and one send that waited for another's went behind a stopped worker until it was declared dead.
 """
 
 from __future__ import annotations
@@ -18,26 +21,56 @@ from typing import AsyncGenerator
 
 from torch import nn
 
-Turns = weakref.WeakKeyDictionary[nn.Module, "asyncio.Future[None]"]
+
+class ModelTurn:
+    """What holds one local model now: a ``get`` landing in it, or the sends reading it (one per worker)."""
+
+    __slots__ = ("get", "sends")
+
+    def __init__(self) -> None:
+        self.get: asyncio.Future[None] | None = None
+        self.sends: dict[object, asyncio.Future[None]] = {}
+
+    def blocking(self, sending_to: object | None) -> asyncio.Future[None] | None:
+        """What a send to ``sending_to`` (a get: None) must wait for first, if anything."""
+        if self.get is not None:
+            return self.get
+        if sending_to is None:  # a get waits for every send
+            return next(iter(self.sends.values()), None)
+        return self.sends.get(sending_to)  # a send waits for the last send to the same worker only
+
+
+Turns = weakref.WeakKeyDictionary[nn.Module, ModelTurn]
 
 #: per event loop, the turn each local model is in (resolved when it ends, however it ends)
 _TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Turns] = weakref.WeakKeyDictionary()
 
 
 @contextlib.asynccontextmanager
-async def model_turn(module: nn.Module) -> AsyncGenerator[None, None]:
-    """Hold ``module``'s turn for the block: other sends and gets of it, to and from any worker, wait."""
+async def model_turn(module: nn.Module, sending_to: object | None = None) -> AsyncGenerator[None, None]:
+    """Hold ``module``'s turn for the block: a ``get`` into it (``sending_to`` None) waits for every other
+    send and get of it, to and from any worker; a send to ``sending_to`` waits for a get, and for another
+    send to the same worker."""
     loop = asyncio.get_running_loop()
     turns = _TURNS.setdefault(loop, weakref.WeakKeyDictionary())
-    while (under_way := turns.get(module)) is not None:
+    while (under_way := turns.get(module, ModelTurn()).blocking(sending_to)) is not None:
         await asyncio.shield(under_way)
+    turn = turns.setdefault(module, ModelTurn())
     done: asyncio.Future[None] = loop.create_future()
-    turns[module] = done
+    if sending_to is None:
+        turn.get = done
+    else:
+        turn.sends[sending_to] = done
     try:
         yield
     finally:
-        del turns[module]
+        if sending_to is None:
+            turn.get = None
+        else:
+            del turn.sends[sending_to]
+        if turn.get is None and not turn.sends:
+            del turns[module]
         done.set_result(None)
 
 
-__all__ = ["model_turn"]
+__all__ = ["ModelTurn", "model_turn"]
