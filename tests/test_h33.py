@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import fedzmq as fz
+from fedzmq.testing import write_dataset
+from fedzmq.testing.plugin import TEST_SETTINGS
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -30,3 +34,29 @@ async def test_a_send_of_a_model_to_one_worker_does_not_wait_for_its_send_to_a_s
         assert bob.worker.hosted(model) is pointer
     finally:
         alice.cont()
+
+
+def _dropout_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+
+
+async def test_a_dropout_fit_waiting_for_the_generators_turn_is_not_stopped_by_the_wait(fedzmq_daemons, tmp_path):
+    """A daemon with two torch threads: one session's dropout fit runs to ``--max-command-seconds``, holding
+    the process generator's turn (``GENERATOR_TURN``) all along; another session's dropout fit, taken by the
+    other thread meanwhile, waits for the turn. Its seconds counted from when the thread took it, not from
+    when it had the turn, so it was stopped for running too long before it ran a step: one session made
+    another's fits fail (what ``Budget.start`` is there to prevent)."""
+    x = torch.arange(64 * 8, dtype=torch.float32).reshape(64, 8) / 100
+    data = write_dataset(tmp_path / "toy.safetensors", x, (x[:, 0] > 2).long())
+    (bob,) = await fedzmq_daemons("bob", datasets={"bob": {"toy": data}},
+                                  args=["--threads", "2", "--max-command-seconds", "5"])
+    async with fz.connect(bob.address, settings=TEST_SETTINGS) as other:  # another coordinator's session
+        hog, honest = await bob.worker.send(_dropout_model()), await other.send(_dropout_model())
+        optimizer = {"cls": "SGD", "lr": 0.01}
+        long_fit = asyncio.ensure_future(hog.fit("toy", batch_size=16, steps=500_000, optimizer=optimizer))
+        await asyncio.sleep(0.5)  # it holds the generator's turn by now (were it not, the honest fit would go first)
+        metrics = await honest.fit("toy", batch_size=16, steps=12_000, optimizer=optimizer)
+        assert metrics["steps"] == 12_000
+        with pytest.raises(fz.LimitExceeded):  # the hog ran out of its own time, as it should
+            await long_fit
