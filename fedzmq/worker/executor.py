@@ -356,7 +356,13 @@ class Executor:
     def _drawing(self, binding: Binding) -> Any:
         """The handler of a command that may draw, holding an in-process worker's own random state or a daemon's
         turn of its process's generator (``fedzmq.worker.randomness``)."""
-        with self.own_generator if self.own_generator is not None else GENERATOR_TURN:
+        if self.own_generator is not None:
+            with self.own_generator:
+                return HANDLERS[binding.command.name](self.context, binding)
+        with GENERATOR_TURN:
+            # its seconds count from here: its wait for the turn was another session's command (a whole fit,
+            # up to its own limit), and counted as its own it stopped an honest fit before its first step
+            self._start_budget(binding)
             return HANDLERS[binding.command.name](self.context, binding)
 
     @staticmethod
