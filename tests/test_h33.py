@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 import fedzmq as fz
+from fedzmq.federated.secure import SecAgg
 from fedzmq.testing import write_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
+from fedzmq.worker.datasets import Dataset
+from fedzmq.worker.ledger import LedgerError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,3 +63,50 @@ async def test_a_dropout_fit_waiting_for_the_generators_turn_is_not_stopped_by_t
         assert metrics["steps"] == 12_000
         with pytest.raises(fz.LimitExceeded):  # the hog ran out of its own time, as it should
             await long_fit
+
+
+def _shard(seed: int) -> Dataset:
+    x = torch.randn(48, 5, generator=torch.Generator().manual_seed(seed))
+    return Dataset("d", x, (x[:, 0] > 0).long())
+
+
+async def _evaluations_answered_after_a_secure_round_and_a_restart(ledger: str) -> int:
+    """w0 keeps both counts in ``ledger`` under ``--max-evaluations 2``: two evaluations, one secure round
+    (with w1 and w2), a restart, then evaluations until one is refused. Returns how many it answered."""
+    config = fz.WorkerConfig(max_evaluations=2, evaluations_ledger=ledger, secagg_ledger=ledger)
+    answered = 0
+
+    async def evaluate(w0: fz.VirtualWorker, times: int) -> None:
+        nonlocal answered
+        remote = await w0.send(nn.Linear(5, 2))
+        for _ in range(times):
+            await remote.evaluate("d")
+            answered += 1
+
+    workers = [fz.VirtualWorker("w0", config=config, datasets={"d": _shard(0)}, settings=TEST_SETTINGS)]
+    workers += [fz.VirtualWorker(f"w{i}", datasets={"d": _shard(i)}, settings=TEST_SETTINGS) for i in (1, 2)]
+    try:
+        await evaluate(workers[0], 2)
+        fit = fz.FitConfig(dataset="d", optimizer={"cls": "SGD", "lr": 0.1}, epochs=1, batch_size=16)
+        await fz.Federation(workers, nn.Linear(5, 2), fit, SecAgg(fz.FedAvg(), clip=100.0), seed=3).run_round()
+    finally:
+        for worker in workers:
+            await worker.close()
+    async with fz.VirtualWorker("w0", config=config, datasets={"d": _shard(0)}) as w0:  # the daemon restarted
+        with pytest.raises(fz.PermissionDenied, match="--max-evaluations"):
+            await evaluate(w0, 3)
+    return answered
+
+
+async def test_one_file_for_both_ledgers_is_refused_as_a_secure_round_reset_the_evaluations_counted(tmp_path):
+    """``--secagg-ledger`` and ``--evaluations-ledger`` naming one file (the daemon's ledger, an operator would
+    say): each ledger writes its own counts whole over the file, in the same format, so the secure round
+    wrote its count of 1 over the 2 evaluations counted, and after a restart the data holder answered a third
+    evaluation under ``--max-evaluations 2`` (the other way round, evaluations reset the secure rounds'
+    count). One file for both is now refused as the worker is made."""
+    try:
+        answered = await _evaluations_answered_after_a_secure_round_and_a_restart(str(tmp_path / "ledger.json"))
+    except LedgerError as refused:
+        assert "--evaluations-ledger" in str(refused) and "--secagg-ledger" in str(refused)
+        return
+    assert answered <= 2, f"w0 answered {answered} evaluations under --max-evaluations 2"
