@@ -33,6 +33,20 @@ def holder_name(holder: str) -> str:
     return f"client {quoted(holder)}" if holder else "this daemon's own datasets"
 
 
+def check_apart(ledgers: dict[str, str | os.PathLike[str] | None]) -> None:
+    """``LedgerError`` if two ledgers (by flag) name one file: each writes its own counts whole over it, in
+    one format, so a secure round's count overwrote the evaluations counted (and the other way round), and
+    a restart read the one as the other: a data holder had its budget back."""
+    seen: dict[Path, str] = {}
+    for flag, path in ledgers.items():
+        if path is None:
+            continue
+        where = Path(path).resolve()
+        if where in seen:
+            raise LedgerError(f"{seen[where]} and {flag} name one file, {path}: each ledger needs a file of its own")
+        seen[where] = flag
+
+
 class ReleaseLedger:
     """Releases given per data holder, within ``max_rounds`` each (None: no limit, only counted): by default
     masked updates of secure rounds; ``what``, ``flag`` and ``why`` name another kind of release in messages
@@ -131,4 +145,4 @@ class ReleaseLedger:
             os.close(folder)
 
 
-__all__ = ["LEDGER_VERSION", "LedgerError", "ReleaseLedger", "holder_name"]
+__all__ = ["LEDGER_VERSION", "LedgerError", "ReleaseLedger", "check_apart", "holder_name"]

@@ -54,7 +54,7 @@ from .datasets import Dataset
 from .executor import Executor, fail_outputs
 from .fairpool import FairPool
 from .randomness import OwnGenerator
-from .ledger import ReleaseLedger
+from .ledger import ReleaseLedger, check_apart
 from .policy import Policy
 from .reaper import Reaper
 from .replies import ARREARS_FORGIVEN_AFTER, UNTRACKED_REPLY_BYTES, RepliesOwed
@@ -152,6 +152,7 @@ class Worker:
         protected = any(d.policy == "protected" for d in self.datasets.values()) or bool(self.clients)
         tracebacks = config.remote_tracebacks if config.remote_tracebacks is not None else not protected
         secret = config.shuffle_secret.encode() if config.shuffle_secret is not None else secrets.token_bytes(32)
+        check_apart({"--secagg-ledger": config.secagg_ledger, "--evaluations-ledger": config.evaluations_ledger})
         self.context = Context(
             worker_id=worker_id, config=config,
             policy=Policy(config.private_release, config.require_secure_aggregation, tracebacks),
