@@ -87,6 +87,9 @@ class Executor:
         #: an in-process worker's random state (``fedzmq.worker.randomness``); None in a daemon, whose
         #: process's default generator is its own
         self.own_generator = own_generator
+        #: a daemon's commands that may draw wait here for their turn of its process's generator (one at a time
+        #: holds ``GENERATOR_TURN`` on a torch thread; the lock stays for other workers embedded in the process)
+        self.generator_turn = asyncio.Lock()
         missing = [name for name in COMMANDS if name not in HANDLERS]
         if missing:
             raise RuntimeError(f"no handler for commands {missing}")
@@ -216,8 +219,11 @@ class Executor:
             binding.draws = True
             if self.own_generator is not None:  # on the event loop's thread, where the caller's coroutines
                 return self._call(binding, self._charge(binding))  # cannot draw while its state is swapped in
-            # a daemon's: on a torch thread, in the generator's turn (which the event loop must never wait for)
-            return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
+            # a daemon's: on a torch thread, in the generator's turn (which the event loop must never wait for),
+            # waited for here, before a thread is taken: a thread waiting for it had been a thread that no other
+            # session's work could have (two of them held a daemon of two threads for a whole fit)
+            async with self.generator_turn:
+                return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
             return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.name == "fit":  # measured fast; if that no longer holds, it stops soon, with an error
