@@ -49,8 +49,10 @@ async def test_a_repeated_small_fit_runs_on_the_loop_and_gives_the_same_model_as
         on_thread = await trained_state(remote, start)  # the first fit of a model: on a thread, measured
         assert (await worker.status())["inline_fits"] == 0
         assert not all(torch.equal(on_thread[k], start[k]) for k in start)  # it did train
-        # the first fits warm torch up (their CPU time may pass the bound); within a few, one is fast
-        for _ in range(10):
+        # the first fits warm torch up (their CPU time may pass the bound); within a few, one is fast. The
+        # bound is 2 ms of the process's CPU, which a loaded host's spinning torch threads can pass for a
+        # while (a helper saw none of 10 under it): tries are cheap, so take many
+        for _ in range(60):
             again = await trained_state(remote, start)
             assert again.keys() == on_thread.keys()
             assert all(torch.equal(again[k], on_thread[k]) for k in again)  # bit for bit, wherever it ran
