@@ -167,15 +167,27 @@ def plan_steps(terms: Terms, rows: int, batch_size: int, epochs: int | None, ste
     return total
 
 
-def batches(terms: Terms, rows: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's batches of row indexes: shuffled, and without a remainder smaller than the minimum."""
-    return [index for index, _ in epoch(terms, rows, batch_size, generator)]
+class RowShuffle:
+    """A fit's row orders, one per epoch, from a seed of up to 64 bits. torch's CPU generator keeps only a
+    seed's low 32 bits (seeds 7 and 7 + 2**32 draw alike): one generator gave 2^32 orders, so about 2^16
+    fits of batch 16 and as many of 17 held a pair with one order, the pair a differencing of two fits
+    needs to read a row. Two generators, one per half of the seed, their permutations composed, give an
+    order for each of the 2^64 seeds."""
+
+    def __init__(self, seed: int) -> None:
+        self._low = torch.Generator().manual_seed(seed & 0xFFFF_FFFF)
+        self._high = torch.Generator().manual_seed(seed >> 32 & 0xFFFF_FFFF)
+
+    def order(self, rows: int) -> torch.Tensor:
+        """The next epoch's order of ``rows`` rows."""
+        return torch.randperm(rows, generator=self._low)[torch.randperm(rows, generator=self._high)]
 
 
-def epoch(terms: Terms, rows: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, int]]:
-    """``batches`` one at a time, each with its size: the shuffle is drawn at once (the same draws as
-    ``batches``), the slices only as a fit takes them (one step of a 100-row shard needs one)."""
-    order = torch.randperm(rows, generator=generator)
+def epoch(terms: Terms, rows: int, batch_size: int, shuffle: RowShuffle) -> Iterator[tuple[torch.Tensor, int]]:
+    """One epoch's batches of row indexes, each with its size: shuffled, and without a remainder smaller
+    than the minimum. The order is drawn at once, the slices only as a fit takes them (one step of a
+    100-row shard needs one)."""
+    order = shuffle.order(rows)
     batch_size = min(batch_size, rows)
     for start in range(0, rows, batch_size):
         size = min(batch_size, rows - start)
@@ -207,12 +219,12 @@ def fit(module: nn.Module | Trainee, dataset: Dataset, terms: Terms, *, loss: st
     shuffle = shuffle_seed(terms, dataset, seed, batch_size, salt)
     with seeded_draws(draws_seed(shuffle)) if draws else contextlib.nullcontext():
         return _train(trainee, dataset, terms, loss, loss_fn, optimizer, batch_size, total_steps, prox_mu,
-                      torch.Generator().manual_seed(shuffle))
+                      RowShuffle(shuffle))
 
 
 def _train(trainee: Trainee, dataset: Dataset, terms: Terms, loss: str, loss_fn: Any, optimizer: Any,
-           batch_size: int, total_steps: int, prox_mu: float, generator: torch.Generator) -> dict[str, Any]:
-    """``fit``'s steps, once it is planned and its optimizer made; ``generator`` shuffles the rows."""
+           batch_size: int, total_steps: int, prox_mu: float, shuffle: RowShuffle) -> dict[str, Any]:
+    """``fit``'s steps, once it is planned and its optimizer made; ``shuffle`` orders the rows."""
     model, params = trainee.module, trainee.trainable
     anchor = [p.detach().clone() for p in params] if prox_mu else []
     trainee.train()
@@ -221,7 +233,7 @@ def _train(trainee: Trainee, dataset: Dataset, terms: Terms, loss: str, loss_fn:
     trained: list[torch.Tensor] = []  # the indexes of the last epoch's worth of batches (for row_metrics)
     features, labels = dataset.features, dataset.labels
     while done < total_steps:
-        for index, size in epoch(terms, len(dataset), batch_size, generator):
+        for index, size in epoch(terms, len(dataset), batch_size, shuffle):
             if done == total_steps:
                 break
             budget.check()
