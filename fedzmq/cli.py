@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import inspect
 import json
+import math
 import shutil
 import sys
 import time
@@ -172,6 +173,68 @@ def base_strategy(settings: dict[str, Any]) -> Strategy:
     return cls(**kwargs)
 
 
+def fit_config(settings: dict[str, Any], dataset: str) -> FitConfig:
+    """The local training the flags ask for (``FitConfig`` checks its own values)."""
+    steps = settings.get("local_steps")
+    return FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
+                     epochs=None if steps is not None else settings["local_epochs"], steps=steps,
+                     batch_size=settings["batch_size"])
+
+
+def _out_of_range(settings: dict[str, Any], flag: str, least: float, most: float = math.inf,
+                  open_below: bool = False) -> str | None:
+    """``--flag must be ...`` when the setting is given and outside its range (NaN included), else None."""
+    value = settings.get(flag.replace("-", "_"))
+    if value is None:
+        return None
+    above = value > least if open_below else value >= least
+    if above and value <= most:
+        return None
+    low = f"> {_number(least)}" if open_below else f">= {_number(least)}"
+    return f"--{flag} must be {low}{'' if most == math.inf else f' and <= {_number(most)}'}, got {_number(value)}"
+
+
+def _number(value: float) -> str:
+    """``2``, ``1.5``, ``nan``: as the user would have typed it."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+#: (flag, least, most, open below) of the numbers every command takes; checked before anything starts
+TRAINING_RANGES: tuple[tuple[str, float, float, bool], ...] = (
+    ("rounds", 1, math.inf, False), ("fraction", 0, 1, True), ("min-workers", 1, math.inf, False),
+    ("round-timeout", 0, math.inf, True), ("lr", 0, math.inf, False), ("clip", 0, math.inf, True),
+    ("dp-epsilon", 0, math.inf, True), ("dp-delta", 0, 1, True))
+
+#: the same for one command's own flags; ``seed`` feeds numpy and scikit-learn there, which take 0 to 2^32 - 1
+COMMAND_RANGES: dict[str, tuple[tuple[str, float, float, bool], ...]] = {
+    "demo": (("workers", 1, math.inf, False), ("alpha", 0, math.inf, True), ("seed", 0, 2**32 - 1, False)),
+    "simulate": (("clients", 1, math.inf, False), ("daemons", 1, math.inf, False), ("samples", 1, math.inf, False),
+                 ("alpha", 0, math.inf, True), ("seed", 0, 2**32 - 1, False)),
+    "train": (("in-features", 1, math.inf, False), ("classes", 1, math.inf, False), ("hidden", 1, math.inf, False)),
+}
+
+
+def settings_problem(settings: dict[str, Any]) -> str | None:
+    """Why the numbers given cannot make a run (checked before any data is written or daemon starts), or
+    None. Each used to surface later as a traceback from deep inside (scikit-learn's split, ``Federation``,
+    ``FitConfig``), some only after the daemons had started, and ``--rounds 0`` ran nothing and said so
+    with exit code 0."""
+    for flag, least, most, open_below in (*TRAINING_RANGES, *COMMAND_RANGES.get(settings["command"], ())):
+        problem = _out_of_range(settings, flag, least, most, open_below)
+        if problem:
+            return problem
+    if settings["command"] == "simulate" and settings["daemons"] > settings["clients"]:
+        return f"--daemons {settings['daemons']} is more than --clients {settings['clients']}: a daemon would host none"
+    if settings.get("dp_delta") == 1:  # a probability of failure: (0, 1) open at both ends
+        return "--dp-delta must be > 0 and < 1, got 1"
+    try:
+        fit_config(settings, "data")
+    except ValueError as exc:  # its messages name the field: map them to the flags
+        return str(exc).replace("FitConfig epochs", "--local-epochs").replace(
+            "FitConfig steps", "--local-steps").replace("FitConfig batch_size", "--batch-size")
+    return None
+
+
 def strategy_problem(settings: dict[str, Any]) -> str | None:
     """Why the strategy settings cannot run (checked before any daemon starts), or None."""
     try:
@@ -269,10 +332,7 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
         else:
             await check_datasets(workers, dataset, settings)
         strategy = _strategy(settings)
-        steps = settings.get("local_steps")
-        fit = FitConfig(dataset=dataset, optimizer={"cls": "SGD", "lr": settings["lr"]},
-                        epochs=None if steps is not None else settings["local_epochs"], steps=steps,
-                        batch_size=settings["batch_size"])
+        fit = fit_config(settings, dataset)
         federation = Federation(workers, model, fit, strategy, fraction=settings["fraction"],
                                 sampling=settings["sampling"],
                                 min_workers=settings["min_workers"], round_timeout=settings["round_timeout"],
@@ -359,7 +419,11 @@ def run_demo(settings: dict[str, Any]) -> int:
     if not settings.get("resume"):
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     ids = [f"owner{i}" for i in range(settings["workers"])]
-    split = digits.prepare(out / "data", ids, alpha=settings["alpha"], seed=settings["seed"])
+    try:
+        split = digits.prepare(out / "data", ids, alpha=settings["alpha"], seed=settings["seed"])
+    except ValueError as exc:  # digits' 1,797 rows over too many --workers, say
+        print(f"fedzmq demo: {exc} (give fewer --workers or a larger --alpha)", file=sys.stderr)
+        return 2
     print(f"digits split non-IID (Dirichlet alpha={settings['alpha']}) over {len(ids)} data owners:")
     for worker, counts in split.sizes.items():
         print(f"  {worker}: {sum(counts):4d} samples, per class {counts}")
@@ -418,8 +482,12 @@ def run_simulate(settings: dict[str, Any]) -> int:
     torch.set_num_threads(1)  # the daemons share the machine's cores with us
     out = Path(settings["out"])
     started = time.perf_counter()
-    data = population.prepare(out / "data", settings["clients"], settings["daemons"], samples=settings.get("samples"),
-                              alpha=settings["alpha"], seed=settings["seed"])
+    try:
+        data = population.prepare(out / "data", settings["clients"], settings["daemons"],
+                                  samples=settings.get("samples"), alpha=settings["alpha"], seed=settings["seed"])
+    except ValueError as exc:  # the split's own words, before any daemon starts: not a traceback
+        print(f"fedzmq simulate: {exc} (give more --samples, fewer --clients or a larger --alpha)", file=sys.stderr)
+        return 2
     print(f"{data.clients} clients (make_classification, non-IID with Dirichlet alpha={settings['alpha']}, "
           f"{len(data.train[1])} training samples) on {settings['daemons']} daemons")
     ids = [f"host{k}" for k in range(settings["daemons"])]
@@ -519,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"public key (give it to the other side): {public}\nsecret key (keep it here): {secret}")
         return 0
     settings = settings_from(args)
-    problem = strategy_problem(settings)
+    problem = settings_problem(settings) or strategy_problem(settings)
     if problem is not None:
         print(f"fedzmq {args.command}: {problem}", file=sys.stderr)
         return 2
