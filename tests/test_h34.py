@@ -63,3 +63,73 @@ def test_demo_and_train_refuse_them_too(tmp_path, capsys, command, flags, says):
     assert code == 2, err
     assert says in err and "Traceback" not in err, err
     assert not (out / "logs").exists(), "no daemon was started"
+
+
+@pytest.fixture
+def two_folders(tmp_path):
+    """Two folders of four digit shards each: one per daemon, client ids distinct across them."""
+    from fedzmq.examples import digits
+
+    for d in range(2):
+        digits.prepare(tmp_path / f"host{d}", [f"h{d}-c{i}" for i in range(4)], alpha=1.0, seed=d)
+    return [tmp_path / f"host{d}" for d in range(2)]
+
+
+async def test_a_host_killed_mid_round_leaves_out_its_clients_and_they_come_back_after_a_restart(fedzmq_daemons,
+                                                                                                 two_folders):
+    """Clients dropping out, as a simulation has them: a daemon hosting four clients dies in the middle of a
+    round (SIGKILL). The round ends with the other daemon's four, the dead one's are dropped with why, and
+    once the daemon is back at its address its clients take part again."""
+    import asyncio
+
+    import fedzmq as fz
+    from fedzmq.examples.digits import make_model
+    from fedzmq.testing.plugin import TEST_SETTINGS
+
+    handles = await fedzmq_daemons("host0", "host1", args={
+        "host0": ["--clients-from", f"digits={two_folders[0]}"], "host1": ["--clients-from", f"digits={two_folders[1]}"]})
+    clients = [c for h in handles for c in await fz.connect_clients(h.address, settings=TEST_SETTINGS)]
+    try:
+        federation = fz.Federation(clients, make_model(hidden=16), fz.FitConfig(dataset="digits", epochs=1),
+                                   min_workers=2, round_timeout=40)
+        await handles[1].slow(10)  # host1's next command hangs...
+        round_task = asyncio.create_task(federation.run_round())
+        await asyncio.sleep(0.5)
+        handles[1].kill()  # ...and it dies in the middle of the round
+        metrics = await round_task
+        assert sorted(metrics.participants) == [f"h0-c{i}" for i in range(4)], metrics
+        assert sorted(metrics.dropped) == [f"h1-c{i}" for i in range(4)], metrics.dropped
+        await handles[1].restart()
+        metrics = await federation.run_round()
+        assert sorted(metrics.participants) == sorted(c.id for c in clients), metrics
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+
+async def test_fedbuff_over_hosted_clients_hears_every_daemon_and_most_clients(fedzmq_daemons, tmp_path):
+    """``fedzmq simulate --strategy fedbuff`` (40 clients on 2 daemons, 12 publications of 10) took all 120
+    updates from 7 clients of the first daemon, re-dispatched again and again, and none from the second's:
+    each client's first send of the model waited for the model's turn behind fits queued on its daemon.
+    FedBuff's workers all train continuously, so 60 updates of 40 clients come from both daemons and from
+    most of the clients."""
+    import asyncio
+
+    import fedzmq as fz
+    from fedzmq.examples import digits
+    from fedzmq.testing.plugin import TEST_SETTINGS
+
+    for d in range(2):
+        digits.prepare(tmp_path / f"host{d}", [f"h{d}-c{i:02d}" for i in range(20)], alpha=100.0, seed=d)
+    handles = await fedzmq_daemons("host0", "host1", args={
+        f"host{d}": ["--clients-from", f"digits={tmp_path / f'host{d}'}"] for d in range(2)})
+    clients = [c for h in handles for c in await fz.connect_clients(h.address, settings=TEST_SETTINGS)]
+    try:
+        async with fz.Federation(clients, digits.make_model(hidden=16), fz.FitConfig(dataset="digits", steps=1),
+                                 fz.FedBuff(buffer_size=10), round_timeout=40) as federation:
+            history = [await federation.run_round() for _ in range(6)]
+        heard = {u["worker"] for m in history for u in m.extra["updates"]}
+        assert {c[:2] for c in heard} == {"h0", "h1"}, sorted(heard)
+        assert len(heard) >= 20, sorted(heard)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

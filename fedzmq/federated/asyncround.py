@@ -33,7 +33,8 @@ from ..client.worker import RemoteWorker
 from ..torchmodes import in_default_modes
 from .base import State
 from .fedbuff import BufferAggregator, DeltaReceiver
-from .protocols import Folder, RoundContext, RoundOutcome, RoundProtocol, fit_trip, reason, worker_key
+from .protocols import (Folder, RoundContext, RoundOutcome, RoundProtocol, fit_trip, hosted_model, reason,
+                        worker_key)
 
 if TYPE_CHECKING:
     from .fedbuff import FedBuff
@@ -84,11 +85,11 @@ class BufferedAsyncRounds(RoundProtocol):
             self._take_back()  # the publication last returned was neither committed nor refused (its commit raised)
         self._context = context
         assert self._changed is not None
-        for worker in context.participants:
-            trip = self._trips.get(worker_key(worker))
-            if trip is None or trip.done():
-                self._trips[worker_key(worker)] = asyncio.create_task(in_default_modes(self._trip(worker)),
-                                                                       name=f"fedbuff-{worker_key(worker)}")
+        idle = [w for w in context.participants if (t := self._trips.get(worker_key(w))) is None or t.done()]
+        await self._host_model(idle, context)
+        for worker in idle:
+            self._trips[worker_key(worker)] = asyncio.create_task(in_default_modes(self._trip(worker)),
+                                                                   name=f"fedbuff-{worker_key(worker)}")
         try:
             async with asyncio.timeout_at(context.deadline):
                 while not self._ready:
@@ -156,6 +157,23 @@ class BufferedAsyncRounds(RoundProtocol):
         await self._fold.close()
         self._buffer = None
         self._ready.clear()
+
+    @staticmethod
+    async def _host_model(workers: list[RemoteWorker], context: RoundContext) -> None:
+        """Send the model to the workers that have no copy, all before any trip starts. A model's sends take
+        turns process-wide, each until its reply (``fedzmq.client.turns``), so a trip's first send waited
+        behind the fits already queued on its daemon: with 20 hosted clients per daemon, the first clients'
+        re-dispatched fits kept the others' sends waiting, and 120 updates came from 7 of 40 clients, none
+        of the second daemon's. A send that fails or runs past the deadline is left to the worker's trip,
+        which sends again and is dropped with why."""
+        needed = [w for w in workers if w.hosted(context.remote_model) is None]
+        if not needed:
+            return
+        try:
+            async with asyncio.timeout_at(context.deadline):
+                await asyncio.gather(*(hosted_model(w, context.remote_model) for w in needed), return_exceptions=True)
+        except TimeoutError:
+            pass
 
     # --- one worker's trips, one after the other -------------------------------------------------------
 
