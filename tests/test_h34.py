@@ -133,3 +133,74 @@ async def test_fedbuff_over_hosted_clients_hears_every_daemon_and_most_clients(f
         assert len(heard) >= 20, sorted(heard)
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def test_a_secure_round_over_hosted_clients_survives_a_host_killed_mid_round(fedzmq_daemons, tmp_path):
+    """Drop-outs in a secure round as a simulation has them: one of three daemons, each hosting four
+    clients, dies (SIGKILL) while the round waits on it. Its four clients drop out, the other eight's sum
+    is the model (the threshold is a strict majority of twelve), and after a restart all twelve take part."""
+    import asyncio
+
+    import fedzmq as fz
+    from fedzmq.examples import digits
+    from fedzmq.testing.plugin import TEST_SETTINGS
+
+    for d in range(3):
+        digits.prepare(tmp_path / f"host{d}", [f"h{d}-c{i}" for i in range(4)], alpha=100.0, seed=d)
+    handles = await fedzmq_daemons("host0", "host1", "host2", args={
+        f"host{d}": ["--clients-from", f"digits={tmp_path / f'host{d}'}"] for d in range(3)})
+    clients = [c for h in handles for c in await fz.connect_clients(h.address, settings=TEST_SETTINGS)]
+    try:
+        federation = fz.Federation(clients, digits.make_model(hidden=16), fz.FitConfig(dataset="digits", steps=1),
+                                   fz.SecAgg(fz.FedAvg()), min_workers=2, round_timeout=40)
+        await handles[2].slow(10)  # host2's next command hangs...
+        round_task = asyncio.create_task(federation.run_round())
+        await asyncio.sleep(0.5)
+        handles[2].kill()  # ...and it dies in the middle of the round
+        metrics = await round_task
+        assert sorted(metrics.participants) == sorted(c.id for c in clients if not c.id.startswith("h2")), metrics
+        await handles[2].restart()
+        metrics = await federation.run_round()
+        assert sorted(metrics.participants) == sorted(c.id for c in clients), metrics
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def test_hosted_clients_and_one_daemon_per_client_give_the_same_model_up_to_the_shuffles(fedzmq_daemons,
+                                                                                                  tmp_path):
+    """The same federation over four clients hosted by one daemon and over four daemons serving one file
+    each (one shuffle secret everywhere): with one full batch per step, where the shuffle changes only the
+    order of a sum, the models agree to float rounding (docs/api.md says why batches of fewer rows differ)."""
+    import asyncio
+
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    import fedzmq as fz
+    from fedzmq.testing.plugin import TEST_SETTINGS
+
+    (tmp_path / "clients").mkdir()
+    g = torch.Generator().manual_seed(0)
+    ids = [f"c{i}" for i in range(4)]
+    for i in ids:
+        x = torch.randn(48, 8, generator=g)
+        save_file({"x": x, "y": x[:, :3].argmax(1)}, str(tmp_path / "clients" / f"{i}.safetensors"))
+    secret = ["--shuffle-secret", "one secret"]
+    handles = await fedzmq_daemons("host", *ids, args={
+        "host": ["--clients-from", f"toy={tmp_path / 'clients'}", *secret],
+        **{i: ["--data", f"toy={tmp_path / 'clients' / f'{i}.safetensors'}", *secret] for i in ids}})
+    hosted = await fz.connect_clients(handles[0].address, settings=TEST_SETTINGS)
+    try:
+        models = []
+        for workers in (hosted, [h.worker for h in handles[1:]]):
+            torch.manual_seed(0)
+            model = nn.Linear(8, 3)
+            federation = fz.Federation(workers, model, fz.FitConfig(dataset="toy", steps=2, batch_size=48), seed=0)
+            await federation.run(rounds=2)
+            models.append(model.state_dict())
+        assert sorted(w.id for w in hosted) == ids
+        for name, value in models[0].items():
+            assert torch.allclose(value, models[1][name], atol=1e-6, rtol=0), name
+    finally:
+        await asyncio.gather(*(c.close() for c in hosted), return_exceptions=True)
