@@ -42,7 +42,10 @@ STRATEGY_FLAGS = ("buffer_size", "staleness", "max_staleness", "server_learning_
                   "proximal_mu")
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
+def _add_training_flags(p: argparse.ArgumentParser, config: bool = False) -> None:
+    """The flags every command that trains takes (``config``: the command also reads a ``--config`` file,
+    where the strategies' other arguments go; demo and simulate take only these flags)."""
+    others = "strategy_args of a --config file" if config else "fedzmq train's TOML file (strategy_args) or Python"
     p.add_argument("--rounds", type=int, help="rounds in total (default 40; a resumed run continues to this)")
     p.add_argument("--strategy", help=f"one of {sorted(CLI_STRATEGIES)} (default fedavg)")
     p.add_argument("--buffer-size", type=int, help="fedbuff: updates per publication, K (default 10)")
@@ -53,7 +56,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                    "round's mean (default 1.0)")
     p.add_argument("--server-momentum", type=float, help="fedavgm: the server's momentum (default 0.0)")
     p.add_argument("--proximal-mu", type=float, help="fedprox: the proximal term's weight mu (default 0.01); the "
-                   "other strategies' arguments go in strategy_args of a --config file")
+                   f"other strategies' arguments go in {others}")
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 2)")
     p.add_argument("--local-steps", type=int, help="local steps per round instead of epochs (0: no training, the "
                    "round trip alone, to measure the framework)")
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden", type=int, help="hidden units of the mlp (default 64)")
     train.add_argument("--resume", action="store_true", default=None,
                        help="continue from the checkpoint in --out instead of starting afresh")
-    _add_training_flags(train)
+    _add_training_flags(train, config=True)
     return parser
 
 

@@ -204,3 +204,21 @@ async def test_hosted_clients_and_one_daemon_per_client_give_the_same_model_up_t
             assert torch.allclose(value, models[1][name], atol=1e-6, rtol=0), name
     finally:
         await asyncio.gather(*(c.close() for c in hosted), return_exceptions=True)
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate", "train"])
+def test_every_flag_a_commands_help_mentions_is_one_it_takes(command):
+    """``fedzmq simulate --help`` sent users to ``strategy_args of a --config file``: simulate and demo take
+    no ``--config``."""
+    import argparse
+    import re
+
+    from fedzmq.cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if a.dest == "command"]
+    own = sub.choices[command]
+    takes = {s for action in own._actions for s in action.option_strings}
+    own.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=10_000)  # no flag broken over lines
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", own.format_help()))
+    assert mentioned <= takes, sorted(mentioned - takes)
