@@ -222,3 +222,30 @@ def test_every_flag_a_commands_help_mentions_is_one_it_takes(command):
     own.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=10_000)  # no flag broken over lines
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", own.format_help()))
     assert mentioned <= takes, sorted(mentioned - takes)
+
+
+async def test_a_poisson_draw_below_min_workers_is_a_skipped_round_not_a_failure():
+    """``fedzmq simulate --sampling poisson --fraction 0.01`` over 40 clients drew none in most rounds; the
+    Federation's docstring said such a round fails, and docs/api.md's ``min_workers`` that it raises
+    ``RoundFailed``. It is recorded, with the model unchanged and why, as the docs now say."""
+    import asyncio
+
+    import torch
+    from torch import nn
+
+    import fedzmq as fz
+    from fedzmq.worker.datasets import Dataset
+
+    x = torch.randn(32, 4)
+    owners = [fz.VirtualWorker(f"o{i}", datasets={"toy": Dataset("toy", x, x[:, :2].argmax(1))}) for i in range(3)]
+    try:
+        model = nn.Linear(4, 2)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        federation = fz.Federation(owners, model, fz.FitConfig(dataset="toy"), fraction=1e-12, sampling="poisson",
+                                   min_workers=1)
+        metrics = await federation.run_round()
+        assert metrics.participants == [] and "Poisson sampling drew 0" in metrics.extra["skipped"]
+        assert federation.round == 1
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    finally:
+        await asyncio.gather(*(o.close() for o in owners))

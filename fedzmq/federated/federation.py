@@ -147,7 +147,8 @@ class Federation:
     (Flower's count for ``fraction_fit``), drawn without replacement from a generator seeded with ``seed``
     and the round number (reproducible).
     ``"poisson"`` takes each live worker independently with probability ``fraction`` (so the number varies
-    from round to round, and may fall below ``min_workers``: that round then fails), drawn from the
+    from round to round, and may fall below ``min_workers``: that round is then recorded as skipped, with the
+    model unchanged and ``extra["skipped"]`` saying why, not failed), drawn from the
     operating system's random source: this is the sampling under which a DP accountant may claim
     amplification by sampling (DP-FedAvg, McMahan et al. 2018; the sampled Gaussian mechanism, Mironov
     et al. 2019), and that claim needs a draw nobody outside the coordinator can predict or see."""
