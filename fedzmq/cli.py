@@ -238,6 +238,50 @@ def settings_problem(settings: dict[str, Any]) -> str | None:
     return None
 
 
+#: the flags that make the data ``demo`` and ``simulate`` train on (the task, its split, the clients)
+POPULATION_FLAGS = {"demo": ("workers", "alpha", "seed"), "simulate": ("clients", "samples", "alpha", "seed")}
+
+
+def population(settings: dict[str, Any]) -> dict[str, Any] | None:
+    """What the run's data is made from (``--samples`` as the count it stands for), or None for ``train``,
+    whose data is the daemons'."""
+    keys = POPULATION_FLAGS.get(settings["command"])
+    if keys is None:
+        return None
+    made = {key: settings.get(key) for key in keys}
+    if "samples" in made and made["samples"] is None:
+        made["samples"] = 100 * settings["clients"]
+    return made
+
+
+def resume_problem(settings: dict[str, Any]) -> str | None:
+    """Why ``--resume`` cannot continue the run in ``--out``, or None. The checkpoint refuses another model or
+    strategy, but demo and simulate make their data anew from the flags: a resume given another ``--seed``
+    (another make_classification task), ``--clients`` or ``--alpha`` went on training the checkpoint's model
+    on other data, and said nothing. ``population.json`` in ``--out`` keeps what the run was made from."""
+    made = population(settings)
+    record = Path(settings["out"]) / "population.json"
+    if made is None or not settings.get("resume") or not record.exists():
+        return None
+    saved = json.loads(record.read_text())
+    differ = [key for key in made if saved.get(key) != made[key]]
+    if not differ:
+        return None
+    return (f"--resume continues the run in {settings['out']}, made with "
+            + ", ".join(f"--{key} {saved.get(key)}" for key in differ) + "; this command gives "
+            + ", ".join(f"--{key} {made[key]}" for key in differ)
+            + " (give the run's values, or another --out to start a new run)")
+
+
+def record_population(settings: dict[str, Any]) -> None:
+    """Keep what this run's data is made from, for a later ``--resume`` (``resume_problem``)."""
+    made = population(settings)
+    if made is not None:
+        out = Path(settings["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "population.json").write_text(json.dumps(made))
+
+
 def strategy_problem(settings: dict[str, Any]) -> str | None:
     """Why the strategy settings cannot run (checked before any daemon starts), or None."""
     try:
@@ -427,6 +471,7 @@ def run_demo(settings: dict[str, Any]) -> int:
     except ValueError as exc:  # digits' 1,797 rows over too many --workers, say
         print(f"fedzmq demo: {exc} (give fewer --workers or a larger --alpha)", file=sys.stderr)
         return 2
+    record_population(settings)
     print(f"digits split non-IID (Dirichlet alpha={settings['alpha']}) over {len(ids)} data owners:")
     for worker, counts in split.sizes.items():
         print(f"  {worker}: {sum(counts):4d} samples, per class {counts}")
@@ -491,6 +536,7 @@ def run_simulate(settings: dict[str, Any]) -> int:
     except ValueError as exc:  # the split's own words, before any daemon starts: not a traceback
         print(f"fedzmq simulate: {exc} (give more --samples, fewer --clients or a larger --alpha)", file=sys.stderr)
         return 2
+    record_population(settings)
     print(f"{data.clients} clients (make_classification, non-IID with Dirichlet alpha={settings['alpha']}, "
           f"{len(data.train[1])} training samples) on {settings['daemons']} daemons")
     ids = [f"host{k}" for k in range(settings["daemons"])]
@@ -590,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"public key (give it to the other side): {public}\nsecret key (keep it here): {secret}")
         return 0
     settings = settings_from(args)
-    problem = settings_problem(settings) or strategy_problem(settings)
+    problem = settings_problem(settings) or strategy_problem(settings) or resume_problem(settings)
     if problem is not None:
         print(f"fedzmq {args.command}: {problem}", file=sys.stderr)
         return 2
