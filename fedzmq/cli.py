@@ -230,6 +230,23 @@ def settings_problem(settings: dict[str, Any]) -> str | None:
         return f"--daemons {settings['daemons']} is more than --clients {settings['clients']}: a daemon would host none"
     if settings.get("dp_delta") == 1:  # a probability of failure: (0, 1) open at both ends
         return "--dp-delta must be > 0 and < 1, got 1"
+    return unused_privacy_flag(settings) or fit_problem(settings)
+
+
+def unused_privacy_flag(settings: dict[str, Any]) -> str | None:
+    """``--clip`` without secure aggregation, or ``--dp-delta`` without ``--dp-epsilon``: the run would
+    ignore it, and a user who asked for clipped updates would believe they were (a strategy flag that
+    does not apply is refused the same way)."""
+    secure = settings.get("secure_aggregation") or settings.get("dp_epsilon") is not None
+    if settings.get("clip") is not None and not secure:
+        return "--clip bounds updates under secure aggregation: give --secure-aggregation or --dp-epsilon too"
+    if settings.get("dp_delta") is not None and settings.get("dp_epsilon") is None:
+        return "--dp-delta is the delta of --dp-epsilon's guarantee: give --dp-epsilon too"
+    return None
+
+
+def fit_problem(settings: dict[str, Any]) -> str | None:
+    """Why the local-training flags make no ``FitConfig``, in the flags' names, or None."""
     try:
         fit_config(settings, "data")
     except ValueError as exc:  # its messages name the field: map them to the flags

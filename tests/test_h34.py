@@ -33,6 +33,8 @@ BAD_SIMULATE = [
     (["--dp-epsilon", "0"], "--dp-epsilon must be > 0, got 0"),
     (["--dp-epsilon", "4", "--dp-delta", "2"], "--dp-delta must be > 0 and <= 1, got 2"),
     (["--dp-epsilon", "4", "--dp-delta", "1"], "--dp-delta must be > 0 and < 1, got 1"),
+    (["--clip", "0.5"], "--clip bounds updates under secure aggregation: give --secure-aggregation or --dp-epsilon"),
+    (["--dp-delta", "1e-6"], "--dp-delta is the delta of --dp-epsilon's guarantee: give --dp-epsilon too"),
 ]
 
 
