@@ -190,6 +190,8 @@ def _out_of_range(settings: dict[str, Any], flag: str, least: float, most: float
     value = settings.get(flag.replace("-", "_"))
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # (a TOML file's "0.5", say)
+        return f"--{flag} must be a number, got {value!r}"
     above = value > least if open_below else value >= least
     if above and value <= most:
         return None

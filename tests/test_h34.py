@@ -49,6 +49,13 @@ def test_simulate_refuses_values_that_cannot_make_a_run_in_one_line_before_any_d
     assert not (out / "logs").exists(), "no daemon was started"
 
 
+def test_a_config_files_value_of_the_wrong_type_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "run.toml").write_text('fraction = "0.5"\n')
+    code = main(["train", "--config", str(tmp_path / "run.toml"), "--worker", "tcp://127.0.0.1:9", "--dataset", "d",
+                 "--in-features", "2", "--classes", "2", "--out", str(tmp_path / "run")])
+    assert code == 2 and "--fraction must be a number, got '0.5'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("command", "flags", "says"), [
     ("demo", ["--workers", "0"], "--workers must be >= 1, got 0"),
     ("demo", ["--workers", "1000"], "could not split into 1000 shards"),
