@@ -170,7 +170,8 @@ async def test_a_secure_round_over_hosted_clients_survives_a_host_killed_mid_rou
         assert sorted(metrics.participants) == sorted(c.id for c in clients if not c.id.startswith("h2")), metrics
         await handles[2].restart()
         metrics = await federation.run_round()
-        assert sorted(metrics.participants) == sorted(c.id for c in clients), metrics
+        assert sorted(metrics.participants) == sorted(c.id for c in clients), (metrics.selected, metrics.unreachable,
+                                                                                metrics.dropped)
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
@@ -293,3 +294,36 @@ def test_a_resumed_simulation_equals_the_uninterrupted_one_bit_for_bit(tmp_path,
     parts = load_file(str(tmp_path / "parts" / "checkpoints" / "round-000004" / "model.safetensors"))
     assert whole.keys() == parts.keys()
     assert all(whole[k].equal(parts[k]) for k in whole)
+
+
+@pytest.mark.parametrize("hosted", [False, True], ids=["own-daemon", "hosted-clients"])
+async def test_a_daemon_restarted_at_its_address_takes_part_in_the_very_next_round(fedzmq_daemons, tmp_path, hosted):
+    """docs/api.md: workers that stopped answering are pinged once, for a second, so a restarted daemon
+    takes part at once. A connection judged dead fails a ping at once until the daemon answers one of its
+    heartbeats, so the probe gave no second: right after a restart, rounds left the daemon (or every client
+    it hosts) out as unreachable until a heartbeat came back (3 rounds in a row once)."""
+    import asyncio
+
+    import fedzmq as fz
+    from fedzmq.examples import digits
+    from fedzmq.testing.plugin import TEST_SETTINGS
+
+    digits.prepare(tmp_path / "host", ["c0", "c1"], alpha=100.0, seed=1)
+    handles = await fedzmq_daemons("bob", "host", args={
+        "bob": ["--data", f"digits={tmp_path / 'host' / 'c0.safetensors'}"],
+        "host": ["--clients-from", f"digits={tmp_path / 'host'}"]})
+    workers = [await fz.connect(handles[0].address, settings=TEST_SETTINGS),
+               *await fz.connect_clients(handles[1].address, settings=TEST_SETTINGS)]
+    dying = handles[1] if hosted else handles[0]
+    try:
+        federation = fz.Federation(workers, digits.make_model(hidden=16), fz.FitConfig(dataset="digits", steps=1))
+        everyone = sorted(w.id for w in federation.workers)
+        assert sorted((await federation.run_round()).participants) == everyone
+        dying.kill()
+        while any(w.alive for w in federation.workers if w.address == dying.address):
+            await asyncio.sleep(0.05)  # its clients' heartbeats judge it dead
+        await dying.restart()
+        metrics = await federation.run_round()
+        assert sorted(metrics.participants) == everyone, (metrics.unreachable, metrics.dropped)
+    finally:
+        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)

@@ -47,6 +47,8 @@ log = logging.getLogger("fedzmq.federated")
 
 #: how long a worker that stopped answering gets to answer again before a round leaves it out
 PROBE_SECONDS = 1.0
+#: how often a probe looks whether a dead connection heard from its worker again (a heartbeat's answer)
+PROBE_POLL_SECONDS = 0.02
 
 
 class RoundFailed(FedzmqError):
@@ -344,9 +346,17 @@ class Federation:
 
     @staticmethod
     async def _probe(workers: Sequence[RemoteWorker]) -> None:
+        """Give each worker that stopped answering ``PROBE_SECONDS`` to answer again. A connection judged
+        dead fails requests at once until the daemon answers one of its heartbeats, so a ping alone gave a
+        daemon restarted at its address no time at all: the round after the restart left it out (its
+        hosted clients too). The heartbeats go on meanwhile; an answer to one revives the connection."""
         async def one(worker: RemoteWorker) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + PROBE_SECONDS
+            while not worker.alive and loop.time() < deadline:
+                await asyncio.sleep(PROBE_POLL_SECONDS)
             try:
-                await worker.ping(timeout=PROBE_SECONDS)
+                await worker.ping(timeout=max(deadline - loop.time(), PROBE_POLL_SECONDS))
             except Exception:  # still unreachable: the round leaves it out
                 pass
 
