@@ -261,7 +261,7 @@ def fit_problem(settings: dict[str, Any]) -> str | None:
 POPULATION_FLAGS = {"demo": ("workers", "alpha", "seed"), "simulate": ("clients", "samples", "alpha", "seed")}
 
 
-def population(settings: dict[str, Any]) -> dict[str, Any] | None:
+def population_flags(settings: dict[str, Any]) -> dict[str, Any] | None:
     """What the run's data is made from (``--samples`` as the count it stands for), or None for ``train``,
     whose data is the daemons'."""
     keys = POPULATION_FLAGS.get(settings["command"])
@@ -278,7 +278,7 @@ def resume_problem(settings: dict[str, Any]) -> str | None:
     strategy, but demo and simulate make their data anew from the flags: a resume given another ``--seed``
     (another make_classification task), ``--clients`` or ``--alpha`` went on training the checkpoint's model
     on other data, and said nothing. ``population.json`` in ``--out`` keeps what the run was made from."""
-    made = population(settings)
+    made = population_flags(settings)
     record = Path(settings["out"]) / "population.json"
     if made is None or not settings.get("resume") or not record.exists():
         return None
@@ -294,7 +294,7 @@ def resume_problem(settings: dict[str, Any]) -> str | None:
 
 def record_population(settings: dict[str, Any]) -> None:
     """Keep what this run's data is made from, for a later ``--resume`` (``resume_problem``)."""
-    made = population(settings)
+    made = population_flags(settings)
     if made is not None:
         out = Path(settings["out"])
         out.mkdir(parents=True, exist_ok=True)
