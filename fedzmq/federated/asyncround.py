@@ -160,12 +160,12 @@ class BufferedAsyncRounds(RoundProtocol):
 
     @staticmethod
     async def _host_model(workers: list[RemoteWorker], context: RoundContext) -> None:
-        """Send the model to the workers that have no copy, all before any trip starts. A model's sends take
-        turns process-wide, each until its reply (``fedzmq.client.turns``), so a trip's first send waited
-        behind the fits already queued on its daemon: with 20 hosted clients per daemon, the first clients'
+        """Send the model to the workers that have no copy, all before any trip starts. A trip's first send
+        otherwise waited behind the fits already queued on its daemon (when sends of a model took turns
+        process-wide, each until its reply): with 20 hosted clients per daemon, the first clients'
         re-dispatched fits kept the others' sends waiting, and 120 updates came from 7 of 40 clients, none
-        of the second daemon's. A send that fails or runs past the deadline is left to the worker's trip,
-        which sends again and is dropped with why."""
+        of the second daemon's. Sent together up front, the trips' fits queue in order. A send that fails or
+        runs past the deadline is left to the worker's trip, which sends again and is dropped with why."""
         needed = [w for w in workers if w.hosted(context.remote_model) is None]
         if not needed:
             return
