@@ -25,10 +25,11 @@ from .client.addresses import check_address
 from .errors import AddressError, CheckpointMismatch, WorkerError
 from .federated.base import Strategy, strategy_name
 from .federated.fedbuff import STALENESS, FedBuff
-from .federated.federation import Federation, FitConfig, RoundFailed, sampling_rate
+from .federated.federation import Federation, FitConfig, RoundFailed, fixed_sample_size, sampling_rate
 from .federated.metrics import RoundMetrics, plot, summary_table
 from .federated.strategies import STRATEGIES
 from .optimizers import DEFAULT_OPTIMIZER
+from .worker.config import WorkerConfig
 
 if TYPE_CHECKING:
     from .client.worker import RemoteWorker
@@ -232,7 +233,28 @@ def settings_problem(settings: dict[str, Any]) -> str | None:
         return f"--daemons {settings['daemons']} is more than --clients {settings['clients']}: a daemon would host none"
     if settings.get("dp_delta") == 1:  # a probability of failure: (0, 1) open at both ends
         return "--dp-delta must be > 0 and < 1, got 1"
-    return unused_privacy_flag(settings) or fit_problem(settings)
+    return unused_privacy_flag(settings) or fit_problem(settings) or secure_round_problem(settings)
+
+
+def secure_round_problem(settings: dict[str, Any]) -> str | None:
+    """Why the secure rounds of ``demo`` or ``simulate`` cannot run, or None: the daemons these commands start
+    keep the default terms, which join a secure round only of at least ``--secagg-min-clients`` clients, and a
+    run of fewer per round failed every round, after its daemons had started (``train``'s daemons are the
+    owners', whose terms it cannot know)."""
+    secure = settings.get("secure_aggregation") or settings.get("dp_epsilon") is not None
+    population = {"demo": settings.get("workers"), "simulate": settings.get("clients")}.get(settings["command"])
+    if not secure or not isinstance(population, int):
+        return None
+    fraction = settings["fraction"]
+    per_round = fixed_sample_size(fraction, population, settings["min_workers"]) \
+        if settings["sampling"] == "fixed" else fraction * population  # Poisson: on average
+    least = WorkerConfig().secagg_min_clients
+    if per_round >= least:
+        return None
+    who = "--workers" if settings["command"] == "demo" else "--clients"
+    return (f"secure aggregation needs at least {least} clients per round (the daemons' --secagg-min-clients); "
+            f"this run gives {_number(per_round)} clients per round (--fraction {_number(fraction)} of "
+            f"{_number(population)}): raise --fraction or {who}")
 
 
 def unused_privacy_flag(settings: dict[str, Any]) -> str | None:
