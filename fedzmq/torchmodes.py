@@ -62,7 +62,7 @@ def default_modes() -> ContextManager[Any]:
     device is thread-local too (``with torch.device("meta"):``, a TorchFunctionMode): held across an await
     by another coroutine, it made fedzmq's own tensors meta ones."""
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu") \
-            and torch.get_default_device().type == "cpu":
+            and default_device_is_cpu():
         return _UNCHANGED
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
@@ -70,6 +70,18 @@ def default_modes() -> ContextManager[Any]:
     stack.enter_context(torch.autocast("cpu", enabled=False))
     stack.enter_context(torch.device("cpu"))
     return stack
+
+
+def default_device_is_cpu() -> bool:
+    """Whether tensors made on this thread now go to the CPU. ``torch.get_default_device()`` walks the
+    thread's function-mode stack in Python (3 us, and a tenth of a daemon's CPU per pipelined op, called
+    for every command); every way to change the default device (``with torch.device(...)``,
+    ``torch.set_default_device``) pushes a mode on that stack, so an empty stack, a C call, answers first.
+    (``_len_torch_function_stack`` is torch's own; without it, the walk.)"""
+    stack_depth = getattr(torch._C, "_len_torch_function_stack", None)
+    if stack_depth is not None and stack_depth() == 0:
+        return True
+    return bool(torch.get_default_device().type == "cpu")
 
 
 def in_default_modes(coroutine: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
@@ -116,4 +128,4 @@ class _StepsInDefaultModes(CoroutineABC[Any, Any, T]):
         return self.send(None)
 
 
-__all__ = ["DEFAULT_MODES", "TorchModes", "default_modes", "in_default_modes", "restore", "snapshot"]
+__all__ = ["DEFAULT_MODES", "TorchModes", "default_device_is_cpu", "default_modes", "in_default_modes", "restore", "snapshot"]
