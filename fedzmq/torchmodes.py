@@ -128,4 +128,5 @@ class _StepsInDefaultModes(CoroutineABC[Any, Any, T]):
         return self.send(None)
 
 
-__all__ = ["DEFAULT_MODES", "TorchModes", "default_device_is_cpu", "default_modes", "in_default_modes", "restore", "snapshot"]
+__all__ = ["DEFAULT_MODES", "TorchModes", "default_device_is_cpu", "default_modes", "in_default_modes", "restore",
+           "snapshot"]
