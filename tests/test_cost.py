@@ -114,3 +114,39 @@ def test_one_keys_sizings_do_not_evict_anothers() -> None:
     for n in range(1, 40):
         coster.op("add", [torch.zeros(n, 5), 1], {}, scope="mallory")
     assert coster.op("add", [x, 1], {}, scope="alice") is alices
+
+
+def test_a_small_call_is_found_again_nan_included() -> None:
+    """Small calls are kept under their signature itself (``call_key``): a NaN scalar equals nothing, and
+    a key holding one would be measured anew on every call."""
+    coster = Coster({})
+    x = torch.zeros(4, 4)
+    for scalar in (1, 0.5, float("nan"), float("-inf"), True):
+        first = coster.op("add", [x, scalar], {})
+        assert coster.op("add", [x, scalar], {}) is first, scalar
+    assert coster.op("add", [x, 1], {}) is not coster.op("add", [x, 1.0], {})  # 1 and 1.0 make other dtypes
+
+
+def test_small_calls_keep_little_memory_in_their_keys() -> None:
+    """A small call's key is its signature: at most ``SMALL_CALL_ARGS`` numbers or tensors of at most
+    ``SMALL_CALL_DIMS`` dims. Larger calls, of as many different shapes, are kept under digests."""
+    coster = Coster({}, cache_size=4096)
+
+    def linear(side: int) -> None:  # three tensors of up to 4 dims, of dims past 256 (ints Python does not share)
+        big = 2 ** 12 + side
+        coster.op("linear", [torch.zeros(big, big, big, big, device="meta"), torch.zeros(big, big, device="meta"),
+                             torch.zeros(big, device="meta")], {})
+
+    for side in range(2):  # warm-up: what the first sizings allocate once
+        linear(side)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for side in range(2, 1002):
+            linear(side)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1000 * 4096, f"{kept} bytes kept for 1,000 sizings"

@@ -175,19 +175,20 @@ class Coster:
         #: round each build the same model, and measuring it anew for each took 4-5 ms a client, 2 s of a
         #: 1,000-client round on each of two daemons), an LRU of ops' costs and one of forwards'
         #: footprints. Separate LRUs, so that one key's sizing neither evicts another's entries nor tells
-        #: it how many it made; keys are digests, so that no entry holds a request's plain values (a
-        #: ``cat`` of 1,024 tensors of 32 dims, or a string passed through a model, kept megabytes
-        #: uncharged per entry). The least recently used key's caches go first past ``scopes`` keys
+        #: it how many it made; keys are digests (or a small call's signature, ``call_key``), so that no
+        #: entry holds a request's plain values (a ``cat`` of 1,024 tensors of 32 dims, or a string passed
+        #: through a model, kept megabytes uncharged per entry). The least recently used key's caches go
+        #: first past ``scopes`` keys
         self._scopes = _Cache(scopes)
         #: ops and forwards are sized on torch threads too: the lock keeps the LRUs' order consistent
         self._lock = threading.Lock()
 
-    def _lookup(self, scope: Hashable, kind: int, key: bytes) -> Any:
+    def _lookup(self, scope: Hashable, kind: int, key: Hashable) -> Any:
         with self._lock:
             caches = self._scopes.lookup(scope)
             return None if caches is None else caches[kind].lookup(key)
 
-    def _store(self, scope: Hashable, kind: int, key: bytes, value: Any) -> None:
+    def _store(self, scope: Hashable, kind: int, key: Hashable, value: Any) -> None:
         with self._lock:
             caches = self._scopes.lookup(scope)
             if caches is None:
@@ -206,7 +207,7 @@ class Coster:
         nor sized again: a stream of small ops pays for a dictionary lookup, not a schema walk. Entries are
         kept per ``scope`` (the client's key): how fast a call is sized tells nothing of another
         coordinator's calls."""
-        key = _digest((name, signature(args), signature(kwargs)))
+        key = call_key(name, args, kwargs)
         cost = self._lookup(scope, _OPS, key)
         if cost is None:
             schema = check_call(name, args, kwargs)
@@ -277,6 +278,33 @@ class Coster:
 
 #: the two caches of a scope: ops' costs and forwards' footprints
 _OPS, _FORWARDS = 0, 1
+
+
+#: calls small enough that their signature is their cache key as it is: a digest costs a ``repr`` and a sha256
+#: (4 us warm; with the signature, a tenth of a daemon's CPU per pipelined op), and a key of at most
+#: ``SMALL_CALL_ARGS`` numbers or tensors of at most ``SMALL_CALL_DIMS`` dims holds about a kilobyte at most
+SMALL_CALL_ARGS = 3
+SMALL_CALL_DIMS = 4
+_SMALL_SCALARS = frozenset((bool, int, type(None)))  # (the decoder's ints are at most 64 bits)
+
+
+def call_key(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Hashable:
+    """The cache key of op ``name`` on these arguments: their signature itself for a small call (a dict
+    compares keys whose hashes meet, so it is exact), else its digest. Either way a key is bounded in
+    size, whatever a request holds."""
+    signed = (name, signature(args), signature(kwargs) if kwargs else ("D",))
+    if not kwargs and len(args) <= SMALL_CALL_ARGS and all(map(_small_argument, args)):
+        return signed
+    return _digest(signed)
+
+
+def _small_argument(value: Any) -> bool:
+    kind = type(value)
+    if kind in _SMALL_SCALARS:
+        return True
+    if kind is float:
+        return bool(value == value)  # NaN equals nothing, itself included: as a key it would never be found again
+    return isinstance(value, torch.Tensor) and value.dim() <= SMALL_CALL_DIMS
 
 
 def _digest(key: Any) -> bytes:
