@@ -23,7 +23,9 @@ both alike; round trips are the median of each block's median, rates the median 
 
 A second table gives the CPU per call of both ends (this process with its ZeroMQ I/O thread, and the
 daemon or the raw echo server, from ``/proc``), summed over the timed blocks: on a shared machine, and
-under a virtual machine's CPU steal, the CPU each side spends moves far less than wall time does.
+under a virtual machine's CPU steal, the CPU each side spends moves far less than wall time does. Its
+last two rows give the same per message of the pipelined bursts: a burst's rate is bound by its busier
+end, which for fedzmq is the daemon.
 """
 
 from __future__ import annotations
