@@ -32,7 +32,7 @@ from ..ops import value_checked
 from ..torchmodes import default_modes
 from .binding import Binding, Context, Made, bind, ref_ids
 from .charges import CHARGES, CREATED_STATE_COPIES
-from .fairpool import FairPool
+from .fairpool import FairPool, FairTurn
 from .cost import INLINE_NUMEL
 from .handlers import HANDLERS
 from .handlers.modules import load_into
@@ -89,7 +89,7 @@ class Executor:
         self.own_generator = own_generator
         #: a daemon's commands that may draw wait here for their turn of its process's generator (one at a time
         #: holds ``GENERATOR_TURN`` on a torch thread; the lock stays for other workers embedded in the process)
-        self.generator_turn = asyncio.Lock()
+        self.generator_turn = FairTurn()  # (taken by client keys in turn, as the torch threads are)
         missing = [name for name in COMMANDS if name not in HANDLERS]
         if missing:
             raise RuntimeError(f"no handler for commands {missing}")
@@ -222,7 +222,7 @@ class Executor:
             # a daemon's: on a torch thread, in the generator's turn (which the event loop must never wait for),
             # waited for here, before a thread is taken: a thread waiting for it had been a thread that no other
             # session's work could have (two of them held a daemon of two threads for a whole fit)
-            async with self.generator_turn:
+            async with self.generator_turn.turn(turn_key(binding.session)):
                 return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
             return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)

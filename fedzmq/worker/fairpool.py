@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, Hashable
+from typing import Any, AsyncIterator, Callable, Hashable
 
 Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -108,4 +109,67 @@ class FairPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["FairPool"]
+class FairTurn:
+    """An asyncio lock taken by keys in turn, as ``FairPool``'s threads are: each key's waiters oldest first,
+    the keys round robin. The generator's turn (``fedzmq.worker.randomness``) was a first-come
+    ``asyncio.Lock``: one key's many sessions (a connection naming four hosted clients is four sessions)
+    each queued a dropout fit running to ``--max-command-seconds``, and another key's dropout op waited
+    for all of them (red team h36)."""
+
+    def __init__(self) -> None:
+        self._held = False
+        #: the key whose waiter holds the turn: its next waiter goes after every other key's
+        self._holder: Hashable = None
+        #: the keys with a waiter, in the order they get their next turn (a dict keeps insertion order)
+        self._waiting: dict[Hashable, collections.deque[asyncio.Future[None]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: Hashable) -> AsyncIterator[None]:
+        """Hold the turn for the block, once ``key``'s turn comes."""
+        await self._take(key)
+        self._holder = key
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    async def _take(self, key: Hashable) -> None:
+        if not self._held and not self._waiting:
+            self._held = True
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, collections.deque()).append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # given the turn as it was cancelled: the next one's
+                self._pass_on()
+            else:
+                self._forget(key, waiter)
+            raise
+
+    def _forget(self, key: Hashable, waiter: "asyncio.Future[None]") -> None:
+        queue = self._waiting.get(key)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if not queue:
+                del self._waiting[key]
+
+    def _pass_on(self) -> None:
+        """Give the turn to the next key's oldest waiter (that key then goes to the back, as the holder's
+        does first), or free it."""
+        if self._holder in self._waiting:
+            self._waiting[self._holder] = self._waiting.pop(self._holder)
+        while self._waiting:
+            key = next(iter(self._waiting))
+            queue = self._waiting.pop(key)
+            waiter = queue.popleft()
+            if queue:
+                self._waiting[key] = queue
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._held = False
+
+
+__all__ = ["FairPool", "FairTurn"]
