@@ -141,8 +141,8 @@ class FairTurn:
         self._waiting.setdefault(key, collections.deque()).append(waiter)
         try:
             await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # given the turn as it was cancelled: the next one's
+        except BaseException:  # cancelled, or closed unawaited (``eager.Started.close``: GeneratorExit)
+            if waiter.done() and not waiter.cancelled():  # given the turn as it was stopped: the next one's
                 self._pass_on()
             else:
                 self._forget(key, waiter)
