@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import importlib
 import logging
 import os
@@ -238,6 +239,15 @@ def flush_subnormals() -> bool:
     return supported
 
 
+def leave_startup_objects_out_of_collections() -> None:
+    """Start-up makes about 300,000 objects that live as long as the daemon (torch's modules and their
+    functions, the datasets, the hosted clients). The garbage collector's full passes walked them all,
+    137 ms each, every few thousand commands: 15% of a daemon's CPU per pipelined op. Frozen, they are
+    left out of every collection; what is made after start-up is collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run(settings: dict[str, Any]) -> None:
     config = config_from(settings)
     torch.set_num_threads(max(1, config.threads))  # a daemon shares its machine with the others
@@ -256,6 +266,7 @@ async def run(settings: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGHUP, _reload_keys, worker)
     watch_parent(loop, stop.set)  # stop when the launcher dies, if it gave us a pipe (watchdog.py)
     worker.start()
+    leave_startup_objects_out_of_collections()
     print(f"fedzmq-worker {worker.id} ready at {address}", flush=True)
     if config.byzantine is not None:
         log.warning("worker %s is HOSTILE (test only): every fit returns a %s update", worker.id, config.byzantine)
