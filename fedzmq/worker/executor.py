@@ -277,7 +277,9 @@ class Executor:
             budget.start()
 
     def _charge(self, binding: Binding) -> int:
-        """Size the command's declared charges and check they fit, before anything is made."""
+        """Size the command's declared charges and check they fit, before anything is made. The request's
+        own bytes stop counting here (``Quota.starting``): what the command keeps of them, it is charged."""
+        binding.session.quota.starting = 0
         kinds = [kind for kind in binding.command.charges if kind != "graph"]
         if not kinds:
             return 0

@@ -43,6 +43,10 @@ class Quota:
         self.held = 0
         #: bytes of requests waiting in the session's queue
         self.queued = 0
+        #: bytes of the request whose command has started and not yet been charged (a session runs one
+        #: command at a time): it may wait for a torch thread or the generator's turn, its arguments in
+        #: memory all along (``Executor._charge`` hands them over to the command's own accounting)
+        self.starting = 0
         self._reservations: dict[object, int] = {}
         #: reservations under way that already cover what autograd saves (a forward's footprint)
         self._covering_saved = 0
@@ -58,7 +62,8 @@ class Quota:
 
     def room(self) -> int:
         """Bytes the session may still take."""
-        return self.max_bytes - self.held - self.queued - sum(self._reservations.values()) - self.unsent()
+        return self.max_bytes - self.held - self.queued - self.starting - sum(self._reservations.values()) \
+            - self.unsent()
 
     def check(self, nbytes: int, what: str) -> None:
         """Refuse ``what``, needing ``nbytes`` more, if it would pass the quota."""

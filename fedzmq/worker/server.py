@@ -542,7 +542,8 @@ class Worker:
         elif request.nbytes > session.quota.room():
             self.counters["throttled"] += 1
             self._refuse(key, request, "LimitExceeded", f"this session's waiting requests carry "
-                         f"{session.quota.queued} bytes and it holds {session.quota.held}: {request.nbytes} more "
+                         f"{session.quota.queued + session.quota.starting} bytes and it holds {session.quota.held}: "
+                         f"{request.nbytes} more "
                          f"would pass its quota of {session.quota.max_bytes} bytes (--max-session-bytes)", session)
         else:
             session.quota.queued += request.nbytes
@@ -721,7 +722,11 @@ class Worker:
         try:
             if COMMANDS[request.cmd].waits_for_replies and session.quota.unsent() and not await self._sent(session):
                 return True
-            session.quota.queued -= request.nbytes  # from now on the command's own accounting applies
+            # from its charge on, the command's own accounting applies; until then (a wait for a torch thread
+            # or the generator's turn) its request still counts: a second request of a full quota was taken in
+            # beside a first waiting for a thread, twice the quota in memory (red team h36)
+            session.quota.queued -= request.nbytes
+            session.quota.starting = request.nbytes
             if session.peer is not None and session.peer.replies.owed() > self.config.max_session_bytes:
                 self.counters["throttled"] += 1
                 payload = self._owing_error(session.peer.replies)  # sent before its connection owed this much
@@ -739,6 +744,7 @@ class Worker:
             session.closing = request.cmd == "close"  # its reply carries what the connection owes
             session.outbox.add(frames)  # with the others this session answers before it next waits
         finally:
+            session.quota.starting = 0
             session.running = None
             session.last_done = request.id
             if session.peer is not None:
