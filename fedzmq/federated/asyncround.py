@@ -86,10 +86,11 @@ class BufferedAsyncRounds(RoundProtocol):
         self._context = context
         assert self._changed is not None
         idle = [w for w in context.participants if (t := self._trips.get(worker_key(w))) is None or t.done()]
-        await self._host_model(idle, context)
+        sends = self._host_model(idle, context)
         for worker in idle:
-            self._trips[worker_key(worker)] = asyncio.create_task(in_default_modes(self._trip(worker)),
-                                                                   name=f"fedbuff-{worker_key(worker)}")
+            key = worker_key(worker)
+            self._trips[key] = asyncio.create_task(in_default_modes(self._trip(worker, sends.get(key))),
+                                                   name=f"fedbuff-{key}")
         try:
             async with asyncio.timeout_at(context.deadline):
                 while not self._ready:
@@ -159,25 +160,22 @@ class BufferedAsyncRounds(RoundProtocol):
         self._ready.clear()
 
     @staticmethod
-    async def _host_model(workers: list[RemoteWorker], context: RoundContext) -> None:
-        """Send the model to the workers that have no copy, all before any trip starts. A trip's first send
-        otherwise waited behind the fits already queued on its daemon (when sends of a model took turns
-        process-wide, each until its reply): with 20 hosted clients per daemon, the first clients'
-        re-dispatched fits kept the others' sends waiting, and 120 updates came from 7 of 40 clients, none
-        of the second daemon's. Sent together up front, the trips' fits queue in order. A send that fails or
-        runs past the deadline is left to the worker's trip, which sends again and is dropped with why."""
-        needed = [w for w in workers if w.hosted(context.remote_model) is None]
-        if not needed:
-            return
-        try:
-            async with asyncio.timeout_at(context.deadline):
-                await asyncio.gather(*(hosted_model(w, context.remote_model) for w in needed), return_exceptions=True)
-        except TimeoutError:
-            pass
+    def _host_model(workers: list[RemoteWorker], context: RoundContext) -> dict[str, asyncio.Task[Any]]:
+        """Start sending the model to the workers that have no copy, all at once, before any trip starts; the
+        sends by worker. A trip's first send otherwise waited behind the fits already queued on its daemon
+        (when sends of a model took turns process-wide, each until its reply): with 20 hosted clients per
+        daemon, the first clients' re-dispatched fits kept the others' sends waiting, and 120 updates came
+        from 7 of 40 clients, none of the second daemon's. Each trip waits for its own send only
+        (``_trip``): waiting for all of them, one participant that did not answer (a stopped daemon not yet
+        declared dead) held every trip to the round's deadline, and the round failed with no update."""
+        return {worker_key(w): asyncio.ensure_future(hosted_model(w, context.remote_model))
+                for w in workers if w.hosted(context.remote_model) is None}
 
     # --- one worker's trips, one after the other -------------------------------------------------------
 
-    async def _trip(self, worker: RemoteWorker) -> None:
+    async def _trip(self, worker: RemoteWorker, sending: asyncio.Task[Any] | None = None) -> None:
+        """``worker``'s fits, one after the other, each from the newest model, until one fails; ``sending``:
+        its send of the model (``_host_model``), waited for within the first trip's time."""
         key = worker_key(worker)
         while True:
             context = self._context
@@ -194,6 +192,9 @@ class BufferedAsyncRounds(RoundProtocol):
             deadline = asyncio.get_running_loop().time() + context.round_timeout
             try:
                 async with asyncio.timeout_at(deadline):
+                    if sending is not None:  # (cancelled with the trip; failed, fit_trip sends again and says why)
+                        await asyncio.gather(sending, return_exceptions=True)
+                        sending = None
                     metrics = await fit_trip(worker, context.remote_model, broadcast, fit, context.fit.dataset,
                                              receive, self._fold)
                 delta = arrived[0]
