@@ -43,6 +43,10 @@ STRATEGY_FLAGS = ("buffer_size", "staleness", "max_staleness", "server_learning_
                   "proximal_mu")
 
 
+#: the ways a round's participants are drawn (``Federation``'s ``sampling``)
+SAMPLINGS = ("fixed", "poisson")
+
+
 def _add_training_flags(p: argparse.ArgumentParser, config: bool = False) -> None:
     """The flags every command that trains takes (``config``: the command also reads a ``--config`` file,
     where the strategies' other arguments go; demo and simulate take only these flags)."""
@@ -64,7 +68,7 @@ def _add_training_flags(p: argparse.ArgumentParser, config: bool = False) -> Non
     p.add_argument("--batch-size", type=int, help="local minibatch size (default 32)")
     p.add_argument("--lr", type=float, help="local SGD learning rate (default 0.1)")
     p.add_argument("--fraction", type=float, help="fraction of workers per round (default 1.0)")
-    p.add_argument("--sampling", choices=("fixed", "poisson"), help="fixed: exactly fraction x workers each round "
+    p.add_argument("--sampling", choices=SAMPLINGS, help="fixed: exactly fraction x workers each round "
                    "(the default); poisson: each worker independently with probability --fraction, the sampling "
                    "under which --dp-epsilon's accounting may claim amplification")
     p.add_argument("--min-workers", type=int, help="updates a round needs to succeed (default 1)")
@@ -193,6 +197,8 @@ def _out_of_range(settings: dict[str, Any], flag: str, least: float, most: float
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):  # (a TOML file's "0.5", say)
         return f"--{flag} must be a number, got {value!r}"
+    if flag in INTEGER_FLAGS and not isinstance(value, int):  # (a TOML file's 2.5: argparse refuses --rounds 2.5)
+        return f"--{flag} must be an integer, got {_number(value)}"
     above = value > least if open_below else value >= least
     if above and value <= most:
         return None
@@ -209,7 +215,11 @@ def _number(value: float) -> str:
 TRAINING_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("rounds", 1, math.inf, False), ("fraction", 0, 1, True), ("min-workers", 1, math.inf, False),
     ("round-timeout", 0, math.inf, True), ("lr", 0, math.inf, False), ("clip", 0, math.inf, True),
-    ("dp-epsilon", 0, math.inf, True), ("dp-delta", 0, 1, True))
+    ("dp-epsilon", 0, math.inf, True), ("dp-delta", 0, 1, True), ("seed", -math.inf, math.inf, False))
+
+#: the flags of those ranges that argparse reads with ``type=int``: a --config file's values are checked here
+INTEGER_FLAGS = frozenset({"rounds", "min-workers", "seed", "workers", "clients", "daemons", "samples",
+                           "in-features", "classes", "hidden"})
 
 #: the same for one command's own flags; ``seed`` feeds numpy and scikit-learn there, which take 0 to 2^32 - 1
 COMMAND_RANGES: dict[str, tuple[tuple[str, float, float, bool], ...]] = {
@@ -231,6 +241,8 @@ def settings_problem(settings: dict[str, Any]) -> str | None:
             return problem
     if settings["command"] == "simulate" and settings["daemons"] > settings["clients"]:
         return f"--daemons {settings['daemons']} is more than --clients {settings['clients']}: a daemon would host none"
+    if settings["sampling"] not in SAMPLINGS:  # (a --config file's; argparse checks the flag's choices)
+        return f"--sampling must be one of {', '.join(SAMPLINGS)}, got {settings['sampling']!r}"
     if settings.get("dp_delta") == 1:  # a probability of failure: (0, 1) open at both ends
         return "--dp-delta must be > 0 and < 1, got 1"
     return unused_privacy_flag(settings) or fit_problem(settings) or secure_round_problem(settings)

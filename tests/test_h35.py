@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fedzmq as fz
+from fedzmq.cli import main as fz_cli_main
 from fedzmq.worker.datasets import Dataset
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,3 +46,26 @@ async def test_fedbuff_publishes_while_one_participant_never_answers_its_first_s
         await slow.request("debug_delay", {"seconds": 0.0}, timeout=10.0)
         for worker in workers:
             await worker.close()
+
+
+#: a --config file's value the flag would not take (argparse refuses ``--rounds 2.5`` and ``--sampling fixd``),
+#: and the one line that names the flag
+BAD_CONFIG = [("rounds = 2.5", "--rounds must be an integer, got 2.5"),
+              ("min_workers = 1.5", "--min-workers must be an integer, got 1.5"),
+              ("hidden = 8.5", "--hidden must be an integer, got 8.5"),
+              ("seed = \"x\"", "--seed must be a number, got 'x'"),
+              ("sampling = \"fixd\"", "--sampling must be one of fixed, poisson, got 'fixd'")]
+
+
+@pytest.mark.parametrize(("line", "says"), BAD_CONFIG, ids=[line for line, _ in BAD_CONFIG])
+def test_a_config_files_value_its_flag_would_not_take_is_refused_in_one_line(tmp_path, capsys, line, says):
+    """``settings_problem`` checks a --config file's numbers for range and for being numbers, not for being
+    integers, and not ``sampling`` at all: these went on to connect to the daemons (with none at the
+    address: 10 s of RequestTimeout and exit 1; ``seed = "x"``: a ValueError traceback), not a usage error."""
+    (tmp_path / "run.toml").write_text(line + "\n")
+    code = fz_cli_main(["train", "--config", str(tmp_path / "run.toml"), "--worker", "tcp://127.0.0.1:9",
+                        "--dataset", "d", "--in-features", "2", "--classes", "2", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
