@@ -10,6 +10,7 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.cli import main as fz_cli_main
+from fedzmq.client.turns import model_turn
 from fedzmq.worker.datasets import Dataset
 
 pytestmark = pytest.mark.timeout(120)
@@ -69,3 +70,50 @@ def test_a_config_files_value_its_flag_would_not_take_is_refused_in_one_line(tmp
     assert code == 2, err
     assert says in err and len(err.strip().splitlines()) == 1, err
 
+
+async def test_a_get_into_a_model_goes_before_sends_of_it_that_start_after_it() -> None:
+    """A ``get`` into a local model waits for the sends of it under way; a send to another worker that
+    started while the get waited went first (a send checked only for a get holding the turn, not one
+    waiting for it), so sends to workers in turn, each overlapping the next, kept a get out for ever."""
+    model = nn.Linear(2, 2)
+    entered: list[str] = []
+    release = {who: asyncio.Event() for who in ("send to alice", "get", "send to bob")}
+
+    async def hold(who: str, sending_to: str | None) -> None:
+        async with model_turn(model, sending_to=sending_to):
+            entered.append(who)
+            await release[who].wait()
+
+    tasks = []
+    for who, sending_to in (("send to alice", "alice"), ("get", None), ("send to bob", "bob")):
+        tasks.append(asyncio.ensure_future(hold(who, sending_to)))
+        await asyncio.sleep(0)  # it holds the turn, or waits for it, before the next one starts
+    for event in release.values():
+        event.set()
+    await asyncio.gather(*tasks)
+    assert entered == ["send to alice", "get", "send to bob"]
+
+
+async def test_a_cancelled_get_that_waited_leaves_no_turn_behind() -> None:
+    """A get cancelled while it waits lets the sends after it go, and the model's turn is gone after."""
+    model = nn.Linear(2, 2)
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def send(sending_to: str) -> None:
+        async with model_turn(model, sending_to=sending_to):
+            held.set()
+            await release.wait()
+
+    first = asyncio.ensure_future(send("alice"))
+    await held.wait()
+    waiting_get = asyncio.ensure_future(_get(model))
+    await asyncio.sleep(0)
+    waiting_get.cancel()
+    await asyncio.gather(waiting_get, return_exceptions=True)
+    release.set()
+    await asyncio.gather(first, send("bob"), _get(model))
+
+
+async def _get(model: nn.Module) -> None:
+    async with model_turn(model):
+        await asyncio.sleep(0)

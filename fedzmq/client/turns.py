@@ -23,19 +23,22 @@ from torch import nn
 
 
 class ModelTurn:
-    """What holds one local model now: a ``get`` landing in it, or the sends reading it (one per worker)."""
+    """What holds one local model now: a ``get`` landing in it, or the sends reading it (one per worker);
+    and how many gets wait for it (sends that start meanwhile wait behind them: else sends to workers in
+    turn, each overlapping the next, kept a get out for ever)."""
 
-    __slots__ = ("get", "sends")
+    __slots__ = ("get", "sends", "gets_waiting")
 
     def __init__(self) -> None:
         self.get: asyncio.Future[None] | None = None
         self.sends: dict[object, asyncio.Future[None]] = {}
+        self.gets_waiting = 0
 
     def blocking(self, sending_to: object | None) -> asyncio.Future[None] | None:
         """What a send to ``sending_to`` (a get: None) must wait for first, if anything."""
         if self.get is not None:
             return self.get
-        if sending_to is None:  # a get waits for every send
+        if sending_to is None or self.gets_waiting:  # a get waits for every send, and so does a send behind a get
             return next(iter(self.sends.values()), None)
         return self.sends.get(sending_to)  # a send waits for the last send to the same worker only
 
@@ -53,8 +56,15 @@ async def model_turn(module: nn.Module, sending_to: object | None = None) -> Asy
     send to the same worker."""
     loop = asyncio.get_running_loop()
     turns = _TURNS.setdefault(loop, weakref.WeakKeyDictionary())
-    while (under_way := turns.get(module, ModelTurn()).blocking(sending_to)) is not None:
-        await asyncio.shield(under_way)
+    waiting = turns.setdefault(module, ModelTurn()) if sending_to is None else None  # kept while a get waits
+    if waiting is not None:
+        waiting.gets_waiting += 1
+    try:
+        while (under_way := turns.get(module, ModelTurn()).blocking(sending_to)) is not None:
+            await asyncio.shield(under_way)
+    finally:
+        if waiting is not None:
+            waiting.gets_waiting -= 1
     turn = turns.setdefault(module, ModelTurn())
     done: asyncio.Future[None] = loop.create_future()
     if sending_to is None:
@@ -68,7 +78,7 @@ async def model_turn(module: nn.Module, sending_to: object | None = None) -> Asy
             turn.get = None
         else:
             del turn.sends[sending_to]
-        if turn.get is None and not turn.sends:
+        if turn.get is None and not turn.sends and not turn.gets_waiting:
             del turns[module]
         done.set_result(None)
 
