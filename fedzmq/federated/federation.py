@@ -195,6 +195,10 @@ class Federation:
         self.evaluate_on_workers = evaluate_on_workers
         self.eval_dataset = eval_dataset or fit.dataset
         self.round = 0
+        #: the workers unreachable now (by key), and the round in which each was first found so. Only a worker
+        #: that stopped answering since the last round is given ``PROBE_SECONDS`` to answer again: waiting for
+        #: every dead one in every round made rounds of 10 ms take a second each while a daemon stayed down
+        self.unreachable_since: dict[str, int] = {}
         self.history: list[RoundMetrics] = []
         self.resumed_from: int | None = None
         #: why ``run`` stopped before its last round (a privacy budget), if it did
@@ -332,10 +336,16 @@ class Federation:
 
     async def select(self, round_number: int) -> tuple[list[RemoteWorker], list[RemoteWorker]]:
         """The round's participants, and the workers left out as unreachable. A worker that stopped
-        answering is pinged once, briefly: a daemon that restarted takes part at once."""
-        await self._probe([w for w in self.workers if not w.alive])
+        answering since the last round is given a second to answer again: a daemon that restarted takes
+        part at once. One unreachable for longer is pinged without a wait (its heartbeats go on: it
+        rejoins in the first round after one of them is answered)."""
+        dead = [w for w in self.workers if not w.alive]
+        await asyncio.gather(*(in_default_modes(self._probe(w, PROBE_SECONDS if worker_key(w) not in
+                                                            self.unreachable_since else 0.0)) for w in dead))
         alive = [w for w in self.workers if w.alive]
         unreachable = [w for w in self.workers if not w.alive]
+        self.unreachable_since = {worker_key(w): self.unreachable_since.get(worker_key(w), round_number)
+                                  for w in unreachable}
         if self.sampling == "poisson":
             draw = random.SystemRandom()  # unpredictable: amplification by sampling needs a hidden draw
             return [w for w in alive if draw.random() < self.fraction], unreachable
@@ -345,22 +355,19 @@ class Federation:
         return random.Random(f"{self.seed}:{round_number}").sample(alive, wanted), unreachable
 
     @staticmethod
-    async def _probe(workers: Sequence[RemoteWorker]) -> None:
-        """Give each worker that stopped answering ``PROBE_SECONDS`` to answer again. A connection judged
-        dead fails requests at once until the daemon answers one of its heartbeats, so a ping alone gave a
+    async def _probe(worker: RemoteWorker, seconds: float) -> None:
+        """Give a worker that stopped answering up to ``seconds`` to answer again. A connection judged dead
+        fails requests at once until the daemon answers one of its heartbeats, so a ping alone gave a
         daemon restarted at its address no time at all: the round after the restart left it out (its
         hosted clients too). The heartbeats go on meanwhile; an answer to one revives the connection."""
-        async def one(worker: RemoteWorker) -> None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + PROBE_SECONDS
-            while not worker.alive and loop.time() < deadline:
-                await asyncio.sleep(PROBE_POLL_SECONDS)
-            try:
-                await worker.ping(timeout=max(deadline - loop.time(), PROBE_POLL_SECONDS))
-            except Exception:  # still unreachable: the round leaves it out
-                pass
-
-        await asyncio.gather(*(in_default_modes(one(w)) for w in workers))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not worker.alive and loop.time() < deadline:
+            await asyncio.sleep(PROBE_POLL_SECONDS)
+        try:
+            await worker.ping(timeout=max(deadline - loop.time(), PROBE_POLL_SECONDS))
+        except Exception:  # still unreachable: the round leaves it out
+            pass
 
     async def _record(self, number: int, started: float, sent_before: int, received_before: int,
                       selected: Sequence[RemoteWorker], unreachable: Sequence[RemoteWorker],
