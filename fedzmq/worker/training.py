@@ -172,7 +172,8 @@ class RowShuffle:
     seed's low 32 bits (seeds 7 and 7 + 2**32 draw alike): one generator gave 2^32 orders, so about 2^16
     fits of batch 16 and as many of 17 held a pair with one order, the pair a differencing of two fits
     needs to read a row. Two generators, one per half of the seed, their permutations composed, give an
-    order for each of the 2^64 seeds."""
+    order for each seed (``shuffle_seed``'s are 63 bits: 2^63 orders, as many as a permutation of 21 rows
+    or more can take)."""
 
     def __init__(self, seed: int) -> None:
         self._low = torch.Generator().manual_seed(seed & 0xFFFF_FFFF)
