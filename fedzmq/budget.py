@@ -38,6 +38,12 @@ class Budget:
         stopped half-way, and one session made another's commands fail."""
         self.deadline = time.monotonic() + self.seconds
 
+    def extend(self, seconds: float) -> None:
+        """Move the deadline ``seconds`` later: time the command spent waiting for something another command
+        held (the process generator's turn), which is not its running. Unlike ``start``, what it already
+        ran (its sizing) still counts: restarted there, a command could run for twice its limit."""
+        self.deadline += seconds
+
     def cancel(self, why: str) -> None:
         """Ask the command to stop at its next check (its session closed or expired)."""
         self.cancelled = why

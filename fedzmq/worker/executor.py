@@ -367,10 +367,13 @@ class Executor:
         if self.own_generator is not None:
             with self.own_generator:
                 return HANDLERS[binding.command.name](self.context, binding)
+        asked = time.monotonic()
         with GENERATOR_TURN:
-            # its seconds count from here: its wait for the turn was another session's command (a whole fit,
-            # up to its own limit), and counted as its own it stopped an honest fit before its first step
-            self._start_budget(binding)
+            # its wait for the turn (another embedded worker's command, up to its own limit) is not its own
+            # running: counted, it stopped an honest fit before its first step. Its sizing still counts (a
+            # restart of its seconds here let a command run for twice its limit)
+            if binding.session.budget is not None:
+                binding.session.budget.extend(time.monotonic() - asked)
             return HANDLERS[binding.command.name](self.context, binding)
 
     @staticmethod
