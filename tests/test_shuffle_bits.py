@@ -29,3 +29,25 @@ def test_one_seed_gives_one_order_and_each_epoch_its_own():
     assert all(torch.equal(a, b) for a, b in zip(first, [i for i, _ in epoch(Terms(), 64, 16, again)]))
     assert not all(torch.equal(a, b) for a, b in zip(first, second))
     assert sorted(torch.cat(first).tolist()) == list(range(64))  # a permutation of the rows
+
+
+def _mask(seed: int) -> torch.Tensor:
+    from fedzmq.worker.randomness import seeded_draws
+
+    with seeded_draws(seed):
+        return torch.nn.functional.dropout(torch.ones(256), 0.5, training=True)
+
+
+def test_a_fits_dropout_masks_depend_on_every_bit_of_their_seed():
+    """The same held for the masks of a fit's dropout (``seeded_draws``): seeded through ``manual_seed``, 2^32
+    mask streams for 2^63 seeds. The generator's whole state is now drawn from the seed."""
+    low = 0x0BAD_CAFE
+    masks = [_mask(low + (high << 32)) for high in range(8)]
+    assert all(not torch.equal(masks[0], other) for other in masks[1:])
+    assert torch.equal(_mask(low + (3 << 32)), masks[3])  # and one seed, one stream
+
+
+def test_seeded_draws_leave_the_generator_as_it_was():
+    before = torch.default_generator.get_state()
+    _mask(2**62 + 1)
+    assert torch.equal(torch.default_generator.get_state(), before)

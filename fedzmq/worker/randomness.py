@@ -72,12 +72,30 @@ def draws_seed(shuffle_seed: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+#: torch's CPU generator state (``get_state``): the seed (8 bytes), ``left`` and ``seeded`` (4 each), ``next`` (8),
+#: then Mersenne Twister's 624 words, each in 8 bytes (and the normal samples' cache after them)
+_MT_WORDS, _MT_OFFSET = 624, 24
+
+
+def generator_state(seed: int) -> torch.Tensor:
+    """The CPU generator's state for ``seed``, every one of Mersenne Twister's 624 words drawn from all of
+    its bits. ``manual_seed`` keeps a seed's low 32 bits (seeds 7 and 7 + 2**32 draw alike): seeded through
+    it, a fit's dropout masks came from 2^32 streams whatever its 63-bit seed, so two fits of one client
+    could be given the same masks. The rest of the state is a freshly seeded generator's: its next draw
+    starts from these words."""
+    state = torch.Generator().manual_seed(seed & 0xFFFF_FFFF).get_state()
+    words = hashlib.shake_256(b"fedzmq generator state:" + seed.to_bytes(8, "little")).digest(4 * _MT_WORDS)
+    slots = state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS].view(torch.int64)
+    slots.copy_(torch.frombuffer(bytearray(words), dtype=torch.int32).to(torch.int64) & 0xFFFF_FFFF)
+    return state
+
+
 @contextlib.contextmanager
 def seeded_draws(seed: int) -> Iterator[None]:
-    """The default generator seeded with ``seed`` for the block, and as it was after it."""
+    """The default generator in ``seed``'s state (``generator_state``) for the block, and as it was after it."""
     generator = torch.default_generator
     saved = generator.get_state()
-    generator.manual_seed(seed)
+    generator.set_state(generator_state(seed))
     try:
         yield
     finally:
@@ -108,5 +126,5 @@ class OwnGenerator:
         self._callers = None
 
 
-__all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "MAY_DRAW", "OwnGenerator", "draws_seed", "may_draw", "module_draws",
-           "seeded_draws"]
+__all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "MAY_DRAW", "OwnGenerator", "draws_seed", "generator_state",
+           "may_draw", "module_draws", "seeded_draws"]
