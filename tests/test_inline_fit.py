@@ -106,3 +106,47 @@ def test_only_the_same_fit_measured_fast_runs_on_the_loop():
     big = mlp(hidden=INLINE_FIT_NUMEL // 8)
     assert sum(p.numel() for p in big.parameters()) > INLINE_FIT_NUMEL
     assert not small_fit(measured(binding_for(big), fast))
+
+
+async def test_a_small_fit_takes_its_turn_behind_its_keys_work_waiting_for_a_thread(fedzmq_daemons, tmp_path):
+    """Hosted clients of one connection are sessions of one key, whose thread work runs oldest first. A fit
+    measured fast ran on the loop at once, ahead of its neighbours' sends and first fits waiting for the
+    thread: in FedBuff over 40 hosted clients, the clients measured first were re-dispatched and heard again
+    and again (13-23 of 40 clients heard in 60 updates; 34-40 now). Such a fit now waits for its turn."""
+    import asyncio
+
+    from fedzmq.testing import write_dataset
+    from fedzmq.testing.plugin import TEST_SETTINGS
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in "abc":
+        x = torch.rand(64, 8)
+        write_dataset(shards / f"{name}.safetensors", x, (x[:, 0] > 0.5).long())
+    (host,) = await fedzmq_daemons("owner", args=["--clients-from", f"d={shards}", "--threads", "1",
+                                                  "--max-command-seconds", "3"])
+    fast, sender, hog = sorted(await fz.connect_clients(host.address, settings=TEST_SETTINGS), key=lambda w: w.id)
+    try:
+        model = mlp()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        remote = await fast.send(model)
+        for _ in range(60):  # measured fast: its later fits run on the loop (as the test above)
+            await trained_state(remote, start)
+            if (await fast.status())["inline_fits"]:
+                break
+        inline = (await fast.status())["inline_fits"]
+        assert inline >= 1
+        hogging = await hog.send(mlp(seed=1))
+        held = asyncio.ensure_future(hogging.fit("d", batch_size=16, steps=600_000,
+                                                 optimizer={"cls": "SGD", "lr": 0.01}))
+        await asyncio.sleep(1.0)  # (the hog holds the one thread until its 3 s are up)
+        assert not held.done()
+        waiting = asyncio.ensure_future(sender.send(mlp(seed=2)))  # a module_put: it waits for the thread
+        await asyncio.sleep(0.2)
+        state = await trained_state(remote, start)
+        assert state.keys() == start.keys()
+        assert (await fast.status())["inline_fits"] == inline  # it waited for the thread, behind the send
+        await asyncio.gather(held, waiting, return_exceptions=True)
+    finally:
+        for worker in (fast, sender, hog):
+            await worker.close()

@@ -242,8 +242,10 @@ class Executor:
             objects = binding.session.table.objects
             return len(binding.args["objs"]) > INLINE_DELETES or \
                 any(costly_to_free(objects.get(obj_id)) for obj_id in binding.args["objs"])
-        if binding.command.name == "fit":
-            return not small_fit(binding)
+        if binding.command.name == "fit":  # a fit small enough for the loop still takes its turn behind its
+            # key's work waiting for a thread (other sessions' sends and fits, sent before it): run at once, a
+            # hosted client's refits went before its neighbours' first fits, again and again
+            return not small_fit(binding) or self.pool.has_waiting(turn_key(binding.session))
         if binding.command.name == "optim_create":  # Adagrad fills its state when made; the others make none
             return binding.args.get("cls") in CREATED_STATE_COPIES
         if binding.command.name == "optim_zero_grad":  # zeroed in place, every gradient written

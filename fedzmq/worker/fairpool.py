@@ -52,6 +52,10 @@ class FairPool:
             self._forget(key, job)
             raise
 
+    def has_waiting(self, key: Hashable) -> bool:
+        """Whether work of ``key`` waits for a thread now."""
+        return key in self._waiting
+
     def _forget(self, key: Hashable, job: Job) -> None:
         queue = self._waiting.get(key)
         if queue is None:
