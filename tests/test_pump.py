@@ -49,8 +49,14 @@ def pair(context):
 
 async def test_an_echo_of_thousands_of_pipelined_messages_loses_none_and_keeps_order(pair):
     """Both ends are pumps, and the echo sends from inside its receive callback: the sends' effect on
-    the edge-triggered descriptor is exactly what would lose a wake-up."""
+    the edge-triggered descriptor is exactly what would lose a wake-up.
+
+    The echo's ROUTER is mandatory, as the daemon's is: without it, a ROUTER whose pipe to the dealer is
+    full (its I/O thread descheduled on a loaded host) drops replies silently, and the test hung on a
+    gap of a hundred replies that no pump ever received. With it, a full pipe is ``zmq.Again``, and the
+    echo's ``send_or_queue`` keeps the reply in order until there is room."""
     router, dealer = pair
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     got: list[int] = []
     done = asyncio.get_running_loop().create_future()
     total = 5000
@@ -60,7 +66,7 @@ async def test_an_echo_of_thousands_of_pipelined_messages_loses_none_and_keeps_o
         if len(got) == total:
             done.set_result(None)
 
-    echo = Pump(router, lambda frames: echo.send([f.bytes for f in frames]))
+    echo = Pump(router, lambda frames: echo.send_or_queue([f.bytes for f in frames]))
     client = Pump(dealer, on_reply)
     tasks = [asyncio.create_task(echo.run()), asyncio.create_task(client.run())]
     try:
