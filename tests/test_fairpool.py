@@ -1,5 +1,6 @@
 """The daemon's torch threads (``FairPool``): each key's waiting work in turn, and nothing stalls or stays
-behind when work fails or its caller goes away (a cold review's finds)."""
+behind when work fails or its caller goes away (a cold review's finds). Both it and the generator's turn
+(``FairTurn``) take their order from ``TakeTurns``, tested alone first."""
 
 import asyncio
 import threading
@@ -7,7 +8,23 @@ import time
 
 import pytest
 
-from fedzmq.worker.fairpool import FairPool
+from fedzmq.worker.fairpool import FairPool, TakeTurns
+
+
+@pytest.mark.timeout(10)
+def test_keys_take_turns_each_oldest_first_and_a_key_sent_back_goes_after_the_others() -> None:
+    turns: TakeTurns[str] = TakeTurns()
+    assert not turns and "a" not in turns
+    for item in ("a0", "a1", "a2", "b0", "c0", "c1"):
+        turns.add(item[0], item)
+    assert turns.remove("a", "a1") and not turns.remove("a", "a1") and not turns.remove("z", "z0")
+    assert [turns.take() for _ in range(3)] == ["a0", "b0", "c0"]
+    assert "b" not in turns and "a" in turns  # b's only item went; a and c wait, in that order
+    turns.add("b", "b1")  # a key that comes back waits behind the keys waiting now
+    turns.to_back("a")  # (what a holder of the turn does as it gives it up)
+    assert [turns.take() for _ in range(2)] == ["c1", "b1"]
+    turns.add("d", "d0")
+    assert turns.clear() == ["a2", "d0"] and not turns
 
 
 @pytest.mark.timeout(30)

@@ -18,9 +18,64 @@ import collections
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, AsyncIterator, Callable, Hashable
+from typing import Any, AsyncIterator, Callable, Generic, Hashable, TypeVar
 
+Item = TypeVar("Item")
 Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class TakeTurns(Generic[Item]):
+    """Items waiting per key, each key's oldest first and the keys round robin: the one order both the
+    torch threads (``FairPool``) and the generator's turn (``FairTurn``) serve in. A key whose item is
+    taken goes to the back if more of its items wait; a key that holds what it took sends itself to the
+    back when it gives it up (``to_back``), so one that got in while nothing waited goes after the others."""
+
+    def __init__(self) -> None:
+        #: the keys with items waiting, in the order they get their next turn (a dict keeps insertion order)
+        self._queues: dict[Hashable, collections.deque[Item]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._queues
+
+    def add(self, key: Hashable, item: Item) -> None:
+        """Queue ``item`` behind ``key``'s others (a new key gets its turn after every key waiting now)."""
+        self._queues.setdefault(key, collections.deque()).append(item)
+
+    def take(self) -> Item:
+        """The oldest item of the key whose turn it is (there must be one: check ``bool`` first)."""
+        key = next(iter(self._queues))
+        queue = self._queues.pop(key)
+        item = queue.popleft()
+        if queue:  # its next item waits for the other keys' turns
+            self._queues[key] = queue
+        return item
+
+    def remove(self, key: Hashable, item: Item) -> bool:
+        """Take ``item`` out of ``key``'s queue; False if it is not there (taken already)."""
+        queue = self._queues.get(key)
+        if queue is None:
+            return False
+        try:
+            queue.remove(item)
+        except ValueError:
+            return False
+        if not queue:
+            del self._queues[key]
+        return True
+
+    def to_back(self, key: Hashable) -> None:
+        """Give ``key``'s turn to every other key waiting now."""
+        if key in self._queues:
+            self._queues[key] = self._queues.pop(key)
+
+    def clear(self) -> list[Item]:
+        """Empty the queues; returns what waited."""
+        items = [item for queue in self._queues.values() for item in queue]
+        self._queues.clear()
+        return items
 
 
 class FairPool:
@@ -31,8 +86,7 @@ class FairPool:
         self._threads = threads
         self._running = 0
         self._closed = False
-        #: the keys with work waiting, in the order they get their next turn (a dict keeps insertion order)
-        self._waiting: dict[Hashable, collections.deque[Job]] = {}
+        self._waiting: TakeTurns[Job] = TakeTurns()
 
     async def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on a thread when ``key``'s turn comes; its result or its exception. A caller
@@ -44,36 +98,21 @@ class FairPool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         job: Job = (fn, args, future)
-        self._waiting.setdefault(key, collections.deque()).append(job)
+        self._waiting.add(key, job)
         self._start_waiting(loop)
         try:
             return await future
         except asyncio.CancelledError:
-            self._forget(key, job)
+            self._waiting.remove(key, job)  # (False if it was running, or ran, already)
             raise
 
     def has_waiting(self, key: Hashable) -> bool:
         """Whether work of ``key`` waits for a thread now."""
         return key in self._waiting
 
-    def _forget(self, key: Hashable, job: Job) -> None:
-        queue = self._waiting.get(key)
-        if queue is None:
-            return
-        try:
-            queue.remove(job)
-        except ValueError:  # it was running (or ran) already
-            return
-        if not queue:
-            del self._waiting[key]
-
     def _start_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
         while self._running < self._threads and self._waiting and not self._closed:
-            key = next(iter(self._waiting))
-            queue = self._waiting.pop(key)
-            fn, args, future = queue.popleft()
-            if queue:  # its next piece waits for the other keys' turns
-                self._waiting[key] = queue
+            fn, args, future = self._waiting.take()
             if future.done():
                 continue
             self._executor.submit(fn, *args).add_done_callback(partial(self._on_thread_done, loop, future))
@@ -106,10 +145,8 @@ class FairPool:
     def shutdown(self) -> None:
         """Fail what waits (its sessions are ending), and let the running work finish on its own."""
         self._closed = True
-        for queue in self._waiting.values():
-            for _, _, future in queue:
-                future.cancel()
-        self._waiting.clear()
+        for _, _, future in self._waiting.clear():
+            future.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -124,8 +161,7 @@ class FairTurn:
         self._held = False
         #: the key whose waiter holds the turn: its next waiter goes after every other key's
         self._holder: Hashable = None
-        #: the keys with a waiter, in the order they get their next turn (a dict keeps insertion order)
-        self._waiting: dict[Hashable, collections.deque[asyncio.Future[None]]] = {}
+        self._waiting: TakeTurns[asyncio.Future[None]] = TakeTurns()
 
     @contextlib.asynccontextmanager
     async def turn(self, key: Hashable) -> AsyncIterator[None]:
@@ -142,38 +178,26 @@ class FairTurn:
             self._held = True
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(key, collections.deque()).append(waiter)
+        self._waiting.add(key, waiter)
         try:
             await waiter
         except BaseException:  # cancelled, or closed unawaited (``eager.Started.close``: GeneratorExit)
             if waiter.done() and not waiter.cancelled():  # given the turn as it was stopped: the next one's
                 self._pass_on()
             else:
-                self._forget(key, waiter)
+                self._waiting.remove(key, waiter)
             raise
-
-    def _forget(self, key: Hashable, waiter: "asyncio.Future[None]") -> None:
-        queue = self._waiting.get(key)
-        if queue is not None and waiter in queue:
-            queue.remove(waiter)
-            if not queue:
-                del self._waiting[key]
 
     def _pass_on(self) -> None:
         """Give the turn to the next key's oldest waiter (that key then goes to the back, as the holder's
         does first), or free it."""
-        if self._holder in self._waiting:
-            self._waiting[self._holder] = self._waiting.pop(self._holder)
+        self._waiting.to_back(self._holder)
         while self._waiting:
-            key = next(iter(self._waiting))
-            queue = self._waiting.pop(key)
-            waiter = queue.popleft()
-            if queue:
-                self._waiting[key] = queue
+            waiter = self._waiting.take()
             if not waiter.done():
                 waiter.set_result(None)
                 return
         self._held = False
 
 
-__all__ = ["FairPool", "FairTurn"]
+__all__ = ["FairPool", "FairTurn", "TakeTurns"]
