@@ -425,15 +425,8 @@ class Worker:
         if owed.owed() > self.config.max_session_bytes + UNTRACKED_REPLY_BYTES:
             self.counters["dropped_unread"] += 1
             return
-        try:
-            request = decode_request_head(frames, self.config.limits)
-        except Exception as exc:
-            self._malformed(key, exc)
-            return
-        peer = self._peers.get(key)
         payload = self._owing_error(owed)
-        self._refuse(key, request, payload["type"], payload["message"],
-                     peer.sessions.get(request.client) if peer is not None else None)
+        self._refuse_unqueued(key, frames, payload["type"], payload["message"])
 
     def _refuse_revoked(self, key: bytes, frames: Sequence[Any]) -> None:
         """Refuse a request of a connection whose key was taken out of the allowed keys since it connected."""
