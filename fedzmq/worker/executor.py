@@ -41,7 +41,7 @@ from .loads import metrics_label, relabel_loaded, withheld_loss
 from .objects import (DependencyError, HostedModule, HostedOptimizer, costly_to_free, module_tensors,
                       optimizer_state, tensors_of)
 from .policy import sanitized
-from .randomness import GENERATOR_TURN, MAY_DRAW, OwnGenerator, may_draw
+from .randomness import GENERATOR_TURN, MAY_DRAW, OwnGenerator, generator_turn_on_the_loop, may_draw
 from .session import Session
 from .taint import Label, storage_key
 
@@ -218,7 +218,8 @@ class Executor:
         if command.name in MAY_DRAW and may_draw(command, binding):  # (``fedzmq.worker.randomness``)
             binding.draws = True
             if self.own_generator is not None:  # on the event loop's thread, where the caller's coroutines
-                return self._call(binding, self._charge(binding))  # cannot draw while its state is swapped in
+                async with generator_turn_on_the_loop():  # cannot draw while its state is swapped in (nor an
+                    return self._call(binding, self._charge(binding))  # embedded daemon engine's torch thread)
             # a daemon's: on a torch thread, in the generator's turn (which the event loop must never wait for),
             # waited for here, before a thread is taken: a thread waiting for it had been a thread that no other
             # session's work could have (two of them held a daemon of two threads for a whole fit)

@@ -23,11 +23,12 @@ a fit's seeded stream is not drawn from by another session meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import threading
 from types import TracebackType
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import torch
 
@@ -64,6 +65,27 @@ def module_draws(hosted: HostedModule) -> bool:
 #: the turn of the process's one default generator among a daemon's torch threads (the process's, as the
 #: generator is: two workers embedded in one process share both)
 GENERATOR_TURN = threading.Lock()
+
+
+@contextlib.asynccontextmanager
+async def generator_turn_on_the_loop() -> AsyncIterator[None]:
+    """``GENERATOR_TURN`` held by the event loop's thread for the block, for an in-process worker's command
+    that swaps its own state into the default generator there (``OwnGenerator``). An embedded daemon engine
+    in the same process (``fz.Worker(in_process=False)``) draws a seeded fit on a torch thread in that turn:
+    a swap in the middle of it made each draw from the other's stream. The turn may be held for a whole fit,
+    so it is waited for on a thread of the loop's default executor, never by blocking the loop; a waiter
+    cancelled meanwhile gives the turn back once it is taken."""
+    if not GENERATOR_TURN.acquire(blocking=False):
+        taking = asyncio.get_running_loop().run_in_executor(None, GENERATOR_TURN.acquire)
+        try:
+            await asyncio.shield(taking)
+        except BaseException:
+            taking.add_done_callback(lambda _: GENERATOR_TURN.release())
+            raise
+    try:
+        yield
+    finally:
+        GENERATOR_TURN.release()
 
 
 def draws_seed(shuffle_seed: int) -> int:
@@ -127,4 +149,4 @@ class OwnGenerator:
 
 
 __all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "MAY_DRAW", "OwnGenerator", "draws_seed", "generator_state",
-           "may_draw", "module_draws", "seeded_draws"]
+           "generator_turn_on_the_loop", "may_draw", "module_draws", "seeded_draws"]
