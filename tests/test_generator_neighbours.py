@@ -9,6 +9,7 @@ must give exactly what the same code gives run sequentially (README, docs/api.md
 
 import asyncio
 import copy
+import threading
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.worker.datasets import Dataset
+from fedzmq.worker.randomness import GENERATOR_TURN, generator_turn_on_the_loop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -72,3 +74,45 @@ async def test_a_virtual_worker_beside_an_embedded_worker_changes_neither_ones_d
         "the virtual worker's dropout masks changed beside the embedded worker's fit"
     assert all(torch.equal(fitted_alone[k], fitted_together[k]) for k in fitted_alone), \
         "the embedded worker's seeded fit trained another model beside the virtual worker's forwards"
+
+
+def _hold_turn_until(release: threading.Event, held: threading.Event) -> None:
+    """An embedded engine's torch thread in a long draw: holds the turn until told."""
+    with GENERATOR_TURN:
+        held.set()
+        release.wait(30)
+
+
+@pytest.mark.parametrize("leaves", ["cancelled", "at_the_end_of_asyncio_run"])
+def test_a_waiter_on_the_loop_that_leaves_before_its_turn_gives_it_back(leaves):
+    """The loop waits for the turn on a thread. A waiter cancelled meanwhile, by its caller or by
+    ``asyncio.run`` ending with it still waiting, must not keep the turn once that thread takes it: every
+    later draw in the process (every embedded engine's fit) would wait for ever."""
+    release, held = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_turn_until, args=(release, held))
+    holder.start()
+    assert held.wait(10)
+    entered: list[bool] = []
+
+    async def wait_for_turn() -> None:
+        async with generator_turn_on_the_loop():
+            entered.append(True)
+
+    async def leave() -> None:
+        waiter = asyncio.ensure_future(wait_for_turn())
+        await asyncio.sleep(0.2)
+        assert not waiter.done()  # the turn is held: it waits (on a thread, the loop free)
+        if leaves == "cancelled":
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+        else:  # asyncio.run cancels it, then waits for its executor's threads: let the holder finish meanwhile
+            threading.Timer(0.5, release.set).start()
+
+    try:
+        asyncio.run(leave())
+    finally:
+        release.set()
+        holder.join(10)
+    assert GENERATOR_TURN.acquire(timeout=10), "the turn stayed taken after its waiter left"
+    GENERATOR_TURN.release()
+    assert not entered

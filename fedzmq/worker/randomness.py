@@ -73,19 +73,41 @@ async def generator_turn_on_the_loop() -> AsyncIterator[None]:
     that swaps its own state into the default generator there (``OwnGenerator``). An embedded daemon engine
     in the same process (``fz.Worker(in_process=False)``) draws a seeded fit on a torch thread in that turn:
     a swap in the middle of it made each draw from the other's stream. The turn may be held for a whole fit,
-    so it is waited for on a thread of the loop's default executor, never by blocking the loop; a waiter
-    cancelled meanwhile gives the turn back once it is taken."""
+    so it is waited for on a thread of the loop's default executor, never by blocking the loop."""
     if not GENERATOR_TURN.acquire(blocking=False):
-        taking = asyncio.get_running_loop().run_in_executor(None, GENERATOR_TURN.acquire)
+        taker = TurnTaker()
         try:
-            await asyncio.shield(taking)
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, taker.take))
         except BaseException:
-            taking.add_done_callback(lambda _: GENERATOR_TURN.release())
+            taker.abandon()
             raise
     try:
         yield
     finally:
         GENERATOR_TURN.release()
+
+
+class TurnTaker:
+    """Takes ``GENERATOR_TURN`` on a thread for a waiter on the loop that may leave first (cancelled, by its
+    caller or by ``asyncio.run`` ending): the turn is then given back by whichever side comes last, on its
+    own thread, without a callback that needs the loop to run again."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._taken = self._abandoned = False
+
+    def take(self) -> None:
+        GENERATOR_TURN.acquire()
+        with self._guard:
+            if self._abandoned:
+                GENERATOR_TURN.release()
+            self._taken = True
+
+    def abandon(self) -> None:
+        with self._guard:
+            self._abandoned = True
+            if self._taken:
+                GENERATOR_TURN.release()
 
 
 def draws_seed(shuffle_seed: int) -> int:
@@ -148,5 +170,5 @@ class OwnGenerator:
         self._callers = None
 
 
-__all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "MAY_DRAW", "OwnGenerator", "draws_seed", "generator_state",
-           "generator_turn_on_the_loop", "may_draw", "module_draws", "seeded_draws"]
+__all__ = ["FORWARD_COMMANDS", "GENERATOR_TURN", "MAY_DRAW", "OwnGenerator", "TurnTaker", "draws_seed",
+           "generator_state", "generator_turn_on_the_loop", "may_draw", "module_draws", "seeded_draws"]
