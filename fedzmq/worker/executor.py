@@ -223,8 +223,10 @@ class Executor:
             # a daemon's: on a torch thread, in the generator's turn (which the event loop must never wait for),
             # waited for here, before a thread is taken: a thread waiting for it had been a thread that no other
             # session's work could have (two of them held a daemon of two threads for a whole fit)
+            # Holding it, it goes first in its key's queue: behind the key's other work (its other sessions'
+            # fits, each to the limit), every other key's drawing command waited for all of it (red team h37)
             async with self.generator_turn.turn(turn_key(binding.session)):
-                return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
+                return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding, first=True)
         if command.offload == "always" or (command.offload == "large" and self._large(binding)):
             return await self.pool.run(turn_key(binding.session), self._charge_and_call, binding)
         if command.name == "fit":  # measured fast; if that no longer holds, it stops soon, with an error

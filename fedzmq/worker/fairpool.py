@@ -40,9 +40,14 @@ class TakeTurns(Generic[Item]):
     def __contains__(self, key: Hashable) -> bool:
         return key in self._queues
 
-    def add(self, key: Hashable, item: Item) -> None:
-        """Queue ``item`` behind ``key``'s others (a new key gets its turn after every key waiting now)."""
-        self._queues.setdefault(key, collections.deque()).append(item)
+    def add(self, key: Hashable, item: Item, first: bool = False) -> None:
+        """Queue ``item`` behind ``key``'s others, or ahead of them if ``first`` (a new key gets its turn after
+        every key waiting now)."""
+        queue = self._queues.setdefault(key, collections.deque())
+        if first:
+            queue.appendleft(item)
+        else:
+            queue.append(item)
 
     def take(self) -> Item:
         """The oldest item of the key whose turn it is (there must be one: check ``bool`` first)."""
@@ -88,17 +93,18 @@ class FairPool:
         self._closed = False
         self._waiting: TakeTurns[Job] = TakeTurns()
 
-    async def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+    async def run(self, key: Hashable, fn: Callable[..., Any], *args: Any, first: bool = False) -> Any:
         """Run ``fn(*args)`` on a thread when ``key``'s turn comes; its result or its exception. A caller
         cancelled while its work waits takes it out of the queue (with what it holds: a session's
         objects, uncharged once the session ended); once running, the work runs to its end (a thread
-        cannot be stopped: the budget it checks stops it)."""
+        cannot be stopped: the budget it checks stops it). ``first``: ahead of ``key``'s other work (work
+        that holds what other keys wait for: the generator's turn)."""
         if self._closed:
             raise RuntimeError("the worker's torch threads are shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         job: Job = (fn, args, future)
-        self._waiting.add(key, job)
+        self._waiting.add(key, job, first)
         self._start_waiting(loop)
         try:
             return await future

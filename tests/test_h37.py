@@ -1,0 +1,68 @@
+"""Breaks found by h37's cold review and red team of the session before it (03d057c..fdc0e8e): the generator's
+turn, quotas, small fits on the event loop and the federation's rounds, attacked by a hostile coordinator
+with an allowed key."""
+
+import asyncio
+
+import pytest
+import torch
+from torch import nn
+
+import fedzmq as fz
+from fedzmq.testing import write_dataset
+from fedzmq.testing.plugin import TEST_SETTINGS
+
+pytestmark = pytest.mark.timeout(120)
+
+FEATURES = 8
+
+
+def _model(dropout: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    middle = [nn.Dropout(0.5)] if dropout else []
+    return nn.Sequential(nn.Linear(FEATURES, 8), *middle, nn.Linear(8, 2))
+
+
+def _shards(folder, names: str, rows: int = 64) -> None:
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(37)
+    for name in names:
+        x = torch.rand(rows, FEATURES, generator=generator)
+        write_dataset(folder / f"{name}.safetensors", x, (x[:, 0] > 0.5).long())
+
+
+async def test_the_generators_holder_does_not_wait_behind_its_own_keys_queued_work(fedzmq_daemons, tmp_path):
+    """A command that may draw takes the generator's turn (``FairTurn``) and then, holding it, waits for a torch
+    thread (``FairPool``) behind its own key's work queued there before it. One key's hosted clients (one
+    connection, seven sessions) queue six fits that run to ``--max-command-seconds`` on a daemon of one thread,
+    then a dropout op: it takes the free turn and waits behind the key's six fits, and another key's dropout
+    op, sent after it, waited for all six (the turn holder's whole queue, where ``FairPool`` promises one
+    piece of each other key's work). The holder's work now goes first in its key's queue: the other key waits
+    for the fit running, the holder's op, and at most two more fits of that key (one takes the thread as the
+    turn passes on, one is that key's turn in the pool)."""
+    _shards(tmp_path / "shards", "abcdefg")
+    (host,) = await fedzmq_daemons("owner", args=["--clients-from", f"d={tmp_path / 'shards'}", "--threads", "1",
+                                                  "--max-command-seconds", "2"])
+    hosted = sorted(await fz.connect_clients(host.address, settings=TEST_SETTINGS), key=lambda w: w.id)
+    try:
+        async with fz.connect(host.address, settings=TEST_SETTINGS) as other:  # another coordinator
+            ones = await other.send(torch.ones(4, FEATURES))
+            mine = await hosted[6].send(torch.ones(4, FEATURES))
+            models = [await worker.send(_model()) for worker in hosted[:6]]
+            optimizer = {"cls": "SGD", "lr": 0.01}
+            hogs = [asyncio.ensure_future(m.fit("d", batch_size=16, steps=500_000, optimizer=optimizer))
+                    for m in models]
+            await asyncio.sleep(0.5)  # one fit runs, five wait for the thread
+            holder = asyncio.ensure_future(mine.dropout(0.5, True).get())
+            await asyncio.sleep(0.5)  # it holds the generator's turn, waiting for the thread
+            assert not any(h.done() for h in hogs)
+            drawn = await ones.dropout(0.5, True).get()
+            ended_before = sum(h.done() for h in hogs)
+            results = await asyncio.gather(*hogs, return_exceptions=True)
+            assert all(isinstance(r, fz.LimitExceeded) for r in results), results
+            assert drawn.shape == (4, FEATURES) and (await holder).shape == (4, FEATURES)
+            assert ended_before <= 3, f"another key's dropout op waited for {ended_before} fits of one key"
+    finally:
+        for worker in hosted:
+            await worker.close()
+
