@@ -66,3 +66,31 @@ async def test_the_generators_holder_does_not_wait_behind_its_own_keys_queued_wo
         for worker in hosted:
             await worker.close()
 
+
+
+async def test_torch_work_whose_waiter_is_closed_unawaited_leaves_the_queue():
+    """A command the pump started at once (``eager.start``) and that waits for a torch thread is closed where it
+    waits when its session's queue is refused (a revoked key: ``eager.Started.close``, GeneratorExit). The
+    generator's turn gives itself up then (h36); ``FairPool.run`` took its work out of the queue only when
+    cancelled, so the closed command's work stayed queued, holding its binding (the session's objects and
+    the request, uncharged once the session ended) until its key's turn came, and then took a thread."""
+    import threading
+
+    from fedzmq.eager import Started, start
+    from fedzmq.worker.fairpool import FairPool
+
+    pool, busy, ran = FairPool(1, "h37"), threading.Event(), []
+    try:
+        running = asyncio.ensure_future(pool.run("a", busy.wait, 30))
+        await asyncio.sleep(0)
+        closed = start(pool.run("b", ran.append, "closed"))  # waits for the one thread, as an eager command does
+        assert isinstance(closed, Started) and pool.has_waiting("b")
+        closed.close()
+        assert not pool.has_waiting("b"), "the closed command's work is still queued"
+        busy.set()
+        await asyncio.wait_for(running, 10)
+        await asyncio.wait_for(pool.run("c", ran.append, "next"), 10)
+        assert ran == ["next"]
+    finally:
+        busy.set()
+        pool.shutdown()

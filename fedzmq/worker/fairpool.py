@@ -95,7 +95,7 @@ class FairPool:
 
     async def run(self, key: Hashable, fn: Callable[..., Any], *args: Any, first: bool = False) -> Any:
         """Run ``fn(*args)`` on a thread when ``key``'s turn comes; its result or its exception. A caller
-        cancelled while its work waits takes it out of the queue (with what it holds: a session's
+        cancelled (or closed) while its work waits takes it out of the queue (with what it holds: a session's
         objects, uncharged once the session ended); once running, the work runs to its end (a thread
         cannot be stopped: the budget it checks stops it). ``first``: ahead of ``key``'s other work (work
         that holds what other keys wait for: the generator's turn)."""
@@ -108,7 +108,7 @@ class FairPool:
         self._start_waiting(loop)
         try:
             return await future
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: closed unawaited, ``eager.Started.close``)
             self._waiting.remove(key, job)  # (False if it was running, or ran, already)
             raise
 
