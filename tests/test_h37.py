@@ -94,3 +94,40 @@ async def test_torch_work_whose_waiter_is_closed_unawaited_leaves_the_queue():
     finally:
         busy.set()
         pool.shutdown()
+
+
+async def test_torch_work_leaves_the_queue_by_identity_not_by_comparing_its_tensors():
+    """``TakeTurns.remove`` found a cancelled (or closed) waiter's work with ``deque.remove``, which compares it
+    with each piece of its key's work queued before it: a job is a tuple of the function, its arguments and a
+    future, and arguments holding tensors (a ``Binding`` is a dataclass: equal requests, whose ids a client
+    picks, compare their arguments' tensors) made the comparison raise ``RuntimeError`` (a tensor's truth value
+    is ambiguous): the cancellation turned into that error, and the work stayed queued. It is found by identity."""
+    import threading
+
+    from fedzmq.eager import Started, start
+    from fedzmq.worker.fairpool import FairPool
+
+    pool, busy, ran = FairPool(1, "h37"), threading.Event(), []
+
+    def record(tensor: torch.Tensor) -> None:
+        ran.append(int(tensor.sum()))
+
+    try:
+        running = asyncio.ensure_future(pool.run("a", busy.wait, 30))
+        await asyncio.sleep(0)
+        first = asyncio.ensure_future(pool.run("a", record, torch.ones(3)))
+        cancelled = asyncio.ensure_future(pool.run("a", record, torch.zeros(3)))
+        await asyncio.sleep(0)
+        closed = start(pool.run("a", record, torch.full((3,), 2.0)))
+        assert isinstance(closed, Started)
+        closed.close()
+        cancelled.cancel()
+        outcome = (await asyncio.gather(cancelled, return_exceptions=True))[0]
+        assert isinstance(outcome, asyncio.CancelledError), repr(outcome)
+        busy.set()
+        await asyncio.wait_for(asyncio.gather(running, first), 10)
+        await asyncio.wait_for(pool.run("a", record, torch.ones(4)), 10)
+        assert ran == [3, 4]
+    finally:
+        busy.set()
+        pool.shutdown()

@@ -59,14 +59,16 @@ class TakeTurns(Generic[Item]):
         return item
 
     def remove(self, key: Hashable, item: Item) -> bool:
-        """Take ``item`` out of ``key``'s queue; False if it is not there (taken already)."""
+        """Take ``item`` out of ``key``'s queue; False if it is not there (taken already). Found by identity:
+        ``deque.remove`` compares it with the items before it, and a job's arguments hold tensors, whose
+        ``==`` is elementwise (its truth value raised, and the waiter's cancellation became that error)."""
         queue = self._queues.get(key)
         if queue is None:
             return False
-        try:
-            queue.remove(item)
-        except ValueError:
+        index = next((i for i, queued in enumerate(queue) if queued is item), None)
+        if index is None:
             return False
+        del queue[index]
         if not queue:
             del self._queues[key]
         return True
