@@ -131,3 +131,41 @@ async def test_torch_work_leaves_the_queue_by_identity_not_by_comparing_its_tens
     finally:
         busy.set()
         pool.shutdown()
+
+
+class _Buffered(nn.Module):
+    """A small layer and a 4 MiB buffer its forward never reads: a fit's ``load`` of the buffer is 4 MiB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(FEATURES, 2)
+        self.register_buffer("big", torch.zeros(1 << 20))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+async def test_a_running_commands_request_counts_against_its_sessions_quota_until_it_ends():
+    """A command's request counts in its session's quota until its own charge (``Quota.starting``, h36); its
+    arguments stay in memory until it ends, though: a fit's ``load`` (4 MiB) is held by the request for the
+    whole fit, up to ``--max-command-seconds``. Meanwhile the session's next request was measured against a
+    room that left the load out: a 7.5 MiB send beside the 4 MiB model and the running fit's 4 MiB load was
+    taken in, 15.5 MiB in memory for a quota of 12 MiB (twice the quota, with a load of half of it)."""
+    from fedzmq.worker.config import WorkerConfig
+    from fedzmq.worker.datasets import Dataset
+
+    g = torch.Generator().manual_seed(37)
+    data = Dataset("d", torch.randn(64, FEATURES, generator=g), torch.randint(0, 2, (64,), generator=g))
+    config = WorkerConfig(min_batch_size=8, max_session_bytes=12 << 20, max_command_seconds=3)
+    async with fz.VirtualWorker("w", datasets={"d": data}, config=config) as worker:
+        remote = await worker.send(_Buffered())
+        fit = {"module": remote.id, "dataset": "d", "loss": "cross_entropy", "batch_size": 16, "steps": 500_000,
+               "optimizer": {"cls": "SGD", "lr": 0.1}, "load": {"big": torch.ones(1 << 20)}}
+        running = asyncio.ensure_future(worker.request("fit", fit))
+        await asyncio.sleep(1.0)  # charged, and training on a torch thread
+        assert not running.done()
+        with pytest.raises(fz.LimitExceeded, match="--max-session-bytes"):
+            await worker.send(torch.ones(15 << 17))  # 7.5 MiB
+        with pytest.raises(fz.LimitExceeded, match="ran longer"):
+            await running
+        await worker.send(torch.ones(15 << 17))  # once the fit ended, it fits

@@ -47,6 +47,9 @@ class Quota:
         #: command at a time): it may wait for a torch thread or the generator's turn, its arguments in
         #: memory all along (``Executor._charge`` hands them over to the command's own accounting)
         self.starting = 0
+        #: bytes of the running command's request, from its start to its end: its arguments stay in memory all
+        #: along (a fit's ``load``, for the whole fit), after its charge too (``room_for_requests``)
+        self.running = 0
         self._reservations: dict[object, int] = {}
         #: reservations under way that already cover what autograd saves (a forward's footprint)
         self._covering_saved = 0
@@ -64,6 +67,13 @@ class Quota:
         """Bytes the session may still take."""
         return self.max_bytes - self.held - self.queued - self.starting - sum(self._reservations.values()) \
             - self.unsent()
+
+    def room_for_requests(self) -> int:
+        """``room()`` for a request arriving while a command runs: the running command's request counts until
+        the command ends, not only until its own charge (``starting``), since its arguments stay in memory:
+        after it, the next request was taken in beside a running fit's load (twice the quota in memory).
+        The command's own checks use ``room()``: what it keeps of its request, it holds and is charged."""
+        return self.room() - (self.running - self.starting)
 
     def check(self, nbytes: int, what: str) -> None:
         """Refuse ``what``, needing ``nbytes`` more, if it would pass the quota."""

@@ -532,10 +532,10 @@ class Worker:
             self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
                          "this session are waiting (--max-inflight); wait for replies before sending more",
                          session)
-        elif request.nbytes > session.quota.room():
+        elif request.nbytes > session.quota.room_for_requests():
             self.counters["throttled"] += 1
-            self._refuse(key, request, "LimitExceeded", f"this session's waiting requests carry "
-                         f"{session.quota.queued + session.quota.starting} bytes and it holds {session.quota.held}: "
+            self._refuse(key, request, "LimitExceeded", f"this session's waiting and running requests carry "
+                         f"{session.quota.queued + session.quota.running} bytes and it holds {session.quota.held}: "
                          f"{request.nbytes} more "
                          f"would pass its quota of {session.quota.max_bytes} bytes (--max-session-bytes)", session)
         else:
@@ -719,7 +719,7 @@ class Worker:
             # or the generator's turn) its request still counts: a second request of a full quota was taken in
             # beside a first waiting for a thread, twice the quota in memory (red team h36)
             session.quota.queued -= request.nbytes
-            session.quota.starting = request.nbytes
+            session.quota.starting = session.quota.running = request.nbytes
             if session.peer is not None and session.peer.replies.owed() > self.config.max_session_bytes:
                 self.counters["throttled"] += 1
                 payload = self._owing_error(session.peer.replies)  # sent before its connection owed this much
@@ -737,7 +737,7 @@ class Worker:
             session.closing = request.cmd == "close"  # its reply carries what the connection owes
             session.outbox.add(frames)  # with the others this session answers before it next waits
         finally:
-            session.quota.starting = 0
+            session.quota.starting = session.quota.running = 0
             session.running = None
             session.last_done = request.id
             if session.peer is not None:
