@@ -198,7 +198,7 @@ def _out_of_range(settings: dict[str, Any], flag: str, least: float, most: float
     if isinstance(value, bool) or not isinstance(value, (int, float)):  # (a TOML file's "0.5", say)
         return f"--{flag} must be a number, got {value!r}"
     if flag in INTEGER_FLAGS and not isinstance(value, int):  # (a TOML file's 2.5: argparse refuses --rounds 2.5)
-        return f"--{flag} must be an integer, got {_number(value)}"
+        return f"--{flag} must be an integer, got {value!r}"  # (3.0 as written: "got 3" looked like an integer)
     above = value > least if open_below else value >= least
     if above and value <= most:
         return None
