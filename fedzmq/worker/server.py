@@ -534,7 +534,7 @@ class Worker:
                          session)
         elif request.nbytes > session.quota.room_for_requests():
             self.counters["throttled"] += 1
-            self._refuse(key, request, "LimitExceeded", f"this session's waiting and running requests carry "
+            self._refuse(key, request, "LimitExceeded", f"this session's waiting requests (and the one running) carry "
                          f"{session.quota.queued + session.quota.running} bytes and it holds {session.quota.held}: "
                          f"{request.nbytes} more "
                          f"would pass its quota of {session.quota.max_bytes} bytes (--max-session-bytes)", session)
