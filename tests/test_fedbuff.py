@@ -110,7 +110,10 @@ async def test_a_slow_worker_does_not_hold_back_publication() -> None:
         history = await federation.run(3)
         assert [m.round for m in history] == [1, 2, 3]
         contributors = {u["worker"] for m in history for u in m.extra["updates"]}
-        assert contributors == {"w0", "w1", "w2"}  # published three times without the slow worker's update
+        # published three times without the slow worker's update. Which of the three fast ones fill the
+        # buffers is their race (FedBuff promises no turns): under load w1 and w2 once made all nine updates
+        # before w0's first arrived (red team h37: 2 of 15 runs), and this asked for all three
+        assert contributors and contributors <= {"w0", "w1", "w2"}
         assert all(len(m.extra["updates"]) == 3 for m in history)
     finally:
         await slow.request("debug_delay", {"seconds": 0.0}, timeout=10.0)
