@@ -72,8 +72,11 @@ class Quota:
         """``room()`` for a request arriving while a command runs: the running command's request counts until
         the command ends, not only until its own charge (``starting``), since its arguments stay in memory:
         after it, the next request was taken in beside a running fit's load (twice the quota in memory).
-        The command's own checks use ``room()``: what it keeps of its request, it holds and is charged."""
-        return self.room() - (self.running - self.starting)
+        The command's own checks use ``room()``: what it keeps of its request, it holds and is charged.
+        The load takes the room left, never more: its command's reservations were checked without it, and
+        beyond that a request carrying no bytes (a ``delete``, which only frees) was refused (h38)."""
+        room = self.room()
+        return room - min(self.running - self.starting, max(room, 0))
 
     def check(self, nbytes: int, what: str) -> None:
         """Refuse ``what``, needing ``nbytes`` more, if it would pass the quota."""
