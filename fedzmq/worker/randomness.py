@@ -73,11 +73,16 @@ async def generator_turn_on_the_loop() -> AsyncIterator[None]:
     that swaps its own state into the default generator there (``OwnGenerator``). An embedded daemon engine
     in the same process (``fz.Worker(in_process=False)``) draws a seeded fit on a torch thread in that turn:
     a swap in the middle of it made each draw from the other's stream. The turn may be held for a whole fit,
-    so it is waited for on a thread of the loop's default executor, never by blocking the loop."""
+    so it is waited for on a thread of its own, never by blocking the loop, nor on the loop's default
+    executor: waiters there took all its threads, and the coordinator's own work (a download's landing
+    copies) waited for the fit too (h38)."""
     if not GENERATOR_TURN.acquire(blocking=False):
+        loop = asyncio.get_running_loop()
+        taken: asyncio.Future[None] = loop.create_future()
         taker = TurnTaker()
+        threading.Thread(target=taker.take, args=(loop, taken), name="fedzmq-generator-turn", daemon=True).start()
         try:
-            await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, taker.take))
+            await taken
         except BaseException:
             taker.abandon()
             raise
@@ -96,18 +101,29 @@ class TurnTaker:
         self._guard = threading.Lock()
         self._taken = self._abandoned = False
 
-    def take(self) -> None:
+    def take(self, loop: asyncio.AbstractEventLoop, taken: "asyncio.Future[None]") -> None:
+        """Take the turn, then tell the waiter on ``loop`` (``taken``), unless it left already."""
         GENERATOR_TURN.acquire()
         with self._guard:
             if self._abandoned:
                 GENERATOR_TURN.release()
+                return
             self._taken = True
+        try:
+            loop.call_soon_threadsafe(_resolve, taken)
+        except RuntimeError:  # the loop closed: its waiter is closed with it, and ``abandon`` gives the turn back
+            pass
 
     def abandon(self) -> None:
         with self._guard:
             self._abandoned = True
             if self._taken:
                 GENERATOR_TURN.release()
+
+
+def _resolve(taken: "asyncio.Future[None]") -> None:
+    if not taken.done():  # (cancelled meanwhile: its waiter abandons the turn)
+        taken.set_result(None)
 
 
 def draws_seed(shuffle_seed: int) -> int:
