@@ -282,9 +282,16 @@ class Executor:
             budget.start()
 
     def _charge(self, binding: Binding) -> int:
-        """Size the command's declared charges and check they fit, before anything is made. The request's
-        own bytes stop counting here (``Quota.starting``): what the command keeps of them, it is charged."""
-        binding.session.quota.starting = 0
+        """Size the command's declared charges and check they fit, before anything is made, beside the
+        request's own bytes: its arguments stay in memory while it runs (a 15 MiB operand and the 15 MiB
+        product reserved for it were taken in under a 16 MiB quota, h38). They stop counting here
+        (``Quota.starting``): what the command keeps of them, it is charged."""
+        try:
+            return self._check_charges(binding)
+        finally:
+            binding.session.quota.starting = 0
+
+    def _check_charges(self, binding: Binding) -> int:
         kinds = [kind for kind in binding.command.charges if kind != "graph"]
         if not kinds:
             return 0
