@@ -11,7 +11,9 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.testing import write_dataset
+from fedzmq.errors import LimitExceeded
 from fedzmq.testing.plugin import TEST_SETTINGS
+from fedzmq.worker.quota import Quota
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,3 +54,19 @@ async def test_a_write_waiting_for_a_thread_still_counts_against_its_sessions_qu
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.timeout(10)
+def test_a_quota_refusal_names_every_term_of_the_sum() -> None:
+    """A refusal named what the session held and what its requests carried, not what running commands had
+    reserved or what replies ZeroMQ still held: under a quota that looked mostly free it read "0 more would
+    pass" (h38). Each term of the one sum is in the message."""
+    quota = Quota(1000)
+    quota.hold(1, [torch.zeros(25)])  # 100 bytes
+    quota.queued, quota.starting = 30, 20
+    with quota.reserving(700):
+        with pytest.raises(LimitExceeded) as refused:
+            quota.check(200, "an op")
+    message = str(refused.value)
+    for term in ("100 held", "700 reserved", "50 in requests"):
+        assert term in message, message

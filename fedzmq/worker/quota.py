@@ -82,7 +82,15 @@ class Quota:
         """Refuse ``what``, needing ``nbytes`` more, if it would pass the quota."""
         if nbytes > self.room():
             raise LimitExceeded.new(f"{what} needs up to {nbytes} more bytes, which would exceed this session's "
-                                    f"quota of {self.max_bytes} bytes (--max-session-bytes); {self.held} held")
+                                    f"quota of {self.max_bytes} bytes (--max-session-bytes): {self.usage()}")
+
+    def usage(self) -> str:
+        """The terms of the one sum, for a refusal's message: a quota that looks mostly free may be taken by
+        what running commands reserved or by replies not yet sent (a refusal naming the held bytes alone read
+        "0 more would pass" under a quota that looked mostly free, h38)."""
+        requests = self.queued + max(self.starting, self.running)
+        return (f"{self.held} held, {sum(self._reservations.values())} reserved by commands under way, "
+                f"{requests} in requests, {self.unsent()} in replies not sent yet")
 
     def new_bytes(self, tensors: list[torch.Tensor], gradients: Sequence[torch.Tensor] = (),
                   keyed: Sequence[tuple[Hashable, int]] = ()) -> int:

@@ -534,10 +534,9 @@ class Worker:
                          session)
         elif request.nbytes > session.quota.room_for_requests():
             self.counters["throttled"] += 1
-            self._refuse(key, request, "LimitExceeded", f"this session's waiting requests (and the one running) carry "
-                         f"{session.quota.queued + session.quota.running} bytes and it holds {session.quota.held}: "
-                         f"{request.nbytes} more "
-                         f"would pass its quota of {session.quota.max_bytes} bytes (--max-session-bytes)", session)
+            self._refuse(key, request, "LimitExceeded", f"this session's waiting requests (and the one running) "
+                         f"and what it holds leave no room for {request.nbytes} more bytes under its quota of "
+                         f"{session.quota.max_bytes} bytes (--max-session-bytes): {session.quota.usage()}", session)
         else:
             session.quota.queued += request.nbytes
             if session.parked and session.queue.empty() and time.perf_counter() < self._run_at_once_until:
