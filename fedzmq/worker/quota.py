@@ -73,8 +73,9 @@ class Quota:
         the command ends, not only until its own charge (``starting``), since its arguments stay in memory:
         after it, the next request was taken in beside a running fit's load (twice the quota in memory).
         The command's own checks use ``room()``: what it keeps of its request, it holds and is charged.
-        The load takes the room left, never more: its command's reservations were checked without it, and
-        beyond that a request carrying no bytes (a ``delete``, which only frees) was refused (h38)."""
+        The load takes the room left, never more: a command that declares no charges is not checked beside
+        its request (``Executor._charge``), and a room below zero refused even a request carrying no bytes
+        (a ``delete``, which only frees; h38)."""
         room = self.room()
         return room - min(self.running - self.starting, max(room, 0))
 
