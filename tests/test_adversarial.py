@@ -670,7 +670,10 @@ async def test_a_connection_owing_replies_is_refused_then_not_answered_and_serve
 
     from fedzmq.codec import Limits
 
-    worker = Worker("carol", config=WorkerConfig(max_session_bytes=4 << 20, session_timeout=0.4))
+    # The session outlives the one-second wait for the unanswered ping by seconds: once its replies have
+    # left, the connection is idle, and a shorter timeout let it expire (objects and all) before request 6
+    # on a loaded host (CI, 6 Dec).
+    worker = Worker("carol", config=WorkerConfig(max_session_bytes=4 << 20, session_timeout=4.0))
     worker.bind("tcp://127.0.0.1:0")
     client = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
