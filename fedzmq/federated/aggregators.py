@@ -63,7 +63,7 @@ class WeightedMeanAggregator(Aggregator):
         #: They cannot be taken out again (that would need the update in memory), so their elements are
         #: averaged over the updates that delivered them; every other element over the complete updates.
         self._partial: dict[str, list[tuple[int, int, int]]] = {}
-        #: per thread and dtype, a buffer of a block's elements (``block_elements``) that folds widen
+        #: per thread and dtype, a buffer of a block's elements (``SCRATCH_BLOCK``) that folds widen
         #: updates into (pieces fold on the event loop and on fold threads)
         self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
@@ -105,7 +105,7 @@ class WeightedMeanAggregator(Aggregator):
         # elements through the scratch buffer); the others go through a scratch buffer kept for the
         # round. The blocks' views come from ``split`` (one call each, not a slice per block and tensor)
         try:
-            block = block_elements()
+            block = SCRATCH_BLOCK
             wide = None if first else self._scratch(target.dtype, min(n, block))
             blocks = zip(values.split(block), target.split(block)) if n > block else ((values, target),)
             for piece, piece_sum in blocks:
@@ -156,7 +156,7 @@ class WeightedMeanAggregator(Aggregator):
     def write_result(self, into: State) -> None:
         """The mean, written entry by entry and block by block: never a whole extra model in memory."""
         self._check_total()
-        block = block_elements()
+        block = SCRATCH_BLOCK
         with torch.no_grad():
             for name, acc in self._acc.items():
                 target, ref = into[name].view(-1), self._global[name]
@@ -232,23 +232,15 @@ class _SumReceiver(_MeanReceiver):
         self.aggregator._count += self.count - 1
 
 
-#: elements of a fold or of the mean computed at once when torch runs on one thread: 2^17, through a
-#: float64 scratch buffer (1 MiB) per thread that stays in the allocator's heap. Fewer blocks mean less
-#: Python around the arithmetic: fold + mean of two cold 10^6-parameter updates, in process, CPU of all
-#: threads, medians of 40, took 4.3-5.3 ms in blocks of 2^17 and 6.2-8.3 ms in blocks of 2^15.
-SCRATCH_BLOCK = 1 << 17
-#: the block when torch has more threads: its grain size (32768). A block of it runs on the calling
-#: thread; a bigger one is split across torch's OpenMP threads, whose start-up and spinning after every
-#: operation cost more than they save on these memory-bound passes. The same measurement with torch's
-#: default 2 threads on 2 cores: 5.0-5.4 ms in blocks of 2^15, 6.9-9.2 ms in blocks of 2^17 (on a quiet
-#: machine with many cores, blocks this small give up parallelism a big entry could use; not measured)
-GRAIN_BLOCK = 1 << 15
-
-
-def block_elements() -> int:
-    """The elements per block of a fold or a mean, for torch's thread setting as it is now (read, never
-    changed: it is the process's)."""
-    return SCRATCH_BLOCK if torch.get_num_threads() == 1 else GRAIN_BLOCK
+#: elements of a fold or of the mean computed at once: 2^15, torch's grain size, through a float64
+#: scratch buffer (256 KiB) per thread that stays in the allocator's heap. A block this size runs on the
+#: calling thread whatever torch's thread setting (a bigger one is split across torch's OpenMP threads,
+#: whose start-up and spinning after every operation cost more than they save on these memory-bound
+#: passes), and a block's scratch, sum and piece stay in a core's L2 cache (2 MiB here). Fold and mean of
+#: cold 10^6-parameter updates, in process, one torch thread, CPU, block sizes interleaved, medians of
+#: 40 (6 Dec, load 1): 2 updates 3.83 ms in blocks of 2^15, 3.94 in 2^16, 4.93 in 2^17; 16 updates
+#: 20.8, 21.2 and 25.6 ms; two 10^7 updates 49.2, 49.6 and 55.9 ms.
+SCRATCH_BLOCK = 1 << 15
 
 
 def sum_dtype(ref: torch.Tensor) -> torch.dtype:
