@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import fedzmq as fz
-from fedzmq.testing import write_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
+from shards import write_shards
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,14 +21,6 @@ def _dropout_model() -> nn.Module:
     return nn.Sequential(nn.Linear(FEATURES, 8), nn.Dropout(0.5), nn.Linear(8, 2))
 
 
-def _shards(folder, names: str, rows: int = 64) -> None:
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(36)
-    for name in names:
-        x = torch.rand(rows, FEATURES, generator=generator)
-        write_dataset(folder / f"{name}.safetensors", x, (x[:, 0] > 0.5).long())
-
-
 async def test_one_keys_many_sessions_take_one_turn_of_the_generator_not_one_each(fedzmq_daemons, tmp_path):
     """One connection to a daemon hosting four clients (``--clients-from``) is four sessions of one key. Each
     starts a dropout fit that runs to ``--max-command-seconds``: each waits for the generator's turn
@@ -36,7 +28,7 @@ async def test_one_keys_many_sessions_take_one_turn_of_the_generator_not_one_eac
     all four (four times the limit; with ``--max-sessions-per-key`` connections of many hosted clients, hours
     at the default limit), where the torch threads (``FairPool``) let it wait for one piece of each other
     key's work. The generator's turn now goes to the keys in turn too."""
-    _shards(tmp_path / "shards", "abcd")
+    write_shards(tmp_path / "shards", "abcd", FEATURES, 36)
     (host,) = await fedzmq_daemons("owner", args=["--clients-from", f"d={tmp_path / 'shards'}", "--threads", "2",
                                                   "--max-command-seconds", "4"])
     hosted = sorted(await fz.connect_clients(host.address, settings=TEST_SETTINGS), key=lambda w: w.id)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fedzmq as fz
-from fedzmq.testing import write_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
+from shards import write_shards
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,14 +23,6 @@ def _model(dropout: bool = False) -> nn.Module:
     return nn.Sequential(nn.Linear(FEATURES, 8), *middle, nn.Linear(8, 2))
 
 
-def _shards(folder, names: str, rows: int = 64) -> None:
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(37)
-    for name in names:
-        x = torch.rand(rows, FEATURES, generator=generator)
-        write_dataset(folder / f"{name}.safetensors", x, (x[:, 0] > 0.5).long())
-
-
 async def test_the_generators_holder_does_not_wait_behind_its_own_keys_queued_work(fedzmq_daemons, tmp_path):
     """A command that may draw takes the generator's turn (``FairTurn``) and then, holding it, waits for a torch
     thread (``FairPool``) behind its own key's work queued there before it. One key's hosted clients (one
@@ -40,7 +32,7 @@ async def test_the_generators_holder_does_not_wait_behind_its_own_keys_queued_wo
     piece of each other key's work). The holder's work now goes first in its key's queue: the other key waits
     for the fit running, the holder's op, and at most two more fits of that key (one takes the thread as the
     turn passes on, one is that key's turn in the pool)."""
-    _shards(tmp_path / "shards", "abcdefg")
+    write_shards(tmp_path / "shards", "abcdefg", FEATURES, 37)
     (host,) = await fedzmq_daemons("owner", args=["--clients-from", f"d={tmp_path / 'shards'}", "--threads", "1",
                                                   "--max-command-seconds", "2"])
     hosted = sorted(await fz.connect_clients(host.address, settings=TEST_SETTINGS), key=lambda w: w.id)
