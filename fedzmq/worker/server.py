@@ -729,12 +729,15 @@ class Worker:
             assert session.outbox is not None
             if not self._live(session):  # ended while it ran (a revoked key, an expiry): what it computed
                 # from the session's objects does not leave; the connection is told why, in a few words
-                self._send(session.key, encode_error(request.id, {
-                    "type": "PermissionDenied", "traceback": "",
-                    "message": "the session ended while this command ran (its key was revoked, or it expired)"}))
+                self._refuse_ended(session, request)
                 return True
             session.closing = request.cmd == "close"  # its reply carries what the connection owes
             session.outbox.add(frames)  # with the others this session answers before it next waits
+        except asyncio.CancelledError:
+            if self._live(session):  # the worker is closing (``close`` cancels every task)
+                raise
+            self._refuse_ended(session, request)  # its session ended while it waited (``_stop_waiting``)
+            return True
         finally:
             session.quota.starting = session.quota.running = 0
             session.running = None
@@ -746,6 +749,11 @@ class Worker:
             self._end_session(session, "sessions_closed")
             return True
         return not self._live(session)  # ended while it ran (its client stopped reading)
+
+    def _refuse_ended(self, session: Session, request: Request) -> None:
+        self._send(session.key, encode_error(request.id, {
+            "type": "PermissionDenied", "traceback": "",
+            "message": "the session ended while this command ran (its key was revoked, or it expired)"}))
 
     def _live(self, session: Session) -> bool:
         peer = self._peers.get(session.key)
@@ -818,12 +826,25 @@ class Worker:
         if session.outbox is not None:  # what it answered leaves on a close; a gone client reads nothing
             session.outbox.flush() if counter == "sessions_closed" else session.outbox.drop()
         session.clear()  # a running command is cancelled at its next check
+        self._stop_waiting(session)
         session.queue.put_nowait(None)
         peer = self._peers.get(session.key)
         if peer is not None and peer.sessions.get(session.client) is session:
             del peer.sessions[session.client]
             self._forget(peer)
         self.counters[counter] += 1
+
+    @staticmethod
+    def _stop_waiting(session: Session) -> None:
+        """Stop the command the ended session's task awaits. Waiting for a torch thread or the generator's turn,
+        it stayed queued: it held its request (uncharged once the session ended), kept its place ahead of
+        the other keys' work, took the thread and the turn when they came, and its client heard nothing
+        until then (red team h40). Cancelled, it leaves the queue now and ``_run`` answers it; one running
+        on a thread runs on to its next check (``Session.clear`` cancelled its budget)."""
+        task = session.task
+        if task is not None and not session.parked and session.running is not None and \
+                task is not asyncio.current_task():
+            task.cancel()
 
     def _forget(self, peer: Peer) -> None:
         """Forget a connection with no sessions left. What it was sent and may not have read stays on
