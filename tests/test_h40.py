@@ -85,3 +85,45 @@ async def test_a_revoked_keys_command_waiting_for_its_turn_leaves_the_queue_and_
         for worker in workers:
             await worker.close()
         await server.close()
+
+
+async def test_an_ops_output_charged_before_it_waits_for_a_thread_stays_reserved_while_it_waits():
+    """A small op with a big output (an outer sum of two 512-element vectors: 2 MiB of float64) is charged on
+    the event loop, its inputs being small, and then waits for a torch thread; its request stops counting at
+    that charge (``Quota.starting``), and its reservation began only on the thread. While it waited, its
+    session's next request was measured against a room that held neither: a 2.25 MiB send was taken in under
+    a quota of 2.5 MiB, beside the 2 MiB the op was about to make (1.7 times the quota in memory; a burst of
+    pipelined sends fills the whole quota so, twice). The one torch thread here is held by another session's
+    dropout forward, which waits for the process's generator turn (held below as an embedded engine's fit
+    would)."""
+    config = fz.WorkerConfig(max_session_bytes=5 << 19)
+    server = fz.Worker("bob", config=config)
+    address = server.bind("tcp://127.0.0.1:0")
+    server.start()
+    release, held = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_turn_until, args=(release, held))
+    workers, pending = [], []
+    try:
+        for _ in range(2):
+            workers.append(await fz.connect(address, settings=PATIENT))
+        other, attacker = workers
+        model = await other.send(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))
+        x = await other.send(torch.ones(2, 4))
+        column = await attacker.send(torch.ones(512, 1, dtype=torch.float64))
+        row = await attacker.send(torch.ones(1, 512, dtype=torch.float64))
+        holder.start()
+        assert held.wait(10)
+        pending.append(asyncio.ensure_future(_made(model(x))))  # takes the one thread, which waits for the turn
+        await asyncio.sleep(0.3)
+        outer = column + row  # charged 2 MiB at once; waits for the thread
+        pending.append(asyncio.ensure_future(_made(outer)))
+        with pytest.raises(fz.LimitExceeded, match="leave no room for"):  # refused as it arrives
+            await asyncio.wait_for(attacker.send(torch.ones(9 << 15, dtype=torch.float64)), 30)  # 2.25 MiB
+        assert not pending[1].done()
+    finally:
+        release.set()
+        holder.join(10)
+        await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
+        for worker in workers:
+            await worker.close()
+        await server.close()
