@@ -234,7 +234,10 @@ class Executor:
                                             "the limit for a fit on the event loop")
         reserve = self._charge(binding)  # small inputs: sizing them is cheap enough for the event loop
         if binding.cost is not None and binding.cost.numel > INLINE_NUMEL:  # a small op with a big output
-            return await self.pool.run(turn_key(binding.session), self._call_on_thread, binding, reserve)
+            # charged here, before it waits for a thread: what it will make is reserved from now on (reserved
+            # only on the thread, a send was taken in beside it meanwhile, red team h40), until it is stored
+            with binding.session.quota.reserving(reserve):
+                return await self.pool.run(turn_key(binding.session), self._call_on_thread, binding, 0)
         result = self._call(binding, reserve)
         if command.name == "fit":
             self.counters["inline_fits"] += 1
