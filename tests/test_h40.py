@@ -127,3 +127,49 @@ async def test_an_ops_output_charged_before_it_waits_for_a_thread_stays_reserved
         for worker in workers:
             await worker.close()
         await server.close()
+
+
+class _Loaded(nn.Module):
+    """A model whose buffer a fit loads from a view of the session's tensor out of order: a copy of about a
+    second (a buffer of 2^23 elements permuted in 23 dimensions), and 4 MiB of parameters whose momentum the
+    fit reserves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fat = nn.Linear(1024, 1024, bias=False)
+        self.lin = nn.Linear(1024, 2, bias=False)
+        self.register_buffer("big", torch.zeros([2] * 23))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.fat(x))
+
+
+async def test_a_fits_charges_are_reserved_while_it_loads_its_weights():
+    """A fit's charges (20.2 MiB here: its optimizer's momentum, its batch and its forward) are checked on the
+    torch thread before it loads the weights its request names, and reserved only after that load, for its
+    training: while the load copied (a second here), its session's next request was measured without them,
+    and a 16 MiB send was taken in beside the fit with 5.8 MiB of its quota left. The charges are reserved
+    from the check on."""
+    from fedzmq.worker.datasets import Dataset
+
+    g = torch.Generator().manual_seed(40)
+    data = Dataset("d", torch.randn(64, 1024, generator=g), torch.randint(0, 2, (64,), generator=g))
+    config = fz.WorkerConfig(max_session_bytes=98 << 20, min_batch_size=8, max_command_seconds=30)
+    server = fz.Worker("bob", config=config, datasets={"d": data})
+    address = server.bind("tcp://127.0.0.1:0")
+    server.start()
+    worker = await fz.connect(address, settings=PATIENT)
+    try:
+        model = await worker.send(_Loaded())  # 40 MiB with its gradients' room
+        source = await worker.send(torch.ones(1 << 23))  # 32 MiB: 72 MiB held
+        view = await source.view([2] * 23).permute(*reversed(range(23)))
+        fit = asyncio.ensure_future(worker.request("fit", {
+            "module": model.id, "dataset": "d", "loss": "cross_entropy", "batch_size": 16, "steps": 2,
+            "optimizer": {"cls": "SGD", "lr": 0.001, "momentum": 0.9}, "load": {"big": view}}))
+        await asyncio.sleep(0.3)  # charged (20.2 MiB) and loading its buffer on the torch thread
+        with pytest.raises(fz.LimitExceeded, match="leave no room for"):
+            await worker.send(torch.ones(1 << 22))  # 16 MiB
+        assert (await fit)["steps"] == 2
+    finally:
+        await worker.close()
+        await server.close()
