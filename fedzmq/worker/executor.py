@@ -327,6 +327,13 @@ class Executor:
             binding.objects["module"].last_fit = (fit_key(binding), cost)
 
     def _run_handler(self, binding: Binding, reserve: int) -> Any:
+        """The handler, with what it will make (``reserve``, its checked charges) reserved from here to its end:
+        reserved around the handler alone, a fit's charges were not while it loaded its weights (a second's
+        copy), and its session's next request was taken in beside it, past the quota (red team h40)."""
+        with binding.session.quota.reserving(reserve):
+            return self._run_reserved(binding)
+
+    def _run_reserved(self, binding: Binding) -> Any:
         session, command = binding.session, binding.command
         # What a command wrote is labelled even when it then fails (``finally``): a red team loaded rows into
         # a model, or trained it, or ran a forward that wrote rows into a buffer, and then made the command
@@ -334,7 +341,7 @@ class Executor:
         # the model's old label, and module_state gave it out. Only a load that completed lowers a label.
         assert session.budget is not None
         if command.writes in ("module", "optimizer") and session.kept.uncopied:  # entries a read has yet to fetch
-            with running_under(session.budget), session.quota.reserving(reserve):  # (beside what it will make)
+            with running_under(session.budget):  # (beside what it will make, reserved)
                 session.kept.keep_before_write(may_write(binding), self.context.config.max_command_seconds)
         if command.loads and "load" in binding.args:  # the client's weights first, as a module_load would:
             # a write like any other, labelled with what it copied (and the module): not the rows read later
@@ -362,7 +369,7 @@ class Executor:
             session.quota.reading_saved_tensors(unpacked) if reads_saved else _NO_SAVED_TENSORS
         try:
             with (default_modes(), running_under(session.budget),
-                  session.quota.reserving(reserve, covers_saved=graph), saved):
+                  session.quota.reserving(0, covers_saved=graph), saved):  # (its bytes: ``_run_handler``'s)
                 try:
                     result = HANDLERS[command.name](self.context, binding) if not binding.draws else \
                         self._drawing(binding)
