@@ -41,6 +41,14 @@ async def _status(worker: fz.RemoteWorker, counter: str, at_least: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _thread_taken(server: fz.Worker) -> None:
+    """Until the worker's one torch thread runs work (waited for as a condition: a sleep was too short on a
+    loaded host, and the work behind it could take the thread first)."""
+    async with asyncio.timeout(30):
+        while server.executor.pool.busy < 1:
+            await asyncio.sleep(0.005)
+
+
 async def test_a_revoked_keys_command_waiting_for_its_turn_leaves_the_queue_and_is_answered(keys):
     """A key revoked while its session's command waits for the torch thread (or the generator's turn) lost
     its sessions, but the command the session's task was awaiting stayed queued (h37 took out only those the
@@ -68,7 +76,7 @@ async def test_a_revoked_keys_command_waiting_for_its_turn_leaves_the_queue_and_
         assert held.wait(10)
         first = asyncio.ensure_future(remotes[0](inputs[0]).get())  # takes the thread, which waits for the turn
         pending.append(first)
-        await asyncio.sleep(0.3)
+        await _thread_taken(server)
         waiting = asyncio.ensure_future(_made(remotes[1](inputs[1])))  # the call alone: it waits for alice's
         pending.append(waiting)
         await asyncio.sleep(0.3)
@@ -114,7 +122,7 @@ async def test_an_ops_output_charged_before_it_waits_for_a_thread_stays_reserved
         holder.start()
         assert held.wait(10)
         pending.append(asyncio.ensure_future(_made(model(x))))  # takes the one thread, which waits for the turn
-        await asyncio.sleep(0.3)
+        await _thread_taken(server)
         outer = column + row  # charged 2 MiB at once; waits for the thread
         pending.append(asyncio.ensure_future(_made(outer)))
         with pytest.raises(fz.LimitExceeded, match="leave no room for"):  # refused as it arrives
@@ -166,7 +174,13 @@ async def test_a_fits_charges_are_reserved_while_it_loads_its_weights():
         fit = asyncio.ensure_future(worker.request("fit", {
             "module": model.id, "dataset": "d", "loss": "cross_entropy", "batch_size": 16, "steps": 2,
             "optimizer": {"cls": "SGD", "lr": 0.001, "momentum": 0.9}, "load": {"big": view}}))
-        await asyncio.sleep(0.3)  # charged (20.2 MiB) and loading its buffer on the torch thread
+        [session] = server._all_sessions()
+        big = session.table.objects[model.id].module.big.view(-1)
+        async with asyncio.timeout(30):  # charged (20.2 MiB) and loading its buffer on the torch thread: waited
+            # for as its first elements change, not slept for (on a loaded host the charge came later, on an
+            # idle one the copy may end sooner)
+            while not bool(big[:4096].any()):
+                await asyncio.sleep(0.002)
         with pytest.raises(fz.LimitExceeded, match="leave no room for"):
             await worker.send(torch.ones(1 << 22))  # 16 MiB
         assert (await fit)["steps"] == 2

@@ -114,6 +114,11 @@ class FairPool:
             self._waiting.remove(key, job)  # (False if it was running, or ran, already)
             raise
 
+    @property
+    def busy(self) -> int:
+        """Threads running work now (a test waits for work to have taken its thread on this, not on a sleep)."""
+        return self._running
+
     def has_waiting(self, key: Hashable) -> bool:
         """Whether work of ``key`` waits for a thread now."""
         return key in self._waiting
