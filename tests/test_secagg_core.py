@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import time
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import pytest
@@ -632,13 +632,24 @@ def test_two_clients_in_every_survivor_set_cannot_be_summed_alone(n):
 # a hostile coordinator's work: every step's loops keep to the checkpoint (the daemon's time budget)
 
 
+class TagCounting(SecAggClient):
+    """A client that counts the confirmation tags it computes (each needs its view's bytes): how many
+    times it checked, a count where a clock would depend on the host's load."""
+
+    views = 0
+
+    def _view_bytes(self, peer: int, u2: AbstractSet[int]) -> bytes:
+        self.views += 1
+        return super()._view_bytes(peer, u2)
+
+
 def test_repeated_confirmations_are_checked_once_and_every_entry_reaches_the_checkpoint():
     """A red team's unmask request carried one survivor's wrong tag 65,536 times: each was checked
     again, with U1 and U2 sorted anew, and the loop had no checkpoint (9 s under a 4 s budget on a
     daemon). A sender is checked once, the view packed once, and every entry is a checkpoint."""
     n, calls = 5, []
     steps = Steps(SecAggConfig(tuple(range(n)), 3, 10, clip=10.0), make_updates(n, 10, seed=4))
-    client = steps.clients[0] = SecAggClient(0, steps.cfg, checkpoint=lambda: calls.append(1))  # a daemon's: budget
+    client = steps.clients[0] = TagCounting(0, steps.cfg, checkpoint=lambda: calls.append(1))  # a daemon's: budget
     steps.keys()
     steps.shares()
     request = steps.masked()
@@ -646,11 +657,12 @@ def test_repeated_confirmations_are_checked_once_and_every_entry_reaches_the_che
         steps.clients[i].confirm(request)
     calls.clear()
     bogus = [[1, 0, b"\0" * 32]] * 65_536
-    started = time.perf_counter()
+    client.views = 0
     with pytest.raises(SecAggAborted):
         client.unmask({"v": 2, "type": "secagg.unmask_request", "u2": request["u2"], "dropped": request["dropped"],
                        "confirm": bogus})
-    assert len(calls) >= len(bogus) and time.perf_counter() - started < 5
+    assert len(calls) >= len(bogus)  # every entry is a checkpoint
+    assert client.views <= n - 1, f"{client.views} tags checked for {n - 1} peers"  # a sender is checked once
 
 
 def test_keys_of_a_round_of_many_clients_are_checked_against_a_set():
@@ -660,7 +672,9 @@ def test_keys_of_a_round_of_many_clients_are_checked_against_a_set():
     calls: list[int] = []
     client = SecAggClient(0, SecAggConfig(tuple(range(n)), n // 2 + 1, 2, clip=1.0), checkpoint=lambda: calls.append(1))
     client.advertise()
-    started = time.perf_counter()
     with pytest.raises(SecAggProtocolError, match="own keys unchanged"):
         client.share_keys({"v": 2, "type": "secagg.keys", "keys": [[j, b"\1" * 32, b"\2" * 32] for j in range(n)]})
-    assert len(calls) >= n and time.perf_counter() - started < 5
+    assert len(calls) >= n  # every relayed key is a checkpoint
+    # each looked up in a set, not the tuple of ids (what took 15 s: n lookups of O(n)); its seconds are
+    # the benchmarks' to measure, not a test's on a shared host
+    assert isinstance(client.config.invited, frozenset)
