@@ -4,7 +4,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 
 import msgpack
 import pytest
@@ -165,11 +164,11 @@ async def test_killed_daemon_fails_waiting_requests_with_worker_dead(fedzmq_daem
     pending = bob.worker.send(torch.ones(3))
     task = asyncio.ensure_future(pending)
     await asyncio.sleep(0.2)
-    started = time.monotonic()
     bob.kill()
+    # noticed by missed heartbeats (2 s here): a death never noticed fails by TimeoutError at 20 s, ten times
+    # that; no clock assert, so a busy host that notices it late does not fail the test
     with pytest.raises(fz.WorkerDeadError):
         await asyncio.wait_for(task, 20)
-    assert time.monotonic() - started < 15
     assert not bob.worker.alive
 
 
