@@ -229,7 +229,9 @@ async def test_round_history_names_selected_delivered_dropped_and_unreachable(fe
 
     carol.kill()  # between rounds: the coordinator has not noticed yet
     second = await federation.run_round()
-    assert second.participants == ["alice", "bob"] and second.seconds < 30
+    # not waited for until the round's deadline: a late carol is dropped for the deadline, which the reason
+    # below rules out (an order of causes, where "seconds < 30" was a clock a busy host could fail)
+    assert second.participants == ["alice", "bob"]
     if "carol" in second.dropped:  # selected before her death was noticed: dropped as dead, not as late
         assert "deadline" not in second.dropped["carol"] and "WorkerDead" in second.dropped["carol"]
     else:
