@@ -992,13 +992,12 @@ async def test_sizing_a_forward_keeps_to_the_commands_time_limit(fedzmq_daemons)
     call = asyncio.ensure_future(call_module(attacker, model, Ref(x.id)))
     await asyncio.sleep(0.5)
     async with fz.connect(host.address) as honest:
-        started = time.monotonic()
         net = await honest.send(nn.Linear(4, 2))
+        # behind a sizing past the limit (20 s and more, by the red team's estimate an hour) this fails by
+        # TimeoutError at 20 s, ten times the 2 s limit; no clock assert, which a busy host could fail
         await asyncio.wait_for(net(await honest.send(torch.ones(8, 4))).get(), 20)
-        waited = time.monotonic() - started
     with pytest.raises(fz.LimitExceeded, match="longer than the worker allows"):
         await asyncio.wait_for(call, 20)
-    assert waited < 5, f"an honest forward waited {waited:.1f} s behind a command limited to 2 s"
 
 
 async def test_a_flood_of_failing_commands_holds_little(fedzmq_daemons):
@@ -1091,12 +1090,16 @@ async def test_a_secure_rounds_message_is_unpacked_within_limits(fedzmq_daemons)
                           (_advertise_payload((), empty_lists(300_000)), "exceeds max_array_len"),
                           (_advertise_payload((), b"\x95" + 5 * empty_lists(60_000)), "more than 262144 lists"),
                           (_advertise_payload(range(70_000)), "exceeds max_array_len")):
-        started = time.monotonic()
         with pytest.raises(fz.RemoteError, match=says):
             await worker.request("secagg", {"step": "advertise", "round": 1, "module": model, "client": 0,
                                             "payload": payload})
-        assert time.monotonic() - started < 2
-    assert (await worker.status())["rss_bytes"] - before["rss_bytes"] < 48 << 20
+    after = await worker.status()
+    assert after["rss_bytes"] - before["rss_bytes"] < 48 << 20
+    # refused before unpacking, not after: unpacked, the 12 MB of empty lists peaked 850 MiB above (and held the
+    # event loop 5 s). The peak shows it where a clock assert (2 s a message) failed on a busy host
+    peak = after["peak_rss_bytes"] - max(before["peak_rss_bytes"], before["rss_bytes"])
+    print(f"PEAK {peak >> 20} MiB")
+    assert peak < 48 << 20, f"the refused messages peaked {peak >> 20} MiB above"
     held = (await worker.status())["bytes"]
     await worker.request("secagg", {"step": "advertise", "round": 2, "module": model, "client": 0,
                                     "payload": _advertise_payload(range(1000))})
@@ -1655,13 +1658,16 @@ async def test_one_key_with_many_connections_does_not_starve_another_keys_comman
                            log_dir=tmp_path)
     daemon.start()
     stop = asyncio.Event()
+    fits_ended = 0  # the hogs' progress: what the honest op waited for is counted in their fits, not seconds
 
     async def hog() -> None:
+        nonlocal fits_ended
         async with fz.connect(daemon.address, server_key=server[0], client_key=keys["hog"][1]) as worker:
             model = await worker.send(nn.Linear(64, 1))
             while not stop.is_set():
                 with contextlib.suppress(fz.LimitExceeded):  # stopped at the limit: and again
                     await model.fit("rows", loss="mse_loss", steps=100_000, batch_size=64)
+                fits_ended += 1
 
     try:
         running = [asyncio.ensure_future(hog()) for _ in range(hogs)]
@@ -1670,12 +1676,14 @@ async def test_one_key_with_many_connections_does_not_starve_another_keys_comman
             await asyncio.sleep(2 * limit)  # every hog's fit queued or running
             waits = []
             for _ in range(3):
-                started = time.perf_counter()
+                before = fits_ended
                 assert torch.equal(await (values + 1).get(), torch.full((1 << 16,), 2.0))
-                waits.append(time.perf_counter() - started)
+                waits.append(fits_ended - before)
         stop.set()
         await asyncio.gather(*running)
-        assert max(waits) < 2.5 * limit, f"another key's op waited {max(waits):.1f} s behind {hogs} connections"
+        # the fit running and one of the hog key's (the pool's promise), and one whose reply was on its way when
+        # the op was sent: at most 3; first come, first served it waited for all 5 connections' fits
+        assert max(waits) <= 3, f"another key's op waited for {max(waits)} fits of {hogs} connections of one key"
     finally:
         stop.set()
         assert daemon.stop() == 0, daemon.log_tail()
