@@ -137,9 +137,10 @@ def _open_fds() -> int:
 
 
 async def _fds_after_close(baseline: int) -> int:
-    """The open file descriptors once they are back to ``baseline``, or after 5 s (libzmq closes a
-    socket's descriptors on its own thread, a moment after ``close``)."""
-    deadline = time.monotonic() + 5.0
+    """The open file descriptors once they are back to ``baseline``, or after 30 s (libzmq closes a
+    socket's descriptors on its own thread, a moment after ``close``: on a busy host, seconds later; only a
+    leak waits the whole 30 s)."""
+    deadline = time.monotonic() + 30.0
     while _open_fds() > baseline and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return _open_fds()
