@@ -1098,7 +1098,6 @@ async def test_a_secure_rounds_message_is_unpacked_within_limits(fedzmq_daemons)
     # refused before unpacking, not after: unpacked, the 12 MB of empty lists peaked 850 MiB above (and held the
     # event loop 5 s). The peak shows it where a clock assert (2 s a message) failed on a busy host
     peak = after["peak_rss_bytes"] - max(before["peak_rss_bytes"], before["rss_bytes"])
-    print(f"PEAK {peak >> 20} MiB")
     assert peak < 48 << 20, f"the refused messages peaked {peak >> 20} MiB above"
     held = (await worker.status())["bytes"]
     await worker.request("secagg", {"step": "advertise", "round": 2, "module": model, "client": 0,
