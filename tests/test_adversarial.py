@@ -334,10 +334,34 @@ async def test_a_fit_past_its_budget_is_stopped_and_a_closed_session_frees_the_t
         with contextlib.suppress(fz.FedzmqError):
             await running
         # no clock assert here: "< 1.5 s" could not tell a freed thread from the hog's own 2 s limit (0.5 s
-        # sleep + the 1 s goodbye timeout + at most 0.5 s left), and a goodbye queued behind a running fit
-        # does not stop it (h41's report); the order of the honest fit and the hog's end is for that fix to prove
+        # sleep + the 1 s goodbye timeout + at most 0.5 s left); that the goodbye stops the hog's fit is
+        # test_a_goodbye_stops_its_sessions_running_fit_and_frees_the_torch_thread's, under a 600 s limit
         await remote.fit("rows", steps=1, batch_size=16)
     assert p99(latencies) < 1.0
+
+
+async def test_a_goodbye_stops_its_sessions_running_fit_and_frees_the_torch_thread(fedzmq_daemons, secret_rows):
+    """A client's goodbye (``close``) is a command of its session, queued behind the one running: a fit of
+    its closed session ran on to its end or ``--max-command-seconds`` (600 s here), holding the one torch
+    thread, while the client had already failed its waiting calls with ``WorkerClosedError`` (found by
+    h41: the honest fit below was answered after 51 s). The goodbye now stops the running command at its
+    next check and refuses those queued before it, as the session's end does."""
+    _, _, path = secret_rows
+    [carol] = await fedzmq_daemons("carol", args=protected_args(path, "--max-command-seconds", "600",
+                                                                "--max-fit-samples", str(10 ** 12)))
+    attacker = await fz.connect(carol.address)
+    model = nn.Sequential(nn.Linear(FEATURES, 512), nn.ReLU(), nn.Linear(512, 10))
+    hog = await attacker.send(model)
+    running = asyncio.ensure_future(hog.fit("rows", epochs=10 ** 6, batch_size=16))  # hours of one thread
+    queued = asyncio.ensure_future(hog.fit("rows", epochs=10 ** 6, batch_size=16))  # and more behind it
+    await asyncio.sleep(0.5)  # most often the first fit runs by now; if not, both wait: the goodbye frees it all the same
+    await attacker.close()
+    for call in (running, queued):  # stopped ("its client closed the session") or refused, or the client's own
+        with pytest.raises((fz.LimitExceeded, fz.WorkerClosedError)):  # WorkerClosedError if that came first
+            await call
+    mine = await carol.worker.send(model)
+    # the bound on "never" (the hog's fit ran for hours): ten minutes' work would not fit in 60 s either
+    await asyncio.wait_for(mine.fit("rows", steps=1, batch_size=16), 60)
 
 
 async def test_huge_requests_are_refused_without_holding_the_event_loop(fedzmq_daemons):

@@ -100,17 +100,16 @@ async def test_an_async_with_whose_exit_is_cancelled_still_closes(fedzmq_daemons
 
 @pytest.mark.timeout(60)
 async def test_a_cancelled_close_of_an_in_process_worker_stops_it():
-    bob = fz.VirtualWorker("bob-cancelled-close")
-    x = await bob.send(torch.randn(1000, 1000))
-    busy = [x @ x for _ in range(8)]  # the goodbye waits behind these
-    await asyncio.sleep(0)
+    # every queued command, the goodbye too, first sleeps 0.5 s (``debug_delay``): the close is cut short
+    # while its goodbye waits (a goodbye no longer waits behind its session's work: it stops it)
+    bob = fz.VirtualWorker("bob-cancelled-close", config=fz.WorkerConfig(fault_injection=True))
+    await bob.request("debug_delay", {"seconds": 0.5})
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(bob.close(), 0.02)
     await bob.close()
     assert _connection_tasks(bob) == []  # was: the receive and heartbeat tasks, running on
     with pytest.raises(fz.WorkerClosedError):
         await bob.ping()
-    del busy
 
 
 # --- remote optimizers and model sends -------------------------------------------------------------------

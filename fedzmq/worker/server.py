@@ -527,6 +527,9 @@ class Worker:
             session.outbox.limits = self.config.limits
         if COMMANDS[request.cmd].control:
             self._send(key, self.executor.control(session, request), session)
+        elif request.cmd == "close":  # never refused for room: it frees the session
+            self._stop_before_goodbye(session)
+            self._queue(session, request)
         elif session.queue.qsize() >= self.config.max_inflight:
             self.counters["throttled"] += 1
             self._refuse(key, request, "LimitExceeded", f"more than {self.config.max_inflight} commands of "
@@ -538,11 +541,25 @@ class Worker:
                          f"and what it holds leave no room for {request.nbytes} more bytes under its quota of "
                          f"{session.quota.max_bytes} bytes (--max-session-bytes): {session.quota.usage()}", session)
         else:
-            session.quota.queued += request.nbytes
-            if session.parked and session.queue.empty() and time.perf_counter() < self._run_at_once_until:
-                self._run_at_once(session, request)
-            else:
-                session.queue.put_nowait(request)
+            self._queue(session, request)
+
+    def _queue(self, session: Session, request: Request) -> None:
+        session.quota.queued += request.nbytes
+        if session.parked and session.queue.empty() and time.perf_counter() < self._run_at_once_until:
+            self._run_at_once(session, request)
+        else:
+            session.queue.put_nowait(request)
+
+    def _stop_before_goodbye(self, session: Session) -> None:
+        """A client's goodbye (``close``) runs after the commands it sent before it, and its client has failed
+        their calls (``WorkerClosedError``): the one running is stopped at its next check and the queued ones
+        are refused, instead of running for nobody (a fit of a closed session held the torch thread to its
+        end or ``--max-command-seconds``, h41)."""
+        if session.queue.empty() and session.running is None:
+            return
+        self._refuse_queued(session, "the session was closed before this command ran")
+        if session.running is not None and session.budget is not None:
+            session.budget.cancel("its client closed the session")
 
     def _run_at_once(self, session: Session, request: Request) -> None:
         """Run a command of a session that has nothing queued or running here, as the pump reads it,
