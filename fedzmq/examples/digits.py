@@ -41,6 +41,8 @@ def dirichlet_split(labels: np.ndarray, workers: int, alpha: float, rng: np.rand
                     min_size: int = 10) -> list[np.ndarray]:
     """Indices per worker: for each class, proportions drawn from Dir(alpha) (redrawn until every
     worker has at least ``min_size`` samples)."""
+    if workers * min_size > len(labels):  # no draw can succeed: refuse at once, not after 1000 (a minute on CI)
+        raise ValueError(_unsplittable(workers, min_size, alpha))
     classes = np.unique(labels)
     for _ in range(1000):
         parts: list[list[int]] = [[] for _ in range(workers)]
@@ -51,7 +53,12 @@ def dirichlet_split(labels: np.ndarray, workers: int, alpha: float, rng: np.rand
                 parts[w].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.array(sorted(p)) for p in parts]
-    raise ValueError(f"could not split into {workers} shards of at least {min_size} samples with alpha={alpha}")
+    raise ValueError(_unsplittable(workers, min_size, alpha))
+
+
+def _unsplittable(workers: int, min_size: int, alpha: float) -> str:
+    """One message for both refusals: the CLI's users see the same words either way."""
+    return f"could not split into {workers} shards of at least {min_size} samples with alpha={alpha}"
 
 
 def prepare(directory: str | os.PathLike[str], worker_ids: list[str], alpha: float = 0.5, seed: int = 0,
