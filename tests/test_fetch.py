@@ -33,10 +33,7 @@ async def requests_for(worker: fz.RemoteWorker, calls: int, x: fz.TensorPointer)
 
 @pytest.mark.timeout(60)
 async def test_an_op_and_its_get_are_one_command_with_the_same_value(fedzmq_daemons):
-    # the daemon's request count takes in heartbeats too: with the kit's (every 0.25 s of silence) a loaded
-    # host's stalls added up to 9 to the 20 fused commands, so this client sends one only after 30 s
-    quiet = fz.ConnectionSettings(heartbeat_interval=30.0, heartbeat_liveness=4, connect_timeout=30.0)
-    [alice] = await fedzmq_daemons("alice", settings=quiet)
+    [alice] = await fedzmq_daemons("alice")
     worker = alice.worker
     x = await worker.send(torch.arange(4.0))
     assert worker._connection.fuses_fetch  # the daemon says it offers it in its ping
