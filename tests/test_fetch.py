@@ -17,6 +17,10 @@ from fedzmq.errors import ProtocolError
 from fedzmq.examples import digits
 
 
+#: heartbeats only after minutes of silence: a loaded host's stall between two requests sent none to count
+UNHURRIED = fz.ConnectionSettings(heartbeat_interval=600.0, connect_timeout=30.0)
+
+
 @pytest.fixture
 def shard(tmp_path):
     return str(digits.prepare(tmp_path / "data", ["bob"], alpha=1.0, seed=2).shards["bob"])
@@ -25,15 +29,18 @@ def shard(tmp_path):
 async def requests_for(worker: fz.RemoteWorker, calls: int, x: fz.TensorPointer) -> int:
     """How many requests the daemon decoded for ``calls`` op+get (and the batched deletes after them)."""
     before = (await worker.status())["requests"]
+    kept = []  # held until all ran: their deletes leave as one batch, not one per op a loaded host spaced out
     for i in range(calls):
-        assert torch.equal(await (x + i).get(), torch.arange(4.0) + i)
+        kept.append(y := x + i)
+        assert torch.equal(await y.get(), torch.arange(4.0) + i)
+    del kept, y
     await asyncio.sleep(0.1)  # the collected pointers' batched delete leaves
     return (await worker.status())["requests"] - before - 1  # the status itself
 
 
 @pytest.mark.timeout(60)
 async def test_an_op_and_its_get_are_one_command_with_the_same_value(fedzmq_daemons):
-    [alice] = await fedzmq_daemons("alice")
+    [alice] = await fedzmq_daemons("alice", settings=UNHURRIED)  # no heartbeat among the requests counted
     worker = alice.worker
     x = await worker.send(torch.arange(4.0))
     assert worker._connection.fuses_fetch  # the daemon says it offers it in its ping
