@@ -653,7 +653,9 @@ async def test_a_session_whose_uncopied_replies_have_not_left_keeps_its_slot_and
 
     from fedzmq.codec import Limits
 
-    worker = Worker("carol", config=WorkerConfig(session_timeout=1.0))
+    # 4 s: the other client's session outlives a loaded host's stall of this process (1 s did not: expired,
+    # its tensor gone, h39); the stuck one is silent past it below
+    worker = Worker("carol", config=WorkerConfig(session_timeout=4.0))
     worker.bind("tcp://127.0.0.1:0")
     stuck = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     stuck.setsockopt(zmq.LINGER, 0)
@@ -677,7 +679,7 @@ async def test_a_session_whose_uncopied_replies_have_not_left_keeps_its_slot_and
                 # not behind the waiting command: that one waits until ``left`` is set below, so behind it this
                 # would never be answered (TimeoutError), where a clock assert failed on a busy host
                 assert torch.equal(await asyncio.wait_for((y * 2).get(), 30), torch.arange(3.0) * 2)
-            await asyncio.sleep(2.5)  # the stuck client is silent for more than --session-timeout
+            await asyncio.sleep(6.0)  # the stuck client is silent for more than --session-timeout
             assert any(s is session for s in worker._all_sessions())  # neither expired nor replaced
             assert not await stuck.poll(0)  # its write has not run: it waits for the reply to leave
             left.set()

@@ -184,10 +184,11 @@ def _long_fit_args():
 async def test_fit_longer_than_idle_timeout_and_heartbeats_succeeds(fedzmq_daemons, tmp_path):
     split = digits.prepare(tmp_path, ["bob"], alpha=1.0)
     [bob] = await fedzmq_daemons("bob", datasets={"bob": {"digits": str(split.shards["bob"])}},
-                                 args=["--session-timeout", "0.5"])
+                                 args=["--session-timeout", "1.5"])
     # this client's heartbeats are rarer than the daemon's idle timeout: only "a command is running"
-    # keeps its session (and its model) alive during the fit
-    settings = ConnectionSettings(heartbeat_interval=2.0, heartbeat_liveness=30)
+    # keeps its session (and its model) alive during the fit (1.5 s, not 0.5: a loaded host's stall
+    # between two of the test's commands freed the model, h39)
+    settings = ConnectionSettings(heartbeat_interval=5.0, heartbeat_liveness=30)
     async with fz.connect(bob.address, settings=settings) as worker:
         model = digits.make_model()
         remote = await worker.send(model)
@@ -198,8 +199,10 @@ async def test_fit_longer_than_idle_timeout_and_heartbeats_succeeds(fedzmq_daemo
         assert took > 2.0, f"the fit took {took:.1f}s: too short to test anything"
         assert metrics["steps"] > 1000
         await remote.get()  # the model is still there
-    # and with fast heartbeats the daemon answers them all through the fit: never declared dead
-    fast = ConnectionSettings(heartbeat_interval=0.1, heartbeat_liveness=5)
+    # and with fast heartbeats the daemon answers them all through the fit: never declared dead (2 s of
+    # silence, the kit's: a fit that held the daemon's loop would outlast it; 0.5 s was a loaded host's
+    # descheduling, h39)
+    fast = ConnectionSettings(heartbeat_interval=0.25, heartbeat_liveness=8)
     async with fz.connect(bob.address, settings=fast) as worker:
         model = digits.make_model()
         remote = await worker.send(model)
