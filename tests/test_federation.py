@@ -213,7 +213,11 @@ async def test_small_main_job_reaches_centralized_accuracy(fedzmq_daemons, tmp_p
     assert len(history) == 25 and history[-1].eval_accuracy > history[0].eval_accuracy
     central = digits.train_centrally(digits.make_model(), *split.train, epochs=50, lr=0.1)
     central_accuracy = digits.evaluate(central, *split.test)["accuracy"]
-    assert history[-1].eval_accuracy >= central_accuracy - 0.03
+    # the federated accuracy depends on the shuffle secret each daemon draws at start-up: over 403 draws (h43)
+    # it was 340-348 of the 359 test digits (mean 0.9586, sd 0.0040) against the central 0.9721. Within 0.03
+    # (339 of 359) sat 4.2 sd under that mean: about 4e-5 of runs would fail for a draw, not for fedzmq;
+    # 0.05 (332 of 359) is 9 sd under it
+    assert history[-1].eval_accuracy >= central_accuracy - 0.05
 
 
 async def test_round_history_names_selected_delivered_dropped_and_unreachable(fedzmq_daemons, digit_shards):
