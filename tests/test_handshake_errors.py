@@ -123,10 +123,10 @@ async def test_a_client_with_keys_is_told_the_daemon_uses_none(fedzmq_daemons_mo
 
 @pytest.mark.timeout(60)
 async def test_no_daemon_still_waits_the_connect_timeout_and_says_what_to_check():
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
+    with socket.socket() as probe:  # a port nothing listens on: held bound (not listening) while the client tries
+        probe.bind(("127.0.0.1", 0))  # it, so that no daemon another test starts meanwhile can be given it (h43)
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    error = await _failed_connect(address, settings=ConnectionSettings(connect_timeout=1.0))
+        error = await _failed_connect(address, settings=ConnectionSettings(connect_timeout=1.0))
     assert not isinstance(error, fz.HandshakeFailed), repr(error)
     assert isinstance(error, fz.RequestTimeout), repr(error)
     assert "Nothing answered at" in str(error) and "is the daemon running" in str(error), str(error)
