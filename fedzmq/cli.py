@@ -248,6 +248,18 @@ def settings_problem(settings: dict[str, Any]) -> str | None:
     return unused_privacy_flag(settings) or fit_problem(settings) or secure_round_problem(settings)
 
 
+def too_few_per_round(strategy: Strategy, workers: int, settings: dict[str, Any]) -> str | None:
+    """Why ``workers`` connected workers give the strategy too few updates a round, or None: in the flags'
+    words, where ``Federation`` would raise its ``ValueError`` (a secure round takes 2: ``train
+    --secure-aggregation`` over one owner's daemon, which used to fail its first round instead)."""
+    per_round = fixed_sample_size(settings["fraction"], workers, round_minimum(settings))
+    if per_round >= strategy.min_updates:
+        return None
+    return (f"{strategy_name(strategy)} needs at least {strategy.min_updates} workers a round; this run takes "
+            f"{per_round} of its {workers} (--fraction {_number(settings['fraction'])}, --min-workers "
+            f"{settings['min_workers']})")
+
+
 def secure_round_problem(settings: dict[str, Any]) -> str | None:
     """Why the secure rounds of ``demo`` or ``simulate`` cannot run, or None: the daemons these commands start
     keep the default terms, which join a secure round only of at least ``--secagg-min-clients`` clients, and a
@@ -445,6 +457,9 @@ async def _train(addresses: Sequence[str], model: torch.nn.Module, settings: dic
             await check_datasets(workers, dataset, settings)
         strategy = _strategy(settings)
         fit = fit_config(settings, dataset)
+        problem = too_few_per_round(strategy, len(workers), settings)
+        if problem:
+            raise SystemExit(f"fedzmq {settings['command']}: {problem}")
         federation = Federation(workers, model, fit, strategy, fraction=settings["fraction"],
                                 sampling=settings["sampling"],
                                 min_workers=round_minimum(settings), round_timeout=settings["round_timeout"],

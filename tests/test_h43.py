@@ -9,12 +9,15 @@ needs a hidden draw), so the test below makes the draw of one certain: two worke
 ``fraction=1.0``."""
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import fedzmq as fz
+from fedzmq.testing import write_dataset
 from fedzmq.testing.plugin import TEST_SETTINGS
 from fedzmq.worker.datasets import Dataset
 
@@ -61,3 +64,17 @@ async def test_a_poisson_draw_of_one_worker_is_a_skipped_secure_round_not_the_en
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     finally:
         await asyncio.gather(*(w.close() for w in workers))
+
+
+async def test_train_with_secure_aggregation_over_one_daemon_says_so_in_the_flags_words(fedzmq_daemons, tmp_path):
+    """The federation now refuses, when made, a run that can never take 2 workers a round; ``fedzmq train``
+    says why in one line (its first round used to fail with the same exit code) rather than a traceback."""
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    path = write_dataset(tmp_path / "d.safetensors", x, (x[:, 0] > 0).long())
+    [owner] = await fedzmq_daemons("owner", args=["--data", f"d={path}"])
+    done = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "fedzmq", "train", "--worker", owner.address, "--dataset", "d", "--in-features", "4",
+        "--classes", "2", "--rounds", "1", "--no-progress", "--secure-aggregation", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=50)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "secagg(fedavg) needs at least 2 workers a round; this run takes 1 of its 1 (--fraction 1" in done.stderr
