@@ -3,7 +3,6 @@
 torch threads' queue (``TakeTurns``)."""
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 import fedzmq as fz
-from fedzmq.worker.randomness import GENERATOR_TURN
+from turn_rigs import held_generator_turn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,13 +58,6 @@ async def test_a_fit_is_charged_beside_its_load_and_a_delete_meanwhile_is_answer
                 await running
 
 
-def _hold_turn_until(release: threading.Event, held: threading.Event) -> None:
-    """An embedded engine's torch thread in a long seeded dropout fit: it holds the turn until told."""
-    with GENERATOR_TURN:
-        held.set()
-        release.wait(60)
-
-
 async def test_in_process_workers_waiting_for_the_generators_turn_leave_the_loops_default_executor_free():
     """An in-process worker's drawing command waits for the process's generator turn on a thread (h37), and
     that thread was one of the event loop's default executor's: while an embedded engine's fit held the turn
@@ -75,25 +67,22 @@ async def test_in_process_workers_waiting_for_the_generators_turn_leave_the_loop
     stalled, whatever its timeout. Four threads here make it what six do on two cores (``min(32, cpus + 4)``)."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(4))
-    release, held = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold_turn_until, args=(release, held))
     workers = [fz.VirtualWorker(f"v{i}") for i in range(5)]
     forwards = []
-    try:
-        models = [await worker.send(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))) for worker in workers]
-        inputs = [await worker.send(torch.ones(2, 4)) for worker in workers]
-        holder.start()
-        assert held.wait(10)
-        forwards = [asyncio.ensure_future(model(x).get()) for model, x in zip(models, inputs)]
-        await asyncio.sleep(0.5)  # each waits for the turn (on a thread, the loop free)
-        assert not any(forward.done() for forward in forwards)
-        assert await asyncio.wait_for(loop.run_in_executor(None, int), 10) == 0  # the coordinator's own work
-    finally:
-        release.set()
-        holder.join(10)
-        await asyncio.wait_for(asyncio.gather(*forwards, return_exceptions=True), 30)
-        for worker in workers:
-            await worker.close()
+    with held_generator_turn() as turn:
+        try:
+            models = [await worker.send(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))) for worker in workers]
+            inputs = [await worker.send(torch.ones(2, 4)) for worker in workers]
+            turn.take()
+            forwards = [asyncio.ensure_future(model(x).get()) for model, x in zip(models, inputs)]
+            await asyncio.sleep(0.5)  # each waits for the turn (on a thread, the loop free)
+            assert not any(forward.done() for forward in forwards)
+            assert await asyncio.wait_for(loop.run_in_executor(None, int), 10) == 0  # the coordinator's own work
+        finally:
+            turn.release()
+            await asyncio.wait_for(asyncio.gather(*forwards, return_exceptions=True), 30)
+            for worker in workers:
+                await worker.close()
 
 
 async def test_a_commands_charges_are_checked_beside_its_own_arguments():

@@ -2,7 +2,6 @@
 the breaks found, each a test that failed before its fix."""
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 import fedzmq as fz
 from fedzmq.client.connection import ConnectionSettings
-from fedzmq.worker.randomness import GENERATOR_TURN
+from turn_rigs import in_process_server_with_turn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,14 +25,6 @@ def allowed_names():
 async def _made(pointer: fz.TensorPointer) -> fz.TensorPointer:
     """The pointer once the command that makes it is answered (not a ``get`` queued after it)."""
     return await pointer
-
-
-def _hold_turn_until(release: threading.Event, held: threading.Event) -> None:
-    """An embedded engine's torch thread in a long seeded dropout fit: it holds the process's generator
-    turn until told (the daemon's own drawing commands wait for it on their torch thread)."""
-    with GENERATOR_TURN:
-        held.set()
-        release.wait(60)
 
 
 async def _status(worker: fz.RemoteWorker, counter: str, at_least: int) -> None:
@@ -58,22 +49,13 @@ async def test_a_revoked_keys_command_waiting_for_its_turn_leaves_the_queue_and_
     embedded engine's fit would), alice's dropout forward holding it; mallory's forward waits behind it and
     mallory's key is revoked: it is answered at the revocation, the turn still held."""
     config = fz.WorkerConfig(secret_key=str(keys["server"][1]), allowed_keys=str(keys["allowed"]))
-    server = fz.Worker("bob", config=config)
-    address = server.bind("tcp://127.0.0.1:0")
-    server.start()
-    release, held = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold_turn_until, args=(release, held))
-    workers, pending = [], []
-    try:
-        for name in ("alice", "mallory"):
-            workers.append(await fz.connect(address, server_key=keys["server"][0], client_key=keys[name][1],
-                                            settings=PATIENT))
-        alice, mallory = workers
+    async with in_process_server_with_turn(config, 2, PATIENT, server_key=keys["server"][0],
+                                           client_key=[keys["alice"][1], keys["mallory"][1]]) as rig:
+        server, workers, pending = rig.server, rig.workers, rig.pending
         model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
         remotes = [await worker.send(model) for worker in workers]
         inputs = [await worker.send(torch.ones(2, 4)) for worker in workers]
-        holder.start()
-        assert held.wait(10)
+        rig.turn.take()
         first = asyncio.ensure_future(remotes[0](inputs[0]).get())  # takes the thread, which waits for the turn
         pending.append(first)
         await _thread_taken(server)
@@ -86,13 +68,6 @@ async def test_a_revoked_keys_command_waiting_for_its_turn_leaves_the_queue_and_
         with pytest.raises(fz.PermissionDenied, match="ended while this command ran|no longer allowed"):
             await asyncio.wait_for(waiting, 30)  # before: only once the turn was given back
         assert not first.done()
-    finally:
-        release.set()
-        holder.join(10)
-        await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
-        for worker in workers:
-            await worker.close()
-        await server.close()
 
 
 async def test_an_ops_output_charged_before_it_waits_for_a_thread_stays_reserved_while_it_waits():
@@ -105,36 +80,20 @@ async def test_an_ops_output_charged_before_it_waits_for_a_thread_stays_reserved
     dropout forward, which waits for the process's generator turn (held below as an embedded engine's fit
     would)."""
     config = fz.WorkerConfig(max_session_bytes=5 << 19)
-    server = fz.Worker("bob", config=config)
-    address = server.bind("tcp://127.0.0.1:0")
-    server.start()
-    release, held = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold_turn_until, args=(release, held))
-    workers, pending = [], []
-    try:
-        for _ in range(2):
-            workers.append(await fz.connect(address, settings=PATIENT))
-        other, attacker = workers
+    async with in_process_server_with_turn(config, 2, PATIENT) as rig:
+        (other, attacker), pending = rig.workers, rig.pending
         model = await other.send(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))
         x = await other.send(torch.ones(2, 4))
         column = await attacker.send(torch.ones(512, 1, dtype=torch.float64))
         row = await attacker.send(torch.ones(1, 512, dtype=torch.float64))
-        holder.start()
-        assert held.wait(10)
+        rig.turn.take()
         pending.append(asyncio.ensure_future(_made(model(x))))  # takes the one thread, which waits for the turn
-        await _thread_taken(server)
+        await _thread_taken(rig.server)
         outer = column + row  # charged 2 MiB at once; waits for the thread
         pending.append(asyncio.ensure_future(_made(outer)))
         with pytest.raises(fz.LimitExceeded, match="leave no room for"):  # refused as it arrives
             await asyncio.wait_for(attacker.send(torch.ones(9 << 15, dtype=torch.float64)), 30)  # 2.25 MiB
         assert not pending[1].done()
-    finally:
-        release.set()
-        holder.join(10)
-        await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
-        for worker in workers:
-            await worker.close()
-        await server.close()
 
 
 class _Loaded(nn.Module):
