@@ -14,6 +14,7 @@ answers at once), and its memory returns a moment later, as the reaper reaches i
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +25,14 @@ class Reaper:
     def __init__(self, name: str) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fedzmq-{name}-free")
         self._closed = False
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        """How many hand-overs (a ``delete``'s objects, an ended session's) are not all dropped yet: shown
+        in ``status()["freeing"]``, so that a long free can be seen running beside the sessions' work."""
+        return self._waiting
 
     def free(self, objects: list[Any]) -> None:
         """Drop ``objects`` (the caller gives up its references) on the reaper's thread (here, once closed)."""
@@ -32,7 +41,16 @@ class Reaper:
         if self._closed:
             objects.clear()
             return
-        self._pool.submit(drop_one_at_a_time, objects)
+        with self._lock:
+            self._waiting += 1
+        self._pool.submit(self._drop, objects)
+
+    def _drop(self, objects: list[Any]) -> None:
+        try:
+            drop_one_at_a_time(objects)
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def close(self) -> None:
         """Stop taking objects; the thread frees what it was given, then ends (not waited for here: the

@@ -350,6 +350,7 @@ class Worker:
             "encrypted": self.key_gate is not None,
             "auth_denied": self.key_gate.denied if self.key_gate else 0,
             "auth_accepted": self.key_gate.accepted if self.key_gate else 0,
+            "freeing": self._reaper.waiting,  # hand-overs the reaper has not dropped yet
             **self.counters,
         }
         if self._status_batch:
