@@ -1418,6 +1418,7 @@ async def test_a_command_waiting_for_the_torch_thread_keeps_its_whole_time_budge
 
 # --- what a session lets go of is freed off the event loop -----------------------------------------------
 
+@pytest.mark.timeout(300)  # 19 s on a quiet CI host; its 600 optimizers' set-up passed 120 s beside two CPU hogs
 async def test_freeing_what_a_session_held_does_not_hold_the_event_loop(fedzmq_daemons):
     """Freeing is work: Adagrad over 2,000 one-element parameters holds 4,000 state tensors and their dicts,
     charged 2 KiB a parameter (a few hundred fit the default quota). A ``delete`` of a few hundred of them,
