@@ -175,13 +175,17 @@ async def test_killed_daemon_fails_waiting_requests_with_worker_dead(fedzmq_daem
 async def test_an_expired_session_is_noticed_and_the_model_sent_again():
     from fedzmq.client.connection import ConnectionSettings
 
-    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(session_timeout=0.3)) as host:
+    # 3 s of silence, not 0.3: a loaded host that descheduled this process for 0.5 s between two of the
+    # test's own commands freed the model before the test meant it to (h42)
+    async with fz.VirtualWorker("bob", config=fz.WorkerConfig(session_timeout=3.0)) as host:
         await host.ping()
-        worker = fz.RemoteWorker(host.address, settings=ConnectionSettings(heartbeat_interval=5.0))
+        worker = fz.RemoteWorker(host.address, settings=ConnectionSettings(heartbeat_interval=30.0))
         await worker.connect()
         model = nn.Linear(2, 1)
         first = await worker.send(model)
-        await asyncio.sleep(1.0)  # silent past the idle timeout: the worker frees the session
+        async with asyncio.timeout(60):  # silent past the idle timeout: the worker frees the session
+            while (await host.status())["objects"]:  # the model was the only object (bob's own session has none)
+                await asyncio.sleep(0.1)
         assert await worker.refresh() is True
         again = await worker.send(model)  # put anew, not loaded into the freed module
         assert again is not first

@@ -325,15 +325,19 @@ async def test_closing_a_session_frees_its_objects():
 
 
 async def test_idle_session_expires_and_frees_objects():
-    config = fz.WorkerConfig(session_timeout=0.3)
+    # 3 s of silence, not 0.3: a loaded host that descheduled this process for 0.5 s between the send and
+    # the first count freed the object before it was counted (h42)
+    config = fz.WorkerConfig(session_timeout=3.0)
     async with fz.VirtualWorker("bob", config=config) as bob:
         silent = fz.RemoteWorker(bob.address, settings=ConnectionSettings(heartbeat_interval=30.0))
         await silent.connect()
-        await silent.send(torch.ones(100))
+        kept = await silent.send(torch.ones(100))  # held: a dropped pointer's delete would free it, not the expiry
         assert (await bob.status())["objects"] == 1
-        await asyncio.sleep(1.0)  # bob's own session heartbeats; the silent one does not
-        status = await bob.status()
-        assert status["objects"] == 0 and status["sessions_expired"] >= 1
+        async with asyncio.timeout(60):  # bob's own session heartbeats (every 1 s); the silent one does not
+            while (status := await bob.status())["objects"]:
+                await asyncio.sleep(0.1)
+        assert status["sessions_expired"] >= 1
+        del kept
         await silent.close_connection(say_goodbye=False)
 
 
