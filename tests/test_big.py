@@ -200,7 +200,7 @@ async def test_fit_longer_than_idle_timeout_and_heartbeats_succeeds(fedzmq_daemo
         assert metrics["steps"] > 1000
         await remote.get()  # the model is still there
     # and with fast heartbeats the daemon answers them all through the fit: never declared dead (2 s of
-    # silence, the kit's: a fit that held the daemon's loop would outlast it; 0.5 s was a loaded host's
+    # silence, the kit's before h42: a fit that held the daemon's loop would outlast it; 0.5 s was a loaded host's
     # descheduling, h39)
     fast = ConnectionSettings(heartbeat_interval=0.25, heartbeat_liveness=8)
     async with fz.connect(bob.address, settings=fast) as worker:

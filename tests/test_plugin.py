@@ -20,7 +20,7 @@ from fedzmq.testing.plugin import TEST_SETTINGS
 
 from pytest_runs import run_pytest
 
-DEAD_AFTER = TEST_SETTINGS.heartbeat_interval * TEST_SETTINGS.heartbeat_liveness  # 2 s
+DEAD_AFTER = TEST_SETTINGS.heartbeat_interval * TEST_SETTINGS.heartbeat_liveness  # 5 s
 
 
 async def _until(condition, timeout):

@@ -69,7 +69,7 @@ async def test_5_leaves_a_daemon_its_client_declared_dead(fedzmq_daemons_module)
     assert alice.pid == seen["alice"]
     await alice.worker.send(torch.ones(3))
     alice.stop()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(50):  # ten times the kit's 5 s of silence
         while alice.worker.alive:  # its session cannot be closed now: the daemon is started afresh
             await asyncio.sleep(0.05)
 

@@ -48,8 +48,11 @@ _LEFTOVERS = pytest.StashKey[list[Leftover]]()  # this run's, killed at its end 
 _ORPHANS = pytest.StashKey[list[Leftover]]()  # earlier runs', killed at the start of this one
 _WORKER_OUTPUT = "fedzmq_leftovers"  # the key of an xdist worker's leftovers in its workeroutput
 
-#: heartbeats for tests: a dead daemon is noticed within about 2 seconds (0.25 s x 8)
-TEST_SETTINGS = ConnectionSettings(heartbeat_interval=0.25, heartbeat_liveness=8, connect_timeout=30.0)
+#: heartbeats for tests: a dead daemon is noticed within about 5 seconds (0.25 s x 20). Not 2 s (x 8): on a
+#: loaded CI host a live daemon busy with a round went 2 s without answering, and a test that was not about
+#: liveness failed with WorkerDeadError. A late verdict costs seconds in the few tests that kill a daemon; a
+#: false one fails a test for nothing. Heartbeats stay every 0.25 s, so a continued daemon is seen at once.
+TEST_SETTINGS = ConnectionSettings(heartbeat_interval=0.25, heartbeat_liveness=20, connect_timeout=30.0)
 
 #: in-process workers' settings: the data owner's terms let a few rows make a batch (test data is tiny)
 TEST_CONFIG = WorkerConfig(min_batch_size=1, min_metric_rows=1)
