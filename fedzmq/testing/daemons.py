@@ -89,8 +89,11 @@ class DaemonHandle:
         self.process.resume()
         self.stopped = False
 
-    async def restart(self, timeout: float = 30.0) -> RemoteWorker:
+    async def restart(self, timeout: float = 60.0) -> RemoteWorker:
         """Start the daemon again (same id, same address, same flags) and wait until ``worker`` answers.
+
+        ``timeout`` is as long as the fixtures wait for a first start (``Lease.start``): a restart is the
+        same start, Python and torch imported afresh, and 30 s was too short on a loaded 2-core CI host.
 
         A running daemon is stopped cleanly first; a killed one is just started again. The same
         ``worker`` object reconnects by itself (ZeroMQ reconnects to the address), but its session and
