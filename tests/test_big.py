@@ -181,6 +181,9 @@ def _long_fit_args():
     return {"optimizer": {"cls": "SGD", "lr": 0.01}, "epochs": 400, "batch_size": 16}
 
 
+# two fits of 400 epochs: 37 s in a full run beside two CPU hogs, past 120 s (the suite's bound) when run
+# alone at load 15 (h42); a bound on liveness, not a speed claim
+@pytest.mark.timeout(600)
 async def test_fit_longer_than_idle_timeout_and_heartbeats_succeeds(fedzmq_daemons, tmp_path):
     split = digits.prepare(tmp_path, ["bob"], alpha=1.0)
     [bob] = await fedzmq_daemons("bob", datasets={"bob": {"digits": str(split.shards["bob"])}},
